@@ -1,0 +1,205 @@
+//! The workflow definition format, as users write it in YAML or JSON.
+//!
+//! Parsing only checks shape (unknown fields, wrong types, YAML syntax); the rules that span
+//! steps (ids, dependencies, cycles, conditions) are checked when a definition is compiled into a
+//! [`crate::Plan`].
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+
+use crate::duration::UserDuration;
+use crate::retry::Backoff;
+
+/// A workflow definition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Definition {
+    pub name: String,
+    #[serde(
+        default,
+        deserialize_with = "version_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Default run params; params given at submission override them key by key.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub params: Map<String, Value>,
+    pub steps: Vec<StepDef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_handling: Option<ErrorHandling>,
+}
+
+/// One step as written. `agent` and `action` are optional here so that validation can name the
+/// step that lacks them; `notify` is only meaningful in `error_handling.on_failure`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepDef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<String>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub params: Map<String, Value>,
+    /// Replaces the implicit edge to the previous step; `[]` starts the step at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depends_on: Option<Vec<String>>,
+    /// Sub-steps that start together with this step; the step is done when all of them are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parallel: Vec<StepDef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
+}
+
+/// Retry settings as written; unset fields fall back to the workflow's default, then to
+/// [`crate::retry::RetryPolicy::default`].
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Backoff>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<UserDuration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delay: Option<UserDuration>,
+    /// Fraction of each delay (0 to 1) that is randomised downwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jitter: Option<f64>,
+}
+
+/// Workflow-wide error handling.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorHandling {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
+    /// Steps that run when the run fails: agent/action steps or `notify: NAME`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on_failure: Vec<StepDef>,
+}
+
+/// Why a definition could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DefinitionError {
+    #[error("YAML syntax error at line {line}, column {column}: {message}")]
+    Yaml {
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("YAML error: {0}")]
+    YamlNoLocation(String),
+    #[error("JSON error at line {line}, column {column}: {message}")]
+    Json {
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("invalid definition: {0}")]
+    Shape(String),
+}
+
+impl Definition {
+    /// Parses YAML (JSON is YAML too, so this also reads JSON text).
+    pub fn from_yaml(text: &str) -> Result<Self, DefinitionError> {
+        serde_yaml_ng::from_str(text).map_err(|e| match e.location() {
+            Some(loc) => DefinitionError::Yaml {
+                line: loc.line(),
+                column: loc.column(),
+                message: strip_location(&e.to_string()),
+            },
+            None => DefinitionError::YamlNoLocation(e.to_string()),
+        })
+    }
+
+    /// Parses JSON text.
+    pub fn from_json(text: &str) -> Result<Self, DefinitionError> {
+        serde_json::from_str(text).map_err(|e| DefinitionError::Json {
+            line: e.line(),
+            column: e.column(),
+            message: strip_location(&e.to_string()),
+        })
+    }
+
+    /// Reads a definition already parsed as a JSON value (the API's `definition` field).
+    pub fn from_value(value: Value) -> Result<Self, DefinitionError> {
+        serde_json::from_value(value).map_err(|e| DefinitionError::Shape(e.to_string()))
+    }
+}
+
+/// serde_yaml_ng and serde_json append " at line X column Y"; we report the location ourselves.
+fn strip_location(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}
+
+/// `version: 1.0.0` is a string in YAML but `version: 2` is a number; both name a version.
+fn version_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    Ok(match Option::<Value>::deserialize(deserializer)? {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(other) => {
+            return Err(serde::de::Error::custom(format!(
+                "version must be a string or a number, not {other}"
+            )));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_seed_example() {
+        let def = Definition::from_yaml(include_str!("../../../examples/workflow.yml")).unwrap();
+        assert_eq!(def.name, "Complete Project Build");
+        assert_eq!(def.version.as_deref(), Some("1.0.0"));
+        assert_eq!(def.steps.len(), 4);
+        assert_eq!(def.steps[2].parallel.len(), 2);
+        let eh = def.error_handling.unwrap();
+        assert_eq!(eh.retry.unwrap().max_attempts, Some(3));
+        assert_eq!(eh.on_failure[1].notify.as_deref(), Some("slack"));
+    }
+
+    #[test]
+    fn yaml_syntax_errors_name_line_and_column() {
+        let err =
+            Definition::from_yaml("name: x\nsteps:\n  - agent: a\n    action: [b\n").unwrap_err();
+        match err {
+            DefinitionError::Yaml { line, .. } => assert!(line >= 4, "{err}"),
+            other => panic!("expected a located YAML error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_name() {
+        let err = Definition::from_yaml("name: x\nsteps:\n  - agent: a\n    acton: b\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `acton`"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn json_reads_the_same_shape() {
+        let def = Definition::from_json(
+            r#"{"name":"j","version":2,"steps":[{"agent":"a","action":"b"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(def.version.as_deref(), Some("2"));
+        assert_eq!(def.steps[0].action.as_deref(), Some("b"));
+    }
+}

@@ -1,0 +1,21 @@
+//! The I/O-free heart of Flotilla.
+//!
+//! - [`definition`]: the user's workflow format (YAML or JSON) and its parsing.
+//! - [`plan`]: validation, and compilation of a definition into a DAG of nodes.
+//! - [`condition`]: `condition:` expressions (CEL) over earlier steps.
+//! - [`retry`]: retry policy and backoff.
+//! - [`scheduler`]: a run as a state machine — an event in, the new state and the effects out.
+//!
+//! **Architecture invariant:** nothing here performs I/O or reads the clock; time comes in as an
+//! argument, so every transition is reproducible in tests.
+
+pub mod condition;
+pub mod definition;
+pub mod duration;
+pub mod plan;
+pub mod retry;
+pub mod scheduler;
+
+pub use definition::{Definition, DefinitionError};
+pub use plan::{Plan, PlanError};
+pub use scheduler::{Effect, Event, Outcome, RunState, RunStatus, StepState, StepStatus};

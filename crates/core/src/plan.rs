@@ -1,0 +1,483 @@
+//! Validation, and compilation of a [`Definition`] into a [`Plan`]: a DAG of nodes, each one
+//! agent/action call with its resolved dependencies, condition and retry policy.
+//!
+//! Ordering rules:
+//! - steps run in the order listed: each depends on the step before it, unless it says
+//!   `depends_on`, which replaces that implicit edge (`depends_on: []` starts it at once);
+//! - `parallel:` sub-steps start together with their step, and a dependency on the step waits for
+//!   the step and all of its sub-steps;
+//! - `error_handling.on_failure` steps start together when the run has failed.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+use crate::condition::{self, Condition};
+use crate::definition::{Definition, RetrySpec, StepDef};
+use crate::retry::RetryPolicy;
+
+/// The agent that delivers `notify:` messages; the coordinator serves it itself.
+pub const NOTIFY_AGENT: &str = "flotilla-notify";
+/// The action of [`NOTIFY_AGENT`].
+pub const NOTIFY_ACTION: &str = "notify";
+/// The most nodes a plan may have.
+pub const MAX_NODES: usize = 100_000;
+
+/// What a node is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A step of the workflow proper.
+    Main,
+    /// A failure handler from `error_handling.on_failure`.
+    OnFailure,
+}
+
+/// One agent/action call in a plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub id: String,
+    pub agent: String,
+    pub action: String,
+    pub params: Map<String, Value>,
+    /// Nodes that must have finished before this one starts.
+    pub deps: Vec<usize>,
+    /// Nodes that list this one in `deps`.
+    pub dependents: Vec<usize>,
+    pub condition: Option<Condition>,
+    pub retry: RetryPolicy,
+    pub role: Role,
+    /// The step whose `parallel:` list holds this node.
+    pub parent: Option<usize>,
+}
+
+/// A compiled, valid workflow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub name: String,
+    pub version: Option<String>,
+    /// Default run params.
+    pub params: Map<String, Value>,
+    pub nodes: Vec<Node>,
+}
+
+/// Why a definition is not a valid workflow: every fault found, each naming its place.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct PlanError {
+    pub workflow: String,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "workflow `{}` is not valid:", self.workflow)?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A node being built, with where it came from in the definition.
+struct Draft<'d> {
+    place: String,
+    def: &'d StepDef,
+    role: Role,
+    parent: Option<usize>,
+    /// Index of the top-level step this node belongs to (itself for a top-level step).
+    top: Option<usize>,
+}
+
+impl Plan {
+    /// Validates a definition and compiles it.
+    pub fn compile(def: &Definition) -> Result<Plan, PlanError> {
+        let mut problems = Vec::new();
+        if def.name.trim().is_empty() {
+            problems.push("`name` is empty".to_string());
+        }
+        if def.steps.is_empty() {
+            problems.push("`steps` is empty: a workflow needs at least one step".to_string());
+        }
+
+        let drafts = flatten(def, &mut problems);
+        if drafts.len() > MAX_NODES {
+            problems.push(format!(
+                "the workflow has {} steps; at most {MAX_NODES} are allowed",
+                drafts.len()
+            ));
+            return Err(PlanError {
+                workflow: def.name.clone(),
+                problems,
+            });
+        }
+
+        let workflow_retry = def.error_handling.as_ref().and_then(|e| e.retry.as_ref());
+        let mut nodes: Vec<Node> = drafts
+            .iter()
+            .map(|d| build_node(d, workflow_retry, &mut problems))
+            .collect();
+
+        let index = index_ids(&drafts, &nodes, &mut problems);
+        // Members of each top-level step's group: the step and its parallel sub-steps.
+        let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (i, d) in drafts.iter().enumerate() {
+            if let (Some(top), Role::Main) = (d.top, d.role) {
+                groups.entry(top).or_default().push(i);
+            }
+        }
+        let tops: Vec<usize> = drafts
+            .iter()
+            .enumerate()
+            .filter(|(i, d)| d.role == Role::Main && d.top == Some(*i))
+            .map(|(i, _)| i)
+            .collect();
+
+        for (position, &top) in tops.iter().enumerate() {
+            let draft = &drafts[top];
+            let deps: Vec<usize> = match &draft.def.depends_on {
+                Some(names) => {
+                    let mut deps = Vec::new();
+                    for name in names {
+                        match index.get(name) {
+                            Some(&target) if drafts[target].role == Role::Main => {
+                                match drafts[target].top {
+                                    Some(t) if t == target => deps.extend(&groups[&t]),
+                                    _ => deps.push(target),
+                                }
+                            }
+                            _ => problems.push(format!(
+                                "{}: depends_on names `{name}`, which is not a step of this workflow",
+                                draft.place
+                            )),
+                        }
+                    }
+                    deps
+                }
+                None if position > 0 => groups[&tops[position - 1]].clone(),
+                None => Vec::new(),
+            };
+            for &member in &groups[&top] {
+                nodes[member].deps = dedup(deps.clone());
+            }
+        }
+        for i in 0..nodes.len() {
+            for d in nodes[i].deps.clone() {
+                nodes[d].dependents.push(i);
+            }
+        }
+
+        if let Some(cycle) = find_cycle(&nodes) {
+            let names: Vec<&str> = cycle.iter().map(|&i| nodes[i].id.as_str()).collect();
+            problems.push(format!("dependency cycle: {}", names.join(" → ")));
+        } else {
+            check_condition_references(&drafts, &nodes, &index, &mut problems);
+        }
+
+        if problems.is_empty() {
+            Ok(Plan {
+                name: def.name.clone(),
+                version: def.version.clone(),
+                params: def.params.clone(),
+                nodes,
+            })
+        } else {
+            Err(PlanError {
+                workflow: def.name.clone(),
+                problems,
+            })
+        }
+    }
+
+    /// The index of the node with this id.
+    pub fn node_index(&self, id: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.id == id)
+    }
+
+    /// The distinct agents the plan calls.
+    pub fn agents(&self) -> Vec<&str> {
+        let mut agents: Vec<&str> = self.nodes.iter().map(|n| n.agent.as_str()).collect();
+        agents.sort_unstable();
+        agents.dedup();
+        agents
+    }
+}
+
+fn flatten<'d>(def: &'d Definition, problems: &mut Vec<String>) -> Vec<Draft<'d>> {
+    let mut drafts = Vec::new();
+    for (i, step) in def.steps.iter().enumerate() {
+        let top = drafts.len();
+        drafts.push(Draft {
+            place: format!("steps[{i}]"),
+            def: step,
+            role: Role::Main,
+            parent: None,
+            top: Some(top),
+        });
+        if step.notify.is_some() {
+            problems.push(format!(
+                "steps[{i}]: `notify` is only allowed in error_handling.on_failure"
+            ));
+        }
+        for (j, sub) in step.parallel.iter().enumerate() {
+            let place = format!("steps[{i}].parallel[{j}]");
+            if sub.depends_on.is_some() {
+                problems.push(format!(
+                    "{place}: a parallel sub-step starts with its step and cannot have depends_on"
+                ));
+            }
+            if !sub.parallel.is_empty() {
+                problems.push(format!("{place}: parallel sub-steps cannot be nested"));
+            }
+            if sub.notify.is_some() {
+                problems.push(format!(
+                    "{place}: `notify` is only allowed in error_handling.on_failure"
+                ));
+            }
+            drafts.push(Draft {
+                place,
+                def: sub,
+                role: Role::Main,
+                parent: Some(top),
+                top: Some(top),
+            });
+        }
+    }
+    if let Some(eh) = &def.error_handling {
+        for (k, step) in eh.on_failure.iter().enumerate() {
+            let place = format!("error_handling.on_failure[{k}]");
+            for (set, field) in [
+                (step.depends_on.is_some(), "depends_on"),
+                (!step.parallel.is_empty(), "parallel"),
+                (step.condition.is_some(), "condition"),
+            ] {
+                if set {
+                    problems.push(format!(
+                        "{place}: `{field}` is not allowed in a failure handler"
+                    ));
+                }
+            }
+            drafts.push(Draft {
+                place,
+                def: step,
+                role: Role::OnFailure,
+                parent: None,
+                top: None,
+            });
+        }
+    }
+    drafts
+}
+
+fn build_node(
+    d: &Draft<'_>,
+    workflow_retry: Option<&RetrySpec>,
+    problems: &mut Vec<String>,
+) -> Node {
+    let def = d.def;
+    let (agent, action, params) = match (&def.notify, &def.agent, &def.action) {
+        (Some(channel), None, None) => {
+            let mut params = def.params.clone();
+            params.insert("channel".into(), Value::from(channel.as_str()));
+            (NOTIFY_AGENT.to_string(), NOTIFY_ACTION.to_string(), params)
+        }
+        (Some(_), _, _) => {
+            problems.push(format!(
+                "{}: a `notify` step cannot also name an agent or action",
+                d.place
+            ));
+            (String::new(), String::new(), Map::new())
+        }
+        (None, agent, action) => {
+            let name = def.id.as_deref().or(action.as_deref());
+            let at = match name {
+                Some(id) => format!("{} (`{id}`)", d.place),
+                None => d.place.clone(),
+            };
+            if agent.is_none() {
+                problems.push(format!("{at}: missing `agent`"));
+            }
+            if action.is_none() {
+                problems.push(format!("{at}: missing `action`"));
+            }
+            (
+                agent.clone().unwrap_or_default(),
+                action.clone().unwrap_or_default(),
+                def.params.clone(),
+            )
+        }
+    };
+    for (what, value) in [("agent", &agent), ("action", &action)] {
+        if !value.is_empty() && !is_name(value) {
+            problems.push(format!(
+                "{}: {what} `{value}` may only use letters, digits, `_`, `-` and `.`",
+                d.place
+            ));
+        }
+    }
+    let id = match (&def.id, &def.notify) {
+        (Some(id), _) => id.clone(),
+        (None, Some(channel)) => format!("notify_{channel}"),
+        (None, None) => action.clone(),
+    };
+    if !id.is_empty() && !is_id(&id) {
+        problems.push(format!(
+            "{}: step id `{id}` must start with a letter or `_` and use only letters, digits, `_` and `-` (give the step an explicit `id`)",
+            d.place
+        ));
+    }
+    let condition = def.condition.as_deref().and_then(|src| {
+        Condition::parse(src)
+            .map_err(|e| problems.push(format!("{} (`{id}`): condition {e}", d.place)))
+            .ok()
+    });
+    let retry = RetryPolicy::resolve(def.retry.as_ref(), workflow_retry).unwrap_or_else(|e| {
+        problems.push(format!("{} (`{id}`): {e}", d.place));
+        RetryPolicy::default()
+    });
+    Node {
+        id,
+        agent,
+        action,
+        params,
+        deps: Vec::new(),
+        dependents: Vec::new(),
+        condition,
+        retry,
+        role: d.role,
+        parent: d.parent,
+    }
+}
+
+fn index_ids(
+    drafts: &[Draft<'_>],
+    nodes: &[Node],
+    problems: &mut Vec<String>,
+) -> HashMap<String, usize> {
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for (i, node) in nodes.iter().enumerate() {
+        if node.id.is_empty() {
+            continue;
+        }
+        if let Some(&first) = index.get(node.id.as_str()) {
+            problems.push(format!(
+                "duplicate step id `{}`: {} and {} (give one of them another `id`)",
+                node.id, drafts[first].place, drafts[i].place
+            ));
+        } else {
+            index.insert(node.id.clone(), i);
+        }
+    }
+    index
+}
+
+fn check_condition_references(
+    drafts: &[Draft<'_>],
+    nodes: &[Node],
+    index: &HashMap<String, usize>,
+    problems: &mut Vec<String>,
+) {
+    for (i, node) in nodes.iter().enumerate() {
+        let Some(cond) = &node.condition else {
+            continue;
+        };
+        let ancestors = ancestors(nodes, i);
+        for var in cond.variables() {
+            if var == condition::PARAMS {
+                continue;
+            }
+            let known = index.get(&var).is_some_and(|j| ancestors.contains(j));
+            if !known {
+                problems.push(format!(
+                    "{} (`{}`): condition refers to `{var}`, which is not a step that finishes before this one",
+                    drafts[i].place, node.id
+                ));
+            }
+        }
+    }
+}
+
+/// Every node `i` transitively depends on.
+pub fn ancestors(nodes: &[Node], i: usize) -> HashSet<usize> {
+    let mut seen = HashSet::new();
+    let mut stack = nodes[i].deps.clone();
+    while let Some(n) = stack.pop() {
+        if seen.insert(n) {
+            stack.extend(&nodes[n].deps);
+        }
+    }
+    seen
+}
+
+/// A cycle as a path that starts and ends at the same node, if the graph has one.
+fn find_cycle(nodes: &[Node]) -> Option<Vec<usize>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Open,
+        Done,
+    }
+    let mut mark = vec![Mark::New; nodes.len()];
+    for start in 0..nodes.len() {
+        if mark[start] != Mark::New {
+            continue;
+        }
+        // Iterative DFS over deps; `path` holds the open nodes in order.
+        let mut path: Vec<usize> = vec![start];
+        let mut next: Vec<usize> = vec![0];
+        mark[start] = Mark::Open;
+        while let Some(&node) = path.last() {
+            let k = next.last_mut().expect("next parallels path");
+            if let Some(&dep) = nodes[node].deps.get(*k) {
+                *k += 1;
+                match mark[dep] {
+                    Mark::New => {
+                        mark[dep] = Mark::Open;
+                        path.push(dep);
+                        next.push(0);
+                    }
+                    Mark::Open => {
+                        // `dep` is on the path: the cycle runs from it to `node` and back. The path
+                        // follows "depends on" edges, so reverse it to read in execution order.
+                        let from = path
+                            .iter()
+                            .position(|&n| n == dep)
+                            .expect("open node is on the path");
+                        let mut cycle: Vec<usize> = path[from..].to_vec();
+                        cycle.reverse();
+                        cycle.push(cycle[0]);
+                        return Some(cycle);
+                    }
+                    Mark::Done => {}
+                }
+            } else {
+                mark[node] = Mark::Done;
+                path.pop();
+                next.pop();
+            }
+        }
+    }
+    None
+}
+
+fn dedup(mut v: Vec<usize>) -> Vec<usize> {
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+fn is_id(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn is_name(s: &str) -> bool {
+    s.len() <= 200
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+#[cfg(test)]
+mod tests;

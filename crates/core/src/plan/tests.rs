@@ -1,0 +1,199 @@
+use super::*;
+use proptest::prelude::*;
+
+fn compile(yaml: &str) -> Result<Plan, PlanError> {
+    Plan::compile(&Definition::from_yaml(yaml).expect("test YAML parses"))
+}
+
+fn deps_of<'p>(plan: &'p Plan, id: &str) -> Vec<&'p str> {
+    let node = &plan.nodes[plan.node_index(id).unwrap()];
+    let mut ids: Vec<&str> = node
+        .deps
+        .iter()
+        .map(|&d| plan.nodes[d].id.as_str())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+#[test]
+fn seed_workflow_runs_as_its_declared_dag() {
+    let plan = compile(include_str!("../../../../examples/workflow.yml")).unwrap();
+    let ids: Vec<&str> = plan.nodes.iter().map(|n| n.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "scaffold",
+            "build_api",
+            "quality_check",
+            "security_scan",
+            "performance_test",
+            "deploy",
+            "log_error",
+            "notify_slack"
+        ]
+    );
+    assert!(deps_of(&plan, "scaffold").is_empty());
+    assert_eq!(deps_of(&plan, "build_api"), ["scaffold"]);
+    assert_eq!(deps_of(&plan, "quality_check"), ["build_api"]);
+    assert_eq!(deps_of(&plan, "security_scan"), ["build_api"]);
+    assert_eq!(
+        deps_of(&plan, "deploy"),
+        ["performance_test", "quality_check", "security_scan"]
+    );
+    let notify = &plan.nodes[plan.node_index("notify_slack").unwrap()];
+    assert_eq!(
+        (notify.agent.as_str(), notify.role),
+        (NOTIFY_AGENT, Role::OnFailure)
+    );
+    assert_eq!(notify.params["channel"], "slack");
+    assert_eq!(plan.nodes[0].retry.max_attempts, 3);
+}
+
+#[test]
+fn steps_without_depends_on_run_as_a_pipeline() {
+    let plan = compile(include_str!(
+        "../../../../examples/complete-project-build.yaml"
+    ))
+    .unwrap();
+    assert!(deps_of(&plan, "scaffold_project").is_empty());
+    assert_eq!(deps_of(&plan, "create_api"), ["scaffold_project"]);
+    assert_eq!(deps_of(&plan, "quality_check"), ["create_api"]);
+    assert_eq!(deps_of(&plan, "security_scan"), ["create_api"]);
+    assert_eq!(deps_of(&plan, "deploy"), ["quality_check", "security_scan"]);
+}
+
+#[test]
+fn empty_depends_on_starts_at_once() {
+    let plan = compile(
+        "name: t\nsteps:\n  - {id: a, agent: x, action: y}\n  - {id: b, agent: x, action: y, depends_on: []}\n  - {id: c, agent: x, action: y}\n",
+    )
+    .unwrap();
+    assert!(deps_of(&plan, "b").is_empty());
+    assert_eq!(deps_of(&plan, "c"), ["b"]);
+}
+
+#[test]
+fn a_cycle_is_refused_with_the_cycle_named() {
+    let err = compile(
+        "name: loop\nsteps:\n  - {id: a, agent: x, action: y, depends_on: [c]}\n  - {id: b, agent: x, action: y, depends_on: [a]}\n  - {id: c, agent: x, action: y, depends_on: [b]}\n",
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        ["a → b → c → a", "b → c → a → b", "c → a → b → c"]
+            .iter()
+            .any(|c| text.contains(c)),
+        "{text}"
+    );
+}
+
+#[test]
+fn faults_name_their_place() {
+    let err = compile(
+        "name: bad\nsteps:\n  - {id: a, agent: x, action: y}\n  - {id: a, agent: x, action: z}\n  - {id: c, action: y, depends_on: [nope]}\n  - {id: d, agent: x, action: y, condition: 'a.success &&'}\n  - {id: e, agent: x, action: y, depends_on: [], condition: 'c.success'}\n",
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    for expected in [
+        "duplicate step id `a`: steps[0] and steps[1]",
+        "steps[2] (`c`): missing `agent`",
+        "steps[2]: depends_on names `nope`",
+        "steps[3] (`d`): condition",
+        "steps[4] (`e`): condition refers to `c`",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn notify_is_only_for_failure_handlers() {
+    let err = compile("name: n\nsteps:\n  - {notify: slack}\n").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("only allowed in error_handling.on_failure")
+    );
+}
+
+#[test]
+fn conditions_may_read_ancestors_and_params() {
+    compile(
+        "name: c\nsteps:\n  - {id: a, agent: x, action: y}\n  - {id: b, agent: x, action: y, condition: 'a.success && params.go'}\n",
+    )
+    .unwrap();
+}
+
+/// A random workflow: step i may depend on any earlier steps, or on none (then the implicit
+/// edge applies), and may carry parallel sub-steps.
+fn dag_yaml() -> impl Strategy<Value = String> {
+    prop::collection::vec(
+        (
+            prop::collection::vec(any::<prop::sample::Index>(), 0..3),
+            any::<bool>(),
+            0usize..3,
+        ),
+        1..25,
+    )
+    .prop_map(|steps| {
+        let mut yaml = String::from("name: random\nsteps:\n");
+        for (i, (picks, explicit, subs)) in steps.iter().enumerate() {
+            yaml += &format!("  - id: s{i}\n    agent: a\n    action: b\n");
+            if *explicit && i > 0 {
+                let deps: Vec<String> = picks.iter().map(|p| format!("s{}", p.index(i))).collect();
+                yaml += &format!("    depends_on: [{}]\n", deps.join(", "));
+            }
+            if *subs > 0 {
+                yaml += "    parallel:\n";
+                for j in 0..*subs {
+                    yaml += &format!("      - {{id: s{i}_p{j}, agent: a, action: b}}\n");
+                }
+            }
+        }
+        yaml
+    })
+}
+
+proptest! {
+    #[test]
+    fn forward_only_dependencies_always_compile(yaml in dag_yaml()) {
+        let plan = compile(&yaml).unwrap();
+        for (i, node) in plan.nodes.iter().enumerate() {
+            for &d in &node.deps {
+                prop_assert!(d < i, "{} depends on later node {}", node.id, plan.nodes[d].id);
+                prop_assert!(plan.nodes[d].dependents.contains(&i));
+            }
+        }
+    }
+
+    #[test]
+    fn a_back_edge_is_always_reported_as_a_real_cycle(yaml in dag_yaml(), back in any::<prop::sample::Index>()) {
+        let def = Definition::from_yaml(&yaml).unwrap();
+        let n = def.steps.len();
+        prop_assume!(n >= 2);
+        let mut def = def;
+        let from = back.index(n - 1);
+        // The first step now waits for the last one, which (transitively) waits for it.
+        def.steps[from].depends_on = Some(vec![format!("s{}", n - 1)]);
+        let last = n - 1;
+        def.steps[last].depends_on = Some(vec![format!("s{from}")]);
+        let err = Plan::compile(&def).unwrap_err();
+        let line = err.problems.iter().find(|p| p.starts_with("dependency cycle: ")).expect("cycle reported");
+        let ids: Vec<&str> = line.trim_start_matches("dependency cycle: ").split(" → ").collect();
+        prop_assert_eq!(ids.first(), ids.last());
+        // Each consecutive pair is a real edge: the later id depends on the earlier one.
+        let plan_ids = |s: &str| s.to_string();
+        for pair in ids.windows(2) {
+            let (before, after) = (plan_ids(pair[0]), plan_ids(pair[1]));
+            let after_step = def.steps.iter().find(|s| s.id.as_deref() == Some(&after)).or_else(|| None);
+            if let Some(step) = after_step {
+                let explicit = step.depends_on.clone();
+                let idx = def.steps.iter().position(|s| s.id.as_deref() == Some(&after)).unwrap();
+                let implied = explicit.unwrap_or_else(|| if idx > 0 { vec![format!("s{}", idx - 1)] } else { vec![] });
+                prop_assert!(
+                    implied.iter().any(|d| *d == before || before.starts_with(&format!("{d}_p"))),
+                    "{after} does not depend on {before}"
+                );
+            }
+        }
+    }
+}

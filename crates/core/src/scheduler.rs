@@ -1,0 +1,564 @@
+//! A run as a state machine: [`RunState::apply`] takes one [`Event`] and returns the
+//! [`Transition`] — which steps changed and the effects to carry out (tasks to dispatch, attempts
+//! to record, the run's end). The caller persists the changed state and the effects in one
+//! transaction before acting on any of them.
+//!
+//! Fencing lives here: a result counts only for the current attempt of a running step, carrying
+//! that attempt's task id; anything else is reported as [`Effect::Stale`] and changes nothing.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::condition::Finished;
+use crate::plan::{Plan, Role};
+
+/// Where a step is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum StepStatus {
+    /// Waiting for its dependencies (or, for a failure handler, for the run to fail).
+    #[default]
+    Pending,
+    /// An attempt is dispatched and not yet answered.
+    Running,
+    /// The last attempt failed; the next one is due at `wake_at`.
+    Waiting,
+    Success,
+    Failure,
+    /// Not run: its condition was false, or the run did not fail (failure handlers).
+    Skipped,
+    /// Not run because a step it depends on failed.
+    UpstreamFailed,
+}
+
+impl StepStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Success | Self::Failure | Self::Skipped | Self::UpstreamFailed
+        )
+    }
+
+    /// Whether dependents of a step in this state must not run.
+    fn blocks_dependents(self) -> bool {
+        matches!(self, Self::Failure | Self::UpstreamFailed)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Waiting => "waiting",
+            Self::Success => "success",
+            Self::Failure => "failure",
+            Self::Skipped => "skipped",
+            Self::UpstreamFailed => "upstream_failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Self::Pending,
+            "running" => Self::Running,
+            "waiting" => Self::Waiting,
+            "success" => Self::Success,
+            "failure" => Self::Failure,
+            "skipped" => Self::Skipped,
+            "upstream_failed" => Self::UpstreamFailed,
+            _ => return None,
+        })
+    }
+}
+
+/// Where a run is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RunStatus {
+    Running,
+    /// A step failed and every step has finished; the failure handlers are running.
+    Failing,
+    Success,
+    Failure,
+}
+
+impl RunStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Success | Self::Failure)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Failing => "failing",
+            Self::Success => "success",
+            Self::Failure => "failure",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "running" => Self::Running,
+            "failing" => Self::Failing,
+            "success" => Self::Success,
+            "failure" => Self::Failure,
+            _ => return None,
+        })
+    }
+}
+
+/// The state of one step (one plan node) in one run.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StepState {
+    pub status: StepStatus,
+    /// The latest dispatched attempt; 0 before the first.
+    pub attempt: u32,
+    /// The fencing token of the latest attempt.
+    pub task_id: Option<Uuid>,
+    /// When a waiting step's next attempt is due.
+    pub wake_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub output: Option<Value>,
+    /// The last failure's message, or why the step was skipped.
+    pub error: Option<String>,
+}
+
+/// The state of one run. `unfinished_*` and `failed_main` are derived from `steps` (see
+/// [`RunState::restore`]) and kept up to date by every transition, so that finding the end of a
+/// run costs O(1) per event rather than a scan of its steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunState {
+    pub id: Uuid,
+    pub status: RunStatus,
+    /// The run's params: the definition's defaults overlaid with those given at submission.
+    pub params: Map<String, Value>,
+    pub steps: Vec<StepState>,
+    pub ended_at: Option<DateTime<Utc>>,
+    unfinished_main: usize,
+    unfinished_handlers: usize,
+    failed_main: usize,
+}
+
+/// Something that happened to a run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The run was created: start the steps that depend on nothing.
+    Start,
+    /// A worker reported the end of an attempt.
+    AttemptFinished {
+        step: usize,
+        attempt: u32,
+        task_id: Uuid,
+        outcome: Outcome,
+        worker: String,
+        started_at: DateTime<Utc>,
+        finished_at: DateTime<Utc>,
+    },
+    /// A waiting step's retry is due.
+    Wake { step: usize, attempt: u32 },
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Success(Value),
+    Failure { message: String, retryable: bool },
+}
+
+/// What a transition asks the outside world to do, once its state is committed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Publish a task for this attempt.
+    Dispatch {
+        step: usize,
+        attempt: u32,
+        task_id: Uuid,
+    },
+    /// Record how an attempt ended.
+    AttemptEnded {
+        step: usize,
+        attempt: u32,
+        task_id: Uuid,
+        success: bool,
+        error: Option<String>,
+        worker: String,
+        started_at: DateTime<Utc>,
+        finished_at: DateTime<Utc>,
+    },
+    /// A result or timer that does not match the step's current attempt: nothing changed.
+    Stale {
+        step: usize,
+        attempt: u32,
+        reason: &'static str,
+    },
+    /// The run reached a final status.
+    RunEnded(RunStatus),
+}
+
+/// The outcome of applying one event.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Transition {
+    /// Steps whose state changed, in ascending order.
+    pub changed: Vec<usize>,
+    /// Whether the run's own status changed.
+    pub run_changed: bool,
+    pub effects: Vec<Effect>,
+}
+
+impl Transition {
+    fn touch(&mut self, step: usize) {
+        if let Err(pos) = self.changed.binary_search(&step) {
+            self.changed.insert(pos, step);
+        }
+    }
+}
+
+impl RunState {
+    /// A new run of `plan`, nothing started yet; apply [`Event::Start`] next.
+    pub fn new(id: Uuid, plan: &Plan, params: Map<String, Value>) -> Self {
+        Self::restore(
+            id,
+            plan,
+            RunStatus::Running,
+            params,
+            vec![StepState::default(); plan.nodes.len()],
+            None,
+        )
+    }
+
+    /// Rebuilds a run from its stored parts, deriving the counters.
+    pub fn restore(
+        id: Uuid,
+        plan: &Plan,
+        status: RunStatus,
+        params: Map<String, Value>,
+        steps: Vec<StepState>,
+        ended_at: Option<DateTime<Utc>>,
+    ) -> Self {
+        let mut run = Self {
+            id,
+            status,
+            params,
+            steps,
+            ended_at,
+            unfinished_main: 0,
+            unfinished_handlers: 0,
+            failed_main: 0,
+        };
+        for (node, step) in plan.nodes.iter().zip(&run.steps) {
+            match (node.role, step.status.is_terminal()) {
+                (Role::Main, false) => run.unfinished_main += 1,
+                (Role::OnFailure, false) => run.unfinished_handlers += 1,
+                _ => {}
+            }
+            if node.role == Role::Main && step.status.blocks_dependents() {
+                run.failed_main += 1;
+            }
+        }
+        run
+    }
+
+    /// Applies one event at time `now`.
+    pub fn apply(&mut self, plan: &Plan, event: Event, now: DateTime<Utc>) -> Transition {
+        debug_assert_eq!(plan.nodes.len(), self.steps.len());
+        let mut t = Transition::default();
+        match event {
+            Event::Start => {
+                if self.status == RunStatus::Running
+                    && self
+                        .steps
+                        .iter()
+                        .all(|s| s.status == StepStatus::Pending && s.attempt == 0)
+                {
+                    let roots: Vec<usize> = plan
+                        .nodes
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, n)| n.role == Role::Main && n.deps.is_empty())
+                        .map(|(i, _)| i)
+                        .collect();
+                    for i in roots {
+                        self.start_if_ready(plan, i, now, &mut t);
+                    }
+                }
+            }
+            Event::AttemptFinished {
+                step,
+                attempt,
+                task_id,
+                outcome,
+                worker,
+                started_at,
+                finished_at,
+            } => {
+                let current = self.steps.get(step).is_some_and(|s| {
+                    s.status == StepStatus::Running
+                        && s.attempt == attempt
+                        && s.task_id == Some(task_id)
+                });
+                if !current {
+                    t.effects.push(Effect::Stale {
+                        step,
+                        attempt,
+                        reason: "not the current attempt of a running step",
+                    });
+                    return t;
+                }
+                let (success, error) = match &outcome {
+                    Outcome::Success(_) => (true, None),
+                    Outcome::Failure { message, .. } => (false, Some(message.clone())),
+                };
+                t.effects.push(Effect::AttemptEnded {
+                    step,
+                    attempt,
+                    task_id,
+                    success,
+                    error,
+                    worker,
+                    started_at,
+                    finished_at,
+                });
+                match outcome {
+                    Outcome::Success(output) => {
+                        let s = &mut self.steps[step];
+                        s.output = Some(output);
+                        s.error = None;
+                        self.finish(plan, step, StepStatus::Success, now, &mut t);
+                    }
+                    Outcome::Failure { message, retryable } => {
+                        let policy = &plan.nodes[step].retry;
+                        self.steps[step].error = Some(message);
+                        if retryable && policy.allows_retry_after(attempt) {
+                            let delay = policy.delay_after(attempt, jitter_unit(task_id));
+                            let due = now
+                                + chrono::Duration::from_std(delay)
+                                    .unwrap_or(chrono::Duration::MAX);
+                            if due <= now {
+                                self.dispatch(step, now, &mut t);
+                            } else {
+                                let s = &mut self.steps[step];
+                                s.status = StepStatus::Waiting;
+                                s.wake_at = Some(due);
+                                t.touch(step);
+                            }
+                        } else {
+                            self.finish(plan, step, StepStatus::Failure, now, &mut t);
+                        }
+                    }
+                }
+            }
+            Event::Wake { step, attempt } => {
+                let due = self
+                    .steps
+                    .get(step)
+                    .is_some_and(|s| s.status == StepStatus::Waiting && s.attempt == attempt);
+                if !due {
+                    t.effects.push(Effect::Stale {
+                        step,
+                        attempt,
+                        reason: "the step is not waiting for this retry",
+                    });
+                    return t;
+                }
+                self.dispatch(step, now, &mut t);
+            }
+        }
+        self.settle_run(plan, now, &mut t);
+        t
+    }
+
+    /// The outputs of the steps `step` depends on, by step id: the `inputs` of its task.
+    pub fn inputs_for(&self, plan: &Plan, step: usize) -> Map<String, Value> {
+        plan.nodes[step]
+            .deps
+            .iter()
+            .filter_map(|&d| {
+                let output = self.steps[d].output.clone()?;
+                Some((plan.nodes[d].id.clone(), output))
+            })
+            .collect()
+    }
+
+    /// Counts of (unfinished main steps, failed main steps).
+    pub fn progress(&self) -> (usize, usize) {
+        (self.unfinished_main, self.failed_main)
+    }
+
+    fn dispatch(&mut self, step: usize, now: DateTime<Utc>, t: &mut Transition) {
+        let s = &mut self.steps[step];
+        s.attempt += 1;
+        s.status = StepStatus::Running;
+        let task_id = Uuid::new_v4();
+        s.task_id = Some(task_id);
+        s.wake_at = None;
+        s.started_at.get_or_insert(now);
+        t.touch(step);
+        t.effects.push(Effect::Dispatch {
+            step,
+            attempt: s.attempt,
+            task_id,
+        });
+    }
+
+    /// Puts a step in a final state and starts whatever that makes ready. Iterative, so a long
+    /// chain of skipped steps cannot overflow the stack.
+    fn finish(
+        &mut self,
+        plan: &Plan,
+        step: usize,
+        status: StepStatus,
+        now: DateTime<Utc>,
+        t: &mut Transition,
+    ) {
+        let mut settled = vec![(step, status)];
+        while let Some((i, status)) = settled.pop() {
+            let s = &mut self.steps[i];
+            if s.status.is_terminal() {
+                continue;
+            }
+            s.status = status;
+            s.wake_at = None;
+            s.ended_at = Some(now);
+            t.touch(i);
+            match plan.nodes[i].role {
+                Role::Main => {
+                    self.unfinished_main -= 1;
+                    if status.blocks_dependents() {
+                        self.failed_main += 1;
+                    }
+                }
+                Role::OnFailure => self.unfinished_handlers -= 1,
+            }
+            for &d in &plan.nodes[i].dependents {
+                if let Some(next) = self.readiness(plan, d) {
+                    match next {
+                        Ready::Run => self.dispatch(d, now, t),
+                        Ready::Settle(status, reason) => {
+                            self.steps[d].error = Some(reason);
+                            settled.push((d, status));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_if_ready(&mut self, plan: &Plan, step: usize, now: DateTime<Utc>, t: &mut Transition) {
+        match self.readiness(plan, step) {
+            Some(Ready::Run) => self.dispatch(step, now, t),
+            Some(Ready::Settle(status, reason)) => {
+                self.steps[step].error = Some(reason);
+                self.finish(plan, step, status, now, t);
+            }
+            None => {}
+        }
+    }
+
+    /// What a pending step whose dependencies may have finished should do now.
+    fn readiness(&self, plan: &Plan, step: usize) -> Option<Ready> {
+        let node = &plan.nodes[step];
+        if self.steps[step].status != StepStatus::Pending {
+            return None;
+        }
+        let mut blocked_by = None;
+        for &d in &node.deps {
+            let status = self.steps[d].status;
+            if !status.is_terminal() {
+                return None;
+            }
+            if status.blocks_dependents() && blocked_by.is_none() {
+                blocked_by = Some(d);
+            }
+        }
+        if let Some(d) = blocked_by {
+            return Some(Ready::Settle(
+                StepStatus::UpstreamFailed,
+                format!("upstream failed: `{}`", plan.nodes[d].id),
+            ));
+        }
+        let Some(condition) = &node.condition else {
+            return Some(Ready::Run);
+        };
+        let verdict = condition.evaluate(&self.params, |name| {
+            let i = plan.node_index(name)?;
+            let s = &self.steps[i];
+            let finished = match s.status {
+                StepStatus::Success => Finished::Success,
+                StepStatus::Failure | StepStatus::UpstreamFailed => Finished::Failure,
+                StepStatus::Skipped => Finished::Skipped,
+                _ => return None,
+            };
+            Some((finished, s.output.as_ref()))
+        });
+        Some(match verdict {
+            Ok(true) => Ready::Run,
+            Ok(false) => Ready::Settle(
+                StepStatus::Skipped,
+                format!("condition is false: {}", condition.source()),
+            ),
+            Err(e) => Ready::Settle(StepStatus::Failure, format!("condition failed: {e}")),
+        })
+    }
+
+    /// Moves the run on when its steps are done: to success, to its failure handlers, or to
+    /// failure.
+    fn settle_run(&mut self, plan: &Plan, now: DateTime<Utc>, t: &mut Transition) {
+        if self.status == RunStatus::Running && self.unfinished_main == 0 {
+            if self.failed_main == 0 {
+                // Failure handlers of a successful run never run.
+                let handlers: Vec<usize> = plan
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| n.role == Role::OnFailure)
+                    .map(|(i, _)| i)
+                    .collect();
+                for i in handlers {
+                    self.steps[i].error = Some("the run did not fail".into());
+                    self.finish(plan, i, StepStatus::Skipped, now, t);
+                }
+                self.end(RunStatus::Success, now, t);
+            } else if self.unfinished_handlers > 0 {
+                self.status = RunStatus::Failing;
+                t.run_changed = true;
+                let handlers: Vec<usize> = plan
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| n.role == Role::OnFailure)
+                    .map(|(i, _)| i)
+                    .collect();
+                for i in handlers {
+                    self.start_if_ready(plan, i, now, t);
+                }
+            } else {
+                self.end(RunStatus::Failure, now, t);
+            }
+        }
+        if self.status == RunStatus::Failing && self.unfinished_handlers == 0 {
+            self.end(RunStatus::Failure, now, t);
+        }
+    }
+
+    fn end(&mut self, status: RunStatus, now: DateTime<Utc>, t: &mut Transition) {
+        self.status = status;
+        self.ended_at = Some(now);
+        t.run_changed = true;
+        t.effects.push(Effect::RunEnded(status));
+    }
+}
+
+enum Ready {
+    Run,
+    Settle(StepStatus, String),
+}
+
+/// A number in `[0, 1)` picked by the failed attempt's task id, so that the jitter of a retry is
+/// random across steps yet reproducible for one attempt.
+fn jitter_unit(task_id: Uuid) -> f64 {
+    let bytes = task_id.as_u128().to_le_bytes();
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    (n >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests;

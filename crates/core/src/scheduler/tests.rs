@@ -1,0 +1,414 @@
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+use serde_json::json;
+
+use super::*;
+use crate::definition::Definition;
+
+fn plan(yaml: &str) -> Plan {
+    Plan::compile(&Definition::from_yaml(yaml).unwrap()).unwrap()
+}
+
+fn at(secs: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
+}
+
+/// The tasks a transition dispatched, as (step id, attempt, task id).
+fn dispatched(plan: &Plan, t: &Transition) -> Vec<(String, u32, Uuid)> {
+    t.effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Dispatch {
+                step,
+                attempt,
+                task_id,
+            } => Some((plan.nodes[*step].id.clone(), *attempt, *task_id)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn finished(plan: &Plan, id: &str, attempt: u32, task_id: Uuid, outcome: Outcome) -> Event {
+    Event::AttemptFinished {
+        step: plan.node_index(id).unwrap(),
+        attempt,
+        task_id,
+        outcome,
+        worker: "w1".into(),
+        started_at: at(0),
+        finished_at: at(1),
+    }
+}
+
+fn fail(retryable: bool) -> Outcome {
+    Outcome::Failure {
+        message: "boom".into(),
+        retryable,
+    }
+}
+
+const SEED: &str = include_str!("../../../../examples/workflow.yml");
+
+#[test]
+fn the_seed_workflow_runs_to_success_with_its_condition_true() {
+    let plan = plan(SEED);
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let mut queue = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)));
+    assert_eq!(
+        queue.iter().map(|d| d.0.as_str()).collect::<Vec<_>>(),
+        ["scaffold"]
+    );
+    let mut order = Vec::new();
+    while let Some((id, attempt, task_id)) = queue.pop() {
+        order.push(id.clone());
+        let output = if id == "security_scan" {
+            json!({"passed": true})
+        } else {
+            json!({})
+        };
+        let t = run.apply(
+            &plan,
+            finished(&plan, &id, attempt, task_id, Outcome::Success(output)),
+            at(1),
+        );
+        queue.extend(dispatched(&plan, &t));
+    }
+    assert_eq!(run.status, RunStatus::Success);
+    assert_eq!(order.last().map(String::as_str), Some("deploy"));
+    let handlers =
+        ["log_error", "notify_slack"].map(|id| run.steps[plan.node_index(id).unwrap()].status);
+    assert_eq!(handlers, [StepStatus::Skipped; 2]);
+}
+
+#[test]
+fn a_false_condition_skips_the_step_and_the_run_still_succeeds() {
+    let plan = plan(SEED);
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let mut queue = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)));
+    while let Some((id, attempt, task_id)) = queue.pop() {
+        let t = run.apply(
+            &plan,
+            finished(
+                &plan,
+                &id,
+                attempt,
+                task_id,
+                Outcome::Success(json!({"passed": false})),
+            ),
+            at(1),
+        );
+        queue.extend(dispatched(&plan, &t));
+    }
+    let deploy = &run.steps[plan.node_index("deploy").unwrap()];
+    assert_eq!(deploy.status, StepStatus::Skipped);
+    assert!(
+        deploy
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("condition is false")
+    );
+    assert_eq!(run.status, RunStatus::Success);
+}
+
+#[test]
+fn two_failures_then_success_on_the_third_attempt() {
+    let plan = plan(
+        "name: r\nsteps:\n  - {id: a, agent: x, action: y, retry: {max_attempts: 3, backoff: fixed, delay: 2s}}\n",
+    );
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, mut task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    for attempt in 1..=2 {
+        let t = run.apply(
+            &plan,
+            finished(&plan, "a", attempt, task, fail(true)),
+            at(10),
+        );
+        assert!(
+            dispatched(&plan, &t).is_empty(),
+            "the retry waits for its delay"
+        );
+        assert_eq!(run.steps[0].status, StepStatus::Waiting);
+        assert_eq!(run.steps[0].wake_at, Some(at(12)));
+        let t = run.apply(&plan, Event::Wake { step: 0, attempt }, at(12));
+        let d = dispatched(&plan, &t);
+        assert_eq!(d[0].1, attempt + 1);
+        task = d[0].2;
+    }
+    run.apply(
+        &plan,
+        finished(&plan, "a", 3, task, Outcome::Success(json!(1))),
+        at(20),
+    );
+    assert_eq!(
+        (run.status, run.steps[0].status, run.steps[0].attempt),
+        (RunStatus::Success, StepStatus::Success, 3)
+    );
+}
+
+#[test]
+fn a_failed_step_skips_its_dependents_and_runs_the_failure_handlers() {
+    let plan = plan(SEED);
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    for attempt in 1..=3 {
+        let t = run.apply(
+            &plan,
+            finished(
+                &plan,
+                "scaffold",
+                attempt,
+                if attempt == 1 {
+                    task
+                } else {
+                    run.steps[0].task_id.unwrap()
+                },
+                fail(true),
+            ),
+            at(5),
+        );
+        if attempt < 3 {
+            run.apply(&plan, Event::Wake { step: 0, attempt }, at(100));
+        } else {
+            let handlers: Vec<String> = dispatched(&plan, &t).into_iter().map(|d| d.0).collect();
+            assert_eq!(handlers, ["log_error", "notify_slack"]);
+        }
+    }
+    assert_eq!(run.status, RunStatus::Failing);
+    let deploy = &run.steps[plan.node_index("deploy").unwrap()];
+    assert_eq!(deploy.status, StepStatus::UpstreamFailed);
+    for id in ["log_error", "notify_slack"] {
+        let s = &run.steps[plan.node_index(id).unwrap()];
+        let t = run.clone().apply(
+            &plan,
+            finished(&plan, id, 1, s.task_id.unwrap(), fail(false)),
+            at(6),
+        );
+        assert!(t.effects.iter().all(|e| !matches!(e, Effect::Stale { .. })));
+    }
+    let (log, notify) = (
+        plan.node_index("log_error").unwrap(),
+        plan.node_index("notify_slack").unwrap(),
+    );
+    let (lt, nt) = (
+        run.steps[log].task_id.unwrap(),
+        run.steps[notify].task_id.unwrap(),
+    );
+    run.apply(
+        &plan,
+        finished(&plan, "log_error", 1, lt, Outcome::Success(json!({}))),
+        at(6),
+    );
+    assert_eq!(run.status, RunStatus::Failing);
+    let t = run.apply(
+        &plan,
+        finished(&plan, "notify_slack", 1, nt, Outcome::Success(json!({}))),
+        at(7),
+    );
+    assert_eq!(run.status, RunStatus::Failure);
+    assert!(t.effects.contains(&Effect::RunEnded(RunStatus::Failure)));
+}
+
+#[test]
+fn duplicate_and_stale_results_change_nothing() {
+    let plan = plan(
+        "name: d\nsteps:\n  - {id: a, agent: x, action: y, retry: {max_attempts: 2, delay: 0}}\n  - {id: b, agent: x, action: y}\n",
+    );
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, first) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    // Attempt 1 fails and, with no delay, attempt 2 is dispatched at once.
+    let second = dispatched(
+        &plan,
+        &run.apply(&plan, finished(&plan, "a", 1, first, fail(true)), at(1)),
+    )[0]
+    .2;
+    let before = run.clone();
+    for (attempt, task) in [(1, first), (2, Uuid::new_v4()), (3, second)] {
+        let t = run.apply(
+            &plan,
+            finished(&plan, "a", attempt, task, Outcome::Success(json!("late"))),
+            at(2),
+        );
+        assert!(matches!(t.effects[..], [Effect::Stale { .. }]));
+        assert_eq!(run, before);
+    }
+    run.apply(
+        &plan,
+        finished(&plan, "a", 2, second, Outcome::Success(json!("ok"))),
+        at(3),
+    );
+    let again = run.apply(
+        &plan,
+        finished(&plan, "a", 2, second, Outcome::Success(json!("ok"))),
+        at(4),
+    );
+    assert!(matches!(again.effects[..], [Effect::Stale { .. }]));
+    assert_eq!(run.steps[1].attempt, 1, "b was dispatched once");
+}
+
+#[test]
+fn inputs_carry_the_outputs_of_dependencies() {
+    let plan = plan(
+        "name: i\nsteps:\n  - {id: a, agent: x, action: y}\n  - {id: b, agent: x, action: y}\n",
+    );
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    run.apply(
+        &plan,
+        finished(
+            &plan,
+            "a",
+            1,
+            task,
+            Outcome::Success(json!({"artifact": "x.tar"})),
+        ),
+        at(1),
+    );
+    assert_eq!(
+        Value::Object(run.inputs_for(&plan, 1)),
+        json!({"a": {"artifact": "x.tar"}})
+    );
+}
+
+#[test]
+fn restore_derives_the_same_counters() {
+    let plan = plan(SEED);
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    run.apply(
+        &plan,
+        finished(&plan, "scaffold", 1, task, fail(false)),
+        at(1),
+    );
+    let restored = RunState::restore(
+        run.id,
+        &plan,
+        run.status,
+        run.params.clone(),
+        run.steps.clone(),
+        run.ended_at,
+    );
+    assert_eq!(restored, run);
+}
+
+/// A random workflow with retries and conditions on its steps' outputs.
+fn random_plan() -> impl Strategy<Value = (Plan, u64)> {
+    (
+        prop::collection::vec((prop::collection::vec(any::<prop::sample::Index>(), 0..3), any::<bool>(), 1u32..4, any::<bool>(), 0usize..3), 1..15),
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(|(steps, handlers, seed)| {
+            let mut yaml = String::from("name: random\nsteps:\n");
+            for (i, (picks, explicit, max, conditional, subs)) in steps.iter().enumerate() {
+                yaml += &format!("  - id: s{i}\n    agent: a\n    action: b\n    retry: {{max_attempts: {max}, delay: 1s}}\n");
+                let mut deps: Vec<usize> = Vec::new();
+                if *explicit && i > 0 {
+                    deps = picks.iter().map(|p| p.index(i)).collect();
+                    let names: Vec<String> = deps.iter().map(|d| format!("s{d}")).collect();
+                    yaml += &format!("    depends_on: [{}]\n", names.join(", "));
+                } else if i > 0 {
+                    deps.push(i - 1);
+                }
+                if *conditional && !deps.is_empty() {
+                    yaml += &format!("    condition: \"s{}.failed || s{}.output == 1\"\n", deps[0], deps[0]);
+                }
+                if *subs > 0 {
+                    yaml += "    parallel:\n";
+                    for j in 0..*subs {
+                        yaml += &format!("      - {{id: s{i}_p{j}, agent: a, action: b}}\n");
+                    }
+                }
+            }
+            if handlers {
+                yaml += "error_handling:\n  on_failure:\n    - {agent: h, action: log}\n    - notify: ops\n";
+            }
+            (plan(&yaml), seed)
+        })
+}
+
+/// A tiny deterministic generator, so a failing case replays exactly.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 33) % n as u64) as usize
+    }
+}
+
+proptest! {
+    /// Drive random runs with random outcomes, duplicates and stale results, and check the
+    /// promises: every run ends; no step starts before its dependencies finished; no attempt is
+    /// accepted twice; no step gets more attempts than its policy; the run fails exactly when a
+    /// step failed; failure handlers run only for failed runs.
+    #[test]
+    fn random_runs_keep_their_promises((plan, seed) in random_plan()) {
+        let mut rng = Lcg(seed);
+        let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+        let mut inflight: Vec<(usize, u32, Uuid)> = Vec::new();
+        let mut answered: Vec<(usize, u32, Uuid)> = Vec::new();
+        let mut accepted: HashMap<(usize, u32), usize> = HashMap::new();
+        let mut dispatches: HashMap<usize, u32> = HashMap::new();
+        let mut clock = 0;
+        let mut t = run.apply(&plan, Event::Start, at(clock));
+        for _ in 0..10_000 {
+            for e in &t.effects {
+                match e {
+                    Effect::Dispatch { step, attempt, task_id } => {
+                        for &d in &plan.nodes[*step].deps {
+                            prop_assert!(run.steps[d].status.is_terminal(), "{} started before {}", plan.nodes[*step].id, plan.nodes[d].id);
+                        }
+                        *dispatches.entry(*step).or_default() += 1;
+                        inflight.push((*step, *attempt, *task_id));
+                    }
+                    Effect::AttemptEnded { step, attempt, .. } => *accepted.entry((*step, *attempt)).or_default() += 1,
+                    _ => {}
+                }
+            }
+            if run.status.is_terminal() {
+                break;
+            }
+            clock += 1;
+            let waiting: Vec<usize> = (0..run.steps.len()).filter(|&i| run.steps[i].status == StepStatus::Waiting).collect();
+            t = if !inflight.is_empty() && rng.next(4) > 0 {
+                let (step, attempt, task_id) = inflight.swap_remove(rng.next(inflight.len()));
+                answered.push((step, attempt, task_id));
+                let outcome = match rng.next(3) {
+                    0 => fail(rng.next(2) == 0),
+                    _ => Outcome::Success(json!(rng.next(2))),
+                };
+                run.apply(&plan, Event::AttemptFinished { step, attempt, task_id, outcome, worker: "w".into(), started_at: at(clock), finished_at: at(clock) }, at(clock))
+            } else if !answered.is_empty() && rng.next(2) == 0 {
+                // A duplicate delivery of a result already given.
+                let (step, attempt, task_id) = answered[rng.next(answered.len())];
+                let before = run.clone();
+                let t = run.apply(&plan, Event::AttemptFinished { step, attempt, task_id, outcome: Outcome::Success(json!(0)), worker: "w".into(), started_at: at(clock), finished_at: at(clock) }, at(clock));
+                prop_assert_eq!(&run, &before);
+                t
+            } else if let Some(&step) = waiting.first() {
+                let attempt = run.steps[step].attempt;
+                run.apply(&plan, Event::Wake { step, attempt }, at(clock + 3_600))
+            } else {
+                prop_assert!(!inflight.is_empty(), "run {:?} is stuck", run.status);
+                Transition::default()
+            };
+        }
+        prop_assert!(run.status.is_terminal(), "run did not end: {:?}", run.status);
+        prop_assert!(accepted.values().all(|&n| n == 1), "an attempt was accepted twice");
+        for (i, node) in plan.nodes.iter().enumerate() {
+            prop_assert!(dispatches.get(&i).copied().unwrap_or(0) <= node.retry.max_attempts);
+            prop_assert!(run.steps[i].status.is_terminal());
+        }
+        let main_failed = plan.nodes.iter().zip(&run.steps).any(|(n, s)| n.role == Role::Main && s.status.blocks_dependents());
+        prop_assert_eq!(run.status == RunStatus::Failure, main_failed);
+        for (i, node) in plan.nodes.iter().enumerate() {
+            if node.role == Role::OnFailure {
+                prop_assert_eq!(dispatches.contains_key(&i), main_failed);
+            }
+        }
+    }
+}

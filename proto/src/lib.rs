@@ -1,0 +1,205 @@
+//! The wire protocol between the coordinator and agent workers, defined once.
+//!
+//! Every message body is a JSON object whose `type` and `v` fields name its kind and version. The
+//! JSON Schemas in `proto/schemas/` are the contract for workers written in any language; the
+//! types here are tested against them.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// Version of the message format this crate speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The JSON Schemas of the protocol, embedded so tools can serve them.
+pub mod schemas {
+    pub const TASK: &str = include_str!("../schemas/task.v1.json");
+    pub const RESULT: &str = include_str!("../schemas/result.v1.json");
+    pub const HEARTBEAT: &str = include_str!("../schemas/heartbeat.v1.json");
+}
+
+/// Queue and routing names, derived from one prefix so that several fleets (or tests) can share
+/// a broker without seeing each other's messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueNames {
+    prefix: String,
+}
+
+impl QueueNames {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self { prefix: prefix.into() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The quorum queue that holds tasks for one agent; every worker of that agent consumes it.
+    pub fn agent(&self, agent: &str) -> String {
+        format!("{}.agent.{agent}", self.prefix)
+    }
+
+    /// The queue that carries results back to the coordinators.
+    pub fn results(&self) -> String {
+        format!("{}.results", self.prefix)
+    }
+
+    /// The queue that carries worker heartbeats to the coordinators.
+    pub fn heartbeats(&self) -> String {
+        format!("{}.heartbeats", self.prefix)
+    }
+
+    /// The queue that collects tasks dead-lettered after too many deliveries.
+    pub fn dead_letters(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+}
+
+impl Default for QueueNames {
+    fn default() -> Self {
+        Self::new("flotilla")
+    }
+}
+
+/// One attempt of one step, sent to the agent's queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "task", deny_unknown_fields, remote = "Self")]
+pub struct Task {
+    pub v: u32,
+    /// Unique per attempt: the fencing token a result must carry back.
+    pub task_id: Uuid,
+    pub run_id: Uuid,
+    pub step_id: String,
+    /// 1 for the first attempt, counting up with every retry or re-dispatch.
+    pub attempt: u32,
+    pub agent: String,
+    pub action: String,
+    /// Same for every attempt of one step in one run, so a handler can make its side effects
+    /// idempotent.
+    pub idempotency_key: String,
+    /// The step's own params.
+    #[serde(default)]
+    pub params: Map<String, Value>,
+    /// The run's params (the definition's defaults overlaid with those given at submission).
+    #[serde(default)]
+    pub run_params: Map<String, Value>,
+    /// Outputs of the steps this step depends on, by step id.
+    #[serde(default)]
+    pub inputs: Map<String, Value>,
+    pub dispatched_at: DateTime<Utc>,
+}
+
+/// How an attempt ended, as the worker saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultStatus {
+    Success,
+    Failure,
+}
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskError {
+    pub message: String,
+    /// False when retrying cannot help (bad params, unknown action): the step fails at once.
+    #[serde(default = "default_true")]
+    pub retryable: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The outcome of one attempt, published by the worker to the results queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "result", deny_unknown_fields, remote = "Self")]
+pub struct TaskResult {
+    pub v: u32,
+    pub task_id: Uuid,
+    pub run_id: Uuid,
+    pub step_id: String,
+    pub attempt: u32,
+    pub status: ResultStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TaskError>,
+    /// Identifies the worker process that ran the attempt.
+    pub worker_id: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// A task a worker is holding, as reported in a heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldTask {
+    pub task_id: Uuid,
+    pub run_id: Uuid,
+    pub step_id: String,
+    pub attempt: u32,
+}
+
+/// A worker's periodic sign of life, listing the tasks it is working on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "heartbeat", deny_unknown_fields, remote = "Self")]
+pub struct Heartbeat {
+    pub v: u32,
+    pub worker_id: String,
+    pub agents: Vec<String>,
+    pub concurrency: u32,
+    #[serde(default)]
+    pub tasks: Vec<HeldTask>,
+    pub sent_at: DateTime<Utc>,
+}
+
+// The derives above use `remote = "Self"` so that they generate inherent `serialize` and
+// `deserialize` functions instead of trait impls; the trait impls below wrap them. serde's derive
+// alone gets tagged structs wrong both ways: with `tag` and `deny_unknown_fields` together it
+// rejects the very `type` field it writes, and without `deny_unknown_fields` it accepts a document
+// with no `type` at all.
+macro_rules! tagged_message {
+    ($ty:ident, $tag:literal) => {
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                $ty::serialize(self, serializer)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                deserialize_tagged(deserializer, $tag, |body| $ty::deserialize(body))
+            }
+        }
+    };
+}
+
+tagged_message!(Task, "task");
+tagged_message!(TaskResult, "result");
+tagged_message!(Heartbeat, "heartbeat");
+
+/// Checks and removes the `type` field, then reads the remaining fields strictly with `body`.
+fn deserialize_tagged<'de, D, T>(
+    deserializer: D,
+    tag: &'static str,
+    body: fn(Value) -> Result<T, serde_json::Error>,
+) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    use serde::de::Error as _;
+
+    let mut fields = Map::<String, Value>::deserialize(deserializer)?;
+    match fields.remove("type") {
+        Some(Value::String(found)) if found == tag => {}
+        Some(found) => {
+            return Err(D::Error::custom(format_args!(
+                "expected message type `{tag}`, found {found}"
+            )));
+        }
+        None => return Err(D::Error::missing_field("type")),
+    }
+    body(Value::Object(fields)).map_err(D::Error::custom)
+}
