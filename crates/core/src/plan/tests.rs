@@ -180,20 +180,38 @@ proptest! {
         let line = err.problems.iter().find(|p| p.starts_with("dependency cycle: ")).expect("cycle reported");
         let ids: Vec<&str> = line.trim_start_matches("dependency cycle: ").split(" → ").collect();
         prop_assert_eq!(ids.first(), ids.last());
-        // Each consecutive pair is a real edge: the later id depends on the earlier one.
-        let plan_ids = |s: &str| s.to_string();
-        for pair in ids.windows(2) {
-            let (before, after) = (plan_ids(pair[0]), plan_ids(pair[1]));
-            let after_step = def.steps.iter().find(|s| s.id.as_deref() == Some(&after)).or_else(|| None);
-            if let Some(step) = after_step {
-                let explicit = step.depends_on.clone();
-                let idx = def.steps.iter().position(|s| s.id.as_deref() == Some(&after)).unwrap();
-                let implied = explicit.unwrap_or_else(|| if idx > 0 { vec![format!("s{}", idx - 1)] } else { vec![] });
-                prop_assert!(
-                    implied.iter().any(|d| *d == before || before.starts_with(&format!("{d}_p"))),
-                    "{after} does not depend on {before}"
-                );
+        // Each consecutive pair is a real edge: the later step depends on the earlier one, where a
+        // dependency on a step also covers its parallel sub-steps.
+        let plan_deps = |id: &str| -> Vec<String> {
+            let idx = def.steps.iter().position(|s| s.id.as_deref() == Some(id));
+            match idx {
+                Some(i) => def.steps[i].depends_on.clone().unwrap_or_else(|| if i > 0 { vec![format!("s{}", i - 1)] } else { vec![] }),
+                // A sub-step `sN_pJ` starts with its step `sN`.
+                None => plan_deps_of_parent(&def, id),
             }
+        };
+        for pair in ids.windows(2) {
+            let (before, after) = (pair[0], pair[1]);
+            prop_assert!(
+                plan_deps(after).iter().any(|d| d == before || before.starts_with(&format!("{d}_p"))),
+                "{} does not depend on {}", after, before
+            );
         }
     }
+}
+
+fn plan_deps_of_parent(def: &Definition, sub_id: &str) -> Vec<String> {
+    let parent = sub_id.split("_p").next().unwrap_or_default();
+    let i = def
+        .steps
+        .iter()
+        .position(|s| s.id.as_deref() == Some(parent))
+        .expect("sub-step has a parent");
+    def.steps[i].depends_on.clone().unwrap_or_else(|| {
+        if i > 0 {
+            vec![format!("s{}", i - 1)]
+        } else {
+            vec![]
+        }
+    })
 }
