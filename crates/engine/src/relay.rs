@@ -1,0 +1,185 @@
+//! The outbox relay: publishes what committed batches put in the outbox, with publisher
+//! confirms, and deletes each row only once the broker has confirmed its message. What it could
+//! not publish stays in the outbox, where the sweeper finds it again — after a broker outage, or
+//! after a coordinator crashed between its commit and its publish.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::Utc;
+use flotilla_broker::{BrokerConfig, Connection, OutgoingMessage, Publisher, QueueNames};
+use flotilla_store::engine::OutboxRow;
+use flotilla_store::{Store, outbox};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+/// How the relay behaves.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub broker: BrokerConfig,
+    /// How often the sweeper looks for messages left behind.
+    pub sweep_interval: Duration,
+    /// How old a message must be before the sweeper takes it over from the relay that wrote it.
+    pub sweep_after: Duration,
+}
+
+struct Link {
+    connection: Connection,
+    publisher: Publisher,
+    channel: flotilla_broker::Channel,
+    /// Agent queues declared on this connection.
+    declared: HashSet<String>,
+}
+
+/// Publishes outbox rows until the engine drops its sender.
+pub struct Relay {
+    store: Store,
+    config: RelayConfig,
+    names: QueueNames,
+    link: Option<Link>,
+}
+
+impl Relay {
+    pub fn new(store: Store, config: RelayConfig) -> Self {
+        let names = config.broker.queue_names();
+        Self {
+            store,
+            config,
+            names,
+            link: None,
+        }
+    }
+
+    /// Runs until `rows` is closed (the engine has stopped), then publishes what is left.
+    pub async fn run(mut self, mut rows: mpsc::UnboundedReceiver<Vec<OutboxRow>>) {
+        let mut sweep = tokio::time::interval(self.config.sweep_interval);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                batch = rows.recv() => {
+                    let Some(mut batch) = batch else { break };
+                    while let Ok(more) = rows.try_recv() {
+                        batch.extend(more);
+                    }
+                    let confirmed = self.publish(&batch).await;
+                    if let Err(e) = self.forget(&confirmed).await {
+                        tracing::warn!(error = %e, "could not delete confirmed outbox rows; the sweeper will publish them again");
+                    }
+                }
+                _ = sweep.tick() => {
+                    if let Err(e) = self.sweep().await {
+                        tracing::warn!(error = %e, "outbox sweep failed");
+                    }
+                }
+            }
+        }
+        if let Some(link) = self.link.take() {
+            let _ = link.publisher.close().await;
+            let _ = link.channel.close().await;
+            let _ = link.connection.close().await;
+        }
+        tracing::info!("outbox relay stopped");
+    }
+
+    async fn forget(&self, ids: &[Uuid]) -> Result<(), flotilla_store::Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let client = self.store.client().await?;
+        outbox::delete(&client, ids).await?;
+        Ok(())
+    }
+
+    /// Publishes messages left in the outbox by a relay that crashed or lost the broker.
+    async fn sweep(&mut self) -> Result<(), flotilla_store::Error> {
+        let before = Utc::now() - chrono::Duration::from_std(self.config.sweep_after).unwrap_or_default();
+        loop {
+            let mut client = self.store.client().await?;
+            let tx = client.transaction().await?;
+            let rows = outbox::take_unsent(&tx, before, 500).await?;
+            if rows.is_empty() {
+                return Ok(());
+            }
+            tracing::info!(messages = rows.len(), "re-publishing messages left in the outbox");
+            let confirmed = self.publish(&rows).await;
+            outbox::delete(&tx, &confirmed).await?;
+            tx.commit().await?;
+            if confirmed.len() < rows.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Publishes rows and returns the ids the broker confirmed.
+    async fn publish(&mut self, rows: &[OutboxRow]) -> Vec<Uuid> {
+        if rows.is_empty() {
+            return Vec::new();
+        }
+        let names = self.names.clone();
+        let delivery_limit = self.config.broker.delivery_limit;
+        let link = match self.link().await {
+            Ok(link) => link,
+            Err(e) => {
+                tracing::warn!(error = %e, messages = rows.len(), "cannot reach RabbitMQ; messages stay in the outbox");
+                return Vec::new();
+            }
+        };
+        let agent_prefix = format!("{}.agent.", names.prefix());
+        for row in rows {
+            if let Some(agent) = row.routing_key.strip_prefix(&agent_prefix)
+                && !link.declared.contains(agent)
+            {
+                match flotilla_broker::declare_agent_queue(&link.channel, &names, agent, delivery_limit).await {
+                    Ok(()) => {
+                        link.declared.insert(agent.to_string());
+                    }
+                    Err(e) => tracing::warn!(error = %e, agent, "could not declare the agent queue"),
+                }
+            }
+        }
+        let messages: Vec<OutgoingMessage> = rows
+            .iter()
+            .map(|r| {
+                let mut m = OutgoingMessage::new(r.routing_key.clone(), r.kind.clone(), r.body.clone());
+                m.correlation_id.clone_from(&r.correlation_id);
+                m.reply_to.clone_from(&r.reply_to);
+                m
+            })
+            .collect();
+        let outcomes = link.publisher.publish_batch(&messages).await;
+        let mut confirmed = Vec::with_capacity(rows.len());
+        let mut broken = false;
+        for (row, outcome) in rows.iter().zip(outcomes) {
+            match outcome {
+                Ok(()) => confirmed.push(row.id),
+                Err(e) => {
+                    broken |= matches!(e, flotilla_broker::PublishError::Broker(_));
+                    tracing::warn!(error = %e, routing_key = %row.routing_key, "message not confirmed; it stays in the outbox");
+                }
+            }
+        }
+        if broken {
+            // Reconnect on the next publish rather than keep a dead channel.
+            self.link = None;
+        }
+        confirmed
+    }
+
+    async fn link(&mut self) -> Result<&mut Link, flotilla_broker::Error> {
+        if self.link.as_ref().is_some_and(|l| !l.connection.is_connected()) {
+            self.link = None;
+        }
+        if self.link.is_none() {
+            let connection = flotilla_broker::connect(&self.config.broker, "flotilla-coordinator-relay").await?;
+            let publisher = Publisher::new(&connection).await?;
+            let channel = connection.open_channel().await?;
+            self.link = Some(Link {
+                connection,
+                publisher,
+                channel,
+                declared: HashSet::new(),
+            });
+        }
+        Ok(self.link.as_mut().expect("link was just set"))
+    }
+}

@@ -1,0 +1,108 @@
+//! Named definitions and their revisions, and definition contents by hash.
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use flotilla_core::Definition;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::Error;
+
+/// A definition's content as stored, with the hash that names it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Content {
+    pub hash: String,
+    pub body: Value,
+}
+
+impl Content {
+    /// The canonical JSON of a definition and its SHA-256. serde_json's maps are sorted, so the
+    /// same definition always hashes the same, whichever format it was written in.
+    pub fn of(definition: &Definition) -> Self {
+        let body = serde_json::to_value(definition).expect("a definition always serialises");
+        let bytes = serde_json::to_vec(&body).expect("a JSON value always serialises");
+        let hash = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Self { hash, body }
+    }
+}
+
+/// One registered revision of a named definition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registered {
+    pub name: String,
+    pub revision: i32,
+    pub hash: String,
+    pub version: Option<String>,
+    pub description: Option<String>,
+    pub steps: i32,
+    pub created_at: DateTime<Utc>,
+}
+
+const COLUMNS: &str = "name, revision, hash, version, description, steps, created_at";
+
+fn registered(r: &tokio_postgres::Row) -> Registered {
+    Registered {
+        name: r.get(0),
+        revision: r.get(1),
+        hash: r.get(2),
+        version: r.get(3),
+        description: r.get(4),
+        steps: r.get(5),
+        created_at: r.get(6),
+    }
+}
+
+/// Registers a definition under its name as the next revision.
+pub async fn register(client: &mut deadpool_postgres::Object, definition: &Definition) -> Result<Registered, Error> {
+    let content = Content::of(definition);
+    let tx = client.transaction().await?;
+    // Serialise registrations of one name so revisions count up without gaps or clashes.
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&definition.name])
+        .await?;
+    tx.execute(
+        "INSERT INTO definition_contents (hash, body) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING",
+        &[&content.hash, &content.body],
+    )
+    .await?;
+    let steps = i32::try_from(definition.steps.len()).unwrap_or(i32::MAX);
+    let row = tx
+        .query_one(
+            &format!(
+                "INSERT INTO definitions (name, revision, hash, version, description, steps)
+                 SELECT $1, coalesce(max(revision), 0) + 1, $2, $3, $4, $5
+                 FROM definitions WHERE name = $1
+                 RETURNING {COLUMNS}"
+            ),
+            &[&definition.name, &content.hash, &definition.version, &definition.description, &steps],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(registered(&row))
+}
+
+/// The latest revision of a named definition, with its content.
+pub async fn latest(client: &impl GenericClient, name: &str) -> Result<Option<(Registered, Value)>, Error> {
+    let row = client
+        .query_opt(
+            "SELECT d.name, d.revision, d.hash, d.version, d.description, d.steps, d.created_at, c.body
+             FROM definitions d JOIN definition_contents c ON c.hash = d.hash
+             WHERE d.name = $1 ORDER BY d.revision DESC LIMIT 1",
+            &[&name],
+        )
+        .await?;
+    Ok(row.map(|r| (registered(&r), r.get(7))))
+}
+
+/// The latest revision of every named definition, by name.
+pub async fn list(client: &impl GenericClient) -> Result<Vec<Registered>, Error> {
+    let rows = client
+        .query(
+            &format!("SELECT DISTINCT ON (name) {COLUMNS} FROM definitions ORDER BY name, revision DESC"),
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(registered).collect())
+}

@@ -1,0 +1,431 @@
+//! The engine's side of the store: locking runs, loading their state, and writing a batch of
+//! transitions with a handful of array statements, however many runs and steps it holds.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use flotilla_core::{RunStatus, StepState, StepStatus};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::Error;
+
+/// Locks the given runs (in id order, so concurrent coordinators cannot deadlock) and returns
+/// their versions. Runs that do not exist are absent from the answer.
+pub async fn lock_runs(tx: &impl GenericClient, ids: &[Uuid]) -> Result<HashMap<Uuid, i64>, Error> {
+    let stmt = tx
+        .prepare_cached("SELECT id, version FROM runs WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .await?;
+    Ok(tx
+        .query(&stmt, &[&ids])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// A run as stored.
+#[derive(Debug, Clone)]
+pub struct StoredRun {
+    pub id: Uuid,
+    pub name: String,
+    pub definition_hash: String,
+    pub status: RunStatus,
+    pub params: Map<String, Value>,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub steps: Vec<StepState>,
+}
+
+/// Loads whole runs with their steps.
+pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<StoredRun>, Error> {
+    let runs_stmt = client
+        .prepare_cached(
+            "SELECT id, name, definition_hash, status, params, version, created_at, ended_at
+             FROM runs WHERE id = ANY($1)",
+        )
+        .await?;
+    let steps_stmt = client
+        .prepare_cached(
+            "SELECT run_id, status, attempt, task_id, wake_at, started_at, ended_at, output, error
+             FROM steps WHERE run_id = ANY($1) ORDER BY run_id, idx",
+        )
+        .await?;
+    let mut runs: HashMap<Uuid, StoredRun> = HashMap::new();
+    for r in client.query(&runs_stmt, &[&ids]).await? {
+        let status: String = r.get(3);
+        let params: Value = r.get(4);
+        let id: Uuid = r.get(0);
+        runs.insert(
+            id,
+            StoredRun {
+                id,
+                name: r.get(1),
+                definition_hash: r.get(2),
+                status: RunStatus::parse(&status)
+                    .ok_or_else(|| Error::Corrupt(format!("run {id} has status `{status}`")))?,
+                params: match params {
+                    Value::Object(map) => map,
+                    _ => return Err(Error::Corrupt(format!("run {id} has params that are not an object"))),
+                },
+                version: r.get(5),
+                created_at: r.get(6),
+                ended_at: r.get(7),
+                steps: Vec::new(),
+            },
+        );
+    }
+    for r in client.query(&steps_stmt, &[&ids]).await? {
+        let run_id: Uuid = r.get(0);
+        let status: String = r.get(1);
+        let attempt: i32 = r.get(2);
+        let step = StepState {
+            status: StepStatus::parse(&status)
+                .ok_or_else(|| Error::Corrupt(format!("a step of run {run_id} has status `{status}`")))?,
+            attempt: u32::try_from(attempt).unwrap_or_default(),
+            task_id: r.get(3),
+            wake_at: r.get(4),
+            started_at: r.get(5),
+            ended_at: r.get(6),
+            output: r.get(7),
+            error: r.get(8),
+        };
+        if let Some(run) = runs.get_mut(&run_id) {
+            run.steps.push(step);
+        }
+    }
+    Ok(runs.into_values().collect())
+}
+
+/// Loads definition bodies by content hash.
+pub async fn load_definitions(client: &impl GenericClient, hashes: &[String]) -> Result<Vec<(String, Value)>, Error> {
+    let stmt = client
+        .prepare_cached("SELECT hash, body FROM definition_contents WHERE hash = ANY($1)")
+        .await?;
+    Ok(client
+        .query(&stmt, &[&hashes])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// One step's mutable state, as a row.
+#[derive(Debug, Clone)]
+pub struct StepRow {
+    pub run_id: Uuid,
+    pub idx: i32,
+    pub state: StepState,
+}
+
+/// A step's fixed identity, written once when its run is created.
+#[derive(Debug, Clone)]
+pub struct StepIdent {
+    pub step_id: String,
+    pub agent: String,
+    pub action: String,
+}
+
+/// A run to create.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub id: Uuid,
+    pub name: String,
+    pub definition_hash: String,
+    pub status: RunStatus,
+    pub params: Map<String, Value>,
+    pub created_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+/// A run whose status (and version) moves on.
+#[derive(Debug, Clone)]
+pub struct RunUpdate {
+    pub id: Uuid,
+    pub status: RunStatus,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+/// An attempt that was dispatched.
+#[derive(Debug, Clone)]
+pub struct AttemptStart {
+    pub run_id: Uuid,
+    pub idx: i32,
+    pub attempt: i32,
+    pub task_id: Uuid,
+    pub dispatched_at: DateTime<Utc>,
+}
+
+/// An attempt that ended.
+#[derive(Debug, Clone)]
+pub struct AttemptEnd {
+    pub task_id: Uuid,
+    pub success: bool,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub worker: String,
+    pub error: Option<String>,
+}
+
+/// A message to publish once the batch has committed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub id: Uuid,
+    pub routing_key: String,
+    pub kind: String,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub body: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Everything one engine transaction writes.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Definition contents by hash; already stored ones are left alone.
+    pub definitions: Vec<(String, Value)>,
+    pub new_runs: Vec<NewRun>,
+    pub new_steps: Vec<(StepIdent, StepRow)>,
+    pub step_updates: Vec<StepRow>,
+    /// Runs touched by the batch; each one's version goes up by one.
+    pub run_updates: Vec<RunUpdate>,
+    pub attempts_started: Vec<AttemptStart>,
+    pub attempts_ended: Vec<AttemptEnd>,
+    pub outbox: Vec<OutboxRow>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.definitions.is_empty()
+            && self.new_runs.is_empty()
+            && self.new_steps.is_empty()
+            && self.step_updates.is_empty()
+            && self.run_updates.is_empty()
+            && self.attempts_started.is_empty()
+            && self.attempts_ended.is_empty()
+            && self.outbox.is_empty()
+    }
+}
+
+/// Columns of step rows as arrays, for UNNEST.
+#[derive(Default)]
+struct StepColumns {
+    run_id: Vec<Uuid>,
+    idx: Vec<i32>,
+    status: Vec<&'static str>,
+    attempt: Vec<i32>,
+    task_id: Vec<Option<Uuid>>,
+    wake_at: Vec<Option<DateTime<Utc>>>,
+    started_at: Vec<Option<DateTime<Utc>>>,
+    ended_at: Vec<Option<DateTime<Utc>>>,
+    output: Vec<Option<Value>>,
+    error: Vec<Option<String>>,
+}
+
+impl StepColumns {
+    fn push(&mut self, row: &StepRow) {
+        let s = &row.state;
+        self.run_id.push(row.run_id);
+        self.idx.push(row.idx);
+        self.status.push(s.status.as_str());
+        self.attempt.push(i32::try_from(s.attempt).unwrap_or(i32::MAX));
+        self.task_id.push(s.task_id);
+        self.wake_at.push(s.wake_at);
+        self.started_at.push(s.started_at);
+        self.ended_at.push(s.ended_at);
+        self.output.push(s.output.clone());
+        self.error.push(s.error.clone());
+    }
+}
+
+/// Writes a batch. The caller holds the row locks of every run in `step_updates` and
+/// `run_updates` (see [`lock_runs`]) and commits afterwards.
+pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> {
+    if !batch.definitions.is_empty() {
+        let (hashes, bodies): (Vec<&str>, Vec<&Value>) =
+            batch.definitions.iter().map(|(h, b)| (h.as_str(), b)).unzip();
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO definition_contents (hash, body)
+                 SELECT * FROM unnest($1::text[], $2::jsonb[]) ON CONFLICT (hash) DO NOTHING",
+            )
+            .await?;
+        tx.execute(&stmt, &[&hashes, &bodies]).await?;
+    }
+    if !batch.new_runs.is_empty() {
+        let runs = &batch.new_runs;
+        let ids: Vec<Uuid> = runs.iter().map(|r| r.id).collect();
+        let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+        let hashes: Vec<&str> = runs.iter().map(|r| r.definition_hash.as_str()).collect();
+        let statuses: Vec<&str> = runs.iter().map(|r| r.status.as_str()).collect();
+        let params: Vec<Value> = runs.iter().map(|r| Value::Object(r.params.clone())).collect();
+        let created: Vec<DateTime<Utc>> = runs.iter().map(|r| r.created_at).collect();
+        let ended: Vec<Option<DateTime<Utc>>> = runs.iter().map(|r| r.ended_at).collect();
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO runs (id, name, definition_hash, status, params, created_at, ended_at)
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[],
+                                      $6::timestamptz[], $7::timestamptz[])",
+            )
+            .await?;
+        tx.execute(&stmt, &[&ids, &names, &hashes, &statuses, &params, &created, &ended])
+            .await?;
+    }
+    if !batch.new_steps.is_empty() {
+        let mut cols = StepColumns::default();
+        let mut step_ids = Vec::with_capacity(batch.new_steps.len());
+        let mut agents = Vec::with_capacity(batch.new_steps.len());
+        let mut actions = Vec::with_capacity(batch.new_steps.len());
+        for (ident, row) in &batch.new_steps {
+            cols.push(row);
+            step_ids.push(ident.step_id.as_str());
+            agents.push(ident.agent.as_str());
+            actions.push(ident.action.as_str());
+        }
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO steps (run_id, idx, step_id, agent, action, status, attempt, task_id,
+                                    wake_at, started_at, ended_at, output, error)
+                 SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
+                                      $6::text[], $7::int4[], $8::uuid[], $9::timestamptz[],
+                                      $10::timestamptz[], $11::timestamptz[], $12::jsonb[], $13::text[])",
+            )
+            .await?;
+        tx.execute(
+            &stmt,
+            &[
+                &cols.run_id,
+                &cols.idx,
+                &step_ids,
+                &agents,
+                &actions,
+                &cols.status,
+                &cols.attempt,
+                &cols.task_id,
+                &cols.wake_at,
+                &cols.started_at,
+                &cols.ended_at,
+                &cols.output,
+                &cols.error,
+            ],
+        )
+        .await?;
+    }
+    if !batch.step_updates.is_empty() {
+        let mut cols = StepColumns::default();
+        for row in &batch.step_updates {
+            cols.push(row);
+        }
+        let stmt = tx
+            .prepare_cached(
+                "UPDATE steps s SET status = u.status, attempt = u.attempt, task_id = u.task_id,
+                        wake_at = u.wake_at, started_at = u.started_at, ended_at = u.ended_at,
+                        output = u.output, error = u.error
+                 FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::int4[], $5::uuid[],
+                             $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::jsonb[],
+                             $10::text[])
+                      AS u(run_id, idx, status, attempt, task_id, wake_at, started_at, ended_at,
+                           output, error)
+                 WHERE s.run_id = u.run_id AND s.idx = u.idx",
+            )
+            .await?;
+        tx.execute(
+            &stmt,
+            &[
+                &cols.run_id,
+                &cols.idx,
+                &cols.status,
+                &cols.attempt,
+                &cols.task_id,
+                &cols.wake_at,
+                &cols.started_at,
+                &cols.ended_at,
+                &cols.output,
+                &cols.error,
+            ],
+        )
+        .await?;
+    }
+    if !batch.run_updates.is_empty() {
+        let ids: Vec<Uuid> = batch.run_updates.iter().map(|r| r.id).collect();
+        let statuses: Vec<&str> = batch.run_updates.iter().map(|r| r.status.as_str()).collect();
+        let ended: Vec<Option<DateTime<Utc>>> = batch.run_updates.iter().map(|r| r.ended_at).collect();
+        let stmt = tx
+            .prepare_cached(
+                "UPDATE runs r SET status = u.status, ended_at = u.ended_at, version = r.version + 1
+                 FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) AS u(id, status, ended_at)
+                 WHERE r.id = u.id",
+            )
+            .await?;
+        tx.execute(&stmt, &[&ids, &statuses, &ended]).await?;
+    }
+    if !batch.attempts_started.is_empty() {
+        let a = &batch.attempts_started;
+        let run_ids: Vec<Uuid> = a.iter().map(|x| x.run_id).collect();
+        let idx: Vec<i32> = a.iter().map(|x| x.idx).collect();
+        let attempt: Vec<i32> = a.iter().map(|x| x.attempt).collect();
+        let task_ids: Vec<Uuid> = a.iter().map(|x| x.task_id).collect();
+        let at: Vec<DateTime<Utc>> = a.iter().map(|x| x.dispatched_at).collect();
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO attempts (run_id, idx, attempt, task_id, status, dispatched_at)
+                 SELECT run_id, idx, attempt, task_id, 'dispatched', at
+                 FROM unnest($1::uuid[], $2::int4[], $3::int4[], $4::uuid[], $5::timestamptz[])
+                      AS u(run_id, idx, attempt, task_id, at)",
+            )
+            .await?;
+        tx.execute(&stmt, &[&run_ids, &idx, &attempt, &task_ids, &at]).await?;
+    }
+    if !batch.attempts_ended.is_empty() {
+        let a = &batch.attempts_ended;
+        let task_ids: Vec<Uuid> = a.iter().map(|x| x.task_id).collect();
+        let statuses: Vec<&str> = a.iter().map(|x| if x.success { "success" } else { "failure" }).collect();
+        let started: Vec<DateTime<Utc>> = a.iter().map(|x| x.started_at).collect();
+        let finished: Vec<DateTime<Utc>> = a.iter().map(|x| x.finished_at).collect();
+        let workers: Vec<&str> = a.iter().map(|x| x.worker.as_str()).collect();
+        let errors: Vec<Option<&str>> = a.iter().map(|x| x.error.as_deref()).collect();
+        let stmt = tx
+            .prepare_cached(
+                "UPDATE attempts a SET status = u.status, started_at = u.started_at,
+                        finished_at = u.finished_at, worker = u.worker, error = u.error
+                 FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+                             $5::text[], $6::text[])
+                      AS u(task_id, status, started_at, finished_at, worker, error)
+                 WHERE a.task_id = u.task_id",
+            )
+            .await?;
+        tx.execute(&stmt, &[&task_ids, &statuses, &started, &finished, &workers, &errors])
+            .await?;
+    }
+    crate::outbox::insert(tx, &batch.outbox).await?;
+    Ok(())
+}
+
+/// Steps whose retry is due at `now`: (run id, step index, the attempt that failed).
+pub async fn due_wakeups(
+    client: &impl GenericClient,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<(Uuid, i32, i32)>, Error> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT run_id, idx, attempt FROM steps WHERE wake_at <= $1 ORDER BY wake_at LIMIT $2",
+        )
+        .await?;
+    Ok(client
+        .query(&stmt, &[&now, &limit])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// The earliest pending retry, if any.
+pub async fn next_wakeup(client: &impl GenericClient) -> Result<Option<DateTime<Utc>>, Error> {
+    let stmt = client
+        .prepare_cached("SELECT min(wake_at) FROM steps WHERE wake_at IS NOT NULL")
+        .await?;
+    Ok(client.query_one(&stmt, &[]).await?.get(0))
+}

@@ -1,0 +1,40 @@
+//! Numbered migrations, applied in order under an advisory lock so that several coordinators
+//! starting together apply each one once.
+
+use crate::Error;
+
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+
+/// Any fixed number works; it only has to be the same in every coordinator.
+const LOCK_KEY: i64 = 0x666c_6f74_696c_6c61;
+
+pub(crate) async fn run(client: &mut deadpool_postgres::Object) -> Result<(), Error> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]).await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version integer PRIMARY KEY,
+            applied_at timestamptz NOT NULL DEFAULT now()
+        )",
+    )
+    .await?;
+    let applied: Vec<i32> = tx
+        .query("SELECT version FROM schema_migrations", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for &(version, sql) in MIGRATIONS {
+        if applied.contains(&version) {
+            continue;
+        }
+        tx.batch_execute(sql)
+            .await
+            .map_err(|source| Error::Migration { version, source })?;
+        tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[&version])
+            .await?;
+        tracing::info!(version, "applied migration");
+    }
+    tx.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! Read-only views of runs for the API.
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::Error;
+
+/// A run's row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRecord {
+    pub id: Uuid,
+    pub name: String,
+    pub status: String,
+    pub params: Value,
+    pub created_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+/// A step's row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRecord {
+    pub step_id: String,
+    pub agent: String,
+    pub action: String,
+    pub status: String,
+    pub attempt: i32,
+    pub wake_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+}
+
+fn run_record(r: &tokio_postgres::Row) -> RunRecord {
+    RunRecord {
+        id: r.get(0),
+        name: r.get(1),
+        status: r.get(2),
+        params: r.get(3),
+        created_at: r.get(4),
+        ended_at: r.get(5),
+    }
+}
+
+/// A run and its steps in plan order.
+pub async fn run(client: &impl GenericClient, id: Uuid) -> Result<Option<(RunRecord, Vec<StepRecord>)>, Error> {
+    let run_stmt = client
+        .prepare_cached("SELECT id, name, status, params, created_at, ended_at FROM runs WHERE id = $1")
+        .await?;
+    let Some(run) = client.query_opt(&run_stmt, &[&id]).await? else {
+        return Ok(None);
+    };
+    let steps_stmt = client
+        .prepare_cached(
+            "SELECT step_id, agent, action, status, attempt, wake_at, started_at, ended_at, output, error
+             FROM steps WHERE run_id = $1 ORDER BY idx",
+        )
+        .await?;
+    let steps = client
+        .query(&steps_stmt, &[&id])
+        .await?
+        .iter()
+        .map(|r| StepRecord {
+            step_id: r.get(0),
+            agent: r.get(1),
+            action: r.get(2),
+            status: r.get(3),
+            attempt: r.get(4),
+            wake_at: r.get(5),
+            started_at: r.get(6),
+            ended_at: r.get(7),
+            output: r.get(8),
+            error: r.get(9),
+        })
+        .collect();
+    Ok(Some((run_record(&run), steps)))
+}
+
+/// Where a page of runs starts: after the run with this creation time and id.
+pub type Cursor = (DateTime<Utc>, Uuid);
+
+/// Runs, newest first, optionally of one status, after `cursor`.
+pub async fn list_runs(
+    client: &impl GenericClient,
+    status: Option<&str>,
+    limit: i64,
+    cursor: Option<Cursor>,
+) -> Result<Vec<RunRecord>, Error> {
+    let (after_time, after_id) = match cursor {
+        Some((t, id)) => (Some(t), Some(id)),
+        None => (None, None),
+    };
+    let stmt = client
+        .prepare_cached(
+            "SELECT id, name, status, params, created_at, ended_at FROM runs
+             WHERE ($1::text IS NULL OR status = $1)
+               AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+             ORDER BY created_at DESC, id DESC LIMIT $4",
+        )
+        .await?;
+    Ok(client
+        .query(&stmt, &[&status, &after_time, &after_id, &limit])
+        .await?
+        .iter()
+        .map(run_record)
+        .collect())
+}

@@ -1,0 +1,200 @@
+//! The API's backend: reads from Postgres, submissions through the engine.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use flotilla_api::{Backend, BackendError, Submission};
+use flotilla_api_model::{DefinitionSummary, Metrics, RunPage, RunQuery, RunSummary, StepResult, WorkflowResult};
+use flotilla_core::Definition;
+use flotilla_engine::{EngineHandle, NewRun};
+use flotilla_store::queries::{self, Cursor, RunRecord, StepRecord};
+use flotilla_store::{Store, definitions};
+use serde_json::Value;
+use uuid::Uuid;
+
+pub struct CoordinatorBackend {
+    pub store: Store,
+    pub engine: EngineHandle,
+}
+
+fn store_error(e: flotilla_store::Error) -> BackendError {
+    if e.is_unavailable() {
+        BackendError::Unavailable(format!("Postgres is unavailable: {e}"))
+    } else {
+        BackendError::Internal(e.to_string())
+    }
+}
+
+fn millis_between(start: DateTime<Utc>, end: Option<DateTime<Utc>>) -> Option<u64> {
+    end.map(|e| u64::try_from((e - start).num_milliseconds()).unwrap_or(0))
+}
+
+/// The API's step status: retries waiting show as `pending`, steps skipped for a failed
+/// dependency as `skipped` (their error says why).
+fn api_step_status(stored: &str) -> &str {
+    match stored {
+        "waiting" => "pending",
+        "upstream_failed" => "skipped",
+        other => other,
+    }
+}
+
+fn workflow_result(run: RunRecord, steps: Vec<StepRecord>) -> WorkflowResult {
+    let mut metrics = Metrics {
+        total_steps: steps.len(),
+        successful_steps: 0,
+        failed_steps: 0,
+        skipped_steps: 0,
+    };
+    let steps = steps
+        .into_iter()
+        .map(|s| {
+            let status = api_step_status(&s.status).to_string();
+            match status.as_str() {
+                "success" => metrics.successful_steps += 1,
+                "failure" => metrics.failed_steps += 1,
+                "skipped" => metrics.skipped_steps += 1,
+                _ => {}
+            }
+            StepResult {
+                step_id: s.step_id,
+                agent: s.agent,
+                action: s.action,
+                status,
+                attempts: u32::try_from(s.attempt).unwrap_or(0),
+                start_time: s.started_at,
+                end_time: s.ended_at,
+                output: s.output,
+                error: s.error,
+                next_attempt_at: s.wake_at,
+            }
+        })
+        .collect();
+    WorkflowResult {
+        workflow_id: run.id,
+        name: run.name,
+        status: run.status,
+        start_time: run.created_at,
+        end_time: run.ended_at,
+        duration: millis_between(run.created_at, run.ended_at),
+        params: match run.params {
+            Value::Object(map) => map,
+            _ => Default::default(),
+        },
+        steps,
+        metrics,
+    }
+}
+
+fn encode_cursor(run: &RunRecord) -> String {
+    format!("{}_{}", run.created_at.timestamp_micros(), run.id)
+}
+
+fn decode_cursor(text: &str) -> Result<Cursor, BackendError> {
+    let bad = || BackendError::Invalid(format!("cursor `{text}` is not one this API gave out"));
+    let (micros, id) = text.split_once('_').ok_or_else(bad)?;
+    let at = DateTime::from_timestamp_micros(micros.parse().map_err(|_| bad())?).ok_or_else(bad)?;
+    Ok((at, id.parse::<Uuid>().map_err(|_| bad())?))
+}
+
+fn summary(r: definitions::Registered) -> DefinitionSummary {
+    DefinitionSummary {
+        name: r.name,
+        version: r.version,
+        revision: i64::from(r.revision),
+        description: r.description,
+        steps: usize::try_from(r.steps).unwrap_or(0),
+        hash: r.hash,
+        created_at: r.created_at,
+    }
+}
+
+impl Backend for CoordinatorBackend {
+    async fn submit(&self, submission: Submission) -> Result<Uuid, BackendError> {
+        self.engine
+            .submit(NewRun {
+                definition: submission.definition,
+                plan: Arc::new(submission.plan),
+                params: submission.params,
+            })
+            .await
+            .map_err(|e| {
+                if e.is_unavailable() {
+                    BackendError::Unavailable(e.to_string())
+                } else {
+                    BackendError::Internal(e.to_string())
+                }
+            })
+    }
+
+    async fn run(&self, id: Uuid) -> Result<Option<WorkflowResult>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let found = queries::run(&client, id).await.map_err(store_error)?;
+        Ok(found.map(|(run, steps)| workflow_result(run, steps)))
+    }
+
+    async fn runs(&self, query: RunQuery) -> Result<RunPage, BackendError> {
+        let cursor = query.cursor.as_deref().map(decode_cursor).transpose()?;
+        let limit = i64::from(query.limit.unwrap_or(50));
+        let client = self.store.client().await.map_err(store_error)?;
+        let rows = queries::list_runs(&client, query.status.as_deref(), limit, cursor)
+            .await
+            .map_err(store_error)?;
+        let next_cursor = (rows.len() as i64 == limit).then(|| rows.last().map(encode_cursor)).flatten();
+        Ok(RunPage {
+            workflows: rows
+                .into_iter()
+                .map(|r| RunSummary {
+                    workflow_id: r.id,
+                    duration: millis_between(r.created_at, r.ended_at),
+                    name: r.name,
+                    status: r.status,
+                    start_time: r.created_at,
+                    end_time: r.ended_at,
+                })
+                .collect(),
+            next_cursor,
+        })
+    }
+
+    async fn register_definition(&self, definition: Definition) -> Result<DefinitionSummary, BackendError> {
+        let mut client = self.store.client().await.map_err(store_error)?;
+        let registered = definitions::register(&mut client, &definition).await.map_err(store_error)?;
+        Ok(summary(registered))
+    }
+
+    async fn definitions(&self) -> Result<Vec<DefinitionSummary>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let list = definitions::list(&client).await.map_err(store_error)?;
+        Ok(list.into_iter().map(summary).collect())
+    }
+
+    async fn definition(&self, name: &str) -> Result<Option<Definition>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let Some((_, body)) = definitions::latest(&client, name).await.map_err(store_error)? else {
+            return Ok(None);
+        };
+        Definition::from_value(body)
+            .map(Some)
+            .map_err(|e| BackendError::Internal(format!("stored definition `{name}` is unreadable: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let run = RunRecord {
+            id: Uuid::now_v7(),
+            name: "n".into(),
+            status: "running".into(),
+            params: Value::Null,
+            created_at: DateTime::from_timestamp_micros(1_800_000_000_123_456).unwrap(),
+            ended_at: None,
+        };
+        assert_eq!(decode_cursor(&encode_cursor(&run)).unwrap(), (run.created_at, run.id));
+        assert!(matches!(decode_cursor("yesterday"), Err(BackendError::Invalid(_))));
+    }
+}

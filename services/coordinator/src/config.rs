@@ -1,0 +1,86 @@
+//! The coordinator's configuration: defaults, overridden by environment variables, overridden by
+//! flags.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Configuration of `flotilla-coordinator`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "flotilla-coordinator", version, about = "The Flotilla coordinator: HTTP API, scheduler and outbox relay")]
+pub struct Config {
+    /// Postgres URL; the database is created if it does not exist.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/flotilla")]
+    pub database_url: String,
+
+    /// RabbitMQ URL.
+    #[arg(long, env = "AMQP_URL", default_value = flotilla_broker::DEFAULT_URL)]
+    pub amqp_url: String,
+
+    /// HTTP port of the API.
+    #[arg(long, env = "PORT", default_value_t = 3020)]
+    pub port: u16,
+
+    /// Address the API listens on; loopback unless told otherwise.
+    #[arg(long, env = "FLOTILLA_BIND", default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+
+    /// Prefix of every queue name; fleets sharing a broker use different prefixes.
+    #[arg(long, env = "FLOTILLA_QUEUE_PREFIX", default_value = "flotilla")]
+    pub queue_prefix: String,
+
+    /// Postgres connections in the pool.
+    #[arg(long, env = "FLOTILLA_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: usize,
+
+    /// Most inputs (results, submissions, retries) recorded in one transaction.
+    #[arg(long, env = "FLOTILLA_MAX_BATCH", default_value_t = 512)]
+    pub max_batch: usize,
+
+    /// Unacknowledged results the coordinator may hold at once.
+    #[arg(long, env = "FLOTILLA_RESULTS_PREFETCH", default_value_t = 1000)]
+    pub results_prefetch: u16,
+
+    /// Deliveries of a task before RabbitMQ dead-letters it.
+    #[arg(long, env = "FLOTILLA_DELIVERY_LIMIT", default_value_t = 5)]
+    pub delivery_limit: u32,
+
+    /// Largest request body the API accepts, in bytes.
+    #[arg(long, env = "FLOTILLA_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Seconds a shutdown waits for work in progress.
+    #[arg(long, env = "FLOTILLA_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+
+    /// Print the effective configuration (passwords hidden) and exit.
+    #[arg(long)]
+    pub dump_config: bool,
+}
+
+impl Config {
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// The effective configuration as `KEY=value` lines, passwords hidden.
+    pub fn dump(&self) -> String {
+        [
+            ("DATABASE_URL", flotilla_store::redact_url(&self.database_url)),
+            ("AMQP_URL", flotilla_broker::redact_url(&self.amqp_url)),
+            ("PORT", self.port.to_string()),
+            ("FLOTILLA_BIND", self.bind.to_string()),
+            ("FLOTILLA_QUEUE_PREFIX", self.queue_prefix.clone()),
+            ("FLOTILLA_DB_POOL_SIZE", self.db_pool_size.to_string()),
+            ("FLOTILLA_MAX_BATCH", self.max_batch.to_string()),
+            ("FLOTILLA_RESULTS_PREFETCH", self.results_prefetch.to_string()),
+            ("FLOTILLA_DELIVERY_LIMIT", self.delivery_limit.to_string()),
+            ("FLOTILLA_MAX_BODY_BYTES", self.max_body_bytes.to_string()),
+            ("FLOTILLA_SHUTDOWN_GRACE_SECS", self.shutdown_grace_secs.to_string()),
+        ]
+        .iter()
+        .map(|(k, v)| format!("{k}={v}\n"))
+        .collect()
+    }
+}

@@ -1,0 +1,138 @@
+//! The Flotilla coordinator service: wires the store, the engine, the outbox relay, the retry
+//! timer, the results consumer, the notify agent and the HTTP API together, and shuts them down
+//! in order.
+
+mod backend;
+pub mod config;
+mod notify;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use flotilla_broker::BrokerConfig;
+use flotilla_core::plan::{NOTIFY_ACTION, NOTIFY_AGENT};
+use flotilla_engine::relay::{Relay, RelayConfig};
+use flotilla_engine::{Engine, EngineConfig};
+use flotilla_store::{Store, StoreConfig};
+use flotilla_worker::{Worker, WorkerConfig};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// How often the retry timer looks for retries scheduled by other coordinators.
+const TIMER_POLL: Duration = Duration::from_secs(1);
+
+/// Runs the coordinator on `listener` until `shutdown` is cancelled, then drains: the API stops
+/// taking requests, results stop being consumed, the engine records what it holds, and the relay
+/// publishes what the engine committed.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let store = Store::open(&StoreConfig {
+        url: config.database_url.clone(),
+        pool_size: config.db_pool_size,
+        connect_timeout: Duration::from_secs(10),
+    })
+    .await?;
+    let broker = BrokerConfig {
+        url: config.amqp_url.clone(),
+        prefix: config.queue_prefix.clone(),
+        delivery_limit: config.delivery_limit,
+        ..BrokerConfig::default()
+    };
+    let names = broker.queue_names();
+    let connection = flotilla_broker::connect(&broker, "flotilla-coordinator").await?;
+    {
+        let channel = connection.open_channel().await?;
+        flotilla_broker::declare_topology(&channel, &names, &[NOTIFY_AGENT.to_string()], broker.delivery_limit).await?;
+        channel.close().await?;
+    }
+
+    let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
+    let (wake_tx, wake_rx) = mpsc::unbounded_channel();
+    let (engine, handle) = Engine::new(
+        store.clone(),
+        EngineConfig {
+            names: names.clone(),
+            max_batch: config.max_batch,
+            ..EngineConfig::default()
+        },
+        outbox_tx,
+        wake_tx,
+    );
+    let relay = Relay::new(
+        store.clone(),
+        RelayConfig {
+            broker: broker.clone(),
+            sweep_interval: Duration::from_secs(5),
+            sweep_after: Duration::from_secs(10),
+        },
+    );
+
+    // The engine stops after its inputs are drained; everything feeding it stops first.
+    let intake = shutdown.child_token();
+    let engine_task = tokio::spawn(engine.run(shutdown.clone()));
+    let relay_task = tokio::spawn(relay.run(outbox_rx));
+    let timer_task = tokio::spawn(flotilla_engine::timer::run(store.clone(), handle.clone(), wake_rx, TIMER_POLL, intake.clone()));
+    let results_task = {
+        let (connection, names, handle, intake) = (connection.clone(), names.clone(), handle.clone(), intake.clone());
+        let prefetch = config.results_prefetch;
+        tokio::spawn(async move { flotilla_engine::results::run(&connection, &names, handle, prefetch, intake).await })
+    };
+    let notify_task = {
+        let http = reqwest::Client::builder()
+            .build()
+            .context("cannot build the HTTP client for notifications")?;
+        let worker = Worker::builder(WorkerConfig {
+            amqp_url: config.amqp_url.clone(),
+            prefix: config.queue_prefix.clone(),
+            concurrency: 8,
+            worker_id: None,
+            shutdown_grace: config.shutdown_grace(),
+            ..WorkerConfig::default()
+        })
+        .agent(NOTIFY_AGENT)
+        .action(NOTIFY_ACTION, move |ctx| notify::handle(http.clone(), ctx))
+        .delivery_limit(config.delivery_limit)
+        .build();
+        tokio::spawn(worker.run(intake.clone()))
+    };
+
+    let backend = Arc::new(backend::CoordinatorBackend {
+        store: store.clone(),
+        engine: handle,
+    });
+    let app = flotilla_api::router(
+        backend,
+        flotilla_api::Limits {
+            max_body_bytes: config.max_body_bytes,
+        },
+    );
+    let address = listener.local_addr()?;
+    tracing::info!(%address, database = %flotilla_store::redact_url(&config.database_url), broker = %broker.redacted_url(), prefix = %names.prefix(), "coordinator ready");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .context("the HTTP server failed")?;
+
+    tracing::info!("shutting down");
+    intake.cancel();
+    let consumer = results_task.await?;
+    let _ = timer_task.await;
+    match notify_task.await? {
+        Ok(()) => {}
+        Err(e) => tracing::warn!(error = %e, "notify agent stopped with an error"),
+    }
+    engine_task.await?;
+    relay_task.await?;
+    match consumer {
+        Ok(consumer) => {
+            let _ = consumer.close().await;
+        }
+        Err(e) => tracing::warn!(error = %e, "results consumer stopped with an error"),
+    }
+    connection.close().await?;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}
