@@ -59,6 +59,8 @@ pub struct Plan {
     /// Default run params.
     pub params: Map<String, Value>,
     pub nodes: Vec<Node>,
+    /// Node index by id; results name their step by id, and a plan may have many nodes.
+    index: HashMap<String, usize>,
 }
 
 /// Why a definition is not a valid workflow: every fault found, each naming its place.
@@ -179,6 +181,7 @@ impl Plan {
                 version: def.version.clone(),
                 params: def.params.clone(),
                 nodes,
+                index,
             })
         } else {
             Err(PlanError {
@@ -190,7 +193,7 @@ impl Plan {
 
     /// The index of the node with this id.
     pub fn node_index(&self, id: &str) -> Option<usize> {
-        self.nodes.iter().position(|n| n.id == id)
+        self.index.get(id).copied()
     }
 
     /// The distinct agents the plan calls.

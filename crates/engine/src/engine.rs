@@ -9,9 +9,11 @@ use flotilla_broker::Delivery;
 use flotilla_core::scheduler::Transition;
 use flotilla_core::{Definition, Effect, Event, Outcome, Plan, RunState};
 use flotilla_proto::{PROTOCOL_VERSION, QueueNames, ResultStatus, Task, TaskResult};
-use flotilla_store::definitions::Content;
-use flotilla_store::engine::{self as db, AttemptEnd, AttemptStart, Batch, OutboxRow, RunUpdate, StepIdent, StepRow};
 use flotilla_store::Store;
+use flotilla_store::definitions::Content;
+use flotilla_store::engine::{
+    self as db, AttemptEnd, AttemptStart, Batch, OutboxRow, RunUpdate, StepIdent, StepRow,
+};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -68,12 +70,12 @@ pub struct NewRun {
 
 pub(crate) enum Input {
     Submit {
-        run: NewRun,
+        run: Box<NewRun>,
         reply: oneshot::Sender<Result<Uuid, Error>>,
     },
     Result {
-        result: TaskResult,
-        delivery: Delivery,
+        result: Box<TaskResult>,
+        delivery: Box<Delivery>,
     },
     /// Retries that are due; `done` is answered once they are handled, so the timer does not
     /// hand the same ones over twice.
@@ -103,7 +105,10 @@ impl EngineHandle {
     pub async fn submit(&self, run: NewRun) -> Result<Uuid, Error> {
         let (reply, answer) = oneshot::channel();
         self.inputs
-            .send(Input::Submit { run, reply })
+            .send(Input::Submit {
+                run: Box::new(run),
+                reply,
+            })
             .await
             .map_err(|_| Error::ShuttingDown)?;
         answer.await.map_err(|_| Error::ShuttingDown)?
@@ -117,7 +122,10 @@ impl EngineHandle {
     }
 
     pub(crate) async fn send(&self, input: Input) -> Result<(), Error> {
-        self.inputs.send(input).await.map_err(|_| Error::ShuttingDown)
+        self.inputs
+            .send(input)
+            .await
+            .map_err(|_| Error::ShuttingDown)
     }
 }
 
@@ -263,7 +271,10 @@ impl Engine {
     async fn transact(&mut self, inputs: &[Input], touched: &[Uuid]) -> Result<Committed, Error> {
         let now = Utc::now();
         let mut client = self.store.client().await?;
-        let tx = client.transaction().await.map_err(flotilla_store::Error::from)?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(flotilla_store::Error::from)?;
         let versions = db::lock_runs(&tx, touched).await?;
         let stale: Vec<Uuid> = versions
             .iter()
@@ -288,7 +299,15 @@ impl Engine {
                     let content = Content::of(&run.definition);
                     let mut state = RunState::new(id, &run.plan, run.params.clone());
                     let t = state.apply(&run.plan, Event::Start, now);
-                    effects(names, &run.plan, &state, &t, now, &mut batch, &mut wakes_due);
+                    effects(
+                        names,
+                        &run.plan,
+                        &state,
+                        &t,
+                        now,
+                        &mut batch,
+                        &mut wakes_due,
+                    );
                     batch.new_runs.push(db::NewRun {
                         id,
                         name: run.plan.name.clone(),
@@ -312,7 +331,9 @@ impl Engine {
                             },
                         ));
                     }
-                    self.plans.entry(content.hash.clone()).or_insert_with(|| run.plan.clone());
+                    self.plans
+                        .entry(content.hash.clone())
+                        .or_insert_with(|| run.plan.clone());
                     batch.definitions.push((content.hash, content.body));
                     submitted.insert(n, id);
                     new_runs.push((
@@ -344,18 +365,36 @@ impl Engine {
                     };
                     let t = cached.state.apply(&cached.plan, event, now);
                     record(&mut changes, result.run_id, &t);
-                    effects(names, &cached.plan, &cached.state, &t, now, &mut batch, &mut wakes_due);
+                    effects(
+                        names,
+                        &cached.plan,
+                        &cached.state,
+                        &t,
+                        now,
+                        &mut batch,
+                        &mut wakes_due,
+                    );
                 }
                 Input::Wakes { wakes, .. } => {
                     for wake in wakes {
-                        let Some(cached) = self.runs.get_mut(&wake.run_id) else { continue };
+                        let Some(cached) = self.runs.get_mut(&wake.run_id) else {
+                            continue;
+                        };
                         let event = Event::Wake {
                             step: wake.step,
                             attempt: wake.attempt,
                         };
                         let t = cached.state.apply(&cached.plan, event, now);
                         record(&mut changes, wake.run_id, &t);
-                        effects(names, &cached.plan, &cached.state, &t, now, &mut batch, &mut wakes_due);
+                        effects(
+                            names,
+                            &cached.plan,
+                            &cached.state,
+                            &t,
+                            now,
+                            &mut batch,
+                            &mut wakes_due,
+                        );
                     }
                 }
             }
@@ -407,7 +446,11 @@ impl Engine {
     }
 
     /// Loads runs whose cached state is missing or outdated.
-    async fn load(&mut self, client: &impl flotilla_store::GenericClient, ids: &[Uuid]) -> Result<(), Error> {
+    async fn load(
+        &mut self,
+        client: &impl flotilla_store::GenericClient,
+        ids: &[Uuid],
+    ) -> Result<(), Error> {
         let stored = db::load_runs(client, ids).await?;
         let missing: Vec<String> = stored
             .iter()
@@ -421,7 +464,9 @@ impl Engine {
                 let plan = Definition::from_value(body)
                     .map_err(|e| e.to_string())
                     .and_then(|d| Plan::compile(&d).map_err(|e| e.to_string()))
-                    .map_err(|e| flotilla_store::Error::Corrupt(format!("definition {hash}: {e}")))?;
+                    .map_err(|e| {
+                        flotilla_store::Error::Corrupt(format!("definition {hash}: {e}"))
+                    })?;
                 self.plans.insert(hash, Arc::new(plan));
             }
         }
@@ -436,7 +481,14 @@ impl Engine {
                 ))
                 .into());
             }
-            let state = RunState::restore(run.id, &plan, run.status, run.params, run.steps, run.ended_at);
+            let state = RunState::restore(
+                run.id,
+                &plan,
+                run.status,
+                run.params,
+                run.steps,
+                run.ended_at,
+            );
             self.runs.insert(
                 run.id,
                 CachedRun {
@@ -465,82 +517,89 @@ fn record(changes: &mut BTreeMap<Uuid, Vec<usize>>, run_id: Uuid, t: &Transition
 /// Turns a transition's effects into rows of the batch.
 #[allow(clippy::too_many_arguments)]
 fn effects(
-        names: &QueueNames,
-        plan: &Plan,
-        state: &RunState,
-        t: &Transition,
-        now: DateTime<Utc>,
-        batch: &mut Batch,
-        wakes: &mut Vec<DateTime<Utc>>,
-    ) {
-        for &i in &t.changed {
-            if let Some(at) = state.steps[i].wake_at {
-                wakes.push(at);
-            }
+    names: &QueueNames,
+    plan: &Plan,
+    state: &RunState,
+    t: &Transition,
+    now: DateTime<Utc>,
+    batch: &mut Batch,
+    wakes: &mut Vec<DateTime<Utc>>,
+) {
+    for &i in &t.changed {
+        if let Some(at) = state.steps[i].wake_at {
+            wakes.push(at);
         }
-        for effect in &t.effects {
-            match effect {
-                Effect::Dispatch { step, attempt, task_id } => {
-                    let node = &plan.nodes[*step];
-                    batch.attempts_started.push(AttemptStart {
-                        run_id: state.id,
-                        idx: *step as i32,
-                        attempt: *attempt as i32,
-                        task_id: *task_id,
-                        dispatched_at: now,
-                    });
-                    let task = Task {
-                        v: PROTOCOL_VERSION,
-                        task_id: *task_id,
-                        run_id: state.id,
-                        step_id: node.id.clone(),
-                        attempt: *attempt,
-                        agent: node.agent.clone(),
-                        action: node.action.clone(),
-                        idempotency_key: format!("{}:{}", state.id, node.id),
-                        params: node.params.clone(),
-                        run_params: state.params.clone(),
-                        inputs: state.inputs_for(plan, *step),
-                        dispatched_at: now,
-                    };
-                    batch.outbox.push(OutboxRow {
-                        id: *task_id,
-                        routing_key: names.agent(&node.agent),
-                        kind: "task".into(),
-                        correlation_id: Some(task_id.to_string()),
-                        reply_to: Some(names.results()),
-                        body: serde_json::to_vec(&task).expect("a task always serialises"),
-                        created_at: now,
-                    });
-                    tracing::debug!(run_id = %state.id, step_id = %node.id, attempt, "dispatch");
-                }
-                Effect::AttemptEnded {
-                    attempt: _,
-                    task_id,
-                    success,
-                    error,
-                    worker,
-                    started_at,
-                    finished_at,
-                    ..
-                } => batch.attempts_ended.push(AttemptEnd {
+    }
+    for effect in &t.effects {
+        match effect {
+            Effect::Dispatch {
+                step,
+                attempt,
+                task_id,
+            } => {
+                let node = &plan.nodes[*step];
+                batch.attempts_started.push(AttemptStart {
+                    run_id: state.id,
+                    idx: *step as i32,
+                    attempt: *attempt as i32,
                     task_id: *task_id,
-                    success: *success,
-                    started_at: *started_at,
-                    finished_at: *finished_at,
-                    worker: worker.clone(),
-                    error: error.clone(),
-                }),
-                Effect::Stale { step, attempt, reason } => {
-                    tracing::info!(run_id = %state.id, step_id = %plan.nodes.get(*step).map_or("?", |n| n.id.as_str()), attempt, reason, "stale result ignored");
-                }
-                Effect::RunEnded(status) => {
-                    tracing::info!(run_id = %state.id, workflow = %plan.name, status = status.as_str(), "run ended");
-                }
+                    dispatched_at: now,
+                });
+                let task = Task {
+                    v: PROTOCOL_VERSION,
+                    task_id: *task_id,
+                    run_id: state.id,
+                    step_id: node.id.clone(),
+                    attempt: *attempt,
+                    agent: node.agent.clone(),
+                    action: node.action.clone(),
+                    idempotency_key: format!("{}:{}", state.id, node.id),
+                    params: node.params.clone(),
+                    run_params: state.params.clone(),
+                    inputs: state.inputs_for(plan, *step),
+                    dispatched_at: now,
+                };
+                batch.outbox.push(OutboxRow {
+                    id: *task_id,
+                    routing_key: names.agent(&node.agent),
+                    kind: "task".into(),
+                    correlation_id: Some(task_id.to_string()),
+                    reply_to: Some(names.results()),
+                    body: serde_json::to_vec(&task).expect("a task always serialises"),
+                    created_at: now,
+                });
+                tracing::debug!(run_id = %state.id, step_id = %node.id, attempt, "dispatch");
+            }
+            Effect::AttemptEnded {
+                attempt: _,
+                task_id,
+                success,
+                error,
+                worker,
+                started_at,
+                finished_at,
+                ..
+            } => batch.attempts_ended.push(AttemptEnd {
+                task_id: *task_id,
+                success: *success,
+                started_at: *started_at,
+                finished_at: *finished_at,
+                worker: worker.clone(),
+                error: error.clone(),
+            }),
+            Effect::Stale {
+                step,
+                attempt,
+                reason,
+            } => {
+                tracing::info!(run_id = %state.id, step_id = %plan.nodes.get(*step).map_or("?", |n| n.id.as_str()), attempt, reason, "stale result ignored");
+            }
+            Effect::RunEnded(status) => {
+                tracing::info!(run_id = %state.id, workflow = %plan.name, status = status.as_str(), "run ended");
             }
         }
     }
-
+}
 
 struct Committed {
     outbox: Vec<OutboxRow>,
@@ -553,12 +612,13 @@ fn outcome_of(result: &TaskResult) -> Outcome {
     match result.status {
         ResultStatus::Success => Outcome::Success(result.output.clone().unwrap_or(Value::Null)),
         ResultStatus::Failure => {
-            let (message, retryable) = result
-                .error
-                .as_ref()
-                .map_or(("the worker reported a failure without a message".to_string(), true), |e| {
-                    (e.message.clone(), e.retryable)
-                });
+            let (message, retryable) = result.error.as_ref().map_or(
+                (
+                    "the worker reported a failure without a message".to_string(),
+                    true,
+                ),
+                |e| (e.message.clone(), e.retryable),
+            );
             Outcome::Failure { message, retryable }
         }
     }

@@ -92,7 +92,8 @@ impl Relay {
 
     /// Publishes messages left in the outbox by a relay that crashed or lost the broker.
     async fn sweep(&mut self) -> Result<(), flotilla_store::Error> {
-        let before = Utc::now() - chrono::Duration::from_std(self.config.sweep_after).unwrap_or_default();
+        let before =
+            Utc::now() - chrono::Duration::from_std(self.config.sweep_after).unwrap_or_default();
         loop {
             let mut client = self.store.client().await?;
             let tx = client.transaction().await?;
@@ -100,7 +101,10 @@ impl Relay {
             if rows.is_empty() {
                 return Ok(());
             }
-            tracing::info!(messages = rows.len(), "re-publishing messages left in the outbox");
+            tracing::info!(
+                messages = rows.len(),
+                "re-publishing messages left in the outbox"
+            );
             let confirmed = self.publish(&rows).await;
             outbox::delete(&tx, &confirmed).await?;
             tx.commit().await?;
@@ -129,18 +133,28 @@ impl Relay {
             if let Some(agent) = row.routing_key.strip_prefix(&agent_prefix)
                 && !link.declared.contains(agent)
             {
-                match flotilla_broker::declare_agent_queue(&link.channel, &names, agent, delivery_limit).await {
+                match flotilla_broker::declare_agent_queue(
+                    &link.channel,
+                    &names,
+                    agent,
+                    delivery_limit,
+                )
+                .await
+                {
                     Ok(()) => {
                         link.declared.insert(agent.to_string());
                     }
-                    Err(e) => tracing::warn!(error = %e, agent, "could not declare the agent queue"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, agent, "could not declare the agent queue")
+                    }
                 }
             }
         }
         let messages: Vec<OutgoingMessage> = rows
             .iter()
             .map(|r| {
-                let mut m = OutgoingMessage::new(r.routing_key.clone(), r.kind.clone(), r.body.clone());
+                let mut m =
+                    OutgoingMessage::new(r.routing_key.clone(), r.kind.clone(), r.body.clone());
                 m.correlation_id.clone_from(&r.correlation_id);
                 m.reply_to.clone_from(&r.reply_to);
                 m
@@ -166,11 +180,16 @@ impl Relay {
     }
 
     async fn link(&mut self) -> Result<&mut Link, flotilla_broker::Error> {
-        if self.link.as_ref().is_some_and(|l| !l.connection.is_connected()) {
+        if self
+            .link
+            .as_ref()
+            .is_some_and(|l| !l.connection.is_connected())
+        {
             self.link = None;
         }
         if self.link.is_none() {
-            let connection = flotilla_broker::connect(&self.config.broker, "flotilla-coordinator-relay").await?;
+            let connection =
+                flotilla_broker::connect(&self.config.broker, "flotilla-coordinator-relay").await?;
             let publisher = Publisher::new(&connection).await?;
             let channel = connection.open_channel().await?;
             self.link = Some(Link {

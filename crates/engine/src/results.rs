@@ -39,7 +39,14 @@ pub async fn run(
         };
         match serde_json::from_slice::<TaskResult>(&delivery.body) {
             Ok(result) => {
-                if engine.send(Input::Result { result, delivery }).await.is_err() {
+                if engine
+                    .send(Input::Result {
+                        result: Box::new(result),
+                        delivery: Box::new(delivery),
+                    })
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }

@@ -44,7 +44,9 @@ pub async fn run(
         match fire(&store, &engine).await {
             // A retry still due right after being handed over would make this loop spin; the
             // engine clears wake_at of every retry it handles, so this only guards against bugs.
-            Ok(after) => next = after.map(|at| at.max(Utc::now() + chrono::Duration::milliseconds(50))),
+            Ok(after) => {
+                next = after.map(|at| at.max(Utc::now() + chrono::Duration::milliseconds(50)))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "retry timer could not read due retries");
                 next = None;

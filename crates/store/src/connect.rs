@@ -36,7 +36,8 @@ fn unreachable(url: &str, err: impl std::fmt::Display) -> Error {
 }
 
 pub(crate) async fn pool(config: &StoreConfig) -> Result<Pool, Error> {
-    let mut pg = tokio_postgres::Config::from_str(&config.url).map_err(|e| Error::Config(e.to_string()))?;
+    let mut pg =
+        tokio_postgres::Config::from_str(&config.url).map_err(|e| Error::Config(e.to_string()))?;
     pg.connect_timeout(config.connect_timeout);
     if pg.get_application_name().is_none() {
         pg.application_name("flotilla");
@@ -74,10 +75,15 @@ async fn ensure_database(url: &str, pg: &tokio_postgres::Config) -> Result<(), E
     }
     let mut admin = pg.clone();
     admin.dbname("postgres");
-    let (client, conn) = admin.connect(NoTls).await.map_err(|e| unreachable(url, e))?;
+    let (client, conn) = admin
+        .connect(NoTls)
+        .await
+        .map_err(|e| unreachable(url, e))?;
     let driver = tokio::spawn(conn);
     let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-    let created = client.batch_execute(&format!("CREATE DATABASE {quoted}")).await;
+    let created = client
+        .batch_execute(&format!("CREATE DATABASE {quoted}"))
+        .await;
     drop(client);
     let _ = driver.await;
     match created {

@@ -56,12 +56,18 @@ fn registered(r: &tokio_postgres::Row) -> Registered {
 }
 
 /// Registers a definition under its name as the next revision.
-pub async fn register(client: &mut deadpool_postgres::Object, definition: &Definition) -> Result<Registered, Error> {
+pub async fn register(
+    client: &mut deadpool_postgres::Object,
+    definition: &Definition,
+) -> Result<Registered, Error> {
     let content = Content::of(definition);
     let tx = client.transaction().await?;
     // Serialise registrations of one name so revisions count up without gaps or clashes.
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&definition.name])
-        .await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        &[&definition.name],
+    )
+    .await?;
     tx.execute(
         "INSERT INTO definition_contents (hash, body) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING",
         &[&content.hash, &content.body],
@@ -76,7 +82,13 @@ pub async fn register(client: &mut deadpool_postgres::Object, definition: &Defin
                  FROM definitions WHERE name = $1
                  RETURNING {COLUMNS}"
             ),
-            &[&definition.name, &content.hash, &definition.version, &definition.description, &steps],
+            &[
+                &definition.name,
+                &content.hash,
+                &definition.version,
+                &definition.description,
+                &steps,
+            ],
         )
         .await?;
     tx.commit().await?;
@@ -84,7 +96,10 @@ pub async fn register(client: &mut deadpool_postgres::Object, definition: &Defin
 }
 
 /// The latest revision of a named definition, with its content.
-pub async fn latest(client: &impl GenericClient, name: &str) -> Result<Option<(Registered, Value)>, Error> {
+pub async fn latest(
+    client: &impl GenericClient,
+    name: &str,
+) -> Result<Option<(Registered, Value)>, Error> {
     let row = client
         .query_opt(
             "SELECT d.name, d.revision, d.hash, d.version, d.description, d.steps, d.created_at, c.body
@@ -100,7 +115,9 @@ pub async fn latest(client: &impl GenericClient, name: &str) -> Result<Option<(R
 pub async fn list(client: &impl GenericClient) -> Result<Vec<Registered>, Error> {
     let rows = client
         .query(
-            &format!("SELECT DISTINCT ON (name) {COLUMNS} FROM definitions ORDER BY name, revision DESC"),
+            &format!(
+                "SELECT DISTINCT ON (name) {COLUMNS} FROM definitions ORDER BY name, revision DESC"
+            ),
             &[],
         )
         .await?;

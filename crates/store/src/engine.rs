@@ -68,7 +68,11 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
                     .ok_or_else(|| Error::Corrupt(format!("run {id} has status `{status}`")))?,
                 params: match params {
                     Value::Object(map) => map,
-                    _ => return Err(Error::Corrupt(format!("run {id} has params that are not an object"))),
+                    _ => {
+                        return Err(Error::Corrupt(format!(
+                            "run {id} has params that are not an object"
+                        )));
+                    }
                 },
                 version: r.get(5),
                 created_at: r.get(6),
@@ -82,8 +86,9 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
         let status: String = r.get(1);
         let attempt: i32 = r.get(2);
         let step = StepState {
-            status: StepStatus::parse(&status)
-                .ok_or_else(|| Error::Corrupt(format!("a step of run {run_id} has status `{status}`")))?,
+            status: StepStatus::parse(&status).ok_or_else(|| {
+                Error::Corrupt(format!("a step of run {run_id} has status `{status}`"))
+            })?,
             attempt: u32::try_from(attempt).unwrap_or_default(),
             task_id: r.get(3),
             wake_at: r.get(4),
@@ -100,7 +105,10 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
 }
 
 /// Loads definition bodies by content hash.
-pub async fn load_definitions(client: &impl GenericClient, hashes: &[String]) -> Result<Vec<(String, Value)>, Error> {
+pub async fn load_definitions(
+    client: &impl GenericClient,
+    hashes: &[String],
+) -> Result<Vec<(String, Value)>, Error> {
     let stmt = client
         .prepare_cached("SELECT hash, body FROM definition_contents WHERE hash = ANY($1)")
         .await?;
@@ -230,7 +238,8 @@ impl StepColumns {
         self.run_id.push(row.run_id);
         self.idx.push(row.idx);
         self.status.push(s.status.as_str());
-        self.attempt.push(i32::try_from(s.attempt).unwrap_or(i32::MAX));
+        self.attempt
+            .push(i32::try_from(s.attempt).unwrap_or(i32::MAX));
         self.task_id.push(s.task_id);
         self.wake_at.push(s.wake_at);
         self.started_at.push(s.started_at);
@@ -244,8 +253,11 @@ impl StepColumns {
 /// `run_updates` (see [`lock_runs`]) and commits afterwards.
 pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> {
     if !batch.definitions.is_empty() {
-        let (hashes, bodies): (Vec<&str>, Vec<&Value>) =
-            batch.definitions.iter().map(|(h, b)| (h.as_str(), b)).unzip();
+        let (hashes, bodies): (Vec<&str>, Vec<&Value>) = batch
+            .definitions
+            .iter()
+            .map(|(h, b)| (h.as_str(), b))
+            .unzip();
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO definition_contents (hash, body)
@@ -260,7 +272,10 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
         let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
         let hashes: Vec<&str> = runs.iter().map(|r| r.definition_hash.as_str()).collect();
         let statuses: Vec<&str> = runs.iter().map(|r| r.status.as_str()).collect();
-        let params: Vec<Value> = runs.iter().map(|r| Value::Object(r.params.clone())).collect();
+        let params: Vec<Value> = runs
+            .iter()
+            .map(|r| Value::Object(r.params.clone()))
+            .collect();
         let created: Vec<DateTime<Utc>> = runs.iter().map(|r| r.created_at).collect();
         let ended: Vec<Option<DateTime<Utc>>> = runs.iter().map(|r| r.ended_at).collect();
         let stmt = tx
@@ -270,8 +285,11 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                                       $6::timestamptz[], $7::timestamptz[])",
             )
             .await?;
-        tx.execute(&stmt, &[&ids, &names, &hashes, &statuses, &params, &created, &ended])
-            .await?;
+        tx.execute(
+            &stmt,
+            &[&ids, &names, &hashes, &statuses, &params, &created, &ended],
+        )
+        .await?;
     }
     if !batch.new_steps.is_empty() {
         let mut cols = StepColumns::default();
@@ -350,8 +368,13 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
     }
     if !batch.run_updates.is_empty() {
         let ids: Vec<Uuid> = batch.run_updates.iter().map(|r| r.id).collect();
-        let statuses: Vec<&str> = batch.run_updates.iter().map(|r| r.status.as_str()).collect();
-        let ended: Vec<Option<DateTime<Utc>>> = batch.run_updates.iter().map(|r| r.ended_at).collect();
+        let statuses: Vec<&str> = batch
+            .run_updates
+            .iter()
+            .map(|r| r.status.as_str())
+            .collect();
+        let ended: Vec<Option<DateTime<Utc>>> =
+            batch.run_updates.iter().map(|r| r.ended_at).collect();
         let stmt = tx
             .prepare_cached(
                 "UPDATE runs r SET status = u.status, ended_at = u.ended_at, version = r.version + 1
@@ -376,12 +399,16 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                       AS u(run_id, idx, attempt, task_id, at)",
             )
             .await?;
-        tx.execute(&stmt, &[&run_ids, &idx, &attempt, &task_ids, &at]).await?;
+        tx.execute(&stmt, &[&run_ids, &idx, &attempt, &task_ids, &at])
+            .await?;
     }
     if !batch.attempts_ended.is_empty() {
         let a = &batch.attempts_ended;
         let task_ids: Vec<Uuid> = a.iter().map(|x| x.task_id).collect();
-        let statuses: Vec<&str> = a.iter().map(|x| if x.success { "success" } else { "failure" }).collect();
+        let statuses: Vec<&str> = a
+            .iter()
+            .map(|x| if x.success { "success" } else { "failure" })
+            .collect();
         let started: Vec<DateTime<Utc>> = a.iter().map(|x| x.started_at).collect();
         let finished: Vec<DateTime<Utc>> = a.iter().map(|x| x.finished_at).collect();
         let workers: Vec<&str> = a.iter().map(|x| x.worker.as_str()).collect();
@@ -396,8 +423,11 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                  WHERE a.task_id = u.task_id",
             )
             .await?;
-        tx.execute(&stmt, &[&task_ids, &statuses, &started, &finished, &workers, &errors])
-            .await?;
+        tx.execute(
+            &stmt,
+            &[&task_ids, &statuses, &started, &finished, &workers, &errors],
+        )
+        .await?;
     }
     crate::outbox::insert(tx, &batch.outbox).await?;
     Ok(())

@@ -10,7 +10,8 @@ const LOCK_KEY: i64 = 0x666c_6f74_696c_6c61;
 
 pub(crate) async fn run(client: &mut deadpool_postgres::Object) -> Result<(), Error> {
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]).await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
+        .await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
             version integer PRIMARY KEY,
@@ -31,8 +32,11 @@ pub(crate) async fn run(client: &mut deadpool_postgres::Object) -> Result<(), Er
         tx.batch_execute(sql)
             .await
             .map_err(|source| Error::Migration { version, source })?;
-        tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[&version])
-            .await?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version) VALUES ($1)",
+            &[&version],
+        )
+        .await?;
         tracing::info!(version, "applied migration");
     }
     tx.commit().await?;

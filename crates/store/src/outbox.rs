@@ -26,8 +26,11 @@ pub(crate) async fn insert(tx: &impl GenericClient, rows: &[OutboxRow]) -> Resul
                                   $6::bytea[], $7::timestamptz[])",
         )
         .await?;
-    tx.execute(&stmt, &[&ids, &keys, &kinds, &corr, &reply, &bodies, &created])
-        .await?;
+    tx.execute(
+        &stmt,
+        &[&ids, &keys, &kinds, &corr, &reply, &bodies, &created],
+    )
+    .await?;
     Ok(())
 }
 

@@ -45,9 +45,14 @@ fn run_record(r: &tokio_postgres::Row) -> RunRecord {
 }
 
 /// A run and its steps in plan order.
-pub async fn run(client: &impl GenericClient, id: Uuid) -> Result<Option<(RunRecord, Vec<StepRecord>)>, Error> {
+pub async fn run(
+    client: &impl GenericClient,
+    id: Uuid,
+) -> Result<Option<(RunRecord, Vec<StepRecord>)>, Error> {
     let run_stmt = client
-        .prepare_cached("SELECT id, name, status, params, created_at, ended_at FROM runs WHERE id = $1")
+        .prepare_cached(
+            "SELECT id, name, status, params, created_at, ended_at FROM runs WHERE id = $1",
+        )
         .await?;
     let Some(run) = client.query_opt(&run_stmt, &[&id]).await? else {
         return Ok(None);

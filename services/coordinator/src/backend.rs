@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use flotilla_api::{Backend, BackendError, Submission};
-use flotilla_api_model::{DefinitionSummary, Metrics, RunPage, RunQuery, RunSummary, StepResult, WorkflowResult};
+use flotilla_api_model::{
+    DefinitionSummary, Metrics, RunPage, RunQuery, RunSummary, StepResult, WorkflowResult,
+};
 use flotilla_core::Definition;
 use flotilla_engine::{EngineHandle, NewRun};
 use flotilla_store::queries::{self, Cursor, RunRecord, StepRecord};
@@ -140,7 +142,9 @@ impl Backend for CoordinatorBackend {
         let rows = queries::list_runs(&client, query.status.as_deref(), limit, cursor)
             .await
             .map_err(store_error)?;
-        let next_cursor = (rows.len() as i64 == limit).then(|| rows.last().map(encode_cursor)).flatten();
+        let next_cursor = (rows.len() as i64 == limit)
+            .then(|| rows.last().map(encode_cursor))
+            .flatten();
         Ok(RunPage {
             workflows: rows
                 .into_iter()
@@ -157,9 +161,14 @@ impl Backend for CoordinatorBackend {
         })
     }
 
-    async fn register_definition(&self, definition: Definition) -> Result<DefinitionSummary, BackendError> {
+    async fn register_definition(
+        &self,
+        definition: Definition,
+    ) -> Result<DefinitionSummary, BackendError> {
         let mut client = self.store.client().await.map_err(store_error)?;
-        let registered = definitions::register(&mut client, &definition).await.map_err(store_error)?;
+        let registered = definitions::register(&mut client, &definition)
+            .await
+            .map_err(store_error)?;
         Ok(summary(registered))
     }
 
@@ -171,12 +180,15 @@ impl Backend for CoordinatorBackend {
 
     async fn definition(&self, name: &str) -> Result<Option<Definition>, BackendError> {
         let client = self.store.client().await.map_err(store_error)?;
-        let Some((_, body)) = definitions::latest(&client, name).await.map_err(store_error)? else {
+        let Some((_, body)) = definitions::latest(&client, name)
+            .await
+            .map_err(store_error)?
+        else {
             return Ok(None);
         };
-        Definition::from_value(body)
-            .map(Some)
-            .map_err(|e| BackendError::Internal(format!("stored definition `{name}` is unreadable: {e}")))
+        Definition::from_value(body).map(Some).map_err(|e| {
+            BackendError::Internal(format!("stored definition `{name}` is unreadable: {e}"))
+        })
     }
 }
 
@@ -194,7 +206,13 @@ mod tests {
             created_at: DateTime::from_timestamp_micros(1_800_000_000_123_456).unwrap(),
             ended_at: None,
         };
-        assert_eq!(decode_cursor(&encode_cursor(&run)).unwrap(), (run.created_at, run.id));
-        assert!(matches!(decode_cursor("yesterday"), Err(BackendError::Invalid(_))));
+        assert_eq!(
+            decode_cursor(&encode_cursor(&run)).unwrap(),
+            (run.created_at, run.id)
+        );
+        assert!(matches!(
+            decode_cursor("yesterday"),
+            Err(BackendError::Invalid(_))
+        ));
     }
 }

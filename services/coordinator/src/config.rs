@@ -8,10 +8,18 @@ use clap::Parser;
 
 /// Configuration of `flotilla-coordinator`.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "flotilla-coordinator", version, about = "The Flotilla coordinator: HTTP API, scheduler and outbox relay")]
+#[command(
+    name = "flotilla-coordinator",
+    version,
+    about = "The Flotilla coordinator: HTTP API, scheduler and outbox relay"
+)]
 pub struct Config {
     /// Postgres URL; the database is created if it does not exist.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/flotilla")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/flotilla"
+    )]
     pub database_url: String,
 
     /// RabbitMQ URL.
@@ -67,17 +75,26 @@ impl Config {
     /// The effective configuration as `KEY=value` lines, passwords hidden.
     pub fn dump(&self) -> String {
         [
-            ("DATABASE_URL", flotilla_store::redact_url(&self.database_url)),
+            (
+                "DATABASE_URL",
+                flotilla_store::redact_url(&self.database_url),
+            ),
             ("AMQP_URL", flotilla_broker::redact_url(&self.amqp_url)),
             ("PORT", self.port.to_string()),
             ("FLOTILLA_BIND", self.bind.to_string()),
             ("FLOTILLA_QUEUE_PREFIX", self.queue_prefix.clone()),
             ("FLOTILLA_DB_POOL_SIZE", self.db_pool_size.to_string()),
             ("FLOTILLA_MAX_BATCH", self.max_batch.to_string()),
-            ("FLOTILLA_RESULTS_PREFETCH", self.results_prefetch.to_string()),
+            (
+                "FLOTILLA_RESULTS_PREFETCH",
+                self.results_prefetch.to_string(),
+            ),
             ("FLOTILLA_DELIVERY_LIMIT", self.delivery_limit.to_string()),
             ("FLOTILLA_MAX_BODY_BYTES", self.max_body_bytes.to_string()),
-            ("FLOTILLA_SHUTDOWN_GRACE_SECS", self.shutdown_grace_secs.to_string()),
+            (
+                "FLOTILLA_SHUTDOWN_GRACE_SECS",
+                self.shutdown_grace_secs.to_string(),
+            ),
         ]
         .iter()
         .map(|(k, v)| format!("{k}={v}\n"))

@@ -28,7 +28,11 @@ const TIMER_POLL: Duration = Duration::from_secs(1);
 /// Runs the coordinator on `listener` until `shutdown` is cancelled, then drains: the API stops
 /// taking requests, results stop being consumed, the engine records what it holds, and the relay
 /// publishes what the engine committed.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let store = Store::open(&StoreConfig {
         url: config.database_url.clone(),
         pool_size: config.db_pool_size,
@@ -45,7 +49,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let connection = flotilla_broker::connect(&broker, "flotilla-coordinator").await?;
     {
         let channel = connection.open_channel().await?;
-        flotilla_broker::declare_topology(&channel, &names, &[NOTIFY_AGENT.to_string()], broker.delivery_limit).await?;
+        flotilla_broker::declare_topology(
+            &channel,
+            &names,
+            &[NOTIFY_AGENT.to_string()],
+            broker.delivery_limit,
+        )
+        .await?;
         channel.close().await?;
     }
 
@@ -74,11 +84,24 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let intake = shutdown.child_token();
     let engine_task = tokio::spawn(engine.run(shutdown.clone()));
     let relay_task = tokio::spawn(relay.run(outbox_rx));
-    let timer_task = tokio::spawn(flotilla_engine::timer::run(store.clone(), handle.clone(), wake_rx, TIMER_POLL, intake.clone()));
+    let timer_task = tokio::spawn(flotilla_engine::timer::run(
+        store.clone(),
+        handle.clone(),
+        wake_rx,
+        TIMER_POLL,
+        intake.clone(),
+    ));
     let results_task = {
-        let (connection, names, handle, intake) = (connection.clone(), names.clone(), handle.clone(), intake.clone());
+        let (connection, names, handle, intake) = (
+            connection.clone(),
+            names.clone(),
+            handle.clone(),
+            intake.clone(),
+        );
         let prefetch = config.results_prefetch;
-        tokio::spawn(async move { flotilla_engine::results::run(&connection, &names, handle, prefetch, intake).await })
+        tokio::spawn(async move {
+            flotilla_engine::results::run(&connection, &names, handle, prefetch, intake).await
+        })
     };
     let notify_task = {
         let http = reqwest::Client::builder()

@@ -19,7 +19,10 @@ async fn main() -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(address).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("error: cannot listen on {}:{}: {e} (set PORT or --port to use another port)", config.bind, config.port);
+            eprintln!(
+                "error: cannot listen on {}:{}: {e} (set PORT or --port to use another port)",
+                config.bind, config.port
+            );
             return ExitCode::from(2);
         }
     };
@@ -37,7 +40,10 @@ async fn main() -> ExitCode {
 /// The first SIGTERM or Ctrl-C drains; a second one exits at once.
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return;
     };
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }

@@ -11,7 +11,13 @@ use serde_json::{Value, json};
 pub fn url_variable(channel: &str) -> String {
     let name: String = channel
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("FLOTILLA_NOTIFY_{name}_URL")
 }
@@ -52,14 +58,23 @@ pub async fn handle(http: reqwest::Client, ctx: TaskContext) -> Result<Value, Ha
         .json(&body)
         .send()
         .await
-        .map_err(|e| HandlerError::retryable(format!("notify: posting to channel `{channel}` failed: {}", e.without_url())))?;
+        .map_err(|e| {
+            HandlerError::retryable(format!(
+                "notify: posting to channel `{channel}` failed: {}",
+                e.without_url()
+            ))
+        })?;
     let status = response.status();
     if status.is_success() {
         Ok(json!({"channel": channel, "status": status.as_u16()}))
     } else if status.is_server_error() || status.as_u16() == 429 {
-        Err(HandlerError::retryable(format!("notify: the `{channel}` webhook answered {status}")))
+        Err(HandlerError::retryable(format!(
+            "notify: the `{channel}` webhook answered {status}"
+        )))
     } else {
-        Err(HandlerError::fatal(format!("notify: the `{channel}` webhook answered {status}")))
+        Err(HandlerError::fatal(format!(
+            "notify: the `{channel}` webhook answered {status}"
+        )))
     }
 }
 
@@ -68,6 +83,9 @@ mod tests {
     #[test]
     fn channel_names_map_to_variables() {
         assert_eq!(super::url_variable("slack"), "FLOTILLA_NOTIFY_SLACK_URL");
-        assert_eq!(super::url_variable("ops-team"), "FLOTILLA_NOTIFY_OPS_TEAM_URL");
+        assert_eq!(
+            super::url_variable("ops-team"),
+            "FLOTILLA_NOTIFY_OPS_TEAM_URL"
+        );
     }
 }

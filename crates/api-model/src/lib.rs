@@ -1,0 +1,422 @@
+//! JSON models of the Flotilla HTTP API, shared by the server (`flotilla-api`) and the CLI.
+//!
+//! Field names are camelCase on the wire. Optional fields are left out of the JSON when unset,
+//! and read as unset when absent, so either side may be the older one as long as a field is only
+//! ever added as optional.
+//!
+//! Request bodies refuse unknown fields: a misspelt `param` or a `version` pin that this server
+//! does not honour yet must be an error, not silently ignored. Responses accept unknown fields so
+//! that an older CLI can read a newer server.
+//!
+//! **Architecture invariant:** this crate holds data shapes only — no HTTP client or server, no
+//! domain logic. Status values are plain strings so that a client keeps working when the server
+//! learns a new status.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// `POST /api/workflows/execute`: start a run. Exactly one of `workflow`, `definition` and `yaml`
+/// names what to run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExecuteRequest {
+    /// The name of a registered definition; its latest revision runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    /// A definition given inline as a JSON object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<Value>,
+    /// A definition given inline as YAML (or JSON) text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yaml: Option<String>,
+    /// Run params; each overrides the definition's default of the same name.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub params: Map<String, Value>,
+}
+
+/// The answer to [`ExecuteRequest`]: the run was accepted and will proceed in the background.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecuteResponse {
+    pub workflow_id: Uuid,
+}
+
+/// `GET /api/workflows/{id}`: a run and all its steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkflowResult {
+    pub workflow_id: Uuid,
+    /// The definition's name.
+    pub name: String,
+    /// `running`, `failing` (a step failed and the failure handlers are running), `success` or
+    /// `failure`.
+    pub status: String,
+    pub start_time: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<DateTime<Utc>>,
+    /// Milliseconds from start to end; set once the run has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<u64>,
+    /// The effective run params: the definition's defaults overlaid with those submitted.
+    #[serde(default)]
+    pub params: Map<String, Value>,
+    pub steps: Vec<StepResult>,
+    pub metrics: Metrics,
+}
+
+/// One step of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepResult {
+    pub step_id: String,
+    pub agent: String,
+    pub action: String,
+    /// `pending`, `running`, `success`, `failure` or `skipped`.
+    pub status: String,
+    /// Attempts dispatched so far.
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<DateTime<Utc>>,
+    /// What the agent returned on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// The last failure's message, or why the step was skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When the next attempt is due, while a failed attempt waits to be retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+/// Step counts of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Metrics {
+    pub total_steps: usize,
+    pub successful_steps: usize,
+    pub failed_steps: usize,
+    pub skipped_steps: usize,
+}
+
+/// A run as listed by `GET /api/workflows`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunSummary {
+    pub workflow_id: Uuid,
+    pub name: String,
+    /// As in [`WorkflowResult::status`].
+    pub status: String,
+    pub start_time: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<DateTime<Utc>>,
+    /// Milliseconds, once the run has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<u64>,
+}
+
+/// One page of runs, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunPage {
+    pub workflows: Vec<RunSummary>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// The query string of `GET /api/workflows`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunQuery {
+    /// Only runs with this status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// Page size: 50 when unset, at most 500.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// An opaque `nextCursor` from the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+/// `POST /api/definitions`: register a new revision of a definition. Exactly one of
+/// `definition` and `yaml` must be given.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegisterDefinitionRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yaml: Option<String>,
+}
+
+/// A registered definition revision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DefinitionSummary {
+    pub name: String,
+    /// The definition's own `version:` field, as its author wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// 1, 2, 3… per name: each registration of that name adds one.
+    pub revision: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Top-level steps of the definition.
+    pub steps: usize,
+    /// A content hash of the definition, to tell whether two revisions differ.
+    pub hash: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `GET /api/definitions`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DefinitionList {
+    pub definitions: Vec<DefinitionSummary>,
+}
+
+/// The body of every error response, whatever the route.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorDetail {
+    /// A stable snake_case word for programs to match on, e.g. `invalid_yaml`, `not_found`.
+    pub code: String,
+    /// The full explanation for people, e.g. every problem found in a definition.
+    pub message: String,
+    /// Structured context, e.g. `{"line": 3, "column": 5}` or `{"problems": [...]}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use chrono::TimeZone;
+    use serde::de::DeserializeOwned;
+    use serde_json::json;
+
+    use super::*;
+
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(value: &T) {
+        let text = serde_json::to_string(value).unwrap();
+        let back: T = serde_json::from_str(&text).unwrap();
+        assert_eq!(&back, value, "{text}");
+    }
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_750_000_000 + seconds, 0).unwrap()
+    }
+
+    fn finished_step() -> StepResult {
+        StepResult {
+            step_id: "scaffold".into(),
+            agent: "agent6".into(),
+            action: "scaffold_project".into(),
+            status: "failure".into(),
+            attempts: 3,
+            start_time: Some(at(0)),
+            end_time: Some(at(2)),
+            output: Some(json!({"files": 12})),
+            error: Some("template not found".into()),
+            next_attempt_at: Some(at(5)),
+        }
+    }
+
+    fn full_result() -> WorkflowResult {
+        WorkflowResult {
+            workflow_id: Uuid::from_u128(7),
+            name: "Complete Project Build".into(),
+            status: "failure".into(),
+            start_time: at(0),
+            end_time: Some(at(3)),
+            duration: Some(3000),
+            params: json!({"projectName": "my-app"})
+                .as_object()
+                .unwrap()
+                .clone(),
+            steps: vec![finished_step()],
+            metrics: Metrics {
+                total_steps: 1,
+                successful_steps: 0,
+                failed_steps: 1,
+                skipped_steps: 0,
+            },
+        }
+    }
+
+    fn keys(value: &Value) -> BTreeSet<&str> {
+        value
+            .as_object()
+            .expect("a JSON object")
+            .keys()
+            .map(String::as_str)
+            .collect()
+    }
+
+    #[test]
+    fn workflow_result_uses_the_spec_keys() {
+        let value = serde_json::to_value(full_result()).unwrap();
+        assert_eq!(
+            keys(&value),
+            BTreeSet::from([
+                "workflowId",
+                "name",
+                "status",
+                "startTime",
+                "endTime",
+                "duration",
+                "params",
+                "steps",
+                "metrics",
+            ])
+        );
+        assert_eq!(
+            keys(&value["steps"][0]),
+            BTreeSet::from([
+                "stepId",
+                "agent",
+                "action",
+                "status",
+                "attempts",
+                "startTime",
+                "endTime",
+                "output",
+                "error",
+                "nextAttemptAt",
+            ])
+        );
+        assert_eq!(
+            keys(&value["metrics"]),
+            BTreeSet::from([
+                "totalSteps",
+                "successfulSteps",
+                "failedSteps",
+                "skippedSteps"
+            ])
+        );
+        // The spec's `duration` is a number of milliseconds, and times are RFC 3339 strings.
+        assert_eq!(value["duration"], json!(3000));
+        assert_eq!(value["startTime"], json!("2025-06-15T15:06:40Z"));
+    }
+
+    #[test]
+    fn unset_optional_fields_are_left_out() {
+        let mut result = full_result();
+        result.status = "running".into();
+        result.end_time = None;
+        result.duration = None;
+        result.steps[0] = StepResult {
+            start_time: None,
+            end_time: None,
+            output: None,
+            error: None,
+            next_attempt_at: None,
+            ..finished_step()
+        };
+        let value = serde_json::to_value(&result).unwrap();
+        assert!(value.get("endTime").is_none() && value.get("duration").is_none());
+        assert_eq!(
+            keys(&value["steps"][0]),
+            BTreeSet::from(["stepId", "agent", "action", "status", "attempts"])
+        );
+        round_trip(&result);
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        round_trip(&full_result());
+        round_trip(&ExecuteResponse {
+            workflow_id: Uuid::from_u128(1),
+        });
+        round_trip(&RunPage {
+            workflows: vec![RunSummary {
+                workflow_id: Uuid::from_u128(2),
+                name: "n".into(),
+                status: "success".into(),
+                start_time: at(0),
+                end_time: Some(at(1)),
+                duration: Some(1000),
+            }],
+            next_cursor: Some("opaque".into()),
+        });
+        round_trip(&DefinitionList {
+            definitions: vec![DefinitionSummary {
+                name: "n".into(),
+                version: Some("1.0.0".into()),
+                revision: 2,
+                description: None,
+                steps: 4,
+                hash: "abc".into(),
+                created_at: at(0),
+            }],
+        });
+        round_trip(&ErrorBody {
+            error: ErrorDetail {
+                code: "invalid_yaml".into(),
+                message: "YAML syntax error at line 3, column 5: bad".into(),
+                details: Some(json!({"line": 3, "column": 5})),
+            },
+        });
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        round_trip(&ExecuteRequest {
+            yaml: Some("name: x".into()),
+            params: json!({"n": 3}).as_object().unwrap().clone(),
+            ..ExecuteRequest::default()
+        });
+        round_trip(&RegisterDefinitionRequest {
+            definition: Some(json!({"name": "x", "steps": []})),
+            yaml: None,
+        });
+        round_trip(&RunQuery {
+            status: Some("running".into()),
+            limit: Some(10),
+            cursor: None,
+        });
+    }
+
+    #[test]
+    fn the_spec_example_request_reads() {
+        let request: ExecuteRequest = serde_json::from_value(json!({
+            "workflow": "build-project",
+            "params": {"projectName": "my-app"}
+        }))
+        .unwrap();
+        assert_eq!(request.workflow.as_deref(), Some("build-project"));
+        assert_eq!(request.params["projectName"], json!("my-app"));
+        assert!(request.definition.is_none() && request.yaml.is_none());
+    }
+
+    #[test]
+    fn requests_refuse_unknown_fields() {
+        let err = serde_json::from_value::<ExecuteRequest>(json!({
+            "workflow": "build-project",
+            "version": "2"
+        }))
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `version`"), "{err}");
+    }
+
+    #[test]
+    fn responses_accept_unknown_fields() {
+        let mut value = serde_json::to_value(full_result()).unwrap();
+        value["addedLater"] = json!(true);
+        let read: WorkflowResult = serde_json::from_value(value).unwrap();
+        assert_eq!(read, full_result());
+    }
+}

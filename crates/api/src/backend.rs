@@ -1,0 +1,81 @@
+//! The seam between the HTTP layer and the coordinator: what the API needs from storage and the
+//! engine.
+
+use std::future::Future;
+
+use flotilla_api_model::{DefinitionSummary, RunPage, RunQuery, WorkflowResult};
+use flotilla_core::{Definition, Plan};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// A validated run request.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub definition: Definition,
+    /// `definition` compiled; it is known to be valid.
+    pub plan: Plan,
+    /// The effective run params: the definition's `params:` defaults overlaid, key by key, with
+    /// those given in the request.
+    pub params: Map<String, Value>,
+}
+
+/// What the coordinator provides to the API.
+///
+/// Inputs arrive validated: definitions compile, and a [`RunQuery`] has a known `status` (if
+/// any) and a `limit` in `1..=`[`MAX_RUN_LIMIT`](crate::MAX_RUN_LIMIT), always set.
+pub trait Backend: Send + Sync + 'static {
+    /// Records a new run and starts it; answers its id once the run is durable.
+    fn submit(
+        &self,
+        submission: Submission,
+    ) -> impl Future<Output = Result<Uuid, BackendError>> + Send;
+
+    /// A run and its steps, or `None` if there is no run with that id.
+    fn run(
+        &self,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<WorkflowResult>, BackendError>> + Send;
+
+    /// One page of runs, newest first. `query.cursor` is the opaque `next_cursor` of an earlier
+    /// page, passed through unchecked: answer [`BackendError::Invalid`] if it cannot be read.
+    fn runs(&self, query: RunQuery) -> impl Future<Output = Result<RunPage, BackendError>> + Send;
+
+    /// Stores a new revision of a definition under its name.
+    fn register_definition(
+        &self,
+        definition: Definition,
+    ) -> impl Future<Output = Result<DefinitionSummary, BackendError>> + Send;
+
+    /// The latest revision of every registered definition.
+    fn definitions(
+        &self,
+    ) -> impl Future<Output = Result<Vec<DefinitionSummary>, BackendError>> + Send;
+
+    /// The latest registered definition of that name.
+    fn definition(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<Definition>, BackendError>> + Send;
+}
+
+/// Why a [`Backend`] call failed. The variant decides the HTTP status.
+///
+/// The messages of `Invalid`, `NotFound` and `Unavailable` are sent to the client, so they must
+/// not contain credentials (say "Postgres is unreachable", not the connection URL). The message
+/// of `Internal` is only logged.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The request cannot be served as asked (e.g. an unreadable cursor): 400.
+    #[error("{0}")]
+    Invalid(String),
+    /// Something the request names does not exist: 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// A service the backend depends on (Postgres, RabbitMQ) cannot be reached; retrying later
+    /// may succeed: 503.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A fault in the coordinator itself: 500.
+    #[error("{0}")]
+    Internal(String),
+}

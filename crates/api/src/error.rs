@@ -1,0 +1,191 @@
+//! [`ApiError`]: every way a request can fail, and the one place that maps failures to HTTP
+//! status codes and error codes.
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use flotilla_api_model::{ErrorBody, ErrorDetail};
+use flotilla_core::{DefinitionError, PlanError};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::backend::BackendError;
+use crate::routes::Limits;
+
+/// The kinds of failure a client can tell apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    InvalidRequest,
+    InvalidYaml,
+    InvalidDefinition,
+    NotFound,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    Unavailable,
+    Internal,
+}
+
+impl Kind {
+    fn status(self) -> StatusCode {
+        match self {
+            Self::InvalidRequest | Self::InvalidYaml | Self::InvalidDefinition => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The `error.code` clients match on; changing one breaks them.
+    fn code(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "invalid_request",
+            Self::InvalidYaml => "invalid_yaml",
+            Self::InvalidDefinition => "invalid_definition",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// A failed request, answered as an [`ErrorBody`].
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    kind: Kind,
+    message: String,
+    details: Option<Value>,
+}
+
+impl ApiError {
+    pub(crate) fn new(kind: Kind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    fn with_details(mut self, details: Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    pub(crate) fn invalid_request(message: impl Into<String>) -> Self {
+        Self::new(Kind::InvalidRequest, message)
+    }
+
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
+        Self::new(Kind::NotFound, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.kind.status();
+        let code = self.kind.code();
+        let message = match self.kind {
+            // An internal message may hold anything (SQL, hosts, paths): it goes to the log only,
+            // and the client gets an id to find it there.
+            Kind::Internal => {
+                let incident = Uuid::new_v4();
+                tracing::error!(%status, code, %incident, error = %self.message, "request failed");
+                format!(
+                    "internal error in the coordinator (incident {incident}); its log has the details"
+                )
+            }
+            _ if status.is_server_error() => {
+                tracing::error!(%status, code, error = %self.message, "request failed");
+                self.message
+            }
+            _ => {
+                tracing::debug!(%status, code, error = %self.message, "request refused");
+                self.message
+            }
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: code.to_string(),
+                message,
+                details: self.details,
+            },
+        };
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(err: BackendError) -> Self {
+        match err {
+            BackendError::Invalid(m) => Self::new(Kind::InvalidRequest, m),
+            BackendError::NotFound(m) => Self::new(Kind::NotFound, m),
+            BackendError::Unavailable(m) => Self::new(Kind::Unavailable, m),
+            BackendError::Internal(m) => Self::new(Kind::Internal, m),
+        }
+    }
+}
+
+impl From<DefinitionError> for ApiError {
+    fn from(err: DefinitionError) -> Self {
+        let message = err.to_string();
+        match err {
+            DefinitionError::Yaml { line, column, .. } => Self::new(Kind::InvalidYaml, message)
+                .with_details(json!({ "line": line, "column": column })),
+            DefinitionError::YamlNoLocation(_) => Self::new(Kind::InvalidYaml, message),
+            DefinitionError::Json { line, column, .. } => {
+                Self::new(Kind::InvalidDefinition, message)
+                    .with_details(json!({ "line": line, "column": column }))
+            }
+            DefinitionError::Shape(_) => Self::new(Kind::InvalidDefinition, message),
+        }
+    }
+}
+
+impl From<PlanError> for ApiError {
+    fn from(err: PlanError) -> Self {
+        let message = err.to_string();
+        Self::new(Kind::InvalidDefinition, message)
+            .with_details(json!({ "workflow": err.workflow, "problems": err.problems }))
+    }
+}
+
+impl ApiError {
+    /// A JSON body that could not be read. The body limit surfaces as a failure to buffer the
+    /// body; everything else is the client's JSON (syntax, shape, content type).
+    pub(crate) fn from_json_rejection(rejection: JsonRejection, limits: Limits) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            let limit = limits.max_body_bytes;
+            Self::new(
+                Kind::PayloadTooLarge,
+                format!("the request body is larger than the coordinator's limit of {limit} bytes"),
+            )
+            .with_details(json!({ "limitBytes": limit }))
+        } else {
+            Self::invalid_request(rejection.body_text())
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::invalid_request(rejection.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        // A route that matched but whose parameters cannot be read is a bad request; a missing
+        // parameter would be a routing bug and is reported as such by axum's status.
+        let kind = if rejection.status().is_server_error() {
+            Kind::Internal
+        } else {
+            Kind::InvalidRequest
+        };
+        Self::new(kind, rejection.body_text())
+    }
+}

@@ -1,0 +1,34 @@
+//! The coordinator's HTTP API: axum routes over a [`Backend`] that the coordinator implements.
+//!
+//! | route                          | answer                                       |
+//! | ------------------------------ | -------------------------------------------- |
+//! | `POST /api/workflows/execute`  | 202 [`ExecuteResponse`]                      |
+//! | `GET  /api/workflows/{id}`     | 200 [`WorkflowResult`]                       |
+//! | `GET  /api/workflows`          | 200 [`RunPage`] (query: [`RunQuery`])        |
+//! | `POST /api/definitions`        | 201 [`DefinitionSummary`]                    |
+//! | `GET  /api/definitions`        | 200 [`DefinitionList`]                       |
+//!
+//! Every failure, including malformed bodies, unknown routes and oversized requests, answers with
+//! an [`ErrorBody`](flotilla_api_model::ErrorBody).
+//!
+//! This crate parses and validates what clients send (definitions are compiled with
+//! [`Plan::compile`](flotilla_core::Plan::compile) before the backend sees them) and turns backend
+//! answers into HTTP; storing and running workflows is the backend's business.
+//!
+//! **Architecture invariant:** only this crate knows about HTTP status codes on the server side,
+//! and only `error.rs` maps errors to them.
+//!
+//! [`ExecuteResponse`]: flotilla_api_model::ExecuteResponse
+//! [`WorkflowResult`]: flotilla_api_model::WorkflowResult
+//! [`RunPage`]: flotilla_api_model::RunPage
+//! [`RunQuery`]: flotilla_api_model::RunQuery
+//! [`DefinitionSummary`]: flotilla_api_model::DefinitionSummary
+//! [`DefinitionList`]: flotilla_api_model::DefinitionList
+
+mod backend;
+mod error;
+mod extract;
+mod routes;
+
+pub use backend::{Backend, BackendError, Submission};
+pub use routes::{DEFAULT_RUN_LIMIT, Limits, MAX_RUN_LIMIT, router};

@@ -1,0 +1,268 @@
+//! The routes and their handlers.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRef, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::routing::{get, post};
+use flotilla_api_model::{
+    DefinitionList, DefinitionSummary, ExecuteRequest, ExecuteResponse, RegisterDefinitionRequest,
+    RunPage, RunQuery, WorkflowResult,
+};
+use flotilla_core::{Definition, Plan, RunStatus};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::backend::{Backend, Submission};
+use crate::error::{ApiError, Kind};
+use crate::extract::{Json, Path, Query};
+
+/// Runs listed per page when the query gives no `limit`.
+pub const DEFAULT_RUN_LIMIT: u32 = 50;
+/// The largest `limit` a run listing accepts.
+pub const MAX_RUN_LIMIT: u32 = 500;
+
+/// Every run status, for telling a client which ones exist.
+const RUN_STATUSES: [RunStatus; 4] = [
+    RunStatus::Running,
+    RunStatus::Failing,
+    RunStatus::Success,
+    RunStatus::Failure,
+];
+
+/// Bounds on what a client may send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest request body accepted; larger ones are answered with 413. This also bounds
+    /// the YAML the coordinator parses per request.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// What the handlers share.
+struct AppState<B> {
+    backend: Arc<B>,
+    limits: Limits,
+}
+
+// Derived `Clone` would require `B: Clone`; only the `Arc` is cloned.
+impl<B> Clone for AppState<B> {
+    fn clone(&self) -> Self {
+        Self {
+            backend: Arc::clone(&self.backend),
+            limits: self.limits,
+        }
+    }
+}
+
+impl<B> FromRef<AppState<B>> for Arc<B> {
+    fn from_ref(state: &AppState<B>) -> Self {
+        Arc::clone(&state.backend)
+    }
+}
+
+impl<B> FromRef<AppState<B>> for Limits {
+    fn from_ref(state: &AppState<B>) -> Self {
+        state.limits
+    }
+}
+
+/// The API's routes over `backend`. Requests to other paths, or with other methods, are answered
+/// with 404 and 405 in the API's error shape.
+pub fn router<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
+    Router::new()
+        .route("/api/workflows/execute", post(execute::<B>))
+        .route("/api/workflows", get(list_runs::<B>))
+        .route("/api/workflows/{id}", get(get_run::<B>))
+        .route(
+            "/api/definitions",
+            post(register_definition::<B>).get(list_definitions::<B>),
+        )
+        // Applies to the routes registered above, so it must come after them.
+        .method_not_allowed_fallback(wrong_method)
+        .fallback(no_route)
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .with_state(AppState { backend, limits })
+}
+
+async fn execute<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Json(request): Json<ExecuteRequest>,
+) -> Result<(StatusCode, axum::Json<ExecuteResponse>), ApiError> {
+    let ExecuteRequest {
+        workflow,
+        definition,
+        yaml,
+        params,
+    } = request;
+    let source = exactly_one([
+        ("workflow", workflow.map(Source::Registered)),
+        (
+            "definition",
+            definition.map(|v| Source::Inline(Inline::Object(v))),
+        ),
+        ("yaml", yaml.map(|t| Source::Inline(Inline::Yaml(t)))),
+    ])?;
+    let definition = match source {
+        Source::Registered(name) => backend.definition(&name).await?.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no workflow definition named `{name}` is registered"
+            ))
+        })?,
+        Source::Inline(inline) => inline.parse()?,
+    };
+    let plan = Plan::compile(&definition)?;
+    let mut effective = definition.params.clone();
+    effective.extend(params);
+    let workflow_id = backend
+        .submit(Submission {
+            definition,
+            plan,
+            params: effective,
+        })
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(ExecuteResponse { workflow_id }),
+    ))
+}
+
+async fn get_run<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<WorkflowResult>, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|e| {
+        ApiError::invalid_request(format!("`{id}` is not a workflow id (a UUID): {e}"))
+    })?;
+    match backend.run(id).await? {
+        Some(result) => Ok(axum::Json(result)),
+        None => Err(ApiError::not_found(format!("workflow run {id} not found"))),
+    }
+}
+
+async fn list_runs<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Query(mut query): Query<RunQuery>,
+) -> Result<axum::Json<RunPage>, ApiError> {
+    if let Some(status) = &query.status
+        && RunStatus::parse(status).is_none()
+    {
+        let known: Vec<&str> = RUN_STATUSES.iter().map(|s| s.as_str()).collect();
+        return Err(ApiError::invalid_request(format!(
+            "unknown status `{status}`: expected {}",
+            listing(&known, "or")
+        )));
+    }
+    let limit = query.limit.unwrap_or(DEFAULT_RUN_LIMIT);
+    if !(1..=MAX_RUN_LIMIT).contains(&limit) {
+        return Err(ApiError::invalid_request(format!(
+            "limit must be between 1 and {MAX_RUN_LIMIT}, not {limit}"
+        )));
+    }
+    query.limit = Some(limit);
+    Ok(axum::Json(backend.runs(query).await?))
+}
+
+async fn register_definition<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Json(request): Json<RegisterDefinitionRequest>,
+) -> Result<(StatusCode, axum::Json<DefinitionSummary>), ApiError> {
+    let RegisterDefinitionRequest { definition, yaml } = request;
+    let definition = exactly_one([
+        ("definition", definition.map(Inline::Object)),
+        ("yaml", yaml.map(Inline::Yaml)),
+    ])?
+    .parse()?;
+    // Refuse what could never run, so that a registered name always names a valid workflow.
+    Plan::compile(&definition)?;
+    let summary = backend.register_definition(definition).await?;
+    Ok((StatusCode::CREATED, axum::Json(summary)))
+}
+
+async fn list_definitions<B: Backend>(
+    State(backend): State<Arc<B>>,
+) -> Result<axum::Json<DefinitionList>, ApiError> {
+    let definitions = backend.definitions().await?;
+    Ok(axum::Json(DefinitionList { definitions }))
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {method} {}", uri.path()))
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        Kind::MethodNotAllowed,
+        format!("{} does not accept {method}", uri.path()),
+    )
+}
+
+/// Where a run request's definition comes from.
+enum Source {
+    /// The name of a registered definition.
+    Registered(String),
+    Inline(Inline),
+}
+
+/// A definition given in the request itself.
+enum Inline {
+    /// A JSON object.
+    Object(Value),
+    /// YAML (or JSON) text.
+    Yaml(String),
+}
+
+impl Inline {
+    fn parse(self) -> Result<Definition, ApiError> {
+        Ok(match self {
+            Self::Object(value) => Definition::from_value(value)?,
+            Self::Yaml(text) => Definition::from_yaml(&text)?,
+        })
+    }
+}
+
+/// The one value given among the named request fields, or why the request is ambiguous.
+fn exactly_one<T, const N: usize>(fields: [(&'static str, Option<T>); N]) -> Result<T, ApiError> {
+    let names: Vec<&str> = fields.iter().map(|(name, _)| *name).collect();
+    let given: Vec<(&str, T)> = fields
+        .into_iter()
+        .filter_map(|(name, value)| value.map(|v| (name, v)))
+        .collect();
+    match <[(&str, T); 1]>::try_from(given) {
+        Ok([(_, source)]) => Ok(source),
+        Err(given) if given.is_empty() => Err(ApiError::invalid_request(format!(
+            "nothing to run: give one of {}",
+            listing(&names, "or")
+        ))),
+        Err(given) => {
+            let given: Vec<&str> = given.iter().map(|(name, _)| *name).collect();
+            Err(ApiError::invalid_request(format!(
+                "{} were given: give only one of {}",
+                listing(&given, "and"),
+                listing(&names, "or")
+            )))
+        }
+    }
+}
+
+/// "`a`, `b` or `c`".
+fn listing(items: &[&str], conjunction: &str) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("`{i}`")).collect();
+    match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => {
+            format!("{} {conjunction} {last}", rest.join(", "))
+        }
+        _ => quoted.concat(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

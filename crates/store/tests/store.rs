@@ -1,0 +1,290 @@
+//! The store against the real Postgres; each test works in a database of its own.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use flotilla_core::{Definition, Event, Plan, RunState, RunStatus, StepStatus};
+use flotilla_store::engine::{
+    self as db, AttemptStart, Batch, NewRun, OutboxRow, RunUpdate, StepIdent, StepRow,
+};
+use flotilla_store::{Store, StoreConfig, definitions, outbox};
+use serde_json::{Map, json};
+use uuid::Uuid;
+
+struct TestDb {
+    name: String,
+    store: Store,
+}
+
+fn server() -> String {
+    std::env::var("FLOTILLA_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+fn config(name: &str) -> StoreConfig {
+    StoreConfig {
+        url: format!("{}/{name}", server()),
+        pool_size: 4,
+        connect_timeout: Duration::from_secs(5),
+    }
+}
+
+impl TestDb {
+    async fn new() -> anyhow::Result<Self> {
+        let name = format!(
+            "flotilla_store_{}",
+            &Uuid::new_v4().simple().to_string()[..16]
+        );
+        let store = Store::open(&config(&name)).await?;
+        Ok(Self { name, store })
+    }
+
+    async fn drop_db(self) -> anyhow::Result<()> {
+        drop(self.store);
+        let (client, conn) =
+            tokio_postgres::connect(&format!("{}/postgres", server()), tokio_postgres::NoTls)
+                .await?;
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ))
+            .await?;
+        Ok(())
+    }
+}
+
+fn at(secs: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
+}
+
+const TWO_STEPS: &str =
+    "name: pair\nsteps:\n  - {id: a, agent: x, action: y}\n  - {id: b, agent: x, action: z}\n";
+
+/// A batch that creates a started run of [`TWO_STEPS`], as the engine would.
+fn new_run_batch() -> (Batch, RunState, Plan) {
+    let def = Definition::from_yaml(TWO_STEPS).unwrap();
+    let plan = Plan::compile(&def).unwrap();
+    let id = Uuid::now_v7();
+    let mut state = RunState::new(id, &plan, Map::new());
+    let t = state.apply(&plan, Event::Start, at(0));
+    let content = definitions::Content::of(&def);
+    let mut batch = Batch::default();
+    batch.definitions.push((content.hash.clone(), content.body));
+    batch.new_runs.push(NewRun {
+        id,
+        name: "pair".into(),
+        definition_hash: content.hash,
+        status: state.status,
+        params: Map::new(),
+        created_at: at(0),
+        ended_at: None,
+    });
+    for (i, (node, step)) in plan.nodes.iter().zip(&state.steps).enumerate() {
+        batch.new_steps.push((
+            StepIdent {
+                step_id: node.id.clone(),
+                agent: node.agent.clone(),
+                action: node.action.clone(),
+            },
+            StepRow {
+                run_id: id,
+                idx: i as i32,
+                state: step.clone(),
+            },
+        ));
+    }
+    for effect in t.effects {
+        if let flotilla_core::Effect::Dispatch {
+            step,
+            attempt,
+            task_id,
+        } = effect
+        {
+            batch.attempts_started.push(AttemptStart {
+                run_id: id,
+                idx: step as i32,
+                attempt: attempt as i32,
+                task_id,
+                dispatched_at: at(0),
+            });
+            batch.outbox.push(OutboxRow {
+                id: task_id,
+                routing_key: "q".into(),
+                kind: "task".into(),
+                correlation_id: Some(task_id.to_string()),
+                reply_to: Some("r".into()),
+                body: b"{}".to_vec(),
+                created_at: at(0),
+            });
+        }
+    }
+    (batch, state, plan)
+}
+
+#[tokio::test]
+async fn a_written_run_loads_back_the_same_and_versions_count_writes() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let (batch, mut state, plan) = new_run_batch();
+    let id = state.id;
+    let mut client = t.store.client().await?;
+    let tx = client.transaction().await?;
+    db::write(&tx, &batch).await?;
+    tx.commit().await?;
+
+    let loaded = db::load_runs(&client, &[id]).await?;
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(loaded[0].steps, state.steps);
+    assert_eq!(
+        (loaded[0].status, loaded[0].version),
+        (RunStatus::Running, 0)
+    );
+
+    // Step a succeeds: the step rows change and the run's version goes up by one.
+    let task = state.steps[0].task_id.unwrap();
+    let t2 = state.apply(
+        &plan,
+        Event::AttemptFinished {
+            step: 0,
+            attempt: 1,
+            task_id: task,
+            outcome: flotilla_core::Outcome::Success(json!({"k": 1})),
+            worker: "w".into(),
+            started_at: at(1),
+            finished_at: at(2),
+        },
+        at(2),
+    );
+    let mut update = Batch::default();
+    for &i in &t2.changed {
+        update.step_updates.push(StepRow {
+            run_id: id,
+            idx: i as i32,
+            state: state.steps[i].clone(),
+        });
+    }
+    update.run_updates.push(RunUpdate {
+        id,
+        status: state.status,
+        ended_at: state.ended_at,
+    });
+    let tx = client.transaction().await?;
+    let versions = db::lock_runs(&tx, &[id, Uuid::new_v4()]).await?;
+    assert_eq!(versions.len(), 1, "an unknown run is simply absent");
+    assert_eq!(versions[&id], 0);
+    db::write(&tx, &update).await?;
+    tx.commit().await?;
+
+    let loaded = db::load_runs(&client, &[id]).await?;
+    assert_eq!(loaded[0].version, 1);
+    assert_eq!(loaded[0].steps[0].status, StepStatus::Success);
+    assert_eq!(loaded[0].steps[0].output, Some(json!({"k": 1})));
+    assert_eq!(loaded[0].steps[1].status, StepStatus::Running);
+    assert_eq!(loaded[0].steps, state.steps);
+    drop(client);
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn unsent_outbox_rows_are_taken_by_one_sweeper_at_a_time() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let (batch, ..) = new_run_batch();
+    let mut c1 = t.store.client().await?;
+    let mut c2 = t.store.client().await?;
+    let tx = c1.transaction().await?;
+    db::write(&tx, &batch).await?;
+    tx.commit().await?;
+    assert_eq!(outbox::backlog(&c1).await?, 1);
+
+    let tx1 = c1.transaction().await?;
+    let taken = outbox::take_unsent(&tx1, at(10), 100).await?;
+    assert_eq!(taken, batch.outbox);
+    // A second sweeper skips what the first holds instead of waiting for it.
+    let tx2 = c2.transaction().await?;
+    assert!(outbox::take_unsent(&tx2, at(10), 100).await?.is_empty());
+    // Rows newer than the cut-off are left to the relay that wrote them.
+    assert!(outbox::take_unsent(&tx2, at(-1), 100).await?.is_empty());
+    tx2.commit().await?;
+    assert_eq!(outbox::delete(&tx1, &[taken[0].id]).await?, 1);
+    tx1.commit().await?;
+    assert_eq!(outbox::backlog(&c1).await?, 0);
+    drop((c1, c2));
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn due_retries_are_found_by_time() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let (mut batch, state, _) = new_run_batch();
+    let mut step = batch.new_steps[0].1.state.clone();
+    step.status = StepStatus::Waiting;
+    step.wake_at = Some(at(30));
+    batch.new_steps[0].1.state = step;
+    let mut client = t.store.client().await?;
+    let tx = client.transaction().await?;
+    db::write(&tx, &batch).await?;
+    tx.commit().await?;
+    assert_eq!(db::next_wakeup(&client).await?, Some(at(30)));
+    assert!(db::due_wakeups(&client, at(29), 10).await?.is_empty());
+    assert_eq!(
+        db::due_wakeups(&client, at(30), 10).await?,
+        [(state.id, 0, 1)]
+    );
+    drop(client);
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn registering_a_name_again_adds_a_revision() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let mut client = t.store.client().await?;
+    let first = Definition::from_yaml(TWO_STEPS)?;
+    let mut second = first.clone();
+    second.description = Some("now described".into());
+    let r1 = definitions::register(&mut client, &first).await?;
+    let r2 = definitions::register(&mut client, &second).await?;
+    assert_eq!((r1.revision, r2.revision), (1, 2));
+    assert_ne!(r1.hash, r2.hash);
+    let (latest, body) = definitions::latest(&client, "pair").await?.unwrap();
+    assert_eq!(latest, r2);
+    assert_eq!(Definition::from_value(body)?, second);
+    assert_eq!(definitions::list(&client).await?, [r2]);
+    assert!(definitions::latest(&client, "absent").await?.is_none());
+    drop(client);
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn opening_twice_runs_each_migration_once() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let again = Store::open(&config(&t.name)).await?;
+    let applied: i64 = again
+        .client()
+        .await?
+        .query_one("SELECT count(*) FROM schema_migrations", &[])
+        .await?
+        .get(0);
+    assert_eq!(applied, 1);
+    drop(again);
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_named_without_its_password() {
+    let err = Store::open(&StoreConfig {
+        url: "postgres://flotilla:hunter2@127.0.0.1:1/flotilla".into(),
+        pool_size: 1,
+        connect_timeout: Duration::from_secs(2),
+    })
+    .await
+    .err()
+    .expect("nothing listens on port 1")
+    .to_string();
+    assert!(
+        err.contains("postgres://flotilla:***@127.0.0.1:1/flotilla"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+    assert!(err.contains("pg_ctlcluster"), "{err}");
+}

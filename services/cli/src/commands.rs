@@ -1,0 +1,205 @@
+//! What each command does.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use flotilla_api_model::{ExecuteRequest, RegisterDefinitionRequest, RunQuery, WorkflowResult};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tokio::time::MissedTickBehavior;
+use uuid::Uuid;
+
+use crate::cli::{Cli, Command, DefinitionsCommand, Output, Wait, WorkflowsCommand};
+use crate::client::Client;
+use crate::params;
+use crate::render;
+
+/// How often `--wait` asks for the run's state.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the spinner moves between polls, so that a long step still looks alive.
+const SPINNER_TICK: Duration = Duration::from_millis(120);
+
+/// How a command that worked ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    /// A run that the command waited for ended in failure.
+    WorkflowFailed,
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let client = Client::new(cli.url)?;
+    let output = cli.output;
+    match cli.command {
+        Command::Workflows(WorkflowsCommand::Execute { file, params, wait }) => {
+            let request = ExecuteRequest {
+                yaml: Some(read(&file)?),
+                params: params::collect(params).map_err(|e| anyhow!(e))?,
+                ..ExecuteRequest::default()
+            };
+            let response = client.execute(&request).await?;
+            if !wait.wait {
+                match output {
+                    Output::Text => println!("{}", response.workflow_id),
+                    Output::Json => print_json(&response)?,
+                }
+                return Ok(Outcome::Done);
+            }
+            if output == Output::Text {
+                // Print the id at once, so that it is known even if the wait is cut short.
+                println!("{}", response.workflow_id);
+            }
+            let result = follow(&client, response.workflow_id, wait).await?;
+            show_run(&result, output)?;
+            Ok(outcome(&result))
+        }
+        Command::Workflows(WorkflowsCommand::Status { id, wait }) => {
+            if wait.wait {
+                let result = follow(&client, id, wait).await?;
+                show_run(&result, output)?;
+                Ok(outcome(&result))
+            } else {
+                show_run(&client.run(id).await?, output)?;
+                Ok(Outcome::Done)
+            }
+        }
+        Command::Workflows(WorkflowsCommand::List {
+            status,
+            limit,
+            cursor,
+        }) => {
+            let page = client
+                .runs(&RunQuery {
+                    status,
+                    limit,
+                    cursor,
+                })
+                .await?;
+            match output {
+                Output::Text => {
+                    print!("{}", render::runs(&page));
+                    if let Some(next) = &page.next_cursor {
+                        // On stderr, so that stdout stays a clean table for other tools.
+                        eprintln!("more runs: flotilla workflows list --cursor {next}");
+                    }
+                }
+                Output::Json => print_json(&page)?,
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Definitions(DefinitionsCommand::Register { file }) => {
+            let request = RegisterDefinitionRequest {
+                yaml: Some(read(&file)?),
+                definition: None,
+            };
+            let summary = client.register_definition(&request).await?;
+            match output {
+                Output::Text => print!("{}", render::registered(&summary)),
+                Output::Json => print_json(&summary)?,
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Definitions(DefinitionsCommand::List) => {
+            let list = client.definitions().await?;
+            match output {
+                Output::Text => print!("{}", render::definitions(&list)),
+                Output::Json => print_json(&list)?,
+            }
+            Ok(Outcome::Done)
+        }
+    }
+}
+
+/// The file's text, sent as is: the coordinator reads YAML, and JSON is YAML too.
+fn read(file: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(file).with_context(|| format!("could not read {}", file.display()))
+}
+
+fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn show_run(result: &WorkflowResult, output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Text => print!("{}", render::summary(result)),
+        Output::Json => print_json(result)?,
+    }
+    Ok(())
+}
+
+fn outcome(result: &WorkflowResult) -> Outcome {
+    if result.status == "success" {
+        Outcome::Done
+    } else {
+        Outcome::WorkflowFailed
+    }
+}
+
+/// Polls the run until it ends, showing its progress on stderr (hidden when stderr is not a
+/// terminal).
+async fn follow(client: &Client, id: Uuid, wait: Wait) -> anyhow::Result<WorkflowResult> {
+    let bar = ProgressBar::new(0).with_style(progress_style());
+    bar.enable_steady_tick(SPINNER_TICK);
+    let polling = poll_until_finished(client, id, &bar);
+    let result = match wait.timeout {
+        Some(seconds) => tokio::time::timeout(Duration::from_secs(seconds), polling)
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow!(
+                    "run {id} had not ended after {seconds}s; it goes on (follow it with \
+                     `flotilla workflows status {id} --wait`)"
+                ))
+            }),
+        None => polling.await,
+    };
+    match &result {
+        Ok(_) => bar.finish_and_clear(),
+        Err(_) => bar.abandon(),
+    }
+    result
+}
+
+async fn poll_until_finished(
+    client: &Client,
+    id: Uuid,
+    bar: &ProgressBar,
+) -> anyhow::Result<WorkflowResult> {
+    let mut ticks = tokio::time::interval(POLL_INTERVAL);
+    // After a slow answer, wait a full interval rather than polling twice in a row.
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let result = client.run(id).await.with_context(|| {
+            format!(
+                "lost track of run {id}; it may still be going (follow it with \
+                 `flotilla workflows status {id} --wait`)"
+            )
+        })?;
+        let progress = render::progress(&result);
+        bar.set_length(progress.total);
+        bar.set_position(progress.finished);
+        bar.set_message(progress.message);
+        if render::is_finished(&result.status) {
+            return Ok(result);
+        }
+    }
+}
+
+fn progress_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps finished · {msg}",
+    )
+    .expect("the progress template is valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_progress_template_is_valid() {
+        progress_style();
+    }
+}

@@ -1,0 +1,35 @@
+//! `flotilla`: the command-line client of the Flotilla coordinator's HTTP API.
+//!
+//! Exit codes: 0 when the command did what was asked, 1 when a run it waited for failed, 2 for
+//! everything else (usage, an unreachable coordinator, a request the coordinator refused).
+
+mod cli;
+mod client;
+mod commands;
+mod params;
+mod render;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::Cli;
+use crate::commands::Outcome;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match commands::run(cli).await {
+        Ok(Outcome::Done) => ExitCode::SUCCESS,
+        Ok(Outcome::WorkflowFailed) => ExitCode::from(1),
+        Err(err) => {
+            eprintln!("error: {err}");
+            // The outermost error says what failed; the innermost one usually says why (e.g.
+            // "Connection refused"). The layers between are rarely worth a reader's time.
+            if let Some(cause) = err.chain().skip(1).last() {
+                eprintln!("  cause: {cause}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}

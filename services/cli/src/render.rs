@@ -1,0 +1,408 @@
+//! Text output for people. Everything renders into a `String` so that it can be tested.
+
+use std::fmt::Write;
+
+use chrono::{DateTime, Utc};
+use flotilla_api_model::{DefinitionList, DefinitionSummary, RunPage, WorkflowResult};
+
+/// How many characters of a definition hash a listing shows; enough to tell revisions apart.
+const SHORT_HASH_CHARS: usize = 12;
+
+/// Whether a run has reached its final status.
+pub fn is_finished(status: &str) -> bool {
+    matches!(status, "success" | "failure")
+}
+
+/// A run's progress, for the progress bar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub finished: u64,
+    pub total: u64,
+    pub message: String,
+}
+
+pub fn progress(result: &WorkflowResult) -> Progress {
+    let m = &result.metrics;
+    let running = result
+        .steps
+        .iter()
+        .filter(|s| s.status == "running")
+        .count();
+    Progress {
+        finished: (m.successful_steps + m.failed_steps + m.skipped_steps) as u64,
+        total: m.total_steps as u64,
+        message: format!(
+            "running {running}, failed {}, skipped {}",
+            m.failed_steps, m.skipped_steps
+        ),
+    }
+}
+
+/// A run and one line per step.
+pub fn summary(result: &WorkflowResult) -> String {
+    let m = &result.metrics;
+    let mut out = String::new();
+    let mut field = |name: &str, value: &str| {
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "{name:<10}{value}");
+    };
+    field(
+        "Workflow",
+        &format!("{} ({})", result.workflow_id, result.name),
+    );
+    field("Status", &result.status);
+    field("Started", &time(result.start_time));
+    if let Some(end) = result.end_time {
+        field("Ended", &time(end));
+    }
+    if let Some(ms) = result.duration {
+        field("Duration", &duration(ms));
+    }
+    field(
+        "Steps",
+        &format!(
+            "{} total: {} succeeded, {} failed, {} skipped",
+            m.total_steps, m.successful_steps, m.failed_steps, m.skipped_steps
+        ),
+    );
+    if result.steps.is_empty() {
+        return out;
+    }
+    out.push('\n');
+    let rows = result
+        .steps
+        .iter()
+        .map(|step| {
+            let mut note = step.error.clone().unwrap_or_default();
+            if let Some(next) = step.next_attempt_at {
+                if !note.is_empty() {
+                    note.push('\n');
+                }
+                let _ = write!(note, "next attempt at {}", time(next));
+            }
+            vec![
+                step.step_id.clone(),
+                step.status.clone(),
+                step.attempts.to_string(),
+                note,
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["STEP", "STATUS", "ATTEMPTS", "ERROR"], rows));
+    out
+}
+
+/// Runs as a table.
+pub fn runs(page: &RunPage) -> String {
+    if page.workflows.is_empty() {
+        return "no workflow runs\n".to_string();
+    }
+    let rows = page
+        .workflows
+        .iter()
+        .map(|run| {
+            vec![
+                run.workflow_id.to_string(),
+                run.name.clone(),
+                run.status.clone(),
+                time(run.start_time),
+                run.duration.map(duration).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(&["ID", "NAME", "STATUS", "STARTED", "DURATION"], rows)
+}
+
+/// Registered definitions as a table.
+pub fn definitions(list: &DefinitionList) -> String {
+    if list.definitions.is_empty() {
+        return "no registered definitions\n".to_string();
+    }
+    let rows = list
+        .definitions
+        .iter()
+        .map(|d| {
+            vec![
+                d.name.clone(),
+                d.revision.to_string(),
+                d.version.clone().unwrap_or_default(),
+                d.steps.to_string(),
+                time(d.created_at),
+                d.hash.chars().take(SHORT_HASH_CHARS).collect(),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "REVISION", "VERSION", "STEPS", "CREATED", "HASH"],
+        rows,
+    )
+}
+
+/// One line confirming a registration.
+pub fn registered(d: &DefinitionSummary) -> String {
+    let mut facts = Vec::new();
+    if let Some(version) = &d.version {
+        facts.push(format!("version {version}"));
+    }
+    facts.push(format!("{} steps", d.steps));
+    facts.push(format!(
+        "hash {}",
+        d.hash.chars().take(SHORT_HASH_CHARS).collect::<String>()
+    ));
+    format!(
+        "registered `{}` revision {} ({})\n",
+        d.name,
+        d.revision,
+        facts.join(", ")
+    )
+}
+
+/// Times are shown in UTC: the coordinator and its logs use UTC, and runs are compared across
+/// machines.
+fn time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+}
+
+/// `850ms`, `3.2s`, `2m 05s`, `1h 02m 03s`.
+fn duration(ms: u64) -> String {
+    let seconds = ms / 1000;
+    match seconds {
+        0 => format!("{ms}ms"),
+        1..60 => format!("{seconds}.{}s", (ms % 1000) / 100),
+        60..3600 => format!("{}m {:02}s", seconds / 60, seconds % 60),
+        _ => format!(
+            "{}h {:02}m {:02}s",
+            seconds / 3600,
+            (seconds % 3600) / 60,
+            seconds % 60
+        ),
+    }
+}
+
+/// Left-aligned columns two spaces apart. The last column is not padded, and its extra lines
+/// (a multi-line error) are indented to where it starts.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let columns = headers.len();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row).take(columns - 1) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let indent: usize = widths[..columns - 1].iter().map(|w| w + 2).sum();
+    let mut out = String::new();
+    let header_row: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header_row).chain(&rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 < columns {
+                let _ = write!(line, "{cell:<width$}  ", width = widths[i]);
+            } else {
+                let mut parts = cell.lines();
+                line.push_str(parts.next().unwrap_or_default());
+                for part in parts {
+                    let _ = write!(line, "\n{:indent$}{part}", "");
+                }
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use flotilla_api_model::{Metrics, RunSummary, StepResult};
+    use serde_json::Map;
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_750_000_000 + seconds, 0).unwrap()
+    }
+
+    fn step(id: &str, status: &str, attempts: u32, error: Option<&str>) -> StepResult {
+        StepResult {
+            step_id: id.into(),
+            agent: "agent".into(),
+            action: "act".into(),
+            status: status.into(),
+            attempts,
+            start_time: None,
+            end_time: None,
+            output: None,
+            error: error.map(Into::into),
+            next_attempt_at: None,
+        }
+    }
+
+    fn failed_run() -> WorkflowResult {
+        WorkflowResult {
+            workflow_id: Uuid::from_u128(1),
+            name: "Complete Project Build".into(),
+            status: "failure".into(),
+            start_time: at(0),
+            end_time: Some(at(125)),
+            duration: Some(125_400),
+            params: Map::new(),
+            steps: vec![
+                step("scaffold", "success", 1, None),
+                step("quality_check", "failure", 3, Some("lint failed\n2 errors")),
+                step("deploy", "skipped", 0, Some("upstream failed")),
+            ],
+            metrics: Metrics {
+                total_steps: 3,
+                successful_steps: 1,
+                failed_steps: 1,
+                skipped_steps: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn summary_of_a_finished_run() {
+        assert_eq!(
+            summary(&failed_run()),
+            "\
+Workflow  00000000-0000-0000-0000-000000000001 (Complete Project Build)
+Status    failure
+Started   2025-06-15 15:06:40 UTC
+Ended     2025-06-15 15:08:45 UTC
+Duration  2m 05s
+Steps     3 total: 1 succeeded, 1 failed, 1 skipped
+
+STEP           STATUS   ATTEMPTS  ERROR
+scaffold       success  1
+quality_check  failure  3         lint failed
+                                  2 errors
+deploy         skipped  0         upstream failed
+"
+        );
+    }
+
+    #[test]
+    fn summary_of_a_running_run_shows_retries() {
+        let mut run = failed_run();
+        run.status = "running".into();
+        run.end_time = None;
+        run.duration = None;
+        run.steps = vec![StepResult {
+            next_attempt_at: Some(at(30)),
+            ..step("fetch", "running", 1, Some("timeout"))
+        }];
+        assert_eq!(
+            summary(&run),
+            "\
+Workflow  00000000-0000-0000-0000-000000000001 (Complete Project Build)
+Status    running
+Started   2025-06-15 15:06:40 UTC
+Steps     3 total: 1 succeeded, 1 failed, 1 skipped
+
+STEP   STATUS   ATTEMPTS  ERROR
+fetch  running  1         timeout
+                          next attempt at 2025-06-15 15:07:10 UTC
+"
+        );
+    }
+
+    #[test]
+    fn progress_counts_finished_and_running_steps() {
+        let mut run = failed_run();
+        run.steps[0].status = "running".into();
+        assert_eq!(
+            progress(&run),
+            Progress {
+                finished: 3,
+                total: 3,
+                message: "running 1, failed 1, skipped 1".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn run_table() {
+        let page = RunPage {
+            workflows: vec![
+                RunSummary {
+                    workflow_id: Uuid::from_u128(2),
+                    name: "nightly".into(),
+                    status: "running".into(),
+                    start_time: at(60),
+                    end_time: None,
+                    duration: None,
+                },
+                RunSummary {
+                    workflow_id: Uuid::from_u128(1),
+                    name: "build".into(),
+                    status: "success".into(),
+                    start_time: at(0),
+                    end_time: Some(at(1)),
+                    duration: Some(850),
+                },
+            ],
+            next_cursor: None,
+        };
+        assert_eq!(
+            runs(&page),
+            "\
+ID                                    NAME     STATUS   STARTED                  DURATION
+00000000-0000-0000-0000-000000000002  nightly  running  2025-06-15 15:07:40 UTC
+00000000-0000-0000-0000-000000000001  build    success  2025-06-15 15:06:40 UTC  850ms
+"
+        );
+        assert_eq!(
+            runs(&RunPage {
+                workflows: vec![],
+                next_cursor: None
+            }),
+            "no workflow runs\n"
+        );
+    }
+
+    #[test]
+    fn definition_table_and_registration() {
+        let summary = DefinitionSummary {
+            name: "build".into(),
+            version: Some("1.0.0".into()),
+            revision: 2,
+            description: None,
+            steps: 4,
+            hash: "0123456789abcdef0123".into(),
+            created_at: at(0),
+        };
+        assert_eq!(
+            definitions(&DefinitionList {
+                definitions: vec![summary.clone()]
+            }),
+            "\
+NAME   REVISION  VERSION  STEPS  CREATED                  HASH
+build  2         1.0.0    4      2025-06-15 15:06:40 UTC  0123456789ab
+"
+        );
+        assert_eq!(
+            registered(&summary),
+            "registered `build` revision 2 (version 1.0.0, 4 steps, hash 0123456789ab)\n"
+        );
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(duration(0), "0ms");
+        assert_eq!(duration(999), "999ms");
+        assert_eq!(duration(1_000), "1.0s");
+        assert_eq!(duration(3_250), "3.2s");
+        assert_eq!(duration(59_999), "59.9s");
+        assert_eq!(duration(60_000), "1m 00s");
+        assert_eq!(duration(3_599_000), "59m 59s");
+        assert_eq!(duration(3_723_000), "1h 02m 03s");
+    }
+
+    #[test]
+    fn only_success_and_failure_end_a_run() {
+        assert!(is_finished("success") && is_finished("failure"));
+        assert!(!is_finished("running") && !is_finished("failing"));
+    }
+}
