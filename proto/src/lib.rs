@@ -28,7 +28,9 @@ pub struct QueueNames {
 
 impl QueueNames {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into() }
+        Self {
+            prefix: prefix.into(),
+        }
     }
 
     pub fn prefix(&self) -> &str {
@@ -144,7 +146,12 @@ pub struct HeldTask {
 
 /// A worker's periodic sign of life, listing the tasks it is working on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename = "heartbeat", deny_unknown_fields, remote = "Self")]
+#[serde(
+    tag = "type",
+    rename = "heartbeat",
+    deny_unknown_fields,
+    remote = "Self"
+)]
 pub struct Heartbeat {
     pub v: u32,
     pub worker_id: String,

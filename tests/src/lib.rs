@@ -74,6 +74,8 @@ pub struct Fleet {
 impl Fleet {
     /// A fleet with nothing started yet.
     pub fn new() -> Self {
+        // reqwest is built without a default TLS provider; the binaries install ring, so do we.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let id = Uuid::new_v4().simple().to_string();
         Self {
             database: format!("flotilla_test_{}", &id[..16]),

@@ -13,9 +13,11 @@ pub mod condition;
 pub mod definition;
 pub mod duration;
 pub mod plan;
+mod redact;
 pub mod retry;
 pub mod scheduler;
 
 pub use definition::{Definition, DefinitionError};
 pub use plan::{Plan, PlanError};
+pub use redact::redact_url;
 pub use scheduler::{Effect, Event, Outcome, RunState, RunStatus, StepState, StepStatus};

@@ -447,6 +447,9 @@ fn find_cycle(nodes: &[Node]) -> Option<Vec<usize>> {
                             .expect("open node is on the path");
                         let mut cycle: Vec<usize> = path[from..].to_vec();
                         cycle.reverse();
+                        // Start at the step declared first, so the same cycle always reads the same.
+                        let first = (0..cycle.len()).min_by_key(|&i| cycle[i]).unwrap_or(0);
+                        cycle.rotate_left(first);
                         cycle.push(cycle[0]);
                         return Some(cycle);
                     }

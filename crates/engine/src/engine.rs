@@ -285,13 +285,15 @@ impl Engine {
             self.load(&tx, &stale).await?;
         }
 
-        let mut batch = Batch::default();
-        let mut changes: BTreeMap<Uuid, Vec<usize>> = BTreeMap::new();
+        let mut pending = Pending {
+            names: &self.config.names,
+            now,
+            batch: Batch::default(),
+            changes: BTreeMap::new(),
+            wakes: Vec::new(),
+        };
         let mut submitted = HashMap::new();
-        let mut wakes_due = Vec::new();
         let mut new_runs: Vec<(Uuid, CachedRun)> = Vec::new();
-
-        let names = &self.config.names;
         for (n, input) in inputs.iter().enumerate() {
             match input {
                 Input::Submit { run, .. } => {
@@ -299,47 +301,18 @@ impl Engine {
                     let content = Content::of(&run.definition);
                     let mut state = RunState::new(id, &run.plan, run.params.clone());
                     let t = state.apply(&run.plan, Event::Start, now);
-                    effects(
-                        names,
-                        &run.plan,
-                        &state,
-                        &t,
-                        now,
-                        &mut batch,
-                        &mut wakes_due,
-                    );
-                    batch.new_runs.push(db::NewRun {
-                        id,
-                        name: run.plan.name.clone(),
-                        definition_hash: content.hash.clone(),
-                        status: state.status,
-                        params: state.params.clone(),
-                        created_at: now,
-                        ended_at: state.ended_at,
-                    });
-                    for (idx, (node, step)) in run.plan.nodes.iter().zip(&state.steps).enumerate() {
-                        batch.new_steps.push((
-                            StepIdent {
-                                step_id: node.id.clone(),
-                                agent: node.agent.clone(),
-                                action: node.action.clone(),
-                            },
-                            StepRow {
-                                run_id: id,
-                                idx: idx as i32,
-                                state: step.clone(),
-                            },
-                        ));
-                    }
+                    pending.effects(&run.plan, &state, &t);
+                    pending.create(&run.plan, &state, &content.hash);
                     self.plans
                         .entry(content.hash.clone())
                         .or_insert_with(|| run.plan.clone());
-                    batch.definitions.push((content.hash, content.body));
+                    pending.batch.definitions.push((content.hash, content.body));
                     submitted.insert(n, id);
+                    let plan = run.plan.clone();
                     new_runs.push((
                         id,
                         CachedRun {
-                            plan: run.plan.clone(),
+                            plan,
                             state,
                             version: 0,
                         },
@@ -354,51 +327,35 @@ impl Engine {
                         tracing::warn!(run_id = %result.run_id, step_id = %result.step_id, "result for an unknown step ignored");
                         continue;
                     };
-                    let event = Event::AttemptFinished {
-                        step,
-                        attempt: result.attempt,
-                        task_id: result.task_id,
-                        outcome: outcome_of(result),
-                        worker: result.worker_id.clone(),
-                        started_at: result.started_at,
-                        finished_at: result.finished_at,
-                    };
-                    let t = cached.state.apply(&cached.plan, event, now);
-                    record(&mut changes, result.run_id, &t);
-                    effects(
-                        names,
-                        &cached.plan,
-                        &cached.state,
-                        &t,
-                        now,
-                        &mut batch,
-                        &mut wakes_due,
+                    pending.apply(
+                        cached,
+                        Event::AttemptFinished {
+                            step,
+                            attempt: result.attempt,
+                            task_id: result.task_id,
+                            outcome: outcome_of(result),
+                            worker: result.worker_id.clone(),
+                            started_at: result.started_at,
+                            finished_at: result.finished_at,
+                        },
                     );
                 }
                 Input::Wakes { wakes, .. } => {
                     for wake in wakes {
-                        let Some(cached) = self.runs.get_mut(&wake.run_id) else {
-                            continue;
-                        };
-                        let event = Event::Wake {
-                            step: wake.step,
-                            attempt: wake.attempt,
-                        };
-                        let t = cached.state.apply(&cached.plan, event, now);
-                        record(&mut changes, wake.run_id, &t);
-                        effects(
-                            names,
-                            &cached.plan,
-                            &cached.state,
-                            &t,
-                            now,
-                            &mut batch,
-                            &mut wakes_due,
-                        );
+                        if let Some(cached) = self.runs.get_mut(&wake.run_id) {
+                            let (step, attempt) = (wake.step, wake.attempt);
+                            pending.apply(cached, Event::Wake { step, attempt });
+                        }
                     }
                 }
             }
         }
+        let Pending {
+            mut batch,
+            changes,
+            wakes: wakes_due,
+            ..
+        } = pending;
 
         for (run_id, steps) in &changes {
             let cached = &self.runs[run_id];
@@ -502,100 +459,131 @@ impl Engine {
     }
 }
 
-/// Notes which steps of a run a transition changed; each such run is written and its version
-/// bumped.
-fn record(changes: &mut BTreeMap<Uuid, Vec<usize>>, run_id: Uuid, t: &Transition) {
-    if t.changed.is_empty() && !t.run_changed {
-        return;
-    }
-    let entry = changes.entry(run_id).or_default();
-    entry.extend(&t.changed);
-    entry.sort_unstable();
-    entry.dedup();
+/// The rows one batch will write, built up input by input.
+struct Pending<'a> {
+    names: &'a QueueNames,
+    now: DateTime<Utc>,
+    batch: Batch,
+    /// The steps each existing run changed; each such run is written and its version bumped.
+    changes: BTreeMap<Uuid, Vec<usize>>,
+    /// Due times of the retries scheduled.
+    wakes: Vec<DateTime<Utc>>,
 }
 
-/// Turns a transition's effects into rows of the batch.
-#[allow(clippy::too_many_arguments)]
-fn effects(
-    names: &QueueNames,
-    plan: &Plan,
-    state: &RunState,
-    t: &Transition,
-    now: DateTime<Utc>,
-    batch: &mut Batch,
-    wakes: &mut Vec<DateTime<Utc>>,
-) {
-    for &i in &t.changed {
-        if let Some(at) = state.steps[i].wake_at {
-            wakes.push(at);
+impl Pending<'_> {
+    /// Applies an event to a cached run and records what changed.
+    fn apply(&mut self, cached: &mut CachedRun, event: Event) {
+        let t = cached.state.apply(&cached.plan, event, self.now);
+        if !t.changed.is_empty() || t.run_changed {
+            let entry = self.changes.entry(cached.state.id).or_default();
+            entry.extend(&t.changed);
+            entry.sort_unstable();
+            entry.dedup();
         }
+        self.effects(&cached.plan, &cached.state, &t);
     }
-    for effect in &t.effects {
-        match effect {
-            Effect::Dispatch {
-                step,
-                attempt,
-                task_id,
-            } => {
-                let node = &plan.nodes[*step];
-                batch.attempts_started.push(AttemptStart {
-                    run_id: state.id,
-                    idx: *step as i32,
-                    attempt: *attempt as i32,
-                    task_id: *task_id,
-                    dispatched_at: now,
-                });
-                let task = Task {
-                    v: PROTOCOL_VERSION,
-                    task_id: *task_id,
-                    run_id: state.id,
+
+    /// Rows that create a new run with its steps.
+    fn create(&mut self, plan: &Plan, state: &RunState, definition_hash: &str) {
+        self.batch.new_runs.push(db::NewRun {
+            id: state.id,
+            name: plan.name.clone(),
+            definition_hash: definition_hash.to_string(),
+            status: state.status,
+            params: state.params.clone(),
+            created_at: self.now,
+            ended_at: state.ended_at,
+        });
+        for (idx, (node, step)) in plan.nodes.iter().zip(&state.steps).enumerate() {
+            self.batch.new_steps.push((
+                StepIdent {
                     step_id: node.id.clone(),
-                    attempt: *attempt,
                     agent: node.agent.clone(),
                     action: node.action.clone(),
-                    idempotency_key: format!("{}:{}", state.id, node.id),
-                    params: node.params.clone(),
-                    run_params: state.params.clone(),
-                    inputs: state.inputs_for(plan, *step),
-                    dispatched_at: now,
-                };
-                batch.outbox.push(OutboxRow {
-                    id: *task_id,
-                    routing_key: names.agent(&node.agent),
-                    kind: "task".into(),
-                    correlation_id: Some(task_id.to_string()),
-                    reply_to: Some(names.results()),
-                    body: serde_json::to_vec(&task).expect("a task always serialises"),
-                    created_at: now,
-                });
-                tracing::debug!(run_id = %state.id, step_id = %node.id, attempt, "dispatch");
+                },
+                StepRow {
+                    run_id: state.id,
+                    idx: idx as i32,
+                    state: step.clone(),
+                },
+            ));
+        }
+    }
+
+    /// Turns a transition's effects into rows of the batch.
+    fn effects(&mut self, plan: &Plan, state: &RunState, t: &Transition) {
+        for &i in &t.changed {
+            if let Some(at) = state.steps[i].wake_at {
+                self.wakes.push(at);
             }
-            Effect::AttemptEnded {
-                attempt: _,
-                task_id,
-                success,
-                error,
-                worker,
-                started_at,
-                finished_at,
-                ..
-            } => batch.attempts_ended.push(AttemptEnd {
-                task_id: *task_id,
-                success: *success,
-                started_at: *started_at,
-                finished_at: *finished_at,
-                worker: worker.clone(),
-                error: error.clone(),
-            }),
-            Effect::Stale {
-                step,
-                attempt,
-                reason,
-            } => {
-                tracing::info!(run_id = %state.id, step_id = %plan.nodes.get(*step).map_or("?", |n| n.id.as_str()), attempt, reason, "stale result ignored");
-            }
-            Effect::RunEnded(status) => {
-                tracing::info!(run_id = %state.id, workflow = %plan.name, status = status.as_str(), "run ended");
+        }
+        for effect in &t.effects {
+            match effect {
+                Effect::Dispatch {
+                    step,
+                    attempt,
+                    task_id,
+                } => {
+                    let node = &plan.nodes[*step];
+                    self.batch.attempts_started.push(AttemptStart {
+                        run_id: state.id,
+                        idx: *step as i32,
+                        attempt: *attempt as i32,
+                        task_id: *task_id,
+                        dispatched_at: self.now,
+                    });
+                    let task = Task {
+                        v: PROTOCOL_VERSION,
+                        task_id: *task_id,
+                        run_id: state.id,
+                        step_id: node.id.clone(),
+                        attempt: *attempt,
+                        agent: node.agent.clone(),
+                        action: node.action.clone(),
+                        idempotency_key: format!("{}:{}", state.id, node.id),
+                        params: node.params.clone(),
+                        run_params: state.params.clone(),
+                        inputs: state.inputs_for(plan, *step),
+                        dispatched_at: self.now,
+                    };
+                    self.batch.outbox.push(OutboxRow {
+                        id: *task_id,
+                        routing_key: self.names.agent(&node.agent),
+                        kind: "task".into(),
+                        correlation_id: Some(task_id.to_string()),
+                        reply_to: Some(self.names.results()),
+                        body: serde_json::to_vec(&task).expect("a task always serialises"),
+                        created_at: self.now,
+                    });
+                    tracing::debug!(run_id = %state.id, step_id = %node.id, attempt, "dispatch");
+                }
+                Effect::AttemptEnded {
+                    attempt: _,
+                    task_id,
+                    success,
+                    error,
+                    worker,
+                    started_at,
+                    finished_at,
+                    ..
+                } => self.batch.attempts_ended.push(AttemptEnd {
+                    task_id: *task_id,
+                    success: *success,
+                    started_at: *started_at,
+                    finished_at: *finished_at,
+                    worker: worker.clone(),
+                    error: error.clone(),
+                }),
+                Effect::Stale {
+                    step,
+                    attempt,
+                    reason,
+                } => {
+                    tracing::info!(run_id = %state.id, step_id = %plan.nodes.get(*step).map_or("?", |n| n.id.as_str()), attempt, reason, "stale result ignored");
+                }
+                Effect::RunEnded(status) => {
+                    tracing::info!(run_id = %state.id, workflow = %plan.name, status = status.as_str(), "run ended");
+                }
             }
         }
     }

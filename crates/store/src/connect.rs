@@ -5,26 +5,9 @@ use std::str::FromStr;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-use crate::{Error, StoreConfig};
+use flotilla_core::redact_url;
 
-/// The URL with its password replaced by `***`, safe to print.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match (authority.rfind('@'), authority.find(':')) {
-        (Some(at), Some(colon)) if colon < at => format!(
-            "{}://{}:***{}",
-            &url[..scheme_end],
-            &authority[..colon],
-            &rest[at..]
-        ),
-        _ => url.to_string(),
-    }
-}
+use crate::{Error, StoreConfig};
 
 fn unreachable(url: &str, err: impl std::fmt::Display) -> Error {
     Error::Unreachable(format!(
@@ -93,22 +76,5 @@ async fn ensure_database(url: &str, pg: &tokio_postgres::Config) -> Result<(), E
         }
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => Ok(()),
         Err(e) => Err(Error::Db(e)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_url;
-
-    #[test]
-    fn passwords_never_show() {
-        assert_eq!(
-            redact_url("postgres://user:s3cret@db:5432/flotilla"),
-            "postgres://user:***@db:5432/flotilla"
-        );
-        assert_eq!(
-            redact_url("postgres://postgres@127.0.0.1/flotilla"),
-            "postgres://postgres@127.0.0.1/flotilla"
-        );
     }
 }

@@ -13,7 +13,6 @@ pub mod queries;
 
 use std::time::Duration;
 
-pub use connect::redact_url;
 pub use deadpool_postgres::{GenericClient, Object as Client, Transaction};
 
 /// Why a store call failed.

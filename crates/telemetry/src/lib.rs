@@ -1,9 +1,11 @@
-//! Logging set-up shared by every Flotilla binary.
+//! Set-up shared by every Flotilla binary: logging, and the shutdown signals.
 //!
 //! `RUST_LOG` filters (default `info`); `FLOTILLA_LOG_FORMAT=json` writes one JSON object per
 //! line for log collectors, anything else a human-readable line. Logs go to standard error so
 //! that a binary's standard output stays for its results.
 
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber. Call once, first thing in `main`.
@@ -14,8 +16,36 @@ pub fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if json {
-        builder.json().flatten_event(true).with_current_span(false).init();
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
     } else {
         builder.init();
     }
+}
+
+/// The first SIGTERM or Ctrl-C cancels `shutdown` (drain, then exit 0); a second one exits at
+/// once with 130, leaving work in progress to be redelivered.
+pub fn shutdown_on_signals(shutdown: CancellationToken) -> std::io::Result<()> {
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        tracing::info!(
+            "shutdown requested; finishing work in progress, signal again to exit at once"
+        );
+        shutdown.cancel();
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        tracing::warn!("second signal; exiting now");
+        std::process::exit(130);
+    });
+    Ok(())
 }

@@ -77,9 +77,9 @@ impl Config {
         [
             (
                 "DATABASE_URL",
-                flotilla_store::redact_url(&self.database_url),
+                flotilla_core::redact_url(&self.database_url),
             ),
-            ("AMQP_URL", flotilla_broker::redact_url(&self.amqp_url)),
+            ("AMQP_URL", flotilla_core::redact_url(&self.amqp_url)),
             ("PORT", self.port.to_string()),
             ("FLOTILLA_BIND", self.bind.to_string()),
             ("FLOTILLA_QUEUE_PREFIX", self.queue_prefix.clone()),

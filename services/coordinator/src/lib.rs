@@ -133,7 +133,7 @@ pub async fn run(
         },
     );
     let address = listener.local_addr()?;
-    tracing::info!(%address, database = %flotilla_store::redact_url(&config.database_url), broker = %broker.redacted_url(), prefix = %names.prefix(), "coordinator ready");
+    tracing::info!(%address, database = %flotilla_core::redact_url(&config.database_url), broker = %broker.redacted_url(), prefix = %names.prefix(), "coordinator ready");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await

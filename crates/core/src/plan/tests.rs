@@ -80,12 +80,7 @@ fn a_cycle_is_refused_with_the_cycle_named() {
     )
     .unwrap_err();
     let text = err.to_string();
-    assert!(
-        ["a → b → c → a", "b → c → a → b", "c → a → b → c"]
-            .iter()
-            .any(|c| text.contains(c)),
-        "{text}"
-    );
+    assert!(text.contains("dependency cycle: a → b → c → a"), "{text}");
 }
 
 #[test]

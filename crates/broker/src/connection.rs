@@ -1,0 +1,209 @@
+use std::{str::FromStr, sync::Arc, time::Duration};
+
+use lapin::{
+    ConnectionProperties,
+    options::{QueueDeclareOptions, QueueDeleteOptions},
+    types::FieldTable,
+    uri::AMQPUri,
+};
+use tracing::{debug, info};
+
+use crate::{
+    BrokerConfig, DEFAULT_OPERATION_TIMEOUT,
+    error::{Error, bounded, short_string},
+};
+use flotilla_core::redact_url;
+
+/// An open connection to RabbitMQ. Cheap to clone: clones share one TCP connection, which is
+/// closed by [`Connection::close`] or when the last clone is dropped.
+///
+/// It does not reconnect by itself: after the connection is lost every operation fails, and
+/// consumers end with an error. The owner decides whether to reconnect or to exit.
+#[derive(Clone)]
+pub struct Connection {
+    inner: Arc<lapin::Connection>,
+    operation_timeout: Duration,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("connected", &self.is_connected())
+            .field("operation_timeout", &self.operation_timeout)
+            .finish()
+    }
+}
+
+/// Connects to the broker at `config.url`, naming the connection `name` (RabbitMQ shows it in
+/// `rabbitmqctl list_connections user_provided_name` and the management UI).
+///
+/// Gives up after `config.connect_timeout`. Errors name the URL with its password redacted, and
+/// an unreachable broker gets an error that says how to start one.
+pub async fn connect(config: &BrokerConfig, name: &str) -> Result<Connection, Error> {
+    let url = redact_url(&config.url);
+    // Parsed here rather than by lapin because lapin's parse error quotes the whole URL,
+    // password included.
+    let uri = AMQPUri::from_str(&config.url).map_err(|_| Error::InvalidUrl { url: url.clone() })?;
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    let connecting = lapin::Connection::connect_uri(uri, properties);
+    let connection = match tokio::time::timeout(config.connect_timeout, connecting).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) if error.is_io_error() => {
+            return Err(Error::Unreachable {
+                url,
+                reason: error.to_string(),
+            });
+        }
+        Ok(Err(error)) => {
+            return Err(Error::Refused {
+                url,
+                reason: error.to_string(),
+            });
+        }
+        Err(_) => {
+            return Err(Error::Unreachable {
+                url,
+                reason: format!("no answer within {:?}", config.connect_timeout),
+            });
+        }
+    };
+    info!(url = %url, connection = name, "connected to rabbitmq");
+    Ok(Connection {
+        inner: Arc::new(connection),
+        operation_timeout: DEFAULT_OPERATION_TIMEOUT,
+    })
+}
+
+impl Connection {
+    /// Sets how long each operation on this connection (and the channels, publishers and
+    /// consumers opened from it afterwards) may take.
+    #[must_use]
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    pub fn operation_timeout(&self) -> Duration {
+        self.operation_timeout
+    }
+
+    /// False once the connection is closed or lost.
+    pub fn is_connected(&self) -> bool {
+        self.inner.status().connected()
+    }
+
+    /// Opens a channel, for declaring topology and other administrative calls.
+    pub async fn open_channel(&self) -> Result<Channel, Error> {
+        Ok(Channel {
+            inner: self.create_lapin_channel().await?,
+            operation_timeout: self.operation_timeout,
+        })
+    }
+
+    pub(crate) async fn create_lapin_channel(&self) -> Result<lapin::Channel, Error> {
+        bounded(
+            "channel.open",
+            self.operation_timeout,
+            self.inner.create_channel(),
+        )
+        .await
+    }
+
+    /// Closes the connection cleanly. Unacked deliveries on its channels go back to their queues.
+    /// Closing a connection that is already closed or lost succeeds.
+    pub async fn close(&self) -> Result<(), Error> {
+        if !self.is_connected() {
+            return Ok(());
+        }
+        bounded(
+            "connection.close",
+            self.operation_timeout,
+            self.inner.close(200, "OK".into()),
+        )
+        .await?;
+        debug!("rabbitmq connection closed");
+        Ok(())
+    }
+}
+
+/// A channel for administrative calls: declaring, inspecting and deleting queues. Closed by
+/// [`Channel::close`] or when dropped.
+///
+/// RabbitMQ closes a channel on which a call fails (a queue that does not exist, a redeclaration
+/// with different arguments); open a new one after an error.
+#[derive(Debug, Clone)]
+pub struct Channel {
+    pub(crate) inner: lapin::Channel,
+    pub(crate) operation_timeout: Duration,
+}
+
+impl Channel {
+    /// Declares a durable queue with `arguments` (idempotent when the arguments are the same).
+    pub(crate) async fn declare_durable(
+        &self,
+        queue: &str,
+        arguments: FieldTable,
+    ) -> Result<(), Error> {
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        bounded(
+            "queue.declare",
+            self.operation_timeout,
+            self.inner
+                .queue_declare(short_string("queue name", queue)?, options, arguments),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// How many messages in `queue` are ready for delivery (not counting those delivered and not
+    /// yet acked). Fails, and closes this channel, if the queue does not exist.
+    pub async fn message_count(&self, queue: &str) -> Result<u32, Error> {
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = bounded(
+            "queue.declare (passive)",
+            self.operation_timeout,
+            self.inner.queue_declare(
+                short_string("queue name", queue)?,
+                options,
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        Ok(declared.message_count())
+    }
+
+    /// Deletes `queue` and the messages in it, returning how many there were. Deleting a queue
+    /// that does not exist succeeds.
+    pub async fn delete_queue(&self, queue: &str) -> Result<u32, Error> {
+        bounded(
+            "queue.delete",
+            self.operation_timeout,
+            self.inner.queue_delete(
+                short_string("queue name", queue)?,
+                QueueDeleteOptions::default(),
+            ),
+        )
+        .await
+    }
+
+    /// Closes the channel. Closing a channel that is already closed succeeds.
+    pub async fn close(&self) -> Result<(), Error> {
+        close_channel(&self.inner, self.operation_timeout).await
+    }
+}
+
+pub(crate) async fn close_channel(
+    channel: &lapin::Channel,
+    timeout: Duration,
+) -> Result<(), Error> {
+    if !channel.status().connected() {
+        return Ok(());
+    }
+    bounded("channel.close", timeout, channel.close(200, "OK".into())).await
+}

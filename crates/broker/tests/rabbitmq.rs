@@ -1,0 +1,375 @@
+//! Against the real RabbitMQ (`AMQP_URL`, default the local one). Each test uses its own queue
+//! prefix and deletes its queues at the end, so tests run in parallel.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use flotilla_broker::{
+    BrokerConfig, Connection, Consumer, Delivery, Error, OutgoingMessage, PublishError, Publisher,
+    QueueNames, connect, declare_agent_queue, declare_topology,
+};
+use uuid::Uuid;
+
+/// Bounds every wait in these tests, so a broken broker fails a test instead of hanging it.
+const WAIT: Duration = Duration::from_secs(15);
+
+fn broker_config() -> BrokerConfig {
+    let mut config = BrokerConfig::new(
+        std::env::var("AMQP_URL").unwrap_or_else(|_| flotilla_broker::DEFAULT_URL.to_owned()),
+    );
+    config.prefix = format!("test-{}", Uuid::new_v4());
+    config
+}
+
+struct Fixture {
+    config: BrokerConfig,
+    names: QueueNames,
+    agents: Vec<String>,
+    connection: Connection,
+}
+
+impl Fixture {
+    async fn new(agents: &[&str]) -> Result<Self> {
+        let config = broker_config();
+        let connection = connect(&config, "flotilla-broker-test").await?;
+        let names = config.queue_names();
+        let agents: Vec<String> = agents.iter().map(|a| (*a).to_owned()).collect();
+        let channel = connection.open_channel().await?;
+        declare_topology(&channel, &names, &agents, config.delivery_limit).await?;
+        channel.close().await?;
+        Ok(Self {
+            config,
+            names,
+            agents,
+            connection,
+        })
+    }
+
+    fn agent_queue(&self) -> String {
+        self.names.agent(&self.agents[0])
+    }
+
+    async fn cleanup(self) -> Result<()> {
+        let channel = self.connection.open_channel().await?;
+        for agent in &self.agents {
+            channel.delete_queue(&self.names.agent(agent)).await?;
+        }
+        for queue in [
+            self.names.results(),
+            self.names.heartbeats(),
+            self.names.dead_letters(),
+        ] {
+            channel.delete_queue(&queue).await?;
+        }
+        self.connection.close().await?;
+        Ok(())
+    }
+}
+
+async fn next_delivery(consumer: &mut Consumer) -> Result<Delivery> {
+    match tokio::time::timeout(WAIT, consumer.next()).await {
+        Ok(Some(delivery)) => Ok(delivery?),
+        Ok(None) => bail!("consumer of {} ended", consumer.queue()),
+        Err(_) => bail!("no delivery from {} within {WAIT:?}", consumer.queue()),
+    }
+}
+
+#[tokio::test]
+async fn published_batch_is_confirmed_and_consumed_back_with_acks() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let queue = fixture.agent_queue();
+    let publisher = Publisher::new(&fixture.connection).await?;
+
+    let messages: Vec<OutgoingMessage> = (0..50)
+        .map(|i| {
+            OutgoingMessage::new(&queue, "task", format!(r#"{{"n":{i}}}"#).into_bytes())
+                .with_correlation_id(format!("task-{i}"))
+                .with_reply_to(fixture.names.results())
+                .with_header("traceparent", format!("00-{i:032x}-{i:016x}-01"))
+        })
+        .collect();
+    let results = publisher.publish_batch(&messages).await;
+    assert_eq!(results.len(), messages.len());
+    for result in &results {
+        assert!(result.is_ok(), "{result:?}");
+    }
+
+    let mut consumer = Consumer::start(&fixture.connection, &queue, "test-consumer", 10).await?;
+    for (i, sent) in messages.iter().enumerate() {
+        let delivery = next_delivery(&mut consumer).await?;
+        assert_eq!(delivery.body, sent.body, "message {i}");
+        assert!(!delivery.redelivered);
+        assert_eq!(delivery.routing_key, queue);
+        assert_eq!(delivery.kind.as_deref(), Some("task"));
+        assert_eq!(delivery.content_type.as_deref(), Some("application/json"));
+        assert_eq!(delivery.correlation_id, sent.correlation_id);
+        assert_eq!(delivery.reply_to, sent.reply_to);
+        assert_eq!(delivery.headers, sent.headers);
+        assert!(delivery.message_id.is_some());
+        delivery.ack().await?;
+    }
+    // Closing the channel would requeue anything left unacked.
+    consumer.close().await?;
+    let channel = fixture.connection.open_channel().await?;
+    assert_eq!(channel.message_count(&queue).await?, 0);
+
+    publisher.close().await?;
+    fixture.cleanup().await
+}
+
+#[tokio::test]
+async fn message_to_a_missing_queue_is_reported_not_delivered() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let queue = fixture.agent_queue();
+    let missing = format!("{}.agent.nobody", fixture.config.prefix);
+    let publisher = Publisher::new(&fixture.connection).await?;
+
+    let batch = [
+        OutgoingMessage::new(&queue, "task", b"{}".to_vec()),
+        OutgoingMessage::new(&missing, "task", b"{}".to_vec()),
+        OutgoingMessage::new(&queue, "task", b"{}".to_vec()),
+        OutgoingMessage::new(&missing, "task", b"{}".to_vec()),
+    ];
+    let results = publisher.publish_batch(&batch).await;
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    assert!(results[2].is_ok(), "{:?}", results[2]);
+    for result in [&results[1], &results[3]] {
+        match result {
+            Err(PublishError::Returned {
+                routing_key,
+                reply_code,
+                ..
+            }) => {
+                assert_eq!(routing_key, &missing);
+                assert_eq!(*reply_code, 312);
+            }
+            other => panic!("expected a returned message, got {other:?}"),
+        }
+    }
+
+    let single = publisher
+        .publish_one(&OutgoingMessage::new(&missing, "task", b"{}".to_vec()))
+        .await;
+    assert!(
+        matches!(single, Err(PublishError::Returned { .. })),
+        "{single:?}"
+    );
+
+    let channel = fixture.connection.open_channel().await?;
+    assert_eq!(channel.message_count(&queue).await?, 2);
+    fixture.cleanup().await
+}
+
+/// Many tasks publishing at once through one publisher, a third of them to a missing queue:
+/// each learns the fate of its own message.
+#[tokio::test]
+async fn concurrent_publishes_each_get_their_own_outcome() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let queue = fixture.agent_queue();
+    let missing = format!("{}.agent.nobody", fixture.config.prefix);
+    let publisher = std::sync::Arc::new(Publisher::new(&fixture.connection).await?);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..60 {
+        let publisher = publisher.clone();
+        let target = if i % 3 == 0 {
+            missing.clone()
+        } else {
+            queue.clone()
+        };
+        tasks.spawn(async move {
+            let message = OutgoingMessage::new(&target, "task", format!("{i}").into_bytes());
+            (i, publisher.publish_one(&message).await)
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        let (i, result) = joined?;
+        if i % 3 == 0 {
+            assert!(
+                matches!(result, Err(PublishError::Returned { .. })),
+                "{i}: {result:?}"
+            );
+        } else {
+            assert!(result.is_ok(), "{i}: {result:?}");
+        }
+    }
+    let channel = fixture.connection.open_channel().await?;
+    assert_eq!(channel.message_count(&queue).await?, 40);
+    fixture.cleanup().await
+}
+
+#[tokio::test]
+async fn redeclaring_the_topology_is_idempotent() -> Result<()> {
+    let fixture = Fixture::new(&["echo", "agent6"]).await?;
+
+    // Again on the same connection, and from another process's point of view.
+    let channel = fixture.connection.open_channel().await?;
+    declare_topology(
+        &channel,
+        &fixture.names,
+        &fixture.agents,
+        fixture.config.delivery_limit,
+    )
+    .await?;
+    let other = connect(&fixture.config, "flotilla-broker-test-2").await?;
+    let other_channel = other.open_channel().await?;
+    declare_topology(
+        &other_channel,
+        &fixture.names,
+        &fixture.agents,
+        fixture.config.delivery_limit,
+    )
+    .await?;
+    other.close().await?;
+
+    // The arguments are really compared: a different delivery limit is refused.
+    let refused = declare_agent_queue(
+        &channel,
+        &fixture.names,
+        "echo",
+        fixture.config.delivery_limit + 1,
+    )
+    .await;
+    match refused {
+        Err(Error::Amqp { reason, .. }) => {
+            assert!(reason.contains("PRECONDITION_FAILED"), "{reason}");
+        }
+        other => panic!("expected the redeclaration to be refused, got {other:?}"),
+    }
+    fixture.cleanup().await
+}
+
+#[tokio::test]
+async fn unacked_delivery_comes_back_redelivered_after_its_channel_closes() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let queue = fixture.agent_queue();
+    let publisher = Publisher::new(&fixture.connection).await?;
+    publisher
+        .publish_one(&OutgoingMessage::new(&queue, "task", b"{\"n\":1}".to_vec()))
+        .await?;
+
+    let mut first = Consumer::start(&fixture.connection, &queue, "first", 1).await?;
+    let delivery = next_delivery(&mut first).await?;
+    assert!(!delivery.redelivered);
+    assert_eq!(delivery.delivery_count, None);
+    first.close().await?;
+    // The channel is gone, so the delivery can no longer be settled through it.
+    assert!(matches!(
+        delivery.ack().await,
+        Err(Error::DeliveryGone { .. })
+    ));
+
+    let mut second = Consumer::start(&fixture.connection, &queue, "second", 1).await?;
+    let again = next_delivery(&mut second).await?;
+    assert!(again.redelivered);
+    assert_eq!(again.delivery_count, Some(1));
+    assert_eq!(again.body, b"{\"n\":1}");
+    again.ack().await?;
+    second.close().await?;
+    fixture.cleanup().await
+}
+
+#[tokio::test]
+async fn rejected_task_is_dead_lettered() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let queue = fixture.agent_queue();
+    let publisher = Publisher::new(&fixture.connection).await?;
+    publisher
+        .publish_one(&OutgoingMessage::new(&queue, "task", b"not json".to_vec()))
+        .await?;
+
+    let mut consumer = Consumer::start(&fixture.connection, &queue, "", 1).await?;
+    next_delivery(&mut consumer).await?.nack(false).await?;
+
+    let mut dead =
+        Consumer::start(&fixture.connection, &fixture.names.dead_letters(), "", 1).await?;
+    let delivery = next_delivery(&mut dead).await?;
+    assert_eq!(delivery.body, b"not json");
+    delivery.ack().await?;
+    fixture.cleanup().await
+}
+
+#[tokio::test]
+async fn task_over_the_delivery_limit_is_dead_lettered() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let queue = fixture.agent_queue();
+    let publisher = Publisher::new(&fixture.connection).await?;
+    publisher
+        .publish_one(&OutgoingMessage::new(&queue, "task", b"poison".to_vec()))
+        .await?;
+
+    // Delivered once, then requeued `delivery_limit` times: the next requeue dead-letters it.
+    let mut consumer = Consumer::start(&fixture.connection, &queue, "", 1).await?;
+    for _ in 0..=fixture.config.delivery_limit {
+        next_delivery(&mut consumer).await?.nack(true).await?;
+    }
+    let mut dead =
+        Consumer::start(&fixture.connection, &fixture.names.dead_letters(), "", 1).await?;
+    let delivery = next_delivery(&mut dead).await?;
+    assert_eq!(delivery.body, b"poison");
+    delivery.ack().await?;
+    consumer.close().await?;
+    let channel = fixture.connection.open_channel().await?;
+    assert_eq!(channel.message_count(&queue).await?, 0);
+    fixture.cleanup().await
+}
+
+#[tokio::test]
+async fn unreachable_broker_fails_fast_with_a_redacted_url() -> Result<()> {
+    let mut config = BrokerConfig::new("amqp://flotilla:s3cret-pw@127.0.0.1:1/%2f");
+    config.connect_timeout = Duration::from_secs(5);
+    let started = Instant::now();
+    let error = connect(&config, "unreachable-test")
+        .await
+        .err()
+        .context("connecting to port 1 succeeded")?;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    let message = error.to_string();
+    assert!(matches!(error, Error::Unreachable { .. }), "{error:?}");
+    assert!(
+        message.contains("amqp://flotilla:***@127.0.0.1:1/%2f"),
+        "{message}"
+    );
+    assert!(message.contains("rabbitmq-server -detached"), "{message}");
+    assert!(
+        message.contains("docker compose -f deploy/compose.yaml up -d rabbitmq"),
+        "{message}"
+    );
+    assert!(!message.contains("s3cret-pw"), "{message}");
+    assert!(!format!("{error:?}").contains("s3cret-pw"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn malformed_url_is_refused_without_showing_the_password() {
+    let config = BrokerConfig::new("http://flotilla:s3cret-pw@127.0.0.1:5672/%2f");
+    let error = connect(&config, "bad-url-test").await.unwrap_err();
+    assert!(matches!(error, Error::InvalidUrl { .. }), "{error:?}");
+    assert!(!error.to_string().contains("s3cret-pw"), "{error}");
+}
+
+#[tokio::test]
+async fn wrong_password_is_refused_without_showing_it() -> Result<()> {
+    let mut config = broker_config();
+    let url = config
+        .url
+        .replacen("guest:guest@", "guest:not-the-password@", 1);
+    if url == config.url {
+        // A custom AMQP_URL without the stock credentials: nothing to falsify.
+        return Ok(());
+    }
+    config.url = url;
+    let error = connect(&config, "wrong-password-test")
+        .await
+        .err()
+        .context("connected with a wrong password")?;
+    assert!(matches!(error, Error::Refused { .. }), "{error:?}");
+    assert!(error.to_string().contains("ACCESS_REFUSED"), "{error}");
+    assert!(!error.to_string().contains("not-the-password"), "{error}");
+    Ok(())
+}

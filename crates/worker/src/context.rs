@@ -1,0 +1,110 @@
+use std::sync::Arc;
+
+use flotilla_proto::Task;
+use serde_json::{Map, Value};
+
+/// What a handler gets: the task, and where it came from.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    task: Task,
+    agent: Arc<str>,
+    worker_id: Arc<str>,
+    redelivered: bool,
+}
+
+impl TaskContext {
+    /// The worker builds the context of each task; build one yourself to unit-test a handler.
+    pub fn new(
+        task: Task,
+        agent: impl Into<Arc<str>>,
+        worker_id: impl Into<Arc<str>>,
+        redelivered: bool,
+    ) -> Self {
+        Self {
+            task,
+            agent: agent.into(),
+            worker_id: worker_id.into(),
+            redelivered,
+        }
+    }
+
+    pub fn task(&self) -> &Task {
+        &self.task
+    }
+
+    pub fn into_task(self) -> Task {
+        self.task
+    }
+
+    /// The step's own params.
+    pub fn params(&self) -> &Map<String, Value> {
+        &self.task.params
+    }
+
+    /// The run's params.
+    pub fn run_params(&self) -> &Map<String, Value> {
+        &self.task.run_params
+    }
+
+    /// Outputs of the steps this step depends on, by step id.
+    pub fn inputs(&self) -> &Map<String, Value> {
+        &self.task.inputs
+    }
+
+    pub fn action(&self) -> &str {
+        &self.task.action
+    }
+
+    /// 1 for the first attempt.
+    pub fn attempt(&self) -> u32 {
+        self.task.attempt
+    }
+
+    /// The same for every attempt of this step in this run: key side effects on it to make them
+    /// idempotent.
+    pub fn idempotency_key(&self) -> &str {
+        &self.task.idempotency_key
+    }
+
+    /// The agent whose queue the task came from.
+    pub fn agent(&self) -> &str {
+        &self.agent
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// True when RabbitMQ delivered this task before, maybe to a worker that crashed while
+    /// running it: the side effects of that run may already have happened.
+    pub fn redelivered(&self) -> bool {
+        self.redelivered
+    }
+}
+
+/// Why a handler failed, and whether trying again could help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct HandlerError {
+    pub message: String,
+    /// False when retrying cannot help (bad params, unknown action): the step fails at once.
+    pub retryable: bool,
+}
+
+impl HandlerError {
+    /// A failure that may pass on another attempt (a timeout, a service that is down).
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: true,
+        }
+    }
+
+    /// A failure that another attempt would repeat.
+    pub fn fatal(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: false,
+        }
+    }
+}

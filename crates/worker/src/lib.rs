@@ -1,0 +1,120 @@
+//! The Flotilla worker SDK: serve agent actions from RabbitMQ with bounded concurrency and
+//! graceful shutdown.
+//!
+//! ```no_run
+//! use flotilla_worker::{HandlerError, TaskContext, Worker, WorkerConfig};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! async fn scaffold(ctx: TaskContext) -> Result<serde_json::Value, HandlerError> {
+//!     let name = ctx.params().get("name").and_then(|v| v.as_str())
+//!         .ok_or_else(|| HandlerError::fatal("param `name` is required"))?;
+//!     Ok(serde_json::json!({ "created": name }))
+//! }
+//!
+//! # async fn example() -> Result<(), flotilla_worker::Error> {
+//! let worker = Worker::builder(WorkerConfig::default())
+//!     .agent("agent6")
+//!     .action("scaffold_project", scaffold)
+//!     .build();
+//! worker.run(CancellationToken::new()).await
+//! # }
+//! ```
+//!
+//! How a task is handled:
+//!
+//! - Each agent has a queue; the worker consumes all of them with manual acks, and a semaphore
+//!   shared by all agents caps the tasks running at once at `concurrency`.
+//! - A body that is not a valid task is nacked without requeue, so the queue dead-letters it
+//!   instead of redelivering it forever.
+//! - The handler runs in a task of its own; a panic becomes a failure result.
+//! - The result goes to the task's `reply_to` queue with a publisher confirm, and only then is
+//!   the task acked. If the result cannot be published the task is requeued and runs again: the
+//!   coordinator fences results by task id and attempt, so duplicates are harmless.
+//! - Heartbeats listing the tasks in progress go to `{prefix}.heartbeats` every
+//!   `heartbeat_interval`.
+//!
+//! On connection loss [`Worker::run`] returns an error rather than reconnecting: the process
+//! exits and its supervisor restarts it, and RabbitMQ redelivers the tasks it held.
+
+mod context;
+mod worker;
+
+use std::time::Duration;
+
+pub use context::{HandlerError, TaskContext};
+pub use worker::{Worker, WorkerBuilder};
+
+/// How a worker reaches RabbitMQ and how it runs tasks.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// `amqp://user:password@host:port/vhost`; never logged with its password.
+    pub amqp_url: String,
+    /// Prefix of the queue names; the coordinator must use the same.
+    pub prefix: String,
+    /// How many tasks run at once at most, across all agents. Also the prefetch of each agent
+    /// queue, so at most 65535.
+    pub concurrency: usize,
+    /// Names this process in results and heartbeats; `None` means `{host}-{pid}-{random}`.
+    pub worker_id: Option<String>,
+    pub heartbeat_interval: Duration,
+    /// How long a shutdown waits for tasks in progress before leaving them to be redelivered.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        let broker = flotilla_broker::BrokerConfig::default();
+        Self {
+            amqp_url: broker.url,
+            prefix: broker.prefix,
+            concurrency: 16,
+            worker_id: None,
+            heartbeat_interval: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+// By hand so that the password never reaches a log through `{:?}`.
+impl std::fmt::Debug for WorkerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerConfig")
+            .field("amqp_url", &flotilla_core::redact_url(&self.amqp_url))
+            .field("prefix", &self.prefix)
+            .field("concurrency", &self.concurrency)
+            .field("worker_id", &self.worker_id)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .finish()
+    }
+}
+
+/// Why [`Worker::run`] stopped other than by a shutdown request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid worker config: {0}")]
+    Config(String),
+    /// RabbitMQ could not be reached or refused the connection at start-up.
+    #[error(transparent)]
+    Connect(flotilla_broker::Error),
+    #[error(transparent)]
+    Broker(#[from] flotilla_broker::Error),
+    /// A consumer stopped: the connection or channel was lost, or the queue was deleted.
+    #[error("stopped receiving tasks from {queue}: {reason}")]
+    ConsumerLost { queue: String, reason: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_debug_does_not_show_the_password() {
+        let config = WorkerConfig {
+            amqp_url: "amqp://app:hunter2@rabbit:5672/%2f".into(),
+            ..WorkerConfig::default()
+        };
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+    }
+}

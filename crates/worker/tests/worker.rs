@@ -1,0 +1,770 @@
+//! A real `Worker` against the real RabbitMQ (`AMQP_URL`, default the local one): tasks are
+//! published straight onto agent queues and results read back from the results queue. Each test
+//! has its own queue prefix and deletes its queues at the end.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use chrono::Utc;
+use flotilla_broker::{
+    BrokerConfig, Connection, Consumer, OutgoingMessage, Publisher, QueueNames, connect,
+    declare_topology,
+};
+use flotilla_proto::{Heartbeat, PROTOCOL_VERSION, ResultStatus, Task, TaskResult};
+use flotilla_worker::{HandlerError, TaskContext, Worker, WorkerBuilder, WorkerConfig};
+use serde_json::{Value, json};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Notify, Semaphore, mpsc},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Bounds every wait, so that a broken worker fails a test instead of hanging it.
+const WAIT: Duration = Duration::from_secs(20);
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| flotilla_broker::DEFAULT_URL.to_owned())
+}
+
+struct Fixture {
+    names: QueueNames,
+    agents: Vec<String>,
+    connection: Connection,
+    publisher: Publisher,
+}
+
+impl Fixture {
+    async fn new(agents: &[&str]) -> Result<Self> {
+        let mut config = BrokerConfig::new(amqp_url());
+        config.prefix = format!("test-{}", Uuid::new_v4());
+        let connection = connect(&config, "flotilla-worker-test").await?;
+        let names = config.queue_names();
+        let agents: Vec<String> = agents.iter().map(|a| (*a).to_owned()).collect();
+        // Declared before the worker starts so that tasks published first are routed.
+        let channel = connection.open_channel().await?;
+        declare_topology(&channel, &names, &agents, config.delivery_limit).await?;
+        channel.close().await?;
+        let publisher = Publisher::new(&connection).await?;
+        Ok(Self {
+            names,
+            agents,
+            connection,
+            publisher,
+        })
+    }
+
+    fn config(&self, concurrency: usize) -> WorkerConfig {
+        WorkerConfig {
+            amqp_url: amqp_url(),
+            prefix: self.names.prefix().to_owned(),
+            concurrency,
+            worker_id: Some(format!("test-worker-{}", Uuid::new_v4())),
+            heartbeat_interval: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+
+    fn builder(&self, config: WorkerConfig) -> WorkerBuilder {
+        self.agents
+            .iter()
+            .fold(Worker::builder(config), |builder, agent| {
+                builder.agent(agent)
+            })
+    }
+
+    fn task(&self, agent: &str, action: &str, params: Value) -> Task {
+        let run_id = Uuid::now_v7();
+        Task {
+            v: PROTOCOL_VERSION,
+            task_id: Uuid::now_v7(),
+            run_id,
+            step_id: format!("step-{action}"),
+            attempt: 1,
+            agent: agent.to_owned(),
+            action: action.to_owned(),
+            idempotency_key: format!("{run_id}/step-{action}"),
+            params: params.as_object().cloned().unwrap_or_default(),
+            run_params: json!({"region": "eu", "name": "from-run"})
+                .as_object()
+                .cloned()
+                .unwrap(),
+            inputs: serde_json::Map::new(),
+            dispatched_at: Utc::now(),
+        }
+    }
+
+    /// Publishes tasks the way the coordinator does.
+    async fn publish(&self, tasks: &[Task]) -> Result<()> {
+        let messages: Vec<OutgoingMessage> = tasks
+            .iter()
+            .map(|task| {
+                OutgoingMessage::new(
+                    self.names.agent(&task.agent),
+                    "task",
+                    serde_json::to_vec(task).unwrap(),
+                )
+                .with_reply_to(self.names.results())
+                .with_correlation_id(task.task_id.to_string())
+            })
+            .collect();
+        for result in self.publisher.publish_batch(&messages).await {
+            result?;
+        }
+        Ok(())
+    }
+
+    async fn publish_raw(&self, agent: &str, body: &[u8]) -> Result<()> {
+        let message = OutgoingMessage::new(self.names.agent(agent), "task", body.to_vec())
+            .with_reply_to(self.names.results());
+        Ok(self.publisher.publish_one(&message).await?)
+    }
+
+    async fn results(&self) -> Result<Consumer> {
+        Ok(Consumer::start(&self.connection, &self.names.results(), "", 100).await?)
+    }
+
+    async fn message_count(&self, queue: &str) -> Result<u32> {
+        let channel = self.connection.open_channel().await?;
+        let count = channel.message_count(queue).await?;
+        channel.close().await?;
+        Ok(count)
+    }
+
+    async fn cleanup(self) -> Result<()> {
+        let channel = self.connection.open_channel().await?;
+        for agent in &self.agents {
+            channel.delete_queue(&self.names.agent(agent)).await?;
+        }
+        for queue in [
+            self.names.results(),
+            self.names.heartbeats(),
+            self.names.dead_letters(),
+        ] {
+            channel.delete_queue(&queue).await?;
+        }
+        self.connection.close().await?;
+        Ok(())
+    }
+}
+
+/// Reads `n` results, acking them, keyed by task id. Checks the AMQP properties on the way.
+async fn read_results(consumer: &mut Consumer, n: usize) -> Result<HashMap<Uuid, TaskResult>> {
+    let mut results = HashMap::new();
+    while results.len() < n {
+        let delivery = match tokio::time::timeout(WAIT, consumer.next()).await {
+            Ok(Some(delivery)) => delivery?,
+            Ok(None) => bail!("results consumer ended"),
+            Err(_) => bail!("only {} of {n} results within {WAIT:?}", results.len()),
+        };
+        let result: TaskResult = serde_json::from_slice(&delivery.body)?;
+        assert_eq!(delivery.kind.as_deref(), Some("result"));
+        assert_eq!(delivery.content_type.as_deref(), Some("application/json"));
+        assert_eq!(
+            delivery.correlation_id.as_deref(),
+            Some(result.task_id.to_string().as_str())
+        );
+        delivery.ack().await?;
+        results.insert(result.task_id, result);
+    }
+    Ok(results)
+}
+
+fn spawn_worker(
+    worker: Worker,
+    shutdown: &CancellationToken,
+) -> JoinHandle<Result<(), flotilla_worker::Error>> {
+    tokio::spawn(worker.run(shutdown.clone()))
+}
+
+async fn stop(
+    run: JoinHandle<Result<(), flotilla_worker::Error>>,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, run)
+        .await
+        .context("worker did not stop")???;
+    Ok(())
+}
+
+#[tokio::test]
+async fn handled_tasks_report_their_results() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let config = fixture.config(4);
+    let worker_id = config.worker_id.clone().unwrap();
+    let worker = fixture
+        .builder(config)
+        .action("double", |ctx: TaskContext| async move {
+            let n = ctx.params()["n"]
+                .as_i64()
+                .ok_or_else(|| HandlerError::fatal("n"))?;
+            Ok(json!({
+                "doubled": n * 2,
+                "region": ctx.run_params()["region"],
+                "agent": ctx.agent(),
+                "attempt": ctx.attempt(),
+                "key": ctx.idempotency_key(),
+                "redelivered": ctx.redelivered(),
+            }))
+        })
+        .build();
+    assert_eq!(worker.worker_id(), worker_id);
+    let shutdown = CancellationToken::new();
+    let run = spawn_worker(worker, &shutdown);
+
+    let mut tasks: Vec<Task> = (1..=5)
+        .map(|n| fixture.task("echo", "double", json!({ "n": n })))
+        .collect();
+    tasks[4].attempt = 3;
+    fixture.publish(&tasks).await?;
+    let mut results_consumer = fixture.results().await?;
+    let results = read_results(&mut results_consumer, tasks.len()).await?;
+
+    for (n, task) in (1..).zip(&tasks) {
+        let result = &results[&task.task_id];
+        assert_eq!(result.status, ResultStatus::Success, "{result:?}");
+        assert_eq!(result.run_id, task.run_id);
+        assert_eq!(result.step_id, task.step_id);
+        assert_eq!(result.attempt, task.attempt);
+        assert_eq!(result.worker_id, worker_id);
+        assert!(result.started_at <= result.finished_at);
+        assert_eq!(result.error, None);
+        assert_eq!(
+            result.output,
+            Some(json!({
+                "doubled": n * 2,
+                "region": "eu",
+                "agent": "echo",
+                "attempt": task.attempt,
+                "key": task.idempotency_key,
+                "redelivered": false,
+            }))
+        );
+    }
+
+    stop(run, &shutdown).await?;
+    // Every task was acked.
+    assert_eq!(
+        fixture.message_count(&fixture.names.agent("echo")).await?,
+        0
+    );
+    fixture.cleanup().await
+}
+
+#[tokio::test]
+async fn concurrency_is_capped_across_agents() -> Result<()> {
+    const CONCURRENCY: usize = 3;
+    // Two agents, each with prefetch 3: only the shared semaphore keeps it at 3, not 6.
+    let fixture = Fixture::new(&["alpha", "beta"]).await?;
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let max_in_flight = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    let (started_tx, mut started) = mpsc::unbounded_channel::<()>();
+
+    let handler = {
+        let (in_flight, max_in_flight, gate) =
+            (in_flight.clone(), max_in_flight.clone(), gate.clone());
+        move |_ctx: TaskContext| {
+            let (in_flight, max_in_flight, gate, started_tx) = (
+                in_flight.clone(),
+                max_in_flight.clone(),
+                gate.clone(),
+                started_tx.clone(),
+            );
+            async move {
+                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                max_in_flight.fetch_max(now, Ordering::SeqCst);
+                started_tx.send(()).unwrap();
+                gate.acquire().await.unwrap().forget();
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                Ok(json!({}))
+            }
+        }
+    };
+    let worker = fixture
+        .builder(fixture.config(CONCURRENCY))
+        .action("hold", handler)
+        .build();
+    let shutdown = CancellationToken::new();
+    let run = spawn_worker(worker, &shutdown);
+
+    let tasks: Vec<Task> = ["alpha", "beta"]
+        .iter()
+        .flat_map(|agent| (0..4).map(|_| fixture.task(agent, "hold", json!({}))))
+        .collect();
+    fixture.publish(&tasks).await?;
+
+    for _ in 0..CONCURRENCY {
+        tokio::time::timeout(WAIT, started.recv()).await?.unwrap();
+    }
+    assert_eq!(in_flight.load(Ordering::SeqCst), CONCURRENCY);
+    // Release one task at a time: each release lets exactly one more start.
+    for _ in CONCURRENCY..tasks.len() {
+        gate.add_permits(1);
+        tokio::time::timeout(WAIT, started.recv()).await?.unwrap();
+        assert!(in_flight.load(Ordering::SeqCst) <= CONCURRENCY);
+    }
+    gate.add_permits(CONCURRENCY);
+    let mut results_consumer = fixture.results().await?;
+    let results = read_results(&mut results_consumer, tasks.len()).await?;
+    assert!(results.values().all(|r| r.status == ResultStatus::Success));
+    assert_eq!(max_in_flight.load(Ordering::SeqCst), CONCURRENCY);
+
+    stop(run, &shutdown).await?;
+    fixture.cleanup().await
+}
+
+#[tokio::test]
+async fn panicking_handler_fails_its_task_and_the_worker_goes_on() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let worker = fixture
+        .builder(fixture.config(2))
+        .action("boom", |ctx: TaskContext| async move {
+            if ctx.attempt() > 0 {
+                panic!("kaboom in {}", ctx.task().step_id);
+            }
+            Ok(json!(null))
+        })
+        .action("ok", |_ctx: TaskContext| async { Ok(json!("fine")) })
+        // Panics while making its future, not inside it.
+        .action("eager", |ctx: TaskContext| {
+            assert!(ctx.attempt() == 0, "eager panic");
+            async { Ok(json!(null)) }
+        })
+        .build();
+    let shutdown = CancellationToken::new();
+    let run = spawn_worker(worker, &shutdown);
+
+    let tasks = vec![
+        fixture.task("echo", "boom", json!({})),
+        fixture.task("echo", "ok", json!({})),
+        fixture.task("echo", "boom", json!({})),
+        fixture.task("echo", "ok", json!({})),
+        fixture.task("echo", "eager", json!({})),
+    ];
+    fixture.publish(&tasks).await?;
+    let mut results_consumer = fixture.results().await?;
+    let results = read_results(&mut results_consumer, tasks.len()).await?;
+    for task in &tasks {
+        let result = &results[&task.task_id];
+        if task.action == "boom" || task.action == "eager" {
+            assert_eq!(result.status, ResultStatus::Failure);
+            let error = result.error.as_ref().unwrap();
+            assert!(error.message.contains("panicked"), "{error:?}");
+            let expected = if task.action == "boom" {
+                "kaboom in step-boom"
+            } else {
+                "eager panic"
+            };
+            assert!(error.message.contains(expected), "{error:?}");
+            assert!(error.retryable);
+        } else {
+            assert_eq!(result.status, ResultStatus::Success);
+            assert_eq!(result.output, Some(json!("fine")));
+        }
+    }
+    assert!(!run.is_finished());
+    stop(run, &shutdown).await?;
+    fixture.cleanup().await
+}
+
+#[tokio::test]
+async fn unknown_action_fails_without_retry_and_fallback_answers_the_rest() -> Result<()> {
+    let fixture = Fixture::new(&["echo", "other"]).await?;
+    // One worker without a fallback on `echo`, one with a fallback on `other`.
+    let strict = Worker::builder(fixture.config(2))
+        .agent("echo")
+        .action("known", |_ctx: TaskContext| async { Ok(json!(1)) })
+        .build();
+    let lenient = Worker::builder(fixture.config(2))
+        .agent("other")
+        .action("known", |_ctx: TaskContext| async { Ok(json!(1)) })
+        .fallback(|ctx: TaskContext| async move { Ok(json!({ "fallback": ctx.action() })) })
+        .build();
+    let shutdown = CancellationToken::new();
+    let strict_run = spawn_worker(strict, &shutdown);
+    let lenient_run = spawn_worker(lenient, &shutdown);
+
+    let unknown = fixture.task("echo", "mystery", json!({}));
+    let known = fixture.task("echo", "known", json!({}));
+    let fallen_back = fixture.task("other", "mystery", json!({}));
+    fixture
+        .publish(&[unknown.clone(), known.clone(), fallen_back.clone()])
+        .await?;
+    let mut results_consumer = fixture.results().await?;
+    let results = read_results(&mut results_consumer, 3).await?;
+
+    let failed = &results[&unknown.task_id];
+    assert_eq!(failed.status, ResultStatus::Failure);
+    let error = failed.error.as_ref().unwrap();
+    assert!(!error.retryable);
+    assert!(error.message.contains("`mystery`"), "{error:?}");
+    assert!(error.message.contains("`echo`"), "{error:?}");
+    assert_eq!(results[&known.task_id].output, Some(json!(1)));
+    assert_eq!(
+        results[&fallen_back.task_id].output,
+        Some(json!({ "fallback": "mystery" }))
+    );
+
+    stop(strict_run, &shutdown).await?;
+    stop(lenient_run, &shutdown).await?;
+    fixture.cleanup().await
+}
+
+#[tokio::test]
+async fn undecodable_task_is_dead_lettered_not_retried() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let worker = fixture
+        .builder(fixture.config(1))
+        .fallback(|_ctx: TaskContext| async { Ok(json!("ok")) })
+        .build();
+    let shutdown = CancellationToken::new();
+    let run = spawn_worker(worker, &shutdown);
+
+    fixture
+        .publish_raw("echo", b"{\"type\":\"task\",\"v\":1}")
+        .await?;
+    let valid = fixture.task("echo", "anything", json!({}));
+    fixture.publish(std::slice::from_ref(&valid)).await?;
+    let mut results_consumer = fixture.results().await?;
+    let results = read_results(&mut results_consumer, 1).await?;
+    assert!(results.contains_key(&valid.task_id));
+
+    let mut dead =
+        Consumer::start(&fixture.connection, &fixture.names.dead_letters(), "", 1).await?;
+    let delivery = tokio::time::timeout(WAIT, dead.next())
+        .await?
+        .context("dead-letter consumer ended")??;
+    assert_eq!(delivery.body, b"{\"type\":\"task\",\"v\":1}");
+    delivery.ack().await?;
+
+    stop(run, &shutdown).await?;
+    // Nothing was published for it: the only result was the valid task's.
+    assert_eq!(fixture.message_count(&fixture.names.results()).await?, 0);
+    fixture.cleanup().await
+}
+
+/// A result that cannot be delivered (its reply-to queue does not exist) must not ack the task:
+/// it is requeued and runs again, until the queue's delivery limit dead-letters it.
+#[tokio::test]
+async fn task_whose_result_cannot_be_published_is_requeued_not_acked() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let redeliveries = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let (calls, redeliveries) = (calls.clone(), redeliveries.clone());
+        move |ctx: TaskContext| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            if ctx.redelivered() {
+                redeliveries.fetch_add(1, Ordering::SeqCst);
+            }
+            async { Ok(json!(null)) }
+        }
+    };
+    let worker = fixture.builder(fixture.config(1)).fallback(handler).build();
+    let shutdown = CancellationToken::new();
+    let run = spawn_worker(worker, &shutdown);
+
+    let task = fixture.task("echo", "anything", json!({}));
+    let message = OutgoingMessage::new(
+        fixture.names.agent("echo"),
+        "task",
+        serde_json::to_vec(&task)?,
+    )
+    .with_reply_to(format!("{}.nowhere", fixture.names.prefix()));
+    fixture.publisher.publish_one(&message).await?;
+
+    let mut dead =
+        Consumer::start(&fixture.connection, &fixture.names.dead_letters(), "", 1).await?;
+    let delivery = tokio::time::timeout(WAIT, dead.next())
+        .await?
+        .context("dead-letter consumer ended")??;
+    let dead_task: Task = serde_json::from_slice(&delivery.body)?;
+    assert_eq!(dead_task.task_id, task.task_id);
+    delivery.ack().await?;
+    stop(run, &shutdown).await?;
+
+    // The first delivery and one per allowed redelivery (the default limit is 5).
+    assert_eq!(calls.load(Ordering::SeqCst), 6);
+    assert_eq!(redeliveries.load(Ordering::SeqCst), 5);
+    assert_eq!(fixture.message_count(&fixture.names.results()).await?, 0);
+    fixture.cleanup().await
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_the_task_in_progress() -> Result<()> {
+    // Concurrency 1 over two agents: one task runs, the other waits for the slot.
+    let fixture = Fixture::new(&["first", "second"]).await?;
+    let (started_tx, mut started) = mpsc::unbounded_channel::<Uuid>();
+    let release = Arc::new(Notify::new());
+    let handler = {
+        let release = release.clone();
+        move |ctx: TaskContext| {
+            let (release, started_tx) = (release.clone(), started_tx.clone());
+            async move {
+                started_tx.send(ctx.task().task_id).unwrap();
+                release.notified().await;
+                Ok(json!({ "finished": ctx.agent() }))
+            }
+        }
+    };
+    let mut config = fixture.config(1);
+    config.heartbeat_interval = Duration::from_millis(50);
+    let worker = fixture.builder(config).action("work", handler).build();
+    let shutdown = CancellationToken::new();
+    let run = spawn_worker(worker, &shutdown);
+
+    let first = fixture.task("first", "work", json!({}));
+    let second = fixture.task("second", "work", json!({}));
+    fixture.publish(&[first.clone(), second.clone()]).await?;
+    let running = tokio::time::timeout(WAIT, started.recv()).await?.unwrap();
+    let (finished, waiting) = if running == first.task_id {
+        (&first, &second)
+    } else {
+        (&second, &first)
+    };
+
+    let mut heartbeats =
+        Consumer::start(&fixture.connection, &fixture.names.heartbeats(), "", 10).await?;
+    let shutdown_at = Utc::now();
+    shutdown.cancel();
+    // A heartbeat sent after the shutdown request that still lists the task shows the worker
+    // draining rather than gone; only then may the task finish.
+    loop {
+        let delivery = tokio::time::timeout(WAIT, heartbeats.next())
+            .await?
+            .context("heartbeat consumer ended")??;
+        delivery.ack().await?;
+        let heartbeat: Heartbeat = serde_json::from_slice(&delivery.body)?;
+        if heartbeat.sent_at > shutdown_at && heartbeat.tasks.iter().any(|t| t.task_id == running) {
+            break;
+        }
+    }
+    heartbeats.close().await?;
+    release.notify_one();
+    stop(run, &shutdown).await?;
+
+    let mut results_consumer = fixture.results().await?;
+    let results = read_results(&mut results_consumer, 1).await?;
+    assert_eq!(results[&running].status, ResultStatus::Success);
+    results_consumer.close().await?;
+    assert_eq!(fixture.message_count(&fixture.names.results()).await?, 0);
+    // The waiting task never started and is back in its queue; the finished one was acked.
+    assert!(started.try_recv().is_err());
+    assert_eq!(
+        fixture
+            .message_count(&fixture.names.agent(&waiting.agent))
+            .await?,
+        1
+    );
+    assert_eq!(
+        fixture
+            .message_count(&fixture.names.agent(&finished.agent))
+            .await?,
+        0
+    );
+    fixture.cleanup().await
+}
+
+#[tokio::test]
+async fn shutdown_grace_expiry_leaves_the_task_to_be_redelivered() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let (started_tx, mut started) = mpsc::unbounded_channel::<()>();
+    let mut config = fixture.config(1);
+    config.shutdown_grace = Duration::from_millis(200);
+    let worker = fixture
+        .builder(config)
+        .action("forever", move |_ctx: TaskContext| {
+            let started_tx = started_tx.clone();
+            async move {
+                started_tx.send(()).unwrap();
+                std::future::pending::<()>().await;
+                Ok(json!(null))
+            }
+        })
+        .build();
+    let shutdown = CancellationToken::new();
+    let run = spawn_worker(worker, &shutdown);
+
+    fixture
+        .publish(&[fixture.task("echo", "forever", json!({}))])
+        .await?;
+    tokio::time::timeout(WAIT, started.recv()).await?.unwrap();
+    stop(run, &shutdown).await?;
+
+    assert_eq!(fixture.message_count(&fixture.names.results()).await?, 0);
+    assert_eq!(
+        fixture.message_count(&fixture.names.agent("echo")).await?,
+        1
+    );
+    fixture.cleanup().await
+}
+
+#[tokio::test]
+async fn heartbeats_report_the_worker_and_its_tasks() -> Result<()> {
+    let fixture = Fixture::new(&["echo", "agent6"]).await?;
+    let shutdown = CancellationToken::new();
+    let mut config = fixture.config(7);
+    config.heartbeat_interval = Duration::from_millis(100);
+    let worker_id = config.worker_id.clone().unwrap();
+    let (started_tx, mut started) = mpsc::unbounded_channel::<()>();
+    let handler = {
+        let shutdown = shutdown.clone();
+        move |_ctx: TaskContext| {
+            let (shutdown, started_tx) = (shutdown.clone(), started_tx.clone());
+            async move {
+                started_tx.send(()).unwrap();
+                shutdown.cancelled().await;
+                Ok(json!(null))
+            }
+        }
+    };
+    let worker = fixture.builder(config).fallback(handler).build();
+    let run = spawn_worker(worker, &shutdown);
+
+    let task = fixture.task("agent6", "hold", json!({}));
+    fixture.publish(std::slice::from_ref(&task)).await?;
+    tokio::time::timeout(WAIT, started.recv()).await?.unwrap();
+
+    let mut heartbeats =
+        Consumer::start(&fixture.connection, &fixture.names.heartbeats(), "", 10).await?;
+    let heartbeat = loop {
+        let delivery = tokio::time::timeout(WAIT, heartbeats.next())
+            .await?
+            .context("heartbeat consumer ended")??;
+        delivery.ack().await?;
+        assert_eq!(delivery.kind.as_deref(), Some("heartbeat"));
+        let heartbeat: Heartbeat = serde_json::from_slice(&delivery.body)?;
+        if !heartbeat.tasks.is_empty() {
+            break heartbeat;
+        }
+    };
+    assert_eq!(heartbeat.worker_id, worker_id);
+    assert_eq!(heartbeat.agents, ["echo", "agent6"]);
+    assert_eq!(heartbeat.concurrency, 7);
+    assert_eq!(heartbeat.tasks.len(), 1);
+    assert_eq!(heartbeat.tasks[0].task_id, task.task_id);
+    assert_eq!(heartbeat.tasks[0].step_id, task.step_id);
+    assert_eq!(heartbeat.tasks[0].attempt, task.attempt);
+
+    heartbeats.close().await?;
+    stop(run, &shutdown).await?;
+    fixture.cleanup().await
+}
+
+/// A TCP proxy in front of RabbitMQ whose connections the test can cut.
+async fn start_proxy(upstream: String, cut: CancellationToken) -> Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?.to_string();
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = cut.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let Ok((mut inbound, _)) = accepted else {
+                return;
+            };
+            let (upstream, cut) = (upstream.clone(), cut.clone());
+            tokio::spawn(async move {
+                let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                tokio::select! {
+                    () = cut.cancelled() => {}
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                }
+            });
+        }
+    });
+    Ok(address)
+}
+
+/// `(scheme://user:pass@, host:port, /vhost...)` of an AMQP URL.
+fn split_authority(url: &str) -> (&str, &str, &str) {
+    let host_start = url
+        .rfind('@')
+        .map_or_else(|| url.find("://").unwrap() + 3, |at| at + 1);
+    let host_end = url[host_start..]
+        .find('/')
+        .map_or(url.len(), |i| host_start + i);
+    (
+        &url[..host_start],
+        &url[host_start..host_end],
+        &url[host_end..],
+    )
+}
+
+#[tokio::test]
+async fn lost_connection_makes_run_fail() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let url = amqp_url();
+    let (before, upstream, after) = split_authority(&url);
+    let cut = CancellationToken::new();
+    let proxy = start_proxy(upstream.to_owned(), cut.clone()).await?;
+
+    let mut config = fixture.config(1);
+    config.amqp_url = format!("{before}{proxy}{after}");
+    let worker = fixture
+        .builder(config)
+        .fallback(|_ctx: TaskContext| async { Ok(json!(null)) })
+        .build();
+    let shutdown = CancellationToken::new();
+    let run = spawn_worker(worker, &shutdown);
+
+    // A result proves the worker is up, through the proxy.
+    let task = fixture.task("echo", "anything", json!({}));
+    fixture.publish(std::slice::from_ref(&task)).await?;
+    let mut results_consumer = fixture.results().await?;
+    read_results(&mut results_consumer, 1).await?;
+
+    cut.cancel();
+    let outcome = tokio::time::timeout(WAIT, run)
+        .await
+        .context("run did not return")??;
+    let error = outcome
+        .err()
+        .context("run returned Ok after losing its connection")?;
+    assert!(
+        matches!(error, flotilla_worker::Error::ConsumerLost { .. }),
+        "{error:?}"
+    );
+    fixture.cleanup().await
+}
+
+#[tokio::test]
+async fn unreachable_broker_is_reported_at_start() -> Result<()> {
+    let config = WorkerConfig {
+        amqp_url: "amqp://guest:pw-not-shown@127.0.0.1:1/%2f".into(),
+        ..WorkerConfig::default()
+    };
+    let worker = Worker::builder(config)
+        .agent("echo")
+        .fallback(|_ctx: TaskContext| async { Ok(json!(null)) })
+        .build();
+    let error = worker
+        .run(CancellationToken::new())
+        .await
+        .err()
+        .context("run succeeded without a broker")?;
+    assert!(
+        matches!(error, flotilla_worker::Error::Connect(_)),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains("amqp://guest:***@127.0.0.1:1/%2f"),
+        "{message}"
+    );
+    assert!(!message.contains("pw-not-shown"), "{message}");
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! The echo agent: a test and demo worker that answers any action of the agents it serves with
+//! the step's params (see [`echo`] for the reserved params that script its behaviour).
+//!
+//! Exit codes: 0 after a graceful shutdown (SIGTERM or Ctrl-C), 130 when a second signal cuts the
+//! shutdown short, 2 when RabbitMQ is unreachable at start or the flags are invalid, 1 when the
+//! connection is lost while running.
+
+mod echo;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use flotilla_worker::{Worker, WorkerConfig};
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+/// Serves Flotilla agent queues, answering every action with its params.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// An agent whose queue to serve; repeat for several.
+    #[arg(
+        long = "agent",
+        env = "FLOTILLA_AGENTS",
+        value_delimiter = ',',
+        required = true
+    )]
+    agents: Vec<String>,
+    /// How many tasks run at once at most.
+    #[arg(long, env = "FLOTILLA_CONCURRENCY", default_value_t = 16)]
+    concurrency: usize,
+    /// The RabbitMQ URL.
+    #[arg(long, env = "AMQP_URL", default_value = flotilla_broker::DEFAULT_URL, hide_env_values = true)]
+    amqp_url: String,
+    /// Prefix of the queue names; must match the coordinator's.
+    #[arg(long, env = "FLOTILLA_QUEUE_PREFIX", default_value = "flotilla")]
+    queue_prefix: String,
+    /// Names this worker in results and heartbeats [default: host-pid-random]
+    #[arg(long, env = "FLOTILLA_WORKER_ID")]
+    worker_id: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    flotilla_telemetry::init_logging();
+
+    let shutdown = CancellationToken::new();
+    if let Err(error) = flotilla_telemetry::shutdown_on_signals(shutdown.clone()) {
+        error!(%error, "cannot listen for signals");
+        return ExitCode::FAILURE;
+    }
+
+    let config = WorkerConfig {
+        amqp_url: args.amqp_url,
+        prefix: args.queue_prefix,
+        concurrency: args.concurrency,
+        worker_id: args.worker_id,
+        ..WorkerConfig::default()
+    };
+    let worker = args
+        .agents
+        .iter()
+        .map(|agent| agent.trim())
+        .filter(|agent| !agent.is_empty())
+        .fold(Worker::builder(config), |builder, agent| {
+            builder.agent(agent)
+        })
+        .fallback(echo::handle)
+        .build();
+
+    match worker.run(shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error @ (flotilla_worker::Error::Connect(_) | flotilla_worker::Error::Config(_))) => {
+            error!(%error, "cannot start");
+            ExitCode::from(2)
+        }
+        Err(error) => {
+            error!(%error, "worker failed");
+            ExitCode::FAILURE
+        }
+    }
+}
