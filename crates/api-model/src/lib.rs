@@ -366,7 +366,7 @@ mod tests {
         round_trip(&ErrorBody {
             error: ErrorDetail {
                 code: "invalid_yaml".into(),
-                message: "YAML syntax error at line 3, column 5: bad".into(),
+                message: "YAML error at line 3, column 5: bad".into(),
                 details: Some(json!({"line": 3, "column": 5})),
             },
         });

@@ -90,7 +90,7 @@ pub struct ErrorHandling {
 /// Why a definition could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DefinitionError {
-    #[error("YAML syntax error at line {line}, column {column}: {message}")]
+    #[error("YAML error at line {line}, column {column}: {message}")]
     Yaml {
         line: usize,
         column: usize,
