@@ -155,6 +155,10 @@ pub enum Event {
     },
     /// A waiting step's retry is due.
     Wake { step: usize, attempt: u32 },
+    /// An operator asks to run a failed step of an ended run again (for instance after its task
+    /// was dead-lettered): the step gets a new attempt, the steps it had blocked wait for it
+    /// again, and the failure handlers will run again should the run fail again.
+    Retry { step: usize },
 }
 
 /// How an attempt ended.
@@ -361,6 +365,22 @@ impl RunState {
                 }
                 self.dispatch(step, now, &mut t);
             }
+            Event::Retry { step } => {
+                let failed = self
+                    .steps
+                    .get(step)
+                    .is_some_and(|s| s.status == StepStatus::Failure);
+                if self.status != RunStatus::Failure || !failed {
+                    t.effects.push(Effect::Stale {
+                        step,
+                        attempt: self.steps.get(step).map_or(0, |s| s.attempt),
+                        reason: "only a failed step of a failed run can be retried",
+                    });
+                    return t;
+                }
+                self.reopen(plan, step, &mut t);
+                self.dispatch(step, now, &mut t);
+            }
         }
         self.settle_run(plan, now, &mut t);
         t
@@ -381,6 +401,42 @@ impl RunState {
     /// Counts of (unfinished main steps, failed main steps).
     pub fn progress(&self) -> (usize, usize) {
         (self.unfinished_main, self.failed_main)
+    }
+
+    /// Puts a failed run back to running around `step`: the step, the steps that were skipped
+    /// because of it and the failure handlers become pending again.
+    fn reopen(&mut self, plan: &Plan, step: usize, t: &mut Transition) {
+        let mut stack = vec![step];
+        while let Some(i) = stack.pop() {
+            let s = &mut self.steps[i];
+            if i != step && s.status != StepStatus::UpstreamFailed {
+                continue;
+            }
+            s.status = StepStatus::Pending;
+            s.ended_at = None;
+            s.error = None;
+            t.touch(i);
+            stack.extend(&plan.nodes[i].dependents);
+        }
+        for (i, node) in plan.nodes.iter().enumerate() {
+            if node.role == Role::OnFailure {
+                self.steps[i] = StepState {
+                    attempt: self.steps[i].attempt,
+                    ..StepState::default()
+                };
+                t.touch(i);
+            }
+        }
+        let steps = std::mem::take(&mut self.steps);
+        *self = Self::restore(
+            self.id,
+            plan,
+            RunStatus::Running,
+            std::mem::take(&mut self.params),
+            steps,
+            None,
+        );
+        t.run_changed = true;
     }
 
     fn dispatch(&mut self, step: usize, now: DateTime<Utc>, t: &mut Transition) {

@@ -9,11 +9,12 @@ use flotilla_broker::Delivery;
 use flotilla_core::scheduler::Transition;
 use flotilla_core::{Definition, Effect, Event, Outcome, Plan, RunState};
 use flotilla_proto::{PROTOCOL_VERSION, QueueNames, ResultStatus, Task, TaskResult};
-use flotilla_store::Store;
+use flotilla_store::dead_letters::{self, DeadLetter};
 use flotilla_store::definitions::Content;
 use flotilla_store::engine::{
     self as db, AttemptEnd, AttemptStart, Batch, OutboxRow, RunUpdate, StepIdent, StepRow,
 };
+use flotilla_store::{Store, idempotency};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -47,6 +48,8 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// The most runs whose state is kept in memory between batches.
     pub max_cached_runs: usize,
+    /// How long a repeated `Idempotency-Key` answers the run its first submission started.
+    pub idempotency_retention: Duration,
 }
 
 impl Default for EngineConfig {
@@ -55,6 +58,7 @@ impl Default for EngineConfig {
             names: QueueNames::default(),
             max_batch: 512,
             max_cached_runs: 20_000,
+            idempotency_retention: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -66,32 +70,80 @@ pub struct NewRun {
     pub plan: Arc<Plan>,
     /// The effective run params.
     pub params: Map<String, Value>,
+    /// A repeat of a submission with the same key answers the first one's run.
+    pub idempotency_key: Option<String>,
+}
+
+/// What a submission did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Submitted {
+    pub id: Uuid,
+    /// True when an earlier submission with the same idempotency key had started the run.
+    pub replayed: bool,
+}
+
+/// What a redrive did with one dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redriven {
+    pub dead_letter: Uuid,
+    pub run_id: Option<Uuid>,
+    pub step_id: Option<String>,
+    /// Whether the step got a new attempt; if not, why.
+    pub retried: Result<u32, String>,
 }
 
 pub(crate) enum Input {
     Submit {
         run: Box<NewRun>,
-        reply: oneshot::Sender<Result<Uuid, Error>>,
+        reply: oneshot::Sender<Result<Submitted, Error>>,
     },
     Result {
         result: Box<TaskResult>,
         delivery: Box<Delivery>,
     },
-    /// Retries that are due; `done` is answered once they are handled, so the timer does not
+    /// Timers that are due; `done` is answered once they are handled, so the timer does not
     /// hand the same ones over twice.
-    Wakes {
-        wakes: Vec<Wake>,
+    Due {
+        due: Vec<Due>,
         done: oneshot::Sender<()>,
+    },
+    /// A task RabbitMQ dead-lettered; `task` is absent when its body is not a task.
+    DeadLetter {
+        letter: Box<DeadLetter>,
+        task: Option<Box<Task>>,
+        delivery: Box<Delivery>,
+    },
+    /// Retry the steps of these dead letters (all pending ones when empty).
+    Redrive {
+        ids: Vec<Uuid>,
+        reply: oneshot::Sender<Result<Vec<Redriven>, Error>>,
     },
 }
 
-/// A waiting step whose retry is due.
+/// A timer that is due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Wake {
-    pub run_id: Uuid,
-    pub step: usize,
-    /// The attempt that failed.
-    pub attempt: u32,
+pub enum Due {
+    /// A waiting step's retry.
+    Retry {
+        run_id: Uuid,
+        step: usize,
+        attempt: u32,
+    },
+    /// A running attempt whose worker stopped renewing its lease.
+    Lease {
+        run_id: Uuid,
+        step: usize,
+        attempt: u32,
+        task_id: Uuid,
+    },
+}
+
+impl Due {
+    fn run_id(&self) -> Uuid {
+        match self {
+            Due::Retry { run_id, .. } | Due::Lease { run_id, .. } => *run_id,
+        }
+    }
 }
 
 /// Talks to a running engine.
@@ -102,23 +154,29 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Creates a run and dispatches its first steps; returns once that is committed.
-    pub async fn submit(&self, run: NewRun) -> Result<Uuid, Error> {
+    pub async fn submit(&self, run: NewRun) -> Result<Submitted, Error> {
         let (reply, answer) = oneshot::channel();
-        self.inputs
-            .send(Input::Submit {
-                run: Box::new(run),
-                reply,
-            })
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
+        self.send(Input::Submit {
+            run: Box::new(run),
+            reply,
+        })
+        .await?;
         answer.await.map_err(|_| Error::ShuttingDown)?
     }
 
-    /// Hands due retries to the engine and waits until they are handled.
-    pub async fn wake(&self, wakes: Vec<Wake>) -> Result<(), Error> {
+    /// Hands due timers to the engine and waits until they are handled.
+    pub async fn due(&self, due: Vec<Due>) -> Result<(), Error> {
         let (done, handled) = oneshot::channel();
-        self.send(Input::Wakes { wakes, done }).await?;
+        self.send(Input::Due { due, done }).await?;
         handled.await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Gives the steps of dead-lettered tasks a new attempt: those named, or every one not
+    /// redriven yet when `ids` is empty.
+    pub async fn redrive(&self, ids: Vec<Uuid>) -> Result<Vec<Redriven>, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::Redrive { ids, reply }).await?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
     }
 
     pub(crate) async fn send(&self, input: Input) -> Result<(), Error> {
@@ -200,45 +258,34 @@ impl Engine {
     }
 
     async fn handle(&mut self, inputs: &mut Vec<Input>) -> Result<(), Error> {
-        let touched: Vec<Uuid> = {
-            let mut ids: Vec<Uuid> = inputs
-                .iter()
-                .flat_map(|i| match i {
-                    Input::Result { result, .. } => vec![result.run_id],
-                    Input::Wakes { wakes, .. } => wakes.iter().map(|w| w.run_id).collect(),
-                    Input::Submit { .. } => Vec::new(),
-                })
-                .collect();
-            ids.sort_unstable();
-            ids.dedup();
-            ids
-        };
-        let outcome = self.transact(inputs, &touched).await;
-        match outcome {
-            Ok(done) => {
+        match self.transact(inputs).await {
+            Ok(mut done) => {
                 if !done.outbox.is_empty() {
                     // The relay outlives the engine; a closed channel only happens at exit, and
                     // then the sweeper of the next start publishes these rows.
-                    let _ = self.outbox.send(done.outbox);
+                    let _ = self.outbox.send(std::mem::take(&mut done.outbox));
                 }
-                for at in done.wakes {
+                for at in done.wakes.drain(..) {
                     let _ = self.wake_hint.send(at);
                 }
                 for (n, input) in inputs.drain(..).enumerate() {
                     match input {
                         Input::Submit { reply, .. } => {
-                            let answer = done.submitted.get(&n).copied().ok_or_else(|| {
+                            let answer = done.submitted.remove(&n).ok_or_else(|| {
                                 Error::NotRecorded("the engine lost track of the submission".into())
                             });
                             let _ = reply.send(answer);
                         }
-                        Input::Result { delivery, .. } => {
+                        Input::Redrive { reply, .. } => {
+                            let _ = reply.send(Ok(done.redriven.remove(&n).unwrap_or_default()));
+                        }
+                        Input::Result { delivery, .. } | Input::DeadLetter { delivery, .. } => {
                             if let Err(e) = delivery.ack().await {
-                                // The result will come again and be fenced off as a duplicate.
-                                tracing::warn!(error = %e, "could not ack a recorded result");
+                                // It will come again and be fenced off as a duplicate.
+                                tracing::warn!(error = %e, "could not ack a recorded message");
                             }
                         }
-                        Input::Wakes { done, .. } => {
+                        Input::Due { done, .. } => {
                             let _ = done.send(());
                         }
                     }
@@ -246,18 +293,20 @@ impl Engine {
                 Ok(())
             }
             Err(e) => {
-                for id in &touched {
-                    self.runs.remove(id);
-                }
+                // Cached states may hold changes that were never committed.
+                self.runs.clear();
                 for input in inputs.drain(..) {
                     match input {
                         Input::Submit { reply, .. } => {
                             let _ = reply.send(Err(Error::NotRecorded(e.to_string())));
                         }
-                        Input::Result { delivery, .. } => {
+                        Input::Redrive { reply, .. } => {
+                            let _ = reply.send(Err(Error::NotRecorded(e.to_string())));
+                        }
+                        Input::Result { delivery, .. } | Input::DeadLetter { delivery, .. } => {
                             let _ = delivery.nack(true).await;
                         }
-                        Input::Wakes { done, .. } => {
+                        Input::Due { done, .. } => {
                             let _ = done.send(());
                         }
                     }
@@ -268,14 +317,33 @@ impl Engine {
     }
 
     /// One transaction: lock and (re)load the touched runs, apply every input, write the batch.
-    async fn transact(&mut self, inputs: &[Input], touched: &[Uuid]) -> Result<Committed, Error> {
+    async fn transact(&mut self, inputs: &[Input]) -> Result<Committed, Error> {
         let now = Utc::now();
         let mut client = self.store.client().await?;
         let tx = client
             .transaction()
             .await
             .map_err(flotilla_store::Error::from)?;
-        let versions = db::lock_runs(&tx, touched).await?;
+
+        let mut redrive_letters: HashMap<usize, Vec<DeadLetter>> = HashMap::new();
+        for (n, input) in inputs.iter().enumerate() {
+            if let Input::Redrive { ids, .. } = input {
+                redrive_letters.insert(n, dead_letters::lock_pending(&tx, ids).await?);
+            }
+        }
+        let mut touched: Vec<Uuid> = inputs
+            .iter()
+            .flat_map(|i| match i {
+                Input::Result { result, .. } => vec![result.run_id],
+                Input::Due { due, .. } => due.iter().map(Due::run_id).collect(),
+                Input::DeadLetter { task, .. } => task.iter().map(|t| t.run_id).collect(),
+                Input::Submit { .. } | Input::Redrive { .. } => Vec::new(),
+            })
+            .chain(redrive_letters.values().flatten().filter_map(|l| l.run_id))
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let versions = db::lock_runs(&tx, &touched).await?;
         let stale: Vec<Uuid> = versions
             .iter()
             .filter(|(id, v)| self.runs.get(id).is_none_or(|c| c.version != **v))
@@ -285,6 +353,17 @@ impl Engine {
             self.load(&tx, &stale).await?;
         }
 
+        let keys: Vec<&str> = inputs
+            .iter()
+            .filter_map(|i| match i {
+                Input::Submit { run, .. } => run.idempotency_key.as_deref(),
+                _ => None,
+            })
+            .collect();
+        let retention = chrono::Duration::from_std(self.config.idempotency_retention)
+            .unwrap_or(chrono::Duration::MAX);
+        let mut keyed = idempotency::claim(&tx, &keys, now - retention).await?;
+
         let mut pending = Pending {
             names: &self.config.names,
             now,
@@ -293,10 +372,17 @@ impl Engine {
             wakes: Vec::new(),
         };
         let mut submitted = HashMap::new();
+        let mut redriven = HashMap::new();
         let mut new_runs: Vec<(Uuid, CachedRun)> = Vec::new();
+        let mut new_keys = Vec::new();
+        let mut new_dead_letters = Vec::new();
         for (n, input) in inputs.iter().enumerate() {
             match input {
                 Input::Submit { run, .. } => {
+                    if let Some(&id) = run.idempotency_key.as_ref().and_then(|k| keyed.get(k)) {
+                        submitted.insert(n, Submitted { id, replayed: true });
+                        continue;
+                    }
                     let id = Uuid::now_v7();
                     let content = Content::of(&run.definition);
                     let mut state = RunState::new(id, &run.plan, run.params.clone());
@@ -307,7 +393,17 @@ impl Engine {
                         .entry(content.hash.clone())
                         .or_insert_with(|| run.plan.clone());
                     pending.batch.definitions.push((content.hash, content.body));
-                    submitted.insert(n, id);
+                    if let Some(key) = &run.idempotency_key {
+                        keyed.insert(key.clone(), id);
+                        new_keys.push((key.clone(), id));
+                    }
+                    submitted.insert(
+                        n,
+                        Submitted {
+                            id,
+                            replayed: false,
+                        },
+                    );
                     let plan = run.plan.clone();
                     new_runs.push((
                         id,
@@ -319,34 +415,82 @@ impl Engine {
                     ));
                 }
                 Input::Result { result, .. } => {
-                    let Some(cached) = self.runs.get_mut(&result.run_id) else {
-                        tracing::warn!(run_id = %result.run_id, step_id = %result.step_id, "result for an unknown run ignored");
-                        continue;
+                    let event = |step| Event::AttemptFinished {
+                        step,
+                        attempt: result.attempt,
+                        task_id: result.task_id,
+                        outcome: outcome_of(result),
+                        worker: result.worker_id.clone(),
+                        started_at: result.started_at,
+                        finished_at: result.finished_at,
                     };
-                    let Some(step) = cached.plan.node_index(&result.step_id) else {
-                        tracing::warn!(run_id = %result.run_id, step_id = %result.step_id, "result for an unknown step ignored");
-                        continue;
-                    };
-                    pending.apply(
-                        cached,
-                        Event::AttemptFinished {
-                            step,
-                            attempt: result.attempt,
-                            task_id: result.task_id,
-                            outcome: outcome_of(result),
-                            worker: result.worker_id.clone(),
-                            started_at: result.started_at,
-                            finished_at: result.finished_at,
-                        },
+                    apply_to_step(
+                        &mut self.runs,
+                        &mut pending,
+                        result.run_id,
+                        &result.step_id,
+                        event,
                     );
                 }
-                Input::Wakes { wakes, .. } => {
-                    for wake in wakes {
-                        if let Some(cached) = self.runs.get_mut(&wake.run_id) {
-                            let (step, attempt) = (wake.step, wake.attempt);
-                            pending.apply(cached, Event::Wake { step, attempt });
-                        }
+                Input::Due { due, .. } => {
+                    for d in due {
+                        let Some(cached) = self.runs.get_mut(&d.run_id()) else {
+                            continue;
+                        };
+                        let event = match *d {
+                            Due::Retry { step, attempt, .. } => Event::Wake { step, attempt },
+                            Due::Lease { step, attempt, task_id, .. } => Event::AttemptFinished {
+                                step,
+                                attempt,
+                                task_id,
+                                outcome: Outcome::Failure {
+                                    message: "lease expired: the worker stopped renewing it (crashed, stopped or cut off)".into(),
+                                    retryable: true,
+                                },
+                                worker: String::new(),
+                                started_at: now,
+                                finished_at: now,
+                            },
+                        };
+                        pending.apply(cached, event);
                     }
+                }
+                Input::DeadLetter { letter, task, .. } => {
+                    new_dead_letters.push(letter.as_ref().clone());
+                    if let Some(task) = task {
+                        let event = |step| Event::AttemptFinished {
+                            step,
+                            attempt: task.attempt,
+                            task_id: task.task_id,
+                            outcome: Outcome::Failure {
+                                message: letter.reason.clone(),
+                                retryable: false,
+                            },
+                            worker: String::new(),
+                            started_at: now,
+                            finished_at: now,
+                        };
+                        apply_to_step(
+                            &mut self.runs,
+                            &mut pending,
+                            task.run_id,
+                            &task.step_id,
+                            event,
+                        );
+                    }
+                }
+                Input::Redrive { .. } => {
+                    let letters = redrive_letters.remove(&n).unwrap_or_default();
+                    let outcomes = letters
+                        .into_iter()
+                        .map(|letter| Redriven {
+                            retried: redrive_one(&mut self.runs, &mut pending, &letter),
+                            dead_letter: letter.id,
+                            run_id: letter.run_id,
+                            step_id: letter.step_id,
+                        })
+                        .collect::<Vec<_>>();
+                    redriven.insert(n, outcomes);
                 }
             }
         }
@@ -376,7 +520,20 @@ impl Engine {
         if !batch.is_empty() {
             db::write(&tx, &batch).await?;
         }
+        dead_letters::insert(&tx, &new_dead_letters).await?;
+        idempotency::record(&tx, &new_keys, now).await?;
+        let retried: Vec<Uuid> = redriven
+            .values()
+            .flatten()
+            .filter(|r: &&Redriven| r.retried.is_ok())
+            .map(|r| r.dead_letter)
+            .collect();
+        if !retried.is_empty() {
+            dead_letters::mark_redriven(&tx, &retried, now).await?;
+        }
         tx.commit().await.map_err(flotilla_store::Error::from)?;
+        // The window the outbox exists for: committed, not yet published.
+        flotilla_telemetry::failpoint("crash-after-commit");
 
         for run_id in changes.keys() {
             if let Some(cached) = self.runs.get_mut(run_id) {
@@ -398,6 +555,7 @@ impl Engine {
         Ok(Committed {
             outbox: batch.outbox,
             submitted,
+            redriven,
             wakes: wakes_due,
         })
     }
@@ -472,7 +630,7 @@ struct Pending<'a> {
 
 impl Pending<'_> {
     /// Applies an event to a cached run and records what changed.
-    fn apply(&mut self, cached: &mut CachedRun, event: Event) {
+    fn apply(&mut self, cached: &mut CachedRun, event: Event) -> Transition {
         let t = cached.state.apply(&cached.plan, event, self.now);
         if !t.changed.is_empty() || t.run_changed {
             let entry = self.changes.entry(cached.state.id).or_default();
@@ -481,6 +639,7 @@ impl Pending<'_> {
             entry.dedup();
         }
         self.effects(&cached.plan, &cached.state, &t);
+        t
     }
 
     /// Rows that create a new run with its steps.
@@ -589,10 +748,54 @@ impl Pending<'_> {
     }
 }
 
+/// Applies the event built for a step named by id to its run, if both exist.
+fn apply_to_step(
+    runs: &mut HashMap<Uuid, CachedRun>,
+    pending: &mut Pending<'_>,
+    run_id: Uuid,
+    step_id: &str,
+    event: impl FnOnce(usize) -> Event,
+) {
+    let Some(cached) = runs.get_mut(&run_id) else {
+        tracing::warn!(%run_id, step_id, "message for an unknown run ignored");
+        return;
+    };
+    let Some(step) = cached.plan.node_index(step_id) else {
+        tracing::warn!(%run_id, step_id, "message for an unknown step ignored");
+        return;
+    };
+    pending.apply(cached, event(step));
+}
+
+/// Retries the step of one dead letter; answers its new attempt, or why it was not retried.
+fn redrive_one(
+    runs: &mut HashMap<Uuid, CachedRun>,
+    pending: &mut Pending<'_>,
+    letter: &DeadLetter,
+) -> Result<u32, String> {
+    let (Some(run_id), Some(step_id)) = (letter.run_id, letter.step_id.as_deref()) else {
+        return Err("the dead letter is not a readable task".into());
+    };
+    let cached = runs
+        .get_mut(&run_id)
+        .ok_or_else(|| format!("run {run_id} does not exist"))?;
+    let step = cached
+        .plan
+        .node_index(step_id)
+        .ok_or_else(|| format!("run {run_id} has no step `{step_id}`"))?;
+    let t = pending.apply(cached, Event::Retry { step });
+    if let Some(Effect::Stale { reason, .. }) = t.effects.first() {
+        return Err((*reason).to_string());
+    }
+    Ok(cached.state.steps[step].attempt)
+}
+
 struct Committed {
     outbox: Vec<OutboxRow>,
-    /// The id of the run each submission created, by its position in the batch.
-    submitted: HashMap<usize, Uuid>,
+    /// What each submission did, by its position in the batch.
+    submitted: HashMap<usize, Submitted>,
+    /// What each redrive did, by its position in the batch.
+    redriven: HashMap<usize, Vec<Redriven>>,
     wakes: Vec<DateTime<Utc>>,
 }
 

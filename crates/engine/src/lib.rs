@@ -11,9 +11,11 @@
 //! it has committed, and a result is acknowledged to RabbitMQ only after the transaction that
 //! recorded it has committed.
 
+pub mod dead;
 pub mod engine;
+pub mod heartbeats;
 pub mod relay;
 pub mod results;
 pub mod timer;
 
-pub use engine::{Engine, EngineConfig, EngineHandle, Error, NewRun, Wake};
+pub use engine::{Due, Engine, EngineConfig, EngineHandle, Error, NewRun, Redriven, Submitted};

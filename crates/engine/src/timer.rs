@@ -1,5 +1,5 @@
-//! Wakes waiting steps when their retry is due: one indexed query per wake-up, never a scan of
-//! steps, and asleep in between.
+//! Fires the timers kept in Postgres — retries that are due, and leases of running attempts
+//! that ran out — with indexed queries that never scan history, and sleeps in between.
 
 use std::time::Duration;
 
@@ -9,9 +9,9 @@ use flotilla_store::engine as db;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{EngineHandle, Wake};
+use crate::engine::{Due, EngineHandle};
 
-/// The most retries handed to the engine at once.
+/// The most timers handed to the engine at once.
 const BATCH: i64 = 1_000;
 
 /// Runs until `shutdown`. `hints` carries the due time of every retry the engine schedules, so
@@ -55,25 +55,43 @@ pub async fn run(
     }
 }
 
-/// Hands every due retry to the engine; returns when the next one is due.
+/// Hands every due timer to the engine; returns when the next one is due.
 async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Utc>>, crate::Error> {
     let client = store.client().await?;
     loop {
-        let due = db::due_wakeups(&client, Utc::now(), BATCH).await?;
-        let full = due.len() as i64 == BATCH;
+        let now = Utc::now();
+        let retries = db::due_wakeups(&client, now, BATCH).await?;
+        let leases = db::expired_leases(&client, now, BATCH).await?;
+        let full = retries.len() as i64 == BATCH || leases.len() as i64 == BATCH;
+        let index = |i: i32| usize::try_from(i).unwrap_or_default();
+        let number = |n: i32| u32::try_from(n).unwrap_or_default();
+        let due: Vec<Due> = retries
+            .into_iter()
+            .map(|(run_id, idx, attempt)| Due::Retry {
+                run_id,
+                step: index(idx),
+                attempt: number(attempt),
+            })
+            .chain(leases.into_iter().map(|l| {
+                tracing::warn!(run_id = %l.run_id, step = l.idx, attempt = l.attempt, "lease expired");
+                Due::Lease {
+                    run_id: l.run_id,
+                    step: index(l.idx),
+                    attempt: number(l.attempt),
+                    task_id: l.task_id,
+                }
+            }))
+            .collect();
         if !due.is_empty() {
-            let wakes = due
-                .into_iter()
-                .map(|(run_id, idx, attempt)| Wake {
-                    run_id,
-                    step: usize::try_from(idx).unwrap_or_default(),
-                    attempt: u32::try_from(attempt).unwrap_or_default(),
-                })
-                .collect();
-            engine.wake(wakes).await?;
+            engine.due(due).await?;
         }
         if !full {
-            return Ok(db::next_wakeup(&client).await?);
+            let retry = db::next_wakeup(&client).await?;
+            let lease = db::next_lease_end(&client).await?;
+            return Ok(match (retry, lease) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            });
         }
     }
 }

@@ -340,7 +340,10 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
             .prepare_cached(
                 "UPDATE steps s SET status = u.status, attempt = u.attempt, task_id = u.task_id,
                         wake_at = u.wake_at, started_at = u.started_at, ended_at = u.ended_at,
-                        output = u.output, error = u.error
+                        output = u.output, error = u.error,
+                        -- A lease belongs to one running attempt; it ends with it.
+                        lease_until = CASE WHEN u.status = 'running' AND s.task_id = u.task_id
+                                           THEN s.lease_until END
                  FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::int4[], $5::uuid[],
                              $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::jsonb[],
                              $10::text[])
@@ -456,6 +459,74 @@ pub async fn due_wakeups(
 pub async fn next_wakeup(client: &impl GenericClient) -> Result<Option<DateTime<Utc>>, Error> {
     let stmt = client
         .prepare_cached("SELECT min(wake_at) FROM steps WHERE wake_at IS NOT NULL")
+        .await?;
+    Ok(client.query_one(&stmt, &[]).await?.get(0))
+}
+
+/// Renews the leases of running attempts that workers report holding: `(run id, step id, task
+/// id)`. Attempts no longer running, or superseded by a newer attempt, are left alone.
+pub async fn renew_leases(
+    client: &impl GenericClient,
+    held: &[(Uuid, String, Uuid)],
+    until: DateTime<Utc>,
+) -> Result<u64, Error> {
+    if held.is_empty() {
+        return Ok(0);
+    }
+    let run_ids: Vec<Uuid> = held.iter().map(|h| h.0).collect();
+    let step_ids: Vec<&str> = held.iter().map(|h| h.1.as_str()).collect();
+    let task_ids: Vec<Uuid> = held.iter().map(|h| h.2).collect();
+    let stmt = client
+        .prepare_cached(
+            "UPDATE steps s SET lease_until = $4
+             FROM unnest($1::uuid[], $2::text[], $3::uuid[]) AS u(run_id, step_id, task_id)
+             WHERE s.run_id = u.run_id AND s.step_id = u.step_id AND s.task_id = u.task_id
+               AND s.status = 'running'",
+        )
+        .await?;
+    Ok(client
+        .execute(&stmt, &[&run_ids, &step_ids, &task_ids, &until])
+        .await?)
+}
+
+/// A running attempt whose lease ran out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpiredLease {
+    pub run_id: Uuid,
+    pub idx: i32,
+    pub attempt: i32,
+    pub task_id: Uuid,
+}
+
+/// Running attempts whose lease ended before `now`.
+pub async fn expired_leases(
+    client: &impl GenericClient,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<ExpiredLease>, Error> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT run_id, idx, attempt, task_id FROM steps
+             WHERE lease_until <= $1 AND status = 'running' ORDER BY lease_until LIMIT $2",
+        )
+        .await?;
+    Ok(client
+        .query(&stmt, &[&now, &limit])
+        .await?
+        .iter()
+        .map(|r| ExpiredLease {
+            run_id: r.get(0),
+            idx: r.get(1),
+            attempt: r.get(2),
+            task_id: r.get(3),
+        })
+        .collect())
+}
+
+/// The earliest lease end, if any attempt holds one.
+pub async fn next_lease_end(client: &impl GenericClient) -> Result<Option<DateTime<Utc>>, Error> {
+    let stmt = client
+        .prepare_cached("SELECT min(lease_until) FROM steps WHERE lease_until IS NOT NULL")
         .await?;
     Ok(client.query_one(&stmt, &[]).await?.get(0))
 }

@@ -5,8 +5,10 @@
 //! bumps the run's `version`, which is what lets a coordinator trust its cached state of a run.
 
 mod connect;
+pub mod dead_letters;
 pub mod definitions;
 pub mod engine;
+pub mod idempotency;
 mod migrate;
 pub mod outbox;
 pub mod queries;

@@ -3,7 +3,13 @@
 
 use crate::Error;
 
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../migrations/0001_init.sql")),
+    (
+        2,
+        include_str!("../migrations/0002_leases_dead_letters_idempotency.sql"),
+    ),
+];
 
 /// Any fixed number works; it only has to be the same in every coordinator.
 const LOCK_KEY: i64 = 0x666c_6f74_696c_6c61;

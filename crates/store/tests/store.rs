@@ -7,7 +7,7 @@ use flotilla_core::{Definition, Event, Plan, RunState, RunStatus, StepStatus};
 use flotilla_store::engine::{
     self as db, AttemptStart, Batch, NewRun, OutboxRow, RunUpdate, StepIdent, StepRow,
 };
-use flotilla_store::{Store, StoreConfig, definitions, outbox};
+use flotilla_store::{Store, StoreConfig, dead_letters, definitions, idempotency, outbox};
 use serde_json::{Map, json};
 use uuid::Uuid;
 
@@ -259,13 +259,20 @@ async fn registering_a_name_again_adds_a_revision() -> anyhow::Result<()> {
 async fn opening_twice_runs_each_migration_once() -> anyhow::Result<()> {
     let t = TestDb::new().await?;
     let again = Store::open(&config(&t.name)).await?;
-    let applied: i64 = again
+    let versions: Vec<i32> = again
         .client()
         .await?
-        .query_one("SELECT count(*) FROM schema_migrations", &[])
+        .query(
+            "SELECT version FROM schema_migrations ORDER BY version",
+            &[],
+        )
         .await?
-        .get(0);
-    assert_eq!(applied, 1);
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let expected: Vec<i32> = (1..=versions.len() as i32).collect();
+    assert_eq!(versions, expected, "each migration applied once, in order");
+    assert!(versions.len() >= 2);
     drop(again);
     t.drop_db().await
 }
@@ -287,4 +294,137 @@ async fn an_unreachable_server_is_named_without_its_password() {
     );
     assert!(!err.contains("hunter2"), "{err}");
     assert!(err.contains("pg_ctlcluster"), "{err}");
+}
+
+#[tokio::test]
+async fn leases_are_renewed_for_the_running_attempt_only_and_end_with_it() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let (batch, mut state, plan) = new_run_batch();
+    let id = state.id;
+    let task = state.steps[0].task_id.unwrap();
+    let mut client = t.store.client().await?;
+    let tx = client.transaction().await?;
+    db::write(&tx, &batch).await?;
+    tx.commit().await?;
+
+    // A heartbeat naming another attempt's task renews nothing.
+    assert_eq!(
+        db::renew_leases(&client, &[(id, "a".into(), Uuid::new_v4())], at(10)).await?,
+        0
+    );
+    assert_eq!(
+        db::renew_leases(&client, &[(id, "a".into(), task)], at(10)).await?,
+        1
+    );
+    assert_eq!(db::next_lease_end(&client).await?, Some(at(10)));
+    assert!(db::expired_leases(&client, at(9), 10).await?.is_empty());
+    let expired = db::expired_leases(&client, at(10), 10).await?;
+    assert_eq!(
+        (
+            expired[0].run_id,
+            expired[0].idx,
+            expired[0].attempt,
+            expired[0].task_id
+        ),
+        (id, 0, 1, task)
+    );
+
+    // The attempt ends: its lease goes with it.
+    state.apply(
+        &plan,
+        Event::AttemptFinished {
+            step: 0,
+            attempt: 1,
+            task_id: task,
+            outcome: flotilla_core::Outcome::Success(json!(1)),
+            worker: "w".into(),
+            started_at: at(1),
+            finished_at: at(2),
+        },
+        at(2),
+    );
+    let mut update = Batch::default();
+    update.step_updates.push(StepRow {
+        run_id: id,
+        idx: 0,
+        state: state.steps[0].clone(),
+    });
+    let tx = client.transaction().await?;
+    db::write(&tx, &update).await?;
+    tx.commit().await?;
+    assert_eq!(db::next_lease_end(&client).await?, None);
+    assert_eq!(
+        db::renew_leases(&client, &[(id, "a".into(), task)], at(20)).await?,
+        0,
+        "a finished attempt is not renewed"
+    );
+    drop(client);
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn idempotency_keys_answer_their_run_until_they_expire() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let mut client = t.store.client().await?;
+    let run = Uuid::new_v4();
+    let tx = client.transaction().await?;
+    assert!(idempotency::claim(&tx, &["k1"], at(0)).await?.is_empty());
+    idempotency::record(&tx, &[("k1".into(), run)], at(100)).await?;
+    tx.commit().await?;
+    let tx = client.transaction().await?;
+    assert_eq!(
+        idempotency::claim(&tx, &["k1", "k2"], at(50)).await?,
+        [("k1".to_string(), run)].into()
+    );
+    assert!(
+        idempotency::claim(&tx, &["k1"], at(101)).await?.is_empty(),
+        "past its retention the key is free"
+    );
+    tx.commit().await?;
+    assert_eq!(idempotency::purge(&client, at(101)).await?, 1);
+    drop(client);
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn dead_letters_are_recorded_once_and_redriven_once() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let mut client = t.store.client().await?;
+    let letter = dead_letters::DeadLetter {
+        id: Uuid::new_v4(),
+        run_id: Some(Uuid::new_v4()),
+        step_id: Some("a".into()),
+        attempt: Some(1),
+        task_id: None,
+        reason: "dead-lettered".into(),
+        deliveries: Some(5),
+        body: b"{}".to_vec(),
+        created_at: at(0),
+        redriven_at: None,
+    };
+    dead_letters::insert(&client, &[letter.clone()]).await?;
+    dead_letters::insert(&client, &[letter.clone()]).await?;
+    assert_eq!(
+        dead_letters::list(&client, true, 10).await?,
+        [letter.clone()]
+    );
+    let tx = client.transaction().await?;
+    assert_eq!(
+        dead_letters::lock_pending(&tx, &[]).await?,
+        [letter.clone()]
+    );
+    dead_letters::mark_redriven(&tx, &[letter.id], at(5)).await?;
+    tx.commit().await?;
+    assert!(dead_letters::list(&client, true, 10).await?.is_empty());
+    assert_eq!(
+        dead_letters::list(&client, false, 10).await?[0].redriven_at,
+        Some(at(5))
+    );
+    assert!(
+        dead_letters::lock_pending(&client, &[letter.id])
+            .await?
+            .is_empty()
+    );
+    drop(client);
+    t.drop_db().await
 }

@@ -49,3 +49,31 @@ pub fn shutdown_on_signals(shutdown: CancellationToken) -> std::io::Result<()> {
     });
     Ok(())
 }
+
+/// Fault injection for the fault-injection tests: `FLOTILLA_FAILPOINTS=name=N[,name=N…]` makes
+/// the N-th pass through the failpoint `name` abort the process on the spot, as `kill -9` would,
+/// at a moment no signal can hit reliably. Without the variable a failpoint costs one atomic
+/// load.
+pub fn failpoint(name: &str) {
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static POINTS: OnceLock<HashMap<String, (u64, AtomicU64)>> = OnceLock::new();
+    let points = POINTS.get_or_init(|| {
+        std::env::var("FLOTILLA_FAILPOINTS")
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|spec| {
+                let (point, n) = spec.trim().split_once('=')?;
+                Some((point.to_string(), (n.parse().ok()?, AtomicU64::new(0))))
+            })
+            .collect()
+    });
+    if let Some((at, seen)) = points.get(name)
+        && seen.fetch_add(1, Ordering::Relaxed) + 1 == *at
+    {
+        eprintln!("failpoint {name} reached: aborting");
+        std::process::abort();
+    }
+}

@@ -118,8 +118,10 @@ impl Backend for CoordinatorBackend {
                 definition: submission.definition,
                 plan: Arc::new(submission.plan),
                 params: submission.params,
+                idempotency_key: None,
             })
             .await
+            .map(|s| s.id)
             .map_err(|e| {
                 if e.is_unavailable() {
                     BackendError::Unavailable(e.to_string())

@@ -54,6 +54,19 @@ pub struct Config {
     #[arg(long, env = "FLOTILLA_DELIVERY_LIMIT", default_value_t = 5)]
     pub delivery_limit: u32,
 
+    /// Milliseconds a running attempt stays leased to its worker without a heartbeat; past that
+    /// it is re-dispatched as a new attempt. Workers heartbeat every 5 s.
+    #[arg(long, env = "FLOTILLA_LEASE_TIMEOUT_MS", default_value_t = 15_000)]
+    pub lease_timeout_ms: u64,
+
+    /// Seconds a repeated `Idempotency-Key` answers the run its first submission started.
+    #[arg(
+        long,
+        env = "FLOTILLA_IDEMPOTENCY_RETENTION_SECS",
+        default_value_t = 86_400
+    )]
+    pub idempotency_retention_secs: u64,
+
     /// Largest request body the API accepts, in bytes.
     #[arg(long, env = "FLOTILLA_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -68,6 +81,14 @@ pub struct Config {
 }
 
 impl Config {
+    pub fn lease_timeout(&self) -> Duration {
+        Duration::from_millis(self.lease_timeout_ms)
+    }
+
+    pub fn idempotency_retention(&self) -> Duration {
+        Duration::from_secs(self.idempotency_retention_secs)
+    }
+
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
     }
@@ -90,6 +111,14 @@ impl Config {
                 self.results_prefetch.to_string(),
             ),
             ("FLOTILLA_DELIVERY_LIMIT", self.delivery_limit.to_string()),
+            (
+                "FLOTILLA_LEASE_TIMEOUT_MS",
+                self.lease_timeout_ms.to_string(),
+            ),
+            (
+                "FLOTILLA_IDEMPOTENCY_RETENTION_SECS",
+                self.idempotency_retention_secs.to_string(),
+            ),
             ("FLOTILLA_MAX_BODY_BYTES", self.max_body_bytes.to_string()),
             (
                 "FLOTILLA_SHUTDOWN_GRACE_SECS",

@@ -66,6 +66,7 @@ pub async fn run(
         EngineConfig {
             names: names.clone(),
             max_batch: config.max_batch,
+            idempotency_retention: config.idempotency_retention(),
             ..EngineConfig::default()
         },
         outbox_tx,
@@ -75,8 +76,10 @@ pub async fn run(
         store.clone(),
         RelayConfig {
             broker: broker.clone(),
-            sweep_interval: Duration::from_secs(5),
-            sweep_after: Duration::from_secs(10),
+            // Another coordinator's relay publishes within milliseconds of its commit; what is
+            // still unsent after a few seconds was left by a crash and is taken over quickly.
+            sweep_interval: Duration::from_secs(1),
+            sweep_after: Duration::from_secs(3),
         },
     );
 
@@ -103,6 +106,35 @@ pub async fn run(
             flotilla_engine::results::run(&connection, &names, handle, prefetch, intake).await
         })
     };
+    let heartbeats_task = {
+        let (connection, names, store, intake) = (
+            connection.clone(),
+            names.clone(),
+            store.clone(),
+            intake.clone(),
+        );
+        let lease = config.lease_timeout();
+        tokio::spawn(async move {
+            flotilla_engine::heartbeats::run(&connection, &names, store, lease, intake).await
+        })
+    };
+    let dead_task = {
+        let (connection, names, handle, intake) = (
+            connection.clone(),
+            names.clone(),
+            handle.clone(),
+            intake.clone(),
+        );
+        let limit = config.delivery_limit;
+        tokio::spawn(async move {
+            flotilla_engine::dead::run(&connection, &names, handle, limit, intake).await
+        })
+    };
+    let housekeeping_task = tokio::spawn(housekeeping(
+        store.clone(),
+        config.idempotency_retention(),
+        intake.clone(),
+    ));
     let notify_task = {
         let http = reqwest::Client::builder()
             .build()
@@ -142,20 +174,49 @@ pub async fn run(
     tracing::info!("shutting down");
     intake.cancel();
     let consumer = results_task.await?;
+    let dead_consumer = dead_task.await?;
     let _ = timer_task.await;
+    let _ = housekeeping_task.await;
+    if let Err(e) = heartbeats_task.await? {
+        tracing::warn!(error = %e, "heartbeat consumer stopped with an error");
+    }
     match notify_task.await? {
         Ok(()) => {}
         Err(e) => tracing::warn!(error = %e, "notify agent stopped with an error"),
     }
     engine_task.await?;
     relay_task.await?;
-    match consumer {
-        Ok(consumer) => {
-            let _ = consumer.close().await;
+    for (what, consumer) in [("results", consumer), ("dead-letter", dead_consumer)] {
+        match consumer {
+            Ok(consumer) => {
+                let _ = consumer.close().await;
+            }
+            Err(e) => tracing::warn!(error = %e, "{what} consumer stopped with an error"),
         }
-        Err(e) => tracing::warn!(error = %e, "results consumer stopped with an error"),
     }
     connection.close().await?;
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// Forgets idempotency keys past their retention, every few minutes.
+async fn housekeeping(store: Store, retention: Duration, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(300));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let before = chrono::Utc::now()
+            - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+        let purged = match store.client().await {
+            Ok(client) => flotilla_store::idempotency::purge(&client, before).await,
+            Err(e) => Err(e),
+        };
+        match purged {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(keys = n, "forgot expired idempotency keys"),
+            Err(e) => tracing::warn!(error = %e, "could not purge idempotency keys"),
+        }
+    }
 }

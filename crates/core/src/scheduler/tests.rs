@@ -412,3 +412,67 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_failed_step_of_a_failed_run_can_be_retried() {
+    let plan = plan(
+        "name: redo\nsteps:\n  - {id: a, agent: x, action: y}\n  - {id: b, agent: x, action: y}\nerror_handling:\n  on_failure:\n    - {id: h, agent: x, action: log}\n",
+    );
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    // Retrying while the run is still going is refused.
+    let early = run.apply(&plan, Event::Retry { step: 0 }, at(1));
+    assert!(matches!(early.effects[..], [Effect::Stale { .. }]));
+    let t = run.apply(&plan, finished(&plan, "a", 1, task, fail(false)), at(2));
+    let (_, _, handler) = dispatched(&plan, &t)[0].clone();
+    run.apply(
+        &plan,
+        finished(&plan, "h", 1, handler, Outcome::Success(json!({}))),
+        at(3),
+    );
+    assert_eq!(run.status, RunStatus::Failure);
+
+    let t = run.apply(&plan, Event::Retry { step: 0 }, at(4));
+    let again = dispatched(&plan, &t);
+    assert_eq!(
+        again
+            .iter()
+            .map(|d| (d.0.as_str(), d.1))
+            .collect::<Vec<_>>(),
+        [("a", 2)]
+    );
+    assert_eq!((run.status, run.ended_at), (RunStatus::Running, None));
+    assert_eq!(
+        run.steps[1].status,
+        StepStatus::Pending,
+        "b waits for a again"
+    );
+    assert_eq!(
+        run.steps[2].status,
+        StepStatus::Pending,
+        "the handler may run again"
+    );
+    let restored = RunState::restore(
+        run.id,
+        &plan,
+        run.status,
+        run.params.clone(),
+        run.steps.clone(),
+        run.ended_at,
+    );
+    assert_eq!(restored, run, "counters are consistent after reopening");
+
+    let t = run.apply(
+        &plan,
+        finished(&plan, "a", 2, again[0].2, Outcome::Success(json!(1))),
+        at(5),
+    );
+    let (_, _, b) = dispatched(&plan, &t)[0].clone();
+    run.apply(
+        &plan,
+        finished(&plan, "b", 1, b, Outcome::Success(json!(2))),
+        at(6),
+    );
+    assert_eq!(run.status, RunStatus::Success);
+    assert_eq!(run.steps[2].status, StepStatus::Skipped);
+}
