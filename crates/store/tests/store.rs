@@ -402,16 +402,16 @@ async fn dead_letters_are_recorded_once_and_redriven_once() -> anyhow::Result<()
         created_at: at(0),
         redriven_at: None,
     };
-    dead_letters::insert(&client, &[letter.clone()]).await?;
-    dead_letters::insert(&client, &[letter.clone()]).await?;
+    dead_letters::insert(&client, std::slice::from_ref(&letter)).await?;
+    dead_letters::insert(&client, std::slice::from_ref(&letter)).await?;
     assert_eq!(
         dead_letters::list(&client, true, 10).await?,
-        [letter.clone()]
+        std::slice::from_ref(&letter)
     );
     let tx = client.transaction().await?;
     assert_eq!(
         dead_letters::lock_pending(&tx, &[]).await?,
-        [letter.clone()]
+        std::slice::from_ref(&letter)
     );
     dead_letters::mark_redriven(&tx, &[letter.id], at(5)).await?;
     tx.commit().await?;
