@@ -29,13 +29,15 @@ pub enum StepStatus {
     Skipped,
     /// Not run because a step it depends on failed.
     UpstreamFailed,
+    /// Stopped by an operator's cancel of the run.
+    Cancelled,
 }
 
 impl StepStatus {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            Self::Success | Self::Failure | Self::Skipped | Self::UpstreamFailed
+            Self::Success | Self::Failure | Self::Skipped | Self::UpstreamFailed | Self::Cancelled
         )
     }
 
@@ -53,6 +55,7 @@ impl StepStatus {
             Self::Failure => "failure",
             Self::Skipped => "skipped",
             Self::UpstreamFailed => "upstream_failed",
+            Self::Cancelled => "cancelled",
         }
     }
 
@@ -65,6 +68,7 @@ impl StepStatus {
             "failure" => Self::Failure,
             "skipped" => Self::Skipped,
             "upstream_failed" => Self::UpstreamFailed,
+            "cancelled" => Self::Cancelled,
             _ => return None,
         })
     }
@@ -74,32 +78,40 @@ impl StepStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RunStatus {
     Running,
+    /// An operator paused the run: results are still recorded, but nothing new is dispatched.
+    Paused,
     /// A step failed and every step has finished; the failure handlers are running.
     Failing,
     Success,
     Failure,
+    /// An operator cancelled the run.
+    Cancelled,
 }
 
 impl RunStatus {
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Success | Self::Failure)
+        matches!(self, Self::Success | Self::Failure | Self::Cancelled)
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Running => "running",
+            Self::Paused => "paused",
             Self::Failing => "failing",
             Self::Success => "success",
             Self::Failure => "failure",
+            Self::Cancelled => "cancelled",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "running" => Self::Running,
+            "paused" => Self::Paused,
             "failing" => Self::Failing,
             "success" => Self::Success,
             "failure" => Self::Failure,
+            "cancelled" => Self::Cancelled,
             _ => return None,
         })
     }
@@ -159,6 +171,16 @@ pub enum Event {
     /// was dead-lettered): the step gets a new attempt, the steps it had blocked wait for it
     /// again, and the failure handlers will run again should the run fail again.
     Retry { step: usize },
+    /// An operator cancels the run: nothing more is dispatched, steps not finished end
+    /// `cancelled`, and results still to come are ignored.
+    Cancel,
+    /// An operator pauses the run: results are recorded, nothing new is dispatched.
+    Pause,
+    /// An operator resumes a paused run: whatever became ready meanwhile is dispatched.
+    Resume,
+    /// An operator ends a step that has not succeeded as skipped, or as succeeded with the given
+    /// output (`complete`); its dependents go on as if it had.
+    Settle { step: usize, output: Option<Value> },
 }
 
 /// How an attempt ended.
@@ -193,6 +215,14 @@ pub enum Effect {
         step: usize,
         attempt: u32,
         reason: &'static str,
+    },
+    /// An operator's request that the run's state does not allow; nothing changed.
+    Refused(String),
+    /// A running attempt was cancelled; its worker may be told to stop.
+    Cancelled {
+        step: usize,
+        attempt: u32,
+        task_id: Uuid,
     },
     /// The run reached a final status.
     RunEnded(RunStatus),
@@ -336,12 +366,14 @@ impl RunState {
                             let due = now
                                 + chrono::Duration::from_std(delay)
                                     .unwrap_or(chrono::Duration::MAX);
-                            if due <= now {
+                            let paused = self.status == RunStatus::Paused;
+                            if due <= now && !paused {
                                 self.dispatch(step, now, &mut t);
                             } else {
                                 let s = &mut self.steps[step];
                                 s.status = StepStatus::Waiting;
-                                s.wake_at = Some(due);
+                                // A paused run's due retry waits for the resume.
+                                s.wake_at = (due > now).then_some(due);
                                 t.touch(step);
                             }
                         } else {
@@ -363,7 +395,13 @@ impl RunState {
                     });
                     return t;
                 }
-                self.dispatch(step, now, &mut t);
+                if self.status == RunStatus::Paused {
+                    // Dispatched on resume.
+                    self.steps[step].wake_at = None;
+                    t.touch(step);
+                } else {
+                    self.dispatch(step, now, &mut t);
+                }
             }
             Event::Retry { step } => {
                 let failed = self
@@ -371,15 +409,112 @@ impl RunState {
                     .get(step)
                     .is_some_and(|s| s.status == StepStatus::Failure);
                 if self.status != RunStatus::Failure || !failed {
-                    t.effects.push(Effect::Stale {
-                        step,
-                        attempt: self.steps.get(step).map_or(0, |s| s.attempt),
-                        reason: "only a failed step of a failed run can be retried",
-                    });
+                    t.effects.push(Effect::Refused(
+                        "only a failed step of a failed run can be retried".into(),
+                    ));
                     return t;
                 }
                 self.reopen(plan, step, &mut t);
                 self.dispatch(step, now, &mut t);
+            }
+            Event::Cancel => {
+                if self.status.is_terminal() {
+                    t.effects.push(Effect::Refused(format!(
+                        "the run has already ended ({})",
+                        self.status.as_str()
+                    )));
+                    return t;
+                }
+                for i in 0..self.steps.len() {
+                    let s = &mut self.steps[i];
+                    if s.status.is_terminal() {
+                        continue;
+                    }
+                    if let (StepStatus::Running, Some(task_id)) = (s.status, s.task_id) {
+                        t.effects.push(Effect::Cancelled {
+                            step: i,
+                            attempt: s.attempt,
+                            task_id,
+                        });
+                    }
+                    s.status = StepStatus::Cancelled;
+                    s.wake_at = None;
+                    s.ended_at = Some(now);
+                    s.error = Some("cancelled".into());
+                    t.touch(i);
+                }
+                let steps = std::mem::take(&mut self.steps);
+                let params = std::mem::take(&mut self.params);
+                *self = Self::restore(self.id, plan, RunStatus::Cancelled, params, steps, None);
+                self.end(RunStatus::Cancelled, now, &mut t);
+                return t;
+            }
+            Event::Pause => {
+                if self.status != RunStatus::Running {
+                    t.effects.push(Effect::Refused(format!(
+                        "only a running run can be paused; this one is {}",
+                        self.status.as_str()
+                    )));
+                    return t;
+                }
+                self.status = RunStatus::Paused;
+                t.run_changed = true;
+                return t;
+            }
+            Event::Resume => {
+                if self.status != RunStatus::Paused {
+                    t.effects.push(Effect::Refused(format!(
+                        "only a paused run can be resumed; this one is {}",
+                        self.status.as_str()
+                    )));
+                    return t;
+                }
+                self.status = RunStatus::Running;
+                t.run_changed = true;
+                for i in 0..self.steps.len() {
+                    match self.steps[i].status {
+                        StepStatus::Pending if plan.nodes[i].role == Role::Main => {
+                            self.start_if_ready(plan, i, now, &mut t)
+                        }
+                        // A retry that came due while paused.
+                        StepStatus::Waiting if self.steps[i].wake_at.is_none_or(|at| at <= now) => {
+                            self.dispatch(i, now, &mut t)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Event::Settle { step, output } => {
+                let Some(current) = self.steps.get(step).map(|s| s.status) else {
+                    t.effects
+                        .push(Effect::Refused(format!("the run has no step {step}")));
+                    return t;
+                };
+                let reopen = self.status == RunStatus::Failure && current == StepStatus::Failure;
+                if !reopen && (self.status.is_terminal() || current.is_terminal()) {
+                    t.effects.push(Effect::Refused(format!(
+                        "step `{}` is {} in a run that is {}; only a step that has not ended, or a failed step of a failed run, can be skipped or completed",
+                        plan.nodes[step].id,
+                        current.as_str(),
+                        self.status.as_str()
+                    )));
+                    return t;
+                }
+                if reopen {
+                    self.reopen(plan, step, &mut t);
+                }
+                let (status, reason) = match output {
+                    Some(output) => {
+                        self.steps[step].output = Some(output);
+                        (StepStatus::Success, None)
+                    }
+                    None => (
+                        StepStatus::Skipped,
+                        Some("skipped by an operator".to_string()),
+                    ),
+                };
+                self.steps[step].error = reason;
+                self.finish(plan, step, status, now, &mut t);
             }
         }
         self.settle_run(plan, now, &mut t);
@@ -512,7 +647,8 @@ impl RunState {
     /// What a pending step whose dependencies may have finished should do now.
     fn readiness(&self, plan: &Plan, step: usize) -> Option<Ready> {
         let node = &plan.nodes[step];
-        if self.steps[step].status != StepStatus::Pending {
+        // A paused run holds every step; resuming looks at them all again.
+        if self.steps[step].status != StepStatus::Pending || self.status == RunStatus::Paused {
             return None;
         }
         let mut blocked_by = None;

@@ -422,7 +422,7 @@ fn a_failed_step_of_a_failed_run_can_be_retried() {
     let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
     // Retrying while the run is still going is refused.
     let early = run.apply(&plan, Event::Retry { step: 0 }, at(1));
-    assert!(matches!(early.effects[..], [Effect::Stale { .. }]));
+    assert!(matches!(early.effects[..], [Effect::Refused(_)]));
     let t = run.apply(&plan, finished(&plan, "a", 1, task, fail(false)), at(2));
     let (_, _, handler) = dispatched(&plan, &t)[0].clone();
     run.apply(
@@ -475,4 +475,191 @@ fn a_failed_step_of_a_failed_run_can_be_retried() {
     );
     assert_eq!(run.status, RunStatus::Success);
     assert_eq!(run.steps[2].status, StepStatus::Skipped);
+}
+
+#[test]
+fn a_paused_run_records_results_but_dispatches_nothing_until_resumed() {
+    let plan = plan(
+        "name: p\nsteps:\n  - {id: a, agent: x, action: y}\n  - {id: b, agent: x, action: y}\n",
+    );
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    let t = run.apply(&plan, Event::Pause, at(1));
+    assert!(t.run_changed);
+    assert_eq!(run.status, RunStatus::Paused);
+    let refused = run.apply(&plan, Event::Pause, at(1));
+    assert!(matches!(refused.effects[..], [Effect::Refused(_)]));
+
+    let t = run.apply(
+        &plan,
+        finished(&plan, "a", 1, task, Outcome::Success(json!(1))),
+        at(2),
+    );
+    assert!(dispatched(&plan, &t).is_empty(), "paused: b is held");
+    assert_eq!(
+        (run.steps[0].status, run.steps[1].status),
+        (StepStatus::Success, StepStatus::Pending)
+    );
+
+    let t = run.apply(&plan, Event::Resume, at(3));
+    assert_eq!(
+        dispatched(&plan, &t)
+            .iter()
+            .map(|d| d.0.as_str())
+            .collect::<Vec<_>>(),
+        ["b"]
+    );
+    assert_eq!(run.status, RunStatus::Running);
+}
+
+#[test]
+fn a_retry_due_while_paused_goes_out_on_resume() {
+    let plan = plan(
+        "name: p\nsteps:\n  - {id: a, agent: x, action: y, retry: {max_attempts: 2, delay: 1s}}\n",
+    );
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    run.apply(&plan, Event::Pause, at(0));
+    run.apply(&plan, finished(&plan, "a", 1, task, fail(true)), at(1));
+    let t = run.apply(
+        &plan,
+        Event::Wake {
+            step: 0,
+            attempt: 1,
+        },
+        at(2),
+    );
+    assert!(dispatched(&plan, &t).is_empty());
+    assert_eq!(
+        (run.steps[0].status, run.steps[0].wake_at),
+        (StepStatus::Waiting, None)
+    );
+    let t = run.apply(&plan, Event::Resume, at(3));
+    assert_eq!(dispatched(&plan, &t)[0].1, 2);
+}
+
+#[test]
+fn cancelling_ends_every_unfinished_step_and_fences_late_results() {
+    let plan = plan(
+        "name: c\nsteps:\n  - {id: a, agent: x, action: y}\n  - {id: b, agent: x, action: y}\nerror_handling:\n  on_failure:\n    - {id: h, agent: x, action: log}\n",
+    );
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    let t = run.apply(&plan, Event::Cancel, at(1));
+    assert!(t.effects.contains(&Effect::Cancelled {
+        step: 0,
+        attempt: 1,
+        task_id: task
+    }));
+    assert!(t.effects.contains(&Effect::RunEnded(RunStatus::Cancelled)));
+    assert!(run.steps.iter().all(|s| s.status == StepStatus::Cancelled));
+    assert!(
+        dispatched(&plan, &t).is_empty(),
+        "no failure handler runs for a cancelled run"
+    );
+    let late = run.apply(
+        &plan,
+        finished(&plan, "a", 1, task, Outcome::Success(json!(1))),
+        at(2),
+    );
+    assert!(matches!(late.effects[..], [Effect::Stale { .. }]));
+    let again = run.apply(&plan, Event::Cancel, at(3));
+    assert!(matches!(again.effects[..], [Effect::Refused(_)]));
+}
+
+#[test]
+fn an_operator_can_skip_or_complete_a_step() {
+    let plan = plan(
+        "name: s\nsteps:\n  - {id: a, agent: x, action: y}\n  - {id: b, agent: x, action: y}\n  - {id: c, agent: x, action: y}\n",
+    );
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    // Complete the running step by hand: b starts with that output as its input.
+    let t = run.apply(
+        &plan,
+        Event::Settle {
+            step: 0,
+            output: Some(json!({"by": "hand"})),
+        },
+        at(1),
+    );
+    let (_, _, b) = dispatched(&plan, &t)[0].clone();
+    assert_eq!(
+        Value::Object(run.inputs_for(&plan, 1)),
+        json!({"a": {"by": "hand"}})
+    );
+    let late = run.apply(
+        &plan,
+        finished(&plan, "a", 1, task, Outcome::Success(json!(0))),
+        at(2),
+    );
+    assert!(matches!(late.effects[..], [Effect::Stale { .. }]));
+    // Skip the next one: c runs.
+    let t = run.apply(
+        &plan,
+        Event::Settle {
+            step: 1,
+            output: None,
+        },
+        at(3),
+    );
+    let (_, _, c) = dispatched(&plan, &t)[0].clone();
+    assert_eq!(
+        run.steps[1].error.as_deref(),
+        Some("skipped by an operator")
+    );
+    assert!(matches!(
+        run.apply(
+            &plan,
+            finished(&plan, "b", 1, b, Outcome::Success(json!(0))),
+            at(4)
+        )
+        .effects[..],
+        [Effect::Stale { .. }]
+    ));
+    run.apply(
+        &plan,
+        finished(&plan, "c", 1, c, Outcome::Success(json!(0))),
+        at(5),
+    );
+    assert_eq!(run.status, RunStatus::Success);
+    let refused = run.apply(
+        &plan,
+        Event::Settle {
+            step: 2,
+            output: None,
+        },
+        at(6),
+    );
+    assert!(matches!(refused.effects[..], [Effect::Refused(_)]));
+}
+
+#[test]
+fn skipping_the_failed_step_of_a_failed_run_lets_the_rest_run() {
+    let plan = plan(
+        "name: s\nsteps:\n  - {id: a, agent: x, action: y}\n  - {id: b, agent: x, action: y}\n",
+    );
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    run.apply(&plan, finished(&plan, "a", 1, task, fail(false)), at(1));
+    assert_eq!(
+        (run.status, run.steps[1].status),
+        (RunStatus::Failure, StepStatus::UpstreamFailed)
+    );
+    let t = run.apply(
+        &plan,
+        Event::Settle {
+            step: 0,
+            output: None,
+        },
+        at(2),
+    );
+    assert_eq!(
+        dispatched(&plan, &t)
+            .iter()
+            .map(|d| d.0.as_str())
+            .collect::<Vec<_>>(),
+        ["b"]
+    );
+    assert_eq!(run.status, RunStatus::Running);
 }
