@@ -16,6 +16,7 @@ pub mod plan;
 mod redact;
 pub mod retry;
 pub mod scheduler;
+pub mod template;
 
 pub use definition::{Definition, DefinitionError};
 pub use plan::{Plan, PlanError};

@@ -45,6 +45,9 @@ pub struct Node {
     /// Nodes that list this one in `deps`.
     pub dependents: Vec<usize>,
     pub condition: Option<Condition>,
+    /// When `params` hold `${{ … }}` templates: the steps they read (resolved when the step
+    /// becomes ready; see [`crate::template`]).
+    pub template_steps: Option<Vec<usize>>,
     pub retry: RetryPolicy,
     pub role: Role,
     /// The step whose `parallel:` list holds this node.
@@ -175,6 +178,13 @@ impl Plan {
             check_condition_references(&drafts, &nodes, &index, &mut problems);
         }
 
+        for node in &mut nodes {
+            if node.template_steps.is_some() {
+                let ids = crate::template::check(&node.params).unwrap_or_default();
+                node.template_steps =
+                    Some(ids.iter().filter_map(|id| index.get(id).copied()).collect());
+            }
+        }
         if problems.is_empty() {
             Ok(Plan {
                 name: def.name.clone(),
@@ -337,6 +347,10 @@ fn build_node(
         problems.push(format!("{} (`{id}`): {e}", d.place));
         RetryPolicy::default()
     });
+    let template_steps = crate::template::has_templates(&params).then(Vec::new);
+    if let Err(e) = crate::template::check(&params) {
+        problems.push(format!("{} (`{id}`): params: {e}", d.place));
+    }
     Node {
         id,
         agent,
@@ -345,6 +359,7 @@ fn build_node(
         deps: Vec::new(),
         dependents: Vec::new(),
         condition,
+        template_steps,
         retry,
         role: d.role,
         parent: d.parent,
@@ -380,6 +395,18 @@ fn check_condition_references(
     problems: &mut Vec<String>,
 ) {
     for (i, node) in nodes.iter().enumerate() {
+        if node.template_steps.is_some() {
+            let ancestors = ancestors(nodes, i);
+            for id in crate::template::check(&node.params).unwrap_or_default() {
+                let known = index.get(&id).is_some_and(|j| ancestors.contains(j));
+                if !known {
+                    problems.push(format!(
+                        "{} (`{}`): params read `steps.{id}`, which is not a step that finishes before this one",
+                        drafts[i].place, node.id
+                    ));
+                }
+            }
+        }
         let Some(cond) = &node.condition else {
             continue;
         };

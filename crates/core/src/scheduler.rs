@@ -668,7 +668,7 @@ impl RunState {
             ));
         }
         let Some(condition) = &node.condition else {
-            return Some(Ready::Run);
+            return Some(self.ready_to_run(plan, step));
         };
         let verdict = condition.evaluate(&self.params, |name| {
             let i = plan.node_index(name)?;
@@ -682,13 +682,42 @@ impl RunState {
             Some((finished, s.output.as_ref()))
         });
         Some(match verdict {
-            Ok(true) => Ready::Run,
+            Ok(true) => self.ready_to_run(plan, step),
             Ok(false) => Ready::Settle(
                 StepStatus::Skipped,
                 format!("condition is false: {}", condition.source()),
             ),
             Err(e) => Ready::Settle(StepStatus::Failure, format!("condition failed: {e}")),
         })
+    }
+
+    /// A step whose dependencies and condition allow it to run runs, unless its params cannot
+    /// be rendered.
+    fn ready_to_run(&self, plan: &Plan, step: usize) -> Ready {
+        match self.task_params(plan, step) {
+            Ok(_) => Ready::Run,
+            Err(e) => Ready::Settle(StepStatus::Failure, format!("params: {e}")),
+        }
+    }
+
+    /// The params a step's task carries: its own, with `${{ … }}` templates rendered.
+    pub fn task_params(&self, plan: &Plan, step: usize) -> Result<Map<String, Value>, String> {
+        let node = &plan.nodes[step];
+        let Some(reads) = &node.template_steps else {
+            return Ok(node.params.clone());
+        };
+        let steps = reads
+            .iter()
+            .map(|&i| {
+                let s = &self.steps[i];
+                let value = serde_json::json!({
+                    "output": s.output.clone().unwrap_or(Value::Null),
+                    "status": s.status.as_str(),
+                });
+                (plan.nodes[i].id.clone(), value)
+            })
+            .collect();
+        crate::template::render(&node.params, &self.params, steps)
     }
 
     /// Moves the run on when its steps are done: to success, to its failure handlers, or to

@@ -663,3 +663,53 @@ fn skipping_the_failed_step_of_a_failed_run_lets_the_rest_run() {
     );
     assert_eq!(run.status, RunStatus::Running);
 }
+
+#[test]
+fn templates_render_when_the_step_becomes_ready_and_a_missing_value_fails_it() {
+    let plan = plan(
+        "name: t\nsteps:\n  - {id: build, agent: x, action: y}\n  - {id: ship, agent: x, action: y, params: {file: '${{ steps.build.output.artifact }}', to: '${{ params.env }}'}}\n",
+    );
+    let params = json!({"env": "staging"}).as_object().unwrap().clone();
+    let mut run = RunState::new(Uuid::new_v4(), &plan, params);
+    let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    let t = run.apply(
+        &plan,
+        finished(
+            &plan,
+            "build",
+            1,
+            task,
+            Outcome::Success(json!({"artifact": "app.tar"})),
+        ),
+        at(1),
+    );
+    assert_eq!(dispatched(&plan, &t).len(), 1);
+    assert_eq!(
+        Value::Object(run.task_params(&plan, 1).unwrap()),
+        json!({"file": "app.tar", "to": "staging"})
+    );
+
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    let t = run.apply(
+        &plan,
+        finished(&plan, "build", 1, task, Outcome::Success(json!({}))),
+        at(1),
+    );
+    assert!(dispatched(&plan, &t).is_empty());
+    let ship = &run.steps[1];
+    assert_eq!(ship.status, StepStatus::Failure);
+    assert!(
+        ship.error.as_deref().unwrap().contains("artifact"),
+        "{ship:?}"
+    );
+}
+
+#[test]
+fn templates_may_only_read_steps_that_finish_first() {
+    let err = Plan::compile(
+        &Definition::from_yaml("name: t\nsteps:\n  - {id: a, agent: x, action: y, params: {v: '${{ steps.b.output }}'}}\n  - {id: b, agent: x, action: y}\n").unwrap(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("params read `steps.b`"), "{err}");
+}

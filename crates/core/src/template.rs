@@ -1,0 +1,263 @@
+//! `${{ … }}` templates in step params, resolved when the step becomes ready.
+//!
+//! Inside the braces is a CEL expression over `params` (the run's params) and
+//! `steps.<id>.output` / `steps.<id>.status` of steps that finish before this one. A string that
+//! is exactly one template becomes the expression's JSON value (a number stays a number, a list a
+//! list); a template inside a longer string is spliced in as text. A reference to a value that
+//! does not exist fails the step with the reason.
+
+use std::collections::BTreeSet;
+
+use serde_json::{Map, Value};
+
+use crate::condition::PARAMS;
+
+/// The variable that holds the finished steps.
+pub const STEPS: &str = "steps";
+/// The longest rendered params accepted, in bytes of JSON.
+pub const MAX_RENDERED_BYTES: usize = 1 << 20;
+
+const OPEN: &str = "${{";
+const CLOSE: &str = "}}";
+
+/// Checks every template in `params` and returns the step ids they read.
+pub fn check(params: &Map<String, Value>) -> Result<BTreeSet<String>, String> {
+    let mut steps = BTreeSet::new();
+    let mut error = None;
+    visit_strings(params, &mut |text| {
+        for expr in expressions(text) {
+            match expr.and_then(|e| compile(e).map(|p| (e, p))) {
+                Ok((source, program)) => {
+                    for var in program.references().variables() {
+                        if var != PARAMS && var != STEPS {
+                            error.get_or_insert(format!(
+                                "template `{source}` reads `{var}`; templates may read `params` and `steps`"
+                            ));
+                        }
+                    }
+                    steps.extend(step_ids(source));
+                }
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
+            }
+        }
+    });
+    match error {
+        Some(e) => Err(e),
+        None => Ok(steps),
+    }
+}
+
+/// Whether `params` holds any template.
+pub fn has_templates(params: &Map<String, Value>) -> bool {
+    let mut found = false;
+    visit_strings(params, &mut |text| found |= text.contains(OPEN));
+    found
+}
+
+/// Renders every template in `params`. `steps` holds, for the step ids the templates read,
+/// `{"output": …, "status": …}`.
+pub fn render(
+    params: &Map<String, Value>,
+    run_params: &Map<String, Value>,
+    steps: Map<String, Value>,
+) -> Result<Map<String, Value>, String> {
+    let mut ctx = cel::Context::default();
+    ctx.add_variable(PARAMS, Value::Object(run_params.clone()))
+        .map_err(|e| format!("cannot bind params: {e}"))?;
+    ctx.add_variable(STEPS, Value::Object(steps))
+        .map_err(|e| format!("cannot bind steps: {e}"))?;
+    let mut out = Map::new();
+    for (key, value) in params {
+        out.insert(key.clone(), render_value(value, &ctx)?);
+    }
+    let size = serde_json::to_vec(&out).map_or(0, |b| b.len());
+    if size > MAX_RENDERED_BYTES {
+        return Err(format!(
+            "rendered params are {size} bytes; at most {MAX_RENDERED_BYTES} are allowed"
+        ));
+    }
+    Ok(out)
+}
+
+fn render_value(value: &Value, ctx: &cel::Context) -> Result<Value, String> {
+    Ok(match value {
+        Value::String(text) if text.contains(OPEN) => render_string(text, ctx)?,
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|v| render_value(v, ctx))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| Ok((k.clone(), render_value(v, ctx)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        other => other.clone(),
+    })
+}
+
+fn render_string(text: &str, ctx: &cel::Context) -> Result<Value, String> {
+    let trimmed = text.trim();
+    if let Some(inner) = trimmed
+        .strip_prefix(OPEN)
+        .and_then(|t| t.strip_suffix(CLOSE))
+        && !inner.contains(OPEN)
+    {
+        return evaluate(inner.trim(), ctx);
+    }
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(OPEN) {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + OPEN.len()..];
+        let end = after
+            .find(CLOSE)
+            .ok_or_else(|| format!("unclosed template in `{text}`"))?;
+        match evaluate(after[..end].trim(), ctx)? {
+            Value::String(s) => out.push_str(&s),
+            other => out.push_str(&other.to_string()),
+        }
+        rest = &after[end + CLOSE.len()..];
+    }
+    out.push_str(rest);
+    Ok(Value::String(out))
+}
+
+fn evaluate(source: &str, ctx: &cel::Context) -> Result<Value, String> {
+    let program = compile(source)?;
+    let value = program
+        .execute(ctx)
+        .map_err(|e| format!("template `{source}` cannot be resolved: {e}"))?;
+    value
+        .json()
+        .map_err(|e| format!("template `{source}` gives a value that is not JSON: {e:?}"))
+}
+
+fn compile(source: &str) -> Result<cel::Program, String> {
+    cel::Program::compile(source).map_err(|e| format!("template `{source}` does not parse: {e}"))
+}
+
+/// The expressions of a string's templates.
+fn expressions(text: &str) -> Vec<Result<&str, String>> {
+    let mut found = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(OPEN) {
+        let after = &rest[start + OPEN.len()..];
+        match after.find(CLOSE) {
+            Some(end) => {
+                found.push(Ok(after[..end].trim()));
+                rest = &after[end + CLOSE.len()..];
+            }
+            None => {
+                found.push(Err(format!("unclosed template in `{text}`")));
+                break;
+            }
+        }
+    }
+    found
+}
+
+/// The step ids an expression reads as `steps.<id>`.
+fn step_ids(source: &str) -> Vec<String> {
+    let prefix = format!("{STEPS}.");
+    source
+        .match_indices(&prefix)
+        .filter(|(i, _)| {
+            // Only where `steps` is a whole name, not the tail of another.
+            source[..*i]
+                .chars()
+                .next_back()
+                .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+        })
+        .map(|(i, _)| {
+            source[i + prefix.len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+                .collect()
+        })
+        .collect()
+}
+
+fn visit_strings(params: &Map<String, Value>, f: &mut impl FnMut(&str)) {
+    fn walk(value: &Value, f: &mut impl FnMut(&str)) {
+        match value {
+            Value::String(s) => f(s),
+            Value::Array(items) => items.iter().for_each(|v| walk(v, f)),
+            Value::Object(map) => map.values().for_each(|v| walk(v, f)),
+            _ => {}
+        }
+    }
+    params.values().for_each(|v| walk(v, f));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn whole_templates_keep_their_type_and_inline_ones_splice_text() {
+        let params = map(json!({
+            "name": "${{ params.projectName }}",
+            "count": "${{ params.n }}",
+            "artifact": "${{ steps.build.output.artifact }}",
+            "label": "build of ${{ params.projectName }} #${{ params.n }}",
+            "nested": [{"items": "${{ params.items }}"}],
+            "plain": 7
+        }));
+        let run = map(json!({"projectName": "my-app", "n": 3, "items": [1, 2]}));
+        let steps = map(json!({"build": {"output": {"artifact": "app.tar"}, "status": "success"}}));
+        assert_eq!(
+            check(&params).unwrap(),
+            BTreeSet::from(["build".to_string()])
+        );
+        assert_eq!(
+            Value::Object(render(&params, &run, steps).unwrap()),
+            json!({
+                "name": "my-app",
+                "count": 3,
+                "artifact": "app.tar",
+                "label": "build of my-app #3",
+                "nested": [{"items": [1, 2]}],
+                "plain": 7
+            })
+        );
+    }
+
+    #[test]
+    fn a_missing_value_is_an_error_that_names_it() {
+        let params = map(json!({"x": "${{ params.absent }}"}));
+        let err = render(&params, &Map::new(), Map::new()).unwrap_err();
+        assert!(
+            err.contains("params.absent") && err.contains("absent"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_templates_are_refused_when_checked() {
+        assert!(
+            check(&map(json!({"x": "${{ params.a + }}"})))
+                .unwrap_err()
+                .contains("does not parse")
+        );
+        assert!(
+            check(&map(json!({"x": "${{ secret }}"})))
+                .unwrap_err()
+                .contains("`secret`")
+        );
+        assert!(
+            check(&map(json!({"x": "${{ params.a"})))
+                .unwrap_err()
+                .contains("unclosed")
+        );
+        assert!(!has_templates(&map(json!({"x": "plain"}))));
+    }
+}
