@@ -8,9 +8,9 @@
 //! does not honour yet must be an error, not silently ignored. Responses accept unknown fields so
 //! that an older CLI can read a newer server.
 //!
-//! **Architecture invariant:** this crate holds data shapes only — no HTTP client or server, no
-//! domain logic. Status values are plain strings so that a client keeps working when the server
-//! learns a new status.
+//! **Architecture invariant:** this crate holds data shapes and the rules of their wire format
+//! only — no HTTP client or server, no domain logic. Status values are plain strings so that a
+//! client keeps working when the server learns a new status.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -37,10 +37,66 @@ pub struct ExecuteRequest {
 }
 
 /// The answer to [`ExecuteRequest`]: the run was accepted and will proceed in the background.
+///
+/// `202 Accepted` when this request started the run; `200 OK` with the header
+/// [`IDEMPOTENT_REPLAYED_HEADER`]`: true` when an earlier request with the same
+/// [`IDEMPOTENCY_KEY_HEADER`] had started it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ExecuteResponse {
     pub workflow_id: Uuid,
+}
+
+/// The request header of `POST /api/workflows/execute` that makes repeating a submission safe:
+/// every request with the same key answers the run the first one started.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
+
+/// The response header, `true`, that marks an execute answer as the run an earlier request with
+/// the same idempotency key started.
+pub const IDEMPOTENT_REPLAYED_HEADER: &str = "Idempotent-Replayed";
+
+/// The longest idempotency key accepted, in characters.
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 200;
+
+/// Why a string is not an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdempotencyKeyError {
+    #[error("it is empty")]
+    Empty,
+    #[error("it is {0} characters long, more than {MAX_IDEMPOTENCY_KEY_CHARS}")]
+    TooLong(usize),
+    #[error("character {position} is not visible ASCII (`!` to `~`, no spaces)")]
+    NotVisibleAscii {
+        /// 1-based.
+        position: usize,
+    },
+}
+
+/// Checks that `key` is an idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY_CHARS`] visible ASCII
+/// characters. The server and the CLI share this rule so that the CLI refuses a key before it
+/// sends anything.
+pub fn check_idempotency_key(key: &str) -> Result<(), IdempotencyKeyError> {
+    if let Some(position) = key.chars().position(|c| !c.is_ascii_graphic()) {
+        return Err(IdempotencyKeyError::NotVisibleAscii {
+            position: position + 1,
+        });
+    }
+    // Only ASCII is left, so bytes are characters.
+    match key.len() {
+        0 => Err(IdempotencyKeyError::Empty),
+        n if n > MAX_IDEMPOTENCY_KEY_CHARS => Err(IdempotencyKeyError::TooLong(n)),
+        _ => Ok(()),
+    }
+}
+
+/// What a submission did, as the server's backend reports it: the HTTP answer is an
+/// [`ExecuteResponse`] whose status and headers say whether it was `replayed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Submitted {
+    pub workflow_id: Uuid,
+    /// True when an earlier submission with the same idempotency key had started the run, so
+    /// this one started nothing.
+    pub replayed: bool,
 }
 
 /// `GET /api/workflows/{id}`: a run and all its steps.
@@ -178,6 +234,98 @@ pub struct DefinitionSummary {
 #[serde(rename_all = "camelCase")]
 pub struct DefinitionList {
     pub definitions: Vec<DefinitionSummary>,
+}
+
+/// The query string of `GET /api/dlq`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterQuery {
+    /// Only dead letters not redriven yet (`true` when unset), or all of them (`false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<bool>,
+    /// At most this many, newest first: 50 when unset, at most 500.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// A task RabbitMQ dead-lettered (delivered too often, or rejected by a worker). The step it
+/// carried failed with `reason`; a redrive gives the step a new attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterSummary {
+    pub id: Uuid,
+    /// The task's run, step, attempt and task id: absent when the body is not a readable task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<Uuid>,
+    /// Why RabbitMQ dead-lettered it, e.g. the delivery limit.
+    pub reason: String,
+    /// How often RabbitMQ had delivered it, when the broker said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deliveries: Option<u64>,
+    pub created_at: DateTime<Utc>,
+    /// When it was redriven; absent while it waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redriven_at: Option<DateTime<Utc>>,
+    /// The message body: the task's JSON, or a string when the body is not JSON.
+    pub body: Value,
+}
+
+/// `GET /api/dlq`: dead letters, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterList {
+    pub dead_letters: Vec<DeadLetterSummary>,
+}
+
+/// `POST /api/dlq/redrive`: give the steps of dead letters a new attempt. Exactly one of a
+/// non-empty `ids` and `all: true` must be given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedriveRequest {
+    /// These dead letters.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<Uuid>,
+    /// Every dead letter not redriven yet.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+}
+
+/// What a redrive did with one dead letter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RedriveOutcome {
+    pub dead_letter: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_id: Option<String>,
+    /// The step's new attempt, when it was retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Why the step was not retried (e.g. its run has ended); absent when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl RedriveOutcome {
+    /// Whether the step got a new attempt.
+    pub fn retried(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
+/// The answer to [`RedriveRequest`]: one outcome per dead letter named (in the order named), or
+/// per dead letter found with `all`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RedriveResponse {
+    pub redriven: Vec<RedriveOutcome>,
 }
 
 /// The body of every error response, whatever the route.
@@ -363,6 +511,9 @@ mod tests {
                 created_at: at(0),
             }],
         });
+        round_trip(&DeadLetterList {
+            dead_letters: vec![dead_letter()],
+        });
         round_trip(&ErrorBody {
             error: ErrorDetail {
                 code: "invalid_yaml".into(),
@@ -388,6 +539,149 @@ mod tests {
             limit: Some(10),
             cursor: None,
         });
+        round_trip(&DeadLetterQuery {
+            pending: Some(false),
+            limit: Some(10),
+        });
+        round_trip(&RedriveRequest {
+            ids: vec![Uuid::from_u128(1), Uuid::from_u128(2)],
+            all: false,
+        });
+    }
+
+    fn dead_letter() -> DeadLetterSummary {
+        DeadLetterSummary {
+            id: Uuid::from_u128(9),
+            workflow_id: Some(Uuid::from_u128(7)),
+            step_id: Some("deploy".into()),
+            attempt: Some(2),
+            task_id: Some(Uuid::from_u128(8)),
+            reason: "delivered 5 times".into(),
+            deliveries: Some(5),
+            created_at: at(0),
+            redriven_at: Some(at(60)),
+            body: json!({"run_id": Uuid::from_u128(7)}),
+        }
+    }
+
+    #[test]
+    fn dead_letters_use_camel_case_keys() {
+        let value = serde_json::to_value(DeadLetterList {
+            dead_letters: vec![dead_letter()],
+        })
+        .unwrap();
+        assert_eq!(keys(&value), BTreeSet::from(["deadLetters"]));
+        assert_eq!(
+            keys(&value["deadLetters"][0]),
+            BTreeSet::from([
+                "id",
+                "workflowId",
+                "stepId",
+                "attempt",
+                "taskId",
+                "reason",
+                "deliveries",
+                "createdAt",
+                "redrivenAt",
+                "body",
+            ])
+        );
+
+        // A body that is not a task leaves only what RabbitMQ said.
+        let unreadable = DeadLetterSummary {
+            workflow_id: None,
+            step_id: None,
+            attempt: None,
+            task_id: None,
+            deliveries: None,
+            redriven_at: None,
+            body: json!("not json"),
+            ..dead_letter()
+        };
+        let value = serde_json::to_value(&unreadable).unwrap();
+        assert_eq!(
+            keys(&value),
+            BTreeSet::from(["id", "reason", "createdAt", "body"])
+        );
+        round_trip(&unreadable);
+    }
+
+    #[test]
+    fn redrive_shapes() {
+        let outcomes = RedriveResponse {
+            redriven: vec![
+                RedriveOutcome {
+                    dead_letter: Uuid::from_u128(1),
+                    workflow_id: Some(Uuid::from_u128(7)),
+                    step_id: Some("deploy".into()),
+                    attempt: Some(3),
+                    error: None,
+                },
+                RedriveOutcome {
+                    dead_letter: Uuid::from_u128(2),
+                    workflow_id: None,
+                    step_id: None,
+                    attempt: None,
+                    error: Some("the run has ended".into()),
+                },
+            ],
+        };
+        let value = serde_json::to_value(&outcomes).unwrap();
+        assert_eq!(
+            keys(&value["redriven"][0]),
+            BTreeSet::from(["deadLetter", "workflowId", "stepId", "attempt"])
+        );
+        assert_eq!(
+            keys(&value["redriven"][1]),
+            BTreeSet::from(["deadLetter", "error"])
+        );
+        assert!(outcomes.redriven[0].retried() && !outcomes.redriven[1].retried());
+
+        // What is not asked for is not sent.
+        assert_eq!(
+            serde_json::to_value(RedriveRequest {
+                ids: Vec::new(),
+                all: true
+            })
+            .unwrap(),
+            json!({"all": true})
+        );
+        let read: RedriveRequest =
+            serde_json::from_value(json!({"ids": [Uuid::from_u128(1)]})).unwrap();
+        assert_eq!(
+            read,
+            RedriveRequest {
+                ids: vec![Uuid::from_u128(1)],
+                all: false
+            }
+        );
+        let err = serde_json::from_value::<RedriveRequest>(json!({"every": true})).unwrap_err();
+        assert!(err.to_string().contains("unknown field `every`"), "{err}");
+    }
+
+    #[test]
+    fn idempotency_keys_are_visible_ascii_of_bounded_length() {
+        assert_eq!(check_idempotency_key("a"), Ok(()));
+        assert_eq!(
+            check_idempotency_key("0196c1f4-7e2a-7c3b-9d7e-1f2a3b4c5d6e"),
+            Ok(())
+        );
+        assert_eq!(check_idempotency_key("!~{}\\\"=:"), Ok(()));
+        let longest = "k".repeat(MAX_IDEMPOTENCY_KEY_CHARS);
+        assert_eq!(check_idempotency_key(&longest), Ok(()));
+
+        assert_eq!(check_idempotency_key(""), Err(IdempotencyKeyError::Empty));
+        assert_eq!(
+            check_idempotency_key(&format!("{longest}k")),
+            Err(IdempotencyKeyError::TooLong(201))
+        );
+        for (key, position) in [("a b", 2), ("\tab", 1), ("ab\n", 3), ("clé", 3)] {
+            assert_eq!(
+                check_idempotency_key(key),
+                Err(IdempotencyKeyError::NotVisibleAscii { position }),
+                "{key:?}"
+            );
+        }
     }
 
     #[test]

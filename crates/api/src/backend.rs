@@ -3,7 +3,10 @@
 
 use std::future::Future;
 
-use flotilla_api_model::{DefinitionSummary, RunPage, RunQuery, WorkflowResult};
+use flotilla_api_model::{
+    DeadLetterQuery, DeadLetterSummary, DefinitionSummary, RedriveOutcome, RunPage, RunQuery,
+    Submitted, WorkflowResult,
+};
 use flotilla_core::{Definition, Plan};
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -17,18 +20,28 @@ pub struct Submission {
     /// The effective run params: the definition's `params:` defaults overlaid, key by key, with
     /// those given in the request.
     pub params: Map<String, Value>,
+    /// The request's `Idempotency-Key`, checked with
+    /// [`check_idempotency_key`](flotilla_api_model::check_idempotency_key).
+    pub idempotency_key: Option<String>,
 }
 
 /// What the coordinator provides to the API.
 ///
-/// Inputs arrive validated: definitions compile, and a [`RunQuery`] has a known `status` (if
-/// any) and a `limit` in `1..=`[`MAX_RUN_LIMIT`](crate::MAX_RUN_LIMIT), always set.
+/// Inputs arrive validated: definitions compile, a [`RunQuery`] has a known `status` (if any)
+/// and a `limit` in `1..=`[`MAX_RUN_LIMIT`](crate::MAX_RUN_LIMIT), always set, and a
+/// [`DeadLetterQuery`] has `pending` and a `limit` in
+/// `1..=`[`MAX_DEAD_LETTER_LIMIT`](crate::MAX_DEAD_LETTER_LIMIT), always set.
 pub trait Backend: Send + Sync + 'static {
     /// Records a new run and starts it; answers its id once the run is durable.
+    ///
+    /// With an idempotency key that an earlier submission already started a run under (within
+    /// however long the backend keeps keys), starts nothing and answers that run with
+    /// `replayed: true`. Concurrent submissions with one key start one run between them: the
+    /// key exists for clients that resend a request whose answer they lost.
     fn submit(
         &self,
         submission: Submission,
-    ) -> impl Future<Output = Result<Uuid, BackendError>> + Send;
+    ) -> impl Future<Output = Result<Submitted, BackendError>> + Send;
 
     /// A run and its steps, or `None` if there is no run with that id.
     fn run(
@@ -56,6 +69,24 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         name: &str,
     ) -> impl Future<Output = Result<Option<Definition>, BackendError>> + Send;
+
+    /// Dead-lettered tasks, newest first: those not redriven yet, or all of them when
+    /// `query.pending` is `Some(false)`.
+    fn dead_letters(
+        &self,
+        query: DeadLetterQuery,
+    ) -> impl Future<Output = Result<Vec<DeadLetterSummary>, BackendError>> + Send;
+
+    /// Gives the steps of these dead letters (distinct ids; every dead letter not redriven yet
+    /// when `ids` is empty) a new attempt, and marks those retried as redriven.
+    ///
+    /// Answers an outcome per dead letter it handled; `error` says why one was not retried. It
+    /// may leave out named ids it has no pending dead letter for: the API answers those as not
+    /// retried.
+    fn redrive(
+        &self,
+        ids: Vec<Uuid>,
+    ) -> impl Future<Output = Result<Vec<RedriveOutcome>, BackendError>> + Send;
 }
 
 /// Why a [`Backend`] call failed. The variant decides the HTTP status.

@@ -1,12 +1,14 @@
 //! The coordinator's HTTP API: axum routes over a [`Backend`] that the coordinator implements.
 //!
-//! | route                          | answer                                       |
-//! | ------------------------------ | -------------------------------------------- |
-//! | `POST /api/workflows/execute`  | 202 [`ExecuteResponse`]                      |
-//! | `GET  /api/workflows/{id}`     | 200 [`WorkflowResult`]                       |
-//! | `GET  /api/workflows`          | 200 [`RunPage`] (query: [`RunQuery`])        |
-//! | `POST /api/definitions`        | 201 [`DefinitionSummary`]                    |
-//! | `GET  /api/definitions`        | 200 [`DefinitionList`]                       |
+//! | route                          | answer                                                     |
+//! | ------------------------------ | ---------------------------------------------------------- |
+//! | `POST /api/workflows/execute`  | 202 [`ExecuteResponse`]; 200 when an `Idempotency-Key` replays an earlier run |
+//! | `GET  /api/workflows/{id}`     | 200 [`WorkflowResult`]                                     |
+//! | `GET  /api/workflows`          | 200 [`RunPage`] (query: [`RunQuery`])                      |
+//! | `POST /api/definitions`        | 201 [`DefinitionSummary`]                                  |
+//! | `GET  /api/definitions`        | 200 [`DefinitionList`]                                     |
+//! | `GET  /api/dlq`                | 200 [`DeadLetterList`] (query: [`DeadLetterQuery`])        |
+//! | `POST /api/dlq/redrive`        | 200 [`RedriveResponse`] (body: [`RedriveRequest`])         |
 //!
 //! Every failure, including malformed bodies, unknown routes and oversized requests, answers with
 //! an [`ErrorBody`](flotilla_api_model::ErrorBody).
@@ -24,6 +26,10 @@
 //! [`RunQuery`]: flotilla_api_model::RunQuery
 //! [`DefinitionSummary`]: flotilla_api_model::DefinitionSummary
 //! [`DefinitionList`]: flotilla_api_model::DefinitionList
+//! [`DeadLetterList`]: flotilla_api_model::DeadLetterList
+//! [`DeadLetterQuery`]: flotilla_api_model::DeadLetterQuery
+//! [`RedriveResponse`]: flotilla_api_model::RedriveResponse
+//! [`RedriveRequest`]: flotilla_api_model::RedriveRequest
 
 mod backend;
 mod error;
@@ -31,4 +37,7 @@ mod extract;
 mod routes;
 
 pub use backend::{Backend, BackendError, Submission};
-pub use routes::{DEFAULT_RUN_LIMIT, Limits, MAX_RUN_LIMIT, router};
+pub use routes::{
+    DEFAULT_DEAD_LETTER_LIMIT, DEFAULT_RUN_LIMIT, Limits, MAX_DEAD_LETTER_LIMIT, MAX_RUN_LIMIT,
+    router,
+};

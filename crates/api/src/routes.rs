@@ -1,14 +1,17 @@
 //! The routes and their handlers.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef, State};
 use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use flotilla_api_model::{
-    DefinitionList, DefinitionSummary, ExecuteRequest, ExecuteResponse, RegisterDefinitionRequest,
-    RunPage, RunQuery, WorkflowResult,
+    DeadLetterList, DeadLetterQuery, DefinitionList, DefinitionSummary, ExecuteRequest,
+    ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, RedriveOutcome, RedriveRequest, RedriveResponse,
+    RegisterDefinitionRequest, RunPage, RunQuery, Submitted, WorkflowResult,
 };
 use flotilla_core::{Definition, Plan, RunStatus};
 use serde_json::Value;
@@ -16,12 +19,16 @@ use uuid::Uuid;
 
 use crate::backend::{Backend, Submission};
 use crate::error::{ApiError, Kind};
-use crate::extract::{Json, Path, Query};
+use crate::extract::{IdempotencyKey, Json, Path, Query};
 
 /// Runs listed per page when the query gives no `limit`.
 pub const DEFAULT_RUN_LIMIT: u32 = 50;
 /// The largest `limit` a run listing accepts.
 pub const MAX_RUN_LIMIT: u32 = 500;
+/// Dead letters listed when the query gives no `limit`.
+pub const DEFAULT_DEAD_LETTER_LIMIT: u32 = 50;
+/// The largest `limit` a dead-letter listing accepts.
+pub const MAX_DEAD_LETTER_LIMIT: u32 = 500;
 
 /// Every run status, for telling a client which ones exist.
 const RUN_STATUSES: [RunStatus; 4] = [
@@ -86,6 +93,8 @@ pub fn router<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
             "/api/definitions",
             post(register_definition::<B>).get(list_definitions::<B>),
         )
+        .route("/api/dlq", get(list_dead_letters::<B>))
+        .route("/api/dlq/redrive", post(redrive::<B>))
         // Applies to the routes registered above, so it must come after them.
         .method_not_allowed_fallback(wrong_method)
         .fallback(no_route)
@@ -95,22 +104,26 @@ pub fn router<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
 
 async fn execute<B: Backend>(
     State(backend): State<Arc<B>>,
+    IdempotencyKey(idempotency_key): IdempotencyKey,
     Json(request): Json<ExecuteRequest>,
-) -> Result<(StatusCode, axum::Json<ExecuteResponse>), ApiError> {
+) -> Result<Response, ApiError> {
     let ExecuteRequest {
         workflow,
         definition,
         yaml,
         params,
     } = request;
-    let source = exactly_one([
-        ("workflow", workflow.map(Source::Registered)),
-        (
-            "definition",
-            definition.map(|v| Source::Inline(Inline::Object(v))),
-        ),
-        ("yaml", yaml.map(|t| Source::Inline(Inline::Yaml(t)))),
-    ])?;
+    let source = exactly_one(
+        "nothing to run",
+        [
+            ("workflow", workflow.map(Source::Registered)),
+            (
+                "definition",
+                definition.map(|v| Source::Inline(Inline::Object(v))),
+            ),
+            ("yaml", yaml.map(|t| Source::Inline(Inline::Yaml(t)))),
+        ],
+    )?;
     let definition = match source {
         Source::Registered(name) => backend.definition(&name).await?.ok_or_else(|| {
             ApiError::not_found(format!(
@@ -122,17 +135,25 @@ async fn execute<B: Backend>(
     let plan = Plan::compile(&definition)?;
     let mut effective = definition.params.clone();
     effective.extend(params);
-    let workflow_id = backend
+    let Submitted {
+        workflow_id,
+        replayed,
+    } = backend
         .submit(Submission {
             definition,
             plan,
             params: effective,
+            idempotency_key,
         })
         .await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        axum::Json(ExecuteResponse { workflow_id }),
-    ))
+    let body = axum::Json(ExecuteResponse { workflow_id });
+    // A replay started nothing, so it is not "accepted for processing" (202): it reports the
+    // state of an earlier request, and the header lets a client tell the two apart.
+    Ok(if replayed {
+        (StatusCode::OK, [(IDEMPOTENT_REPLAYED_HEADER, "true")], body).into_response()
+    } else {
+        (StatusCode::ACCEPTED, body).into_response()
+    })
 }
 
 async fn get_run<B: Backend>(
@@ -161,14 +182,20 @@ async fn list_runs<B: Backend>(
             listing(&known, "or")
         )));
     }
-    let limit = query.limit.unwrap_or(DEFAULT_RUN_LIMIT);
-    if !(1..=MAX_RUN_LIMIT).contains(&limit) {
-        return Err(ApiError::invalid_request(format!(
-            "limit must be between 1 and {MAX_RUN_LIMIT}, not {limit}"
-        )));
-    }
-    query.limit = Some(limit);
+    query.limit = Some(page_limit(query.limit, DEFAULT_RUN_LIMIT, MAX_RUN_LIMIT)?);
     Ok(axum::Json(backend.runs(query).await?))
+}
+
+/// The `limit` of a listing: `default` when unset, else in `1..=max`.
+fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if (1..=max).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::invalid_request(format!(
+            "limit must be between 1 and {max}, not {limit}"
+        )))
+    }
 }
 
 async fn register_definition<B: Backend>(
@@ -176,10 +203,13 @@ async fn register_definition<B: Backend>(
     Json(request): Json<RegisterDefinitionRequest>,
 ) -> Result<(StatusCode, axum::Json<DefinitionSummary>), ApiError> {
     let RegisterDefinitionRequest { definition, yaml } = request;
-    let definition = exactly_one([
-        ("definition", definition.map(Inline::Object)),
-        ("yaml", yaml.map(Inline::Yaml)),
-    ])?
+    let definition = exactly_one(
+        "nothing to run",
+        [
+            ("definition", definition.map(Inline::Object)),
+            ("yaml", yaml.map(Inline::Yaml)),
+        ],
+    )?
     .parse()?;
     // Refuse what could never run, so that a registered name always names a valid workflow.
     Plan::compile(&definition)?;
@@ -192,6 +222,79 @@ async fn list_definitions<B: Backend>(
 ) -> Result<axum::Json<DefinitionList>, ApiError> {
     let definitions = backend.definitions().await?;
     Ok(axum::Json(DefinitionList { definitions }))
+}
+
+async fn list_dead_letters<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Query(mut query): Query<DeadLetterQuery>,
+) -> Result<axum::Json<DeadLetterList>, ApiError> {
+    query.pending = Some(query.pending.unwrap_or(true));
+    query.limit = Some(page_limit(
+        query.limit,
+        DEFAULT_DEAD_LETTER_LIMIT,
+        MAX_DEAD_LETTER_LIMIT,
+    )?);
+    let dead_letters = backend.dead_letters(query).await?;
+    Ok(axum::Json(DeadLetterList { dead_letters }))
+}
+
+async fn redrive<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Json(request): Json<RedriveRequest>,
+) -> Result<axum::Json<RedriveResponse>, ApiError> {
+    let RedriveRequest { ids, all } = request;
+    let which = exactly_one(
+        "nothing to redrive",
+        [
+            ("ids", (!ids.is_empty()).then_some(ids)),
+            // `all: true` is the backend's empty list.
+            ("all", all.then(Vec::new)),
+        ],
+    )?;
+    let mut seen = HashSet::new();
+    let named: Vec<Uuid> = which.into_iter().filter(|id| seen.insert(*id)).collect();
+    let outcomes = backend.redrive(named.clone()).await?;
+    let redriven = if named.is_empty() {
+        outcomes
+    } else {
+        per_named(named, outcomes)
+    };
+    Ok(axum::Json(RedriveResponse { redriven }))
+}
+
+/// Why a named dead letter the backend said nothing about was not retried.
+const NOT_PENDING: &str = "no dead letter with this id is waiting to be redriven (there is none, \
+                           or it was redriven already)";
+
+/// One outcome per named dead letter, in the order named, so that a client can check each one:
+/// the backend may leave out those it had nothing pending for.
+fn per_named(named: Vec<Uuid>, outcomes: Vec<RedriveOutcome>) -> Vec<RedriveOutcome> {
+    let mut answered: HashMap<Uuid, Option<RedriveOutcome>> =
+        named.iter().map(|id| (*id, None)).collect();
+    // Outcomes for ids nobody named would be a backend bug; they are passed on, not hidden.
+    let mut unnamed = Vec::new();
+    for outcome in outcomes {
+        match answered.get_mut(&outcome.dead_letter) {
+            Some(slot) => *slot = Some(outcome),
+            None => unnamed.push(outcome),
+        }
+    }
+    named
+        .into_iter()
+        .map(|id| {
+            answered
+                .remove(&id)
+                .flatten()
+                .unwrap_or_else(|| RedriveOutcome {
+                    dead_letter: id,
+                    workflow_id: None,
+                    step_id: None,
+                    attempt: None,
+                    error: Some(NOT_PENDING.into()),
+                })
+        })
+        .chain(unnamed)
+        .collect()
 }
 
 async fn no_route(method: Method, uri: Uri) -> ApiError {
@@ -229,8 +332,12 @@ impl Inline {
     }
 }
 
-/// The one value given among the named request fields, or why the request is ambiguous.
-fn exactly_one<T, const N: usize>(fields: [(&'static str, Option<T>); N]) -> Result<T, ApiError> {
+/// The one value given among the named request fields, or why the request is ambiguous;
+/// `nothing` starts the message when none is given.
+fn exactly_one<T, const N: usize>(
+    nothing: &str,
+    fields: [(&'static str, Option<T>); N],
+) -> Result<T, ApiError> {
     let names: Vec<&str> = fields.iter().map(|(name, _)| *name).collect();
     let given: Vec<(&str, T)> = fields
         .into_iter()
@@ -239,7 +346,7 @@ fn exactly_one<T, const N: usize>(fields: [(&'static str, Option<T>); N]) -> Res
     match <[(&str, T); 1]>::try_from(given) {
         Ok([(_, source)]) => Ok(source),
         Err(given) if given.is_empty() => Err(ApiError::invalid_request(format!(
-            "nothing to run: give one of {}",
+            "{nothing}: give one of {}",
             listing(&names, "or")
         ))),
         Err(given) => {

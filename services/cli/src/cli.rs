@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
+use flotilla_api_model::{IdempotencyKeyError, MAX_IDEMPOTENCY_KEY_CHARS, check_idempotency_key};
 use reqwest::Url;
 use uuid::Uuid;
 
@@ -45,11 +46,20 @@ pub enum Command {
     /// Register and list named workflow definitions.
     #[command(subcommand)]
     Definitions(DefinitionsCommand),
+    /// List and redrive dead letters: tasks RabbitMQ gave up delivering, whose steps failed.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum WorkflowsCommand {
-    /// Run the workflow defined in FILE (YAML or JSON) and print the run's id.
+    /// Run the workflow defined in FILE (YAML or JSON) and print the run's id; safe to retry.
+    ///
+    /// The request carries an idempotency key (a new random one, unless --idempotency-key gives
+    /// it), and a request that fails in the network (refused, reset, timed out) is sent again
+    /// with the same key, so a request whose answer was lost never starts a second run. Running
+    /// the command again with the same --idempotency-key is just as safe: it prints the run the
+    /// first one started.
     Execute {
         /// The workflow definition.
         file: PathBuf,
@@ -57,6 +67,11 @@ pub enum WorkflowsCommand {
         /// valid JSON (`n=3`, `flag=true`, `obj={"a":1}`) and as a string otherwise.
         #[arg(long = "param", short, value_name = "KEY=VALUE", value_parser = parse_param)]
         params: Vec<Param>,
+        /// The idempotency key to send instead of a random one: 1 to 200 visible ASCII
+        /// characters. Every command with the same key answers the run the first one started
+        /// (for as long as the coordinator keeps keys), so a script may repeat the command.
+        #[arg(long, value_name = "KEY", value_parser = parse_idempotency_key)]
+        idempotency_key: Option<String>,
         #[command(flatten)]
         wait: Wait,
     },
@@ -103,6 +118,40 @@ pub enum DefinitionsCommand {
     List,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters waiting to be redriven, newest first.
+    List {
+        /// Include those redriven already.
+        #[arg(long)]
+        all: bool,
+        /// At most this many (1 to 500; the coordinator's default is 50).
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// Give the steps of dead letters a new attempt; exit 0 if every one was retried, 1 if some
+    /// were not.
+    #[command(group(ArgGroup::new("which").required(true).args(["ids", "all"])))]
+    Redrive {
+        /// The dead letters, by the ids `flotilla dlq list` shows.
+        #[arg(value_name = "ID")]
+        ids: Vec<Uuid>,
+        /// Every dead letter not redriven yet.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// Checks `--idempotency-key` before anything is sent, by the coordinator's rule.
+fn parse_idempotency_key(arg: &str) -> Result<String, IdempotencyKeyError> {
+    check_idempotency_key(arg)?;
+    Ok(arg.to_string())
+}
+
+// The help of `--idempotency-key` states the limit in words (doc comments cannot name a
+// constant); this stops the build when the two drift apart.
+const _: () = assert!(MAX_IDEMPOTENCY_KEY_CHARS == 200);
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -126,6 +175,64 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("flotilla").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn execute_says_it_is_safe_to_retry() {
+        let mut cli = Cli::command();
+        let execute = cli
+            .find_subcommand_mut("workflows")
+            .and_then(|c| c.find_subcommand_mut("execute"))
+            .expect("workflows execute exists");
+        assert!(execute.render_help().to_string().contains("safe to retry"));
+        let long = execute.render_long_help().to_string();
+        assert!(long.contains("never starts a second run"), "{long}");
+        assert!(long.contains("--idempotency-key <KEY>"), "{long}");
+    }
+
+    #[test]
+    fn idempotency_keys_are_checked_before_sending() {
+        let key = |key: &str| parse(&["workflows", "execute", "f.yml", "--idempotency-key", key]);
+        let Command::Workflows(WorkflowsCommand::Execute {
+            idempotency_key, ..
+        }) = key("nightly-2025-06-15").unwrap().command
+        else {
+            panic!("not execute");
+        };
+        assert_eq!(idempotency_key.as_deref(), Some("nightly-2025-06-15"));
+
+        for bad in ["", "two words", &"k".repeat(201)] {
+            let err = key(bad).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{bad:?}"
+            );
+            assert_eq!(err.exit_code(), 2);
+        }
+    }
+
+    #[test]
+    fn redrive_takes_ids_or_all() {
+        let id = Uuid::from_u128(1).to_string();
+        assert!(parse(&["dlq", "redrive", &id, &id]).is_ok());
+        assert!(parse(&["dlq", "redrive", "--all"]).is_ok());
+        assert_eq!(
+            parse(&["dlq", "redrive"]).unwrap_err().kind(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            parse(&["dlq", "redrive", &id, "--all"]).unwrap_err().kind(),
+            clap::error::ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            parse(&["dlq", "redrive", "not-a-uuid"]).unwrap_err().kind(),
+            clap::error::ErrorKind::ValueValidation
+        );
     }
 
     #[test]

@@ -3,18 +3,34 @@
 use std::time::Duration;
 
 use flotilla_api_model::{
-    DefinitionList, DefinitionSummary, ErrorBody, ExecuteRequest, ExecuteResponse,
-    RegisterDefinitionRequest, RunPage, RunQuery, WorkflowResult,
+    DeadLetterList, DeadLetterQuery, DefinitionList, DefinitionSummary, ErrorBody, ExecuteRequest,
+    ExecuteResponse, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, RedriveRequest,
+    RedriveResponse, RegisterDefinitionRequest, RunPage, RunQuery, Submitted, WorkflowResult,
 };
+use reqwest::header::HeaderMap;
 use reqwest::{RequestBuilder, StatusCode, Url};
 use serde::de::DeserializeOwned;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 /// How long one request may take, connecting included. Requests are small; a coordinator that
 /// takes longer than this is stuck, not busy.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one attempt of a submission may take. Shorter than other requests because asking
+/// again under the same idempotency key is safe, and a submission is one short transaction.
+const SUBMIT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of an unexpected (non-API) error body to show.
 const BODY_EXCERPT_CHARS: usize = 300;
+
+/// How a submission is repeated after a network failure: refused or dropped connections five
+/// times within about 3 s, which rides out a coordinator restarting behind a proxy; attempts that
+/// time out three times, so that a stuck coordinator is given up on after about 30 s, as long as
+/// one plain request may take.
+const EXECUTE_BACKOFF: Backoff = Backoff {
+    attempts: 5,
+    first_delay: Duration::from_millis(200),
+    window: Duration::from_secs(30),
+};
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -32,9 +48,10 @@ pub enum ClientError {
         #[source]
         source: reqwest::Error,
     },
-    #[error("the coordinator at {base} did not answer within {}s", REQUEST_TIMEOUT.as_secs())]
+    #[error("the coordinator at {base} did not answer within {}s", after.as_secs())]
     Timeout {
         base: Url,
+        after: Duration,
         #[source]
         source: reqwest::Error,
     },
@@ -59,8 +76,66 @@ pub enum ClientError {
     Decode {
         url: Url,
         #[source]
-        source: reqwest::Error,
+        source: serde_json::Error,
     },
+    /// A submission got no answer although it may have reached the coordinator: only the same
+    /// idempotency key can tell whether it started a run without risking a second one.
+    #[error(
+        "no answer from the coordinator at {base} after {attempts} attempts, so whether the run \
+         started is not known; the same command with `--idempotency-key {key}` prints the run if \
+         it started, and starts it if not"
+    )]
+    Unanswered {
+        base: Url,
+        attempts: u32,
+        key: String,
+        #[source]
+        last: Box<ClientError>,
+    },
+}
+
+impl ClientError {
+    /// Whether the request failed in the network (no connection, a connection lost, no answer
+    /// in time) rather than being answered, so that sending it again may succeed.
+    fn is_network(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } | Self::Timeout { .. } => true,
+            Self::Transport { source, .. } => source.is_request() || source.is_body(),
+            _ => false,
+        }
+    }
+}
+
+/// Retries of a request that is safe to repeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Backoff {
+    /// Attempts in all, the first one included.
+    attempts: u32,
+    /// The wait after the first failure; each later wait is twice the one before.
+    first_delay: Duration,
+    /// No attempt starts later than this after the first one started.
+    window: Duration,
+}
+
+impl Backoff {
+    /// The wait before the next attempt, once `made` attempts (at least one) have failed and
+    /// `elapsed` has passed since the first started; `None` to give up.
+    fn delay(&self, made: u32, elapsed: Duration) -> Option<Duration> {
+        if made >= self.attempts {
+            return None;
+        }
+        let delay = self
+            .first_delay
+            .checked_mul(2u32.checked_pow(made.saturating_sub(1))?)?;
+        (elapsed + delay <= self.window).then_some(delay)
+    }
+}
+
+/// A whole HTTP answer.
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Vec<u8>,
 }
 
 /// The coordinator's HTTP API.
@@ -82,18 +157,64 @@ impl Client {
         // reqwest is built without a TLS crypto provider of its own and refuses to build a client
         // until the process has one. An error only says one is installed already, which serves.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // Each request sets its own timeout (see `exchange`).
         let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
             .user_agent(concat!("flotilla-cli/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(ClientError::Setup)?;
         Ok(Self { http, base })
     }
 
-    pub async fn execute(&self, request: &ExecuteRequest) -> Result<ExecuteResponse, ClientError> {
+    /// Submits a run under an idempotency key. A request that fails in the network is sent again
+    /// with the same key (see [`EXECUTE_BACKOFF`]), so that a request whose answer was lost is
+    /// answered with the run it started rather than starting a second one.
+    pub async fn execute(
+        &self,
+        request: &ExecuteRequest,
+        key: &str,
+    ) -> Result<Submitted, ClientError> {
         let url = self.url(&["workflows", "execute"]);
-        self.send(self.http.post(url.clone()).json(request), url)
-            .await
+        let build = || {
+            self.http
+                .post(url.clone())
+                .header(IDEMPOTENCY_KEY_HEADER, key)
+                .json(request)
+        };
+        let started = Instant::now();
+        let mut made = 0;
+        // Whether a failed attempt may have reached the coordinator (and started the run).
+        let mut maybe_delivered = false;
+        let answer = loop {
+            made += 1;
+            let err = match self.exchange(build(), &url, SUBMIT_ATTEMPT_TIMEOUT).await {
+                Ok(answer) => break answer,
+                Err(err) if err.is_network() => err,
+                Err(err) => return Err(err),
+            };
+            // A connection that could not be made carried nothing; anything later may have.
+            maybe_delivered |= !matches!(err, ClientError::Unreachable { .. });
+            match EXECUTE_BACKOFF.delay(made, started.elapsed()) {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None if maybe_delivered => {
+                    return Err(ClientError::Unanswered {
+                        base: self.base.clone(),
+                        attempts: made,
+                        key: key.to_string(),
+                        last: Box::new(err),
+                    });
+                }
+                None => return Err(err),
+            }
+        };
+        let replayed = answer
+            .headers
+            .get(IDEMPOTENT_REPLAYED_HEADER)
+            .is_some_and(|value| value == "true");
+        let ExecuteResponse { workflow_id } = decode(answer, url)?;
+        Ok(Submitted {
+            workflow_id,
+            replayed,
+        })
     }
 
     pub async fn run(&self, id: Uuid) -> Result<WorkflowResult, ClientError> {
@@ -132,6 +253,31 @@ impl Client {
         self.send(self.http.get(url.clone()), url).await
     }
 
+    pub async fn dead_letters(
+        &self,
+        query: &DeadLetterQuery,
+    ) -> Result<DeadLetterList, ClientError> {
+        let mut url = self.url(&["dlq"]);
+        {
+            let mut pairs = url.query_pairs_mut();
+            if let Some(pending) = query.pending {
+                pairs.append_pair("pending", &pending.to_string());
+            }
+            if let Some(limit) = query.limit {
+                pairs.append_pair("limit", &limit.to_string());
+            }
+        }
+        self.send(self.http.get(url.clone()), url).await
+    }
+
+    /// Not repeated after a network failure: a repeat would report the dead letters the lost
+    /// request retried as "not pending", which reads as a failure.
+    pub async fn redrive(&self, request: &RedriveRequest) -> Result<RedriveResponse, ClientError> {
+        let url = self.url(&["dlq", "redrive"]);
+        self.send(self.http.post(url.clone()).json(request), url)
+            .await
+    }
+
     /// `{base}/api/{segments...}`, each segment escaped.
     fn url(&self, segments: &[&str]) -> Url {
         let mut url = self.base.clone();
@@ -148,7 +294,19 @@ impl Client {
         request: RequestBuilder,
         url: Url,
     ) -> Result<T, ClientError> {
-        let response = request.send().await.map_err(|source| {
+        let answer = self.exchange(request, &url, REQUEST_TIMEOUT).await?;
+        decode(answer, url)
+    }
+
+    /// Sends the request and reads the whole answer, whatever its status, within `timeout`:
+    /// every error here is one of the network (or of a request that cannot be built).
+    async fn exchange(
+        &self,
+        request: RequestBuilder,
+        url: &Url,
+        timeout: Duration,
+    ) -> Result<Answer, ClientError> {
+        let failed = |source: reqwest::Error| {
             if source.is_connect() {
                 ClientError::Unreachable {
                     base: self.base.clone(),
@@ -157,6 +315,7 @@ impl Client {
             } else if source.is_timeout() {
                 ClientError::Timeout {
                     base: self.base.clone(),
+                    after: timeout,
                     source,
                 }
             } else {
@@ -165,30 +324,37 @@ impl Client {
                     source,
                 }
             }
-        })?;
+        };
+        let response = request.timeout(timeout).send().await.map_err(failed)?;
         let status = response.status();
-        if status.is_success() {
-            return response
-                .json()
-                .await
-                .map_err(|source| ClientError::Decode { url, source });
-        }
-        let text = response
-            .text()
-            .await
-            .map_err(|source| ClientError::Decode {
-                url: url.clone(),
-                source,
-            })?;
-        Err(match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(ErrorBody { error }) => ClientError::Api(error.message),
-            Err(_) => ClientError::UnexpectedAnswer {
-                url,
-                status,
-                excerpt: text.chars().take(BODY_EXCERPT_CHARS).collect(),
-            },
+        let headers = response.headers().clone();
+        // An answer cut off halfway is as lost as one that never came.
+        let body = response.bytes().await.map_err(failed)?;
+        Ok(Answer {
+            status,
+            headers,
+            body: body.into(),
         })
     }
+}
+
+/// The answer's JSON on success; otherwise the coordinator's error message.
+fn decode<T: DeserializeOwned>(answer: Answer, url: Url) -> Result<T, ClientError> {
+    let Answer { status, body, .. } = answer;
+    if status.is_success() {
+        return serde_json::from_slice(&body).map_err(|source| ClientError::Decode { url, source });
+    }
+    Err(match serde_json::from_slice::<ErrorBody>(&body) {
+        Ok(ErrorBody { error }) => ClientError::Api(error.message),
+        Err(_) => ClientError::UnexpectedAnswer {
+            url,
+            status,
+            excerpt: String::from_utf8_lossy(&body)
+                .chars()
+                .take(BODY_EXCERPT_CHARS)
+                .collect(),
+        },
+    })
 }
 
 #[cfg(test)]
@@ -217,6 +383,35 @@ mod tests {
                 .as_str(),
             "https://ops.example/flotilla/api/definitions"
         );
+    }
+
+    #[test]
+    fn submissions_back_off_doubling_within_attempts_and_window() {
+        let at = Duration::from_millis;
+        let delays: Vec<Option<Duration>> = (1..=5)
+            .map(|made| EXECUTE_BACKOFF.delay(made, Duration::ZERO))
+            .collect();
+        assert_eq!(
+            delays,
+            [
+                Some(at(200)),
+                Some(at(400)),
+                Some(at(800)),
+                Some(at(1600)),
+                None
+            ]
+        );
+        // No attempt starts after the window, however few were made: attempts that time out
+        // are made three times.
+        let timed_out = |n: u32| SUBMIT_ATTEMPT_TIMEOUT * n;
+        assert_eq!(EXECUTE_BACKOFF.delay(1, timed_out(1)), Some(at(200)));
+        assert_eq!(
+            EXECUTE_BACKOFF.delay(2, timed_out(2) + at(200)),
+            Some(at(400))
+        );
+        assert_eq!(EXECUTE_BACKOFF.delay(3, timed_out(3) + at(600)), None);
+        assert_eq!(EXECUTE_BACKOFF.delay(1, at(29_800)), Some(at(200)));
+        assert_eq!(EXECUTE_BACKOFF.delay(1, at(29_801)), None);
     }
 
     #[test]

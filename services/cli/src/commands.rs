@@ -4,13 +4,16 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use flotilla_api_model::{ExecuteRequest, RegisterDefinitionRequest, RunQuery, WorkflowResult};
+use flotilla_api_model::{
+    DeadLetterQuery, ExecuteRequest, ExecuteResponse, RedriveOutcome, RedriveRequest,
+    RegisterDefinitionRequest, RunQuery, WorkflowResult,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tokio::time::MissedTickBehavior;
 use uuid::Uuid;
 
-use crate::cli::{Cli, Command, DefinitionsCommand, Output, Wait, WorkflowsCommand};
+use crate::cli::{Cli, Command, DefinitionsCommand, DlqCommand, Output, Wait, WorkflowsCommand};
 use crate::client::Client;
 use crate::params;
 use crate::render;
@@ -26,19 +29,40 @@ pub enum Outcome {
     Done,
     /// A run that the command waited for ended in failure.
     WorkflowFailed,
+    /// Some of the dead letters the command was to redrive were not retried.
+    NotAllRedriven,
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let client = Client::new(cli.url)?;
     let output = cli.output;
     match cli.command {
-        Command::Workflows(WorkflowsCommand::Execute { file, params, wait }) => {
+        Command::Workflows(WorkflowsCommand::Execute {
+            file,
+            params,
+            idempotency_key,
+            wait,
+        }) => {
             let request = ExecuteRequest {
                 yaml: Some(read(&file)?),
                 params: params::collect(params).map_err(|e| anyhow!(e))?,
                 ..ExecuteRequest::default()
             };
-            let response = client.execute(&request).await?;
+            // A random key is this command's own, so a replay under it can only be of one of the
+            // command's attempts whose answer was lost: nothing the user needs to hear about.
+            let chosen = idempotency_key.is_some();
+            let key = idempotency_key.unwrap_or_else(|| Uuid::new_v4().to_string());
+            let submitted = client.execute(&request, &key).await?;
+            if submitted.replayed && chosen {
+                eprintln!(
+                    "run {} was started by an earlier request with idempotency key `{key}`; it \
+                     was not started again",
+                    submitted.workflow_id
+                );
+            }
+            let response = ExecuteResponse {
+                workflow_id: submitted.workflow_id,
+            };
             if !wait.wait {
                 match output {
                     Output::Text => println!("{}", response.workflow_id),
@@ -107,6 +131,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 Output::Json => print_json(&list)?,
             }
             Ok(Outcome::Done)
+        }
+        Command::Dlq(DlqCommand::List { all, limit }) => {
+            let list = client
+                .dead_letters(&DeadLetterQuery {
+                    pending: Some(!all),
+                    limit,
+                })
+                .await?;
+            match output {
+                Output::Text => print!("{}", render::dead_letters(&list, all)),
+                Output::Json => print_json(&list)?,
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Dlq(DlqCommand::Redrive { ids, all }) => {
+            let response = client.redrive(&RedriveRequest { ids, all }).await?;
+            match output {
+                Output::Text => print!("{}", render::redriven(&response)),
+                Output::Json => print_json(&response)?,
+            }
+            if response.redriven.iter().all(RedriveOutcome::retried) {
+                Ok(Outcome::Done)
+            } else {
+                Ok(Outcome::NotAllRedriven)
+            }
         }
     }
 }

@@ -1,7 +1,8 @@
 //! `flotilla`: the command-line client of the Flotilla coordinator's HTTP API.
 //!
-//! Exit codes: 0 when the command did what was asked, 1 when a run it waited for failed, 2 for
-//! everything else (usage, an unreachable coordinator, a request the coordinator refused).
+//! Exit codes: 0 when the command did what was asked, 1 when a run it waited for failed or a dead
+//! letter it was to redrive was not retried, 2 for everything else (usage, an unreachable
+//! coordinator, a request the coordinator refused).
 
 mod cli;
 mod client;
@@ -21,7 +22,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match commands::run(cli).await {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
-        Ok(Outcome::WorkflowFailed) => ExitCode::from(1),
+        Ok(Outcome::WorkflowFailed | Outcome::NotAllRedriven) => ExitCode::from(1),
         Err(err) => {
             eprintln!("error: {err}");
             // The outermost error says what failed; the innermost one usually says why (e.g.

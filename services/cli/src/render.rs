@@ -3,7 +3,10 @@
 use std::fmt::Write;
 
 use chrono::{DateTime, Utc};
-use flotilla_api_model::{DefinitionList, DefinitionSummary, RunPage, WorkflowResult};
+use flotilla_api_model::{
+    DeadLetterList, DefinitionList, DefinitionSummary, RedriveOutcome, RedriveResponse, RunPage,
+    WorkflowResult,
+};
 
 /// How many characters of a definition hash a listing shows; enough to tell revisions apart.
 const SHORT_HASH_CHARS: usize = 12;
@@ -157,6 +160,71 @@ pub fn registered(d: &DefinitionSummary) -> String {
     )
 }
 
+/// Dead letters as a table. `with_redriven` when the listing includes those redriven already,
+/// which adds a column saying when. The reason comes last: it is the one free-text column.
+pub fn dead_letters(list: &DeadLetterList, with_redriven: bool) -> String {
+    if list.dead_letters.is_empty() {
+        return if with_redriven {
+            "no dead letters\n"
+        } else {
+            "no dead letters waiting to be redriven\n"
+        }
+        .to_string();
+    }
+    let rows = list
+        .dead_letters
+        .iter()
+        .map(|d| {
+            let mut row = vec![
+                d.id.to_string(),
+                d.workflow_id.map(|id| id.to_string()).unwrap_or_default(),
+                d.step_id.clone().unwrap_or_default(),
+                d.attempt.map(|a| a.to_string()).unwrap_or_default(),
+                d.deliveries.map(|n| n.to_string()).unwrap_or_default(),
+                time(d.created_at),
+            ];
+            if with_redriven {
+                row.push(d.redriven_at.map(time).unwrap_or_default());
+            }
+            row.push(d.reason.clone());
+            row
+        })
+        .collect();
+    let mut headers = vec!["ID", "WORKFLOW", "STEP", "ATTEMPT", "DELIVERIES", "CREATED"];
+    if with_redriven {
+        headers.push("REDRIVEN");
+    }
+    headers.push("REASON");
+    table(&headers, rows)
+}
+
+/// One line per dead letter a redrive handled: whether its step was retried, and if not, why.
+pub fn redriven(response: &RedriveResponse) -> String {
+    if response.redriven.is_empty() {
+        return "no dead letters to redrive\n".to_string();
+    }
+    let mut out = String::new();
+    for outcome in &response.redriven {
+        let verdict = match (&outcome.error, outcome.attempt) {
+            (Some(error), _) => format!("not retried: {error}"),
+            (None, Some(attempt)) => format!("retried as attempt {attempt}{}", place(outcome)),
+            (None, None) => format!("retried{}", place(outcome)),
+        };
+        let _ = writeln!(out, "{}: {verdict}", outcome.dead_letter);
+    }
+    out
+}
+
+/// " (step `deploy` of run …)", or as much of it as is known.
+fn place(outcome: &RedriveOutcome) -> String {
+    match (&outcome.step_id, outcome.workflow_id) {
+        (Some(step), Some(run)) => format!(" (step `{step}` of run {run})"),
+        (Some(step), None) => format!(" (step `{step}`)"),
+        (None, Some(run)) => format!(" (run {run})"),
+        (None, None) => String::new(),
+    }
+}
+
 /// Times are shown in UTC: the coordinator and its logs use UTC, and runs are compared across
 /// machines.
 fn time(t: DateTime<Utc>) -> String {
@@ -214,8 +282,8 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;
-    use flotilla_api_model::{Metrics, RunSummary, StepResult};
-    use serde_json::Map;
+    use flotilla_api_model::{DeadLetterSummary, Metrics, RunSummary, StepResult};
+    use serde_json::{Map, json};
     use uuid::Uuid;
 
     use super::*;
@@ -385,6 +453,102 @@ build  2         1.0.0    4      2025-06-15 15:06:40 UTC  0123456789ab
         assert_eq!(
             registered(&summary),
             "registered `build` revision 2 (version 1.0.0, 4 steps, hash 0123456789ab)\n"
+        );
+    }
+
+    fn dead_letter(n: u128) -> DeadLetterSummary {
+        DeadLetterSummary {
+            id: Uuid::from_u128(0xd0 + n),
+            workflow_id: Some(Uuid::from_u128(n)),
+            step_id: Some("deploy".into()),
+            attempt: Some(2),
+            task_id: Some(Uuid::from_u128(0x70 + n)),
+            reason: "delivery limit of 5 reached".into(),
+            deliveries: Some(5),
+            created_at: at(0),
+            redriven_at: None,
+            body: json!({}),
+        }
+    }
+
+    #[test]
+    fn dead_letter_table() {
+        let unreadable = DeadLetterSummary {
+            workflow_id: None,
+            step_id: None,
+            attempt: None,
+            task_id: None,
+            deliveries: None,
+            reason: "rejected by a worker\nbody is not a task".into(),
+            redriven_at: Some(at(90)),
+            ..dead_letter(2)
+        };
+        let list = DeadLetterList {
+            dead_letters: vec![dead_letter(1), unreadable],
+        };
+        assert_eq!(
+            dead_letters(&list, false),
+            "\
+ID                                    WORKFLOW                              STEP    ATTEMPT  DELIVERIES  CREATED                  REASON
+00000000-0000-0000-0000-0000000000d1  00000000-0000-0000-0000-000000000001  deploy  2        5           2025-06-15 15:06:40 UTC  delivery limit of 5 reached
+00000000-0000-0000-0000-0000000000d2                                                                     2025-06-15 15:06:40 UTC  rejected by a worker
+                                                                                                                                  body is not a task
+"
+        );
+        assert_eq!(
+            dead_letters(&list, true).lines().nth(2),
+            Some(
+                "00000000-0000-0000-0000-0000000000d2                                                                     \
+                 2025-06-15 15:06:40 UTC  2025-06-15 15:08:10 UTC  rejected by a worker"
+            )
+        );
+        let none = DeadLetterList {
+            dead_letters: Vec::new(),
+        };
+        assert_eq!(
+            dead_letters(&none, false),
+            "no dead letters waiting to be redriven\n"
+        );
+        assert_eq!(dead_letters(&none, true), "no dead letters\n");
+    }
+
+    #[test]
+    fn redrive_lines() {
+        let outcome = |n: u128| RedriveOutcome {
+            dead_letter: Uuid::from_u128(0xd0 + n),
+            workflow_id: Some(Uuid::from_u128(n)),
+            step_id: Some("deploy".into()),
+            attempt: Some(3),
+            error: None,
+        };
+        let response = RedriveResponse {
+            redriven: vec![
+                outcome(1),
+                RedriveOutcome {
+                    attempt: None,
+                    workflow_id: None,
+                    ..outcome(2)
+                },
+                RedriveOutcome {
+                    attempt: None,
+                    error: Some("the run has ended".into()),
+                    ..outcome(3)
+                },
+            ],
+        };
+        assert_eq!(
+            redriven(&response),
+            "\
+00000000-0000-0000-0000-0000000000d1: retried as attempt 3 (step `deploy` of run 00000000-0000-0000-0000-000000000001)
+00000000-0000-0000-0000-0000000000d2: retried (step `deploy`)
+00000000-0000-0000-0000-0000000000d3: not retried: the run has ended
+"
+        );
+        assert_eq!(
+            redriven(&RedriveResponse {
+                redriven: Vec::new()
+            }),
+            "no dead letters to redrive\n"
         );
     }
 

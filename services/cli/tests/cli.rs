@@ -2,17 +2,23 @@
 //! scripted stand-in for the coordinator behind it. Each test asserts what a user sees: stdout,
 //! stderr and the exit code.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Output;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{TimeZone, Utc};
 use flotilla_api::{Backend, BackendError, Limits, Submission};
 use flotilla_api_model::{
-    DefinitionSummary, Metrics, RunPage, RunQuery, RunSummary, StepResult, WorkflowResult,
+    DeadLetterList, DeadLetterQuery, DeadLetterSummary, DefinitionSummary, ExecuteResponse,
+    Metrics, RedriveOutcome, RedriveResponse, RunPage, RunQuery, RunSummary, StepResult, Submitted,
+    WorkflowResult,
 };
 use flotilla_core::Definition;
 use serde_json::{Map, Value, json};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
 use uuid::Uuid;
 
 const RUN_ID: Uuid = Uuid::from_u128(0x0196_0000_0000_7000_8000_0000_0000_0001);
@@ -55,15 +61,30 @@ struct State {
     /// What successive `run` calls for [`RUN_ID`] answer; the last one repeats.
     script: Vec<WorkflowResult>,
     polls: usize,
+    /// Submissions that started a run (every one starts [`RUN_ID`]).
     submissions: Vec<Submission>,
+    /// The idempotency key of every submission, replayed or not, in order.
+    keys: Vec<Option<String>>,
     queries: Vec<RunQuery>,
     definitions: Vec<DefinitionSummary>,
+    /// Newest first. A redrive retries those not redriven yet, except the step `ended`'s.
+    dead_letters: Vec<DeadLetterSummary>,
+    dead_letter_queries: Vec<DeadLetterQuery>,
+    redrives: Vec<Vec<Uuid>>,
+    /// Answered by a redrive instead of doing anything.
+    redrive_failure: Option<BackendError>,
 }
 
 impl Coordinator {
     fn scripted(script: Vec<WorkflowResult>) -> Arc<Self> {
         let coordinator = Self::default();
         coordinator.state().script = script;
+        Arc::new(coordinator)
+    }
+
+    fn with_dead_letters(dead_letters: Vec<DeadLetterSummary>) -> Arc<Self> {
+        let coordinator = Self::default();
+        coordinator.state().dead_letters = dead_letters;
         Arc::new(coordinator)
     }
 
@@ -75,9 +96,18 @@ impl Coordinator {
 }
 
 impl Backend for Coordinator {
-    async fn submit(&self, submission: Submission) -> Result<Uuid, BackendError> {
-        self.state().submissions.push(submission);
-        Ok(RUN_ID)
+    async fn submit(&self, submission: Submission) -> Result<Submitted, BackendError> {
+        let mut state = self.state();
+        let key = submission.idempotency_key.clone();
+        let replayed = key.is_some() && state.keys.contains(&key);
+        state.keys.push(key);
+        if !replayed {
+            state.submissions.push(submission);
+        }
+        Ok(Submitted {
+            workflow_id: RUN_ID,
+            replayed,
+        })
     }
 
     async fn run(&self, id: Uuid) -> Result<Option<WorkflowResult>, BackendError> {
@@ -136,15 +166,122 @@ impl Backend for Coordinator {
     async fn definition(&self, _name: &str) -> Result<Option<Definition>, BackendError> {
         Ok(None)
     }
+
+    async fn dead_letters(
+        &self,
+        query: DeadLetterQuery,
+    ) -> Result<Vec<DeadLetterSummary>, BackendError> {
+        let mut state = self.state();
+        state.dead_letter_queries.push(query);
+        Ok(state.dead_letters.clone())
+    }
+
+    async fn redrive(&self, ids: Vec<Uuid>) -> Result<Vec<RedriveOutcome>, BackendError> {
+        let mut state = self.state();
+        if let Some(err) = state.redrive_failure.take() {
+            return Err(err);
+        }
+        state.redrives.push(ids.clone());
+        Ok(state
+            .dead_letters
+            .iter()
+            .filter(|d| d.redriven_at.is_none() && (ids.is_empty() || ids.contains(&d.id)))
+            .map(|d| {
+                let ended = d.step_id.as_deref() == Some("ended");
+                RedriveOutcome {
+                    dead_letter: d.id,
+                    workflow_id: d.workflow_id,
+                    step_id: d.step_id.clone(),
+                    attempt: (!ended).then(|| d.attempt.unwrap_or(0) + 1),
+                    error: ended.then(|| "the run has ended".into()),
+                }
+            })
+            .collect())
+    }
+}
+
+/// Serves the API over `coordinator` on a free local port; answers its address.
+async fn serve_at(coordinator: Arc<Coordinator>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = flotilla_api::router(coordinator, Limits::default());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
 }
 
 /// Serves the API over `coordinator` on a free local port; answers its base URL.
 async fn serve(coordinator: Arc<Coordinator>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = flotilla_api::router(coordinator, Limits::default());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}")
+    format!("http://{}", serve_at(coordinator).await)
+}
+
+/// How a [`FlakyProxy`] spoils a connection.
+#[derive(Debug, Clone, Copy)]
+enum Spoil {
+    /// Closed as soon as it is accepted: the request never reaches the coordinator.
+    Drop,
+    /// The request is forwarded, and the connection closed once the coordinator starts to
+    /// answer: the request took effect, and the client never learns how.
+    LoseAnswer,
+}
+
+/// A TCP proxy in front of the API that spoils the first `spoiled` connections and forwards
+/// the later ones.
+struct FlakyProxy {
+    url: String,
+    /// Connections accepted so far.
+    connections: Arc<AtomicUsize>,
+}
+
+impl FlakyProxy {
+    async fn start(upstream: SocketAddr, spoil: Spoil, spoiled: usize) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::clone(&connections);
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = listener.accept().await.unwrap();
+                let n = accepted.fetch_add(1, Ordering::SeqCst);
+                match spoil {
+                    _ if n >= spoiled => {
+                        tokio::spawn(forward(client, upstream));
+                    }
+                    Spoil::Drop => drop(client),
+                    Spoil::LoseAnswer => {
+                        tokio::spawn(lose_answer(client, upstream));
+                    }
+                }
+            }
+        });
+        Self { url, connections }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+async fn forward(mut client: TcpStream, upstream: SocketAddr) {
+    let mut server = TcpStream::connect(upstream).await.unwrap();
+    // The client closing its connection ends this; how is not the test's business.
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+}
+
+/// Forwards the request, and closes both connections when the first byte of the answer comes:
+/// axum answers only once the handler has returned, so the coordinator has done its part.
+async fn lose_answer(mut client: TcpStream, upstream: SocketAddr) {
+    let mut server = TcpStream::connect(upstream).await.unwrap();
+    let (mut from_client, _) = client.split();
+    let (mut from_server, mut to_server) = server.split();
+    let mut first = [0u8; 1];
+    tokio::select! {
+        _ = tokio::io::copy(&mut from_client, &mut to_server) => {
+            panic!("the client closed the connection before it was answered");
+        }
+        read = from_server.read(&mut first) => {
+            assert_eq!(read.unwrap(), 1, "the coordinator closed without answering");
+        }
+    }
 }
 
 async fn flotilla(url: &str, args: &[&str]) -> Output {
@@ -468,4 +605,324 @@ async fn usage_errors_exit_2() {
 
     let output = flotilla(&url, &["workflows", "status", "not-a-uuid"]).await;
     assert_eq!(output.status.code(), Some(2));
+}
+
+/// The one key every submission so far was sent with.
+fn the_key(coordinator: &Coordinator) -> String {
+    let state = coordinator.state();
+    let first = state.keys[0].clone().expect("an Idempotency-Key was sent");
+    assert!(
+        state.keys.iter().all(|k| k.as_ref() == Some(&first)),
+        "{:?}",
+        state.keys
+    );
+    first
+}
+
+#[tokio::test]
+async fn execute_sends_a_new_random_idempotency_key_each_time() {
+    let coordinator = Coordinator::scripted(Vec::new());
+    let url = serve(Arc::clone(&coordinator)).await;
+    let file = workflow_file("execute_keys", WORKFLOW);
+    for _ in 0..2 {
+        let output = flotilla(&url, &["workflows", "execute", file.to_str().unwrap()]).await;
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        assert!(stderr(&output).is_empty(), "{}", stderr(&output));
+    }
+
+    let state = coordinator.state();
+    let keys: Vec<Uuid> = state
+        .keys
+        .iter()
+        .map(|k| k.as_deref().expect("a key").parse().expect("a UUID"))
+        .collect();
+    assert!(keys.iter().all(|k| k.get_version_num() == 4), "{keys:?}");
+    assert_ne!(keys[0], keys[1]);
+    assert_eq!(state.submissions.len(), 2);
+}
+
+#[tokio::test]
+async fn a_chosen_idempotency_key_answers_the_first_run() {
+    let coordinator = Coordinator::scripted(Vec::new());
+    let url = serve(Arc::clone(&coordinator)).await;
+    let file = workflow_file("execute_chosen_key", WORKFLOW);
+    let args = [
+        "workflows",
+        "execute",
+        file.to_str().unwrap(),
+        "--idempotency-key",
+        "nightly-2025-06-15",
+    ];
+
+    let output = flotilla(&url, &args).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(stdout(&output), format!("{RUN_ID}\n"));
+    assert!(stderr(&output).is_empty(), "{}", stderr(&output));
+
+    let output = flotilla(&url, &[&args[..], &["--output", "json"]].concat()).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let printed: ExecuteResponse = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(printed.workflow_id, RUN_ID);
+    assert_eq!(
+        stderr(&output),
+        format!(
+            "run {RUN_ID} was started by an earlier request with idempotency key \
+             `nightly-2025-06-15`; it was not started again\n"
+        )
+    );
+
+    assert_eq!(the_key(&coordinator), "nightly-2025-06-15");
+    assert_eq!(coordinator.state().keys.len(), 2);
+    assert_eq!(coordinator.state().submissions.len(), 1);
+}
+
+#[tokio::test]
+async fn a_lost_answer_is_asked_for_again_with_the_same_key() {
+    let coordinator = Coordinator::scripted(Vec::new());
+    let proxy = FlakyProxy::start(
+        serve_at(Arc::clone(&coordinator)).await,
+        Spoil::LoseAnswer,
+        1,
+    )
+    .await;
+    let file = workflow_file("execute_lost_answer", WORKFLOW);
+    let output = flotilla(
+        &proxy.url,
+        &["workflows", "execute", file.to_str().unwrap()],
+    )
+    .await;
+
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(stdout(&output), format!("{RUN_ID}\n"));
+    // The replay is of the command's own attempt: nothing to tell the user.
+    assert!(stderr(&output).is_empty(), "{}", stderr(&output));
+    assert_eq!(proxy.connections(), 2);
+    // Both attempts reached the coordinator under one key, and one run started.
+    let key = the_key(&coordinator);
+    assert_eq!(coordinator.state().keys.len(), 2, "{key}");
+    assert_eq!(coordinator.state().submissions.len(), 1);
+}
+
+#[tokio::test]
+async fn a_dropped_connection_is_retried() {
+    let coordinator = Coordinator::scripted(Vec::new());
+    let proxy = FlakyProxy::start(serve_at(Arc::clone(&coordinator)).await, Spoil::Drop, 1).await;
+    let file = workflow_file("execute_dropped", WORKFLOW);
+    let output = flotilla(
+        &proxy.url,
+        &["workflows", "execute", file.to_str().unwrap()],
+    )
+    .await;
+
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(stdout(&output), format!("{RUN_ID}\n"));
+    assert_eq!(proxy.connections(), 2);
+    assert_eq!(coordinator.state().keys.len(), 1);
+    assert_eq!(coordinator.state().submissions.len(), 1);
+}
+
+#[tokio::test]
+async fn execute_gives_up_after_5_attempts_and_names_the_key_to_repeat() {
+    let coordinator = Coordinator::scripted(Vec::new());
+    let proxy = FlakyProxy::start(
+        serve_at(Arc::clone(&coordinator)).await,
+        Spoil::Drop,
+        usize::MAX,
+    )
+    .await;
+    let file = workflow_file("execute_give_up", WORKFLOW);
+    let output = flotilla(
+        &proxy.url,
+        &[
+            "workflows",
+            "execute",
+            file.to_str().unwrap(),
+            "--idempotency-key",
+            "give-up",
+        ],
+    )
+    .await;
+
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert!(
+        err.starts_with(&format!(
+            "error: no answer from the coordinator at {}/ after 5 attempts",
+            proxy.url
+        )),
+        "{err}"
+    );
+    assert!(err.contains("`--idempotency-key give-up`"), "{err}");
+    assert!(stdout(&output).is_empty());
+    assert_eq!(proxy.connections(), 5);
+    assert!(coordinator.state().keys.is_empty());
+}
+
+#[tokio::test]
+async fn execute_against_no_coordinator_says_it_is_unreachable() {
+    // A port that was free a moment ago and that nothing listens on now.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let file = workflow_file("execute_unreachable", WORKFLOW);
+    let output = flotilla(&url, &["workflows", "execute", file.to_str().unwrap()]).await;
+
+    // No connection was made, so no run can have started: no key to repeat.
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert!(
+        err.starts_with(&format!(
+            "error: could not reach the Flotilla coordinator at {url}/"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("idempotency"), "{err}");
+}
+
+fn dead_letter(n: u128, step: &str) -> DeadLetterSummary {
+    DeadLetterSummary {
+        id: Uuid::from_u128(0xd0 + n),
+        workflow_id: Some(Uuid::from_u128(n)),
+        step_id: Some(step.into()),
+        attempt: Some(1),
+        task_id: Some(Uuid::from_u128(0x70 + n)),
+        reason: "delivery limit of 5 reached".into(),
+        deliveries: Some(5),
+        created_at: Utc.timestamp_opt(1_750_000_000 + n as i64, 0).unwrap(),
+        redriven_at: None,
+        body: json!({"step_id": step}),
+    }
+}
+
+#[tokio::test]
+async fn dlq_list_shows_a_table_and_passes_the_filters() {
+    let coordinator =
+        Coordinator::with_dead_letters(vec![dead_letter(2, "ended"), dead_letter(1, "deploy")]);
+    let url = serve(Arc::clone(&coordinator)).await;
+
+    let output = flotilla(&url, &["dlq", "list"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        "\
+ID                                    WORKFLOW                              STEP    ATTEMPT  DELIVERIES  CREATED                  REASON
+00000000-0000-0000-0000-0000000000d2  00000000-0000-0000-0000-000000000002  ended   1        5           2025-06-15 15:06:42 UTC  delivery limit of 5 reached
+00000000-0000-0000-0000-0000000000d1  00000000-0000-0000-0000-000000000001  deploy  1        5           2025-06-15 15:06:41 UTC  delivery limit of 5 reached
+"
+    );
+
+    let output = flotilla(
+        &url,
+        &["dlq", "list", "--all", "--limit", "5", "--output", "json"],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let printed: DeadLetterList = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(printed.dead_letters, coordinator.state().dead_letters);
+
+    assert_eq!(
+        coordinator.state().dead_letter_queries,
+        [
+            DeadLetterQuery {
+                pending: Some(true),
+                limit: Some(50),
+            },
+            DeadLetterQuery {
+                pending: Some(false),
+                limit: Some(5),
+            },
+        ]
+    );
+}
+
+#[tokio::test]
+async fn dlq_list_with_a_bad_limit_prints_the_server_message() {
+    let url = serve(Coordinator::scripted(Vec::new())).await;
+    let output = flotilla(&url, &["dlq", "list", "--limit", "0"]).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(
+        stderr(&output),
+        "error: limit must be between 1 and 500, not 0\n"
+    );
+}
+
+#[tokio::test]
+async fn dlq_redrive_exits_0_only_when_every_one_was_retried() {
+    let coordinator =
+        Coordinator::with_dead_letters(vec![dead_letter(2, "ended"), dead_letter(1, "deploy")]);
+    let url = serve(Arc::clone(&coordinator)).await;
+    let [retried, refused] = [1, 2].map(|n| Uuid::from_u128(0xd0 + n).to_string());
+
+    let output = flotilla(&url, &["dlq", "redrive", &retried]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        format!(
+            "{retried}: retried as attempt 2 (step `deploy` of run {})\n",
+            Uuid::from_u128(1)
+        )
+    );
+
+    let unknown = Uuid::from_u128(0xee).to_string();
+    let output = flotilla(&url, &["dlq", "redrive", &refused, &unknown, &retried]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        format!(
+            "\
+{refused}: not retried: the run has ended
+{unknown}: not retried: no dead letter with this id is waiting to be redriven (there is none, or it was redriven already)
+{retried}: retried as attempt 2 (step `deploy` of run {})
+",
+            Uuid::from_u128(1)
+        )
+    );
+
+    let output = flotilla(&url, &["dlq", "redrive", "--all", "--output", "json"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let printed: RedriveResponse = serde_json::from_slice(&output.stdout).unwrap();
+    let retried_ones: Vec<(String, bool)> = printed
+        .redriven
+        .iter()
+        .map(|o| (o.dead_letter.to_string(), o.retried()))
+        .collect();
+    assert_eq!(retried_ones, [(refused, false), (retried, true)]);
+
+    assert_eq!(
+        coordinator.state().redrives,
+        [
+            vec![Uuid::from_u128(0xd1)],
+            vec![
+                Uuid::from_u128(0xd2),
+                Uuid::from_u128(0xee),
+                Uuid::from_u128(0xd1)
+            ],
+            vec![],
+        ]
+    );
+}
+
+#[tokio::test]
+async fn dlq_redrive_with_nothing_pending_says_so_and_exits_0() {
+    let url = serve(Coordinator::scripted(Vec::new())).await;
+    let output = flotilla(&url, &["dlq", "redrive", "--all"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "no dead letters to redrive\n");
+}
+
+#[tokio::test]
+async fn dlq_redrive_errors_exit_2() {
+    let coordinator = Coordinator::with_dead_letters(vec![dead_letter(1, "deploy")]);
+    coordinator.state().redrive_failure =
+        Some(BackendError::Unavailable("RabbitMQ is unreachable".into()));
+    let url = serve(Arc::clone(&coordinator)).await;
+
+    let output = flotilla(&url, &["dlq", "redrive", "--all"]).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(stderr(&output), "error: RabbitMQ is unreachable\n");
+    assert!(stdout(&output).is_empty());
+
+    let output = flotilla(&url, &["dlq", "redrive"]).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(coordinator.state().redrives.is_empty());
 }

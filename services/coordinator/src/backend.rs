@@ -5,12 +5,13 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use flotilla_api::{Backend, BackendError, Submission};
 use flotilla_api_model::{
-    DefinitionSummary, Metrics, RunPage, RunQuery, RunSummary, StepResult, WorkflowResult,
+    DeadLetterQuery, DeadLetterSummary, DefinitionSummary, Metrics, RedriveOutcome, RunPage,
+    RunQuery, RunSummary, StepResult, Submitted, WorkflowResult,
 };
 use flotilla_core::Definition;
 use flotilla_engine::{EngineHandle, NewRun};
 use flotilla_store::queries::{self, Cursor, RunRecord, StepRecord};
-use flotilla_store::{Store, definitions};
+use flotilla_store::{Store, dead_letters, definitions};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -22,6 +23,14 @@ pub struct CoordinatorBackend {
 fn store_error(e: flotilla_store::Error) -> BackendError {
     if e.is_unavailable() {
         BackendError::Unavailable(format!("Postgres is unavailable: {e}"))
+    } else {
+        BackendError::Internal(e.to_string())
+    }
+}
+
+fn engine_error(e: flotilla_engine::Error) -> BackendError {
+    if e.is_unavailable() {
+        BackendError::Unavailable(e.to_string())
     } else {
         BackendError::Internal(e.to_string())
     }
@@ -112,23 +121,20 @@ fn summary(r: definitions::Registered) -> DefinitionSummary {
 }
 
 impl Backend for CoordinatorBackend {
-    async fn submit(&self, submission: Submission) -> Result<Uuid, BackendError> {
+    async fn submit(&self, submission: Submission) -> Result<Submitted, BackendError> {
         self.engine
             .submit(NewRun {
                 definition: submission.definition,
                 plan: Arc::new(submission.plan),
                 params: submission.params,
-                idempotency_key: None,
+                idempotency_key: submission.idempotency_key,
             })
             .await
-            .map(|s| s.id)
-            .map_err(|e| {
-                if e.is_unavailable() {
-                    BackendError::Unavailable(e.to_string())
-                } else {
-                    BackendError::Internal(e.to_string())
-                }
+            .map(|s| Submitted {
+                workflow_id: s.id,
+                replayed: s.replayed,
             })
+            .map_err(engine_error)
     }
 
     async fn run(&self, id: Uuid) -> Result<Option<WorkflowResult>, BackendError> {
@@ -191,6 +197,49 @@ impl Backend for CoordinatorBackend {
         Definition::from_value(body).map(Some).map_err(|e| {
             BackendError::Internal(format!("stored definition `{name}` is unreadable: {e}"))
         })
+    }
+
+    async fn dead_letters(
+        &self,
+        query: DeadLetterQuery,
+    ) -> Result<Vec<DeadLetterSummary>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let pending = query.pending.unwrap_or(true);
+        let limit = i64::from(query.limit.unwrap_or(50));
+        let letters = dead_letters::list(&client, pending, limit)
+            .await
+            .map_err(store_error)?;
+        Ok(letters
+            .into_iter()
+            .map(|l| DeadLetterSummary {
+                id: l.id,
+                workflow_id: l.run_id,
+                step_id: l.step_id,
+                attempt: l.attempt.and_then(|a| u32::try_from(a).ok()),
+                task_id: l.task_id,
+                reason: l.reason,
+                deliveries: l.deliveries.and_then(|d| u64::try_from(d).ok()),
+                created_at: l.created_at,
+                redriven_at: l.redriven_at,
+                body: serde_json::from_slice(&l.body).unwrap_or_else(|_| {
+                    Value::String(String::from_utf8_lossy(&l.body).into_owned())
+                }),
+            })
+            .collect())
+    }
+
+    async fn redrive(&self, ids: Vec<Uuid>) -> Result<Vec<RedriveOutcome>, BackendError> {
+        let done = self.engine.redrive(ids).await.map_err(engine_error)?;
+        Ok(done
+            .into_iter()
+            .map(|r| RedriveOutcome {
+                dead_letter: r.dead_letter,
+                workflow_id: r.run_id,
+                step_id: r.step_id,
+                attempt: r.retried.as_ref().ok().copied(),
+                error: r.retried.err(),
+            })
+            .collect())
     }
 }
 

@@ -1,11 +1,12 @@
 //! The routes against an in-memory stand-in for the coordinator.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use axum::body::{Body, to_bytes};
-use axum::http::{Request, header};
+use axum::http::{HeaderValue, Request, header};
 use chrono::{TimeZone, Utc};
-use flotilla_api_model::{ErrorBody, Metrics};
+use flotilla_api_model::{DeadLetterSummary, ErrorBody, Metrics};
 use serde_json::{Map, json};
 use tower::ServiceExt;
 
@@ -47,10 +48,18 @@ struct FakeBackend {
 
 #[derive(Default)]
 struct FakeState {
+    /// Submissions that started a run; run `n` (from 1) has the id `Uuid::from_u128(n)`.
     submissions: Vec<Submission>,
+    /// Idempotency key → the run it started.
+    keys: HashMap<String, Uuid>,
     runs: Vec<WorkflowResult>,
     run_queries: Vec<RunQuery>,
     definitions: Vec<(Definition, DefinitionSummary)>,
+    /// Oldest first. A redrive retries those not redriven yet, except for the step `ended`,
+    /// whose run is taken to have ended.
+    dead_letters: Vec<DeadLetterSummary>,
+    dead_letter_queries: Vec<DeadLetterQuery>,
+    redrives: Vec<Vec<Uuid>>,
     /// Answered by the next call instead of doing anything.
     next_failure: Option<BackendError>,
 }
@@ -59,6 +68,12 @@ impl FakeBackend {
     fn with_run(run: WorkflowResult) -> Self {
         let backend = Self::default();
         backend.state().runs.push(run);
+        backend
+    }
+
+    fn with_dead_letters(dead_letters: Vec<DeadLetterSummary>) -> Self {
+        let backend = Self::default();
+        backend.state().dead_letters = dead_letters;
         backend
     }
 
@@ -84,10 +99,28 @@ impl FakeBackend {
 }
 
 impl Backend for FakeBackend {
-    async fn submit(&self, submission: Submission) -> Result<Uuid, BackendError> {
+    async fn submit(&self, submission: Submission) -> Result<Submitted, BackendError> {
         let mut state = self.check()?;
+        if let Some(&workflow_id) = submission
+            .idempotency_key
+            .as_ref()
+            .and_then(|key| state.keys.get(key))
+        {
+            return Ok(Submitted {
+                workflow_id,
+                replayed: true,
+            });
+        }
+        let key = submission.idempotency_key.clone();
         state.submissions.push(submission);
-        Ok(Uuid::from_u128(state.submissions.len() as u128))
+        let workflow_id = Uuid::from_u128(state.submissions.len() as u128);
+        if let Some(key) = key {
+            state.keys.insert(key, workflow_id);
+        }
+        Ok(Submitted {
+            workflow_id,
+            replayed: false,
+        })
     }
 
     async fn run(&self, id: Uuid) -> Result<Option<WorkflowResult>, BackendError> {
@@ -142,6 +175,36 @@ impl Backend for FakeBackend {
             .find(|(d, _)| d.name == name)
             .map(|(d, _)| d.clone()))
     }
+
+    async fn dead_letters(
+        &self,
+        query: DeadLetterQuery,
+    ) -> Result<Vec<DeadLetterSummary>, BackendError> {
+        let mut state = self.check()?;
+        state.dead_letter_queries.push(query);
+        Ok(state.dead_letters.iter().rev().cloned().collect())
+    }
+
+    async fn redrive(&self, ids: Vec<Uuid>) -> Result<Vec<RedriveOutcome>, BackendError> {
+        let mut state = self.check()?;
+        state.redrives.push(ids.clone());
+        let outcomes = state
+            .dead_letters
+            .iter()
+            .filter(|d| d.redriven_at.is_none() && (ids.is_empty() || ids.contains(&d.id)))
+            .map(|d| {
+                let ended = d.step_id.as_deref() == Some("ended");
+                RedriveOutcome {
+                    dead_letter: d.id,
+                    workflow_id: d.workflow_id,
+                    step_id: d.step_id.clone(),
+                    attempt: (!ended).then(|| d.attempt.unwrap_or(0) + 1),
+                    error: ended.then(|| "the run has ended".into()),
+                }
+            })
+            .collect();
+        Ok(outcomes)
+    }
 }
 
 struct Api {
@@ -175,12 +238,35 @@ impl Api {
     }
 
     async fn post(&self, uri: &str, body: Value) -> (StatusCode, Value) {
-        let request = Request::post(uri)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(body.to_string()))
-            .unwrap();
-        let (status, _, body) = self.send(request).await;
+        let (status, _, body) = self.post_with_headers(uri, body, []).await;
         (status, body)
+    }
+
+    async fn post_with_headers<const N: usize>(
+        &self,
+        uri: &str,
+        body: Value,
+        headers: [(&str, HeaderValue); N],
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let mut request = Request::post(uri).header(header::CONTENT_TYPE, "application/json");
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        self.send(request.body(Body::from(body.to_string())).unwrap())
+            .await
+    }
+
+    /// Submits [`SEED`] with these `Idempotency-Key` headers.
+    async fn execute_with_keys<const N: usize>(
+        &self,
+        keys: [HeaderValue; N],
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
+        self.post_with_headers(
+            "/api/workflows/execute",
+            json!({"yaml": SEED}),
+            keys.map(|key| ("Idempotency-Key", key)),
+        )
+        .await
     }
 
     async fn get(&self, uri: &str) -> (StatusCode, Value) {
@@ -646,4 +732,267 @@ async fn unknown_routes_and_methods_answer_in_the_error_shape() {
     assert_eq!(error(body).error.code, "method_not_allowed");
     let allow = headers[header::ALLOW].to_str().unwrap();
     assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+}
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_answers_the_first_run() {
+    let api = Api::new(FakeBackend::default());
+    let key = HeaderValue::from_static("deploy-2025-06-15");
+
+    let (status, headers, body) = api.execute_with_keys([key.clone()]).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert!(headers.get("idempotent-replayed").is_none());
+    let first = body;
+
+    let (status, headers, body) = api.execute_with_keys([key]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(headers["Idempotent-Replayed"], "true");
+    assert_eq!(body, first);
+    assert_eq!(body, json!({"workflowId": Uuid::from_u128(1)}));
+
+    // Another key, or none, starts another run.
+    let (status, _, body) = api
+        .execute_with_keys([HeaderValue::from_static("other")])
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(body, json!({"workflowId": Uuid::from_u128(2)}));
+    let (status, _, body) = api.execute_with_keys([]).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(body, json!({"workflowId": Uuid::from_u128(3)}));
+
+    let state = api.backend.state();
+    let keys: Vec<Option<&str>> = state
+        .submissions
+        .iter()
+        .map(|s| s.idempotency_key.as_deref())
+        .collect();
+    assert_eq!(keys, [Some("deploy-2025-06-15"), Some("other"), None]);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_of_200_visible_characters_is_accepted() {
+    let api = Api::new(FakeBackend::default());
+    let key = format!("{}~", "!".repeat(199));
+    let (status, _, body) = api
+        .execute_with_keys([HeaderValue::from_str(&key).unwrap()])
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(
+        api.backend.state().submissions[0].idempotency_key,
+        Some(key)
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_idempotency_key_is_400_naming_the_header() {
+    let api = Api::new(FakeBackend::default());
+    let cases: [(Vec<HeaderValue>, &str); 5] = [
+        (vec![HeaderValue::from_static("")], "it is empty"),
+        (
+            vec![HeaderValue::from_str(&"k".repeat(201)).unwrap()],
+            "201 characters long",
+        ),
+        (
+            vec![HeaderValue::from_static("two words")],
+            "character 4 is not visible ASCII",
+        ),
+        (
+            vec![HeaderValue::from_bytes("clé".as_bytes()).unwrap()],
+            "character 3 is not visible ASCII",
+        ),
+        (
+            vec![HeaderValue::from_static("a"), HeaderValue::from_static("b")],
+            "given 2 times",
+        ),
+    ];
+    for (keys, expected) in cases {
+        let mut request = Request::post("/api/workflows/execute")
+            .header(header::CONTENT_TYPE, "application/json");
+        for key in &keys {
+            request = request.header("Idempotency-Key", key);
+        }
+        let request = request
+            .body(Body::from(json!({"yaml": SEED}).to_string()))
+            .unwrap();
+        let (status, _, body) = api.send(request).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{keys:?}");
+        let err = error(body).error;
+        assert_eq!(err.code, "invalid_request", "{keys:?}");
+        assert!(
+            err.message
+                .starts_with("invalid `Idempotency-Key` header: ")
+                && err.message.contains(expected),
+            "{keys:?}: {}",
+            err.message
+        );
+    }
+    assert!(api.backend.state().submissions.is_empty());
+}
+
+fn letter(n: u128, step: &str, redriven: bool) -> DeadLetterSummary {
+    DeadLetterSummary {
+        id: Uuid::from_u128(0xd0 + n),
+        workflow_id: Some(Uuid::from_u128(n)),
+        step_id: Some(step.into()),
+        attempt: Some(1),
+        task_id: Some(Uuid::from_u128(0x70 + n)),
+        reason: "delivery limit of 5 reached".into(),
+        deliveries: Some(5),
+        created_at: Utc.timestamp_opt(1_750_000_000 + n as i64, 0).unwrap(),
+        redriven_at: redriven.then(|| Utc.timestamp_opt(1_750_000_100, 0).unwrap()),
+        body: json!({"step_id": step}),
+    }
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_with_defaults() {
+    let api = Api::new(FakeBackend::with_dead_letters(vec![letter(
+        1, "deploy", false,
+    )]));
+    let (status, body) = api.get("/api/dlq").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"deadLetters": [{
+            "id": Uuid::from_u128(0xd1),
+            "workflowId": Uuid::from_u128(1),
+            "stepId": "deploy",
+            "attempt": 1,
+            "taskId": Uuid::from_u128(0x71),
+            "reason": "delivery limit of 5 reached",
+            "deliveries": 5,
+            "createdAt": "2025-06-15T15:06:41Z",
+            "body": {"step_id": "deploy"},
+        }]})
+    );
+
+    let (status, _) = api.get("/api/dlq?pending=false&limit=500").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        api.backend.state().dead_letter_queries,
+        [
+            DeadLetterQuery {
+                pending: Some(true),
+                limit: Some(DEFAULT_DEAD_LETTER_LIMIT),
+            },
+            DeadLetterQuery {
+                pending: Some(false),
+                limit: Some(500),
+            },
+        ]
+    );
+}
+
+#[tokio::test]
+async fn dead_letter_listing_refuses_bad_queries() {
+    let api = Api::new(FakeBackend::default());
+    for (uri, expected) in [
+        ("/api/dlq?limit=501", "between 1 and 500"),
+        ("/api/dlq?limit=0", "between 1 and 500"),
+        ("/api/dlq?limit=many", "limit"),
+        ("/api/dlq?pending=maybe", "pending"),
+    ] {
+        let (status, body) = api.get(uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+        let err = error(body).error;
+        assert_eq!(err.code, "invalid_request", "{uri}");
+        assert!(err.message.contains(expected), "{uri}: {}", err.message);
+    }
+    assert!(api.backend.state().dead_letter_queries.is_empty());
+}
+
+#[tokio::test]
+async fn redrive_needs_either_ids_or_all() {
+    let api = Api::new(FakeBackend::default());
+    let id = Uuid::from_u128(1);
+    for (body, expected) in [
+        (json!({}), "nothing to redrive: give one of `ids` or `all`"),
+        (
+            json!({"ids": [], "all": false}),
+            "nothing to redrive: give one of `ids` or `all`",
+        ),
+        (
+            json!({"ids": [id], "all": true}),
+            "`ids` and `all` were given: give only one of `ids` or `all`",
+        ),
+        (json!({"ids": ["not-a-uuid"]}), "ids"),
+        (json!({"all": "yes"}), "all"),
+        (json!({"every": true}), "unknown field `every`"),
+    ] {
+        let (status, answer) = api.post("/api/dlq/redrive", body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let err = error(answer).error;
+        assert_eq!(err.code, "invalid_request", "{body}");
+        assert!(err.message.contains(expected), "{body}: {}", err.message);
+    }
+    assert!(api.backend.state().redrives.is_empty());
+}
+
+#[tokio::test]
+async fn redrive_answers_every_named_dead_letter_in_order() {
+    let api = Api::new(FakeBackend::with_dead_letters(vec![
+        letter(1, "deploy", false),
+        letter(2, "ended", false),
+        letter(3, "build", true),
+    ]));
+    let [retried, refused, redriven] = [1, 2, 3].map(|n| Uuid::from_u128(0xd0 + n));
+    let unknown = Uuid::from_u128(0xee);
+    let (status, body) = api
+        .post(
+            "/api/dlq/redrive",
+            json!({"ids": [redriven, unknown, refused, retried, redriven]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let not_pending = "no dead letter with this id is waiting to be redriven (there is none, or \
+                       it was redriven already)";
+    assert_eq!(
+        body,
+        json!({"redriven": [
+            {"deadLetter": redriven, "error": not_pending},
+            {"deadLetter": unknown, "error": not_pending},
+            {
+                "deadLetter": refused,
+                "workflowId": Uuid::from_u128(2),
+                "stepId": "ended",
+                "error": "the run has ended",
+            },
+            {
+                "deadLetter": retried,
+                "workflowId": Uuid::from_u128(1),
+                "stepId": "deploy",
+                "attempt": 2,
+            },
+        ]})
+    );
+    // The backend gets each id once.
+    assert_eq!(
+        api.backend.state().redrives,
+        [vec![redriven, unknown, refused, retried]]
+    );
+}
+
+#[tokio::test]
+async fn redrive_all_hands_the_backend_no_ids() {
+    let api = Api::new(FakeBackend::with_dead_letters(vec![
+        letter(1, "deploy", false),
+        letter(2, "ended", false),
+        letter(3, "build", true),
+    ]));
+    let (status, body) = api.post("/api/dlq/redrive", json!({"all": true})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let response: RedriveResponse = serde_json::from_value(body).unwrap();
+    let outcomes: Vec<(Uuid, bool)> = response
+        .redriven
+        .iter()
+        .map(|o| (o.dead_letter, o.retried()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            (Uuid::from_u128(0xd1), true),
+            (Uuid::from_u128(0xd2), false)
+        ]
+    );
+    assert_eq!(api.backend.state().redrives, [Vec::<Uuid>::new()]);
 }
