@@ -422,3 +422,108 @@ async fn unreachable_services_are_named_at_start() -> anyhow::Result<()> {
     assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
     fleet.stop().await
 }
+
+#[tokio::test]
+async fn a_dead_lettered_task_fails_its_step_and_a_redrive_runs_it_again() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    let id = fleet
+        .execute_yaml("name: fragile\nsteps:\n  - {id: only, agent: fragile, action: do, params: {output: 1}}\n", json!({}))
+        .await?;
+
+    // A worker rejects the task: RabbitMQ dead-letters it.
+    let names = flotilla_proto::QueueNames::new(fleet.prefix.clone());
+    let connection = flotilla_broker::connect(
+        &flotilla_broker::BrokerConfig::new(flotilla_tests::amqp_url()),
+        "flotilla-tests",
+    )
+    .await?;
+    // Declared here too (with the same arguments), so the test need not wait for the relay's.
+    let channel = connection.open_channel().await?;
+    flotilla_broker::declare_agent_queue(&channel, &names, "fragile", 5).await?;
+    let mut consumer =
+        flotilla_broker::Consumer::start(&connection, &names.agent("fragile"), "", 1).await?;
+    let delivery = tokio::time::timeout(WAIT, consumer.next())
+        .await?
+        .expect("a task")?;
+    delivery.nack(false).await?;
+    consumer.close().await?;
+    connection.close().await?;
+
+    let run = fleet.wait_for_end(id, WAIT).await?;
+    assert_eq!(run.status, "failure");
+    let only = step(&run, "only");
+    assert!(
+        only.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("dead-lettered"),
+        "{only:?}"
+    );
+
+    let http = reqwest::Client::new();
+    let letters: Value = http
+        .get(format!("{}/api/dlq", fleet.url()))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let letters = letters["deadLetters"].as_array().unwrap().clone();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["workflowId"], json!(id.to_string()));
+    assert_eq!(letters[0]["stepId"], json!("only"));
+
+    // With a worker there now, a redrive gives the step a second attempt and the run succeeds.
+    fleet.start_echo("echo-a", &["fragile"], 1)?;
+    let answer: Value = http
+        .post(format!("{}/api/dlq/redrive", fleet.url()))
+        .json(&json!({"all": true}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(answer["redriven"][0]["attempt"], json!(2), "{answer}");
+    let run = fleet.wait_for_end(id, WAIT).await?;
+    assert_eq!(run.status, "success");
+    assert_eq!(step(&run, "only").attempts, 2);
+    let pending: Value = http
+        .get(format!("{}/api/dlq", fleet.url()))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(pending["deadLetters"], json!([]));
+    fleet.stop().await
+}
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_answers_the_first_run() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    let http = reqwest::Client::new();
+    let body = json!({"yaml": "name: once\nsteps:\n  - {agent: nobody, action: wait}\n"});
+    let send = || {
+        http.post(format!("{}/api/workflows/execute", fleet.url()))
+            .header("Idempotency-Key", "order-42")
+            .json(&body)
+            .send()
+    };
+    let first = send().await?;
+    assert_eq!(first.status().as_u16(), 202);
+    let first: Value = first.json().await?;
+    let second = send().await?;
+    assert_eq!(second.status().as_u16(), 200);
+    assert_eq!(
+        second
+            .headers()
+            .get("idempotent-replayed")
+            .and_then(|v| v.to_str().ok()),
+        Some("true")
+    );
+    let second: Value = second.json().await?;
+    assert_eq!(first["workflowId"], second["workflowId"]);
+    let db = fleet.db().await?;
+    let runs: i64 = db.query_one("SELECT count(*) FROM runs", &[]).await?.get(0);
+    assert_eq!(runs, 1);
+    fleet.stop().await
+}

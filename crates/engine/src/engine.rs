@@ -700,7 +700,12 @@ impl Pending<'_> {
                         agent: node.agent.clone(),
                         action: node.action.clone(),
                         idempotency_key: format!("{}:{}", state.id, node.id),
-                        params: node.params.clone(),
+                        // The scheduler rendered these before it dispatched; they render the
+                        // same now, as nothing they read can change in between.
+                        params: state.task_params(plan, *step).unwrap_or_else(|e| {
+                            tracing::error!(run_id = %state.id, step_id = %node.id, error = %e, "params no longer render");
+                            node.params.clone()
+                        }),
                         run_params: state.params.clone(),
                         inputs: state.inputs_for(plan, *step),
                         dispatched_at: self.now,
@@ -739,6 +744,12 @@ impl Pending<'_> {
                     reason,
                 } => {
                     tracing::info!(run_id = %state.id, step_id = %plan.nodes.get(*step).map_or("?", |n| n.id.as_str()), attempt, reason, "stale result ignored");
+                }
+                Effect::Refused(reason) => {
+                    tracing::info!(run_id = %state.id, reason = %reason, "operator request refused");
+                }
+                Effect::Cancelled { step, attempt, .. } => {
+                    tracing::info!(run_id = %state.id, step_id = %plan.nodes[*step].id, attempt, "running attempt cancelled");
                 }
                 Effect::RunEnded(status) => {
                     tracing::info!(run_id = %state.id, workflow = %plan.name, status = status.as_str(), "run ended");
@@ -784,8 +795,8 @@ fn redrive_one(
         .node_index(step_id)
         .ok_or_else(|| format!("run {run_id} has no step `{step_id}`"))?;
     let t = pending.apply(cached, Event::Retry { step });
-    if let Some(Effect::Stale { reason, .. }) = t.effects.first() {
-        return Err((*reason).to_string());
+    if let Some(Effect::Refused(reason)) = t.effects.first() {
+        return Err(reason.clone());
     }
     Ok(cached.state.steps[step].attempt)
 }
