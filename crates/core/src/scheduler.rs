@@ -167,10 +167,11 @@ pub enum Event {
     },
     /// A waiting step's retry is due.
     Wake { step: usize, attempt: u32 },
-    /// An operator asks to run a failed step of an ended run again (for instance after its task
-    /// was dead-lettered): the step gets a new attempt, the steps it had blocked wait for it
-    /// again, and the failure handlers will run again should the run fail again.
-    Retry { step: usize },
+    /// An operator asks to run a failed step of a failed run again (for instance after its task
+    /// was dead-lettered), or every failed step when `step` is `None`: each gets a new attempt,
+    /// the steps they had blocked wait for them again, and the failure handlers will run again
+    /// should the run fail again.
+    Retry { step: Option<usize> },
     /// An operator cancels the run: nothing more is dispatched, steps not finished end
     /// `cancelled`, and results still to come are ignored.
     Cancel,
@@ -404,18 +405,31 @@ impl RunState {
                 }
             }
             Event::Retry { step } => {
-                let failed = self
-                    .steps
-                    .get(step)
-                    .is_some_and(|s| s.status == StepStatus::Failure);
-                if self.status != RunStatus::Failure || !failed {
+                let failed: Vec<usize> = match step {
+                    Some(i) => self
+                        .steps
+                        .get(i)
+                        .filter(|s| s.status == StepStatus::Failure)
+                        .map(|_| i)
+                        .into_iter()
+                        .collect(),
+                    None => (0..self.steps.len())
+                        .filter(|&i| {
+                            plan.nodes[i].role == Role::Main
+                                && self.steps[i].status == StepStatus::Failure
+                        })
+                        .collect(),
+                };
+                if self.status != RunStatus::Failure || failed.is_empty() {
                     t.effects.push(Effect::Refused(
                         "only a failed step of a failed run can be retried".into(),
                     ));
                     return t;
                 }
-                self.reopen(plan, step, &mut t);
-                self.dispatch(step, now, &mut t);
+                self.reopen(plan, &failed, &mut t);
+                for i in failed {
+                    self.dispatch(i, now, &mut t);
+                }
             }
             Event::Cancel => {
                 if self.status.is_terminal() {
@@ -501,7 +515,7 @@ impl RunState {
                     return t;
                 }
                 if reopen {
-                    self.reopen(plan, step, &mut t);
+                    self.reopen(plan, &[step], &mut t);
                 }
                 let (status, reason) = match output {
                     Some(output) => {
@@ -538,13 +552,13 @@ impl RunState {
         (self.unfinished_main, self.failed_main)
     }
 
-    /// Puts a failed run back to running around `step`: the step, the steps that were skipped
-    /// because of it and the failure handlers become pending again.
-    fn reopen(&mut self, plan: &Plan, step: usize, t: &mut Transition) {
-        let mut stack = vec![step];
+    /// Puts a failed run back to running around `steps`: they, the steps that were skipped
+    /// because of them and the failure handlers become pending again.
+    fn reopen(&mut self, plan: &Plan, steps: &[usize], t: &mut Transition) {
+        let mut stack = steps.to_vec();
         while let Some(i) = stack.pop() {
             let s = &mut self.steps[i];
-            if i != step && s.status != StepStatus::UpstreamFailed {
+            if !steps.contains(&i) && s.status != StepStatus::UpstreamFailed {
                 continue;
             }
             s.status = StepStatus::Pending;

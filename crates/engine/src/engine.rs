@@ -7,13 +7,14 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use flotilla_broker::Delivery;
 use flotilla_core::scheduler::Transition;
-use flotilla_core::{Definition, Effect, Event, Outcome, Plan, RunState};
+use flotilla_core::{Definition, Effect, Event, Outcome, Plan, RunState, RunStatus};
 use flotilla_proto::{PROTOCOL_VERSION, QueueNames, ResultStatus, Task, TaskResult};
 use flotilla_store::dead_letters::{self, DeadLetter};
 use flotilla_store::definitions::Content;
 use flotilla_store::engine::{
     self as db, AttemptEnd, AttemptStart, Batch, OutboxRow, RunUpdate, StepIdent, StepRow,
 };
+use flotilla_store::queries::{self, RunEvent};
 use flotilla_store::{Store, idempotency};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -29,6 +30,12 @@ pub enum Error {
     ShuttingDown,
     #[error("the run could not be recorded: {0}")]
     NotRecorded(String),
+    /// An operator's request names a run or step that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// An operator's request the run's state does not allow.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl Error {
@@ -36,6 +43,7 @@ impl Error {
         match self {
             Error::Store(e) => e.is_unavailable(),
             Error::ShuttingDown | Error::NotRecorded(_) => true,
+            Error::NotFound(_) | Error::Refused(_) => false,
         }
     }
 }
@@ -82,6 +90,47 @@ pub struct Submitted {
     pub replayed: bool,
 }
 
+/// What an operator asks of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Operation {
+    Cancel,
+    Pause,
+    Resume,
+    /// Retry one failed step of a failed run, or every failed step.
+    Retry {
+        step: Option<String>,
+    },
+    Skip {
+        step: String,
+    },
+    /// End a step as succeeded with this output.
+    Complete {
+        step: String,
+        output: Value,
+    },
+}
+
+impl Operation {
+    fn name(&self) -> &'static str {
+        match self {
+            Operation::Cancel => "cancel",
+            Operation::Pause => "pause",
+            Operation::Resume => "resume",
+            Operation::Retry { .. } => "retry",
+            Operation::Skip { .. } => "skip",
+            Operation::Complete { .. } => "complete",
+        }
+    }
+
+    fn step(&self) -> Option<&str> {
+        match self {
+            Operation::Retry { step } => step.as_deref(),
+            Operation::Skip { step } | Operation::Complete { step, .. } => Some(step),
+            _ => None,
+        }
+    }
+}
+
 /// What a redrive did with one dead letter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Redriven {
@@ -112,6 +161,13 @@ pub(crate) enum Input {
         letter: Box<DeadLetter>,
         task: Option<Box<Task>>,
         delivery: Box<Delivery>,
+    },
+    /// An operator's action on a run; answered with the run's status after it.
+    Operate {
+        run_id: Uuid,
+        operation: Operation,
+        actor: String,
+        reply: oneshot::Sender<Result<RunStatus, Error>>,
     },
     /// Retry the steps of these dead letters (all pending ones when empty).
     Redrive {
@@ -169,6 +225,24 @@ impl EngineHandle {
         let (done, handled) = oneshot::channel();
         self.send(Input::Due { due, done }).await?;
         handled.await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Applies an operator's action to a run, recorded in the run's history with `actor`.
+    pub async fn operate(
+        &self,
+        run_id: Uuid,
+        operation: Operation,
+        actor: String,
+    ) -> Result<RunStatus, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::Operate {
+            run_id,
+            operation,
+            actor,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
     }
 
     /// Gives the steps of dead-lettered tasks a new attempt: those named, or every one not
@@ -279,6 +353,14 @@ impl Engine {
                         Input::Redrive { reply, .. } => {
                             let _ = reply.send(Ok(done.redriven.remove(&n).unwrap_or_default()));
                         }
+                        Input::Operate { reply, .. } => {
+                            let answer = done.operated.remove(&n).unwrap_or_else(|| {
+                                Err(Error::NotRecorded(
+                                    "the engine lost track of the request".into(),
+                                ))
+                            });
+                            let _ = reply.send(answer);
+                        }
                         Input::Result { delivery, .. } | Input::DeadLetter { delivery, .. } => {
                             if let Err(e) = delivery.ack().await {
                                 // It will come again and be fenced off as a duplicate.
@@ -301,6 +383,9 @@ impl Engine {
                             let _ = reply.send(Err(Error::NotRecorded(e.to_string())));
                         }
                         Input::Redrive { reply, .. } => {
+                            let _ = reply.send(Err(Error::NotRecorded(e.to_string())));
+                        }
+                        Input::Operate { reply, .. } => {
                             let _ = reply.send(Err(Error::NotRecorded(e.to_string())));
                         }
                         Input::Result { delivery, .. } | Input::DeadLetter { delivery, .. } => {
@@ -337,6 +422,7 @@ impl Engine {
                 Input::Result { result, .. } => vec![result.run_id],
                 Input::Due { due, .. } => due.iter().map(Due::run_id).collect(),
                 Input::DeadLetter { task, .. } => task.iter().map(|t| t.run_id).collect(),
+                Input::Operate { run_id, .. } => vec![*run_id],
                 Input::Submit { .. } | Input::Redrive { .. } => Vec::new(),
             })
             .chain(redrive_letters.values().flatten().filter_map(|l| l.run_id))
@@ -373,6 +459,8 @@ impl Engine {
         };
         let mut submitted = HashMap::new();
         let mut redriven = HashMap::new();
+        let mut operated = HashMap::new();
+        let mut events = Vec::new();
         let mut new_runs: Vec<(Uuid, CachedRun)> = Vec::new();
         let mut new_keys = Vec::new();
         let mut new_dead_letters = Vec::new();
@@ -479,6 +567,30 @@ impl Engine {
                         );
                     }
                 }
+                Input::Operate {
+                    run_id,
+                    operation,
+                    actor,
+                    ..
+                } => {
+                    let answer = operate(&mut self.runs, &mut pending, *run_id, operation);
+                    if answer.is_ok() {
+                        events.push(RunEvent {
+                            run_id: *run_id,
+                            at: now,
+                            actor: actor.clone(),
+                            action: operation.name().to_string(),
+                            step_id: operation.step().map(str::to_string),
+                            detail: match operation {
+                                Operation::Complete { output, .. } => {
+                                    Some(serde_json::json!({ "output": output }))
+                                }
+                                _ => None,
+                            },
+                        });
+                    }
+                    operated.insert(n, answer);
+                }
                 Input::Redrive { .. } => {
                     let letters = redrive_letters.remove(&n).unwrap_or_default();
                     let outcomes = letters
@@ -522,6 +634,7 @@ impl Engine {
         }
         dead_letters::insert(&tx, &new_dead_letters).await?;
         idempotency::record(&tx, &new_keys, now).await?;
+        queries::record_events(&tx, &events).await?;
         let retried: Vec<Uuid> = redriven
             .values()
             .flatten()
@@ -556,6 +669,7 @@ impl Engine {
             outbox: batch.outbox,
             submitted,
             redriven,
+            operated,
             wakes: wakes_due,
         })
     }
@@ -778,6 +892,46 @@ fn apply_to_step(
     pending.apply(cached, event(step));
 }
 
+/// Applies an operator's action to its run.
+fn operate(
+    runs: &mut HashMap<Uuid, CachedRun>,
+    pending: &mut Pending<'_>,
+    run_id: Uuid,
+    operation: &Operation,
+) -> Result<RunStatus, Error> {
+    let cached = runs
+        .get_mut(&run_id)
+        .ok_or_else(|| Error::NotFound(format!("no run has id {run_id}")))?;
+    let step = |id: &str| {
+        cached
+            .plan
+            .node_index(id)
+            .ok_or_else(|| Error::NotFound(format!("run {run_id} has no step `{id}`")))
+    };
+    let event = match operation {
+        Operation::Cancel => Event::Cancel,
+        Operation::Pause => Event::Pause,
+        Operation::Resume => Event::Resume,
+        Operation::Retry { step: None } => Event::Retry { step: None },
+        Operation::Retry { step: Some(id) } => Event::Retry {
+            step: Some(step(id)?),
+        },
+        Operation::Skip { step: id } => Event::Settle {
+            step: step(id)?,
+            output: None,
+        },
+        Operation::Complete { step: id, output } => Event::Settle {
+            step: step(id)?,
+            output: Some(output.clone()),
+        },
+    };
+    let t = pending.apply(cached, event);
+    if let Some(Effect::Refused(reason)) = t.effects.first() {
+        return Err(Error::Refused(reason.clone()));
+    }
+    Ok(cached.state.status)
+}
+
 /// Retries the step of one dead letter; answers its new attempt, or why it was not retried.
 fn redrive_one(
     runs: &mut HashMap<Uuid, CachedRun>,
@@ -794,7 +948,7 @@ fn redrive_one(
         .plan
         .node_index(step_id)
         .ok_or_else(|| format!("run {run_id} has no step `{step_id}`"))?;
-    let t = pending.apply(cached, Event::Retry { step });
+    let t = pending.apply(cached, Event::Retry { step: Some(step) });
     if let Some(Effect::Refused(reason)) = t.effects.first() {
         return Err(reason.clone());
     }
@@ -807,6 +961,8 @@ struct Committed {
     submitted: HashMap<usize, Submitted>,
     /// What each redrive did, by its position in the batch.
     redriven: HashMap<usize, Vec<Redriven>>,
+    /// What each operator action did, by its position in the batch.
+    operated: HashMap<usize, Result<RunStatus, Error>>,
     wakes: Vec<DateTime<Utc>>,
 }
 

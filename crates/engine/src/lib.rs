@@ -18,4 +18,6 @@ pub mod relay;
 pub mod results;
 pub mod timer;
 
-pub use engine::{Due, Engine, EngineConfig, EngineHandle, Error, NewRun, Redriven, Submitted};
+pub use engine::{
+    Due, Engine, EngineConfig, EngineHandle, Error, NewRun, Operation, Redriven, Submitted,
+};

@@ -199,6 +199,11 @@ impl Relay {
                 declared: HashSet::new(),
             });
         }
-        Ok(self.link.as_mut().expect("link was just set"))
+        let link = self.link.as_mut().expect("link was just set");
+        // RabbitMQ closes the channel on which a declaration failed: declare on a new one.
+        if !link.channel.is_open() {
+            link.channel = link.connection.open_channel().await?;
+        }
+        Ok(link)
     }
 }

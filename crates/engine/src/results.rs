@@ -1,15 +1,24 @@
 //! Consumes worker results and hands them to the engine, which acknowledges each one only after
 //! the transaction that recorded it has committed.
 
-use flotilla_broker::{Connection, Consumer};
+use flotilla_broker::{Connection, Consumer, ReconnectingConsumer, declare_results_queue};
 use flotilla_proto::{QueueNames, TaskResult};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{EngineHandle, Input};
 
-/// Consumes `{prefix}.results` until `shutdown`. Returns the consumer, whose channel must stay
-/// open until the engine has settled every delivery handed to it; closing it earlier only
-/// means those results are delivered again (and fenced off as duplicates).
+/// Consumes `{prefix}.results` until `shutdown`, starting on `connection`.
+///
+/// A lost connection or channel is replaced by a new connection (with the backoff of
+/// `connection.config()`) on which the queue is declared again. Results handed to the engine
+/// before the loss can no longer be acked: RabbitMQ delivers them again, and the engine fences
+/// them off as duplicates.
+///
+/// Fails if consuming cannot start on `connection`, or if the shutdown came while reconnecting
+/// (nothing is left to close then). Returns the consumer, whose channel must stay open until
+/// the engine has settled every delivery handed to it; closing it earlier only means those
+/// results are delivered again (and fenced off as duplicates). Closing it also closes the
+/// connection it was started on if that is not `connection`.
 pub async fn run(
     connection: &Connection,
     names: &QueueNames,
@@ -17,36 +26,28 @@ pub async fn run(
     prefetch: u16,
     shutdown: CancellationToken,
 ) -> Result<Consumer, flotilla_broker::Error> {
-    let mut consumer = Consumer::start(connection, &names.results(), "", prefetch).await?;
-    let mut cancelled = false;
-    loop {
-        let next = tokio::select! {
-            next = consumer.next() => next,
-            () = shutdown.cancelled(), if !cancelled => {
-                cancelled = true;
-                // Stop new deliveries; those already received are still handed over below.
-                if let Err(e) = consumer.cancel().await {
-                    tracing::warn!(error = %e, "could not cancel the results consumer");
-                    break;
-                }
-                continue;
-            }
-        };
-        let delivery = match next {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => return Err(e),
-            None => break,
-        };
+    let declare_names = names.clone();
+    let declare = move |channel| {
+        let names = declare_names.clone();
+        async move { declare_results_queue(&channel, &names).await }
+    };
+    let mut consumer = ReconnectingConsumer::start(
+        connection,
+        &names.results(),
+        "",
+        prefetch,
+        declare,
+        shutdown,
+    )
+    .await?;
+    while let Some(delivery) = consumer.next().await {
         match serde_json::from_slice::<TaskResult>(&delivery.body) {
             Ok(result) => {
-                if engine
-                    .send(Input::Result {
-                        result: Box::new(result),
-                        delivery: Box::new(delivery),
-                    })
-                    .await
-                    .is_err()
-                {
+                let input = Input::Result {
+                    result: Box::new(result),
+                    delivery: Box::new(delivery),
+                };
+                if engine.send(input).await.is_err() {
                     break;
                 }
             }
@@ -57,5 +58,5 @@ pub async fn run(
             }
         }
     }
-    Ok(consumer)
+    consumer.into_consumer()
 }

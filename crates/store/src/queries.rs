@@ -112,3 +112,53 @@ pub async fn list_runs(
         .map(run_record)
         .collect())
 }
+
+/// An operator's action on a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunEvent {
+    pub run_id: Uuid,
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    pub action: String,
+    pub step_id: Option<String>,
+    pub detail: Option<Value>,
+}
+
+/// Appends to runs' histories.
+pub async fn record_events(client: &impl GenericClient, events: &[RunEvent]) -> Result<(), Error> {
+    for e in events {
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO run_events (run_id, at, actor, action, step_id, detail)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .await?;
+        client
+            .execute(&stmt, &[&e.run_id, &e.at, &e.actor, &e.action, &e.step_id, &e.detail])
+            .await?;
+    }
+    Ok(())
+}
+
+/// A run's history of operator actions, oldest first.
+pub async fn run_events(client: &impl GenericClient, run_id: Uuid) -> Result<Vec<RunEvent>, Error> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT run_id, at, actor, action, step_id, detail FROM run_events
+             WHERE run_id = $1 ORDER BY id",
+        )
+        .await?;
+    Ok(client
+        .query(&stmt, &[&run_id])
+        .await?
+        .iter()
+        .map(|r| RunEvent {
+            run_id: r.get(0),
+            at: r.get(1),
+            actor: r.get(2),
+            action: r.get(3),
+            step_id: r.get(4),
+            detail: r.get(5),
+        })
+        .collect())
+}

@@ -421,7 +421,7 @@ fn a_failed_step_of_a_failed_run_can_be_retried() {
     let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
     let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
     // Retrying while the run is still going is refused.
-    let early = run.apply(&plan, Event::Retry { step: 0 }, at(1));
+    let early = run.apply(&plan, Event::Retry { step: Some(0) }, at(1));
     assert!(matches!(early.effects[..], [Effect::Refused(_)]));
     let t = run.apply(&plan, finished(&plan, "a", 1, task, fail(false)), at(2));
     let (_, _, handler) = dispatched(&plan, &t)[0].clone();
@@ -432,7 +432,7 @@ fn a_failed_step_of_a_failed_run_can_be_retried() {
     );
     assert_eq!(run.status, RunStatus::Failure);
 
-    let t = run.apply(&plan, Event::Retry { step: 0 }, at(4));
+    let t = run.apply(&plan, Event::Retry { step: Some(0) }, at(4));
     let again = dispatched(&plan, &t);
     assert_eq!(
         again
@@ -712,4 +712,29 @@ fn templates_may_only_read_steps_that_finish_first() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("params read `steps.b`"), "{err}");
+}
+
+#[test]
+fn retrying_a_failed_run_retries_every_failed_step() {
+    let plan = plan(
+        "name: r\nsteps:\n  - {id: a, agent: x, action: y, depends_on: []}\n  - {id: b, agent: x, action: y, depends_on: []}\n  - {id: c, agent: x, action: y, depends_on: [a, b]}\n",
+    );
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let first = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)));
+    for (id, attempt, task) in first {
+        run.apply(
+            &plan,
+            finished(&plan, &id, attempt, task, fail(false)),
+            at(1),
+        );
+    }
+    assert_eq!(run.status, RunStatus::Failure);
+    let t = run.apply(&plan, Event::Retry { step: None }, at(2));
+    let mut again: Vec<_> = dispatched(&plan, &t)
+        .into_iter()
+        .map(|d| (d.0, d.1))
+        .collect();
+    again.sort();
+    assert_eq!(again, [("a".to_string(), 2), ("b".to_string(), 2)]);
+    assert_eq!(run.steps[2].status, StepStatus::Pending);
 }
