@@ -81,22 +81,28 @@ impl Condition {
             .collect()
     }
 
-    /// Evaluates the condition. `step` gives, for a referenced id, how that step finished and its
-    /// output. A result that is not a boolean, or a missing field, is an error naming the fault.
+    /// Evaluates the condition. `resolve` tells what a name other than `params` stands for: a
+    /// step that finished (how, and its output), or a value. A result that is not a boolean, a
+    /// name nothing stands for, or a missing field is an error naming the fault.
     pub fn evaluate<'a>(
         &self,
         params: &Map<String, Value>,
-        mut step: impl FnMut(&str) -> Option<(Finished, Option<&'a Value>)>,
+        mut resolve: impl FnMut(&str) -> Option<Binding<'a>>,
     ) -> Result<bool, String> {
         let mut ctx = cel::Context::default();
         for name in self.program.references().variables() {
             let value = if name == PARAMS {
                 Value::Object(params.clone())
             } else {
-                let (finished, output) = step(name).ok_or_else(|| {
-                    format!("`{name}` is not a step that finished before this one")
-                })?;
-                step_variable(finished, output)
+                match resolve(name) {
+                    Some(Binding::Step(finished, output)) => step_variable(finished, output),
+                    Some(Binding::Value(value)) => value,
+                    None => {
+                        return Err(format!(
+                            "`{name}` is neither a step that finished before this one, nor a field of their outputs, nor a run param"
+                        ));
+                    }
+                }
             };
             ctx.add_variable(name, value)
                 .map_err(|e| format!("cannot bind `{name}`: {e}"))?;
@@ -110,6 +116,15 @@ impl Condition {
             Err(e) => Err(format!("`{}` cannot be evaluated: {e}", self.source)),
         }
     }
+}
+
+/// What a name in a condition stands for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Binding<'a> {
+    /// A step that finished: `<id>.success`, `<id>.<field>`, …
+    Step(Finished, Option<&'a Value>),
+    /// A bare name: a field of an earlier step's output, or a run param.
+    Value(Value),
 }
 
 fn step_variable(finished: Finished, output: Option<&Value>) -> Value {
@@ -136,7 +151,8 @@ mod tests {
             steps
                 .iter()
                 .find(|(id, ..)| *id == name)
-                .map(|(_, f, out)| (*f, Some(out)))
+                .map(|(_, f, out)| Binding::Step(*f, Some(out)))
+                .or_else(|| (name == "error_rate").then(|| Binding::Value(0.2.into())))
         })
     }
 

@@ -54,6 +54,13 @@ pub struct StepDef {
     pub parallel: Vec<StepDef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub condition: Option<String>,
+    /// With `condition` and no agent: the steps that run, one after the other, when the condition
+    /// holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub then: Vec<StepDef>,
+    /// The steps that run instead when the condition does not hold.
+    #[serde(default, rename = "else", skip_serializing_if = "Vec::is_empty")]
+    pub otherwise: Vec<StepDef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetrySpec>,
 }

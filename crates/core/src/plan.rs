@@ -89,8 +89,13 @@ struct Draft<'d> {
     def: &'d StepDef,
     role: Role,
     parent: Option<usize>,
-    /// Index of the top-level step this node belongs to (itself for a top-level step).
-    top: Option<usize>,
+    /// The top-level entry (index in `steps`) this node belongs to.
+    entry: Option<usize>,
+    /// Within a `then:` or `else:` list: the node it runs after. Nodes without it take their
+    /// entry's dependencies.
+    follows: Option<usize>,
+    /// The condition of the branch this node is in (negated in `else:`).
+    branch: Option<String>,
 }
 
 impl Plan {
@@ -123,46 +128,59 @@ impl Plan {
             .collect();
 
         let index = index_ids(&drafts, &nodes, &mut problems);
-        // Members of each top-level step's group: the step and its parallel sub-steps.
-        let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
+        // Members of each top-level entry: a step and its parallel sub-steps, or the steps of a
+        // branch. A dependency on an entry waits for all of them.
+        let mut members: HashMap<usize, Vec<usize>> = HashMap::new();
         for (i, d) in drafts.iter().enumerate() {
-            if let (Some(top), Role::Main) = (d.top, d.role) {
-                groups.entry(top).or_default().push(i);
+            if let (Some(entry), Role::Main) = (d.entry, d.role) {
+                members.entry(entry).or_default().push(i);
             }
         }
-        let tops: Vec<usize> = drafts
-            .iter()
-            .enumerate()
-            .filter(|(i, d)| d.role == Role::Main && d.top == Some(*i))
-            .map(|(i, _)| i)
+        // Names a `depends_on` may use for a whole entry: a step's id, or a branch's own `id`.
+        let mut entry_names: HashMap<String, usize> = HashMap::new();
+        for (e, step) in def.steps.iter().enumerate() {
+            if let Some(&first) = members.get(&e).and_then(|m| m.first()) {
+                let name = if drafts[first].branch.is_none() {
+                    Some(nodes[first].id.clone())
+                } else {
+                    step.id.clone()
+                };
+                if let Some(name) = name {
+                    entry_names.insert(name, e);
+                }
+            }
+        }
+        let entries: Vec<usize> = (0..def.steps.len())
+            .filter(|e| members.contains_key(e))
             .collect();
-
-        for (position, &top) in tops.iter().enumerate() {
-            let draft = &drafts[top];
-            let deps: Vec<usize> = match &draft.def.depends_on {
+        for (position, &e) in entries.iter().enumerate() {
+            let place = format!("steps[{e}]");
+            let deps: Vec<usize> = match &def.steps[e].depends_on {
                 Some(names) => {
                     let mut deps = Vec::new();
                     for name in names {
-                        match index.get(name) {
-                            Some(&target) if drafts[target].role == Role::Main => {
-                                match drafts[target].top {
-                                    Some(t) if t == target => deps.extend(&groups[&t]),
-                                    _ => deps.push(target),
-                                }
-                            }
-                            _ => problems.push(format!(
-                                "{}: depends_on names `{name}`, which is not a step of this workflow",
-                                draft.place
-                            )),
+                        if let Some(target) = entry_names.get(name.as_str()) {
+                            deps.extend(&members[target]);
+                        } else if let Some(&node) =
+                            index.get(name).filter(|&&n| drafts[n].role == Role::Main)
+                        {
+                            deps.push(node);
+                        } else {
+                            problems.push(format!(
+                                "{place}: depends_on names `{name}`, which is not a step of this workflow"
+                            ));
                         }
                     }
                     deps
                 }
-                None if position > 0 => groups[&tops[position - 1]].clone(),
+                None if position > 0 => members[&entries[position - 1]].clone(),
                 None => Vec::new(),
             };
-            for &member in &groups[&top] {
-                nodes[member].deps = dedup(deps.clone());
+            for &member in &members[&e] {
+                nodes[member].deps = match drafts[member].follows {
+                    Some(previous) => vec![previous],
+                    None => dedup(deps.clone()),
+                };
             }
         }
         for i in 0..nodes.len() {
@@ -216,21 +234,31 @@ impl Plan {
 }
 
 fn flatten<'d>(def: &'d Definition, problems: &mut Vec<String>) -> Vec<Draft<'d>> {
-    let mut drafts = Vec::new();
+    let mut drafts: Vec<Draft<'d>> = Vec::new();
+    let only_for_failure = |place: &str, step: &StepDef, problems: &mut Vec<String>| {
+        if step.notify.is_some() {
+            problems.push(format!(
+                "{place}: `notify` is only allowed in error_handling.on_failure"
+            ));
+        }
+    };
     for (i, step) in def.steps.iter().enumerate() {
+        let place = format!("steps[{i}]");
+        only_for_failure(&place, step, problems);
+        if !step.then.is_empty() || !step.otherwise.is_empty() {
+            branch(i, step, &mut drafts, problems);
+            continue;
+        }
         let top = drafts.len();
         drafts.push(Draft {
-            place: format!("steps[{i}]"),
+            place,
             def: step,
             role: Role::Main,
             parent: None,
-            top: Some(top),
+            entry: Some(i),
+            follows: None,
+            branch: None,
         });
-        if step.notify.is_some() {
-            problems.push(format!(
-                "steps[{i}]: `notify` is only allowed in error_handling.on_failure"
-            ));
-        }
         for (j, sub) in step.parallel.iter().enumerate() {
             let place = format!("steps[{i}].parallel[{j}]");
             if sub.depends_on.is_some() {
@@ -238,20 +266,20 @@ fn flatten<'d>(def: &'d Definition, problems: &mut Vec<String>) -> Vec<Draft<'d>
                     "{place}: a parallel sub-step starts with its step and cannot have depends_on"
                 ));
             }
-            if !sub.parallel.is_empty() {
-                problems.push(format!("{place}: parallel sub-steps cannot be nested"));
-            }
-            if sub.notify.is_some() {
+            if !sub.parallel.is_empty() || !sub.then.is_empty() || !sub.otherwise.is_empty() {
                 problems.push(format!(
-                    "{place}: `notify` is only allowed in error_handling.on_failure"
+                    "{place}: a parallel sub-step cannot hold parallel, then or else steps"
                 ));
             }
+            only_for_failure(&place, sub, problems);
             drafts.push(Draft {
                 place,
                 def: sub,
                 role: Role::Main,
                 parent: Some(top),
-                top: Some(top),
+                entry: Some(i),
+                follows: None,
+                branch: None,
             });
         }
     }
@@ -262,6 +290,10 @@ fn flatten<'d>(def: &'d Definition, problems: &mut Vec<String>) -> Vec<Draft<'d>
                 (step.depends_on.is_some(), "depends_on"),
                 (!step.parallel.is_empty(), "parallel"),
                 (step.condition.is_some(), "condition"),
+                (
+                    !step.then.is_empty() || !step.otherwise.is_empty(),
+                    "then/else",
+                ),
             ] {
                 if set {
                     problems.push(format!(
@@ -274,11 +306,71 @@ fn flatten<'d>(def: &'d Definition, problems: &mut Vec<String>) -> Vec<Draft<'d>
                 def: step,
                 role: Role::OnFailure,
                 parent: None,
-                top: None,
+                entry: None,
+                follows: None,
+                branch: None,
             });
         }
     }
     drafts
+}
+
+/// A `condition:` with `then:`/`else:` lists: each list runs as a pipeline, its steps guarded by
+/// the condition (or its negation), so a branch not taken is skipped step by step.
+fn branch<'d>(
+    i: usize,
+    step: &'d StepDef,
+    drafts: &mut Vec<Draft<'d>>,
+    problems: &mut Vec<String>,
+) {
+    let place = format!("steps[{i}]");
+    let Some(condition) = &step.condition else {
+        problems.push(format!("{place}: `then`/`else` need a `condition`"));
+        return;
+    };
+    for (set, field) in [
+        (step.agent.is_some(), "agent"),
+        (step.action.is_some(), "action"),
+        (!step.params.is_empty(), "params"),
+        (!step.parallel.is_empty(), "parallel"),
+        (step.retry.is_some(), "retry"),
+    ] {
+        if set {
+            problems.push(format!(
+                "{place}: a branch (with then/else) runs no action itself and cannot have `{field}`"
+            ));
+        }
+    }
+    for (list, steps, guard) in [
+        ("then", &step.then, format!("({condition})")),
+        ("else", &step.otherwise, format!("!({condition})")),
+    ] {
+        let mut previous = None;
+        for (j, sub) in steps.iter().enumerate() {
+            let place = format!("{place}.{list}[{j}]");
+            if sub.depends_on.is_some()
+                || !sub.parallel.is_empty()
+                || !sub.then.is_empty()
+                || !sub.otherwise.is_empty()
+                || sub.notify.is_some()
+            {
+                problems.push(format!(
+                    "{place}: a step of a branch runs after the one before it and cannot have depends_on, parallel, then, else or notify"
+                ));
+            }
+            let index = drafts.len();
+            drafts.push(Draft {
+                place,
+                def: sub,
+                role: Role::Main,
+                parent: None,
+                entry: Some(i),
+                follows: previous,
+                branch: Some(guard.clone()),
+            });
+            previous = Some(index);
+        }
+    }
 }
 
 fn build_node(
@@ -338,7 +430,13 @@ fn build_node(
             d.place
         ));
     }
-    let condition = def.condition.as_deref().and_then(|src| {
+    let own = def.condition.as_deref();
+    let composed = match (&d.branch, own) {
+        (Some(guard), Some(own)) => Some(format!("{guard} && ({own})")),
+        (Some(guard), None) => Some(guard.clone()),
+        (None, own) => own.map(str::to_string),
+    };
+    let condition = composed.as_deref().and_then(|src| {
         Condition::parse(src)
             .map_err(|e| problems.push(format!("{} (`{id}`): condition {e}", d.place)))
             .ok()
@@ -415,8 +513,10 @@ fn check_condition_references(
             if var == condition::PARAMS {
                 continue;
             }
-            let known = index.get(&var).is_some_and(|j| ancestors.contains(j));
-            if !known {
+            // A name that is no step's id is a bare name, resolved when the condition is
+            // evaluated (an output field of an earlier step, or a run param).
+            let unreachable_step = index.get(&var).is_some_and(|j| !ancestors.contains(j));
+            if unreachable_step {
                 problems.push(format!(
                     "{} (`{}`): condition refers to `{var}`, which is not a step that finishes before this one",
                     drafts[i].place, node.id

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::condition::Finished;
+use crate::condition::{Binding, Finished};
 use crate::plan::{Plan, Role};
 
 /// Where a step is in its life.
@@ -685,15 +685,19 @@ impl RunState {
             return Some(self.ready_to_run(plan, step));
         };
         let verdict = condition.evaluate(&self.params, |name| {
-            let i = plan.node_index(name)?;
+            let Some(i) = plan.node_index(name) else {
+                return self.bare_name(name).map(Binding::Value);
+            };
             let s = &self.steps[i];
             let finished = match s.status {
                 StepStatus::Success => Finished::Success,
-                StepStatus::Failure | StepStatus::UpstreamFailed => Finished::Failure,
+                StepStatus::Failure | StepStatus::UpstreamFailed | StepStatus::Cancelled => {
+                    Finished::Failure
+                }
                 StepStatus::Skipped => Finished::Skipped,
                 _ => return None,
             };
-            Some((finished, s.output.as_ref()))
+            Some(Binding::Step(finished, s.output.as_ref()))
         });
         Some(match verdict {
             Ok(true) => self.ready_to_run(plan, step),
@@ -703,6 +707,18 @@ impl RunState {
             ),
             Err(e) => Ready::Settle(StepStatus::Failure, format!("condition failed: {e}")),
         })
+    }
+
+    /// A bare name in a condition: the field of that name in the output of the step that
+    /// finished last among those that have it, or else the run param of that name.
+    fn bare_name(&self, name: &str) -> Option<Value> {
+        self.steps
+            .iter()
+            .filter(|s| s.status == StepStatus::Success)
+            .filter_map(|s| Some((s.ended_at, s.output.as_ref()?.as_object()?.get(name)?)))
+            .max_by_key(|(ended, _)| *ended)
+            .map(|(_, v)| v.clone())
+            .or_else(|| self.params.get(name).cloned())
     }
 
     /// A step whose dependencies and condition allow it to run runs, unless its params cannot

@@ -210,3 +210,40 @@ fn plan_deps_of_parent(def: &Definition, sub_id: &str) -> Vec<String> {
         }
     })
 }
+
+const MONITORING: &str = "name: Continuous Monitoring\nsteps:\n  - agent: agent8\n    action: collect_metrics\n  - agent: agent9\n    action: track_errors\n  - condition: \"error_rate > 0.05\"\n    then:\n      - agent: agent19\n        action: rollback\n    else:\n      - {agent: agent9, action: all_clear}\n      - {agent: agent9, action: report}\n  - {agent: agent8, action: archive}\n";
+
+#[test]
+fn a_branch_guards_each_of_its_steps_and_later_steps_wait_for_the_whole_branch() {
+    let plan = compile(MONITORING).unwrap();
+    let cond = |id: &str| {
+        plan.nodes[plan.node_index(id).unwrap()]
+            .condition
+            .as_ref()
+            .map(|c| c.source().to_string())
+    };
+    assert_eq!(deps_of(&plan, "rollback"), ["track_errors"]);
+    assert_eq!(deps_of(&plan, "all_clear"), ["track_errors"]);
+    assert_eq!(deps_of(&plan, "report"), ["all_clear"]);
+    assert_eq!(
+        deps_of(&plan, "archive"),
+        ["all_clear", "report", "rollback"]
+    );
+    assert_eq!(cond("rollback").as_deref(), Some("(error_rate > 0.05)"));
+    assert_eq!(cond("report").as_deref(), Some("!(error_rate > 0.05)"));
+}
+
+#[test]
+fn a_branch_needs_a_condition_and_runs_nothing_itself() {
+    let err =
+        compile("name: b\nsteps:\n  - {agent: x, action: y, then: [{agent: x, action: z}]}\n")
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("`then`/`else` need a `condition`"), "{err}");
+    let err = compile(
+        "name: b\nsteps:\n  - {condition: 'true', agent: x, then: [{agent: x, action: z}]}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("cannot have `agent`"), "{err}");
+}

@@ -738,3 +738,49 @@ fn retrying_a_failed_run_retries_every_failed_step() {
     assert_eq!(again, [("a".to_string(), 2), ("b".to_string(), 2)]);
     assert_eq!(run.steps[2].status, StepStatus::Pending);
 }
+
+/// Runs a plan to its end, answering every task with `output`.
+fn drive(plan: &Plan, params: Value, output: Value) -> RunState {
+    let mut run = RunState::new(Uuid::new_v4(), plan, params.as_object().unwrap().clone());
+    let mut queue = dispatched(plan, &run.apply(plan, Event::Start, at(0)));
+    while let Some((id, attempt, task)) = queue.pop() {
+        let t = run.apply(
+            plan,
+            finished(plan, &id, attempt, task, Outcome::Success(output.clone())),
+            at(1),
+        );
+        queue.extend(dispatched(plan, &t));
+    }
+    run
+}
+
+#[test]
+fn a_branch_takes_then_or_else_by_a_bare_name_from_outputs_or_params() {
+    let plan = plan(
+        "name: m\nsteps:\n  - {agent: agent8, action: collect_metrics}\n  - condition: \"error_rate > 0.05\"\n    then:\n      - {agent: agent19, action: rollback}\n    else:\n      - {agent: agent9, action: all_clear}\n",
+    );
+    let status = |run: &RunState, id: &str| run.steps[plan.node_index(id).unwrap()].status;
+    // From the output of collect_metrics.
+    let high = drive(&plan, json!({}), json!({"error_rate": 0.2}));
+    assert_eq!(
+        (status(&high, "rollback"), status(&high, "all_clear")),
+        (StepStatus::Success, StepStatus::Skipped)
+    );
+    // From the run's params when no output has it.
+    let low = drive(&plan, json!({"error_rate": 0.01}), json!({}));
+    assert_eq!(
+        (status(&low, "rollback"), status(&low, "all_clear")),
+        (StepStatus::Skipped, StepStatus::Success)
+    );
+    assert_eq!(low.status, RunStatus::Success);
+    // Nowhere: the branch's steps fail with the reason.
+    let none = drive(&plan, json!({}), json!({}));
+    assert_eq!(none.status, RunStatus::Failure);
+    assert!(
+        none.steps[plan.node_index("rollback").unwrap()]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("error_rate")
+    );
+}
