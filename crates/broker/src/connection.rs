@@ -15,19 +15,28 @@ use crate::{
 use flotilla_core::redact_url;
 
 /// An open connection to RabbitMQ. Cheap to clone: clones share one TCP connection, which is
-/// closed by [`Connection::close`] or when the last clone is dropped.
+/// closed by [`Connection::close`] or when the last clone is dropped (and the channels opened on
+/// it are closed).
 ///
-/// It does not reconnect by itself: after the connection is lost every operation fails, and
-/// consumers end with an error. The owner decides whether to reconnect or to exit.
+/// It does not recover by itself: after the connection is lost every operation fails, and
+/// consumers end. The owner decides whether to exit or to open a new connection, with
+/// [`Connection::reopen`] or [`crate::reconnect`]. lapin's own recovery is left off on purpose:
+/// it reuses channel numbers, and acks of deliveries received before the recovery would then
+/// be sent on a channel that never delivered them.
 #[derive(Clone)]
 pub struct Connection {
     inner: Arc<lapin::Connection>,
     operation_timeout: Duration,
+    /// How the connection was opened, so that it can be opened again.
+    config: Arc<BrokerConfig>,
+    name: Arc<str>,
 }
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
+            .field("name", &self.name)
+            .field("url", &self.config.redacted_url())
             .field("connected", &self.is_connected())
             .field("operation_timeout", &self.operation_timeout)
             .finish()
@@ -71,6 +80,8 @@ pub async fn connect(config: &BrokerConfig, name: &str) -> Result<Connection, Er
     Ok(Connection {
         inner: Arc::new(connection),
         operation_timeout: DEFAULT_OPERATION_TIMEOUT,
+        config: Arc::new(config.clone()),
+        name: name.into(),
     })
 }
 
@@ -85,6 +96,24 @@ impl Connection {
 
     pub fn operation_timeout(&self) -> Duration {
         self.operation_timeout
+    }
+
+    /// The config the connection was opened with.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    /// The name the connection was opened with.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Opens a new connection like this one: same broker, name and operation timeout. This one
+    /// is left as it is.
+    pub async fn reopen(&self) -> Result<Connection, Error> {
+        Ok(connect(&self.config, &self.name)
+            .await?
+            .with_operation_timeout(self.operation_timeout))
     }
 
     /// False once the connection is closed or lost.
@@ -138,6 +167,12 @@ pub struct Channel {
 }
 
 impl Channel {
+    /// False once the channel is closed, by [`Channel::close`], by the broker after a failed
+    /// call, or with its connection.
+    pub fn is_open(&self) -> bool {
+        self.inner.status().connected()
+    }
+
     /// Declares a durable queue with `arguments` (idempotent when the arguments are the same).
     pub(crate) async fn declare_durable(
         &self,

@@ -1,4 +1,4 @@
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, future::Future, time::Duration};
 
 use futures_util::StreamExt;
 use lapin::{
@@ -8,6 +8,7 @@ use lapin::{
     },
     types::{AMQPValue, FieldTable},
 };
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::{
     Connection,
@@ -20,7 +21,8 @@ use crate::{
 /// At most `prefetch` deliveries are unacked at a time. Deliveries left unacked when the
 /// consumer's channel closes (by [`Consumer::close`], by dropping the consumer, or by losing the
 /// connection) go back to the queue and are delivered again with `redelivered` set. Keep the
-/// consumer alive until every delivery taken from it has been acked or nacked.
+/// consumer alive until every delivery taken from it has been acked or nacked; once its channel
+/// is known to be gone, settling them fails at once with [`Error::DeliveryGone`].
 #[derive(Debug)]
 pub struct Consumer {
     channel: lapin::Channel,
@@ -28,6 +30,13 @@ pub struct Consumer {
     queue: String,
     tag: String,
     operation_timeout: Duration,
+    /// Cancelled, for the deliveries of this consumer, when its channel is gone: the stream
+    /// failed, or the consumer was closed or dropped.
+    gone: CancellationToken,
+    _gone_on_drop: DropGuard,
+    /// A connection opened for this consumer alone (by [`crate::ReconnectingConsumer`]),
+    /// closed with it.
+    own_connection: Option<Connection>,
 }
 
 impl Consumer {
@@ -59,13 +68,23 @@ impl Consumer {
             channel.basic_consume(queue_name, tag, options, FieldTable::default()),
         )
         .await?;
+        let gone = CancellationToken::new();
         Ok(Self {
             tag: inner.tag().to_string(),
             channel,
             inner,
             queue: queue.to_owned(),
             operation_timeout: timeout,
+            gone: gone.clone(),
+            _gone_on_drop: gone.drop_guard(),
+            own_connection: None,
         })
+    }
+
+    /// Makes [`Consumer::close`] close `connection` too.
+    pub(crate) fn owning(mut self, connection: Connection) -> Self {
+        self.own_connection = Some(connection);
+        self
     }
 
     pub fn queue(&self) -> &str {
@@ -82,11 +101,18 @@ impl Consumer {
     ///
     /// Cancel-safe: dropping the future loses no delivery.
     pub async fn next(&mut self) -> Option<Result<Delivery, Error>> {
-        let item = self.inner.next().await?;
-        Some(
-            item.map(|delivery| Delivery::new(delivery, self.operation_timeout))
-                .map_err(|error| Error::amqp("basic.consume", &error)),
-        )
+        match self.inner.next().await? {
+            Ok(delivery) => Some(Ok(Delivery::new(
+                delivery,
+                self.operation_timeout,
+                self.gone.clone(),
+            ))),
+            Err(error) => {
+                // lapin may never answer an ack queued as the channel died.
+                self.gone.cancel();
+                Some(Err(Error::amqp("basic.consume", &error)))
+            }
+        }
     }
 
     /// Asks the broker to stop sending deliveries (`basic.cancel`). Deliveries it already sent
@@ -104,9 +130,15 @@ impl Consumer {
         .await
     }
 
-    /// Closes the consumer's channel: unacked deliveries go back to the queue.
+    /// Closes the consumer's channel: unacked deliveries go back to the queue. A consumer that
+    /// [`crate::ReconnectingConsumer`] started on a connection of its own closes that too.
     pub async fn close(&self) -> Result<(), Error> {
-        close_channel(&self.channel, self.operation_timeout).await
+        self.gone.cancel();
+        close_channel(&self.channel, self.operation_timeout).await?;
+        if let Some(connection) = &self.own_connection {
+            connection.close().await?;
+        }
+        Ok(())
     }
 }
 
@@ -134,10 +166,16 @@ pub struct Delivery {
     pub delivery_count: Option<u64>,
     acker: Acker,
     operation_timeout: Duration,
+    /// Cancelled when the channel the delivery came on is gone.
+    gone: CancellationToken,
 }
 
 impl Delivery {
-    fn new(delivery: lapin::message::Delivery, operation_timeout: Duration) -> Self {
+    fn new(
+        delivery: lapin::message::Delivery,
+        operation_timeout: Duration,
+        gone: CancellationToken,
+    ) -> Self {
         let properties = &delivery.properties;
         let text =
             |value: &Option<lapin::types::ShortString>| value.as_ref().map(|v| v.to_string());
@@ -174,55 +212,59 @@ impl Delivery {
             body: delivery.data,
             acker: delivery.acker,
             operation_timeout,
+            gone,
         }
     }
 
     /// Tells the broker the message is handled; it is removed from the queue.
     pub async fn ack(&self) -> Result<(), Error> {
-        let acked = bounded(
+        self.settle(
             "basic.ack",
-            self.operation_timeout,
             self.acker.ack(BasicAckOptions { multiple: false }),
         )
-        .await?;
-        self.settled(acked)
+        .await
     }
 
     /// Acks this delivery and every earlier unsettled delivery of the same consumer channel in
     /// one frame. The earlier deliveries must not be settled again afterwards: the broker would
     /// close the channel for an unknown delivery tag.
     pub async fn ack_multiple(&self) -> Result<(), Error> {
-        let acked = bounded(
+        self.settle(
             "basic.ack",
-            self.operation_timeout,
             self.acker.ack(BasicAckOptions { multiple: true }),
         )
-        .await?;
-        self.settled(acked)
+        .await
     }
 
     /// Gives the message back: to the queue when `requeue` (it is delivered again, counting
     /// towards the queue's delivery limit), else to the queue's dead-letter target.
     pub async fn nack(&self, requeue: bool) -> Result<(), Error> {
-        let nacked = bounded(
-            "basic.nack",
-            self.operation_timeout,
-            self.acker.nack(BasicNackOptions {
-                multiple: false,
-                requeue,
-            }),
-        )
-        .await?;
-        self.settled(nacked)
+        let options = BasicNackOptions {
+            multiple: false,
+            requeue,
+        };
+        self.settle("basic.nack", self.acker.nack(options)).await
     }
 
-    fn settled(&self, sent: bool) -> Result<(), Error> {
-        if sent {
-            Ok(())
-        } else {
-            Err(Error::DeliveryGone {
-                delivery_tag: self.delivery_tag,
-            })
+    /// Awaits an ack or nack, unless the delivery's channel is gone first: lapin may never
+    /// answer one queued as its connection died, and the broker has requeued the message anyway.
+    async fn settle(
+        &self,
+        operation: &'static str,
+        settling: impl Future<Output = lapin::Result<bool>>,
+    ) -> Result<(), Error> {
+        let gone = Error::DeliveryGone {
+            delivery_tag: self.delivery_tag,
+        };
+        if self.gone.is_cancelled() {
+            return Err(gone);
+        }
+        tokio::select! {
+            biased;
+            settled = bounded(operation, self.operation_timeout, settling) => {
+                if settled? { Ok(()) } else { Err(gone) }
+            }
+            () = self.gone.cancelled() => Err(gone),
         }
     }
 }

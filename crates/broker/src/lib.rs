@@ -10,20 +10,31 @@
 //! Delivery is at-least-once only when both sides acknowledge: [`Publisher`] waits for publisher
 //! confirms (and treats a message the broker returned as unroutable as not delivered), and
 //! [`Consumer`] uses manual acks, so a delivery that is never acked comes back.
+//!
+//! A lost connection is replaced by a new one, never repaired: [`reconnect`] opens it with
+//! [`Backoff`] and sets it up again, and [`ReconnectingConsumer`] does so for one queue.
+//! Deliveries received on the lost connection can no longer be settled; RabbitMQ has already
+//! requeued them.
 
+mod backoff;
 mod connection;
 mod consumer;
 mod error;
 mod publisher;
+mod reconnect;
+#[cfg(feature = "test-util")]
+pub mod testing;
 mod topology;
 
 use std::time::Duration;
 
+pub use backoff::Backoff;
 pub use connection::{Channel, Connection, connect};
 pub use consumer::{Consumer, Delivery};
 pub use error::{Error, PublishError};
 pub use flotilla_proto::QueueNames;
 pub use publisher::{OutgoingMessage, Publisher};
+pub use reconnect::{ReconnectingConsumer, reconnect};
 pub use topology::{
     HEARTBEAT_TTL, declare_agent_queue, declare_dead_letter_queue, declare_heartbeats_queue,
     declare_results_queue, declare_topology,
@@ -53,6 +64,8 @@ pub struct BrokerConfig {
     /// (`x-delivery-limit`). Every process that declares the queue must use the same value:
     /// RabbitMQ refuses to redeclare a queue with different arguments.
     pub delivery_limit: u32,
+    /// The waits between attempts to replace a lost connection (see [`reconnect`]).
+    pub reconnect: Backoff,
 }
 
 impl BrokerConfig {
@@ -82,6 +95,7 @@ impl Default for BrokerConfig {
             prefix: QueueNames::default().prefix().to_owned(),
             connect_timeout: Duration::from_secs(10),
             delivery_limit: 5,
+            reconnect: Backoff::default(),
         }
     }
 }
@@ -94,6 +108,7 @@ impl std::fmt::Debug for BrokerConfig {
             .field("prefix", &self.prefix)
             .field("connect_timeout", &self.connect_timeout)
             .field("delivery_limit", &self.delivery_limit)
+            .field("reconnect", &self.reconnect)
             .finish()
     }
 }

@@ -159,14 +159,24 @@ impl Publisher {
             Err(error) => return messages.iter().map(|_| Err(error.clone().into())).collect(),
         };
         let timeout = self.connection.operation_timeout();
-        let mut healthy = true;
 
         let mut pending = Vec::with_capacity(messages.len());
+        let mut broken: Option<PublishError> = None;
         for message in messages {
-            let sent = send(&channel, message, timeout).await;
-            healthy &= !sent.as_ref().is_err_and(taints_channel);
+            // Once a send failed on the channel the others would too, each only after its own
+            // timeout when the connection hangs (lapin#409): fail them at once.
+            let sent = match &broken {
+                Some(error) => Err(error.clone()),
+                None => send(&channel, message, timeout).await,
+            };
+            if let Err(error) = &sent
+                && taints_channel(error)
+            {
+                broken.get_or_insert_with(|| error.clone());
+            }
             pending.push(sent);
         }
+        let mut healthy = broken.is_none();
 
         let deadline = Instant::now() + timeout;
         let confirmed = join_all(pending.into_iter().map(|sent| async move {

@@ -5,9 +5,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use flotilla_broker::{
-    BrokerConfig, Connection, Consumer, Delivery, Error, OutgoingMessage, PublishError, Publisher,
-    QueueNames, connect, declare_agent_queue, declare_topology,
+    Backoff, BrokerConfig, Connection, Consumer, Delivery, Error, OutgoingMessage, PublishError,
+    Publisher, QueueNames, ReconnectingConsumer, connect, declare_agent_queue, declare_topology,
+    testing::Proxy,
 };
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// Bounds every wait in these tests, so a broken broker fails a test instead of hanging it.
@@ -372,4 +374,192 @@ async fn wrong_password_is_refused_without_showing_it() -> Result<()> {
     assert!(error.to_string().contains("ACCESS_REFUSED"), "{error}");
     assert!(!error.to_string().contains("not-the-password"), "{error}");
     Ok(())
+}
+
+/// `config` through `proxy`, reconnecting quickly.
+fn through(config: &BrokerConfig, proxy: &Proxy) -> BrokerConfig {
+    BrokerConfig {
+        url: proxy.url().to_owned(),
+        reconnect: Backoff {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(200),
+        },
+        ..config.clone()
+    }
+}
+
+async fn next_reconnecting(consumer: &mut ReconnectingConsumer) -> Result<Delivery> {
+    tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .with_context(|| format!("no delivery from {} within {WAIT:?}", consumer.queue()))?
+        .context("the consumer stopped")
+}
+
+/// A consumer of `{prefix}.agent.{agent}` through `proxy`, declaring that queue itself.
+async fn reconnecting_consumer(
+    fixture: &Fixture,
+    proxy: &Proxy,
+    agent: &'static str,
+    shutdown: &CancellationToken,
+) -> Result<ReconnectingConsumer> {
+    let connection = connect(&through(&fixture.config, proxy), "flotilla-broker-test").await?;
+    let (names, limit) = (fixture.names.clone(), fixture.config.delivery_limit);
+    let declare = move |channel| {
+        let names = names.clone();
+        async move { declare_agent_queue(&channel, &names, agent, limit).await }
+    };
+    Ok(ReconnectingConsumer::start(
+        &connection,
+        &fixture.names.agent(agent),
+        "",
+        10,
+        declare,
+        shutdown.clone(),
+    )
+    .await?)
+}
+
+/// Waits until `queue` exists, which only a declaration can make true.
+async fn wait_for_queue(fixture: &Fixture, queue: &str) -> Result<()> {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            // A failed passive declaration closes its channel: one channel per try.
+            let channel = fixture.connection.open_channel().await?;
+            if channel.message_count(queue).await.is_ok() {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .with_context(|| format!("{queue} not declared again within {WAIT:?}"))?
+}
+
+#[tokio::test]
+async fn reconnecting_consumer_resumes_after_its_connection_is_cut() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let proxy = Proxy::start(&fixture.config.url).await?;
+    let shutdown = CancellationToken::new();
+    let mut consumer = reconnecting_consumer(&fixture, &proxy, "volatile", &shutdown).await?;
+    let queue = fixture.names.agent("volatile");
+    let publisher = Publisher::new(&fixture.connection).await?;
+    let message = |n: u8| OutgoingMessage::new(&queue, "task", vec![n]);
+
+    publisher.publish_one(&message(1)).await?;
+    let first = next_reconnecting(&mut consumer).await?;
+    assert_eq!(first.body, [1]);
+    first.ack().await?;
+    publisher.publish_one(&message(2)).await?;
+    let unacked = next_reconnecting(&mut consumer).await?;
+    assert_eq!(unacked.body, [2]);
+
+    proxy.cut();
+    // It reconnects while asked for the next delivery.
+    let mut next = Box::pin(next_reconnecting(&mut consumer));
+    tokio::select! {
+        delivery = &mut next => bail!("a delivery while cut off: {delivery:?}"),
+        waited = tokio::time::timeout(WAIT, proxy.wait_for(|counts| counts.refused >= 1)) => {
+            waited.context("no attempt to reconnect")?;
+        }
+    }
+    proxy.restore();
+    // The unacked message comes back on the new connection; the old delivery is dead.
+    let again = next.await?;
+    assert_eq!(again.body, [2]);
+    assert!(again.redelivered);
+    assert!(unacked.ack().await.is_err());
+    again.ack().await?;
+    assert!(proxy.counts().forwarded >= 2);
+
+    // Deleted while the consumer is away, the queue exists again only if it declares it.
+    proxy.cut();
+    let channel = fixture.connection.open_channel().await?;
+    channel.delete_queue(&queue).await?;
+    proxy.restore();
+    let (third, published) = tokio::join!(next_reconnecting(&mut consumer), async {
+        wait_for_queue(&fixture, &queue).await?;
+        publisher.publish_one(&message(3)).await?;
+        anyhow::Ok(())
+    });
+    published?;
+    let third = third?;
+    assert_eq!(third.body, [3]);
+
+    // A shutdown stops the consumer, and the channel stays open for what it handed over.
+    shutdown.cancel();
+    let last = tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .context("next did not return after the shutdown")?;
+    assert!(last.is_none(), "{last:?}");
+    third.ack().await?;
+    consumer.into_consumer()?.close().await?;
+    assert_eq!(channel.message_count(&queue).await?, 0);
+    channel.delete_queue(&queue).await?;
+    fixture.cleanup().await
+}
+
+#[tokio::test]
+async fn reconnecting_consumer_stops_when_shut_down_while_disconnected() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let proxy = Proxy::start(&fixture.config.url).await?;
+    let shutdown = CancellationToken::new();
+    let mut consumer = reconnecting_consumer(&fixture, &proxy, "echo", &shutdown).await?;
+
+    proxy.cut();
+    let mut next = Box::pin(consumer.next());
+    // It keeps trying while the broker is away.
+    tokio::select! {
+        delivery = &mut next => bail!("a delivery while cut off: {delivery:?}"),
+        _ = tokio::time::timeout(WAIT, proxy.wait_for(|counts| counts.refused >= 3)) => {}
+    }
+    assert!(proxy.counts().refused >= 3, "no attempts to reconnect");
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(WAIT, next)
+        .await
+        .context("next did not return after the shutdown")?;
+    assert!(stopped.is_none(), "{stopped:?}");
+    let error = consumer
+        .into_consumer()
+        .err()
+        .context("a consumer after a shutdown while disconnected")?;
+    assert!(error.to_string().contains("not replaced"), "{error}");
+    fixture.cleanup().await
+}
+
+/// A connection that stops answering (a network partition) fails a batch within about one
+/// operation timeout, not one per message (lapin's `basic_publish` waits until its frames are
+/// written, which a partition stops).
+#[tokio::test]
+async fn batch_on_a_frozen_connection_fails_within_its_timeout() -> Result<()> {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let fixture = Fixture::new(&["echo"]).await?;
+    let queue = fixture.agent_queue();
+    let proxy = Proxy::start(&fixture.config.url).await?;
+    let connection = connect(
+        &through(&fixture.config, &proxy),
+        "flotilla-broker-test-frozen",
+    )
+    .await?
+    .with_operation_timeout(TIMEOUT);
+    let publisher = Publisher::new(&connection).await?;
+    publisher
+        .publish_one(&OutgoingMessage::new(&queue, "task", b"{}".to_vec()))
+        .await?;
+
+    proxy.freeze();
+    // Far more than the socket buffers between here and the proxy hold, so that sends block.
+    let batch: Vec<OutgoingMessage> = (0..32)
+        .map(|_| OutgoingMessage::new(&queue, "task", vec![b'x'; 1 << 20]))
+        .collect();
+    let started = Instant::now();
+    let results = publisher.publish_batch(&batch).await;
+    let elapsed = started.elapsed();
+    assert!(results.iter().all(Result::is_err), "{results:?}");
+    // One timeout for the send that blocked, one for the confirms of the sends before it.
+    assert!(elapsed < 4 * TIMEOUT, "took {elapsed:?}");
+
+    drop(proxy);
+    let channel = fixture.connection.open_channel().await?;
+    assert_eq!(channel.message_count(&queue).await?, 1);
+    fixture.cleanup().await
 }

@@ -63,6 +63,10 @@ pub struct StepDef {
     pub otherwise: Vec<StepDef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetrySpec>,
+    /// How long one attempt may take, from its dispatch; a late attempt fails and is retried by
+    /// the step's policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<UserDuration>,
 }
 
 /// Retry settings as written; unset fields fall back to the workflow's default, then to

@@ -49,6 +49,8 @@ pub struct Node {
     /// becomes ready; see [`crate::template`]).
     pub template_steps: Option<Vec<usize>>,
     pub retry: RetryPolicy,
+    /// How long one attempt may take.
+    pub timeout: Option<std::time::Duration>,
     pub role: Role,
     /// The step whose `parallel:` list holds this node.
     pub parent: Option<usize>,
@@ -459,6 +461,7 @@ fn build_node(
         condition,
         template_steps,
         retry,
+        timeout: def.timeout.map(|t| t.0),
         role: d.role,
         parent: d.parent,
     }

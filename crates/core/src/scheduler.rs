@@ -127,6 +127,8 @@ pub struct StepState {
     pub task_id: Option<Uuid>,
     /// When a waiting step's next attempt is due.
     pub wake_at: Option<DateTime<Utc>>,
+    /// When the running attempt times out, if the step has a timeout.
+    pub deadline: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
     pub ended_at: Option<DateTime<Utc>>,
     pub output: Option<Value>,
@@ -369,10 +371,11 @@ impl RunState {
                                     .unwrap_or(chrono::Duration::MAX);
                             let paused = self.status == RunStatus::Paused;
                             if due <= now && !paused {
-                                self.dispatch(step, now, &mut t);
+                                self.dispatch(plan, step, now, &mut t);
                             } else {
                                 let s = &mut self.steps[step];
                                 s.status = StepStatus::Waiting;
+                                s.deadline = None;
                                 // A paused run's due retry waits for the resume.
                                 s.wake_at = (due > now).then_some(due);
                                 t.touch(step);
@@ -401,7 +404,7 @@ impl RunState {
                     self.steps[step].wake_at = None;
                     t.touch(step);
                 } else {
-                    self.dispatch(step, now, &mut t);
+                    self.dispatch(plan, step, now, &mut t);
                 }
             }
             Event::Retry { step } => {
@@ -428,7 +431,7 @@ impl RunState {
                 }
                 self.reopen(plan, &failed, &mut t);
                 for i in failed {
-                    self.dispatch(i, now, &mut t);
+                    self.dispatch(plan, i, now, &mut t);
                 }
             }
             Event::Cancel => {
@@ -453,6 +456,7 @@ impl RunState {
                     }
                     s.status = StepStatus::Cancelled;
                     s.wake_at = None;
+                    s.deadline = None;
                     s.ended_at = Some(now);
                     s.error = Some("cancelled".into());
                     t.touch(i);
@@ -492,7 +496,7 @@ impl RunState {
                         }
                         // A retry that came due while paused.
                         StepStatus::Waiting if self.steps[i].wake_at.is_none_or(|at| at <= now) => {
-                            self.dispatch(i, now, &mut t)
+                            self.dispatch(plan, i, now, &mut t)
                         }
                         _ => {}
                     }
@@ -588,13 +592,16 @@ impl RunState {
         t.run_changed = true;
     }
 
-    fn dispatch(&mut self, step: usize, now: DateTime<Utc>, t: &mut Transition) {
+    fn dispatch(&mut self, plan: &Plan, step: usize, now: DateTime<Utc>, t: &mut Transition) {
+        let plan_timeout = plan.nodes[step].timeout;
         let s = &mut self.steps[step];
         s.attempt += 1;
         s.status = StepStatus::Running;
         let task_id = Uuid::new_v4();
         s.task_id = Some(task_id);
         s.wake_at = None;
+        s.deadline = plan_timeout
+            .map(|t| now + chrono::Duration::from_std(t).unwrap_or(chrono::Duration::MAX));
         s.started_at.get_or_insert(now);
         t.touch(step);
         t.effects.push(Effect::Dispatch {
@@ -622,6 +629,7 @@ impl RunState {
             }
             s.status = status;
             s.wake_at = None;
+            s.deadline = None;
             s.ended_at = Some(now);
             t.touch(i);
             match plan.nodes[i].role {
@@ -636,7 +644,7 @@ impl RunState {
             for &d in &plan.nodes[i].dependents {
                 if let Some(next) = self.readiness(plan, d) {
                     match next {
-                        Ready::Run => self.dispatch(d, now, t),
+                        Ready::Run => self.dispatch(plan, d, now, t),
                         Ready::Settle(status, reason) => {
                             self.steps[d].error = Some(reason);
                             settled.push((d, status));
@@ -649,7 +657,7 @@ impl RunState {
 
     fn start_if_ready(&mut self, plan: &Plan, step: usize, now: DateTime<Utc>, t: &mut Transition) {
         match self.readiness(plan, step) {
-            Some(Ready::Run) => self.dispatch(step, now, t),
+            Some(Ready::Run) => self.dispatch(plan, step, now, t),
             Some(Ready::Settle(status, reason)) => {
                 self.steps[step].error = Some(reason);
                 self.finish(plan, step, status, now, t);

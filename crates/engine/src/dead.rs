@@ -2,7 +2,9 @@
 //! with the reason, in one transaction; the message is acknowledged after that commits.
 
 use chrono::Utc;
-use flotilla_broker::{Connection, Consumer, Delivery};
+use flotilla_broker::{
+    Connection, Consumer, Delivery, ReconnectingConsumer, declare_dead_letter_queue,
+};
 use flotilla_proto::{QueueNames, Task};
 use flotilla_store::dead_letters::DeadLetter;
 use tokio_util::sync::CancellationToken;
@@ -10,8 +12,9 @@ use uuid::Uuid;
 
 use crate::engine::{EngineHandle, Input};
 
-/// Consumes `{prefix}.dead` until `shutdown`. Returns the consumer, whose channel must stay open
-/// until the engine has settled what it was handed (see [`crate::results::run`]).
+/// Consumes `{prefix}.dead` until `shutdown`, reconnecting when the connection is lost.
+/// Returns the consumer, whose channel must stay open until the engine has settled what it was
+/// handed (see [`crate::results::run`]).
 pub async fn run(
     connection: &Connection,
     names: &QueueNames,
@@ -19,14 +22,15 @@ pub async fn run(
     delivery_limit: u32,
     shutdown: CancellationToken,
 ) -> Result<Consumer, flotilla_broker::Error> {
-    let mut consumer = Consumer::start(connection, &names.dead_letters(), "", 64).await?;
-    loop {
-        let next = tokio::select! {
-            next = consumer.next() => next,
-            () = shutdown.cancelled() => break,
-        };
-        let Some(delivery) = next else { break };
-        let delivery = delivery?;
+    let declare_names = names.clone();
+    let declare = move |channel| {
+        let names = declare_names.clone();
+        async move { declare_dead_letter_queue(&channel, &names).await }
+    };
+    let mut consumer =
+        ReconnectingConsumer::start(connection, &names.dead_letters(), "", 64, declare, shutdown)
+            .await?;
+    while let Some(delivery) = consumer.next().await {
         let (letter, task) = dead_letter(&delivery, delivery_limit);
         tracing::warn!(run_id = ?letter.run_id, step_id = ?letter.step_id, reason = %letter.reason, "task dead-lettered");
         let input = Input::DeadLetter {
@@ -38,7 +42,7 @@ pub async fn run(
             break;
         }
     }
-    Ok(consumer)
+    consumer.into_consumer()
 }
 
 /// What a dead-lettered message says, and the task it carries if it is one.

@@ -192,12 +192,21 @@ pub enum Due {
         attempt: u32,
         task_id: Uuid,
     },
+    /// A running attempt past its step's timeout.
+    Timeout {
+        run_id: Uuid,
+        step: usize,
+        attempt: u32,
+        task_id: Uuid,
+    },
 }
 
 impl Due {
     fn run_id(&self) -> Uuid {
         match self {
-            Due::Retry { run_id, .. } | Due::Lease { run_id, .. } => *run_id,
+            Due::Retry { run_id, .. } | Due::Lease { run_id, .. } | Due::Timeout { run_id, .. } => {
+                *run_id
+            }
         }
     }
 }
@@ -525,20 +534,31 @@ impl Engine {
                         let Some(cached) = self.runs.get_mut(&d.run_id()) else {
                             continue;
                         };
-                        let event = match *d {
-                            Due::Retry { step, attempt, .. } => Event::Wake { step, attempt },
-                            Due::Lease { step, attempt, task_id, .. } => Event::AttemptFinished {
+                        let failed =
+                            |step, attempt, task_id, message: String| Event::AttemptFinished {
                                 step,
                                 attempt,
                                 task_id,
                                 outcome: Outcome::Failure {
-                                    message: "lease expired: the worker stopped renewing it (crashed, stopped or cut off)".into(),
+                                    message,
                                     retryable: true,
                                 },
                                 worker: String::new(),
                                 started_at: now,
                                 finished_at: now,
-                            },
+                            };
+                        let event = match *d {
+                            Due::Retry { step, attempt, .. } => Event::Wake { step, attempt },
+                            Due::Lease { step, attempt, task_id, .. } => failed(
+                                step,
+                                attempt,
+                                task_id,
+                                "lease expired: the worker stopped renewing it (crashed, stopped or cut off)".into(),
+                            ),
+                            Due::Timeout { step, attempt, task_id, .. } => {
+                                let limit = cached.plan.nodes.get(step).and_then(|n| n.timeout).unwrap_or_default();
+                                failed(step, attempt, task_id, format!("timed out: the attempt ran past its timeout of {limit:?}"))
+                            }
                         };
                         pending.apply(cached, event);
                     }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use flotilla_broker::{Connection, Consumer};
+use flotilla_broker::{Connection, ReconnectingConsumer, declare_heartbeats_queue};
 use flotilla_proto::{Heartbeat, QueueNames};
 use flotilla_store::Store;
 use flotilla_store::engine as db;
@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 /// The most heartbeats folded into one write.
 const BATCH: usize = 256;
 
-/// Consumes `{prefix}.heartbeats` until `shutdown`; each listed attempt's lease is renewed to
-/// `lease` from now.
+/// Consumes `{prefix}.heartbeats` until `shutdown`, reconnecting when the connection is lost;
+/// each listed attempt's lease is renewed to `lease` from now.
 pub async fn run(
     connection: &Connection,
     names: &QueueNames,
@@ -23,19 +23,27 @@ pub async fn run(
     lease: Duration,
     shutdown: CancellationToken,
 ) -> Result<(), flotilla_broker::Error> {
-    let mut consumer = Consumer::start(connection, &names.heartbeats(), "", BATCH as u16).await?;
+    let declare_names = names.clone();
+    let declare = move |channel| {
+        let names = declare_names.clone();
+        async move { declare_heartbeats_queue(&channel, &names).await }
+    };
+    let mut consumer = ReconnectingConsumer::start(
+        connection,
+        &names.heartbeats(),
+        "",
+        BATCH as u16,
+        declare,
+        shutdown,
+    )
+    .await?;
     let lease = chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
-    loop {
-        let first = tokio::select! {
-            next = consumer.next() => next,
-            () = shutdown.cancelled() => break,
-        };
-        let Some(first) = first else { break };
-        let mut deliveries = vec![first?];
+    while let Some(first) = consumer.next().await {
+        let mut deliveries = vec![first];
         // Take whatever else is already here without waiting for more.
         while deliveries.len() < BATCH {
             match consumer.next().now_or_never() {
-                Some(Some(next)) => deliveries.push(next?),
+                Some(Some(next)) => deliveries.push(next),
                 _ => break,
             }
         }
@@ -59,10 +67,14 @@ pub async fn run(
             Err(e) => tracing::warn!(error = %e, "could not renew leases"),
         }
         // A lost heartbeat costs nothing: the next one renews the same leases.
-        if let Some(last) = deliveries.last() {
-            last.ack_multiple().await?;
+        if let Some(last) = deliveries.last()
+            && let Err(e) = last.ack_multiple().await
+        {
+            tracing::debug!(error = %e, "heartbeats not acked; they come again");
         }
     }
-    let _ = consumer.close().await;
+    if let Ok(consumer) = consumer.into_consumer() {
+        let _ = consumer.close().await;
+    }
     Ok(())
 }

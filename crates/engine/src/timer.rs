@@ -1,5 +1,6 @@
-//! Fires the timers kept in Postgres — retries that are due, and leases of running attempts
-//! that ran out — with indexed queries that never scan history, and sleeps in between.
+//! Fires the timers kept in Postgres — retries that are due, leases of running attempts that
+//! ran out, attempts past their timeout — with indexed queries that never scan history, and
+//! sleeps in between.
 
 use std::time::Duration;
 
@@ -62,7 +63,10 @@ async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Ut
         let now = Utc::now();
         let retries = db::due_wakeups(&client, now, BATCH).await?;
         let leases = db::expired_leases(&client, now, BATCH).await?;
-        let full = retries.len() as i64 == BATCH || leases.len() as i64 == BATCH;
+        let late = db::past_deadlines(&client, now, BATCH).await?;
+        let full = [retries.len(), leases.len(), late.len()]
+            .iter()
+            .any(|&n| n as i64 == BATCH);
         let index = |i: i32| usize::try_from(i).unwrap_or_default();
         let number = |n: i32| u32::try_from(n).unwrap_or_default();
         let due: Vec<Due> = retries
@@ -81,17 +85,23 @@ async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Ut
                     task_id: l.task_id,
                 }
             }))
+            .chain(late.into_iter().map(|l| Due::Timeout {
+                run_id: l.run_id,
+                step: index(l.idx),
+                attempt: number(l.attempt),
+                task_id: l.task_id,
+            }))
             .collect();
         if !due.is_empty() {
             engine.due(due).await?;
         }
         if !full {
-            let retry = db::next_wakeup(&client).await?;
-            let lease = db::next_lease_end(&client).await?;
-            return Ok(match (retry, lease) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            });
+            let next = [
+                db::next_wakeup(&client).await?,
+                db::next_lease_end(&client).await?,
+                db::next_deadline(&client).await?,
+            ];
+            return Ok(next.into_iter().flatten().min());
         }
     }
 }

@@ -49,7 +49,8 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
         .await?;
     let steps_stmt = client
         .prepare_cached(
-            "SELECT run_id, status, attempt, task_id, wake_at, started_at, ended_at, output, error
+            "SELECT run_id, status, attempt, task_id, wake_at, started_at, ended_at, output, error,
+                    deadline
              FROM steps WHERE run_id = ANY($1) ORDER BY run_id, idx",
         )
         .await?;
@@ -96,6 +97,7 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
             ended_at: r.get(6),
             output: r.get(7),
             error: r.get(8),
+            deadline: r.get(9),
         };
         if let Some(run) = runs.get_mut(&run_id) {
             run.steps.push(step);
@@ -230,6 +232,7 @@ struct StepColumns {
     ended_at: Vec<Option<DateTime<Utc>>>,
     output: Vec<Option<Value>>,
     error: Vec<Option<String>>,
+    deadline: Vec<Option<DateTime<Utc>>>,
 }
 
 impl StepColumns {
@@ -246,6 +249,7 @@ impl StepColumns {
         self.ended_at.push(s.ended_at);
         self.output.push(s.output.clone());
         self.error.push(s.error.clone());
+        self.deadline.push(s.deadline);
     }
 }
 
@@ -305,10 +309,11 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO steps (run_id, idx, step_id, agent, action, status, attempt, task_id,
-                                    wake_at, started_at, ended_at, output, error)
+                                    wake_at, started_at, ended_at, output, error, deadline)
                  SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
                                       $6::text[], $7::int4[], $8::uuid[], $9::timestamptz[],
-                                      $10::timestamptz[], $11::timestamptz[], $12::jsonb[], $13::text[])",
+                                      $10::timestamptz[], $11::timestamptz[], $12::jsonb[], $13::text[],
+                                      $14::timestamptz[])",
             )
             .await?;
         tx.execute(
@@ -327,6 +332,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                 &cols.ended_at,
                 &cols.output,
                 &cols.error,
+                &cols.deadline,
             ],
         )
         .await?;
@@ -340,15 +346,15 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
             .prepare_cached(
                 "UPDATE steps s SET status = u.status, attempt = u.attempt, task_id = u.task_id,
                         wake_at = u.wake_at, started_at = u.started_at, ended_at = u.ended_at,
-                        output = u.output, error = u.error,
+                        output = u.output, error = u.error, deadline = u.deadline,
                         -- A lease belongs to one running attempt; it ends with it.
                         lease_until = CASE WHEN u.status = 'running' AND s.task_id = u.task_id
                                            THEN s.lease_until END
                  FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::int4[], $5::uuid[],
                              $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::jsonb[],
-                             $10::text[])
+                             $10::text[], $11::timestamptz[])
                       AS u(run_id, idx, status, attempt, task_id, wake_at, started_at, ended_at,
-                           output, error)
+                           output, error, deadline)
                  WHERE s.run_id = u.run_id AND s.idx = u.idx",
             )
             .await?;
@@ -365,6 +371,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                 &cols.ended_at,
                 &cols.output,
                 &cols.error,
+                &cols.deadline,
             ],
         )
         .await?;
@@ -489,9 +496,9 @@ pub async fn renew_leases(
         .await?)
 }
 
-/// A running attempt whose lease ran out.
+/// A running attempt, named by its run, step and task.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ExpiredLease {
+pub struct RunningAttempt {
     pub run_id: Uuid,
     pub idx: i32,
     pub attempt: i32,
@@ -503,7 +510,7 @@ pub async fn expired_leases(
     client: &impl GenericClient,
     now: DateTime<Utc>,
     limit: i64,
-) -> Result<Vec<ExpiredLease>, Error> {
+) -> Result<Vec<RunningAttempt>, Error> {
     let stmt = client
         .prepare_cached(
             "SELECT run_id, idx, attempt, task_id FROM steps
@@ -514,13 +521,46 @@ pub async fn expired_leases(
         .query(&stmt, &[&now, &limit])
         .await?
         .iter()
-        .map(|r| ExpiredLease {
+        .map(|r| RunningAttempt {
             run_id: r.get(0),
             idx: r.get(1),
             attempt: r.get(2),
             task_id: r.get(3),
         })
         .collect())
+}
+
+/// Running attempts whose deadline passed before `now` (same shape as an expired lease).
+pub async fn past_deadlines(
+    client: &impl GenericClient,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<RunningAttempt>, Error> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT run_id, idx, attempt, task_id FROM steps
+             WHERE deadline <= $1 AND status = 'running' ORDER BY deadline LIMIT $2",
+        )
+        .await?;
+    Ok(client
+        .query(&stmt, &[&now, &limit])
+        .await?
+        .iter()
+        .map(|r| RunningAttempt {
+            run_id: r.get(0),
+            idx: r.get(1),
+            attempt: r.get(2),
+            task_id: r.get(3),
+        })
+        .collect())
+}
+
+/// The earliest deadline of a running attempt, if any.
+pub async fn next_deadline(client: &impl GenericClient) -> Result<Option<DateTime<Utc>>, Error> {
+    let stmt = client
+        .prepare_cached("SELECT min(deadline) FROM steps WHERE deadline IS NOT NULL")
+        .await?;
+    Ok(client.query_one(&stmt, &[]).await?.get(0))
 }
 
 /// The earliest lease end, if any attempt holds one.

@@ -9,6 +9,8 @@ const MIGRATIONS: &[(i32, &str)] = &[
         2,
         include_str!("../migrations/0002_leases_dead_letters_idempotency.sql"),
     ),
+    (3, include_str!("../migrations/0003_run_events.sql")),
+    (4, include_str!("../migrations/0004_step_deadlines.sql")),
 ];
 
 /// Any fixed number works; it only has to be the same in every coordinator.

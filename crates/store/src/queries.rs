@@ -134,7 +134,10 @@ pub async fn record_events(client: &impl GenericClient, events: &[RunEvent]) -> 
             )
             .await?;
         client
-            .execute(&stmt, &[&e.run_id, &e.at, &e.actor, &e.action, &e.step_id, &e.detail])
+            .execute(
+                &stmt,
+                &[&e.run_id, &e.at, &e.actor, &e.action, &e.step_id, &e.detail],
+            )
             .await?;
     }
     Ok(())

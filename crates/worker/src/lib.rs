@@ -33,8 +33,13 @@
 //! - Heartbeats listing the tasks in progress go to `{prefix}.heartbeats` every
 //!   `heartbeat_interval`.
 //!
-//! On connection loss [`Worker::run`] returns an error rather than reconnecting: the process
-//! exits and its supervisor restarts it, and RabbitMQ redelivers the tasks it held.
+//! When the connection (or a consumer's channel) is lost, [`Worker::run`] goes on: it stops
+//! taking tasks, reconnects with backoff, declares its queues again and resumes. Tasks running
+//! meanwhile finish, and their results are published on the new connection; their deliveries
+//! died with the old one and are not acked (RabbitMQ requeued them). When such a task comes
+//! back while its first run is still in progress here, that run settles the new delivery too
+//! instead of running the task again. Anywhere else, it runs again, and the coordinator, which
+//! fences results by task id and attempt, counts only the first result.
 
 mod context;
 mod worker;
@@ -89,19 +94,18 @@ impl std::fmt::Debug for WorkerConfig {
     }
 }
 
-/// Why [`Worker::run`] stopped other than by a shutdown request.
+/// Why [`Worker::run`] could not start. Once started, it stops only when asked to.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid worker config: {0}")]
     Config(String),
-    /// RabbitMQ could not be reached or refused the connection at start-up.
+    /// RabbitMQ could not be reached or refused the connection.
     #[error(transparent)]
     Connect(flotilla_broker::Error),
+    /// RabbitMQ refused to declare or consume the worker's queues, e.g. because they exist
+    /// with another delivery limit.
     #[error(transparent)]
     Broker(#[from] flotilla_broker::Error),
-    /// A consumer stopped: the connection or channel was lost, or the queue was deleted.
-    #[error("stopped receiving tasks from {queue}: {reason}")]
-    ConsumerLost { queue: String, reason: String },
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@ use std::{
 
 use chrono::Utc;
 use flotilla_broker::{
-    BrokerConfig, Connection, Consumer, Delivery, OutgoingMessage, Publisher, QueueNames,
-    declare_topology,
+    Backoff, BrokerConfig, Connection, Consumer, Delivery, OutgoingMessage, PublishError,
+    Publisher, QueueNames, declare_topology, reconnect,
 };
 use flotilla_proto::{
     Heartbeat, HeldTask, PROTOCOL_VERSION, ResultStatus, Task, TaskError, TaskResult,
@@ -18,7 +18,7 @@ use flotilla_proto::{
 use futures_util::future::join_all;
 use serde_json::Value;
 use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
     task::JoinHandle,
     time::MissedTickBehavior,
 };
@@ -100,6 +100,15 @@ impl WorkerBuilder {
         self
     }
 
+    /// The waits between attempts to reconnect after RabbitMQ was lost: `initial`, doubling
+    /// after each failed attempt up to `max`, each shortened by a random part of up to half
+    /// (defaults 100 ms and 5 s). `initial` must not be zero nor exceed `max`.
+    #[must_use]
+    pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.broker.reconnect = Backoff { initial, max };
+        self
+    }
+
     pub fn build(self) -> Worker {
         let worker_id = self
             .config
@@ -108,6 +117,7 @@ impl WorkerBuilder {
             .unwrap_or_else(default_worker_id);
         Worker {
             worker_id: worker_id.into(),
+            names: QueueNames::new(self.config.prefix.clone()),
             broker: BrokerConfig {
                 url: self.config.amqp_url.clone(),
                 prefix: self.config.prefix.clone(),
@@ -125,6 +135,7 @@ impl WorkerBuilder {
 pub struct Worker {
     config: WorkerConfig,
     worker_id: Arc<str>,
+    names: QueueNames,
     agents: Vec<String>,
     handlers: HashMap<String, BoxedHandler>,
     fallback: Option<BoxedHandler>,
@@ -141,6 +152,7 @@ impl std::fmt::Debug for Worker {
             .field("actions", &actions)
             .field("fallback", &self.fallback.is_some())
             .field("config", &self.config)
+            .field("reconnect", &self.broker.reconnect)
             .finish()
     }
 }
@@ -162,22 +174,37 @@ impl Worker {
 
     /// Runs until `shutdown` is cancelled, then drains: stops taking tasks, gives back those
     /// received but not started, lets the running ones finish and report within
-    /// `shutdown_grace`, and closes the connection. Returns `Ok` after a shutdown request, and an
-    /// error if RabbitMQ is unreachable at start or the connection is lost.
+    /// `shutdown_grace`, and closes the connection.
+    ///
+    /// Losing the connection (or a consumer's channel) does not end it. The worker stops taking
+    /// tasks, reconnects with backoff (see [`WorkerBuilder::reconnect_backoff`]), declares its
+    /// queues again and goes on taking tasks; the tasks running meanwhile go on too, and their
+    /// results are published once connected again.
+    ///
+    /// Returns `Ok` after a shutdown request, and an error only when it cannot start: an
+    /// invalid config, RabbitMQ unreachable or refusing ([`Error::Connect`]), or queues it
+    /// cannot declare or consume.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let prefetch = self.validate()?;
         let connection_name = format!("flotilla-worker {}", self.worker_id);
         let connection = flotilla_broker::connect(&self.broker, &connection_name)
             .await
             .map_err(Error::Connect)?;
-        let outcome = self.serve(&connection, prefetch, shutdown).await;
-        if let Err(error) = connection.close().await {
-            warn!(%error, "could not close the rabbitmq connection");
-        }
-        if outcome.is_ok() {
-            info!(worker_id = %self.worker_id, "worker stopped");
-        }
-        outcome
+        let first = match self
+            .open_session(connection.clone(), 0, prefetch, true)
+            .await
+        {
+            Ok(session) => session,
+            Err(error) => {
+                if let Err(error) = connection.close().await {
+                    warn!(%error, "could not close the rabbitmq connection");
+                }
+                return Err(error.into());
+            }
+        };
+        self.serve(first, prefetch, shutdown).await;
+        info!(worker_id = %self.worker_id, "worker stopped");
+        Ok(())
     }
 
     /// Checks the config, returning the prefetch to use.
@@ -198,65 +225,91 @@ impl Worker {
         if self.config.heartbeat_interval.is_zero() {
             return Err(Error::Config("heartbeat interval must not be zero".into()));
         }
+        let Backoff { initial, max } = self.broker.reconnect;
+        if initial.is_zero() || initial > max {
+            return Err(Error::Config(format!(
+                "reconnect backoff must start above zero and at most at its maximum, not \
+                 {initial:?} up to {max:?}"
+            )));
+        }
         Ok(prefetch)
     }
 
-    async fn serve(
+    /// Sets up `connection` for serving: declares the queues, opens a publisher and, when
+    /// `consume`, a consumer per agent.
+    async fn open_session(
         &self,
-        connection: &Connection,
+        connection: Connection,
+        generation: u64,
         prefetch: u16,
-        shutdown: CancellationToken,
-    ) -> Result<(), Error> {
-        let names = QueueNames::new(self.config.prefix.clone());
+        consume: bool,
+    ) -> Result<Session, flotilla_broker::Error> {
         let channel = connection.open_channel().await?;
-        declare_topology(&channel, &names, &self.agents, self.broker.delivery_limit).await?;
+        declare_topology(
+            &channel,
+            &self.names,
+            &self.agents,
+            self.broker.delivery_limit,
+        )
+        .await?;
         channel.close().await?;
+        let publisher = Publisher::new(&connection).await?;
+        let mut consumers = Vec::new();
+        if consume {
+            for agent in &self.agents {
+                let queue = self.names.agent(agent);
+                let tag = format!("{}.{agent}", self.worker_id);
+                let consumer = Consumer::start(&connection, &queue, &tag, prefetch).await?;
+                consumers.push((Arc::<str>::from(agent.as_str()), consumer));
+            }
+        }
+        Ok(Session {
+            link: Arc::new(Link {
+                generation,
+                connection,
+                publisher,
+                lost: CancellationToken::new(),
+            }),
+            consumers,
+        })
+    }
 
+    async fn serve(&self, first: Session, prefetch: u16, shutdown: CancellationToken) {
         let shared = Arc::new(Shared {
             worker_id: self.worker_id.clone(),
-            names,
+            names: self.names.clone(),
             handlers: self.handlers.clone(),
             fallback: self.fallback.clone(),
-            publisher: Publisher::new(connection).await?,
             slots: Arc::new(Semaphore::new(usize::from(prefetch))),
             held: Mutex::new(BTreeMap::new()),
+            link: watch::Sender::new(Some(first.link.clone())),
         });
-        let mut consumers = Vec::with_capacity(self.agents.len());
-        for agent in &self.agents {
-            let queue = shared.names.agent(agent);
-            let tag = format!("{}.{agent}", self.worker_id);
-            let consumer = Consumer::start(connection, &queue, &tag, prefetch).await?;
-            consumers.push((Arc::<str>::from(agent.as_str()), consumer));
-        }
         info!(
             worker_id = %self.worker_id,
             agents = %self.agents.join(","),
             concurrency = prefetch,
-            prefix = %shared.names.prefix(),
+            prefix = %self.names.prefix(),
             "worker started"
         );
 
-        // Stops the intake on a shutdown request, or when one consumer fails.
-        let intake_stop = shutdown.child_token();
-        // Drops the tasks in progress when they may not finish (grace expired, connection lost).
+        // Drops the tasks in progress when they may not finish (grace expired).
         let abandon = CancellationToken::new();
+        // Stops keeping the link up, once the tasks in progress are done with it.
+        let stop_link = CancellationToken::new();
         let running = TaskTracker::new();
-        let heartbeats = AbortOnDrop(tokio::spawn(send_heartbeats(
-            shared.clone(),
-            self.agents.clone(),
-            u32::from(prefetch),
-            self.config.heartbeat_interval,
-        )));
+        let (sessions, new_sessions) = mpsc::channel(1);
 
-        let intakes = consumers.into_iter().map(|(agent, consumer)| {
-            intake(agent, consumer, &shared, &running, &intake_stop, &abandon)
-        });
-        let (consumers, outcomes): (Vec<Consumer>, Vec<Result<(), Error>>) =
-            join_all(intakes).await.into_iter().unzip();
-        let outcome = outcomes.into_iter().collect::<Result<(), Error>>();
+        let keep_link = self.keep_link(first, &shared, sessions, prefetch, &shutdown, &stop_link);
+        let work = async {
+            let heartbeats = AbortOnDrop(tokio::spawn(send_heartbeats(
+                shared.clone(),
+                self.agents.clone(),
+                u32::from(prefetch),
+                self.config.heartbeat_interval,
+            )));
+            let consumers = take_tasks(new_sessions, &shared, &running, &shutdown, &abandon).await;
 
-        running.close();
-        if outcome.is_ok() {
+            running.close();
             info!(in_progress = running.len(), "draining tasks in progress");
             if tokio::time::timeout(self.config.shutdown_grace, running.wait())
                 .await
@@ -268,101 +321,311 @@ impl Worker {
                     "shutdown grace expired; abandoning tasks in progress, rabbitmq will redeliver them"
                 );
             }
-        }
-        abandon.cancel();
-        running.wait().await;
-        drop(heartbeats);
-
-        for consumer in &consumers {
-            if let Err(error) = consumer.close().await {
-                warn!(queue = consumer.queue(), %error, "could not close consumer");
+            abandon.cancel();
+            running.wait().await;
+            drop(heartbeats);
+            for consumer in &consumers {
+                if let Err(error) = consumer.close().await {
+                    warn!(queue = consumer.queue(), %error, "could not close consumer");
+                }
             }
-        }
-        if let Err(error) = shared.publisher.close().await {
+            stop_link.cancel();
+        };
+        tokio::join!(keep_link, work);
+    }
+
+    /// Keeps the worker connected until `stop`. Publishes the link of each session for the
+    /// task runners, and hands its consumers to the intake. When the link is reported lost,
+    /// replaces the session by one on a new connection; it consumes only until the shutdown
+    /// request, but is kept up after it so that the tasks still running can report.
+    async fn keep_link(
+        &self,
+        first: Session,
+        shared: &Shared,
+        sessions: mpsc::Sender<Session>,
+        prefetch: u16,
+        shutdown: &CancellationToken,
+        stop: &CancellationToken,
+    ) {
+        let mut session = first;
+        let last = loop {
+            let link = session.link.clone();
+            shared.link.send_replace(Some(link.clone()));
+            if !session.consumers.is_empty() {
+                // Refused once the intake has stopped: dropped, the consumers close their
+                // channels, and RabbitMQ requeues what they had prefetched.
+                let _ = sessions.send(session).await;
+            }
+            tokio::select! {
+                () = stop.cancelled() => break link,
+                () = link.lost.cancelled() => {}
+            }
+            shared.link.send_replace(None);
+            // Even if only one channel failed, start over on a new connection: then every
+            // delivery of the old link is certainly dead, and no ack is sent for it by mistake.
+            if let Err(error) = link.connection.close().await {
+                debug!(%error, "could not close the lost connection");
+            }
+            let generation = link.generation + 1;
+            let replaced = reconnect(&link.connection, stop, |connection| {
+                self.open_session(connection, generation, prefetch, !shutdown.is_cancelled())
+            })
+            .await;
+            match replaced {
+                Some(next) => session = next,
+                None => return,
+            }
+        };
+        shared.link.send_replace(None);
+        if let Err(error) = last.publisher.close().await {
             warn!(%error, "could not close publisher channels");
         }
-        outcome
+        if let Err(error) = last.connection.close().await {
+            warn!(%error, "could not close the rabbitmq connection");
+        }
     }
 }
 
-/// State shared by the intake loops, the task runners and the heartbeats.
+/// One connection to RabbitMQ and the publisher on it.
+struct Link {
+    /// Numbers the links of a worker: a delivery can be settled only on the link it came from.
+    generation: u64,
+    connection: Connection,
+    publisher: Publisher,
+    /// Cancelled by whoever first sees the link fail; the worker then replaces it.
+    lost: CancellationToken,
+}
+
+impl Link {
+    fn report_lost(&self, reason: impl std::fmt::Display) {
+        if !self.lost.is_cancelled() {
+            warn!(%reason, "lost rabbitmq; reconnecting");
+            self.lost.cancel();
+        }
+    }
+
+    /// Whether a publish failed because this link is gone, rather than for the message.
+    fn failed_with(&self, error: &PublishError) -> bool {
+        matches!(error, PublishError::Broker(_))
+            && (self.lost.is_cancelled() || !self.connection.is_connected())
+    }
+}
+
+/// A link freshly set up, and the consumers of the agent queues when it was set up to take
+/// tasks.
+struct Session {
+    link: Arc<Link>,
+    consumers: Vec<(Arc<str>, Consumer)>,
+}
+
+/// A delivery, and the link it came on.
+struct Receipt {
+    delivery: Delivery,
+    generation: u64,
+}
+
+/// A task in progress.
+struct Held {
+    task: HeldTask,
+    /// Deliveries of the same task that arrived while it ran, settled with its result.
+    adopted: Vec<Receipt>,
+}
+
+/// State shared by the intake, the task runners and the heartbeats.
 struct Shared {
     worker_id: Arc<str>,
     names: QueueNames,
     handlers: HashMap<String, BoxedHandler>,
     fallback: Option<BoxedHandler>,
-    publisher: Publisher,
     /// One permit per task that may run at once, across all agents.
     slots: Arc<Semaphore>,
-    /// The tasks in progress, reported in heartbeats.
-    held: Mutex<BTreeMap<Uuid, HeldTask>>,
+    /// The tasks in progress, by task id, reported in heartbeats.
+    held: Mutex<BTreeMap<Uuid, Held>>,
+    /// The link to publish on; `None` while reconnecting.
+    link: watch::Sender<Option<Arc<Link>>>,
 }
 
 impl Shared {
-    fn held(&self) -> std::sync::MutexGuard<'_, BTreeMap<Uuid, HeldTask>> {
-        // Inserts and removes only: the map is consistent even if a holder panicked.
+    fn held(&self) -> std::sync::MutexGuard<'_, BTreeMap<Uuid, Held>> {
+        // Inserts, pushes and removes only: the map is consistent even if a holder panicked.
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Hands `receipt` to the run of its task in progress here; gives it back if there is none.
+    fn adopt(&self, task_id: Uuid, receipt: Receipt) -> Option<Receipt> {
+        match self.held().get_mut(&task_id) {
+            Some(held) => {
+                held.adopted.push(receipt);
+                None
+            }
+            None => Some(receipt),
+        }
+    }
+
+    /// Records `task` as in progress, unless it already is (then `receipt` is adopted): returns
+    /// the receipt to run the task with.
+    fn claim(&self, task: &Task, receipt: Receipt) -> Option<Receipt> {
+        let mut held = self.held();
+        if let Some(running) = held.get_mut(&task.task_id) {
+            running.adopted.push(receipt);
+            return None;
+        }
+        let task = HeldTask {
+            task_id: task.task_id,
+            run_id: task.run_id,
+            step_id: task.step_id.clone(),
+            attempt: task.attempt,
+        };
+        held.insert(
+            task.task_id,
+            Held {
+                task,
+                adopted: Vec::new(),
+            },
+        );
+        Some(receipt)
+    }
+
+    /// Ends the task in progress, returning `own` and the deliveries adopted by it. One step
+    /// under the lock, so that a delivery arriving later starts a run of its own rather than
+    /// being adopted by a run that will not settle it.
+    fn release(&self, task_id: Uuid, own: Receipt) -> Vec<Receipt> {
+        let adopted = self
+            .held()
+            .remove(&task_id)
+            .map(|held| held.adopted)
+            .unwrap_or_default();
+        std::iter::once(own).chain(adopted).collect()
     }
 }
 
-/// Takes deliveries from one agent's queue and starts a task runner for each, until stopped.
-/// Returns the consumer, whose channel must stay open until the runners have acked.
+/// Takes tasks from the consumers of each session until the shutdown request. Returns those of
+/// the last session, whose channels must stay open until the tasks taken from them are acked.
+async fn take_tasks(
+    mut sessions: mpsc::Receiver<Session>,
+    shared: &Arc<Shared>,
+    running: &TaskTracker,
+    shutdown: &CancellationToken,
+    abandon: &CancellationToken,
+) -> Vec<Consumer> {
+    loop {
+        let session = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Vec::new(),
+            session = sessions.recv() => match session {
+                Some(session) => session,
+                None => return Vec::new(),
+            },
+        };
+        let Session { link, consumers } = session;
+        let intakes = consumers.into_iter().map(|(agent, consumer)| {
+            intake(agent, consumer, &link, shared, running, shutdown, abandon)
+        });
+        let consumers = join_all(intakes).await;
+        if shutdown.is_cancelled() {
+            return consumers;
+        }
+        // Otherwise the link was lost, and the next session brings new consumers.
+    }
+}
+
+/// Takes deliveries from one agent's queue and starts a task runner for each, until the
+/// shutdown request or the loss of the link. Returns the consumer.
 async fn intake(
     agent: Arc<str>,
     mut consumer: Consumer,
+    link: &Link,
     shared: &Arc<Shared>,
     running: &TaskTracker,
-    stop: &CancellationToken,
+    shutdown: &CancellationToken,
     abandon: &CancellationToken,
-) -> (Consumer, Result<(), Error>) {
-    let mut outcome = take_deliveries(&agent, &mut consumer, shared, running, stop, abandon).await;
-    if outcome.is_ok() {
-        outcome = give_back_prefetched(&mut consumer).await;
+) -> Consumer {
+    let stopped = take_deliveries(
+        &agent,
+        &mut consumer,
+        link,
+        shared,
+        running,
+        shutdown,
+        abandon,
+    )
+    .await;
+    if stopped == Stopped::Shutdown
+        && let Err(error) = give_back_prefetched(&mut consumer).await
+    {
+        link.report_lost(format_args!(
+            "giving back the tasks prefetched from {}: {error}",
+            consumer.queue()
+        ));
     }
-    if let Err(error) = &outcome {
-        error!(%agent, %error, "stopping the worker");
-        // Without this consumer the worker would serve its other agents only.
-        stop.cancel();
-        abandon.cancel();
-    }
-    (consumer, outcome)
+    consumer
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Stopped {
+    Shutdown,
+    LinkLost,
 }
 
 async fn take_deliveries(
     agent: &Arc<str>,
     consumer: &mut Consumer,
+    link: &Link,
     shared: &Arc<Shared>,
     running: &TaskTracker,
-    stop: &CancellationToken,
+    shutdown: &CancellationToken,
     abandon: &CancellationToken,
-) -> Result<(), Error> {
+) -> Stopped {
     loop {
-        let delivery = tokio::select! {
+        let next = tokio::select! {
             biased;
-            () = stop.cancelled() => return Ok(()),
-            next = consumer.next() => match next {
-                Some(Ok(delivery)) => delivery,
-                Some(Err(error)) => return Err(Error::ConsumerLost {
-                    queue: consumer.queue().to_owned(),
-                    reason: error.to_string(),
-                }),
-                None => return Err(Error::ConsumerLost {
-                    queue: consumer.queue().to_owned(),
-                    reason: "rabbitmq cancelled the consumer".into(),
-                }),
-            },
+            () = shutdown.cancelled() => return Stopped::Shutdown,
+            () = link.lost.cancelled() => return Stopped::LinkLost,
+            next = consumer.next() => next,
+        };
+        let delivery = match next {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(error)) => {
+                link.report_lost(format_args!("consuming {}: {error}", consumer.queue()));
+                return Stopped::LinkLost;
+            }
+            None => {
+                link.report_lost(format_args!(
+                    "rabbitmq stopped the consumer of {}",
+                    consumer.queue()
+                ));
+                return Stopped::LinkLost;
+            }
+        };
+        let Some(task) = decode(&delivery, agent).await else {
+            continue;
+        };
+        let receipt = Receipt {
+            delivery,
+            generation: link.generation,
+        };
+        // The task is running here already: its earlier delivery was lost with a connection,
+        // or it was published twice. Rather than run it again, the run in progress settles
+        // this delivery too. Checked before waiting for a slot, which that run may hold.
+        let Some(receipt) = shared.adopt(task.task_id, receipt) else {
+            info!(task_id = %task.task_id, "task delivered again while in progress here; its result will settle this delivery too");
+            continue;
         };
         let permit = tokio::select! {
             biased;
-            () = stop.cancelled() => {
-                requeue(&delivery).await;
-                return Ok(());
+            () = shutdown.cancelled() => {
+                requeue(&receipt.delivery).await;
+                return Stopped::Shutdown;
             }
+            () = link.lost.cancelled() => return Stopped::LinkLost,
             permit = shared.slots.clone().acquire_owned() => {
                 permit.expect("the worker never closes its semaphore")
             }
         };
-        let task = handle_delivery(delivery, agent.clone(), shared.clone(), permit);
+        let Some(receipt) = shared.claim(&task, receipt) else {
+            continue;
+        };
+        let task = run_task(receipt, task, agent.clone(), shared.clone(), permit);
         let abandon = abandon.clone();
         running.spawn(async move {
             tokio::select! {
@@ -374,8 +637,29 @@ async fn take_deliveries(
     }
 }
 
+/// The task a delivery carries. A body that is not a task is dead-lettered (no retry can make
+/// it readable), and gives `None`.
+async fn decode(delivery: &Delivery, agent: &str) -> Option<Task> {
+    match serde_json::from_slice(&delivery.body) {
+        Ok(task) => Some(task),
+        Err(error) => {
+            error!(
+                routing_key = %delivery.routing_key,
+                %agent,
+                redelivered = delivery.redelivered,
+                %error,
+                "undecodable task; dead-lettering it"
+            );
+            if let Err(error) = delivery.nack(false).await {
+                warn!(routing_key = %delivery.routing_key, %error, "could not dead-letter a task");
+            }
+            None
+        }
+    }
+}
+
 /// Stops the broker from sending more and requeues what it had already sent.
-async fn give_back_prefetched(consumer: &mut Consumer) -> Result<(), Error> {
+async fn give_back_prefetched(consumer: &mut Consumer) -> Result<(), flotilla_broker::Error> {
     consumer.cancel().await?;
     // After `basic.cancel-ok` the stream ends; nothing arrives after it.
     while let Some(next) = consumer.next().await {
@@ -390,29 +674,14 @@ async fn requeue(delivery: &Delivery) {
     }
 }
 
-/// Runs one delivery to its end: decode, handle, publish the result, ack.
-async fn handle_delivery(
-    delivery: Delivery,
+/// Runs one task to its end: handle, publish the result, settle the deliveries.
+async fn run_task(
+    receipt: Receipt,
+    task: Task,
     agent: Arc<str>,
     shared: Arc<Shared>,
     _slot: OwnedSemaphorePermit,
 ) {
-    let task: Task = match serde_json::from_slice(&delivery.body) {
-        Ok(task) => task,
-        Err(error) => {
-            error!(
-                routing_key = %delivery.routing_key,
-                %agent,
-                redelivered = delivery.redelivered,
-                %error,
-                "undecodable task; dead-lettering it"
-            );
-            if let Err(error) = delivery.nack(false).await {
-                warn!(routing_key = %delivery.routing_key, %error, "could not dead-letter a task");
-            }
-            return;
-        }
-    };
     let span = info_span!(
         TASK_SPAN,
         run_id = %task.run_id,
@@ -422,79 +691,106 @@ async fn handle_delivery(
         %agent,
         action = %task.action,
     );
-    run_task(delivery, task, agent, shared)
-        .instrument(span)
-        .await;
-}
-
-async fn run_task(delivery: Delivery, task: Task, agent: Arc<str>, shared: Arc<Shared>) {
-    shared.held().insert(
-        task.task_id,
-        HeldTask {
+    async move {
+        let redelivered = receipt.delivery.redelivered;
+        let started_at = Utc::now();
+        debug!(redelivered, "task started");
+        let outcome = call_handler(&shared, &agent, &task, redelivered).await;
+        let finished_at = Utc::now();
+        let duration_ms = (finished_at - started_at).num_milliseconds();
+        let (status, output, error) = match outcome {
+            Ok(output) => {
+                info!(duration_ms, "task succeeded");
+                (ResultStatus::Success, Some(output), None)
+            }
+            Err(failure) => {
+                info!(
+                    duration_ms,
+                    error = %failure.message,
+                    retryable = failure.retryable,
+                    "task failed"
+                );
+                let error = TaskError {
+                    message: failure.message,
+                    retryable: failure.retryable,
+                };
+                (ResultStatus::Failure, None, Some(error))
+            }
+        };
+        let result = TaskResult {
+            v: PROTOCOL_VERSION,
             task_id: task.task_id,
             run_id: task.run_id,
-            step_id: task.step_id.clone(),
+            step_id: task.step_id,
             attempt: task.attempt,
-        },
-    );
-    let started_at = Utc::now();
-    debug!(redelivered = delivery.redelivered, "task started");
-    let outcome = call_handler(&shared, &agent, &task, delivery.redelivered).await;
-    let finished_at = Utc::now();
-    let duration_ms = (finished_at - started_at).num_milliseconds();
-    let (status, output, error) = match outcome {
-        Ok(output) => {
-            info!(duration_ms, "task succeeded");
-            (ResultStatus::Success, Some(output), None)
-        }
-        Err(failure) => {
-            info!(
-                duration_ms,
-                error = %failure.message,
-                retryable = failure.retryable,
-                "task failed"
-            );
-            let error = TaskError {
-                message: failure.message,
-                retryable: failure.retryable,
-            };
-            (ResultStatus::Failure, None, Some(error))
-        }
-    };
-    let result = TaskResult {
-        v: PROTOCOL_VERSION,
-        task_id: task.task_id,
-        run_id: task.run_id,
-        step_id: task.step_id,
-        attempt: task.attempt,
-        status,
-        output,
-        error,
-        worker_id: shared.worker_id.to_string(),
-        started_at,
-        finished_at,
-    };
-    let reply_to = delivery
-        .reply_to
-        .clone()
-        .filter(|queue| !queue.is_empty())
-        .unwrap_or_else(|| shared.names.results());
-    let body = serde_json::to_vec(&result).expect("a TaskResult always serializes to JSON");
-    let message = OutgoingMessage::new(&reply_to, "result", body)
-        .with_correlation_id(task.task_id.to_string());
+            status,
+            output,
+            error,
+            worker_id: shared.worker_id.to_string(),
+            started_at,
+            finished_at,
+        };
+        let reply_to = receipt
+            .delivery
+            .reply_to
+            .clone()
+            .filter(|queue| !queue.is_empty())
+            .unwrap_or_else(|| shared.names.results());
+        let body = serde_json::to_vec(&result).expect("a TaskResult always serializes to JSON");
+        let message = OutgoingMessage::new(&reply_to, "result", body)
+            .with_correlation_id(task.task_id.to_string());
+        report(&shared, task.task_id, &message, receipt).await;
+    }
+    .instrument(span)
+    .await;
+}
 
-    match shared.publisher.publish_one(&message).await {
-        Ok(()) => {
-            if let Err(error) = delivery.ack().await {
+/// Publishes a task's result, waiting for a link while reconnecting, then settles the task's
+/// deliveries: acks them once the result is confirmed, requeues them if it was refused.
+///
+/// Deliveries that came on an earlier link are left alone. RabbitMQ requeued them when that
+/// link was lost, and their delivery tags mean nothing on the new one; the result published
+/// late is still valid, since the coordinator fences results by task id and attempt.
+async fn report(shared: &Shared, task_id: Uuid, message: &OutgoingMessage, own: Receipt) {
+    let mut links = shared.link.subscribe();
+    let (link, published) = loop {
+        let current = match links
+            .wait_for(|link| link.as_ref().is_some_and(|link| !link.lost.is_cancelled()))
+            .await
+        {
+            Ok(current) => current.clone(),
+            // The sender lives in `shared`, which outlives this call.
+            Err(_) => return,
+        };
+        let Some(link) = current else { continue };
+        match link.publisher.publish_one(message).await {
+            Err(error) if link.failed_with(&error) => {
+                link.report_lost(format_args!("publishing a result: {error}"));
+                info!("result not published; publishing it once reconnected");
+            }
+            published => break (link, published),
+        }
+    };
+    if let Err(error) = &published {
+        error!(reply_to = %message.routing_key, %error, "could not publish a result; requeueing the task");
+    }
+    for receipt in shared.release(task_id, own) {
+        if receipt.generation != link.generation {
+            info!(
+                "the task's delivery was lost with an earlier connection; rabbitmq delivers it again"
+            );
+            continue;
+        }
+        if published.is_ok() {
+            // The window manual acks leave: the result is confirmed, the task not yet acked.
+            flotilla_telemetry::failpoint("crash-before-ack");
+            if let Err(error) = receipt.delivery.ack().await {
                 warn!(%error, "could not ack a task whose result is published; it will run again");
             }
-        }
-        Err(error) => {
-            error!(%reply_to, %error, "could not publish a result; requeueing the task");
-            requeue(&delivery).await;
+        } else {
+            requeue(&receipt.delivery).await;
         }
     }
-    shared.held().remove(&task.task_id);
 }
 
 async fn call_handler(
@@ -547,7 +843,8 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
         .unwrap_or_else(|| "(no message)".to_owned())
 }
 
-/// Publishes a heartbeat at once, then every `interval`, until aborted.
+/// Publishes a heartbeat at once, then every `interval`, until aborted. Skipped while
+/// reconnecting.
 async fn send_heartbeats(
     shared: Arc<Shared>,
     agents: Vec<String>,
@@ -559,18 +856,31 @@ async fn send_heartbeats(
     let queue = shared.names.heartbeats();
     loop {
         ticker.tick().await;
+        let current = shared.link.borrow().clone();
+        let Some(link) = current else {
+            debug!("no heartbeat while reconnecting");
+            continue;
+        };
         let heartbeat = Heartbeat {
             v: PROTOCOL_VERSION,
             worker_id: shared.worker_id.to_string(),
             agents: agents.clone(),
             concurrency,
-            tasks: shared.held().values().cloned().collect(),
+            tasks: shared
+                .held()
+                .values()
+                .map(|held| held.task.clone())
+                .collect(),
             sent_at: Utc::now(),
         };
         let body = serde_json::to_vec(&heartbeat).expect("a Heartbeat always serializes to JSON");
         let message = OutgoingMessage::new(&queue, "heartbeat", body);
-        if let Err(error) = shared.publisher.publish_one(&message).await {
-            warn!(%error, "could not publish a heartbeat");
+        match link.publisher.publish_one(&message).await {
+            Ok(()) => {}
+            Err(error) if link.failed_with(&error) => {
+                link.report_lost(format_args!("publishing a heartbeat: {error}"));
+            }
+            Err(error) => warn!(%error, "could not publish a heartbeat"),
         }
     }
 }

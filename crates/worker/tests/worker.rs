@@ -15,13 +15,12 @@ use anyhow::{Context, Result, bail};
 use chrono::Utc;
 use flotilla_broker::{
     BrokerConfig, Connection, Consumer, OutgoingMessage, Publisher, QueueNames, connect,
-    declare_topology,
+    declare_topology, testing::Proxy,
 };
 use flotilla_proto::{Heartbeat, PROTOCOL_VERSION, ResultStatus, Task, TaskResult};
 use flotilla_worker::{HandlerError, TaskContext, Worker, WorkerBuilder, WorkerConfig};
 use serde_json::{Value, json};
 use tokio::{
-    net::{TcpListener, TcpStream},
     sync::{Notify, Semaphore, mpsc},
     task::JoinHandle,
 };
@@ -661,83 +660,223 @@ async fn heartbeats_report_the_worker_and_its_tasks() -> Result<()> {
     fixture.cleanup().await
 }
 
-/// A TCP proxy in front of RabbitMQ whose connections the test can cut.
-async fn start_proxy(upstream: String, cut: CancellationToken) -> Result<String> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?.to_string();
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                () = cut.cancelled() => return,
-                accepted = listener.accept() => accepted,
-            };
-            let Ok((mut inbound, _)) = accepted else {
-                return;
-            };
-            let (upstream, cut) = (upstream.clone(), cut.clone());
-            tokio::spawn(async move {
-                let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
-                    return;
-                };
-                tokio::select! {
-                    () = cut.cancelled() => {}
-                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                }
-            });
-        }
-    });
-    Ok(address)
+/// A worker of `fixture` whose connection goes through `proxy`, reconnecting quickly.
+fn through(fixture: &Fixture, proxy: &Proxy, config: WorkerConfig) -> WorkerBuilder {
+    let config = WorkerConfig {
+        amqp_url: proxy.url().to_owned(),
+        ..config
+    };
+    fixture
+        .builder(config)
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
 }
 
-/// `(scheme://user:pass@, host:port, /vhost...)` of an AMQP URL.
-fn split_authority(url: &str) -> (&str, &str, &str) {
-    let host_start = url
-        .rfind('@')
-        .map_or_else(|| url.find("://").unwrap() + 3, |at| at + 1);
-    let host_end = url[host_start..]
-        .find('/')
-        .map_or(url.len(), |i| host_start + i);
-    (
-        &url[..host_start],
-        &url[host_start..host_end],
-        &url[host_end..],
-    )
+/// Cuts the proxy's connections and waits until the worker has tried to reconnect `attempts`
+/// times.
+async fn cut(proxy: &Proxy, attempts: usize) -> Result<()> {
+    proxy.cut();
+    tokio::time::timeout(WAIT, proxy.wait_for(|counts| counts.refused >= attempts))
+        .await
+        .context("the worker did not try to reconnect")?;
+    Ok(())
+}
+
+/// Waits until `queue` holds `ready` messages ready for delivery.
+async fn wait_for_ready(fixture: &Fixture, queue: &str, ready: u32) -> Result<()> {
+    tokio::time::timeout(WAIT, async {
+        while fixture.message_count(queue).await? != ready {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .with_context(|| format!("{queue} never held {ready} ready messages"))?
+}
+
+/// Adds the action `work`, whose handler reports each start, waits for a permit of `gate`,
+/// and answers whether its task was redelivered.
+fn gated_work(
+    builder: WorkerBuilder,
+    gate: &Arc<Semaphore>,
+) -> (WorkerBuilder, mpsc::UnboundedReceiver<(Uuid, bool)>) {
+    let (started_tx, started) = mpsc::unbounded_channel();
+    let gate = gate.clone();
+    let builder = builder.action("work", move |ctx: TaskContext| {
+        let (gate, started_tx) = (gate.clone(), started_tx.clone());
+        async move {
+            started_tx
+                .send((ctx.task().task_id, ctx.redelivered()))
+                .unwrap();
+            gate.acquire().await.unwrap().forget();
+            Ok(json!({ "redelivered": ctx.redelivered() }))
+        }
+    });
+    (builder, started)
 }
 
 #[tokio::test]
-async fn lost_connection_makes_run_fail() -> Result<()> {
+async fn worker_keeps_serving_after_its_connection_is_cut() -> Result<()> {
     let fixture = Fixture::new(&["echo"]).await?;
-    let url = amqp_url();
-    let (before, upstream, after) = split_authority(&url);
-    let cut = CancellationToken::new();
-    let proxy = start_proxy(upstream.to_owned(), cut.clone()).await?;
+    let proxy = Proxy::start(&amqp_url()).await?;
+    let mut config = fixture.config(2);
+    config.heartbeat_interval = Duration::from_millis(100);
+    let worker = through(&fixture, &proxy, config)
+        .fallback(|ctx: TaskContext| async move { Ok(json!({ "action": ctx.action() })) })
+        .build();
+    let shutdown = CancellationToken::new();
+    let run = spawn_worker(worker, &shutdown);
+    let mut results_consumer = fixture.results().await?;
 
-    let mut config = fixture.config(1);
-    config.amqp_url = format!("{before}{proxy}{after}");
-    let worker = fixture
-        .builder(config)
+    let before = fixture.task("echo", "before", json!({}));
+    fixture.publish(std::slice::from_ref(&before)).await?;
+    assert!(
+        read_results(&mut results_consumer, 1)
+            .await?
+            .contains_key(&before.task_id)
+    );
+
+    cut(&proxy, 2).await?;
+    let during = fixture.task("echo", "during", json!({}));
+    fixture.publish(std::slice::from_ref(&during)).await?;
+    let restored_at = Utc::now();
+    proxy.restore();
+    let after = fixture.task("echo", "after", json!({}));
+    fixture.publish(std::slice::from_ref(&after)).await?;
+
+    // The task before may come too: its ack may have been lost in the cut.
+    let mut results = HashMap::new();
+    while !(results.contains_key(&during.task_id) && results.contains_key(&after.task_id)) {
+        results.extend(read_results(&mut results_consumer, 1).await?);
+    }
+    for task in [&during, &after] {
+        let result = &results[&task.task_id];
+        assert_eq!(result.status, ResultStatus::Success);
+        assert_eq!(result.output, Some(json!({ "action": task.action })));
+    }
+    // It heartbeats again too.
+    let mut heartbeats =
+        Consumer::start(&fixture.connection, &fixture.names.heartbeats(), "", 10).await?;
+    loop {
+        let delivery = tokio::time::timeout(WAIT, heartbeats.next())
+            .await
+            .context("no heartbeat after the reconnect")?
+            .context("heartbeat consumer ended")??;
+        delivery.ack().await?;
+        let heartbeat: Heartbeat = serde_json::from_slice(&delivery.body)?;
+        if heartbeat.sent_at > restored_at {
+            break;
+        }
+    }
+    heartbeats.close().await?;
+
+    assert!(!run.is_finished());
+    stop(run, &shutdown).await?;
+    assert_eq!(
+        fixture.message_count(&fixture.names.agent("echo")).await?,
+        0
+    );
+    fixture.cleanup().await
+}
+
+/// The task in progress when the connection drops goes on; its result is published on the new
+/// connection. RabbitMQ, which requeued the task, delivers it again to the worker, whose run in
+/// progress settles that delivery too: the handler runs once.
+#[tokio::test]
+async fn task_running_during_a_cut_reports_after_the_reconnect_and_runs_once() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let queue = fixture.names.agent("echo");
+    let proxy = Proxy::start(&amqp_url()).await?;
+    let gate = Arc::new(Semaphore::new(0));
+    let (builder, mut started) = gated_work(through(&fixture, &proxy, fixture.config(1)), &gate);
+    let worker = builder.build();
+    let shutdown = CancellationToken::new();
+    let run = spawn_worker(worker, &shutdown);
+
+    let task = fixture.task("echo", "work", json!({}));
+    fixture.publish(std::slice::from_ref(&task)).await?;
+    let first = tokio::time::timeout(WAIT, started.recv()).await?.unwrap();
+    assert_eq!(first, (task.task_id, false));
+
+    cut(&proxy, 1).await?;
+    // Requeued by RabbitMQ when the connection dropped...
+    wait_for_ready(&fixture, &queue, 1).await?;
+    proxy.restore();
+    // ... and delivered again once the worker is back.
+    wait_for_ready(&fixture, &queue, 0).await?;
+    gate.add_permits(1);
+
+    let mut results_consumer = fixture.results().await?;
+    let results = read_results(&mut results_consumer, 1).await?;
+    let result = &results[&task.task_id];
+    assert_eq!(result.status, ResultStatus::Success);
+    assert_eq!(result.output, Some(json!({ "redelivered": false })));
+    stop(run, &shutdown).await?;
+
+    assert!(started.try_recv().is_err(), "the handler ran twice");
+    // The redelivery was acked with the first run's result; nothing is left to run.
+    assert_eq!(fixture.message_count(&queue).await?, 0);
+    results_consumer.close().await?;
+    assert_eq!(fixture.message_count(&fixture.names.results()).await?, 0);
+    fixture.cleanup().await
+}
+
+/// A shutdown while reconnecting still lets the task in progress report, on the connection
+/// made after it; the worker takes no new task, and leaves the old delivery alone.
+#[tokio::test]
+async fn shutdown_while_reconnecting_still_reports_the_task_in_progress() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let queue = fixture.names.agent("echo");
+    let proxy = Proxy::start(&amqp_url()).await?;
+    let gate = Arc::new(Semaphore::new(0));
+    let (builder, mut started) = gated_work(through(&fixture, &proxy, fixture.config(1)), &gate);
+    let worker = builder.build();
+    let shutdown = CancellationToken::new();
+    let run = spawn_worker(worker, &shutdown);
+
+    let task = fixture.task("echo", "work", json!({}));
+    fixture.publish(std::slice::from_ref(&task)).await?;
+    tokio::time::timeout(WAIT, started.recv()).await?.unwrap();
+    cut(&proxy, 1).await?;
+    wait_for_ready(&fixture, &queue, 1).await?;
+    shutdown.cancel();
+    // Finished while cut off: the result waits for a connection.
+    gate.add_permits(1);
+    let later = fixture.task("echo", "work", json!({}));
+    fixture.publish(std::slice::from_ref(&later)).await?;
+    proxy.restore();
+    stop(run, &shutdown).await?;
+
+    let mut results_consumer = fixture.results().await?;
+    let results = read_results(&mut results_consumer, 1).await?;
+    assert_eq!(
+        results[&task.task_id].output,
+        Some(json!({ "redelivered": false }))
+    );
+    results_consumer.close().await?;
+    assert_eq!(fixture.message_count(&fixture.names.results()).await?, 0);
+    // Neither the requeued task nor the later one was taken after the shutdown request.
+    assert!(started.try_recv().is_err());
+    assert_eq!(fixture.message_count(&queue).await?, 2);
+    fixture.cleanup().await
+}
+
+#[tokio::test]
+async fn shutdown_while_the_broker_stays_away_returns_ok() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let proxy = Proxy::start(&amqp_url()).await?;
+    let worker = through(&fixture, &proxy, fixture.config(1))
         .fallback(|_ctx: TaskContext| async { Ok(json!(null)) })
         .build();
     let shutdown = CancellationToken::new();
     let run = spawn_worker(worker, &shutdown);
-
-    // A result proves the worker is up, through the proxy.
     let task = fixture.task("echo", "anything", json!({}));
     fixture.publish(std::slice::from_ref(&task)).await?;
     let mut results_consumer = fixture.results().await?;
     read_results(&mut results_consumer, 1).await?;
 
-    cut.cancel();
-    let outcome = tokio::time::timeout(WAIT, run)
-        .await
-        .context("run did not return")??;
-    let error = outcome
-        .err()
-        .context("run returned Ok after losing its connection")?;
-    assert!(
-        matches!(error, flotilla_worker::Error::ConsumerLost { .. }),
-        "{error:?}"
-    );
+    cut(&proxy, 3).await?;
+    assert!(!run.is_finished());
+    stop(run, &shutdown).await?;
     fixture.cleanup().await
 }
 

@@ -784,3 +784,33 @@ fn a_branch_takes_then_or_else_by_a_bare_name_from_outputs_or_params() {
             .contains("error_rate")
     );
 }
+
+#[test]
+fn an_attempt_carries_a_deadline_only_while_it_runs() {
+    let plan = plan(
+        "name: t\nsteps:\n  - {id: a, agent: x, action: y, timeout: 30s, retry: {max_attempts: 2, delay: 5s}}\n",
+    );
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    assert_eq!(run.steps[0].deadline, Some(at(30)));
+    // The timer reports the attempt late: it fails like any attempt and is retried.
+    let late = Outcome::Failure {
+        message: "timed out".into(),
+        retryable: true,
+    };
+    run.apply(&plan, finished(&plan, "a", 1, task, late), at(30));
+    assert_eq!(
+        (run.steps[0].status, run.steps[0].deadline),
+        (StepStatus::Waiting, None)
+    );
+    let t = run.apply(
+        &plan,
+        Event::Wake {
+            step: 0,
+            attempt: 1,
+        },
+        at(35),
+    );
+    assert_eq!(dispatched(&plan, &t)[0].1, 2);
+    assert_eq!(run.steps[0].deadline, Some(at(65)));
+}

@@ -2,8 +2,8 @@
 //! the step's params (see [`echo`] for the reserved params that script its behaviour).
 //!
 //! Exit codes: 0 after a graceful shutdown (SIGTERM or Ctrl-C), 130 when a second signal cuts the
-//! shutdown short, 2 when RabbitMQ is unreachable at start or the flags are invalid, 1 when the
-//! connection is lost while running.
+//! shutdown short, 2 when it cannot start (RabbitMQ unreachable or refusing its queues, invalid
+//! flags). Losing RabbitMQ while running is not an exit: the agent reconnects and goes on.
 
 mod echo;
 
@@ -71,13 +71,10 @@ async fn main() -> ExitCode {
 
     match worker.run(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error @ (flotilla_worker::Error::Connect(_) | flotilla_worker::Error::Config(_))) => {
+        // Once started, a worker stops only when asked to.
+        Err(error) => {
             error!(%error, "cannot start");
             ExitCode::from(2)
-        }
-        Err(error) => {
-            error!(%error, "worker failed");
-            ExitCode::FAILURE
         }
     }
 }
