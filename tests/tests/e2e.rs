@@ -527,3 +527,74 @@ async fn a_repeated_idempotency_key_answers_the_first_run() -> anyhow::Result<()
     assert_eq!(runs, 1);
     fleet.stop().await
 }
+
+#[tokio::test]
+async fn operators_pause_resume_cancel_and_complete_live_runs_from_the_cli() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    let two_steps = "name: steer\nsteps:\n  - {id: a, agent: steer, action: first}\n  - {id: b, agent: steer, action: second}\n";
+
+    // Pause while `a` waits for a worker; `a` then finishes but `b` is held until the resume.
+    let id = fleet.execute_yaml(two_steps, json!({})).await?;
+    let ids = id.to_string();
+    let (status, stdout, stderr) = fleet.cli(&["workflows", "pause", &ids]).await?;
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("paused"), "{stdout}");
+    fleet.start_echo("echo-a", &["steer"], 2)?;
+    let deadline = std::time::Instant::now() + WAIT;
+    while step(&fleet.run(id).await?, "a").status != "success" {
+        assert!(std::time::Instant::now() < deadline, "a never finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let held = fleet.run(id).await?;
+    assert_eq!((held.status.as_str(), step(&held, "b").status.as_str()), ("paused", "pending"));
+    let (status, ..) = fleet.cli(&["workflows", "resume", &ids]).await?;
+    assert!(status.success());
+    assert_eq!(fleet.wait_for_end(id, WAIT).await?.status, "success");
+    let (status, history, _) = fleet.cli(&["workflows", "history", &ids, "--output", "json"]).await?;
+    assert!(status.success());
+    let history: Value = serde_json::from_str(&history)?;
+    let actions: Vec<&str> = history["events"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["pause", "resume"]);
+    assert!(history["events"][0]["actor"].as_str().unwrap().contains('@'));
+
+    // Cancel a run whose step waits for an agent nobody serves; a second cancel is refused.
+    let id = fleet.execute_yaml("name: idle\nsteps:\n  - {id: wait, agent: nobody, action: wait}\n", json!({})).await?;
+    let ids = id.to_string();
+    let (status, ..) = fleet.cli(&["workflows", "cancel", &ids]).await?;
+    assert!(status.success());
+    let run = fleet.run(id).await?;
+    assert_eq!((run.status.as_str(), step(&run, "wait").status.as_str()), ("cancelled", "cancelled"));
+    let (status, _, stderr) = fleet.cli(&["workflows", "cancel", &ids]).await?;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("already ended"), "{stderr}");
+
+    // Complete the failed step of a failed run by hand: the run goes on and succeeds.
+    let id = fleet
+        .execute_yaml("name: mend\nsteps:\n  - {id: broken, agent: steer, action: x, params: {fail_attempts: 5}}\n  - {id: after, agent: steer, action: y}\n", json!({}))
+        .await?;
+    assert_eq!(fleet.wait_for_end(id, WAIT).await?.status, "failure");
+    let ids = id.to_string();
+    let (status, _, stderr) = fleet.cli(&["workflows", "complete", &ids, "--step", "broken", "--step-output", "{\"fixed\": true}"]).await?;
+    assert!(status.success(), "{stderr}");
+    let run = fleet.wait_for_end(id, WAIT).await?;
+    assert_eq!(run.status, "success");
+    assert_eq!(step(&run, "broken").output, Some(json!({"fixed": true})));
+    assert_eq!(step(&run, "after").status, "success");
+    fleet.stop().await
+}
+
+#[tokio::test]
+async fn an_attempt_past_its_timeout_fails_and_is_retried() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    fleet.start_echo("echo-a", &["sleepy"], 2)?;
+    let yaml = "name: slow\nsteps:\n  - {id: nap, agent: sleepy, action: sleep, timeout: 300ms, retry: {max_attempts: 2, delay: 0}, params: {sleep_ms: 3000}}\n";
+    let id = fleet.execute_yaml(yaml, json!({})).await?;
+    let run = fleet.wait_for_end(id, WAIT).await?;
+    assert_eq!(run.status, "failure");
+    let nap = step(&run, "nap");
+    assert_eq!(nap.attempts, 2);
+    assert!(nap.error.as_deref().unwrap_or_default().contains("timed out"), "{nap:?}");
+    fleet.stop().await
+}

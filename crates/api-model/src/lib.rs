@@ -58,13 +58,14 @@ pub const IDEMPOTENT_REPLAYED_HEADER: &str = "Idempotent-Replayed";
 /// The longest idempotency key accepted, in characters.
 pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 200;
 
-/// Why a string is not an idempotency key.
+/// Why a string is not a token: 1 to a maximum number of visible ASCII characters, the rule of
+/// the [`IDEMPOTENCY_KEY_HEADER`] and the [`ACTOR_HEADER`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum IdempotencyKeyError {
+pub enum TokenError {
     #[error("it is empty")]
     Empty,
-    #[error("it is {0} characters long, more than {MAX_IDEMPOTENCY_KEY_CHARS}")]
-    TooLong(usize),
+    #[error("it is {chars} characters long, more than {max}")]
+    TooLong { chars: usize, max: usize },
     #[error("character {position} is not visible ASCII (`!` to `~`, no spaces)")]
     NotVisibleAscii {
         /// 1-based.
@@ -75,16 +76,34 @@ pub enum IdempotencyKeyError {
 /// Checks that `key` is an idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY_CHARS`] visible ASCII
 /// characters. The server and the CLI share this rule so that the CLI refuses a key before it
 /// sends anything.
-pub fn check_idempotency_key(key: &str) -> Result<(), IdempotencyKeyError> {
-    if let Some(position) = key.chars().position(|c| !c.is_ascii_graphic()) {
-        return Err(IdempotencyKeyError::NotVisibleAscii {
+pub fn check_idempotency_key(key: &str) -> Result<(), TokenError> {
+    check_token(key, MAX_IDEMPOTENCY_KEY_CHARS)
+}
+
+/// The request header of the operator routes (cancel, pause, resume, retry, skip, complete) that
+/// names who acts, as recorded in the run's history.
+pub const ACTOR_HEADER: &str = "Flotilla-Actor";
+
+/// The longest actor accepted, in characters.
+pub const MAX_ACTOR_CHARS: usize = 200;
+
+/// Checks that `actor` can be the [`ACTOR_HEADER`]: 1 to [`MAX_ACTOR_CHARS`] visible ASCII
+/// characters. ASCII only, because the actor is written into an audit trail that people read:
+/// invisible and direction-changing Unicode characters could make one actor pass for another.
+pub fn check_actor(actor: &str) -> Result<(), TokenError> {
+    check_token(actor, MAX_ACTOR_CHARS)
+}
+
+fn check_token(token: &str, max: usize) -> Result<(), TokenError> {
+    if let Some(position) = token.chars().position(|c| !c.is_ascii_graphic()) {
+        return Err(TokenError::NotVisibleAscii {
             position: position + 1,
         });
     }
     // Only ASCII is left, so bytes are characters.
-    match key.len() {
-        0 => Err(IdempotencyKeyError::Empty),
-        n if n > MAX_IDEMPOTENCY_KEY_CHARS => Err(IdempotencyKeyError::TooLong(n)),
+    match token.len() {
+        0 => Err(TokenError::Empty),
+        chars if chars > max => Err(TokenError::TooLong { chars, max }),
         _ => Ok(()),
     }
 }
@@ -106,8 +125,9 @@ pub struct WorkflowResult {
     pub workflow_id: Uuid,
     /// The definition's name.
     pub name: String,
-    /// `running`, `failing` (a step failed and the failure handlers are running), `success` or
-    /// `failure`.
+    /// `running`, `paused` (by an operator: nothing new is dispatched), `failing` (a step failed
+    /// and the failure handlers are running), `success`, `failure` or `cancelled` (by an
+    /// operator).
     pub status: String,
     pub start_time: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,7 +149,8 @@ pub struct StepResult {
     pub step_id: String,
     pub agent: String,
     pub action: String,
-    /// `pending`, `running`, `success`, `failure` or `skipped`.
+    /// `pending`, `running`, `success`, `failure`, `skipped` or `cancelled` (the run was
+    /// cancelled before the step ended).
     pub status: String,
     /// Attempts dispatched so far.
     pub attempts: u32,
@@ -197,6 +218,103 @@ pub struct RunQuery {
     /// An opaque `nextCursor` from the previous page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
+}
+
+/// What an operator asks of a run. The routes build it from the request's path and body and
+/// hand it to the server's backend; it is not itself sent over the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Operation {
+    /// Ends every unfinished step as `cancelled`, and the run too; later results are ignored.
+    Cancel,
+    /// Stops dispatching: results are still recorded, nothing new starts.
+    Pause,
+    /// Dispatches what became ready while the run was paused.
+    Resume,
+    /// Gives one failed step of a failed run (`step`), or every failed step (`None`), a new
+    /// attempt, and the run runs again.
+    Retry { step: Option<String> },
+    /// Ends a step that has not ended (or the failed step of a failed run) as `skipped`; its
+    /// dependents go on.
+    Skip { step: String },
+    /// As [`Operation::Skip`], but the step ends `success` with this output.
+    Complete { step: String, output: Value },
+}
+
+impl Operation {
+    /// The action's name, as [`OperateResponse::action`] and [`RunEvent::action`] spell it.
+    pub fn action(&self) -> &'static str {
+        match self {
+            Self::Cancel => "cancel",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Retry { .. } => "retry",
+            Self::Skip { .. } => "skip",
+            Self::Complete { .. } => "complete",
+        }
+    }
+
+    /// The step the operation is about, if it names one.
+    pub fn step(&self) -> Option<&str> {
+        match self {
+            Self::Retry { step } => step.as_deref(),
+            Self::Skip { step } | Self::Complete { step, .. } => Some(step),
+            Self::Cancel | Self::Pause | Self::Resume => None,
+        }
+    }
+}
+
+/// The body of `POST /api/workflows/{id}/retry`, which may also be left out: without `step`,
+/// every failed step is retried.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryRequest {
+    /// Only this failed step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+}
+
+/// The body of `POST /api/workflows/{id}/steps/{step}/complete`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompleteRequest {
+    /// The step's output, as if its agent had returned it: any JSON, `null` included. Required,
+    /// so that a forgotten output is an error rather than a step that succeeded with nothing.
+    pub output: Value,
+}
+
+/// The answer to an operator's request that was carried out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperateResponse {
+    pub workflow_id: Uuid,
+    /// As [`Operation::action`]: `cancel`, `pause`, `resume`, `retry`, `skip` or `complete`.
+    pub action: String,
+    /// The run's status once the action was applied, as in [`WorkflowResult::status`].
+    pub status: String,
+}
+
+/// One entry of a run's history: something an operator did to it, who and when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunEvent {
+    pub at: DateTime<Utc>,
+    /// Who did it, as the request's [`ACTOR_HEADER`] said (or `anonymous@<address>` without one).
+    pub actor: String,
+    /// As [`Operation::action`].
+    pub action: String,
+    /// The step it was about, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_id: Option<String>,
+    /// What else the action carried, e.g. `{"output": ...}` of a `complete`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Value>,
+}
+
+/// `GET /api/workflows/{id}/events`: the run's history, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunEventList {
+    pub events: Vec<RunEvent>,
 }
 
 /// `POST /api/definitions`: register a new revision of a definition. Exactly one of
@@ -670,18 +788,154 @@ mod tests {
         let longest = "k".repeat(MAX_IDEMPOTENCY_KEY_CHARS);
         assert_eq!(check_idempotency_key(&longest), Ok(()));
 
-        assert_eq!(check_idempotency_key(""), Err(IdempotencyKeyError::Empty));
+        assert_eq!(check_idempotency_key(""), Err(TokenError::Empty));
+        let err = check_idempotency_key(&format!("{longest}k")).unwrap_err();
         assert_eq!(
-            check_idempotency_key(&format!("{longest}k")),
-            Err(IdempotencyKeyError::TooLong(201))
+            err,
+            TokenError::TooLong {
+                chars: 201,
+                max: 200
+            }
         );
+        assert_eq!(err.to_string(), "it is 201 characters long, more than 200");
         for (key, position) in [("a b", 2), ("\tab", 1), ("ab\n", 3), ("clé", 3)] {
             assert_eq!(
                 check_idempotency_key(key),
-                Err(IdempotencyKeyError::NotVisibleAscii { position }),
+                Err(TokenError::NotVisibleAscii { position }),
                 "{key:?}"
             );
         }
+    }
+
+    #[test]
+    fn actors_are_visible_ascii_of_bounded_length() {
+        assert_eq!(check_actor("alice@build-box"), Ok(()));
+        assert_eq!(check_actor("anonymous@[::1]"), Ok(()));
+        assert_eq!(check_actor(&"a".repeat(MAX_ACTOR_CHARS)), Ok(()));
+
+        assert_eq!(check_actor(""), Err(TokenError::Empty));
+        assert_eq!(
+            check_actor(&"a".repeat(MAX_ACTOR_CHARS + 1)),
+            Err(TokenError::TooLong {
+                chars: 201,
+                max: MAX_ACTOR_CHARS
+            })
+        );
+        // A space, a right-to-left override and a zero-width space would let a name pass for
+        // another in the history.
+        for (actor, position) in [("jane doe", 5), ("eve\u{202e}nimda", 4), ("bob\u{200b}", 4)] {
+            assert_eq!(
+                check_actor(actor),
+                Err(TokenError::NotVisibleAscii { position }),
+                "{actor:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn operations_name_their_action_and_step() {
+        let step = || "deploy".to_string();
+        let cases = [
+            (Operation::Cancel, "cancel", None),
+            (Operation::Pause, "pause", None),
+            (Operation::Resume, "resume", None),
+            (Operation::Retry { step: None }, "retry", None),
+            (
+                Operation::Retry { step: Some(step()) },
+                "retry",
+                Some("deploy"),
+            ),
+            (Operation::Skip { step: step() }, "skip", Some("deploy")),
+            (
+                Operation::Complete {
+                    step: step(),
+                    output: json!({"url": "https://x"}),
+                },
+                "complete",
+                Some("deploy"),
+            ),
+        ];
+        for (operation, action, step) in cases {
+            assert_eq!(operation.action(), action, "{operation:?}");
+            assert_eq!(operation.step(), step, "{operation:?}");
+        }
+    }
+
+    fn event(step_id: Option<&str>, detail: Option<Value>) -> RunEvent {
+        RunEvent {
+            at: at(30),
+            actor: "alice@build-box".into(),
+            action: "complete".into(),
+            step_id: step_id.map(Into::into),
+            detail,
+        }
+    }
+
+    #[test]
+    fn operator_shapes_use_camel_case_keys() {
+        let response = OperateResponse {
+            workflow_id: Uuid::from_u128(7),
+            action: "cancel".into(),
+            status: "cancelled".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&response).unwrap(),
+            json!({"workflowId": Uuid::from_u128(7), "action": "cancel", "status": "cancelled"})
+        );
+        round_trip(&response);
+
+        let list = RunEventList {
+            events: vec![
+                event(
+                    Some("deploy"),
+                    Some(json!({"output": {"url": "https://x"}})),
+                ),
+                event(None, None),
+            ],
+        };
+        assert_eq!(
+            serde_json::to_value(&list).unwrap(),
+            json!({"events": [
+                {
+                    "at": "2025-06-15T15:07:10Z",
+                    "actor": "alice@build-box",
+                    "action": "complete",
+                    "stepId": "deploy",
+                    "detail": {"output": {"url": "https://x"}},
+                },
+                {"at": "2025-06-15T15:07:10Z", "actor": "alice@build-box", "action": "complete"},
+            ]})
+        );
+        round_trip(&list);
+    }
+
+    #[test]
+    fn operator_requests_read_strictly() {
+        assert_eq!(
+            serde_json::from_value::<RetryRequest>(json!({})).unwrap(),
+            RetryRequest::default()
+        );
+        assert_eq!(
+            serde_json::to_value(RetryRequest::default()).unwrap(),
+            json!({})
+        );
+        round_trip(&RetryRequest {
+            step: Some("deploy".into()),
+        });
+        let err = serde_json::from_value::<RetryRequest>(json!({"steps": ["a"]})).unwrap_err();
+        assert!(err.to_string().contains("unknown field `steps`"), "{err}");
+
+        round_trip(&CompleteRequest {
+            output: json!({"rows": 3}),
+        });
+        // `null` is an output like any other; leaving the output out is a mistake.
+        let read: CompleteRequest = serde_json::from_value(json!({"output": null})).unwrap();
+        assert_eq!(read.output, Value::Null);
+        let err = serde_json::from_value::<CompleteRequest>(json!({})).unwrap_err();
+        assert!(err.to_string().contains("missing field `output`"), "{err}");
+        let err = serde_json::from_value::<CompleteRequest>(json!({"output": 1, "status": "ok"}))
+            .unwrap_err();
+        assert!(err.to_string().contains("unknown field `status`"), "{err}");
     }
 
     #[test]

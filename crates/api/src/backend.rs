@@ -4,8 +4,8 @@
 use std::future::Future;
 
 use flotilla_api_model::{
-    DeadLetterQuery, DeadLetterSummary, DefinitionSummary, RedriveOutcome, RunPage, RunQuery,
-    Submitted, WorkflowResult,
+    DeadLetterQuery, DeadLetterSummary, DefinitionSummary, Operation, RedriveOutcome, RunEvent,
+    RunPage, RunQuery, Submitted, WorkflowResult,
 };
 use flotilla_core::{Definition, Plan};
 use serde_json::{Map, Value};
@@ -87,13 +87,37 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         ids: Vec<Uuid>,
     ) -> impl Future<Output = Result<Vec<RedriveOutcome>, BackendError>> + Send;
+
+    /// Applies an operator's action to run `id` and records it in the run's history with
+    /// `actor`; answers the run's status once the action is applied (`cancelled`, `paused`,
+    /// `running`…).
+    ///
+    /// `actor` is the request's `Flotilla-Actor` header (1 to 200 visible ASCII characters), or
+    /// without one `anonymous@<the peer's IP>` (`anonymous` when the server does not know the
+    /// peer). It is what the client claims, not an authenticated identity.
+    ///
+    /// Answers [`BackendError::NotFound`] when there is no such run, or the run has no step the
+    /// operation names, and [`BackendError::Conflict`] with the reason when the run's state does
+    /// not allow the action (e.g. retrying a run that has not failed).
+    fn operate(
+        &self,
+        id: Uuid,
+        operation: Operation,
+        actor: String,
+    ) -> impl Future<Output = Result<String, BackendError>> + Send;
+
+    /// The history of run `id`, oldest first, or `None` if there is no run with that id.
+    fn events(
+        &self,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<Vec<RunEvent>>, BackendError>> + Send;
 }
 
 /// Why a [`Backend`] call failed. The variant decides the HTTP status.
 ///
-/// The messages of `Invalid`, `NotFound` and `Unavailable` are sent to the client, so they must
-/// not contain credentials (say "Postgres is unreachable", not the connection URL). The message
-/// of `Internal` is only logged.
+/// The messages of `Invalid`, `NotFound`, `Conflict` and `Unavailable` are sent to the client, so
+/// they must not contain credentials (say "Postgres is unreachable", not the connection URL). The
+/// message of `Internal` is only logged.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     /// The request cannot be served as asked (e.g. an unreadable cursor): 400.
@@ -102,6 +126,10 @@ pub enum BackendError {
     /// Something the request names does not exist: 404.
     #[error("{0}")]
     NotFound(String),
+    /// The request is understood but the current state does not allow it (an operator's action
+    /// the run's state refuses); the message is the reason: 409.
+    #[error("{0}")]
+    Conflict(String),
     /// A service the backend depends on (Postgres, RabbitMQ) cannot be reached; retrying later
     /// may succeed: 503.
     #[error("{0}")]

@@ -1,7 +1,7 @@
 //! [`ApiError`]: every way a request can fail, and the one place that maps failures to HTTP
 //! status codes and error codes.
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use flotilla_api_model::{ErrorBody, ErrorDetail};
@@ -20,6 +20,7 @@ pub(crate) enum Kind {
     InvalidDefinition,
     NotFound,
     MethodNotAllowed,
+    Conflict,
     PayloadTooLarge,
     Unavailable,
     Internal,
@@ -33,6 +34,7 @@ impl Kind {
             }
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Conflict => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -47,6 +49,7 @@ impl Kind {
             Self::InvalidDefinition => "invalid_definition",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::Conflict => "conflict",
             Self::PayloadTooLarge => "payload_too_large",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
@@ -124,6 +127,7 @@ impl From<BackendError> for ApiError {
         match err {
             BackendError::Invalid(m) => Self::new(Kind::InvalidRequest, m),
             BackendError::NotFound(m) => Self::new(Kind::NotFound, m),
+            BackendError::Conflict(m) => Self::new(Kind::Conflict, m),
             BackendError::Unavailable(m) => Self::new(Kind::Unavailable, m),
             BackendError::Internal(m) => Self::new(Kind::Internal, m),
         }
@@ -155,10 +159,20 @@ impl From<PlanError> for ApiError {
 }
 
 impl ApiError {
-    /// A JSON body that could not be read. The body limit surfaces as a failure to buffer the
-    /// body; everything else is the client's JSON (syntax, shape, content type).
+    /// A JSON body that could not be read.
     pub(crate) fn from_json_rejection(rejection: JsonRejection, limits: Limits) -> Self {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        Self::from_body_rejection(rejection.status(), rejection.body_text(), limits)
+    }
+
+    /// A body that could not be buffered.
+    pub(crate) fn from_bytes_rejection(rejection: BytesRejection, limits: Limits) -> Self {
+        Self::from_body_rejection(rejection.status(), rejection.body_text(), limits)
+    }
+
+    /// The body limit surfaces as a failure to buffer the body, with axum's 413; everything else
+    /// is the client's body (JSON syntax, shape, content type).
+    fn from_body_rejection(status: StatusCode, text: String, limits: Limits) -> Self {
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
             let limit = limits.max_body_bytes;
             Self::new(
                 Kind::PayloadTooLarge,
@@ -166,7 +180,7 @@ impl ApiError {
             )
             .with_details(json!({ "limitBytes": limit }))
         } else {
-            Self::invalid_request(rejection.body_text())
+            Self::invalid_request(text)
         }
     }
 }

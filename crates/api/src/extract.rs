@@ -1,10 +1,14 @@
 //! axum's extractors, with their rejections answered as [`ApiError`]s so that a malformed body,
-//! query or path gets the same error shape as every other failure.
+//! query, path or header gets the same error shape as every other failure.
 
-use axum::extract::{FromRef, FromRequest, FromRequestParts, Request};
+use std::net::SocketAddr;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, FromRef, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use flotilla_api_model::{
-    IDEMPOTENCY_KEY_HEADER, MAX_IDEMPOTENCY_KEY_CHARS, check_idempotency_key,
+    ACTOR_HEADER, IDEMPOTENCY_KEY_HEADER, MAX_ACTOR_CHARS, MAX_IDEMPOTENCY_KEY_CHARS, TokenError,
+    check_actor, check_idempotency_key,
 };
 use serde::de::DeserializeOwned;
 
@@ -30,6 +34,35 @@ where
                 Limits::from_ref(state),
             )),
         }
+    }
+}
+
+/// A JSON request body that may be left out: an empty body (whatever its content type) reads as
+/// `T::default()`, so that a client with nothing to say need not send `{}`. A body that is given
+/// is read as strictly as [`Json`] reads it.
+pub(crate) struct OptionalJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for OptionalJson<T>
+where
+    T: DeserializeOwned + Default,
+    S: Send + Sync,
+    Limits: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let limits = Limits::from_ref(state);
+        // The head is kept, body limit included, to read a non-empty body as `Json` would.
+        let (parts, body) = req.into_parts();
+        let bytes = Bytes::from_request(Request::from_parts(parts.clone(), body), state)
+            .await
+            .map_err(|rejection| ApiError::from_bytes_rejection(rejection, limits))?;
+        if bytes.is_empty() {
+            return Ok(Self(T::default()));
+        }
+        let Json(value) =
+            Json::from_request(Request::from_parts(parts, Body::from(bytes)), state).await?;
+        Ok(Self(value))
     }
 }
 
@@ -77,27 +110,76 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let invalid = |why: String| {
-            ApiError::invalid_request(format!(
-                "invalid `{IDEMPOTENCY_KEY_HEADER}` header: {why}; a key is 1 to \
-                 {MAX_IDEMPOTENCY_KEY_CHARS} visible ASCII characters, given once"
-            ))
-        };
-        let values: Vec<_> = parts
-            .headers
-            .get_all(IDEMPOTENCY_KEY_HEADER)
-            .iter()
-            .collect();
-        let value = match values[..] {
-            [] => return Ok(Self(None)),
-            [value] => value,
-            // Two keys cannot both be honoured, and picking one would hide a client's bug.
-            _ => return Err(invalid(format!("it is given {} times", values.len()))),
-        };
-        // Lossy decoding turns the first byte that is not ASCII into a character that is not
-        // either, so the check below names its position.
-        let key = String::from_utf8_lossy(value.as_bytes());
-        check_idempotency_key(&key).map_err(|e| invalid(e.to_string()))?;
-        Ok(Self(Some(key.into_owned())))
+        let key = token_header(
+            parts,
+            IDEMPOTENCY_KEY_HEADER,
+            "a key",
+            MAX_IDEMPOTENCY_KEY_CHARS,
+            check_idempotency_key,
+        )?;
+        Ok(Self(key))
     }
+}
+
+/// Who makes an operator's request, to be recorded in the run's history: the [`ACTOR_HEADER`],
+/// checked; without it, `anonymous@<the peer's IP address>`, or `anonymous` when the server was
+/// not started with `into_make_service_with_connect_info`, which alone tells the peer.
+///
+/// Nothing here is authenticated: the header says who a client claims to be. Authentication is
+/// to replace it.
+pub(crate) struct Actor(pub String);
+
+impl<S> FromRequestParts<S> for Actor
+where
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        if let Some(actor) = token_header(
+            parts,
+            ACTOR_HEADER,
+            "an actor",
+            MAX_ACTOR_CHARS,
+            check_actor,
+        )? {
+            return Ok(Self(actor));
+        }
+        // The IP alone: the port is a new one for every connection, so it would make one
+        // anonymous client look like many in the history.
+        let actor = match ConnectInfo::<SocketAddr>::from_request_parts(parts, state).await {
+            Ok(ConnectInfo(peer)) => format!("anonymous@{}", peer.ip()),
+            Err(_) => "anonymous".to_string(),
+        };
+        Ok(Self(actor))
+    }
+}
+
+/// The value of the optional header `name`, given at most once and checked by `check`, whose
+/// rule says a value is 1 to `max` visible ASCII characters; `what` names such a value ("a key").
+fn token_header(
+    parts: &Parts,
+    name: &str,
+    what: &str,
+    max: usize,
+    check: fn(&str) -> Result<(), TokenError>,
+) -> Result<Option<String>, ApiError> {
+    let invalid = |why: String| {
+        ApiError::invalid_request(format!(
+            "invalid `{name}` header: {why}; {what} is 1 to {max} visible ASCII characters, \
+             given once"
+        ))
+    };
+    let values: Vec<_> = parts.headers.get_all(name).iter().collect();
+    let value = match values[..] {
+        [] => return Ok(None),
+        [value] => value,
+        // Two values cannot both be honoured, and picking one would hide a client's bug.
+        _ => return Err(invalid(format!("it is given {} times", values.len()))),
+    };
+    // Lossy decoding turns the first byte that is not ASCII into a character that is not
+    // either, so the check below names its position.
+    let text = String::from_utf8_lossy(value.as_bytes());
+    check(&text).map_err(|e| invalid(e.to_string()))?;
+    Ok(Some(text.into_owned()))
 }

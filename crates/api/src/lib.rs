@@ -1,17 +1,29 @@
 //! The coordinator's HTTP API: axum routes over a [`Backend`] that the coordinator implements.
 //!
-//! | route                          | answer                                                     |
-//! | ------------------------------ | ---------------------------------------------------------- |
-//! | `POST /api/workflows/execute`  | 202 [`ExecuteResponse`]; 200 when an `Idempotency-Key` replays an earlier run |
-//! | `GET  /api/workflows/{id}`     | 200 [`WorkflowResult`]                                     |
-//! | `GET  /api/workflows`          | 200 [`RunPage`] (query: [`RunQuery`])                      |
-//! | `POST /api/definitions`        | 201 [`DefinitionSummary`]                                  |
-//! | `GET  /api/definitions`        | 200 [`DefinitionList`]                                     |
-//! | `GET  /api/dlq`                | 200 [`DeadLetterList`] (query: [`DeadLetterQuery`])        |
-//! | `POST /api/dlq/redrive`        | 200 [`RedriveResponse`] (body: [`RedriveRequest`])         |
+//! | route                                            | answer                                   |
+//! | ------------------------------------------------ | ---------------------------------------- |
+//! | `POST /api/workflows/execute`                    | 202 [`ExecuteResponse`]; 200 when an `Idempotency-Key` replays an earlier run |
+//! | `GET  /api/workflows/{id}`                       | 200 [`WorkflowResult`]                   |
+//! | `GET  /api/workflows`                            | 200 [`RunPage`] (query: [`RunQuery`])    |
+//! | `POST /api/workflows/{id}/cancel`                | 200 [`OperateResponse`] (no body, or `{}`) |
+//! | `POST /api/workflows/{id}/pause`                 | 200 [`OperateResponse`] (no body, or `{}`) |
+//! | `POST /api/workflows/{id}/resume`                | 200 [`OperateResponse`] (no body, or `{}`) |
+//! | `POST /api/workflows/{id}/retry`                 | 200 [`OperateResponse`] (optional body: [`RetryRequest`]) |
+//! | `POST /api/workflows/{id}/steps/{step}/skip`     | 200 [`OperateResponse`] (no body, or `{}`) |
+//! | `POST /api/workflows/{id}/steps/{step}/complete` | 200 [`OperateResponse`] (body: [`CompleteRequest`]) |
+//! | `GET  /api/workflows/{id}/events`                | 200 [`RunEventList`]                     |
+//! | `POST /api/definitions`                          | 201 [`DefinitionSummary`]                |
+//! | `GET  /api/definitions`                          | 200 [`DefinitionList`]                   |
+//! | `GET  /api/dlq`                                  | 200 [`DeadLetterList`] (query: [`DeadLetterQuery`]) |
+//! | `POST /api/dlq/redrive`                          | 200 [`RedriveResponse`] (body: [`RedriveRequest`]) |
 //!
 //! Every failure, including malformed bodies, unknown routes and oversized requests, answers with
-//! an [`ErrorBody`](flotilla_api_model::ErrorBody).
+//! an [`ErrorBody`](flotilla_api_model::ErrorBody). The operator routes (cancel … complete) answer
+//! 404 for an unknown run or step and 409 (`conflict`, with the reason) for an action the run's
+//! state does not allow; they record who acted from the `Flotilla-Actor` header, or as
+//! `anonymous@<peer IP>` without one when the router is served with
+//! [`into_make_service_with_connect_info`](axum::Router::into_make_service_with_connect_info)
+//! (`anonymous` otherwise).
 //!
 //! This crate parses and validates what clients send (definitions are compiled with
 //! [`Plan::compile`](flotilla_core::Plan::compile) before the backend sees them) and turns backend
@@ -24,6 +36,10 @@
 //! [`WorkflowResult`]: flotilla_api_model::WorkflowResult
 //! [`RunPage`]: flotilla_api_model::RunPage
 //! [`RunQuery`]: flotilla_api_model::RunQuery
+//! [`OperateResponse`]: flotilla_api_model::OperateResponse
+//! [`RetryRequest`]: flotilla_api_model::RetryRequest
+//! [`CompleteRequest`]: flotilla_api_model::CompleteRequest
+//! [`RunEventList`]: flotilla_api_model::RunEventList
 //! [`DefinitionSummary`]: flotilla_api_model::DefinitionSummary
 //! [`DefinitionList`]: flotilla_api_model::DefinitionList
 //! [`DeadLetterList`]: flotilla_api_model::DeadLetterList

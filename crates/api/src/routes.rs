@@ -9,17 +9,19 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use flotilla_api_model::{
-    DeadLetterList, DeadLetterQuery, DefinitionList, DefinitionSummary, ExecuteRequest,
-    ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, RedriveOutcome, RedriveRequest, RedriveResponse,
-    RegisterDefinitionRequest, RunPage, RunQuery, Submitted, WorkflowResult,
+    CompleteRequest, DeadLetterList, DeadLetterQuery, DefinitionList, DefinitionSummary,
+    ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, OperateResponse, Operation,
+    RedriveOutcome, RedriveRequest, RedriveResponse, RegisterDefinitionRequest, RetryRequest,
+    RunEventList, RunPage, RunQuery, Submitted, WorkflowResult,
 };
 use flotilla_core::{Definition, Plan, RunStatus};
+use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::backend::{Backend, Submission};
 use crate::error::{ApiError, Kind};
-use crate::extract::{IdempotencyKey, Json, Path, Query};
+use crate::extract::{Actor, IdempotencyKey, Json, OptionalJson, Path, Query};
 
 /// Runs listed per page when the query gives no `limit`.
 pub const DEFAULT_RUN_LIMIT: u32 = 50;
@@ -31,12 +33,24 @@ pub const DEFAULT_DEAD_LETTER_LIMIT: u32 = 50;
 pub const MAX_DEAD_LETTER_LIMIT: u32 = 500;
 
 /// Every run status, for telling a client which ones exist.
-const RUN_STATUSES: [RunStatus; 4] = [
+const RUN_STATUSES: [RunStatus; 6] = [
     RunStatus::Running,
+    RunStatus::Paused,
     RunStatus::Failing,
     RunStatus::Success,
     RunStatus::Failure,
+    RunStatus::Cancelled,
 ];
+
+// A status added to the core stops the build here until it is added to `RUN_STATUSES` too.
+const _: fn(RunStatus) = |status| match status {
+    RunStatus::Running
+    | RunStatus::Paused
+    | RunStatus::Failing
+    | RunStatus::Success
+    | RunStatus::Failure
+    | RunStatus::Cancelled => {}
+};
 
 /// Bounds on what a client may send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +103,16 @@ pub fn router<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
         .route("/api/workflows/execute", post(execute::<B>))
         .route("/api/workflows", get(list_runs::<B>))
         .route("/api/workflows/{id}", get(get_run::<B>))
+        .route("/api/workflows/{id}/cancel", post(cancel::<B>))
+        .route("/api/workflows/{id}/pause", post(pause::<B>))
+        .route("/api/workflows/{id}/resume", post(resume::<B>))
+        .route("/api/workflows/{id}/retry", post(retry::<B>))
+        .route("/api/workflows/{id}/steps/{step}/skip", post(skip::<B>))
+        .route(
+            "/api/workflows/{id}/steps/{step}/complete",
+            post(complete::<B>),
+        )
+        .route("/api/workflows/{id}/events", get(run_events::<B>))
         .route(
             "/api/definitions",
             post(register_definition::<B>).get(list_definitions::<B>),
@@ -160,12 +184,118 @@ async fn get_run<B: Backend>(
     State(backend): State<Arc<B>>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<WorkflowResult>, ApiError> {
-    let id = Uuid::parse_str(&id).map_err(|e| {
-        ApiError::invalid_request(format!("`{id}` is not a workflow id (a UUID): {e}"))
-    })?;
+    let id = run_id(&id)?;
     match backend.run(id).await? {
         Some(result) => Ok(axum::Json(result)),
-        None => Err(ApiError::not_found(format!("workflow run {id} not found"))),
+        None => Err(run_not_found(id)),
+    }
+}
+
+/// A run id from the path.
+fn run_id(text: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text).map_err(|e| {
+        ApiError::invalid_request(format!("`{text}` is not a workflow id (a UUID): {e}"))
+    })
+}
+
+fn run_not_found(id: Uuid) -> ApiError {
+    ApiError::not_found(format!("workflow run {id} not found"))
+}
+
+/// The body of an action that takes no arguments: none, or `{}`. A field is refused, as in every
+/// request body, so that a client that expects it to mean something learns that it does not.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArguments {}
+
+async fn cancel<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(id): Path<String>,
+    Actor(actor): Actor,
+    OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
+) -> Result<axum::Json<OperateResponse>, ApiError> {
+    operate(&*backend, &id, Operation::Cancel, actor).await
+}
+
+async fn pause<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(id): Path<String>,
+    Actor(actor): Actor,
+    OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
+) -> Result<axum::Json<OperateResponse>, ApiError> {
+    operate(&*backend, &id, Operation::Pause, actor).await
+}
+
+async fn resume<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(id): Path<String>,
+    Actor(actor): Actor,
+    OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
+) -> Result<axum::Json<OperateResponse>, ApiError> {
+    operate(&*backend, &id, Operation::Resume, actor).await
+}
+
+async fn retry<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(id): Path<String>,
+    Actor(actor): Actor,
+    OptionalJson(RetryRequest { step }): OptionalJson<RetryRequest>,
+) -> Result<axum::Json<OperateResponse>, ApiError> {
+    operate(&*backend, &id, Operation::Retry { step }, actor).await
+}
+
+async fn skip<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path((id, step)): Path<(String, String)>,
+    Actor(actor): Actor,
+    OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
+) -> Result<axum::Json<OperateResponse>, ApiError> {
+    operate(&*backend, &id, Operation::Skip { step }, actor).await
+}
+
+async fn complete<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path((id, step)): Path<(String, String)>,
+    Actor(actor): Actor,
+    Json(CompleteRequest { output }): Json<CompleteRequest>,
+) -> Result<axum::Json<OperateResponse>, ApiError> {
+    operate(&*backend, &id, Operation::Complete { step, output }, actor).await
+}
+
+async fn operate<B: Backend>(
+    backend: &B,
+    id: &str,
+    operation: Operation,
+    actor: String,
+) -> Result<axum::Json<OperateResponse>, ApiError> {
+    let id = run_id(id)?;
+    let action = operation.action();
+    let step = operation.step().map(str::to_string);
+    let status = backend.operate(id, operation, actor.clone()).await?;
+    // The run's history has the action too; the log puts it beside what the engine did after.
+    tracing::info!(
+        workflow_id = %id,
+        action,
+        step_id = step.as_deref(),
+        %actor,
+        %status,
+        "operator action applied"
+    );
+    Ok(axum::Json(OperateResponse {
+        workflow_id: id,
+        action: action.to_string(),
+        status,
+    }))
+}
+
+async fn run_events<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<RunEventList>, ApiError> {
+    let id = run_id(&id)?;
+    match backend.events(id).await? {
+        Some(events) => Ok(axum::Json(RunEventList { events })),
+        None => Err(run_not_found(id)),
     }
 }
 

@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
-use flotilla_api_model::{IdempotencyKeyError, MAX_IDEMPOTENCY_KEY_CHARS, check_idempotency_key};
+use flotilla_api_model::{MAX_IDEMPOTENCY_KEY_CHARS, TokenError, check_idempotency_key};
 use reqwest::Url;
+use serde_json::Value;
 use uuid::Uuid;
 
 use crate::params::{Param, parse_param};
@@ -40,7 +41,12 @@ pub enum Output {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Start, follow and list workflow runs.
+    /// Start, follow, list and steer workflow runs.
+    ///
+    /// The operator commands (cancel, pause, resume, retry, skip, complete) print the run's status
+    /// once the action is done and exit 0; when the run's state does not allow the action they
+    /// print why and exit 1. Each is recorded in the run's history (see `history`) as done by
+    /// $USER@<hostname> (HOSTNAME, or else /etc/hostname, names the host).
     #[command(subcommand)]
     Workflows(WorkflowsCommand),
     /// Register and list named workflow definitions.
@@ -84,7 +90,7 @@ pub enum WorkflowsCommand {
     },
     /// List runs, newest first.
     List {
-        /// Only runs with this status: running, failing, success or failure.
+        /// Only runs with this status: running, paused, failing, success, failure or cancelled.
         #[arg(long)]
         status: Option<String>,
         /// At most this many runs (1 to 500; the coordinator's default is 50).
@@ -94,12 +100,63 @@ pub enum WorkflowsCommand {
         #[arg(long)]
         cursor: Option<String>,
     },
+    /// Cancel a run: every step that has not ended ends `cancelled`, and so does the run.
+    Cancel {
+        /// The run's id.
+        id: Uuid,
+    },
+    /// Pause a run: results of running steps are still recorded, but nothing new starts.
+    Pause {
+        /// The run's id.
+        id: Uuid,
+    },
+    /// Resume a paused run: the steps that became ready meanwhile start.
+    Resume {
+        /// The run's id.
+        id: Uuid,
+    },
+    /// Give the failed steps of a failed run a new attempt, and run it again.
+    Retry {
+        /// The run's id.
+        id: Uuid,
+        /// Retry only this failed step.
+        #[arg(long)]
+        step: Option<String>,
+    },
+    /// End a step as skipped: one that has not ended, or the failed step of a failed run. Its
+    /// dependents go on.
+    Skip {
+        /// The run's id.
+        id: Uuid,
+        /// The step to skip.
+        #[arg(long)]
+        step: String,
+    },
+    /// End a step as succeeded, with the output given, as if its agent had returned it: one that
+    /// has not ended, or the failed step of a failed run. Its dependents go on.
+    Complete {
+        /// The run's id.
+        id: Uuid,
+        /// The step to complete.
+        #[arg(long)]
+        step: String,
+        /// The step's output, as JSON (`'{"url": "https://…"}'`, `42`, `'"text"'`). Not
+        /// `--output`, which says how the CLI prints.
+        #[arg(long, value_name = "JSON", value_parser = parse_json)]
+        step_output: Value,
+    },
+    /// Show a run's history: what operators did to it, who and when.
+    History {
+        /// The run's id.
+        id: Uuid,
+    },
 }
 
 /// Following a run to its end.
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct Wait {
-    /// Follow the run until it ends, then exit 0 if it succeeded and 1 if it failed.
+    /// Follow the run until it ends, then exit 0 if it succeeded and 1 if it failed or was
+    /// cancelled.
     #[arg(long)]
     pub wait: bool,
     /// Give up waiting after this many seconds (exit 2; the run goes on).
@@ -143,9 +200,15 @@ pub enum DlqCommand {
 }
 
 /// Checks `--idempotency-key` before anything is sent, by the coordinator's rule.
-fn parse_idempotency_key(arg: &str) -> Result<String, IdempotencyKeyError> {
+fn parse_idempotency_key(arg: &str) -> Result<String, TokenError> {
     check_idempotency_key(arg)?;
     Ok(arg.to_string())
+}
+
+/// Reads `--step-output`. Unlike `--param`, a value that is not JSON is an error rather than a
+/// string: a step's output is usually an object, and a mistyped one must not become text.
+fn parse_json(arg: &str) -> Result<Value, String> {
+    serde_json::from_str(arg).map_err(|e| format!("not JSON ({e})"))
 }
 
 // The help of `--idempotency-key` states the limit in words (doc comments cannot name a
@@ -233,6 +296,72 @@ mod tests {
             parse(&["dlq", "redrive", "not-a-uuid"]).unwrap_err().kind(),
             clap::error::ErrorKind::ValueValidation
         );
+    }
+
+    #[test]
+    fn operator_commands_take_their_arguments() {
+        let id = Uuid::from_u128(1).to_string();
+        let complete = parse(&[
+            "workflows",
+            "complete",
+            &id,
+            "--step",
+            "deploy",
+            "--step-output",
+            r#"{"url": "https://x"}"#,
+            "--output",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(complete.output, Output::Json);
+        let Command::Workflows(WorkflowsCommand::Complete {
+            step, step_output, ..
+        }) = complete.command
+        else {
+            panic!("not complete");
+        };
+        assert_eq!(step, "deploy");
+        assert_eq!(step_output, serde_json::json!({"url": "https://x"}));
+
+        assert!(parse(&["workflows", "retry", &id]).is_ok());
+        assert!(parse(&["workflows", "retry", &id, "--step", "deploy"]).is_ok());
+        for args in [
+            &["workflows", "skip", &id][..],
+            &["workflows", "complete", &id, "--step", "deploy"],
+            &["workflows", "complete", &id, "--step-output", "1"],
+        ] {
+            assert_eq!(
+                parse(args).unwrap_err().kind(),
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "{args:?}"
+            );
+        }
+        assert_eq!(
+            parse(&["workflows", "cancel", "not-a-uuid"])
+                .unwrap_err()
+                .kind(),
+            clap::error::ErrorKind::ValueValidation
+        );
+    }
+
+    #[test]
+    fn a_step_output_that_is_not_json_is_a_usage_error_naming_the_flag() {
+        let id = Uuid::from_u128(1).to_string();
+        let err = parse(&[
+            "workflows",
+            "complete",
+            &id,
+            "--step",
+            "deploy",
+            "--step-output",
+            "{url: x}",
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        assert_eq!(err.exit_code(), 2);
+        let message = err.to_string();
+        assert!(message.contains("--step-output <JSON>"), "{message}");
+        assert!(message.contains("not JSON"), "{message}");
     }
 
     #[test]

@@ -3,9 +3,11 @@
 use std::time::Duration;
 
 use flotilla_api_model::{
-    DeadLetterList, DeadLetterQuery, DefinitionList, DefinitionSummary, ErrorBody, ExecuteRequest,
-    ExecuteResponse, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, RedriveRequest,
-    RedriveResponse, RegisterDefinitionRequest, RunPage, RunQuery, Submitted, WorkflowResult,
+    ACTOR_HEADER, CompleteRequest, DeadLetterList, DeadLetterQuery, DefinitionList,
+    DefinitionSummary, ErrorBody, ExecuteRequest, ExecuteResponse, IDEMPOTENCY_KEY_HEADER,
+    IDEMPOTENT_REPLAYED_HEADER, OperateResponse, Operation, RedriveRequest, RedriveResponse,
+    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, Submitted,
+    WorkflowResult,
 };
 use reqwest::header::HeaderMap;
 use reqwest::{RequestBuilder, StatusCode, Url};
@@ -21,6 +23,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const SUBMIT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of an unexpected (non-API) error body to show.
 const BODY_EXCERPT_CHARS: usize = 300;
+/// The `error.code` of a request the coordinator understood but would not carry out, because the
+/// state of what it names does not allow it.
+const CONFLICT_CODE: &str = "conflict";
 
 /// How a submission is repeated after a network failure: refused or dropped connections five
 /// times within about 3 s, which rides out a coordinator restarting behind a proxy; attempts that
@@ -59,6 +64,10 @@ pub enum ClientError {
     /// definition).
     #[error("{0}")]
     Api(String),
+    /// The coordinator understood the request but the state of what it names does not allow it
+    /// (e.g. resuming a run that is not paused); the message says why.
+    #[error("{0}")]
+    Refused(String),
     /// Something answered that is not the coordinator's API (a proxy, another service).
     #[error("{url} answered {status}, not a Flotilla API response: {excerpt}")]
     UnexpectedAnswer {
@@ -278,6 +287,46 @@ impl Client {
             .await
     }
 
+    /// Carries out an operator's action on run `id`, recorded as done by `actor` (visible ASCII).
+    ///
+    /// Not repeated after a network failure: the lost request may have been carried out, and
+    /// its repeat would then be refused (resuming a resumed run) or, worse, done a second time
+    /// (retrying the run again).
+    pub async fn operate(
+        &self,
+        id: Uuid,
+        operation: &Operation,
+        actor: &str,
+    ) -> Result<OperateResponse, ClientError> {
+        let run = id.to_string();
+        let action = operation.action();
+        let url = match operation {
+            Operation::Skip { step } | Operation::Complete { step, .. } => {
+                self.url(&["workflows", &run, "steps", step, action])
+            }
+            Operation::Cancel | Operation::Pause | Operation::Resume | Operation::Retry { .. } => {
+                self.url(&["workflows", &run, action])
+            }
+        };
+        let request = self.http.post(url.clone()).header(ACTOR_HEADER, actor);
+        let request = match operation {
+            Operation::Retry { step } => request.json(&RetryRequest { step: step.clone() }),
+            Operation::Complete { output, .. } => request.json(&CompleteRequest {
+                output: output.clone(),
+            }),
+            Operation::Cancel | Operation::Pause | Operation::Resume | Operation::Skip { .. } => {
+                request
+            }
+        };
+        self.send(request, url).await
+    }
+
+    /// The history of run `id`, oldest first.
+    pub async fn events(&self, id: Uuid) -> Result<RunEventList, ClientError> {
+        let url = self.url(&["workflows", &id.to_string(), "events"]);
+        self.send(self.http.get(url.clone()), url).await
+    }
+
     /// `{base}/api/{segments...}`, each segment escaped.
     fn url(&self, segments: &[&str]) -> Url {
         let mut url = self.base.clone();
@@ -345,6 +394,9 @@ fn decode<T: DeserializeOwned>(answer: Answer, url: Url) -> Result<T, ClientErro
         return serde_json::from_slice(&body).map_err(|source| ClientError::Decode { url, source });
     }
     Err(match serde_json::from_slice::<ErrorBody>(&body) {
+        Ok(ErrorBody { error }) if error.code == CONFLICT_CODE => {
+            ClientError::Refused(error.message)
+        }
         Ok(ErrorBody { error }) => ClientError::Api(error.message),
         Err(_) => ClientError::UnexpectedAnswer {
             url,
@@ -382,6 +434,13 @@ mod tests {
                 .url(&["definitions"])
                 .as_str(),
             "https://ops.example/flotilla/api/definitions"
+        );
+        // A step id is one segment, whatever it holds.
+        assert_eq!(
+            client("http://127.0.0.1:3020")
+                .url(&["workflows", "r", "steps", "a/b c?", "skip"])
+                .as_str(),
+            "http://127.0.0.1:3020/api/workflows/r/steps/a%2Fb%20c%3F/skip"
         );
     }
 

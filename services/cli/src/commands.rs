@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use flotilla_api_model::{
-    DeadLetterQuery, ExecuteRequest, ExecuteResponse, RedriveOutcome, RedriveRequest,
+    DeadLetterQuery, ExecuteRequest, ExecuteResponse, Operation, RedriveOutcome, RedriveRequest,
     RegisterDefinitionRequest, RunQuery, WorkflowResult,
 };
 use indicatif::{ProgressBar, ProgressStyle};
@@ -14,9 +14,9 @@ use tokio::time::MissedTickBehavior;
 use uuid::Uuid;
 
 use crate::cli::{Cli, Command, DefinitionsCommand, DlqCommand, Output, Wait, WorkflowsCommand};
-use crate::client::Client;
-use crate::params;
+use crate::client::{Client, ClientError};
 use crate::render;
+use crate::{actor, params};
 
 /// How often `--wait` asks for the run's state.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -27,10 +27,12 @@ const SPINNER_TICK: Duration = Duration::from_millis(120);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Done,
-    /// A run that the command waited for ended in failure.
+    /// A run that the command waited for ended in failure, or was cancelled.
     WorkflowFailed,
     /// Some of the dead letters the command was to redrive were not retried.
     NotAllRedriven,
+    /// The coordinator understood an operator's action but the run's state did not allow it.
+    Refused,
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
@@ -112,6 +114,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
             Ok(Outcome::Done)
         }
+        Command::Workflows(WorkflowsCommand::Cancel { id }) => {
+            operate(&client, id, Operation::Cancel, output).await
+        }
+        Command::Workflows(WorkflowsCommand::Pause { id }) => {
+            operate(&client, id, Operation::Pause, output).await
+        }
+        Command::Workflows(WorkflowsCommand::Resume { id }) => {
+            operate(&client, id, Operation::Resume, output).await
+        }
+        Command::Workflows(WorkflowsCommand::Retry { id, step }) => {
+            operate(&client, id, Operation::Retry { step }, output).await
+        }
+        Command::Workflows(WorkflowsCommand::Skip { id, step }) => {
+            operate(&client, id, Operation::Skip { step }, output).await
+        }
+        Command::Workflows(WorkflowsCommand::Complete {
+            id,
+            step,
+            step_output,
+        }) => {
+            let operation = Operation::Complete {
+                step,
+                output: step_output,
+            };
+            operate(&client, id, operation, output).await
+        }
+        Command::Workflows(WorkflowsCommand::History { id }) => {
+            let list = client.events(id).await?;
+            match output {
+                Output::Text => print!("{}", render::events(&list)),
+                Output::Json => print_json(&list)?,
+            }
+            Ok(Outcome::Done)
+        }
         Command::Definitions(DefinitionsCommand::Register { file }) => {
             let request = RegisterDefinitionRequest {
                 yaml: Some(read(&file)?),
@@ -157,6 +193,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 Ok(Outcome::NotAllRedriven)
             }
         }
+    }
+}
+
+/// Carries out an operator's action and prints what became of the run; a refusal is printed as
+/// an error, but is an answer rather than a failure to ask, hence its own exit code.
+async fn operate(
+    client: &Client,
+    id: Uuid,
+    operation: Operation,
+    output: Output,
+) -> anyhow::Result<Outcome> {
+    match client.operate(id, &operation, &actor::local()).await {
+        Ok(response) => {
+            match output {
+                Output::Text => print!("{}", render::operated(&response, operation.step())),
+                Output::Json => print_json(&response)?,
+            }
+            Ok(Outcome::Done)
+        }
+        Err(ClientError::Refused(reason)) => {
+            eprintln!("error: {reason}");
+            Ok(Outcome::Refused)
+        }
+        Err(err) => Err(err.into()),
     }
 }
 

@@ -1,9 +1,12 @@
 //! `flotilla`: the command-line client of the Flotilla coordinator's HTTP API.
 //!
-//! Exit codes: 0 when the command did what was asked, 1 when a run it waited for failed or a dead
-//! letter it was to redrive was not retried, 2 for everything else (usage, an unreachable
-//! coordinator, a request the coordinator refused).
+//! Exit codes: 0 when the command did what was asked; 1 when a run it waited for failed or was
+//! cancelled, a dead letter it was to redrive was not retried, or the run's state did not allow
+//! an operator's action (the request was understood, but not carried out); 2 for everything else
+//! (usage, an unreachable coordinator, a request the coordinator refused as malformed or naming
+//! nothing it knows).
 
+mod actor;
 mod cli;
 mod client;
 mod commands;
@@ -22,7 +25,9 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match commands::run(cli).await {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
-        Ok(Outcome::WorkflowFailed | Outcome::NotAllRedriven) => ExitCode::from(1),
+        Ok(Outcome::WorkflowFailed | Outcome::NotAllRedriven | Outcome::Refused) => {
+            ExitCode::from(1)
+        }
         Err(err) => {
             eprintln!("error: {err}");
             // The outermost error says what failed; the innermost one usually says why (e.g.

@@ -4,16 +4,17 @@ use std::fmt::Write;
 
 use chrono::{DateTime, Utc};
 use flotilla_api_model::{
-    DeadLetterList, DefinitionList, DefinitionSummary, RedriveOutcome, RedriveResponse, RunPage,
-    WorkflowResult,
+    DeadLetterList, DefinitionList, DefinitionSummary, OperateResponse, RedriveOutcome,
+    RedriveResponse, RunEventList, RunPage, WorkflowResult,
 };
+use serde_json::Value;
 
 /// How many characters of a definition hash a listing shows; enough to tell revisions apart.
 const SHORT_HASH_CHARS: usize = 12;
 
 /// Whether a run has reached its final status.
 pub fn is_finished(status: &str) -> bool {
-    matches!(status, "success" | "failure")
+    matches!(status, "success" | "failure" | "cancelled")
 }
 
 /// A run's progress, for the progress bar.
@@ -31,13 +32,18 @@ pub fn progress(result: &WorkflowResult) -> Progress {
         .iter()
         .filter(|s| s.status == "running")
         .count();
+    let mut message = format!(
+        "running {running}, failed {}, skipped {}",
+        m.failed_steps, m.skipped_steps
+    );
+    // A paused run can sit still for hours: say why, so that the wait does not look hung.
+    if result.status == "paused" {
+        message.insert_str(0, "paused: ");
+    }
     Progress {
         finished: (m.successful_steps + m.failed_steps + m.skipped_steps) as u64,
         total: m.total_steps as u64,
-        message: format!(
-            "running {running}, failed {}, skipped {}",
-            m.failed_steps, m.skipped_steps
-        ),
+        message,
     }
 }
 
@@ -213,6 +219,46 @@ pub fn redriven(response: &RedriveResponse) -> String {
         let _ = writeln!(out, "{}: {verdict}", outcome.dead_letter);
     }
     out
+}
+
+/// One line saying what an operator's action did: `run <id> <action>[ step `<step>`]: <status>`,
+/// the status being the run's once the action was done.
+pub fn operated(response: &OperateResponse, step: Option<&str>) -> String {
+    let step = step.map(|s| format!(" step `{s}`")).unwrap_or_default();
+    format!(
+        "run {} {}{step}: {}\n",
+        response.workflow_id, response.action, response.status
+    )
+}
+
+/// A run's history as a table, oldest first. The detail comes last: it is the one free-form
+/// column.
+pub fn events(list: &RunEventList) -> String {
+    if list.events.is_empty() {
+        return "no operator actions recorded for this run\n".to_string();
+    }
+    let rows = list
+        .events
+        .iter()
+        .map(|e| {
+            vec![
+                time(e.at),
+                e.actor.clone(),
+                e.action.clone(),
+                e.step_id.clone().unwrap_or_default(),
+                e.detail.as_ref().map(detail).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(&["TIME", "ACTOR", "ACTION", "STEP", "DETAIL"], rows)
+}
+
+/// A detail on one line: text as it is, anything else as compact JSON.
+fn detail(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// " (step `deploy` of run …)", or as much of it as is known.
@@ -565,8 +611,79 @@ ID                                    WORKFLOW                              STEP
     }
 
     #[test]
-    fn only_success_and_failure_end_a_run() {
-        assert!(is_finished("success") && is_finished("failure"));
-        assert!(!is_finished("running") && !is_finished("failing"));
+    fn success_failure_and_cancelled_end_a_run() {
+        assert!(is_finished("success") && is_finished("failure") && is_finished("cancelled"));
+        assert!(!is_finished("running") && !is_finished("failing") && !is_finished("paused"));
+    }
+
+    #[test]
+    fn progress_of_a_paused_run_says_it_is_paused() {
+        let mut run = failed_run();
+        run.status = "paused".into();
+        assert_eq!(
+            progress(&run).message,
+            "paused: running 0, failed 1, skipped 1"
+        );
+    }
+
+    #[test]
+    fn operator_lines() {
+        let response = |action: &str, status: &str| OperateResponse {
+            workflow_id: Uuid::from_u128(1),
+            action: action.into(),
+            status: status.into(),
+        };
+        assert_eq!(
+            operated(&response("cancel", "cancelled"), None),
+            "run 00000000-0000-0000-0000-000000000001 cancel: cancelled\n"
+        );
+        assert_eq!(
+            operated(&response("skip", "running"), Some("deploy")),
+            "run 00000000-0000-0000-0000-000000000001 skip step `deploy`: running\n"
+        );
+    }
+
+    #[test]
+    fn history_table() {
+        use flotilla_api_model::RunEvent;
+
+        let event =
+            |actor: &str, action: &str, step: Option<&str>, detail: Option<Value>| RunEvent {
+                at: at(60),
+                actor: actor.into(),
+                action: action.into(),
+                step_id: step.map(Into::into),
+                detail,
+            };
+        let list = RunEventList {
+            events: vec![
+                event("alice@build-box", "pause", None, None),
+                event(
+                    "bob@laptop",
+                    "complete",
+                    Some("deploy"),
+                    Some(json!({"output": {"url": "https://x"}})),
+                ),
+                event(
+                    "anonymous@10.0.0.7",
+                    "skip",
+                    Some("lint"),
+                    Some(json!("flaky")),
+                ),
+            ],
+        };
+        assert_eq!(
+            events(&list),
+            "\
+TIME                     ACTOR               ACTION    STEP    DETAIL
+2025-06-15 15:07:40 UTC  alice@build-box     pause
+2025-06-15 15:07:40 UTC  bob@laptop          complete  deploy  {\"output\":{\"url\":\"https://x\"}}
+2025-06-15 15:07:40 UTC  anonymous@10.0.0.7  skip      lint    flaky
+"
+        );
+        assert_eq!(
+            events(&RunEventList { events: Vec::new() }),
+            "no operator actions recorded for this run\n"
+        );
     }
 }

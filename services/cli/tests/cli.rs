@@ -12,8 +12,8 @@ use chrono::{TimeZone, Utc};
 use flotilla_api::{Backend, BackendError, Limits, Submission};
 use flotilla_api_model::{
     DeadLetterList, DeadLetterQuery, DeadLetterSummary, DefinitionSummary, ExecuteResponse,
-    Metrics, RedriveOutcome, RedriveResponse, RunPage, RunQuery, RunSummary, StepResult, Submitted,
-    WorkflowResult,
+    Metrics, OperateResponse, Operation, RedriveOutcome, RedriveResponse, RunEvent, RunEventList,
+    RunPage, RunQuery, RunSummary, StepResult, Submitted, WorkflowResult,
 };
 use flotilla_core::Definition;
 use serde_json::{Map, Value, json};
@@ -73,6 +73,12 @@ struct State {
     redrives: Vec<Vec<Uuid>>,
     /// Answered by a redrive instead of doing anything.
     redrive_failure: Option<BackendError>,
+    /// Every operator action asked for on [`RUN_ID`], with its actor.
+    operations: Vec<(Operation, String)>,
+    /// Answered by every operator action on [`RUN_ID`] instead of doing it.
+    refusal: Option<String>,
+    /// The history of [`RUN_ID`].
+    history: Vec<RunEvent>,
 }
 
 impl Coordinator {
@@ -198,6 +204,41 @@ impl Backend for Coordinator {
             })
             .collect())
     }
+
+    /// [`RUN_ID`] has the steps `build` and `deploy`; an action that is not refused leaves the
+    /// run `cancelled`, `paused` or `running`.
+    async fn operate(
+        &self,
+        id: Uuid,
+        operation: Operation,
+        actor: String,
+    ) -> Result<String, BackendError> {
+        let mut state = self.state();
+        if id != RUN_ID {
+            return Err(BackendError::NotFound(format!("no run has id {id}")));
+        }
+        state.operations.push((operation.clone(), actor));
+        if let Some(step) = operation.step()
+            && !["build", "deploy"].contains(&step)
+        {
+            return Err(BackendError::NotFound(format!(
+                "run {id} has no step `{step}`"
+            )));
+        }
+        if let Some(reason) = &state.refusal {
+            return Err(BackendError::Conflict(reason.clone()));
+        }
+        Ok(match operation {
+            Operation::Cancel => "cancelled",
+            Operation::Pause => "paused",
+            _ => "running",
+        }
+        .to_string())
+    }
+
+    async fn events(&self, id: Uuid) -> Result<Option<Vec<RunEvent>>, BackendError> {
+        Ok((id == RUN_ID).then(|| self.state().history.clone()))
+    }
 }
 
 /// Serves the API over `coordinator` on a free local port; answers its address.
@@ -291,6 +332,21 @@ async fn flotilla(url: &str, args: &[&str]) -> Output {
         .output()
         .await
         .expect("the binary runs")
+}
+
+/// Runs an operator command as the user `user` (`None`: no `USER` at all) on the host
+/// `build-box`.
+async fn flotilla_as(url: &str, user: Option<&str>, args: &[&str]) -> Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_flotilla"));
+    command
+        .args(args)
+        .env("FLOTILLA_URL", url)
+        .env("HOSTNAME", "build-box");
+    match user {
+        Some(user) => command.env("USER", user),
+        None => command.env_remove("USER"),
+    };
+    command.output().await.expect("the binary runs")
 }
 
 fn stdout(output: &Output) -> String {
@@ -925,4 +981,329 @@ async fn dlq_redrive_errors_exit_2() {
     let output = flotilla(&url, &["dlq", "redrive"]).await;
     assert_eq!(output.status.code(), Some(2));
     assert!(coordinator.state().redrives.is_empty());
+}
+
+#[tokio::test]
+async fn operator_commands_print_the_run_status_and_exit_0() {
+    let coordinator = Coordinator::scripted(Vec::new());
+    let url = serve(Arc::clone(&coordinator)).await;
+    let id = RUN_ID.to_string();
+    let cases: [(&[&str], String); 7] = [
+        (
+            &["cancel", &id],
+            format!("run {RUN_ID} cancel: cancelled\n"),
+        ),
+        (&["pause", &id], format!("run {RUN_ID} pause: paused\n")),
+        (&["resume", &id], format!("run {RUN_ID} resume: running\n")),
+        (&["retry", &id], format!("run {RUN_ID} retry: running\n")),
+        (
+            &["retry", &id, "--step", "deploy"],
+            format!("run {RUN_ID} retry step `deploy`: running\n"),
+        ),
+        (
+            &["skip", &id, "--step", "build"],
+            format!("run {RUN_ID} skip step `build`: running\n"),
+        ),
+        (
+            &[
+                "complete",
+                &id,
+                "--step",
+                "deploy",
+                "--step-output",
+                r#"{"url": "https://staging.example"}"#,
+            ],
+            format!("run {RUN_ID} complete step `deploy`: running\n"),
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = flotilla_as(&url, Some("alice"), &[&["workflows"], args].concat()).await;
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert_eq!(stdout(&output), expected, "{args:?}");
+        assert!(stderr(&output).is_empty(), "{args:?}: {}", stderr(&output));
+    }
+
+    let state = coordinator.state();
+    let operations: Vec<&Operation> = state.operations.iter().map(|(o, _)| o).collect();
+    assert_eq!(
+        operations,
+        [
+            &Operation::Cancel,
+            &Operation::Pause,
+            &Operation::Resume,
+            &Operation::Retry { step: None },
+            &Operation::Retry {
+                step: Some("deploy".into())
+            },
+            &Operation::Skip {
+                step: "build".into()
+            },
+            &Operation::Complete {
+                step: "deploy".into(),
+                output: json!({"url": "https://staging.example"})
+            },
+        ]
+    );
+}
+
+#[tokio::test]
+async fn operator_commands_send_who_acts() {
+    let coordinator = Coordinator::scripted(Vec::new());
+    let url = serve(Arc::clone(&coordinator)).await;
+    let id = RUN_ID.to_string();
+    for user in [Some("alice"), None, Some("jane doe")] {
+        let output = flotilla_as(&url, user, &["workflows", "pause", &id]).await;
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{user:?}: {}",
+            stderr(&output)
+        );
+    }
+    let actors: Vec<String> = coordinator
+        .state()
+        .operations
+        .iter()
+        .map(|(_, actor)| actor.clone())
+        .collect();
+    // A user name the header cannot carry as it is still names someone.
+    assert_eq!(
+        actors,
+        ["alice@build-box", "unknown@build-box", "jane_doe@build-box"]
+    );
+}
+
+#[tokio::test]
+async fn operator_commands_print_json_on_request() {
+    let url = serve(Coordinator::scripted(Vec::new())).await;
+    let output = flotilla_as(
+        &url,
+        Some("alice"),
+        &[
+            "workflows",
+            "cancel",
+            &RUN_ID.to_string(),
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let printed: OperateResponse = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        printed,
+        OperateResponse {
+            workflow_id: RUN_ID,
+            action: "cancel".into(),
+            status: "cancelled".into(),
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_refused_operator_command_prints_the_reason_and_exits_1() {
+    let coordinator = Coordinator::scripted(Vec::new());
+    coordinator.state().refusal = Some("run has ended: it succeeded".into());
+    let url = serve(Arc::clone(&coordinator)).await;
+    let id = RUN_ID.to_string();
+    for args in [
+        &["cancel", &id][..],
+        &["pause", &id],
+        &["resume", &id],
+        &["retry", &id],
+        &["skip", &id, "--step", "deploy"],
+        &["complete", &id, "--step", "deploy", "--step-output", "null"],
+    ] {
+        let output = flotilla_as(&url, Some("alice"), &[&["workflows"], args].concat()).await;
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert_eq!(
+            stderr(&output),
+            "error: run has ended: it succeeded\n",
+            "{args:?}"
+        );
+        assert!(stdout(&output).is_empty(), "{args:?}");
+    }
+    assert_eq!(coordinator.state().operations.len(), 6);
+}
+
+#[tokio::test]
+async fn operator_commands_on_what_does_not_exist_exit_2() {
+    let coordinator = Coordinator::scripted(Vec::new());
+    let url = serve(Arc::clone(&coordinator)).await;
+    let unknown = Uuid::nil().to_string();
+    let id = RUN_ID.to_string();
+    let cases: [(&[&str], String); 4] = [
+        (
+            &["cancel", &unknown],
+            format!("error: no run has id {unknown}\n"),
+        ),
+        (
+            &["retry", &unknown, "--step", "deploy"],
+            format!("error: no run has id {unknown}\n"),
+        ),
+        (
+            &["skip", &id, "--step", "ghost"],
+            format!("error: run {RUN_ID} has no step `ghost`\n"),
+        ),
+        (
+            &["complete", &id, "--step", "ghost", "--step-output", "1"],
+            format!("error: run {RUN_ID} has no step `ghost`\n"),
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = flotilla_as(&url, Some("alice"), &[&["workflows"], args].concat()).await;
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert_eq!(stderr(&output), expected, "{args:?}");
+        assert!(stdout(&output).is_empty(), "{args:?}");
+    }
+}
+
+#[tokio::test]
+async fn operator_usage_and_connection_errors_exit_2() {
+    let coordinator = Coordinator::scripted(Vec::new());
+    let url = serve(Arc::clone(&coordinator)).await;
+    let id = RUN_ID.to_string();
+
+    let output = flotilla_as(
+        &url,
+        Some("alice"),
+        &[
+            "workflows",
+            "complete",
+            &id,
+            "--step",
+            "deploy",
+            "--step-output",
+            "{url: x}",
+        ],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert!(
+        err.contains("invalid value '{url: x}' for '--step-output <JSON>': not JSON"),
+        "{err}"
+    );
+    for args in [
+        &["workflows", "skip", &id][..],
+        &["workflows", "pause", "not-a-uuid"],
+        &["workflows", "complete", &id, "--step", "deploy"],
+    ] {
+        let output = flotilla_as(&url, Some("alice"), args).await;
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+    }
+    assert!(coordinator.state().operations.is_empty());
+
+    // A port that was free a moment ago and that nothing listens on now.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let output = flotilla_as(&nowhere, Some("alice"), &["workflows", "cancel", &id]).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).starts_with(&format!(
+            "error: could not reach the Flotilla coordinator at {nowhere}/"
+        )),
+        "{}",
+        stderr(&output)
+    );
+}
+
+fn event(actor: &str, action: &str, step: Option<&str>, detail: Option<Value>) -> RunEvent {
+    RunEvent {
+        at: Utc.timestamp_opt(1_750_000_060, 0).unwrap(),
+        actor: actor.into(),
+        action: action.into(),
+        step_id: step.map(Into::into),
+        detail,
+    }
+}
+
+#[tokio::test]
+async fn history_shows_a_table_or_json() {
+    let coordinator = Coordinator::scripted(Vec::new());
+    coordinator.state().history = vec![
+        event("alice@build-box", "pause", None, None),
+        event(
+            "bob@laptop",
+            "complete",
+            Some("deploy"),
+            Some(json!({"output": {"url": "https://x"}})),
+        ),
+    ];
+    let url = serve(Arc::clone(&coordinator)).await;
+    let id = RUN_ID.to_string();
+
+    let output = flotilla(&url, &["workflows", "history", &id]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        "\
+TIME                     ACTOR            ACTION    STEP    DETAIL
+2025-06-15 15:07:40 UTC  alice@build-box  pause
+2025-06-15 15:07:40 UTC  bob@laptop       complete  deploy  {\"output\":{\"url\":\"https://x\"}}
+"
+    );
+
+    let output = flotilla(&url, &["workflows", "history", &id, "--output", "json"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let printed: RunEventList = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(printed.events, coordinator.state().history);
+}
+
+#[tokio::test]
+async fn history_of_an_unknown_run_exits_2() {
+    let url = serve(Coordinator::scripted(Vec::new())).await;
+    let unknown = Uuid::nil();
+    let output = flotilla(&url, &["workflows", "history", &unknown.to_string()]).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(
+        stderr(&output),
+        format!("error: workflow run {unknown} not found\n")
+    );
+
+    let output = flotilla(&url, &["workflows", "history", &RUN_ID.to_string()]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        "no operator actions recorded for this run\n"
+    );
+}
+
+#[tokio::test]
+async fn waiting_for_a_cancelled_run_ends_with_exit_1() {
+    let url = serve(Coordinator::scripted(vec![result(
+        "cancelled",
+        vec![
+            step("scaffold", "success", 1, None),
+            step("deploy", "cancelled", 1, None),
+        ],
+    )]))
+    .await;
+    let output = flotilla(
+        &url,
+        &["workflows", "status", &RUN_ID.to_string(), "--wait"],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("Status    cancelled"),
+        "{}",
+        stdout(&output)
+    );
 }

@@ -5,10 +5,11 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use flotilla_api::{Backend, BackendError, Submission};
 use flotilla_api_model::{
-    DeadLetterQuery, DeadLetterSummary, DefinitionSummary, Metrics, RedriveOutcome, RunPage,
-    RunQuery, RunSummary, StepResult, Submitted, WorkflowResult,
+    DeadLetterQuery, DeadLetterSummary, DefinitionSummary, Metrics, Operation, RedriveOutcome,
+    RunEvent, RunPage, RunQuery, RunSummary, StepResult, Submitted, WorkflowResult,
 };
 use flotilla_core::Definition;
+use flotilla_engine::Operation as EngineOperation;
 use flotilla_engine::{EngineHandle, NewRun};
 use flotilla_store::queries::{self, Cursor, RunRecord, StepRecord};
 use flotilla_store::{Store, dead_letters, definitions};
@@ -29,6 +30,11 @@ fn store_error(e: flotilla_store::Error) -> BackendError {
 }
 
 fn engine_error(e: flotilla_engine::Error) -> BackendError {
+    match e {
+        flotilla_engine::Error::NotFound(m) => return BackendError::NotFound(m),
+        flotilla_engine::Error::Refused(m) => return BackendError::Conflict(m),
+        _ => {}
+    }
     if e.is_unavailable() {
         BackendError::Unavailable(e.to_string())
     } else {
@@ -240,6 +246,54 @@ impl Backend for CoordinatorBackend {
                 error: r.retried.err(),
             })
             .collect())
+    }
+
+    async fn operate(
+        &self,
+        id: Uuid,
+        operation: Operation,
+        actor: String,
+    ) -> Result<String, BackendError> {
+        let operation = match operation {
+            Operation::Cancel => EngineOperation::Cancel,
+            Operation::Pause => EngineOperation::Pause,
+            Operation::Resume => EngineOperation::Resume,
+            Operation::Retry { step } => EngineOperation::Retry { step },
+            Operation::Skip { step } => EngineOperation::Skip { step },
+            Operation::Complete { step, output } => EngineOperation::Complete { step, output },
+        };
+        let status = self
+            .engine
+            .operate(id, operation, actor)
+            .await
+            .map_err(engine_error)?;
+        Ok(status.as_str().to_string())
+    }
+
+    async fn events(&self, id: Uuid) -> Result<Option<Vec<RunEvent>>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        if queries::run(&client, id)
+            .await
+            .map_err(store_error)?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let events = queries::run_events(&client, id)
+            .await
+            .map_err(store_error)?;
+        Ok(Some(
+            events
+                .into_iter()
+                .map(|e| RunEvent {
+                    at: e.at,
+                    actor: e.actor,
+                    action: e.action,
+                    step_id: e.step_id,
+                    detail: e.detail,
+                })
+                .collect(),
+        ))
     }
 }
 

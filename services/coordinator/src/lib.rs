@@ -166,10 +166,13 @@ pub async fn run(
     );
     let address = listener.local_addr()?;
     tracing::info!(%address, database = %flotilla_core::redact_url(&config.database_url), broker = %broker.redacted_url(), prefix = %names.prefix(), "coordinator ready");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await
-        .context("the HTTP server failed")?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    .await
+    .context("the HTTP server failed")?;
 
     tracing::info!("shutting down");
     intake.cancel();

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use axum::body::{Body, to_bytes};
 use axum::http::{HeaderValue, Request, header};
 use chrono::{TimeZone, Utc};
-use flotilla_api_model::{DeadLetterSummary, ErrorBody, Metrics};
+use flotilla_api_model::{DeadLetterSummary, ErrorBody, Metrics, RunEvent, StepResult};
 use serde_json::{Map, json};
 use tower::ServiceExt;
 
@@ -60,6 +60,10 @@ struct FakeState {
     dead_letters: Vec<DeadLetterSummary>,
     dead_letter_queries: Vec<DeadLetterQuery>,
     redrives: Vec<Vec<Uuid>>,
+    /// Every operator action asked for, done or not: the run, the action and the actor.
+    operations: Vec<(Uuid, Operation, String)>,
+    /// The operator actions done, by run, oldest first.
+    history: HashMap<Uuid, Vec<RunEvent>>,
     /// Answered by the next call instead of doing anything.
     next_failure: Option<BackendError>,
 }
@@ -205,6 +209,66 @@ impl Backend for FakeBackend {
             .collect();
         Ok(outcomes)
     }
+
+    /// A small model of the scheduler's rules: enough to answer each route's outcomes.
+    async fn operate(
+        &self,
+        id: Uuid,
+        operation: Operation,
+        actor: String,
+    ) -> Result<String, BackendError> {
+        let mut state = self.check()?;
+        state
+            .operations
+            .push((id, operation.clone(), actor.clone()));
+        let run = state
+            .runs
+            .iter_mut()
+            .find(|r| r.workflow_id == id)
+            .ok_or_else(|| BackendError::NotFound(format!("no run has id {id}")))?;
+        if let Some(step) = operation.step()
+            && !run.steps.iter().any(|s| s.step_id == step)
+        {
+            return Err(BackendError::NotFound(format!(
+                "run {id} has no step `{step}`"
+            )));
+        }
+        let refused = |reason: &str| Err(BackendError::Conflict(reason.to_string()));
+        let status = match (&operation, run.status.as_str()) {
+            (_, "success" | "cancelled") => return refused("the run has ended"),
+            (Operation::Retry { .. } | Operation::Skip { .. }, "failure") => "running",
+            (_, "failure") => return refused("the run has ended"),
+            (Operation::Retry { .. }, _) => return refused("only a failed run can be retried"),
+            (Operation::Cancel, _) => "cancelled",
+            (Operation::Pause, "paused") => return refused("the run is paused already"),
+            (Operation::Pause, _) => "paused",
+            (Operation::Resume, "paused") => "running",
+            (Operation::Resume, _) => return refused("the run is not paused"),
+            (Operation::Skip { .. } | Operation::Complete { .. }, current) => current,
+        }
+        .to_string();
+        run.status = status.clone();
+        let event = RunEvent {
+            at: Utc.timestamp_opt(1_750_000_060, 0).unwrap(),
+            actor,
+            action: operation.action().to_string(),
+            step_id: operation.step().map(str::to_string),
+            detail: match operation {
+                Operation::Complete { output, .. } => Some(json!({ "output": output })),
+                _ => None,
+            },
+        };
+        state.history.entry(id).or_default().push(event);
+        Ok(status)
+    }
+
+    async fn events(&self, id: Uuid) -> Result<Option<Vec<RunEvent>>, BackendError> {
+        let state = self.check()?;
+        if !state.runs.iter().any(|r| r.workflow_id == id) {
+            return Ok(None);
+        }
+        Ok(Some(state.history.get(&id).cloned().unwrap_or_default()))
+    }
 }
 
 struct Api {
@@ -267,6 +331,23 @@ impl Api {
             keys.map(|key| ("Idempotency-Key", key)),
         )
         .await
+    }
+
+    /// POSTs `body` as it is, with these headers and no others.
+    async fn post_raw<const N: usize>(
+        &self,
+        uri: &str,
+        body: &str,
+        headers: [(&str, HeaderValue); N],
+    ) -> (StatusCode, Value) {
+        let mut request = Request::post(uri);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let (status, _, body) = self
+            .send(request.body(Body::from(body.to_string())).unwrap())
+            .await;
+        (status, body)
     }
 
     async fn get(&self, uri: &str) -> (StatusCode, Value) {
@@ -995,4 +1076,529 @@ async fn redrive_all_hands_the_backend_no_ids() {
         ]
     );
     assert_eq!(api.backend.state().redrives, [Vec::<Uuid>::new()]);
+}
+
+const RUN: Uuid = Uuid::from_u128(0x0196_0000_0000_7000_8000_0000_0000_0001);
+
+fn step(id: &str, status: &str) -> StepResult {
+    StepResult {
+        step_id: id.into(),
+        agent: "agent".into(),
+        action: id.into(),
+        status: status.into(),
+        attempts: 1,
+        start_time: None,
+        end_time: None,
+        output: None,
+        error: None,
+        next_attempt_at: None,
+    }
+}
+
+/// A backend with [`RUN`] in `status`, with the steps `build` and `deploy`.
+fn run_in(status: &str) -> FakeBackend {
+    FakeBackend::with_run(WorkflowResult {
+        status: status.into(),
+        steps: vec![step("build", "success"), step("deploy", "running")],
+        ..sample_run(RUN)
+    })
+}
+
+fn actor(name: &'static str) -> [(&'static str, HeaderValue); 1] {
+    [("Flotilla-Actor", HeaderValue::from_static(name))]
+}
+
+#[tokio::test]
+async fn cancel_pause_and_resume_answer_the_run_status() {
+    let api = Api::new(run_in("running"));
+    // No body, `{}`, and an empty body that claims to be JSON are all "no arguments".
+    let json = (
+        header::CONTENT_TYPE.as_str(),
+        HeaderValue::from_static("application/json"),
+    );
+    let [who] = actor("alice@build-box");
+    for (action, body, content_type, status) in [
+        ("pause", "", None, "paused"),
+        ("resume", "{}", Some(json.clone()), "running"),
+        ("cancel", "", Some(json.clone()), "cancelled"),
+    ] {
+        let uri = format!("/api/workflows/{RUN}/{action}");
+        let (answer, body) = match content_type {
+            Some(json) => api.post_raw(&uri, body, [who.clone(), json]).await,
+            None => api.post_raw(&uri, body, [who.clone()]).await,
+        };
+        assert_eq!(answer, StatusCode::OK, "{action}: {body}");
+        assert_eq!(
+            body,
+            json!({"workflowId": RUN, "action": action, "status": status})
+        );
+    }
+    let actor = || "alice@build-box".to_string();
+    assert_eq!(
+        api.backend.state().operations,
+        [
+            (RUN, Operation::Pause, actor()),
+            (RUN, Operation::Resume, actor()),
+            (RUN, Operation::Cancel, actor()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn retry_takes_an_optional_step() {
+    let api = Api::new(run_in("failure"));
+    let uri = format!("/api/workflows/{RUN}/retry");
+    let (status, body) = api.post_raw(&uri, "", actor("ops")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"workflowId": RUN, "action": "retry", "status": "running"})
+    );
+
+    api.backend.state().runs[0].status = "failure".into();
+    let (status, body) = api.post(&uri, json!({"step": "deploy"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let operations: Vec<Operation> = api
+        .backend
+        .state()
+        .operations
+        .iter()
+        .map(|(_, operation, _)| operation.clone())
+        .collect();
+    assert_eq!(
+        operations,
+        [
+            Operation::Retry { step: None },
+            Operation::Retry {
+                step: Some("deploy".into())
+            }
+        ]
+    );
+}
+
+#[tokio::test]
+async fn skip_and_complete_name_the_step_from_the_path() {
+    let api = Api::new(run_in("running"));
+    let (status, body) = api
+        .post(
+            &format!("/api/workflows/{RUN}/steps/deploy/skip"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"workflowId": RUN, "action": "skip", "status": "running"})
+    );
+
+    let output = json!({"url": "https://staging.example", "replicas": [1, 2]});
+    let (status, body) = api
+        .post(
+            &format!("/api/workflows/{RUN}/steps/deploy/complete"),
+            json!({"output": output}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["action"], "complete");
+
+    // A step id is one path segment, percent-encoded as needed.
+    let (status, body) = api
+        .post(
+            &format!("/api/workflows/{RUN}/steps/deploy%20eu/skip"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(
+        error(body).error.message,
+        format!("run {RUN} has no step `deploy eu`")
+    );
+
+    let operations: Vec<Operation> = api
+        .backend
+        .state()
+        .operations
+        .iter()
+        .map(|(_, operation, _)| operation.clone())
+        .collect();
+    assert_eq!(
+        operations,
+        [
+            Operation::Skip {
+                step: "deploy".into()
+            },
+            Operation::Complete {
+                step: "deploy".into(),
+                output
+            },
+            Operation::Skip {
+                step: "deploy eu".into()
+            },
+        ]
+    );
+}
+
+/// Every operator route for [`RUN`], with a body it accepts; those of a step name `step`.
+fn operator_requests(step: &str) -> [(String, Value); 6] {
+    let run = format!("/api/workflows/{RUN}");
+    [
+        (format!("{run}/cancel"), json!({})),
+        (format!("{run}/pause"), json!({})),
+        (format!("{run}/resume"), json!({})),
+        (format!("{run}/retry"), json!({"step": step})),
+        (format!("{run}/steps/{step}/skip"), json!({})),
+        (format!("{run}/steps/{step}/complete"), json!({"output": 1})),
+    ]
+}
+
+#[tokio::test]
+async fn operating_on_an_unknown_run_is_404() {
+    let api = Api::new(FakeBackend::default());
+    for (uri, body) in operator_requests("deploy") {
+        let (status, answer) = api.post(&uri, body).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{uri}");
+        let err = error(answer).error;
+        assert_eq!(err.code, "not_found", "{uri}");
+        assert_eq!(err.message, format!("no run has id {RUN}"), "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn operating_on_an_unknown_step_is_404_naming_it() {
+    let api = Api::new(run_in("failure"));
+    // The last three name a step: retry, skip and complete.
+    for (uri, body) in operator_requests("ghost").into_iter().skip(3) {
+        let (status, answer) = api.post(&uri, body).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{uri}");
+        let err = error(answer).error;
+        assert_eq!(err.code, "not_found", "{uri}");
+        assert_eq!(
+            err.message,
+            format!("run {RUN} has no step `ghost`"),
+            "{uri}"
+        );
+    }
+    assert_eq!(api.backend.state().runs[0].status, "failure");
+}
+
+#[tokio::test]
+async fn an_action_the_run_refuses_is_409_with_the_reason() {
+    let api = Api::new(run_in("success"));
+    for (uri, body) in operator_requests("deploy") {
+        let (status, answer) = api.post(&uri, body).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{uri}");
+        let err = error(answer).error;
+        assert_eq!(err.code, "conflict", "{uri}");
+        assert_eq!(err.message, "the run has ended", "{uri}");
+    }
+
+    let api = Api::new(run_in("running"));
+    let (status, answer) = api
+        .post(&format!("/api/workflows/{RUN}/retry"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(
+        error(answer).error.message,
+        "only a failed run can be retried"
+    );
+    assert!(api.backend.state().history.is_empty());
+}
+
+#[tokio::test]
+async fn malformed_operator_requests_are_400() {
+    let api = Api::new(run_in("failure"));
+    let run = format!("/api/workflows/{RUN}");
+    for (uri, body, expected) in [
+        (
+            format!("{run}/steps/deploy/complete"),
+            json!({}),
+            "missing field `output`",
+        ),
+        (
+            format!("{run}/steps/deploy/complete"),
+            json!({"output": 1, "status": "success"}),
+            "unknown field `status`",
+        ),
+        (
+            format!("{run}/retry"),
+            json!({"steps": ["deploy"]}),
+            "unknown field `steps`",
+        ),
+        (format!("{run}/retry"), json!({"step": 3}), "step"),
+        (
+            format!("{run}/cancel"),
+            json!({"force": true}),
+            "unknown field `force`",
+        ),
+        (
+            format!("{run}/steps/deploy/skip"),
+            json!({"reason": "flaky"}),
+            "unknown field `reason`",
+        ),
+        (
+            "/api/workflows/not-a-uuid/pause".to_string(),
+            json!({}),
+            "`not-a-uuid` is not a workflow id",
+        ),
+    ] {
+        let (status, answer) = api.post(&uri, body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri} {body}");
+        let err = error(answer).error;
+        assert_eq!(err.code, "invalid_request", "{uri} {body}");
+        assert!(
+            err.message.contains(expected),
+            "{uri} {body}: {}",
+            err.message
+        );
+    }
+
+    // A body that is given must be JSON, said so.
+    let complete = format!("{run}/steps/deploy/complete");
+    let retry = format!("{run}/retry");
+    for (uri, body, expected) in [
+        (&complete, "", "application/json"),
+        (&retry, r#"{"step": "deploy"}"#, "application/json"),
+    ] {
+        let (status, answer) = api.post_raw(uri, body, []).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri} {body:?}");
+        let err = error(answer).error;
+        assert!(err.message.contains(expected), "{uri}: {}", err.message);
+    }
+    let (status, answer) = api
+        .post_raw(
+            &retry,
+            r#"{"step": "#,
+            [(
+                header::CONTENT_TYPE.as_str(),
+                HeaderValue::from_static("application/json"),
+            )],
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error(answer).error.message.contains("JSON"));
+
+    assert!(api.backend.state().operations.is_empty());
+}
+
+#[tokio::test]
+async fn an_optional_body_over_the_limit_is_413() {
+    let api = Api::with_limits(run_in("running"), Limits { max_body_bytes: 64 });
+    let (status, body) = api
+        .post(
+            &format!("/api/workflows/{RUN}/pause"),
+            json!({"padding": "x".repeat(100)}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(error(body).error.code, "payload_too_large");
+    assert!(api.backend.state().operations.is_empty());
+}
+
+#[tokio::test]
+async fn operator_routes_take_only_post() {
+    let api = Api::new(run_in("running"));
+    let (status, body) = api.get(&format!("/api/workflows/{RUN}/cancel")).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(error(body).error.code, "method_not_allowed");
+    assert!(api.backend.state().operations.is_empty());
+}
+
+#[tokio::test]
+async fn the_actor_header_is_checked_and_recorded() {
+    let api = Api::new(run_in("running"));
+    let uri = format!("/api/workflows/{RUN}/pause");
+    let longest = "a".repeat(200);
+    let (status, _, body) = api
+        .post_with_headers(
+            &uri,
+            json!({}),
+            [("Flotilla-Actor", HeaderValue::from_str(&longest).unwrap())],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let cases: [(Vec<HeaderValue>, &str); 5] = [
+        (vec![HeaderValue::from_static("")], "it is empty"),
+        (
+            vec![HeaderValue::from_str(&"a".repeat(201)).unwrap()],
+            "201 characters long",
+        ),
+        (
+            vec![HeaderValue::from_static("jane doe")],
+            "character 5 is not visible ASCII",
+        ),
+        (
+            vec![HeaderValue::from_bytes("josé@host".as_bytes()).unwrap()],
+            "character 4 is not visible ASCII",
+        ),
+        (
+            vec![HeaderValue::from_static("a"), HeaderValue::from_static("b")],
+            "given 2 times",
+        ),
+    ];
+    for (actors, expected) in cases {
+        let mut request = Request::post(&uri);
+        for actor in &actors {
+            request = request.header("Flotilla-Actor", actor);
+        }
+        let (status, _, body) = api.send(request.body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{actors:?}");
+        let err = error(body).error;
+        assert_eq!(err.code, "invalid_request", "{actors:?}");
+        assert!(
+            err.message.starts_with("invalid `Flotilla-Actor` header: ")
+                && err.message.contains(expected),
+            "{actors:?}: {}",
+            err.message
+        );
+    }
+    let actors: Vec<String> = api
+        .backend
+        .state()
+        .operations
+        .iter()
+        .map(|(_, _, actor)| actor.clone())
+        .collect();
+    assert_eq!(actors, [longest]);
+}
+
+#[tokio::test]
+async fn without_an_actor_header_the_actor_is_anonymous() {
+    let api = Api::new(run_in("running"));
+    let (status, body) = api
+        .post_raw(&format!("/api/workflows/{RUN}/pause"), "", [])
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // With the peer's address known, the actor says where the request came from.
+    let peer = std::net::SocketAddr::from(([10, 1, 2, 3], 50_123));
+    let backend = Arc::new(run_in("running"));
+    let router = router(Arc::clone(&backend), Limits::default())
+        .layer(axum::extract::connect_info::MockConnectInfo(peer));
+    let response = router
+        .oneshot(
+            Request::post(format!("/api/workflows/{RUN}/cancel"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    assert_eq!(api.backend.state().operations[0].2, "anonymous");
+    assert_eq!(backend.state().operations[0].2, "anonymous@10.1.2.3");
+}
+
+#[tokio::test]
+async fn a_server_with_connect_info_records_the_peer_of_an_anonymous_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let backend = Arc::new(run_in("running"));
+    let app = router(Arc::clone(&backend), Limits::default())
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!(
+        "POST /api/workflows/{RUN}/pause HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\n\
+         Connection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+
+    assert_eq!(backend.state().operations[0].2, "anonymous@127.0.0.1");
+}
+
+#[tokio::test]
+async fn the_history_lists_what_operators_did() {
+    let api = Api::new(run_in("running"));
+    let (status, body) = api.get(&format!("/api/workflows/{RUN}/events")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"events": []}));
+
+    let run = format!("/api/workflows/{RUN}");
+    let [alice] = actor("alice@build-box");
+    let [bob] = actor("bob@laptop");
+    let (status, _, _) = api
+        .post_with_headers(&format!("{run}/pause"), json!({}), [alice])
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = api
+        .post_with_headers(
+            &format!("{run}/steps/deploy/complete"),
+            json!({"output": {"url": "https://x"}}),
+            [bob.clone()],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // A refused action is not history.
+    let (status, _, _) = api
+        .post_with_headers(&format!("{run}/retry"), json!({}), [bob])
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+
+    let (status, body) = api.get(&format!("{run}/events")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"events": [
+            {"at": "2025-06-15T15:07:40Z", "actor": "alice@build-box", "action": "pause"},
+            {
+                "at": "2025-06-15T15:07:40Z",
+                "actor": "bob@laptop",
+                "action": "complete",
+                "stepId": "deploy",
+                "detail": {"output": {"url": "https://x"}},
+            },
+        ]})
+    );
+}
+
+#[tokio::test]
+async fn the_history_of_an_unknown_run_is_404() {
+    let api = Api::new(FakeBackend::default());
+    let (status, body) = api.get(&format!("/api/workflows/{RUN}/events")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let err = error(body).error;
+    assert_eq!(err.code, "not_found");
+    assert_eq!(err.message, format!("workflow run {RUN} not found"));
+
+    let (status, body) = api.get("/api/workflows/nope/events").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error(body).error.code, "invalid_request");
+}
+
+#[tokio::test]
+async fn operator_outages_are_503() {
+    let api = Api::new(FakeBackend::failing_with(BackendError::Unavailable(
+        "the coordinator is shutting down".into(),
+    )));
+    let (status, body) = api
+        .post(&format!("/api/workflows/{RUN}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        error(body).error.message,
+        "the coordinator is shutting down"
+    );
+}
+
+#[tokio::test]
+async fn the_new_run_statuses_can_be_listed() {
+    let api = Api::new(FakeBackend::default());
+    for status in ["paused", "cancelled"] {
+        let (answer, body) = api.get(&format!("/api/workflows?status={status}")).await;
+        assert_eq!(answer, StatusCode::OK, "{status}: {body}");
+    }
+    let (_, body) = api.get("/api/workflows?status=stopped").await;
+    assert_eq!(
+        error(body).error.message,
+        "unknown status `stopped`: expected `running`, `paused`, `failing`, `success`, \
+         `failure` or `cancelled`"
+    );
 }
