@@ -247,3 +247,20 @@ fn a_branch_needs_a_condition_and_runs_nothing_itself() {
     .to_string();
     assert!(err.contains("cannot have `agent`"), "{err}");
 }
+
+#[test]
+fn every_example_compiles() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let def =
+                Definition::from_yaml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            Plan::compile(&def).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 4, "only {seen} examples found");
+}
