@@ -14,6 +14,7 @@ pub mod definition;
 pub mod duration;
 pub mod plan;
 mod redact;
+pub mod report;
 pub mod retry;
 pub mod scheduler;
 pub mod template;
