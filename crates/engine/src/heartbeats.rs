@@ -58,13 +58,16 @@ pub async fn run(
                 Err(e) => tracing::warn!(error = %e, "unreadable heartbeat dropped"),
             }
         }
-        match store.client().await {
-            Ok(client) => {
-                if let Err(e) = db::renew_leases(&client, &held, Utc::now() + lease).await {
-                    tracing::warn!(error = %e, "could not renew leases");
-                }
+        let renewed = async {
+            let client = store.client().await?;
+            let now = Utc::now();
+            if db::pulse(&client, now, lease).await? {
+                tracing::warn!("heartbeats resumed after a gap; every lease is extended once");
             }
-            Err(e) => tracing::warn!(error = %e, "could not renew leases"),
+            db::renew_leases(&client, &held, now + lease).await
+        };
+        if let Err(e) = renewed.await {
+            tracing::warn!(error = %e, "could not renew leases");
         }
         // A lost heartbeat costs nothing: the next one renews the same leases.
         if let Some(last) = deliveries.last()

@@ -505,7 +505,33 @@ pub struct RunningAttempt {
     pub task_id: Uuid,
 }
 
-/// Running attempts whose lease ended before `now`.
+/// Records that heartbeats got through at `now`. After a gap longer than `lease` (no heartbeat
+/// reached any coordinator, e.g. while RabbitMQ was away) every held lease is extended to `lease`
+/// from now, so that workers get a full lease period to report again before any lease expires.
+/// Answers whether that happened.
+pub async fn pulse(
+    client: &impl GenericClient,
+    now: DateTime<Utc>,
+    lease: chrono::Duration,
+) -> Result<bool, Error> {
+    let after_gap = now - lease;
+    let stmt = client
+        .prepare_cached(
+            "WITH previous AS (SELECT at FROM fleet_pulse WHERE id = 1 FOR UPDATE),
+                  bumped AS (UPDATE fleet_pulse SET at = greatest(at, $1) WHERE id = 1),
+                  extended AS (
+                      UPDATE steps SET lease_until = $1 + ($1 - $2)
+                      WHERE lease_until IS NOT NULL AND (SELECT at FROM previous) < $2
+                      RETURNING 1)
+             SELECT (SELECT at FROM previous) < $2, (SELECT count(*) FROM extended)",
+        )
+        .await?;
+    let row = client.query_one(&stmt, &[&now, &after_gap]).await?;
+    Ok(row.get(0))
+}
+
+/// Running attempts whose lease ended before `now` and before the last heartbeat any worker got
+/// through: a lease expires only while heartbeats flow, never because they could not.
 pub async fn expired_leases(
     client: &impl GenericClient,
     now: DateTime<Utc>,
@@ -514,7 +540,9 @@ pub async fn expired_leases(
     let stmt = client
         .prepare_cached(
             "SELECT run_id, idx, attempt, task_id FROM steps
-             WHERE lease_until <= $1 AND status = 'running' ORDER BY lease_until LIMIT $2",
+             WHERE lease_until <= least($1, (SELECT at FROM fleet_pulse WHERE id = 1))
+               AND status = 'running'
+             ORDER BY lease_until LIMIT $2",
         )
         .await?;
     Ok(client
@@ -563,10 +591,14 @@ pub async fn next_deadline(client: &impl GenericClient) -> Result<Option<DateTim
     Ok(client.query_one(&stmt, &[]).await?.get(0))
 }
 
-/// The earliest lease end, if any attempt holds one.
+/// The earliest lease end still ahead of the fleet's pulse (those behind it are expirable now;
+/// the pulse itself moves with heartbeats, which the timer's regular poll picks up).
 pub async fn next_lease_end(client: &impl GenericClient) -> Result<Option<DateTime<Utc>>, Error> {
     let stmt = client
-        .prepare_cached("SELECT min(lease_until) FROM steps WHERE lease_until IS NOT NULL")
+        .prepare_cached(
+            "SELECT min(lease_until) FROM steps
+             WHERE lease_until > (SELECT at FROM fleet_pulse WHERE id = 1)",
+        )
         .await?;
     Ok(client.query_one(&stmt, &[]).await?.get(0))
 }

@@ -323,8 +323,19 @@ async fn leases_are_renewed_for_the_running_attempt_only_and_end_with_it() -> an
         1
     );
     assert_eq!(db::next_lease_end(&client).await?, Some(at(10)));
-    assert!(db::expired_leases(&client, at(9), 10).await?.is_empty());
-    let expired = db::expired_leases(&client, at(10), 10).await?;
+    // While no heartbeat gets through, no lease expires, however late it is.
+    assert!(db::expired_leases(&client, at(100), 10).await?.is_empty());
+    // Heartbeats flow (at 9 s): a lease that ended before them expires; the pulse came after a
+    // long gap (the migration's), so every lease is first extended once.
+    let lease = chrono::Duration::seconds(15);
+    assert!(db::pulse(&client, at(9), lease).await?);
+    assert_eq!(db::next_lease_end(&client).await?, Some(at(24)));
+    assert!(
+        !db::pulse(&client, at(24), lease).await?,
+        "no gap since the last pulse"
+    );
+    assert!(db::expired_leases(&client, at(23), 10).await?.is_empty());
+    let expired = db::expired_leases(&client, at(24), 10).await?;
     assert_eq!(
         (
             expired[0].run_id,
@@ -359,6 +370,7 @@ async fn leases_are_renewed_for_the_running_attempt_only_and_end_with_it() -> an
     db::write(&tx, &update).await?;
     tx.commit().await?;
     assert_eq!(db::next_lease_end(&client).await?, None);
+    assert!(db::expired_leases(&client, at(100), 10).await?.is_empty());
     assert_eq!(
         db::renew_leases(&client, &[(id, "a".into(), task)], at(20)).await?,
         0,
