@@ -29,6 +29,9 @@ pub struct Definition {
     pub steps: Vec<StepDef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_handling: Option<ErrorHandling>,
+    /// When the definition runs by itself, once registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<crate::schedule::ScheduleSpec>,
 }
 
 /// One step as written. `agent` and `action` are optional here so that validation can name the

@@ -16,6 +16,7 @@ pub mod plan;
 mod redact;
 pub mod report;
 pub mod retry;
+pub mod schedule;
 pub mod scheduler;
 pub mod template;
 

@@ -107,6 +107,11 @@ impl Plan {
         if def.name.trim().is_empty() {
             problems.push("`name` is empty".to_string());
         }
+        if let Some(spec) = &def.schedule
+            && let Err(e) = crate::schedule::Schedule::from_spec(spec)
+        {
+            problems.push(e);
+        }
         if def.steps.is_empty() {
             problems.push("`steps` is empty: a workflow needs at least one step".to_string());
         }
