@@ -16,6 +16,7 @@ pub mod engine;
 pub mod heartbeats;
 pub mod relay;
 pub mod results;
+pub mod schedules;
 pub mod timer;
 
 pub use engine::{

@@ -12,6 +12,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("../migrations/0003_run_events.sql")),
     (4, include_str!("../migrations/0004_step_deadlines.sql")),
     (5, include_str!("../migrations/0005_fleet_pulse.sql")),
+    (6, include_str!("../migrations/0006_schedules.sql")),
 ];
 
 /// Any fixed number works; it only has to be the same in every coordinator.

@@ -7,7 +7,9 @@ use flotilla_core::{Definition, Event, Plan, RunState, RunStatus, StepStatus};
 use flotilla_store::engine::{
     self as db, AttemptStart, Batch, NewRun, OutboxRow, RunUpdate, StepIdent, StepRow,
 };
-use flotilla_store::{Store, StoreConfig, dead_letters, definitions, idempotency, outbox};
+use flotilla_store::{
+    Store, StoreConfig, dead_letters, definitions, idempotency, outbox, schedules,
+};
 use serde_json::{Map, json};
 use uuid::Uuid;
 
@@ -444,5 +446,48 @@ async fn dead_letters_are_recorded_once_and_redriven_once() -> anyhow::Result<()
             .is_empty()
     );
     drop(client);
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn a_due_schedule_is_claimed_by_one_coordinator_and_moves_on() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let mut c1 = t.store.client().await?;
+    let mut c2 = t.store.client().await?;
+    let row = schedules::ScheduleRow {
+        name: "monitor".into(),
+        cron: "*/5 * * * *".into(),
+        timezone: "UTC".into(),
+        missed: "skip".into(),
+        overlap: "skip".into(),
+        params: serde_json::Map::new(),
+        next_at: at(300),
+        last_run_id: None,
+        created_at: at(0),
+    };
+    assert_eq!(schedules::put(&c1, &row).await?, row);
+    assert_eq!(schedules::next_tick(&c1).await?, Some(at(300)));
+    let tx1 = c1.transaction().await?;
+    assert!(schedules::claim_due(&tx1, at(299), 10).await?.is_empty());
+    assert_eq!(schedules::claim_due(&tx1, at(300), 10).await?.len(), 1);
+    // Another coordinator skips the tick the first one holds.
+    let tx2 = c2.transaction().await?;
+    assert!(schedules::claim_due(&tx2, at(300), 10).await?.is_empty());
+    tx2.commit().await?;
+    let run = Uuid::new_v4();
+    schedules::advance(&tx1, "monitor", at(600), Some(run)).await?;
+    tx1.commit().await?;
+    let listed = schedules::list(&c1).await?;
+    assert_eq!(
+        (listed[0].next_at, listed[0].last_run_id),
+        (at(600), Some(run))
+    );
+    assert!(
+        !schedules::run_active(&c1, run).await?,
+        "an unknown run is not active"
+    );
+    assert!(schedules::delete(&c1, "monitor").await?);
+    assert!(schedules::list(&c1).await?.is_empty());
+    drop((c1, c2));
     t.drop_db().await
 }
