@@ -598,3 +598,20 @@ async fn an_attempt_past_its_timeout_fails_and_is_retried() -> anyhow::Result<()
     assert!(nap.error.as_deref().unwrap_or_default().contains("timed out"), "{nap:?}");
     fleet.stop().await
 }
+
+#[tokio::test]
+async fn the_monitoring_example_takes_both_branches_of_its_condition() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    fleet.start_echo("echo-a", SEED_AGENTS, 4)?;
+    let yaml = std::fs::read_to_string(repo_file("examples/monitoring.yaml"))?;
+    // The echo agent answers with the run's params, so `error_rate` reaches the condition as a
+    // field of collect_metrics' output.
+    for (rate, rollback) in [(0.2, "success"), (0.01, "skipped")] {
+        let id = fleet.execute_yaml(&yaml, json!({"error_rate": rate})).await?;
+        let run = fleet.wait_for_end(id, WAIT).await?;
+        assert_eq!(run.status, "success", "error_rate {rate}");
+        assert_eq!(step(&run, "rollback").status, rollback, "error_rate {rate}");
+    }
+    fleet.stop().await
+}
