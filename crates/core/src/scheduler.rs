@@ -129,6 +129,8 @@ pub struct StepState {
     pub wake_at: Option<DateTime<Utc>>,
     /// When the running attempt times out, if the step has a timeout.
     pub deadline: Option<DateTime<Utc>>,
+    /// Attempts lost to the infrastructure (see [`Outcome::Lost`]).
+    pub lost: u32,
     pub started_at: Option<DateTime<Utc>>,
     pub ended_at: Option<DateTime<Utc>>,
     pub output: Option<Value>,
@@ -190,8 +192,21 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Success(Value),
-    Failure { message: String, retryable: bool },
+    Failure {
+        message: String,
+        retryable: bool,
+    },
+    /// The attempt was lost to the infrastructure rather than failed by its handler: its lease
+    /// ran out, or RabbitMQ dead-lettered its task (which also happens to a task that merely
+    /// shared a crashing worker with a poison one). The step gets a new attempt at once,
+    /// outside its retry budget, up to [`MAX_LOST_ATTEMPTS`]; past that it fails.
+    Lost {
+        message: String,
+    },
 }
+
+/// How many attempts of one step may be lost to the infrastructure before the step fails.
+pub const MAX_LOST_ATTEMPTS: u32 = 1;
 
 /// What a transition asks the outside world to do, once its state is committed.
 #[derive(Debug, Clone, PartialEq)]
@@ -342,7 +357,9 @@ impl RunState {
                 }
                 let (success, error) = match &outcome {
                     Outcome::Success(_) => (true, None),
-                    Outcome::Failure { message, .. } => (false, Some(message.clone())),
+                    Outcome::Failure { message, .. } | Outcome::Lost { message } => {
+                        (false, Some(message.clone()))
+                    }
                 };
                 t.effects.push(Effect::AttemptEnded {
                     step,
@@ -364,7 +381,9 @@ impl RunState {
                     Outcome::Failure { message, retryable } => {
                         let policy = &plan.nodes[step].retry;
                         self.steps[step].error = Some(message);
-                        if retryable && policy.allows_retry_after(attempt) {
+                        // Attempts lost to the infrastructure do not use up the retry budget.
+                        let used = attempt.saturating_sub(self.steps[step].lost);
+                        if retryable && policy.allows_retry_after(used) {
                             let delay = policy.delay_after(attempt, jitter_unit(task_id));
                             let due = now
                                 + chrono::Duration::from_std(delay)
@@ -381,6 +400,26 @@ impl RunState {
                                 t.touch(step);
                             }
                         } else {
+                            self.finish(plan, step, StepStatus::Failure, now, &mut t);
+                        }
+                    }
+                    Outcome::Lost { message } => {
+                        let s = &mut self.steps[step];
+                        if s.lost < MAX_LOST_ATTEMPTS {
+                            s.lost += 1;
+                            s.error = Some(message);
+                            if self.status == RunStatus::Paused {
+                                s.status = StepStatus::Waiting;
+                                s.deadline = None;
+                                s.wake_at = None;
+                                t.touch(step);
+                            } else {
+                                self.dispatch(plan, step, now, &mut t);
+                            }
+                        } else {
+                            s.error = Some(format!(
+                                "{message} (an earlier attempt of this step was lost too)"
+                            ));
                             self.finish(plan, step, StepStatus::Failure, now, &mut t);
                         }
                     }

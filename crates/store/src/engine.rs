@@ -50,7 +50,7 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
     let steps_stmt = client
         .prepare_cached(
             "SELECT run_id, status, attempt, task_id, wake_at, started_at, ended_at, output, error,
-                    deadline
+                    deadline, lost
              FROM steps WHERE run_id = ANY($1) ORDER BY run_id, idx",
         )
         .await?;
@@ -98,6 +98,7 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
             output: r.get(7),
             error: r.get(8),
             deadline: r.get(9),
+            lost: u32::try_from(r.get::<_, i32>(10)).unwrap_or_default(),
         };
         if let Some(run) = runs.get_mut(&run_id) {
             run.steps.push(step);
@@ -233,6 +234,7 @@ struct StepColumns {
     output: Vec<Option<Value>>,
     error: Vec<Option<String>>,
     deadline: Vec<Option<DateTime<Utc>>>,
+    lost: Vec<i32>,
 }
 
 impl StepColumns {
@@ -250,6 +252,7 @@ impl StepColumns {
         self.output.push(s.output.clone());
         self.error.push(s.error.clone());
         self.deadline.push(s.deadline);
+        self.lost.push(i32::try_from(s.lost).unwrap_or(i32::MAX));
     }
 }
 
@@ -309,11 +312,11 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO steps (run_id, idx, step_id, agent, action, status, attempt, task_id,
-                                    wake_at, started_at, ended_at, output, error, deadline)
+                                    wake_at, started_at, ended_at, output, error, deadline, lost)
                  SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
                                       $6::text[], $7::int4[], $8::uuid[], $9::timestamptz[],
                                       $10::timestamptz[], $11::timestamptz[], $12::jsonb[], $13::text[],
-                                      $14::timestamptz[])",
+                                      $14::timestamptz[], $15::int4[])",
             )
             .await?;
         tx.execute(
@@ -333,6 +336,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                 &cols.output,
                 &cols.error,
                 &cols.deadline,
+                &cols.lost,
             ],
         )
         .await?;
@@ -346,15 +350,15 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
             .prepare_cached(
                 "UPDATE steps s SET status = u.status, attempt = u.attempt, task_id = u.task_id,
                         wake_at = u.wake_at, started_at = u.started_at, ended_at = u.ended_at,
-                        output = u.output, error = u.error, deadline = u.deadline,
+                        output = u.output, error = u.error, deadline = u.deadline, lost = u.lost,
                         -- A lease belongs to one running attempt; it ends with it.
                         lease_until = CASE WHEN u.status = 'running' AND s.task_id = u.task_id
                                            THEN s.lease_until END
                  FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::int4[], $5::uuid[],
                              $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::jsonb[],
-                             $10::text[], $11::timestamptz[])
+                             $10::text[], $11::timestamptz[], $12::int4[])
                       AS u(run_id, idx, status, attempt, task_id, wake_at, started_at, ended_at,
-                           output, error, deadline)
+                           output, error, deadline, lost)
                  WHERE s.run_id = u.run_id AND s.idx = u.idx",
             )
             .await?;
@@ -372,6 +376,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                 &cols.output,
                 &cols.error,
                 &cols.deadline,
+                &cols.lost,
             ],
         )
         .await?;

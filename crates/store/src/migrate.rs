@@ -13,6 +13,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (4, include_str!("../migrations/0004_step_deadlines.sql")),
     (5, include_str!("../migrations/0005_fleet_pulse.sql")),
     (6, include_str!("../migrations/0006_schedules.sql")),
+    (7, include_str!("../migrations/0007_lost_attempts.sql")),
 ];
 
 /// Any fixed number works; it only has to be the same in every coordinator.

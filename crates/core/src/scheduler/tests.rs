@@ -814,3 +814,53 @@ fn an_attempt_carries_a_deadline_only_while_it_runs() {
     assert_eq!(dispatched(&plan, &t)[0].1, 2);
     assert_eq!(run.steps[0].deadline, Some(at(65)));
 }
+
+#[test]
+fn a_lost_attempt_is_retried_outside_the_budget_but_only_once() {
+    let plan = plan("name: l\nsteps:\n  - {id: a, agent: x, action: y}\n");
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    let lost = |m: &str| Outcome::Lost { message: m.into() };
+    // max_attempts is 1, yet the lost attempt gets a successor.
+    let t = run.apply(
+        &plan,
+        finished(&plan, "a", 1, task, lost("dead-lettered")),
+        at(1),
+    );
+    let (_, attempt, task) = dispatched(&plan, &t)[0].clone();
+    assert_eq!((attempt, run.steps[0].lost), (2, 1));
+    // A second loss fails the step.
+    run.apply(
+        &plan,
+        finished(&plan, "a", 2, task, lost("dead-lettered")),
+        at(2),
+    );
+    assert_eq!(run.steps[0].status, StepStatus::Failure);
+    assert!(run.steps[0].error.as_deref().unwrap().contains("lost too"));
+}
+
+#[test]
+fn a_lost_attempt_does_not_use_up_the_retry_budget() {
+    let plan = plan(
+        "name: l\nsteps:\n  - {id: a, agent: x, action: y, retry: {max_attempts: 2, delay: 0}}\n",
+    );
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    let t = run.apply(
+        &plan,
+        finished(
+            &plan,
+            "a",
+            1,
+            task,
+            Outcome::Lost {
+                message: "lease expired".into(),
+            },
+        ),
+        at(1),
+    );
+    let (_, _, task) = dispatched(&plan, &t)[0].clone();
+    // Attempt 2 fails: one retry is still left, since attempt 1 was lost, not failed.
+    let t = run.apply(&plan, finished(&plan, "a", 2, task, fail(true)), at(2));
+    assert_eq!(dispatched(&plan, &t)[0].1, 3);
+}
