@@ -1,12 +1,24 @@
-//! The harness of Flotilla's end-to-end tests: each test starts its own fleet — a coordinator
+//! The harness of Flotilla's end-to-end tests: each test starts its own fleet — coordinators
 //! and echo workers as separate processes of the real binaries — against the real Postgres and
 //! RabbitMQ, isolated by its own database and queue prefix, so tests run in parallel.
 //!
+//! The fault-injection tests (`tests/faults.rs`) use more of it: several coordinators on one
+//! database and prefix, workers restarted by a supervisor when they die, signals (`kill -9`,
+//! SIGSTOP, SIGCONT) sent to a chosen process ([`process`]), RabbitMQ and Postgres stopped and
+//! started under the fleet ([`services`]), and the audit of what the fleet left in Postgres and
+//! RabbitMQ ([`audit`]).
+//!
 //! The binaries must be built first (`cargo build --bins`); the test command does that.
 
+pub mod audit;
+pub mod process;
+pub mod services;
+pub mod workload;
+
 use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,6 +26,8 @@ use anyhow::{Context, bail};
 use flotilla_api_model::WorkflowResult;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
+
+pub use process::{Launch, Managed, ProcessState, Signal};
 
 /// The Postgres server the tests use (its `postgres` database; each test creates its own).
 pub fn postgres_url(database: &str) -> String {
@@ -27,14 +41,24 @@ pub fn amqp_url() -> String {
     std::env::var("FLOTILLA_TEST_AMQP").unwrap_or_else(|_| flotilla_broker::DEFAULT_URL.into())
 }
 
+/// The directory of the test executable's profile, e.g. `target/debug`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("tests run from target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// The cargo target directory the tests were built in (`target/`, or `$CARGO_TARGET_DIR`).
+pub fn target_dir() -> PathBuf {
+    let profile = profile_dir();
+    profile.parent().map_or(profile.clone(), Path::to_path_buf)
+}
+
 /// Path of a workspace binary, next to the test executable's directory.
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test knows its own path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("tests run from target/<profile>/deps");
-    let path = dir.join(name);
+    let path = profile_dir().join(name);
     assert!(
         path.exists(),
         "{} is missing: build the binaries first with `cargo build --bins`",
@@ -57,18 +81,31 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// One isolated fleet.
+/// How long a coordinator may take to answer its API after a start.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One coordinator of a fleet: its API port and its process.
+struct CoordinatorSlot {
+    port: u16,
+    process: Managed,
+}
+
+/// One isolated fleet: its own database and queue prefix, any number of coordinators sharing
+/// them, and echo workers.
 pub struct Fleet {
     pub database: String,
     pub prefix: String,
+    /// The API port of the first coordinator.
     pub port: u16,
-    coordinator: Option<Child>,
-    workers: Vec<Child>,
+    coordinators: Vec<CoordinatorSlot>,
+    workers: Vec<Managed>,
     http: reqwest::Client,
-    /// Extra environment for the coordinator.
+    /// Extra environment for every coordinator.
     coordinator_env: Vec<(String, String)>,
     /// Agents whose queues the fleet may have declared; deleted at the end.
     agents: BTreeSet<String>,
+    /// Where the processes write their output; `None`: the test's own stdout and stderr.
+    logs: Option<PathBuf>,
 }
 
 impl Fleet {
@@ -81,33 +118,82 @@ impl Fleet {
             database: format!("flotilla_test_{}", &id[..16]),
             prefix: format!("test-{}", &id[..16]),
             port: free_port(),
-            coordinator: None,
+            coordinators: Vec::new(),
             workers: Vec::new(),
             http: reqwest::Client::new(),
             coordinator_env: Vec::new(),
             agents: BTreeSet::new(),
+            logs: None,
         }
     }
 
+    /// Sets `key=value` in the environment of every coordinator started afterwards.
     pub fn coordinator_env(mut self, key: &str, value: &str) -> Self {
         self.coordinator_env.push((key.into(), value.into()));
         self
     }
 
+    /// Writes each process's output to `<dir>/<process>.log` (appending across restarts) instead
+    /// of the test's output: fault tests start dozens of processes.
+    pub fn log_to(mut self, dir: impl Into<PathBuf>) -> anyhow::Result<Self> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        self.logs = Some(dir);
+        Ok(self)
+    }
+
+    /// Where the processes' logs are, if they go to files.
+    pub fn log_dir(&self) -> Option<&Path> {
+        self.logs.as_deref()
+    }
+
+    /// How many lines of the logs of the processes whose name starts with `process` contain
+    /// `needle` (0 when the logs are not in files).
+    pub fn count_in_logs(&self, process: &str, needle: &str) -> usize {
+        let Some(dir) = &self.logs else { return 0 };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(process))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .map(|text| text.lines().filter(|l| l.contains(needle)).count())
+            .sum()
+    }
+
+    /// The URL of the first coordinator's API.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The URL of coordinator `i`'s API.
+    pub fn coordinator_url(&self, i: usize) -> String {
+        let port = self.coordinators.get(i).map_or(self.port, |c| c.port);
+        format!("http://127.0.0.1:{port}")
     }
 
     pub fn database_url(&self) -> String {
         postgres_url(&self.database)
     }
 
-    /// The coordinator command, configured for this fleet.
+    /// The queue names of this fleet.
+    pub fn queue_names(&self) -> flotilla_proto::QueueNames {
+        flotilla_proto::QueueNames::new(self.prefix.clone())
+    }
+
+    /// The coordinator command, configured for this fleet, on the first coordinator's port.
     pub fn coordinator_command(&self) -> Command {
         let mut cmd = Command::new(binary("flotilla-coordinator"));
+        self.configure_coordinator(&mut cmd, self.port);
+        cmd.kill_on_drop(true);
+        cmd
+    }
+
+    fn configure_coordinator(&self, cmd: &mut Command, port: u16) {
         cmd.env("DATABASE_URL", self.database_url())
             .env("AMQP_URL", amqp_url())
-            .env("PORT", self.port.to_string())
+            .env("PORT", port.to_string())
             .env("FLOTILLA_QUEUE_PREFIX", &self.prefix)
             .env("FLOTILLA_DB_POOL_SIZE", "4")
             .env("RUST_LOG", "info")
@@ -116,69 +202,176 @@ impl Fleet {
                     .iter()
                     .map(|(k, v)| (k.as_str(), v.as_str())),
             )
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        cmd
+            .stdin(Stdio::null());
     }
 
-    /// Starts the coordinator and waits until its API answers.
-    pub async fn start_coordinator(&mut self) -> anyhow::Result<()> {
-        let child = self
-            .coordinator_command()
-            .spawn()
-            .context("starting flotilla-coordinator")?;
-        self.coordinator = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self
-                .coordinator
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("the coordinator exited at start with {status}");
+    /// A recipe that builds the command of each incarnation of a process.
+    fn recipe(
+        &self,
+        name: &str,
+        base: Command,
+        launch: &Launch,
+    ) -> anyhow::Result<process::Recipe> {
+        let log: Option<PathBuf> = self.logs.as_ref().map(|d| d.join(format!("{name}.log")));
+        if let Some(path) = &log {
+            // Fail here, not in the supervisor, when the log cannot be written.
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+        }
+        let std = base.as_std();
+        let program = std.get_program().to_owned();
+        let args: Vec<_> = std.get_args().map(ToOwned::to_owned).collect();
+        let env: Vec<_> = std
+            .get_envs()
+            .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
+            .collect();
+        let launch = launch.clone();
+        let name = name.to_string();
+        Ok(Box::new(move |incarnation| {
+            let mut cmd = Command::new(&program);
+            cmd.args(&args)
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .envs(launch.env_of(incarnation))
+                .stdin(Stdio::null());
+            if let Some(path) = &log {
+                match OpenOptions::new().create(true).append(true).open(path) {
+                    Ok(file) => {
+                        if incarnation > 0 {
+                            use std::io::Write;
+                            let mut marker: &File = &file;
+                            let _ = writeln!(
+                                marker,
+                                "[harness] {name}: incarnation {incarnation} starts"
+                            );
+                        }
+                        let err = file.try_clone().map_or(Stdio::null(), Stdio::from);
+                        cmd.stdout(Stdio::from(file)).stderr(err);
+                    }
+                    Err(_) => {
+                        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+                    }
+                }
             }
-            if self
-                .http
-                .get(format!("{}/api/workflows?limit=1", self.url()))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
+            cmd
+        }))
+    }
+
+    /// Starts a coordinator with the fleet's settings and waits until its API answers.
+    pub async fn start_coordinator(&mut self) -> anyhow::Result<()> {
+        self.add_coordinator(Launch::once()).await.map(|_| ())
+    }
+
+    /// Starts another coordinator on the fleet's database and queue prefix (the first one on
+    /// [`Fleet::port`], the others on ports of their own) and waits until its API answers.
+    /// Returns its index.
+    pub async fn add_coordinator(&mut self, launch: Launch) -> anyhow::Result<usize> {
+        let index = self.coordinators.len();
+        let port = if index == 0 { self.port } else { free_port() };
+        let name = format!("coordinator-{index}");
+        let mut base = Command::new(binary("flotilla-coordinator"));
+        self.configure_coordinator(&mut base, port);
+        let recipe = self.recipe(&name, base, &launch)?;
+        let process = Managed::spawn(&name, recipe, launch.is_supervised())?;
+        self.coordinators.push(CoordinatorSlot { port, process });
+        self.wait_coordinator_ready(index, READY_TIMEOUT).await?;
+        Ok(index)
+    }
+
+    /// Waits until coordinator `i`'s API answers (after a start or a restart).
+    pub async fn wait_coordinator_ready(&self, i: usize, timeout: Duration) -> anyhow::Result<()> {
+        let slot = self
+            .coordinators
+            .get(i)
+            .with_context(|| format!("no coordinator {i}"))?;
+        let url = format!("http://127.0.0.1:{}/api/workflows?limit=1", slot.port);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let state = slot.process.state();
+            if state.finished {
+                bail!(
+                    "coordinator {i} exited at start with {}",
+                    state
+                        .exits
+                        .last()
+                        .map_or_else(|| "no status".into(), process::describe)
+                );
+            }
+            if state.pid.is_some()
+                && self
+                    .http
+                    .get(&url)
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
             {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("the coordinator did not answer within 30 s");
+                bail!("coordinator {i} did not answer within {timeout:?}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    /// Starts an echo worker process serving `agents`.
+    /// Coordinator `i`'s process.
+    pub fn coordinator(&self, i: usize) -> &Managed {
+        &self.coordinators[i].process
+    }
+
+    /// How many coordinators were started.
+    pub fn coordinator_count(&self) -> usize {
+        self.coordinators.len()
+    }
+
+    /// Starts an echo worker process serving `agents`, not restarted if it dies.
     pub fn start_echo(
         &mut self,
         worker_id: &str,
         agents: &[&str],
         concurrency: usize,
     ) -> anyhow::Result<()> {
-        let mut cmd = Command::new(binary("flotilla-agent-echo"));
+        self.start_worker(worker_id, agents, concurrency, Launch::once())
+            .map(|_| ())
+    }
+
+    /// Starts an echo worker process serving `agents`; returns its index.
+    pub fn start_worker(
+        &mut self,
+        worker_id: &str,
+        agents: &[&str],
+        concurrency: usize,
+        launch: Launch,
+    ) -> anyhow::Result<usize> {
+        let mut base = Command::new(binary("flotilla-agent-echo"));
         for agent in agents {
-            cmd.arg("--agent").arg(agent);
+            base.arg("--agent").arg(agent);
             self.agents.insert((*agent).to_string());
         }
-        let child = cmd
-            .arg("--concurrency")
+        base.arg("--concurrency")
             .arg(concurrency.to_string())
             .arg("--worker-id")
             .arg(worker_id)
             .env("AMQP_URL", amqp_url())
             .env("FLOTILLA_QUEUE_PREFIX", &self.prefix)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting flotilla-agent-echo")?;
-        self.workers.push(child);
-        Ok(())
+            .env("RUST_LOG", "warn");
+        let recipe = self.recipe(worker_id, base, &launch)?;
+        let process = Managed::spawn(worker_id, recipe, launch.is_supervised())?;
+        self.workers.push(process);
+        Ok(self.workers.len() - 1)
+    }
+
+    /// Worker `i`'s process.
+    pub fn worker(&self, i: usize) -> &Managed {
+        &self.workers[i]
+    }
+
+    /// The workers' processes, in the order they were started.
+    pub fn workers(&self) -> &[Managed] {
+        &self.workers
     }
 
     /// Runs the `flotilla` CLI against this fleet; returns (exit status, stdout, stderr).
@@ -210,16 +403,27 @@ impl Fleet {
         Ok(response.json().await?)
     }
 
-    /// Submits a definition given as YAML text.
+    /// Submits a definition given as YAML text to the first coordinator.
     pub async fn execute_yaml(
         &self,
         yaml: &str,
         params: serde_json::Value,
     ) -> anyhow::Result<Uuid> {
+        self.execute_yaml_on(0, yaml, params).await
+    }
+
+    /// Submits a definition given as YAML text to coordinator `i`.
+    pub async fn execute_yaml_on(
+        &self,
+        i: usize,
+        yaml: &str,
+        params: serde_json::Value,
+    ) -> anyhow::Result<Uuid> {
         let response = self
             .http
-            .post(format!("{}/api/workflows/execute", self.url()))
+            .post(format!("{}/api/workflows/execute", self.coordinator_url(i)))
             .json(&serde_json::json!({"yaml": yaml, "params": params}))
+            .timeout(Duration::from_secs(60))
             .send()
             .await?;
         let status = response.status();
@@ -263,13 +467,50 @@ impl Fleet {
         Ok(client)
     }
 
-    /// Stops the processes (SIGTERM, so they drain), drops the database and deletes the queues.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        let mut children: Vec<Child> = self.workers.drain(..).collect();
-        children.extend(self.coordinator.take());
-        for child in &mut children {
-            terminate(child).await;
+    /// A connection to RabbitMQ, for inspecting the fleet's queues.
+    pub async fn broker(&self) -> anyhow::Result<flotilla_broker::Connection> {
+        Ok(flotilla_broker::connect(
+            &flotilla_broker::BrokerConfig::new(amqp_url()),
+            "flotilla-tests",
+        )
+        .await?)
+    }
+
+    /// The queues the fleet may have declared: every agent queue, results, dead letters and
+    /// heartbeats.
+    pub fn queues(&self) -> Vec<String> {
+        let names = self.queue_names();
+        let mut agents = self.agents.clone();
+        agents.insert("flotilla-notify".into());
+        [names.results(), names.dead_letters(), names.heartbeats()]
+            .into_iter()
+            .chain(agents.iter().map(|a| names.agent(a)))
+            .collect()
+    }
+
+    /// Stops every process gracefully (SIGTERM, so they drain; SIGKILL after 20 s): the workers
+    /// first, so their last results reach a coordinator, then the coordinators.
+    pub async fn shutdown(&mut self) {
+        // Every request is sent before any answer is awaited, so they stop side by side.
+        let workers: Vec<_> = self.workers.iter().map(Managed::terminate).collect();
+        for stopped in workers {
+            stopped.await;
         }
+        let coordinators: Vec<_> = self
+            .coordinators
+            .iter()
+            .map(|c| c.process.terminate())
+            .collect();
+        for stopped in coordinators {
+            stopped.await;
+        }
+    }
+
+    /// Stops what still runs, drops the fleet's database and deletes its queues. The processes'
+    /// logs stay (see [`Fleet::log_to`]).
+    pub async fn cleanup(mut self) -> anyhow::Result<()> {
+        // Processes still running would recreate what is deleted.
+        self.shutdown().await;
         let (admin, conn) =
             tokio_postgres::connect(&postgres_url("postgres"), tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
@@ -279,22 +520,19 @@ impl Fleet {
                 self.database
             ))
             .await?;
-        let connection = flotilla_broker::connect(
-            &flotilla_broker::BrokerConfig::new(amqp_url()),
-            "flotilla-tests",
-        )
-        .await?;
+        let connection = self.broker().await?;
         let channel = connection.open_channel().await?;
-        let names = flotilla_proto::QueueNames::new(self.prefix.clone());
-        self.agents.insert("flotilla-notify".into());
-        let queues = [names.results(), names.heartbeats(), names.dead_letters()]
-            .into_iter()
-            .chain(self.agents.iter().map(|a| names.agent(a)));
-        for queue in queues {
+        for queue in self.queues() {
             channel.delete_queue(&queue).await?;
         }
         connection.close().await?;
         Ok(())
+    }
+
+    /// Stops the processes (SIGTERM, so they drain), drops the database and deletes the queues.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown().await;
+        self.cleanup().await
     }
 }
 

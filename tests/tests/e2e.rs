@@ -547,24 +547,47 @@ async fn operators_pause_resume_cancel_and_complete_live_runs_from_the_cli() -> 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let held = fleet.run(id).await?;
-    assert_eq!((held.status.as_str(), step(&held, "b").status.as_str()), ("paused", "pending"));
+    assert_eq!(
+        (held.status.as_str(), step(&held, "b").status.as_str()),
+        ("paused", "pending")
+    );
     let (status, ..) = fleet.cli(&["workflows", "resume", &ids]).await?;
     assert!(status.success());
     assert_eq!(fleet.wait_for_end(id, WAIT).await?.status, "success");
-    let (status, history, _) = fleet.cli(&["workflows", "history", &ids, "--output", "json"]).await?;
+    let (status, history, _) = fleet
+        .cli(&["workflows", "history", &ids, "--output", "json"])
+        .await?;
     assert!(status.success());
     let history: Value = serde_json::from_str(&history)?;
-    let actions: Vec<&str> = history["events"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    let actions: Vec<&str> = history["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
     assert_eq!(actions, ["pause", "resume"]);
-    assert!(history["events"][0]["actor"].as_str().unwrap().contains('@'));
+    assert!(
+        history["events"][0]["actor"]
+            .as_str()
+            .unwrap()
+            .contains('@')
+    );
 
     // Cancel a run whose step waits for an agent nobody serves; a second cancel is refused.
-    let id = fleet.execute_yaml("name: idle\nsteps:\n  - {id: wait, agent: nobody, action: wait}\n", json!({})).await?;
+    let id = fleet
+        .execute_yaml(
+            "name: idle\nsteps:\n  - {id: wait, agent: nobody, action: wait}\n",
+            json!({}),
+        )
+        .await?;
     let ids = id.to_string();
     let (status, ..) = fleet.cli(&["workflows", "cancel", &ids]).await?;
     assert!(status.success());
     let run = fleet.run(id).await?;
-    assert_eq!((run.status.as_str(), step(&run, "wait").status.as_str()), ("cancelled", "cancelled"));
+    assert_eq!(
+        (run.status.as_str(), step(&run, "wait").status.as_str()),
+        ("cancelled", "cancelled")
+    );
     let (status, _, stderr) = fleet.cli(&["workflows", "cancel", &ids]).await?;
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("already ended"), "{stderr}");
@@ -575,7 +598,17 @@ async fn operators_pause_resume_cancel_and_complete_live_runs_from_the_cli() -> 
         .await?;
     assert_eq!(fleet.wait_for_end(id, WAIT).await?.status, "failure");
     let ids = id.to_string();
-    let (status, _, stderr) = fleet.cli(&["workflows", "complete", &ids, "--step", "broken", "--step-output", "{\"fixed\": true}"]).await?;
+    let (status, _, stderr) = fleet
+        .cli(&[
+            "workflows",
+            "complete",
+            &ids,
+            "--step",
+            "broken",
+            "--step-output",
+            "{\"fixed\": true}",
+        ])
+        .await?;
     assert!(status.success(), "{stderr}");
     let run = fleet.wait_for_end(id, WAIT).await?;
     assert_eq!(run.status, "success");
@@ -595,7 +628,13 @@ async fn an_attempt_past_its_timeout_fails_and_is_retried() -> anyhow::Result<()
     assert_eq!(run.status, "failure");
     let nap = step(&run, "nap");
     assert_eq!(nap.attempts, 2);
-    assert!(nap.error.as_deref().unwrap_or_default().contains("timed out"), "{nap:?}");
+    assert!(
+        nap.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("timed out"),
+        "{nap:?}"
+    );
     fleet.stop().await
 }
 
@@ -608,7 +647,9 @@ async fn the_monitoring_example_takes_both_branches_of_its_condition() -> anyhow
     // The echo agent answers with the run's params, so `error_rate` reaches the condition as a
     // field of collect_metrics' output.
     for (rate, rollback) in [(0.2, "success"), (0.01, "skipped")] {
-        let id = fleet.execute_yaml(&yaml, json!({"error_rate": rate})).await?;
+        let id = fleet
+            .execute_yaml(&yaml, json!({"error_rate": rate}))
+            .await?;
         let run = fleet.wait_for_end(id, WAIT).await?;
         assert_eq!(run.status, "success", "error_rate {rate}");
         assert_eq!(step(&run, "rollback").status, rollback, "error_rate {rate}");

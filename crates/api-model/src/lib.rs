@@ -446,6 +446,79 @@ pub struct RedriveResponse {
     pub redriven: Vec<RedriveOutcome>,
 }
 
+/// `GET /health` and `GET /health/ready` (when ready): the parts a process depends on, each
+/// checked when asked. `GET /health/ready` answers 503 with an [`ErrorBody`] instead when a part
+/// is failing; its `details` is this report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthReport {
+    /// `ok` when every check is, else `failing`.
+    pub status: String,
+    /// The version of the process that answered.
+    pub version: String,
+    pub checks: Vec<HealthCheck>,
+}
+
+/// One part of a [`HealthReport`], e.g. `postgres` or `rabbitmq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheck {
+    pub name: String,
+    /// `ok` or `failing`.
+    pub status: String,
+    /// What was found, e.g. why it is failing. Never holds credentials.
+    pub message: String,
+}
+
+/// [`HealthReport::status`] and [`HealthCheck::status`] of a part that works.
+pub const HEALTH_OK: &str = "ok";
+/// [`HealthReport::status`] and [`HealthCheck::status`] of a part that does not.
+pub const HEALTH_FAILING: &str = "failing";
+
+impl HealthCheck {
+    /// A check that passed.
+    pub fn ok(name: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            status: HEALTH_OK.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A check that failed, saying why.
+    pub fn failing(name: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            status: HEALTH_FAILING.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn is_ok(&self) -> bool {
+        self.status == HEALTH_OK
+    }
+}
+
+impl HealthReport {
+    /// The report of `checks`: `ok` when all of them are.
+    pub fn of(version: impl Into<String>, checks: Vec<HealthCheck>) -> Self {
+        let status = if checks.iter().all(HealthCheck::is_ok) {
+            HEALTH_OK
+        } else {
+            HEALTH_FAILING
+        };
+        Self {
+            status: status.into(),
+            version: version.into(),
+            checks,
+        }
+    }
+
+    pub fn is_ok(&self) -> bool {
+        self.status == HEALTH_OK
+    }
+}
+
 /// The body of every error response, whatever the route.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -475,6 +548,25 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn health_report_is_ok_only_when_every_check_is() {
+        let ok = HealthReport::of("1.0.0", vec![HealthCheck::ok("postgres", "answers")]);
+        assert!(ok.is_ok());
+        let failing = HealthReport::of(
+            "1.0.0",
+            vec![
+                HealthCheck::ok("postgres", "answers"),
+                HealthCheck::failing("rabbitmq", "connection refused"),
+            ],
+        );
+        assert!(!failing.is_ok());
+        round_trip(&failing);
+        assert_eq!(
+            serde_json::to_value(&failing).unwrap()["checks"][1],
+            json!({"name": "rabbitmq", "status": "failing", "message": "connection refused"})
+        );
+    }
 
     fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(value: &T) {
         let text = serde_json::to_string(value).unwrap();

@@ -23,6 +23,9 @@ pub(crate) enum Kind {
     Conflict,
     PayloadTooLarge,
     Unavailable,
+    /// A readiness check failed: an expected answer while a dependency is away, so it is not
+    /// logged as an error on every probe.
+    NotReady,
     Internal,
 }
 
@@ -36,7 +39,7 @@ impl Kind {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable | Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -51,7 +54,7 @@ impl Kind {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Conflict => "conflict",
             Self::PayloadTooLarge => "payload_too_large",
-            Self::Unavailable => "unavailable",
+            Self::Unavailable | Self::NotReady => "unavailable",
             Self::Internal => "internal",
         }
     }
@@ -86,6 +89,12 @@ impl ApiError {
     pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self::new(Kind::NotFound, message)
     }
+
+    /// A failed readiness check; `details` is what was checked.
+    pub(crate) fn not_ready(message: impl Into<String>, details: &impl serde::Serialize) -> Self {
+        let details = serde_json::to_value(details).unwrap_or(Value::Null);
+        Self::new(Kind::NotReady, message).with_details(details)
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -101,6 +110,10 @@ impl IntoResponse for ApiError {
                 format!(
                     "internal error in the coordinator (incident {incident}); its log has the details"
                 )
+            }
+            Kind::NotReady => {
+                tracing::debug!(%status, code, error = %self.message, "not ready");
+                self.message
             }
             _ if status.is_server_error() => {
                 tracing::error!(%status, code, error = %self.message, "request failed");

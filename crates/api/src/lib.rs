@@ -17,6 +17,9 @@
 //! | `GET  /api/dlq`                                  | 200 [`DeadLetterList`] (query: [`DeadLetterQuery`]) |
 //! | `POST /api/dlq/redrive`                          | 200 [`RedriveResponse`] (body: [`RedriveRequest`]) |
 //!
+//! [`router_with_health`] adds `/health/live`, `/health/ready`, `/health` and `/metrics` over a
+//! [`Probe`] (see [`health`]); [`health_router`] serves those alone, for workers.
+//!
 //! Every failure, including malformed bodies, unknown routes and oversized requests, answers with
 //! an [`ErrorBody`](flotilla_api_model::ErrorBody). The operator routes (cancel … complete) answer
 //! 404 for an unknown run or step and 409 (`conflict`, with the reason) for an action the run's
@@ -50,10 +53,12 @@
 mod backend;
 mod error;
 mod extract;
+pub mod health;
 mod routes;
 
 pub use backend::{Backend, BackendError, Submission};
+pub use health::Probe;
 pub use routes::{
     DEFAULT_DEAD_LETTER_LIMIT, DEFAULT_RUN_LIMIT, Limits, MAX_DEAD_LETTER_LIMIT, MAX_RUN_LIMIT,
-    router,
+    health_router, router, router_with_health,
 };

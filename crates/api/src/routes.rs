@@ -22,6 +22,7 @@ use uuid::Uuid;
 use crate::backend::{Backend, Submission};
 use crate::error::{ApiError, Kind};
 use crate::extract::{Actor, IdempotencyKey, Json, OptionalJson, Path, Query};
+use crate::health::{self, Probe};
 
 /// Runs listed per page when the query gives no `limit`.
 pub const DEFAULT_RUN_LIMIT: u32 = 50;
@@ -99,6 +100,38 @@ impl<B> FromRef<AppState<B>> for Limits {
 /// The API's routes over `backend`. Requests to other paths, or with other methods, are answered
 /// with 404 and 405 in the API's error shape.
 pub fn router<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
+    finish(api_routes(backend, limits), limits)
+}
+
+/// The API's routes over `backend`, and the health and metrics routes over `probe` (see
+/// [`health`](crate::health)): what the coordinator serves.
+pub fn router_with_health<B: Backend, P: Probe>(
+    backend: Arc<B>,
+    probe: Arc<P>,
+    limits: Limits,
+) -> Router {
+    finish(
+        api_routes(backend, limits).merge(health::routes(probe)),
+        limits,
+    )
+}
+
+/// The health and metrics routes over `probe` alone, for a process that serves no API (a
+/// worker), with the same answers to other paths and methods.
+pub fn health_router<P: Probe>(probe: Arc<P>) -> Router {
+    finish(health::routes(probe), Limits::default())
+}
+
+/// Answers to paths and methods no route takes, and the body limit, for every route above.
+fn finish(routes: Router, limits: Limits) -> Router {
+    routes
+        // Applies to the routes registered before it, so it must come after them.
+        .method_not_allowed_fallback(wrong_method)
+        .fallback(no_route)
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+}
+
+fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
     Router::new()
         .route("/api/workflows/execute", post(execute::<B>))
         .route("/api/workflows", get(list_runs::<B>))
@@ -119,10 +152,6 @@ pub fn router<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
         )
         .route("/api/dlq", get(list_dead_letters::<B>))
         .route("/api/dlq/redrive", post(redrive::<B>))
-        // Applies to the routes registered above, so it must come after them.
-        .method_not_allowed_fallback(wrong_method)
-        .fallback(no_route)
-        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .with_state(AppState { backend, limits })
 }
 

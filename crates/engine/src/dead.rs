@@ -32,7 +32,12 @@ pub async fn run(
             .await?;
     while let Some(delivery) = consumer.next().await {
         let (letter, task) = dead_letter(&delivery, delivery_limit);
-        tracing::warn!(run_id = ?letter.run_id, step_id = ?letter.step_id, reason = %letter.reason, "task dead-lettered");
+        tracing::warn!(
+            run_id = letter.run_id.as_ref().map(tracing::field::display),
+            step_id = letter.step_id.as_deref(),
+            reason = %letter.reason,
+            "task dead-lettered"
+        );
         let input = Input::DeadLetter {
             letter: Box::new(letter),
             task: task.map(Box::new),

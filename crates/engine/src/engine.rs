@@ -16,6 +16,7 @@ use flotilla_store::engine::{
 };
 use flotilla_store::queries::{self, RunEvent};
 use flotilla_store::{Store, idempotency};
+use flotilla_telemetry::metrics::CoordinatorMetrics;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -285,7 +286,14 @@ pub struct Engine {
     wake_hint: mpsc::UnboundedSender<DateTime<Utc>>,
     runs: HashMap<Uuid, CachedRun>,
     plans: HashMap<String, Arc<Plan>>,
+    metrics: Arc<CoordinatorMetrics>,
+    /// When each attempt this engine dispatched was dispatched, until it ends: the start of its
+    /// queue wait. See [`Engine::track_dispatch`] for its bound.
+    dispatched: HashMap<Uuid, DateTime<Utc>>,
 }
+
+/// Attempts whose dispatch time [`Engine::dispatched`] keeps at most.
+const MAX_TRACKED_DISPATCHES: usize = 100_000;
 
 impl Engine {
     /// Creates an engine; `outbox` receives the rows of every committed batch, `wake_hint` the
@@ -305,8 +313,18 @@ impl Engine {
             wake_hint,
             runs: HashMap::new(),
             plans: HashMap::new(),
+            metrics: Arc::default(),
+            dispatched: HashMap::new(),
         };
         (engine, EngineHandle { inputs: tx })
+    }
+
+    /// Counts what the engine commits into `metrics` (by default, into metrics of its own that
+    /// nobody reads).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<CoordinatorMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Runs until every [`EngineHandle`] is dropped, or `shutdown` is cancelled and the inputs
@@ -351,6 +369,7 @@ impl Engine {
                 for at in done.wakes.drain(..) {
                     let _ = self.wake_hint.send(at);
                 }
+                self.observe(std::mem::take(&mut done.observed));
                 for (n, input) in inputs.drain(..).enumerate() {
                     match input {
                         Input::Submit { reply, .. } => {
@@ -465,6 +484,7 @@ impl Engine {
             batch: Batch::default(),
             changes: BTreeMap::new(),
             wakes: Vec::new(),
+            observed: Vec::new(),
         };
         let mut submitted = HashMap::new();
         let mut redriven = HashMap::new();
@@ -549,15 +569,40 @@ impl Engine {
                             };
                         let event = match *d {
                             Due::Retry { step, attempt, .. } => Event::Wake { step, attempt },
-                            Due::Lease { step, attempt, task_id, .. } => failed(
+                            Due::Lease {
                                 step,
                                 attempt,
                                 task_id,
-                                "lease expired: the worker stopped renewing it (crashed, stopped or cut off)".into(),
-                            ),
-                            Due::Timeout { step, attempt, task_id, .. } => {
-                                let limit = cached.plan.nodes.get(step).and_then(|n| n.timeout).unwrap_or_default();
-                                failed(step, attempt, task_id, format!("timed out: the attempt ran past its timeout of {limit:?}"))
+                                ..
+                            } => {
+                                tracing::warn!(run_id = %cached.state.id, step_id = %cached.plan.nodes.get(step).map_or("?", |n| n.id.as_str()), attempt, "lease expired");
+                                failed(
+                                    step,
+                                    attempt,
+                                    task_id,
+                                    "lease expired: the worker stopped renewing it (crashed, stopped or cut off)".into(),
+                                )
+                            }
+                            Due::Timeout {
+                                step,
+                                attempt,
+                                task_id,
+                                ..
+                            } => {
+                                let limit = cached
+                                    .plan
+                                    .nodes
+                                    .get(step)
+                                    .and_then(|n| n.timeout)
+                                    .unwrap_or_default();
+                                failed(
+                                    step,
+                                    attempt,
+                                    task_id,
+                                    format!(
+                                        "timed out: the attempt ran past its timeout of {limit:?}"
+                                    ),
+                                )
                             }
                         };
                         pending.apply(cached, event);
@@ -565,6 +610,9 @@ impl Engine {
                 }
                 Input::DeadLetter { letter, task, .. } => {
                     new_dead_letters.push(letter.as_ref().clone());
+                    pending.observed.push(Observation::DeadLettered {
+                        agent: task.as_ref().map(|t| t.agent.clone()),
+                    });
                     if let Some(task) = task {
                         let event = |step| Event::AttemptFinished {
                             step,
@@ -630,6 +678,7 @@ impl Engine {
             mut batch,
             changes,
             wakes: wakes_due,
+            observed,
             ..
         } = pending;
 
@@ -691,7 +740,67 @@ impl Engine {
             redriven,
             operated,
             wakes: wakes_due,
+            observed,
         })
+    }
+
+    /// Counts what a committed batch did.
+    fn observe(&mut self, observed: Vec<Observation>) {
+        for observation in observed {
+            match observation {
+                Observation::Dispatched {
+                    agent,
+                    attempt,
+                    task_id,
+                    at,
+                } => {
+                    self.metrics.dispatched(&agent, attempt);
+                    self.track_dispatch(task_id, at);
+                }
+                Observation::AttemptEnded {
+                    agent,
+                    task_id,
+                    success,
+                    reported,
+                } => {
+                    let dispatched = self.dispatched.remove(&task_id);
+                    // A negative span (clocks of coordinator and worker apart) is not observed.
+                    let (ran, waited) = reported.map_or((None, None), |(started, finished)| {
+                        (
+                            (finished - started).to_std().ok(),
+                            dispatched.and_then(|at| (started - at).to_std().ok()),
+                        )
+                    });
+                    self.metrics.attempt_ended(&agent, success, ran, waited);
+                }
+                Observation::AttemptCancelled { task_id } => {
+                    self.dispatched.remove(&task_id);
+                }
+                Observation::Stale => self.metrics.stale_ignored(),
+                Observation::RunEnded { status, duration } => {
+                    self.metrics.run_ended(status, duration);
+                }
+                Observation::DeadLettered { agent } => {
+                    self.metrics.dead_lettered(agent.as_deref());
+                }
+            }
+        }
+    }
+
+    /// Remembers when an attempt was dispatched. An attempt whose result another coordinator
+    /// records never leaves the map here, so it is bounded: when full, the attempts dispatched
+    /// over an hour ago are forgotten, and everything if that frees less than half. A forgotten
+    /// attempt only goes without its queue wait observed.
+    fn track_dispatch(&mut self, task_id: Uuid, at: DateTime<Utc>) {
+        if self.dispatched.len() >= MAX_TRACKED_DISPATCHES {
+            let horizon = at - chrono::Duration::hours(1);
+            self.dispatched
+                .retain(|_, dispatched| *dispatched > horizon);
+            if self.dispatched.len() >= MAX_TRACKED_DISPATCHES / 2 {
+                self.dispatched.clear();
+            }
+        }
+        self.dispatched.insert(task_id, at);
     }
 
     /// Loads runs whose cached state is missing or outdated.
@@ -760,6 +869,38 @@ struct Pending<'a> {
     changes: BTreeMap<Uuid, Vec<usize>>,
     /// Due times of the retries scheduled.
     wakes: Vec<DateTime<Utc>>,
+    /// What the metrics count once the batch has committed.
+    observed: Vec<Observation>,
+}
+
+/// Something a batch did that the metrics count; counted only once the batch has committed,
+/// so that nothing rolled back is.
+enum Observation {
+    Dispatched {
+        agent: String,
+        attempt: u32,
+        task_id: Uuid,
+        at: DateTime<Utc>,
+    },
+    AttemptEnded {
+        agent: String,
+        task_id: Uuid,
+        success: bool,
+        /// When the worker says the attempt started and finished; `None` when the coordinator
+        /// ended it (lease, timeout, dead letter).
+        reported: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    },
+    AttemptCancelled {
+        task_id: Uuid,
+    },
+    Stale,
+    RunEnded {
+        status: &'static str,
+        duration: Duration,
+    },
+    DeadLettered {
+        agent: Option<String>,
+    },
 }
 
 impl Pending<'_> {
@@ -854,8 +995,15 @@ impl Pending<'_> {
                         created_at: self.now,
                     });
                     tracing::debug!(run_id = %state.id, step_id = %node.id, attempt, "dispatch");
+                    self.observed.push(Observation::Dispatched {
+                        agent: node.agent.clone(),
+                        attempt: *attempt,
+                        task_id: *task_id,
+                        at: self.now,
+                    });
                 }
                 Effect::AttemptEnded {
+                    step,
                     attempt: _,
                     task_id,
                     success,
@@ -863,30 +1011,49 @@ impl Pending<'_> {
                     worker,
                     started_at,
                     finished_at,
-                    ..
-                } => self.batch.attempts_ended.push(AttemptEnd {
-                    task_id: *task_id,
-                    success: *success,
-                    started_at: *started_at,
-                    finished_at: *finished_at,
-                    worker: worker.clone(),
-                    error: error.clone(),
-                }),
+                } => {
+                    self.batch.attempts_ended.push(AttemptEnd {
+                        task_id: *task_id,
+                        success: *success,
+                        started_at: *started_at,
+                        finished_at: *finished_at,
+                        worker: worker.clone(),
+                        error: error.clone(),
+                    });
+                    self.observed.push(Observation::AttemptEnded {
+                        agent: plan.nodes[*step].agent.clone(),
+                        task_id: *task_id,
+                        success: *success,
+                        // The engine ends attempts itself with no worker named.
+                        reported: (!worker.is_empty()).then_some((*started_at, *finished_at)),
+                    });
+                }
                 Effect::Stale {
                     step,
                     attempt,
                     reason,
                 } => {
                     tracing::info!(run_id = %state.id, step_id = %plan.nodes.get(*step).map_or("?", |n| n.id.as_str()), attempt, reason, "stale result ignored");
+                    self.observed.push(Observation::Stale);
                 }
                 Effect::Refused(reason) => {
                     tracing::info!(run_id = %state.id, reason = %reason, "operator request refused");
                 }
-                Effect::Cancelled { step, attempt, .. } => {
+                Effect::Cancelled {
+                    step,
+                    attempt,
+                    task_id,
+                } => {
                     tracing::info!(run_id = %state.id, step_id = %plan.nodes[*step].id, attempt, "running attempt cancelled");
+                    self.observed
+                        .push(Observation::AttemptCancelled { task_id: *task_id });
                 }
                 Effect::RunEnded(status) => {
                     tracing::info!(run_id = %state.id, workflow = %plan.name, status = status.as_str(), "run ended");
+                    self.observed.push(Observation::RunEnded {
+                        status: status.as_str(),
+                        duration: run_duration(state, self.now),
+                    });
                 }
             }
         }
@@ -975,6 +1142,18 @@ fn redrive_one(
     Ok(cached.state.steps[step].attempt)
 }
 
+/// How long a run took from its creation to its end (`now` if it has no end time). Run ids are
+/// UUIDv7 minted in the transaction that created the run, so the id carries its creation time.
+fn run_duration(state: &RunState, now: DateTime<Utc>) -> Duration {
+    let created = state.id.get_timestamp().and_then(|t| {
+        let (secs, nanos) = t.to_unix();
+        DateTime::from_timestamp(i64::try_from(secs).ok()?, nanos)
+    });
+    created
+        .and_then(|created| (state.ended_at.unwrap_or(now) - created).to_std().ok())
+        .unwrap_or_default()
+}
+
 struct Committed {
     outbox: Vec<OutboxRow>,
     /// What each submission did, by its position in the batch.
@@ -984,6 +1163,7 @@ struct Committed {
     /// What each operator action did, by its position in the batch.
     operated: HashMap<usize, Result<RunStatus, Error>>,
     wakes: Vec<DateTime<Utc>>,
+    observed: Vec<Observation>,
 }
 
 fn outcome_of(result: &TaskResult) -> Outcome {

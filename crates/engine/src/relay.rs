@@ -168,7 +168,15 @@ impl Relay {
                 Ok(()) => confirmed.push(row.id),
                 Err(e) => {
                     broken |= matches!(e, flotilla_broker::PublishError::Broker(_));
-                    tracing::warn!(error = %e, routing_key = %row.routing_key, "message not confirmed; it stays in the outbox");
+                    // Parsed only here: a failure is rare, and its line must name the step.
+                    let task = serde_json::from_slice::<flotilla_proto::Task>(&row.body).ok();
+                    tracing::warn!(
+                        run_id = task.as_ref().map(|t| tracing::field::display(t.run_id)),
+                        step_id = task.as_ref().map(|t| t.step_id.as_str()),
+                        error = %e,
+                        routing_key = %row.routing_key,
+                        "message not confirmed; it stays in the outbox"
+                    );
                 }
             }
         }

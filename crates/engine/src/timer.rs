@@ -76,14 +76,12 @@ async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Ut
                 step: index(idx),
                 attempt: number(attempt),
             })
-            .chain(leases.into_iter().map(|l| {
-                tracing::warn!(run_id = %l.run_id, step = l.idx, attempt = l.attempt, "lease expired");
-                Due::Lease {
-                    run_id: l.run_id,
-                    step: index(l.idx),
-                    attempt: number(l.attempt),
-                    task_id: l.task_id,
-                }
+            // The engine logs each expiry, with the step's id.
+            .chain(leases.into_iter().map(|l| Due::Lease {
+                run_id: l.run_id,
+                step: index(l.idx),
+                attempt: number(l.attempt),
+                task_id: l.task_id,
             }))
             .chain(late.into_iter().map(|l| Due::Timeout {
                 run_id: l.run_id,

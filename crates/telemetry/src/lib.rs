@@ -1,8 +1,11 @@
-//! Set-up shared by every Flotilla binary: logging, and the shutdown signals.
+//! Set-up shared by every Flotilla binary: logging, metrics ([`metrics`]) and the shutdown
+//! signals.
 //!
 //! `RUST_LOG` filters (default `info`); `FLOTILLA_LOG_FORMAT=json` writes one JSON object per
 //! line for log collectors, anything else a human-readable line. Logs go to standard error so
 //! that a binary's standard output stays for its results.
+
+pub mod metrics;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;

@@ -32,6 +32,8 @@
 //!   coordinator fences results by task id and attempt, so duplicates are harmless.
 //! - Heartbeats listing the tasks in progress go to `{prefix}.heartbeats` every
 //!   `heartbeat_interval`.
+//! - With [`WorkerBuilder::serve_health`], `/health/live`, `/health/ready` and `/metrics` are
+//!   served on an address of its own.
 //!
 //! When the connection (or a consumer's channel) is lost, [`Worker::run`] goes on: it stops
 //! taking tasks, reconnects with backoff, declares its queues again and resumes. Tasks running
@@ -42,6 +44,7 @@
 //! fences results by task id and attempt, counts only the first result.
 
 mod context;
+mod health;
 mod worker;
 
 use std::time::Duration;
@@ -106,6 +109,13 @@ pub enum Error {
     /// with another delivery limit.
     #[error(transparent)]
     Broker(#[from] flotilla_broker::Error),
+    /// The address given to [`WorkerBuilder::serve_health`] cannot be listened on.
+    #[error("cannot serve health and metrics on {addr}: {source}")]
+    Health {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@ use std::{
     any::Any,
     collections::{BTreeMap, HashMap},
     future::Future,
+    net::SocketAddr,
     pin::Pin,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
@@ -15,9 +16,11 @@ use flotilla_broker::{
 use flotilla_proto::{
     Heartbeat, HeldTask, PROTOCOL_VERSION, ResultStatus, Task, TaskError, TaskResult,
 };
+use flotilla_telemetry::metrics::WorkerMetrics;
 use futures_util::future::join_all;
 use serde_json::Value;
 use tokio::{
+    net::TcpListener,
     sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
     task::JoinHandle,
     time::MissedTickBehavior,
@@ -26,7 +29,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
-use crate::{Error, HandlerError, TaskContext, WorkerConfig};
+use crate::{Error, HandlerError, TaskContext, WorkerConfig, health};
 
 /// Span name of the handling of one task.
 const TASK_SPAN: &str = "worker.task";
@@ -49,6 +52,7 @@ pub struct WorkerBuilder {
     handlers: HashMap<String, BoxedHandler>,
     fallback: Option<BoxedHandler>,
     broker: BrokerConfig,
+    health: Option<SocketAddr>,
 }
 
 impl WorkerBuilder {
@@ -109,6 +113,15 @@ impl WorkerBuilder {
         self
     }
 
+    /// Serves `/health/live`, `/health/ready` (200 while connected to RabbitMQ and consuming,
+    /// 503 otherwise) and `/metrics` (tasks run, failed and in flight, by agent and action, in
+    /// the Prometheus text format) on `addr` while [`Worker::run`] runs. Off by default.
+    #[must_use]
+    pub fn serve_health(mut self, addr: SocketAddr) -> Self {
+        self.health = Some(addr);
+        self
+    }
+
     pub fn build(self) -> Worker {
         let worker_id = self
             .config
@@ -127,6 +140,7 @@ impl WorkerBuilder {
             agents: self.agents,
             handlers: self.handlers,
             fallback: self.fallback,
+            health: self.health,
         }
     }
 }
@@ -140,6 +154,7 @@ pub struct Worker {
     handlers: HashMap<String, BoxedHandler>,
     fallback: Option<BoxedHandler>,
     broker: BrokerConfig,
+    health: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -153,6 +168,7 @@ impl std::fmt::Debug for Worker {
             .field("fallback", &self.fallback.is_some())
             .field("config", &self.config)
             .field("reconnect", &self.broker.reconnect)
+            .field("health", &self.health)
             .finish()
     }
 }
@@ -165,6 +181,7 @@ impl Worker {
             handlers: HashMap::new(),
             fallback: None,
             broker: BrokerConfig::default(),
+            health: None,
         }
     }
 
@@ -182,10 +199,14 @@ impl Worker {
     /// results are published once connected again.
     ///
     /// Returns `Ok` after a shutdown request, and an error only when it cannot start: an
-    /// invalid config, RabbitMQ unreachable or refusing ([`Error::Connect`]), or queues it
-    /// cannot declare or consume.
+    /// invalid config, the health address taken ([`Error::Health`]), RabbitMQ unreachable or
+    /// refusing ([`Error::Connect`]), or queues it cannot declare or consume.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let prefetch = self.validate()?;
+        let health = match self.health {
+            Some(addr) => Some(health::bind(addr).await?),
+            None => None,
+        };
         let connection_name = format!("flotilla-worker {}", self.worker_id);
         let connection = flotilla_broker::connect(&self.broker, &connection_name)
             .await
@@ -202,7 +223,7 @@ impl Worker {
                 return Err(error.into());
             }
         };
-        self.serve(first, prefetch, shutdown).await;
+        self.serve(first, prefetch, shutdown, health).await;
         info!(worker_id = %self.worker_id, "worker stopped");
         Ok(())
     }
@@ -274,7 +295,13 @@ impl Worker {
         })
     }
 
-    async fn serve(&self, first: Session, prefetch: u16, shutdown: CancellationToken) {
+    async fn serve(
+        &self,
+        first: Session,
+        prefetch: u16,
+        shutdown: CancellationToken,
+        health: Option<TcpListener>,
+    ) {
         let shared = Arc::new(Shared {
             worker_id: self.worker_id.clone(),
             names: self.names.clone(),
@@ -283,6 +310,17 @@ impl Worker {
             slots: Arc::new(Semaphore::new(usize::from(prefetch))),
             held: Mutex::new(BTreeMap::new()),
             link: watch::Sender::new(Some(first.link.clone())),
+            metrics: Arc::new(WorkerMetrics::new()),
+        });
+        // Answers until the worker has stopped, so that it reads as not ready while draining.
+        let stop_health = CancellationToken::new();
+        let health = health.map(|listener| {
+            let probe = health::WorkerProbe {
+                shared: shared.clone(),
+                shutdown: shutdown.clone(),
+                agents: self.agents.len(),
+            };
+            health::serve(listener, probe, stop_health.clone())
         });
         info!(
             worker_id = %self.worker_id,
@@ -332,6 +370,10 @@ impl Worker {
             stop_link.cancel();
         };
         tokio::join!(keep_link, work);
+        stop_health.cancel();
+        if let Some(server) = health {
+            let _ = server.await;
+        }
     }
 
     /// Keeps the worker connected until `stop`. Publishes the link of each session for the
@@ -431,8 +473,8 @@ struct Held {
     adopted: Vec<Receipt>,
 }
 
-/// State shared by the intake, the task runners and the heartbeats.
-struct Shared {
+/// State shared by the intake, the task runners, the heartbeats and the health server.
+pub(crate) struct Shared {
     worker_id: Arc<str>,
     names: QueueNames,
     handlers: HashMap<String, BoxedHandler>,
@@ -443,9 +485,18 @@ struct Shared {
     held: Mutex<BTreeMap<Uuid, Held>>,
     /// The link to publish on; `None` while reconnecting.
     link: watch::Sender<Option<Arc<Link>>>,
+    pub(crate) metrics: Arc<WorkerMetrics>,
 }
 
 impl Shared {
+    /// Whether the worker holds a live link, which it consumes on until the shutdown request.
+    pub(crate) fn consuming(&self) -> bool {
+        self.link
+            .borrow()
+            .as_ref()
+            .is_some_and(|link| !link.lost.is_cancelled() && link.connection.is_connected())
+    }
+
     fn held(&self) -> std::sync::MutexGuard<'_, BTreeMap<Uuid, Held>> {
         // Inserts, pushes and removes only: the map is consistent even if a holder panicked.
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
@@ -608,7 +659,7 @@ async fn take_deliveries(
         // or it was published twice. Rather than run it again, the run in progress settles
         // this delivery too. Checked before waiting for a slot, which that run may hold.
         let Some(receipt) = shared.adopt(task.task_id, receipt) else {
-            info!(task_id = %task.task_id, "task delivered again while in progress here; its result will settle this delivery too");
+            info!(run_id = %task.run_id, step_id = %task.step_id, task_id = %task.task_id, "task delivered again while in progress here; its result will settle this delivery too");
             continue;
         };
         let permit = tokio::select! {
@@ -695,8 +746,13 @@ async fn run_task(
         let redelivered = receipt.delivery.redelivered;
         let started_at = Utc::now();
         debug!(redelivered, "task started");
+        let in_flight = shared.metrics.task_started(&agent, &task.action);
         let outcome = call_handler(&shared, &agent, &task, redelivered).await;
         let finished_at = Utc::now();
+        in_flight.finish(
+            outcome.is_ok(),
+            (finished_at - started_at).to_std().unwrap_or_default(),
+        );
         let duration_ms = (finished_at - started_at).num_milliseconds();
         let (status, output, error) = match outcome {
             Ok(output) => {
@@ -927,6 +983,25 @@ mod tests {
         assert_eq!(panic_message(Box::new("boom")), "boom");
         assert_eq!(panic_message(Box::new(String::from("bang"))), "bang");
         assert_eq!(panic_message(Box::new(7_u8)), "(no message)");
+    }
+
+    #[tokio::test]
+    async fn a_health_address_in_use_stops_the_start_before_connecting() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let worker = Worker::builder(WorkerConfig {
+            // Nothing listens there: reaching it would fail differently.
+            amqp_url: "amqp://guest:guest@127.0.0.1:9/%2f".into(),
+            ..WorkerConfig::default()
+        })
+        .agent("echo")
+        .serve_health(addr)
+        .build();
+        let error = worker.run(CancellationToken::new()).await.unwrap_err();
+        assert!(
+            matches!(&error, Error::Health { addr: a, .. } if *a == addr),
+            "{error}"
+        );
     }
 
     #[test]

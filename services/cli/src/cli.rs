@@ -55,6 +55,16 @@ pub enum Command {
     /// List and redrive dead letters: tasks RabbitMQ gave up delivering, whose steps failed.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Show the coordinator's main figures: runs by status, and per agent the attempts, errors,
+    /// retries, dead letters, queued tasks and run times (p50, p95).
+    ///
+    /// Read from the coordinator's /metrics: counts are those of the coordinator FLOTILLA_URL
+    /// names since it started; queue depths and the outbox backlog are as of now.
+    Metrics {
+        /// Only this agent's figures.
+        #[arg(long)]
+        agent: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

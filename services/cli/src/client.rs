@@ -327,6 +327,22 @@ impl Client {
         self.send(self.http.get(url.clone()), url).await
     }
 
+    /// The coordinator's metrics, in the Prometheus text format (`{base}/metrics`).
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("`new` admits only http(s) URLs, which have a path")
+            .pop_if_empty()
+            .push("metrics");
+        let answer = self
+            .exchange(self.http.get(url.clone()), &url, REQUEST_TIMEOUT)
+            .await?;
+        if !answer.status.is_success() {
+            return Err(failure(answer.status, &answer.body, url));
+        }
+        Ok(String::from_utf8_lossy(&answer.body).into_owned())
+    }
+
     /// `{base}/api/{segments...}`, each segment escaped.
     fn url(&self, segments: &[&str]) -> Url {
         let mut url = self.base.clone();
@@ -393,7 +409,12 @@ fn decode<T: DeserializeOwned>(answer: Answer, url: Url) -> Result<T, ClientErro
     if status.is_success() {
         return serde_json::from_slice(&body).map_err(|source| ClientError::Decode { url, source });
     }
-    Err(match serde_json::from_slice::<ErrorBody>(&body) {
+    Err(failure(status, &body, url))
+}
+
+/// The coordinator's error message of an answer that is not a success.
+fn failure(status: StatusCode, body: &[u8], url: Url) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(body) {
         Ok(ErrorBody { error }) if error.code == CONFLICT_CODE => {
             ClientError::Refused(error.message)
         }
@@ -401,12 +422,12 @@ fn decode<T: DeserializeOwned>(answer: Answer, url: Url) -> Result<T, ClientErro
         Err(_) => ClientError::UnexpectedAnswer {
             url,
             status,
-            excerpt: String::from_utf8_lossy(&body)
+            excerpt: String::from_utf8_lossy(body)
                 .chars()
                 .take(BODY_EXCERPT_CHARS)
                 .collect(),
         },
-    })
+    }
 }
 
 #[cfg(test)]

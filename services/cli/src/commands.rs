@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::cli::{Cli, Command, DefinitionsCommand, DlqCommand, Output, Wait, WorkflowsCommand};
 use crate::client::{Client, ClientError};
 use crate::render;
-use crate::{actor, params};
+use crate::{actor, metrics, params};
 
 /// How often `--wait` asks for the run's state.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -178,6 +178,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             match output {
                 Output::Text => print!("{}", render::dead_letters(&list, all)),
                 Output::Json => print_json(&list)?,
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Metrics { agent } => {
+            let summary = metrics::summarize(&client.metrics().await?, agent.as_deref());
+            match output {
+                Output::Text => print!("{}", metrics::render(&summary)),
+                Output::Json => print_json(&summary)?,
             }
             Ok(Outcome::Done)
         }

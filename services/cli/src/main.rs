@@ -10,6 +10,7 @@ mod actor;
 mod cli;
 mod client;
 mod commands;
+mod metrics;
 mod params;
 mod render;
 

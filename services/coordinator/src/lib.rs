@@ -4,6 +4,7 @@
 
 mod backend;
 pub mod config;
+mod health;
 mod notify;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use flotilla_core::plan::{NOTIFY_ACTION, NOTIFY_AGENT};
 use flotilla_engine::relay::{Relay, RelayConfig};
 use flotilla_engine::{Engine, EngineConfig};
 use flotilla_store::{Store, StoreConfig};
+use flotilla_telemetry::metrics::CoordinatorMetrics;
 use flotilla_worker::{Worker, WorkerConfig};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -59,6 +61,9 @@ pub async fn run(
         channel.close().await?;
     }
 
+    let metrics = Arc::new(CoordinatorMetrics::new());
+    // Its queue is declared above, so its depth is read from the first scrape on.
+    metrics.agent_seen(NOTIFY_AGENT);
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     let (wake_tx, wake_rx) = mpsc::unbounded_channel();
     let (engine, handle) = Engine::new(
@@ -72,6 +77,7 @@ pub async fn run(
         outbox_tx,
         wake_tx,
     );
+    let engine = engine.with_metrics(metrics.clone());
     let relay = Relay::new(
         store.clone(),
         RelayConfig {
@@ -158,8 +164,14 @@ pub async fn run(
         store: store.clone(),
         engine: handle,
     });
-    let app = flotilla_api::router(
+    let probe = Arc::new(health::CoordinatorProbe::new(
+        store.clone(),
+        broker.clone(),
+        metrics,
+    ));
+    let app = flotilla_api::router_with_health(
         backend,
+        probe,
         flotilla_api::Limits {
             max_body_bytes: config.max_body_bytes,
         },

@@ -1602,3 +1602,141 @@ async fn the_new_run_statuses_can_be_listed() {
          `failure` or `cancelled`"
     );
 }
+
+/// Stands in for a process's health: checks as set by the test.
+struct FakeProbe {
+    checks: Mutex<Vec<flotilla_api_model::HealthCheck>>,
+}
+
+impl FakeProbe {
+    fn new(checks: Vec<flotilla_api_model::HealthCheck>) -> Arc<Self> {
+        Arc::new(Self {
+            checks: Mutex::new(checks),
+        })
+    }
+
+    fn set(&self, checks: Vec<flotilla_api_model::HealthCheck>) {
+        *self.checks.lock().expect("no test thread panicked") = checks;
+    }
+}
+
+impl Probe for FakeProbe {
+    fn version(&self) -> &str {
+        "9.9.9"
+    }
+
+    async fn checks(&self) -> Vec<flotilla_api_model::HealthCheck> {
+        self.checks.lock().expect("no test thread panicked").clone()
+    }
+
+    async fn metrics(&self) -> String {
+        "# TYPE up gauge\nup 1\n".into()
+    }
+}
+
+/// Status, content type and body of a request to `app`.
+async fn call(app: &Router, request: Request<Body>) -> (StatusCode, String, String) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    (
+        status,
+        content_type,
+        String::from_utf8(bytes.to_vec()).unwrap(),
+    )
+}
+
+fn get_request(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).unwrap()
+}
+
+#[tokio::test]
+async fn readiness_follows_the_checks_and_names_the_failing_part() {
+    use flotilla_api_model::HealthCheck;
+
+    let probe = FakeProbe::new(vec![
+        HealthCheck::ok("postgres", "answers"),
+        HealthCheck::ok("rabbitmq", "connected"),
+    ]);
+    let app = router_with_health(
+        Arc::new(FakeBackend::default()),
+        Arc::clone(&probe),
+        Limits::default(),
+    );
+
+    let (status, _, body) = call(&app, get_request("/health/ready")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["version"], "9.9.9");
+
+    probe.set(vec![
+        HealthCheck::ok("postgres", "answers"),
+        HealthCheck::failing("rabbitmq", "connection refused"),
+    ]);
+    let (status, _, body) = call(&app, get_request("/health/ready")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let err = error(serde_json::from_str(&body).unwrap()).error;
+    assert_eq!(err.code, "unavailable");
+    assert_eq!(err.message, "not ready: rabbitmq: connection refused");
+    let details = err.details.expect("the report is in the details");
+    assert_eq!(details["status"], "failing");
+    assert_eq!(details["checks"][1]["name"], "rabbitmq");
+
+    // Liveness does not depend on the parts, and the summary reports without failing.
+    let (status, _, body) = call(&app, get_request("/health/live")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"status": "ok", "version": "9.9.9", "checks": []})
+    );
+    let (status, _, body) = call(&app, get_request("/health")).await;
+    assert_eq!(status, StatusCode::OK);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["status"], "failing");
+    assert_eq!(
+        body["checks"][1],
+        json!({"name": "rabbitmq", "status": "failing", "message": "connection refused"})
+    );
+}
+
+#[tokio::test]
+async fn metrics_are_served_as_prometheus_text_beside_the_api() {
+    let app = router_with_health(
+        Arc::new(FakeBackend::default()),
+        FakeProbe::new(Vec::new()),
+        Limits::default(),
+    );
+    let (status, content_type, body) = call(&app, get_request("/metrics")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(content_type, crate::health::METRICS_CONTENT_TYPE);
+    assert_eq!(body, "# TYPE up gauge\nup 1\n");
+
+    let (status, _, _) = call(&app, get_request("/api/workflows")).await;
+    assert_eq!(status, StatusCode::OK, "the API is still served");
+    let (status, _, body) =
+        call(&app, Request::post("/metrics").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        error(serde_json::from_str(&body).unwrap()).error.code,
+        "method_not_allowed"
+    );
+}
+
+#[tokio::test]
+async fn a_health_router_alone_serves_no_api() {
+    let app = health_router(FakeProbe::new(Vec::new()));
+    let (status, _, _) = call(&app, get_request("/health/ready")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, body) = call(&app, get_request("/api/workflows")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        error(serde_json::from_str(&body).unwrap()).error.message,
+        "no route for GET /api/workflows"
+    );
+}

@@ -13,12 +13,18 @@ pub const SLEEP_MS: &str = "sleep_ms";
 pub const FAIL_ATTEMPTS: &str = "fail_attempts";
 /// Answer with this JSON value.
 pub const OUTPUT: &str = "output";
+/// `true`: abort the worker process (`std::process::abort`, as a segfault or an OOM kill would)
+/// as soon as it runs the step, on every attempt. Makes a poison task for the fault tests: it is
+/// never acknowledged, so RabbitMQ dead-letters it after the queue's delivery limit.
+pub const CRASH: &str = "crash";
 
-const RESERVED: [&str; 3] = [SLEEP_MS, FAIL_ATTEMPTS, OUTPUT];
+const RESERVED: [&str; 4] = [SLEEP_MS, FAIL_ATTEMPTS, OUTPUT, CRASH];
 
 /// What to do for one task, read from the step's params.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
+    /// Abort the process instead of answering.
+    pub crash: bool,
     pub sleep: Duration,
     /// `Some(message)` when this attempt must fail.
     pub failure: Option<String>,
@@ -31,6 +37,15 @@ impl Plan {
     pub fn for_task(task: &Task) -> Result<Self, HandlerError> {
         let sleep_ms = count_param(&task.params, SLEEP_MS)?;
         let fail_attempts = count_param(&task.params, FAIL_ATTEMPTS)?;
+        let crash = match task.params.get(CRASH) {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(crash)) => *crash,
+            Some(value) => {
+                return Err(HandlerError::fatal(format!(
+                    "echo: param `{CRASH}` must be a boolean, not {value}"
+                )));
+            }
+        };
         let failure = fail_attempts
             .filter(|&n| u64::from(task.attempt) <= n)
             .map(|n| {
@@ -44,6 +59,7 @@ impl Plan {
             None => default_output(&task.run_params, &task.params),
         };
         Ok(Self {
+            crash,
             sleep: Duration::from_millis(sleep_ms.unwrap_or(0)),
             failure,
             output,
@@ -73,6 +89,10 @@ fn count_param(params: &Map<String, Value>, name: &str) -> Result<Option<u64>, H
 /// The handler: answers any action by its plan.
 pub async fn handle(ctx: TaskContext) -> Result<Value, HandlerError> {
     let plan = Plan::for_task(ctx.task())?;
+    if plan.crash {
+        tracing::error!(task_id = %ctx.task().task_id, "echo: crashing as asked by the crash param");
+        std::process::abort();
+    }
     if !plan.sleep.is_zero() {
         tokio::time::sleep(plan.sleep).await;
     }
@@ -112,7 +132,7 @@ mod tests {
     fn default_output_is_run_params_overlaid_with_step_params_minus_reserved() {
         let task = task(
             1,
-            json!({"name": "step", "size": 3, "sleep_ms": 5, "fail_attempts": 0}),
+            json!({"name": "step", "size": 3, "sleep_ms": 5, "fail_attempts": 0, "crash": false}),
             json!({"name": "run", "region": "eu", "output": "not this"}),
         );
         let plan = Plan::for_task(&task).unwrap();
@@ -122,6 +142,18 @@ mod tests {
         );
         assert_eq!(plan.sleep, Duration::from_millis(5));
         assert_eq!(plan.failure, None);
+        assert!(!plan.crash);
+    }
+
+    #[test]
+    fn crash_is_read_from_a_boolean_param() {
+        let plan = Plan::for_task(&task(3, json!({"crash": true}), json!({}))).unwrap();
+        assert!(plan.crash, "every attempt crashes");
+        assert!(
+            !Plan::for_task(&task(1, json!({}), json!({})))
+                .unwrap()
+                .crash
+        );
     }
 
     #[test]
@@ -160,6 +192,7 @@ mod tests {
             json!({"sleep_ms": "soon"}),
             json!({"sleep_ms": -1}),
             json!({"fail_attempts": 1.5}),
+            json!({"crash": "yes"}),
         ] {
             let error = Plan::for_task(&task(1, params.clone(), json!({}))).unwrap_err();
             assert!(!error.retryable, "{params}");

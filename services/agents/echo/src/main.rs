@@ -2,11 +2,16 @@
 //! the step's params (see [`echo`] for the reserved params that script its behaviour).
 //!
 //! Exit codes: 0 after a graceful shutdown (SIGTERM or Ctrl-C), 130 when a second signal cuts the
-//! shutdown short, 2 when it cannot start (RabbitMQ unreachable or refusing its queues, invalid
-//! flags). Losing RabbitMQ while running is not an exit: the agent reconnects and goes on.
+//! shutdown short, 2 when it cannot start (RabbitMQ unreachable or refusing its queues, the
+//! metrics port taken, invalid flags). Losing RabbitMQ while running is not an exit: the agent
+//! reconnects and goes on.
+//!
+//! `--metrics-port` (`FLOTILLA_METRICS_PORT`) serves `/health/live`, `/health/ready` and
+//! `/metrics` on that port, on `--metrics-bind` (`FLOTILLA_METRICS_BIND`, default 127.0.0.1).
 
 mod echo;
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -38,6 +43,12 @@ struct Args {
     /// Names this worker in results and heartbeats [default: host-pid-random]
     #[arg(long, env = "FLOTILLA_WORKER_ID")]
     worker_id: Option<String>,
+    /// Serve /health/live, /health/ready and /metrics on this port [default: not served]
+    #[arg(long, env = "FLOTILLA_METRICS_PORT")]
+    metrics_port: Option<u16>,
+    /// The address of the health and metrics port; loopback unless told otherwise.
+    #[arg(long, env = "FLOTILLA_METRICS_BIND", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    metrics_bind: IpAddr,
 }
 
 #[tokio::main]
@@ -58,7 +69,7 @@ async fn main() -> ExitCode {
         worker_id: args.worker_id,
         ..WorkerConfig::default()
     };
-    let worker = args
+    let mut builder = args
         .agents
         .iter()
         .map(|agent| agent.trim())
@@ -66,8 +77,11 @@ async fn main() -> ExitCode {
         .fold(Worker::builder(config), |builder, agent| {
             builder.agent(agent)
         })
-        .fallback(echo::handle)
-        .build();
+        .fallback(echo::handle);
+    if let Some(port) = args.metrics_port {
+        builder = builder.serve_health(SocketAddr::new(args.metrics_bind, port));
+    }
+    let worker = builder.build();
 
     match worker.run(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

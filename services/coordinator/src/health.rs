@@ -1,0 +1,201 @@
+//! The coordinator's health and metrics: what `/health/ready` checks and what `/metrics` reads
+//! from Postgres and RabbitMQ at scrape time.
+//!
+//! Readiness and the queue depths use a RabbitMQ connection of their own, opened again when it
+//! is lost: the engine's connections are replaced by new ones on every loss, and asking the
+//! broker a question is the one sure sign it answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_api::Probe;
+use flotilla_api_model::HealthCheck;
+use flotilla_broker::{BrokerConfig, Channel, Connection, QueueNames};
+use flotilla_store::{Store, outbox};
+use flotilla_telemetry::metrics::CoordinatorMetrics;
+use tokio::sync::Mutex;
+
+/// How long one check, or one part of a scrape, may take before it counts as failing.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long reading every agent queue's depth may take in one scrape.
+const QUEUE_SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(crate) struct CoordinatorProbe {
+    store: Store,
+    broker: BrokerConfig,
+    names: QueueNames,
+    metrics: Arc<CoordinatorMetrics>,
+    /// The probe's own link to RabbitMQ; `None` until needed, and after it was lost. Held for
+    /// a whole check or scrape, which also makes scrapes take turns: each sets the gauges it
+    /// read, then renders them.
+    link: Mutex<Option<Link>>,
+}
+
+struct Link {
+    connection: Connection,
+    channel: Channel,
+}
+
+impl CoordinatorProbe {
+    pub(crate) fn new(
+        store: Store,
+        broker: BrokerConfig,
+        metrics: Arc<CoordinatorMetrics>,
+    ) -> Self {
+        Self {
+            store,
+            names: broker.queue_names(),
+            broker: BrokerConfig {
+                connect_timeout: CHECK_TIMEOUT,
+                ..broker
+            },
+            metrics,
+            link: Mutex::new(None),
+        }
+    }
+
+    async fn check_postgres(&self) -> HealthCheck {
+        match tokio::time::timeout(CHECK_TIMEOUT, self.store.ping()).await {
+            Ok(Ok(())) => HealthCheck::ok("postgres", "answers"),
+            Ok(Err(e)) => HealthCheck::failing("postgres", format!("Postgres is unavailable: {e}")),
+            Err(_) => HealthCheck::failing(
+                "postgres",
+                format!("Postgres did not answer within {CHECK_TIMEOUT:?}"),
+            ),
+        }
+    }
+
+    /// Asks RabbitMQ about the results queue: the broker answers, and the queue the engine
+    /// consumes exists.
+    async fn check_rabbitmq(&self) -> HealthCheck {
+        let mut link = self.link.lock().await;
+        let results = self.names.results();
+        match self
+            .ask(&mut link, |channel| async move {
+                channel.message_count(&results).await
+            })
+            .await
+        {
+            Ok(waiting) => {
+                HealthCheck::ok("rabbitmq", format!("connected; {waiting} results waiting"))
+            }
+            Err(e) => HealthCheck::failing("rabbitmq", e.to_string()),
+        }
+    }
+
+    /// Runs `question` on the probe's channel, connecting first if need be. A link that fails
+    /// a question is dropped, so that the next one starts on a fresh connection: a timeout may
+    /// mean a connection that no longer passes bytes.
+    async fn ask<T, F, Fut>(
+        &self,
+        link: &mut Option<Link>,
+        question: F,
+    ) -> Result<T, flotilla_broker::Error>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: Future<Output = Result<T, flotilla_broker::Error>>,
+    {
+        if link.as_ref().is_some_and(|l| !l.connection.is_connected()) {
+            *link = None;
+        }
+        if link.is_none() {
+            let connection = flotilla_broker::connect(&self.broker, "flotilla-coordinator-probe")
+                .await?
+                .with_operation_timeout(CHECK_TIMEOUT);
+            let channel = connection.open_channel().await?;
+            *link = Some(Link {
+                connection,
+                channel,
+            });
+        }
+        let current = link.as_mut().expect("the link was just set");
+        // RabbitMQ closes a channel on which a question failed (a queue that does not exist).
+        if !current.channel.is_open() {
+            current.channel = current.connection.open_channel().await?;
+        }
+        let answer = question(current.channel.clone()).await;
+        if let Err(flotilla_broker::Error::Timeout { .. }) = &answer
+            && let Some(lost) = link.take()
+        {
+            // Closing may time out too; it is bounded by the connection's operation timeout.
+            let _ = lost.connection.close().await;
+        }
+        answer
+    }
+
+    /// The ready messages of each known agent's queue; agents whose queue does not exist are
+    /// left out.
+    async fn queue_depths(&self, link: &mut Option<Link>) -> Vec<(String, u32)> {
+        let mut depths = Vec::new();
+        for agent in self.metrics.known_agents() {
+            let queue = self.names.agent(&agent);
+            match self
+                .ask(link, |channel| async move {
+                    channel.message_count(&queue).await
+                })
+                .await
+            {
+                Ok(depth) => depths.push((agent, depth)),
+                Err(e) if link.is_none() => {
+                    tracing::warn!(error = %e, "cannot read queue depths from RabbitMQ");
+                    break;
+                }
+                // The queue is gone (deleted by hand, say); the link stays.
+                Err(e) => tracing::debug!(agent, error = %e, "no queue depth"),
+            }
+        }
+        depths
+    }
+
+    async fn outbox_backlog(&self) -> Option<i64> {
+        let count = async {
+            let client = self.store.client().await?;
+            outbox::backlog(&client).await
+        };
+        match tokio::time::timeout(CHECK_TIMEOUT, count).await {
+            Ok(Ok(n)) => Some(n),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the outbox backlog");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?CHECK_TIMEOUT, "the outbox backlog took too long to read");
+                None
+            }
+        }
+    }
+}
+
+impl Probe for CoordinatorProbe {
+    fn version(&self) -> &str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    async fn checks(&self) -> Vec<HealthCheck> {
+        let (postgres, rabbitmq) = tokio::join!(self.check_postgres(), self.check_rabbitmq());
+        vec![
+            postgres,
+            rabbitmq,
+            // `run` applies them before it serves anything, this route included.
+            HealthCheck::ok("migrations", "applied at start-up"),
+        ]
+    }
+
+    async fn metrics(&self) -> String {
+        let mut link = self.link.lock().await;
+        let (backlog, depths) = tokio::join!(
+            self.outbox_backlog(),
+            tokio::time::timeout(QUEUE_SCRAPE_TIMEOUT, self.queue_depths(&mut link)),
+        );
+        let depths = depths.unwrap_or_else(|_| {
+            tracing::warn!(timeout = ?QUEUE_SCRAPE_TIMEOUT, "reading queue depths took too long");
+            // A question may still be in flight on it: start the next one afresh.
+            *link = None;
+            Vec::new()
+        });
+        self.metrics.set_outbox_backlog(backlog);
+        self.metrics.set_queue_depths(&depths);
+        self.metrics.render()
+    }
+}
