@@ -424,14 +424,17 @@ async fn unreachable_services_are_named_at_start() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn a_dead_lettered_task_fails_its_step_and_a_redrive_runs_it_again() -> anyhow::Result<()> {
+async fn a_twice_dead_lettered_task_fails_its_step_and_a_redrive_runs_it_again()
+-> anyhow::Result<()> {
     let mut fleet = Fleet::new();
     fleet.start_coordinator().await?;
     let id = fleet
         .execute_yaml("name: fragile\nsteps:\n  - {id: only, agent: fragile, action: do, params: {output: 1}}\n", json!({}))
         .await?;
 
-    // A worker rejects the task: RabbitMQ dead-letters it.
+    // A worker rejects the task: RabbitMQ dead-letters it. The first time, the step is only
+    // retried (the task may have shared a crashing worker with a poison one); the second time,
+    // it fails.
     let names = flotilla_proto::QueueNames::new(fleet.prefix.clone());
     let connection = flotilla_broker::connect(
         &flotilla_broker::BrokerConfig::new(flotilla_tests::amqp_url()),
@@ -443,10 +446,14 @@ async fn a_dead_lettered_task_fails_its_step_and_a_redrive_runs_it_again() -> an
     flotilla_broker::declare_agent_queue(&channel, &names, "fragile", 5).await?;
     let mut consumer =
         flotilla_broker::Consumer::start(&connection, &names.agent("fragile"), "", 1).await?;
-    let delivery = tokio::time::timeout(WAIT, consumer.next())
-        .await?
-        .expect("a task")?;
-    delivery.nack(false).await?;
+    for attempt in 1..=2u32 {
+        let delivery = tokio::time::timeout(WAIT, consumer.next())
+            .await?
+            .expect("a task")?;
+        let task: flotilla_proto::Task = serde_json::from_slice(&delivery.body)?;
+        assert_eq!(task.attempt, attempt);
+        delivery.nack(false).await?;
+    }
     consumer.close().await?;
     connection.close().await?;
 
@@ -469,9 +476,12 @@ async fn a_dead_lettered_task_fails_its_step_and_a_redrive_runs_it_again() -> an
         .json()
         .await?;
     let letters = letters["deadLetters"].as_array().unwrap().clone();
-    assert_eq!(letters.len(), 1, "{letters:?}");
-    assert_eq!(letters[0]["workflowId"], json!(id.to_string()));
-    assert_eq!(letters[0]["stepId"], json!("only"));
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(
+        letters
+            .iter()
+            .all(|l| l["workflowId"] == json!(id.to_string()) && l["stepId"] == json!("only"))
+    );
 
     // With a worker there now, a redrive gives the step a second attempt and the run succeeds.
     fleet.start_echo("echo-a", &["fragile"], 1)?;
@@ -482,10 +492,17 @@ async fn a_dead_lettered_task_fails_its_step_and_a_redrive_runs_it_again() -> an
         .await?
         .json()
         .await?;
-    assert_eq!(answer["redriven"][0]["attempt"], json!(2), "{answer}");
+    // One retry of the step settles both of its letters.
+    let attempts: Vec<&Value> = answer["redriven"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["attempt"])
+        .collect();
+    assert_eq!(attempts, [&json!(3), &json!(3)], "{answer}");
     let run = fleet.wait_for_end(id, WAIT).await?;
     assert_eq!(run.status, "success");
-    assert_eq!(step(&run, "only").attempts, 2);
+    assert_eq!(step(&run, "only").attempts, 3);
     let pending: Value = http
         .get(format!("{}/api/dlq", fleet.url()))
         .send()
@@ -654,5 +671,68 @@ async fn the_monitoring_example_takes_both_branches_of_its_condition() -> anyhow
         assert_eq!(run.status, "success", "error_rate {rate}");
         assert_eq!(step(&run, "rollback").status, rollback, "error_rate {rate}");
     }
+    fleet.stop().await
+}
+
+#[tokio::test]
+async fn a_schedule_starts_one_run_per_tick_with_two_coordinators() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    fleet
+        .add_coordinator(flotilla_tests::process::Launch::once())
+        .await?;
+    fleet.start_echo("echo-a", &["ticker"], 4)?;
+    let dir = std::env::temp_dir().join(format!("flotilla-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("ticker.yaml");
+    // Every second (cron with seconds).
+    std::fs::write(
+        &file,
+        "name: ticker\nschedule: \"* * * * * *\"\nsteps:\n  - {agent: ticker, action: tick}\n",
+    )?;
+    let (status, _, stderr) = fleet
+        .cli(&["definitions", "register", file.to_str().unwrap()])
+        .await?;
+    assert!(status.success(), "{stderr}");
+
+    let db = fleet.db().await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let runs: i64 = db
+            .query_one("SELECT count(*) FROM runs WHERE status = 'success'", &[])
+            .await?
+            .get(0);
+        if runs >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the schedule did not fire"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Unschedule by registering a revision without `schedule:`.
+    std::fs::write(
+        &file,
+        "name: ticker\nsteps:\n  - {agent: ticker, action: tick}\n",
+    )?;
+    let (status, _, stderr) = fleet
+        .cli(&["definitions", "register", file.to_str().unwrap()])
+        .await?;
+    assert!(status.success(), "{stderr}");
+    let left: i64 = db
+        .query_one("SELECT count(*) FROM schedules", &[])
+        .await?
+        .get(0);
+    assert_eq!(left, 0);
+    // Each tick started exactly one run, whichever coordinator fired it.
+    let (runs, ticks): (i64, i64) = {
+        let r = db
+            .query_one("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM idempotency_keys WHERE key LIKE 'schedule:ticker:%')", &[])
+            .await?;
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(runs, ticks, "one run per tick");
+    std::fs::remove_dir_all(dir)?;
     fleet.stop().await
 }

@@ -89,6 +89,16 @@ pub enum RunStatus {
 }
 
 impl RunStatus {
+    /// Every status a run can have.
+    pub const ALL: [RunStatus; 6] = [
+        Self::Running,
+        Self::Paused,
+        Self::Failing,
+        Self::Success,
+        Self::Failure,
+        Self::Cancelled,
+    ];
+
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Success | Self::Failure | Self::Cancelled)
     }

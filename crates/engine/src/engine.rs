@@ -554,19 +554,15 @@ impl Engine {
                         let Some(cached) = self.runs.get_mut(&d.run_id()) else {
                             continue;
                         };
-                        let failed =
-                            |step, attempt, task_id, message: String| Event::AttemptFinished {
-                                step,
-                                attempt,
-                                task_id,
-                                outcome: Outcome::Failure {
-                                    message,
-                                    retryable: true,
-                                },
-                                worker: String::new(),
-                                started_at: now,
-                                finished_at: now,
-                            };
+                        let ended = |step, attempt, task_id, outcome| Event::AttemptFinished {
+                            step,
+                            attempt,
+                            task_id,
+                            outcome,
+                            worker: String::new(),
+                            started_at: now,
+                            finished_at: now,
+                        };
                         let event = match *d {
                             Due::Retry { step, attempt, .. } => Event::Wake { step, attempt },
                             Due::Lease {
@@ -576,11 +572,14 @@ impl Engine {
                                 ..
                             } => {
                                 tracing::warn!(run_id = %cached.state.id, step_id = %cached.plan.nodes.get(step).map_or("?", |n| n.id.as_str()), attempt, "lease expired");
-                                failed(
+                                let message = "lease expired: the worker stopped renewing it (crashed, stopped or cut off)";
+                                ended(
                                     step,
                                     attempt,
                                     task_id,
-                                    "lease expired: the worker stopped renewing it (crashed, stopped or cut off)".into(),
+                                    Outcome::Lost {
+                                        message: message.into(),
+                                    },
                                 )
                             }
                             Due::Timeout {
@@ -595,13 +594,17 @@ impl Engine {
                                     .get(step)
                                     .and_then(|n| n.timeout)
                                     .unwrap_or_default();
-                                failed(
+                                let message = format!(
+                                    "timed out: the attempt ran past its timeout of {limit:?}"
+                                );
+                                ended(
                                     step,
                                     attempt,
                                     task_id,
-                                    format!(
-                                        "timed out: the attempt ran past its timeout of {limit:?}"
-                                    ),
+                                    Outcome::Failure {
+                                        message,
+                                        retryable: true,
+                                    },
                                 )
                             }
                         };
@@ -618,9 +621,10 @@ impl Engine {
                             step,
                             attempt: task.attempt,
                             task_id: task.task_id,
-                            outcome: Outcome::Failure {
+                            // A task that shared a crashing worker with a poison one is
+                            // dead-lettered too: the first time, the step is only retried.
+                            outcome: Outcome::Lost {
                                 message: letter.reason.clone(),
-                                retryable: false,
                             },
                             worker: String::new(),
                             started_at: now,
@@ -661,13 +665,26 @@ impl Engine {
                 }
                 Input::Redrive { .. } => {
                     let letters = redrive_letters.remove(&n).unwrap_or_default();
+                    // Several letters of one step (a step may lose an attempt before it fails)
+                    // are all settled by the one retry.
+                    let mut retried: HashMap<(Option<Uuid>, Option<String>), u32> = HashMap::new();
                     let outcomes = letters
                         .into_iter()
-                        .map(|letter| Redriven {
-                            retried: redrive_one(&mut self.runs, &mut pending, &letter),
-                            dead_letter: letter.id,
-                            run_id: letter.run_id,
-                            step_id: letter.step_id,
+                        .map(|letter| {
+                            let key = (letter.run_id, letter.step_id.clone());
+                            let outcome = match retried.get(&key) {
+                                Some(&attempt) => Ok(attempt),
+                                None => redrive_one(&mut self.runs, &mut pending, &letter),
+                            };
+                            if let Ok(attempt) = outcome {
+                                retried.insert(key, attempt);
+                            }
+                            Redriven {
+                                retried: outcome,
+                                dead_letter: letter.id,
+                                run_id: letter.run_id,
+                                step_id: letter.step_id,
+                            }
                         })
                         .collect::<Vec<_>>();
                     redriven.insert(n, outcomes);

@@ -37,7 +37,14 @@ pub struct Relay {
     config: RelayConfig,
     names: QueueNames,
     link: Option<Link>,
+    /// Confirmed messages whose outbox rows could not be deleted (Postgres away): deleted
+    /// before the next sweep, so the sweeper does not publish them again.
+    unforgotten: Vec<Uuid>,
 }
+
+/// The most confirmed ids kept for a later delete; past that the sweeper's duplicates (which
+/// results fencing makes harmless) are cheaper than the memory.
+const MAX_UNFORGOTTEN: usize = 100_000;
 
 impl Relay {
     pub fn new(store: Store, config: RelayConfig) -> Self {
@@ -47,6 +54,7 @@ impl Relay {
             config,
             names,
             link: None,
+            unforgotten: Vec::new(),
         }
     }
 
@@ -63,10 +71,21 @@ impl Relay {
                     }
                     let confirmed = self.publish(&batch).await;
                     if let Err(e) = self.forget(&confirmed).await {
-                        tracing::warn!(error = %e, "could not delete confirmed outbox rows; the sweeper will publish them again");
+                        tracing::warn!(error = %e, "could not delete confirmed outbox rows yet; trying again before the next sweep");
+                        let room = MAX_UNFORGOTTEN.saturating_sub(self.unforgotten.len());
+                        self.unforgotten.extend(confirmed.into_iter().take(room));
                     }
                 }
                 _ = sweep.tick() => {
+                    if !self.unforgotten.is_empty() {
+                        match self.forget(&self.unforgotten).await {
+                            Ok(()) => self.unforgotten.clear(),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "could not delete confirmed outbox rows yet");
+                                continue;
+                            }
+                        }
+                    }
                     if let Err(e) = self.sweep().await {
                         tracing::warn!(error = %e, "outbox sweep failed");
                     }

@@ -165,3 +165,16 @@ pub async fn run_events(client: &impl GenericClient, run_id: Uuid) -> Result<Vec
         })
         .collect())
 }
+
+/// How many runs have not ended.
+pub async fn active_runs(client: &impl GenericClient) -> Result<i64, Error> {
+    let active: Vec<&str> = flotilla_core::RunStatus::ALL
+        .iter()
+        .filter(|s| !s.is_terminal())
+        .map(|s| s.as_str())
+        .collect();
+    let stmt = client
+        .prepare_cached("SELECT count(*) FROM runs WHERE status = ANY($1)")
+        .await?;
+    Ok(client.query_one(&stmt, &[&active]).await?.get(0))
+}

@@ -21,7 +21,7 @@ use futures_util::future::join_all;
 use serde_json::Value;
 use tokio::{
     net::TcpListener,
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch},
     task::JoinHandle,
     time::MissedTickBehavior,
 };
@@ -309,6 +309,7 @@ impl Worker {
             fallback: self.fallback.clone(),
             slots: Arc::new(Semaphore::new(usize::from(prefetch))),
             held: Mutex::new(BTreeMap::new()),
+            beat: Notify::new(),
             link: watch::Sender::new(Some(first.link.clone())),
             metrics: Arc::new(WorkerMetrics::new()),
         });
@@ -483,6 +484,9 @@ pub(crate) struct Shared {
     slots: Arc<Semaphore>,
     /// The tasks in progress, by task id, reported in heartbeats.
     held: Mutex<BTreeMap<Uuid, Held>>,
+    /// Wakes the heartbeat loop when a task is taken, so that its lease starts at once instead
+    /// of at the next regular heartbeat.
+    beat: Notify,
     /// The link to publish on; `None` while reconnecting.
     link: watch::Sender<Option<Arc<Link>>>,
     pub(crate) metrics: Arc<WorkerMetrics>,
@@ -534,6 +538,7 @@ impl Shared {
                 adopted: Vec::new(),
             },
         );
+        self.beat.notify_one();
         Some(receipt)
     }
 
@@ -910,8 +915,14 @@ async fn send_heartbeats(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let queue = shared.names.heartbeats();
+    // New tasks bring the next heartbeat forward, but never closer than this to the last one,
+    // so that a busy worker does not turn every task into a heartbeat.
+    let min_gap = HEARTBEAT_MIN_GAP.min(interval);
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shared.beat.notified() => {}
+        }
         let current = shared.link.borrow().clone();
         let Some(link) = current else {
             debug!("no heartbeat while reconnecting");
@@ -938,8 +949,12 @@ async fn send_heartbeats(
             }
             Err(error) => warn!(%error, "could not publish a heartbeat"),
         }
+        tokio::time::sleep(min_gap).await;
     }
 }
+
+/// The least time between two heartbeats of one worker.
+const HEARTBEAT_MIN_GAP: Duration = Duration::from_millis(250);
 
 /// Aborts the task when dropped, so that no task outlives its owner.
 struct AbortOnDrop<T>(JoinHandle<T>);

@@ -9,9 +9,11 @@ use flotilla_api_model::{
     RunEvent, RunPage, RunQuery, RunSummary, StepResult, Submitted, WorkflowResult,
 };
 use flotilla_core::Definition;
+use flotilla_core::schedule::Schedule;
 use flotilla_engine::Operation as EngineOperation;
 use flotilla_engine::{EngineHandle, NewRun};
 use flotilla_store::queries::{self, Cursor, RunRecord, StepRecord};
+use flotilla_store::schedules::{self, ScheduleRow};
 use flotilla_store::{Store, dead_letters, definitions};
 use serde_json::Value;
 use uuid::Uuid;
@@ -183,6 +185,42 @@ impl Backend for CoordinatorBackend {
         let registered = definitions::register(&mut client, &definition)
             .await
             .map_err(store_error)?;
+        // The latest revision decides: a `schedule:` (re)schedules the name, none unschedules it.
+        match &definition.schedule {
+            Some(spec) => {
+                let schedule = Schedule::from_spec(spec).map_err(BackendError::Invalid)?;
+                let now = Utc::now();
+                let next_at = schedule.next_after(now).ok_or_else(|| {
+                    BackendError::Invalid(format!("schedule `{}` never fires", schedule.cron))
+                })?;
+                let policy = |p: serde_json::Result<Value>| {
+                    p.ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                };
+                let row = ScheduleRow {
+                    name: definition.name.clone(),
+                    cron: schedule.cron.clone(),
+                    timezone: schedule.timezone.clone(),
+                    missed: policy(serde_json::to_value(schedule.missed)),
+                    overlap: policy(serde_json::to_value(schedule.overlap)),
+                    params: Default::default(),
+                    next_at,
+                    last_run_id: None,
+                    created_at: now,
+                };
+                schedules::put(&client, &row).await.map_err(store_error)?;
+                tracing::info!(definition = %definition.name, cron = %schedule.cron, %next_at, "scheduled");
+            }
+            None => {
+                if schedules::delete(&client, &definition.name)
+                    .await
+                    .map_err(store_error)?
+                {
+                    tracing::info!(definition = %definition.name, "unscheduled");
+                }
+            }
+        }
         Ok(summary(registered))
     }
 

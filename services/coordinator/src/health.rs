@@ -11,7 +11,7 @@ use std::time::Duration;
 use flotilla_api::Probe;
 use flotilla_api_model::HealthCheck;
 use flotilla_broker::{BrokerConfig, Channel, Connection, QueueNames};
-use flotilla_store::{Store, outbox};
+use flotilla_store::{Store, outbox, queries};
 use flotilla_telemetry::metrics::CoordinatorMetrics;
 use tokio::sync::Mutex;
 
@@ -148,20 +148,23 @@ impl CoordinatorProbe {
         depths
     }
 
-    async fn outbox_backlog(&self) -> Option<i64> {
+    /// (outbox backlog, active runs), each absent when Postgres did not answer in time.
+    async fn counts(&self) -> (Option<i64>, Option<i64>) {
         let count = async {
             let client = self.store.client().await?;
-            outbox::backlog(&client).await
+            let backlog = outbox::backlog(&client).await?;
+            let active = queries::active_runs(&client).await?;
+            Ok::<_, flotilla_store::Error>((backlog, active))
         };
         match tokio::time::timeout(CHECK_TIMEOUT, count).await {
-            Ok(Ok(n)) => Some(n),
+            Ok(Ok((backlog, active))) => (Some(backlog), Some(active)),
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot read the outbox backlog");
-                None
+                tracing::warn!(error = %e, "cannot read the outbox backlog and active runs");
+                (None, None)
             }
             Err(_) => {
-                tracing::warn!(timeout = ?CHECK_TIMEOUT, "the outbox backlog took too long to read");
-                None
+                tracing::warn!(timeout = ?CHECK_TIMEOUT, "the outbox backlog and active runs took too long to read");
+                (None, None)
             }
         }
     }
@@ -184,8 +187,8 @@ impl Probe for CoordinatorProbe {
 
     async fn metrics(&self) -> String {
         let mut link = self.link.lock().await;
-        let (backlog, depths) = tokio::join!(
-            self.outbox_backlog(),
+        let ((backlog, active), depths) = tokio::join!(
+            self.counts(),
             tokio::time::timeout(QUEUE_SCRAPE_TIMEOUT, self.queue_depths(&mut link)),
         );
         let depths = depths.unwrap_or_else(|_| {
@@ -195,6 +198,7 @@ impl Probe for CoordinatorProbe {
             Vec::new()
         });
         self.metrics.set_outbox_backlog(backlog);
+        self.metrics.set_active_runs(active);
         self.metrics.set_queue_depths(&depths);
         self.metrics.render()
     }

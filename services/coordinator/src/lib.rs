@@ -136,6 +136,12 @@ pub async fn run(
             flotilla_engine::dead::run(&connection, &names, handle, limit, intake).await
         })
     };
+    let schedules_task = tokio::spawn(flotilla_engine::schedules::run(
+        store.clone(),
+        handle.clone(),
+        TIMER_POLL,
+        intake.clone(),
+    ));
     let housekeeping_task = tokio::spawn(housekeeping(
         store.clone(),
         config.idempotency_retention(),
@@ -192,6 +198,7 @@ pub async fn run(
     let dead_consumer = dead_task.await?;
     let _ = timer_task.await;
     let _ = housekeeping_task.await;
+    let _ = schedules_task.await;
     if let Err(e) = heartbeats_task.await? {
         tracing::warn!(error = %e, "heartbeat consumer stopped with an error");
     }
