@@ -88,6 +88,11 @@ pub enum WorkflowsCommand {
         /// (for as long as the coordinator keeps keys), so a script may repeat the command.
         #[arg(long, value_name = "KEY", value_parser = parse_idempotency_key)]
         idempotency_key: Option<String>,
+        /// Validate the definition and print its plan — the stages of steps that can run
+        /// together, their dependencies and the conditions decided at run time — without
+        /// running anything or contacting the coordinator.
+        #[arg(long, conflicts_with_all = ["wait", "idempotency_key"])]
+        dry_run: bool,
         #[command(flatten)]
         wait: Wait,
     },

@@ -41,9 +41,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::Workflows(WorkflowsCommand::Execute {
             file,
+            dry_run: true,
+            ..
+        }) => {
+            let definition = flotilla_core::Definition::from_yaml(&read(&file)?)?;
+            let plan = flotilla_core::Plan::compile(&definition)?;
+            print!("{}", render::plan(&plan, definition.schedule.is_some()));
+            Ok(Outcome::Done)
+        }
+        Command::Workflows(WorkflowsCommand::Execute {
+            file,
             params,
             idempotency_key,
             wait,
+            ..
         }) => {
             let request = ExecuteRequest {
                 yaml: Some(read(&file)?),

@@ -687,3 +687,60 @@ TIME                     ACTOR               ACTION    STEP    DETAIL
         );
     }
 }
+
+/// A plan, for `execute --dry-run`: the stages of steps that can run together, each step with
+/// what it waits for and its condition, then the failure handlers.
+pub fn plan(plan: &flotilla_core::Plan, scheduled: bool) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "Workflow  {} (valid; nothing was run)", plan.name);
+    if scheduled {
+        let _ = writeln!(out, "Schedule  runs by itself once registered");
+    }
+    for (n, stage) in plan.stages().iter().enumerate() {
+        let _ = writeln!(out, "\nStage {}", n + 1);
+        for &i in stage {
+            let node = &plan.nodes[i];
+            let _ = write!(out, "  {}  {}.{}", node.id, node.agent, node.action);
+            if !node.deps.is_empty() {
+                let deps: Vec<&str> = node
+                    .deps
+                    .iter()
+                    .map(|&d| plan.nodes[d].id.as_str())
+                    .collect();
+                let _ = write!(out, "  after {}", deps.join(", "));
+            }
+            if let Some(condition) = &node.condition {
+                let _ = write!(out, "  if {}", condition.source());
+            }
+            let _ = writeln!(out);
+        }
+    }
+    let handlers: Vec<&flotilla_core::plan::Node> = plan
+        .nodes
+        .iter()
+        .filter(|n| n.role == flotilla_core::plan::Role::OnFailure)
+        .collect();
+    if !handlers.is_empty() {
+        let _ = writeln!(out, "\nIf the run fails");
+        for node in handlers {
+            let _ = writeln!(out, "  {}  {}.{}", node.id, node.agent, node.action);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod plan_tests {
+    #[test]
+    fn the_seed_plan_reads_as_stages() {
+        let def =
+            flotilla_core::Definition::from_yaml(include_str!("../../../examples/workflow.yml"))
+                .unwrap();
+        let plan = flotilla_core::Plan::compile(&def).unwrap();
+        let text = super::plan(&plan, false);
+        assert!(text.contains("Stage 3\n  quality_check  agent7.code_quality_check  after build_api\n  security_scan  agent10.security_scan  after build_api"), "{text}");
+        assert!(text.contains("deploy  agent19.deploy  after quality_check, security_scan, performance_test  if quality_check.success && security_scan.passed"), "{text}");
+        assert!(text.contains("If the run fails\n  log_error  agent9.log_error\n  notify_slack  flotilla-notify.notify"), "{text}");
+    }
+}
