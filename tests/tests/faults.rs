@@ -618,7 +618,14 @@ async fn a_frozen_worker_loses_its_lease_and_its_late_results_are_fenced() -> an
     let mut dice = Dice::new(7);
     fleet.start_coordinator().await?;
     // The frozen worker runs alone at first, so that it holds tasks when it is frozen.
-    let frozen = fleet.start_worker("w0", &["chain"], 4, Launch::supervised())?;
+    // Heartbeats well inside the lease, as a deployment must have them.
+    let beat = ("FLOTILLA_HEARTBEAT_INTERVAL_MS", "250");
+    let frozen = fleet.start_worker(
+        "w0",
+        &["chain"],
+        4,
+        Launch::supervised().env(beat.0, beat.1),
+    )?;
     let chains = pick(8, 24);
     let mut runs = Vec::new();
     let mut expected_steps = 0;
@@ -654,7 +661,12 @@ async fn a_frozen_worker_loses_its_lease_and_its_late_results_are_fenced() -> an
     let frozen_at: chrono::DateTime<chrono::Utc> = db.query_one("SELECT now()", &[]).await?.get(0);
     fleet.worker(frozen).signal(Signal::Stop).await?;
     for i in 1..3 {
-        fleet.start_worker(&format!("w{i}"), &["chain"], 4, Launch::supervised())?;
+        fleet.start_worker(
+            &format!("w{i}"),
+            &["chain"],
+            4,
+            Launch::supervised().env(beat.0, beat.1),
+        )?;
     }
     // Frozen for four leases: pacing of the fault.
     tokio::time::sleep(lease * 4).await;

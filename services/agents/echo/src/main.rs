@@ -43,6 +43,10 @@ struct Args {
     /// Names this worker in results and heartbeats [default: host-pid-random]
     #[arg(long, env = "FLOTILLA_WORKER_ID")]
     worker_id: Option<String>,
+    /// Milliseconds between heartbeats; the coordinators' lease (FLOTILLA_LEASE_TIMEOUT_MS)
+    /// must be at least twice as long.
+    #[arg(long, env = "FLOTILLA_HEARTBEAT_INTERVAL_MS", default_value_t = 5_000)]
+    heartbeat_interval_ms: u64,
     /// Serve /health/live, /health/ready and /metrics on this port [default: not served]
     #[arg(long, env = "FLOTILLA_METRICS_PORT")]
     metrics_port: Option<u16>,
@@ -67,6 +71,7 @@ async fn main() -> ExitCode {
         prefix: args.queue_prefix,
         concurrency: args.concurrency,
         worker_id: args.worker_id,
+        heartbeat_interval: std::time::Duration::from_millis(args.heartbeat_interval_ms),
         ..WorkerConfig::default()
     };
     let mut builder = args
