@@ -384,19 +384,78 @@ async fn coordinator_crashes_between_commit_and_publish() -> anyhow::Result<()> 
 ///    ends if they exit — but that counts as a failure), and nothing is lost.
 #[tokio::test]
 async fn rabbitmq_restarts_during_a_run() -> anyhow::Result<()> {
-    let scenario = "rabbitmq-restart";
+    let outage = |_n| async {
+        let outage = services::rabbitmq_stop().await?;
+        // How long the broker stays away: pacing of the fault.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        outage.end().await
+    };
+    outages_during_a_run(
+        "rabbitmq-restart",
+        4,
+        4,
+        pick(1, 3),
+        "the broker restart instead of reconnecting",
+        outage,
+    )
+    .await
+}
+
+/// 5. Postgres restarts under a run: transactions in flight fail and their inputs are retried,
+///    the pool reconnects, and nothing is lost or recorded twice.
+#[tokio::test]
+async fn postgres_restarts_during_a_run() -> anyhow::Result<()> {
+    let outage = |n: usize| async move {
+        if n.is_multiple_of(2) {
+            // A longer outage: stopped for a few seconds (pacing of the fault).
+            let outage = services::postgres_stop().await?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            outage.end().await
+        } else {
+            services::postgres_restart().await
+        }
+    };
+    outages_during_a_run(
+        "postgres-restart",
+        5,
+        3,
+        pick(2, 6),
+        "the Postgres restart",
+        outage,
+    )
+    .await
+}
+
+/// A fan-out on two coordinators and four supervised workers, with `outage(n)` struck at evenly
+/// spaced points of its progress; no process may exit, nothing may be lost.
+async fn outages_during_a_run<F, Fut>(
+    scenario: &str,
+    seed: u64,
+    concurrency: usize,
+    restarts: usize,
+    what: &str,
+    mut outage: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let (mut fleet, _serial) = fleet(scenario).await?;
-    let mut dice = Dice::new(4);
+    let mut dice = Dice::new(seed);
     fleet.add_coordinator(Launch::supervised()).await?;
     for i in 0..4 {
-        fleet.start_worker(&format!("w{i}"), &["fan"], 4, Launch::supervised())?;
+        fleet.start_worker(
+            &format!("w{i}"),
+            &["fan"],
+            concurrency,
+            Launch::supervised(),
+        )?;
     }
     let steps = pick(2_000, 10_000);
     let workflow = Workflow::fan_out(scenario, "fan", steps, millis(&mut dice, 5, 20));
     let run = fleet.execute_yaml(&workflow.yaml(), json!({})).await?;
     let runs = [run];
 
-    let restarts = pick(1, 3);
     let started = Instant::now();
     let mut done = 0;
     let mut fault_error = None;
@@ -409,10 +468,7 @@ async fn rabbitmq_restarts_during_a_run() -> anyhow::Result<()> {
             break;
         }
         baseline.get_or_insert_with(|| exit_counts(&fleet));
-        let outage = services::rabbitmq_stop().await?;
-        // How long the broker stays away: pacing of the fault.
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        outage.end().await?;
+        outage(n).await?;
         done += 1;
     }
     let mut waited = wait_for_runs(
@@ -430,73 +486,7 @@ async fn rabbitmq_restarts_during_a_run() -> anyhow::Result<()> {
     let exited = exits_since(&fleet, &baseline.unwrap_or_else(|| exit_counts(&fleet)));
     if !exited.is_empty() {
         checks.push(format!(
-            "processes exited on the broker restart instead of reconnecting (their supervisor restarted them): {}",
-            exited.join("; ")
-        ));
-    }
-    let expected = Expected {
-        runs: runs.to_vec(),
-        steps: workflow.len(),
-        ..Expected::default()
-    };
-    let extra = [("process exits", exited.len().to_string())];
-    conclude(fleet, scenario, &expected, done, &waited, &extra, checks).await
-}
-
-/// 5. Postgres restarts under a run: transactions in flight fail and their inputs are retried,
-///    the pool reconnects, and nothing is lost or recorded twice.
-#[tokio::test]
-async fn postgres_restarts_during_a_run() -> anyhow::Result<()> {
-    let scenario = "postgres-restart";
-    let (mut fleet, _serial) = fleet(scenario).await?;
-    let mut dice = Dice::new(5);
-    fleet.add_coordinator(Launch::supervised()).await?;
-    for i in 0..4 {
-        fleet.start_worker(&format!("w{i}"), &["fan"], 3, Launch::supervised())?;
-    }
-    let steps = pick(2_000, 10_000);
-    let workflow = Workflow::fan_out(scenario, "fan", steps, millis(&mut dice, 5, 20));
-    let run = fleet.execute_yaml(&workflow.yaml(), json!({})).await?;
-    let runs = [run];
-
-    let restarts = pick(2, 6);
-    let started = Instant::now();
-    let mut done = 0;
-    let mut fault_error = None;
-    let mut baseline = None;
-    for n in 1..=restarts {
-        let at = i64::try_from(steps * n / (restarts + 2)).unwrap_or(i64::MAX);
-        if let Err(e) = wait_for_progress(&fleet, &runs, at, Duration::from_secs(120)).await {
-            fault_error = Some(format!("before restart {n}: {e:#}"));
-            break;
-        }
-        baseline.get_or_insert_with(|| exit_counts(&fleet));
-        if n % 2 == 0 {
-            // A longer outage: stopped for a few seconds (pacing of the fault).
-            let outage = services::postgres_stop().await?;
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            outage.end().await?;
-        } else {
-            services::postgres_restart().await?;
-        }
-        done += 1;
-    }
-    let mut waited = wait_for_runs(
-        &fleet,
-        &runs,
-        Patience {
-            deadline: Duration::from_secs(pick(180, 900)),
-            stall: Duration::from_secs(60),
-        },
-    )
-    .await;
-    waited.elapsed = started.elapsed();
-
-    let mut checks: Vec<String> = fault_error.into_iter().collect();
-    let exited = exits_since(&fleet, &baseline.unwrap_or_else(|| exit_counts(&fleet)));
-    if !exited.is_empty() {
-        checks.push(format!(
-            "processes exited on the Postgres restart (their supervisor restarted them): {}",
+            "processes exited on {what} (their supervisor restarted them): {}",
             exited.join("; ")
         ));
     }
