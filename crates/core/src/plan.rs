@@ -230,14 +230,6 @@ impl Plan {
     pub fn node_index(&self, id: &str) -> Option<usize> {
         self.index.get(id).copied()
     }
-
-    /// The distinct agents the plan calls.
-    pub fn agents(&self) -> Vec<&str> {
-        let mut agents: Vec<&str> = self.nodes.iter().map(|n| n.agent.as_str()).collect();
-        agents.sort_unstable();
-        agents.dedup();
-        agents
-    }
 }
 
 fn flatten<'d>(def: &'d Definition, problems: &mut Vec<String>) -> Vec<Draft<'d>> {

@@ -600,11 +600,6 @@ impl RunState {
             .collect()
     }
 
-    /// Counts of (unfinished main steps, failed main steps).
-    pub fn progress(&self) -> (usize, usize) {
-        (self.unfinished_main, self.failed_main)
-    }
-
     /// Puts a failed run back to running around `steps`: they, the steps that were skipped
     /// because of them and the failure handlers become pending again.
     fn reopen(&mut self, plan: &Plan, steps: &[usize], t: &mut Transition) {
