@@ -41,13 +41,16 @@ pub fn amqp_url() -> String {
     std::env::var("FLOTILLA_TEST_AMQP").unwrap_or_else(|_| flotilla_broker::DEFAULT_URL.into())
 }
 
-/// The directory of the test executable's profile, e.g. `target/debug`.
+/// The directory of the running executable's profile, e.g. `target/debug`: tests run from
+/// `target/<profile>/deps`, binaries built on the harness (the bench) from `target/<profile>`.
 fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test knows its own path");
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("tests run from target/<profile>/deps")
-        .to_path_buf()
+    let exe = std::env::current_exe().expect("the process knows its own path");
+    let dir = exe.parent().expect("an executable lives in a directory");
+    if dir.file_name().is_some_and(|name| name == "deps") {
+        dir.parent().unwrap_or(dir).to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// The cargo target directory the tests were built in (`target/`, or `$CARGO_TARGET_DIR`).

@@ -1,0 +1,504 @@
+//! The scenarios that run a real fleet: a coordinator and echo workers, the binaries of the
+//! profile the bench was built in, on a database and queue prefix of their own (the harness of
+//! the end-to-end tests). Figures are read from what the fleet recorded in Postgres, so the
+//! bench's polling adds nothing to them.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use flotilla_tests::workload::{Patience, Workflow, wait_for_runs};
+use flotilla_tests::{Fleet, Launch, Managed};
+use futures_util::{StreamExt, stream};
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::machine::{peak_rss_mb, rss_mb};
+use crate::{Latency, Report, Rss, Sizes};
+
+/// The agent of the echo workers.
+const AGENT: &str = "bench";
+/// An agent no step uses: its worker stays idle (`memory`).
+const IDLE_AGENT: &str = "bench-idle";
+/// Submissions sent at once when many runs are submitted.
+const SUBMITTERS: usize = 32;
+/// A scenario gives up when nothing moved for this long.
+const STALL: Duration = Duration::from_secs(120);
+/// How long a step of `memory` sleeps: longer than the scenario.
+const SLEEP_MS: u64 = 3_600_000;
+
+/// A fleet started for one scenario.
+pub struct Bench {
+    fleet: Fleet,
+    http: reqwest::Client,
+    db: tokio_postgres::Client,
+    /// Indexes of the workers that run the scenario's steps (not the idle one).
+    busy_workers: Vec<usize>,
+}
+
+impl Bench {
+    /// Starts a coordinator (with its default pool of 16 connections) and `sizes.workers` echo
+    /// workers, and waits until every worker consumes. The processes' logs go to
+    /// `target/bench-logs/<scenario>-<id>/`.
+    pub async fn start(scenario: &str, sizes: &Sizes) -> anyhow::Result<Self> {
+        let fleet = Fleet::new();
+        let logs = logs_dir(scenario, &fleet.prefix);
+        let mut fleet = fleet
+            .log_to(logs)?
+            .coordinator_env("FLOTILLA_DB_POOL_SIZE", "16");
+        fleet.start_coordinator().await?;
+        let db = fleet.db().await?;
+        let mut bench = Self {
+            fleet,
+            http: reqwest::Client::new(),
+            db,
+            busy_workers: Vec::new(),
+        };
+        for i in 0..sizes.workers {
+            let index = bench
+                .add_worker(&format!("worker-{i}"), AGENT, sizes.concurrency)
+                .await?;
+            bench.busy_workers.push(index);
+        }
+        // One run first: connections, caches and prepared statements are warm afterwards.
+        let warm_up = bench
+            .execute(json!({"yaml": Workflow::chain("bench-warm-up", AGENT, 2, |_| 0).yaml()}))
+            .await?;
+        bench.wait(&[warm_up]).await?;
+        Ok(bench)
+    }
+
+    /// Starts an echo worker serving `agent` and waits until its `/health/ready` answers 200
+    /// (connected and consuming). Returns its index.
+    async fn add_worker(
+        &mut self,
+        id: &str,
+        agent: &str,
+        concurrency: usize,
+    ) -> anyhow::Result<usize> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let launch = Launch::once().env("FLOTILLA_METRICS_PORT", &port.to_string());
+        let index = self.fleet.start_worker(id, &[agent], concurrency, launch)?;
+        let url = format!("http://127.0.0.1:{port}/health/ready");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = self
+                .http
+                .get(&url)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ready {
+                return Ok(index);
+            }
+            let state = self.fleet.worker(index).state();
+            ensure!(!state.finished, "worker {id} exited at start");
+            ensure!(
+                Instant::now() < deadline,
+                "worker {id} was not ready within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `POST /api/workflows/execute` with `body`; the new run's id.
+    async fn execute(&self, body: Value) -> anyhow::Result<Uuid> {
+        submit(&self.http, &self.fleet.url(), &body).await
+    }
+
+    /// Registers the definition `workflow` (`POST /api/definitions`).
+    async fn register(&self, workflow: &Workflow) -> anyhow::Result<()> {
+        let response = self
+            .http
+            .post(format!("{}/api/definitions", self.fleet.url()))
+            .json(&json!({"yaml": workflow.yaml()}))
+            .send()
+            .await?;
+        let status = response.status();
+        ensure!(
+            status.is_success(),
+            "registering a definition answered {status}: {}",
+            response.text().await.unwrap_or_default()
+        );
+        Ok(())
+    }
+
+    /// Submits `count` runs of the registered definition `name`, [`SUBMITTERS`] at a time.
+    async fn execute_many(&self, name: &str, count: usize) -> anyhow::Result<Vec<Uuid>> {
+        let url = self.fleet.url();
+        let body = json!({"workflow": name});
+        stream::iter(0..count)
+            .map(|_| submit(&self.http, &url, &body))
+            .buffer_unordered(SUBMITTERS)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// Waits until every run of `runs` has ended, and checks that each one succeeded.
+    async fn wait(&self, runs: &[Uuid]) -> anyhow::Result<()> {
+        let patience = Patience {
+            deadline: Duration::from_secs(3600),
+            stall: STALL,
+        };
+        let waited = wait_for_runs(&self.fleet, runs, patience).await;
+        if let Some(why) = waited.gave_up {
+            bail!("the runs did not end: {why}");
+        }
+        let failed: i64 = self
+            .db
+            .query_one(
+                "SELECT count(*) FROM runs WHERE id = ANY($1) AND status <> 'success'",
+                &[&runs],
+            )
+            .await?
+            .get(0);
+        ensure!(
+            failed == 0,
+            "{failed} of {} runs did not succeed",
+            runs.len()
+        );
+        Ok(())
+    }
+
+    /// From the first run's creation to the last run's end, as recorded.
+    async fn span(&self, runs: &[Uuid]) -> anyhow::Result<Duration> {
+        let row = self
+            .db
+            .query_one(
+                "SELECT extract(epoch FROM max(ended_at) - min(created_at))::float8
+                 FROM runs WHERE id = ANY($1)",
+                &[&runs],
+            )
+            .await?;
+        seconds(row.get(0))
+    }
+
+    /// Peak resident memory of the coordinator and the workers so far.
+    fn rss(&self) -> Rss {
+        Rss {
+            coordinator_mb: pid(self.fleet.coordinator(0)).and_then(peak_rss_mb),
+            workers_mb: self
+                .fleet
+                .workers()
+                .iter()
+                .filter_map(|w| pid(w).and_then(peak_rss_mb))
+                .collect(),
+        }
+    }
+
+    /// Stops the processes, drops the database and deletes the queues.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.fleet.stop().await
+    }
+}
+
+fn pid(process: &Managed) -> Option<u32> {
+    process.state().pid
+}
+
+fn seconds(value: Option<f64>) -> anyhow::Result<Duration> {
+    let value = value.context("no timestamps recorded")?;
+    Ok(Duration::from_secs_f64(value.max(0.0)))
+}
+
+fn logs_dir(scenario: &str, prefix: &str) -> PathBuf {
+    flotilla_tests::target_dir()
+        .join("bench-logs")
+        .join(format!("{scenario}-{prefix}"))
+}
+
+async fn submit(http: &reqwest::Client, url: &str, body: &Value) -> anyhow::Result<Uuid> {
+    let response = http
+        .post(format!("{url}/api/workflows/execute"))
+        .json(body)
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await?;
+    let status = response.status();
+    let answer: Value = response.json().await?;
+    ensure!(
+        status.as_u16() == 202,
+        "execute answered {status}: {answer}"
+    );
+    Ok(answer["workflowId"]
+        .as_str()
+        .context("workflowId in the answer")?
+        .parse()?)
+}
+
+/// Runs `scenario` on a fleet started for it, and stops the fleet whatever the outcome.
+pub async fn with_bench<F>(name: &str, sizes: &Sizes, scenario: F) -> anyhow::Result<Vec<Report>>
+where
+    F: AsyncFnOnce(&mut Bench) -> anyhow::Result<Vec<Report>>,
+{
+    let mut bench = Bench::start(name, sizes).await?;
+    let outcome = scenario(&mut bench).await;
+    let stopped = bench.stop().await;
+    let reports = outcome?;
+    stopped?;
+    Ok(reports)
+}
+
+/// `fanout`: one run of `steps` independent no-op steps and one step that waits for all of
+/// them.
+pub async fn fanout(bench: &mut Bench, scenario: &str, steps: usize) -> anyhow::Result<Report> {
+    let all: Vec<String> = (0..steps).map(|i| format!("s{i}")).collect();
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let workflow = Workflow::fan_out("bench-fanout", AGENT, steps, |_| 0).step(
+        "join",
+        AGENT,
+        Some(&all),
+        json!({}),
+    );
+    let run = bench.execute(json!({"yaml": workflow.yaml()})).await?;
+    bench.wait(&[run]).await?;
+    let elapsed = bench.span(&[run]).await?;
+    let latencies = durations(
+        &bench.db,
+        "SELECT extract(epoch FROM s.ended_at - a.dispatched_at)::float8
+         FROM steps s JOIN attempts a USING (run_id, idx) WHERE s.run_id = $1",
+        run,
+    )
+    .await?;
+    let mut report = Report::new(scenario, steps, "steps", elapsed)
+        .latency(Latency::of(
+            "a step: dispatched to ended, as recorded",
+            latencies,
+        ))
+        .details(json!({"join_steps": 1}))
+        .rss(bench.rss());
+    report.step_rate = Some(report.throughput);
+    Ok(report)
+}
+
+/// `chain`: one run of `hops` steps, each starting when the one before has ended.
+pub async fn chain(bench: &mut Bench, scenario: &str, hops: usize) -> anyhow::Result<Report> {
+    let workflow = Workflow::chain("bench-chain", AGENT, hops, |_| 0);
+    let run = bench.execute(json!({"yaml": workflow.yaml()})).await?;
+    bench.wait(&[run]).await?;
+    let elapsed = bench.span(&[run]).await?;
+    // The run's creation, then each step's end in order: a hop is the time between two of them.
+    let created: f64 = bench
+        .db
+        .query_one(
+            "SELECT extract(epoch FROM created_at)::float8 FROM runs WHERE id = $1",
+            &[&run],
+        )
+        .await?
+        .get(0);
+    let steps = bench
+        .db
+        .query(
+            "SELECT extract(epoch FROM ended_at)::float8 FROM steps WHERE run_id = $1 ORDER BY idx",
+            &[&run],
+        )
+        .await?;
+    let ends: Vec<f64> = std::iter::once(created)
+        .chain(steps.iter().map(|row| row.get(0)))
+        .collect();
+    let hops_taken: Vec<Duration> = ends
+        .windows(2)
+        .map(|pair| Duration::from_secs_f64((pair[1] - pair[0]).max(0.0)))
+        .collect();
+    Ok(Report::new(scenario, hops, "hops", elapsed)
+        .latency(Latency::of(
+            "one hop: a step's end to the next step's end (the first from the submission)",
+            hops_taken,
+        ))
+        .rss(bench.rss()))
+}
+
+/// `many-runs`: `runs` runs of a registered 3-step chain, submitted at once.
+pub async fn many_runs(bench: &mut Bench, runs: usize) -> anyhow::Result<Report> {
+    let workflow = Workflow::chain("bench-three", AGENT, 3, |_| 0);
+    bench.register(&workflow).await?;
+    let submitted = Instant::now();
+    let ids = bench.execute_many("bench-three", runs).await?;
+    let submit_elapsed = submitted.elapsed();
+    bench.wait(&ids).await?;
+    let elapsed = bench.span(&ids).await?;
+    let latencies = durations(
+        &bench.db,
+        "SELECT extract(epoch FROM ended_at - created_at)::float8 FROM runs WHERE id = ANY($1)",
+        ids,
+    )
+    .await?;
+    let mut report = Report::new("many-runs", runs, "runs", elapsed)
+        .latency(Latency::of("a run: created to ended", latencies))
+        .details(json!({
+            "steps_per_run": 3,
+            "submitters": SUBMITTERS,
+            "submitted_per_s": runs as f64 / submit_elapsed.as_secs_f64(),
+        }))
+        .rss(bench.rss());
+    report.step_rate = Some(report.throughput * 3.0);
+    Ok(report)
+}
+
+/// `submit-latency`: `POST /api/workflows/execute` of a registered one-step definition at a
+/// fixed rate, open loop: each request is sent at its scheduled time whatever the answers before
+/// it, and timed from that time, so a slow answer delays no later measurement.
+pub async fn submit_latency(bench: &mut Bench, sizes: &Sizes) -> anyhow::Result<Report> {
+    let workflow = Workflow::chain("bench-one", AGENT, 1, |_| 0);
+    bench.register(&workflow).await?;
+    let requests = usize::try_from(sizes.submit_rate * sizes.submit_seconds)?;
+    let interval = Duration::from_secs_f64(1.0 / sizes.submit_rate.max(1) as f64);
+    let body = json!({"workflow": "bench-one"});
+    let url = bench.fleet.url();
+    let started = Instant::now();
+    let mut pending = JoinSet::new();
+    for i in 0..requests {
+        let due = started + interval.mul_f64(i as f64);
+        tokio::time::sleep_until(due).await;
+        let http = bench.http.clone();
+        let url = url.clone();
+        let body = body.clone();
+        pending.spawn(async move {
+            submit(&http, &url, &body).await?;
+            anyhow::Ok(due.elapsed())
+        });
+    }
+    let mut latencies = Vec::with_capacity(requests);
+    while let Some(answered) = pending.join_next().await {
+        latencies.push(answered??);
+    }
+    let elapsed = started.elapsed();
+    Ok(Report::new("submit-latency", requests, "requests", elapsed)
+        .latency(Latency::of(
+            "POST /api/workflows/execute: scheduled send to 202",
+            latencies,
+        ))
+        .details(json!({"rate_per_s": sizes.submit_rate}))
+        .rss(bench.rss()))
+}
+
+/// `memory`: `runs` runs whose one step sleeps for an hour, all in flight at once; the
+/// coordinator's memory once every step is dispatched, and that of a worker with nothing to do.
+pub async fn memory(bench: &mut Bench, runs: usize) -> anyhow::Result<Report> {
+    let idle = bench.add_worker("worker-idle", IDLE_AGENT, 16).await?;
+    let workflow =
+        Workflow::new("bench-sleep").step("sleep", AGENT, None, json!({"sleep_ms": SLEEP_MS}));
+    bench.register(&workflow).await?;
+    let submitted = Instant::now();
+    let ids = bench.execute_many("bench-sleep", runs).await?;
+    let submit_elapsed = submitted.elapsed();
+    let expected = i64::try_from(runs)?;
+    let deadline = Instant::now() + STALL;
+    loop {
+        let dispatched: i64 = bench
+            .db
+            .query_one(
+                "SELECT count(*) FROM attempts WHERE run_id = ANY($1)",
+                &[&ids],
+            )
+            .await?
+            .get(0);
+        if dispatched >= expected {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "only {dispatched} of {runs} steps were dispatched within {STALL:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let coordinator = pid(bench.fleet.coordinator(0));
+    let idle_worker = pid(bench.fleet.worker(idle));
+    let report = Report::new("memory", runs, "runs", submit_elapsed)
+        .details(json!({
+            "coordinator_rss_mb": coordinator.and_then(rss_mb),
+            "idle_worker_rss_mb": idle_worker.and_then(rss_mb),
+            "idle_worker_peak_rss_mb": idle_worker.and_then(peak_rss_mb),
+            "step_sleep_ms": SLEEP_MS,
+        }))
+        .rss(bench.rss());
+    // Their steps would sleep for an hour: the workers are not asked to drain.
+    for &i in &bench.busy_workers {
+        bench.fleet.worker(i).kill().await?;
+    }
+    Ok(report)
+}
+
+/// `history`: `fanout` and `chain` again after seeding `steps` finished steps (runs of 10).
+pub async fn history(bench: &mut Bench, sizes: &Sizes) -> anyhow::Result<Vec<Report>> {
+    let seeding = Instant::now();
+    seed_history(&bench.db, sizes.history_steps).await?;
+    let seed_s = seeding.elapsed().as_secs_f64();
+    let detail = json!({"seeded_steps": sizes.history_steps, "seed_s": seed_s});
+    let mut fanout = fanout(bench, "history-fanout", sizes.steps).await?;
+    fanout.details["history"] = detail.clone();
+    let mut chain = chain(bench, "history-chain", sizes.chain).await?;
+    chain.details["history"] = detail;
+    Ok(vec![fanout, chain])
+}
+
+/// Steps per seeded run.
+const SEEDED_STEPS_PER_RUN: usize = 10;
+
+/// Inserts `steps` finished steps with their runs and attempts in a few bulk statements, then
+/// refreshes the planner's statistics.
+async fn seed_history(db: &tokio_postgres::Client, steps: usize) -> anyhow::Result<()> {
+    let runs = i64::try_from(steps.div_ceil(SEEDED_STEPS_PER_RUN))?;
+    let per_run = i32::try_from(SEEDED_STEPS_PER_RUN)?;
+    db.batch_execute(
+        "CREATE TEMP TABLE seed_runs (id uuid PRIMARY KEY, n bigint NOT NULL);
+         INSERT INTO definition_contents (hash, body) VALUES ('bench-history', '{}')
+         ON CONFLICT DO NOTHING;",
+    )
+    .await?;
+    db.execute(
+        "INSERT INTO seed_runs SELECT gen_random_uuid(), n FROM generate_series(1, $1::int8) n",
+        &[&runs],
+    )
+    .await?;
+    db.batch_execute(
+        "INSERT INTO runs (id, name, definition_hash, status, params, version, created_at, ended_at)
+         SELECT id, 'bench-history', 'bench-history', 'success', '{}', 1,
+                now() - make_interval(secs => n), now() - make_interval(secs => n) + interval '1 second'
+         FROM seed_runs;",
+    )
+    .await?;
+    db.execute(
+        "INSERT INTO steps (run_id, idx, step_id, agent, action, status, attempt, task_id,
+                            started_at, ended_at, output)
+         SELECT r.id, i, 's' || i, 'bench', 'work', 'success', 1, gen_random_uuid(),
+                now() - make_interval(secs => r.n), now() - make_interval(secs => r.n), '{}'
+         FROM seed_runs r, generate_series(0, $1::int4 - 1) i",
+        &[&per_run],
+    )
+    .await?;
+    db.batch_execute(
+        "INSERT INTO attempts (run_id, idx, attempt, task_id, status, dispatched_at, started_at,
+                               finished_at, worker)
+         SELECT s.run_id, s.idx, 1, s.task_id, 'success', s.started_at, s.started_at, s.ended_at,
+                'seed'
+         FROM steps s JOIN seed_runs r ON r.id = s.run_id;
+         DROP TABLE seed_runs;
+         ANALYZE;",
+    )
+    .await?;
+    Ok(())
+}
+
+/// The durations (seconds as `float8`) selected by `query` with the one parameter `param`.
+async fn durations<P>(
+    db: &tokio_postgres::Client,
+    query: &str,
+    param: P,
+) -> anyhow::Result<Vec<Duration>>
+where
+    P: tokio_postgres::types::ToSql + Sync,
+{
+    let rows = db.query(query, &[&param]).await?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| row.get::<_, Option<f64>>(0))
+        .map(|s| Duration::from_secs_f64(s.max(0.0)))
+        .collect())
+}
