@@ -40,7 +40,8 @@ pub struct Bench {
 }
 
 impl Bench {
-    /// Starts a coordinator (with its default pool of 16 connections) and `sizes.workers` echo
+    /// Starts a coordinator (with its default pool of 16 connections, and room for the largest
+    /// definitions) and `sizes.workers` echo
     /// workers, and waits until every worker consumes. The processes' logs go to
     /// `target/bench-logs/<scenario>-<id>/`.
     pub async fn start(scenario: &str, sizes: &Sizes) -> anyhow::Result<Self> {
@@ -48,7 +49,9 @@ impl Bench {
         let logs = logs_dir(scenario, &fleet.prefix);
         let mut fleet = fleet
             .log_to(logs)?
-            .coordinator_env("FLOTILLA_DB_POOL_SIZE", "16");
+            .coordinator_env("FLOTILLA_DB_POOL_SIZE", "16")
+            // A fan-out of 100,000 steps is a definition of about 8 MB.
+            .coordinator_env("FLOTILLA_MAX_BODY_BYTES", &(64 << 20).to_string());
         fleet.start_coordinator().await?;
         let db = fleet.db().await?;
         let mut bench = Self {
