@@ -195,9 +195,69 @@ impl Bench {
         }
     }
 
-    /// Stops the processes, drops the database and deletes the queues.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.fleet.stop().await
+    /// Stops the processes, then reads what the fleet wrote to each table over its whole life
+    /// (warm-up included), drops the database and deletes the queues.
+    pub async fn stop(mut self) -> anyhow::Result<Value> {
+        self.fleet.shutdown().await;
+        let written = self.rows_written().await;
+        self.fleet.cleanup().await?;
+        written
+    }
+
+    /// Rows inserted, updated (of which HOT: without touching indexes) and deleted per table,
+    /// and their sum per attempt dispatched. Read once every coordinator's connection is gone,
+    /// since a server process reports its counts when it ends (or every few seconds before).
+    async fn rows_written(&self) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let others: i64 = self
+                .db
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await?
+                .get(0);
+            if others == 0 {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{others} connections to the fleet's database outlived its processes"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let attempts: i64 = self
+            .db
+            .query_one("SELECT count(*) FROM attempts", &[])
+            .await?
+            .get(0);
+        let rows = self
+            .db
+            .query(
+                "SELECT relname::text, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del
+                 FROM pg_stat_user_tables WHERE n_tup_ins + n_tup_upd + n_tup_del > 0
+                 ORDER BY relname",
+                &[],
+            )
+            .await?;
+        let mut tables = serde_json::Map::new();
+        let mut total = 0i64;
+        for row in &rows {
+            let (inserted, updated, hot, deleted): (i64, i64, i64, i64) =
+                (row.get(1), row.get(2), row.get(3), row.get(4));
+            total += inserted + updated + deleted;
+            tables.insert(
+                row.get(0),
+                json!({"inserted": inserted, "updated": updated, "hot_updated": hot, "deleted": deleted}),
+            );
+        }
+        Ok(json!({
+            "tables": tables,
+            "attempts": attempts,
+            "per_attempt": (attempts > 0).then(|| total as f64 / attempts as f64),
+        }))
     }
 }
 
@@ -242,9 +302,15 @@ where
 {
     let mut bench = Bench::start(name, sizes).await?;
     let outcome = scenario(&mut bench).await;
-    let stopped = bench.stop().await;
-    let reports = outcome?;
-    stopped?;
+    let written = bench.stop().await;
+    let mut reports = outcome?;
+    let written = written?;
+    // The seeded history would swamp what the fleet itself wrote.
+    if name != "history" {
+        for report in &mut reports {
+            report.details["rows_written"] = written.clone();
+        }
+    }
     Ok(reports)
 }
 

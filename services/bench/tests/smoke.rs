@@ -103,6 +103,12 @@ async fn quick_scenarios_print_one_sane_json_line_each() -> anyhow::Result<()> {
     let rss = chain.rss.as_ref().expect("the chain's fleet memory");
     assert!(rss.coordinator_mb.is_some_and(|mb| mb > 0.0), "{rss:?}");
     assert_eq!(rss.workers_mb.len(), 2, "{rss:?}");
+    let written = &chain.details["rows_written"];
+    assert!(
+        written["tables"]["steps"]["updated"].as_i64() > Some(0)
+            && written["per_attempt"].as_f64() > Some(0.0),
+        "the rows the chain's fleet wrote: {written}"
+    );
     let ratio = chain
         .ratio_to_broker
         .as_ref()
