@@ -3,8 +3,9 @@
 One thread owns the connection (pika's BlockingConnection is not thread-safe): it consumes the
 agent queues, publishes results and heartbeats, and acks. Handlers run on a pool of
 `concurrency` threads and hand their outcome back to the connection's thread with
-`add_callback_threadsafe`. The prefetch equals the pool's size, so every delivery starts at once
-and none waits in this process.
+`add_callback_threadsafe`. The prefetch of each agent queue equals the pool's size (quorum
+queues have no prefetch shared across consumers), so a worker of several agents may hold more
+deliveries than it runs: they wait for a thread, and a shutdown gives them back unstarted.
 
 Losing the connection ends `Worker.run` with the error: the tasks it held unacked are requeued by
 RabbitMQ, and the process supervisor (systemd, Compose, Kubernetes) starts the worker again.
@@ -233,9 +234,17 @@ class Worker:
         while not self._stopping:
             connection.process_data_events(time_limit=POLL_SECONDS)
 
-        # Drain: no new task; pika requeues what arrives before the cancel is confirmed.
+        # Drain: no new task; pika requeues what arrives before the cancel is confirmed, and the
+        # deliveries still waiting for a thread go back to their queues unstarted.
         for tag in tags:
             self._consumer.basic_cancel(tag)
+        while True:
+            try:
+                tag, *_ = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            self._consumer.basic_nack(tag, requeue=True)
+            del self._held[tag]
         LOG.info("draining %d tasks in progress", len(self._held))
         deadline = time.monotonic() + self.config.shutdown_grace
         while self._held and time.monotonic() < deadline:
