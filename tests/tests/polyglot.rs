@@ -187,3 +187,61 @@ async fn the_python_worker_heartbeats_its_task_and_finishes_it_on_sigterm() -> a
     assert_eq!(step.output, Some(json!({"slept_ms": 4000})));
     fleet.stop().await
 }
+
+/// A worker of two agents with room for one task at a time holds a delivery of each; asked to
+/// stop, it finishes the one it runs and gives the other back unstarted, for another worker.
+#[tokio::test]
+async fn the_python_worker_gives_back_unstarted_tasks_on_sigterm() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    let python = start_python_worker(
+        &mut fleet,
+        "python-1",
+        &["left", "right"],
+        &["--concurrency", "1", "--heartbeat-interval-ms", "300"],
+    )
+    .await?;
+
+    let yaml = "name: pair\nsteps:\n  \
+        - {id: a, agent: left, action: sleep, params: {ms: 2000}}\n  \
+        - {id: b, agent: right, action: sleep, depends_on: [], params: {ms: 2000}}\n";
+    let id = fleet.execute_yaml(yaml, json!({})).await?;
+
+    // Heartbeats list every task the worker holds, started or waiting for its one slot.
+    let db = fleet.db().await?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let leased: i64 = db
+            .query_one(
+                "SELECT count(*) FROM steps WHERE run_id = $1 AND lease_until IS NOT NULL",
+                &[&id],
+            )
+            .await?
+            .get(0);
+        if leased == 2 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the python worker did not take both tasks");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = fleet.worker(python).terminate().await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "exit: {status:?}");
+    // The echo agent answers the `sleep` action with its params at once.
+    fleet.start_echo("echo-1", &["left", "right"], 2)?;
+
+    let run = fleet.wait_for_end(id, WAIT).await?;
+    assert_eq!(run.status, "success", "{run:#?}");
+    let mut outputs: Vec<String> = run
+        .steps
+        .iter()
+        .map(|s| {
+            assert_eq!(s.attempts, 1, "step {} ran again", s.step_id);
+            s.output.clone().unwrap_or_default().to_string()
+        })
+        .collect();
+    outputs.sort();
+    assert_eq!(outputs, [r#"{"ms":2000}"#, r#"{"slept_ms":2000}"#]);
+    fleet.stop().await
+}
