@@ -187,9 +187,6 @@ class Worker:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
-    def request_stop(self) -> None:
-        self._stopping = True
-
     # Running -------------------------------------------------------------------------------
 
     def run(self) -> None:
