@@ -5,7 +5,8 @@ The schema validators (hadolint, the Compose Specification's schema, the Kuberne
 schemas) check each file alone; this checks what they cannot: that every setting a binary reads
 is set and nothing it does not read is, that selectors match labels, that probes ask the health
 routes on the ports the binaries serve them on, that every referenced ConfigMap, Secret and key
-exists, and that each worker's KEDA triggers watch exactly the queues it consumes.
+exists, that each worker's KEDA triggers watch exactly the queues it consumes, and that the image
+ships every binary of the workspace.
 
     deploy/check.py [--bin-dir target/debug]
 
@@ -17,6 +18,7 @@ Exits 1 and lists every fault when one is found.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -236,6 +238,20 @@ def check_scaled_object(faults: Faults, objects: dict, deployment: str, agents: 
             faults.check(ref["key"] in secret.get("stringData", {}), f"TriggerAuthentication: Secret {ref['name']} has no key {ref['key']}")
 
 
+def check_image(faults: Faults) -> None:
+    """The Dockerfile copies every binary target of the workspace into the image."""
+    metadata = json.loads(
+        subprocess.run(
+            ["cargo", "metadata", "--no-deps", "--format-version", "1", "--offline"],
+            cwd=ROOT, check=True, capture_output=True, text=True,
+        ).stdout
+    )
+    binaries = {t["name"] for p in metadata["packages"] for t in p["targets"] if "bin" in t["kind"]}
+    dockerfile = (ROOT / "deploy/Dockerfile").read_text()
+    copied = set(re.findall(r"target/release/([\w-]+)", dockerfile))
+    faults.check(copied == binaries, f"Dockerfile: copies {sorted(copied)}, the workspace builds {sorted(binaries)}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bin-dir", type=Path, default=ROOT / "target/debug")
@@ -244,11 +260,12 @@ def main() -> int:
     faults = Faults()
     check_compose(faults, coordinator, worker)
     check_k8s(faults, coordinator, worker)
+    check_image(faults)
     for fault in faults.found:
         print(f"deploy/check.py: {fault}", file=sys.stderr)
     if faults.found:
         return 1
-    print("deploy/check.py: compose.yaml and k8s/ agree with each other and with the binaries")
+    print("deploy/check.py: Dockerfile, compose.yaml and k8s/ agree with each other and with the binaries")
     return 0
 
 
