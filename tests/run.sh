@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, then every test against the real RabbitMQ and
-# PostgreSQL (started, or installed, when missing).
+# The whole test suite: formatting, lints, the deployment files' checks, then every test against
+# the real RabbitMQ and PostgreSQL (started, or installed, when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 deploy/toolchain.sh --with-nextest
 export PATH="$HOME/.cargo/bin:$PATH"
 deploy/services.sh
+# pika for the Python worker of the polyglot tests, and the deployment checks' tools.
+deploy/python.sh
 # shellcheck source=/dev/null
 source .flotilla/env
 
@@ -14,4 +16,5 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # The end-to-end tests start the real binaries.
 cargo build --workspace --bins --quiet
+deploy/check.sh
 cargo nextest run --workspace --profile ci "$@"

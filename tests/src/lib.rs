@@ -352,15 +352,29 @@ impl Fleet {
         let mut base = Command::new(binary("flotilla-agent-echo"));
         for agent in agents {
             base.arg("--agent").arg(agent);
-            self.agents.insert((*agent).to_string());
         }
         base.arg("--concurrency")
             .arg(concurrency.to_string())
             .arg("--worker-id")
             .arg(worker_id)
-            .env("AMQP_URL", amqp_url())
-            .env("FLOTILLA_QUEUE_PREFIX", &self.prefix)
             .env("RUST_LOG", "warn");
+        self.start_worker_command(worker_id, agents, base, launch)
+    }
+
+    /// Starts a worker of any kind (e.g. one written in another language) from `base`, which
+    /// must serve `agents`; the fleet adds its RabbitMQ URL and queue prefix to the environment
+    /// (`AMQP_URL`, `FLOTILLA_QUEUE_PREFIX`). Returns its index among the workers.
+    pub fn start_worker_command(
+        &mut self,
+        worker_id: &str,
+        agents: &[&str],
+        mut base: Command,
+        launch: Launch,
+    ) -> anyhow::Result<usize> {
+        self.agents
+            .extend(agents.iter().map(|agent| (*agent).to_string()));
+        base.env("AMQP_URL", amqp_url())
+            .env("FLOTILLA_QUEUE_PREFIX", &self.prefix);
         let recipe = self.recipe(worker_id, base, &launch)?;
         let process = Managed::spawn(worker_id, recipe, launch.is_supervised())?;
         self.workers.push(process);
