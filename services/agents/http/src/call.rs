@@ -7,6 +7,13 @@ use flotilla_worker::HandlerError;
 
 use crate::request::{Body, Request, extract};
 
+/// The client every step shares.
+pub fn client() -> reqwest::Result<reqwest::Client> {
+    // reqwest is built without a default TLS provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().build()
+}
+
 /// How one try ended.
 enum Try {
     Answered {
@@ -126,5 +133,45 @@ fn excerpt(body: &[u8]) -> String {
     match text.char_indices().nth(MAX_CHARS) {
         Some((cut, _)) => format!("; body: {}…", &text[..cut]),
         None => format!("; body: {text}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use flotilla_core::definition::RetrySpec;
+    use flotilla_core::duration::UserDuration;
+
+    use super::*;
+    use crate::request::Defaults;
+
+    #[tokio::test]
+    async fn connection_errors_are_tried_again_then_fail_retryably() {
+        // A port nobody listens on: every try is refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let defaults = Defaults {
+            timeout: Duration::from_secs(5),
+            retry: RetrySpec {
+                max_attempts: Some(3),
+                delay: Some(UserDuration(Duration::from_millis(10))),
+                ..RetrySpec::default()
+            },
+        };
+        let params = json!({"url": format!("http://user:hunter2@127.0.0.1:{port}/x?key=abc")});
+        let request = Request::from_params(params.as_object().unwrap(), &defaults).unwrap();
+        let error = call(&client().unwrap(), &request, 1024).await.unwrap_err();
+        assert!(error.retryable);
+        assert!(
+            error.message.starts_with(&format!(
+                "http: GET http://user:***@127.0.0.1:{port}/x?… failed: "
+            )) && error.message.ends_with("(after 3 tries)"),
+            "{error}"
+        );
+        assert!(!error.message.contains("hunter2") && !error.message.contains("abc"));
     }
 }

@@ -93,9 +93,7 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     flotilla_telemetry::init_logging();
 
-    // reqwest is built without a default TLS provider.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = match reqwest::Client::builder().build() {
+    let http = match call::client() {
         Ok(http) => http,
         Err(error) => {
             error!(%error, "cannot build the HTTP client");
