@@ -1,0 +1,177 @@
+//! The shell agent: runs the commands of its steps, each in a process group of its own, within
+//! the allow-list, root directory, timeout and output cap of its config (see [`config`]).
+//!
+//! Exit codes: 0 after a graceful shutdown (SIGTERM or Ctrl-C), 130 when a second signal cuts the
+//! shutdown short, 2 when it cannot start (invalid config or flags, RabbitMQ unreachable or
+//! refusing its queues, the metrics port taken).
+//!
+//! A shutdown lets commands in progress run for the shutdown grace; those still running then
+//! are killed with their process group, and RabbitMQ gives their tasks to another worker.
+
+mod config;
+mod request;
+mod run;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use flotilla_core::duration::{UserDuration, parse as parse_duration};
+use flotilla_worker::{HandlerError, TaskContext, Worker, WorkerConfig};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+use crate::config::{Config, File};
+use crate::request::Request;
+
+/// Serves Flotilla agent queues by running allow-listed commands.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// An agent whose queue to serve; repeat for several.
+    #[arg(
+        long = "agent",
+        env = "FLOTILLA_AGENTS",
+        value_delimiter = ',',
+        required = true
+    )]
+    agents: Vec<String>,
+    /// A YAML file with `allow`, `allow_shell`, `root`, `max_output_bytes`, `timeout`,
+    /// `pass_env`; the flags below override it.
+    #[arg(long, env = "FLOTILLA_SHELL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Programs steps may run (names found on PATH, or exact paths).
+    #[arg(long, env = "FLOTILLA_SHELL_ALLOW", value_delimiter = ',')]
+    allow: Option<Vec<String>>,
+    /// Let steps run a command string with `shell: true` (sh -c), whatever the allow-list.
+    #[arg(long, env = "FLOTILLA_SHELL_ALLOW_SHELL")]
+    allow_shell: Option<bool>,
+    /// Commands run in this directory or below it [default: the current directory]
+    #[arg(long, env = "FLOTILLA_SHELL_ROOT")]
+    root: Option<PathBuf>,
+    /// Bytes kept of each of stdout and stderr [default: 1048576]
+    #[arg(long, env = "FLOTILLA_SHELL_MAX_OUTPUT_BYTES")]
+    max_output_bytes: Option<usize>,
+    /// A step's timeout when it sets none, e.g. 30s or 10m [default: 10m]
+    #[arg(long, env = "FLOTILLA_SHELL_TIMEOUT", value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Variables of this process's environment that commands inherit
+    /// [default: PATH,HOME,USER,LANG,LC_ALL,TMPDIR,CARGO_HOME,RUSTUP_HOME]
+    #[arg(long, env = "FLOTILLA_SHELL_PASS_ENV", value_delimiter = ',')]
+    pass_env: Option<Vec<String>>,
+    /// Print the effective shell config and exit.
+    #[arg(long)]
+    dump_config: bool,
+    /// How many tasks run at once at most.
+    #[arg(long, env = "FLOTILLA_CONCURRENCY", default_value_t = 4)]
+    concurrency: usize,
+    /// The RabbitMQ URL.
+    #[arg(long, env = "AMQP_URL", default_value = flotilla_broker::DEFAULT_URL, hide_env_values = true)]
+    amqp_url: String,
+    /// Prefix of the queue names; must match the coordinator's.
+    #[arg(long, env = "FLOTILLA_QUEUE_PREFIX", default_value = "flotilla")]
+    queue_prefix: String,
+    /// Names this worker in results and heartbeats [default: host-pid-random]
+    #[arg(long, env = "FLOTILLA_WORKER_ID")]
+    worker_id: Option<String>,
+    /// Milliseconds between heartbeats; the coordinators' lease (FLOTILLA_LEASE_TIMEOUT_MS)
+    /// must be at least twice as long.
+    #[arg(long, env = "FLOTILLA_HEARTBEAT_INTERVAL_MS", default_value_t = 5_000)]
+    heartbeat_interval_ms: u64,
+    /// Seconds a shutdown waits for commands in progress before killing them.
+    #[arg(long, env = "FLOTILLA_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    shutdown_grace_secs: u64,
+    /// Serve /health/live, /health/ready and /metrics on this port [default: not served]
+    #[arg(long, env = "FLOTILLA_METRICS_PORT")]
+    metrics_port: Option<u16>,
+    /// The address of the health and metrics port; loopback unless told otherwise.
+    #[arg(long, env = "FLOTILLA_METRICS_BIND", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    metrics_bind: IpAddr,
+}
+
+impl Args {
+    /// Defaults, then the file, then environment and flags.
+    fn shell_config(&self) -> anyhow::Result<Config> {
+        let file = match &self.config {
+            Some(path) => File::read(path)?,
+            None => File::default(),
+        };
+        file.overlay(File {
+            allow: self.allow.clone(),
+            allow_shell: self.allow_shell,
+            root: self.root.clone(),
+            max_output_bytes: self.max_output_bytes,
+            timeout: self.timeout.map(UserDuration),
+            pass_env: self.pass_env.clone(),
+        })
+        .resolve()
+    }
+}
+
+/// Runs one step's command; it is stopped at its timeout.
+async fn handle(config: Arc<Config>, ctx: TaskContext) -> Result<Value, HandlerError> {
+    let request = Request::from_params(ctx.params(), &config)?;
+    let timeout = request.timeout;
+    let stop = async move {
+        tokio::time::sleep(timeout).await;
+        format!("timed out after {timeout:?}")
+    };
+    run::run(&request, &config, stop).await
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    flotilla_telemetry::init_logging();
+
+    let config = match args.shell_config() {
+        Ok(config) => Arc::new(config),
+        Err(error) => {
+            error!(error = %format!("{error:#}"), "invalid shell agent config");
+            return ExitCode::from(2);
+        }
+    };
+    if args.dump_config {
+        println!("{config:#?}");
+        return ExitCode::SUCCESS;
+    }
+
+    let shutdown = CancellationToken::new();
+    if let Err(error) = flotilla_telemetry::shutdown_on_signals(shutdown.clone()) {
+        error!(%error, "cannot listen for signals");
+        return ExitCode::FAILURE;
+    }
+
+    let worker_config = WorkerConfig {
+        amqp_url: args.amqp_url,
+        prefix: args.queue_prefix,
+        concurrency: args.concurrency,
+        worker_id: args.worker_id,
+        heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+    };
+    let mut builder = args
+        .agents
+        .iter()
+        .map(|agent| agent.trim())
+        .filter(|agent| !agent.is_empty())
+        .fold(Worker::builder(worker_config), |builder, agent| {
+            builder.agent(agent)
+        })
+        .fallback(move |ctx| handle(config.clone(), ctx));
+    if let Some(port) = args.metrics_port {
+        builder = builder.serve_health(SocketAddr::new(args.metrics_bind, port));
+    }
+
+    match builder.build().run(shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            error!(%error, "cannot start");
+            ExitCode::from(2)
+        }
+    }
+}
