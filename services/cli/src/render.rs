@@ -711,6 +711,37 @@ TIME                     ACTOR               ACTION    STEP    DETAIL
             "no operator actions recorded for this run\n"
         );
     }
+
+    #[test]
+    fn a_run_waiting_for_a_person_names_the_step_and_its_strikes() {
+        let mut run = failed_run();
+        run.status = "needs_attention".into();
+        run.end_time = None;
+        run.duration = None;
+        run.steps = vec![
+            StepResult {
+                strike: 3,
+                ..step("build", "needs_attention", 3, Some("disk full"))
+            },
+            StepResult {
+                strike: 2,
+                ..step("fetch", "success", 2, None)
+            },
+        ];
+        let text = summary(&run);
+        assert!(
+            text.contains("build  needs_attention  3         strike 3: escalated; disk full"),
+            "{text}"
+        );
+        assert!(text.contains("strike 2: fallback\n"), "{text}");
+        assert!(
+            progress(&run)
+                .message
+                .starts_with("needs attention: build; "),
+            "{}",
+            progress(&run).message
+        );
+    }
 }
 
 /// A plan, for `execute --dry-run`: the stages of steps that can run together, each step with
