@@ -126,8 +126,8 @@ pub struct WorkflowResult {
     /// The definition's name.
     pub name: String,
     /// `running`, `paused` (by an operator: nothing new is dispatched), `failing` (a step failed
-    /// and the failure handlers are running), `success`, `failure` or `cancelled` (by an
-    /// operator).
+    /// and the failure handlers are running), `needs_attention` (a step escalated and waits for
+    /// an operator; the others go on), `success`, `failure` or `cancelled` (by an operator).
     pub status: String,
     pub start_time: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -149,8 +149,8 @@ pub struct StepResult {
     pub step_id: String,
     pub agent: String,
     pub action: String,
-    /// `pending`, `running`, `success`, `failure`, `skipped` or `cancelled` (the run was
-    /// cancelled before the step ended).
+    /// `pending`, `running`, `success`, `failure`, `skipped`, `cancelled` (the run was
+    /// cancelled before the step ended) or `needs_attention` (it escalated).
     pub status: String,
     /// Attempts dispatched so far.
     pub attempts: u32,
@@ -167,6 +167,14 @@ pub struct StepResult {
     /// When the next attempt is due, while a failed attempt waits to be retried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The strike the step reached: 1 its own attempts and retries, 2 its `fallback`, 3 it
+    /// escalated (status `needs_attention` until an operator retries, skips or completes it).
+    #[serde(default = "first_strike")]
+    pub strike: u8,
+}
+
+fn first_strike() -> u8 {
+    1
 }
 
 /// Step counts of a run.
@@ -590,6 +598,7 @@ mod tests {
             output: Some(json!({"files": 12})),
             error: Some("template not found".into()),
             next_attempt_at: Some(at(5)),
+            strike: 1,
         }
     }
 
@@ -654,6 +663,7 @@ mod tests {
                 "output",
                 "error",
                 "nextAttemptAt",
+                "strike",
             ])
         );
         assert_eq!(
@@ -682,13 +692,14 @@ mod tests {
             output: None,
             error: None,
             next_attempt_at: None,
+            strike: 1,
             ..finished_step()
         };
         let value = serde_json::to_value(&result).unwrap();
         assert!(value.get("endTime").is_none() && value.get("duration").is_none());
         assert_eq!(
             keys(&value["steps"][0]),
-            BTreeSet::from(["stepId", "agent", "action", "status", "attempts"])
+            BTreeSet::from(["stepId", "agent", "action", "status", "attempts", "strike"])
         );
         round_trip(&result);
     }

@@ -34,13 +34,14 @@ pub const DEFAULT_DEAD_LETTER_LIMIT: u32 = 50;
 pub const MAX_DEAD_LETTER_LIMIT: u32 = 500;
 
 /// Every run status, for telling a client which ones exist.
-const RUN_STATUSES: [RunStatus; 6] = [
+const RUN_STATUSES: [RunStatus; 7] = [
     RunStatus::Running,
     RunStatus::Paused,
     RunStatus::Failing,
     RunStatus::Success,
     RunStatus::Failure,
     RunStatus::Cancelled,
+    RunStatus::NeedsAttention,
 ];
 
 // A status added to the core stops the build here until it is added to `RUN_STATUSES` too.
@@ -50,7 +51,8 @@ const _: fn(RunStatus) = |status| match status {
     | RunStatus::Failing
     | RunStatus::Success
     | RunStatus::Failure
-    | RunStatus::Cancelled => {}
+    | RunStatus::Cancelled
+    | RunStatus::NeedsAttention => {}
 };
 
 /// Bounds on what a client may send.

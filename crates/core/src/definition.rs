@@ -70,6 +70,31 @@ pub struct StepDef {
     /// the step's policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<UserDuration>,
+    /// Strike 2: what runs instead once the step's retries are exhausted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<FallbackDef>,
+    /// Strike 3: the notify channel told when the fallback (or, without one, the step) fails
+    /// too; the step then waits for a person instead of failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalate: Option<String>,
+}
+
+/// A step's alternative action (`fallback:`), with attempts and a retry policy of its own.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackDef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub params: Map<String, Value>,
+    /// Unset fields fall back to the step's retry settings, then the workflow's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
+    /// How long one fallback attempt may take; the step's timeout when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<UserDuration>,
 }
 
 /// Retry settings as written; unset fields fall back to the workflow's default, then to

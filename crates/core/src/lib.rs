@@ -23,4 +23,4 @@ pub mod template;
 pub use definition::{Definition, DefinitionError};
 pub use plan::{Plan, PlanError};
 pub use redact::redact_url;
-pub use scheduler::{Effect, Event, Outcome, RunState, RunStatus, StepState, StepStatus};
+pub use scheduler::{Effect, Event, Outcome, RunState, RunStatus, StepState, StepStatus, Strike};

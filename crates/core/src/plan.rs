@@ -14,13 +14,16 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::condition::{self, Condition};
-use crate::definition::{Definition, RetrySpec, StepDef};
+use crate::definition::{Definition, FallbackDef, RetrySpec, StepDef};
 use crate::retry::RetryPolicy;
 
 /// The agent that delivers `notify:` messages; the coordinator serves it itself.
 pub const NOTIFY_AGENT: &str = "flotilla-notify";
 /// The action of [`NOTIFY_AGENT`].
 pub const NOTIFY_ACTION: &str = "notify";
+/// Appended to a step's id in the task that notifies a step's escalation, so that its result is
+/// told apart from the step's own (a step id never holds `:`).
+pub const ESCALATION_SUFFIX: &str = ":escalation";
 /// The most nodes a plan may have.
 pub const MAX_NODES: usize = 100_000;
 
@@ -54,6 +57,56 @@ pub struct Node {
     pub role: Role,
     /// The step whose `parallel:` list holds this node.
     pub parent: Option<usize>,
+    /// Strike 2: the alternative that runs once the retries are exhausted.
+    pub fallback: Option<Fallback>,
+    /// Strike 3: the notify channel told when the step needs a person.
+    pub escalate: Option<String>,
+}
+
+/// A step's `fallback:`, compiled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fallback {
+    pub agent: String,
+    pub action: String,
+    pub params: Map<String, Value>,
+    /// As [`Node::template_steps`], for the fallback's params.
+    pub template_steps: Option<Vec<usize>>,
+    pub retry: RetryPolicy,
+    pub timeout: Option<std::time::Duration>,
+}
+
+impl Node {
+    /// The agent and action an attempt calls: the step's own, or its fallback's.
+    pub fn target(&self, fallback: bool) -> (&str, &str) {
+        match (&self.fallback, fallback) {
+            (Some(f), true) => (&f.agent, &f.action),
+            _ => (&self.agent, &self.action),
+        }
+    }
+
+    /// How long one attempt may take.
+    pub fn attempt_timeout(&self, fallback: bool) -> Option<std::time::Duration> {
+        match (&self.fallback, fallback) {
+            (Some(f), true) => f.timeout,
+            _ => self.timeout,
+        }
+    }
+
+    /// The retry policy of the step's own attempts, or of its fallback's.
+    pub fn retry_policy(&self, fallback: bool) -> &RetryPolicy {
+        match (&self.fallback, fallback) {
+            (Some(f), true) => &f.retry,
+            _ => &self.retry,
+        }
+    }
+
+    /// The params an attempt carries before templates are rendered, and the steps they read.
+    pub fn call_params(&self, fallback: bool) -> (&Map<String, Value>, Option<&[usize]>) {
+        match (&self.fallback, fallback) {
+            (Some(f), true) => (&f.params, f.template_steps.as_deref()),
+            _ => (&self.params, self.template_steps.as_deref()),
+        }
+    }
 }
 
 /// A compiled, valid workflow.
@@ -203,11 +256,20 @@ impl Plan {
             check_condition_references(&drafts, &nodes, &index, &mut problems);
         }
 
+        let resolve = |params: &Map<String, Value>| -> Vec<usize> {
+            let ids = crate::template::check(params).unwrap_or_default();
+            ids.iter().filter_map(|id| index.get(id).copied()).collect()
+        };
         for node in &mut nodes {
             if node.template_steps.is_some() {
-                let ids = crate::template::check(&node.params).unwrap_or_default();
-                node.template_steps =
-                    Some(ids.iter().filter_map(|id| index.get(id).copied()).collect());
+                node.template_steps = Some(resolve(&node.params));
+            }
+            if let Some(f) = node
+                .fallback
+                .as_mut()
+                .filter(|f| f.template_steps.is_some())
+            {
+                f.template_steps = Some(resolve(&f.params));
             }
         }
         if problems.is_empty() {
@@ -293,6 +355,8 @@ fn flatten<'d>(def: &'d Definition, problems: &mut Vec<String>) -> Vec<Draft<'d>
                     !step.then.is_empty() || !step.otherwise.is_empty(),
                     "then/else",
                 ),
+                (step.fallback.is_some(), "fallback"),
+                (step.escalate.is_some(), "escalate"),
             ] {
                 if set {
                     problems.push(format!(
@@ -333,6 +397,8 @@ fn branch<'d>(
         (!step.params.is_empty(), "params"),
         (!step.parallel.is_empty(), "parallel"),
         (step.retry.is_some(), "retry"),
+        (step.fallback.is_some(), "fallback"),
+        (step.escalate.is_some(), "escalate"),
     ] {
         if set {
             problems.push(format!(
@@ -448,6 +514,23 @@ fn build_node(
     if let Err(e) = crate::template::check(&params) {
         problems.push(format!("{} (`{id}`): params: {e}", d.place));
     }
+    let fallback = def.fallback.as_ref().map(|f| {
+        build_fallback(
+            &format!("{} (`{id}`).fallback", d.place),
+            f,
+            def,
+            workflow_retry,
+            problems,
+        )
+    });
+    if let Some(channel) = &def.escalate
+        && !is_name(channel)
+    {
+        problems.push(format!(
+            "{} (`{id}`): escalate channel `{channel}` may only use letters, digits, `_`, `-` and `.`",
+            d.place
+        ));
+    }
     Node {
         id,
         agent,
@@ -461,6 +544,52 @@ fn build_node(
         timeout: def.timeout.map(|t| t.0),
         role: d.role,
         parent: d.parent,
+        fallback,
+        escalate: def.escalate.clone(),
+    }
+}
+
+fn build_fallback(
+    place: &str,
+    f: &FallbackDef,
+    step: &StepDef,
+    workflow_retry: Option<&RetrySpec>,
+    problems: &mut Vec<String>,
+) -> Fallback {
+    for (what, value) in [("agent", &f.agent), ("action", &f.action)] {
+        match value {
+            None => problems.push(format!("{place}: missing `{what}`")),
+            Some(v) if !is_name(v) => problems.push(format!(
+                "{place}: {what} `{v}` may only use letters, digits, `_`, `-` and `.`"
+            )),
+            Some(_) => {}
+        }
+    }
+    // The fallback's retry settings, field by field over the step's.
+    let own = match (&f.retry, &step.retry) {
+        (Some(f), Some(s)) => Some(RetrySpec {
+            max_attempts: f.max_attempts.or(s.max_attempts),
+            backoff: f.backoff.or(s.backoff),
+            delay: f.delay.or(s.delay),
+            max_delay: f.max_delay.or(s.max_delay),
+            jitter: f.jitter.or(s.jitter),
+        }),
+        (f, s) => f.clone().or_else(|| s.clone()),
+    };
+    let retry = RetryPolicy::resolve(own.as_ref(), workflow_retry).unwrap_or_else(|e| {
+        problems.push(format!("{place}: {e}"));
+        RetryPolicy::default()
+    });
+    if let Err(e) = crate::template::check(&f.params) {
+        problems.push(format!("{place}: params: {e}"));
+    }
+    Fallback {
+        agent: f.agent.clone().unwrap_or_default(),
+        action: f.action.clone().unwrap_or_default(),
+        params: f.params.clone(),
+        template_steps: crate::template::has_templates(&f.params).then(Vec::new),
+        retry,
+        timeout: f.timeout.or(step.timeout).map(|t| t.0),
     }
 }
 
@@ -493,9 +622,15 @@ fn check_condition_references(
     problems: &mut Vec<String>,
 ) {
     for (i, node) in nodes.iter().enumerate() {
-        if node.template_steps.is_some() {
+        let fallback = node
+            .fallback
+            .as_ref()
+            .filter(|f| f.template_steps.is_some())
+            .map(|f| &f.params);
+        let templated = node.template_steps.is_some().then_some(&node.params);
+        for params in [templated, fallback].into_iter().flatten() {
             let ancestors = ancestors(nodes, i);
-            for id in crate::template::check(&node.params).unwrap_or_default() {
+            for id in crate::template::check(params).unwrap_or_default() {
                 let known = index.get(&id).is_some_and(|j| ancestors.contains(j));
                 if !known {
                     problems.push(format!(

@@ -31,6 +31,9 @@ pub enum StepStatus {
     UpstreamFailed,
     /// Stopped by an operator's cancel of the run.
     Cancelled,
+    /// Its retries and fallback failed and it escalated (strike 3): it waits for an operator to
+    /// retry, skip or complete it; its dependents wait with it.
+    NeedsAttention,
 }
 
 impl StepStatus {
@@ -56,11 +59,13 @@ impl StepStatus {
             Self::Skipped => "skipped",
             Self::UpstreamFailed => "upstream_failed",
             Self::Cancelled => "cancelled",
+            Self::NeedsAttention => "needs_attention",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
+            "needs_attention" => Self::NeedsAttention,
             "pending" => Self::Pending,
             "running" => Self::Running,
             "waiting" => Self::Waiting,
@@ -86,17 +91,20 @@ pub enum RunStatus {
     Failure,
     /// An operator cancelled the run.
     Cancelled,
+    /// A step escalated and waits for an operator; the steps that do not depend on it go on.
+    NeedsAttention,
 }
 
 impl RunStatus {
     /// Every status a run can have.
-    pub const ALL: [RunStatus; 6] = [
+    pub const ALL: [RunStatus; 7] = [
         Self::Running,
         Self::Paused,
         Self::Failing,
         Self::Success,
         Self::Failure,
         Self::Cancelled,
+        Self::NeedsAttention,
     ];
 
     pub fn is_terminal(self) -> bool {
@@ -111,11 +119,13 @@ impl RunStatus {
             Self::Success => "success",
             Self::Failure => "failure",
             Self::Cancelled => "cancelled",
+            Self::NeedsAttention => "needs_attention",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
+            "needs_attention" => Self::NeedsAttention,
             "running" => Self::Running,
             "paused" => Self::Paused,
             "failing" => Self::Failing,
@@ -124,6 +134,42 @@ impl RunStatus {
             "cancelled" => Self::Cancelled,
             _ => return None,
         })
+    }
+}
+
+/// How far a step went through its three strikes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Strike {
+    /// Strike 1: the step's own attempts and retries.
+    #[default]
+    Retries,
+    /// Strike 2: the step's retries are exhausted; its `fallback:` runs.
+    Fallback,
+    /// Strike 3: the fallback failed too (or there was none); the step escalated.
+    Escalated,
+}
+
+impl Strike {
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Retries => 1,
+            Self::Fallback => 2,
+            Self::Escalated => 3,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        Some(match n {
+            1 => Self::Retries,
+            2 => Self::Fallback,
+            3 => Self::Escalated,
+            _ => return None,
+        })
+    }
+
+    /// Whether attempts now call the step's fallback.
+    pub fn is_fallback(self) -> bool {
+        self != Self::Retries
     }
 }
 
@@ -139,13 +185,30 @@ pub struct StepState {
     pub wake_at: Option<DateTime<Utc>>,
     /// When the running attempt times out, if the step has a timeout.
     pub deadline: Option<DateTime<Utc>>,
-    /// Attempts lost to the infrastructure (see [`Outcome::Lost`]).
+    /// Attempts of the current strike lost to the infrastructure (see [`Outcome::Lost`]).
     pub lost: u32,
+    pub strike: Strike,
+    /// The attempts made before the current strike (or an operator's retry) began; the retry
+    /// budget counts from there.
+    pub strike_base: u32,
     pub started_at: Option<DateTime<Utc>>,
     pub ended_at: Option<DateTime<Utc>>,
     pub output: Option<Value>,
     /// The last failure's message, or why the step was skipped.
     pub error: Option<String>,
+}
+
+impl StepState {
+    /// The strike attempt `attempt` of this step belonged to: those after `strike_base` are the
+    /// current strike's (an escalated step's were its fallback's, if it has one).
+    pub fn strike_of(&self, node: &crate::plan::Node, attempt: u32) -> Strike {
+        match self.strike {
+            _ if attempt <= self.strike_base => Strike::Retries,
+            Strike::Escalated if node.fallback.is_none() => Strike::Retries,
+            Strike::Escalated => Strike::Fallback,
+            current => current,
+        }
+    }
 }
 
 /// The state of one run. `unfinished_*` and `failed_main` are derived from `steps` (see
@@ -162,6 +225,8 @@ pub struct RunState {
     unfinished_main: usize,
     unfinished_handlers: usize,
     failed_main: usize,
+    /// Steps in [`StepStatus::NeedsAttention`].
+    attention: usize,
 }
 
 /// Something that happened to a run.
@@ -246,6 +311,9 @@ pub enum Effect {
     },
     /// An operator's request that the run's state does not allow; nothing changed.
     Refused(String),
+    /// A step moved on to strike 2 (its fallback runs) or 3 (it escalated: notify its
+    /// `escalate` channel, once).
+    Strike { step: usize, strike: Strike },
     /// A running attempt was cancelled; its worker may be told to stop.
     Cancelled {
         step: usize,
@@ -305,6 +373,7 @@ impl RunState {
             unfinished_main: 0,
             unfinished_handlers: 0,
             failed_main: 0,
+            attention: 0,
         };
         for (node, step) in plan.nodes.iter().zip(&run.steps) {
             match (node.role, step.status.is_terminal()) {
@@ -314,6 +383,9 @@ impl RunState {
             }
             if node.role == Role::Main && step.status.blocks_dependents() {
                 run.failed_main += 1;
+            }
+            if step.status == StepStatus::NeedsAttention {
+                run.attention += 1;
             }
         }
         run
@@ -389,12 +461,15 @@ impl RunState {
                         self.finish(plan, step, StepStatus::Success, now, &mut t);
                     }
                     Outcome::Failure { message, retryable } => {
-                        let policy = &plan.nodes[step].retry;
+                        let s = &self.steps[step];
+                        let policy = plan.nodes[step].retry_policy(s.strike.is_fallback());
+                        // The budget counts the attempts of this strike; attempts lost to the
+                        // infrastructure do not use it up.
+                        let made = attempt.saturating_sub(s.strike_base);
+                        let used = made.saturating_sub(s.lost);
                         self.steps[step].error = Some(message);
-                        // Attempts lost to the infrastructure do not use up the retry budget.
-                        let used = attempt.saturating_sub(self.steps[step].lost);
                         if retryable && policy.allows_retry_after(used) {
-                            let delay = policy.delay_after(attempt, jitter_unit(task_id));
+                            let delay = policy.delay_after(made, jitter_unit(task_id));
                             let due = now
                                 + chrono::Duration::from_std(delay)
                                     .unwrap_or(chrono::Duration::MAX);
@@ -410,7 +485,7 @@ impl RunState {
                                 t.touch(step);
                             }
                         } else {
-                            self.finish(plan, step, StepStatus::Failure, now, &mut t);
+                            self.strike_out(plan, step, now, &mut t);
                         }
                     }
                     Outcome::Lost { message } => {
@@ -430,7 +505,7 @@ impl RunState {
                             s.error = Some(format!(
                                 "{message} (an earlier attempt of this step was lost too)"
                             ));
-                            self.finish(plan, step, StepStatus::Failure, now, &mut t);
+                            self.strike_out(plan, step, now, &mut t);
                         }
                     }
                 }
@@ -457,6 +532,34 @@ impl RunState {
                 }
             }
             Event::Retry { step } => {
+                let waiting: Vec<usize> = match step {
+                    Some(i) => self
+                        .steps
+                        .get(i)
+                        .filter(|s| s.status == StepStatus::NeedsAttention)
+                        .map(|_| i)
+                        .into_iter()
+                        .collect(),
+                    None => (0..self.steps.len())
+                        .filter(|&i| self.steps[i].status == StepStatus::NeedsAttention)
+                        .collect(),
+                };
+                if !waiting.is_empty() {
+                    for i in waiting {
+                        self.attention -= 1;
+                        self.restart(i);
+                        if self.status == RunStatus::Paused {
+                            let s = &mut self.steps[i];
+                            s.status = StepStatus::Waiting;
+                            s.wake_at = None;
+                            t.touch(i);
+                        } else {
+                            self.dispatch(plan, i, now, &mut t);
+                        }
+                    }
+                    self.settle_run(plan, now, &mut t);
+                    return t;
+                }
                 let failed: Vec<usize> = match step {
                     Some(i) => self
                         .steps
@@ -474,12 +577,13 @@ impl RunState {
                 };
                 if self.status != RunStatus::Failure || failed.is_empty() {
                     t.effects.push(Effect::Refused(
-                        "only a failed step of a failed run can be retried".into(),
+                        "only a step that needs attention, or a failed step of a failed run, can be retried".into(),
                     ));
                     return t;
                 }
                 self.reopen(plan, &failed, &mut t);
                 for i in failed {
+                    self.restart(i);
                     self.dispatch(plan, i, now, &mut t);
                 }
             }
@@ -517,7 +621,7 @@ impl RunState {
                 return t;
             }
             Event::Pause => {
-                if self.status != RunStatus::Running {
+                if !matches!(self.status, RunStatus::Running | RunStatus::NeedsAttention) {
                     t.effects.push(Effect::Refused(format!(
                         "only a running run can be paused; this one is {}",
                         self.status.as_str()
@@ -536,7 +640,11 @@ impl RunState {
                     )));
                     return t;
                 }
-                self.status = RunStatus::Running;
+                self.status = if self.attention > 0 {
+                    RunStatus::NeedsAttention
+                } else {
+                    RunStatus::Running
+                };
                 t.run_changed = true;
                 for i in 0..self.steps.len() {
                     match self.steps[i].status {
@@ -636,9 +744,66 @@ impl RunState {
         t.run_changed = true;
     }
 
-    fn dispatch(&mut self, plan: &Plan, step: usize, now: DateTime<Utc>, t: &mut Transition) {
-        let plan_timeout = plan.nodes[step].timeout;
+    /// A step whose attempts of the current strike are used up moves to the next strike: its
+    /// fallback runs (strike 2), else it escalates when it has a channel to (strike 3), else it
+    /// fails. Its `error` already says why the last attempt failed.
+    fn strike_out(&mut self, plan: &Plan, step: usize, now: DateTime<Utc>, t: &mut Transition) {
+        let node = &plan.nodes[step];
+        if self.steps[step].strike == Strike::Retries && node.fallback.is_some() {
+            let s = &mut self.steps[step];
+            s.strike = Strike::Fallback;
+            s.strike_base = s.attempt;
+            s.lost = 0;
+            t.effects.push(Effect::Strike {
+                step,
+                strike: Strike::Fallback,
+            });
+            match self.task_params(plan, step) {
+                Ok(_) if self.status == RunStatus::Paused => {
+                    let s = &mut self.steps[step];
+                    s.status = StepStatus::Waiting;
+                    s.deadline = None;
+                    s.wake_at = None;
+                    t.touch(step);
+                    return;
+                }
+                Ok(_) => return self.dispatch(plan, step, now, t),
+                Err(e) => self.steps[step].error = Some(format!("fallback params: {e}")),
+            }
+        }
+        if node.escalate.is_some() {
+            let s = &mut self.steps[step];
+            s.strike = Strike::Escalated;
+            s.status = StepStatus::NeedsAttention;
+            s.deadline = None;
+            s.wake_at = None;
+            t.touch(step);
+            self.attention += 1;
+            if self.status == RunStatus::Running {
+                self.status = RunStatus::NeedsAttention;
+                t.run_changed = true;
+            }
+            t.effects.push(Effect::Strike {
+                step,
+                strike: Strike::Escalated,
+            });
+        } else {
+            self.finish(plan, step, StepStatus::Failure, now, t);
+        }
+    }
+
+    /// An operator's retry starts a step over at strike 1, with its whole retry budget.
+    fn restart(&mut self, step: usize) {
         let s = &mut self.steps[step];
+        s.strike = Strike::Retries;
+        s.strike_base = s.attempt;
+        s.lost = 0;
+        s.ended_at = None;
+    }
+
+    fn dispatch(&mut self, plan: &Plan, step: usize, now: DateTime<Utc>, t: &mut Transition) {
+        let s = &mut self.steps[step];
+        let plan_timeout = plan.nodes[step].attempt_timeout(s.strike.is_fallback());
         s.attempt += 1;
         s.status = StepStatus::Running;
         let task_id = Uuid::new_v4();
@@ -670,6 +835,9 @@ impl RunState {
             let s = &mut self.steps[i];
             if s.status.is_terminal() {
                 continue;
+            }
+            if s.status == StepStatus::NeedsAttention {
+                self.attention -= 1;
             }
             s.status = status;
             s.wake_at = None;
@@ -784,9 +952,9 @@ impl RunState {
 
     /// The params a step's task carries: its own, with `${{ … }}` templates rendered.
     pub fn task_params(&self, plan: &Plan, step: usize) -> Result<Map<String, Value>, String> {
-        let node = &plan.nodes[step];
-        let Some(reads) = &node.template_steps else {
-            return Ok(node.params.clone());
+        let (params, reads) = plan.nodes[step].call_params(self.steps[step].strike.is_fallback());
+        let Some(reads) = reads else {
+            return Ok(params.clone());
         };
         let steps = reads
             .iter()
@@ -799,12 +967,16 @@ impl RunState {
                 (plan.nodes[i].id.clone(), value)
             })
             .collect();
-        crate::template::render(&node.params, &self.params, steps)
+        crate::template::render(params, &self.params, steps)
     }
 
     /// Moves the run on when its steps are done: to success, to its failure handlers, or to
     /// failure.
     fn settle_run(&mut self, plan: &Plan, now: DateTime<Utc>, t: &mut Transition) {
+        if self.status == RunStatus::NeedsAttention && self.attention == 0 {
+            self.status = RunStatus::Running;
+            t.run_changed = true;
+        }
         if self.status == RunStatus::Running && self.unfinished_main == 0 {
             if self.failed_main == 0 {
                 // Failure handlers of a successful run never run.

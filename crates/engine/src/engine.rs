@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flotilla_broker::Delivery;
+use flotilla_core::plan::{ESCALATION_SUFFIX, NOTIFY_ACTION, NOTIFY_AGENT};
 use flotilla_core::scheduler::Transition;
-use flotilla_core::{Definition, Effect, Event, Outcome, Plan, RunState, RunStatus};
+use flotilla_core::{Definition, Effect, Event, Outcome, Plan, RunState, RunStatus, Strike};
 use flotilla_proto::{PROTOCOL_VERSION, QueueNames, ResultStatus, Task, TaskResult};
 use flotilla_store::dead_letters::{self, DeadLetter};
 use flotilla_store::definitions::Content;
@@ -17,7 +18,7 @@ use flotilla_store::engine::{
 use flotilla_store::queries::{self, RunEvent};
 use flotilla_store::{Store, idempotency};
 use flotilla_telemetry::metrics::CoordinatorMetrics;
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -485,6 +486,7 @@ impl Engine {
             changes: BTreeMap::new(),
             wakes: Vec::new(),
             observed: Vec::new(),
+            events: Vec::new(),
         };
         let mut submitted = HashMap::new();
         let mut redriven = HashMap::new();
@@ -532,6 +534,10 @@ impl Engine {
                     ));
                 }
                 Input::Result { result, .. } => {
+                    if let Some(step_id) = result.step_id.strip_suffix(ESCALATION_SUFFIX) {
+                        pending.events.push(notified(result, step_id, now));
+                        continue;
+                    }
                     let event = |step| Event::AttemptFinished {
                         step,
                         attempt: result.attempt,
@@ -592,7 +598,10 @@ impl Engine {
                                     .plan
                                     .nodes
                                     .get(step)
-                                    .and_then(|n| n.timeout)
+                                    .zip(cached.state.steps.get(step))
+                                    .and_then(|(n, s)| {
+                                        n.attempt_timeout(s.strike_of(n, attempt).is_fallback())
+                                    })
                                     .unwrap_or_default();
                                 let message = format!(
                                     "timed out: the attempt ran past its timeout of {limit:?}"
@@ -696,8 +705,10 @@ impl Engine {
             changes,
             wakes: wakes_due,
             observed,
+            events: engine_events,
             ..
         } = pending;
+        events.extend(engine_events);
 
         for (run_id, steps) in &changes {
             let cached = &self.runs[run_id];
@@ -888,6 +899,8 @@ struct Pending<'a> {
     wakes: Vec<DateTime<Utc>>,
     /// What the metrics count once the batch has committed.
     observed: Vec<Observation>,
+    /// What the engine itself did that goes into runs' histories (strikes, notifications).
+    events: Vec<RunEvent>,
 }
 
 /// Something a batch did that the metrics count; counted only once the batch has committed,
@@ -976,12 +989,16 @@ impl Pending<'_> {
                     task_id,
                 } => {
                     let node = &plan.nodes[*step];
+                    let strike = state.steps[*step].strike_of(node, *attempt);
+                    let (agent, action) = node.target(strike.is_fallback());
                     self.batch.attempts_started.push(AttemptStart {
                         run_id: state.id,
                         idx: *step as i32,
                         attempt: *attempt as i32,
                         task_id: *task_id,
                         dispatched_at: self.now,
+                        strike,
+                        agent: agent.to_string(),
                     });
                     let task = Task {
                         v: PROTOCOL_VERSION,
@@ -989,8 +1006,8 @@ impl Pending<'_> {
                         run_id: state.id,
                         step_id: node.id.clone(),
                         attempt: *attempt,
-                        agent: node.agent.clone(),
-                        action: node.action.clone(),
+                        agent: agent.to_string(),
+                        action: action.to_string(),
                         idempotency_key: format!("{}:{}", state.id, node.id),
                         // The scheduler rendered these before it dispatched; they render the
                         // same now, as nothing they read can change in between.
@@ -1004,7 +1021,7 @@ impl Pending<'_> {
                     };
                     self.batch.outbox.push(OutboxRow {
                         id: *task_id,
-                        routing_key: self.names.agent(&node.agent),
+                        routing_key: self.names.agent(agent),
                         kind: "task".into(),
                         correlation_id: Some(task_id.to_string()),
                         reply_to: Some(self.names.results()),
@@ -1013,7 +1030,7 @@ impl Pending<'_> {
                     });
                     tracing::debug!(run_id = %state.id, step_id = %node.id, attempt, "dispatch");
                     self.observed.push(Observation::Dispatched {
-                        agent: node.agent.clone(),
+                        agent: agent.to_string(),
                         attempt: *attempt,
                         task_id: *task_id,
                         at: self.now,
@@ -1021,7 +1038,7 @@ impl Pending<'_> {
                 }
                 Effect::AttemptEnded {
                     step,
-                    attempt: _,
+                    attempt,
                     task_id,
                     success,
                     error,
@@ -1037,8 +1054,10 @@ impl Pending<'_> {
                         worker: worker.clone(),
                         error: error.clone(),
                     });
+                    let node = &plan.nodes[*step];
+                    let strike = state.steps[*step].strike_of(node, *attempt);
                     self.observed.push(Observation::AttemptEnded {
-                        agent: plan.nodes[*step].agent.clone(),
+                        agent: node.target(strike.is_fallback()).0.to_string(),
                         task_id: *task_id,
                         success: *success,
                         // The engine ends attempts itself with no worker named.
@@ -1053,6 +1072,7 @@ impl Pending<'_> {
                     tracing::info!(run_id = %state.id, step_id = %plan.nodes.get(*step).map_or("?", |n| n.id.as_str()), attempt, reason, "stale result ignored");
                     self.observed.push(Observation::Stale);
                 }
+                Effect::Strike { step, strike } => self.strike(plan, state, *step, *strike),
                 Effect::Refused(reason) => {
                     tracing::info!(run_id = %state.id, reason = %reason, "operator request refused");
                 }
@@ -1074,6 +1094,99 @@ impl Pending<'_> {
                 }
             }
         }
+    }
+}
+
+impl Pending<'_> {
+    /// Records a step's move to its fallback or its escalation in the run's history; an
+    /// escalation also queues its notification, in the outbox like every message.
+    fn strike(&mut self, plan: &Plan, state: &RunState, step: usize, strike: Strike) {
+        let node = &plan.nodes[step];
+        let s = &state.steps[step];
+        let (action, detail) = match strike {
+            Strike::Fallback => {
+                let (agent, action) = node.target(true);
+                tracing::info!(run_id = %state.id, step_id = %node.id, agent, action, "retries exhausted; the fallback runs");
+                (
+                    "fallback",
+                    json!({"strike": 2, "agent": agent, "action": action, "error": s.error}),
+                )
+            }
+            _ => {
+                let channel = node.escalate.clone().unwrap_or_default();
+                tracing::warn!(run_id = %state.id, step_id = %node.id, channel = %channel, "step escalated; it waits for an operator");
+                let message = format!(
+                    "Flotilla run {} ({}): step `{}` needs attention after {} attempts: {}",
+                    state.id,
+                    plan.name,
+                    node.id,
+                    s.attempt,
+                    s.error.as_deref().unwrap_or("it failed")
+                );
+                let mut params = Map::new();
+                params.insert("channel".into(), json!(channel));
+                params.insert("message".into(), json!(message));
+                params.insert("step".into(), json!(node.id));
+                let task_id = Uuid::new_v4();
+                let task = Task {
+                    v: PROTOCOL_VERSION,
+                    task_id,
+                    run_id: state.id,
+                    step_id: format!("{}{ESCALATION_SUFFIX}", node.id),
+                    attempt: s.attempt.max(1),
+                    agent: NOTIFY_AGENT.to_string(),
+                    action: NOTIFY_ACTION.to_string(),
+                    idempotency_key: format!("{}:{}:escalation:{}", state.id, node.id, s.attempt),
+                    params,
+                    run_params: state.params.clone(),
+                    inputs: Map::new(),
+                    dispatched_at: self.now,
+                };
+                self.batch.outbox.push(OutboxRow {
+                    id: task_id,
+                    routing_key: self.names.agent(NOTIFY_AGENT),
+                    kind: "task".into(),
+                    correlation_id: Some(task_id.to_string()),
+                    reply_to: Some(self.names.results()),
+                    body: serde_json::to_vec(&task).expect("a task always serialises"),
+                    created_at: self.now,
+                });
+                (
+                    "escalate",
+                    json!({"strike": 3, "channel": channel, "error": s.error}),
+                )
+            }
+        };
+        self.events.push(RunEvent {
+            run_id: state.id,
+            at: self.now,
+            actor: ENGINE_ACTOR.into(),
+            action: action.into(),
+            step_id: Some(node.id.clone()),
+            detail: Some(detail),
+        });
+    }
+}
+
+/// Who the engine's own entries in a run's history name.
+const ENGINE_ACTOR: &str = "flotilla";
+
+/// The history entry for the result of an escalation's notification.
+fn notified(result: &TaskResult, step_id: &str, now: DateTime<Utc>) -> RunEvent {
+    let (action, detail) = match result.status {
+        ResultStatus::Success => ("notified", result.output.clone()),
+        ResultStatus::Failure => (
+            "notify_failed",
+            result.error.as_ref().map(|e| json!({"error": e.message})),
+        ),
+    };
+    RunEvent {
+        run_id: result.run_id,
+        at: now,
+        actor: ENGINE_ACTOR.into(),
+        action: action.into(),
+        step_id: Some(step_id.to_string()),
+        detail,
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
-use flotilla_core::{RunStatus, StepState, StepStatus};
+use flotilla_core::{RunStatus, StepState, StepStatus, Strike};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -50,7 +50,7 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
     let steps_stmt = client
         .prepare_cached(
             "SELECT run_id, status, attempt, task_id, wake_at, started_at, ended_at, output, error,
-                    deadline, lost
+                    deadline, lost, strike, strike_base
              FROM steps WHERE run_id = ANY($1) ORDER BY run_id, idx",
         )
         .await?;
@@ -86,6 +86,7 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
         let run_id: Uuid = r.get(0);
         let status: String = r.get(1);
         let attempt: i32 = r.get(2);
+        let strike: i16 = r.get(11);
         let step = StepState {
             status: StepStatus::parse(&status).ok_or_else(|| {
                 Error::Corrupt(format!("a step of run {run_id} has status `{status}`"))
@@ -99,6 +100,13 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
             error: r.get(8),
             deadline: r.get(9),
             lost: u32::try_from(r.get::<_, i32>(10)).unwrap_or_default(),
+            strike: u8::try_from(strike)
+                .ok()
+                .and_then(Strike::from_number)
+                .ok_or_else(|| {
+                    Error::Corrupt(format!("a step of run {run_id} has strike {strike}"))
+                })?,
+            strike_base: u32::try_from(r.get::<_, i32>(12)).unwrap_or_default(),
         };
         if let Some(run) = runs.get_mut(&run_id) {
             run.steps.push(step);
@@ -167,6 +175,9 @@ pub struct AttemptStart {
     pub attempt: i32,
     pub task_id: Uuid,
     pub dispatched_at: DateTime<Utc>,
+    pub strike: Strike,
+    /// The agent the attempt calls: the step's, or its fallback's.
+    pub agent: String,
 }
 
 /// An attempt that ended.
@@ -235,6 +246,8 @@ struct StepColumns {
     error: Vec<Option<String>>,
     deadline: Vec<Option<DateTime<Utc>>>,
     lost: Vec<i32>,
+    strike: Vec<i16>,
+    strike_base: Vec<i32>,
 }
 
 impl StepColumns {
@@ -253,6 +266,9 @@ impl StepColumns {
         self.error.push(s.error.clone());
         self.deadline.push(s.deadline);
         self.lost.push(i32::try_from(s.lost).unwrap_or(i32::MAX));
+        self.strike.push(i16::from(s.strike.number()));
+        self.strike_base
+            .push(i32::try_from(s.strike_base).unwrap_or(i32::MAX));
     }
 }
 
@@ -312,11 +328,12 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO steps (run_id, idx, step_id, agent, action, status, attempt, task_id,
-                                    wake_at, started_at, ended_at, output, error, deadline, lost)
+                                    wake_at, started_at, ended_at, output, error, deadline, lost,
+                                    strike, strike_base)
                  SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
                                       $6::text[], $7::int4[], $8::uuid[], $9::timestamptz[],
                                       $10::timestamptz[], $11::timestamptz[], $12::jsonb[], $13::text[],
-                                      $14::timestamptz[], $15::int4[])",
+                                      $14::timestamptz[], $15::int4[], $16::int2[], $17::int4[])",
             )
             .await?;
         tx.execute(
@@ -337,6 +354,8 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                 &cols.error,
                 &cols.deadline,
                 &cols.lost,
+                &cols.strike,
+                &cols.strike_base,
             ],
         )
         .await?;
@@ -351,14 +370,15 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                 "UPDATE steps s SET status = u.status, attempt = u.attempt, task_id = u.task_id,
                         wake_at = u.wake_at, started_at = u.started_at, ended_at = u.ended_at,
                         output = u.output, error = u.error, deadline = u.deadline, lost = u.lost,
+                        strike = u.strike, strike_base = u.strike_base,
                         -- A lease belongs to one running attempt; it ends with it.
                         lease_until = CASE WHEN u.status = 'running' AND s.task_id = u.task_id
                                            THEN s.lease_until END
                  FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::int4[], $5::uuid[],
                              $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::jsonb[],
-                             $10::text[], $11::timestamptz[], $12::int4[])
+                             $10::text[], $11::timestamptz[], $12::int4[], $13::int2[], $14::int4[])
                       AS u(run_id, idx, status, attempt, task_id, wake_at, started_at, ended_at,
-                           output, error, deadline, lost)
+                           output, error, deadline, lost, strike, strike_base)
                  WHERE s.run_id = u.run_id AND s.idx = u.idx",
             )
             .await?;
@@ -377,6 +397,8 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                 &cols.error,
                 &cols.deadline,
                 &cols.lost,
+                &cols.strike,
+                &cols.strike_base,
             ],
         )
         .await?;
@@ -406,16 +428,23 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
         let attempt: Vec<i32> = a.iter().map(|x| x.attempt).collect();
         let task_ids: Vec<Uuid> = a.iter().map(|x| x.task_id).collect();
         let at: Vec<DateTime<Utc>> = a.iter().map(|x| x.dispatched_at).collect();
+        let strikes: Vec<i16> = a.iter().map(|x| i16::from(x.strike.number())).collect();
+        let agents: Vec<&str> = a.iter().map(|x| x.agent.as_str()).collect();
         let stmt = tx
             .prepare_cached(
-                "INSERT INTO attempts (run_id, idx, attempt, task_id, status, dispatched_at)
-                 SELECT run_id, idx, attempt, task_id, 'dispatched', at
-                 FROM unnest($1::uuid[], $2::int4[], $3::int4[], $4::uuid[], $5::timestamptz[])
-                      AS u(run_id, idx, attempt, task_id, at)",
+                "INSERT INTO attempts (run_id, idx, attempt, task_id, status, dispatched_at,
+                                       strike, agent)
+                 SELECT run_id, idx, attempt, task_id, 'dispatched', at, strike, agent
+                 FROM unnest($1::uuid[], $2::int4[], $3::int4[], $4::uuid[], $5::timestamptz[],
+                             $6::int2[], $7::text[])
+                      AS u(run_id, idx, attempt, task_id, at, strike, agent)",
             )
             .await?;
-        tx.execute(&stmt, &[&run_ids, &idx, &attempt, &task_ids, &at])
-            .await?;
+        tx.execute(
+            &stmt,
+            &[&run_ids, &idx, &attempt, &task_ids, &at, &strikes, &agents],
+        )
+        .await?;
     }
     if !batch.attempts_ended.is_empty() {
         let a = &batch.attempts_ended;

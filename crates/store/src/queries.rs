@@ -31,6 +31,8 @@ pub struct StepRecord {
     pub ended_at: Option<DateTime<Utc>>,
     pub output: Option<Value>,
     pub error: Option<String>,
+    /// The strike the step reached: 1 its retries, 2 its fallback, 3 escalated.
+    pub strike: i16,
 }
 
 fn run_record(r: &tokio_postgres::Row) -> RunRecord {
@@ -59,7 +61,8 @@ pub async fn run(
     };
     let steps_stmt = client
         .prepare_cached(
-            "SELECT step_id, agent, action, status, attempt, wake_at, started_at, ended_at, output, error
+            "SELECT step_id, agent, action, status, attempt, wake_at, started_at, ended_at, output, error,
+                    strike
              FROM steps WHERE run_id = $1 ORDER BY idx",
         )
         .await?;
@@ -78,6 +81,7 @@ pub async fn run(
             ended_at: r.get(7),
             output: r.get(8),
             error: r.get(9),
+            strike: r.get(10),
         })
         .collect();
     Ok(Some((run_record(&run), steps)))

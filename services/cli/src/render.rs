@@ -40,6 +40,16 @@ pub fn progress(result: &WorkflowResult) -> Progress {
     if result.status == "paused" {
         message.insert_str(0, "paused: ");
     }
+    // So is a run waiting for a person to act on an escalated step.
+    let escalated: Vec<&str> = result
+        .steps
+        .iter()
+        .filter(|s| s.status == "needs_attention")
+        .map(|s| s.step_id.as_str())
+        .collect();
+    if !escalated.is_empty() {
+        message.insert_str(0, &format!("needs attention: {}; ", escalated.join(", ")));
+    }
     Progress {
         finished: (m.successful_steps + m.failed_steps + m.skipped_steps) as u64,
         total: m.total_steps as u64,
@@ -83,6 +93,19 @@ pub fn summary(result: &WorkflowResult) -> String {
         .iter()
         .map(|step| {
             let mut note = step.error.clone().unwrap_or_default();
+            // What the step's strikes did, beyond its own retries.
+            let strike = match step.strike {
+                2 => "strike 2: fallback",
+                3 => "strike 3: escalated",
+                _ => "",
+            };
+            if !strike.is_empty() {
+                note = if note.is_empty() {
+                    strike.to_string()
+                } else {
+                    format!("{strike}; {note}")
+                };
+            }
             if let Some(next) = step.next_attempt_at {
                 if !note.is_empty() {
                     note.push('\n');
@@ -350,6 +373,7 @@ mod tests {
             output: None,
             error: error.map(Into::into),
             next_attempt_at: None,
+            strike: 1,
         }
     }
 
@@ -405,6 +429,7 @@ deploy         skipped  0         upstream failed
         run.duration = None;
         run.steps = vec![StepResult {
             next_attempt_at: Some(at(30)),
+            strike: 1,
             ..step("fetch", "running", 1, Some("timeout"))
         }];
         assert_eq!(
@@ -684,6 +709,37 @@ TIME                     ACTOR               ACTION    STEP    DETAIL
         assert_eq!(
             events(&RunEventList { events: Vec::new() }),
             "no operator actions recorded for this run\n"
+        );
+    }
+
+    #[test]
+    fn a_run_waiting_for_a_person_names_the_step_and_its_strikes() {
+        let mut run = failed_run();
+        run.status = "needs_attention".into();
+        run.end_time = None;
+        run.duration = None;
+        run.steps = vec![
+            StepResult {
+                strike: 3,
+                ..step("build", "needs_attention", 3, Some("disk full"))
+            },
+            StepResult {
+                strike: 2,
+                ..step("fetch", "success", 2, None)
+            },
+        ];
+        let text = summary(&run);
+        assert!(
+            text.contains("build  needs_attention  3         strike 3: escalated; disk full"),
+            "{text}"
+        );
+        assert!(text.contains("strike 2: fallback\n"), "{text}");
+        assert!(
+            progress(&run)
+                .message
+                .starts_with("needs attention: build; "),
+            "{}",
+            progress(&run).message
         );
     }
 }

@@ -376,6 +376,7 @@ fn step(id: &str, status: &str, attempts: u32, error: Option<&str>) -> StepResul
         output: None,
         error: error.map(Into::into),
         next_attempt_at: None,
+        strike: 1,
     }
 }
 

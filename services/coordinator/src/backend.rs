@@ -86,6 +86,7 @@ fn workflow_result(run: RunRecord, steps: Vec<StepRecord>) -> WorkflowResult {
                 output: s.output,
                 error: s.error,
                 next_attempt_at: s.wake_at,
+                strike: u8::try_from(s.strike).unwrap_or(1),
             }
         })
         .collect();

@@ -49,7 +49,8 @@ pub async fn handle(http: reqwest::Client, ctx: TaskContext) -> Result<Value, Ha
         "text": text,
         "channel": channel,
         "workflowId": task.run_id,
-        "stepId": task.step_id,
+        // An escalation's notice names the step that escalated.
+        "stepId": ctx.params().get("step").and_then(Value::as_str).unwrap_or(&task.step_id),
         "params": task.run_params,
     });
     let response = http

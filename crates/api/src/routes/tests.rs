@@ -1092,6 +1092,7 @@ fn step(id: &str, status: &str) -> StepResult {
         output: None,
         error: None,
         next_attempt_at: None,
+        strike: 1,
     }
 }
 
@@ -1599,7 +1600,7 @@ async fn the_new_run_statuses_can_be_listed() {
     assert_eq!(
         error(body).error.message,
         "unknown status `stopped`: expected `running`, `paused`, `failing`, `success`, \
-         `failure` or `cancelled`"
+         `failure`, `cancelled` or `needs_attention`"
     );
 }
 

@@ -864,3 +864,251 @@ fn a_lost_attempt_does_not_use_up_the_retry_budget() {
     let t = run.apply(&plan, finished(&plan, "a", 2, task, fail(true)), at(2));
     assert_eq!(dispatched(&plan, &t)[0].1, 3);
 }
+
+const STRIKES: &str = "name: strikes
+steps:
+  - id: a
+    agent: main
+    action: build
+    retry: {max_attempts: 2, delay: 0}
+    fallback:
+      agent: spare
+      action: build_slowly
+      params: {from: \"${{ params.origin }}\"}
+      retry: {max_attempts: 1}
+    escalate: ops
+  - {id: b, agent: x, action: after_a, depends_on: [a]}
+  - {id: c, agent: x, action: independent, depends_on: []}
+";
+
+fn strikes_of(t: &Transition) -> Vec<(usize, Strike)> {
+    t.effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Strike { step, strike } => Some((*step, *strike)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn assert_restores(plan: &Plan, run: &RunState) {
+    let restored = RunState::restore(
+        run.id,
+        plan,
+        run.status,
+        run.params.clone(),
+        run.steps.clone(),
+        run.ended_at,
+    );
+    assert_eq!(&restored, run, "counters are consistent");
+}
+
+#[test]
+fn the_fallback_runs_after_the_retries_and_then_the_step_escalates_and_waits() {
+    let plan = plan(STRIKES);
+    let params = json!({"origin": "mirror"}).as_object().unwrap().clone();
+    let mut run = RunState::new(Uuid::new_v4(), &plan, params);
+    let first = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)));
+    let (a, c) = (first[0].2, first[1].2);
+    assert_eq!(
+        first.iter().map(|d| d.0.as_str()).collect::<Vec<_>>(),
+        ["a", "c"]
+    );
+
+    // Strike 1: the step's own attempts.
+    let t = run.apply(&plan, finished(&plan, "a", 1, a, fail(true)), at(1));
+    let (_, _, a2) = dispatched(&plan, &t)[0].clone();
+    assert!(strikes_of(&t).is_empty());
+    assert_eq!(run.steps[0].strike, Strike::Retries);
+
+    // Strike 2: its retries are exhausted, the fallback runs with its own params.
+    let t = run.apply(&plan, finished(&plan, "a", 2, a2, fail(true)), at(2));
+    assert_eq!(strikes_of(&t), [(0, Strike::Fallback)]);
+    let (_, attempt, a3) = dispatched(&plan, &t)[0].clone();
+    assert_eq!(attempt, 3);
+    assert_eq!(run.steps[0].strike, Strike::Fallback);
+    assert_eq!(plan.nodes[0].target(true), ("spare", "build_slowly"));
+    assert_eq!(
+        Value::Object(run.task_params(&plan, 0).unwrap()),
+        json!({"from": "mirror"})
+    );
+    assert_eq!(run.steps[0].strike_of(&plan.nodes[0], 2), Strike::Retries);
+    assert_eq!(run.steps[0].strike_of(&plan.nodes[0], 3), Strike::Fallback);
+
+    // Strike 3: the fallback's one attempt fails too; the step waits for a person.
+    let t = run.apply(&plan, finished(&plan, "a", 3, a3, fail(true)), at(3));
+    assert_eq!(strikes_of(&t), [(0, Strike::Escalated)]);
+    assert!(dispatched(&plan, &t).is_empty());
+    assert_eq!(run.steps[0].status, StepStatus::NeedsAttention);
+    assert_eq!(run.steps[0].error.as_deref(), Some("boom"));
+    assert_eq!(run.status, RunStatus::NeedsAttention);
+    assert_eq!(run.steps[1].status, StepStatus::Pending, "b waits for a");
+    assert_restores(&plan, &run);
+
+    // The independent branch goes on; the run still waits.
+    run.apply(
+        &plan,
+        finished(&plan, "c", 1, c, Outcome::Success(json!({}))),
+        at(4),
+    );
+    assert_eq!(run.steps[2].status, StepStatus::Success);
+    assert_eq!(
+        (run.status, run.ended_at),
+        (RunStatus::NeedsAttention, None)
+    );
+
+    // An operator completes the step: its dependents go on and the run can succeed.
+    let t = run.apply(
+        &plan,
+        Event::Settle {
+            step: 0,
+            output: Some(json!({"by": "hand"})),
+        },
+        at(5),
+    );
+    assert_eq!(run.status, RunStatus::Running);
+    let (id, _, b) = dispatched(&plan, &t)[0].clone();
+    assert_eq!(id, "b");
+    assert_eq!(run.steps[0].strike, Strike::Escalated, "history keeps it");
+    run.apply(
+        &plan,
+        finished(&plan, "b", 1, b, Outcome::Success(json!({}))),
+        at(6),
+    );
+    assert_eq!(run.status, RunStatus::Success);
+}
+
+#[test]
+fn a_successful_fallback_completes_the_step_and_a_failed_one_fails_it_without_escalate() {
+    let yaml = "name: fb\nsteps:\n  - {id: a, agent: m, action: x, retry: {max_attempts: 1}, fallback: {agent: s, action: y}}\n";
+    let plan = plan(yaml);
+    // No retry setting of its own: the fallback takes the step's (one attempt).
+    assert_eq!(
+        plan.nodes[0].fallback.as_ref().unwrap().retry.max_attempts,
+        1
+    );
+    for (outcome, step_status, run_status) in [
+        (
+            Outcome::Success(json!({"v": 1})),
+            StepStatus::Success,
+            RunStatus::Success,
+        ),
+        (fail(true), StepStatus::Failure, RunStatus::Failure),
+    ] {
+        let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+        let (_, _, t1) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+        let t = run.apply(&plan, finished(&plan, "a", 1, t1, fail(false)), at(1));
+        let (_, _, t2) = dispatched(&plan, &t)[0].clone();
+        let t = run.apply(&plan, finished(&plan, "a", 2, t2, outcome), at(2));
+        assert!(
+            strikes_of(&t).is_empty(),
+            "no escalation without `escalate`"
+        );
+        assert_eq!((run.steps[0].status, run.status), (step_status, run_status));
+        assert_eq!(run.steps[0].strike, Strike::Fallback);
+    }
+}
+
+#[test]
+fn without_a_fallback_an_exhausted_step_escalates_and_a_retry_starts_it_over() {
+    let yaml = "name: esc\nsteps:\n  - {id: a, agent: m, action: x, retry: {max_attempts: 2, delay: 0}, escalate: ops}\n";
+    let plan = plan(yaml);
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, t1) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    let t = run.apply(&plan, finished(&plan, "a", 1, t1, fail(true)), at(1));
+    let (_, _, t2) = dispatched(&plan, &t)[0].clone();
+    let t = run.apply(&plan, finished(&plan, "a", 2, t2, fail(true)), at(2));
+    assert_eq!(strikes_of(&t), [(0, Strike::Escalated)]);
+    assert_eq!(run.status, RunStatus::NeedsAttention);
+    assert_eq!(run.steps[0].strike_of(&plan.nodes[0], 2), Strike::Retries);
+
+    // Pausing and resuming keeps the run waiting for its person.
+    run.apply(&plan, Event::Pause, at(3));
+    assert_eq!(run.status, RunStatus::Paused);
+    run.apply(&plan, Event::Resume, at(4));
+    assert_eq!(run.status, RunStatus::NeedsAttention);
+
+    // A retry starts the step over with its whole budget: two more attempts before escalating.
+    let t = run.apply(&plan, Event::Retry { step: Some(0) }, at(5));
+    let (_, attempt, t3) = dispatched(&plan, &t)[0].clone();
+    assert_eq!(attempt, 3);
+    assert_eq!(run.status, RunStatus::Running);
+    assert_eq!(run.steps[0].strike, Strike::Retries);
+    let t = run.apply(&plan, finished(&plan, "a", 3, t3, fail(true)), at(6));
+    let (_, _, t4) = dispatched(&plan, &t)[0].clone();
+    run.apply(
+        &plan,
+        finished(&plan, "a", 4, t4, Outcome::Success(json!(1))),
+        at(7),
+    );
+    assert_eq!(run.status, RunStatus::Success);
+}
+
+#[test]
+fn strikes_are_validated_with_their_place() {
+    let err = |yaml: &str| {
+        Plan::compile(&Definition::from_yaml(yaml).unwrap())
+            .unwrap_err()
+            .problems
+            .join("\n")
+    };
+    let problems = err(
+        "name: v\nsteps:\n  - {id: a, agent: m, action: x, fallback: {action: y, params: {p: \"${{ steps.b.output }}\"}}, escalate: \"no way\"}\n  - {id: b, agent: m, action: x}\nerror_handling:\n  on_failure:\n    - {agent: m, action: z, escalate: ops}\n",
+    );
+    for expected in [
+        "steps[0] (`a`).fallback: missing `agent`",
+        "steps[0] (`a`): escalate channel `no way`",
+        "params read `steps.b`, which is not a step that finishes before this one",
+        "error_handling.on_failure[0]: `escalate` is not allowed in a failure handler",
+    ] {
+        assert!(problems.contains(expected), "{expected}\n in:\n{problems}");
+    }
+    assert!(
+        Definition::from_yaml(
+            "name: v\nsteps:\n  - {agent: m, action: x, fallback: {agent: s, action: y, depends_on: []}}\n"
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("unknown field `depends_on`")
+    );
+}
+
+proptest! {
+    /// Whatever the attempts of a step with a fallback and an escalation answer, it never
+    /// makes more attempts than its two budgets (plus one lost attempt per strike), it ends
+    /// succeeded or waiting for a person, and the run's status says so.
+    #[test]
+    fn strikes_keep_their_budgets(outcomes in proptest::collection::vec(0u8..4, 1..20)) {
+        let plan = plan(
+            "name: p\nsteps:\n  - {id: a, agent: m, action: x, retry: {max_attempts: 3, delay: 0}, fallback: {agent: s, action: y, retry: {max_attempts: 2}}, escalate: ops}\n",
+        );
+        let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+        let mut next = dispatched(&plan, &run.apply(&plan, Event::Start, at(0))).pop();
+        let mut by_strike: HashMap<Strike, u32> = HashMap::new();
+        let mut outcomes = outcomes.into_iter().cycle();
+        while let Some((_, attempt, task_id)) = next.take() {
+            let strike = run.steps[0].strike_of(&plan.nodes[0], attempt);
+            *by_strike.entry(strike).or_default() += 1;
+            let outcome = match outcomes.next().unwrap() {
+                0 => Outcome::Success(json!({})),
+                1 => fail(true),
+                2 => fail(false),
+                _ => Outcome::Lost { message: "gone".into() },
+            };
+            let t = run.apply(&plan, finished(&plan, "a", attempt, task_id, outcome), at(1));
+            assert_restores(&plan, &run);
+            next = dispatched(&plan, &t).pop();
+        }
+        prop_assert!(by_strike.get(&Strike::Retries).copied().unwrap_or(0) <= 3 + MAX_LOST_ATTEMPTS);
+        prop_assert!(by_strike.get(&Strike::Fallback).copied().unwrap_or(0) <= 2 + MAX_LOST_ATTEMPTS);
+        prop_assert!(!by_strike.contains_key(&Strike::Escalated));
+        match run.steps[0].status {
+            StepStatus::Success => prop_assert_eq!(run.status, RunStatus::Success),
+            StepStatus::NeedsAttention => {
+                prop_assert_eq!(run.status, RunStatus::NeedsAttention);
+                prop_assert_eq!(run.steps[0].strike, Strike::Escalated);
+            }
+            other => prop_assert!(false, "the step ended {other:?}"),
+        }
+    }
+}
