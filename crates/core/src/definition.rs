@@ -70,6 +70,13 @@ pub struct StepDef {
     /// the step's policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<UserDuration>,
+    /// A `${{ … }}` template giving a list: the step runs once per item, each instance reading
+    /// `${{ item }}` and `${{ index }}` in its params; its output is the list of their outputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_each: Option<String>,
+    /// At most this many instances of a `for_each` step run at once (default: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel: Option<usize>,
 }
 
 /// Retry settings as written; unset fields fall back to the workflow's default, then to

@@ -54,6 +54,18 @@ pub struct Node {
     pub role: Role,
     /// The step whose `parallel:` list holds this node.
     pub parent: Option<usize>,
+    /// Runs one instance per item of a list (see [`ForEach`]).
+    pub for_each: Option<ForEach>,
+}
+
+/// A `for_each:` fan-out: the list's template and how many instances may run at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForEach {
+    /// A `${{ … }}` template over `params` and `steps` that gives the list.
+    pub items: String,
+    /// The steps `items` reads.
+    pub reads: Vec<usize>,
+    pub max_parallel: usize,
 }
 
 /// A compiled, valid workflow.
@@ -203,11 +215,16 @@ impl Plan {
             check_condition_references(&drafts, &nodes, &index, &mut problems);
         }
 
+        let resolve = |ids: std::collections::BTreeSet<String>| -> Vec<usize> {
+            ids.iter().filter_map(|id| index.get(id).copied()).collect()
+        };
         for node in &mut nodes {
             if node.template_steps.is_some() {
-                let ids = crate::template::check(&node.params).unwrap_or_default();
-                node.template_steps =
-                    Some(ids.iter().filter_map(|id| index.get(id).copied()).collect());
+                let ids = crate::template::check(&node.params, node.for_each.is_some());
+                node.template_steps = Some(resolve(ids.unwrap_or_default()));
+            }
+            if let Some(f) = &mut node.for_each {
+                f.reads = resolve(for_each_reads(&f.items).unwrap_or_default());
             }
         }
         if problems.is_empty() {
@@ -333,6 +350,7 @@ fn branch<'d>(
         (!step.params.is_empty(), "params"),
         (!step.parallel.is_empty(), "parallel"),
         (step.retry.is_some(), "retry"),
+        (step.for_each.is_some(), "for_each"),
     ] {
         if set {
             problems.push(format!(
@@ -444,8 +462,9 @@ fn build_node(
         problems.push(format!("{} (`{id}`): {e}", d.place));
         RetryPolicy::default()
     });
+    let for_each = for_each(d, &id, problems);
     let template_steps = crate::template::has_templates(&params).then(Vec::new);
-    if let Err(e) = crate::template::check(&params) {
+    if let Err(e) = crate::template::check(&params, for_each.is_some()) {
         problems.push(format!("{} (`{id}`): params: {e}", d.place));
     }
     Node {
@@ -461,7 +480,41 @@ fn build_node(
         timeout: def.timeout.map(|t| t.0),
         role: d.role,
         parent: d.parent,
+        for_each,
     }
+}
+
+/// Validates a step's `for_each` and `max_parallel`.
+fn for_each(d: &Draft<'_>, id: &str, problems: &mut Vec<String>) -> Option<ForEach> {
+    let def = d.def;
+    let at = format!("{} (`{id}`)", d.place);
+    let Some(items) = &def.for_each else {
+        if def.max_parallel.is_some() {
+            problems.push(format!("{at}: `max_parallel` needs `for_each`"));
+        }
+        return None;
+    };
+    if def.notify.is_some() || d.role == Role::OnFailure {
+        problems.push(format!(
+            "{at}: `for_each` is only allowed on an agent step of the workflow"
+        ));
+    }
+    let trimmed = items.trim();
+    if !(trimmed.starts_with("${{") && trimmed.ends_with("}}")) {
+        problems.push(format!(
+            "{at}: for_each must be one `${{{{ … }}}}` template giving a list, like `${{{{ params.items }}}}`; got `{items}`"
+        ));
+    } else if let Err(e) = for_each_reads(items) {
+        problems.push(format!("{at}: for_each: {e}"));
+    }
+    if def.max_parallel == Some(0) {
+        problems.push(format!("{at}: `max_parallel` must be at least 1"));
+    }
+    Some(ForEach {
+        items: items.clone(),
+        reads: Vec::new(),
+        max_parallel: def.max_parallel.unwrap_or(usize::MAX),
+    })
 }
 
 fn index_ids(
@@ -493,13 +546,18 @@ fn check_condition_references(
     problems: &mut Vec<String>,
 ) {
     for (i, node) in nodes.iter().enumerate() {
-        if node.template_steps.is_some() {
+        if node.template_steps.is_some() || node.for_each.is_some() {
             let ancestors = ancestors(nodes, i);
-            for id in crate::template::check(&node.params).unwrap_or_default() {
+            for id in template_reads(node) {
                 let known = index.get(&id).is_some_and(|j| ancestors.contains(j));
                 if !known {
+                    let what = if node.for_each.is_some() {
+                        "params or for_each read"
+                    } else {
+                        "params read"
+                    };
                     problems.push(format!(
-                        "{} (`{}`): params read `steps.{id}`, which is not a step that finishes before this one",
+                        "{} (`{}`): {what} `steps.{id}`, which is not a step that finishes before this one",
                         drafts[i].place, node.id
                     ));
                 }
@@ -524,6 +582,22 @@ fn check_condition_references(
             }
         }
     }
+}
+
+/// The step ids a node's templates read: those of its params and of its `for_each` list.
+fn template_reads(node: &Node) -> std::collections::BTreeSet<String> {
+    let mut ids = crate::template::check(&node.params, node.for_each.is_some()).unwrap_or_default();
+    if let Some(f) = &node.for_each {
+        ids.extend(for_each_reads(&f.items).unwrap_or_default());
+    }
+    ids
+}
+
+/// Checks a `for_each` list's template and returns the step ids it reads.
+fn for_each_reads(items: &str) -> Result<std::collections::BTreeSet<String>, String> {
+    let mut wrapped = Map::new();
+    wrapped.insert("for_each".into(), Value::from(items));
+    crate::template::check(&wrapped, false)
 }
 
 /// Every node `i` transitively depends on.

@@ -6,6 +6,8 @@
 //! Fencing lives here: a result counts only for the current attempt of a running step, carrying
 //! that attempt's task id; anything else is reported as [`Effect::Stale`] and changes nothing.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -146,6 +148,36 @@ pub struct StepState {
     pub output: Option<Value>,
     /// The last failure's message, or why the step was skipped.
     pub error: Option<String>,
+    /// Set on the slot of one instance of a `for_each` step.
+    pub instance: Option<Instance>,
+}
+
+/// One instance of a `for_each` step: a slot of its own after the plan's nodes, so that its
+/// attempts are fenced, retried, timed out and leased exactly like a step's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    /// The plan node it is an instance of.
+    pub node: usize,
+    /// The position of its item in the list.
+    pub index: usize,
+    pub item: Value,
+}
+
+/// How many instances one `for_each` step may have, unless configured otherwise.
+pub const DEFAULT_MAX_INSTANCES: usize = 10_000;
+
+/// The instances of one expanded `for_each` node: slots `first..first + len`, started in order.
+/// Derived from the slots (see [`RunState::restore`]) and kept up to date, so that an instance's
+/// end costs O(1), not a scan of its siblings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct FanOut {
+    first: usize,
+    len: usize,
+    /// Instances started so far.
+    started: usize,
+    /// Started instances that have not ended.
+    active: usize,
+    succeeded: usize,
 }
 
 /// The state of one run. `unfinished_*` and `failed_main` are derived from `steps` (see
@@ -159,9 +191,13 @@ pub struct RunState {
     pub params: Map<String, Value>,
     pub steps: Vec<StepState>,
     pub ended_at: Option<DateTime<Utc>>,
+    /// The most instances a `for_each` step may expand to.
+    pub max_instances: usize,
     unfinished_main: usize,
     unfinished_handlers: usize,
     failed_main: usize,
+    /// By `for_each` node, once it has expanded.
+    fanouts: HashMap<usize, FanOut>,
 }
 
 /// Something that happened to a run.
@@ -302,9 +338,11 @@ impl RunState {
             params,
             steps,
             ended_at,
+            max_instances: DEFAULT_MAX_INSTANCES,
             unfinished_main: 0,
             unfinished_handlers: 0,
             failed_main: 0,
+            fanouts: HashMap::new(),
         };
         for (node, step) in plan.nodes.iter().zip(&run.steps) {
             match (node.role, step.status.is_terminal()) {
@@ -316,12 +354,58 @@ impl RunState {
                 run.failed_main += 1;
             }
         }
+        for (slot, step) in run.steps.iter().enumerate().skip(plan.nodes.len()) {
+            let Some(instance) = &step.instance else {
+                continue;
+            };
+            let f = run.fanouts.entry(instance.node).or_insert(FanOut {
+                first: slot,
+                len: 0,
+                started: 0,
+                active: 0,
+                succeeded: 0,
+            });
+            f.len += 1;
+            if step.status != StepStatus::Pending {
+                f.started += 1;
+            }
+            if !matches!(step.status, StepStatus::Pending) && !step.status.is_terminal() {
+                f.active += 1;
+            }
+            if step.status == StepStatus::Success {
+                f.succeeded += 1;
+            }
+        }
         run
+    }
+
+    /// The plan node a slot belongs to: itself, or the node an instance is of.
+    pub fn node_of(&self, slot: usize) -> usize {
+        self.steps[slot].instance.as_ref().map_or(slot, |i| i.node)
+    }
+
+    /// A slot's step id: the node's id, or `<id>[<index>]` for an instance.
+    pub fn slot_id(&self, plan: &Plan, slot: usize) -> String {
+        match &self.steps[slot].instance {
+            Some(i) => format!("{}[{}]", plan.nodes[i.node].id, i.index),
+            None => plan.nodes[slot].id.clone(),
+        }
+    }
+
+    /// The slot a step id names (see [`RunState::slot_id`]).
+    pub fn slot_of(&self, plan: &Plan, step_id: &str) -> Option<usize> {
+        if let Some(i) = plan.node_index(step_id) {
+            return Some(i);
+        }
+        let (id, rest) = step_id.strip_suffix(']')?.rsplit_once('[')?;
+        let index: usize = rest.parse().ok()?;
+        let f = self.fanouts.get(&plan.node_index(id)?)?;
+        (index < f.len).then_some(f.first + index)
     }
 
     /// Applies one event at time `now`.
     pub fn apply(&mut self, plan: &Plan, event: Event, now: DateTime<Utc>) -> Transition {
-        debug_assert_eq!(plan.nodes.len(), self.steps.len());
+        debug_assert!(plan.nodes.len() <= self.steps.len());
         let mut t = Transition::default();
         match event {
             Event::Start => {
@@ -386,10 +470,10 @@ impl RunState {
                         let s = &mut self.steps[step];
                         s.output = Some(output);
                         s.error = None;
-                        self.finish(plan, step, StepStatus::Success, now, &mut t);
+                        self.settle(plan, step, StepStatus::Success, now, &mut t);
                     }
                     Outcome::Failure { message, retryable } => {
-                        let policy = &plan.nodes[step].retry;
+                        let policy = &plan.nodes[self.node_of(step)].retry;
                         self.steps[step].error = Some(message);
                         // Attempts lost to the infrastructure do not use up the retry budget.
                         let used = attempt.saturating_sub(self.steps[step].lost);
@@ -410,7 +494,7 @@ impl RunState {
                                 t.touch(step);
                             }
                         } else {
-                            self.finish(plan, step, StepStatus::Failure, now, &mut t);
+                            self.settle(plan, step, StepStatus::Failure, now, &mut t);
                         }
                     }
                     Outcome::Lost { message } => {
@@ -430,7 +514,7 @@ impl RunState {
                             s.error = Some(format!(
                                 "{message} (an earlier attempt of this step was lost too)"
                             ));
-                            self.finish(plan, step, StepStatus::Failure, now, &mut t);
+                            self.settle(plan, step, StepStatus::Failure, now, &mut t);
                         }
                     }
                 }
@@ -458,14 +542,13 @@ impl RunState {
             }
             Event::Retry { step } => {
                 let failed: Vec<usize> = match step {
-                    Some(i) => self
-                        .steps
-                        .get(i)
-                        .filter(|s| s.status == StepStatus::Failure)
-                        .map(|_| i)
+                    // An instance of a `for_each` step is retried through its step.
+                    Some(i) => (i < self.steps.len())
+                        .then(|| self.node_of(i))
+                        .filter(|&n| self.steps[n].status == StepStatus::Failure)
                         .into_iter()
                         .collect(),
-                    None => (0..self.steps.len())
+                    None => (0..plan.nodes.len())
                         .filter(|&i| {
                             plan.nodes[i].role == Role::Main
                                 && self.steps[i].status == StepStatus::Failure
@@ -480,7 +563,14 @@ impl RunState {
                 }
                 self.reopen(plan, &failed, &mut t);
                 for i in failed {
-                    self.dispatch(plan, i, now, &mut t);
+                    if self.fanouts.contains_key(&i) {
+                        self.restart_instances(plan, i, now, &mut t);
+                    } else if plan.nodes[i].for_each.is_some() {
+                        // Its list could not be expanded: try again.
+                        self.start_if_ready(plan, i, now, &mut t);
+                    } else {
+                        self.dispatch(plan, i, now, &mut t);
+                    }
                 }
             }
             Event::Cancel => {
@@ -540,7 +630,9 @@ impl RunState {
                 t.run_changed = true;
                 for i in 0..self.steps.len() {
                     match self.steps[i].status {
-                        StepStatus::Pending if plan.nodes[i].role == Role::Main => {
+                        StepStatus::Pending
+                            if i < plan.nodes.len() && plan.nodes[i].role == Role::Main =>
+                        {
                             self.start_if_ready(plan, i, now, &mut t)
                         }
                         // A retry that came due while paused.
@@ -549,6 +641,11 @@ impl RunState {
                         }
                         _ => {}
                     }
+                }
+                let mut fanouts: Vec<usize> = self.fanouts.keys().copied().collect();
+                fanouts.sort_unstable();
+                for node in fanouts {
+                    self.start_instances(plan, node, now, &mut t);
                 }
             }
             Event::Settle { step, output } => {
@@ -590,7 +687,7 @@ impl RunState {
 
     /// The outputs of the steps `step` depends on, by step id: the `inputs` of its task.
     pub fn inputs_for(&self, plan: &Plan, step: usize) -> Map<String, Value> {
-        plan.nodes[step]
+        plan.nodes[self.node_of(step)]
             .deps
             .iter()
             .filter_map(|&d| {
@@ -637,7 +734,7 @@ impl RunState {
     }
 
     fn dispatch(&mut self, plan: &Plan, step: usize, now: DateTime<Utc>, t: &mut Transition) {
-        let plan_timeout = plan.nodes[step].timeout;
+        let plan_timeout = plan.nodes[self.node_of(step)].timeout;
         let s = &mut self.steps[step];
         s.attempt += 1;
         s.status = StepStatus::Running;
@@ -676,6 +773,9 @@ impl RunState {
             s.deadline = None;
             s.ended_at = Some(now);
             t.touch(i);
+            if self.fanouts.contains_key(&i) {
+                self.stop_instances(i, now, t);
+            }
             match plan.nodes[i].role {
                 Role::Main => {
                     self.unfinished_main -= 1;
@@ -689,6 +789,7 @@ impl RunState {
                 if let Some(next) = self.readiness(plan, d) {
                     match next {
                         Ready::Run => self.dispatch(plan, d, now, t),
+                        Ready::Expand(items) => self.expand(plan, d, items, now, t),
                         Ready::Settle(status, reason) => {
                             self.steps[d].error = Some(reason);
                             settled.push((d, status));
@@ -702,6 +803,7 @@ impl RunState {
     fn start_if_ready(&mut self, plan: &Plan, step: usize, now: DateTime<Utc>, t: &mut Transition) {
         match self.readiness(plan, step) {
             Some(Ready::Run) => self.dispatch(plan, step, now, t),
+            Some(Ready::Expand(items)) => self.expand(plan, step, items, now, t),
             Some(Ready::Settle(status, reason)) => {
                 self.steps[step].error = Some(reason);
                 self.finish(plan, step, status, now, t);
@@ -766,7 +868,7 @@ impl RunState {
     fn bare_name(&self, name: &str) -> Option<Value> {
         self.steps
             .iter()
-            .filter(|s| s.status == StepStatus::Success)
+            .filter(|s| s.status == StepStatus::Success && s.instance.is_none())
             .filter_map(|s| Some((s.ended_at, s.output.as_ref()?.as_object()?.get(name)?)))
             .max_by_key(|(ended, _)| *ended)
             .map(|(_, v)| v.clone())
@@ -776,20 +878,40 @@ impl RunState {
     /// A step whose dependencies and condition allow it to run runs, unless its params cannot
     /// be rendered.
     fn ready_to_run(&self, plan: &Plan, step: usize) -> Ready {
+        if plan.nodes[step].for_each.is_some() {
+            return match self.for_each_items(plan, step) {
+                Ok(items) => Ready::Expand(items),
+                Err(e) => Ready::Settle(StepStatus::Failure, e),
+            };
+        }
         match self.task_params(plan, step) {
             Ok(_) => Ready::Run,
             Err(e) => Ready::Settle(StepStatus::Failure, format!("params: {e}")),
         }
     }
 
-    /// The params a step's task carries: its own, with `${{ … }}` templates rendered.
-    pub fn task_params(&self, plan: &Plan, step: usize) -> Result<Map<String, Value>, String> {
-        let node = &plan.nodes[step];
-        let Some(reads) = &node.template_steps else {
+    /// The params a slot's task carries: its node's own, with `${{ … }}` templates rendered
+    /// (for an instance, with its `item` and `index`).
+    pub fn task_params(&self, plan: &Plan, slot: usize) -> Result<Map<String, Value>, String> {
+        let node = &plan.nodes[self.node_of(slot)];
+        if node.template_steps.is_none() {
             return Ok(node.params.clone());
-        };
-        let steps = reads
-            .iter()
+        }
+        let item = self.steps[slot]
+            .instance
+            .as_ref()
+            .map(|i| (&i.item, i.index));
+        let steps = self.template_steps(plan, node.template_steps.iter().flatten());
+        crate::template::render(&node.params, &self.params, steps, item)
+    }
+
+    /// What templates see as `steps`: the status and output of the steps they read.
+    fn template_steps<'a>(
+        &self,
+        plan: &Plan,
+        reads: impl Iterator<Item = &'a usize>,
+    ) -> Map<String, Value> {
+        reads
             .map(|&i| {
                 let s = &self.steps[i];
                 let value = serde_json::json!({
@@ -798,8 +920,246 @@ impl RunState {
                 });
                 (plan.nodes[i].id.clone(), value)
             })
-            .collect();
-        crate::template::render(&node.params, &self.params, steps)
+            .collect()
+    }
+
+    /// The items a `for_each` node runs over, or why it cannot run.
+    fn for_each_items(&self, plan: &Plan, step: usize) -> Result<Vec<Value>, String> {
+        let for_each = plan.nodes[step].for_each.as_ref().expect("a for_each node");
+        let source = &for_each.items;
+        let steps = self.template_steps(plan, for_each.reads.iter());
+        let value = crate::template::render_text(source, &self.params, steps)
+            .map_err(|e| format!("for_each: {e}"))?;
+        let items = match value {
+            Value::Array(items) => items,
+            other => {
+                return Err(format!(
+                    "for_each: `{source}` gives {}, not a list",
+                    json_type(&other)
+                ));
+            }
+        };
+        if items.len() > self.max_instances {
+            return Err(format!(
+                "for_each: `{source}` gives {} items; a step may have at most {} instances",
+                items.len(),
+                self.max_instances
+            ));
+        }
+        Ok(items)
+    }
+
+    /// Starts a `for_each` node: one slot per item after the existing ones, the first
+    /// `max_parallel` of them dispatched. An empty list succeeds at once with an empty output.
+    fn expand(
+        &mut self,
+        plan: &Plan,
+        node: usize,
+        items: Vec<Value>,
+        now: DateTime<Utc>,
+        t: &mut Transition,
+    ) {
+        let first = self.steps.len();
+        let len = items.len();
+        for (index, item) in items.into_iter().enumerate() {
+            self.steps.push(StepState {
+                instance: Some(Instance { node, index, item }),
+                ..StepState::default()
+            });
+            t.touch(first + index);
+        }
+        self.fanouts.insert(
+            node,
+            FanOut {
+                first,
+                len,
+                started: 0,
+                active: 0,
+                succeeded: 0,
+            },
+        );
+        let s = &mut self.steps[node];
+        s.status = StepStatus::Running;
+        s.started_at.get_or_insert(now);
+        t.touch(node);
+        if len == 0 {
+            self.steps[node].output = Some(Value::Array(Vec::new()));
+            self.finish(plan, node, StepStatus::Success, now, t);
+        } else {
+            self.start_instances(plan, node, now, t);
+        }
+    }
+
+    /// After an operator's retry of a failed `for_each` node: its instances that did not
+    /// succeed run again; those that did keep their output.
+    fn restart_instances(
+        &mut self,
+        plan: &Plan,
+        node: usize,
+        now: DateTime<Utc>,
+        t: &mut Transition,
+    ) {
+        let mut f = self.fanouts[&node];
+        let mut pending = Vec::new();
+        for slot in f.first..f.first + f.len {
+            let s = &mut self.steps[slot];
+            if s.status != StepStatus::Success {
+                s.status = StepStatus::Pending;
+                s.ended_at = None;
+                s.error = None;
+                t.touch(slot);
+                pending.push(slot);
+            }
+        }
+        // Instances start in order: move the ones to run again to the front by restarting the
+        // count of started ones at the first of them.
+        f.started = pending.first().map_or(f.len, |&slot| slot - f.first);
+        f.active = 0;
+        self.fanouts.insert(node, f);
+        let s = &mut self.steps[node];
+        s.status = StepStatus::Running;
+        t.touch(node);
+        self.start_instances(plan, node, now, t);
+    }
+
+    /// Dispatches pending instances of a running `for_each` node up to its `max_parallel`.
+    fn start_instances(
+        &mut self,
+        plan: &Plan,
+        node: usize,
+        now: DateTime<Utc>,
+        t: &mut Transition,
+    ) {
+        let Some(&f) = self.fanouts.get(&node) else {
+            return;
+        };
+        if self.status == RunStatus::Paused || self.steps[node].status != StepStatus::Running {
+            return;
+        }
+        let max_parallel = plan.nodes[node]
+            .for_each
+            .as_ref()
+            .map_or(usize::MAX, |e| e.max_parallel);
+        let (mut started, mut active) = (f.started, f.active);
+        while active < max_parallel && started < f.len {
+            let slot = f.first + started;
+            started += 1;
+            // Instances that succeeded before an operator's retry keep their output.
+            if self.steps[slot].status != StepStatus::Pending {
+                continue;
+            }
+            active += 1;
+            self.fanouts.insert(
+                node,
+                FanOut {
+                    started,
+                    active,
+                    ..f
+                },
+            );
+            match self.task_params(plan, slot) {
+                Ok(_) => self.dispatch(plan, slot, now, t),
+                Err(e) => {
+                    self.steps[slot].error = Some(format!("params: {e}"));
+                    self.instance_ended(plan, slot, StepStatus::Failure, now, t);
+                    return;
+                }
+            }
+        }
+        if let Some(f) = self.fanouts.get_mut(&node) {
+            f.started = started;
+            f.active = active;
+        }
+    }
+
+    /// Puts a slot in a final state: an instance, or a step.
+    fn settle(
+        &mut self,
+        plan: &Plan,
+        slot: usize,
+        status: StepStatus,
+        now: DateTime<Utc>,
+        t: &mut Transition,
+    ) {
+        if self.steps[slot].instance.is_some() {
+            self.instance_ended(plan, slot, status, now, t);
+        } else {
+            self.finish(plan, slot, status, now, t);
+        }
+    }
+
+    /// An instance ended: the next one starts; the last success ends its node with the list of
+    /// outputs, a failure ends it failed.
+    fn instance_ended(
+        &mut self,
+        plan: &Plan,
+        slot: usize,
+        status: StepStatus,
+        now: DateTime<Utc>,
+        t: &mut Transition,
+    ) {
+        let s = &mut self.steps[slot];
+        s.status = status;
+        s.wake_at = None;
+        s.deadline = None;
+        s.ended_at = Some(now);
+        t.touch(slot);
+        let instance = s.instance.as_ref().expect("an instance slot");
+        let (node, index) = (instance.node, instance.index);
+        let f = self
+            .fanouts
+            .get_mut(&node)
+            .expect("an instance has a fan-out");
+        f.active -= 1;
+        if status == StepStatus::Success {
+            f.succeeded += 1;
+            if f.succeeded == f.len {
+                let f = *f;
+                let outputs = self.steps[f.first..f.first + f.len]
+                    .iter()
+                    .map(|s| s.output.clone().unwrap_or(Value::Null))
+                    .collect();
+                self.steps[node].output = Some(Value::Array(outputs));
+                self.steps[node].error = None;
+                self.finish(plan, node, StepStatus::Success, now, t);
+            } else {
+                self.start_instances(plan, node, now, t);
+            }
+        } else {
+            let reason = self.steps[slot].error.clone().unwrap_or_default();
+            self.steps[node].error = Some(format!("item {index} failed: {reason}"));
+            self.finish(plan, node, StepStatus::Failure, now, t);
+        }
+    }
+
+    /// A `for_each` node ended (failed, or settled by an operator): its instances not ended
+    /// yet are cancelled.
+    fn stop_instances(&mut self, node: usize, now: DateTime<Utc>, t: &mut Transition) {
+        let Some(f) = self.fanouts.get_mut(&node) else {
+            return;
+        };
+        f.active = 0;
+        f.started = f.len;
+        let f = *f;
+        for slot in f.first..f.first + f.len {
+            let s = &mut self.steps[slot];
+            if s.status.is_terminal() {
+                continue;
+            }
+            if let (StepStatus::Running, Some(task_id)) = (s.status, s.task_id) {
+                t.effects.push(Effect::Cancelled {
+                    step: slot,
+                    attempt: s.attempt,
+                    task_id,
+                });
+            }
+            s.status = StepStatus::Cancelled;
+            s.wake_at = None;
+            s.deadline = None;
+            s.ended_at = Some(now);
+            s.error = Some("cancelled: its step ended".into());
+            t.touch(slot);
+        }
     }
 
     /// Moves the run on when its steps are done: to success, to its failure handlers, or to
@@ -852,7 +1212,21 @@ impl RunState {
 
 enum Ready {
     Run,
+    /// A `for_each` node runs over these items.
+    Expand(Vec<Value>),
     Settle(StepStatus, String),
+}
+
+/// A JSON value's type, for messages.
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
 }
 
 /// A number in `[0, 1)` picked by the failed attempt's task id, so that the jitter of a retry is

@@ -59,6 +59,8 @@ pub struct EngineConfig {
     pub max_cached_runs: usize,
     /// How long a repeated `Idempotency-Key` answers the run its first submission started.
     pub idempotency_retention: Duration,
+    /// The most instances one `for_each` step may expand to.
+    pub max_instances: usize,
 }
 
 impl Default for EngineConfig {
@@ -68,6 +70,7 @@ impl Default for EngineConfig {
             max_batch: 512,
             max_cached_runs: 20_000,
             idempotency_retention: Duration::from_secs(24 * 3600),
+            max_instances: flotilla_core::scheduler::DEFAULT_MAX_INSTANCES,
         }
     }
 }
@@ -275,6 +278,8 @@ struct CachedRun {
     plan: Arc<Plan>,
     state: RunState,
     version: i64,
+    /// Step rows stored for the run; slots past them (new `for_each` instances) are inserted.
+    stored: usize,
 }
 
 /// The engine: owns the cache of active runs.
@@ -503,6 +508,7 @@ impl Engine {
                     let id = Uuid::now_v7();
                     let content = Content::of(&run.definition);
                     let mut state = RunState::new(id, &run.plan, run.params.clone());
+                    state.max_instances = self.config.max_instances;
                     let t = state.apply(&run.plan, Event::Start, now);
                     pending.effects(&run.plan, &state, &t);
                     pending.create(&run.plan, &state, &content.hash);
@@ -526,6 +532,7 @@ impl Engine {
                         id,
                         CachedRun {
                             plan,
+                            stored: state.steps.len(),
                             state,
                             version: 0,
                         },
@@ -571,7 +578,9 @@ impl Engine {
                                 task_id,
                                 ..
                             } => {
-                                tracing::warn!(run_id = %cached.state.id, step_id = %cached.plan.nodes.get(step).map_or("?", |n| n.id.as_str()), attempt, "lease expired");
+                                if step < cached.state.steps.len() {
+                                    tracing::warn!(run_id = %cached.state.id, step_id = %cached.state.slot_id(&cached.plan, step), attempt, "lease expired");
+                                }
                                 let message = "lease expired: the worker stopped renewing it (crashed, stopped or cut off)";
                                 ended(
                                     step,
@@ -588,11 +597,9 @@ impl Engine {
                                 task_id,
                                 ..
                             } => {
-                                let limit = cached
-                                    .plan
-                                    .nodes
-                                    .get(step)
-                                    .and_then(|n| n.timeout)
+                                let limit = (step < cached.state.steps.len())
+                                    .then(|| cached.plan.nodes[cached.state.node_of(step)].timeout)
+                                    .flatten()
                                     .unwrap_or_default();
                                 let message = format!(
                                     "timed out: the attempt ran past its timeout of {limit:?}"
@@ -702,11 +709,18 @@ impl Engine {
         for (run_id, steps) in &changes {
             let cached = &self.runs[run_id];
             for &i in steps {
-                batch.step_updates.push(StepRow {
+                let row = StepRow {
                     run_id: *run_id,
                     idx: i as i32,
                     state: cached.state.steps[i].clone(),
-                });
+                };
+                if i < cached.stored {
+                    batch.step_updates.push(row);
+                } else {
+                    batch
+                        .new_steps
+                        .push((step_ident(&cached.plan, &cached.state, i), row));
+                }
             }
             batch.run_updates.push(RunUpdate {
                 id: *run_id,
@@ -737,6 +751,7 @@ impl Engine {
         for run_id in changes.keys() {
             if let Some(cached) = self.runs.get_mut(run_id) {
                 cached.version += 1;
+                cached.stored = cached.state.steps.len();
             }
         }
         for (id, run) in new_runs {
@@ -847,7 +862,7 @@ impl Engine {
         }
         for run in stored {
             let plan = self.plans[&run.definition_hash].clone();
-            if plan.nodes.len() != run.steps.len() {
+            if run.steps.len() < plan.nodes.len() {
                 return Err(flotilla_store::Error::Corrupt(format!(
                     "run {} has {} steps but its definition has {}",
                     run.id,
@@ -856,7 +871,7 @@ impl Engine {
                 ))
                 .into());
             }
-            let state = RunState::restore(
+            let mut state = RunState::restore(
                 run.id,
                 &plan,
                 run.status,
@@ -864,10 +879,12 @@ impl Engine {
                 run.steps,
                 run.ended_at,
             );
+            state.max_instances = self.config.max_instances;
             self.runs.insert(
                 run.id,
                 CachedRun {
                     plan,
+                    stored: state.steps.len(),
                     state,
                     version: run.version,
                 },
@@ -945,13 +962,9 @@ impl Pending<'_> {
             created_at: self.now,
             ended_at: state.ended_at,
         });
-        for (idx, (node, step)) in plan.nodes.iter().zip(&state.steps).enumerate() {
+        for (idx, step) in state.steps.iter().enumerate() {
             self.batch.new_steps.push((
-                StepIdent {
-                    step_id: node.id.clone(),
-                    agent: node.agent.clone(),
-                    action: node.action.clone(),
-                },
+                step_ident(plan, state, idx),
                 StepRow {
                     run_id: state.id,
                     idx: idx as i32,
@@ -975,7 +988,8 @@ impl Pending<'_> {
                     attempt,
                     task_id,
                 } => {
-                    let node = &plan.nodes[*step];
+                    let node = &plan.nodes[state.node_of(*step)];
+                    let step_id = state.slot_id(plan, *step);
                     self.batch.attempts_started.push(AttemptStart {
                         run_id: state.id,
                         idx: *step as i32,
@@ -987,15 +1001,15 @@ impl Pending<'_> {
                         v: PROTOCOL_VERSION,
                         task_id: *task_id,
                         run_id: state.id,
-                        step_id: node.id.clone(),
+                        step_id: step_id.clone(),
                         attempt: *attempt,
                         agent: node.agent.clone(),
                         action: node.action.clone(),
-                        idempotency_key: format!("{}:{}", state.id, node.id),
+                        idempotency_key: format!("{}:{step_id}", state.id),
                         // The scheduler rendered these before it dispatched; they render the
                         // same now, as nothing they read can change in between.
                         params: state.task_params(plan, *step).unwrap_or_else(|e| {
-                            tracing::error!(run_id = %state.id, step_id = %node.id, error = %e, "params no longer render");
+                            tracing::error!(run_id = %state.id, %step_id, error = %e, "params no longer render");
                             node.params.clone()
                         }),
                         run_params: state.params.clone(),
@@ -1011,7 +1025,7 @@ impl Pending<'_> {
                         body: serde_json::to_vec(&task).expect("a task always serialises"),
                         created_at: self.now,
                     });
-                    tracing::debug!(run_id = %state.id, step_id = %node.id, attempt, "dispatch");
+                    tracing::debug!(run_id = %state.id, %step_id, attempt, "dispatch");
                     self.observed.push(Observation::Dispatched {
                         agent: node.agent.clone(),
                         attempt: *attempt,
@@ -1038,7 +1052,7 @@ impl Pending<'_> {
                         error: error.clone(),
                     });
                     self.observed.push(Observation::AttemptEnded {
-                        agent: plan.nodes[*step].agent.clone(),
+                        agent: plan.nodes[state.node_of(*step)].agent.clone(),
                         task_id: *task_id,
                         success: *success,
                         // The engine ends attempts itself with no worker named.
@@ -1050,7 +1064,12 @@ impl Pending<'_> {
                     attempt,
                     reason,
                 } => {
-                    tracing::info!(run_id = %state.id, step_id = %plan.nodes.get(*step).map_or("?", |n| n.id.as_str()), attempt, reason, "stale result ignored");
+                    let step_id = if *step < state.steps.len() {
+                        state.slot_id(plan, *step)
+                    } else {
+                        format!("#{step}")
+                    };
+                    tracing::info!(run_id = %state.id, %step_id, attempt, reason, "stale result ignored");
                     self.observed.push(Observation::Stale);
                 }
                 Effect::Refused(reason) => {
@@ -1061,7 +1080,7 @@ impl Pending<'_> {
                     attempt,
                     task_id,
                 } => {
-                    tracing::info!(run_id = %state.id, step_id = %plan.nodes[*step].id, attempt, "running attempt cancelled");
+                    tracing::info!(run_id = %state.id, step_id = %state.slot_id(plan, *step), attempt, "running attempt cancelled");
                     self.observed
                         .push(Observation::AttemptCancelled { task_id: *task_id });
                 }
@@ -1089,11 +1108,21 @@ fn apply_to_step(
         tracing::warn!(%run_id, step_id, "message for an unknown run ignored");
         return;
     };
-    let Some(step) = cached.plan.node_index(step_id) else {
+    let Some(step) = cached.state.slot_of(&cached.plan, step_id) else {
         tracing::warn!(%run_id, step_id, "message for an unknown step ignored");
         return;
     };
     pending.apply(cached, event(step));
+}
+
+/// The fixed identity of a slot's row: its step id, agent and action.
+fn step_ident(plan: &Plan, state: &RunState, slot: usize) -> StepIdent {
+    let node = &plan.nodes[state.node_of(slot)];
+    StepIdent {
+        step_id: state.slot_id(plan, slot),
+        agent: node.agent.clone(),
+        action: node.action.clone(),
+    }
 }
 
 /// Applies an operator's action to its run.
@@ -1151,6 +1180,11 @@ fn redrive_one(
     let step = cached
         .plan
         .node_index(step_id)
+        // An instance of a `for_each` step is retried through its step.
+        .or_else(|| {
+            let slot = cached.state.slot_of(&cached.plan, step_id)?;
+            Some(cached.state.node_of(slot))
+        })
         .ok_or_else(|| format!("run {run_id} has no step `{step_id}`"))?;
     let t = pending.apply(cached, Event::Retry { step: Some(step) });
     if let Some(Effect::Refused(reason)) = t.effects.first() {

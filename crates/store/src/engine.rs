@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
+use flotilla_core::scheduler::Instance;
 use flotilla_core::{RunStatus, StepState, StepStatus};
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -50,7 +51,7 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
     let steps_stmt = client
         .prepare_cached(
             "SELECT run_id, status, attempt, task_id, wake_at, started_at, ended_at, output, error,
-                    deadline, lost
+                    deadline, lost, instance_of, item_index, item
              FROM steps WHERE run_id = ANY($1) ORDER BY run_id, idx",
         )
         .await?;
@@ -99,6 +100,14 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
             error: r.get(8),
             deadline: r.get(9),
             lost: u32::try_from(r.get::<_, i32>(10)).unwrap_or_default(),
+            instance: match (r.get::<_, Option<i32>>(11), r.get::<_, Option<i32>>(12)) {
+                (Some(node), Some(index)) => Some(Instance {
+                    node: usize::try_from(node).unwrap_or_default(),
+                    index: usize::try_from(index).unwrap_or_default(),
+                    item: r.get::<_, Option<Value>>(13).unwrap_or(Value::Null),
+                }),
+                _ => None,
+            },
         };
         if let Some(run) = runs.get_mut(&run_id) {
             run.steps.push(step);
@@ -237,6 +246,24 @@ struct StepColumns {
     lost: Vec<i32>,
 }
 
+/// The instance columns of new step rows (fixed once written).
+#[derive(Default)]
+struct InstanceColumns {
+    instance_of: Vec<Option<i32>>,
+    item_index: Vec<Option<i32>>,
+    item: Vec<Option<Value>>,
+}
+
+impl InstanceColumns {
+    fn push(&mut self, row: &StepRow) {
+        let i = row.state.instance.as_ref();
+        let int = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+        self.instance_of.push(i.map(|i| int(i.node)));
+        self.item_index.push(i.map(|i| int(i.index)));
+        self.item.push(i.map(|i| i.item.clone()));
+    }
+}
+
 impl StepColumns {
     fn push(&mut self, row: &StepRow) {
         let s = &row.state;
@@ -300,11 +327,13 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
     }
     if !batch.new_steps.is_empty() {
         let mut cols = StepColumns::default();
+        let mut instances = InstanceColumns::default();
         let mut step_ids = Vec::with_capacity(batch.new_steps.len());
         let mut agents = Vec::with_capacity(batch.new_steps.len());
         let mut actions = Vec::with_capacity(batch.new_steps.len());
         for (ident, row) in &batch.new_steps {
             cols.push(row);
+            instances.push(row);
             step_ids.push(ident.step_id.as_str());
             agents.push(ident.agent.as_str());
             actions.push(ident.action.as_str());
@@ -312,11 +341,13 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO steps (run_id, idx, step_id, agent, action, status, attempt, task_id,
-                                    wake_at, started_at, ended_at, output, error, deadline, lost)
+                                    wake_at, started_at, ended_at, output, error, deadline, lost,
+                                    instance_of, item_index, item)
                  SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
                                       $6::text[], $7::int4[], $8::uuid[], $9::timestamptz[],
                                       $10::timestamptz[], $11::timestamptz[], $12::jsonb[], $13::text[],
-                                      $14::timestamptz[], $15::int4[])",
+                                      $14::timestamptz[], $15::int4[], $16::int4[], $17::int4[],
+                                      $18::jsonb[])",
             )
             .await?;
         tx.execute(
@@ -337,6 +368,9 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                 &cols.error,
                 &cols.deadline,
                 &cols.lost,
+                &instances.instance_of,
+                &instances.item_index,
+                &instances.item,
             ],
         )
         .await?;
