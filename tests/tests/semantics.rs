@@ -1,4 +1,4 @@
-//! Workflow semantics end to end: `for_each` fan-outs, against the real coordinator, echo
+//! Workflow semantics end to end: `for_each` fan-outs and workflow timeouts, against the real coordinator, echo
 //! workers, Postgres and RabbitMQ.
 
 use std::time::Duration;
@@ -125,5 +125,41 @@ async fn a_for_each_over_a_value_that_is_not_a_list_fails_naming_its_type() -> a
         each.error.as_deref(),
         Some("for_each: `${{ params.files }}` gives a string, not a list")
     );
+    fleet.stop().await
+}
+
+#[tokio::test]
+async fn a_run_past_its_workflow_timeout_fails_after_its_handlers_ran() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    fleet.start_echo("echo", &["slow"], 4)?;
+    let yaml = "name: timed\ntimeout: 2s\nsteps:\n  - {id: quick, agent: slow, action: a}\n  - {id: long, agent: slow, action: b, params: {sleep_ms: 8000}}\n  - {id: never, agent: slow, action: c}\nerror_handling:\n  on_failure:\n    - {id: cleanup, agent: slow, action: log}\n";
+    let started = std::time::Instant::now();
+    let id = fleet.execute_yaml(yaml, json!({})).await?;
+    let run = fleet.wait_for_end(id, WAIT).await?;
+    let took = started.elapsed();
+    assert_eq!(run.status, "failure");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(20),
+        "ended after {took:?}"
+    );
+    assert_eq!(step(&run, "quick").status, "success");
+    for id in ["long", "never"] {
+        let s = step(&run, id);
+        assert_eq!(
+            (s.status.as_str(), s.error.as_deref()),
+            ("cancelled", Some("workflow timed out after 2s")),
+            "step {id}"
+        );
+    }
+    assert_eq!(step(&run, "cleanup").status, "success", "the handler ran");
+    let db = fleet.db().await?;
+    let row = db
+        .query_one("SELECT error, deadline FROM runs WHERE id = $1", &[&id])
+        .await?;
+    let (error, deadline): (Option<String>, Option<chrono::DateTime<chrono::Utc>>) =
+        (row.get(0), row.get(1));
+    assert_eq!(error.as_deref(), Some("workflow timed out after 2s"));
+    assert_eq!(deadline, None, "the deadline is cleared once it fired");
     fleet.stop().await
 }

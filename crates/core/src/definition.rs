@@ -32,6 +32,10 @@ pub struct Definition {
     /// When the definition runs by itself, once registered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<crate::schedule::ScheduleSpec>,
+    /// How long a run may take, from its start; past it, its unfinished steps end, its failure
+    /// handlers run and it fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<UserDuration>,
 }
 
 /// One step as written. `agent` and `action` are optional here so that validation can name the

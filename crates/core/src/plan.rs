@@ -75,6 +75,8 @@ pub struct Plan {
     pub version: Option<String>,
     /// Default run params.
     pub params: Map<String, Value>,
+    /// How long a run may take (the definition's `timeout`).
+    pub timeout: Option<std::time::Duration>,
     pub nodes: Vec<Node>,
     /// Node index by id; results name their step by id, and a plan may have many nodes.
     index: HashMap<String, usize>,
@@ -232,6 +234,7 @@ impl Plan {
                 name: def.name.clone(),
                 version: def.version.clone(),
                 params: def.params.clone(),
+                timeout: def.timeout.map(|t| t.0),
                 nodes,
                 index,
             })

@@ -191,6 +191,11 @@ pub struct RunState {
     pub params: Map<String, Value>,
     pub steps: Vec<StepState>,
     pub ended_at: Option<DateTime<Utc>>,
+    /// When the run times out (its definition's `timeout` after its start); set only while
+    /// the run's steps may still run.
+    pub deadline: Option<DateTime<Utc>>,
+    /// Why the run failed, when no step's failure says it (it timed out).
+    pub error: Option<String>,
     /// The most instances a `for_each` step may expand to.
     pub max_instances: usize,
     unfinished_main: usize,
@@ -232,6 +237,9 @@ pub enum Event {
     /// An operator ends a step that has not succeeded as skipped, or as succeeded with the given
     /// output (`complete`); its dependents go on as if it had.
     Settle { step: usize, output: Option<Value> },
+    /// The run's deadline passed: running attempts are cancelled, unfinished steps end
+    /// `cancelled` with the reason, the failure handlers run and the run fails.
+    TimedOut,
 }
 
 /// How an attempt ended.
@@ -338,12 +346,25 @@ impl RunState {
             params,
             steps,
             ended_at,
+            deadline: None,
+            error: None,
             max_instances: DEFAULT_MAX_INSTANCES,
             unfinished_main: 0,
             unfinished_handlers: 0,
             failed_main: 0,
             fanouts: HashMap::new(),
         };
+        run.recount(plan);
+        run
+    }
+
+    /// Derives the counters and fan-outs from the slots.
+    fn recount(&mut self, plan: &Plan) {
+        let run = self;
+        run.unfinished_main = 0;
+        run.unfinished_handlers = 0;
+        run.failed_main = 0;
+        run.fanouts.clear();
         for (node, step) in plan.nodes.iter().zip(&run.steps) {
             match (node.role, step.status.is_terminal()) {
                 (Role::Main, false) => run.unfinished_main += 1,
@@ -376,7 +397,6 @@ impl RunState {
                 f.succeeded += 1;
             }
         }
-        run
     }
 
     /// The plan node a slot belongs to: itself, or the node an instance is of.
@@ -422,6 +442,10 @@ impl RunState {
                         .filter(|(_, n)| n.role == Role::Main && n.deps.is_empty())
                         .map(|(i, _)| i)
                         .collect();
+                    if let Some(timeout) = plan.timeout {
+                        self.deadline = Some(now + to_chrono(timeout));
+                        t.run_changed = true;
+                    }
                     for i in roots {
                         self.start_if_ready(plan, i, now, &mut t);
                     }
@@ -479,9 +503,7 @@ impl RunState {
                         let used = attempt.saturating_sub(self.steps[step].lost);
                         if retryable && policy.allows_retry_after(used) {
                             let delay = policy.delay_after(attempt, jitter_unit(task_id));
-                            let due = now
-                                + chrono::Duration::from_std(delay)
-                                    .unwrap_or(chrono::Duration::MAX);
+                            let due = now + to_chrono(delay);
                             let paused = self.status == RunStatus::Paused;
                             if due <= now && !paused {
                                 self.dispatch(plan, step, now, &mut t);
@@ -600,11 +622,47 @@ impl RunState {
                     s.error = Some("cancelled".into());
                     t.touch(i);
                 }
-                let steps = std::mem::take(&mut self.steps);
-                let params = std::mem::take(&mut self.params);
-                *self = Self::restore(self.id, plan, RunStatus::Cancelled, params, steps, None);
+                self.recount(plan);
                 self.end(RunStatus::Cancelled, now, &mut t);
                 return t;
+            }
+            Event::TimedOut => {
+                let due = self.deadline.is_some_and(|at| at <= now)
+                    && matches!(self.status, RunStatus::Running | RunStatus::Paused);
+                if !due {
+                    return t;
+                }
+                let reason = format!(
+                    "workflow timed out after {}",
+                    human(plan.timeout.unwrap_or_default())
+                );
+                for i in 0..self.steps.len() {
+                    if plan.nodes[self.node_of(i)].role != Role::Main {
+                        continue;
+                    }
+                    let s = &mut self.steps[i];
+                    if s.status.is_terminal() {
+                        continue;
+                    }
+                    if let (StepStatus::Running, Some(task_id)) = (s.status, s.task_id) {
+                        t.effects.push(Effect::Cancelled {
+                            step: i,
+                            attempt: s.attempt,
+                            task_id,
+                        });
+                    }
+                    s.status = StepStatus::Cancelled;
+                    s.wake_at = None;
+                    s.deadline = None;
+                    s.ended_at = Some(now);
+                    s.error = Some(reason.clone());
+                    t.touch(i);
+                }
+                self.error = Some(reason);
+                self.deadline = None;
+                self.status = RunStatus::Running;
+                t.run_changed = true;
+                self.recount(plan);
             }
             Event::Pause => {
                 if self.status != RunStatus::Running {
@@ -721,15 +779,10 @@ impl RunState {
                 t.touch(i);
             }
         }
-        let steps = std::mem::take(&mut self.steps);
-        *self = Self::restore(
-            self.id,
-            plan,
-            RunStatus::Running,
-            std::mem::take(&mut self.params),
-            steps,
-            None,
-        );
+        self.status = RunStatus::Running;
+        self.ended_at = None;
+        self.error = None;
+        self.recount(plan);
         t.run_changed = true;
     }
 
@@ -1166,7 +1219,9 @@ impl RunState {
     /// failure.
     fn settle_run(&mut self, plan: &Plan, now: DateTime<Utc>, t: &mut Transition) {
         if self.status == RunStatus::Running && self.unfinished_main == 0 {
-            if self.failed_main == 0 {
+            // Nothing runs any more that the deadline could stop.
+            self.deadline = None;
+            if self.failed_main == 0 && self.error.is_none() {
                 // Failure handlers of a successful run never run.
                 let handlers: Vec<usize> = plan
                     .nodes
@@ -1205,6 +1260,7 @@ impl RunState {
     fn end(&mut self, status: RunStatus, now: DateTime<Utc>, t: &mut Transition) {
         self.status = status;
         self.ended_at = Some(now);
+        self.deadline = None;
         t.run_changed = true;
         t.effects.push(Effect::RunEnded(status));
     }
@@ -1215,6 +1271,21 @@ enum Ready {
     /// A `for_each` node runs over these items.
     Expand(Vec<Value>),
     Settle(StepStatus, String),
+}
+
+/// A duration as users write it: `90s`, `5m`, `1h`, `1500ms`.
+fn human(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        _ if ms > 0 && ms.is_multiple_of(3_600_000) => format!("{}h", ms / 3_600_000),
+        _ if ms > 0 && ms.is_multiple_of(60_000) => format!("{}m", ms / 60_000),
+        _ if ms.is_multiple_of(1_000) => format!("{}s", ms / 1_000),
+        _ => format!("{ms}ms"),
+    }
+}
+
+fn to_chrono(d: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
 
 /// A JSON value's type, for messages.

@@ -203,14 +203,17 @@ pub enum Due {
         attempt: u32,
         task_id: Uuid,
     },
+    /// A run past its workflow timeout.
+    RunTimeout { run_id: Uuid },
 }
 
 impl Due {
     fn run_id(&self) -> Uuid {
         match self {
-            Due::Retry { run_id, .. } | Due::Lease { run_id, .. } | Due::Timeout { run_id, .. } => {
-                *run_id
-            }
+            Due::Retry { run_id, .. }
+            | Due::Lease { run_id, .. }
+            | Due::Timeout { run_id, .. }
+            | Due::RunTimeout { run_id } => *run_id,
         }
     }
 }
@@ -572,6 +575,7 @@ impl Engine {
                         };
                         let event = match *d {
                             Due::Retry { step, attempt, .. } => Event::Wake { step, attempt },
+                            Due::RunTimeout { .. } => Event::TimedOut,
                             Due::Lease {
                                 step,
                                 attempt,
@@ -726,6 +730,8 @@ impl Engine {
                 id: *run_id,
                 status: cached.state.status,
                 ended_at: cached.state.ended_at,
+                deadline: cached.state.deadline,
+                error: cached.state.error.clone(),
             });
         }
 
@@ -880,6 +886,8 @@ impl Engine {
                 run.ended_at,
             );
             state.max_instances = self.config.max_instances;
+            state.deadline = run.deadline;
+            state.error = run.error;
             self.runs.insert(
                 run.id,
                 CachedRun {
@@ -961,6 +969,8 @@ impl Pending<'_> {
             params: state.params.clone(),
             created_at: self.now,
             ended_at: state.ended_at,
+            deadline: state.deadline,
+            error: state.error.clone(),
         });
         for (idx, step) in state.steps.iter().enumerate() {
             self.batch.new_steps.push((
@@ -980,6 +990,9 @@ impl Pending<'_> {
             if let Some(at) = state.steps[i].wake_at {
                 self.wakes.push(at);
             }
+        }
+        if let (true, Some(at)) = (t.run_changed, state.deadline) {
+            self.wakes.push(at);
         }
         for effect in &t.effects {
             match effect {

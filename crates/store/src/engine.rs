@@ -37,6 +37,10 @@ pub struct StoredRun {
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
+    /// When the run times out, while it may.
+    pub deadline: Option<DateTime<Utc>>,
+    /// Why the run failed, when no step's failure says it.
+    pub error: Option<String>,
     pub steps: Vec<StepState>,
 }
 
@@ -44,7 +48,8 @@ pub struct StoredRun {
 pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<StoredRun>, Error> {
     let runs_stmt = client
         .prepare_cached(
-            "SELECT id, name, definition_hash, status, params, version, created_at, ended_at
+            "SELECT id, name, definition_hash, status, params, version, created_at, ended_at,
+                    deadline, error
              FROM runs WHERE id = ANY($1)",
         )
         .await?;
@@ -79,6 +84,8 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
                 version: r.get(5),
                 created_at: r.get(6),
                 ended_at: r.get(7),
+                deadline: r.get(8),
+                error: r.get(9),
                 steps: Vec::new(),
             },
         );
@@ -158,6 +165,8 @@ pub struct NewRun {
     pub params: Map<String, Value>,
     pub created_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
+    pub deadline: Option<DateTime<Utc>>,
+    pub error: Option<String>,
 }
 
 /// A run whose status (and version) moves on.
@@ -166,6 +175,8 @@ pub struct RunUpdate {
     pub id: Uuid,
     pub status: RunStatus,
     pub ended_at: Option<DateTime<Utc>>,
+    pub deadline: Option<DateTime<Utc>>,
+    pub error: Option<String>,
 }
 
 /// An attempt that was dispatched.
@@ -312,16 +323,22 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
             .collect();
         let created: Vec<DateTime<Utc>> = runs.iter().map(|r| r.created_at).collect();
         let ended: Vec<Option<DateTime<Utc>>> = runs.iter().map(|r| r.ended_at).collect();
+        let deadlines: Vec<Option<DateTime<Utc>>> = runs.iter().map(|r| r.deadline).collect();
+        let errors: Vec<Option<&str>> = runs.iter().map(|r| r.error.as_deref()).collect();
         let stmt = tx
             .prepare_cached(
-                "INSERT INTO runs (id, name, definition_hash, status, params, created_at, ended_at)
+                "INSERT INTO runs (id, name, definition_hash, status, params, created_at, ended_at,
+                                   deadline, error)
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[],
-                                      $6::timestamptz[], $7::timestamptz[])",
+                                      $6::timestamptz[], $7::timestamptz[], $8::timestamptz[],
+                                      $9::text[])",
             )
             .await?;
         tx.execute(
             &stmt,
-            &[&ids, &names, &hashes, &statuses, &params, &created, &ended],
+            &[
+                &ids, &names, &hashes, &statuses, &params, &created, &ended, &deadlines, &errors,
+            ],
         )
         .await?;
     }
@@ -424,14 +441,24 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
             .collect();
         let ended: Vec<Option<DateTime<Utc>>> =
             batch.run_updates.iter().map(|r| r.ended_at).collect();
+        let deadlines: Vec<Option<DateTime<Utc>>> =
+            batch.run_updates.iter().map(|r| r.deadline).collect();
+        let errors: Vec<Option<&str>> = batch
+            .run_updates
+            .iter()
+            .map(|r| r.error.as_deref())
+            .collect();
         let stmt = tx
             .prepare_cached(
-                "UPDATE runs r SET status = u.status, ended_at = u.ended_at, version = r.version + 1
-                 FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) AS u(id, status, ended_at)
+                "UPDATE runs r SET status = u.status, ended_at = u.ended_at, deadline = u.deadline,
+                        error = u.error, version = r.version + 1
+                 FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+                             $5::text[]) AS u(id, status, ended_at, deadline, error)
                  WHERE r.id = u.id",
             )
             .await?;
-        tx.execute(&stmt, &[&ids, &statuses, &ended]).await?;
+        tx.execute(&stmt, &[&ids, &statuses, &ended, &deadlines, &errors])
+            .await?;
     }
     if !batch.attempts_started.is_empty() {
         let a = &batch.attempts_started;
@@ -638,6 +665,33 @@ pub async fn next_lease_end(client: &impl GenericClient) -> Result<Option<DateTi
             "SELECT min(lease_until) FROM steps
              WHERE lease_until > (SELECT at FROM fleet_pulse WHERE id = 1)",
         )
+        .await?;
+    Ok(client.query_one(&stmt, &[]).await?.get(0))
+}
+
+/// Runs whose workflow timeout passed before `now`.
+pub async fn past_run_deadlines(
+    client: &impl GenericClient,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<Uuid>, Error> {
+    let stmt = client
+        .prepare_cached("SELECT id FROM runs WHERE deadline <= $1 ORDER BY deadline LIMIT $2")
+        .await?;
+    Ok(client
+        .query(&stmt, &[&now, &limit])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// The earliest workflow timeout of a run, if any.
+pub async fn next_run_deadline(
+    client: &impl GenericClient,
+) -> Result<Option<DateTime<Utc>>, Error> {
+    let stmt = client
+        .prepare_cached("SELECT min(deadline) FROM runs WHERE deadline IS NOT NULL")
         .await?;
     Ok(client.query_one(&stmt, &[]).await?.get(0))
 }

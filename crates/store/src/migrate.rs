@@ -15,6 +15,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (6, include_str!("../migrations/0006_schedules.sql")),
     (7, include_str!("../migrations/0007_lost_attempts.sql")),
     (8, include_str!("../migrations/0008_for_each_instances.sql")),
+    (9, include_str!("../migrations/0009_run_deadlines.sql")),
 ];
 
 /// Any fixed number works; it only has to be the same in every coordinator.

@@ -1168,3 +1168,94 @@ proptest! {
         prop_assert_eq!(run.steps[0].output.clone(), Some(Value::Array(items)));
     }
 }
+
+const TIMED: &str = "name: timed\ntimeout: 10s\nsteps:\n  - {id: a, agent: x, action: y}\n  - {id: b, agent: x, action: y}\nerror_handling:\n  on_failure:\n    - {id: h, agent: x, action: log}\n";
+
+#[test]
+fn a_run_past_its_timeout_stops_its_steps_runs_its_handlers_and_fails() {
+    let plan = plan(TIMED);
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    assert_eq!(run.deadline, Some(at(10)));
+
+    let early = run.apply(&plan, Event::TimedOut, at(9));
+    assert_eq!(early, Transition::default(), "not due yet");
+
+    let t = run.apply(&plan, Event::TimedOut, at(10));
+    assert!(t.effects.contains(&Effect::Cancelled {
+        step: 0,
+        attempt: 1,
+        task_id: task
+    }));
+    for i in [0, 1] {
+        assert_eq!(run.steps[i].status, StepStatus::Cancelled);
+        assert_eq!(
+            run.steps[i].error.as_deref(),
+            Some("workflow timed out after 10s")
+        );
+    }
+    assert_eq!(run.status, RunStatus::Failing);
+    assert_eq!(run.deadline, None, "the timeout fires once");
+    let handler = dispatched(&plan, &t);
+    assert_eq!(
+        handler.iter().map(|d| d.0.as_str()).collect::<Vec<_>>(),
+        ["h"]
+    );
+
+    let late = run.apply(
+        &plan,
+        finished(&plan, "a", 1, task, Outcome::Success(json!(1))),
+        at(11),
+    );
+    assert!(matches!(late.effects[..], [Effect::Stale { .. }]));
+    assert_eq!(
+        run.apply(&plan, Event::TimedOut, at(12)),
+        Transition::default()
+    );
+    let t = run.apply(
+        &plan,
+        finished(&plan, "h", 1, handler[0].2, Outcome::Success(json!(1))),
+        at(13),
+    );
+    assert!(t.effects.contains(&Effect::RunEnded(RunStatus::Failure)));
+    assert_eq!(run.error.as_deref(), Some("workflow timed out after 10s"));
+}
+
+#[test]
+fn a_run_that_ends_in_time_or_without_handlers_keeps_its_promises() {
+    let plan = plan(TIMED);
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, a) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    let (_, _, b) = dispatched(
+        &plan,
+        &run.apply(
+            &plan,
+            finished(&plan, "a", 1, a, Outcome::Success(json!(1))),
+            at(1),
+        ),
+    )[0]
+    .clone();
+    run.apply(
+        &plan,
+        finished(&plan, "b", 1, b, Outcome::Success(json!(1))),
+        at(2),
+    );
+    assert_eq!((run.status, run.deadline), (RunStatus::Success, None));
+    assert_eq!(
+        run.apply(&plan, Event::TimedOut, at(20)),
+        Transition::default()
+    );
+
+    // A paused run times out too; with no handler it fails at once.
+    let plan =
+        super::tests::plan("name: t\ntimeout: 1.5s\nsteps:\n  - {id: a, agent: x, action: y}\n");
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    run.apply(&plan, Event::Start, at(0));
+    run.apply(&plan, Event::Pause, at(1));
+    let t = run.apply(&plan, Event::TimedOut, at(2));
+    assert!(t.effects.contains(&Effect::RunEnded(RunStatus::Failure)));
+    assert_eq!(
+        run.error.as_deref(),
+        Some("workflow timed out after 1500ms")
+    );
+}
