@@ -32,6 +32,10 @@ pub struct Definition {
     /// When the definition runs by itself, once registered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<crate::schedule::ScheduleSpec>,
+    /// How long a run may take, from its start; past it, its unfinished steps end, its failure
+    /// handlers run and it fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<UserDuration>,
 }
 
 /// One step as written. `agent` and `action` are optional here so that validation can name the
@@ -70,6 +74,13 @@ pub struct StepDef {
     /// the step's policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<UserDuration>,
+    /// A `${{ … }}` template giving a list: the step runs once per item, each instance reading
+    /// `${{ item }}` and `${{ index }}` in its params; its output is the list of their outputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_each: Option<String>,
+    /// At most this many instances of a `for_each` step run at once (default: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel: Option<usize>,
     /// Strike 2: what runs instead once the step's retries are exhausted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<FallbackDef>,

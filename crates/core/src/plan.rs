@@ -61,6 +61,18 @@ pub struct Node {
     pub fallback: Option<Fallback>,
     /// Strike 3: the notify channel told when the step needs a person.
     pub escalate: Option<String>,
+    /// Runs one instance per item of a list (see [`ForEach`]).
+    pub for_each: Option<ForEach>,
+}
+
+/// A `for_each:` fan-out: the list's template and how many instances may run at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForEach {
+    /// A `${{ … }}` template over `params` and `steps` that gives the list.
+    pub items: String,
+    /// The steps `items` reads.
+    pub reads: Vec<usize>,
+    pub max_parallel: usize,
 }
 
 /// A step's `fallback:`, compiled.
@@ -116,6 +128,8 @@ pub struct Plan {
     pub version: Option<String>,
     /// Default run params.
     pub params: Map<String, Value>,
+    /// How long a run may take (the definition's `timeout`).
+    pub timeout: Option<std::time::Duration>,
     pub nodes: Vec<Node>,
     /// Node index by id; results name their step by id, and a plan may have many nodes.
     index: HashMap<String, usize>,
@@ -256,20 +270,25 @@ impl Plan {
             check_condition_references(&drafts, &nodes, &index, &mut problems);
         }
 
-        let resolve = |params: &Map<String, Value>| -> Vec<usize> {
-            let ids = crate::template::check(params).unwrap_or_default();
+        let resolve = |ids: std::collections::BTreeSet<String>| -> Vec<usize> {
             ids.iter().filter_map(|id| index.get(id).copied()).collect()
         };
         for node in &mut nodes {
             if node.template_steps.is_some() {
-                node.template_steps = Some(resolve(&node.params));
+                let ids = crate::template::check(&node.params, node.for_each.is_some());
+                node.template_steps = Some(resolve(ids.unwrap_or_default()));
             }
+            let in_loop = node.for_each.is_some();
             if let Some(f) = node
                 .fallback
                 .as_mut()
                 .filter(|f| f.template_steps.is_some())
             {
-                f.template_steps = Some(resolve(&f.params));
+                let ids = crate::template::check(&f.params, in_loop);
+                f.template_steps = Some(resolve(ids.unwrap_or_default()));
+            }
+            if let Some(f) = &mut node.for_each {
+                f.reads = resolve(for_each_reads(&f.items).unwrap_or_default());
             }
         }
         if problems.is_empty() {
@@ -277,6 +296,7 @@ impl Plan {
                 name: def.name.clone(),
                 version: def.version.clone(),
                 params: def.params.clone(),
+                timeout: def.timeout.map(|t| t.0),
                 nodes,
                 index,
             })
@@ -399,6 +419,7 @@ fn branch<'d>(
         (step.retry.is_some(), "retry"),
         (step.fallback.is_some(), "fallback"),
         (step.escalate.is_some(), "escalate"),
+        (step.for_each.is_some(), "for_each"),
     ] {
         if set {
             problems.push(format!(
@@ -510,8 +531,9 @@ fn build_node(
         problems.push(format!("{} (`{id}`): {e}", d.place));
         RetryPolicy::default()
     });
+    let for_each = for_each(d, &id, problems);
     let template_steps = crate::template::has_templates(&params).then(Vec::new);
-    if let Err(e) = crate::template::check(&params) {
+    if let Err(e) = crate::template::check(&params, for_each.is_some()) {
         problems.push(format!("{} (`{id}`): params: {e}", d.place));
     }
     let fallback = def.fallback.as_ref().map(|f| {
@@ -544,6 +566,7 @@ fn build_node(
         timeout: def.timeout.map(|t| t.0),
         role: d.role,
         parent: d.parent,
+        for_each,
         fallback,
         escalate: def.escalate.clone(),
     }
@@ -580,7 +603,7 @@ fn build_fallback(
         problems.push(format!("{place}: {e}"));
         RetryPolicy::default()
     });
-    if let Err(e) = crate::template::check(&f.params) {
+    if let Err(e) = crate::template::check(&f.params, step.for_each.is_some()) {
         problems.push(format!("{place}: params: {e}"));
     }
     Fallback {
@@ -591,6 +614,39 @@ fn build_fallback(
         retry,
         timeout: f.timeout.or(step.timeout).map(|t| t.0),
     }
+}
+
+/// Validates a step's `for_each` and `max_parallel`.
+fn for_each(d: &Draft<'_>, id: &str, problems: &mut Vec<String>) -> Option<ForEach> {
+    let def = d.def;
+    let at = format!("{} (`{id}`)", d.place);
+    let Some(items) = &def.for_each else {
+        if def.max_parallel.is_some() {
+            problems.push(format!("{at}: `max_parallel` needs `for_each`"));
+        }
+        return None;
+    };
+    if def.notify.is_some() || d.role == Role::OnFailure {
+        problems.push(format!(
+            "{at}: `for_each` is only allowed on an agent step of the workflow"
+        ));
+    }
+    let trimmed = items.trim();
+    if !(trimmed.starts_with("${{") && trimmed.ends_with("}}")) {
+        problems.push(format!(
+            "{at}: for_each must be one `${{{{ … }}}}` template giving a list, like `${{{{ params.items }}}}`; got `{items}`"
+        ));
+    } else if let Err(e) = for_each_reads(items) {
+        problems.push(format!("{at}: for_each: {e}"));
+    }
+    if def.max_parallel == Some(0) {
+        problems.push(format!("{at}: `max_parallel` must be at least 1"));
+    }
+    Some(ForEach {
+        items: items.clone(),
+        reads: Vec::new(),
+        max_parallel: def.max_parallel.unwrap_or(usize::MAX),
+    })
 }
 
 fn index_ids(
@@ -622,19 +678,24 @@ fn check_condition_references(
     problems: &mut Vec<String>,
 ) {
     for (i, node) in nodes.iter().enumerate() {
-        let fallback = node
-            .fallback
-            .as_ref()
-            .filter(|f| f.template_steps.is_some())
-            .map(|f| &f.params);
-        let templated = node.template_steps.is_some().then_some(&node.params);
-        for params in [templated, fallback].into_iter().flatten() {
+        if node.template_steps.is_some()
+            || node.for_each.is_some()
+            || node
+                .fallback
+                .as_ref()
+                .is_some_and(|f| f.template_steps.is_some())
+        {
             let ancestors = ancestors(nodes, i);
-            for id in crate::template::check(params).unwrap_or_default() {
+            for id in template_reads(node) {
                 let known = index.get(&id).is_some_and(|j| ancestors.contains(j));
                 if !known {
+                    let what = if node.for_each.is_some() {
+                        "params or for_each read"
+                    } else {
+                        "params read"
+                    };
                     problems.push(format!(
-                        "{} (`{}`): params read `steps.{id}`, which is not a step that finishes before this one",
+                        "{} (`{}`): {what} `steps.{id}`, which is not a step that finishes before this one",
                         drafts[i].place, node.id
                     ));
                 }
@@ -659,6 +720,27 @@ fn check_condition_references(
             }
         }
     }
+}
+
+/// The step ids a node's templates read: those of its params, its fallback's params and its
+/// `for_each` list.
+fn template_reads(node: &Node) -> std::collections::BTreeSet<String> {
+    let in_loop = node.for_each.is_some();
+    let mut ids = crate::template::check(&node.params, in_loop).unwrap_or_default();
+    if let Some(f) = &node.fallback {
+        ids.extend(crate::template::check(&f.params, in_loop).unwrap_or_default());
+    }
+    if let Some(f) = &node.for_each {
+        ids.extend(for_each_reads(&f.items).unwrap_or_default());
+    }
+    ids
+}
+
+/// Checks a `for_each` list's template and returns the step ids it reads.
+fn for_each_reads(items: &str) -> Result<std::collections::BTreeSet<String>, String> {
+    let mut wrapped = Map::new();
+    wrapped.insert("for_each".into(), Value::from(items));
+    crate::template::check(&wrapped, false)
 }
 
 /// Every node `i` transitively depends on.

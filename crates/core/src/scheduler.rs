@@ -6,6 +6,8 @@
 //! Fencing lives here: a result counts only for the current attempt of a running step, carrying
 //! that attempt's task id; anything else is reported as [`Effect::Stale`] and changes nothing.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -196,6 +198,36 @@ pub struct StepState {
     pub output: Option<Value>,
     /// The last failure's message, or why the step was skipped.
     pub error: Option<String>,
+    /// Set on the slot of one instance of a `for_each` step.
+    pub instance: Option<Instance>,
+}
+
+/// One instance of a `for_each` step: a slot of its own after the plan's nodes, so that its
+/// attempts are fenced, retried, timed out and leased exactly like a step's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    /// The plan node it is an instance of.
+    pub node: usize,
+    /// The position of its item in the list.
+    pub index: usize,
+    pub item: Value,
+}
+
+/// How many instances one `for_each` step may have, unless configured otherwise.
+pub const DEFAULT_MAX_INSTANCES: usize = 10_000;
+
+/// The instances of one expanded `for_each` node: slots `first..first + len`, started in order.
+/// Derived from the slots (see [`RunState::restore`]) and kept up to date, so that an instance's
+/// end costs O(1), not a scan of its siblings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct FanOut {
+    first: usize,
+    len: usize,
+    /// Instances started so far.
+    started: usize,
+    /// Started instances that have not ended.
+    active: usize,
+    succeeded: usize,
 }
 
 impl StepState {
@@ -222,11 +254,20 @@ pub struct RunState {
     pub params: Map<String, Value>,
     pub steps: Vec<StepState>,
     pub ended_at: Option<DateTime<Utc>>,
+    /// When the run times out (its definition's `timeout` after its start); set only while
+    /// the run's steps may still run.
+    pub deadline: Option<DateTime<Utc>>,
+    /// Why the run failed, when no step's failure says it (it timed out).
+    pub error: Option<String>,
+    /// The most instances a `for_each` step may expand to.
+    pub max_instances: usize,
     unfinished_main: usize,
     unfinished_handlers: usize,
     failed_main: usize,
     /// Steps in [`StepStatus::NeedsAttention`].
     attention: usize,
+    /// By `for_each` node, once it has expanded.
+    fanouts: HashMap<usize, FanOut>,
 }
 
 /// Something that happened to a run.
@@ -261,6 +302,9 @@ pub enum Event {
     /// An operator ends a step that has not succeeded as skipped, or as succeeded with the given
     /// output (`complete`); its dependents go on as if it had.
     Settle { step: usize, output: Option<Value> },
+    /// The run's deadline passed: running attempts are cancelled, unfinished steps end
+    /// `cancelled` with the reason, the failure handlers run and the run fails.
+    TimedOut,
 }
 
 /// How an attempt ended.
@@ -370,11 +414,26 @@ impl RunState {
             params,
             steps,
             ended_at,
+            deadline: None,
+            error: None,
+            max_instances: DEFAULT_MAX_INSTANCES,
             unfinished_main: 0,
             unfinished_handlers: 0,
             failed_main: 0,
             attention: 0,
+            fanouts: HashMap::new(),
         };
+        run.recount(plan);
+        run
+    }
+
+    /// Derives the counters and fan-outs from the slots.
+    fn recount(&mut self, plan: &Plan) {
+        let run = self;
+        run.unfinished_main = 0;
+        run.unfinished_handlers = 0;
+        run.failed_main = 0;
+        run.fanouts.clear();
         for (node, step) in plan.nodes.iter().zip(&run.steps) {
             match (node.role, step.status.is_terminal()) {
                 (Role::Main, false) => run.unfinished_main += 1,
@@ -384,16 +443,64 @@ impl RunState {
             if node.role == Role::Main && step.status.blocks_dependents() {
                 run.failed_main += 1;
             }
-            if step.status == StepStatus::NeedsAttention {
-                run.attention += 1;
+        }
+        // Instances escalate like steps, so every slot counts.
+        run.attention = run
+            .steps
+            .iter()
+            .filter(|s| s.status == StepStatus::NeedsAttention)
+            .count();
+        for (slot, step) in run.steps.iter().enumerate().skip(plan.nodes.len()) {
+            let Some(instance) = &step.instance else {
+                continue;
+            };
+            let f = run.fanouts.entry(instance.node).or_insert(FanOut {
+                first: slot,
+                len: 0,
+                started: 0,
+                active: 0,
+                succeeded: 0,
+            });
+            f.len += 1;
+            if step.status != StepStatus::Pending {
+                f.started += 1;
+            }
+            if !matches!(step.status, StepStatus::Pending) && !step.status.is_terminal() {
+                f.active += 1;
+            }
+            if step.status == StepStatus::Success {
+                f.succeeded += 1;
             }
         }
-        run
+    }
+
+    /// The plan node a slot belongs to: itself, or the node an instance is of.
+    pub fn node_of(&self, slot: usize) -> usize {
+        self.steps[slot].instance.as_ref().map_or(slot, |i| i.node)
+    }
+
+    /// A slot's step id: the node's id, or `<id>[<index>]` for an instance.
+    pub fn slot_id(&self, plan: &Plan, slot: usize) -> String {
+        match &self.steps[slot].instance {
+            Some(i) => format!("{}[{}]", plan.nodes[i.node].id, i.index),
+            None => plan.nodes[slot].id.clone(),
+        }
+    }
+
+    /// The slot a step id names (see [`RunState::slot_id`]).
+    pub fn slot_of(&self, plan: &Plan, step_id: &str) -> Option<usize> {
+        if let Some(i) = plan.node_index(step_id) {
+            return Some(i);
+        }
+        let (id, rest) = step_id.strip_suffix(']')?.rsplit_once('[')?;
+        let index: usize = rest.parse().ok()?;
+        let f = self.fanouts.get(&plan.node_index(id)?)?;
+        (index < f.len).then_some(f.first + index)
     }
 
     /// Applies one event at time `now`.
     pub fn apply(&mut self, plan: &Plan, event: Event, now: DateTime<Utc>) -> Transition {
-        debug_assert_eq!(plan.nodes.len(), self.steps.len());
+        debug_assert!(plan.nodes.len() <= self.steps.len());
         let mut t = Transition::default();
         match event {
             Event::Start => {
@@ -410,6 +517,10 @@ impl RunState {
                         .filter(|(_, n)| n.role == Role::Main && n.deps.is_empty())
                         .map(|(i, _)| i)
                         .collect();
+                    if let Some(timeout) = plan.timeout {
+                        self.deadline = Some(now + to_chrono(timeout));
+                        t.run_changed = true;
+                    }
                     for i in roots {
                         self.start_if_ready(plan, i, now, &mut t);
                     }
@@ -458,11 +569,12 @@ impl RunState {
                         let s = &mut self.steps[step];
                         s.output = Some(output);
                         s.error = None;
-                        self.finish(plan, step, StepStatus::Success, now, &mut t);
+                        self.settle(plan, step, StepStatus::Success, now, &mut t);
                     }
                     Outcome::Failure { message, retryable } => {
                         let s = &self.steps[step];
-                        let policy = plan.nodes[step].retry_policy(s.strike.is_fallback());
+                        let policy =
+                            plan.nodes[self.node_of(step)].retry_policy(s.strike.is_fallback());
                         // The budget counts the attempts of this strike; attempts lost to the
                         // infrastructure do not use it up.
                         let made = attempt.saturating_sub(s.strike_base);
@@ -470,9 +582,7 @@ impl RunState {
                         self.steps[step].error = Some(message);
                         if retryable && policy.allows_retry_after(used) {
                             let delay = policy.delay_after(made, jitter_unit(task_id));
-                            let due = now
-                                + chrono::Duration::from_std(delay)
-                                    .unwrap_or(chrono::Duration::MAX);
+                            let due = now + to_chrono(delay);
                             let paused = self.status == RunStatus::Paused;
                             if due <= now && !paused {
                                 self.dispatch(plan, step, now, &mut t);
@@ -561,14 +671,13 @@ impl RunState {
                     return t;
                 }
                 let failed: Vec<usize> = match step {
-                    Some(i) => self
-                        .steps
-                        .get(i)
-                        .filter(|s| s.status == StepStatus::Failure)
-                        .map(|_| i)
+                    // An instance of a `for_each` step is retried through its step.
+                    Some(i) => (i < self.steps.len())
+                        .then(|| self.node_of(i))
+                        .filter(|&n| self.steps[n].status == StepStatus::Failure)
                         .into_iter()
                         .collect(),
-                    None => (0..self.steps.len())
+                    None => (0..plan.nodes.len())
                         .filter(|&i| {
                             plan.nodes[i].role == Role::Main
                                 && self.steps[i].status == StepStatus::Failure
@@ -583,8 +692,15 @@ impl RunState {
                 }
                 self.reopen(plan, &failed, &mut t);
                 for i in failed {
-                    self.restart(i);
-                    self.dispatch(plan, i, now, &mut t);
+                    if self.fanouts.contains_key(&i) {
+                        self.restart_instances(plan, i, now, &mut t);
+                    } else if plan.nodes[i].for_each.is_some() {
+                        // Its list could not be expanded: try again.
+                        self.start_if_ready(plan, i, now, &mut t);
+                    } else {
+                        self.restart(i);
+                        self.dispatch(plan, i, now, &mut t);
+                    }
                 }
             }
             Event::Cancel => {
@@ -614,11 +730,50 @@ impl RunState {
                     s.error = Some("cancelled".into());
                     t.touch(i);
                 }
-                let steps = std::mem::take(&mut self.steps);
-                let params = std::mem::take(&mut self.params);
-                *self = Self::restore(self.id, plan, RunStatus::Cancelled, params, steps, None);
+                self.recount(plan);
                 self.end(RunStatus::Cancelled, now, &mut t);
                 return t;
+            }
+            Event::TimedOut => {
+                let due = self.deadline.is_some_and(|at| at <= now)
+                    && matches!(
+                        self.status,
+                        RunStatus::Running | RunStatus::Paused | RunStatus::NeedsAttention
+                    );
+                if !due {
+                    return t;
+                }
+                let reason = format!(
+                    "workflow timed out after {}",
+                    human(plan.timeout.unwrap_or_default())
+                );
+                for i in 0..self.steps.len() {
+                    if plan.nodes[self.node_of(i)].role != Role::Main {
+                        continue;
+                    }
+                    let s = &mut self.steps[i];
+                    if s.status.is_terminal() {
+                        continue;
+                    }
+                    if let (StepStatus::Running, Some(task_id)) = (s.status, s.task_id) {
+                        t.effects.push(Effect::Cancelled {
+                            step: i,
+                            attempt: s.attempt,
+                            task_id,
+                        });
+                    }
+                    s.status = StepStatus::Cancelled;
+                    s.wake_at = None;
+                    s.deadline = None;
+                    s.ended_at = Some(now);
+                    s.error = Some(reason.clone());
+                    t.touch(i);
+                }
+                self.error = Some(reason);
+                self.deadline = None;
+                self.status = RunStatus::Running;
+                t.run_changed = true;
+                self.recount(plan);
             }
             Event::Pause => {
                 if !matches!(self.status, RunStatus::Running | RunStatus::NeedsAttention) {
@@ -648,7 +803,9 @@ impl RunState {
                 t.run_changed = true;
                 for i in 0..self.steps.len() {
                     match self.steps[i].status {
-                        StepStatus::Pending if plan.nodes[i].role == Role::Main => {
+                        StepStatus::Pending
+                            if i < plan.nodes.len() && plan.nodes[i].role == Role::Main =>
+                        {
                             self.start_if_ready(plan, i, now, &mut t)
                         }
                         // A retry that came due while paused.
@@ -657,6 +814,11 @@ impl RunState {
                         }
                         _ => {}
                     }
+                }
+                let mut fanouts: Vec<usize> = self.fanouts.keys().copied().collect();
+                fanouts.sort_unstable();
+                for node in fanouts {
+                    self.start_instances(plan, node, now, &mut t);
                 }
             }
             Event::Settle { step, output } => {
@@ -698,7 +860,7 @@ impl RunState {
 
     /// The outputs of the steps `step` depends on, by step id: the `inputs` of its task.
     pub fn inputs_for(&self, plan: &Plan, step: usize) -> Map<String, Value> {
-        plan.nodes[step]
+        plan.nodes[self.node_of(step)]
             .deps
             .iter()
             .filter_map(|&d| {
@@ -732,15 +894,10 @@ impl RunState {
                 t.touch(i);
             }
         }
-        let steps = std::mem::take(&mut self.steps);
-        *self = Self::restore(
-            self.id,
-            plan,
-            RunStatus::Running,
-            std::mem::take(&mut self.params),
-            steps,
-            None,
-        );
+        self.status = RunStatus::Running;
+        self.ended_at = None;
+        self.error = None;
+        self.recount(plan);
         t.run_changed = true;
     }
 
@@ -748,7 +905,7 @@ impl RunState {
     /// fallback runs (strike 2), else it escalates when it has a channel to (strike 3), else it
     /// fails. Its `error` already says why the last attempt failed.
     fn strike_out(&mut self, plan: &Plan, step: usize, now: DateTime<Utc>, t: &mut Transition) {
-        let node = &plan.nodes[step];
+        let node = &plan.nodes[self.node_of(step)];
         if self.steps[step].strike == Strike::Retries && node.fallback.is_some() {
             let s = &mut self.steps[step];
             s.strike = Strike::Fallback;
@@ -788,7 +945,7 @@ impl RunState {
                 strike: Strike::Escalated,
             });
         } else {
-            self.finish(plan, step, StepStatus::Failure, now, t);
+            self.settle(plan, step, StepStatus::Failure, now, t);
         }
     }
 
@@ -802,8 +959,9 @@ impl RunState {
     }
 
     fn dispatch(&mut self, plan: &Plan, step: usize, now: DateTime<Utc>, t: &mut Transition) {
+        let node = &plan.nodes[self.node_of(step)];
         let s = &mut self.steps[step];
-        let plan_timeout = plan.nodes[step].attempt_timeout(s.strike.is_fallback());
+        let plan_timeout = node.attempt_timeout(s.strike.is_fallback());
         s.attempt += 1;
         s.status = StepStatus::Running;
         let task_id = Uuid::new_v4();
@@ -844,6 +1002,9 @@ impl RunState {
             s.deadline = None;
             s.ended_at = Some(now);
             t.touch(i);
+            if self.fanouts.contains_key(&i) {
+                self.stop_instances(i, now, t);
+            }
             match plan.nodes[i].role {
                 Role::Main => {
                     self.unfinished_main -= 1;
@@ -857,6 +1018,7 @@ impl RunState {
                 if let Some(next) = self.readiness(plan, d) {
                     match next {
                         Ready::Run => self.dispatch(plan, d, now, t),
+                        Ready::Expand(items) => self.expand(plan, d, items, now, t),
                         Ready::Settle(status, reason) => {
                             self.steps[d].error = Some(reason);
                             settled.push((d, status));
@@ -870,6 +1032,7 @@ impl RunState {
     fn start_if_ready(&mut self, plan: &Plan, step: usize, now: DateTime<Utc>, t: &mut Transition) {
         match self.readiness(plan, step) {
             Some(Ready::Run) => self.dispatch(plan, step, now, t),
+            Some(Ready::Expand(items)) => self.expand(plan, step, items, now, t),
             Some(Ready::Settle(status, reason)) => {
                 self.steps[step].error = Some(reason);
                 self.finish(plan, step, status, now, t);
@@ -934,7 +1097,7 @@ impl RunState {
     fn bare_name(&self, name: &str) -> Option<Value> {
         self.steps
             .iter()
-            .filter(|s| s.status == StepStatus::Success)
+            .filter(|s| s.status == StepStatus::Success && s.instance.is_none())
             .filter_map(|s| Some((s.ended_at, s.output.as_ref()?.as_object()?.get(name)?)))
             .max_by_key(|(ended, _)| *ended)
             .map(|(_, v)| v.clone())
@@ -944,20 +1107,41 @@ impl RunState {
     /// A step whose dependencies and condition allow it to run runs, unless its params cannot
     /// be rendered.
     fn ready_to_run(&self, plan: &Plan, step: usize) -> Ready {
+        if plan.nodes[step].for_each.is_some() {
+            return match self.for_each_items(plan, step) {
+                Ok(items) => Ready::Expand(items),
+                Err(e) => Ready::Settle(StepStatus::Failure, e),
+            };
+        }
         match self.task_params(plan, step) {
             Ok(_) => Ready::Run,
             Err(e) => Ready::Settle(StepStatus::Failure, format!("params: {e}")),
         }
     }
 
-    /// The params a step's task carries: its own, with `${{ … }}` templates rendered.
-    pub fn task_params(&self, plan: &Plan, step: usize) -> Result<Map<String, Value>, String> {
-        let (params, reads) = plan.nodes[step].call_params(self.steps[step].strike.is_fallback());
+    /// The params a slot's task carries: its node's own (or its fallback's), with `${{ … }}`
+    /// templates rendered (for an instance, with its `item` and `index`).
+    pub fn task_params(&self, plan: &Plan, slot: usize) -> Result<Map<String, Value>, String> {
+        let node = &plan.nodes[self.node_of(slot)];
+        let (params, reads) = node.call_params(self.steps[slot].strike.is_fallback());
         let Some(reads) = reads else {
             return Ok(params.clone());
         };
-        let steps = reads
-            .iter()
+        let item = self.steps[slot]
+            .instance
+            .as_ref()
+            .map(|i| (&i.item, i.index));
+        let steps = self.template_steps(plan, reads.iter());
+        crate::template::render(params, &self.params, steps, item)
+    }
+
+    /// What templates see as `steps`: the status and output of the steps they read.
+    fn template_steps<'a>(
+        &self,
+        plan: &Plan,
+        reads: impl Iterator<Item = &'a usize>,
+    ) -> Map<String, Value> {
+        reads
             .map(|&i| {
                 let s = &self.steps[i];
                 let value = serde_json::json!({
@@ -966,8 +1150,251 @@ impl RunState {
                 });
                 (plan.nodes[i].id.clone(), value)
             })
-            .collect();
-        crate::template::render(params, &self.params, steps)
+            .collect()
+    }
+
+    /// The items a `for_each` node runs over, or why it cannot run.
+    fn for_each_items(&self, plan: &Plan, step: usize) -> Result<Vec<Value>, String> {
+        let for_each = plan.nodes[step].for_each.as_ref().expect("a for_each node");
+        let source = &for_each.items;
+        let steps = self.template_steps(plan, for_each.reads.iter());
+        let value = crate::template::render_text(source, &self.params, steps)
+            .map_err(|e| format!("for_each: {e}"))?;
+        let items = match value {
+            Value::Array(items) => items,
+            other => {
+                return Err(format!(
+                    "for_each: `{source}` gives {}, not a list",
+                    json_type(&other)
+                ));
+            }
+        };
+        if items.len() > self.max_instances {
+            return Err(format!(
+                "for_each: `{source}` gives {} items; a step may have at most {} instances",
+                items.len(),
+                self.max_instances
+            ));
+        }
+        Ok(items)
+    }
+
+    /// Starts a `for_each` node: one slot per item after the existing ones, the first
+    /// `max_parallel` of them dispatched. An empty list succeeds at once with an empty output.
+    fn expand(
+        &mut self,
+        plan: &Plan,
+        node: usize,
+        items: Vec<Value>,
+        now: DateTime<Utc>,
+        t: &mut Transition,
+    ) {
+        let first = self.steps.len();
+        let len = items.len();
+        for (index, item) in items.into_iter().enumerate() {
+            self.steps.push(StepState {
+                instance: Some(Instance { node, index, item }),
+                ..StepState::default()
+            });
+            t.touch(first + index);
+        }
+        self.fanouts.insert(
+            node,
+            FanOut {
+                first,
+                len,
+                started: 0,
+                active: 0,
+                succeeded: 0,
+            },
+        );
+        let s = &mut self.steps[node];
+        s.status = StepStatus::Running;
+        s.started_at.get_or_insert(now);
+        t.touch(node);
+        if len == 0 {
+            self.steps[node].output = Some(Value::Array(Vec::new()));
+            self.finish(plan, node, StepStatus::Success, now, t);
+        } else {
+            self.start_instances(plan, node, now, t);
+        }
+    }
+
+    /// After an operator's retry of a failed `for_each` node: its instances that did not
+    /// succeed run again; those that did keep their output.
+    fn restart_instances(
+        &mut self,
+        plan: &Plan,
+        node: usize,
+        now: DateTime<Utc>,
+        t: &mut Transition,
+    ) {
+        let mut f = self.fanouts[&node];
+        let mut pending = Vec::new();
+        for slot in f.first..f.first + f.len {
+            let s = &mut self.steps[slot];
+            if s.status != StepStatus::Success {
+                s.status = StepStatus::Pending;
+                s.error = None;
+                t.touch(slot);
+                pending.push(slot);
+            }
+        }
+        for &slot in &pending {
+            self.restart(slot);
+        }
+        // Instances start in order: move the ones to run again to the front by restarting the
+        // count of started ones at the first of them.
+        f.started = pending.first().map_or(f.len, |&slot| slot - f.first);
+        f.active = 0;
+        self.fanouts.insert(node, f);
+        let s = &mut self.steps[node];
+        s.status = StepStatus::Running;
+        t.touch(node);
+        self.start_instances(plan, node, now, t);
+    }
+
+    /// Dispatches pending instances of a running `for_each` node up to its `max_parallel`.
+    fn start_instances(
+        &mut self,
+        plan: &Plan,
+        node: usize,
+        now: DateTime<Utc>,
+        t: &mut Transition,
+    ) {
+        let Some(&f) = self.fanouts.get(&node) else {
+            return;
+        };
+        if self.status == RunStatus::Paused || self.steps[node].status != StepStatus::Running {
+            return;
+        }
+        let max_parallel = plan.nodes[node]
+            .for_each
+            .as_ref()
+            .map_or(usize::MAX, |e| e.max_parallel);
+        let (mut started, mut active) = (f.started, f.active);
+        while active < max_parallel && started < f.len {
+            let slot = f.first + started;
+            started += 1;
+            // Instances that succeeded before an operator's retry keep their output.
+            if self.steps[slot].status != StepStatus::Pending {
+                continue;
+            }
+            active += 1;
+            self.fanouts.insert(
+                node,
+                FanOut {
+                    started,
+                    active,
+                    ..f
+                },
+            );
+            match self.task_params(plan, slot) {
+                Ok(_) => self.dispatch(plan, slot, now, t),
+                Err(e) => {
+                    self.steps[slot].error = Some(format!("params: {e}"));
+                    self.instance_ended(plan, slot, StepStatus::Failure, now, t);
+                    return;
+                }
+            }
+        }
+        if let Some(f) = self.fanouts.get_mut(&node) {
+            f.started = started;
+            f.active = active;
+        }
+    }
+
+    /// Puts a slot in a final state: an instance, or a step.
+    fn settle(
+        &mut self,
+        plan: &Plan,
+        slot: usize,
+        status: StepStatus,
+        now: DateTime<Utc>,
+        t: &mut Transition,
+    ) {
+        if self.steps[slot].instance.is_some() {
+            self.instance_ended(plan, slot, status, now, t);
+        } else {
+            self.finish(plan, slot, status, now, t);
+        }
+    }
+
+    /// An instance ended: the next one starts; the last success ends its node with the list of
+    /// outputs, a failure ends it failed.
+    fn instance_ended(
+        &mut self,
+        plan: &Plan,
+        slot: usize,
+        status: StepStatus,
+        now: DateTime<Utc>,
+        t: &mut Transition,
+    ) {
+        let s = &mut self.steps[slot];
+        s.status = status;
+        s.wake_at = None;
+        s.deadline = None;
+        s.ended_at = Some(now);
+        t.touch(slot);
+        let instance = s.instance.as_ref().expect("an instance slot");
+        let (node, index) = (instance.node, instance.index);
+        let f = self
+            .fanouts
+            .get_mut(&node)
+            .expect("an instance has a fan-out");
+        f.active -= 1;
+        if status == StepStatus::Success {
+            f.succeeded += 1;
+            if f.succeeded == f.len {
+                let f = *f;
+                let outputs = self.steps[f.first..f.first + f.len]
+                    .iter()
+                    .map(|s| s.output.clone().unwrap_or(Value::Null))
+                    .collect();
+                self.steps[node].output = Some(Value::Array(outputs));
+                self.steps[node].error = None;
+                self.finish(plan, node, StepStatus::Success, now, t);
+            } else {
+                self.start_instances(plan, node, now, t);
+            }
+        } else {
+            let reason = self.steps[slot].error.clone().unwrap_or_default();
+            self.steps[node].error = Some(format!("item {index} failed: {reason}"));
+            self.finish(plan, node, StepStatus::Failure, now, t);
+        }
+    }
+
+    /// A `for_each` node ended (failed, or settled by an operator): its instances not ended
+    /// yet are cancelled.
+    fn stop_instances(&mut self, node: usize, now: DateTime<Utc>, t: &mut Transition) {
+        let Some(f) = self.fanouts.get_mut(&node) else {
+            return;
+        };
+        f.active = 0;
+        f.started = f.len;
+        let f = *f;
+        for slot in f.first..f.first + f.len {
+            if self.steps[slot].status == StepStatus::NeedsAttention {
+                self.attention -= 1;
+            }
+            let s = &mut self.steps[slot];
+            if s.status.is_terminal() {
+                continue;
+            }
+            if let (StepStatus::Running, Some(task_id)) = (s.status, s.task_id) {
+                t.effects.push(Effect::Cancelled {
+                    step: slot,
+                    attempt: s.attempt,
+                    task_id,
+                });
+            }
+            s.status = StepStatus::Cancelled;
+            s.wake_at = None;
+            s.deadline = None;
+            s.ended_at = Some(now);
+            s.error = Some("cancelled: its step ended".into());
+            t.touch(slot);
+        }
     }
 
     /// Moves the run on when its steps are done: to success, to its failure handlers, or to
@@ -978,7 +1405,9 @@ impl RunState {
             t.run_changed = true;
         }
         if self.status == RunStatus::Running && self.unfinished_main == 0 {
-            if self.failed_main == 0 {
+            // Nothing runs any more that the deadline could stop.
+            self.deadline = None;
+            if self.failed_main == 0 && self.error.is_none() {
                 // Failure handlers of a successful run never run.
                 let handlers: Vec<usize> = plan
                     .nodes
@@ -1017,6 +1446,7 @@ impl RunState {
     fn end(&mut self, status: RunStatus, now: DateTime<Utc>, t: &mut Transition) {
         self.status = status;
         self.ended_at = Some(now);
+        self.deadline = None;
         t.run_changed = true;
         t.effects.push(Effect::RunEnded(status));
     }
@@ -1024,7 +1454,36 @@ impl RunState {
 
 enum Ready {
     Run,
+    /// A `for_each` node runs over these items.
+    Expand(Vec<Value>),
     Settle(StepStatus, String),
+}
+
+/// A duration as users write it: `90s`, `5m`, `1h`, `1500ms`.
+fn human(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        _ if ms > 0 && ms.is_multiple_of(3_600_000) => format!("{}h", ms / 3_600_000),
+        _ if ms > 0 && ms.is_multiple_of(60_000) => format!("{}m", ms / 60_000),
+        _ if ms.is_multiple_of(1_000) => format!("{}s", ms / 1_000),
+        _ => format!("{ms}ms"),
+    }
+}
+
+fn to_chrono(d: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// A JSON value's type, for messages.
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
 }
 
 /// A number in `[0, 1)` picked by the failed attempt's task id, so that the jitter of a retry is

@@ -5,6 +5,9 @@
 //! is exactly one template becomes the expression's JSON value (a number stays a number, a list a
 //! list); a template inside a longer string is spliced in as text. A reference to a value that
 //! does not exist fails the step with the reason.
+//!
+//! In the params of a `for_each` step, `item` (the instance's item) and `index` (its position,
+//! from 0) may be read too.
 
 use std::collections::BTreeSet;
 
@@ -14,14 +17,19 @@ use crate::condition::PARAMS;
 
 /// The variable that holds the finished steps.
 pub const STEPS: &str = "steps";
+/// The item of a `for_each` instance.
+pub const ITEM: &str = "item";
+/// The position of a `for_each` instance's item, from 0.
+pub const INDEX: &str = "index";
 /// The longest rendered params accepted, in bytes of JSON.
 pub const MAX_RENDERED_BYTES: usize = 1 << 20;
 
 const OPEN: &str = "${{";
 const CLOSE: &str = "}}";
 
-/// Checks every template in `params` and returns the step ids they read.
-pub fn check(params: &Map<String, Value>) -> Result<BTreeSet<String>, String> {
+/// Checks every template in `params` and returns the step ids they read; `item` and `index` may
+/// be read only when `in_loop` (the params of a `for_each` step).
+pub fn check(params: &Map<String, Value>, in_loop: bool) -> Result<BTreeSet<String>, String> {
     let mut steps = BTreeSet::new();
     let mut error = None;
     visit_strings(params, &mut |text| {
@@ -29,7 +37,12 @@ pub fn check(params: &Map<String, Value>) -> Result<BTreeSet<String>, String> {
             match expr.and_then(|e| compile(e).map(|p| (e, p))) {
                 Ok((source, program)) => {
                     for var in program.references().variables() {
-                        if var != PARAMS && var != STEPS {
+                        let loop_var = var == ITEM || var == INDEX;
+                        if loop_var && !in_loop {
+                            error.get_or_insert(format!(
+                                "template `{source}` reads `{var}`, which only the params of a `for_each` step may read"
+                            ));
+                        } else if !loop_var && var != PARAMS && var != STEPS {
                             error.get_or_insert(format!(
                                 "template `{source}` reads `{var}`; templates may read `params` and `steps`"
                             ));
@@ -57,17 +70,16 @@ pub fn has_templates(params: &Map<String, Value>) -> bool {
 }
 
 /// Renders every template in `params`. `steps` holds, for the step ids the templates read,
-/// `{"output": …, "status": …}`.
+/// `{"output": …, "status": …}`; `item` is a `for_each` instance's item and its index.
 pub fn render(
     params: &Map<String, Value>,
     run_params: &Map<String, Value>,
     steps: Map<String, Value>,
+    item: Option<(&Value, usize)>,
 ) -> Result<Map<String, Value>, String> {
-    let mut ctx = cel::Context::default();
-    ctx.add_variable(PARAMS, Value::Object(run_params.clone()))
-        .map_err(|e| format!("cannot bind params: {e}"))?;
-    ctx.add_variable(STEPS, Value::Object(steps))
-        .map_err(|e| format!("cannot bind steps: {e}"))?;
+    let mut reads_params = false;
+    visit_strings(params, &mut |text| reads_params |= text.contains(PARAMS));
+    let ctx = context(reads_params.then_some(run_params), steps, item)?;
     let mut out = Map::new();
     for (key, value) in params {
         out.insert(key.clone(), render_value(value, &ctx)?);
@@ -79,6 +91,43 @@ pub fn render(
         ));
     }
     Ok(out)
+}
+
+/// Renders one string that holds templates (a `for_each` list, say) into its JSON value.
+pub fn render_text(
+    text: &str,
+    run_params: &Map<String, Value>,
+    steps: Map<String, Value>,
+) -> Result<Value, String> {
+    let reads_params = text.contains(PARAMS);
+    render_string(
+        text,
+        &context(reads_params.then_some(run_params), steps, None)?,
+    )
+}
+
+/// The variables templates read. The run's params are bound only when some template may read
+/// them (its text names them): converting them costs as much as they are large, for every
+/// instance of a `for_each` step.
+fn context(
+    run_params: Option<&Map<String, Value>>,
+    steps: Map<String, Value>,
+    item: Option<(&Value, usize)>,
+) -> Result<cel::Context<'static, 'static>, String> {
+    let mut ctx = cel::Context::default();
+    if let Some(run_params) = run_params {
+        ctx.add_variable(PARAMS, Value::Object(run_params.clone()))
+            .map_err(|e| format!("cannot bind params: {e}"))?;
+    }
+    ctx.add_variable(STEPS, Value::Object(steps))
+        .map_err(|e| format!("cannot bind steps: {e}"))?;
+    if let Some((item, index)) = item {
+        ctx.add_variable(ITEM, item.clone())
+            .map_err(|e| format!("cannot bind item: {e}"))?;
+        ctx.add_variable(INDEX, Value::from(index))
+            .map_err(|e| format!("cannot bind index: {e}"))?;
+    }
+    Ok(ctx)
 }
 
 fn render_value(value: &Value, ctx: &cel::Context) -> Result<Value, String> {
@@ -215,11 +264,11 @@ mod tests {
         let run = map(json!({"projectName": "my-app", "n": 3, "items": [1, 2]}));
         let steps = map(json!({"build": {"output": {"artifact": "app.tar"}, "status": "success"}}));
         assert_eq!(
-            check(&params).unwrap(),
+            check(&params, false).unwrap(),
             BTreeSet::from(["build".to_string()])
         );
         assert_eq!(
-            Value::Object(render(&params, &run, steps).unwrap()),
+            Value::Object(render(&params, &run, steps, None).unwrap()),
             json!({
                 "name": "my-app",
                 "count": 3,
@@ -234,7 +283,7 @@ mod tests {
     #[test]
     fn a_missing_value_is_an_error_that_names_it() {
         let params = map(json!({"x": "${{ params.absent }}"}));
-        let err = render(&params, &Map::new(), Map::new()).unwrap_err();
+        let err = render(&params, &Map::new(), Map::new(), None).unwrap_err();
         assert!(
             err.contains("params.absent") && err.contains("absent"),
             "{err}"
@@ -244,20 +293,45 @@ mod tests {
     #[test]
     fn bad_templates_are_refused_when_checked() {
         assert!(
-            check(&map(json!({"x": "${{ params.a + }}"})))
+            check(&map(json!({"x": "${{ params.a + }}"})), false)
                 .unwrap_err()
                 .contains("does not parse")
         );
         assert!(
-            check(&map(json!({"x": "${{ secret }}"})))
+            check(&map(json!({"x": "${{ secret }}"})), true)
                 .unwrap_err()
                 .contains("`secret`")
         );
         assert!(
-            check(&map(json!({"x": "${{ params.a"})))
+            check(&map(json!({"x": "${{ params.a"})), false)
                 .unwrap_err()
                 .contains("unclosed")
         );
         assert!(!has_templates(&map(json!({"x": "plain"}))));
+    }
+
+    #[test]
+    fn item_and_index_are_read_only_in_a_loop() {
+        let params = map(json!({"name": "${{ item.name }}", "n": "${{ index }}"}));
+        assert!(
+            check(&params, false)
+                .unwrap_err()
+                .contains("only the params of a `for_each` step")
+        );
+        assert!(check(&params, true).unwrap().is_empty());
+        let item = json!({"name": "a"});
+        assert_eq!(
+            Value::Object(render(&params, &Map::new(), Map::new(), Some((&item, 2))).unwrap()),
+            json!({"name": "a", "n": 2})
+        );
+    }
+
+    #[test]
+    fn a_whole_template_renders_to_its_json_value() {
+        let run = map(json!({"items": [1, "two"]}));
+        assert_eq!(
+            render_text("${{ params.items }}", &run, Map::new()).unwrap(),
+            json!([1, "two"])
+        );
     }
 }

@@ -60,6 +60,8 @@ pub struct EngineConfig {
     pub max_cached_runs: usize,
     /// How long a repeated `Idempotency-Key` answers the run its first submission started.
     pub idempotency_retention: Duration,
+    /// The most instances one `for_each` step may expand to.
+    pub max_instances: usize,
 }
 
 impl Default for EngineConfig {
@@ -69,6 +71,7 @@ impl Default for EngineConfig {
             max_batch: 512,
             max_cached_runs: 20_000,
             idempotency_retention: Duration::from_secs(24 * 3600),
+            max_instances: flotilla_core::scheduler::DEFAULT_MAX_INSTANCES,
         }
     }
 }
@@ -201,14 +204,17 @@ pub enum Due {
         attempt: u32,
         task_id: Uuid,
     },
+    /// A run past its workflow timeout.
+    RunTimeout { run_id: Uuid },
 }
 
 impl Due {
     fn run_id(&self) -> Uuid {
         match self {
-            Due::Retry { run_id, .. } | Due::Lease { run_id, .. } | Due::Timeout { run_id, .. } => {
-                *run_id
-            }
+            Due::Retry { run_id, .. }
+            | Due::Lease { run_id, .. }
+            | Due::Timeout { run_id, .. }
+            | Due::RunTimeout { run_id } => *run_id,
         }
     }
 }
@@ -276,6 +282,8 @@ struct CachedRun {
     plan: Arc<Plan>,
     state: RunState,
     version: i64,
+    /// Step rows stored for the run; slots past them (new `for_each` instances) are inserted.
+    stored: usize,
 }
 
 /// The engine: owns the cache of active runs.
@@ -505,6 +513,7 @@ impl Engine {
                     let id = Uuid::now_v7();
                     let content = Content::of(&run.definition);
                     let mut state = RunState::new(id, &run.plan, run.params.clone());
+                    state.max_instances = self.config.max_instances;
                     let t = state.apply(&run.plan, Event::Start, now);
                     pending.effects(&run.plan, &state, &t);
                     pending.create(&run.plan, &state, &content.hash);
@@ -528,6 +537,7 @@ impl Engine {
                         id,
                         CachedRun {
                             plan,
+                            stored: state.steps.len(),
                             state,
                             version: 0,
                         },
@@ -571,13 +581,16 @@ impl Engine {
                         };
                         let event = match *d {
                             Due::Retry { step, attempt, .. } => Event::Wake { step, attempt },
+                            Due::RunTimeout { .. } => Event::TimedOut,
                             Due::Lease {
                                 step,
                                 attempt,
                                 task_id,
                                 ..
                             } => {
-                                tracing::warn!(run_id = %cached.state.id, step_id = %cached.plan.nodes.get(step).map_or("?", |n| n.id.as_str()), attempt, "lease expired");
+                                if step < cached.state.steps.len() {
+                                    tracing::warn!(run_id = %cached.state.id, step_id = %cached.state.slot_id(&cached.plan, step), attempt, "lease expired");
+                                }
                                 let message = "lease expired: the worker stopped renewing it (crashed, stopped or cut off)";
                                 ended(
                                     step,
@@ -594,14 +607,13 @@ impl Engine {
                                 task_id,
                                 ..
                             } => {
-                                let limit = cached
-                                    .plan
-                                    .nodes
-                                    .get(step)
-                                    .zip(cached.state.steps.get(step))
-                                    .and_then(|(n, s)| {
-                                        n.attempt_timeout(s.strike_of(n, attempt).is_fallback())
+                                let limit = (step < cached.state.steps.len())
+                                    .then(|| {
+                                        let n = &cached.plan.nodes[cached.state.node_of(step)];
+                                        let strike = cached.state.steps[step].strike_of(n, attempt);
+                                        n.attempt_timeout(strike.is_fallback())
                                     })
+                                    .flatten()
                                     .unwrap_or_default();
                                 let message = format!(
                                     "timed out: the attempt ran past its timeout of {limit:?}"
@@ -713,16 +725,25 @@ impl Engine {
         for (run_id, steps) in &changes {
             let cached = &self.runs[run_id];
             for &i in steps {
-                batch.step_updates.push(StepRow {
+                let row = StepRow {
                     run_id: *run_id,
                     idx: i as i32,
                     state: cached.state.steps[i].clone(),
-                });
+                };
+                if i < cached.stored {
+                    batch.step_updates.push(row);
+                } else {
+                    batch
+                        .new_steps
+                        .push((step_ident(&cached.plan, &cached.state, i), row));
+                }
             }
             batch.run_updates.push(RunUpdate {
                 id: *run_id,
                 status: cached.state.status,
                 ended_at: cached.state.ended_at,
+                deadline: cached.state.deadline,
+                error: cached.state.error.clone(),
             });
         }
 
@@ -748,6 +769,7 @@ impl Engine {
         for run_id in changes.keys() {
             if let Some(cached) = self.runs.get_mut(run_id) {
                 cached.version += 1;
+                cached.stored = cached.state.steps.len();
             }
         }
         for (id, run) in new_runs {
@@ -858,7 +880,7 @@ impl Engine {
         }
         for run in stored {
             let plan = self.plans[&run.definition_hash].clone();
-            if plan.nodes.len() != run.steps.len() {
+            if run.steps.len() < plan.nodes.len() {
                 return Err(flotilla_store::Error::Corrupt(format!(
                     "run {} has {} steps but its definition has {}",
                     run.id,
@@ -867,7 +889,7 @@ impl Engine {
                 ))
                 .into());
             }
-            let state = RunState::restore(
+            let mut state = RunState::restore(
                 run.id,
                 &plan,
                 run.status,
@@ -875,10 +897,14 @@ impl Engine {
                 run.steps,
                 run.ended_at,
             );
+            state.max_instances = self.config.max_instances;
+            state.deadline = run.deadline;
+            state.error = run.error;
             self.runs.insert(
                 run.id,
                 CachedRun {
                     plan,
+                    stored: state.steps.len(),
                     state,
                     version: run.version,
                 },
@@ -957,14 +983,12 @@ impl Pending<'_> {
             params: state.params.clone(),
             created_at: self.now,
             ended_at: state.ended_at,
+            deadline: state.deadline,
+            error: state.error.clone(),
         });
-        for (idx, (node, step)) in plan.nodes.iter().zip(&state.steps).enumerate() {
+        for (idx, step) in state.steps.iter().enumerate() {
             self.batch.new_steps.push((
-                StepIdent {
-                    step_id: node.id.clone(),
-                    agent: node.agent.clone(),
-                    action: node.action.clone(),
-                },
+                step_ident(plan, state, idx),
                 StepRow {
                     run_id: state.id,
                     idx: idx as i32,
@@ -981,6 +1005,9 @@ impl Pending<'_> {
                 self.wakes.push(at);
             }
         }
+        if let (true, Some(at)) = (t.run_changed, state.deadline) {
+            self.wakes.push(at);
+        }
         for effect in &t.effects {
             match effect {
                 Effect::Dispatch {
@@ -988,7 +1015,8 @@ impl Pending<'_> {
                     attempt,
                     task_id,
                 } => {
-                    let node = &plan.nodes[*step];
+                    let node = &plan.nodes[state.node_of(*step)];
+                    let step_id = state.slot_id(plan, *step);
                     let strike = state.steps[*step].strike_of(node, *attempt);
                     let (agent, action) = node.target(strike.is_fallback());
                     self.batch.attempts_started.push(AttemptStart {
@@ -1004,15 +1032,15 @@ impl Pending<'_> {
                         v: PROTOCOL_VERSION,
                         task_id: *task_id,
                         run_id: state.id,
-                        step_id: node.id.clone(),
+                        step_id: step_id.clone(),
                         attempt: *attempt,
                         agent: agent.to_string(),
                         action: action.to_string(),
-                        idempotency_key: format!("{}:{}", state.id, node.id),
+                        idempotency_key: format!("{}:{step_id}", state.id),
                         // The scheduler rendered these before it dispatched; they render the
                         // same now, as nothing they read can change in between.
                         params: state.task_params(plan, *step).unwrap_or_else(|e| {
-                            tracing::error!(run_id = %state.id, step_id = %node.id, error = %e, "params no longer render");
+                            tracing::error!(run_id = %state.id, %step_id, error = %e, "params no longer render");
                             node.params.clone()
                         }),
                         run_params: state.params.clone(),
@@ -1028,7 +1056,7 @@ impl Pending<'_> {
                         body: serde_json::to_vec(&task).expect("a task always serialises"),
                         created_at: self.now,
                     });
-                    tracing::debug!(run_id = %state.id, step_id = %node.id, attempt, "dispatch");
+                    tracing::debug!(run_id = %state.id, %step_id, attempt, "dispatch");
                     self.observed.push(Observation::Dispatched {
                         agent: agent.to_string(),
                         attempt: *attempt,
@@ -1054,7 +1082,7 @@ impl Pending<'_> {
                         worker: worker.clone(),
                         error: error.clone(),
                     });
-                    let node = &plan.nodes[*step];
+                    let node = &plan.nodes[state.node_of(*step)];
                     let strike = state.steps[*step].strike_of(node, *attempt);
                     self.observed.push(Observation::AttemptEnded {
                         agent: node.target(strike.is_fallback()).0.to_string(),
@@ -1069,7 +1097,12 @@ impl Pending<'_> {
                     attempt,
                     reason,
                 } => {
-                    tracing::info!(run_id = %state.id, step_id = %plan.nodes.get(*step).map_or("?", |n| n.id.as_str()), attempt, reason, "stale result ignored");
+                    let step_id = if *step < state.steps.len() {
+                        state.slot_id(plan, *step)
+                    } else {
+                        format!("#{step}")
+                    };
+                    tracing::info!(run_id = %state.id, %step_id, attempt, reason, "stale result ignored");
                     self.observed.push(Observation::Stale);
                 }
                 Effect::Strike { step, strike } => self.strike(plan, state, *step, *strike),
@@ -1081,7 +1114,7 @@ impl Pending<'_> {
                     attempt,
                     task_id,
                 } => {
-                    tracing::info!(run_id = %state.id, step_id = %plan.nodes[*step].id, attempt, "running attempt cancelled");
+                    tracing::info!(run_id = %state.id, step_id = %state.slot_id(plan, *step), attempt, "running attempt cancelled");
                     self.observed
                         .push(Observation::AttemptCancelled { task_id: *task_id });
                 }
@@ -1101,12 +1134,13 @@ impl Pending<'_> {
     /// Records a step's move to its fallback or its escalation in the run's history; an
     /// escalation also queues its notification, in the outbox like every message.
     fn strike(&mut self, plan: &Plan, state: &RunState, step: usize, strike: Strike) {
-        let node = &plan.nodes[step];
+        let node = &plan.nodes[state.node_of(step)];
+        let step_id = state.slot_id(plan, step);
         let s = &state.steps[step];
         let (action, detail) = match strike {
             Strike::Fallback => {
                 let (agent, action) = node.target(true);
-                tracing::info!(run_id = %state.id, step_id = %node.id, agent, action, "retries exhausted; the fallback runs");
+                tracing::info!(run_id = %state.id, %step_id, agent, action, "retries exhausted; the fallback runs");
                 (
                     "fallback",
                     json!({"strike": 2, "agent": agent, "action": action, "error": s.error}),
@@ -1114,29 +1148,29 @@ impl Pending<'_> {
             }
             _ => {
                 let channel = node.escalate.clone().unwrap_or_default();
-                tracing::warn!(run_id = %state.id, step_id = %node.id, channel = %channel, "step escalated; it waits for an operator");
+                tracing::warn!(run_id = %state.id, %step_id, channel = %channel, "step escalated; it waits for an operator");
                 let message = format!(
                     "Flotilla run {} ({}): step `{}` needs attention after {} attempts: {}",
                     state.id,
                     plan.name,
-                    node.id,
+                    step_id,
                     s.attempt,
                     s.error.as_deref().unwrap_or("it failed")
                 );
                 let mut params = Map::new();
                 params.insert("channel".into(), json!(channel));
                 params.insert("message".into(), json!(message));
-                params.insert("step".into(), json!(node.id));
+                params.insert("step".into(), json!(step_id));
                 let task_id = Uuid::new_v4();
                 let task = Task {
                     v: PROTOCOL_VERSION,
                     task_id,
                     run_id: state.id,
-                    step_id: format!("{}{ESCALATION_SUFFIX}", node.id),
+                    step_id: format!("{step_id}{ESCALATION_SUFFIX}"),
                     attempt: s.attempt.max(1),
                     agent: NOTIFY_AGENT.to_string(),
                     action: NOTIFY_ACTION.to_string(),
-                    idempotency_key: format!("{}:{}:escalation:{}", state.id, node.id, s.attempt),
+                    idempotency_key: format!("{}:{step_id}:escalation:{}", state.id, s.attempt),
                     params,
                     run_params: state.params.clone(),
                     inputs: Map::new(),
@@ -1162,7 +1196,7 @@ impl Pending<'_> {
             at: self.now,
             actor: ENGINE_ACTOR.into(),
             action: action.into(),
-            step_id: Some(node.id.clone()),
+            step_id: Some(step_id),
             detail: Some(detail),
         });
     }
@@ -1202,11 +1236,21 @@ fn apply_to_step(
         tracing::warn!(%run_id, step_id, "message for an unknown run ignored");
         return;
     };
-    let Some(step) = cached.plan.node_index(step_id) else {
+    let Some(step) = cached.state.slot_of(&cached.plan, step_id) else {
         tracing::warn!(%run_id, step_id, "message for an unknown step ignored");
         return;
     };
     pending.apply(cached, event(step));
+}
+
+/// The fixed identity of a slot's row: its step id, agent and action.
+fn step_ident(plan: &Plan, state: &RunState, slot: usize) -> StepIdent {
+    let node = &plan.nodes[state.node_of(slot)];
+    StepIdent {
+        step_id: state.slot_id(plan, slot),
+        agent: node.agent.clone(),
+        action: node.action.clone(),
+    }
 }
 
 /// Applies an operator's action to its run.
@@ -1264,6 +1308,11 @@ fn redrive_one(
     let step = cached
         .plan
         .node_index(step_id)
+        // An instance of a `for_each` step is retried through its step.
+        .or_else(|| {
+            let slot = cached.state.slot_of(&cached.plan, step_id)?;
+            Some(cached.state.node_of(slot))
+        })
         .ok_or_else(|| format!("run {run_id} has no step `{step_id}`"))?;
     let t = pending.apply(cached, Event::Retry { step: Some(step) });
     if let Some(Effect::Refused(reason)) = t.effects.first() {

@@ -1,5 +1,5 @@
 //! Fires the timers kept in Postgres — retries that are due, leases of running attempts that
-//! ran out, attempts past their timeout — with indexed queries that never scan history, and
+//! ran out, attempts past their timeout, runs past their workflow timeout — with indexed queries that never scan history, and
 //! sleeps in between.
 
 use std::time::Duration;
@@ -64,7 +64,8 @@ async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Ut
         let retries = db::due_wakeups(&client, now, BATCH).await?;
         let leases = db::expired_leases(&client, now, BATCH).await?;
         let late = db::past_deadlines(&client, now, BATCH).await?;
-        let full = [retries.len(), leases.len(), late.len()]
+        let late_runs = db::past_run_deadlines(&client, now, BATCH).await?;
+        let full = [retries.len(), leases.len(), late.len(), late_runs.len()]
             .iter()
             .any(|&n| n as i64 == BATCH);
         let index = |i: i32| usize::try_from(i).unwrap_or_default();
@@ -89,6 +90,11 @@ async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Ut
                 attempt: number(l.attempt),
                 task_id: l.task_id,
             }))
+            .chain(
+                late_runs
+                    .into_iter()
+                    .map(|run_id| Due::RunTimeout { run_id }),
+            )
             .collect();
         if !due.is_empty() {
             engine.due(due).await?;
@@ -98,6 +104,7 @@ async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Ut
                 db::next_wakeup(&client).await?,
                 db::next_lease_end(&client).await?,
                 db::next_deadline(&client).await?,
+                db::next_run_deadline(&client).await?,
             ];
             return Ok(next.into_iter().flatten().min());
         }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
+use flotilla_core::scheduler::Instance;
 use flotilla_core::{RunStatus, StepState, StepStatus, Strike};
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -36,6 +37,10 @@ pub struct StoredRun {
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
+    /// When the run times out, while it may.
+    pub deadline: Option<DateTime<Utc>>,
+    /// Why the run failed, when no step's failure says it.
+    pub error: Option<String>,
     pub steps: Vec<StepState>,
 }
 
@@ -43,14 +48,15 @@ pub struct StoredRun {
 pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<StoredRun>, Error> {
     let runs_stmt = client
         .prepare_cached(
-            "SELECT id, name, definition_hash, status, params, version, created_at, ended_at
+            "SELECT id, name, definition_hash, status, params, version, created_at, ended_at,
+                    deadline, error
              FROM runs WHERE id = ANY($1)",
         )
         .await?;
     let steps_stmt = client
         .prepare_cached(
             "SELECT run_id, status, attempt, task_id, wake_at, started_at, ended_at, output, error,
-                    deadline, lost, strike, strike_base
+                    deadline, lost, strike, strike_base, instance_of, item_index, item
              FROM steps WHERE run_id = ANY($1) ORDER BY run_id, idx",
         )
         .await?;
@@ -78,6 +84,8 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
                 version: r.get(5),
                 created_at: r.get(6),
                 ended_at: r.get(7),
+                deadline: r.get(8),
+                error: r.get(9),
                 steps: Vec::new(),
             },
         );
@@ -107,6 +115,14 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
                     Error::Corrupt(format!("a step of run {run_id} has strike {strike}"))
                 })?,
             strike_base: u32::try_from(r.get::<_, i32>(12)).unwrap_or_default(),
+            instance: match (r.get::<_, Option<i32>>(13), r.get::<_, Option<i32>>(14)) {
+                (Some(node), Some(index)) => Some(Instance {
+                    node: usize::try_from(node).unwrap_or_default(),
+                    index: usize::try_from(index).unwrap_or_default(),
+                    item: r.get::<_, Option<Value>>(15).unwrap_or(Value::Null),
+                }),
+                _ => None,
+            },
         };
         if let Some(run) = runs.get_mut(&run_id) {
             run.steps.push(step);
@@ -157,6 +173,8 @@ pub struct NewRun {
     pub params: Map<String, Value>,
     pub created_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
+    pub deadline: Option<DateTime<Utc>>,
+    pub error: Option<String>,
 }
 
 /// A run whose status (and version) moves on.
@@ -165,6 +183,8 @@ pub struct RunUpdate {
     pub id: Uuid,
     pub status: RunStatus,
     pub ended_at: Option<DateTime<Utc>>,
+    pub deadline: Option<DateTime<Utc>>,
+    pub error: Option<String>,
 }
 
 /// An attempt that was dispatched.
@@ -250,6 +270,24 @@ struct StepColumns {
     strike_base: Vec<i32>,
 }
 
+/// The instance columns of new step rows (fixed once written).
+#[derive(Default)]
+struct InstanceColumns {
+    instance_of: Vec<Option<i32>>,
+    item_index: Vec<Option<i32>>,
+    item: Vec<Option<Value>>,
+}
+
+impl InstanceColumns {
+    fn push(&mut self, row: &StepRow) {
+        let i = row.state.instance.as_ref();
+        let int = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+        self.instance_of.push(i.map(|i| int(i.node)));
+        self.item_index.push(i.map(|i| int(i.index)));
+        self.item.push(i.map(|i| i.item.clone()));
+    }
+}
+
 impl StepColumns {
     fn push(&mut self, row: &StepRow) {
         let s = &row.state;
@@ -301,26 +339,34 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
             .collect();
         let created: Vec<DateTime<Utc>> = runs.iter().map(|r| r.created_at).collect();
         let ended: Vec<Option<DateTime<Utc>>> = runs.iter().map(|r| r.ended_at).collect();
+        let deadlines: Vec<Option<DateTime<Utc>>> = runs.iter().map(|r| r.deadline).collect();
+        let errors: Vec<Option<&str>> = runs.iter().map(|r| r.error.as_deref()).collect();
         let stmt = tx
             .prepare_cached(
-                "INSERT INTO runs (id, name, definition_hash, status, params, created_at, ended_at)
+                "INSERT INTO runs (id, name, definition_hash, status, params, created_at, ended_at,
+                                   deadline, error)
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[],
-                                      $6::timestamptz[], $7::timestamptz[])",
+                                      $6::timestamptz[], $7::timestamptz[], $8::timestamptz[],
+                                      $9::text[])",
             )
             .await?;
         tx.execute(
             &stmt,
-            &[&ids, &names, &hashes, &statuses, &params, &created, &ended],
+            &[
+                &ids, &names, &hashes, &statuses, &params, &created, &ended, &deadlines, &errors,
+            ],
         )
         .await?;
     }
     if !batch.new_steps.is_empty() {
         let mut cols = StepColumns::default();
+        let mut instances = InstanceColumns::default();
         let mut step_ids = Vec::with_capacity(batch.new_steps.len());
         let mut agents = Vec::with_capacity(batch.new_steps.len());
         let mut actions = Vec::with_capacity(batch.new_steps.len());
         for (ident, row) in &batch.new_steps {
             cols.push(row);
+            instances.push(row);
             step_ids.push(ident.step_id.as_str());
             agents.push(ident.agent.as_str());
             actions.push(ident.action.as_str());
@@ -329,11 +375,12 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
             .prepare_cached(
                 "INSERT INTO steps (run_id, idx, step_id, agent, action, status, attempt, task_id,
                                     wake_at, started_at, ended_at, output, error, deadline, lost,
-                                    strike, strike_base)
+                                    strike, strike_base, instance_of, item_index, item)
                  SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
                                       $6::text[], $7::int4[], $8::uuid[], $9::timestamptz[],
                                       $10::timestamptz[], $11::timestamptz[], $12::jsonb[], $13::text[],
-                                      $14::timestamptz[], $15::int4[], $16::int2[], $17::int4[])",
+                                      $14::timestamptz[], $15::int4[], $16::int2[], $17::int4[],
+                                      $18::int4[], $19::int4[], $20::jsonb[])",
             )
             .await?;
         tx.execute(
@@ -356,6 +403,9 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                 &cols.lost,
                 &cols.strike,
                 &cols.strike_base,
+                &instances.instance_of,
+                &instances.item_index,
+                &instances.item,
             ],
         )
         .await?;
@@ -412,14 +462,24 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
             .collect();
         let ended: Vec<Option<DateTime<Utc>>> =
             batch.run_updates.iter().map(|r| r.ended_at).collect();
+        let deadlines: Vec<Option<DateTime<Utc>>> =
+            batch.run_updates.iter().map(|r| r.deadline).collect();
+        let errors: Vec<Option<&str>> = batch
+            .run_updates
+            .iter()
+            .map(|r| r.error.as_deref())
+            .collect();
         let stmt = tx
             .prepare_cached(
-                "UPDATE runs r SET status = u.status, ended_at = u.ended_at, version = r.version + 1
-                 FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) AS u(id, status, ended_at)
+                "UPDATE runs r SET status = u.status, ended_at = u.ended_at, deadline = u.deadline,
+                        error = u.error, version = r.version + 1
+                 FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+                             $5::text[]) AS u(id, status, ended_at, deadline, error)
                  WHERE r.id = u.id",
             )
             .await?;
-        tx.execute(&stmt, &[&ids, &statuses, &ended]).await?;
+        tx.execute(&stmt, &[&ids, &statuses, &ended, &deadlines, &errors])
+            .await?;
     }
     if !batch.attempts_started.is_empty() {
         let a = &batch.attempts_started;
@@ -633,6 +693,33 @@ pub async fn next_lease_end(client: &impl GenericClient) -> Result<Option<DateTi
             "SELECT min(lease_until) FROM steps
              WHERE lease_until > (SELECT at FROM fleet_pulse WHERE id = 1)",
         )
+        .await?;
+    Ok(client.query_one(&stmt, &[]).await?.get(0))
+}
+
+/// Runs whose workflow timeout passed before `now`.
+pub async fn past_run_deadlines(
+    client: &impl GenericClient,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<Uuid>, Error> {
+    let stmt = client
+        .prepare_cached("SELECT id FROM runs WHERE deadline <= $1 ORDER BY deadline LIMIT $2")
+        .await?;
+    Ok(client
+        .query(&stmt, &[&now, &limit])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// The earliest workflow timeout of a run, if any.
+pub async fn next_run_deadline(
+    client: &impl GenericClient,
+) -> Result<Option<DateTime<Utc>>, Error> {
+    let stmt = client
+        .prepare_cached("SELECT min(deadline) FROM runs WHERE deadline IS NOT NULL")
         .await?;
     Ok(client.query_one(&stmt, &[]).await?.get(0))
 }

@@ -14,6 +14,8 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (5, include_str!("../migrations/0005_fleet_pulse.sql")),
     (6, include_str!("../migrations/0006_schedules.sql")),
     (7, include_str!("../migrations/0007_lost_attempts.sql")),
+    (8, include_str!("../migrations/0008_for_each_instances.sql")),
+    (9, include_str!("../migrations/0009_run_deadlines.sql")),
     (11, include_str!("../migrations/0011_strikes.sql")),
 ];
 

@@ -82,6 +82,8 @@ fn new_run_batch() -> (Batch, RunState, Plan) {
         params: Map::new(),
         created_at: at(0),
         ended_at: None,
+        deadline: None,
+        error: None,
     });
     for (i, (node, step)) in plan.nodes.iter().zip(&state.steps).enumerate() {
         batch.new_steps.push((
@@ -172,6 +174,8 @@ async fn a_written_run_loads_back_the_same_and_versions_count_writes() -> anyhow
         id,
         status: state.status,
         ended_at: state.ended_at,
+        deadline: state.deadline,
+        error: state.error.clone(),
     });
     let tx = client.transaction().await?;
     let versions = db::lock_runs(&tx, &[id, Uuid::new_v4()]).await?;
@@ -496,5 +500,70 @@ async fn a_due_schedule_is_claimed_by_one_coordinator_and_moves_on() -> anyhow::
     assert!(schedules::delete(&c1, "monitor").await?);
     assert!(schedules::list(&c1).await?.is_empty());
     drop((c1, c2));
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn instances_and_run_deadlines_load_back_and_past_deadlines_are_found() -> anyhow::Result<()>
+{
+    let t = TestDb::new().await?;
+    let def = Definition::from_yaml(
+        "name: fan\ntimeout: 10s\nsteps:\n  - {id: each, agent: x, action: y, for_each: \"${{ params.items }}\"}\n",
+    )?;
+    let plan = Plan::compile(&def)?;
+    let id = Uuid::now_v7();
+    let mut state = RunState::new(
+        id,
+        &plan,
+        json!({"items": ["a", {"b": 1}]})
+            .as_object()
+            .unwrap()
+            .clone(),
+    );
+    state.apply(&plan, Event::Start, at(0));
+    assert_eq!(state.steps.len(), 3, "the node and its two instances");
+    let content = definitions::Content::of(&def);
+    let mut batch = Batch::default();
+    batch.definitions.push((content.hash.clone(), content.body));
+    batch.new_runs.push(NewRun {
+        id,
+        name: "fan".into(),
+        definition_hash: content.hash,
+        status: state.status,
+        params: state.params.clone(),
+        created_at: at(0),
+        ended_at: None,
+        deadline: state.deadline,
+        error: None,
+    });
+    for (i, step) in state.steps.iter().enumerate() {
+        batch.new_steps.push((
+            StepIdent {
+                step_id: state.slot_id(&plan, i),
+                agent: "x".into(),
+                action: "y".into(),
+            },
+            StepRow {
+                run_id: id,
+                idx: i as i32,
+                state: step.clone(),
+            },
+        ));
+    }
+    let mut client = t.store.client().await?;
+    let tx = client.transaction().await?;
+    db::write(&tx, &batch).await?;
+    tx.commit().await?;
+
+    let loaded = db::load_runs(&client, &[id]).await?;
+    assert_eq!(
+        loaded[0].steps, state.steps,
+        "instances keep their node, index and item"
+    );
+    assert_eq!(loaded[0].deadline, Some(at(10)));
+    assert!(db::past_run_deadlines(&client, at(9), 10).await?.is_empty());
+    assert_eq!(db::past_run_deadlines(&client, at(10), 10).await?, [id]);
+    assert_eq!(db::next_run_deadline(&client).await?, Some(at(10)));
+    drop(client);
     t.drop_db().await
 }

@@ -67,6 +67,10 @@ pub struct Config {
     )]
     pub idempotency_retention_secs: u64,
 
+    /// The most instances one `for_each` step may expand to; a longer list fails the step.
+    #[arg(long, env = "FLOTILLA_MAX_INSTANCES", default_value_t = flotilla_core::scheduler::DEFAULT_MAX_INSTANCES)]
+    pub max_instances: usize,
+
     /// Largest request body the API accepts, in bytes.
     #[arg(long, env = "FLOTILLA_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -119,6 +123,7 @@ impl Config {
                 "FLOTILLA_IDEMPOTENCY_RETENTION_SECS",
                 self.idempotency_retention_secs.to_string(),
             ),
+            ("FLOTILLA_MAX_INSTANCES", self.max_instances.to_string()),
             ("FLOTILLA_MAX_BODY_BYTES", self.max_body_bytes.to_string()),
             (
                 "FLOTILLA_SHUTDOWN_GRACE_SECS",

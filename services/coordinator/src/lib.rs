@@ -72,6 +72,7 @@ pub async fn run(
             names: names.clone(),
             max_batch: config.max_batch,
             idempotency_retention: config.idempotency_retention(),
+            max_instances: config.max_instances,
             ..EngineConfig::default()
         },
         outbox_tx,

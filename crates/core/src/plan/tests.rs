@@ -264,3 +264,48 @@ fn every_example_compiles() {
     }
     assert!(seen >= 4, "only {seen} examples found");
 }
+
+#[test]
+fn for_each_is_checked_when_compiled() {
+    let ok = compile(
+        "name: f\nsteps:\n  - {id: list, agent: a, action: ls}\n  - id: each\n    agent: a\n    action: work\n    for_each: \"${{ steps.list.output.files }}\"\n    max_parallel: 4\n    params: {file: \"${{ item }}\", n: \"${{ index }}\"}\n",
+    )
+    .unwrap();
+    let each = &ok.nodes[ok.node_index("each").unwrap()];
+    assert_eq!(
+        each.for_each,
+        Some(ForEach {
+            items: "${{ steps.list.output.files }}".into(),
+            reads: vec![0],
+            max_parallel: 4
+        })
+    );
+    assert_eq!(each.template_steps, Some(vec![]), "the params read no step");
+
+    let err = compile(
+        "name: f\nsteps:\n  - {id: late, agent: a, action: x, for_each: \"${{ steps.after.output }}\"}\n  - {id: after, agent: a, action: y}\n  - {id: zero, agent: a, action: x, for_each: \"${{ params.items }}\", max_parallel: 0}\n  - {id: bare, agent: a, action: x, for_each: \"params.items\"}\n  - {id: alone, agent: a, action: x, max_parallel: 2}\n  - {id: noloop, agent: a, action: x, params: {v: \"${{ item }}\"}}\n  - {id: odd, agent: a, action: x, for_each: \"${{ item }}\"}\nerror_handling:\n  on_failure:\n    - {notify: slack, for_each: \"${{ params.items }}\"}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    for expected in [
+        "steps[0] (`late`): params or for_each read `steps.after`",
+        "steps[2] (`zero`): `max_parallel` must be at least 1",
+        "steps[3] (`bare`): for_each must be one `${{ … }}` template",
+        "steps[4] (`alone`): `max_parallel` needs `for_each`",
+        "steps[5] (`noloop`): params: template `item` reads `item`, which only the params of a `for_each` step may read",
+        "steps[6] (`odd`): for_each: template `item` reads `item`",
+        "error_handling.on_failure[0] (`notify_slack`): `for_each` is only allowed on an agent step",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn a_branch_cannot_loop() {
+    let err = compile(
+        "name: f\nsteps:\n  - condition: \"params.x\"\n    for_each: \"${{ params.items }}\"\n    then: [{agent: a, action: b}]\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("cannot have `for_each`"), "{err}");
+}

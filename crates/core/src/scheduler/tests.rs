@@ -1112,3 +1112,398 @@ proptest! {
         }
     }
 }
+
+/// The slots a transition dispatched, as (slot, attempt, task id).
+fn dispatched_slots(t: &Transition) -> Vec<(usize, u32, Uuid)> {
+    t.effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Dispatch {
+                step,
+                attempt,
+                task_id,
+            } => Some((*step, *attempt, *task_id)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn slot_finished(slot: usize, attempt: u32, task_id: Uuid, outcome: Outcome) -> Event {
+    Event::AttemptFinished {
+        step: slot,
+        attempt,
+        task_id,
+        outcome,
+        worker: "w1".into(),
+        started_at: at(0),
+        finished_at: at(1),
+    }
+}
+
+const FAN_OUT: &str = "name: fan\nparams: {items: [a, b, c, d, e]}\nsteps:\n  - id: each\n    agent: x\n    action: work\n    for_each: \"${{ params.items }}\"\n    max_parallel: 2\n    retry: {max_attempts: 2, delay: 0}\n    params: {name: \"${{ item }}\", at: \"${{ index }}\"}\n  - id: after\n    agent: x\n    action: sum\n    params: {all: \"${{ steps.each.output }}\"}\n";
+
+fn fan_out_run(plan: &Plan) -> RunState {
+    let defaults = plan.params.clone();
+    RunState::new(Uuid::new_v4(), plan, defaults)
+}
+
+#[test]
+fn for_each_runs_one_instance_per_item_at_most_max_parallel_at_once() {
+    let plan = plan(FAN_OUT);
+    let mut run = fan_out_run(&plan);
+    let mut inflight = dispatched_slots(&run.apply(&plan, Event::Start, at(0)));
+    assert_eq!(inflight.len(), 2, "max_parallel instances start");
+    assert_eq!(run.steps[0].status, StepStatus::Running);
+    assert_eq!(run.steps.len(), 2 + 5, "one slot per item after the nodes");
+    assert_eq!(
+        (0..5)
+            .map(|k| run.slot_id(&plan, 2 + k))
+            .collect::<Vec<_>>(),
+        ["each[0]", "each[1]", "each[2]", "each[3]", "each[4]"]
+    );
+    assert_eq!(run.slot_of(&plan, "each[3]"), Some(5));
+    assert_eq!(run.slot_of(&plan, "each[5]"), None);
+    assert_eq!(run.slot_of(&plan, "after"), Some(1));
+    assert_eq!(
+        run.task_params(&plan, inflight[1].0).unwrap(),
+        json!({"name": "b", "at": 1}).as_object().unwrap().clone()
+    );
+
+    let mut seen = Vec::new();
+    let mut clock = 1;
+    // Answer the newest first, so outputs arrive out of item order.
+    while let Some((slot, attempt, task)) = inflight.pop() {
+        seen.push(slot);
+        let item = run.steps[slot].instance.as_ref().unwrap().item.clone();
+        let t = run.apply(
+            &plan,
+            slot_finished(
+                slot,
+                attempt,
+                task,
+                Outcome::Success(json!({ "done": item })),
+            ),
+            at(clock),
+        );
+        clock += 1;
+        let next = dispatched_slots(&t);
+        if seen.len() < 5 {
+            assert!(
+                t.changed.len() <= 3,
+                "an instance's end touches {:?}",
+                t.changed
+            );
+            inflight.extend(next);
+        } else {
+            assert_eq!(next.iter().map(|d| d.0).collect::<Vec<_>>(), [1]);
+        }
+        let running = (2..7)
+            .filter(|&s| run.steps[s].status == StepStatus::Running)
+            .count();
+        assert!(running <= 2, "{running} instances run at once");
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, [2, 3, 4, 5, 6], "every instance ran once");
+    assert_eq!(run.steps[0].status, StepStatus::Success);
+    let expected =
+        json!([{"done": "a"}, {"done": "b"}, {"done": "c"}, {"done": "d"}, {"done": "e"}]);
+    assert_eq!(
+        run.steps[0].output,
+        Some(expected.clone()),
+        "outputs in item order"
+    );
+    assert_eq!(
+        run.steps[1].status,
+        StepStatus::Running,
+        "the dependent runs"
+    );
+    assert_eq!(
+        run.task_params(&plan, 1).unwrap()["all"],
+        expected,
+        "dependents read the list"
+    );
+    assert_eq!(run.inputs_for(&plan, 1)["each"], expected);
+}
+
+#[test]
+fn a_failing_instance_is_retried_then_fails_its_step_and_stops_the_others() {
+    let plan = plan(FAN_OUT);
+    let mut run = fan_out_run(&plan);
+    let first = dispatched_slots(&run.apply(&plan, Event::Start, at(0)));
+    let (slot, attempt, task) = first[0];
+    let retried =
+        dispatched_slots(&run.apply(&plan, slot_finished(slot, attempt, task, fail(true)), at(1)));
+    assert_eq!(
+        retried.iter().map(|d| (d.0, d.1)).collect::<Vec<_>>(),
+        [(slot, 2)],
+        "the instance's retry policy applies"
+    );
+    let t = run.apply(
+        &plan,
+        slot_finished(slot, 2, retried[0].2, fail(true)),
+        at(2),
+    );
+    assert!(dispatched_slots(&t).is_empty());
+    assert_eq!(run.steps[0].status, StepStatus::Failure);
+    assert_eq!(run.steps[0].error.as_deref(), Some("item 0 failed: boom"));
+    let (other, other_attempt, other_task) = first[1];
+    assert!(
+        t.effects.contains(&Effect::Cancelled {
+            step: other,
+            attempt: other_attempt,
+            task_id: other_task
+        }),
+        "the running sibling is told to stop"
+    );
+    assert!((2..7).all(|s| run.steps[s].status.is_terminal()));
+    assert_eq!(run.steps[1].status, StepStatus::UpstreamFailed);
+    assert_eq!(run.status, RunStatus::Failure);
+    // A late result of the cancelled sibling is fenced off.
+    let late = run.apply(
+        &plan,
+        slot_finished(other, other_attempt, other_task, Outcome::Success(json!(1))),
+        at(3),
+    );
+    assert!(matches!(late.effects[..], [Effect::Stale { .. }]));
+
+    // An operator's retry runs again only the instances that did not succeed.
+    let t = run.apply(&plan, Event::Retry { step: Some(0) }, at(4));
+    let again = dispatched_slots(&t);
+    assert_eq!(
+        again.iter().map(|d| (d.0, d.1)).collect::<Vec<_>>(),
+        [(2, 3), (3, 2)]
+    );
+    assert_eq!(run.status, RunStatus::Running);
+    assert_eq!(run.steps[0].status, StepStatus::Running);
+}
+
+#[test]
+fn for_each_over_a_value_that_is_not_a_list_or_too_long_fails_the_step() {
+    let plan = plan(FAN_OUT);
+    for (items, limit, expected) in [
+        (
+            json!("abc"),
+            10,
+            "for_each: `${{ params.items }}` gives a string, not a list",
+        ),
+        (json!({"a": 1}), 10, "gives an object, not a list"),
+        (
+            json!([1, 2, 3]),
+            2,
+            "gives 3 items; a step may have at most 2 instances",
+        ),
+    ] {
+        let mut run = RunState::new(
+            Uuid::new_v4(),
+            &plan,
+            json!({"items": items}).as_object().unwrap().clone(),
+        );
+        run.max_instances = limit;
+        let t = run.apply(&plan, Event::Start, at(0));
+        assert!(dispatched_slots(&t).is_empty());
+        assert_eq!(run.steps.len(), 2, "no instance was made");
+        assert_eq!(run.steps[0].status, StepStatus::Failure);
+        let error = run.steps[0].error.clone().unwrap();
+        assert!(error.contains(expected), "{error}");
+        assert_eq!(run.status, RunStatus::Failure);
+    }
+}
+
+#[test]
+fn for_each_over_an_empty_list_succeeds_with_an_empty_output() {
+    let plan = plan(FAN_OUT);
+    let mut run = RunState::new(
+        Uuid::new_v4(),
+        &plan,
+        json!({"items": []}).as_object().unwrap().clone(),
+    );
+    let t = run.apply(&plan, Event::Start, at(0));
+    assert_eq!(run.steps[0].status, StepStatus::Success);
+    assert_eq!(run.steps[0].output, Some(json!([])));
+    assert_eq!(
+        dispatched_slots(&t).iter().map(|d| d.0).collect::<Vec<_>>(),
+        [1]
+    );
+}
+
+#[test]
+fn a_paused_fan_out_starts_no_instance_until_resumed_and_restores_mid_way() {
+    let plan = plan(FAN_OUT);
+    let mut run = fan_out_run(&plan);
+    let first = dispatched_slots(&run.apply(&plan, Event::Start, at(0)));
+    run.apply(&plan, Event::Pause, at(1));
+    let (slot, attempt, task) = first[0];
+    let t = run.apply(
+        &plan,
+        slot_finished(slot, attempt, task, Outcome::Success(json!(0))),
+        at(2),
+    );
+    assert!(
+        dispatched_slots(&t).is_empty(),
+        "a paused run starts nothing"
+    );
+    let restored = RunState::restore(
+        run.id,
+        &plan,
+        run.status,
+        run.params.clone(),
+        run.steps.clone(),
+        run.ended_at,
+    );
+    assert_eq!(
+        restored, run,
+        "the fan-out's counters are derived from its slots"
+    );
+    let mut run = restored;
+    let t = run.apply(&plan, Event::Resume, at(3));
+    assert_eq!(
+        dispatched_slots(&t).iter().map(|d| d.0).collect::<Vec<_>>(),
+        [4],
+        "one more fits under max_parallel"
+    );
+}
+
+#[test]
+fn cancelling_a_run_cancels_its_running_instances() {
+    let plan = plan(FAN_OUT);
+    let mut run = fan_out_run(&plan);
+    let first = dispatched_slots(&run.apply(&plan, Event::Start, at(0)));
+    let t = run.apply(&plan, Event::Cancel, at(1));
+    let cancelled: Vec<usize> = t
+        .effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Cancelled { step, .. } => Some(*step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cancelled, first.iter().map(|d| d.0).collect::<Vec<_>>());
+    assert!(run.steps.iter().all(|s| s.status == StepStatus::Cancelled));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Any list, any max_parallel, instances answered in any order with failures retried: no
+    /// more than max_parallel run at once, each item is accepted once, and the step's output is
+    /// the outputs in item order.
+    #[test]
+    fn fan_outs_keep_their_promises(n in 0usize..40, max_parallel in 1usize..8, seed in any::<u64>()) {
+        let yaml = format!("name: p\nsteps:\n  - id: each\n    agent: x\n    action: work\n    for_each: \"${{{{ params.items }}}}\"\n    max_parallel: {max_parallel}\n    retry: {{max_attempts: 3, delay: 0}}\n    params: {{v: \"${{{{ item }}}}\"}}\n");
+        let plan = plan(&yaml);
+        let items: Vec<Value> = (0..n).map(|k| json!(k * 10)).collect();
+        let mut run = RunState::new(Uuid::new_v4(), &plan, json!({"items": items}).as_object().unwrap().clone());
+        let mut rng = Lcg(seed);
+        let mut inflight = dispatched_slots(&run.apply(&plan, Event::Start, at(0)));
+        let mut successes: HashMap<usize, usize> = HashMap::new();
+        let mut clock = 0;
+        while !inflight.is_empty() {
+            clock += 1;
+            let (slot, attempt, task) = inflight.swap_remove(rng.next(inflight.len()));
+            // Fail only a first attempt, so every item succeeds in the end.
+            let outcome = if attempt == 1 && rng.next(3) == 0 { fail(true) } else { Outcome::Success(run.task_params(&plan, slot).unwrap()["v"].clone()) };
+            let success = matches!(outcome, Outcome::Success(_));
+            let t = run.apply(&plan, slot_finished(slot, attempt, task, outcome), at(clock));
+            if success {
+                *successes.entry(slot).or_default() += 1;
+            }
+            inflight.extend(dispatched_slots(&t));
+            let running = run.steps.iter().filter(|s| s.instance.is_some() && s.status == StepStatus::Running).count();
+            prop_assert!(running <= max_parallel);
+        }
+        prop_assert_eq!(run.status, RunStatus::Success);
+        prop_assert_eq!(successes.len(), n);
+        prop_assert!(successes.values().all(|&c| c == 1));
+        prop_assert_eq!(run.steps[0].output.clone(), Some(Value::Array(items)));
+    }
+}
+
+const TIMED: &str = "name: timed\ntimeout: 10s\nsteps:\n  - {id: a, agent: x, action: y}\n  - {id: b, agent: x, action: y}\nerror_handling:\n  on_failure:\n    - {id: h, agent: x, action: log}\n";
+
+#[test]
+fn a_run_past_its_timeout_stops_its_steps_runs_its_handlers_and_fails() {
+    let plan = plan(TIMED);
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    assert_eq!(run.deadline, Some(at(10)));
+
+    let early = run.apply(&plan, Event::TimedOut, at(9));
+    assert_eq!(early, Transition::default(), "not due yet");
+
+    let t = run.apply(&plan, Event::TimedOut, at(10));
+    assert!(t.effects.contains(&Effect::Cancelled {
+        step: 0,
+        attempt: 1,
+        task_id: task
+    }));
+    for i in [0, 1] {
+        assert_eq!(run.steps[i].status, StepStatus::Cancelled);
+        assert_eq!(
+            run.steps[i].error.as_deref(),
+            Some("workflow timed out after 10s")
+        );
+    }
+    assert_eq!(run.status, RunStatus::Failing);
+    assert_eq!(run.deadline, None, "the timeout fires once");
+    let handler = dispatched(&plan, &t);
+    assert_eq!(
+        handler.iter().map(|d| d.0.as_str()).collect::<Vec<_>>(),
+        ["h"]
+    );
+
+    let late = run.apply(
+        &plan,
+        finished(&plan, "a", 1, task, Outcome::Success(json!(1))),
+        at(11),
+    );
+    assert!(matches!(late.effects[..], [Effect::Stale { .. }]));
+    assert_eq!(
+        run.apply(&plan, Event::TimedOut, at(12)),
+        Transition::default()
+    );
+    let t = run.apply(
+        &plan,
+        finished(&plan, "h", 1, handler[0].2, Outcome::Success(json!(1))),
+        at(13),
+    );
+    assert!(t.effects.contains(&Effect::RunEnded(RunStatus::Failure)));
+    assert_eq!(run.error.as_deref(), Some("workflow timed out after 10s"));
+}
+
+#[test]
+fn a_run_that_ends_in_time_or_without_handlers_keeps_its_promises() {
+    let plan = plan(TIMED);
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, a) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    let (_, _, b) = dispatched(
+        &plan,
+        &run.apply(
+            &plan,
+            finished(&plan, "a", 1, a, Outcome::Success(json!(1))),
+            at(1),
+        ),
+    )[0]
+    .clone();
+    run.apply(
+        &plan,
+        finished(&plan, "b", 1, b, Outcome::Success(json!(1))),
+        at(2),
+    );
+    assert_eq!((run.status, run.deadline), (RunStatus::Success, None));
+    assert_eq!(
+        run.apply(&plan, Event::TimedOut, at(20)),
+        Transition::default()
+    );
+
+    // A paused run times out too; with no handler it fails at once.
+    let plan =
+        super::tests::plan("name: t\ntimeout: 1.5s\nsteps:\n  - {id: a, agent: x, action: y}\n");
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    run.apply(&plan, Event::Start, at(0));
+    run.apply(&plan, Event::Pause, at(1));
+    let t = run.apply(&plan, Event::TimedOut, at(2));
+    assert!(t.effects.contains(&Effect::RunEnded(RunStatus::Failure)));
+    assert_eq!(
+        run.error.as_deref(),
+        Some("workflow timed out after 1500ms")
+    );
+}
