@@ -118,11 +118,20 @@ pub struct Submitted {
     pub replayed: bool,
 }
 
+/// The OpenTelemetry trace id of a run: the run id itself, in 32 hex digits.
+pub fn trace_id(workflow_id: Uuid) -> String {
+    workflow_id.simple().to_string()
+}
+
 /// `GET /api/workflows/{id}`: a run and all its steps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkflowResult {
     pub workflow_id: Uuid,
+    /// The id of the run's trace (see [`trace_id`]), to look it up in a trace viewer; empty
+    /// from a coordinator older than the field.
+    #[serde(default)]
+    pub trace_id: String,
     /// The definition's name.
     pub name: String,
     /// `running`, `paused` (by an operator: nothing new is dispatched), `failing` (a step failed
@@ -596,6 +605,7 @@ mod tests {
     fn full_result() -> WorkflowResult {
         WorkflowResult {
             workflow_id: Uuid::from_u128(7),
+            trace_id: trace_id(Uuid::from_u128(7)),
             name: "Complete Project Build".into(),
             status: "failure".into(),
             start_time: at(0),
@@ -631,6 +641,7 @@ mod tests {
             keys(&value),
             BTreeSet::from([
                 "workflowId",
+                "traceId",
                 "name",
                 "status",
                 "startTime",

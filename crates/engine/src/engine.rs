@@ -800,6 +800,7 @@ impl Engine {
                 Observation::DeadLettered { agent } => {
                     self.metrics.dead_lettered(agent.as_deref());
                 }
+                Observation::Traced(ended) => ended.emit(&self.dispatched),
             }
         }
     }
@@ -918,6 +919,8 @@ enum Observation {
     DeadLettered {
         agent: Option<String>,
     },
+    /// A span to emit; before the observation of the same attempt, which forgets its dispatch.
+    Traced(crate::trace::Ended),
 }
 
 impl Pending<'_> {
@@ -1021,7 +1024,7 @@ impl Pending<'_> {
                 }
                 Effect::AttemptEnded {
                     step,
-                    attempt: _,
+                    attempt,
                     task_id,
                     success,
                     error,
@@ -1037,6 +1040,20 @@ impl Pending<'_> {
                         worker: worker.clone(),
                         error: error.clone(),
                     });
+                    self.observed.extend(
+                        crate::trace::when_enabled(|| crate::trace::Ended::Attempt {
+                            run_id: state.id,
+                            step_id: plan.nodes[*step].id.clone(),
+                            agent: plan.nodes[*step].agent.clone(),
+                            attempt: *attempt,
+                            task_id: *task_id,
+                            worker: worker.clone(),
+                            error: error.clone(),
+                            started_at: (!worker.is_empty()).then_some(*started_at),
+                            finished_at: *finished_at,
+                        })
+                        .map(Observation::Traced),
+                    );
                     self.observed.push(Observation::AttemptEnded {
                         agent: plan.nodes[*step].agent.clone(),
                         task_id: *task_id,
@@ -1067,9 +1084,14 @@ impl Pending<'_> {
                 }
                 Effect::RunEnded(status) => {
                     tracing::info!(run_id = %state.id, workflow = %plan.name, status = status.as_str(), "run ended");
+                    let duration = run_duration(state, self.now);
+                    self.observed.extend(
+                        crate::trace::run(state, &plan.name, status.as_str(), duration, self.now)
+                            .map(Observation::Traced),
+                    );
                     self.observed.push(Observation::RunEnded {
                         status: status.as_str(),
-                        duration: run_duration(state, self.now),
+                        duration,
                     });
                 }
             }

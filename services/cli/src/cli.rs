@@ -27,6 +27,11 @@ pub struct Cli {
     #[arg(long, short, value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
 
+    /// A Jaeger UI (e.g. http://localhost:16686): `workflows status` and `execute --wait` print
+    /// the link to the run's trace there.
+    #[arg(long, env = "FLOTILLA_JAEGER_URL", global = true)]
+    pub jaeger_url: Option<Url>,
+
     #[command(subcommand)]
     pub command: Command,
 }

@@ -384,6 +384,7 @@ fn result(status: &str, steps: Vec<StepResult>) -> WorkflowResult {
     let finished = status == "success" || status == "failure";
     WorkflowResult {
         workflow_id: RUN_ID,
+        trace_id: flotilla_api_model::trace_id(RUN_ID),
         name: "build".into(),
         status: status.into(),
         start_time: Utc.timestamp_opt(1_750_000_000, 0).unwrap(),

@@ -91,6 +91,7 @@ fn workflow_result(run: RunRecord, steps: Vec<StepRecord>) -> WorkflowResult {
         .collect();
     WorkflowResult {
         workflow_id: run.id,
+        trace_id: flotilla_api_model::trace_id(run.id),
         name: run.name,
         status: run.status,
         start_time: run.created_at,

@@ -367,6 +367,7 @@ fn error(body: Value) -> ErrorBody {
 fn sample_run(id: Uuid) -> WorkflowResult {
     WorkflowResult {
         workflow_id: id,
+        trace_id: flotilla_api_model::trace_id(id),
         name: "build".into(),
         status: "running".into(),
         start_time: Utc.timestamp_opt(1_750_000_000, 0).unwrap(),
