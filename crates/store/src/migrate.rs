@@ -14,6 +14,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (5, include_str!("../migrations/0005_fleet_pulse.sql")),
     (6, include_str!("../migrations/0006_schedules.sql")),
     (7, include_str!("../migrations/0007_lost_attempts.sql")),
+    (
+        14,
+        include_str!("../migrations/0014_attempts_by_finish.sql"),
+    ),
 ];
 
 /// Any fixed number works; it only has to be the same in every coordinator.

@@ -8,7 +8,7 @@ use flotilla_store::engine::{
     self as db, AttemptStart, Batch, NewRun, OutboxRow, RunUpdate, StepIdent, StepRow,
 };
 use flotilla_store::{
-    Store, StoreConfig, dead_letters, definitions, idempotency, outbox, schedules,
+    Store, StoreConfig, dead_letters, definitions, idempotency, outbox, queries, schedules,
 };
 use serde_json::{Map, json};
 use uuid::Uuid;
@@ -272,15 +272,20 @@ async fn opening_twice_runs_each_migration_once() -> anyhow::Result<()> {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let expected: Vec<i32> = (1..=versions.len() as i32).collect();
-    assert_eq!(versions, expected, "each migration applied once, in order");
-    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))?
-        .filter(|f| {
-            f.as_ref()
-                .is_ok_and(|f| f.path().extension().is_some_and(|e| e == "sql"))
-        })
-        .count();
-    assert_eq!(versions.len(), files, "every migration file is registered");
+    // Numbered by their files (`0007_….sql`); numbers may skip, as branches reserve them.
+    let mut files: Vec<i32> =
+        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))?
+            .filter_map(|f| {
+                let path = f.ok()?.path();
+                (path.extension()? == "sql").then_some(())?;
+                path.file_name()?.to_str()?.split('_').next()?.parse().ok()
+            })
+            .collect();
+    files.sort_unstable();
+    assert_eq!(
+        versions, files,
+        "each migration file registered and applied once, in order"
+    );
     drop(again);
     t.drop_db().await
 }
@@ -489,5 +494,59 @@ async fn a_due_schedule_is_claimed_by_one_coordinator_and_moves_on() -> anyhow::
     assert!(schedules::delete(&c1, "monitor").await?);
     assert!(schedules::list(&c1).await?.is_empty());
     drop((c1, c2));
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn attempts_are_summarised_by_agent_from_a_time_on() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let mut client = t.store.client().await?;
+    // Two runs, each with its first attempt dispatched; one a worker ran from 1 s to 3 s, one
+    // the coordinator ended at 5 s (a lease that ran out: no run time).
+    let mut ends = Vec::new();
+    for (success, started, finished, worker) in [(true, 1, 3, "w"), (false, 5, 5, "")] {
+        let (batch, state, _) = new_run_batch();
+        let tx = client.transaction().await?;
+        db::write(&tx, &batch).await?;
+        tx.commit().await?;
+        ends.push(db::AttemptEnd {
+            task_id: state.steps[0].task_id.unwrap(),
+            success,
+            started_at: at(started),
+            finished_at: at(finished),
+            worker: worker.into(),
+            error: (!success).then(|| "lease expired".into()),
+        });
+    }
+    let update = Batch {
+        attempts_ended: ends,
+        ..Batch::default()
+    };
+    let tx = client.transaction().await?;
+    db::write(&tx, &update).await?;
+    tx.commit().await?;
+
+    let all = queries::attempts_since(&client, at(0)).await?;
+    assert_eq!(
+        all,
+        [queries::AgentAttempts {
+            agent: "x".into(),
+            executions: 2,
+            successes: 1,
+            run_time_ms: Some([2000.0; 3]),
+        }]
+    );
+    let late = queries::attempts_since(&client, at(4)).await?;
+    assert_eq!(
+        late,
+        [queries::AgentAttempts {
+            agent: "x".into(),
+            executions: 1,
+            successes: 0,
+            run_time_ms: None,
+        }]
+    );
+    assert!(queries::attempts_since(&client, at(6)).await?.is_empty());
+    drop(client);
     t.drop_db().await
 }

@@ -193,7 +193,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
             Ok(Outcome::Done)
         }
-        Command::Metrics { agent } => {
+        Command::Metrics {
+            agent,
+            range: Some(range),
+        } => {
+            let summary = client.metrics_summary(&range).await?;
+            match output {
+                Output::Text => print!("{}", metrics::render_range(&summary, agent.as_deref())),
+                Output::Json => print_json(&summary)?,
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Metrics { agent, range: None } => {
             let summary = metrics::summarize(&client.metrics().await?, agent.as_deref());
             match output {
                 Output::Text => print!("{}", metrics::render(&summary)),

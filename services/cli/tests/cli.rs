@@ -239,6 +239,13 @@ impl Backend for Coordinator {
     async fn events(&self, id: Uuid) -> Result<Option<Vec<RunEvent>>, BackendError> {
         Ok((id == RUN_ID).then(|| self.state().history.clone()))
     }
+
+    async fn attempts_since(
+        &self,
+        _since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<flotilla_api_model::AgentSummary>, BackendError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Serves the API over `coordinator` on a free local port; answers its address.
