@@ -94,10 +94,6 @@ pub struct Tracing {
 }
 
 impl Tracing {
-    pub fn is_enabled(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// The layer that turns `tracing` spans into OpenTelemetry spans; `None` when off.
     pub(crate) fn layer<S>(&self) -> Option<impl tracing_subscriber::Layer<S> + use<S>>
     where
@@ -239,11 +235,6 @@ fn run_sampled(sampler: &Sampler, run_id: u128) -> bool {
 /// Whether this process exports traces.
 pub fn enabled() -> bool {
     SAMPLER.get().is_some()
-}
-
-/// The hex trace id of a run, as trace viewers show it.
-pub fn trace_id(run_id: u128) -> String {
-    TraceId::from(run_id).to_string()
 }
 
 /// A span id derived from `parts`: stable across processes and releases, never the invalid 0.
