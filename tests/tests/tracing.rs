@@ -1,7 +1,7 @@
 //! Traces end to end: an OTLP/HTTP receiver of the test's own collects the spans a coordinator
 //! and two echo workers export for a run, which must form one trace (root → attempts → worker
-//! tasks); and a collector that does not answer neither stops nor slows runs, its spans being
-//! dropped and counted.
+//! tasks); a collector that does not answer neither stops nor slows runs, its spans being
+//! dropped and counted; and spans still queued leave at graceful shutdown.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -142,6 +142,33 @@ fn worker_launch(env: &[(&str, String)], service: &str) -> Launch {
         .env("OTEL_SERVICE_NAME", service)
 }
 
+/// The spans of a trace, in `spans`.
+fn spans_of(spans: &Spans, trace_id: &str) -> Vec<Received> {
+    spans
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.trace_id == trace_id)
+        .cloned()
+        .collect()
+}
+
+/// Waits until the seven spans of a [`RETRIED_RUN`] are in (root, three attempts, three worker
+/// tasks), then answers them.
+async fn whole_trace(spans: &Spans, trace_id: &str) -> anyhow::Result<Vec<Received>> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let trace = spans_of(spans, trace_id);
+        if trace.len() >= 7 {
+            return Ok(trace);
+        }
+        if Instant::now() > deadline {
+            bail!("spans of trace {trace_id} not all received: {trace:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_run_is_one_trace_across_coordinator_and_workers() -> anyhow::Result<()> {
     let (endpoint, spans) = start_receiver().await?;
@@ -160,23 +187,7 @@ async fn a_run_is_one_trace_across_coordinator_and_workers() -> anyhow::Result<(
     assert_eq!(run.trace_id, trace_id, "the API names the run's trace");
 
     // Root, three attempts, three worker tasks; exported within a few schedule delays.
-    let deadline = Instant::now() + WAIT;
-    let trace = loop {
-        let trace: Vec<Received> = spans
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.trace_id == trace_id)
-            .cloned()
-            .collect();
-        if trace.len() >= 7 {
-            break trace;
-        }
-        if Instant::now() > deadline {
-            bail!("spans of trace {trace_id} not all received: {trace:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let trace = whole_trace(&spans, &trace_id).await?;
     let named =
         |name: &str| -> Vec<&Received> { trace.iter().filter(|s| s.name == name).collect() };
     let (roots, attempts, tasks) = (
@@ -338,4 +349,58 @@ async fn a_collector_that_does_not_answer_neither_stops_nor_slows_runs() -> anyh
     }
     drop(silent);
     fleet.stop().await
+}
+
+#[tokio::test]
+async fn spans_still_queued_are_exported_at_graceful_shutdown() -> anyhow::Result<()> {
+    let (endpoint, spans) = start_receiver().await?;
+    // No export on schedule while the fleet runs: only the shutdown's flush sends the spans.
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY", "600000".to_owned()),
+    ];
+    let mut fleet = env
+        .iter()
+        .fold(Fleet::new(), |fleet, (k, v)| fleet.coordinator_env(k, v));
+    fleet.start_coordinator().await?;
+    fleet.start_worker("echo-a", &["trace-a"], 2, worker_launch(&env, "echo-a"))?;
+    fleet.start_worker("echo-b", &["trace-b"], 2, worker_launch(&env, "echo-b"))?;
+
+    let id = fleet.execute_yaml(RETRIED_RUN, json!({})).await?;
+    assert_eq!(fleet.wait_for_end(id, WAIT).await?.status, "success");
+    let trace_id = id.simple().to_string();
+    assert!(
+        spans_of(&spans, &trace_id).is_empty(),
+        "exported before shutdown"
+    );
+
+    fleet.shutdown().await;
+    let processes = [fleet.coordinator(0), fleet.worker(0), fleet.worker(1)];
+    for process in processes {
+        let exits = process.state().exits;
+        assert!(
+            exits.len() == 1 && exits[0].success(),
+            "{} exited {exits:?}",
+            process.name()
+        );
+    }
+    let trace = whole_trace(&spans, &trace_id).await?;
+    let mut names: Vec<(&str, &str)> = trace
+        .iter()
+        .map(|s| (s.service.as_str(), s.name.as_str()))
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            ("echo-a", "worker.task"),
+            ("echo-a", "worker.task"),
+            ("echo-b", "worker.task"),
+            ("flotilla-coordinator", "step.attempt"),
+            ("flotilla-coordinator", "step.attempt"),
+            ("flotilla-coordinator", "step.attempt"),
+            ("flotilla-coordinator", "workflow.run"),
+        ]
+    );
+    fleet.cleanup().await
 }
