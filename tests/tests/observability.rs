@@ -1,6 +1,7 @@
 //! Observability end to end: the coordinator's and a worker's `/metrics` move as a run
-//! progresses, readiness follows RabbitMQ (cut through a proxy of the test's own, so that the
-//! broker other tests use stays up), and no log line shows a password.
+//! progresses, and the summary over a range (`/api/metrics/summary`, `flotilla metrics
+//! --range`) counts its attempts; readiness follows RabbitMQ (cut through a proxy of the test's
+//! own, so that the broker other tests use stays up), and no log line shows a password.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -247,6 +248,44 @@ async fn metrics_move_as_a_run_with_a_retry_progresses() -> anyhow::Result<()> {
         .with_context(|| format!("no row for obs1:\n{stdout}"))?;
     let cells: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(cells[..5], ["obs1", "3", "1", "1", "0"], "{stdout}");
+
+    // The same attempts over a range, read from Postgres rather than one process's counters.
+    let (status, summary) = get_json(&http, &coordinator, "/api/metrics/summary?range=1h").await?;
+    assert_eq!(status, 200, "{summary}");
+    assert_eq!(
+        (
+            summary["executions"].as_u64(),
+            summary["successes"].as_u64(),
+            summary["agents"].as_array().map(Vec::len),
+        ),
+        (Some(3), Some(2), Some(1)),
+        "{summary}"
+    );
+    let obs1 = &summary["agents"][0];
+    assert_eq!(obs1["agent"], "obs1");
+    let (p50, p99) = (obs1["p50Ms"].as_f64(), obs1["p99Ms"].as_f64());
+    assert!(
+        matches!((p50, p99), (Some(p50), Some(p99)) if 0.0 <= p50 && p50 <= p99),
+        "{summary}"
+    );
+    let (status, _) = get_json(&http, &coordinator, "/api/metrics/summary?range=soon").await?;
+    assert_eq!(status, 400);
+
+    let (status, stdout, stderr) = fleet.cli(&["metrics", "--range", "1h"]).await?;
+    assert!(status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.starts_with("Attempts   3 ended in the last 1h, 2 succeeded (success rate 66.7%)"),
+        "{stdout}"
+    );
+    let row = stdout
+        .lines()
+        .find(|line| line.starts_with("obs1 "))
+        .with_context(|| format!("no row for obs1:\n{stdout}"))?;
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[..3], ["obs1", "3", "66.7%"], "{stdout}");
+    let (status, _, stderr) = fleet.cli(&["metrics", "--range", "1w"]).await?;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("a unit s, m, h or d"), "{stderr}");
 
     fleet.stop().await
 }

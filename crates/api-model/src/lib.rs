@@ -118,11 +118,20 @@ pub struct Submitted {
     pub replayed: bool,
 }
 
+/// The OpenTelemetry trace id of a run: the run id itself, in 32 hex digits.
+pub fn trace_id(workflow_id: Uuid) -> String {
+    workflow_id.simple().to_string()
+}
+
 /// `GET /api/workflows/{id}`: a run and all its steps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkflowResult {
     pub workflow_id: Uuid,
+    /// The id of the run's trace (see [`trace_id`]), to look it up in a trace viewer; empty
+    /// from a coordinator older than the field.
+    #[serde(default)]
+    pub trace_id: String,
     /// The definition's name.
     pub name: String,
     /// `running`, `paused` (by an operator: nothing new is dispatched), `failing` (a step failed
@@ -527,6 +536,88 @@ impl HealthReport {
     }
 }
 
+/// The query string of `GET /api/metrics/summary`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SummaryQuery {
+    /// How far back to look, e.g. `30m`, `1h`, `7d` (see [`parse_range`]); `1h` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<String>,
+}
+
+/// The range of a summary when none is given.
+pub const DEFAULT_SUMMARY_RANGE: &str = "1h";
+
+/// The longest range a summary covers.
+pub const MAX_SUMMARY_RANGE: std::time::Duration = std::time::Duration::from_secs(90 * 86_400);
+
+/// Reads a summary range: a positive whole number followed by `s`, `m`, `h` or `d`, at most 90
+/// days. The error says what was wrong.
+pub fn parse_range(range: &str) -> Result<std::time::Duration, String> {
+    let range = range.trim();
+    let split = range
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(range.len());
+    let (count, unit) = range.split_at(split);
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "range `{range}`: expected a number and a unit s, m, h or d (e.g. 1h)"
+            ));
+        }
+    };
+    let count: u64 = count.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+        format!("range `{range}`: expected a positive whole number before `{unit}`")
+    })?;
+    let duration = std::time::Duration::from_secs(count.saturating_mul(seconds));
+    if duration > MAX_SUMMARY_RANGE {
+        return Err(format!("range `{range}`: at most 90d"));
+    }
+    Ok(duration)
+}
+
+/// `GET /api/metrics/summary`: the attempts that ended over a range, read from Postgres, so
+/// the same whichever coordinator answers and across restarts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsSummary {
+    /// The range asked for, as given (e.g. `1h`).
+    pub range: String,
+    /// Attempts that ended at or after this time are counted.
+    pub since: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+    /// Attempts that ended, over all agents.
+    pub executions: u64,
+    /// Those of them that succeeded.
+    pub successes: u64,
+    /// `successes / executions`; absent when nothing ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_rate: Option<f64>,
+    /// By agent, in name order.
+    pub agents: Vec<AgentSummary>,
+}
+
+/// One agent's attempts in a [`MetricsSummary`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSummary {
+    pub agent: String,
+    pub executions: u64,
+    pub successes: u64,
+    pub success_rate: f64,
+    /// Percentiles of the run time workers reported (start to finish), in milliseconds; absent
+    /// when no attempt of the agent was reported by a worker (all ended by the coordinator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p95_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<f64>,
+}
+
 /// The body of every error response, whatever the route.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -605,6 +696,7 @@ mod tests {
     fn full_result() -> WorkflowResult {
         WorkflowResult {
             workflow_id: Uuid::from_u128(7),
+            trace_id: trace_id(Uuid::from_u128(7)),
             name: "Complete Project Build".into(),
             status: "failure".into(),
             start_time: at(0),
@@ -640,6 +732,7 @@ mod tests {
             keys(&value),
             BTreeSet::from([
                 "workflowId",
+                "traceId",
                 "name",
                 "status",
                 "startTime",
@@ -1061,6 +1154,30 @@ mod tests {
         }))
         .unwrap_err();
         assert!(err.to_string().contains("unknown field `version`"), "{err}");
+    }
+
+    #[test]
+    fn summary_ranges_are_a_count_and_a_unit() {
+        assert_eq!(parse_range("1h"), Ok(std::time::Duration::from_secs(3_600)));
+        assert_eq!(
+            parse_range("30m"),
+            Ok(std::time::Duration::from_secs(1_800))
+        );
+        assert_eq!(parse_range("45s"), Ok(std::time::Duration::from_secs(45)));
+        assert_eq!(parse_range("90d"), Ok(MAX_SUMMARY_RANGE));
+        for (bad, says) in [
+            ("", "a unit"),
+            ("1", "a unit"),
+            ("1w", "a unit"),
+            ("h", "positive whole number"),
+            ("0h", "positive whole number"),
+            ("-1h", "a unit"),
+            ("91d", "at most 90d"),
+            ("99999999999999999999h", "positive whole number"),
+        ] {
+            let error = parse_range(bad).unwrap_err();
+            assert!(error.contains(says), "{bad:?}: {error}");
+        }
     }
 
     #[test]

@@ -3,9 +3,10 @@
 
 use std::future::Future;
 
+use chrono::{DateTime, Utc};
 use flotilla_api_model::{
-    DeadLetterQuery, DeadLetterSummary, DefinitionSummary, Operation, RedriveOutcome, RunEvent,
-    RunPage, RunQuery, Submitted, WorkflowResult,
+    AgentSummary, DeadLetterQuery, DeadLetterSummary, DefinitionSummary, Operation, RedriveOutcome,
+    RunEvent, RunPage, RunQuery, Submitted, WorkflowResult,
 };
 use flotilla_core::{Definition, Plan};
 use serde_json::{Map, Value};
@@ -111,6 +112,13 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         id: Uuid,
     ) -> impl Future<Output = Result<Option<Vec<RunEvent>>, BackendError>> + Send;
+
+    /// The attempts that ended at or after `since`, by agent in name order (agents with none
+    /// left out).
+    fn attempts_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Vec<AgentSummary>, BackendError>> + Send;
 }
 
 /// Why a [`Backend`] call failed. The variant decides the HTTP status.

@@ -9,10 +9,11 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use flotilla_api_model::{
-    CompleteRequest, DeadLetterList, DeadLetterQuery, DefinitionList, DefinitionSummary,
-    ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, OperateResponse, Operation,
-    RedriveOutcome, RedriveRequest, RedriveResponse, RegisterDefinitionRequest, RetryRequest,
-    RunEventList, RunPage, RunQuery, Submitted, WorkflowResult,
+    CompleteRequest, DEFAULT_SUMMARY_RANGE, DeadLetterList, DeadLetterQuery, DefinitionList,
+    DefinitionSummary, ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, MetricsSummary,
+    OperateResponse, Operation, RedriveOutcome, RedriveRequest, RedriveResponse,
+    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, Submitted,
+    SummaryQuery, WorkflowResult,
 };
 use flotilla_core::{Definition, Plan, RunStatus};
 use serde::Deserialize;
@@ -154,6 +155,7 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
         )
         .route("/api/dlq", get(list_dead_letters::<B>))
         .route("/api/dlq/redrive", post(redrive::<B>))
+        .route("/api/metrics/summary", get(metrics_summary::<B>))
         .with_state(AppState { backend, limits })
 }
 
@@ -397,6 +399,30 @@ async fn list_dead_letters<B: Backend>(
     )?);
     let dead_letters = backend.dead_letters(query).await?;
     Ok(axum::Json(DeadLetterList { dead_letters }))
+}
+
+async fn metrics_summary<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Query(query): Query<SummaryQuery>,
+) -> Result<axum::Json<MetricsSummary>, ApiError> {
+    let range = query
+        .range
+        .unwrap_or_else(|| DEFAULT_SUMMARY_RANGE.to_owned());
+    let length = flotilla_api_model::parse_range(&range).map_err(ApiError::invalid_request)?;
+    let until = chrono::Utc::now();
+    let since = until - length;
+    let agents = backend.attempts_since(since).await?;
+    let executions = agents.iter().map(|a| a.executions).sum::<u64>();
+    let successes = agents.iter().map(|a| a.successes).sum::<u64>();
+    Ok(axum::Json(MetricsSummary {
+        range,
+        since,
+        until,
+        executions,
+        successes,
+        success_rate: (executions > 0).then(|| successes as f64 / executions as f64),
+        agents,
+    }))
 }
 
 async fn redrive<B: Backend>(

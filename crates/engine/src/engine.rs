@@ -833,6 +833,7 @@ impl Engine {
                 Observation::DeadLettered { agent } => {
                     self.metrics.dead_lettered(agent.as_deref());
                 }
+                Observation::Traced(ended) => ended.emit(&self.dispatched),
             }
         }
     }
@@ -957,6 +958,8 @@ enum Observation {
     DeadLettered {
         agent: Option<String>,
     },
+    /// A span to emit; before the observation of the same attempt, which forgets its dispatch.
+    Traced(crate::trace::Ended),
 }
 
 impl Pending<'_> {
@@ -1084,6 +1087,20 @@ impl Pending<'_> {
                     });
                     let node = &plan.nodes[state.node_of(*step)];
                     let strike = state.steps[*step].strike_of(node, *attempt);
+                    self.observed.extend(
+                        crate::trace::when_enabled(|| crate::trace::Ended::Attempt {
+                            run_id: state.id,
+                            step_id: state.slot_id(plan, *step),
+                            agent: node.target(strike.is_fallback()).0.to_string(),
+                            attempt: *attempt,
+                            task_id: *task_id,
+                            worker: worker.clone(),
+                            error: error.clone(),
+                            started_at: (!worker.is_empty()).then_some(*started_at),
+                            finished_at: *finished_at,
+                        })
+                        .map(Observation::Traced),
+                    );
                     self.observed.push(Observation::AttemptEnded {
                         agent: node.target(strike.is_fallback()).0.to_string(),
                         task_id: *task_id,
@@ -1120,9 +1137,14 @@ impl Pending<'_> {
                 }
                 Effect::RunEnded(status) => {
                     tracing::info!(run_id = %state.id, workflow = %plan.name, status = status.as_str(), "run ended");
+                    let duration = run_duration(state, self.now);
+                    self.observed.extend(
+                        crate::trace::run(state, &plan.name, status.as_str(), duration, self.now)
+                            .map(Observation::Traced),
+                    );
                     self.observed.push(Observation::RunEnded {
                         status: status.as_str(),
-                        duration: run_duration(state, self.now),
+                        duration,
                     });
                 }
             }

@@ -5,7 +5,8 @@
 //! - [`relay`]: publishes what a committed batch put in the outbox, with confirms, and deletes it
 //!   once confirmed; a sweeper re-publishes what a crash or disconnect left behind;
 //! - [`timer`]: wakes waiting steps when their retry is due;
-//! - [`results`]: consumes worker results and hands them to the engine.
+//! - [`results`]: consumes worker results and hands them to the engine;
+//! - `trace`: the spans of runs and attempts, and the trace context each task carries.
 //!
 //! **Architecture invariant:** a task is published only after the transaction that dispatched
 //! it has committed, and a result is acknowledged to RabbitMQ only after the transaction that
@@ -18,6 +19,7 @@ pub mod relay;
 pub mod results;
 pub mod schedules;
 pub mod timer;
+mod trace;
 
 pub use engine::{
     Due, Engine, EngineConfig, EngineHandle, Error, NewRun, Operation, Redriven, Submitted,

@@ -176,6 +176,12 @@ impl Relay {
                     OutgoingMessage::new(r.routing_key.clone(), r.kind.clone(), r.body.clone());
                 m.correlation_id.clone_from(&r.correlation_id);
                 m.reply_to.clone_from(&r.reply_to);
+                if let Some(traceparent) = crate::trace::traceparent(r) {
+                    m.headers.insert(
+                        flotilla_telemetry::trace::TRACEPARENT.to_owned(),
+                        traceparent,
+                    );
+                }
                 m
             })
             .collect();

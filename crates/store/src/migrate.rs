@@ -17,6 +17,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (8, include_str!("../migrations/0008_for_each_instances.sql")),
     (9, include_str!("../migrations/0009_run_deadlines.sql")),
     (11, include_str!("../migrations/0011_strikes.sql")),
+    (
+        14,
+        include_str!("../migrations/0014_attempts_by_finish.sql"),
+    ),
 ];
 
 /// Any fixed number works; it only has to be the same in every coordinator.

@@ -182,3 +182,51 @@ pub async fn active_runs(client: &impl GenericClient) -> Result<i64, Error> {
         .await?;
     Ok(client.query_one(&stmt, &[&active]).await?.get(0))
 }
+
+/// The attempts of one agent that ended in a range.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentAttempts {
+    pub agent: String,
+    pub executions: i64,
+    pub successes: i64,
+    /// p50, p95 and p99 of the run time workers reported, in milliseconds; `None` when no
+    /// worker reported one (the coordinator ended them all).
+    pub run_time_ms: Option<[f64; 3]>,
+}
+
+/// The attempts that ended at or after `since`, by agent (in name order).
+pub async fn attempts_since(
+    client: &impl GenericClient,
+    since: DateTime<Utc>,
+) -> Result<Vec<AgentAttempts>, Error> {
+    let stmt = client
+        .prepare_cached(
+            // An attempt names the agent it called (a fallback may call another); attempts
+            // recorded before that column existed take their step's.
+            "SELECT coalesce(a.agent, s.agent) AS agent, count(*),
+                count(*) FILTER (WHERE a.status = 'success'),
+                percentile_cont(ARRAY[0.5, 0.95, 0.99]::float8[]) WITHIN GROUP (
+                    ORDER BY extract(epoch FROM a.finished_at - a.started_at)::float8 * 1000
+                ) FILTER (WHERE a.worker <> '' AND a.started_at IS NOT NULL)
+             FROM attempts a
+             JOIN steps s ON s.run_id = a.run_id AND s.idx = a.idx
+             WHERE a.finished_at >= $1
+             GROUP BY 1
+             ORDER BY 1",
+        )
+        .await?;
+    Ok(client
+        .query(&stmt, &[&since])
+        .await?
+        .iter()
+        .map(|r| {
+            let percentiles: Option<Vec<f64>> = r.get(3);
+            AgentAttempts {
+                agent: r.get(0),
+                executions: r.get(1),
+                successes: r.get(2),
+                run_time_ms: percentiles.and_then(|p| p.try_into().ok()),
+            }
+        })
+        .collect())
+}

@@ -8,7 +8,7 @@ use flotilla_store::engine::{
     self as db, AttemptStart, Batch, NewRun, OutboxRow, RunUpdate, StepIdent, StepRow,
 };
 use flotilla_store::{
-    Store, StoreConfig, dead_letters, definitions, idempotency, outbox, schedules,
+    Store, StoreConfig, dead_letters, definitions, idempotency, outbox, queries, schedules,
 };
 use serde_json::{Map, json};
 use uuid::Uuid;
@@ -564,6 +564,59 @@ async fn instances_and_run_deadlines_load_back_and_past_deadlines_are_found() ->
     assert!(db::past_run_deadlines(&client, at(9), 10).await?.is_empty());
     assert_eq!(db::past_run_deadlines(&client, at(10), 10).await?, [id]);
     assert_eq!(db::next_run_deadline(&client).await?, Some(at(10)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn attempts_are_summarised_by_agent_from_a_time_on() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let mut client = t.store.client().await?;
+    // Two runs, each with its first attempt dispatched; one a worker ran from 1 s to 3 s, one
+    // the coordinator ended at 5 s (a lease that ran out: no run time).
+    let mut ends = Vec::new();
+    for (success, started, finished, worker) in [(true, 1, 3, "w"), (false, 5, 5, "")] {
+        let (batch, state, _) = new_run_batch();
+        let tx = client.transaction().await?;
+        db::write(&tx, &batch).await?;
+        tx.commit().await?;
+        ends.push(db::AttemptEnd {
+            task_id: state.steps[0].task_id.unwrap(),
+            success,
+            started_at: at(started),
+            finished_at: at(finished),
+            worker: worker.into(),
+            error: (!success).then(|| "lease expired".into()),
+        });
+    }
+    let update = Batch {
+        attempts_ended: ends,
+        ..Batch::default()
+    };
+    let tx = client.transaction().await?;
+    db::write(&tx, &update).await?;
+    tx.commit().await?;
+
+    let all = queries::attempts_since(&client, at(0)).await?;
+    assert_eq!(
+        all,
+        [queries::AgentAttempts {
+            agent: "x".into(),
+            executions: 2,
+            successes: 1,
+            run_time_ms: Some([2000.0; 3]),
+        }]
+    );
+    let late = queries::attempts_since(&client, at(4)).await?;
+    assert_eq!(
+        late,
+        [queries::AgentAttempts {
+            agent: "x".into(),
+            executions: 1,
+            successes: 0,
+            run_time_ms: None,
+        }]
+    );
+    assert!(queries::attempts_since(&client, at(6)).await?.is_empty());
     drop(client);
     t.drop_db().await
 }

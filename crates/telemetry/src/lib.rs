@@ -1,31 +1,63 @@
-//! Set-up shared by every Flotilla binary: logging, metrics ([`metrics`]) and the shutdown
-//! signals.
+//! Set-up shared by every Flotilla binary: logging, metrics ([`metrics`]), traces ([`trace`])
+//! and the shutdown signals.
 //!
 //! `RUST_LOG` filters (default `info`); `FLOTILLA_LOG_FORMAT=json` writes one JSON object per
 //! line for log collectors, anything else a human-readable line. Logs go to standard error so
 //! that a binary's standard output stays for its results.
 
 pub mod metrics;
+pub mod trace;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
-/// Installs the global subscriber. Call once, first thing in `main`.
+/// Installs the global subscriber: logs, and traces when an OTLP endpoint is configured (see
+/// [`trace`]). Call once, first thing in `main`, and shut the result down at the end.
+pub fn init(default_service: &str) -> Result<trace::Tracing, trace::Error> {
+    let tracing = trace::init(default_service)?;
+    // Filtered apart: `RUST_LOG` quietening the logs must not take spans out of traces.
+    tracing_subscriber::registry()
+        .with(log_layer().with_filter(filter()))
+        .with(
+            tracing
+                .layer()
+                .map(|layer| layer.with_filter(LevelFilter::INFO)),
+        )
+        .init();
+    Ok(tracing)
+}
+
+/// Installs the global subscriber for logs only, for short-lived tools.
 pub fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::registry()
+        .with(log_layer())
+        .with(filter())
+        .init();
+}
+
+fn filter() -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+fn log_layer<S>() -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
     let json = std::env::var("FLOTILLA_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if json {
-        builder
+        layer
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .init();
+            .boxed()
     } else {
-        builder.init();
+        layer.boxed()
     }
 }
 

@@ -58,6 +58,10 @@ pub const WORKER_TASKS_IN_FLIGHT: &str = "orchestrator_worker_tasks_in_flight";
 /// `orchestrator_worker_task_duration_seconds{agent,action}`: handler run time.
 pub const WORKER_TASK_DURATION: &str = "orchestrator_worker_task_duration_seconds";
 
+/// `orchestrator_spans_dropped_total`: trace spans of this process dropped, past the export
+/// queue or in a failed export (see [`crate::trace`]).
+pub const SPANS_DROPPED: &str = "orchestrator_spans_dropped";
+
 /// The run statuses `orchestrator_workflows_total` is exported for from the start, so that a
 /// rate over them is defined before the first run of each kind ends.
 pub const FINAL_STATUSES: [&str; 3] = ["success", "failure", "cancelled"];
@@ -250,6 +254,7 @@ impl CoordinatorMetrics {
             "Results and timers ignored because they no longer match their step's current attempt",
             self.stale.clone(),
         );
+        register_spans_dropped(r);
         self
     }
 
@@ -359,6 +364,15 @@ pub struct WorkerMetrics {
     duration: HistogramFamily<TaskLabels>,
 }
 
+/// The count is the process's: spans of all its coordinators or workers share one exporter.
+fn register_spans_dropped(registry: &mut Registry) {
+    registry.register(
+        SPANS_DROPPED,
+        "Trace spans dropped, past the export queue or in a failed export",
+        crate::trace::dropped_spans(),
+    );
+}
+
 impl Default for WorkerMetrics {
     fn default() -> Self {
         Self::new()
@@ -395,6 +409,7 @@ impl WorkerMetrics {
             "Seconds the handler of a task ran, by agent and action",
             metrics.duration.clone(),
         );
+        register_spans_dropped(r);
         metrics
     }
 

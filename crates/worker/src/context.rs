@@ -3,17 +3,19 @@ use std::sync::Arc;
 use flotilla_proto::Task;
 use serde_json::{Map, Value};
 
-/// What a handler gets: the task, and where it came from.
+/// What a handler gets: the task, where it came from, and the span it runs in.
 #[derive(Debug, Clone)]
 pub struct TaskContext {
     task: Task,
     agent: Arc<str>,
     worker_id: Arc<str>,
     redelivered: bool,
+    span: tracing::Span,
 }
 
 impl TaskContext {
     /// The worker builds the context of each task; build one yourself to unit-test a handler.
+    /// The context's span is the current one.
     pub fn new(
         task: Task,
         agent: impl Into<Arc<str>>,
@@ -25,6 +27,7 @@ impl TaskContext {
             agent: agent.into(),
             worker_id: worker_id.into(),
             redelivered,
+            span: tracing::Span::current(),
         }
     }
 
@@ -79,6 +82,18 @@ impl TaskContext {
     /// running it: the side effects of that run may already have happened.
     pub fn redelivered(&self) -> bool {
         self.redelivered
+    }
+
+    /// The task's `worker.task` span. The handler already runs in it, so its own spans are
+    /// children of it; enter it in tasks the handler spawns.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    /// The W3C `traceparent` to send in the headers of a request made for this task, so that
+    /// the service called joins the run's trace; `None` when traces are not exported.
+    pub fn traceparent(&self) -> Option<String> {
+        flotilla_telemetry::trace::traceparent_of(&self.span)
     }
 }
 

@@ -17,6 +17,7 @@ use flotilla_proto::{
     Heartbeat, HeldTask, PROTOCOL_VERSION, ResultStatus, Task, TaskError, TaskResult,
 };
 use flotilla_telemetry::metrics::WorkerMetrics;
+use flotilla_telemetry::trace::{self, TASK_SPAN};
 use futures_util::future::join_all;
 use serde_json::Value;
 use tokio::{
@@ -26,13 +27,10 @@ use tokio::{
     time::MissedTickBehavior,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, Span, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::{Error, HandlerError, TaskContext, WorkerConfig, health};
-
-/// Span name of the handling of one task.
-const TASK_SPAN: &str = "worker.task";
 
 type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, HandlerError>> + Send>>;
 type BoxedHandler = Arc<dyn Fn(TaskContext) -> HandlerFuture + Send + Sync>;
@@ -747,9 +745,23 @@ async fn run_task(
         %agent,
         action = %task.action,
     );
+    let started_at = Utc::now();
+    trace::task_started(
+        &span,
+        &receipt.delivery.headers,
+        &trace::TaskStart {
+            run_id: task.run_id.as_u128(),
+            step_id: &task.step_id,
+            agent: &agent,
+            action: &task.action,
+            attempt: task.attempt,
+            worker_id: &shared.worker_id,
+            redelivered: receipt.delivery.redelivered,
+            queue_wait: (started_at - task.dispatched_at).to_std().ok(),
+        },
+    );
     async move {
         let redelivered = receipt.delivery.redelivered;
-        let started_at = Utc::now();
         debug!(redelivered, "task started");
         let in_flight = shared.metrics.task_started(&agent, &task.action);
         let outcome = call_handler(&shared, &agent, &task, redelivered).await;
@@ -765,6 +777,7 @@ async fn run_task(
                 (ResultStatus::Success, Some(output), None)
             }
             Err(failure) => {
+                trace::task_failed(&Span::current(), &failure.message);
                 info!(
                     duration_ms,
                     error = %failure.message,

@@ -27,6 +27,11 @@ pub struct Cli {
     #[arg(long, short, value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
 
+    /// A Jaeger UI (e.g. http://localhost:16686): `workflows status` and `execute --wait` print
+    /// the link to the run's trace there.
+    #[arg(long, env = "FLOTILLA_JAEGER_URL", global = true)]
+    pub jaeger_url: Option<Url>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -59,11 +64,16 @@ pub enum Command {
     /// retries, dead letters, queued tasks and run times (p50, p95).
     ///
     /// Read from the coordinator's /metrics: counts are those of the coordinator FLOTILLA_URL
-    /// names since it started; queue depths and the outbox backlog are as of now.
+    /// names since it started; queue depths and the outbox backlog are as of now. With
+    /// --range, the attempts of all coordinators that ended over that range, read from Postgres
+    /// (/api/metrics/summary): executions, success rate and run time percentiles per agent.
     Metrics {
         /// Only this agent's figures.
         #[arg(long)]
         agent: Option<String>,
+        /// Over this range instead, e.g. 30m, 1h, 7d (at most 90d).
+        #[arg(long, value_parser = parse_range)]
+        range: Option<String>,
     },
 }
 
@@ -229,6 +239,11 @@ fn parse_json(arg: &str) -> Result<Value, String> {
 // The help of `--idempotency-key` states the limit in words (doc comments cannot name a
 // constant); this stops the build when the two drift apart.
 const _: () = assert!(MAX_IDEMPOTENCY_KEY_CHARS == 200);
+
+/// A `--range`, checked here so that a typo is a usage error rather than an API error.
+fn parse_range(range: &str) -> Result<String, String> {
+    flotilla_api_model::parse_range(range).map(|_| range.trim().to_owned())
+}
 
 #[cfg(test)]
 mod tests {

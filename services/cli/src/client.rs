@@ -5,9 +5,9 @@ use std::time::Duration;
 use flotilla_api_model::{
     ACTOR_HEADER, CompleteRequest, DeadLetterList, DeadLetterQuery, DefinitionList,
     DefinitionSummary, ErrorBody, ExecuteRequest, ExecuteResponse, IDEMPOTENCY_KEY_HEADER,
-    IDEMPOTENT_REPLAYED_HEADER, OperateResponse, Operation, RedriveRequest, RedriveResponse,
-    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, Submitted,
-    WorkflowResult,
+    IDEMPOTENT_REPLAYED_HEADER, MetricsSummary, OperateResponse, Operation, RedriveRequest,
+    RedriveResponse, RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery,
+    Submitted, WorkflowResult,
 };
 use reqwest::header::HeaderMap;
 use reqwest::{RequestBuilder, StatusCode, Url};
@@ -324,6 +324,13 @@ impl Client {
     /// The history of run `id`, oldest first.
     pub async fn events(&self, id: Uuid) -> Result<RunEventList, ClientError> {
         let url = self.url(&["workflows", &id.to_string(), "events"]);
+        self.send(self.http.get(url.clone()), url).await
+    }
+
+    /// The attempts that ended over `range` (e.g. `1h`), from `/api/metrics/summary`.
+    pub async fn metrics_summary(&self, range: &str) -> Result<MetricsSummary, ClientError> {
+        let mut url = self.url(&["metrics", "summary"]);
+        url.query_pairs_mut().append_pair("range", range);
         self.send(self.http.get(url.clone()), url).await
     }
 

@@ -38,6 +38,7 @@ pub enum Outcome {
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let client = Client::new(cli.url)?;
     let output = cli.output;
+    let jaeger = cli.jaeger_url.as_ref();
     match cli.command {
         Command::Workflows(WorkflowsCommand::Execute {
             file,
@@ -88,16 +89,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 println!("{}", response.workflow_id);
             }
             let result = follow(&client, response.workflow_id, wait).await?;
-            show_run(&result, output)?;
+            show_run(&result, output, jaeger)?;
             Ok(outcome(&result))
         }
         Command::Workflows(WorkflowsCommand::Status { id, wait }) => {
             if wait.wait {
                 let result = follow(&client, id, wait).await?;
-                show_run(&result, output)?;
+                show_run(&result, output, jaeger)?;
                 Ok(outcome(&result))
             } else {
-                show_run(&client.run(id).await?, output)?;
+                show_run(&client.run(id).await?, output, jaeger)?;
                 Ok(Outcome::Done)
             }
         }
@@ -192,7 +193,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
             Ok(Outcome::Done)
         }
-        Command::Metrics { agent } => {
+        Command::Metrics {
+            agent,
+            range: Some(range),
+        } => {
+            let summary = client.metrics_summary(&range).await?;
+            match output {
+                Output::Text => print!("{}", metrics::render_range(&summary, agent.as_deref())),
+                Output::Json => print_json(&summary)?,
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Metrics { agent, range: None } => {
             let summary = metrics::summarize(&client.metrics().await?, agent.as_deref());
             match output {
                 Output::Text => print!("{}", metrics::render(&summary)),
@@ -249,9 +261,18 @@ fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn show_run(result: &WorkflowResult, output: Output) -> anyhow::Result<()> {
+fn show_run(
+    result: &WorkflowResult,
+    output: Output,
+    jaeger: Option<&reqwest::Url>,
+) -> anyhow::Result<()> {
     match output {
-        Output::Text => print!("{}", render::summary(result)),
+        Output::Text => {
+            print!("{}", render::summary(result));
+            if let Some(link) = jaeger.and_then(|base| render::trace_link(base, &result.trace_id)) {
+                println!("\nTrace     {link}");
+            }
+        }
         Output::Json => print_json(result)?,
     }
     Ok(())

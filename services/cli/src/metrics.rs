@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use flotilla_api_model::MetricsSummary;
 use serde::Serialize;
 
 /// One sample of the text format: a series and its value.
@@ -250,10 +251,16 @@ pub fn render(summary: &Summary) -> String {
             seconds(f.queue_wait_p95),
         ]);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
+    out.push('\n');
+    table(&mut out, &rows);
+    out
+}
+
+/// Rows in left-aligned columns, the first row being the header.
+fn table<const N: usize>(out: &mut String, rows: &[[String; N]]) {
+    let widths: Vec<usize> = (0..N)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
-    out.push('\n');
     for row in rows {
         let mut line = String::new();
         for (cell, width) in row.iter().zip(&widths) {
@@ -262,6 +269,45 @@ pub fn render(summary: &Summary) -> String {
         out.push_str(line.trim_end());
         out.push('\n');
     }
+}
+
+/// `flotilla metrics --range R`: the attempts that ended over the range, from
+/// `/api/metrics/summary`; only `agent`'s when given.
+pub fn render_range(summary: &MetricsSummary, agent: Option<&str>) -> String {
+    let mut out = String::new();
+    let percent = |rate: f64| format!("{:.1}%", 100.0 * rate);
+    let rate = summary
+        .success_rate
+        .map_or_else(String::new, |r| format!(" (success rate {})", percent(r)));
+    let _ = writeln!(
+        out,
+        "Attempts   {} ended in the last {}, {} succeeded{rate}",
+        summary.executions, summary.range, summary.successes
+    );
+    let agents: Vec<_> = summary
+        .agents
+        .iter()
+        .filter(|a| agent.is_none_or(|name| a.agent == name))
+        .collect();
+    if agents.is_empty() {
+        out.push_str("\nno attempt ended in that range\n");
+        return out;
+    }
+    let millis =
+        |ms: Option<f64>| ms.map_or_else(|| "-".to_string(), |ms| human_seconds(ms / 1000.0));
+    let mut rows = vec![["AGENT", "EXECUTIONS", "SUCCESS", "P50", "P95", "P99"].map(String::from)];
+    for a in agents {
+        rows.push([
+            a.agent.clone(),
+            a.executions.to_string(),
+            percent(a.success_rate),
+            millis(a.p50_ms),
+            millis(a.p95_ms),
+            millis(a.p99_ms),
+        ]);
+    }
+    out.push('\n');
+    table(&mut out, &rows);
     out
 }
 
@@ -280,6 +326,40 @@ fn human_seconds(s: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_range_summary_reads_as_a_table() {
+        let agent = |name: &str, executions, successes, p50_ms| flotilla_api_model::AgentSummary {
+            agent: name.into(),
+            executions,
+            successes,
+            success_rate: successes as f64 / executions as f64,
+            p50_ms,
+            p95_ms: p50_ms.map(|ms| ms * 2.0),
+            p99_ms: p50_ms.map(|ms| ms * 3.0),
+        };
+        let summary = MetricsSummary {
+            range: "1h".into(),
+            since: chrono::DateTime::UNIX_EPOCH,
+            until: chrono::DateTime::UNIX_EPOCH,
+            executions: 4,
+            successes: 3,
+            success_rate: Some(0.75),
+            agents: vec![agent("a1", 3, 2, Some(12.0)), agent("b2", 1, 1, None)],
+        };
+        assert_eq!(
+            render_range(&summary, None),
+            "Attempts   4 ended in the last 1h, 3 succeeded (success rate 75.0%)\n\n\
+             AGENT  EXECUTIONS  SUCCESS  P50   P95   P99\n\
+             a1     3           66.7%    12ms  24ms  36ms\n\
+             b2     1           100.0%   -     -     -\n"
+        );
+        assert!(
+            render_range(&summary, Some("b2"))
+                .ends_with("b2     1           100.0%   -    -    -\n")
+        );
+        assert!(render_range(&summary, Some("zz")).ends_with("no attempt ended in that range\n"));
+    }
 
     const TEXT: &str = r#"# HELP orchestrator_workflows_total Runs that ended, by final status.
 # TYPE orchestrator_workflows_total counter

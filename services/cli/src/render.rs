@@ -57,6 +57,13 @@ pub fn progress(result: &WorkflowResult) -> Progress {
     }
 }
 
+/// The page of a run's trace in a Jaeger UI at `base`; `None` when the coordinator named no
+/// trace.
+pub fn trace_link(base: &reqwest::Url, trace_id: &str) -> Option<String> {
+    (!trace_id.is_empty())
+        .then(|| format!("{}/trace/{trace_id}", base.as_str().trim_end_matches('/')))
+}
+
 /// A run and one line per step.
 pub fn summary(result: &WorkflowResult) -> String {
     let m = &result.metrics;
@@ -357,6 +364,21 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn trace_links_point_at_the_jaeger_trace_page() {
+        let run = failed_run();
+        for base in ["http://localhost:16686", "http://localhost:16686/"] {
+            assert_eq!(
+                trace_link(&base.parse().unwrap(), &run.trace_id).as_deref(),
+                Some("http://localhost:16686/trace/00000000000000000000000000000001")
+            );
+        }
+        assert_eq!(
+            trace_link(&"http://jaeger:16686".parse().unwrap(), ""),
+            None
+        );
+    }
+
     fn at(seconds: i64) -> DateTime<Utc> {
         Utc.timestamp_opt(1_750_000_000 + seconds, 0).unwrap()
     }
@@ -380,6 +402,7 @@ mod tests {
     fn failed_run() -> WorkflowResult {
         WorkflowResult {
             workflow_id: Uuid::from_u128(1),
+            trace_id: flotilla_api_model::trace_id(Uuid::from_u128(1)),
             name: "Complete Project Build".into(),
             status: "failure".into(),
             start_time: at(0),

@@ -239,6 +239,13 @@ impl Backend for Coordinator {
     async fn events(&self, id: Uuid) -> Result<Option<Vec<RunEvent>>, BackendError> {
         Ok((id == RUN_ID).then(|| self.state().history.clone()))
     }
+
+    async fn attempts_since(
+        &self,
+        _since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<flotilla_api_model::AgentSummary>, BackendError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Serves the API over `coordinator` on a free local port; answers its address.
@@ -385,6 +392,7 @@ fn result(status: &str, steps: Vec<StepResult>) -> WorkflowResult {
     let finished = status == "success" || status == "failure";
     WorkflowResult {
         workflow_id: RUN_ID,
+        trace_id: flotilla_api_model::trace_id(RUN_ID),
         name: "build".into(),
         status: status.into(),
         start_time: Utc.timestamp_opt(1_750_000_000, 0).unwrap(),

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use flotilla_api::{Backend, BackendError, Submission};
 use flotilla_api_model::{
-    DeadLetterQuery, DeadLetterSummary, DefinitionSummary, Metrics, Operation, RedriveOutcome,
-    RunEvent, RunPage, RunQuery, RunSummary, StepResult, Submitted, WorkflowResult,
+    AgentSummary, DeadLetterQuery, DeadLetterSummary, DefinitionSummary, Metrics, Operation,
+    RedriveOutcome, RunEvent, RunPage, RunQuery, RunSummary, StepResult, Submitted, WorkflowResult,
 };
 use flotilla_core::Definition;
 use flotilla_core::schedule::Schedule;
@@ -92,6 +92,7 @@ fn workflow_result(run: RunRecord, steps: Vec<StepRecord>) -> WorkflowResult {
         .collect();
     WorkflowResult {
         workflow_id: run.id,
+        trace_id: flotilla_api_model::trace_id(run.id),
         name: run.name,
         status: run.status,
         start_time: run.created_at,
@@ -307,6 +308,33 @@ impl Backend for CoordinatorBackend {
             .await
             .map_err(engine_error)?;
         Ok(status.as_str().to_string())
+    }
+
+    async fn attempts_since(
+        &self,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<AgentSummary>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let rows = queries::attempts_since(&client, since)
+            .await
+            .map_err(store_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let [p50, p95, p99] = r.run_time_ms.map_or([None; 3], |p| p.map(Some));
+                let executions = u64::try_from(r.executions).unwrap_or(0);
+                let successes = u64::try_from(r.successes).unwrap_or(0);
+                AgentSummary {
+                    agent: r.agent,
+                    executions,
+                    successes,
+                    success_rate: successes as f64 / executions.max(1) as f64,
+                    p50_ms: p50,
+                    p95_ms: p95,
+                    p99_ms: p99,
+                }
+            })
+            .collect())
     }
 
     async fn events(&self, id: Uuid) -> Result<Option<Vec<RunEvent>>, BackendError> {

@@ -11,9 +11,15 @@ async fn main() -> ExitCode {
         print!("{}", config.dump());
         return ExitCode::SUCCESS;
     }
-    flotilla_telemetry::init_logging();
-    // One process-wide TLS provider for outgoing HTTPS (webhooks).
+    // One process-wide TLS provider for outgoing HTTPS (webhooks, OTLP).
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let tracing = match flotilla_telemetry::init("flotilla-coordinator") {
+        Ok(tracing) => tracing,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
 
     let address = (config.bind, config.port);
     let listener = match tokio::net::TcpListener::bind(address).await {
@@ -31,11 +37,16 @@ async fn main() -> ExitCode {
         eprintln!("error: cannot watch for shutdown signals: {e}");
         return ExitCode::from(2);
     }
-    match flotilla_coordinator::run(config, listener, shutdown).await {
+    let code = match flotilla_coordinator::run(config, listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
-    }
+    };
+    tracing.shutdown(TRACES_FLUSH_TIMEOUT);
+    code
 }
+
+/// How long the spans still queued at shutdown may take to export.
+const TRACES_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

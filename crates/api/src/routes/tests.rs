@@ -6,7 +6,9 @@ use std::sync::Mutex;
 use axum::body::{Body, to_bytes};
 use axum::http::{HeaderValue, Request, header};
 use chrono::{TimeZone, Utc};
-use flotilla_api_model::{DeadLetterSummary, ErrorBody, Metrics, RunEvent, StepResult};
+use flotilla_api_model::{
+    AgentSummary, DeadLetterSummary, ErrorBody, Metrics, RunEvent, StepResult,
+};
 use serde_json::{Map, json};
 use tower::ServiceExt;
 
@@ -64,6 +66,9 @@ struct FakeState {
     operations: Vec<(Uuid, Operation, String)>,
     /// The operator actions done, by run, oldest first.
     history: HashMap<Uuid, Vec<RunEvent>>,
+    /// The summary answered for any range, and the start of each range asked for.
+    attempts: Vec<AgentSummary>,
+    summaries_since: Vec<chrono::DateTime<Utc>>,
     /// Answered by the next call instead of doing anything.
     next_failure: Option<BackendError>,
 }
@@ -269,6 +274,15 @@ impl Backend for FakeBackend {
         }
         Ok(Some(state.history.get(&id).cloned().unwrap_or_default()))
     }
+
+    async fn attempts_since(
+        &self,
+        since: chrono::DateTime<Utc>,
+    ) -> Result<Vec<AgentSummary>, BackendError> {
+        let mut state = self.check()?;
+        state.summaries_since.push(since);
+        Ok(state.attempts.clone())
+    }
 }
 
 struct Api {
@@ -367,6 +381,7 @@ fn error(body: Value) -> ErrorBody {
 fn sample_run(id: Uuid) -> WorkflowResult {
     WorkflowResult {
         workflow_id: id,
+        trace_id: flotilla_api_model::trace_id(id),
         name: "build".into(),
         status: "running".into(),
         start_time: Utc.timestamp_opt(1_750_000_000, 0).unwrap(),
@@ -980,6 +995,68 @@ async fn dead_letter_listing_refuses_bad_queries() {
         assert!(err.message.contains(expected), "{uri}: {}", err.message);
     }
     assert!(api.backend.state().dead_letter_queries.is_empty());
+}
+
+fn agent(name: &str, executions: u64, successes: u64) -> AgentSummary {
+    AgentSummary {
+        agent: name.into(),
+        executions,
+        successes,
+        success_rate: successes as f64 / executions as f64,
+        p50_ms: Some(10.0),
+        p95_ms: Some(20.0),
+        p99_ms: Some(30.0),
+    }
+}
+
+#[tokio::test]
+async fn the_metrics_summary_totals_its_agents_over_the_range() {
+    let backend = FakeBackend::default();
+    backend.state().attempts = vec![agent("a", 3, 2), agent("b", 1, 1)];
+    let api = Api::new(backend);
+    let before = Utc::now();
+    let (status, body) = api.get("/api/metrics/summary?range=2h").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["range"], "2h");
+    assert_eq!(
+        (body["executions"].as_u64(), body["successes"].as_u64()),
+        (Some(4), Some(3))
+    );
+    assert_eq!(body["successRate"].as_f64(), Some(0.75));
+    assert_eq!(body["agents"][0]["p95Ms"].as_f64(), Some(20.0));
+    let since = api.backend.state().summaries_since[0];
+    let hours = (before - since).num_minutes();
+    assert!(
+        (119..=120).contains(&hours),
+        "since {since}, {hours} minutes before"
+    );
+
+    api.backend.state().attempts.clear();
+    let (status, body) = api.get("/api/metrics/summary").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["range"], "1h", "the default range");
+    assert_eq!(body["executions"].as_u64(), Some(0));
+    assert!(
+        body.get("successRate").is_none(),
+        "no rate of nothing: {body}"
+    );
+}
+
+#[tokio::test]
+async fn the_metrics_summary_refuses_bad_ranges() {
+    let api = Api::new(FakeBackend::default());
+    for (uri, expected) in [
+        ("/api/metrics/summary?range=1w", "a unit s, m, h or d"),
+        ("/api/metrics/summary?range=0h", "positive whole number"),
+        ("/api/metrics/summary?range=100d", "at most 90d"),
+    ] {
+        let (status, body) = api.get(uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+        let err = error(body).error;
+        assert_eq!(err.code, "invalid_request", "{uri}");
+        assert!(err.message.contains(expected), "{uri}: {}", err.message);
+    }
+    assert!(api.backend.state().summaries_since.is_empty());
 }
 
 #[tokio::test]

@@ -8,6 +8,9 @@
 //!
 //! `--metrics-port` (`FLOTILLA_METRICS_PORT`) serves `/health/live`, `/health/ready` and
 //! `/metrics` on that port, on `--metrics-bind` (`FLOTILLA_METRICS_BIND`, default 127.0.0.1).
+//!
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` turns on trace export (service `flotilla-echo` unless
+//! `OTEL_SERVICE_NAME` says otherwise); an invalid `OTEL_*` setting is exit code 2.
 
 mod echo;
 
@@ -58,7 +61,13 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    flotilla_telemetry::init_logging();
+    let tracing = match flotilla_telemetry::init("flotilla-echo") {
+        Ok(tracing) => tracing,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
 
     let shutdown = CancellationToken::new();
     if let Err(error) = flotilla_telemetry::shutdown_on_signals(shutdown.clone()) {
@@ -88,12 +97,17 @@ async fn main() -> ExitCode {
     }
     let worker = builder.build();
 
-    match worker.run(shutdown).await {
+    let code = match worker.run(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         // Once started, a worker stops only when asked to.
         Err(error) => {
             error!(%error, "cannot start");
             ExitCode::from(2)
         }
-    }
+    };
+    tracing.shutdown(TRACES_FLUSH_TIMEOUT);
+    code
 }
+
+/// How long the spans still queued at shutdown may take to export.
+const TRACES_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
