@@ -105,3 +105,123 @@ async fn cancelling_a_run_stops_its_running_step_on_the_worker() -> anyhow::Resu
     assert!(fleet.count_in_logs("echo-cancel", &id.to_string()) > 0);
     fleet.stop().await
 }
+
+/// A file holding `text`, in a directory of the test's own.
+fn write_file(name: &str, text: &str) -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("flotilla-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(name);
+    std::fs::write(&file, text)?;
+    Ok(file)
+}
+
+/// `flotilla schedules add|list|remove` against a live coordinator: the schedule starts runs
+/// with its params, is listed with the run its last tick started, and stops once removed. A bad
+/// cron or time zone is refused naming the fault.
+#[tokio::test]
+async fn schedules_are_added_listed_and_removed_from_the_cli() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    fleet.start_echo("echo-s", &["ticker"], 4)?;
+    let file = write_file(
+        "ticker.yaml",
+        "name: ticker\nparams: {env: dev}\nsteps:\n  - {id: tick, agent: ticker, action: tick}\n",
+    )?;
+    let (status, _, stderr) = fleet
+        .cli(&["definitions", "register", file.to_str().unwrap()])
+        .await?;
+    assert!(status.success(), "{stderr}");
+
+    for (args, fault) in [
+        (
+            ["--cron", "every minute", "--timezone", "UTC"],
+            "is not a cron expression",
+        ),
+        (
+            ["--cron", "* * * * *", "--timezone", "Mars/Base"],
+            "`Mars/Base` is not a time zone",
+        ),
+    ] {
+        let mut command = vec!["schedules", "add", "ticker"];
+        command.extend(args);
+        let (status, stdout, stderr) = fleet.cli(&command).await?;
+        assert!(!status.success(), "{stdout}");
+        assert!(stderr.contains(fault), "{stderr}");
+    }
+    let (status, _, stderr) = fleet
+        .cli(&["schedules", "add", "nothing", "--cron", "* * * * *"])
+        .await?;
+    assert!(!status.success());
+    assert!(
+        stderr.contains("no workflow definition named `nothing`"),
+        "{stderr}"
+    );
+
+    // Every second (cron with seconds).
+    let (status, stdout, stderr) = fleet
+        .cli(&[
+            "schedules",
+            "add",
+            "ticker",
+            "--cron",
+            "* * * * * *",
+            "--overlap",
+            "allow",
+            "--param",
+            "env=prod",
+        ])
+        .await?;
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("scheduled ticker"), "{stdout}");
+
+    let deadline = Instant::now() + WAIT;
+    let last_run = loop {
+        let (status, stdout, stderr) = fleet
+            .cli(&["schedules", "list", "--output", "json"])
+            .await?;
+        assert!(status.success(), "{stderr}");
+        let list: flotilla_api_model::ScheduleList = serde_json::from_str(&stdout)?;
+        assert_eq!(list.schedules.len(), 1);
+        let schedule = &list.schedules[0];
+        assert_eq!(
+            (
+                schedule.id.as_str(),
+                schedule.cron.as_str(),
+                schedule.overlap.as_str()
+            ),
+            ("ticker", "* * * * * *", "allow")
+        );
+        if let Some(id) = schedule.last_run_id {
+            break id;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the schedule never fired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let run = fleet.wait_for_end(last_run, WAIT).await?;
+    assert_eq!(run.status, "success");
+    assert_eq!(step(&run, "tick").output, Some(json!({"env": "prod"})));
+    let (status, stdout, _) = fleet.cli(&["schedules", "list"]).await?;
+    assert!(status.success());
+    assert!(
+        stdout.contains("ticker") && stdout.contains("* * * * * *"),
+        "{stdout}"
+    );
+
+    let (status, stdout, stderr) = fleet.cli(&["schedules", "remove", "ticker"]).await?;
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("removed"), "{stdout}");
+    let (status, _, stderr) = fleet.cli(&["schedules", "remove", "ticker"]).await?;
+    assert!(!status.success());
+    assert!(stderr.contains("no schedule `ticker`"), "{stderr}");
+    let (_, stdout, _) = fleet.cli(&["schedules", "list"]).await?;
+    assert_eq!(stdout, "no schedules\n");
+    // The firing loop reads only the table: nothing left there fires.
+    let db = fleet.db().await?;
+    let left: i64 = db
+        .query_one("SELECT count(*) FROM schedules", &[])
+        .await?
+        .get(0);
+    assert_eq!(left, 0);
+    std::fs::remove_dir_all(file.parent().unwrap())?;
+    fleet.stop().await
+}

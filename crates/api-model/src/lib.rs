@@ -539,6 +539,57 @@ pub struct ErrorDetail {
     pub details: Option<Value>,
 }
 
+/// `POST /api/schedules`: run a registered definition on a cron schedule. A definition has at
+/// most one schedule: posting another for the same definition replaces it (as registering a
+/// definition with a `schedule:` does).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScheduleRequest {
+    /// The registered definition's name; each tick runs its latest revision.
+    pub definition: String,
+    /// Five fields (minute hour day month weekday), or six with seconds first.
+    pub cron: String,
+    /// An IANA time zone such as `Europe/Paris`; UTC when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// Ticks missed while no coordinator ran: `skip` (default) or `catch_up_once`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missed: Option<String>,
+    /// A tick while the previous run still runs: `skip` (default) or `allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlap: Option<String>,
+    /// Params of every run it starts, over the definition's defaults.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub params: Map<String, Value>,
+}
+
+/// A schedule. Its id is the name of the definition it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleSummary {
+    pub id: String,
+    pub definition: String,
+    pub cron: String,
+    pub timezone: String,
+    pub missed: String,
+    pub overlap: String,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub params: Map<String, Value>,
+    /// The next tick.
+    pub next_at: DateTime<Utc>,
+    /// The run the last tick started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `GET /api/schedules`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleList {
+    pub schedules: Vec<ScheduleSummary>,
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;

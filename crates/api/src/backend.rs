@@ -5,8 +5,9 @@ use std::future::Future;
 
 use flotilla_api_model::{
     DeadLetterQuery, DeadLetterSummary, DefinitionSummary, Operation, RedriveOutcome, RunEvent,
-    RunPage, RunQuery, Submitted, WorkflowResult,
+    RunPage, RunQuery, ScheduleSummary, Submitted, WorkflowResult,
 };
+use flotilla_core::schedule::Schedule;
 use flotilla_core::{Definition, Plan};
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -23,6 +24,15 @@ pub struct Submission {
     /// The request's `Idempotency-Key`, checked with
     /// [`check_idempotency_key`](flotilla_api_model::check_idempotency_key).
     pub idempotency_key: Option<String>,
+}
+
+/// A validated schedule request.
+#[derive(Debug, Clone)]
+pub struct NewSchedule {
+    /// The definition it runs; not checked to be registered.
+    pub definition: String,
+    pub schedule: Schedule,
+    pub params: Map<String, Value>,
 }
 
 /// What the coordinator provides to the API.
@@ -111,6 +121,26 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         id: Uuid,
     ) -> impl Future<Output = Result<Option<Vec<RunEvent>>, BackendError>> + Send;
+
+    /// Schedules the definition (replacing its schedule, if it had one). Answers
+    /// [`BackendError::NotFound`] when no definition of that name is registered, and
+    /// [`BackendError::Invalid`] when the schedule never fires.
+    fn put_schedule(
+        &self,
+        schedule: NewSchedule,
+    ) -> impl Future<Output = Result<ScheduleSummary, BackendError>> + Send;
+
+    /// Every schedule, by definition name.
+    fn schedules(&self) -> impl Future<Output = Result<Vec<ScheduleSummary>, BackendError>> + Send;
+
+    /// The schedule with id `id` (the name of its definition), if there is one.
+    fn schedule(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<ScheduleSummary>, BackendError>> + Send;
+
+    /// Removes the schedule `id`; answers whether there was one.
+    fn delete_schedule(&self, id: &str) -> impl Future<Output = Result<bool, BackendError>> + Send;
 }
 
 /// Why a [`Backend`] call failed. The variant decides the HTTP status.

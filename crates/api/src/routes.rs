@@ -12,14 +12,16 @@ use flotilla_api_model::{
     CompleteRequest, DeadLetterList, DeadLetterQuery, DefinitionList, DefinitionSummary,
     ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, OperateResponse, Operation,
     RedriveOutcome, RedriveRequest, RedriveResponse, RegisterDefinitionRequest, RetryRequest,
-    RunEventList, RunPage, RunQuery, Submitted, WorkflowResult,
+    RunEventList, RunPage, RunQuery, ScheduleList, ScheduleRequest, ScheduleSummary, Submitted,
+    WorkflowResult,
 };
+use flotilla_core::schedule::{Missed, Overlap, Schedule};
 use flotilla_core::{Definition, Plan, RunStatus};
 use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::backend::{Backend, Submission};
+use crate::backend::{Backend, NewSchedule, Submission};
 use crate::error::{ApiError, Kind};
 use crate::extract::{Actor, IdempotencyKey, Json, OptionalJson, Path, Query};
 use crate::health::{self, Probe};
@@ -149,6 +151,14 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
         .route(
             "/api/definitions",
             post(register_definition::<B>).get(list_definitions::<B>),
+        )
+        .route(
+            "/api/schedules",
+            post(create_schedule::<B>).get(list_schedules::<B>),
+        )
+        .route(
+            "/api/schedules/{id}",
+            get(get_schedule::<B>).delete(delete_schedule::<B>),
         )
         .route("/api/dlq", get(list_dead_letters::<B>))
         .route("/api/dlq/redrive", post(redrive::<B>))
@@ -532,3 +542,86 @@ fn listing(items: &[&str], conjunction: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+
+async fn create_schedule<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Json(request): Json<ScheduleRequest>,
+) -> Result<(StatusCode, axum::Json<ScheduleSummary>), ApiError> {
+    let ScheduleRequest {
+        definition,
+        cron,
+        timezone,
+        missed,
+        overlap,
+        params,
+    } = request;
+    if definition.trim().is_empty() {
+        return Err(ApiError::invalid_request(
+            "`definition` must name a registered definition",
+        ));
+    }
+    let missed: Missed = policy("missed", missed, "`skip` or `catch_up_once`")?;
+    let overlap: Overlap = policy("overlap", overlap, "`skip` or `allow`")?;
+    let schedule = Schedule::new(&cron, timezone.as_deref(), missed, overlap)
+        .map_err(ApiError::invalid_request)?;
+    let created = backend
+        .put_schedule(NewSchedule {
+            definition,
+            schedule,
+            params,
+        })
+        .await?;
+    tracing::info!(schedule = %created.id, cron = %created.cron, next_at = %created.next_at, "schedule set");
+    Ok((StatusCode::CREATED, axum::Json(created)))
+}
+
+/// A schedule policy by its name in the definition format; the default when unset.
+fn policy<T: serde::de::DeserializeOwned + Default>(
+    field: &str,
+    value: Option<String>,
+    allowed: &str,
+) -> Result<T, ApiError> {
+    match value {
+        None => Ok(T::default()),
+        Some(name) => serde_json::from_value(Value::String(name.clone())).map_err(|_| {
+            ApiError::invalid_request(format!("`{field}` must be {allowed}, not `{name}`"))
+        }),
+    }
+}
+
+async fn list_schedules<B: Backend>(
+    State(backend): State<Arc<B>>,
+) -> Result<axum::Json<ScheduleList>, ApiError> {
+    Ok(axum::Json(ScheduleList {
+        schedules: backend.schedules().await?,
+    }))
+}
+
+async fn get_schedule<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<ScheduleSummary>, ApiError> {
+    backend
+        .schedule(&id)
+        .await?
+        .map(axum::Json)
+        .ok_or_else(|| schedule_not_found(&id))
+}
+
+async fn delete_schedule<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if backend.delete_schedule(&id).await? {
+        tracing::info!(schedule = %id, "schedule removed");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(schedule_not_found(&id))
+    }
+}
+
+fn schedule_not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "no schedule `{id}` (a schedule's id is the name of its definition)"
+    ))
+}

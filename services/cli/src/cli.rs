@@ -55,6 +55,10 @@ pub enum Command {
     /// List and redrive dead letters: tasks RabbitMQ gave up delivering, whose steps failed.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// List, add and remove the schedules of registered definitions (one per definition; its
+    /// id is the definition's name).
+    #[command(subcommand)]
+    Schedules(SchedulesCommand),
     /// Show the coordinator's main figures: runs by status, and per agent the attempts, errors,
     /// retries, dead letters, queued tasks and run times (p50, p95).
     ///
@@ -188,6 +192,37 @@ pub enum DefinitionsCommand {
     },
     /// List registered definitions.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SchedulesCommand {
+    /// List the schedules and their next ticks.
+    List,
+    /// Run the registered definition NAME on a cron schedule (replacing its schedule, if any).
+    Add {
+        /// The registered definition.
+        name: String,
+        /// Five fields (minute hour day month weekday), or six with seconds first.
+        #[arg(long)]
+        cron: String,
+        /// An IANA time zone such as Europe/Paris [default: UTC].
+        #[arg(long)]
+        timezone: Option<String>,
+        /// Ticks missed while no coordinator ran: skip or catch_up_once [default: skip].
+        #[arg(long)]
+        missed: Option<String>,
+        /// A tick while the previous run still runs: skip or allow [default: skip].
+        #[arg(long)]
+        overlap: Option<String>,
+        /// A param of every run it starts, as for `workflows execute`. Repeatable.
+        #[arg(long = "param", short, value_name = "KEY=VALUE", value_parser = parse_param)]
+        params: Vec<Param>,
+    },
+    /// Remove the schedule of definition NAME.
+    Remove {
+        /// The schedule's id: its definition's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

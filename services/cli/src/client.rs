@@ -6,8 +6,8 @@ use flotilla_api_model::{
     ACTOR_HEADER, CompleteRequest, DeadLetterList, DeadLetterQuery, DefinitionList,
     DefinitionSummary, ErrorBody, ExecuteRequest, ExecuteResponse, IDEMPOTENCY_KEY_HEADER,
     IDEMPOTENT_REPLAYED_HEADER, OperateResponse, Operation, RedriveRequest, RedriveResponse,
-    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, Submitted,
-    WorkflowResult,
+    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, ScheduleList,
+    ScheduleRequest, ScheduleSummary, Submitted, WorkflowResult,
 };
 use reqwest::header::HeaderMap;
 use reqwest::{RequestBuilder, StatusCode, Url};
@@ -319,6 +319,33 @@ impl Client {
             }
         };
         self.send(request, url).await
+    }
+
+    pub async fn schedules(&self) -> Result<ScheduleList, ClientError> {
+        let url = self.url(&["schedules"]);
+        self.send(self.http.get(url.clone()), url).await
+    }
+
+    pub async fn add_schedule(
+        &self,
+        request: &ScheduleRequest,
+    ) -> Result<ScheduleSummary, ClientError> {
+        let url = self.url(&["schedules"]);
+        self.send(self.http.post(url.clone()).json(request), url)
+            .await
+    }
+
+    /// Removes schedule `id`; the answer has no body.
+    pub async fn remove_schedule(&self, id: &str) -> Result<(), ClientError> {
+        let url = self.url(&["schedules", id]);
+        let answer = self
+            .exchange(self.http.delete(url.clone()), &url, REQUEST_TIMEOUT)
+            .await?;
+        if answer.status.is_success() {
+            Ok(())
+        } else {
+            Err(failure(answer.status, &answer.body, url))
+        }
     }
 
     /// The history of run `id`, oldest first.

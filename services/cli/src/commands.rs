@@ -6,14 +6,16 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use flotilla_api_model::{
     DeadLetterQuery, ExecuteRequest, ExecuteResponse, Operation, RedriveOutcome, RedriveRequest,
-    RegisterDefinitionRequest, RunQuery, WorkflowResult,
+    RegisterDefinitionRequest, RunQuery, ScheduleRequest, WorkflowResult,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tokio::time::MissedTickBehavior;
 use uuid::Uuid;
 
-use crate::cli::{Cli, Command, DefinitionsCommand, DlqCommand, Output, Wait, WorkflowsCommand};
+use crate::cli::{
+    Cli, Command, DefinitionsCommand, DlqCommand, Output, SchedulesCommand, Wait, WorkflowsCommand,
+};
 use crate::client::{Client, ClientError};
 use crate::render;
 use crate::{actor, metrics, params};
@@ -189,6 +191,50 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             match output {
                 Output::Text => print!("{}", render::dead_letters(&list, all)),
                 Output::Json => print_json(&list)?,
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Schedules(SchedulesCommand::List) => {
+            let list = client.schedules().await?;
+            match output {
+                Output::Text => print!("{}", render::schedules(&list)),
+                Output::Json => print_json(&list)?,
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Schedules(SchedulesCommand::Add {
+            name,
+            cron,
+            timezone,
+            missed,
+            overlap,
+            params,
+        }) => {
+            let request = ScheduleRequest {
+                definition: name,
+                cron,
+                timezone,
+                missed,
+                overlap,
+                params: params::collect(params).map_err(|e| anyhow!(e))?,
+            };
+            let schedule = client.add_schedule(&request).await?;
+            match output {
+                Output::Text => println!(
+                    "scheduled {} ({} {}); next run at {}",
+                    schedule.id,
+                    schedule.cron,
+                    schedule.timezone,
+                    render::time(schedule.next_at)
+                ),
+                Output::Json => print_json(&schedule)?,
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Schedules(SchedulesCommand::Remove { name }) => {
+            client.remove_schedule(&name).await?;
+            if output == Output::Text {
+                println!("removed the schedule of {name}");
             }
             Ok(Outcome::Done)
         }

@@ -5,7 +5,7 @@ use std::fmt::Write;
 use chrono::{DateTime, Utc};
 use flotilla_api_model::{
     DeadLetterList, DefinitionList, DefinitionSummary, OperateResponse, RedriveOutcome,
-    RedriveResponse, RunEventList, RunPage, WorkflowResult,
+    RedriveResponse, RunEventList, RunPage, ScheduleList, WorkflowResult,
 };
 use serde_json::Value;
 
@@ -147,6 +147,40 @@ pub fn definitions(list: &DefinitionList) -> String {
     )
 }
 
+/// The schedules, one line each.
+pub fn schedules(list: &ScheduleList) -> String {
+    if list.schedules.is_empty() {
+        return "no schedules\n".to_string();
+    }
+    let rows = list
+        .schedules
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.clone(),
+                s.cron.clone(),
+                s.timezone.clone(),
+                s.missed.clone(),
+                s.overlap.clone(),
+                time(s.next_at),
+                s.last_run_id.map(|id| id.to_string()).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "DEFINITION",
+            "CRON",
+            "TIME ZONE",
+            "MISSED",
+            "OVERLAP",
+            "NEXT",
+            "LAST RUN",
+        ],
+        rows,
+    )
+}
+
 /// One line confirming a registration.
 pub fn registered(d: &DefinitionSummary) -> String {
     let mut facts = Vec::new();
@@ -273,7 +307,7 @@ fn place(outcome: &RedriveOutcome) -> String {
 
 /// Times are shown in UTC: the coordinator and its logs use UTC, and runs are compared across
 /// machines.
-fn time(t: DateTime<Utc>) -> String {
+pub fn time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
 }
 

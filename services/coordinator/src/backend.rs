@@ -3,10 +3,11 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use flotilla_api::{Backend, BackendError, Submission};
+use flotilla_api::{Backend, BackendError, NewSchedule, Submission};
 use flotilla_api_model::{
     DeadLetterQuery, DeadLetterSummary, DefinitionSummary, Metrics, Operation, RedriveOutcome,
-    RunEvent, RunPage, RunQuery, RunSummary, StepResult, Submitted, WorkflowResult,
+    RunEvent, RunPage, RunQuery, RunSummary, ScheduleSummary, StepResult, Submitted,
+    WorkflowResult,
 };
 use flotilla_core::Definition;
 use flotilla_core::schedule::Schedule;
@@ -15,7 +16,7 @@ use flotilla_engine::{EngineHandle, NewRun};
 use flotilla_store::queries::{self, Cursor, RunRecord, StepRecord};
 use flotilla_store::schedules::{self, ScheduleRow};
 use flotilla_store::{Store, dead_letters, definitions};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
 pub struct CoordinatorBackend {
@@ -189,28 +190,9 @@ impl Backend for CoordinatorBackend {
         match &definition.schedule {
             Some(spec) => {
                 let schedule = Schedule::from_spec(spec).map_err(BackendError::Invalid)?;
-                let now = Utc::now();
-                let next_at = schedule.next_after(now).ok_or_else(|| {
-                    BackendError::Invalid(format!("schedule `{}` never fires", schedule.cron))
-                })?;
-                let policy = |p: serde_json::Result<Value>| {
-                    p.ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default()
-                };
-                let row = ScheduleRow {
-                    name: definition.name.clone(),
-                    cron: schedule.cron.clone(),
-                    timezone: schedule.timezone.clone(),
-                    missed: policy(serde_json::to_value(schedule.missed)),
-                    overlap: policy(serde_json::to_value(schedule.overlap)),
-                    params: Default::default(),
-                    next_at,
-                    last_run_id: None,
-                    created_at: now,
-                };
+                let row = schedule_row(&definition.name, &schedule, Map::new())?;
                 schedules::put(&client, &row).await.map_err(store_error)?;
-                tracing::info!(definition = %definition.name, cron = %schedule.cron, %next_at, "scheduled");
+                tracing::info!(definition = %definition.name, cron = %schedule.cron, next_at = %row.next_at, "scheduled");
             }
             None => {
                 if schedules::delete(&client, &definition.name)
@@ -332,6 +314,84 @@ impl Backend for CoordinatorBackend {
                 })
                 .collect(),
         ))
+    }
+
+    async fn put_schedule(&self, new: NewSchedule) -> Result<ScheduleSummary, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        if definitions::latest(&client, &new.definition)
+            .await
+            .map_err(store_error)?
+            .is_none()
+        {
+            return Err(BackendError::NotFound(format!(
+                "no workflow definition named `{}` is registered",
+                new.definition
+            )));
+        }
+        let row = schedule_row(&new.definition, &new.schedule, new.params)?;
+        let stored = schedules::put(&client, &row).await.map_err(store_error)?;
+        Ok(schedule_summary(stored))
+    }
+
+    async fn schedules(&self) -> Result<Vec<ScheduleSummary>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let rows = schedules::list(&client).await.map_err(store_error)?;
+        Ok(rows.into_iter().map(schedule_summary).collect())
+    }
+
+    async fn schedule(&self, id: &str) -> Result<Option<ScheduleSummary>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let row = schedules::get(&client, id).await.map_err(store_error)?;
+        Ok(row.map(schedule_summary))
+    }
+
+    async fn delete_schedule(&self, id: &str) -> Result<bool, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        schedules::delete(&client, id).await.map_err(store_error)
+    }
+}
+
+/// The stored form of a schedule of definition `name`, due at its next tick from now.
+fn schedule_row(
+    name: &str,
+    schedule: &Schedule,
+    params: Map<String, Value>,
+) -> Result<ScheduleRow, BackendError> {
+    let now = Utc::now();
+    let next_at = schedule.next_after(now).ok_or_else(|| {
+        BackendError::Invalid(format!("schedule `{}` never fires", schedule.cron))
+    })?;
+    // The policies are stored by their names in the definition format.
+    let policy = |p: serde_json::Result<Value>| {
+        p.ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    Ok(ScheduleRow {
+        name: name.to_string(),
+        cron: schedule.cron.clone(),
+        timezone: schedule.timezone.clone(),
+        missed: policy(serde_json::to_value(schedule.missed)),
+        overlap: policy(serde_json::to_value(schedule.overlap)),
+        params,
+        next_at,
+        last_run_id: None,
+        created_at: now,
+    })
+}
+
+fn schedule_summary(row: ScheduleRow) -> ScheduleSummary {
+    ScheduleSummary {
+        id: row.name.clone(),
+        definition: row.name,
+        cron: row.cron,
+        timezone: row.timezone,
+        missed: row.missed,
+        overlap: row.overlap,
+        params: row.params,
+        next_at: row.next_at,
+        last_run_id: row.last_run_id,
+        created_at: row.created_at,
     }
 }
 

@@ -64,6 +64,7 @@ struct FakeState {
     operations: Vec<(Uuid, Operation, String)>,
     /// The operator actions done, by run, oldest first.
     history: HashMap<Uuid, Vec<RunEvent>>,
+    schedules: Vec<ScheduleSummary>,
     /// Answered by the next call instead of doing anything.
     next_failure: Option<BackendError>,
 }
@@ -269,6 +270,59 @@ impl Backend for FakeBackend {
         }
         Ok(Some(state.history.get(&id).cloned().unwrap_or_default()))
     }
+
+    async fn put_schedule(&self, new: NewSchedule) -> Result<ScheduleSummary, BackendError> {
+        let mut state = self.check()?;
+        if !state
+            .definitions
+            .iter()
+            .any(|(d, _)| d.name == new.definition)
+        {
+            return Err(BackendError::NotFound(format!(
+                "no workflow definition named `{}` is registered",
+                new.definition
+            )));
+        }
+        let at = Utc.timestamp_opt(1_750_000_000, 0).unwrap();
+        let summary = ScheduleSummary {
+            id: new.definition.clone(),
+            definition: new.definition,
+            cron: new.schedule.cron.clone(),
+            timezone: new.schedule.timezone.clone(),
+            missed: serde_json::to_value(new.schedule.missed)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .into(),
+            overlap: serde_json::to_value(new.schedule.overlap)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .into(),
+            params: new.params,
+            next_at: new.schedule.next_after(at).unwrap(),
+            last_run_id: None,
+            created_at: at,
+        };
+        state.schedules.retain(|s| s.id != summary.id);
+        state.schedules.push(summary.clone());
+        Ok(summary)
+    }
+
+    async fn schedules(&self) -> Result<Vec<ScheduleSummary>, BackendError> {
+        Ok(self.check()?.schedules.clone())
+    }
+
+    async fn schedule(&self, id: &str) -> Result<Option<ScheduleSummary>, BackendError> {
+        Ok(self.check()?.schedules.iter().find(|s| s.id == id).cloned())
+    }
+
+    async fn delete_schedule(&self, id: &str) -> Result<bool, BackendError> {
+        let mut state = self.check()?;
+        let before = state.schedules.len();
+        state.schedules.retain(|s| s.id != id);
+        Ok(state.schedules.len() < before)
+    }
 }
 
 struct Api {
@@ -355,6 +409,15 @@ impl Api {
             .send(Request::get(uri).body(Body::empty()).unwrap())
             .await;
         (status, body)
+    }
+
+    /// DELETEs `uri`; answers the status and the body's text (empty on success).
+    async fn delete(&self, uri: &str) -> (StatusCode, String) {
+        let request = Request::delete(uri).body(Body::empty()).unwrap();
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
     }
 }
 
@@ -753,6 +816,98 @@ async fn definitions_are_listed() {
     let list: DefinitionList = serde_json::from_value(body).unwrap();
     let revisions: Vec<i64> = list.definitions.iter().map(|d| d.revision).collect();
     assert_eq!(revisions, [1, 2]);
+}
+
+#[tokio::test]
+async fn schedules_are_created_listed_read_and_removed() {
+    let api = Api::new(FakeBackend::default());
+    let (status, _) = api.post("/api/definitions", json!({"yaml": SEED})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = api
+        .post(
+            "/api/schedules",
+            json!({"definition": "build", "cron": "*/5 * * * *", "timezone": "Europe/Paris",
+                   "overlap": "allow", "params": {"env": "prod"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let created: ScheduleSummary = serde_json::from_value(body).unwrap();
+    assert_eq!(
+        (
+            created.id.as_str(),
+            created.timezone.as_str(),
+            created.missed.as_str(),
+            created.overlap.as_str()
+        ),
+        ("build", "Europe/Paris", "skip", "allow")
+    );
+    assert_eq!(created.params["env"], "prod");
+    assert_eq!(
+        created.next_at,
+        Utc.timestamp_opt(1_750_000_200, 0).unwrap()
+    );
+
+    let (status, body) = api.get("/api/schedules").await;
+    assert_eq!(status, StatusCode::OK);
+    let list: ScheduleList = serde_json::from_value(body).unwrap();
+    assert_eq!(list.schedules, std::slice::from_ref(&created));
+    let (status, body) = api.get("/api/schedules/build").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_value::<ScheduleSummary>(body).unwrap(),
+        created
+    );
+
+    let (status, text) = api.delete("/api/schedules/build").await;
+    assert_eq!((status, text.as_str()), (StatusCode::NO_CONTENT, ""));
+    let (status, text) = api.delete("/api/schedules/build").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(text.contains("no schedule `build`"), "{text}");
+    let (status, body) = api.get("/api/schedules/build").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(error(body).error.code, "not_found");
+}
+
+#[tokio::test]
+async fn bad_schedules_are_refused_naming_the_fault() {
+    let api = Api::new(FakeBackend::default());
+    api.post("/api/definitions", json!({"yaml": SEED})).await;
+    for (request, fault) in [
+        (
+            json!({"definition": "build", "cron": "every day"}),
+            "is not a cron expression",
+        ),
+        (
+            json!({"definition": "build", "cron": "0 * * * *", "timezone": "Mars/Olympus"}),
+            "`Mars/Olympus` is not a time zone",
+        ),
+        (
+            json!({"definition": "build", "cron": "0 * * * *", "missed": "always"}),
+            "`missed` must be `skip` or `catch_up_once`, not `always`",
+        ),
+        (
+            json!({"definition": "build", "cron": "0 * * * *", "overlap": "queue"}),
+            "`overlap` must be `skip` or `allow`, not `queue`",
+        ),
+        (
+            json!({"definition": " ", "cron": "0 * * * *"}),
+            "`definition` must name",
+        ),
+    ] {
+        let (status, body) = api.post("/api/schedules", request.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{request}: {body}");
+        let message = error(body).error.message;
+        assert!(message.contains(fault), "{request}: {message}");
+    }
+    let (status, body) = api
+        .post(
+            "/api/schedules",
+            json!({"definition": "nope", "cron": "0 * * * *"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error(body).error.message.contains("`nope`"));
+    assert!(api.backend.state().schedules.is_empty());
 }
 
 #[tokio::test]
