@@ -225,3 +225,89 @@ async fn schedules_are_added_listed_and_removed_from_the_cli() -> anyhow::Result
     std::fs::remove_dir_all(file.parent().unwrap())?;
     fleet.stop().await
 }
+
+/// A run started from a registered version keeps that version's steps when a new version is
+/// registered while it runs; `definitions show` lists both.
+#[tokio::test]
+async fn a_new_version_does_not_change_a_running_run() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    let v1 = write_file(
+        "v1.yaml",
+        "name: pinned\nversion: '1.0'\nsteps:\n  - {id: old, agent: pin, action: work}\n",
+    )?;
+    let v2 = write_file(
+        "v2.yaml",
+        "name: pinned\nversion: '2.0'\nsteps:\n  - {id: new, agent: pin, action: work}\n  - {id: extra, agent: pin, action: work}\n",
+    )?;
+    let (status, _, stderr) = fleet
+        .cli(&["definitions", "register", v1.to_str().unwrap()])
+        .await?;
+    assert!(status.success(), "{stderr}");
+
+    // No worker serves `pin` yet: the run waits on its step while v2 is registered.
+    let (status, stdout, stderr) = fleet
+        .cli(&[
+            "workflows",
+            "execute",
+            "--name",
+            "pinned",
+            "--version",
+            "1.0",
+        ])
+        .await?;
+    assert!(status.success(), "{stderr}");
+    let id: Uuid = stdout.trim().parse()?;
+    let (status, _, stderr) = fleet
+        .cli(&["definitions", "register", v2.to_str().unwrap()])
+        .await?;
+    assert!(status.success(), "{stderr}");
+    fleet.start_echo("echo-pin", &["pin"], 2)?;
+    let run = fleet.wait_for_end(id, WAIT).await?;
+    assert_eq!(run.status, "success");
+    let steps: Vec<&str> = run.steps.iter().map(|s| s.step_id.as_str()).collect();
+    assert_eq!(steps, ["old"]);
+
+    // The latest version runs when none is named.
+    let (status, stdout, stderr) = fleet
+        .cli(&["workflows", "execute", "--name", "pinned", "--wait"])
+        .await?;
+    assert!(status.success(), "{stderr}");
+    let latest = fleet
+        .run(stdout.lines().next().unwrap_or_default().trim().parse()?)
+        .await?;
+    let steps: Vec<&str> = latest.steps.iter().map(|s| s.step_id.as_str()).collect();
+    assert_eq!(steps, ["new", "extra"]);
+
+    let (status, stdout, stderr) = fleet
+        .cli(&["definitions", "show", "pinned", "--output", "json"])
+        .await?;
+    assert!(status.success(), "{stderr}");
+    let shown: serde_json::Value = serde_json::from_str(&stdout)?;
+    assert_eq!(shown["definition"]["revision"], 2);
+    assert_eq!(shown["versions"].as_array().map(Vec::len), Some(2));
+    let (status, stdout, _) = fleet
+        .cli(&["definitions", "show", "pinned", "--version", "1.0"])
+        .await?;
+    assert!(status.success());
+    assert!(
+        stdout.contains("revision 1 of pinned") && stdout.contains("\"old\""),
+        "{stdout}"
+    );
+    let (status, _, stderr) = fleet
+        .cli(&[
+            "workflows",
+            "execute",
+            "--name",
+            "pinned",
+            "--version",
+            "7.0",
+        ])
+        .await?;
+    assert!(!status.success());
+    assert!(stderr.contains("no version or revision `7.0`"), "{stderr}");
+    for file in [v1, v2] {
+        std::fs::remove_dir_all(file.parent().unwrap())?;
+    }
+    fleet.stop().await
+}

@@ -22,9 +22,14 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExecuteRequest {
-    /// The name of a registered definition; its latest revision runs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The name of a registered definition (also accepted as `name`); its latest revision runs,
+    /// or the one `version` names.
+    #[serde(default, alias = "name", skip_serializing_if = "Option::is_none")]
     pub workflow: Option<String>,
+    /// With `workflow`: the definition's `version:` (its latest revision with it), or a
+    /// revision number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// A definition given inline as a JSON object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub definition: Option<Value>,
@@ -352,6 +357,33 @@ pub struct DefinitionSummary {
 #[serde(rename_all = "camelCase")]
 pub struct DefinitionList {
     pub definitions: Vec<DefinitionSummary>,
+}
+
+/// `GET /api/definitions/{name}`: one revision and its content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DefinitionDetail {
+    #[serde(flatten)]
+    pub summary: DefinitionSummary,
+    /// The definition as stored (its canonical JSON).
+    pub definition: Value,
+}
+
+/// `GET /api/definitions/{name}/versions`: every revision, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DefinitionVersions {
+    pub name: String,
+    pub versions: Vec<DefinitionSummary>,
+}
+
+/// The query string of `GET /api/definitions/{name}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DefinitionQuery {
+    /// The definition's `version:` or a revision number; the latest revision when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 /// The query string of `GET /api/dlq`.
@@ -1097,10 +1129,10 @@ mod tests {
     fn requests_refuse_unknown_fields() {
         let err = serde_json::from_value::<ExecuteRequest>(json!({
             "workflow": "build-project",
-            "version": "2"
+            "priority": 2
         }))
         .unwrap_err();
-        assert!(err.to_string().contains("unknown field `version`"), "{err}");
+        assert!(err.to_string().contains("unknown field `priority`"), "{err}");
     }
 
     #[test]

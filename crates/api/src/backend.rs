@@ -4,8 +4,8 @@
 use std::future::Future;
 
 use flotilla_api_model::{
-    DeadLetterQuery, DeadLetterSummary, DefinitionSummary, Operation, RedriveOutcome, RunEvent,
-    RunPage, RunQuery, ScheduleSummary, Submitted, WorkflowResult,
+    DeadLetterQuery, DeadLetterSummary, DefinitionDetail, DefinitionSummary, Operation,
+    RedriveOutcome, RunEvent, RunPage, RunQuery, ScheduleSummary, Submitted, WorkflowResult,
 };
 use flotilla_core::schedule::Schedule;
 use flotilla_core::{Definition, Plan};
@@ -79,6 +79,20 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         name: &str,
     ) -> impl Future<Output = Result<Option<Definition>, BackendError>> + Send;
+
+    /// Every revision of definition `name`, oldest first; empty when the name is not registered.
+    fn definition_versions(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Vec<DefinitionSummary>, BackendError>> + Send;
+
+    /// One revision of definition `name` with its content: the latest, or with `version` the
+    /// latest whose `version:` it is, or else the revision it numbers. `None` when there is none.
+    fn definition_detail(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> impl Future<Output = Result<Option<DefinitionDetail>, BackendError>> + Send;
 
     /// Dead-lettered tasks, newest first: those not redriven yet, or all of them when
     /// `query.pending` is `Some(false)`.

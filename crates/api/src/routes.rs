@@ -9,11 +9,11 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use flotilla_api_model::{
-    CompleteRequest, DeadLetterList, DeadLetterQuery, DefinitionList, DefinitionSummary,
-    ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, OperateResponse, Operation,
-    RedriveOutcome, RedriveRequest, RedriveResponse, RegisterDefinitionRequest, RetryRequest,
-    RunEventList, RunPage, RunQuery, ScheduleList, ScheduleRequest, ScheduleSummary, Submitted,
-    WorkflowResult,
+    CompleteRequest, DeadLetterList, DeadLetterQuery, DefinitionDetail, DefinitionList,
+    DefinitionQuery, DefinitionSummary, DefinitionVersions, ExecuteRequest, ExecuteResponse,
+    IDEMPOTENT_REPLAYED_HEADER, OperateResponse, Operation, RedriveOutcome, RedriveRequest,
+    RedriveResponse, RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery,
+    ScheduleList, ScheduleRequest, ScheduleSummary, Submitted, WorkflowResult,
 };
 use flotilla_core::schedule::{Missed, Overlap, Schedule};
 use flotilla_core::{Definition, Plan, RunStatus};
@@ -160,6 +160,11 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
             "/api/schedules/{id}",
             get(get_schedule::<B>).delete(delete_schedule::<B>),
         )
+        .route("/api/definitions/{name}", get(get_definition::<B>))
+        .route(
+            "/api/definitions/{name}/versions",
+            get(definition_versions::<B>),
+        )
         .route("/api/dlq", get(list_dead_letters::<B>))
         .route("/api/dlq/redrive", post(redrive::<B>))
         .with_state(AppState { backend, limits })
@@ -172,10 +177,16 @@ async fn execute<B: Backend>(
 ) -> Result<Response, ApiError> {
     let ExecuteRequest {
         workflow,
+        version,
         definition,
         yaml,
         params,
     } = request;
+    if version.is_some() && workflow.is_none() {
+        return Err(ApiError::invalid_request(
+            "`version` names a version of a registered definition: give its name too",
+        ));
+    }
     let source = exactly_one(
         "nothing to run",
         [
@@ -187,13 +198,23 @@ async fn execute<B: Backend>(
             ("yaml", yaml.map(|t| Source::Inline(Inline::Yaml(t)))),
         ],
     )?;
-    let definition = match source {
-        Source::Registered(name) => backend.definition(&name).await?.ok_or_else(|| {
-            ApiError::not_found(format!(
-                "no workflow definition named `{name}` is registered"
-            ))
-        })?,
-        Source::Inline(inline) => inline.parse()?,
+    let definition = match (source, version) {
+        (Source::Registered(name), Some(version)) => {
+            let detail = backend
+                .definition_detail(&name, Some(&version))
+                .await?
+                .ok_or_else(|| definition_not_found(&name, Some(&version)))?;
+            Definition::from_value(detail.definition).map_err(|e| {
+                ApiError::from(crate::BackendError::Internal(format!(
+                    "stored definition `{name}` is unreadable: {e}"
+                )))
+            })?
+        }
+        (Source::Registered(name), None) => backend
+            .definition(&name)
+            .await?
+            .ok_or_else(|| definition_not_found(&name, None))?,
+        (Source::Inline(inline), _) => inline.parse()?,
     };
     let plan = Plan::compile(&definition)?;
     let mut effective = definition.params.clone();
@@ -391,6 +412,38 @@ async fn list_definitions<B: Backend>(
 ) -> Result<axum::Json<DefinitionList>, ApiError> {
     let definitions = backend.definitions().await?;
     Ok(axum::Json(DefinitionList { definitions }))
+}
+
+async fn get_definition<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(name): Path<String>,
+    Query(DefinitionQuery { version }): Query<DefinitionQuery>,
+) -> Result<axum::Json<DefinitionDetail>, ApiError> {
+    backend
+        .definition_detail(&name, version.as_deref())
+        .await?
+        .map(axum::Json)
+        .ok_or_else(|| definition_not_found(&name, version.as_deref()))
+}
+
+async fn definition_versions<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<DefinitionVersions>, ApiError> {
+    let versions = backend.definition_versions(&name).await?;
+    if versions.is_empty() {
+        return Err(definition_not_found(&name, None));
+    }
+    Ok(axum::Json(DefinitionVersions { name, versions }))
+}
+
+fn definition_not_found(name: &str, version: Option<&str>) -> ApiError {
+    ApiError::not_found(match version {
+        None => format!("no workflow definition named `{name}` is registered"),
+        Some(version) => format!(
+            "definition `{name}` has no version or revision `{version}` (see /api/definitions/{name}/versions)"
+        ),
+    })
 }
 
 async fn list_dead_letters<B: Backend>(

@@ -82,7 +82,16 @@ pub enum WorkflowsCommand {
     /// first one started.
     Execute {
         /// The workflow definition.
-        file: PathBuf,
+        #[arg(required_unless_present = "name", conflicts_with = "name")]
+        file: Option<PathBuf>,
+        /// Run the registered definition NAME instead of a file: its latest revision, or the
+        /// one --version names.
+        #[arg(long)]
+        name: Option<String>,
+        /// With --name: the definition's `version:` (its latest revision with it) or a
+        /// revision number.
+        #[arg(long, requires = "name")]
+        version: Option<String>,
         /// A run param, overriding the definition's default. VALUE is read as JSON when it is
         /// valid JSON (`n=3`, `flag=true`, `obj={"a":1}`) and as a string otherwise.
         #[arg(long = "param", short, value_name = "KEY=VALUE", value_parser = parse_param)]
@@ -95,7 +104,7 @@ pub enum WorkflowsCommand {
         /// Validate the definition and print its plan — the stages of steps that can run
         /// together, their dependencies and the conditions decided at run time — without
         /// running anything or contacting the coordinator.
-        #[arg(long, conflicts_with_all = ["wait", "idempotency_key"])]
+        #[arg(long, conflicts_with_all = ["wait", "idempotency_key"], requires = "file")]
         dry_run: bool,
         #[command(flatten)]
         wait: Wait,
@@ -192,6 +201,14 @@ pub enum DefinitionsCommand {
     },
     /// List registered definitions.
     List,
+    /// Show a registered definition: its revisions, and the content of the latest one (or of
+    /// the one --version names).
+    Show {
+        name: String,
+        /// The definition's `version:` or a revision number.
+        #[arg(long)]
+        version: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

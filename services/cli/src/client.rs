@@ -3,11 +3,12 @@
 use std::time::Duration;
 
 use flotilla_api_model::{
-    ACTOR_HEADER, CompleteRequest, DeadLetterList, DeadLetterQuery, DefinitionList,
-    DefinitionSummary, ErrorBody, ExecuteRequest, ExecuteResponse, IDEMPOTENCY_KEY_HEADER,
-    IDEMPOTENT_REPLAYED_HEADER, OperateResponse, Operation, RedriveRequest, RedriveResponse,
-    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, ScheduleList,
-    ScheduleRequest, ScheduleSummary, Submitted, WorkflowResult,
+    ACTOR_HEADER, CompleteRequest, DeadLetterList, DeadLetterQuery, DefinitionDetail,
+    DefinitionList, DefinitionSummary, DefinitionVersions, ErrorBody, ExecuteRequest,
+    ExecuteResponse, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, OperateResponse,
+    Operation, RedriveRequest, RedriveResponse, RegisterDefinitionRequest, RetryRequest,
+    RunEventList, RunPage, RunQuery, ScheduleList, ScheduleRequest, ScheduleSummary, Submitted,
+    WorkflowResult,
 };
 use reqwest::header::HeaderMap;
 use reqwest::{RequestBuilder, StatusCode, Url};
@@ -259,6 +260,24 @@ impl Client {
 
     pub async fn definitions(&self) -> Result<DefinitionList, ClientError> {
         let url = self.url(&["definitions"]);
+        self.send(self.http.get(url.clone()), url).await
+    }
+
+    /// Definition `name`: its latest revision, or the one `version` names.
+    pub async fn definition(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<DefinitionDetail, ClientError> {
+        let mut url = self.url(&["definitions", name]);
+        if let Some(version) = version {
+            url.query_pairs_mut().append_pair("version", version);
+        }
+        self.send(self.http.get(url.clone()), url).await
+    }
+
+    pub async fn definition_versions(&self, name: &str) -> Result<DefinitionVersions, ClientError> {
+        let url = self.url(&["definitions", name, "versions"]);
         self.send(self.http.get(url.clone()), url).await
     }
 

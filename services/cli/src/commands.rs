@@ -42,7 +42,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let output = cli.output;
     match cli.command {
         Command::Workflows(WorkflowsCommand::Execute {
-            file,
+            file: Some(file),
             dry_run: true,
             ..
         }) => {
@@ -53,13 +53,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Workflows(WorkflowsCommand::Execute {
             file,
+            name,
+            version,
             params,
             idempotency_key,
             wait,
             ..
         }) => {
             let request = ExecuteRequest {
-                yaml: Some(read(&file)?),
+                yaml: file.as_deref().map(read).transpose()?,
+                workflow: name,
+                version,
                 params: params::collect(params).map_err(|e| anyhow!(e))?,
                 ..ExecuteRequest::default()
             };
@@ -170,6 +174,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             match output {
                 Output::Text => print!("{}", render::registered(&summary)),
                 Output::Json => print_json(&summary)?,
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Definitions(DefinitionsCommand::Show { name, version }) => {
+            let detail = client.definition(&name, version.as_deref()).await?;
+            let versions = client.definition_versions(&name).await?;
+            match output {
+                Output::Text => print!("{}", render::definition(&detail, &versions)),
+                Output::Json => print_json(&serde_json::json!({
+                    "definition": detail,
+                    "versions": versions.versions,
+                }))?,
             }
             Ok(Outcome::Done)
         }

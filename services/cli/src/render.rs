@@ -4,8 +4,9 @@ use std::fmt::Write;
 
 use chrono::{DateTime, Utc};
 use flotilla_api_model::{
-    DeadLetterList, DefinitionList, DefinitionSummary, OperateResponse, RedriveOutcome,
-    RedriveResponse, RunEventList, RunPage, ScheduleList, WorkflowResult,
+    DeadLetterList, DefinitionDetail, DefinitionList, DefinitionSummary, DefinitionVersions,
+    OperateResponse, RedriveOutcome, RedriveResponse, RunEventList, RunPage, ScheduleList,
+    WorkflowResult,
 };
 use serde_json::Value;
 
@@ -179,6 +180,40 @@ pub fn schedules(list: &ScheduleList) -> String {
         ],
         rows,
     )
+}
+
+/// A definition's revisions, then the content of one of them (its canonical JSON).
+pub fn definition(detail: &DefinitionDetail, versions: &DefinitionVersions) -> String {
+    let rows = versions
+        .versions
+        .iter()
+        .map(|d| {
+            let shown = if d.revision == detail.summary.revision {
+                "*"
+            } else {
+                ""
+            };
+            vec![
+                format!("{}{shown}", d.revision),
+                d.version.clone().unwrap_or_default(),
+                d.steps.to_string(),
+                time(d.created_at),
+                d.hash.chars().take(SHORT_HASH_CHARS).collect(),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &["REVISION", "VERSION", "STEPS", "REGISTERED", "HASH"],
+        rows,
+    );
+    let _ = writeln!(
+        out,
+        "\nrevision {} of {} (hash {}):",
+        detail.summary.revision, detail.summary.name, detail.summary.hash
+    );
+    out.push_str(&serde_json::to_string_pretty(&detail.definition).unwrap_or_default());
+    out.push('\n');
+    out
 }
 
 /// One line confirming a registration.

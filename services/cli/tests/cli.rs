@@ -241,6 +241,37 @@ impl Backend for Coordinator {
         Ok((id == RUN_ID).then(|| self.state().history.clone()))
     }
 
+    // Versions are tested against a live coordinator (tests/tests/operator.rs).
+    async fn definition_versions(
+        &self,
+        name: &str,
+    ) -> Result<Vec<DefinitionSummary>, BackendError> {
+        let state = self.state();
+        Ok(state
+            .definitions
+            .iter()
+            .filter(|d| d.name == name)
+            .cloned()
+            .collect())
+    }
+
+    async fn definition_detail(
+        &self,
+        name: &str,
+        _version: Option<&str>,
+    ) -> Result<Option<flotilla_api_model::DefinitionDetail>, BackendError> {
+        Ok(self
+            .state()
+            .definitions
+            .iter()
+            .rev()
+            .find(|d| d.name == name)
+            .map(|d| flotilla_api_model::DefinitionDetail {
+                summary: d.clone(),
+                definition: serde_json::json!({"name": d.name}),
+            }))
+    }
+
     // The schedule commands are tested against a live coordinator (tests/tests/operator.rs);
     // these keep what they are given.
     async fn put_schedule(

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use flotilla_api::{Backend, BackendError, NewSchedule, Submission};
 use flotilla_api_model::{
-    DeadLetterQuery, DeadLetterSummary, DefinitionSummary, Metrics, Operation, RedriveOutcome,
-    RunEvent, RunPage, RunQuery, RunSummary, ScheduleSummary, StepResult, Submitted,
-    WorkflowResult,
+    DeadLetterQuery, DeadLetterSummary, DefinitionDetail, DefinitionSummary, Metrics, Operation,
+    RedriveOutcome, RunEvent, RunPage, RunQuery, RunSummary, ScheduleSummary, StepResult,
+    Submitted, WorkflowResult,
 };
 use flotilla_core::Definition;
 use flotilla_core::schedule::Schedule;
@@ -223,6 +223,34 @@ impl Backend for CoordinatorBackend {
         Definition::from_value(body).map(Some).map_err(|e| {
             BackendError::Internal(format!("stored definition `{name}` is unreadable: {e}"))
         })
+    }
+
+    async fn definition_versions(
+        &self,
+        name: &str,
+    ) -> Result<Vec<DefinitionSummary>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let revisions = definitions::revisions(&client, name)
+            .await
+            .map_err(store_error)?;
+        Ok(revisions.into_iter().map(summary).collect())
+    }
+
+    async fn definition_detail(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<DefinitionDetail>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let found = match version {
+            Some(version) => definitions::version(&client, name, version).await,
+            None => definitions::latest(&client, name).await,
+        }
+        .map_err(store_error)?;
+        Ok(found.map(|(registered, definition)| DefinitionDetail {
+            summary: summary(registered),
+            definition,
+        }))
     }
 
     async fn dead_letters(

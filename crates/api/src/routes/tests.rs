@@ -181,6 +181,40 @@ impl Backend for FakeBackend {
             .map(|(d, _)| d.clone()))
     }
 
+    async fn definition_versions(
+        &self,
+        name: &str,
+    ) -> Result<Vec<DefinitionSummary>, BackendError> {
+        let state = self.check()?;
+        Ok(state
+            .definitions
+            .iter()
+            .filter(|(d, _)| d.name == name)
+            .map(|(_, s)| s.clone())
+            .collect())
+    }
+
+    async fn definition_detail(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<DefinitionDetail>, BackendError> {
+        let state = self.check()?;
+        Ok(state
+            .definitions
+            .iter()
+            .rev()
+            .filter(|(d, _)| d.name == name)
+            .find(|(d, s)| {
+                version
+                    .is_none_or(|v| d.version.as_deref() == Some(v) || s.revision.to_string() == v)
+            })
+            .map(|(d, s)| DefinitionDetail {
+                summary: s.clone(),
+                definition: serde_json::to_value(d).unwrap(),
+            }))
+    }
+
     async fn dead_letters(
         &self,
         query: DeadLetterQuery,
@@ -747,13 +781,13 @@ async fn unknown_request_fields_are_refused() {
     let (status, body) = api
         .post(
             "/api/workflows/execute",
-            json!({"workflow": "build", "version": "1.0.0"}),
+            json!({"workflow": "build", "priority": 3}),
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let err = error(body).error;
     assert!(
-        err.message.contains("unknown field `version`"),
+        err.message.contains("unknown field `priority`"),
         "{}",
         err.message
     );
@@ -908,6 +942,81 @@ async fn bad_schedules_are_refused_naming_the_fault() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(error(body).error.message.contains("`nope`"));
     assert!(api.backend.state().schedules.is_empty());
+}
+
+#[tokio::test]
+async fn definition_versions_are_listed_shown_and_executed() {
+    let api = Api::new(FakeBackend::default());
+    let v1 = "name: ship\nversion: '1.0'\nsteps:\n  - {id: old, agent: a, action: x}\n";
+    let v2 = "name: ship\nversion: '2.0'\nsteps:\n  - {id: new, agent: a, action: x}\n";
+    for yaml in [v1, v2] {
+        let (status, _) = api.post("/api/definitions", json!({"yaml": yaml})).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let (status, body) = api.get("/api/definitions/ship/versions").await;
+    assert_eq!(status, StatusCode::OK);
+    let versions: DefinitionVersions = serde_json::from_value(body).unwrap();
+    let listed: Vec<(i64, Option<&str>)> = versions
+        .versions
+        .iter()
+        .map(|d| (d.revision, d.version.as_deref()))
+        .collect();
+    assert_eq!(listed, [(1, Some("1.0")), (2, Some("2.0"))]);
+
+    let (status, body) = api.get("/api/definitions/ship").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (
+            body["revision"].clone(),
+            body["definition"]["steps"][0]["id"].clone()
+        ),
+        (json!(2), json!("new"))
+    );
+    for version in ["1.0", "1"] {
+        let (status, body) = api
+            .get(&format!("/api/definitions/ship?version={version}"))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["definition"]["steps"][0]["id"], "old", "{version}");
+    }
+    let (status, body) = api.get("/api/definitions/ship?version=9").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        error(body)
+            .error
+            .message
+            .contains("no version or revision `9`")
+    );
+    let (status, _) = api.get("/api/definitions/nope/versions").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (status, body) = api
+        .post(
+            "/api/workflows/execute",
+            json!({"name": "ship", "version": "1.0"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let (status, _) = api
+        .post("/api/workflows/execute", json!({"name": "ship"}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let submitted: Vec<String> = api
+        .backend
+        .state()
+        .submissions
+        .iter()
+        .map(|s| s.definition.steps[0].id.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(submitted, ["old", "new"]);
+    let (status, body) = api
+        .post(
+            "/api/workflows/execute",
+            json!({"yaml": v1, "version": "1.0"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error(body).error.message.contains("give its name"));
 }
 
 #[tokio::test]
