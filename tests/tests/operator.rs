@@ -311,3 +311,52 @@ async fn a_new_version_does_not_change_a_running_run() -> anyhow::Result<()> {
     }
     fleet.stop().await
 }
+
+/// `flotilla workflows report` of a finished fan-out: each step's attempts with the failed
+/// one's error, the critical path through the slow branch, and a run that was parallel.
+#[tokio::test]
+async fn a_report_shows_attempts_the_critical_path_and_parallelism() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    fleet.start_echo("echo-r", &["rep"], 4)?;
+    let id = fleet
+        .execute_yaml(
+            "name: fan\nsteps:\n  - {id: start, agent: rep, action: a}\n  - {id: quick, agent: rep, action: a, depends_on: [start], retry: {max_attempts: 2, delay: 10ms}, params: {fail_attempts: 1}}\n  - {id: slow, agent: rep, action: a, depends_on: [start], params: {sleep_ms: 600}}\n  - {id: other, agent: rep, action: a, depends_on: [start], params: {sleep_ms: 400}}\n  - {id: end, agent: rep, action: a, depends_on: [quick, slow, other]}\n",
+            json!({}),
+        )
+        .await?;
+    assert_eq!(fleet.wait_for_end(id, WAIT).await?.status, "success");
+
+    let (status, stdout, stderr) = fleet
+        .cli(&["workflows", "report", &id.to_string(), "--output", "json"])
+        .await?;
+    assert!(status.success(), "{stderr}");
+    let report: flotilla_api_model::RunReport = serde_json::from_str(&stdout)?;
+    assert_eq!(report.critical_path, ["start", "slow", "end"]);
+    assert!(report.parallelism > 1.0, "{}", report.parallelism);
+    let quick = report.steps.iter().find(|s| s.step_id == "quick").unwrap();
+    let statuses: Vec<&str> = quick.attempts.iter().map(|a| a.status.as_str()).collect();
+    assert_eq!(statuses, ["failure", "success"]);
+    assert!(
+        quick.attempts[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("failing attempt 1 of 1")),
+        "{quick:?}"
+    );
+    let slow = report.steps.iter().find(|s| s.step_id == "slow").unwrap();
+    assert!(slow.run_ms >= 600, "{slow:?}");
+    assert_eq!(slow.attempts[0].worker.as_deref(), Some("echo-r"));
+
+    let (status, stdout, _) = fleet.cli(&["workflows", "report", &id.to_string()]).await?;
+    assert!(status.success());
+    assert!(
+        stdout.contains("critical path: start -> slow -> end"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("quick attempt 1: echo: failing attempt 1 of 1"),
+        "{stdout}"
+    );
+    fleet.stop().await
+}

@@ -622,6 +622,56 @@ pub struct ScheduleList {
     pub schedules: Vec<ScheduleSummary>,
 }
 
+/// `GET /api/workflows/{id}/report`: what a run did, step by step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunReport {
+    pub workflow_id: Uuid,
+    pub name: String,
+    pub status: String,
+    /// From the run's creation to its end (or now), in ms.
+    pub duration_ms: u64,
+    /// The summed run time of the steps over the time from the first start to the last end:
+    /// 1.0 for a pipeline, up to the number of steps for a fan-out.
+    pub parallelism: f64,
+    /// The chain of steps that decided the run's length, first to last.
+    pub critical_path: Vec<String>,
+    pub steps: Vec<StepReport>,
+}
+
+/// One step of a [`RunReport`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepReport {
+    pub step_id: String,
+    pub status: String,
+    /// Dispatch to start, summed over its attempts, in ms.
+    pub queue_wait_ms: u64,
+    /// Start to finish, summed over its attempts, in ms.
+    pub run_ms: u64,
+    pub attempts: Vec<AttemptReport>,
+    /// Why it ended as it did (a failure's message, why it was skipped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One attempt of a [`StepReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptReport {
+    pub attempt: u32,
+    pub status: String,
+    pub dispatched_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;

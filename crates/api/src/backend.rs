@@ -5,7 +5,8 @@ use std::future::Future;
 
 use flotilla_api_model::{
     DeadLetterQuery, DeadLetterSummary, DefinitionDetail, DefinitionSummary, Operation,
-    RedriveOutcome, RunEvent, RunPage, RunQuery, ScheduleSummary, Submitted, WorkflowResult,
+    RedriveOutcome, RunEvent, RunPage, RunQuery, RunReport, ScheduleSummary, Submitted,
+    WorkflowResult,
 };
 use flotilla_core::schedule::Schedule;
 use flotilla_core::{Definition, Plan};
@@ -58,6 +59,12 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         id: Uuid,
     ) -> impl Future<Output = Result<Option<WorkflowResult>, BackendError>> + Send;
+
+    /// What run `id` did, step by step, or `None` if there is no run with that id.
+    fn report(
+        &self,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<RunReport>, BackendError>> + Send;
 
     /// One page of runs, newest first. `query.cursor` is the opaque `next_cursor` of an earlier
     /// page, passed through unchecked: answer [`BackendError::Invalid`] if it cannot be read.

@@ -13,7 +13,7 @@ use flotilla_api_model::{
     DefinitionQuery, DefinitionSummary, DefinitionVersions, ExecuteRequest, ExecuteResponse,
     IDEMPOTENT_REPLAYED_HEADER, OperateResponse, Operation, RedriveOutcome, RedriveRequest,
     RedriveResponse, RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery,
-    ScheduleList, ScheduleRequest, ScheduleSummary, Submitted, WorkflowResult,
+    RunReport, ScheduleList, ScheduleRequest, ScheduleSummary, Submitted, WorkflowResult,
 };
 use flotilla_core::schedule::{Missed, Overlap, Schedule};
 use flotilla_core::{Definition, Plan, RunStatus};
@@ -148,6 +148,7 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
             post(complete::<B>),
         )
         .route("/api/workflows/{id}/events", get(run_events::<B>))
+        .route("/api/workflows/{id}/report", get(run_report::<B>))
         .route(
             "/api/definitions",
             post(register_definition::<B>).get(list_definitions::<B>),
@@ -346,6 +347,17 @@ async fn operate<B: Backend>(
         action: action.to_string(),
         status,
     }))
+}
+
+async fn run_report<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<RunReport>, ApiError> {
+    let id = run_id(&id)?;
+    match backend.report(id).await? {
+        Some(report) => Ok(axum::Json(report)),
+        None => Err(run_not_found(id)),
+    }
 }
 
 async fn run_events<B: Backend>(

@@ -178,6 +178,12 @@ pub enum WorkflowsCommand {
         /// The run's id.
         id: Uuid,
     },
+    /// Report what a run did: per step its queue wait, run time and attempts (with their
+    /// errors), the critical path, and how parallel the run was.
+    Report {
+        /// The run's id.
+        id: Uuid,
+    },
 }
 
 /// Following a run to its end.

@@ -7,8 +7,8 @@ use flotilla_api_model::{
     DefinitionList, DefinitionSummary, DefinitionVersions, ErrorBody, ExecuteRequest,
     ExecuteResponse, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, OperateResponse,
     Operation, RedriveRequest, RedriveResponse, RegisterDefinitionRequest, RetryRequest,
-    RunEventList, RunPage, RunQuery, ScheduleList, ScheduleRequest, ScheduleSummary, Submitted,
-    WorkflowResult,
+    RunEventList, RunPage, RunQuery, RunReport, ScheduleList, ScheduleRequest, ScheduleSummary,
+    Submitted, WorkflowResult,
 };
 use reqwest::header::HeaderMap;
 use reqwest::{RequestBuilder, StatusCode, Url};
@@ -365,6 +365,11 @@ impl Client {
         } else {
             Err(failure(answer.status, &answer.body, url))
         }
+    }
+
+    pub async fn report(&self, id: Uuid) -> Result<RunReport, ClientError> {
+        let url = self.url(&["workflows", &id.to_string(), "report"]);
+        self.send(self.http.get(url.clone()), url).await
     }
 
     /// The history of run `id`, oldest first.

@@ -165,6 +165,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
             Ok(Outcome::Done)
         }
+        Command::Workflows(WorkflowsCommand::Report { id }) => {
+            let report = client.report(id).await?;
+            match output {
+                Output::Text => print!("{}", render::report(&report)),
+                Output::Json => print_json(&report)?,
+            }
+            Ok(Outcome::Done)
+        }
         Command::Definitions(DefinitionsCommand::Register { file }) => {
             let request = RegisterDefinitionRequest {
                 yaml: Some(read(&file)?),

@@ -5,8 +5,8 @@ use std::fmt::Write;
 use chrono::{DateTime, Utc};
 use flotilla_api_model::{
     DeadLetterList, DefinitionDetail, DefinitionList, DefinitionSummary, DefinitionVersions,
-    OperateResponse, RedriveOutcome, RedriveResponse, RunEventList, RunPage, ScheduleList,
-    WorkflowResult,
+    OperateResponse, RedriveOutcome, RedriveResponse, RunEventList, RunPage, RunReport,
+    ScheduleList, WorkflowResult,
 };
 use serde_json::Value;
 
@@ -146,6 +146,44 @@ pub fn definitions(list: &DefinitionList) -> String {
         &["NAME", "REVISION", "VERSION", "STEPS", "CREATED", "HASH"],
         rows,
     )
+}
+
+/// A run's report: a line on the run, a table of its steps, then each failed attempt's error.
+pub fn report(r: &RunReport) -> String {
+    let path = if r.critical_path.is_empty() {
+        "-".to_string()
+    } else {
+        r.critical_path.join(" -> ")
+    };
+    let mut out = format!(
+        "{} {} {}: {} ms, parallelism {:.2}\ncritical path: {path}\n",
+        r.workflow_id, r.name, r.status, r.duration_ms, r.parallelism
+    );
+    let rows = r
+        .steps
+        .iter()
+        .map(|s| {
+            vec![
+                s.step_id.clone(),
+                s.status.clone(),
+                s.attempts.len().to_string(),
+                s.queue_wait_ms.to_string(),
+                s.run_ms.to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["STEP", "STATUS", "ATTEMPTS", "QUEUED MS", "RAN MS"],
+        rows,
+    ));
+    for step in &r.steps {
+        for attempt in &step.attempts {
+            if let Some(error) = &attempt.error {
+                let _ = writeln!(out, "{} attempt {}: {error}", step.step_id, attempt.attempt);
+            }
+        }
+    }
+    out
 }
 
 /// The schedules, one line each.

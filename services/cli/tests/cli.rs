@@ -241,6 +241,14 @@ impl Backend for Coordinator {
         Ok((id == RUN_ID).then(|| self.state().history.clone()))
     }
 
+    // Reports are tested against a live coordinator (tests/tests/operator.rs).
+    async fn report(
+        &self,
+        _id: Uuid,
+    ) -> Result<Option<flotilla_api_model::RunReport>, BackendError> {
+        Ok(None)
+    }
+
     // Versions are tested against a live coordinator (tests/tests/operator.rs).
     async fn definition_versions(
         &self,

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use flotilla_api::{Backend, BackendError, NewSchedule, Submission};
 use flotilla_api_model::{
-    DeadLetterQuery, DeadLetterSummary, DefinitionDetail, DefinitionSummary, Metrics, Operation,
-    RedriveOutcome, RunEvent, RunPage, RunQuery, RunSummary, ScheduleSummary, StepResult,
-    Submitted, WorkflowResult,
+    AttemptReport, DeadLetterQuery, DeadLetterSummary, DefinitionDetail, DefinitionSummary,
+    Metrics, Operation, RedriveOutcome, RunEvent, RunPage, RunQuery, RunReport, RunSummary,
+    ScheduleSummary, StepReport, StepResult, Submitted, WorkflowResult,
 };
-use flotilla_core::Definition;
 use flotilla_core::schedule::Schedule;
+use flotilla_core::{Definition, Plan, report};
 use flotilla_engine::Operation as EngineOperation;
 use flotilla_engine::{EngineHandle, NewRun};
 use flotilla_store::queries::{self, Cursor, RunRecord, StepRecord};
@@ -150,6 +150,26 @@ impl Backend for CoordinatorBackend {
         let client = self.store.client().await.map_err(store_error)?;
         let found = queries::run(&client, id).await.map_err(store_error)?;
         Ok(found.map(|(run, steps)| workflow_result(run, steps)))
+    }
+
+    async fn report(&self, id: Uuid) -> Result<Option<RunReport>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let Some((run, steps)) = queries::run(&client, id).await.map_err(store_error)? else {
+            return Ok(None);
+        };
+        let Some((body, attempts)) = queries::run_attempts(&client, id)
+            .await
+            .map_err(store_error)?
+        else {
+            return Ok(None);
+        };
+        let plan = Definition::from_value(body)
+            .map_err(|e| e.to_string())
+            .and_then(|d| Plan::compile(&d).map_err(|e| e.to_string()))
+            .map_err(|e| {
+                BackendError::Internal(format!("run {id}'s stored definition is unreadable: {e}"))
+            })?;
+        Ok(Some(run_report(run, steps, &plan, attempts)))
     }
 
     async fn runs(&self, query: RunQuery) -> Result<RunPage, BackendError> {
@@ -420,6 +440,76 @@ fn schedule_summary(row: ScheduleRow) -> ScheduleSummary {
         next_at: row.next_at,
         last_run_id: row.last_run_id,
         created_at: row.created_at,
+    }
+}
+
+/// A run's report from its rows: per step its attempts, queue wait and run time; the critical
+/// path and parallelism as `flotilla_core::report` computes them.
+fn run_report(
+    run: RunRecord,
+    steps: Vec<StepRecord>,
+    plan: &Plan,
+    attempts: Vec<queries::AttemptRecord>,
+) -> RunReport {
+    let spans: Vec<Option<report::Span>> = steps
+        .iter()
+        .map(|s| match (s.started_at, s.ended_at) {
+            (Some(start), Some(end)) => Some(report::Span { start, end }),
+            _ => None,
+        })
+        .collect();
+    let critical_path = report::critical_path(plan, &spans)
+        .into_iter()
+        .filter_map(|i| steps.get(i).map(|s| s.step_id.clone()))
+        .collect();
+    let parallelism = report::parallelism(&spans);
+    let millis = |d: chrono::Duration| u64::try_from(d.num_milliseconds()).unwrap_or(0);
+    let steps = steps
+        .into_iter()
+        .enumerate()
+        .map(|(idx, step)| {
+            let own: Vec<&queries::AttemptRecord> = attempts
+                .iter()
+                .filter(|a| usize::try_from(a.idx).ok() == Some(idx))
+                .collect();
+            let times: Vec<report::AttemptTimes> = own
+                .iter()
+                .map(|a| report::AttemptTimes {
+                    dispatched: a.dispatched_at,
+                    started: a.started_at,
+                    finished: a.finished_at,
+                })
+                .collect();
+            let (queued, ran) = report::step_times(&times);
+            StepReport {
+                status: api_step_status(&step.status).to_string(),
+                step_id: step.step_id,
+                queue_wait_ms: millis(queued),
+                run_ms: millis(ran),
+                attempts: own
+                    .into_iter()
+                    .map(|a| AttemptReport {
+                        attempt: u32::try_from(a.attempt).unwrap_or(0),
+                        status: a.status.clone(),
+                        dispatched_at: a.dispatched_at,
+                        started_at: a.started_at,
+                        finished_at: a.finished_at,
+                        worker: a.worker.clone().filter(|w| !w.is_empty()),
+                        error: a.error.clone(),
+                    })
+                    .collect(),
+                error: step.error,
+            }
+        })
+        .collect();
+    RunReport {
+        workflow_id: run.id,
+        duration_ms: millis(run.ended_at.unwrap_or_else(Utc::now) - run.created_at),
+        name: run.name,
+        status: run.status,
+        parallelism,
+        critical_path,
+        steps,
     }
 }
 

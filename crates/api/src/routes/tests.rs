@@ -305,6 +305,24 @@ impl Backend for FakeBackend {
         Ok(Some(state.history.get(&id).cloned().unwrap_or_default()))
     }
 
+    /// A report of the run as its steps stand, without attempts.
+    async fn report(&self, id: Uuid) -> Result<Option<RunReport>, BackendError> {
+        let state = self.check()?;
+        Ok(state
+            .runs
+            .iter()
+            .find(|r| r.workflow_id == id)
+            .map(|r| RunReport {
+                workflow_id: r.workflow_id,
+                name: r.name.clone(),
+                status: r.status.clone(),
+                duration_ms: r.duration.unwrap_or(0),
+                parallelism: 1.0,
+                critical_path: Vec::new(),
+                steps: Vec::new(),
+            }))
+    }
+
     async fn put_schedule(&self, new: NewSchedule) -> Result<ScheduleSummary, BackendError> {
         let mut state = self.check()?;
         if !state
@@ -1017,6 +1035,22 @@ async fn definition_versions_are_listed_shown_and_executed() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(error(body).error.message.contains("give its name"));
+}
+
+#[tokio::test]
+async fn a_run_report_is_served_and_an_unknown_run_is_404() {
+    let id = Uuid::from_u128(7);
+    let api = Api::new(FakeBackend::with_run(sample_run(id)));
+    let (status, body) = api.get(&format!("/api/workflows/{id}/report")).await;
+    assert_eq!(status, StatusCode::OK);
+    let report: RunReport = serde_json::from_value(body).unwrap();
+    assert_eq!(report.workflow_id, id);
+    let other = Uuid::from_u128(8);
+    let (status, body) = api.get(&format!("/api/workflows/{other}/report")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error(body).error.message.contains(&other.to_string()));
+    let (status, _) = api.get("/api/workflows/nope/report").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test]
