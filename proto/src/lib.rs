@@ -17,6 +17,7 @@ pub mod schemas {
     pub const TASK: &str = include_str!("../schemas/task.v1.json");
     pub const RESULT: &str = include_str!("../schemas/result.v1.json");
     pub const HEARTBEAT: &str = include_str!("../schemas/heartbeat.v1.json");
+    pub const CANCEL: &str = include_str!("../schemas/cancel.v1.json");
 }
 
 /// Queue and routing names, derived from one prefix so that several fleets (or tests) can share
@@ -55,6 +56,18 @@ impl QueueNames {
     /// The queue that collects tasks dead-lettered after too many deliveries.
     pub fn dead_letters(&self) -> String {
         format!("{}.dead", self.prefix)
+    }
+
+    /// The fanout exchange that carries control messages ([`Cancel`]) to every worker.
+    pub fn control(&self) -> String {
+        format!("{}.control", self.prefix)
+    }
+
+    /// The queue of one worker bound to [`QueueNames::control`]: exclusive to the worker's
+    /// connection and deleted with it, since a control message matters only to the worker
+    /// running its task now.
+    pub fn control_queue(&self, worker_id: &str) -> String {
+        format!("{}.control.{worker_id}", self.prefix)
     }
 }
 
@@ -98,6 +111,8 @@ pub struct Task {
 pub enum ResultStatus {
     Success,
     Failure,
+    /// The worker stopped the attempt because a [`Cancel`] asked it to.
+    Cancelled,
 }
 
 /// Why an attempt failed.
@@ -162,6 +177,21 @@ pub struct Heartbeat {
     pub sent_at: DateTime<Utc>,
 }
 
+/// Asks the worker running an attempt to stop it, because its run was cancelled. Broadcast on
+/// the [`QueueNames::control`] exchange; a worker not running `task_id` ignores it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "cancel", deny_unknown_fields, remote = "Self")]
+pub struct Cancel {
+    pub v: u32,
+    pub task_id: Uuid,
+    pub run_id: Uuid,
+    pub step_id: String,
+    pub attempt: u32,
+    /// Why, for the worker's log and the handler.
+    pub reason: String,
+    pub sent_at: DateTime<Utc>,
+}
+
 // The derives above use `remote = "Self"` so that they generate inherent `serialize` and
 // `deserialize` functions instead of trait impls; the trait impls below wrap them. serde's derive
 // alone gets tagged structs wrong both ways: with `tag` and `deny_unknown_fields` together it
@@ -186,6 +216,7 @@ macro_rules! tagged_message {
 tagged_message!(Task, "task");
 tagged_message!(TaskResult, "result");
 tagged_message!(Heartbeat, "heartbeat");
+tagged_message!(Cancel, "cancel");
 
 /// Checks and removes the `type` field, then reads the remaining fields strictly with `body`.
 fn deserialize_tagged<'de, D, T>(

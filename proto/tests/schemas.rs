@@ -4,7 +4,8 @@
 
 use chrono::{TimeZone, Utc};
 use flotilla_proto::{
-    Heartbeat, HeldTask, PROTOCOL_VERSION, ResultStatus, Task, TaskError, TaskResult, schemas,
+    Cancel, Heartbeat, HeldTask, PROTOCOL_VERSION, ResultStatus, Task, TaskError, TaskResult,
+    schemas,
 };
 use jsonschema::Validator;
 use serde::de::DeserializeOwned;
@@ -72,7 +73,16 @@ fn sample_results() -> Vec<TaskResult> {
         output: Some(json!(42)),
         ..success.clone()
     };
-    vec![success, failure, scalar_output]
+    let cancelled = TaskResult {
+        status: ResultStatus::Cancelled,
+        output: None,
+        error: Some(TaskError {
+            message: "cancelled: the run was cancelled".into(),
+            retryable: false,
+        }),
+        ..success.clone()
+    };
+    vec![success, failure, scalar_output, cancelled]
 }
 
 fn sample_heartbeats() -> Vec<Heartbeat> {
@@ -94,6 +104,18 @@ fn sample_heartbeats() -> Vec<Heartbeat> {
         ..idle.clone()
     };
     vec![idle, busy]
+}
+
+fn sample_cancel() -> Cancel {
+    Cancel {
+        v: PROTOCOL_VERSION,
+        task_id: Uuid::now_v7(),
+        run_id: Uuid::now_v7(),
+        step_id: "scaffold".into(),
+        attempt: 2,
+        reason: "the run was cancelled".into(),
+        sent_at: Utc::now(),
+    }
 }
 
 /// Serializes a value, checks the schema accepts it, and that it reads back unchanged.
@@ -207,6 +229,22 @@ fn heartbeat_samples_match_the_schema() {
 }
 
 #[test]
+fn cancel_samples_match_the_schema() {
+    assert_round_trip(&validator(schemas::CANCEL), &sample_cancel());
+}
+
+#[test]
+fn invalid_cancels_are_rejected_by_schema_and_serde() {
+    let validator = validator(schemas::CANCEL);
+    let valid = serde_json::to_value(sample_cancel()).unwrap();
+    let variants = invalid_variants(&valid, "task");
+    assert!(variants.len() >= 12, "too few variants: {}", variants.len());
+    for (doc, why) in variants {
+        assert_rejected_by_both::<Cancel>(&validator, &doc, &why);
+    }
+}
+
+#[test]
 fn invalid_tasks_are_rejected_by_schema_and_serde() {
     let validator = validator(schemas::TASK);
     let valid = serde_json::to_value(sample_task()).unwrap();
@@ -281,7 +319,7 @@ fn readme_examples_are_valid() {
             serde_json::from_str(json).unwrap_or_else(|e| panic!("invalid JSON {json}: {e}"))
         })
         .collect();
-    assert_eq!(examples.len(), 4);
+    assert_eq!(examples.len(), 5);
     for example in examples {
         let (schema, parsed) = match example["type"].as_str() {
             Some("task") => (
@@ -295,6 +333,10 @@ fn readme_examples_are_valid() {
             Some("heartbeat") => (
                 schemas::HEARTBEAT,
                 serde_json::from_value::<Heartbeat>(example.clone()).err(),
+            ),
+            Some("cancel") => (
+                schemas::CANCEL,
+                serde_json::from_value::<Cancel>(example.clone()).err(),
             ),
             other => panic!("example of unknown type {other:?}"),
         };

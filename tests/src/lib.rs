@@ -542,6 +542,9 @@ impl Fleet {
         for queue in self.queues() {
             channel.delete_queue(&queue).await?;
         }
+        channel
+            .delete_exchange(&self.queue_names().control())
+            .await?;
         connection.close().await?;
         Ok(())
     }

@@ -22,9 +22,14 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExecuteRequest {
-    /// The name of a registered definition; its latest revision runs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The name of a registered definition (also accepted as `name`); its latest revision runs,
+    /// or the one `version` names.
+    #[serde(default, alias = "name", skip_serializing_if = "Option::is_none")]
     pub workflow: Option<String>,
+    /// With `workflow`: the definition's `version:` (its latest revision with it), or a
+    /// revision number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// A definition given inline as a JSON object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub definition: Option<Value>,
@@ -371,6 +376,33 @@ pub struct DefinitionList {
     pub definitions: Vec<DefinitionSummary>,
 }
 
+/// `GET /api/definitions/{name}`: one revision and its content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DefinitionDetail {
+    #[serde(flatten)]
+    pub summary: DefinitionSummary,
+    /// The definition as stored (its canonical JSON).
+    pub definition: Value,
+}
+
+/// `GET /api/definitions/{name}/versions`: every revision, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DefinitionVersions {
+    pub name: String,
+    pub versions: Vec<DefinitionSummary>,
+}
+
+/// The query string of `GET /api/definitions/{name}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DefinitionQuery {
+    /// The definition's `version:` or a revision number; the latest revision when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
 /// The query string of `GET /api/dlq`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -636,6 +668,107 @@ pub struct ErrorDetail {
     /// Structured context, e.g. `{"line": 3, "column": 5}` or `{"problems": [...]}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<Value>,
+}
+
+/// `POST /api/schedules`: run a registered definition on a cron schedule. A definition has at
+/// most one schedule: posting another for the same definition replaces it (as registering a
+/// definition with a `schedule:` does).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScheduleRequest {
+    /// The registered definition's name; each tick runs its latest revision.
+    pub definition: String,
+    /// Five fields (minute hour day month weekday), or six with seconds first.
+    pub cron: String,
+    /// An IANA time zone such as `Europe/Paris`; UTC when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// Ticks missed while no coordinator ran: `skip` (default) or `catch_up_once`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missed: Option<String>,
+    /// A tick while the previous run still runs: `skip` (default) or `allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlap: Option<String>,
+    /// Params of every run it starts, over the definition's defaults.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub params: Map<String, Value>,
+}
+
+/// A schedule. Its id is the name of the definition it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleSummary {
+    pub id: String,
+    pub definition: String,
+    pub cron: String,
+    pub timezone: String,
+    pub missed: String,
+    pub overlap: String,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub params: Map<String, Value>,
+    /// The next tick.
+    pub next_at: DateTime<Utc>,
+    /// The run the last tick started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `GET /api/schedules`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleList {
+    pub schedules: Vec<ScheduleSummary>,
+}
+
+/// `GET /api/workflows/{id}/report`: what a run did, step by step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunReport {
+    pub workflow_id: Uuid,
+    pub name: String,
+    pub status: String,
+    /// From the run's creation to its end (or now), in ms.
+    pub duration_ms: u64,
+    /// The summed run time of the steps over the time from the first start to the last end:
+    /// 1.0 for a pipeline, up to the number of steps for a fan-out.
+    pub parallelism: f64,
+    /// The chain of steps that decided the run's length, first to last.
+    pub critical_path: Vec<String>,
+    pub steps: Vec<StepReport>,
+}
+
+/// One step of a [`RunReport`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepReport {
+    pub step_id: String,
+    pub status: String,
+    /// Dispatch to start, summed over its attempts, in ms.
+    pub queue_wait_ms: u64,
+    /// Start to finish, summed over its attempts, in ms.
+    pub run_ms: u64,
+    pub attempts: Vec<AttemptReport>,
+    /// Why it ended as it did (a failure's message, why it was skipped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One attempt of a [`StepReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptReport {
+    pub attempt: u32,
+    pub status: String,
+    pub dispatched_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[cfg(test)]
@@ -1150,10 +1283,13 @@ mod tests {
     fn requests_refuse_unknown_fields() {
         let err = serde_json::from_value::<ExecuteRequest>(json!({
             "workflow": "build-project",
-            "version": "2"
+            "priority": 2
         }))
         .unwrap_err();
-        assert!(err.to_string().contains("unknown field `version`"), "{err}");
+        assert!(
+            err.to_string().contains("unknown field `priority`"),
+            "{err}"
+        );
     }
 
     #[test]

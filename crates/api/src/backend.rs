@@ -5,9 +5,11 @@ use std::future::Future;
 
 use chrono::{DateTime, Utc};
 use flotilla_api_model::{
-    AgentSummary, DeadLetterQuery, DeadLetterSummary, DefinitionSummary, Operation, RedriveOutcome,
-    RunEvent, RunPage, RunQuery, Submitted, WorkflowResult,
+    AgentSummary, DeadLetterQuery, DeadLetterSummary, DefinitionDetail, DefinitionSummary,
+    Operation, RedriveOutcome, RunEvent, RunPage, RunQuery, RunReport, ScheduleSummary, Submitted,
+    WorkflowResult,
 };
+use flotilla_core::schedule::Schedule;
 use flotilla_core::{Definition, Plan};
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -24,6 +26,15 @@ pub struct Submission {
     /// The request's `Idempotency-Key`, checked with
     /// [`check_idempotency_key`](flotilla_api_model::check_idempotency_key).
     pub idempotency_key: Option<String>,
+}
+
+/// A validated schedule request.
+#[derive(Debug, Clone)]
+pub struct NewSchedule {
+    /// The definition it runs; not checked to be registered.
+    pub definition: String,
+    pub schedule: Schedule,
+    pub params: Map<String, Value>,
 }
 
 /// What the coordinator provides to the API.
@@ -50,6 +61,12 @@ pub trait Backend: Send + Sync + 'static {
         id: Uuid,
     ) -> impl Future<Output = Result<Option<WorkflowResult>, BackendError>> + Send;
 
+    /// What run `id` did, step by step, or `None` if there is no run with that id.
+    fn report(
+        &self,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<RunReport>, BackendError>> + Send;
+
     /// One page of runs, newest first. `query.cursor` is the opaque `next_cursor` of an earlier
     /// page, passed through unchecked: answer [`BackendError::Invalid`] if it cannot be read.
     fn runs(&self, query: RunQuery) -> impl Future<Output = Result<RunPage, BackendError>> + Send;
@@ -70,6 +87,20 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         name: &str,
     ) -> impl Future<Output = Result<Option<Definition>, BackendError>> + Send;
+
+    /// Every revision of definition `name`, oldest first; empty when the name is not registered.
+    fn definition_versions(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Vec<DefinitionSummary>, BackendError>> + Send;
+
+    /// One revision of definition `name` with its content: the latest, or with `version` the
+    /// latest whose `version:` it is, or else the revision it numbers. `None` when there is none.
+    fn definition_detail(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> impl Future<Output = Result<Option<DefinitionDetail>, BackendError>> + Send;
 
     /// Dead-lettered tasks, newest first: those not redriven yet, or all of them when
     /// `query.pending` is `Some(false)`.
@@ -119,6 +150,26 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         since: DateTime<Utc>,
     ) -> impl Future<Output = Result<Vec<AgentSummary>, BackendError>> + Send;
+
+    /// Schedules the definition (replacing its schedule, if it had one). Answers
+    /// [`BackendError::NotFound`] when no definition of that name is registered, and
+    /// [`BackendError::Invalid`] when the schedule never fires.
+    fn put_schedule(
+        &self,
+        schedule: NewSchedule,
+    ) -> impl Future<Output = Result<ScheduleSummary, BackendError>> + Send;
+
+    /// Every schedule, by definition name.
+    fn schedules(&self) -> impl Future<Output = Result<Vec<ScheduleSummary>, BackendError>> + Send;
+
+    /// The schedule with id `id` (the name of its definition), if there is one.
+    fn schedule(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<ScheduleSummary>, BackendError>> + Send;
+
+    /// Removes the schedule `id`; answers whether there was one.
+    fn delete_schedule(&self, id: &str) -> impl Future<Output = Result<bool, BackendError>> + Send;
 }
 
 /// Why a [`Backend`] call failed. The variant decides the HTTP status.

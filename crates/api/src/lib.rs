@@ -56,7 +56,7 @@ mod extract;
 pub mod health;
 mod routes;
 
-pub use backend::{Backend, BackendError, Submission};
+pub use backend::{Backend, BackendError, NewSchedule, Submission};
 pub use health::Probe;
 pub use routes::{
     DEFAULT_DEAD_LETTER_LIMIT, DEFAULT_RUN_LIMIT, Limits, MAX_DEAD_LETTER_LIMIT, MAX_RUN_LIMIT,

@@ -9,18 +9,20 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use flotilla_api_model::{
-    CompleteRequest, DEFAULT_SUMMARY_RANGE, DeadLetterList, DeadLetterQuery, DefinitionList,
-    DefinitionSummary, ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, MetricsSummary,
-    OperateResponse, Operation, RedriveOutcome, RedriveRequest, RedriveResponse,
-    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, Submitted,
-    SummaryQuery, WorkflowResult,
+    CompleteRequest, DEFAULT_SUMMARY_RANGE, DeadLetterList, DeadLetterQuery, DefinitionDetail,
+    DefinitionList, DefinitionQuery, DefinitionSummary, DefinitionVersions, ExecuteRequest,
+    ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, MetricsSummary, OperateResponse, Operation,
+    RedriveOutcome, RedriveRequest, RedriveResponse, RegisterDefinitionRequest, RetryRequest,
+    RunEventList, RunPage, RunQuery, RunReport, ScheduleList, ScheduleRequest, ScheduleSummary,
+    Submitted, SummaryQuery, WorkflowResult,
 };
+use flotilla_core::schedule::{Missed, Overlap, Schedule};
 use flotilla_core::{Definition, Plan, RunStatus};
 use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::backend::{Backend, Submission};
+use crate::backend::{Backend, NewSchedule, Submission};
 use crate::error::{ApiError, Kind};
 use crate::extract::{Actor, IdempotencyKey, Json, OptionalJson, Path, Query};
 use crate::health::{self, Probe};
@@ -149,9 +151,23 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
             post(complete::<B>),
         )
         .route("/api/workflows/{id}/events", get(run_events::<B>))
+        .route("/api/workflows/{id}/report", get(run_report::<B>))
         .route(
             "/api/definitions",
             post(register_definition::<B>).get(list_definitions::<B>),
+        )
+        .route(
+            "/api/schedules",
+            post(create_schedule::<B>).get(list_schedules::<B>),
+        )
+        .route(
+            "/api/schedules/{id}",
+            get(get_schedule::<B>).delete(delete_schedule::<B>),
+        )
+        .route("/api/definitions/{name}", get(get_definition::<B>))
+        .route(
+            "/api/definitions/{name}/versions",
+            get(definition_versions::<B>),
         )
         .route("/api/dlq", get(list_dead_letters::<B>))
         .route("/api/dlq/redrive", post(redrive::<B>))
@@ -166,10 +182,16 @@ async fn execute<B: Backend>(
 ) -> Result<Response, ApiError> {
     let ExecuteRequest {
         workflow,
+        version,
         definition,
         yaml,
         params,
     } = request;
+    if version.is_some() && workflow.is_none() {
+        return Err(ApiError::invalid_request(
+            "`version` names a version of a registered definition: give its name too",
+        ));
+    }
     let source = exactly_one(
         "nothing to run",
         [
@@ -181,13 +203,23 @@ async fn execute<B: Backend>(
             ("yaml", yaml.map(|t| Source::Inline(Inline::Yaml(t)))),
         ],
     )?;
-    let definition = match source {
-        Source::Registered(name) => backend.definition(&name).await?.ok_or_else(|| {
-            ApiError::not_found(format!(
-                "no workflow definition named `{name}` is registered"
-            ))
-        })?,
-        Source::Inline(inline) => inline.parse()?,
+    let definition = match (source, version) {
+        (Source::Registered(name), Some(version)) => {
+            let detail = backend
+                .definition_detail(&name, Some(&version))
+                .await?
+                .ok_or_else(|| definition_not_found(&name, Some(&version)))?;
+            Definition::from_value(detail.definition).map_err(|e| {
+                ApiError::from(crate::BackendError::Internal(format!(
+                    "stored definition `{name}` is unreadable: {e}"
+                )))
+            })?
+        }
+        (Source::Registered(name), None) => backend
+            .definition(&name)
+            .await?
+            .ok_or_else(|| definition_not_found(&name, None))?,
+        (Source::Inline(inline), _) => inline.parse()?,
     };
     let plan = Plan::compile(&definition)?;
     let mut effective = definition.params.clone();
@@ -321,6 +353,17 @@ async fn operate<B: Backend>(
     }))
 }
 
+async fn run_report<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<RunReport>, ApiError> {
+    let id = run_id(&id)?;
+    match backend.report(id).await? {
+        Some(report) => Ok(axum::Json(report)),
+        None => Err(run_not_found(id)),
+    }
+}
+
 async fn run_events<B: Backend>(
     State(backend): State<Arc<B>>,
     Path(id): Path<String>,
@@ -385,6 +428,38 @@ async fn list_definitions<B: Backend>(
 ) -> Result<axum::Json<DefinitionList>, ApiError> {
     let definitions = backend.definitions().await?;
     Ok(axum::Json(DefinitionList { definitions }))
+}
+
+async fn get_definition<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(name): Path<String>,
+    Query(DefinitionQuery { version }): Query<DefinitionQuery>,
+) -> Result<axum::Json<DefinitionDetail>, ApiError> {
+    backend
+        .definition_detail(&name, version.as_deref())
+        .await?
+        .map(axum::Json)
+        .ok_or_else(|| definition_not_found(&name, version.as_deref()))
+}
+
+async fn definition_versions<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<DefinitionVersions>, ApiError> {
+    let versions = backend.definition_versions(&name).await?;
+    if versions.is_empty() {
+        return Err(definition_not_found(&name, None));
+    }
+    Ok(axum::Json(DefinitionVersions { name, versions }))
+}
+
+fn definition_not_found(name: &str, version: Option<&str>) -> ApiError {
+    ApiError::not_found(match version {
+        None => format!("no workflow definition named `{name}` is registered"),
+        Some(version) => format!(
+            "definition `{name}` has no version or revision `{version}` (see /api/definitions/{name}/versions)"
+        ),
+    })
 }
 
 async fn list_dead_letters<B: Backend>(
@@ -560,3 +635,86 @@ fn listing(items: &[&str], conjunction: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+
+async fn create_schedule<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Json(request): Json<ScheduleRequest>,
+) -> Result<(StatusCode, axum::Json<ScheduleSummary>), ApiError> {
+    let ScheduleRequest {
+        definition,
+        cron,
+        timezone,
+        missed,
+        overlap,
+        params,
+    } = request;
+    if definition.trim().is_empty() {
+        return Err(ApiError::invalid_request(
+            "`definition` must name a registered definition",
+        ));
+    }
+    let missed: Missed = policy("missed", missed, "`skip` or `catch_up_once`")?;
+    let overlap: Overlap = policy("overlap", overlap, "`skip` or `allow`")?;
+    let schedule = Schedule::new(&cron, timezone.as_deref(), missed, overlap)
+        .map_err(ApiError::invalid_request)?;
+    let created = backend
+        .put_schedule(NewSchedule {
+            definition,
+            schedule,
+            params,
+        })
+        .await?;
+    tracing::info!(schedule = %created.id, cron = %created.cron, next_at = %created.next_at, "schedule set");
+    Ok((StatusCode::CREATED, axum::Json(created)))
+}
+
+/// A schedule policy by its name in the definition format; the default when unset.
+fn policy<T: serde::de::DeserializeOwned + Default>(
+    field: &str,
+    value: Option<String>,
+    allowed: &str,
+) -> Result<T, ApiError> {
+    match value {
+        None => Ok(T::default()),
+        Some(name) => serde_json::from_value(Value::String(name.clone())).map_err(|_| {
+            ApiError::invalid_request(format!("`{field}` must be {allowed}, not `{name}`"))
+        }),
+    }
+}
+
+async fn list_schedules<B: Backend>(
+    State(backend): State<Arc<B>>,
+) -> Result<axum::Json<ScheduleList>, ApiError> {
+    Ok(axum::Json(ScheduleList {
+        schedules: backend.schedules().await?,
+    }))
+}
+
+async fn get_schedule<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<ScheduleSummary>, ApiError> {
+    backend
+        .schedule(&id)
+        .await?
+        .map(axum::Json)
+        .ok_or_else(|| schedule_not_found(&id))
+}
+
+async fn delete_schedule<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if backend.delete_schedule(&id).await? {
+        tracing::info!(schedule = %id, "schedule removed");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(schedule_not_found(&id))
+    }
+}
+
+fn schedule_not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "no schedule `{id}` (a schedule's id is the name of its definition)"
+    ))
+}

@@ -1,9 +1,12 @@
 use std::{str::FromStr, sync::Arc, time::Duration};
 
 use lapin::{
-    ConnectionProperties,
-    options::{QueueDeclareOptions, QueueDeleteOptions},
-    types::FieldTable,
+    ConnectionProperties, ExchangeKind,
+    options::{
+        ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    },
+    types::{FieldTable, ShortString},
     uri::AMQPUri,
 };
 use tracing::{debug, info};
@@ -193,6 +196,61 @@ impl Channel {
         Ok(())
     }
 
+    /// Declares a durable fanout exchange (idempotent).
+    pub(crate) async fn declare_fanout(&self, exchange: &str) -> Result<(), Error> {
+        let options = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        bounded(
+            "exchange.declare",
+            self.operation_timeout,
+            self.inner.exchange_declare(
+                short_string("exchange name", exchange)?,
+                ExchangeKind::Fanout,
+                options,
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Declares a queue owned by this channel's connection (exclusive, deleted with it) and
+    /// binds it to `exchange`.
+    pub(crate) async fn declare_exclusive_bound(
+        &self,
+        queue: &str,
+        exchange: &str,
+    ) -> Result<(), Error> {
+        let queue = short_string("queue name", queue)?;
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        };
+        bounded(
+            "queue.declare",
+            self.operation_timeout,
+            self.inner
+                .queue_declare(queue.clone(), options, FieldTable::default()),
+        )
+        .await?;
+        bounded(
+            "queue.bind",
+            self.operation_timeout,
+            self.inner.queue_bind(
+                queue,
+                short_string("exchange name", exchange)?,
+                ShortString::from(""),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// How many messages in `queue` are ready for delivery (not counting those delivered and not
     /// yet acked). Fails, and closes this channel, if the queue does not exist.
     pub async fn message_count(&self, queue: &str) -> Result<u32, Error> {
@@ -222,6 +280,19 @@ impl Channel {
             self.inner.queue_delete(
                 short_string("queue name", queue)?,
                 QueueDeleteOptions::default(),
+            ),
+        )
+        .await
+    }
+
+    /// Deletes `exchange`. Deleting an exchange that does not exist succeeds.
+    pub async fn delete_exchange(&self, exchange: &str) -> Result<(), Error> {
+        bounded(
+            "exchange.delete",
+            self.operation_timeout,
+            self.inner.exchange_delete(
+                short_string("exchange name", exchange)?,
+                ExchangeDeleteOptions::default(),
             ),
         )
         .await

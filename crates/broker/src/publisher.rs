@@ -28,11 +28,14 @@ const MAX_IDLE_CHANNELS: usize = 16;
 const PERSISTENT: u8 = 2;
 
 /// A message to publish to the default exchange, i.e. straight to the queue named
-/// `routing_key`.
+/// `routing_key`, or to a fanout exchange ([`OutgoingMessage::broadcast`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutgoingMessage {
-    /// The name of the destination queue.
+    /// The name of the destination queue, or of the fanout exchange when `broadcast`.
     pub routing_key: String,
+    /// Published to the fanout exchange named `routing_key`, without `mandatory`: a broadcast
+    /// that reaches no queue had nobody to tell, and counts as delivered.
+    pub broadcast: bool,
     /// The JSON body.
     pub body: Vec<u8>,
     /// The AMQP `type` property: the message type (`task`, `result`, `heartbeat`).
@@ -47,11 +50,20 @@ impl OutgoingMessage {
     pub fn new(routing_key: impl Into<String>, kind: impl Into<String>, body: Vec<u8>) -> Self {
         Self {
             routing_key: routing_key.into(),
+            broadcast: false,
             body,
             kind: kind.into(),
             correlation_id: None,
             reply_to: None,
             headers: BTreeMap::new(),
+        }
+    }
+
+    /// A message for every queue bound to the fanout exchange `exchange`.
+    pub fn broadcast(exchange: impl Into<String>, kind: impl Into<String>, body: Vec<u8>) -> Self {
+        Self {
+            broadcast: true,
+            ..Self::new(exchange, kind, body)
         }
     }
 
@@ -73,10 +85,17 @@ impl OutgoingMessage {
         self
     }
 
-    /// The AMQP routing key and properties. `message_id` is how a returned message is matched
-    /// back to the publish it came from.
-    fn to_amqp(&self, message_id: &str) -> Result<(ShortString, BasicProperties), Error> {
-        let routing_key = short_string("routing key", &self.routing_key)?;
+    /// The AMQP exchange, routing key and properties. `message_id` is how a returned message is
+    /// matched back to the publish it came from.
+    fn to_amqp(
+        &self,
+        message_id: &str,
+    ) -> Result<(ShortString, ShortString, BasicProperties), Error> {
+        let (exchange, routing_key) = if self.broadcast {
+            (short_string("exchange name", &self.routing_key)?, "".into())
+        } else {
+            ("".into(), short_string("routing key", &self.routing_key)?)
+        };
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |elapsed| elapsed.as_secs());
@@ -103,12 +122,12 @@ impl OutgoingMessage {
             }
             properties = properties.with_headers(headers);
         }
-        Ok((routing_key, properties))
+        Ok((exchange, routing_key, properties))
     }
 }
 
-/// Publishes persistent, `mandatory` messages with publisher confirms, and reports for each one
-/// whether the broker took responsibility for it.
+/// Publishes persistent, `mandatory` messages (broadcasts excepted) with publisher confirms, and
+/// reports for each one whether the broker took responsibility for it.
 ///
 /// Safe to share between tasks. Each batch runs on a confirm-mode channel of its own (taken
 /// from a small pool), because lapin hands a returned message to whichever confirmation of the
@@ -307,21 +326,15 @@ async fn send(
     timeout: std::time::Duration,
 ) -> Result<(String, PublisherConfirm), PublishError> {
     let message_id = Uuid::new_v4().to_string();
-    let (routing_key, properties) = message.to_amqp(&message_id)?;
+    let (exchange, routing_key, properties) = message.to_amqp(&message_id)?;
     let options = BasicPublishOptions {
-        mandatory: true,
+        mandatory: !message.broadcast,
         immediate: false,
     };
     let confirm = bounded(
         "basic.publish",
         timeout,
-        channel.basic_publish(
-            ShortString::from(""),
-            routing_key,
-            options,
-            &message.body,
-            properties,
-        ),
+        channel.basic_publish(exchange, routing_key, options, &message.body, properties),
     )
     .await?;
     Ok((message_id, confirm))

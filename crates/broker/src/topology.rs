@@ -1,5 +1,6 @@
 //! The queues of a Flotilla fleet. All are durable quorum queues on the default exchange, so a
-//! message's routing key is the name of its queue.
+//! message's routing key is the name of its queue; except the control messages, broadcast on a
+//! fanout exchange to one exclusive queue per worker.
 //!
 //! RabbitMQ accepts a redeclaration only with exactly the same arguments (the same values *and*
 //! AMQP types), so every process must declare through these functions with the same settings.
@@ -77,8 +78,31 @@ pub async fn declare_dead_letter_queue(channel: &Channel, names: &QueueNames) ->
         .await
 }
 
+/// Declares `{prefix}.control`, the fanout exchange that carries control messages to workers.
+pub async fn declare_control_exchange(channel: &Channel, names: &QueueNames) -> Result<(), Error> {
+    channel.declare_fanout(&names.control()).await
+}
+
+/// Declares the control exchange and the control queue of worker `worker_id`, bound to it. The
+/// queue is exclusive to the channel's connection and goes away with it: a worker that
+/// reconnects declares a new one, and control messages sent meanwhile are lost with the old one
+/// (they only concern tasks running on that worker, whose deliveries died with it too).
+pub async fn declare_control_queue(
+    channel: &Channel,
+    names: &QueueNames,
+    worker_id: &str,
+) -> Result<String, Error> {
+    declare_control_exchange(channel, names).await?;
+    let queue = names.control_queue(worker_id);
+    channel
+        .declare_exclusive_bound(&queue, &names.control())
+        .await?;
+    Ok(queue)
+}
+
 /// Declares every queue a fleet serving `agents` needs: the dead-letter queue first (so nothing
-/// dead-lettered is lost), then results, heartbeats and one queue per agent.
+/// dead-lettered is lost), then results, heartbeats, the control exchange and one queue per
+/// agent.
 pub async fn declare_topology(
     channel: &Channel,
     names: &QueueNames,
@@ -88,6 +112,7 @@ pub async fn declare_topology(
     declare_dead_letter_queue(channel, names).await?;
     declare_results_queue(channel, names).await?;
     declare_heartbeats_queue(channel, names).await?;
+    declare_control_exchange(channel, names).await?;
     for agent in agents {
         declare_agent_queue(channel, names, agent, delivery_limit).await?;
     }

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use flotilla_broker::{
     Backoff, BrokerConfig, Connection, Consumer, Delivery, Error, OutgoingMessage, PublishError,
-    Publisher, QueueNames, ReconnectingConsumer, connect, declare_agent_queue, declare_topology,
-    testing::Proxy,
+    Publisher, QueueNames, ReconnectingConsumer, connect, declare_agent_queue,
+    declare_control_queue, declare_topology, testing::Proxy,
 };
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -63,6 +63,7 @@ impl Fixture {
         ] {
             channel.delete_queue(&queue).await?;
         }
+        channel.delete_exchange(&self.names.control()).await?;
         self.connection.close().await?;
         Ok(())
     }
@@ -159,6 +160,49 @@ async fn message_to_a_missing_queue_is_reported_not_delivered() -> Result<()> {
 
     let channel = fixture.connection.open_channel().await?;
     assert_eq!(channel.message_count(&queue).await?, 2);
+    fixture.cleanup().await
+}
+
+/// A control message reaches the queue of every worker bound to the control exchange, and one
+/// that no worker listens to still counts as delivered.
+#[tokio::test]
+async fn broadcast_reaches_every_control_queue_and_none_is_not_an_error() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let publisher = Publisher::new(&fixture.connection).await?;
+    let broadcast = OutgoingMessage::broadcast(fixture.names.control(), "cancel", b"{}".to_vec());
+    publisher.publish_one(&broadcast).await?;
+
+    let mut consumers = Vec::new();
+    for worker in ["w1", "w2"] {
+        let connection = connect(&fixture.config, worker).await?;
+        let channel = connection.open_channel().await?;
+        let queue = declare_control_queue(&channel, &fixture.names, worker).await?;
+        assert_eq!(queue, fixture.names.control_queue(worker));
+        channel.close().await?;
+        let consumer = Consumer::start(&connection, &queue, worker, 10).await?;
+        consumers.push((connection, consumer));
+    }
+    let message =
+        OutgoingMessage::broadcast(fixture.names.control(), "cancel", br#"{"n":1}"#.to_vec());
+    publisher.publish_one(&message).await?;
+    for (connection, consumer) in &mut consumers {
+        // The broadcast made before the queues existed is not there: only this one.
+        let delivery = next_delivery(consumer).await?;
+        assert_eq!(delivery.body, message.body);
+        assert_eq!(delivery.kind.as_deref(), Some("cancel"));
+        delivery.ack().await?;
+        connection.close().await?;
+    }
+    // The queues went with their connections.
+    let channel = fixture.connection.open_channel().await?;
+    assert!(
+        channel
+            .message_count(&fixture.names.control_queue("w1"))
+            .await
+            .is_err()
+    );
+
+    publisher.close().await?;
     fixture.cleanup().await
 }
 

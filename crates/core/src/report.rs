@@ -100,6 +100,31 @@ pub fn parallelism(spans: &[Option<Span>]) -> f64 {
     busy / wall
 }
 
+/// When one attempt of a step was dispatched, started and finished (as its worker reported).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttemptTimes {
+    pub dispatched: DateTime<Utc>,
+    pub started: Option<DateTime<Utc>>,
+    pub finished: Option<DateTime<Utc>>,
+}
+
+/// How long a step's attempts waited in their queue (dispatch to start) and ran (start to
+/// finish), summed over its attempts. An attempt that has not started or finished adds nothing
+/// to what it has not reached.
+pub fn step_times(attempts: &[AttemptTimes]) -> (chrono::Duration, chrono::Duration) {
+    let mut queued = chrono::Duration::zero();
+    let mut ran = chrono::Duration::zero();
+    for a in attempts {
+        if let Some(started) = a.started {
+            queued += (started - a.dispatched).max(chrono::Duration::zero());
+            if let Some(finished) = a.finished {
+                ran += (finished - started).max(chrono::Duration::zero());
+            }
+        }
+    }
+    (queued, ran)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +181,39 @@ mod tests {
         );
         // 1 + 1 + 4 + 1 seconds of work over 6 seconds.
         assert!((parallelism(&spans) - 7.0 / 6.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn step_times_sum_the_queue_wait_and_run_time_of_every_attempt() {
+        let t = |ms: i64| DateTime::from_timestamp_millis(1_800_000_000_000 + ms).unwrap();
+        let attempts = [
+            // Waited 100 ms, ran 400 ms, failed.
+            AttemptTimes {
+                dispatched: t(0),
+                started: Some(t(100)),
+                finished: Some(t(500)),
+            },
+            // Retried: waited 50 ms, ran 200 ms.
+            AttemptTimes {
+                dispatched: t(1_000),
+                started: Some(t(1_050)),
+                finished: Some(t(1_250)),
+            },
+            // Lost before it started: counts for neither.
+            AttemptTimes {
+                dispatched: t(2_000),
+                started: None,
+                finished: None,
+            },
+        ];
+        let (queued, ran) = step_times(&attempts);
+        assert_eq!(
+            (queued.num_milliseconds(), ran.num_milliseconds()),
+            (150, 600)
+        );
+        assert_eq!(
+            step_times(&[]),
+            (chrono::Duration::zero(), chrono::Duration::zero())
+        );
     }
 }

@@ -9,7 +9,7 @@ use flotilla_broker::Delivery;
 use flotilla_core::plan::{ESCALATION_SUFFIX, NOTIFY_ACTION, NOTIFY_AGENT};
 use flotilla_core::scheduler::Transition;
 use flotilla_core::{Definition, Effect, Event, Outcome, Plan, RunState, RunStatus, Strike};
-use flotilla_proto::{PROTOCOL_VERSION, QueueNames, ResultStatus, Task, TaskResult};
+use flotilla_proto::{Cancel, PROTOCOL_VERSION, QueueNames, ResultStatus, Task, TaskResult};
 use flotilla_store::dead_letters::{self, DeadLetter};
 use flotilla_store::definitions::Content;
 use flotilla_store::engine::{
@@ -1131,7 +1131,27 @@ impl Pending<'_> {
                     attempt,
                     task_id,
                 } => {
-                    tracing::info!(run_id = %state.id, step_id = %state.slot_id(plan, *step), attempt, "running attempt cancelled");
+                    let step_id = state.slot_id(plan, *step);
+                    tracing::info!(run_id = %state.id, %step_id, attempt, "running attempt cancelled");
+                    // Tells the worker running it to stop; sent after the commit like a task.
+                    let cancel = Cancel {
+                        v: PROTOCOL_VERSION,
+                        task_id: *task_id,
+                        run_id: state.id,
+                        step_id,
+                        attempt: *attempt,
+                        reason: "the run was cancelled".into(),
+                        sent_at: self.now,
+                    };
+                    self.batch.outbox.push(OutboxRow {
+                        id: Uuid::now_v7(),
+                        routing_key: self.names.control(),
+                        kind: "cancel".into(),
+                        correlation_id: Some(task_id.to_string()),
+                        reply_to: None,
+                        body: serde_json::to_vec(&cancel).expect("a cancel always serialises"),
+                        created_at: self.now,
+                    });
                     self.observed
                         .push(Observation::AttemptCancelled { task_id: *task_id });
                 }
@@ -1231,7 +1251,8 @@ const ENGINE_ACTOR: &str = "flotilla";
 fn notified(result: &TaskResult, step_id: &str, now: DateTime<Utc>) -> RunEvent {
     let (action, detail) = match result.status {
         ResultStatus::Success => ("notified", result.output.clone()),
-        ResultStatus::Failure => (
+        // The notify agent serves no cancellation; a cancelled notice was not sent either.
+        ResultStatus::Failure | ResultStatus::Cancelled => (
             "notify_failed",
             result.error.as_ref().map(|e| json!({"error": e.message})),
         ),
@@ -1370,7 +1391,9 @@ struct Committed {
 fn outcome_of(result: &TaskResult) -> Outcome {
     match result.status {
         ResultStatus::Success => Outcome::Success(result.output.clone().unwrap_or(Value::Null)),
-        ResultStatus::Failure => {
+        // A cancelled attempt's result is fenced off (its step is no longer running); should
+        // one still count, it counts as the failure it is.
+        ResultStatus::Failure | ResultStatus::Cancelled => {
             let (message, retryable) = result.error.as_ref().map_or(
                 (
                     "the worker reported a failure without a message".to_string(),

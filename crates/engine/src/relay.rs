@@ -148,6 +148,7 @@ impl Relay {
             }
         };
         let agent_prefix = format!("{}.agent.", names.prefix());
+        let control = names.control();
         for row in rows {
             if let Some(agent) = row.routing_key.strip_prefix(&agent_prefix)
                 && !link.declared.contains(agent)
@@ -172,8 +173,16 @@ impl Relay {
         let messages: Vec<OutgoingMessage> = rows
             .iter()
             .map(|r| {
-                let mut m =
-                    OutgoingMessage::new(r.routing_key.clone(), r.kind.clone(), r.body.clone());
+                // Control messages are the one kind for the fanout exchange, not a queue.
+                let mut m = if r.routing_key == control {
+                    OutgoingMessage::broadcast(
+                        r.routing_key.clone(),
+                        r.kind.clone(),
+                        r.body.clone(),
+                    )
+                } else {
+                    OutgoingMessage::new(r.routing_key.clone(), r.kind.clone(), r.body.clone())
+                };
                 m.correlation_id.clone_from(&r.correlation_id);
                 m.reply_to.clone_from(&r.reply_to);
                 if let Some(traceparent) = crate::trace::traceparent(r) {
@@ -225,6 +234,8 @@ impl Relay {
                 flotilla_broker::connect(&self.config.broker, "flotilla-coordinator-relay").await?;
             let publisher = Publisher::new(&connection).await?;
             let channel = connection.open_channel().await?;
+            // Publishing to an exchange that does not exist would close the channel.
+            flotilla_broker::declare_control_exchange(&channel, &self.names).await?;
             self.link = Some(Link {
                 connection,
                 publisher,

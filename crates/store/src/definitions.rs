@@ -123,3 +123,34 @@ pub async fn list(client: &impl GenericClient) -> Result<Vec<Registered>, Error>
         .await?;
     Ok(rows.iter().map(registered).collect())
 }
+
+/// Every revision of a named definition, oldest first (none when the name is not registered).
+pub async fn revisions(client: &impl GenericClient, name: &str) -> Result<Vec<Registered>, Error> {
+    let rows = client
+        .query(
+            &format!("SELECT {COLUMNS} FROM definitions WHERE name = $1 ORDER BY revision"),
+            &[&name],
+        )
+        .await?;
+    Ok(rows.iter().map(registered).collect())
+}
+
+/// One revision of a named definition, with its content: the latest whose `version:` is
+/// `version`, or else the revision numbered `version`.
+pub async fn version(
+    client: &impl GenericClient,
+    name: &str,
+    version: &str,
+) -> Result<Option<(Registered, Value)>, Error> {
+    let revision: Option<i32> = version.parse().ok();
+    let row = client
+        .query_opt(
+            "SELECT d.name, d.revision, d.hash, d.version, d.description, d.steps, d.created_at, c.body
+             FROM definitions d JOIN definition_contents c ON c.hash = d.hash
+             WHERE d.name = $1 AND (d.version = $2 OR d.revision = $3)
+             ORDER BY d.version = $2 DESC, d.revision DESC LIMIT 1",
+            &[&name, &version, &revision],
+        )
+        .await?;
+    Ok(row.map(|r| (registered(&r), r.get(7))))
+}

@@ -87,6 +87,59 @@ pub async fn run(
     Ok(Some((run_record(&run), steps)))
 }
 
+/// One attempt of a step, for a run's report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRecord {
+    /// The step's position in the plan.
+    pub idx: i32,
+    pub attempt: i32,
+    pub status: String,
+    pub dispatched_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub worker: Option<String>,
+    pub error: Option<String>,
+}
+
+/// The definition a run started with (its stored content), and every attempt of its steps in
+/// plan and attempt order; `None` when there is no such run.
+pub async fn run_attempts(
+    client: &impl GenericClient,
+    id: Uuid,
+) -> Result<Option<(Value, Vec<AttemptRecord>)>, Error> {
+    let definition_stmt = client
+        .prepare_cached(
+            "SELECT c.body FROM runs r JOIN definition_contents c ON c.hash = r.definition_hash
+             WHERE r.id = $1",
+        )
+        .await?;
+    let Some(definition) = client.query_opt(&definition_stmt, &[&id]).await? else {
+        return Ok(None);
+    };
+    let stmt = client
+        .prepare_cached(
+            "SELECT idx, attempt, status, dispatched_at, started_at, finished_at, worker, error
+             FROM attempts WHERE run_id = $1 ORDER BY idx, attempt",
+        )
+        .await?;
+    let attempts = client
+        .query(&stmt, &[&id])
+        .await?
+        .iter()
+        .map(|r| AttemptRecord {
+            idx: r.get(0),
+            attempt: r.get(1),
+            status: r.get(2),
+            dispatched_at: r.get(3),
+            started_at: r.get(4),
+            finished_at: r.get(5),
+            worker: r.get(6),
+            error: r.get(7),
+        })
+        .collect();
+    Ok(Some((definition.get(0), attempts)))
+}
+
 /// Where a page of runs starts: after the run with this creation time and id.
 pub type Cursor = (DateTime<Utc>, Uuid);
 

@@ -83,6 +83,14 @@ pub async fn list(client: &impl GenericClient) -> Result<Vec<ScheduleRow>, Error
     Ok(client.query(&stmt, &[]).await?.iter().map(row).collect())
 }
 
+/// The schedule of definition `name`, if it has one.
+pub async fn get(client: &impl GenericClient, name: &str) -> Result<Option<ScheduleRow>, Error> {
+    let stmt = client
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM schedules WHERE name = $1"))
+        .await?;
+    Ok(client.query_opt(&stmt, &[&name]).await?.as_ref().map(row))
+}
+
 /// Removes a schedule; answers whether there was one.
 pub async fn delete(client: &impl GenericClient, name: &str) -> Result<bool, Error> {
     let stmt = client

@@ -2,8 +2,10 @@ use std::sync::Arc;
 
 use flotilla_proto::Task;
 use serde_json::{Map, Value};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
-/// What a handler gets: the task, where it came from, and the span it runs in.
+/// What a handler gets: the task, where it came from, the span it runs in, and whether it was
+/// cancelled.
 #[derive(Debug, Clone)]
 pub struct TaskContext {
     task: Task,
@@ -11,6 +13,7 @@ pub struct TaskContext {
     worker_id: Arc<str>,
     redelivered: bool,
     span: tracing::Span,
+    cancel: CancellationToken,
 }
 
 impl TaskContext {
@@ -28,7 +31,27 @@ impl TaskContext {
             worker_id: worker_id.into(),
             redelivered,
             span: tracing::Span::current(),
+            cancel: CancellationToken::new(),
         }
+    }
+
+    /// Makes `cancel` the token whose cancellation tells the handler to stop.
+    #[must_use]
+    pub fn with_cancellation(mut self, cancel: CancellationToken) -> Self {
+        self.cancel = cancel;
+        self
+    }
+
+    /// Completes when the coordinator asks to stop this attempt (its run was cancelled). A
+    /// long handler should select on it and return an error: the worker then reports the
+    /// attempt as cancelled.
+    pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
+        self.cancel.cancelled()
+    }
+
+    /// Whether the coordinator asked to stop this attempt.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
     }
 
     pub fn task(&self) -> &Task {

@@ -1,6 +1,6 @@
 use std::{
     any::Any,
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     future::Future,
     net::SocketAddr,
     pin::Pin,
@@ -11,10 +11,10 @@ use std::{
 use chrono::Utc;
 use flotilla_broker::{
     Backoff, BrokerConfig, Connection, Consumer, Delivery, OutgoingMessage, PublishError,
-    Publisher, QueueNames, declare_topology, reconnect,
+    Publisher, QueueNames, declare_control_queue, declare_topology, reconnect,
 };
 use flotilla_proto::{
-    Heartbeat, HeldTask, PROTOCOL_VERSION, ResultStatus, Task, TaskError, TaskResult,
+    Cancel, Heartbeat, HeldTask, PROTOCOL_VERSION, ResultStatus, Task, TaskError, TaskResult,
 };
 use flotilla_telemetry::metrics::WorkerMetrics;
 use flotilla_telemetry::trace::{self, TASK_SPAN};
@@ -271,9 +271,19 @@ impl Worker {
             self.broker.delivery_limit,
         )
         .await?;
+        let control = if consume {
+            Some(declare_control_queue(&channel, &self.names, &self.worker_id).await?)
+        } else {
+            None
+        };
         channel.close().await?;
         let publisher = Publisher::new(&connection).await?;
         let mut consumers = Vec::new();
+        let control = match control {
+            // Control messages are acked on receipt; a small prefetch keeps them flowing.
+            Some(queue) => Some(Consumer::start(&connection, &queue, &queue, 64).await?),
+            None => None,
+        };
         if consume {
             for agent in &self.agents {
                 let queue = self.names.agent(agent);
@@ -290,6 +300,7 @@ impl Worker {
                 lost: CancellationToken::new(),
             }),
             consumers,
+            control,
         })
     }
 
@@ -307,6 +318,7 @@ impl Worker {
             fallback: self.fallback.clone(),
             slots: Arc::new(Semaphore::new(usize::from(prefetch))),
             held: Mutex::new(BTreeMap::new()),
+            cancelled_early: Mutex::new(VecDeque::new()),
             beat: Notify::new(),
             link: watch::Sender::new(Some(first.link.clone())),
             metrics: Arc::new(WorkerMetrics::new()),
@@ -457,6 +469,8 @@ impl Link {
 struct Session {
     link: Arc<Link>,
     consumers: Vec<(Arc<str>, Consumer)>,
+    /// The consumer of this worker's control queue, when set up to take tasks.
+    control: Option<Consumer>,
 }
 
 /// A delivery, and the link it came on.
@@ -468,6 +482,8 @@ struct Receipt {
 /// A task in progress.
 struct Held {
     task: HeldTask,
+    /// Cancelled when the coordinator asks to stop the task; its handler sees it.
+    cancel: CancellationToken,
     /// Deliveries of the same task that arrived while it ran, settled with its result.
     adopted: Vec<Receipt>,
 }
@@ -482,6 +498,9 @@ pub(crate) struct Shared {
     slots: Arc<Semaphore>,
     /// The tasks in progress, by task id, reported in heartbeats.
     held: Mutex<BTreeMap<Uuid, Held>>,
+    /// Tasks cancelled before they started here (the cancel overtook the task, still queued or
+    /// prefetched): they start cancelled. The most recent [`CANCELLED_KEPT`] only.
+    cancelled_early: Mutex<VecDeque<Uuid>>,
     /// Wakes the heartbeat loop when a task is taken, so that its lease starts at once instead
     /// of at the next regular heartbeat.
     beat: Notify,
@@ -516,8 +535,8 @@ impl Shared {
     }
 
     /// Records `task` as in progress, unless it already is (then `receipt` is adopted): returns
-    /// the receipt to run the task with.
-    fn claim(&self, task: &Task, receipt: Receipt) -> Option<Receipt> {
+    /// the receipt to run the task with, and the token that cancels it.
+    fn claim(&self, task: &Task, receipt: Receipt) -> Option<(Receipt, CancellationToken)> {
         let mut held = self.held();
         if let Some(running) = held.get_mut(&task.task_id) {
             running.adopted.push(receipt);
@@ -529,15 +548,42 @@ impl Shared {
             step_id: task.step_id.clone(),
             attempt: task.attempt,
         };
+        let cancel = CancellationToken::new();
+        if self.early().contains(&task.task_id) {
+            cancel.cancel();
+        }
         held.insert(
             task.task_id,
             Held {
                 task,
+                cancel: cancel.clone(),
                 adopted: Vec::new(),
             },
         );
         self.beat.notify_one();
-        Some(receipt)
+        Some((receipt, cancel))
+    }
+
+    /// Tells the handler of the task `cancel` names to stop if the task runs here, or makes it
+    /// start cancelled should it come later.
+    fn cancel(&self, cancel: &Cancel) -> bool {
+        if let Some(held) = self.held().get(&cancel.task_id) {
+            held.cancel.cancel();
+            return true;
+        }
+        let mut early = self.early();
+        if early.len() == CANCELLED_KEPT {
+            early.pop_front();
+        }
+        early.push_back(cancel.task_id);
+        false
+    }
+
+    fn early(&self) -> std::sync::MutexGuard<'_, VecDeque<Uuid>> {
+        // Pushes and pops only: consistent even if a holder panicked.
+        self.cancelled_early
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Ends the task in progress, returning `own` and the deliveries adopted by it. One step
@@ -571,15 +617,70 @@ async fn take_tasks(
                 None => return Vec::new(),
             },
         };
-        let Session { link, consumers } = session;
+        let Session {
+            link,
+            consumers,
+            control,
+        } = session;
         let intakes = consumers.into_iter().map(|(agent, consumer)| {
             intake(agent, consumer, &link, shared, running, shutdown, abandon)
         });
-        let consumers = join_all(intakes).await;
+        let (consumers, ()) = tokio::join!(
+            join_all(intakes),
+            listen_control(control, &link, shared, shutdown)
+        );
         if shutdown.is_cancelled() {
             return consumers;
         }
         // Otherwise the link was lost, and the next session brings new consumers.
+    }
+}
+
+/// Takes control messages from the worker's control queue until the shutdown request or the
+/// loss of the link, and cancels the tasks they name. Each is acked on receipt: it concerns
+/// only tasks running here now, so there is nothing to redeliver it for.
+async fn listen_control(
+    consumer: Option<Consumer>,
+    link: &Link,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) {
+    let Some(mut consumer) = consumer else { return };
+    loop {
+        let next = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            () = link.lost.cancelled() => break,
+            next = consumer.next() => next,
+        };
+        let delivery = match next {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(error)) => {
+                link.report_lost(format_args!("consuming {}: {error}", consumer.queue()));
+                break;
+            }
+            None => {
+                link.report_lost(format_args!(
+                    "rabbitmq stopped the consumer of {}",
+                    consumer.queue()
+                ));
+                break;
+            }
+        };
+        match serde_json::from_slice::<Cancel>(&delivery.body) {
+            Ok(cancel) => {
+                if shared.cancel(&cancel) {
+                    info!(run_id = %cancel.run_id, step_id = %cancel.step_id, task_id = %cancel.task_id, reason = %cancel.reason, "cancelling task");
+                }
+            }
+            Err(error) => warn!(%error, "undecodable control message ignored"),
+        }
+        if let Err(error) = delivery.ack().await {
+            debug!(%error, "could not ack a control message");
+        }
+    }
+    if let Err(error) = consumer.close().await {
+        debug!(queue = consumer.queue(), %error, "could not close the control consumer");
     }
 }
 
@@ -676,10 +777,10 @@ async fn take_deliveries(
                 permit.expect("the worker never closes its semaphore")
             }
         };
-        let Some(receipt) = shared.claim(&task, receipt) else {
+        let Some((receipt, cancel)) = shared.claim(&task, receipt) else {
             continue;
         };
-        let task = run_task(receipt, task, agent.clone(), shared.clone(), permit);
+        let task = run_task(receipt, task, agent.clone(), shared.clone(), permit, cancel);
         let abandon = abandon.clone();
         running.spawn(async move {
             tokio::select! {
@@ -735,6 +836,7 @@ async fn run_task(
     agent: Arc<str>,
     shared: Arc<Shared>,
     _slot: OwnedSemaphorePermit,
+    cancel: CancellationToken,
 ) {
     let span = info_span!(
         TASK_SPAN,
@@ -764,7 +866,7 @@ async fn run_task(
         let redelivered = receipt.delivery.redelivered;
         debug!(redelivered, "task started");
         let in_flight = shared.metrics.task_started(&agent, &task.action);
-        let outcome = call_handler(&shared, &agent, &task, redelivered).await;
+        let outcome = call_handler(&shared, &agent, &task, redelivered, cancel.clone()).await;
         let finished_at = Utc::now();
         in_flight.finish(
             outcome.is_ok(),
@@ -775,6 +877,15 @@ async fn run_task(
             Ok(output) => {
                 info!(duration_ms, "task succeeded");
                 (ResultStatus::Success, Some(output), None)
+            }
+            // Stopped because it was asked to: no failure of the step's own.
+            Err(failure) if cancel.is_cancelled() => {
+                info!(duration_ms, error = %failure.message, "task cancelled");
+                let error = TaskError {
+                    message: failure.message,
+                    retryable: false,
+                };
+                (ResultStatus::Cancelled, None, Some(error))
             }
             Err(failure) => {
                 trace::task_failed(&Span::current(), &failure.message);
@@ -872,6 +983,7 @@ async fn call_handler(
     agent: &Arc<str>,
     task: &Task,
     redelivered: bool,
+    cancel: CancellationToken,
 ) -> Result<Value, HandlerError> {
     let Some(handler) = shared
         .handlers
@@ -888,7 +1000,8 @@ async fn call_handler(
         agent.clone(),
         shared.worker_id.clone(),
         redelivered,
-    );
+    )
+    .with_cancellation(cancel);
     // A task of its own, so that a panic is caught at the join (including one raised by the
     // handler before it returns its future); aborted if this is dropped.
     let handler = handler.clone();
@@ -965,6 +1078,9 @@ async fn send_heartbeats(
         tokio::time::sleep(min_gap).await;
     }
 }
+
+/// How many cancels of tasks not (yet) running here a worker remembers.
+const CANCELLED_KEPT: usize = 1024;
 
 /// The least time between two heartbeats of one worker.
 const HEARTBEAT_MIN_GAP: Duration = Duration::from_millis(250);

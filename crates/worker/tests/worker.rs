@@ -17,7 +17,7 @@ use flotilla_broker::{
     BrokerConfig, Connection, Consumer, OutgoingMessage, Publisher, QueueNames, connect,
     declare_topology, testing::Proxy,
 };
-use flotilla_proto::{Heartbeat, PROTOCOL_VERSION, ResultStatus, Task, TaskResult};
+use flotilla_proto::{Cancel, Heartbeat, PROTOCOL_VERSION, ResultStatus, Task, TaskResult};
 use flotilla_worker::{HandlerError, TaskContext, Worker, WorkerBuilder, WorkerConfig};
 use serde_json::{Value, json};
 use tokio::{
@@ -150,6 +150,7 @@ impl Fixture {
         ] {
             channel.delete_queue(&queue).await?;
         }
+        channel.delete_exchange(&self.names.control()).await?;
         self.connection.close().await?;
         Ok(())
     }
@@ -193,6 +194,78 @@ async fn stop(
         .await
         .context("worker did not stop")???;
     Ok(())
+}
+
+/// A cancel broadcast on the control exchange reaches the handler of the task it names, which
+/// stops; the worker reports the attempt as cancelled. A task whose cancel came before it
+/// starts cancelled.
+#[tokio::test]
+async fn a_cancel_stops_the_handler_and_the_attempt_is_reported_cancelled() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let worker = fixture
+        .builder(fixture.config(2))
+        .action("wait", move |ctx: TaskContext| {
+            let started_tx = started_tx.clone();
+            async move {
+                let _ = started_tx.send(ctx.task().task_id);
+                ctx.cancelled().await;
+                Err(HandlerError::retryable("stopped on request"))
+            }
+        })
+        .build();
+    let shutdown = CancellationToken::new();
+    let run = spawn_worker(worker, &shutdown);
+    let cancel = |task: &Task| -> Result<OutgoingMessage> {
+        let cancel = Cancel {
+            v: PROTOCOL_VERSION,
+            task_id: task.task_id,
+            run_id: task.run_id,
+            step_id: task.step_id.clone(),
+            attempt: task.attempt,
+            reason: "the run was cancelled".into(),
+            sent_at: Utc::now(),
+        };
+        let body = serde_json::to_vec(&cancel)?;
+        Ok(OutgoingMessage::broadcast(
+            fixture.names.control(),
+            "cancel",
+            body,
+        ))
+    };
+
+    let running = fixture.task("echo", "wait", json!({}));
+    let late = fixture.task("echo", "wait", json!({}));
+    fixture.publish(std::slice::from_ref(&running)).await?;
+    let first = tokio::time::timeout(WAIT, started.recv()).await?;
+    assert_eq!(first, Some(running.task_id));
+    // In this order on the worker's control queue: once `running` is cancelled, the worker has
+    // seen the cancel of `late` too.
+    fixture.publisher.publish_one(&cancel(&late)?).await?;
+    fixture.publisher.publish_one(&cancel(&running)?).await?;
+
+    let mut results_consumer = fixture.results().await?;
+    let mut results = read_results(&mut results_consumer, 1).await?;
+    fixture.publish(std::slice::from_ref(&late)).await?;
+    results.extend(read_results(&mut results_consumer, 1).await?);
+
+    for task in [&running, &late] {
+        let result = results.get(&task.task_id).context("no result for a task")?;
+        assert_eq!(result.status, ResultStatus::Cancelled, "{result:?}");
+        let error = result
+            .error
+            .as_ref()
+            .context("a cancelled result says why")?;
+        assert_eq!(error.message, "stopped on request");
+        assert!(!error.retryable);
+    }
+
+    stop(run, &shutdown).await?;
+    assert_eq!(
+        fixture.message_count(&fixture.names.agent("echo")).await?,
+        0
+    );
+    fixture.cleanup().await
 }
 
 #[tokio::test]

@@ -60,6 +60,10 @@ pub enum Command {
     /// List and redrive dead letters: tasks RabbitMQ gave up delivering, whose steps failed.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// List, add and remove the schedules of registered definitions (one per definition; its
+    /// id is the definition's name).
+    #[command(subcommand)]
+    Schedules(SchedulesCommand),
     /// Show the coordinator's main figures: runs by status, and per agent the attempts, errors,
     /// retries, dead letters, queued tasks and run times (p50, p95).
     ///
@@ -88,7 +92,16 @@ pub enum WorkflowsCommand {
     /// first one started.
     Execute {
         /// The workflow definition.
-        file: PathBuf,
+        #[arg(required_unless_present = "name", conflicts_with = "name")]
+        file: Option<PathBuf>,
+        /// Run the registered definition NAME instead of a file: its latest revision, or the
+        /// one --version names.
+        #[arg(long)]
+        name: Option<String>,
+        /// With --name: the definition's `version:` (its latest revision with it) or a
+        /// revision number.
+        #[arg(long, requires = "name")]
+        version: Option<String>,
         /// A run param, overriding the definition's default. VALUE is read as JSON when it is
         /// valid JSON (`n=3`, `flag=true`, `obj={"a":1}`) and as a string otherwise.
         #[arg(long = "param", short, value_name = "KEY=VALUE", value_parser = parse_param)]
@@ -101,7 +114,7 @@ pub enum WorkflowsCommand {
         /// Validate the definition and print its plan — the stages of steps that can run
         /// together, their dependencies and the conditions decided at run time — without
         /// running anything or contacting the coordinator.
-        #[arg(long, conflicts_with_all = ["wait", "idempotency_key"])]
+        #[arg(long, conflicts_with_all = ["wait", "idempotency_key"], requires = "file")]
         dry_run: bool,
         #[command(flatten)]
         wait: Wait,
@@ -175,6 +188,12 @@ pub enum WorkflowsCommand {
         /// The run's id.
         id: Uuid,
     },
+    /// Report what a run did: per step its queue wait, run time and attempts (with their
+    /// errors), the critical path, and how parallel the run was.
+    Report {
+        /// The run's id.
+        id: Uuid,
+    },
 }
 
 /// Following a run to its end.
@@ -198,6 +217,45 @@ pub enum DefinitionsCommand {
     },
     /// List registered definitions.
     List,
+    /// Show a registered definition: its revisions, and the content of the latest one (or of
+    /// the one --version names).
+    Show {
+        name: String,
+        /// The definition's `version:` or a revision number.
+        #[arg(long)]
+        version: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SchedulesCommand {
+    /// List the schedules and their next ticks.
+    List,
+    /// Run the registered definition NAME on a cron schedule (replacing its schedule, if any).
+    Add {
+        /// The registered definition.
+        name: String,
+        /// Five fields (minute hour day month weekday), or six with seconds first.
+        #[arg(long)]
+        cron: String,
+        /// An IANA time zone such as Europe/Paris [default: UTC].
+        #[arg(long)]
+        timezone: Option<String>,
+        /// Ticks missed while no coordinator ran: skip or catch_up_once [default: skip].
+        #[arg(long)]
+        missed: Option<String>,
+        /// A tick while the previous run still runs: skip or allow [default: skip].
+        #[arg(long)]
+        overlap: Option<String>,
+        /// A param of every run it starts, as for `workflows execute`. Repeatable.
+        #[arg(long = "param", short, value_name = "KEY=VALUE", value_parser = parse_param)]
+        params: Vec<Param>,
+    },
+    /// Remove the schedule of definition NAME.
+    Remove {
+        /// The schedule's id: its definition's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -3,11 +3,12 @@
 use std::time::Duration;
 
 use flotilla_api_model::{
-    ACTOR_HEADER, CompleteRequest, DeadLetterList, DeadLetterQuery, DefinitionList,
-    DefinitionSummary, ErrorBody, ExecuteRequest, ExecuteResponse, IDEMPOTENCY_KEY_HEADER,
-    IDEMPOTENT_REPLAYED_HEADER, MetricsSummary, OperateResponse, Operation, RedriveRequest,
-    RedriveResponse, RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery,
-    Submitted, WorkflowResult,
+    ACTOR_HEADER, CompleteRequest, DeadLetterList, DeadLetterQuery, DefinitionDetail,
+    DefinitionList, DefinitionSummary, DefinitionVersions, ErrorBody, ExecuteRequest,
+    ExecuteResponse, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, MetricsSummary,
+    OperateResponse, Operation, RedriveRequest, RedriveResponse, RegisterDefinitionRequest,
+    RetryRequest, RunEventList, RunPage, RunQuery, RunReport, ScheduleList, ScheduleRequest,
+    ScheduleSummary, Submitted, WorkflowResult,
 };
 use reqwest::header::HeaderMap;
 use reqwest::{RequestBuilder, StatusCode, Url};
@@ -262,6 +263,24 @@ impl Client {
         self.send(self.http.get(url.clone()), url).await
     }
 
+    /// Definition `name`: its latest revision, or the one `version` names.
+    pub async fn definition(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<DefinitionDetail, ClientError> {
+        let mut url = self.url(&["definitions", name]);
+        if let Some(version) = version {
+            url.query_pairs_mut().append_pair("version", version);
+        }
+        self.send(self.http.get(url.clone()), url).await
+    }
+
+    pub async fn definition_versions(&self, name: &str) -> Result<DefinitionVersions, ClientError> {
+        let url = self.url(&["definitions", name, "versions"]);
+        self.send(self.http.get(url.clone()), url).await
+    }
+
     pub async fn dead_letters(
         &self,
         query: &DeadLetterQuery,
@@ -319,6 +338,38 @@ impl Client {
             }
         };
         self.send(request, url).await
+    }
+
+    pub async fn schedules(&self) -> Result<ScheduleList, ClientError> {
+        let url = self.url(&["schedules"]);
+        self.send(self.http.get(url.clone()), url).await
+    }
+
+    pub async fn add_schedule(
+        &self,
+        request: &ScheduleRequest,
+    ) -> Result<ScheduleSummary, ClientError> {
+        let url = self.url(&["schedules"]);
+        self.send(self.http.post(url.clone()).json(request), url)
+            .await
+    }
+
+    /// Removes schedule `id`; the answer has no body.
+    pub async fn remove_schedule(&self, id: &str) -> Result<(), ClientError> {
+        let url = self.url(&["schedules", id]);
+        let answer = self
+            .exchange(self.http.delete(url.clone()), &url, REQUEST_TIMEOUT)
+            .await?;
+        if answer.status.is_success() {
+            Ok(())
+        } else {
+            Err(failure(answer.status, &answer.body, url))
+        }
+    }
+
+    pub async fn report(&self, id: Uuid) -> Result<RunReport, ClientError> {
+        let url = self.url(&["workflows", &id.to_string(), "report"]);
+        self.send(self.http.get(url.clone()), url).await
     }
 
     /// The history of run `id`, oldest first.

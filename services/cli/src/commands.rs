@@ -6,14 +6,16 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use flotilla_api_model::{
     DeadLetterQuery, ExecuteRequest, ExecuteResponse, Operation, RedriveOutcome, RedriveRequest,
-    RegisterDefinitionRequest, RunQuery, WorkflowResult,
+    RegisterDefinitionRequest, RunQuery, ScheduleRequest, WorkflowResult,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tokio::time::MissedTickBehavior;
 use uuid::Uuid;
 
-use crate::cli::{Cli, Command, DefinitionsCommand, DlqCommand, Output, Wait, WorkflowsCommand};
+use crate::cli::{
+    Cli, Command, DefinitionsCommand, DlqCommand, Output, SchedulesCommand, Wait, WorkflowsCommand,
+};
 use crate::client::{Client, ClientError};
 use crate::render;
 use crate::{actor, metrics, params};
@@ -41,7 +43,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let jaeger = cli.jaeger_url.as_ref();
     match cli.command {
         Command::Workflows(WorkflowsCommand::Execute {
-            file,
+            file: Some(file),
             dry_run: true,
             ..
         }) => {
@@ -52,13 +54,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Workflows(WorkflowsCommand::Execute {
             file,
+            name,
+            version,
             params,
             idempotency_key,
             wait,
             ..
         }) => {
             let request = ExecuteRequest {
-                yaml: Some(read(&file)?),
+                yaml: file.as_deref().map(read).transpose()?,
+                workflow: name,
+                version,
                 params: params::collect(params).map_err(|e| anyhow!(e))?,
                 ..ExecuteRequest::default()
             };
@@ -160,6 +166,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
             Ok(Outcome::Done)
         }
+        Command::Workflows(WorkflowsCommand::Report { id }) => {
+            let report = client.report(id).await?;
+            match output {
+                Output::Text => print!("{}", render::report(&report)),
+                Output::Json => print_json(&report)?,
+            }
+            Ok(Outcome::Done)
+        }
         Command::Definitions(DefinitionsCommand::Register { file }) => {
             let request = RegisterDefinitionRequest {
                 yaml: Some(read(&file)?),
@@ -169,6 +183,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             match output {
                 Output::Text => print!("{}", render::registered(&summary)),
                 Output::Json => print_json(&summary)?,
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Definitions(DefinitionsCommand::Show { name, version }) => {
+            let detail = client.definition(&name, version.as_deref()).await?;
+            let versions = client.definition_versions(&name).await?;
+            match output {
+                Output::Text => print!("{}", render::definition(&detail, &versions)),
+                Output::Json => print_json(&serde_json::json!({
+                    "definition": detail,
+                    "versions": versions.versions,
+                }))?,
             }
             Ok(Outcome::Done)
         }
@@ -190,6 +216,50 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             match output {
                 Output::Text => print!("{}", render::dead_letters(&list, all)),
                 Output::Json => print_json(&list)?,
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Schedules(SchedulesCommand::List) => {
+            let list = client.schedules().await?;
+            match output {
+                Output::Text => print!("{}", render::schedules(&list)),
+                Output::Json => print_json(&list)?,
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Schedules(SchedulesCommand::Add {
+            name,
+            cron,
+            timezone,
+            missed,
+            overlap,
+            params,
+        }) => {
+            let request = ScheduleRequest {
+                definition: name,
+                cron,
+                timezone,
+                missed,
+                overlap,
+                params: params::collect(params).map_err(|e| anyhow!(e))?,
+            };
+            let schedule = client.add_schedule(&request).await?;
+            match output {
+                Output::Text => println!(
+                    "scheduled {} ({} {}); next run at {}",
+                    schedule.id,
+                    schedule.cron,
+                    schedule.timezone,
+                    render::time(schedule.next_at)
+                ),
+                Output::Json => print_json(&schedule)?,
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Schedules(SchedulesCommand::Remove { name }) => {
+            client.remove_schedule(&name).await?;
+            if output == Output::Text {
+                println!("removed the schedule of {name}");
             }
             Ok(Outcome::Done)
         }

@@ -4,8 +4,9 @@ use std::fmt::Write;
 
 use chrono::{DateTime, Utc};
 use flotilla_api_model::{
-    DeadLetterList, DefinitionList, DefinitionSummary, OperateResponse, RedriveOutcome,
-    RedriveResponse, RunEventList, RunPage, WorkflowResult,
+    DeadLetterList, DefinitionDetail, DefinitionList, DefinitionSummary, DefinitionVersions,
+    OperateResponse, RedriveOutcome, RedriveResponse, RunEventList, RunPage, RunReport,
+    ScheduleList, WorkflowResult,
 };
 use serde_json::Value;
 
@@ -177,6 +178,112 @@ pub fn definitions(list: &DefinitionList) -> String {
     )
 }
 
+/// A run's report: a line on the run, a table of its steps, then each failed attempt's error.
+pub fn report(r: &RunReport) -> String {
+    let path = if r.critical_path.is_empty() {
+        "-".to_string()
+    } else {
+        r.critical_path.join(" -> ")
+    };
+    let mut out = format!(
+        "{} {} {}: {} ms, parallelism {:.2}\ncritical path: {path}\n",
+        r.workflow_id, r.name, r.status, r.duration_ms, r.parallelism
+    );
+    let rows = r
+        .steps
+        .iter()
+        .map(|s| {
+            vec![
+                s.step_id.clone(),
+                s.status.clone(),
+                s.attempts.len().to_string(),
+                s.queue_wait_ms.to_string(),
+                s.run_ms.to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["STEP", "STATUS", "ATTEMPTS", "QUEUED MS", "RAN MS"],
+        rows,
+    ));
+    for step in &r.steps {
+        for attempt in &step.attempts {
+            if let Some(error) = &attempt.error {
+                let _ = writeln!(out, "{} attempt {}: {error}", step.step_id, attempt.attempt);
+            }
+        }
+    }
+    out
+}
+
+/// The schedules, one line each.
+pub fn schedules(list: &ScheduleList) -> String {
+    if list.schedules.is_empty() {
+        return "no schedules\n".to_string();
+    }
+    let rows = list
+        .schedules
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.clone(),
+                s.cron.clone(),
+                s.timezone.clone(),
+                s.missed.clone(),
+                s.overlap.clone(),
+                time(s.next_at),
+                s.last_run_id.map(|id| id.to_string()).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "DEFINITION",
+            "CRON",
+            "TIME ZONE",
+            "MISSED",
+            "OVERLAP",
+            "NEXT",
+            "LAST RUN",
+        ],
+        rows,
+    )
+}
+
+/// A definition's revisions, then the content of one of them (its canonical JSON).
+pub fn definition(detail: &DefinitionDetail, versions: &DefinitionVersions) -> String {
+    let rows = versions
+        .versions
+        .iter()
+        .map(|d| {
+            let shown = if d.revision == detail.summary.revision {
+                "*"
+            } else {
+                ""
+            };
+            vec![
+                format!("{}{shown}", d.revision),
+                d.version.clone().unwrap_or_default(),
+                d.steps.to_string(),
+                time(d.created_at),
+                d.hash.chars().take(SHORT_HASH_CHARS).collect(),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &["REVISION", "VERSION", "STEPS", "REGISTERED", "HASH"],
+        rows,
+    );
+    let _ = writeln!(
+        out,
+        "\nrevision {} of {} (hash {}):",
+        detail.summary.revision, detail.summary.name, detail.summary.hash
+    );
+    out.push_str(&serde_json::to_string_pretty(&detail.definition).unwrap_or_default());
+    out.push('\n');
+    out
+}
+
 /// One line confirming a registration.
 pub fn registered(d: &DefinitionSummary) -> String {
     let mut facts = Vec::new();
@@ -303,7 +410,7 @@ fn place(outcome: &RedriveOutcome) -> String {
 
 /// Times are shown in UTC: the coordinator and its logs use UTC, and runs are compared across
 /// machines.
-fn time(t: DateTime<Utc>) -> String {
+pub fn time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
 }
 

@@ -79,6 +79,7 @@ struct State {
     refusal: Option<String>,
     /// The history of [`RUN_ID`].
     history: Vec<RunEvent>,
+    schedules: Vec<flotilla_api_model::ScheduleSummary>,
 }
 
 impl Coordinator {
@@ -245,6 +246,85 @@ impl Backend for Coordinator {
         _since: chrono::DateTime<chrono::Utc>,
     ) -> Result<Vec<flotilla_api_model::AgentSummary>, BackendError> {
         Ok(Vec::new())
+    }
+
+    // Reports are tested against a live coordinator (tests/tests/operator.rs).
+    async fn report(
+        &self,
+        _id: Uuid,
+    ) -> Result<Option<flotilla_api_model::RunReport>, BackendError> {
+        Ok(None)
+    }
+
+    // Versions are tested against a live coordinator (tests/tests/operator.rs).
+    async fn definition_versions(
+        &self,
+        name: &str,
+    ) -> Result<Vec<DefinitionSummary>, BackendError> {
+        let state = self.state();
+        Ok(state
+            .definitions
+            .iter()
+            .filter(|d| d.name == name)
+            .cloned()
+            .collect())
+    }
+
+    async fn definition_detail(
+        &self,
+        name: &str,
+        _version: Option<&str>,
+    ) -> Result<Option<flotilla_api_model::DefinitionDetail>, BackendError> {
+        Ok(self
+            .state()
+            .definitions
+            .iter()
+            .rev()
+            .find(|d| d.name == name)
+            .map(|d| flotilla_api_model::DefinitionDetail {
+                summary: d.clone(),
+                definition: serde_json::json!({"name": d.name}),
+            }))
+    }
+
+    // The schedule commands are tested against a live coordinator (tests/tests/operator.rs);
+    // these keep what they are given.
+    async fn put_schedule(
+        &self,
+        new: flotilla_api::NewSchedule,
+    ) -> Result<flotilla_api_model::ScheduleSummary, BackendError> {
+        let summary = flotilla_api_model::ScheduleSummary {
+            id: new.definition.clone(),
+            definition: new.definition,
+            cron: new.schedule.cron.clone(),
+            timezone: new.schedule.timezone.clone(),
+            missed: "skip".into(),
+            overlap: "skip".into(),
+            params: new.params,
+            next_at: new.schedule.next_after(chrono::Utc::now()).unwrap(),
+            last_run_id: None,
+            created_at: chrono::Utc::now(),
+        };
+        self.state().schedules.push(summary.clone());
+        Ok(summary)
+    }
+
+    async fn schedules(&self) -> Result<Vec<flotilla_api_model::ScheduleSummary>, BackendError> {
+        Ok(self.state().schedules.clone())
+    }
+
+    async fn schedule(
+        &self,
+        id: &str,
+    ) -> Result<Option<flotilla_api_model::ScheduleSummary>, BackendError> {
+        Ok(self.state().schedules.iter().find(|s| s.id == id).cloned())
+    }
+
+    async fn delete_schedule(&self, id: &str) -> Result<bool, BackendError> {
+        let mut state = self.state();
+        let before = state.schedules.len();
+        state.schedules.retain(|s| s.id != id);
+        Ok(state.schedules.len() < before)
     }
 }
 

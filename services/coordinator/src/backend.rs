@@ -3,19 +3,20 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use flotilla_api::{Backend, BackendError, Submission};
+use flotilla_api::{Backend, BackendError, NewSchedule, Submission};
 use flotilla_api_model::{
-    AgentSummary, DeadLetterQuery, DeadLetterSummary, DefinitionSummary, Metrics, Operation,
-    RedriveOutcome, RunEvent, RunPage, RunQuery, RunSummary, StepResult, Submitted, WorkflowResult,
+    AgentSummary, AttemptReport, DeadLetterQuery, DeadLetterSummary, DefinitionDetail,
+    DefinitionSummary, Metrics, Operation, RedriveOutcome, RunEvent, RunPage, RunQuery, RunReport,
+    RunSummary, ScheduleSummary, StepReport, StepResult, Submitted, WorkflowResult,
 };
-use flotilla_core::Definition;
 use flotilla_core::schedule::Schedule;
+use flotilla_core::{Definition, Plan, report};
 use flotilla_engine::Operation as EngineOperation;
 use flotilla_engine::{EngineHandle, NewRun};
 use flotilla_store::queries::{self, Cursor, RunRecord, StepRecord};
 use flotilla_store::schedules::{self, ScheduleRow};
 use flotilla_store::{Store, dead_letters, definitions};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
 pub struct CoordinatorBackend {
@@ -153,6 +154,26 @@ impl Backend for CoordinatorBackend {
         Ok(found.map(|(run, steps)| workflow_result(run, steps)))
     }
 
+    async fn report(&self, id: Uuid) -> Result<Option<RunReport>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let Some((run, steps)) = queries::run(&client, id).await.map_err(store_error)? else {
+            return Ok(None);
+        };
+        let Some((body, attempts)) = queries::run_attempts(&client, id)
+            .await
+            .map_err(store_error)?
+        else {
+            return Ok(None);
+        };
+        let plan = Definition::from_value(body)
+            .map_err(|e| e.to_string())
+            .and_then(|d| Plan::compile(&d).map_err(|e| e.to_string()))
+            .map_err(|e| {
+                BackendError::Internal(format!("run {id}'s stored definition is unreadable: {e}"))
+            })?;
+        Ok(Some(run_report(run, steps, &plan, attempts)))
+    }
+
     async fn runs(&self, query: RunQuery) -> Result<RunPage, BackendError> {
         let cursor = query.cursor.as_deref().map(decode_cursor).transpose()?;
         let limit = i64::from(query.limit.unwrap_or(50));
@@ -191,28 +212,9 @@ impl Backend for CoordinatorBackend {
         match &definition.schedule {
             Some(spec) => {
                 let schedule = Schedule::from_spec(spec).map_err(BackendError::Invalid)?;
-                let now = Utc::now();
-                let next_at = schedule.next_after(now).ok_or_else(|| {
-                    BackendError::Invalid(format!("schedule `{}` never fires", schedule.cron))
-                })?;
-                let policy = |p: serde_json::Result<Value>| {
-                    p.ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default()
-                };
-                let row = ScheduleRow {
-                    name: definition.name.clone(),
-                    cron: schedule.cron.clone(),
-                    timezone: schedule.timezone.clone(),
-                    missed: policy(serde_json::to_value(schedule.missed)),
-                    overlap: policy(serde_json::to_value(schedule.overlap)),
-                    params: Default::default(),
-                    next_at,
-                    last_run_id: None,
-                    created_at: now,
-                };
+                let row = schedule_row(&definition.name, &schedule, Map::new())?;
                 schedules::put(&client, &row).await.map_err(store_error)?;
-                tracing::info!(definition = %definition.name, cron = %schedule.cron, %next_at, "scheduled");
+                tracing::info!(definition = %definition.name, cron = %schedule.cron, next_at = %row.next_at, "scheduled");
             }
             None => {
                 if schedules::delete(&client, &definition.name)
@@ -243,6 +245,34 @@ impl Backend for CoordinatorBackend {
         Definition::from_value(body).map(Some).map_err(|e| {
             BackendError::Internal(format!("stored definition `{name}` is unreadable: {e}"))
         })
+    }
+
+    async fn definition_versions(
+        &self,
+        name: &str,
+    ) -> Result<Vec<DefinitionSummary>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let revisions = definitions::revisions(&client, name)
+            .await
+            .map_err(store_error)?;
+        Ok(revisions.into_iter().map(summary).collect())
+    }
+
+    async fn definition_detail(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<DefinitionDetail>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let found = match version {
+            Some(version) => definitions::version(&client, name, version).await,
+            None => definitions::latest(&client, name).await,
+        }
+        .map_err(store_error)?;
+        Ok(found.map(|(registered, definition)| DefinitionDetail {
+            summary: summary(registered),
+            definition,
+        }))
     }
 
     async fn dead_letters(
@@ -361,6 +391,154 @@ impl Backend for CoordinatorBackend {
                 })
                 .collect(),
         ))
+    }
+
+    async fn put_schedule(&self, new: NewSchedule) -> Result<ScheduleSummary, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        if definitions::latest(&client, &new.definition)
+            .await
+            .map_err(store_error)?
+            .is_none()
+        {
+            return Err(BackendError::NotFound(format!(
+                "no workflow definition named `{}` is registered",
+                new.definition
+            )));
+        }
+        let row = schedule_row(&new.definition, &new.schedule, new.params)?;
+        let stored = schedules::put(&client, &row).await.map_err(store_error)?;
+        Ok(schedule_summary(stored))
+    }
+
+    async fn schedules(&self) -> Result<Vec<ScheduleSummary>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let rows = schedules::list(&client).await.map_err(store_error)?;
+        Ok(rows.into_iter().map(schedule_summary).collect())
+    }
+
+    async fn schedule(&self, id: &str) -> Result<Option<ScheduleSummary>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let row = schedules::get(&client, id).await.map_err(store_error)?;
+        Ok(row.map(schedule_summary))
+    }
+
+    async fn delete_schedule(&self, id: &str) -> Result<bool, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        schedules::delete(&client, id).await.map_err(store_error)
+    }
+}
+
+/// The stored form of a schedule of definition `name`, due at its next tick from now.
+fn schedule_row(
+    name: &str,
+    schedule: &Schedule,
+    params: Map<String, Value>,
+) -> Result<ScheduleRow, BackendError> {
+    let now = Utc::now();
+    let next_at = schedule.next_after(now).ok_or_else(|| {
+        BackendError::Invalid(format!("schedule `{}` never fires", schedule.cron))
+    })?;
+    // The policies are stored by their names in the definition format.
+    let policy = |p: serde_json::Result<Value>| {
+        p.ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    Ok(ScheduleRow {
+        name: name.to_string(),
+        cron: schedule.cron.clone(),
+        timezone: schedule.timezone.clone(),
+        missed: policy(serde_json::to_value(schedule.missed)),
+        overlap: policy(serde_json::to_value(schedule.overlap)),
+        params,
+        next_at,
+        last_run_id: None,
+        created_at: now,
+    })
+}
+
+fn schedule_summary(row: ScheduleRow) -> ScheduleSummary {
+    ScheduleSummary {
+        id: row.name.clone(),
+        definition: row.name,
+        cron: row.cron,
+        timezone: row.timezone,
+        missed: row.missed,
+        overlap: row.overlap,
+        params: row.params,
+        next_at: row.next_at,
+        last_run_id: row.last_run_id,
+        created_at: row.created_at,
+    }
+}
+
+/// A run's report from its rows: per step its attempts, queue wait and run time; the critical
+/// path and parallelism as `flotilla_core::report` computes them.
+fn run_report(
+    run: RunRecord,
+    steps: Vec<StepRecord>,
+    plan: &Plan,
+    attempts: Vec<queries::AttemptRecord>,
+) -> RunReport {
+    let spans: Vec<Option<report::Span>> = steps
+        .iter()
+        .map(|s| match (s.started_at, s.ended_at) {
+            (Some(start), Some(end)) => Some(report::Span { start, end }),
+            _ => None,
+        })
+        .collect();
+    let critical_path = report::critical_path(plan, &spans)
+        .into_iter()
+        .filter_map(|i| steps.get(i).map(|s| s.step_id.clone()))
+        .collect();
+    let parallelism = report::parallelism(&spans);
+    let millis = |d: chrono::Duration| u64::try_from(d.num_milliseconds()).unwrap_or(0);
+    let steps = steps
+        .into_iter()
+        .enumerate()
+        .map(|(idx, step)| {
+            let own: Vec<&queries::AttemptRecord> = attempts
+                .iter()
+                .filter(|a| usize::try_from(a.idx).ok() == Some(idx))
+                .collect();
+            let times: Vec<report::AttemptTimes> = own
+                .iter()
+                .map(|a| report::AttemptTimes {
+                    dispatched: a.dispatched_at,
+                    started: a.started_at,
+                    finished: a.finished_at,
+                })
+                .collect();
+            let (queued, ran) = report::step_times(&times);
+            StepReport {
+                status: api_step_status(&step.status).to_string(),
+                step_id: step.step_id,
+                queue_wait_ms: millis(queued),
+                run_ms: millis(ran),
+                attempts: own
+                    .into_iter()
+                    .map(|a| AttemptReport {
+                        attempt: u32::try_from(a.attempt).unwrap_or(0),
+                        status: a.status.clone(),
+                        dispatched_at: a.dispatched_at,
+                        started_at: a.started_at,
+                        finished_at: a.finished_at,
+                        worker: a.worker.clone().filter(|w| !w.is_empty()),
+                        error: a.error.clone(),
+                    })
+                    .collect(),
+                error: step.error,
+            }
+        })
+        .collect();
+    RunReport {
+        workflow_id: run.id,
+        duration_ms: millis(run.ended_at.unwrap_or_else(Utc::now) - run.created_at),
+        name: run.name,
+        status: run.status,
+        parallelism,
+        critical_path,
+        steps,
     }
 }
 

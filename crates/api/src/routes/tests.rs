@@ -69,6 +69,7 @@ struct FakeState {
     /// The summary answered for any range, and the start of each range asked for.
     attempts: Vec<AgentSummary>,
     summaries_since: Vec<chrono::DateTime<Utc>>,
+    schedules: Vec<ScheduleSummary>,
     /// Answered by the next call instead of doing anything.
     next_failure: Option<BackendError>,
 }
@@ -185,6 +186,40 @@ impl Backend for FakeBackend {
             .map(|(d, _)| d.clone()))
     }
 
+    async fn definition_versions(
+        &self,
+        name: &str,
+    ) -> Result<Vec<DefinitionSummary>, BackendError> {
+        let state = self.check()?;
+        Ok(state
+            .definitions
+            .iter()
+            .filter(|(d, _)| d.name == name)
+            .map(|(_, s)| s.clone())
+            .collect())
+    }
+
+    async fn definition_detail(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<DefinitionDetail>, BackendError> {
+        let state = self.check()?;
+        Ok(state
+            .definitions
+            .iter()
+            .rev()
+            .filter(|(d, _)| d.name == name)
+            .find(|(d, s)| {
+                version
+                    .is_none_or(|v| d.version.as_deref() == Some(v) || s.revision.to_string() == v)
+            })
+            .map(|(d, s)| DefinitionDetail {
+                summary: s.clone(),
+                definition: serde_json::to_value(d).unwrap(),
+            }))
+    }
+
     async fn dead_letters(
         &self,
         query: DeadLetterQuery,
@@ -283,6 +318,77 @@ impl Backend for FakeBackend {
         state.summaries_since.push(since);
         Ok(state.attempts.clone())
     }
+
+    /// A report of the run as its steps stand, without attempts.
+    async fn report(&self, id: Uuid) -> Result<Option<RunReport>, BackendError> {
+        let state = self.check()?;
+        Ok(state
+            .runs
+            .iter()
+            .find(|r| r.workflow_id == id)
+            .map(|r| RunReport {
+                workflow_id: r.workflow_id,
+                name: r.name.clone(),
+                status: r.status.clone(),
+                duration_ms: r.duration.unwrap_or(0),
+                parallelism: 1.0,
+                critical_path: Vec::new(),
+                steps: Vec::new(),
+            }))
+    }
+
+    async fn put_schedule(&self, new: NewSchedule) -> Result<ScheduleSummary, BackendError> {
+        let mut state = self.check()?;
+        if !state
+            .definitions
+            .iter()
+            .any(|(d, _)| d.name == new.definition)
+        {
+            return Err(BackendError::NotFound(format!(
+                "no workflow definition named `{}` is registered",
+                new.definition
+            )));
+        }
+        let at = Utc.timestamp_opt(1_750_000_000, 0).unwrap();
+        let summary = ScheduleSummary {
+            id: new.definition.clone(),
+            definition: new.definition,
+            cron: new.schedule.cron.clone(),
+            timezone: new.schedule.timezone.clone(),
+            missed: serde_json::to_value(new.schedule.missed)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .into(),
+            overlap: serde_json::to_value(new.schedule.overlap)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .into(),
+            params: new.params,
+            next_at: new.schedule.next_after(at).unwrap(),
+            last_run_id: None,
+            created_at: at,
+        };
+        state.schedules.retain(|s| s.id != summary.id);
+        state.schedules.push(summary.clone());
+        Ok(summary)
+    }
+
+    async fn schedules(&self) -> Result<Vec<ScheduleSummary>, BackendError> {
+        Ok(self.check()?.schedules.clone())
+    }
+
+    async fn schedule(&self, id: &str) -> Result<Option<ScheduleSummary>, BackendError> {
+        Ok(self.check()?.schedules.iter().find(|s| s.id == id).cloned())
+    }
+
+    async fn delete_schedule(&self, id: &str) -> Result<bool, BackendError> {
+        let mut state = self.check()?;
+        let before = state.schedules.len();
+        state.schedules.retain(|s| s.id != id);
+        Ok(state.schedules.len() < before)
+    }
 }
 
 struct Api {
@@ -369,6 +475,15 @@ impl Api {
             .send(Request::get(uri).body(Body::empty()).unwrap())
             .await;
         (status, body)
+    }
+
+    /// DELETEs `uri`; answers the status and the body's text (empty on success).
+    async fn delete(&self, uri: &str) -> (StatusCode, String) {
+        let request = Request::delete(uri).body(Body::empty()).unwrap();
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
     }
 }
 
@@ -699,13 +814,13 @@ async fn unknown_request_fields_are_refused() {
     let (status, body) = api
         .post(
             "/api/workflows/execute",
-            json!({"workflow": "build", "version": "1.0.0"}),
+            json!({"workflow": "build", "priority": 3}),
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let err = error(body).error;
     assert!(
-        err.message.contains("unknown field `version`"),
+        err.message.contains("unknown field `priority`"),
         "{}",
         err.message
     );
@@ -768,6 +883,189 @@ async fn definitions_are_listed() {
     let list: DefinitionList = serde_json::from_value(body).unwrap();
     let revisions: Vec<i64> = list.definitions.iter().map(|d| d.revision).collect();
     assert_eq!(revisions, [1, 2]);
+}
+
+#[tokio::test]
+async fn schedules_are_created_listed_read_and_removed() {
+    let api = Api::new(FakeBackend::default());
+    let (status, _) = api.post("/api/definitions", json!({"yaml": SEED})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = api
+        .post(
+            "/api/schedules",
+            json!({"definition": "build", "cron": "*/5 * * * *", "timezone": "Europe/Paris",
+                   "overlap": "allow", "params": {"env": "prod"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let created: ScheduleSummary = serde_json::from_value(body).unwrap();
+    assert_eq!(
+        (
+            created.id.as_str(),
+            created.timezone.as_str(),
+            created.missed.as_str(),
+            created.overlap.as_str()
+        ),
+        ("build", "Europe/Paris", "skip", "allow")
+    );
+    assert_eq!(created.params["env"], "prod");
+    assert_eq!(
+        created.next_at,
+        Utc.timestamp_opt(1_750_000_200, 0).unwrap()
+    );
+
+    let (status, body) = api.get("/api/schedules").await;
+    assert_eq!(status, StatusCode::OK);
+    let list: ScheduleList = serde_json::from_value(body).unwrap();
+    assert_eq!(list.schedules, std::slice::from_ref(&created));
+    let (status, body) = api.get("/api/schedules/build").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_value::<ScheduleSummary>(body).unwrap(),
+        created
+    );
+
+    let (status, text) = api.delete("/api/schedules/build").await;
+    assert_eq!((status, text.as_str()), (StatusCode::NO_CONTENT, ""));
+    let (status, text) = api.delete("/api/schedules/build").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(text.contains("no schedule `build`"), "{text}");
+    let (status, body) = api.get("/api/schedules/build").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(error(body).error.code, "not_found");
+}
+
+#[tokio::test]
+async fn bad_schedules_are_refused_naming_the_fault() {
+    let api = Api::new(FakeBackend::default());
+    api.post("/api/definitions", json!({"yaml": SEED})).await;
+    for (request, fault) in [
+        (
+            json!({"definition": "build", "cron": "every day"}),
+            "is not a cron expression",
+        ),
+        (
+            json!({"definition": "build", "cron": "0 * * * *", "timezone": "Mars/Olympus"}),
+            "`Mars/Olympus` is not a time zone",
+        ),
+        (
+            json!({"definition": "build", "cron": "0 * * * *", "missed": "always"}),
+            "`missed` must be `skip` or `catch_up_once`, not `always`",
+        ),
+        (
+            json!({"definition": "build", "cron": "0 * * * *", "overlap": "queue"}),
+            "`overlap` must be `skip` or `allow`, not `queue`",
+        ),
+        (
+            json!({"definition": " ", "cron": "0 * * * *"}),
+            "`definition` must name",
+        ),
+    ] {
+        let (status, body) = api.post("/api/schedules", request.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{request}: {body}");
+        let message = error(body).error.message;
+        assert!(message.contains(fault), "{request}: {message}");
+    }
+    let (status, body) = api
+        .post(
+            "/api/schedules",
+            json!({"definition": "nope", "cron": "0 * * * *"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error(body).error.message.contains("`nope`"));
+    assert!(api.backend.state().schedules.is_empty());
+}
+
+#[tokio::test]
+async fn definition_versions_are_listed_shown_and_executed() {
+    let api = Api::new(FakeBackend::default());
+    let v1 = "name: ship\nversion: '1.0'\nsteps:\n  - {id: old, agent: a, action: x}\n";
+    let v2 = "name: ship\nversion: '2.0'\nsteps:\n  - {id: new, agent: a, action: x}\n";
+    for yaml in [v1, v2] {
+        let (status, _) = api.post("/api/definitions", json!({"yaml": yaml})).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let (status, body) = api.get("/api/definitions/ship/versions").await;
+    assert_eq!(status, StatusCode::OK);
+    let versions: DefinitionVersions = serde_json::from_value(body).unwrap();
+    let listed: Vec<(i64, Option<&str>)> = versions
+        .versions
+        .iter()
+        .map(|d| (d.revision, d.version.as_deref()))
+        .collect();
+    assert_eq!(listed, [(1, Some("1.0")), (2, Some("2.0"))]);
+
+    let (status, body) = api.get("/api/definitions/ship").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (
+            body["revision"].clone(),
+            body["definition"]["steps"][0]["id"].clone()
+        ),
+        (json!(2), json!("new"))
+    );
+    for version in ["1.0", "1"] {
+        let (status, body) = api
+            .get(&format!("/api/definitions/ship?version={version}"))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["definition"]["steps"][0]["id"], "old", "{version}");
+    }
+    let (status, body) = api.get("/api/definitions/ship?version=9").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        error(body)
+            .error
+            .message
+            .contains("no version or revision `9`")
+    );
+    let (status, _) = api.get("/api/definitions/nope/versions").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (status, body) = api
+        .post(
+            "/api/workflows/execute",
+            json!({"name": "ship", "version": "1.0"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let (status, _) = api
+        .post("/api/workflows/execute", json!({"name": "ship"}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let submitted: Vec<String> = api
+        .backend
+        .state()
+        .submissions
+        .iter()
+        .map(|s| s.definition.steps[0].id.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(submitted, ["old", "new"]);
+    let (status, body) = api
+        .post(
+            "/api/workflows/execute",
+            json!({"yaml": v1, "version": "1.0"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error(body).error.message.contains("give its name"));
+}
+
+#[tokio::test]
+async fn a_run_report_is_served_and_an_unknown_run_is_404() {
+    let id = Uuid::from_u128(7);
+    let api = Api::new(FakeBackend::with_run(sample_run(id)));
+    let (status, body) = api.get(&format!("/api/workflows/{id}/report")).await;
+    assert_eq!(status, StatusCode::OK);
+    let report: RunReport = serde_json::from_value(body).unwrap();
+    assert_eq!(report.workflow_id, id);
+    let other = Uuid::from_u128(8);
+    let (status, body) = api.get(&format!("/api/workflows/{other}/report")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error(body).error.message.contains(&other.to_string()));
+    let (status, _) = api.get("/api/workflows/nope/report").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test]

@@ -94,7 +94,17 @@ pub async fn handle(ctx: TaskContext) -> Result<Value, HandlerError> {
         std::process::abort();
     }
     if !plan.sleep.is_zero() {
-        tokio::time::sleep(plan.sleep).await;
+        let started = tokio::time::Instant::now();
+        tokio::select! {
+            () = tokio::time::sleep(plan.sleep) => {}
+            () = ctx.cancelled() => {
+                return Err(HandlerError::fatal(format!(
+                    "echo: cancelled after {} ms of its {} ms sleep",
+                    started.elapsed().as_millis(),
+                    plan.sleep.as_millis()
+                )));
+            }
+        }
     }
     match plan.failure {
         Some(message) => Err(HandlerError::retryable(message)),
@@ -207,5 +217,23 @@ mod tests {
         let started = tokio::time::Instant::now();
         assert_eq!(handle(ctx).await.unwrap(), json!("done"));
         assert_eq!(started.elapsed(), Duration::from_millis(1500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sleep_ms_stops_when_cancelled() {
+        let task = task(1, json!({"sleep_ms": 60_000}), json!({}));
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let ctx =
+            TaskContext::new(task, "echo", "test-worker", false).with_cancellation(cancel.clone());
+        let started = tokio::time::Instant::now();
+        let handler = tokio::spawn(handle(ctx));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        cancel.cancel();
+        let error = handler.await.unwrap().unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_millis(250));
+        assert_eq!(
+            error.message,
+            "echo: cancelled after 250 ms of its 60000 ms sleep"
+        );
     }
 }
