@@ -70,6 +70,11 @@ pub struct StepDef {
     /// the step's policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<UserDuration>,
+    /// How long the worker running an attempt may go without a heartbeat before the attempt is
+    /// taken as lost and retried (the coordinator's lease when unset). Its workers acknowledge
+    /// the task once it has started, so the step may run longer than RabbitMQ's consumer timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_timeout: Option<UserDuration>,
     /// Strike 2: what runs instead once the step's retries are exhausted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<FallbackDef>,

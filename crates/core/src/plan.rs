@@ -54,6 +54,8 @@ pub struct Node {
     pub retry: RetryPolicy,
     /// How long one attempt may take.
     pub timeout: Option<std::time::Duration>,
+    /// How long the attempt's worker may go without a heartbeat (the attempt's lease).
+    pub heartbeat_timeout: Option<std::time::Duration>,
     pub role: Role,
     /// The step whose `parallel:` list holds this node.
     pub parent: Option<usize>,
@@ -438,6 +440,11 @@ fn branch<'d>(
     }
 }
 
+/// Bounds of a step's `heartbeat_timeout`: workers heartbeat at a third of it, and no more than
+/// a few times a second; the lease is stored in milliseconds.
+const MIN_HEARTBEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+const MAX_HEARTBEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 fn build_node(
     d: &Draft<'_>,
     workflow_retry: Option<&RetrySpec>,
@@ -514,6 +521,14 @@ fn build_node(
     if let Err(e) = crate::template::check(&params) {
         problems.push(format!("{} (`{id}`): params: {e}", d.place));
     }
+    if let Some(beat) = def.heartbeat_timeout
+        && !(MIN_HEARTBEAT_TIMEOUT..=MAX_HEARTBEAT_TIMEOUT).contains(&beat.0)
+    {
+        problems.push(format!(
+            "{} (`{id}`): heartbeat_timeout {:?} must be between 1s and 24h",
+            d.place, beat.0
+        ));
+    }
     let fallback = def.fallback.as_ref().map(|f| {
         build_fallback(
             &format!("{} (`{id}`).fallback", d.place),
@@ -542,6 +557,7 @@ fn build_node(
         template_steps,
         retry,
         timeout: def.timeout.map(|t| t.0),
+        heartbeat_timeout: def.heartbeat_timeout.map(|t| t.0),
         role: d.role,
         parent: d.parent,
         fallback,

@@ -264,3 +264,27 @@ fn every_example_compiles() {
     }
     assert!(seen >= 4, "only {seen} examples found");
 }
+
+#[test]
+fn heartbeat_timeout_is_compiled_and_bounded() {
+    let plan = compile(
+        "name: h\nsteps:\n  - {id: long, agent: x, action: y, heartbeat_timeout: 3s}\n  - {id: plain, agent: x, action: y}\n",
+    )
+    .unwrap();
+    assert_eq!(
+        plan.nodes[0].heartbeat_timeout,
+        Some(std::time::Duration::from_secs(3))
+    );
+    assert_eq!(plan.nodes[1].heartbeat_timeout, None);
+    let err = compile(
+        "name: h\nsteps:\n  - {id: fast, agent: x, action: y, heartbeat_timeout: 500ms}\n  - {id: slow, agent: x, action: y, heartbeat_timeout: 25h}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    for expected in [
+        "steps[0] (`fast`): heartbeat_timeout 500ms must be between 1s and 24h",
+        "steps[1] (`slow`): heartbeat_timeout 90000s must be between 1s and 24h",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+}
