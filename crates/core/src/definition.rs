@@ -71,8 +71,9 @@ pub struct StepDef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<UserDuration>,
     /// How long the worker running an attempt may go without a heartbeat before the attempt is
-    /// taken as lost and retried (the coordinator's lease when unset). Its workers acknowledge
-    /// the task once it has started, so the step may run longer than RabbitMQ's consumer timeout.
+    /// taken as lost and retried (the coordinator's lease when unset). Unless its `timeout` is
+    /// short, its workers acknowledge the task once it has started, so the step may run longer
+    /// than RabbitMQ's consumer timeout (see `Node::acks_early`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_timeout: Option<UserDuration>,
     /// Strike 2: what runs instead once the step's retries are exhausted.

@@ -95,6 +95,16 @@ impl Node {
     }
 
     /// The retry policy of the step's own attempts, or of its fallback's.
+    /// Whether the worker acks an attempt's task once started rather than at its end: when the
+    /// step has a lease of its own to detect the worker's loss and its attempt may run longer
+    /// than [`ACK_EARLY_AFTER`] (half RabbitMQ's default consumer timeout).
+    pub fn acks_early(&self, fallback: bool) -> bool {
+        self.heartbeat_timeout.is_some()
+            && self
+                .attempt_timeout(fallback)
+                .is_none_or(|timeout| timeout > ACK_EARLY_AFTER)
+    }
+
     pub fn retry_policy(&self, fallback: bool) -> &RetryPolicy {
         match (&self.fallback, fallback) {
             (Some(f), true) => &f.retry,
@@ -439,6 +449,9 @@ fn branch<'d>(
         }
     }
 }
+
+/// Attempts that may run longer than this are acked early (see [`Node::acks_early`]).
+pub const ACK_EARLY_AFTER: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// Bounds of a step's `heartbeat_timeout`: workers heartbeat at a third of it, and no more than
 /// a few times a second; the lease is stored in milliseconds.

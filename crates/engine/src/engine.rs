@@ -964,6 +964,7 @@ impl Pending<'_> {
                     step_id: node.id.clone(),
                     agent: node.agent.clone(),
                     action: node.action.clone(),
+                    lease_ms: node.heartbeat_timeout.map(|t| t.as_millis() as i32),
                 },
                 StepRow {
                     run_id: state.id,
@@ -1018,6 +1019,10 @@ impl Pending<'_> {
                         run_params: state.params.clone(),
                         inputs: state.inputs_for(plan, *step),
                         dispatched_at: self.now,
+                        heartbeat_timeout_ms: node
+                            .heartbeat_timeout
+                            .map(|t| t.as_millis() as u64),
+                        ack_early: node.acks_early(strike.is_fallback()),
                     };
                     self.batch.outbox.push(OutboxRow {
                         id: *task_id,
@@ -1141,6 +1146,8 @@ impl Pending<'_> {
                     run_params: state.params.clone(),
                     inputs: Map::new(),
                     dispatched_at: self.now,
+                    heartbeat_timeout_ms: None,
+                    ack_early: false,
                 };
                 self.batch.outbox.push(OutboxRow {
                     id: task_id,

@@ -15,6 +15,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (6, include_str!("../migrations/0006_schedules.sql")),
     (7, include_str!("../migrations/0007_lost_attempts.sql")),
     (11, include_str!("../migrations/0011_strikes.sql")),
+    (15, include_str!("../migrations/0015_step_leases.sql")),
 ];
 
 /// Any fixed number works; it only has to be the same in every coordinator.

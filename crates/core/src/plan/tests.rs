@@ -276,6 +276,17 @@ fn heartbeat_timeout_is_compiled_and_bounded() {
         Some(std::time::Duration::from_secs(3))
     );
     assert_eq!(plan.nodes[1].heartbeat_timeout, None);
+    assert!(
+        plan.nodes[0].acks_early(false),
+        "no timeout: it may run for ever"
+    );
+    assert!(!plan.nodes[1].acks_early(false), "no lease of its own");
+    let bounded = compile(
+        "name: h\nsteps:\n  - {id: short, agent: x, action: y, heartbeat_timeout: 3s, timeout: 15m}\n  - {id: long, agent: x, action: y, heartbeat_timeout: 3s, timeout: 16m}\n",
+    )
+    .unwrap();
+    assert!(!bounded.nodes[0].acks_early(false));
+    assert!(bounded.nodes[1].acks_early(false));
     let err = compile(
         "name: h\nsteps:\n  - {id: fast, agent: x, action: y, heartbeat_timeout: 500ms}\n  - {id: slow, agent: x, action: y, heartbeat_timeout: 25h}\n",
     )
