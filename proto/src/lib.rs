@@ -103,6 +103,14 @@ pub struct Task {
     #[serde(default)]
     pub inputs: Map<String, Value>,
     pub dispatched_at: DateTime<Utc>,
+    /// The attempt's lease: a worker that lists it in no heartbeat for this long is taken as
+    /// lost. When present, the worker heartbeats at least every third of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// Acknowledge the task once it has started and a heartbeat listing it is confirmed, rather
+    /// than at its end, so that a long task does not trip RabbitMQ's consumer timeout.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ack_early: bool,
 }
 
 /// How an attempt ended, as the worker saw it.

@@ -43,6 +43,8 @@ fn sample_task() -> Task {
         run_params: json!({"region": "eu"}).as_object().cloned().unwrap(),
         inputs: json!({"fetch": {"files": 3}}).as_object().cloned().unwrap(),
         dispatched_at: Utc.with_ymd_and_hms(2025, 1, 2, 3, 4, 5).unwrap(),
+        heartbeat_timeout_ms: Some(30_000),
+        ack_early: true,
     }
 }
 
@@ -156,7 +158,17 @@ fn invalid_variants(valid: &Value, other_type: &str) -> Vec<(Value, String)> {
         let mut missing = object.clone();
         missing.remove(field);
         // Fields with a serde default may be absent; the schema leaves them optional too.
-        if ["params", "run_params", "inputs", "tasks", "output", "error"].contains(&field.as_str())
+        if [
+            "params",
+            "run_params",
+            "inputs",
+            "tasks",
+            "output",
+            "error",
+            "heartbeat_timeout_ms",
+            "ack_early",
+        ]
+        .contains(&field.as_str())
         {
             continue;
         }
@@ -173,6 +185,8 @@ fn invalid_variants(valid: &Value, other_type: &str) -> Vec<(Value, String)> {
         ("concurrency", json!(-1)),
         ("params", json!([1, 2])),
         ("status", json!("done")),
+        ("heartbeat_timeout_ms", json!(-5)),
+        ("ack_early", json!("yes")),
     ] {
         if object.contains_key(field) {
             let mut doc = object.clone();

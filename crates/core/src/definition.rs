@@ -81,6 +81,12 @@ pub struct StepDef {
     /// At most this many instances of a `for_each` step run at once (default: all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_parallel: Option<usize>,
+    /// How long the worker running an attempt may go without a heartbeat before the attempt is
+    /// taken as lost and retried (the coordinator's lease when unset). Unless its `timeout` is
+    /// short, its workers acknowledge the task once it has started, so the step may run longer
+    /// than RabbitMQ's consumer timeout (see `Node::acks_early`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_timeout: Option<UserDuration>,
     /// Strike 2: what runs instead once the step's retries are exhausted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<FallbackDef>,

@@ -54,6 +54,8 @@ pub struct Node {
     pub retry: RetryPolicy,
     /// How long one attempt may take.
     pub timeout: Option<std::time::Duration>,
+    /// How long the attempt's worker may go without a heartbeat (the attempt's lease).
+    pub heartbeat_timeout: Option<std::time::Duration>,
     pub role: Role,
     /// The step whose `parallel:` list holds this node.
     pub parent: Option<usize>,
@@ -105,6 +107,16 @@ impl Node {
     }
 
     /// The retry policy of the step's own attempts, or of its fallback's.
+    /// Whether the worker acks an attempt's task once started rather than at its end: when the
+    /// step has a lease of its own to detect the worker's loss and its attempt may run longer
+    /// than [`ACK_EARLY_AFTER`] (half RabbitMQ's default consumer timeout).
+    pub fn acks_early(&self, fallback: bool) -> bool {
+        self.heartbeat_timeout.is_some()
+            && self
+                .attempt_timeout(fallback)
+                .is_none_or(|timeout| timeout > ACK_EARLY_AFTER)
+    }
+
     pub fn retry_policy(&self, fallback: bool) -> &RetryPolicy {
         match (&self.fallback, fallback) {
             (Some(f), true) => &f.retry,
@@ -459,6 +471,14 @@ fn branch<'d>(
     }
 }
 
+/// Attempts that may run longer than this are acked early (see [`Node::acks_early`]).
+pub const ACK_EARLY_AFTER: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// Bounds of a step's `heartbeat_timeout`: workers heartbeat at a third of it, and no more than
+/// a few times a second; the lease is stored in milliseconds.
+const MIN_HEARTBEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+const MAX_HEARTBEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 fn build_node(
     d: &Draft<'_>,
     workflow_retry: Option<&RetrySpec>,
@@ -536,6 +556,14 @@ fn build_node(
     if let Err(e) = crate::template::check(&params, for_each.is_some()) {
         problems.push(format!("{} (`{id}`): params: {e}", d.place));
     }
+    if let Some(beat) = def.heartbeat_timeout
+        && !(MIN_HEARTBEAT_TIMEOUT..=MAX_HEARTBEAT_TIMEOUT).contains(&beat.0)
+    {
+        problems.push(format!(
+            "{} (`{id}`): heartbeat_timeout {:?} must be between 1s and 24h",
+            d.place, beat.0
+        ));
+    }
     let fallback = def.fallback.as_ref().map(|f| {
         build_fallback(
             &format!("{} (`{id}`).fallback", d.place),
@@ -564,6 +592,7 @@ fn build_node(
         template_steps,
         retry,
         timeout: def.timeout.map(|t| t.0),
+        heartbeat_timeout: def.heartbeat_timeout.map(|t| t.0),
         role: d.role,
         parent: d.parent,
         for_each,

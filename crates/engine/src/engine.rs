@@ -1049,6 +1049,10 @@ impl Pending<'_> {
                         run_params: state.params.clone(),
                         inputs: state.inputs_for(plan, *step),
                         dispatched_at: self.now,
+                        heartbeat_timeout_ms: node
+                            .heartbeat_timeout
+                            .map(|t| t.as_millis() as u64),
+                        ack_early: node.acks_early(strike.is_fallback()),
                     };
                     self.batch.outbox.push(OutboxRow {
                         id: *task_id,
@@ -1217,6 +1221,8 @@ impl Pending<'_> {
                     run_params: state.params.clone(),
                     inputs: Map::new(),
                     dispatched_at: self.now,
+                    heartbeat_timeout_ms: None,
+                    ack_early: false,
                 };
                 self.batch.outbox.push(OutboxRow {
                     id: task_id,
@@ -1293,6 +1299,7 @@ fn step_ident(plan: &Plan, state: &RunState, slot: usize) -> StepIdent {
         step_id: state.slot_id(plan, slot),
         agent: node.agent.clone(),
         action: node.action.clone(),
+        lease_ms: node.heartbeat_timeout.map(|t| t.as_millis() as i32),
     }
 }
 

@@ -64,7 +64,7 @@ pub async fn run(
             if db::pulse(&client, now, lease).await? {
                 tracing::warn!("heartbeats resumed after a gap; every lease is extended once");
             }
-            db::renew_leases(&client, &held, now + lease).await
+            db::renew_leases(&client, &held, now, lease).await
         };
         if let Err(e) = renewed.await {
             tracing::warn!(error = %e, "could not renew leases");

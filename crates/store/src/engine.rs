@@ -161,6 +161,8 @@ pub struct StepIdent {
     pub step_id: String,
     pub agent: String,
     pub action: String,
+    /// The step's own lease (its `heartbeat_timeout`), in ms; the coordinator's when `None`.
+    pub lease_ms: Option<i32>,
 }
 
 /// A run to create.
@@ -364,23 +366,25 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
         let mut step_ids = Vec::with_capacity(batch.new_steps.len());
         let mut agents = Vec::with_capacity(batch.new_steps.len());
         let mut actions = Vec::with_capacity(batch.new_steps.len());
+        let mut leases = Vec::with_capacity(batch.new_steps.len());
         for (ident, row) in &batch.new_steps {
             cols.push(row);
             instances.push(row);
             step_ids.push(ident.step_id.as_str());
             agents.push(ident.agent.as_str());
             actions.push(ident.action.as_str());
+            leases.push(ident.lease_ms);
         }
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO steps (run_id, idx, step_id, agent, action, status, attempt, task_id,
                                     wake_at, started_at, ended_at, output, error, deadline, lost,
-                                    strike, strike_base, instance_of, item_index, item)
+                                    strike, strike_base, instance_of, item_index, item, lease_ms)
                  SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
                                       $6::text[], $7::int4[], $8::uuid[], $9::timestamptz[],
                                       $10::timestamptz[], $11::timestamptz[], $12::jsonb[], $13::text[],
                                       $14::timestamptz[], $15::int4[], $16::int2[], $17::int4[],
-                                      $18::int4[], $19::int4[], $20::jsonb[])",
+                                      $18::int4[], $19::int4[], $20::jsonb[], $21::int4[])",
             )
             .await?;
         tx.execute(
@@ -406,6 +410,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                 &instances.instance_of,
                 &instances.item_index,
                 &instances.item,
+                &leases,
             ],
         )
         .await?;
@@ -565,11 +570,13 @@ pub async fn next_wakeup(client: &impl GenericClient) -> Result<Option<DateTime<
 }
 
 /// Renews the leases of running attempts that workers report holding: `(run id, step id, task
-/// id)`. Attempts no longer running, or superseded by a newer attempt, are left alone.
+/// id)`, to their step's lease from `now` (`lease` for steps without one of their own).
+/// Attempts no longer running, or superseded by a newer attempt, are left alone.
 pub async fn renew_leases(
     client: &impl GenericClient,
     held: &[(Uuid, String, Uuid)],
-    until: DateTime<Utc>,
+    now: DateTime<Utc>,
+    lease: chrono::Duration,
 ) -> Result<u64, Error> {
     if held.is_empty() {
         return Ok(0);
@@ -579,14 +586,24 @@ pub async fn renew_leases(
     let task_ids: Vec<Uuid> = held.iter().map(|h| h.2).collect();
     let stmt = client
         .prepare_cached(
-            "UPDATE steps s SET lease_until = $4
+            "UPDATE steps s
+             SET lease_until = $4::timestamptz + coalesce(s.lease_ms, $5::int8) * interval '1 millisecond'
              FROM unnest($1::uuid[], $2::text[], $3::uuid[]) AS u(run_id, step_id, task_id)
              WHERE s.run_id = u.run_id AND s.step_id = u.step_id AND s.task_id = u.task_id
                AND s.status = 'running'",
         )
         .await?;
     Ok(client
-        .execute(&stmt, &[&run_ids, &step_ids, &task_ids, &until])
+        .execute(
+            &stmt,
+            &[
+                &run_ids,
+                &step_ids,
+                &task_ids,
+                &now,
+                &lease.num_milliseconds(),
+            ],
+        )
         .await?)
 }
 
@@ -600,8 +617,9 @@ pub struct RunningAttempt {
 }
 
 /// Records that heartbeats got through at `now`. After a gap longer than `lease` (no heartbeat
-/// reached any coordinator, e.g. while RabbitMQ was away) every held lease is extended to `lease`
-/// from now, so that workers get a full lease period to report again before any lease expires.
+/// reached any coordinator, e.g. while RabbitMQ was away) every held lease is extended to its
+/// step's lease (or `lease`) from now, so that workers get a full lease period to report again
+/// before any lease expires.
 /// Answers whether that happened.
 pub async fn pulse(
     client: &impl GenericClient,
@@ -614,7 +632,8 @@ pub async fn pulse(
             "WITH previous AS (SELECT at FROM fleet_pulse WHERE id = 1 FOR UPDATE),
                   bumped AS (UPDATE fleet_pulse SET at = greatest(at, $1) WHERE id = 1),
                   extended AS (
-                      UPDATE steps SET lease_until = $1 + ($1 - $2)
+                      UPDATE steps
+                      SET lease_until = $1 + coalesce(lease_ms * interval '1 millisecond', $1 - $2)
                       WHERE lease_until IS NOT NULL AND (SELECT at FROM previous) < $2
                       RETURNING 1)
              SELECT (SELECT at FROM previous) < $2, (SELECT count(*) FROM extended)",

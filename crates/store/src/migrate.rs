@@ -21,6 +21,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
         14,
         include_str!("../migrations/0014_attempts_by_finish.sql"),
     ),
+    (15, include_str!("../migrations/0015_step_leases.sql")),
 ];
 
 /// Any fixed number works; it only has to be the same in every coordinator.

@@ -66,7 +66,12 @@ const TWO_STEPS: &str =
 
 /// A batch that creates a started run of [`TWO_STEPS`], as the engine would.
 fn new_run_batch() -> (Batch, RunState, Plan) {
-    let def = Definition::from_yaml(TWO_STEPS).unwrap();
+    new_run_batch_of(TWO_STEPS)
+}
+
+/// A batch that creates a started run of `yaml`, as the engine would.
+fn new_run_batch_of(yaml: &str) -> (Batch, RunState, Plan) {
+    let def = Definition::from_yaml(yaml).unwrap();
     let plan = Plan::compile(&def).unwrap();
     let id = Uuid::now_v7();
     let mut state = RunState::new(id, &plan, Map::new());
@@ -91,6 +96,7 @@ fn new_run_batch() -> (Batch, RunState, Plan) {
                 step_id: node.id.clone(),
                 agent: node.agent.clone(),
                 action: node.action.clone(),
+                lease_ms: node.heartbeat_timeout.map(|t| t.as_millis() as i32),
             },
             StepRow {
                 run_id: id,
@@ -315,6 +321,59 @@ async fn an_unreachable_server_is_named_without_its_password() {
     assert!(err.contains("pg_ctlcluster"), "{err}");
 }
 
+async fn lease_ends(
+    client: &impl deadpool_postgres::GenericClient,
+    run: Uuid,
+) -> anyhow::Result<Vec<Option<DateTime<Utc>>>> {
+    let rows = client
+        .query(
+            "SELECT lease_until FROM steps WHERE run_id = $1 ORDER BY idx",
+            &[&run],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+const FIVE: chrono::Duration = chrono::Duration::seconds(5);
+
+#[tokio::test]
+async fn a_step_with_a_heartbeat_timeout_has_that_lease() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let (batch, state, _) = new_run_batch_of(
+        "name: l\nsteps:\n  - {id: own, agent: x, action: y, heartbeat_timeout: 3s, depends_on: []}\n  - {id: default, agent: x, action: z, depends_on: []}\n",
+    );
+    let id = state.id;
+    let own = state.steps[0].task_id.unwrap();
+    let default = state.steps[1].task_id.unwrap();
+    let mut client = t.store.client().await?;
+    let tx = client.transaction().await?;
+    db::write(&tx, &batch).await?;
+    tx.commit().await?;
+    let held = [
+        (id, "own".to_string(), own),
+        (id, "default".to_string(), default),
+    ];
+    assert_eq!(db::renew_leases(&client, &held, at(10), FIVE).await?, 2);
+    assert_eq!(lease_ends(&client, id).await?, [Some(at(13)), Some(at(15))]);
+    // Heartbeats resume after a gap: each lease is extended by its own length from then.
+    assert!(db::pulse(&client, at(100), FIVE).await?);
+    assert_eq!(
+        lease_ends(&client, id).await?,
+        [Some(at(103)), Some(at(105))]
+    );
+    let expired = db::expired_leases(&client, at(104), 10).await?;
+    assert!(expired.is_empty(), "the pulse is still at 100 s");
+    assert!(!db::pulse(&client, at(104), FIVE).await?);
+    let expired = db::expired_leases(&client, at(104), 10).await?;
+    assert_eq!(
+        expired.iter().map(|e| e.task_id).collect::<Vec<_>>(),
+        [own],
+        "only the 3 s lease has run out"
+    );
+    drop(client);
+    t.drop_db().await
+}
+
 #[tokio::test]
 async fn leases_are_renewed_for_the_running_attempt_only_and_end_with_it() -> anyhow::Result<()> {
     let t = TestDb::new().await?;
@@ -328,11 +387,11 @@ async fn leases_are_renewed_for_the_running_attempt_only_and_end_with_it() -> an
 
     // A heartbeat naming another attempt's task renews nothing.
     assert_eq!(
-        db::renew_leases(&client, &[(id, "a".into(), Uuid::new_v4())], at(10)).await?,
+        db::renew_leases(&client, &[(id, "a".into(), Uuid::new_v4())], at(5), FIVE).await?,
         0
     );
     assert_eq!(
-        db::renew_leases(&client, &[(id, "a".into(), task)], at(10)).await?,
+        db::renew_leases(&client, &[(id, "a".into(), task)], at(5), FIVE).await?,
         1
     );
     assert_eq!(db::next_lease_end(&client).await?, Some(at(10)));
@@ -385,7 +444,7 @@ async fn leases_are_renewed_for_the_running_attempt_only_and_end_with_it() -> an
     assert_eq!(db::next_lease_end(&client).await?, None);
     assert!(db::expired_leases(&client, at(100), 10).await?.is_empty());
     assert_eq!(
-        db::renew_leases(&client, &[(id, "a".into(), task)], at(20)).await?,
+        db::renew_leases(&client, &[(id, "a".into(), task)], at(15), FIVE).await?,
         0,
         "a finished attempt is not renewed"
     );
@@ -542,6 +601,7 @@ async fn instances_and_run_deadlines_load_back_and_past_deadlines_are_found() ->
                 step_id: state.slot_id(&plan, i),
                 agent: "x".into(),
                 action: "y".into(),
+                lease_ms: None,
             },
             StepRow {
                 run_id: id,

@@ -22,9 +22,8 @@ use futures_util::future::join_all;
 use serde_json::Value;
 use tokio::{
     net::TcpListener,
-    sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch},
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch},
     task::JoinHandle,
-    time::MissedTickBehavior,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, Span, debug, error, info, info_span, warn};
@@ -477,6 +476,8 @@ struct Session {
 struct Receipt {
     delivery: Delivery,
     generation: u64,
+    /// Acked once the task started (see [`ack_early`]): its result settles nothing more.
+    acked: bool,
 }
 
 /// A task in progress.
@@ -486,6 +487,10 @@ struct Held {
     cancel: CancellationToken,
     /// Deliveries of the same task that arrived while it ran, settled with its result.
     adopted: Vec<Receipt>,
+    /// The task's own lease, if it has one: heartbeats come at least every third of it.
+    lease: Option<Duration>,
+    /// Told when a heartbeat listing the task is confirmed, for a task acked early.
+    first_beat: Option<oneshot::Sender<()>>,
 }
 
 /// State shared by the intake, the task runners, the heartbeats and the health server.
@@ -535,13 +540,26 @@ impl Shared {
     }
 
     /// Records `task` as in progress, unless it already is (then `receipt` is adopted): returns
-    /// the receipt to run the task with, and the token that cancels it.
-    fn claim(&self, task: &Task, receipt: Receipt) -> Option<(Receipt, CancellationToken)> {
+    /// the receipt to run the task with, the token that cancels it and, for a task acked early,
+    /// what tells that its first heartbeat is confirmed.
+    fn claim(
+        &self,
+        task: &Task,
+        receipt: Receipt,
+    ) -> Option<(Receipt, CancellationToken, Option<oneshot::Receiver<()>>)> {
         let mut held = self.held();
         if let Some(running) = held.get_mut(&task.task_id) {
             running.adopted.push(receipt);
             return None;
         }
+        let lease = task.heartbeat_timeout_ms.map(Duration::from_millis);
+        let (first_beat, beaten) = match task.ack_early {
+            true => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
         let task = HeldTask {
             task_id: task.task_id,
             run_id: task.run_id,
@@ -558,10 +576,12 @@ impl Shared {
                 task,
                 cancel: cancel.clone(),
                 adopted: Vec::new(),
+                lease,
+                first_beat,
             },
         );
         self.beat.notify_one();
-        Some((receipt, cancel))
+        Some((receipt, cancel, beaten))
     }
 
     /// Tells the handler of the task `cancel` names to stop if the task runs here, or makes it
@@ -584,6 +604,28 @@ impl Shared {
         self.cancelled_early
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The time between heartbeats: `interval`, or a third of the shortest lease held if sooner.
+    fn heartbeat_period(&self, interval: Duration) -> Duration {
+        self.held()
+            .values()
+            .filter_map(|held| held.lease)
+            .map(|lease| lease / 3)
+            .fold(interval, Duration::min)
+    }
+
+    /// Tells the tasks listed in a confirmed heartbeat that wait for one.
+    fn beaten(&self, tasks: &[HeldTask]) {
+        let mut held = self.held();
+        for task in tasks {
+            if let Some(first_beat) = held
+                .get_mut(&task.task_id)
+                .and_then(|held| held.first_beat.take())
+            {
+                let _ = first_beat.send(());
+            }
+        }
     }
 
     /// Ends the task in progress, returning `own` and the deliveries adopted by it. One step
@@ -758,6 +800,7 @@ async fn take_deliveries(
         let receipt = Receipt {
             delivery,
             generation: link.generation,
+            acked: false,
         };
         // The task is running here already: its earlier delivery was lost with a connection,
         // or it was published twice. Rather than run it again, the run in progress settles
@@ -777,10 +820,18 @@ async fn take_deliveries(
                 permit.expect("the worker never closes its semaphore")
             }
         };
-        let Some((receipt, cancel)) = shared.claim(&task, receipt) else {
+        let Some((receipt, cancel, beaten)) = shared.claim(&task, receipt) else {
             continue;
         };
-        let task = run_task(receipt, task, agent.clone(), shared.clone(), permit, cancel);
+        let task = run_task(
+            receipt,
+            beaten,
+            task,
+            agent.clone(),
+            shared.clone(),
+            permit,
+            cancel,
+        );
         let abandon = abandon.clone();
         running.spawn(async move {
             tokio::select! {
@@ -831,7 +882,8 @@ async fn requeue(delivery: &Delivery) {
 
 /// Runs one task to its end: handle, publish the result, settle the deliveries.
 async fn run_task(
-    receipt: Receipt,
+    mut receipt: Receipt,
+    beaten: Option<oneshot::Receiver<()>>,
     task: Task,
     agent: Arc<str>,
     shared: Arc<Shared>,
@@ -866,7 +918,23 @@ async fn run_task(
         let redelivered = receipt.delivery.redelivered;
         debug!(redelivered, "task started");
         let in_flight = shared.metrics.task_started(&agent, &task.action);
-        let outcome = call_handler(&shared, &agent, &task, redelivered, cancel.clone()).await;
+        let handling = call_handler(&shared, &agent, &task, redelivered, cancel.clone());
+        let outcome = match beaten {
+            None => handling.await,
+            Some(beaten) => {
+                tokio::pin!(handling);
+                tokio::select! {
+                    biased;
+                    outcome = &mut handling => outcome,
+                    confirmed = beaten => {
+                        if confirmed.is_ok() {
+                            ack_early(&shared, &mut receipt).await;
+                        }
+                        handling.await
+                    }
+                }
+            }
+        };
         let finished_at = Utc::now();
         in_flight.finish(
             outcome.is_ok(),
@@ -960,6 +1028,9 @@ async fn report(shared: &Shared, task_id: Uuid, message: &OutgoingMessage, own: 
         error!(reply_to = %message.routing_key, %error, "could not publish a result; requeueing the task");
     }
     for receipt in shared.release(task_id, own) {
+        if receipt.acked {
+            continue;
+        }
         if receipt.generation != link.generation {
             info!(
                 "the task's delivery was lost with an earlier connection; rabbitmq delivers it again"
@@ -975,6 +1046,29 @@ async fn report(shared: &Shared, task_id: Uuid, message: &OutgoingMessage, own: 
         } else {
             requeue(&receipt.delivery).await;
         }
+    }
+}
+
+/// Acks a task marked `ack_early` once a heartbeat listing it is confirmed, so that a long
+/// task does not trip RabbitMQ's consumer timeout: from then on only the lease tells the
+/// coordinator that this worker is gone (its heartbeats stop, the attempt is retried). Left for
+/// the result to settle if the delivery's link is gone, as RabbitMQ requeued it then.
+async fn ack_early(shared: &Shared, receipt: &mut Receipt) {
+    let live = shared
+        .link
+        .borrow()
+        .as_ref()
+        .is_some_and(|link| link.generation == receipt.generation && !link.lost.is_cancelled());
+    if !live {
+        return;
+    }
+    match receipt.delivery.ack().await {
+        Ok(()) => {
+            receipt.acked = true;
+            debug!("task acked early; its lease alone now tells if this worker is lost");
+            flotilla_telemetry::failpoint("crash-after-early-ack");
+        }
+        Err(error) => warn!(%error, "could not ack a task early; its result will"),
     }
 }
 
@@ -1030,52 +1124,56 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
         .unwrap_or_else(|| "(no message)".to_owned())
 }
 
-/// Publishes a heartbeat at once, then every `interval`, until aborted. Skipped while
-/// reconnecting.
+/// Publishes a heartbeat at once, then every `interval` (sooner for tasks with a short lease,
+/// see [`Shared::heartbeat_period`]), until aborted. Skipped while reconnecting.
 async fn send_heartbeats(
     shared: Arc<Shared>,
     agents: Vec<String>,
     concurrency: u32,
     interval: Duration,
 ) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let queue = shared.names.heartbeats();
     // New tasks bring the next heartbeat forward, but never closer than this to the last one,
     // so that a busy worker does not turn every task into a heartbeat.
     let min_gap = HEARTBEAT_MIN_GAP.min(interval);
     loop {
+        beat_once(&shared, &agents, concurrency, &queue).await;
+        tokio::time::sleep(min_gap).await;
+        let rest = shared.heartbeat_period(interval).saturating_sub(min_gap);
         tokio::select! {
-            _ = ticker.tick() => {}
+            () = tokio::time::sleep(rest) => {}
             () = shared.beat.notified() => {}
         }
-        let current = shared.link.borrow().clone();
-        let Some(link) = current else {
-            debug!("no heartbeat while reconnecting");
-            continue;
-        };
-        let heartbeat = Heartbeat {
-            v: PROTOCOL_VERSION,
-            worker_id: shared.worker_id.to_string(),
-            agents: agents.clone(),
-            concurrency,
-            tasks: shared
-                .held()
-                .values()
-                .map(|held| held.task.clone())
-                .collect(),
-            sent_at: Utc::now(),
-        };
-        let body = serde_json::to_vec(&heartbeat).expect("a Heartbeat always serializes to JSON");
-        let message = OutgoingMessage::new(&queue, "heartbeat", body);
-        match link.publisher.publish_one(&message).await {
-            Ok(()) => {}
-            Err(error) if link.failed_with(&error) => {
-                link.report_lost(format_args!("publishing a heartbeat: {error}"));
-            }
-            Err(error) => warn!(%error, "could not publish a heartbeat"),
+    }
+}
+
+/// Publishes one heartbeat listing the tasks held, unless reconnecting.
+async fn beat_once(shared: &Shared, agents: &[String], concurrency: u32, queue: &str) {
+    let current = shared.link.borrow().clone();
+    let Some(link) = current else {
+        debug!("no heartbeat while reconnecting");
+        return;
+    };
+    let heartbeat = Heartbeat {
+        v: PROTOCOL_VERSION,
+        worker_id: shared.worker_id.to_string(),
+        agents: agents.to_vec(),
+        concurrency,
+        tasks: shared
+            .held()
+            .values()
+            .map(|held| held.task.clone())
+            .collect(),
+        sent_at: Utc::now(),
+    };
+    let body = serde_json::to_vec(&heartbeat).expect("a Heartbeat always serializes to JSON");
+    let message = OutgoingMessage::new(queue, "heartbeat", body);
+    match link.publisher.publish_one(&message).await {
+        Ok(()) => shared.beaten(&heartbeat.tasks),
+        Err(error) if link.failed_with(&error) => {
+            link.report_lost(format_args!("publishing a heartbeat: {error}"));
         }
-        tokio::time::sleep(min_gap).await;
+        Err(error) => warn!(%error, "could not publish a heartbeat"),
     }
 }
 

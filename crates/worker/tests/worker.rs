@@ -98,6 +98,8 @@ impl Fixture {
                 .unwrap(),
             inputs: serde_json::Map::new(),
             dispatched_at: Utc::now(),
+            heartbeat_timeout_ms: None,
+            ack_early: false,
         }
     }
 
@@ -730,6 +732,59 @@ async fn heartbeats_report_the_worker_and_its_tasks() -> Result<()> {
 
     heartbeats.close().await?;
     stop(run, &shutdown).await?;
+    fixture.cleanup().await
+}
+
+#[tokio::test]
+async fn a_task_with_a_lease_is_heartbeaten_at_a_third_of_it_and_acked_once_started() -> Result<()>
+{
+    let fixture = Fixture::new(&["echo"]).await?;
+    let (started_tx, mut started) = mpsc::unbounded_channel::<()>();
+    let mut config = fixture.config(1);
+    // Far longer than the test: only the task's lease can bring heartbeats this often.
+    config.heartbeat_interval = Duration::from_secs(600);
+    config.shutdown_grace = Duration::from_millis(200);
+    let worker = fixture
+        .builder(config)
+        .action("forever", move |_ctx: TaskContext| {
+            let started_tx = started_tx.clone();
+            async move {
+                started_tx.send(()).unwrap();
+                std::future::pending::<()>().await;
+                Ok(json!(null))
+            }
+        })
+        .build();
+    let shutdown = CancellationToken::new();
+    let run = spawn_worker(worker, &shutdown);
+
+    let mut task = fixture.task("echo", "forever", json!({}));
+    task.heartbeat_timeout_ms = Some(1_200);
+    task.ack_early = true;
+    fixture.publish(std::slice::from_ref(&task)).await?;
+    tokio::time::timeout(WAIT, started.recv()).await?.unwrap();
+    let mut heartbeats =
+        Consumer::start(&fixture.connection, &fixture.names.heartbeats(), "", 10).await?;
+    let mut listing = 0;
+    while listing < 3 {
+        let delivery = tokio::time::timeout(WAIT, heartbeats.next())
+            .await?
+            .context("heartbeat consumer ended")??;
+        delivery.ack().await?;
+        let heartbeat: Heartbeat = serde_json::from_slice(&delivery.body)?;
+        if heartbeat.tasks.iter().any(|t| t.task_id == task.task_id) {
+            listing += 1;
+        }
+    }
+    heartbeats.close().await?;
+    // The task was acked once it started: abandoning it gives nothing back to the queue (its
+    // lease, no longer renewed, is what gets it retried).
+    stop(run, &shutdown).await?;
+    assert_eq!(fixture.message_count(&fixture.names.results()).await?, 0);
+    assert_eq!(
+        fixture.message_count(&fixture.names.agent("echo")).await?,
+        0
+    );
     fixture.cleanup().await
 }
 

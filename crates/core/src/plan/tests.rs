@@ -309,3 +309,38 @@ fn a_branch_cannot_loop() {
     .to_string();
     assert!(err.contains("cannot have `for_each`"), "{err}");
 }
+
+#[test]
+fn heartbeat_timeout_is_compiled_and_bounded() {
+    let plan = compile(
+        "name: h\nsteps:\n  - {id: long, agent: x, action: y, heartbeat_timeout: 3s}\n  - {id: plain, agent: x, action: y}\n",
+    )
+    .unwrap();
+    assert_eq!(
+        plan.nodes[0].heartbeat_timeout,
+        Some(std::time::Duration::from_secs(3))
+    );
+    assert_eq!(plan.nodes[1].heartbeat_timeout, None);
+    assert!(
+        plan.nodes[0].acks_early(false),
+        "no timeout: it may run for ever"
+    );
+    assert!(!plan.nodes[1].acks_early(false), "no lease of its own");
+    let bounded = compile(
+        "name: h\nsteps:\n  - {id: short, agent: x, action: y, heartbeat_timeout: 3s, timeout: 15m}\n  - {id: long, agent: x, action: y, heartbeat_timeout: 3s, timeout: 16m}\n",
+    )
+    .unwrap();
+    assert!(!bounded.nodes[0].acks_early(false));
+    assert!(bounded.nodes[1].acks_early(false));
+    let err = compile(
+        "name: h\nsteps:\n  - {id: fast, agent: x, action: y, heartbeat_timeout: 500ms}\n  - {id: slow, agent: x, action: y, heartbeat_timeout: 25h}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    for expected in [
+        "steps[0] (`fast`): heartbeat_timeout 500ms must be between 1s and 24h",
+        "steps[1] (`slow`): heartbeat_timeout 90000s must be between 1s and 24h",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+}

@@ -135,6 +135,8 @@ mod tests {
             run_params: run_params.as_object().cloned().unwrap(),
             inputs: Map::new(),
             dispatched_at: Utc::now(),
+            heartbeat_timeout_ms: None,
+            ack_early: false,
         }
     }
 

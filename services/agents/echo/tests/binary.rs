@@ -87,6 +87,8 @@ impl Fleet {
                 .unwrap(),
             inputs: serde_json::Map::new(),
             dispatched_at: Utc::now(),
+            heartbeat_timeout_ms: None,
+            ack_early: false,
         };
         let message =
             OutgoingMessage::new(self.names.agent("echo"), "task", serde_json::to_vec(&task)?)
