@@ -712,23 +712,7 @@ impl RunState {
                     return t;
                 }
                 for i in 0..self.steps.len() {
-                    let s = &mut self.steps[i];
-                    if s.status.is_terminal() {
-                        continue;
-                    }
-                    if let (StepStatus::Running, Some(task_id)) = (s.status, s.task_id) {
-                        t.effects.push(Effect::Cancelled {
-                            step: i,
-                            attempt: s.attempt,
-                            task_id,
-                        });
-                    }
-                    s.status = StepStatus::Cancelled;
-                    s.wake_at = None;
-                    s.deadline = None;
-                    s.ended_at = Some(now);
-                    s.error = Some("cancelled".into());
-                    t.touch(i);
+                    self.cancel_slot(i, "cancelled", now, &mut t);
                 }
                 self.recount(plan);
                 self.end(RunStatus::Cancelled, now, &mut t);
@@ -748,26 +732,9 @@ impl RunState {
                     human(plan.timeout.unwrap_or_default())
                 );
                 for i in 0..self.steps.len() {
-                    if plan.nodes[self.node_of(i)].role != Role::Main {
-                        continue;
+                    if plan.nodes[self.node_of(i)].role == Role::Main {
+                        self.cancel_slot(i, &reason, now, &mut t);
                     }
-                    let s = &mut self.steps[i];
-                    if s.status.is_terminal() {
-                        continue;
-                    }
-                    if let (StepStatus::Running, Some(task_id)) = (s.status, s.task_id) {
-                        t.effects.push(Effect::Cancelled {
-                            step: i,
-                            attempt: s.attempt,
-                            task_id,
-                        });
-                    }
-                    s.status = StepStatus::Cancelled;
-                    s.wake_at = None;
-                    s.deadline = None;
-                    s.ended_at = Some(now);
-                    s.error = Some(reason.clone());
-                    t.touch(i);
                 }
                 self.error = Some(reason);
                 self.deadline = None;
@@ -1374,27 +1341,33 @@ impl RunState {
         f.started = f.len;
         let f = *f;
         for slot in f.first..f.first + f.len {
-            if self.steps[slot].status == StepStatus::NeedsAttention {
-                self.attention -= 1;
-            }
-            let s = &mut self.steps[slot];
-            if s.status.is_terminal() {
-                continue;
-            }
-            if let (StepStatus::Running, Some(task_id)) = (s.status, s.task_id) {
-                t.effects.push(Effect::Cancelled {
-                    step: slot,
-                    attempt: s.attempt,
-                    task_id,
-                });
-            }
-            s.status = StepStatus::Cancelled;
-            s.wake_at = None;
-            s.deadline = None;
-            s.ended_at = Some(now);
-            s.error = Some("cancelled: its step ended".into());
-            t.touch(slot);
+            self.cancel_slot(slot, "cancelled: its step ended", now, t);
         }
+    }
+
+    /// Ends a slot that has not ended as cancelled, telling its worker to stop a running attempt.
+    /// The counters other than `attention` are the caller's to keep.
+    fn cancel_slot(&mut self, slot: usize, reason: &str, now: DateTime<Utc>, t: &mut Transition) {
+        let s = &mut self.steps[slot];
+        if s.status.is_terminal() {
+            return;
+        }
+        if s.status == StepStatus::NeedsAttention {
+            self.attention -= 1;
+        }
+        if let (StepStatus::Running, Some(task_id)) = (s.status, s.task_id) {
+            t.effects.push(Effect::Cancelled {
+                step: slot,
+                attempt: s.attempt,
+                task_id,
+            });
+        }
+        s.status = StepStatus::Cancelled;
+        s.wake_at = None;
+        s.deadline = None;
+        s.ended_at = Some(now);
+        s.error = Some(reason.into());
+        t.touch(slot);
     }
 
     /// Moves the run on when its steps are done: to success, to its failure handlers, or to
