@@ -543,6 +543,12 @@ async fn no_password_in_logs(format: &str) -> anyhow::Result<()> {
             lines.iter().any(|l| l.contains("\"step_id\"")),
             "some line is about a step"
         );
+        // The worker's lines within the task carry the run's trace id.
+        let trace_id = format!("\"trace_id\":\"{}\"", id.simple());
+        assert!(
+            lines.iter().any(|l| l.contains(&trace_id)),
+            "no line carries {trace_id}"
+        );
     }
     fleet.cleanup().await?;
     std::fs::remove_dir_all(&logs)?;

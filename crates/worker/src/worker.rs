@@ -893,6 +893,8 @@ async fn run_task(
     let span = info_span!(
         TASK_SPAN,
         run_id = %task.run_id,
+        // A run's trace id is its id: its 32 hex digits, as Jaeger shows them.
+        trace_id = %task.run_id.simple(),
         step_id = %task.step_id,
         attempt = task.attempt,
         task_id = %task.task_id,
