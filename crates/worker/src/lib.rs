@@ -47,6 +47,8 @@
 //! instead of running the task again. Anywhere else, it runs again, and the coordinator, which
 //! fences results by task id and attempt, counts only the first result.
 
+#[cfg(feature = "cli")]
+pub mod cli;
 mod context;
 mod health;
 mod worker;

@@ -14,100 +14,26 @@
 
 mod echo;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 
 use clap::Parser;
-use flotilla_worker::{Worker, WorkerConfig};
-use tokio_util::sync::CancellationToken;
-use tracing::error;
+use flotilla_worker::cli::{WorkerArgs, start_telemetry};
 
 /// Serves Flotilla agent queues, answering every action with its params.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// An agent whose queue to serve; repeat for several.
-    #[arg(
-        long = "agent",
-        env = "FLOTILLA_AGENTS",
-        value_delimiter = ',',
-        required = true
-    )]
-    agents: Vec<String>,
-    /// How many tasks run at once at most.
-    #[arg(long, env = "FLOTILLA_CONCURRENCY", default_value_t = 16)]
-    concurrency: usize,
-    /// The RabbitMQ URL.
-    #[arg(long, env = "AMQP_URL", default_value = flotilla_broker::DEFAULT_URL, hide_env_values = true)]
-    amqp_url: String,
-    /// Prefix of the queue names; must match the coordinator's.
-    #[arg(long, env = "FLOTILLA_QUEUE_PREFIX", default_value = "flotilla")]
-    queue_prefix: String,
-    /// Names this worker in results and heartbeats [default: host-pid-random]
-    #[arg(long, env = "FLOTILLA_WORKER_ID")]
-    worker_id: Option<String>,
-    /// Milliseconds between heartbeats; the coordinators' lease (FLOTILLA_LEASE_TIMEOUT_MS)
-    /// must be at least twice as long.
-    #[arg(long, env = "FLOTILLA_HEARTBEAT_INTERVAL_MS", default_value_t = 5_000)]
-    heartbeat_interval_ms: u64,
-    /// Serve /health/live, /health/ready and /metrics on this port [default: not served]
-    #[arg(long, env = "FLOTILLA_METRICS_PORT")]
-    metrics_port: Option<u16>,
-    /// The address of the health and metrics port; loopback unless told otherwise.
-    #[arg(long, env = "FLOTILLA_METRICS_BIND", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
-    metrics_bind: IpAddr,
+    #[command(flatten)]
+    worker: WorkerArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let tracing = match flotilla_telemetry::init("flotilla-echo") {
+    let tracing = match start_telemetry("flotilla-echo") {
         Ok(tracing) => tracing,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-
-    let shutdown = CancellationToken::new();
-    if let Err(error) = flotilla_telemetry::shutdown_on_signals(shutdown.clone()) {
-        error!(%error, "cannot listen for signals");
-        return ExitCode::FAILURE;
-    }
-
-    let config = WorkerConfig {
-        amqp_url: args.amqp_url,
-        prefix: args.queue_prefix,
-        concurrency: args.concurrency,
-        worker_id: args.worker_id,
-        heartbeat_interval: std::time::Duration::from_millis(args.heartbeat_interval_ms),
-        ..WorkerConfig::default()
-    };
-    let mut builder = args
-        .agents
-        .iter()
-        .map(|agent| agent.trim())
-        .filter(|agent| !agent.is_empty())
-        .fold(Worker::builder(config), |builder, agent| {
-            builder.agent(agent)
-        })
-        .fallback(echo::handle);
-    if let Some(port) = args.metrics_port {
-        builder = builder.serve_health(SocketAddr::new(args.metrics_bind, port));
-    }
-    let worker = builder.build();
-
-    let code = match worker.run(shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        // Once started, a worker stops only when asked to.
-        Err(error) => {
-            error!(%error, "cannot start");
-            ExitCode::from(2)
-        }
-    };
-    tracing.shutdown(TRACES_FLUSH_TIMEOUT);
-    code
+    let config = args.worker.config();
+    args.worker.serve(config, tracing, echo::handle).await
 }
-
-/// How long the spans still queued at shutdown may take to export.
-const TRACES_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

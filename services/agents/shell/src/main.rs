@@ -12,7 +12,6 @@ mod config;
 mod request;
 mod run;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -20,9 +19,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use flotilla_core::duration::{UserDuration, parse as parse_duration};
-use flotilla_worker::{HandlerError, TaskContext, Worker, WorkerConfig};
+use flotilla_worker::cli::{WorkerArgs, start_telemetry};
+use flotilla_worker::{HandlerError, TaskContext, WorkerConfig};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 use tracing::error;
 
 use crate::config::{Config, File};
@@ -30,16 +29,9 @@ use crate::request::Request;
 
 /// Serves Flotilla agent queues by running allow-listed commands.
 #[derive(Parser)]
-#[command(version)]
+// Commands are heavier than most actions: fewer at once than the SDK's default.
+#[command(version, mut_arg("concurrency", |arg| arg.default_value("4")))]
 struct Args {
-    /// An agent whose queue to serve; repeat for several.
-    #[arg(
-        long = "agent",
-        env = "FLOTILLA_AGENTS",
-        value_delimiter = ',',
-        required = true
-    )]
-    agents: Vec<String>,
     /// A YAML file with `allow`, `allow_shell`, `root`, `max_output_bytes`, `timeout`,
     /// `pass_env`; the flags below override it.
     #[arg(long, env = "FLOTILLA_SHELL_CONFIG")]
@@ -66,31 +58,11 @@ struct Args {
     /// Print the effective shell config and exit.
     #[arg(long)]
     dump_config: bool,
-    /// How many tasks run at once at most.
-    #[arg(long, env = "FLOTILLA_CONCURRENCY", default_value_t = 4)]
-    concurrency: usize,
-    /// The RabbitMQ URL.
-    #[arg(long, env = "AMQP_URL", default_value = flotilla_broker::DEFAULT_URL, hide_env_values = true)]
-    amqp_url: String,
-    /// Prefix of the queue names; must match the coordinator's.
-    #[arg(long, env = "FLOTILLA_QUEUE_PREFIX", default_value = "flotilla")]
-    queue_prefix: String,
-    /// Names this worker in results and heartbeats [default: host-pid-random]
-    #[arg(long, env = "FLOTILLA_WORKER_ID")]
-    worker_id: Option<String>,
-    /// Milliseconds between heartbeats; the coordinators' lease (FLOTILLA_LEASE_TIMEOUT_MS)
-    /// must be at least twice as long.
-    #[arg(long, env = "FLOTILLA_HEARTBEAT_INTERVAL_MS", default_value_t = 5_000)]
-    heartbeat_interval_ms: u64,
     /// Seconds a shutdown waits for commands in progress before killing them.
     #[arg(long, env = "FLOTILLA_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
-    /// Serve /health/live, /health/ready and /metrics on this port [default: not served]
-    #[arg(long, env = "FLOTILLA_METRICS_PORT")]
-    metrics_port: Option<u16>,
-    /// The address of the health and metrics port; loopback unless told otherwise.
-    #[arg(long, env = "FLOTILLA_METRICS_BIND", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
-    metrics_bind: IpAddr,
+    #[command(flatten)]
+    worker: WorkerArgs,
 }
 
 impl Args {
@@ -126,7 +98,10 @@ async fn handle(config: Arc<Config>, ctx: TaskContext) -> Result<Value, HandlerE
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    flotilla_telemetry::init_logging();
+    let tracing = match start_telemetry("flotilla-shell") {
+        Ok(tracing) => tracing,
+        Err(code) => return code,
+    };
 
     let config = match args.shell_config() {
         Ok(config) => Arc::new(config),
@@ -140,38 +115,13 @@ async fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    let shutdown = CancellationToken::new();
-    if let Err(error) = flotilla_telemetry::shutdown_on_signals(shutdown.clone()) {
-        error!(%error, "cannot listen for signals");
-        return ExitCode::FAILURE;
-    }
-
     let worker_config = WorkerConfig {
-        amqp_url: args.amqp_url,
-        prefix: args.queue_prefix,
-        concurrency: args.concurrency,
-        worker_id: args.worker_id,
-        heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+        ..args.worker.config()
     };
-    let mut builder = args
-        .agents
-        .iter()
-        .map(|agent| agent.trim())
-        .filter(|agent| !agent.is_empty())
-        .fold(Worker::builder(worker_config), |builder, agent| {
-            builder.agent(agent)
+    args.worker
+        .serve(worker_config, tracing, move |ctx| {
+            handle(config.clone(), ctx)
         })
-        .fallback(move |ctx| handle(config.clone(), ctx));
-    if let Some(port) = args.metrics_port {
-        builder = builder.serve_health(SocketAddr::new(args.metrics_bind, port));
-    }
-
-    match builder.build().run(shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            error!(%error, "cannot start");
-            ExitCode::from(2)
-        }
-    }
+        .await
 }
