@@ -28,6 +28,17 @@ pub struct Expected {
     pub dead_letters_allowed: bool,
 }
 
+impl Expected {
+    /// Every step of `runs` (`steps` in all) succeeds, and nothing is dead-lettered.
+    pub fn all_succeed(runs: Vec<Uuid>, steps: usize) -> Self {
+        Self {
+            runs,
+            steps,
+            ..Self::default()
+        }
+    }
+}
+
 /// One step that did not complete exactly once, for the failure message.
 #[derive(Debug, Clone)]
 pub struct Finding {

@@ -52,6 +52,15 @@ fn pick<T>(short: T, long_variant: T) -> T {
     if long() { long_variant } else { short }
 }
 
+/// How long a scenario's runs may take: `short` or `long` seconds (see [`pick`]), with at most
+/// a minute without progress.
+fn patience(short: u64, long: u64) -> Patience {
+    Patience {
+        deadline: Duration::from_secs(pick(short, long)),
+        stall: Duration::from_secs(60),
+    }
+}
+
 /// A fleet whose processes log to `target/fault-logs/<scenario>-<prefix>/`.
 async fn fleet(scenario: &str) -> anyhow::Result<(Fleet, MutexGuard<'static, ()>)> {
     let serial = SERIAL.lock().await;
@@ -184,14 +193,7 @@ async fn worker_killed_mid_step_repeatedly() -> anyhow::Result<()> {
 
     let mut kills = 0;
     let waited = {
-        let wait = wait_for_runs(
-            &fleet,
-            &runs,
-            Patience {
-                deadline: Duration::from_secs(pick(240, 900)),
-                stall: Duration::from_secs(60),
-            },
-        );
+        let wait = wait_for_runs(&fleet, &runs, patience(240, 900));
         let inject = async {
             let mut next = 0;
             loop {
@@ -219,11 +221,7 @@ async fn worker_killed_mid_step_repeatedly() -> anyhow::Result<()> {
             "{kills} kills sent but only {killed} workers died by SIGKILL"
         ));
     }
-    let expected = Expected {
-        runs: runs.to_vec(),
-        steps: workflow.len(),
-        ..Expected::default()
-    };
+    let expected = Expected::all_succeed(runs.to_vec(), workflow.len());
     conclude(fleet, scenario, &expected, kills, &waited, &[], checks).await
 }
 
@@ -249,15 +247,7 @@ async fn worker_crashes_between_result_and_ack() -> anyhow::Result<()> {
     let workflow = Workflow::fan_out(scenario, "fan", steps, millis(&mut dice, 5, 20));
     let run = fleet.execute_yaml(&workflow.yaml(), json!({})).await?;
     let runs = [run];
-    let waited = wait_for_runs(
-        &fleet,
-        &runs,
-        Patience {
-            deadline: Duration::from_secs(pick(180, 600)),
-            stall: Duration::from_secs(60),
-        },
-    )
-    .await;
+    let waited = wait_for_runs(&fleet, &runs, patience(180, 600)).await;
 
     let mut checks = Vec::new();
     for w in fleet.workers() {
@@ -272,11 +262,7 @@ async fn worker_crashes_between_result_and_ack() -> anyhow::Result<()> {
         }
     }
     let crashes = worker_exits(&fleet, SIGABRT);
-    let expected = Expected {
-        runs: runs.to_vec(),
-        steps: workflow.len(),
-        ..Expected::default()
-    };
+    let expected = Expected::all_succeed(runs.to_vec(), workflow.len());
     conclude(fleet, scenario, &expected, crashes, &waited, &[], checks).await
 }
 
@@ -316,14 +302,7 @@ async fn coordinator_crashes_between_commit_and_publish() -> anyhow::Result<()> 
     for i in 0..3 {
         fleet.start_worker(&format!("w{i}"), &["chain"], 4, Launch::supervised())?;
     }
-    let wait = wait_for_runs(
-        &fleet,
-        &runs,
-        Patience {
-            deadline: Duration::from_secs(pick(240, 600)),
-            stall: Duration::from_secs(60),
-        },
-    );
+    let wait = wait_for_runs(&fleet, &runs, patience(240, 600));
     // What each crash left in the outbox: committed, never published. Read right after the
     // exit, before the restarted coordinator's sweeper publishes it.
     let left = async {
@@ -369,11 +348,7 @@ async fn coordinator_crashes_between_commit_and_publish() -> anyhow::Result<()> 
             "no crash left a message in the outbox ({left:?}): the scenario did not exercise the window between commit and publish"
         ));
     }
-    let expected = Expected {
-        runs,
-        steps: expected_steps,
-        ..Expected::default()
-    };
+    let expected = Expected::all_succeed(runs, expected_steps);
     let left: Vec<String> = left.iter().map(ToString::to_string).collect();
     let extra = [("left in outbox", left.join("+"))];
     conclude(fleet, scenario, &expected, aborted, &waited, &extra, checks).await
@@ -471,15 +446,7 @@ where
         outage(n).await?;
         done += 1;
     }
-    let mut waited = wait_for_runs(
-        &fleet,
-        &runs,
-        Patience {
-            deadline: Duration::from_secs(pick(180, 900)),
-            stall: Duration::from_secs(60),
-        },
-    )
-    .await;
+    let mut waited = wait_for_runs(&fleet, &runs, patience(180, 900)).await;
     waited.elapsed = started.elapsed();
 
     let mut checks: Vec<String> = fault_error.into_iter().collect();
@@ -490,11 +457,7 @@ where
             exited.join("; ")
         ));
     }
-    let expected = Expected {
-        runs: runs.to_vec(),
-        steps: workflow.len(),
-        ..Expected::default()
-    };
+    let expected = Expected::all_succeed(runs.to_vec(), workflow.len());
     let extra = [("process exits", exited.len().to_string())];
     conclude(fleet, scenario, &expected, done, &waited, &extra, checks).await
 }
@@ -536,15 +499,7 @@ async fn a_poison_step_is_dead_lettered_and_fails_only_its_run() -> anyhow::Resu
         }
     }
     let poison_run = poison_run.expect("the poison run was submitted");
-    let waited = wait_for_runs(
-        &fleet,
-        &runs,
-        Patience {
-            deadline: Duration::from_secs(pick(180, 600)),
-            stall: Duration::from_secs(60),
-        },
-    )
-    .await;
+    let waited = wait_for_runs(&fleet, &runs, patience(180, 600)).await;
 
     let mut checks = Vec::new();
     let crashes = worker_exits(&fleet, SIGABRT);
@@ -663,15 +618,7 @@ async fn a_frozen_worker_loses_its_lease_and_its_late_results_are_fenced() -> an
     let thawed_at: chrono::DateTime<chrono::Utc> = db.query_one("SELECT now()", &[]).await?.get(0);
     fleet.worker(frozen).signal(Signal::Cont).await?;
 
-    let mut waited = wait_for_runs(
-        &fleet,
-        &runs,
-        Patience {
-            deadline: Duration::from_secs(pick(180, 600)),
-            stall: Duration::from_secs(60),
-        },
-    )
-    .await;
+    let mut waited = wait_for_runs(&fleet, &runs, patience(180, 600)).await;
     waited.elapsed = started.elapsed();
 
     let db = fleet.db().await?;
@@ -699,11 +646,7 @@ async fn a_frozen_worker_loses_its_lease_and_its_late_results_are_fenced() -> an
             lease * 4
         ));
     }
-    let expected = Expected {
-        runs,
-        steps: expected_steps,
-        ..Expected::default()
-    };
+    let expected = Expected::all_succeed(runs, expected_steps);
     let extra = [
         ("re-dispatched", redispatched.to_string()),
         ("stale attempts", stale.to_string()),
@@ -778,15 +721,7 @@ async fn two_coordinators_carry_on_the_runs_of_a_killed_one() -> anyhow::Result<
         resumed.values().max().copied()
     };
 
-    let mut waited = wait_for_runs(
-        &fleet,
-        &runs,
-        Patience {
-            deadline: Duration::from_secs(pick(180, 600)),
-            stall: Duration::from_secs(60),
-        },
-    )
-    .await;
+    let mut waited = wait_for_runs(&fleet, &runs, patience(180, 600)).await;
     waited.elapsed = started.elapsed();
 
     let mut checks = Vec::new();
@@ -808,11 +743,7 @@ async fn two_coordinators_carry_on_the_runs_of_a_killed_one() -> anyhow::Result<
             "never".into()
         }
     };
-    let expected = Expected {
-        runs,
-        steps: expected_steps,
-        ..Expected::default()
-    };
+    let expected = Expected::all_succeed(runs, expected_steps);
     let extra = [("resumed", resumed_figure)];
     conclude(fleet, scenario, &expected, 1, &waited, &extra, checks).await
 }
@@ -904,22 +835,10 @@ async fn worker_churn_under_load() -> anyhow::Result<()> {
         };
         tokio::join!(submit, churn);
     }
-    let mut waited = wait_for_runs(
-        &fleet,
-        &runs,
-        Patience {
-            deadline: Duration::from_secs(pick(180, 600)),
-            stall: Duration::from_secs(60),
-        },
-    )
-    .await;
+    let mut waited = wait_for_runs(&fleet, &runs, patience(180, 600)).await;
     waited.elapsed = started.elapsed();
     let checks: Vec<String> = submit_error.into_iter().collect();
-    let expected = Expected {
-        runs,
-        steps: expected_steps,
-        ..Expected::default()
-    };
+    let expected = Expected::all_succeed(runs, expected_steps);
     let extra = [("runs", expected.runs.len().to_string())];
     conclude(
         fleet, scenario, &expected, restarts, &waited, &extra, checks,
