@@ -579,3 +579,43 @@ pub async fn terminate(child: &mut Child) -> Option<ExitStatus> {
         }
     }
 }
+
+/// The step `id` of a run's view; panics naming it when the run has none.
+pub fn step<'a>(
+    run: &'a flotilla_api_model::WorkflowResult,
+    id: &str,
+) -> &'a flotilla_api_model::StepResult {
+    run.steps
+        .iter()
+        .find(|s| s.step_id == id)
+        .unwrap_or_else(|| panic!("no step {id} in {run:?}"))
+}
+
+/// A local webhook receiver (a team chat, say) on `POST /hook`: its URL, and the JSON bodies it
+/// received, in order. It serves until the test's runtime ends.
+pub async fn webhook() -> anyhow::Result<(
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+)> {
+    let received: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Default::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    let app = {
+        let received = received.clone();
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+                let received = received.clone();
+                async move {
+                    received
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(body);
+                    "ok"
+                }
+            }),
+        )
+    };
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, received))
+}

@@ -234,8 +234,7 @@ pub async fn wait_for_runs(fleet: &Fleet, runs: &[Uuid], patience: Patience) -> 
     }
 }
 
-/// Polls `condition` every 100 ms until it holds, at most `timeout`. Errors of the condition
-/// (a database restarting) count as "not yet"; the last one is reported on timeout.
+/// Polls `condition` every 100 ms until it holds, at most `timeout` (see [`eventually`]).
 pub async fn poll_until<F, Fut>(
     timeout: Duration,
     what: &str,
@@ -245,12 +244,26 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<bool>>,
 {
+    eventually(timeout, what, || {
+        let holds = condition();
+        async move { Ok(holds.await?.then_some(())) }
+    })
+    .await
+}
+
+/// Polls `check` every 100 ms until it answers `Some`, at most `timeout`. Errors of the check (a
+/// database restarting) count as "not yet"; the last one is reported on timeout.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
     let deadline = Instant::now() + timeout;
     let mut last_error = None;
     loop {
-        match condition().await {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
             Err(e) => last_error = Some(e),
         }
         if Instant::now() > deadline {

@@ -7,20 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use flotilla_api_model::{StepResult, WorkflowResult};
+use flotilla_api_model::WorkflowResult;
 use flotilla_tests::Managed;
+use flotilla_tests::step;
 use flotilla_tests::{Fleet, amqp_url, binary};
 use serde_json::json;
 use tokio::process::Command;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn step<'a>(run: &'a WorkflowResult, id: &str) -> &'a StepResult {
-    run.steps
-        .iter()
-        .find(|s| s.step_id == id)
-        .unwrap_or_else(|| panic!("no step {id} in {run:?}"))
-}
 
 /// A fleet with one agent process (`binary` serving `agent`), which the fleet's harness does
 /// not know: the test stops it and deletes its queue.

@@ -1,9 +1,9 @@
 //! Whole-system tests: the real coordinator, echo workers and CLI as separate processes, against
 //! the real Postgres and RabbitMQ.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use flotilla_tests::step;
 use flotilla_tests::{Fleet, repo_file};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -19,16 +19,6 @@ fn run_id_from(stdout: &str) -> Uuid {
         .split(|c: char| !(c.is_ascii_hexdigit() || c == '-'))
         .find_map(|word| word.parse().ok())
         .unwrap_or_else(|| panic!("no workflow id in the CLI's output:\n{stdout}"))
-}
-
-fn step<'a>(
-    run: &'a flotilla_api_model::WorkflowResult,
-    id: &str,
-) -> &'a flotilla_api_model::StepResult {
-    run.steps
-        .iter()
-        .find(|s| s.step_id == id)
-        .unwrap_or_else(|| panic!("no step {id}"))
 }
 
 #[tokio::test]
@@ -265,23 +255,7 @@ async fn a_cyclic_definition_is_refused_with_the_cycle_named() -> anyhow::Result
 #[tokio::test]
 async fn a_failed_run_runs_its_handlers_and_posts_the_notification() -> anyhow::Result<()> {
     // A local webhook receiver standing in for Slack.
-    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let hook = format!("http://{}/hook", listener.local_addr()?);
-    let app = {
-        let received = received.clone();
-        axum::Router::new().route(
-            "/hook",
-            axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
-                let received = received.clone();
-                async move {
-                    received.lock().unwrap().push(body);
-                    "ok"
-                }
-            }),
-        )
-    };
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (hook, received) = flotilla_tests::webhook().await?;
 
     let mut fleet = Fleet::new().coordinator_env("FLOTILLA_NOTIFY_OPS_URL", &hook);
     fleet.start_coordinator().await?;

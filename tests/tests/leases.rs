@@ -1,30 +1,14 @@
 //! A step's own lease (`heartbeat_timeout`) end to end: the real coordinator and echo workers as
 //! separate processes, against the real Postgres and RabbitMQ.
 
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use flotilla_tests::workload::eventually;
 use flotilla_tests::{Fleet, Launch, Signal};
 use serde_json::json;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Polls `check` until it answers `Some`, or fails naming `what` after [`WAIT`].
-async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(value) = check().await? {
-            return Ok(value);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// A fleet whose coordinator's own lease (2 min) is longer than any wait here: only the step's
 /// `heartbeat_timeout` can get a lost attempt retried in time.
@@ -78,7 +62,7 @@ async fn a_frozen_worker_past_its_steps_heartbeat_timeout_is_replaced_and_the_st
         )
         .await?;
     let db = fleet.db().await?;
-    wait_for("worker-1 to hold the step's lease", || async {
+    eventually(WAIT, "worker-1 to hold the step's lease", || async {
         let row = db
             .query_one(
                 "SELECT lease_until IS NOT NULL FROM steps WHERE run_id = $1",

@@ -8,9 +8,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
+use flotilla_tests::workload::eventually;
 use flotilla_tests::{Fleet, Launch};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
@@ -43,31 +44,6 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
-}
-
-/// Waits until `condition` answers `Some`, at most `timeout`; errors count as "not yet", the
-/// last one is reported on timeout.
-async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut condition: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last = match condition().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => None,
-            Err(e) => Some(e),
-        };
-        if Instant::now() > deadline {
-            bail!(
-                "{what}: not within {timeout:?}{}",
-                last.map(|e| format!(" (last error: {e:#})"))
-                    .unwrap_or_default()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// The samples of a Prometheus text page, by series as written (`name{labels}`).

@@ -3,21 +3,12 @@
 
 use std::time::{Duration, Instant};
 
+use flotilla_tests::step;
 use flotilla_tests::{Fleet, Launch};
 use serde_json::json;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn step<'a>(
-    run: &'a flotilla_api_model::WorkflowResult,
-    id: &str,
-) -> &'a flotilla_api_model::StepResult {
-    run.steps
-        .iter()
-        .find(|s| s.step_id == id)
-        .unwrap_or_else(|| panic!("no step {id}"))
-}
 
 /// Waits until `condition` holds for the run, polling its API.
 async fn wait_for_run(

@@ -4,19 +4,10 @@
 use std::time::Duration;
 
 use flotilla_tests::Fleet;
+use flotilla_tests::step;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-fn step<'a>(
-    run: &'a flotilla_api_model::WorkflowResult,
-    id: &str,
-) -> &'a flotilla_api_model::StepResult {
-    run.steps
-        .iter()
-        .find(|s| s.step_id == id)
-        .unwrap_or_else(|| panic!("no step {id}"))
-}
 
 #[tokio::test]
 async fn for_each_runs_a_thousand_items_at_most_max_parallel_at_once() -> anyhow::Result<()> {

@@ -1,62 +1,13 @@
 //! Three-strike escalation end to end: the real coordinator, echo workers and CLI as separate
 //! processes, against the real Postgres and RabbitMQ, with a webhook receiver of the test's own.
 
-use std::future::Future;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flotilla_tests::Fleet;
+use flotilla_tests::{step, webhook, workload::eventually};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn step<'a>(
-    run: &'a flotilla_api_model::WorkflowResult,
-    id: &str,
-) -> &'a flotilla_api_model::StepResult {
-    run.steps
-        .iter()
-        .find(|s| s.step_id == id)
-        .unwrap_or_else(|| panic!("no step {id}"))
-}
-
-/// Polls `check` until it answers `Some`, or fails naming `what` after [`WAIT`].
-async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(value) = check().await? {
-            return Ok(value);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A local webhook receiver standing in for the team's chat; returns its URL and what it got.
-async fn webhook() -> anyhow::Result<(String, Arc<Mutex<Vec<Value>>>)> {
-    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/hook", listener.local_addr()?);
-    let app = {
-        let received = received.clone();
-        axum::Router::new().route(
-            "/hook",
-            axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
-                let received = received.clone();
-                async move {
-                    received.lock().unwrap().push(body);
-                    "ok"
-                }
-            }),
-        )
-    };
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok((url, received))
-}
 
 #[tokio::test]
 async fn a_step_falls_back_then_escalates_and_an_operator_completes_it() -> anyhow::Result<()> {
@@ -85,7 +36,7 @@ steps:
         .await?;
 
     // Strike 3: the run waits for a person, the independent branch has run, the team is told.
-    let run = wait_for("the escalation", || async {
+    let run = eventually(WAIT, "the escalation", || async {
         let run = fleet.run(id).await?;
         let posted = !received.lock().unwrap().is_empty();
         Ok(
@@ -132,7 +83,7 @@ steps:
     assert!(stdout.contains("strike 3: escalated"), "{stdout}");
 
     // The history tells which strike did what, and that the notification went out.
-    let history = wait_for("the notification in the history", || async {
+    let history = eventually(WAIT, "the notification in the history", || async {
         let (status, out, _) = fleet
             .cli(&["workflows", "history", &ids, "--output", "json"])
             .await?;
@@ -218,7 +169,7 @@ async fn a_retried_escalated_step_starts_over_and_a_fallback_can_rescue_a_step()
             json!({}),
         )
         .await?;
-    wait_for("the escalation", || async {
+    eventually(WAIT, "the escalation", || async {
         Ok((fleet.run(id).await?.status == "needs_attention").then_some(()))
     })
     .await?;
@@ -231,7 +182,7 @@ async fn a_retried_escalated_step_starts_over_and_a_fallback_can_rescue_a_step()
     assert_eq!(run.status, "success");
     let flaky = step(&run, "flaky");
     assert_eq!((flaky.attempts, flaky.strike), (4, 1));
-    wait_for("the escalation's notice", || async {
+    eventually(WAIT, "the escalation's notice", || async {
         Ok((received.lock().unwrap().len() == 1).then_some(()))
     })
     .await?;
