@@ -1450,7 +1450,7 @@ async fn agents_breakers_shows_a_table_and_breaker_reset_names_the_operator() {
     assert_eq!(
         stdout(&output),
         "\
-AGENT  STATE      FAILED   OPENED                   NEXT PROBE  HELD
+AGENT  STATE      FAILED    OPENED                   NEXT PROBE  HELD
 flaky  half-open  75% of 4  2025-06-15 15:06:41 UTC              3
 "
     );
