@@ -78,7 +78,7 @@ fn held_steps(run: &WorkflowResult) -> Vec<&str> {
 
 #[tokio::test]
 async fn an_open_breaker_holds_steps_then_probes_fail_and_succeed() -> anyhow::Result<()> {
-    let fleet = fleet("4s").await?;
+    let fleet = fleet("6s").await?;
     let opened = open_the_breaker(&fleet).await?;
 
     // While open, new steps for the agent wait without an attempt: first a step whose probe
@@ -112,10 +112,23 @@ async fn an_open_breaker_holds_steps_then_probes_fail_and_succeed() -> anyhow::R
     );
     let breaker = flaky(&fleet).await?;
     assert_eq!((breaker.state.as_str(), breaker.held_steps), ("open", 3));
-    let (_, status, _) = fleet
+    let (_, printed, _) = fleet
         .cli(&["workflows", "status", &doomed.to_string()])
         .await?;
-    assert!(status.contains("circuit open for agent flaky"), "{status}");
+    assert!(
+        printed.contains("circuit open for agent flaky"),
+        "{printed}"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", fleet.url()))
+        .await?
+        .text()
+        .await?;
+    for series in [
+        "orchestrator_breaker_state{agent=\"flaky\"} 2\n",
+        "orchestrator_breaker_held_steps_total{agent=\"flaky\"} 3\n",
+    ] {
+        assert!(metrics.contains(series), "{series} in\n{metrics}");
+    }
 
     // After the cool-down the oldest held step goes alone, as the probe; it fails, and the
     // breaker opens again for another cool-down with the other steps still held.

@@ -187,3 +187,44 @@ impl Config {
         .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("flotilla-coordinator").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn breaker_settings_are_checked_at_start_up_and_can_turn_it_off() {
+        let config = |args: &[&str]| parse(args).unwrap().breaker();
+        assert_eq!(config(&[]).unwrap(), Some(BreakerConfig::default()));
+        assert_eq!(config(&["--breaker-enabled", "false"]).unwrap(), None);
+        let breaker = config(&[
+            "--breaker-window",
+            "4",
+            "--breaker-min-attempts",
+            "4",
+            "--breaker-failure-rate",
+            "0.25",
+            "--breaker-cool-down",
+            "1.5s",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            breaker,
+            BreakerConfig {
+                failure_rate: 0.25,
+                window: 4,
+                min_attempts: 4,
+                cool_down: Duration::from_millis(1500),
+            }
+        );
+        let error = config(&["--breaker-min-attempts", "30"]).unwrap_err();
+        assert!(error.to_string().contains("minimum of attempts"), "{error}");
+        let error = parse(&["--breaker-cool-down", "soon"]).unwrap_err();
+        assert!(error.to_string().contains("not a duration"), "{error}");
+    }
+}
