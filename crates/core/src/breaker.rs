@@ -206,6 +206,8 @@ pub struct Breakers {
     by_agent: BTreeMap<String, Breaker>,
     /// Agents whose breaker changed since it was loaded.
     changed: BTreeSet<String>,
+    /// Agents whose breaker changed state since it was loaded.
+    moved: BTreeSet<String>,
 }
 
 impl Breakers {
@@ -214,6 +216,7 @@ impl Breakers {
             config,
             by_agent,
             changed: BTreeSet::new(),
+            moved: BTreeSet::new(),
         }
     }
 
@@ -234,9 +237,21 @@ impl Breakers {
         self.update(agent, |b| b.record(&config, task_id, failed, now));
     }
 
-    /// See [`Breaker::forget_probe`].
-    pub fn forget_probe(&mut self, agent: &str, task_id: Uuid) {
-        self.update(agent, |b| b.forget_probe(task_id));
+    /// See [`Breaker::forget_probe`]; for whichever breaker `task_id` is the probe of.
+    pub fn forget_probe(&mut self, task_id: Uuid) {
+        let agent = self
+            .by_agent
+            .iter()
+            .find(|(_, b)| b.probe.is_some_and(|p| p.task_id == task_id))
+            .map(|(agent, _)| agent.clone());
+        if let Some(agent) = agent {
+            self.update(&agent, |b| b.forget_probe(task_id));
+        }
+    }
+
+    /// The breakers that changed state (closed, open, half-open) since they were loaded.
+    pub fn moved(&self) -> impl Iterator<Item = &Breaker> {
+        self.moved.iter().map(|agent| &self.by_agent[agent])
     }
 
     /// The breakers that changed, to be written.
@@ -252,6 +267,9 @@ impl Breakers {
         let answer = f(breaker);
         if *breaker != before {
             self.changed.insert(agent.to_string());
+        }
+        if breaker.state != before.state {
+            self.moved.insert(agent.to_string());
         }
         Some(answer)
     }

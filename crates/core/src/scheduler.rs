@@ -581,6 +581,12 @@ impl RunState {
                         (false, Some(message.clone()))
                     }
                 };
+                // Every attempt that ended counts for its agent's breaker (failures, timeouts
+                // and lost attempts alike), before a retry asks the breaker again.
+                let node = &plan.nodes[self.node_of(step)];
+                let strike = self.steps[step].strike_of(node, attempt);
+                self.breakers
+                    .record(node.target(strike.is_fallback()).0, task_id, !success, now);
                 t.effects.push(Effect::AttemptEnded {
                     step,
                     attempt,
@@ -1435,6 +1441,8 @@ impl RunState {
             self.attention -= 1;
         }
         if let (StepStatus::Running, Some(task_id)) = (s.status, s.task_id) {
+            // A cancelled attempt is no outcome; a cancelled probe lets the next one go.
+            self.breakers.forget_probe(task_id);
             t.effects.push(Effect::Cancelled {
                 step: slot,
                 attempt: s.attempt,

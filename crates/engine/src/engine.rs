@@ -769,6 +769,14 @@ impl Engine {
             db::write(&tx, &batch).await?;
         }
         crate::breakers::write(&tx, &breakers).await?;
+        // The timer releases held steps once a breaker closes, or sends a probe once an open
+        // one has cooled down.
+        let mut wakes_due = wakes_due;
+        wakes_due.extend(
+            breakers
+                .moved()
+                .map(|b| b.probe_at(&breakers.config).unwrap_or(now)),
+        );
         dead_letters::insert(&tx, &new_dead_letters).await?;
         idempotency::record(&tx, &new_keys, now).await?;
         queries::record_events(&tx, &events).await?;
@@ -1119,15 +1127,6 @@ impl Pending<'_> {
                     });
                     let node = &plan.nodes[state.node_of(*step)];
                     let strike = state.steps[*step].strike_of(node, *attempt);
-                    let agent = node.target(strike.is_fallback()).0;
-                    let before = self.breakers.get(agent).map(|b| b.state);
-                    self.breakers.record(agent, *task_id, !*success, self.now);
-                    if let Some(b) = self.breakers.get(agent).filter(|b| Some(b.state) != before) {
-                        // The timer releases held steps once the breaker closes, or sends a
-                        // probe once an open one cools down.
-                        self.wakes
-                            .push(b.probe_at(&self.breakers.config).unwrap_or(self.now));
-                    }
                     self.observed.extend(
                         crate::trace::when_enabled(|| crate::trace::Ended::Attempt {
                             run_id: state.id,
@@ -1181,10 +1180,6 @@ impl Pending<'_> {
                 } => {
                     let step_id = state.slot_id(plan, *step);
                     tracing::info!(run_id = %state.id, %step_id, attempt, "running attempt cancelled");
-                    let node = &plan.nodes[state.node_of(*step)];
-                    let strike = state.steps[*step].strike_of(node, *attempt);
-                    self.breakers
-                        .forget_probe(node.target(strike.is_fallback()).0, *task_id);
                     // Tells the worker running it to stop; sent after the commit like a task.
                     let cancel = Cancel {
                         v: PROTOCOL_VERSION,

@@ -141,6 +141,13 @@ fn breakers_admit_agents_they_do_not_hold_and_report_what_changed() {
     breakers.record("unknown", Uuid::new_v4(), true, at(1));
     let changed: Vec<&str> = breakers.changed().map(|(agent, _)| agent).collect();
     assert_eq!(changed, ["calm"]);
+    assert_eq!(breakers.moved().count(), 0, "calm is still closed");
+    let probe = probe();
+    assert_eq!(breakers.admit("open", probe, at(10)), Admission::Probe);
+    let moved: Vec<BreakerState> = breakers.moved().map(|b| b.state).collect();
+    assert_eq!(moved, [BreakerState::HalfOpen]);
+    breakers.forget_probe(probe.task_id);
+    assert_eq!(breakers.get("open").unwrap().probe, None);
 }
 
 #[test]

@@ -3,6 +3,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use proptest::prelude::*;
+
 use super::*;
 use crate::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::definition::Definition;
@@ -174,4 +176,116 @@ fn cancelling_a_run_ends_its_held_steps_with_no_attempt_to_stop() {
     );
     let t = run.apply_gated(&plan, Event::Release { step: 0 }, at(20), &mut b);
     assert!(matches!(t.effects[..], [Effect::Stale { step: 0, .. }]));
+}
+
+/// What happens next to a run whose steps all call `flaky`.
+#[derive(Debug, Clone)]
+enum Step {
+    /// An attempt in flight (by position, wrapping) ends.
+    End { which: usize, failed: bool },
+    /// Time passes.
+    Wait { secs: i64 },
+    /// The timer releases a held step (by position, wrapping).
+    Release { which: usize },
+}
+
+proptest! {
+    /// Whatever the attempts answer and whenever the timer releases held steps: while the
+    /// breaker is not closed, the only attempt dispatched is its one probe; a held step has no
+    /// attempt running; every attempt the breaker admitted is accounted for.
+    #[test]
+    fn a_breaker_lets_only_its_probe_through_while_not_closed(
+        steps in prop::collection::vec(
+            prop_oneof![
+                (any::<usize>(), any::<bool>())
+                    .prop_map(|(which, failed)| Step::End { which, failed }),
+                (0i64..4).prop_map(|secs| Step::Wait { secs }),
+                any::<usize>().prop_map(|which| Step::Release { which }),
+            ],
+            1..150,
+        )
+    ) {
+        let yaml = format!(
+            "name: p\nsteps:\n{}",
+            (0..6)
+                .map(|i| format!("  - {{id: s{i}, agent: flaky, action: x, retry: {{max_attempts: 4, delay: 0}}, depends_on: []}}\n"))
+                .collect::<String>()
+        );
+        let plan = Plan::compile(&Definition::from_yaml(&yaml).unwrap()).unwrap();
+        let config = BreakerConfig {
+            failure_rate: 0.5,
+            window: 4,
+            min_attempts: 2,
+            cool_down: Duration::from_secs(5),
+        };
+        let mut b = Breakers::new(config, [("flaky".to_string(), Breaker::default())].into());
+        let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+        let mut clock = 0;
+        // (step, attempt, task id) of attempts in flight.
+        let mut inflight: Vec<(usize, u32, Uuid)> = Vec::new();
+        let mut t = run.apply_gated(&plan, Event::Start, at(clock), &mut b);
+        for step in steps {
+            inflight.extend(t.effects.iter().filter_map(|e| match e {
+                Effect::Dispatch {
+                    step,
+                    attempt,
+                    task_id,
+                } => Some((*step, *attempt, *task_id)),
+                _ => None,
+            }));
+            let breaker = b.get("flaky").unwrap().clone();
+            let dispatched: Vec<Uuid> = t.effects.iter().filter_map(|e| match e {
+                Effect::Dispatch { task_id, .. } => Some(*task_id),
+                _ => None,
+            }).collect();
+            if breaker.state == BreakerState::HalfOpen {
+                prop_assert!(dispatched.len() <= 1, "{dispatched:?}");
+                if let Some(task_id) = dispatched.first() {
+                    prop_assert_eq!(breaker.probe.map(|p| p.task_id), Some(*task_id));
+                }
+            }
+            if breaker.state == BreakerState::Open {
+                prop_assert!(dispatched.is_empty(), "{:?}", t.effects);
+            }
+            let probes = inflight
+                .iter()
+                .filter(|(_, _, id)| breaker.probe.is_some_and(|p| p.task_id == *id))
+                .count();
+            prop_assert!(probes <= 1);
+            for (i, s) in run.steps.iter().enumerate() {
+                if s.held.is_some() {
+                    prop_assert_eq!(s.status, StepStatus::Waiting);
+                    prop_assert!(!inflight.iter().any(|(step, _, _)| *step == i));
+                }
+            }
+            t = match step {
+                Step::End { which, failed } if !inflight.is_empty() => {
+                    let (step, attempt, task_id) = inflight.remove(which % inflight.len());
+                    let outcome = if failed {
+                        Outcome::Failure { message: "boom".into(), retryable: true }
+                    } else {
+                        Outcome::Success(Value::Null)
+                    };
+                    let event = Event::AttemptFinished {
+                        step, attempt, task_id, outcome,
+                        worker: "w".into(), started_at: at(clock), finished_at: at(clock),
+                    };
+                    run.apply_gated(&plan, event, at(clock), &mut b)
+                }
+                Step::Wait { secs } => {
+                    clock += secs;
+                    Transition::default()
+                }
+                Step::Release { which } => {
+                    let held: Vec<usize> = (0..run.steps.len()).filter(|&i| run.steps[i].held.is_some()).collect();
+                    if held.is_empty() {
+                        Transition::default()
+                    } else {
+                        run.apply_gated(&plan, Event::Release { step: held[which % held.len()] }, at(clock), &mut b)
+                    }
+                }
+                Step::End { .. } => Transition::default(),
+            };
+        }
+    }
 }
