@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
+use super::tests::dispatched_slots;
 use super::*;
 use crate::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::definition::Definition;
@@ -41,13 +42,7 @@ fn breakers() -> Breakers {
 }
 
 fn dispatched(t: &Transition) -> Vec<usize> {
-    t.effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Dispatch { step, .. } => Some(*step),
-            _ => None,
-        })
-        .collect()
+    dispatched_slots(t).iter().map(|d| d.0).collect()
 }
 
 #[test]
@@ -225,19 +220,9 @@ proptest! {
         let mut inflight: Vec<(usize, u32, Uuid)> = Vec::new();
         let mut t = run.apply_gated(&plan, Event::Start, at(clock), &mut b);
         for step in steps {
-            inflight.extend(t.effects.iter().filter_map(|e| match e {
-                Effect::Dispatch {
-                    step,
-                    attempt,
-                    task_id,
-                } => Some((*step, *attempt, *task_id)),
-                _ => None,
-            }));
+            let dispatched: Vec<Uuid> = dispatched_slots(&t).iter().map(|d| d.2).collect();
+            inflight.extend(dispatched_slots(&t));
             let breaker = b.get("flaky").unwrap().clone();
-            let dispatched: Vec<Uuid> = t.effects.iter().filter_map(|e| match e {
-                Effect::Dispatch { task_id, .. } => Some(*task_id),
-                _ => None,
-            }).collect();
             if breaker.state == BreakerState::HalfOpen {
                 prop_assert!(dispatched.len() <= 1, "{dispatched:?}");
                 if let Some(task_id) = dispatched.first() {
