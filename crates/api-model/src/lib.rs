@@ -185,6 +185,10 @@ pub struct StepResult {
     /// escalated (status `needs_attention` until an operator retries, skips or completes it).
     #[serde(default = "first_strike")]
     pub strike: u8,
+    /// Why a pending step waits with no attempt dispatched: `circuit open for agent X` while
+    /// that agent's circuit breaker holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
 }
 
 fn first_strike() -> u8 {
@@ -441,6 +445,40 @@ pub struct DeadLetterSummary {
     pub redriven_at: Option<DateTime<Utc>>,
     /// The message body: the task's JSON, or a string when the body is not JSON.
     pub body: Value,
+}
+
+/// `GET /api/agents/breakers`: each agent's circuit breaker, by agent name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BreakerList {
+    pub breakers: Vec<BreakerSummary>,
+}
+
+/// One agent's circuit breaker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BreakerSummary {
+    pub agent: String,
+    /// `closed` (steps are dispatched), `open` (new steps are held) or `half_open` (one probe
+    /// attempt is let through; its success closes the breaker, its failure opens it again).
+    pub state: String,
+    /// The share of failed attempts among those in the window (0 to 1).
+    pub failure_rate: f64,
+    /// Attempt outcomes in the window.
+    pub window: usize,
+    /// When the breaker last opened, while open or half-open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opened_at: Option<DateTime<Utc>>,
+    /// When an open breaker lets its probe through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_probe_at: Option<DateTime<Utc>>,
+    /// Steps it holds.
+    pub held_steps: u64,
+    /// The operator who last reset it, and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_at: Option<DateTime<Utc>>,
 }
 
 /// `GET /api/dlq`: dead letters, newest first.
@@ -823,6 +861,7 @@ mod tests {
             error: Some("template not found".into()),
             next_attempt_at: Some(at(5)),
             strike: 1,
+            held: None,
         }
     }
 
@@ -919,6 +958,7 @@ mod tests {
             error: None,
             next_attempt_at: None,
             strike: 1,
+            held: None,
             ..finished_step()
         };
         let value = serde_json::to_value(&result).unwrap();

@@ -5,9 +5,9 @@ use std::future::Future;
 
 use chrono::{DateTime, Utc};
 use flotilla_api_model::{
-    AgentSummary, DeadLetterQuery, DeadLetterSummary, DefinitionDetail, DefinitionSummary,
-    Operation, RedriveOutcome, RunEvent, RunPage, RunQuery, RunReport, ScheduleSummary, Submitted,
-    WorkflowResult,
+    AgentSummary, BreakerSummary, DeadLetterQuery, DeadLetterSummary, DefinitionDetail,
+    DefinitionSummary, Operation, RedriveOutcome, RunEvent, RunPage, RunQuery, RunReport,
+    ScheduleSummary, Submitted, WorkflowResult,
 };
 use flotilla_core::schedule::Schedule;
 use flotilla_core::{Definition, Plan};
@@ -170,6 +170,18 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Removes the schedule `id`; answers whether there was one.
     fn delete_schedule(&self, id: &str) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// Every agent's circuit breaker, by agent name (agents never called have none).
+    fn breakers(&self) -> impl Future<Output = Result<Vec<BreakerSummary>, BackendError>> + Send;
+
+    /// Closes `agent`'s circuit breaker by an operator's hand (`actor`, as in
+    /// [`Backend::operate`]): its window is cleared and the steps it held are dispatched.
+    /// Answers the breaker after the reset, or `None` when the agent has no breaker.
+    fn reset_breaker(
+        &self,
+        agent: &str,
+        actor: String,
+    ) -> impl Future<Output = Result<Option<BreakerSummary>, BackendError>> + Send;
 }
 
 /// Why a [`Backend`] call failed. The variant decides the HTTP status.

@@ -9,12 +9,12 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use flotilla_api_model::{
-    CompleteRequest, DEFAULT_SUMMARY_RANGE, DeadLetterList, DeadLetterQuery, DefinitionDetail,
-    DefinitionList, DefinitionQuery, DefinitionSummary, DefinitionVersions, ExecuteRequest,
-    ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, MetricsSummary, OperateResponse, Operation,
-    RedriveOutcome, RedriveRequest, RedriveResponse, RegisterDefinitionRequest, RetryRequest,
-    RunEventList, RunPage, RunQuery, RunReport, ScheduleList, ScheduleRequest, ScheduleSummary,
-    Submitted, SummaryQuery, WorkflowResult,
+    BreakerList, BreakerSummary, CompleteRequest, DEFAULT_SUMMARY_RANGE, DeadLetterList,
+    DeadLetterQuery, DefinitionDetail, DefinitionList, DefinitionQuery, DefinitionSummary,
+    DefinitionVersions, ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER,
+    MetricsSummary, OperateResponse, Operation, RedriveOutcome, RedriveRequest, RedriveResponse,
+    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, RunReport,
+    ScheduleList, ScheduleRequest, ScheduleSummary, Submitted, SummaryQuery, WorkflowResult,
 };
 use flotilla_core::schedule::{Missed, Overlap, Schedule};
 use flotilla_core::{Definition, Plan, RunStatus};
@@ -172,6 +172,8 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
         .route("/api/dlq", get(list_dead_letters::<B>))
         .route("/api/dlq/redrive", post(redrive::<B>))
         .route("/api/metrics/summary", get(metrics_summary::<B>))
+        .route("/api/agents/breakers", get(list_breakers::<B>))
+        .route("/api/agents/{name}/breaker/reset", post(reset_breaker::<B>))
         .with_state(AppState { backend, limits })
 }
 
@@ -474,6 +476,31 @@ async fn list_dead_letters<B: Backend>(
     )?);
     let dead_letters = backend.dead_letters(query).await?;
     Ok(axum::Json(DeadLetterList { dead_letters }))
+}
+
+async fn list_breakers<B: Backend>(
+    State(backend): State<Arc<B>>,
+) -> Result<axum::Json<BreakerList>, ApiError> {
+    let breakers = backend.breakers().await?;
+    Ok(axum::Json(BreakerList { breakers }))
+}
+
+async fn reset_breaker<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(agent): Path<String>,
+    Actor(actor): Actor,
+    OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
+) -> Result<axum::Json<BreakerSummary>, ApiError> {
+    let breaker = backend
+        .reset_breaker(&agent, actor.clone())
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "agent `{agent}` has no circuit breaker: no step has called it yet"
+            ))
+        })?;
+    tracing::info!(agent, %actor, "circuit breaker reset by an operator");
+    Ok(axum::Json(breaker))
 }
 
 async fn metrics_summary<B: Backend>(

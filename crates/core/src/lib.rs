@@ -1,5 +1,6 @@
 //! The I/O-free heart of Flotilla.
 //!
+//! - [`breaker`]: the circuit breaker of an agent (closed, open, half-open).
 //! - [`definition`]: the user's workflow format (YAML or JSON) and its parsing.
 //! - [`plan`]: validation, and compilation of a definition into a DAG of nodes.
 //! - [`condition`]: `condition:` expressions (CEL) over earlier steps.
@@ -9,6 +10,7 @@
 //! **Architecture invariant:** nothing here performs I/O or reads the clock; time comes in as an
 //! argument, so every transition is reproducible in tests.
 
+pub mod breaker;
 pub mod condition;
 pub mod definition;
 pub mod duration;

@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::breaker::{Admission, Breakers, Probe};
 use crate::condition::{Binding, Finished};
 use crate::plan::{Plan, Role};
 
@@ -200,6 +201,9 @@ pub struct StepState {
     pub error: Option<String>,
     /// Set on the slot of one instance of a `for_each` step.
     pub instance: Option<Instance>,
+    /// The agent whose open circuit breaker holds this waiting step: it has no attempt for the
+    /// call it is to make yet, and waits for [`Event::Release`].
+    pub held: Option<String>,
 }
 
 /// One instance of a `for_each` step: a slot of its own after the plan's nodes, so that its
@@ -268,6 +272,8 @@ pub struct RunState {
     attention: usize,
     /// By `for_each` node, once it has expanded.
     fanouts: HashMap<usize, FanOut>,
+    /// The agents' circuit breakers, lent by [`RunState::apply_gated`] for one event.
+    breakers: Breakers,
 }
 
 /// Something that happened to a run.
@@ -305,6 +311,9 @@ pub enum Event {
     /// The run's deadline passed: running attempts are cancelled, unfinished steps end
     /// `cancelled` with the reason, the failure handlers run and the run fails.
     TimedOut,
+    /// The circuit breaker that holds a step may let it through now: it is dispatched if its
+    /// breaker admits it (else it stays held), or waits for the resume of a paused run.
+    Release { step: usize },
 }
 
 /// How an attempt ended.
@@ -358,6 +367,8 @@ pub enum Effect {
     /// A step moved on to strike 2 (its fallback runs) or 3 (it escalated: notify its
     /// `escalate` channel, once).
     Strike { step: usize, strike: Strike },
+    /// A step that was to be dispatched is held by its agent's open circuit breaker.
+    Held { step: usize, agent: String },
     /// A running attempt was cancelled; its worker may be told to stop.
     Cancelled {
         step: usize,
@@ -422,6 +433,7 @@ impl RunState {
             failed_main: 0,
             attention: 0,
             fanouts: HashMap::new(),
+            breakers: Breakers::default(),
         };
         run.recount(plan);
         run
@@ -498,6 +510,21 @@ impl RunState {
         (index < f.len).then_some(f.first + index)
     }
 
+    /// Applies one event at time `now`, asking `breakers` before each dispatch (an agent they
+    /// do not hold is closed) and taking the probes they admit.
+    pub fn apply_gated(
+        &mut self,
+        plan: &Plan,
+        event: Event,
+        now: DateTime<Utc>,
+        breakers: &mut Breakers,
+    ) -> Transition {
+        std::mem::swap(&mut self.breakers, breakers);
+        let t = self.apply(plan, event, now);
+        std::mem::swap(&mut self.breakers, breakers);
+        t
+    }
+
     /// Applies one event at time `now`.
     pub fn apply(&mut self, plan: &Plan, event: Event, now: DateTime<Utc>) -> Transition {
         debug_assert!(plan.nodes.len() <= self.steps.len());
@@ -554,6 +581,12 @@ impl RunState {
                         (false, Some(message.clone()))
                     }
                 };
+                // Every attempt that ended counts for its agent's breaker (failures, timeouts
+                // and lost attempts alike), before a retry asks the breaker again.
+                let node = &plan.nodes[self.node_of(step)];
+                let strike = self.steps[step].strike_of(node, attempt);
+                self.breakers
+                    .record(node.target(strike.is_fallback()).0, task_id, !success, now);
                 t.effects.push(Effect::AttemptEnded {
                     step,
                     attempt,
@@ -701,6 +734,27 @@ impl RunState {
                         self.restart(i);
                         self.dispatch(plan, i, now, &mut t);
                     }
+                }
+            }
+            Event::Release { step } => {
+                let held = self
+                    .steps
+                    .get(step)
+                    .is_some_and(|s| s.status == StepStatus::Waiting && s.held.is_some());
+                if !held {
+                    t.effects.push(Effect::Stale {
+                        step,
+                        attempt: self.steps.get(step).map_or(0, |s| s.attempt),
+                        reason: "the step is not held by a circuit breaker",
+                    });
+                    return t;
+                }
+                if self.status == RunStatus::Paused {
+                    // Dispatched (or held again) on resume.
+                    self.steps[step].held = None;
+                    t.touch(step);
+                } else {
+                    self.dispatch(plan, step, now, &mut t);
                 }
             }
             Event::Cancel => {
@@ -927,12 +981,23 @@ impl RunState {
 
     fn dispatch(&mut self, plan: &Plan, step: usize, now: DateTime<Utc>, t: &mut Transition) {
         let node = &plan.nodes[self.node_of(step)];
+        let fallback = self.steps[step].strike.is_fallback();
+        let task_id = Uuid::new_v4();
+        let agent = node.target(fallback).0;
+        let probe = Probe {
+            run_id: self.id,
+            step,
+            task_id,
+        };
+        if self.breakers.admit(agent, probe, now) == Admission::Hold {
+            return self.hold(step, agent, t);
+        }
         let s = &mut self.steps[step];
-        let plan_timeout = node.attempt_timeout(s.strike.is_fallback());
+        let plan_timeout = node.attempt_timeout(fallback);
         s.attempt += 1;
         s.status = StepStatus::Running;
-        let task_id = Uuid::new_v4();
         s.task_id = Some(task_id);
+        s.held = None;
         s.wake_at = None;
         s.deadline = plan_timeout
             .map(|t| now + chrono::Duration::from_std(t).unwrap_or(chrono::Duration::MAX));
@@ -942,6 +1007,24 @@ impl RunState {
             step,
             attempt: s.attempt,
             task_id,
+        });
+    }
+
+    /// Holds a step its agent's breaker did not admit: it waits, with no attempt and no timeout
+    /// running, until [`Event::Release`]. Holding a held step again changes nothing.
+    fn hold(&mut self, step: usize, agent: &str, t: &mut Transition) {
+        let s = &mut self.steps[step];
+        if s.held.is_some() {
+            return;
+        }
+        s.status = StepStatus::Waiting;
+        s.wake_at = None;
+        s.deadline = None;
+        s.held = Some(agent.to_string());
+        t.touch(step);
+        t.effects.push(Effect::Held {
+            step,
+            agent: agent.to_string(),
         });
     }
 
@@ -966,6 +1049,7 @@ impl RunState {
             }
             s.status = status;
             s.wake_at = None;
+            s.held = None;
             s.deadline = None;
             s.ended_at = Some(now);
             t.touch(i);
@@ -1300,6 +1384,7 @@ impl RunState {
         let s = &mut self.steps[slot];
         s.status = status;
         s.wake_at = None;
+        s.held = None;
         s.deadline = None;
         s.ended_at = Some(now);
         t.touch(slot);
@@ -1356,6 +1441,8 @@ impl RunState {
             self.attention -= 1;
         }
         if let (StepStatus::Running, Some(task_id)) = (s.status, s.task_id) {
+            // A cancelled attempt is no outcome; a cancelled probe lets the next one go.
+            self.breakers.forget_probe(task_id);
             t.effects.push(Effect::Cancelled {
                 step: slot,
                 attempt: s.attempt,
@@ -1364,6 +1451,7 @@ impl RunState {
         }
         s.status = StepStatus::Cancelled;
         s.wake_at = None;
+        s.held = None;
         s.deadline = None;
         s.ended_at = Some(now);
         s.error = Some(reason.into());
@@ -1469,3 +1557,6 @@ fn jitter_unit(task_id: Uuid) -> f64 {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod held_tests;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flotilla_broker::Delivery;
+use flotilla_core::breaker::{BreakerConfig, Breakers};
 use flotilla_core::plan::{ESCALATION_SUFFIX, NOTIFY_ACTION, NOTIFY_AGENT};
 use flotilla_core::scheduler::Transition;
 use flotilla_core::{Definition, Effect, Event, Outcome, Plan, RunState, RunStatus, Strike};
@@ -62,6 +63,8 @@ pub struct EngineConfig {
     pub idempotency_retention: Duration,
     /// The most instances one `for_each` step may expand to.
     pub max_instances: usize,
+    /// The agents' circuit breakers; `None` turns them off.
+    pub breaker: Option<BreakerConfig>,
 }
 
 impl Default for EngineConfig {
@@ -72,6 +75,7 @@ impl Default for EngineConfig {
             max_cached_runs: 20_000,
             idempotency_retention: Duration::from_secs(24 * 3600),
             max_instances: flotilla_core::scheduler::DEFAULT_MAX_INSTANCES,
+            breaker: Some(BreakerConfig::default()),
         }
     }
 }
@@ -206,6 +210,8 @@ pub enum Due {
     },
     /// A run past its workflow timeout.
     RunTimeout { run_id: Uuid },
+    /// A step held by a circuit breaker that may let it through now.
+    Release { run_id: Uuid, step: usize },
 }
 
 impl Due {
@@ -214,7 +220,8 @@ impl Due {
             Due::Retry { run_id, .. }
             | Due::Lease { run_id, .. }
             | Due::Timeout { run_id, .. }
-            | Due::RunTimeout { run_id } => *run_id,
+            | Due::RunTimeout { run_id }
+            | Due::Release { run_id, .. } => *run_id,
         }
     }
 }
@@ -475,6 +482,14 @@ impl Engine {
         if !stale.is_empty() {
             self.load(&tx, &stale).await?;
         }
+        let plans = versions
+            .keys()
+            .filter_map(|id| self.runs.get(id).map(|c| c.plan.as_ref()))
+            .chain(inputs.iter().filter_map(|i| match i {
+                Input::Submit { run, .. } => Some(run.plan.as_ref()),
+                _ => None,
+            }));
+        let breakers = crate::breakers::lock(&tx, self.config.breaker.as_ref(), plans).await?;
 
         let keys: Vec<&str> = inputs
             .iter()
@@ -495,6 +510,7 @@ impl Engine {
             wakes: Vec::new(),
             observed: Vec::new(),
             events: Vec::new(),
+            breakers,
         };
         let mut submitted = HashMap::new();
         let mut redriven = HashMap::new();
@@ -514,7 +530,7 @@ impl Engine {
                     let content = Content::of(&run.definition);
                     let mut state = RunState::new(id, &run.plan, run.params.clone());
                     state.max_instances = self.config.max_instances;
-                    let t = state.apply(&run.plan, Event::Start, now);
+                    let t = state.apply_gated(&run.plan, Event::Start, now, &mut pending.breakers);
                     pending.effects(&run.plan, &state, &t);
                     pending.create(&run.plan, &state, &content.hash);
                     self.plans
@@ -581,6 +597,7 @@ impl Engine {
                         };
                         let event = match *d {
                             Due::Retry { step, attempt, .. } => Event::Wake { step, attempt },
+                            Due::Release { step, .. } => Event::Release { step },
                             Due::RunTimeout { .. } => Event::TimedOut,
                             Due::Lease {
                                 step,
@@ -718,6 +735,7 @@ impl Engine {
             wakes: wakes_due,
             observed,
             events: engine_events,
+            breakers,
             ..
         } = pending;
         events.extend(engine_events);
@@ -750,6 +768,15 @@ impl Engine {
         if !batch.is_empty() {
             db::write(&tx, &batch).await?;
         }
+        crate::breakers::write(&tx, &breakers).await?;
+        // The timer releases held steps once a breaker closes, or sends a probe once an open
+        // one has cooled down.
+        let mut wakes_due = wakes_due;
+        wakes_due.extend(
+            breakers
+                .moved()
+                .map(|b| b.probe_at(&breakers.config).unwrap_or(now)),
+        );
         dead_letters::insert(&tx, &new_dead_letters).await?;
         idempotency::record(&tx, &new_keys, now).await?;
         queries::record_events(&tx, &events).await?;
@@ -827,6 +854,7 @@ impl Engine {
                     self.dispatched.remove(&task_id);
                 }
                 Observation::Stale => self.metrics.stale_ignored(),
+                Observation::Held { agent } => self.metrics.held(&agent),
                 Observation::RunEnded { status, duration } => {
                     self.metrics.run_ended(status, duration);
                 }
@@ -928,6 +956,8 @@ struct Pending<'a> {
     observed: Vec<Observation>,
     /// What the engine itself did that goes into runs' histories (strikes, notifications).
     events: Vec<RunEvent>,
+    /// The breakers of the agents the batch's runs call, locked.
+    breakers: Breakers,
 }
 
 /// Something a batch did that the metrics count; counted only once the batch has committed,
@@ -951,6 +981,10 @@ enum Observation {
         task_id: Uuid,
     },
     Stale,
+    /// A step was held by its agent's open circuit breaker.
+    Held {
+        agent: String,
+    },
     RunEnded {
         status: &'static str,
         duration: Duration,
@@ -965,7 +999,9 @@ enum Observation {
 impl Pending<'_> {
     /// Applies an event to a cached run and records what changed.
     fn apply(&mut self, cached: &mut CachedRun, event: Event) -> Transition {
-        let t = cached.state.apply(&cached.plan, event, self.now);
+        let t = cached
+            .state
+            .apply_gated(&cached.plan, event, self.now, &mut self.breakers);
         if !t.changed.is_empty() || t.run_changed {
             let entry = self.changes.entry(cached.state.id).or_default();
             entry.extend(&t.changed);
@@ -1127,6 +1163,13 @@ impl Pending<'_> {
                     self.observed.push(Observation::Stale);
                 }
                 Effect::Strike { step, strike } => self.strike(plan, state, *step, *strike),
+                Effect::Held { step, agent } => {
+                    let step_id = state.slot_id(plan, *step);
+                    tracing::info!(run_id = %state.id, %step_id, agent = %agent, "step held: circuit open");
+                    self.observed.push(Observation::Held {
+                        agent: agent.clone(),
+                    });
+                }
                 Effect::Refused(reason) => {
                     tracing::info!(run_id = %state.id, reason = %reason, "operator request refused");
                 }

@@ -12,6 +12,7 @@
 //! it has committed, and a result is acknowledged to RabbitMQ only after the transaction that
 //! recorded it has committed.
 
+mod breakers;
 pub mod dead;
 pub mod engine;
 pub mod heartbeats;

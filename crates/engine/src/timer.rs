@@ -1,12 +1,13 @@
 //! Fires the timers kept in Postgres — retries that are due, leases of running attempts that
-//! ran out, attempts past their timeout, runs past their workflow timeout — with indexed queries that never scan history, and
+//! ran out, attempts past their timeout, runs past their workflow timeout, steps held by a
+//! circuit breaker that may go now — with indexed queries that never scan history, and
 //! sleeps in between.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use flotilla_store::Store;
 use flotilla_store::engine as db;
+use flotilla_store::{Store, breakers};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -65,9 +66,16 @@ async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Ut
         let leases = db::expired_leases(&client, now, BATCH).await?;
         let late = db::past_deadlines(&client, now, BATCH).await?;
         let late_runs = db::past_run_deadlines(&client, now, BATCH).await?;
-        let full = [retries.len(), leases.len(), late.len(), late_runs.len()]
-            .iter()
-            .any(|&n| n as i64 == BATCH);
+        let released = breakers::due_releases(&client, now, BATCH).await?;
+        let full = [
+            retries.len(),
+            leases.len(),
+            late.len(),
+            late_runs.len(),
+            released.len(),
+        ]
+        .iter()
+        .any(|&n| n as i64 == BATCH);
         let index = |i: i32| usize::try_from(i).unwrap_or_default();
         let number = |n: i32| u32::try_from(n).unwrap_or_default();
         let due: Vec<Due> = retries
@@ -95,6 +103,10 @@ async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Ut
                     .into_iter()
                     .map(|run_id| Due::RunTimeout { run_id }),
             )
+            .chain(released.into_iter().map(|(run_id, idx)| Due::Release {
+                run_id,
+                step: index(idx),
+            }))
             .collect();
         if !due.is_empty() {
             engine.due(due).await?;
@@ -105,6 +117,7 @@ async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Ut
                 db::next_lease_end(&client).await?,
                 db::next_deadline(&client).await?,
                 db::next_run_deadline(&client).await?,
+                breakers::next_probe(&client).await?,
             ];
             return Ok(next.into_iter().flatten().min());
         }

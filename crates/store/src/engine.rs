@@ -56,7 +56,7 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
     let steps_stmt = client
         .prepare_cached(
             "SELECT run_id, status, attempt, task_id, wake_at, started_at, ended_at, output, error,
-                    deadline, lost, strike, strike_base, instance_of, item_index, item
+                    deadline, lost, strike, strike_base, instance_of, item_index, item, held_for
              FROM steps WHERE run_id = ANY($1) ORDER BY run_id, idx",
         )
         .await?;
@@ -123,6 +123,7 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
                 }),
                 _ => None,
             },
+            held: r.get(16),
         };
         if let Some(run) = runs.get_mut(&run_id) {
             run.steps.push(step);
@@ -270,6 +271,7 @@ struct StepColumns {
     lost: Vec<i32>,
     strike: Vec<i16>,
     strike_base: Vec<i32>,
+    held_for: Vec<Option<String>>,
 }
 
 /// The instance columns of new step rows (fixed once written).
@@ -309,6 +311,7 @@ impl StepColumns {
         self.strike.push(i16::from(s.strike.number()));
         self.strike_base
             .push(i32::try_from(s.strike_base).unwrap_or(i32::MAX));
+        self.held_for.push(s.held.clone());
     }
 }
 
@@ -379,12 +382,14 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
             .prepare_cached(
                 "INSERT INTO steps (run_id, idx, step_id, agent, action, status, attempt, task_id,
                                     wake_at, started_at, ended_at, output, error, deadline, lost,
-                                    strike, strike_base, instance_of, item_index, item, lease_ms)
+                                    strike, strike_base, instance_of, item_index, item, lease_ms,
+                                    held_for)
                  SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
                                       $6::text[], $7::int4[], $8::uuid[], $9::timestamptz[],
                                       $10::timestamptz[], $11::timestamptz[], $12::jsonb[], $13::text[],
                                       $14::timestamptz[], $15::int4[], $16::int2[], $17::int4[],
-                                      $18::int4[], $19::int4[], $20::jsonb[], $21::int4[])",
+                                      $18::int4[], $19::int4[], $20::jsonb[], $21::int4[],
+                                      $22::text[])",
             )
             .await?;
         tx.execute(
@@ -411,6 +416,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                 &instances.item_index,
                 &instances.item,
                 &leases,
+                &cols.held_for,
             ],
         )
         .await?;
@@ -425,15 +431,16 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                 "UPDATE steps s SET status = u.status, attempt = u.attempt, task_id = u.task_id,
                         wake_at = u.wake_at, started_at = u.started_at, ended_at = u.ended_at,
                         output = u.output, error = u.error, deadline = u.deadline, lost = u.lost,
-                        strike = u.strike, strike_base = u.strike_base,
+                        strike = u.strike, strike_base = u.strike_base, held_for = u.held_for,
                         -- A lease belongs to one running attempt; it ends with it.
                         lease_until = CASE WHEN u.status = 'running' AND s.task_id = u.task_id
                                            THEN s.lease_until END
                  FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::int4[], $5::uuid[],
                              $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::jsonb[],
-                             $10::text[], $11::timestamptz[], $12::int4[], $13::int2[], $14::int4[])
+                             $10::text[], $11::timestamptz[], $12::int4[], $13::int2[], $14::int4[],
+                             $15::text[])
                       AS u(run_id, idx, status, attempt, task_id, wake_at, started_at, ended_at,
-                           output, error, deadline, lost, strike, strike_base)
+                           output, error, deadline, lost, strike, strike_base, held_for)
                  WHERE s.run_id = u.run_id AND s.idx = u.idx",
             )
             .await?;
@@ -454,6 +461,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                 &cols.lost,
                 &cols.strike,
                 &cols.strike_base,
+                &cols.held_for,
             ],
         )
         .await?;

@@ -33,6 +33,8 @@ pub struct StepRecord {
     pub error: Option<String>,
     /// The strike the step reached: 1 its retries, 2 its fallback, 3 escalated.
     pub strike: i16,
+    /// The agent whose circuit breaker holds the step, while it does.
+    pub held_for: Option<String>,
 }
 
 fn run_record(r: &tokio_postgres::Row) -> RunRecord {
@@ -62,7 +64,7 @@ pub async fn run(
     let steps_stmt = client
         .prepare_cached(
             "SELECT step_id, agent, action, status, attempt, wake_at, started_at, ended_at, output, error,
-                    strike
+                    strike, held_for
              FROM steps WHERE run_id = $1 ORDER BY idx",
         )
         .await?;
@@ -82,6 +84,7 @@ pub async fn run(
             output: r.get(8),
             error: r.get(9),
             strike: r.get(10),
+            held_for: r.get(11),
         })
         .collect();
     Ok(Some((run_record(&run), steps)))

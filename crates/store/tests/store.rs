@@ -680,3 +680,82 @@ async fn attempts_are_summarised_by_agent_from_a_time_on() -> anyhow::Result<()>
     drop(client);
     t.drop_db().await
 }
+
+#[tokio::test]
+async fn breakers_are_locked_written_listed_and_release_their_held_steps() -> anyhow::Result<()> {
+    use flotilla_core::breaker::{Breaker, BreakerConfig, BreakerState, Probe};
+    use flotilla_store::breakers;
+
+    let t = TestDb::new().await?;
+    let config = BreakerConfig {
+        cool_down: Duration::from_secs(10),
+        ..BreakerConfig::default()
+    };
+    // Step a is held by agent x's breaker; step b runs.
+    let (mut batch, state, _) = new_run_batch();
+    let held = &mut batch.new_steps[0].1.state;
+    *held = flotilla_core::StepState {
+        status: StepStatus::Waiting,
+        held: Some("x".into()),
+        ..Default::default()
+    };
+    let mut client = t.store.client().await?;
+    let tx = client.transaction().await?;
+    db::write(&tx, &batch).await?;
+    let locked = breakers::lock(&tx, &["x".to_string()]).await?;
+    assert_eq!(locked["x"], Breaker::default(), "created closed");
+    let open = Breaker {
+        state: BreakerState::Open,
+        window: [true, false, true].into(),
+        opened_at: Some(at(0)),
+        probe: None,
+    };
+    breakers::write(&tx, &config, [("x", &open)].into_iter()).await?;
+    tx.commit().await?;
+
+    let list = breakers::list(&client).await?;
+    assert_eq!(list.len(), 1);
+    assert_eq!(
+        (&list[0].breaker, list[0].probe_at, list[0].held),
+        (&open, Some(at(10)), 1)
+    );
+    assert_eq!(breakers::next_probe(&client).await?, Some(at(10)));
+    assert!(breakers::due_releases(&client, at(9), 10).await?.is_empty());
+    assert_eq!(
+        breakers::due_releases(&client, at(10), 10).await?,
+        [(state.id, 0)]
+    );
+
+    // A half-open breaker whose probe no longer runs forgets it, and lets the next one go.
+    let half_open = Breaker {
+        state: BreakerState::HalfOpen,
+        probe: Some(Probe {
+            run_id: state.id,
+            step: 1,
+            task_id: Uuid::new_v4(),
+        }),
+        ..open.clone()
+    };
+    breakers::write(&client, &config, [("x", &half_open)].into_iter()).await?;
+    assert_eq!(
+        breakers::due_releases(&client, at(0), 10).await?,
+        [(state.id, 0)]
+    );
+    let tx = client.transaction().await?;
+    let locked = breakers::lock(&tx, &["x".to_string()]).await?;
+    assert_eq!(locked["x"].probe, None);
+    tx.rollback().await?;
+
+    // An operator's reset closes it: its held steps are due.
+    assert!(breakers::reset(&client, "x", "ana@host", at(20)).await?);
+    assert!(!breakers::reset(&client, "nobody", "ana@host", at(20)).await?);
+    let list = breakers::list(&client).await?;
+    assert_eq!(list[0].breaker, Breaker::default());
+    assert_eq!(list[0].reset, Some(("ana@host".to_string(), at(20))));
+    assert_eq!(
+        breakers::due_releases(&client, at(0), 10).await?,
+        [(state.id, 0)]
+    );
+    drop(client);
+    t.drop_db().await
+}

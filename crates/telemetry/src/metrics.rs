@@ -48,6 +48,12 @@ pub const DEAD_LETTERS: &str = "orchestrator_dead_letters";
 /// `orchestrator_stale_results_total`: results and timers ignored because they no longer match
 /// their step's current attempt (duplicates, late results).
 pub const STALE_RESULTS: &str = "orchestrator_stale_results";
+/// `orchestrator_breaker_state{agent}`: each agent's circuit breaker, 0 closed, 1 half-open,
+/// 2 open; read from Postgres at scrape time.
+pub const BREAKER_STATE: &str = "orchestrator_breaker_state";
+/// `orchestrator_breaker_held_steps_total{agent}`: steps an open circuit breaker held instead of
+/// dispatching them.
+pub const BREAKER_HELD: &str = "orchestrator_breaker_held_steps";
 
 /// `orchestrator_worker_tasks_total{agent,action}`: tasks a worker ran to their end.
 pub const WORKER_TASKS: &str = "orchestrator_worker_tasks";
@@ -157,6 +163,8 @@ pub struct CoordinatorMetrics {
     retries: Family<AgentLabel, Counter>,
     dead_letters: Family<AgentLabel, Counter>,
     stale: Counter,
+    breaker_state: Family<AgentLabel, Gauge>,
+    breaker_held: Family<AgentLabel, Counter>,
     /// Agents this coordinator dispatched to or heard from: the queues whose depth it reads.
     agents: Mutex<BTreeSet<String>>,
 }
@@ -183,6 +191,8 @@ impl CoordinatorMetrics {
             retries: Family::default(),
             dead_letters: Family::default(),
             stale: Counter::default(),
+            breaker_state: Family::default(),
+            breaker_held: Family::default(),
             agents: Mutex::new(BTreeSet::new()),
         };
         for status in FINAL_STATUSES {
@@ -253,6 +263,16 @@ impl CoordinatorMetrics {
             STALE_RESULTS,
             "Results and timers ignored because they no longer match their step's current attempt",
             self.stale.clone(),
+        );
+        r.register(
+            BREAKER_STATE,
+            "Each agent's circuit breaker: 0 closed, 1 half-open, 2 open; read from Postgres at scrape time",
+            self.breaker_state.clone(),
+        );
+        r.register(
+            BREAKER_HELD,
+            "Steps an open circuit breaker held instead of dispatching them, by agent",
+            self.breaker_held.clone(),
         );
         register_spans_dropped(r);
         self
@@ -325,6 +345,24 @@ impl CoordinatorMetrics {
     /// A result or timer was ignored because it no longer matched its step's attempt.
     pub fn stale_ignored(&self) {
         self.stale.inc();
+    }
+
+    /// A step of `agent` was held by its open circuit breaker.
+    pub fn held(&self, agent: &str) {
+        self.breaker_held
+            .get_or_create(&AgentLabel::of(agent))
+            .inc();
+    }
+
+    /// Sets the breaker state gauges (0 closed, 1 half-open, 2 open) to `states`, forgetting
+    /// agents not in it; `None` (Postgres did not answer) leaves them out of the output.
+    pub fn set_breaker_states(&self, states: Option<&[(String, i64)]>) {
+        self.breaker_state.clear();
+        for (agent, state) in states.unwrap_or_default() {
+            self.breaker_state
+                .get_or_create(&AgentLabel::of(agent))
+                .set(*state);
+        }
     }
 
     /// Sets the queue depth gauges to `depths`, forgetting agents not in it.
@@ -489,6 +527,8 @@ mod tests {
         m.set_outbox_backlog(Some(4));
         m.set_active_runs(Some(2));
         m.set_queue_depths(&[("agent1".into(), 7)]);
+        m.held("agent1");
+        m.set_breaker_states(Some(&[("agent1".into(), 2)]));
         let text = m.render();
 
         for (series, value) in [
@@ -513,6 +553,11 @@ mod tests {
             ("orchestrator_stale_results_total", 1.0),
             ("orchestrator_outbox_backlog", 4.0),
             ("orchestrator_queue_depth{agent=\"agent1\"}", 7.0),
+            ("orchestrator_breaker_state{agent=\"agent1\"}", 2.0),
+            (
+                "orchestrator_breaker_held_steps_total{agent=\"agent1\"}",
+                1.0,
+            ),
         ] {
             assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
         }

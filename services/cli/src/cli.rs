@@ -60,6 +60,9 @@ pub enum Command {
     /// List and redrive dead letters: tasks RabbitMQ gave up delivering, whose steps failed.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Show and reset the agents' circuit breakers.
+    #[command(subcommand)]
+    Agents(AgentsCommand),
     /// List, add and remove the schedules of registered definitions (one per definition; its
     /// id is the definition's name).
     #[command(subcommand)]
@@ -254,6 +257,19 @@ pub enum SchedulesCommand {
     /// Remove the schedule of definition NAME.
     Remove {
         /// The schedule's id: its definition's name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentsCommand {
+    /// Each agent's circuit breaker: its state, the share of recent attempts that failed, when
+    /// it lets a probe through and the steps it holds.
+    Breakers,
+    /// Close an agent's circuit breaker: its steps held are dispatched and its window starts
+    /// afresh. Recorded as done by $USER@<hostname>.
+    BreakerReset {
+        /// The agent, as steps name it.
         name: String,
     },
 }

@@ -3,12 +3,12 @@
 use std::time::Duration;
 
 use flotilla_api_model::{
-    ACTOR_HEADER, CompleteRequest, DeadLetterList, DeadLetterQuery, DefinitionDetail,
-    DefinitionList, DefinitionSummary, DefinitionVersions, ErrorBody, ExecuteRequest,
-    ExecuteResponse, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, MetricsSummary,
-    OperateResponse, Operation, RedriveRequest, RedriveResponse, RegisterDefinitionRequest,
-    RetryRequest, RunEventList, RunPage, RunQuery, RunReport, ScheduleList, ScheduleRequest,
-    ScheduleSummary, Submitted, WorkflowResult,
+    ACTOR_HEADER, BreakerList, BreakerSummary, CompleteRequest, DeadLetterList, DeadLetterQuery,
+    DefinitionDetail, DefinitionList, DefinitionSummary, DefinitionVersions, ErrorBody,
+    ExecuteRequest, ExecuteResponse, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER,
+    MetricsSummary, OperateResponse, Operation, RedriveRequest, RedriveResponse,
+    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, RunReport,
+    ScheduleList, ScheduleRequest, ScheduleSummary, Submitted, WorkflowResult,
 };
 use reqwest::header::HeaderMap;
 use reqwest::{RequestBuilder, StatusCode, Url};
@@ -296,6 +296,22 @@ impl Client {
             }
         }
         self.send(self.http.get(url.clone()), url).await
+    }
+
+    pub async fn breakers(&self) -> Result<BreakerList, ClientError> {
+        let url = self.url(&["agents", "breakers"]);
+        self.send(self.http.get(url.clone()), url).await
+    }
+
+    /// Closes `agent`'s circuit breaker, recorded as done by `actor` (visible ASCII).
+    pub async fn reset_breaker(
+        &self,
+        agent: &str,
+        actor: &str,
+    ) -> Result<BreakerSummary, ClientError> {
+        let url = self.url(&["agents", agent, "breaker", "reset"]);
+        self.send(self.http.post(url.clone()).header(ACTOR_HEADER, actor), url)
+            .await
     }
 
     /// Not repeated after a network failure: a repeat would report the dead letters the lost

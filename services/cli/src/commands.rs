@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use flotilla_api_model::{
-    DeadLetterQuery, ExecuteRequest, ExecuteResponse, Operation, RedriveOutcome, RedriveRequest,
-    RegisterDefinitionRequest, RunQuery, ScheduleRequest, WorkflowResult,
+    BreakerList, DeadLetterQuery, ExecuteRequest, ExecuteResponse, Operation, RedriveOutcome,
+    RedriveRequest, RegisterDefinitionRequest, RunQuery, ScheduleRequest, WorkflowResult,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -14,7 +14,8 @@ use tokio::time::MissedTickBehavior;
 use uuid::Uuid;
 
 use crate::cli::{
-    Cli, Command, DefinitionsCommand, DlqCommand, Output, SchedulesCommand, Wait, WorkflowsCommand,
+    AgentsCommand, Cli, Command, DefinitionsCommand, DlqCommand, Output, SchedulesCommand, Wait,
+    WorkflowsCommand,
 };
 use crate::client::{Client, ClientError};
 use crate::render;
@@ -279,6 +280,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             match output {
                 Output::Text => print!("{}", metrics::render(&summary)),
                 Output::Json => print_json(&summary)?,
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Agents(AgentsCommand::Breakers) => {
+            let list = client.breakers().await?;
+            match output {
+                Output::Text => print!("{}", render::breakers(&list)),
+                Output::Json => print_json(&list)?,
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Agents(AgentsCommand::BreakerReset { name }) => {
+            let breaker = client.reset_breaker(&name, &actor::local()).await?;
+            match output {
+                Output::Text => print!(
+                    "{}",
+                    render::breakers(&BreakerList {
+                        breakers: vec![breaker]
+                    })
+                ),
+                Output::Json => print_json(&breaker)?,
             }
             Ok(Outcome::Done)
         }

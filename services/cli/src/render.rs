@@ -4,9 +4,9 @@ use std::fmt::Write;
 
 use chrono::{DateTime, Utc};
 use flotilla_api_model::{
-    DeadLetterList, DefinitionDetail, DefinitionList, DefinitionSummary, DefinitionVersions,
-    OperateResponse, RedriveOutcome, RedriveResponse, RunEventList, RunPage, RunReport,
-    ScheduleList, WorkflowResult,
+    BreakerList, DeadLetterList, DefinitionDetail, DefinitionList, DefinitionSummary,
+    DefinitionVersions, OperateResponse, RedriveOutcome, RedriveResponse, RunEventList, RunPage,
+    RunReport, ScheduleList, WorkflowResult,
 };
 use serde_json::Value;
 
@@ -113,6 +113,12 @@ pub fn summary(result: &WorkflowResult) -> String {
                 } else {
                     format!("{strike}; {note}")
                 };
+            }
+            if let Some(held) = &step.held {
+                if !note.is_empty() {
+                    note.push('\n');
+                }
+                note.push_str(held);
             }
             if let Some(next) = step.next_attempt_at {
                 if !note.is_empty() {
@@ -341,6 +347,31 @@ pub fn dead_letters(list: &DeadLetterList, with_redriven: bool) -> String {
     table(&headers, rows)
 }
 
+/// One row per agent's circuit breaker.
+pub fn breakers(list: &BreakerList) -> String {
+    if list.breakers.is_empty() {
+        return "no circuit breakers: no step has called an agent yet\n".to_string();
+    }
+    let rows = list
+        .breakers
+        .iter()
+        .map(|b| {
+            vec![
+                b.agent.clone(),
+                b.state.replace('_', "-"),
+                format!("{:.0}% of {}", b.failure_rate * 100.0, b.window),
+                b.opened_at.map(time).unwrap_or_default(),
+                b.next_probe_at.map(time).unwrap_or_default(),
+                b.held_steps.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &["AGENT", "STATE", "FAILED", "OPENED", "NEXT PROBE", "HELD"],
+        rows,
+    )
+}
+
 /// One line per dead letter a redrive handled: whether its step was retried, and if not, why.
 pub fn redriven(response: &RedriveResponse) -> String {
     if response.redriven.is_empty() {
@@ -503,6 +534,7 @@ mod tests {
             error: error.map(Into::into),
             next_attempt_at: None,
             strike: 1,
+            held: None,
         }
     }
 
@@ -560,6 +592,7 @@ deploy         skipped  0         upstream failed
         run.steps = vec![StepResult {
             next_attempt_at: Some(at(30)),
             strike: 1,
+            held: None,
             ..step("fetch", "running", 1, Some("timeout"))
         }];
         assert_eq!(

@@ -11,9 +11,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use chrono::{TimeZone, Utc};
 use flotilla_api::{Backend, BackendError, Limits, Submission};
 use flotilla_api_model::{
-    DeadLetterList, DeadLetterQuery, DeadLetterSummary, DefinitionSummary, ExecuteResponse,
-    Metrics, OperateResponse, Operation, RedriveOutcome, RedriveResponse, RunEvent, RunEventList,
-    RunPage, RunQuery, RunSummary, StepResult, Submitted, WorkflowResult,
+    BreakerList, BreakerSummary, DeadLetterList, DeadLetterQuery, DeadLetterSummary,
+    DefinitionSummary, ExecuteResponse, Metrics, OperateResponse, Operation, RedriveOutcome,
+    RedriveResponse, RunEvent, RunEventList, RunPage, RunQuery, RunSummary, StepResult, Submitted,
+    WorkflowResult,
 };
 use flotilla_core::Definition;
 use serde_json::{Map, Value, json};
@@ -80,6 +81,9 @@ struct State {
     /// The history of [`RUN_ID`].
     history: Vec<RunEvent>,
     schedules: Vec<flotilla_api_model::ScheduleSummary>,
+    breakers: Vec<BreakerSummary>,
+    /// Every breaker reset asked for: the agent and the actor.
+    resets: Vec<(String, String)>,
 }
 
 impl Coordinator {
@@ -326,6 +330,33 @@ impl Backend for Coordinator {
         state.schedules.retain(|s| s.id != id);
         Ok(state.schedules.len() < before)
     }
+
+    async fn breakers(&self) -> Result<Vec<BreakerSummary>, BackendError> {
+        Ok(self.state().breakers.clone())
+    }
+
+    async fn reset_breaker(
+        &self,
+        agent: &str,
+        actor: String,
+    ) -> Result<Option<BreakerSummary>, BackendError> {
+        let mut state = self.state();
+        state.resets.push((agent.to_string(), actor.clone()));
+        Ok(state
+            .breakers
+            .iter()
+            .find(|b| b.agent == agent)
+            .map(|b| BreakerSummary {
+                state: "closed".into(),
+                failure_rate: 0.0,
+                window: 0,
+                opened_at: None,
+                next_probe_at: None,
+                held_steps: 0,
+                reset_by: Some(actor),
+                ..b.clone()
+            }))
+    }
 }
 
 /// Serves the API over `coordinator` on a free local port; answers its address.
@@ -464,6 +495,7 @@ fn step(id: &str, status: &str, attempts: u32, error: Option<&str>) -> StepResul
         error: error.map(Into::into),
         next_attempt_at: None,
         strike: 1,
+        held: None,
     }
 }
 
@@ -1395,4 +1427,46 @@ async fn waiting_for_a_cancelled_run_ends_with_exit_1() {
         "{}",
         stdout(&output)
     );
+}
+
+#[tokio::test]
+async fn agents_breakers_shows_a_table_and_breaker_reset_names_the_operator() {
+    let coordinator = Coordinator::scripted(Vec::new());
+    coordinator.state().breakers = vec![BreakerSummary {
+        agent: "flaky".into(),
+        state: "half_open".into(),
+        failure_rate: 0.75,
+        window: 4,
+        opened_at: Some(Utc.with_ymd_and_hms(2025, 6, 15, 15, 6, 41).unwrap()),
+        next_probe_at: None,
+        held_steps: 3,
+        reset_by: None,
+        reset_at: None,
+    }];
+    let url = serve(Arc::clone(&coordinator)).await;
+
+    let output = flotilla(&url, &["agents", "breakers"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        "\
+AGENT  STATE      FAILED    OPENED                   NEXT PROBE  HELD
+flaky  half-open  75% of 4  2025-06-15 15:06:41 UTC              3
+"
+    );
+    let output = flotilla(&url, &["agents", "breakers", "--output", "json"]).await;
+    let printed: BreakerList = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(printed.breakers, coordinator.state().breakers);
+
+    let output = flotilla(&url, &["agents", "breaker-reset", "flaky"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("flaky  closed"),
+        "{}",
+        stdout(&output)
+    );
+    let resets = coordinator.state().resets.clone();
+    assert_eq!(resets.len(), 1);
+    assert_eq!(resets[0].0, "flaky");
+    assert!(resets[0].1.contains('@'), "{resets:?}");
 }

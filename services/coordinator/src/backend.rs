@@ -5,14 +5,16 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use flotilla_api::{Backend, BackendError, NewSchedule, Submission};
 use flotilla_api_model::{
-    AgentSummary, AttemptReport, DeadLetterQuery, DeadLetterSummary, DefinitionDetail,
-    DefinitionSummary, Metrics, Operation, RedriveOutcome, RunEvent, RunPage, RunQuery, RunReport,
-    RunSummary, ScheduleSummary, StepReport, StepResult, Submitted, WorkflowResult,
+    AgentSummary, AttemptReport, BreakerSummary, DeadLetterQuery, DeadLetterSummary,
+    DefinitionDetail, DefinitionSummary, Metrics, Operation, RedriveOutcome, RunEvent, RunPage,
+    RunQuery, RunReport, RunSummary, ScheduleSummary, StepReport, StepResult, Submitted,
+    WorkflowResult,
 };
 use flotilla_core::schedule::Schedule;
 use flotilla_core::{Definition, Plan, report};
 use flotilla_engine::Operation as EngineOperation;
 use flotilla_engine::{EngineHandle, NewRun};
+use flotilla_store::breakers::{self, BreakerRecord};
 use flotilla_store::queries::{self, Cursor, RunRecord, StepRecord};
 use flotilla_store::schedules::{self, ScheduleRow};
 use flotilla_store::{Store, dead_letters, definitions};
@@ -42,6 +44,21 @@ fn engine_error(e: flotilla_engine::Error) -> BackendError {
         BackendError::Unavailable(e.to_string())
     } else {
         BackendError::Internal(e.to_string())
+    }
+}
+
+fn breaker_summary(b: BreakerRecord) -> BreakerSummary {
+    let (reset_by, reset_at) = b.reset.unzip();
+    BreakerSummary {
+        state: b.breaker.state.as_str().to_string(),
+        failure_rate: b.breaker.failure_rate(),
+        window: b.breaker.window.len(),
+        opened_at: b.breaker.opened_at,
+        next_probe_at: b.probe_at,
+        held_steps: u64::try_from(b.held).unwrap_or(0),
+        reset_by,
+        reset_at,
+        agent: b.agent,
     }
 }
 
@@ -88,6 +105,9 @@ fn workflow_result(run: RunRecord, steps: Vec<StepRecord>) -> WorkflowResult {
                 error: s.error,
                 next_attempt_at: s.wake_at,
                 strike: u8::try_from(s.strike).unwrap_or(1),
+                held: s
+                    .held_for
+                    .map(|agent| format!("circuit open for agent {agent}")),
             }
         })
         .collect();
@@ -425,6 +445,31 @@ impl Backend for CoordinatorBackend {
     async fn delete_schedule(&self, id: &str) -> Result<bool, BackendError> {
         let client = self.store.client().await.map_err(store_error)?;
         schedules::delete(&client, id).await.map_err(store_error)
+    }
+
+    async fn breakers(&self) -> Result<Vec<BreakerSummary>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let list = breakers::list(&client).await.map_err(store_error)?;
+        Ok(list.into_iter().map(breaker_summary).collect())
+    }
+
+    async fn reset_breaker(
+        &self,
+        agent: &str,
+        actor: String,
+    ) -> Result<Option<BreakerSummary>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        if !breakers::reset(&client, agent, &actor, Utc::now())
+            .await
+            .map_err(store_error)?
+        {
+            return Ok(None);
+        }
+        let list = breakers::list(&client).await.map_err(store_error)?;
+        Ok(list
+            .into_iter()
+            .find(|b| b.agent == agent)
+            .map(breaker_summary))
     }
 }
 

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use flotilla_core::breaker::BreakerConfig;
 
 /// Configuration of `flotilla-coordinator`.
 #[derive(Debug, Clone, Parser)]
@@ -71,6 +72,27 @@ pub struct Config {
     #[arg(long, env = "FLOTILLA_MAX_INSTANCES", default_value_t = flotilla_core::scheduler::DEFAULT_MAX_INSTANCES)]
     pub max_instances: usize,
 
+    /// Whether agents have circuit breakers (`false` dispatches every step at once).
+    #[arg(long, env = "FLOTILLA_BREAKER_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub breaker_enabled: bool,
+
+    /// An agent's breaker opens when more than this share of its recent attempts failed.
+    #[arg(long, env = "FLOTILLA_BREAKER_FAILURE_RATE", default_value_t = 0.5)]
+    pub breaker_failure_rate: f64,
+
+    /// How many of an agent's latest attempt outcomes its breaker weighs.
+    #[arg(long, env = "FLOTILLA_BREAKER_WINDOW", default_value_t = 20)]
+    pub breaker_window: usize,
+
+    /// The fewest outcomes in the window before a breaker may open.
+    #[arg(long, env = "FLOTILLA_BREAKER_MIN_ATTEMPTS", default_value_t = 10)]
+    pub breaker_min_attempts: usize,
+
+    /// How long an open breaker holds its agent's steps before it lets one through as a probe
+    /// (`30s`, `5m`).
+    #[arg(long, env = "FLOTILLA_BREAKER_COOL_DOWN", default_value = "30s", value_parser = flotilla_core::duration::parse)]
+    pub breaker_cool_down: Duration,
+
     /// Largest request body the API accepts, in bytes.
     #[arg(long, env = "FLOTILLA_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -95,6 +117,22 @@ impl Config {
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// The agents' circuit breakers, `None` when they are off; an error names a setting that
+    /// makes no sense.
+    pub fn breaker(&self) -> anyhow::Result<Option<BreakerConfig>> {
+        if !self.breaker_enabled {
+            return Ok(None);
+        }
+        let breaker = BreakerConfig {
+            failure_rate: self.breaker_failure_rate,
+            window: self.breaker_window,
+            min_attempts: self.breaker_min_attempts,
+            cool_down: self.breaker_cool_down,
+        };
+        breaker.validate().map_err(anyhow::Error::msg)?;
+        Ok(Some(breaker))
     }
 
     /// The effective configuration as `KEY=value` lines, passwords hidden.
@@ -124,6 +162,20 @@ impl Config {
                 self.idempotency_retention_secs.to_string(),
             ),
             ("FLOTILLA_MAX_INSTANCES", self.max_instances.to_string()),
+            ("FLOTILLA_BREAKER_ENABLED", self.breaker_enabled.to_string()),
+            (
+                "FLOTILLA_BREAKER_FAILURE_RATE",
+                self.breaker_failure_rate.to_string(),
+            ),
+            ("FLOTILLA_BREAKER_WINDOW", self.breaker_window.to_string()),
+            (
+                "FLOTILLA_BREAKER_MIN_ATTEMPTS",
+                self.breaker_min_attempts.to_string(),
+            ),
+            (
+                "FLOTILLA_BREAKER_COOL_DOWN",
+                format!("{}ms", self.breaker_cool_down.as_millis()),
+            ),
             ("FLOTILLA_MAX_BODY_BYTES", self.max_body_bytes.to_string()),
             (
                 "FLOTILLA_SHUTDOWN_GRACE_SECS",
@@ -133,5 +185,46 @@ impl Config {
         .iter()
         .map(|(k, v)| format!("{k}={v}\n"))
         .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("flotilla-coordinator").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn breaker_settings_are_checked_at_start_up_and_can_turn_it_off() {
+        let config = |args: &[&str]| parse(args).unwrap().breaker();
+        assert_eq!(config(&[]).unwrap(), Some(BreakerConfig::default()));
+        assert_eq!(config(&["--breaker-enabled", "false"]).unwrap(), None);
+        let breaker = config(&[
+            "--breaker-window",
+            "4",
+            "--breaker-min-attempts",
+            "4",
+            "--breaker-failure-rate",
+            "0.25",
+            "--breaker-cool-down",
+            "1.5s",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            breaker,
+            BreakerConfig {
+                failure_rate: 0.25,
+                window: 4,
+                min_attempts: 4,
+                cool_down: Duration::from_millis(1500),
+            }
+        );
+        let error = config(&["--breaker-min-attempts", "30"]).unwrap_err();
+        assert!(error.to_string().contains("minimum of attempts"), "{error}");
+        let error = parse(&["--breaker-cool-down", "soon"]).unwrap_err();
+        assert!(error.to_string().contains("not a duration"), "{error}");
     }
 }

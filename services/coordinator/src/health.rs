@@ -11,7 +11,8 @@ use std::time::Duration;
 use flotilla_api::Probe;
 use flotilla_api_model::HealthCheck;
 use flotilla_broker::{BrokerConfig, Channel, Connection, QueueNames};
-use flotilla_store::{Store, outbox, queries};
+use flotilla_core::breaker::BreakerState;
+use flotilla_store::{Store, breakers, outbox, queries};
 use flotilla_telemetry::metrics::CoordinatorMetrics;
 use tokio::sync::Mutex;
 
@@ -148,6 +149,37 @@ impl CoordinatorProbe {
         depths
     }
 
+    /// Each agent's breaker as its gauge shows it (0 closed, 1 half-open, 2 open); absent when
+    /// Postgres did not answer in time.
+    async fn breaker_states(&self) -> Option<Vec<(String, i64)>> {
+        let read = async {
+            let client = self.store.client().await?;
+            breakers::list(&client).await
+        };
+        match tokio::time::timeout(CHECK_TIMEOUT, read).await {
+            Ok(Ok(list)) => Some(
+                list.into_iter()
+                    .map(|b| {
+                        let gauge = match b.breaker.state {
+                            BreakerState::Closed => 0,
+                            BreakerState::HalfOpen => 1,
+                            BreakerState::Open => 2,
+                        };
+                        (b.agent, gauge)
+                    })
+                    .collect(),
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the circuit breakers");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?CHECK_TIMEOUT, "the circuit breakers took too long to read");
+                None
+            }
+        }
+    }
+
     /// (outbox backlog, active runs), each absent when Postgres did not answer in time.
     async fn counts(&self) -> (Option<i64>, Option<i64>) {
         let count = async {
@@ -187,8 +219,9 @@ impl Probe for CoordinatorProbe {
 
     async fn metrics(&self) -> String {
         let mut link = self.link.lock().await;
-        let ((backlog, active), depths) = tokio::join!(
+        let ((backlog, active), breaker_states, depths) = tokio::join!(
             self.counts(),
+            self.breaker_states(),
             tokio::time::timeout(QUEUE_SCRAPE_TIMEOUT, self.queue_depths(&mut link)),
         );
         let depths = depths.unwrap_or_else(|_| {
@@ -200,6 +233,7 @@ impl Probe for CoordinatorProbe {
         self.metrics.set_outbox_backlog(backlog);
         self.metrics.set_active_runs(active);
         self.metrics.set_queue_depths(&depths);
+        self.metrics.set_breaker_states(breaker_states.as_deref());
         self.metrics.render()
     }
 }

@@ -35,6 +35,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let breaker = config.breaker()?;
     let store = Store::open(&StoreConfig {
         url: config.database_url.clone(),
         pool_size: config.db_pool_size,
@@ -73,6 +74,7 @@ pub async fn run(
             max_batch: config.max_batch,
             idempotency_retention: config.idempotency_retention(),
             max_instances: config.max_instances,
+            breaker,
             ..EngineConfig::default()
         },
         outbox_tx,

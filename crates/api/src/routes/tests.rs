@@ -70,6 +70,7 @@ struct FakeState {
     attempts: Vec<AgentSummary>,
     summaries_since: Vec<chrono::DateTime<Utc>>,
     schedules: Vec<ScheduleSummary>,
+    breakers: Vec<BreakerSummary>,
     /// Answered by the next call instead of doing anything.
     next_failure: Option<BackendError>,
 }
@@ -388,6 +389,33 @@ impl Backend for FakeBackend {
         let before = state.schedules.len();
         state.schedules.retain(|s| s.id != id);
         Ok(state.schedules.len() < before)
+    }
+
+    async fn breakers(&self) -> Result<Vec<BreakerSummary>, BackendError> {
+        Ok(self.check()?.breakers.clone())
+    }
+
+    async fn reset_breaker(
+        &self,
+        agent: &str,
+        actor: String,
+    ) -> Result<Option<BreakerSummary>, BackendError> {
+        let mut state = self.check()?;
+        let Some(b) = state.breakers.iter_mut().find(|b| b.agent == agent) else {
+            return Ok(None);
+        };
+        *b = BreakerSummary {
+            agent: b.agent.clone(),
+            state: "closed".into(),
+            failure_rate: 0.0,
+            window: 0,
+            opened_at: None,
+            next_probe_at: None,
+            held_steps: b.held_steps,
+            reset_by: Some(actor),
+            reset_at: Some(Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).unwrap()),
+        };
+        Ok(Some(b.clone()))
     }
 }
 
@@ -1468,6 +1496,7 @@ fn step(id: &str, status: &str) -> StepResult {
         error: None,
         next_attempt_at: None,
         strike: 1,
+        held: None,
     }
 }
 
@@ -2114,5 +2143,63 @@ async fn a_health_router_alone_serves_no_api() {
     assert_eq!(
         error(serde_json::from_str(&body).unwrap()).error.message,
         "no route for GET /api/workflows"
+    );
+}
+
+fn open_breaker(agent: &str) -> BreakerSummary {
+    BreakerSummary {
+        agent: agent.into(),
+        state: "open".into(),
+        failure_rate: 0.75,
+        window: 4,
+        opened_at: Some(Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).unwrap()),
+        next_probe_at: Some(Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 30).unwrap()),
+        held_steps: 2,
+        reset_by: None,
+        reset_at: None,
+    }
+}
+
+#[tokio::test]
+async fn breakers_are_listed_with_their_state_and_held_steps() {
+    let backend = FakeBackend::default();
+    backend.state().breakers = vec![open_breaker("flaky")];
+    let api = Api::new(backend);
+    let (status, body) = api.get("/api/agents/breakers").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"breakers": [{
+            "agent": "flaky", "state": "open", "failureRate": 0.75, "window": 4,
+            "openedAt": "2030-01-01T00:00:00Z", "nextProbeAt": "2030-01-01T00:00:30Z",
+            "heldSteps": 2
+        }]})
+    );
+}
+
+#[tokio::test]
+async fn an_operator_resets_a_breaker_by_agent_name() {
+    let backend = FakeBackend::default();
+    backend.state().breakers = vec![open_breaker("flaky")];
+    let api = Api::new(backend);
+    let (status, _, body) = api
+        .post_with_headers("/api/agents/flaky/breaker/reset", json!({}), actor("ana"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "closed");
+    assert_eq!(body["resetBy"], "ana");
+    assert_eq!(
+        api.backend.state().breakers[0].reset_by.as_deref(),
+        Some("ana")
+    );
+
+    let (status, body) = api
+        .post("/api/agents/nobody/breaker/reset", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("agent `nobody` has no circuit breaker"),
+        "{message}"
     );
 }

@@ -1114,7 +1114,7 @@ proptest! {
 }
 
 /// The slots a transition dispatched, as (slot, attempt, task id).
-fn dispatched_slots(t: &Transition) -> Vec<(usize, u32, Uuid)> {
+pub(super) fn dispatched_slots(t: &Transition) -> Vec<(usize, u32, Uuid)> {
     t.effects
         .iter()
         .filter_map(|e| match e {
