@@ -17,6 +17,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+mod access;
+
+pub use access::{
+    API_TOKEN_ENV, AuditEntry, AuditPage, AuditQuery, CreatedToken, NewTokenRequest, SCOPES,
+    TokenList, TokenSummary,
+};
+
 /// `POST /api/workflows/execute`: start a run. Exactly one of `workflow`, `definition` and `yaml`
 /// names what to run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -50,12 +50,14 @@
 //! [`RedriveResponse`]: flotilla_api_model::RedriveResponse
 //! [`RedriveRequest`]: flotilla_api_model::RedriveRequest
 
+pub mod auth;
 mod backend;
 mod error;
 mod extract;
 pub mod health;
 mod routes;
 
+pub use auth::{Access, Guard, secure};
 pub use backend::{Backend, BackendError, NewSchedule, Submission};
 pub use health::Probe;
 pub use routes::{

@@ -22,6 +22,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::auth::AuditTarget;
 use crate::backend::{Backend, NewSchedule, Submission};
 use crate::error::{ApiError, Kind};
 use crate::extract::{Actor, IdempotencyKey, Json, OptionalJson, Path, Query};
@@ -238,11 +239,15 @@ async fn execute<B: Backend>(
     let body = axum::Json(ExecuteResponse { workflow_id });
     // A replay started nothing, so it is not "accepted for processing" (202): it reports the
     // state of an earlier request, and the header lets a client tell the two apart.
-    Ok(if replayed {
+    let mut response = if replayed {
         (StatusCode::OK, [(IDEMPOTENT_REPLAYED_HEADER, "true")], body).into_response()
     } else {
         (StatusCode::ACCEPTED, body).into_response()
-    })
+    };
+    response
+        .extensions_mut()
+        .insert(AuditTarget::one("workflowId", workflow_id));
+    Ok(response)
 }
 
 async fn get_run<B: Backend>(
@@ -393,7 +398,7 @@ async fn list_runs<B: Backend>(
 }
 
 /// The `limit` of a listing: `default` when unset, else in `1..=max`.
-fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32, ApiError> {
+pub(crate) fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32, ApiError> {
     let limit = limit.unwrap_or(default);
     if (1..=max).contains(&limit) {
         Ok(limit)

@@ -54,9 +54,10 @@ impl Bench {
             .coordinator_env("FLOTILLA_MAX_BODY_BYTES", &(64 << 20).to_string());
         fleet.start_coordinator().await?;
         let db = fleet.db().await?;
+        let http = fleet.http();
         let mut bench = Self {
             fleet,
-            http: reqwest::Client::new(),
+            http,
             db,
             busy_workers: Vec::new(),
         };
