@@ -94,6 +94,11 @@ impl ApiError {
         Self::new(Kind::InvalidRequest, message)
     }
 
+    /// A request over one of the coordinator's limits; `details` names it.
+    pub(crate) fn too_large(message: impl Into<String>, details: Value) -> Self {
+        Self::new(Kind::PayloadTooLarge, message).with_details(details)
+    }
+
     pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self::new(Kind::NotFound, message)
     }

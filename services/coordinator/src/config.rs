@@ -80,6 +80,18 @@ pub struct Config {
     #[arg(long, env = "FLOTILLA_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Largest definition a request may give (its YAML or JSON), in bytes.
+    #[arg(long, env = "FLOTILLA_MAX_DEFINITION_BYTES", default_value_t = 1024 * 1024)]
+    pub max_definition_bytes: usize,
+
+    /// Most steps a definition may have (`on_failure` handlers included).
+    #[arg(long, env = "FLOTILLA_MAX_STEPS", default_value_t = 10_000)]
+    pub max_steps: usize,
+
+    /// Largest `params` of a run request, as JSON, in bytes.
+    #[arg(long, env = "FLOTILLA_MAX_PARAMS_BYTES", default_value_t = 256 * 1024)]
+    pub max_params_bytes: usize,
+
     /// Seconds a shutdown waits for work in progress.
     #[arg(long, env = "FLOTILLA_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -205,6 +217,15 @@ impl Config {
             ),
             ("FLOTILLA_MAX_INSTANCES", self.max_instances.to_string()),
             ("FLOTILLA_MAX_BODY_BYTES", self.max_body_bytes.to_string()),
+            (
+                "FLOTILLA_MAX_DEFINITION_BYTES",
+                self.max_definition_bytes.to_string(),
+            ),
+            ("FLOTILLA_MAX_STEPS", self.max_steps.to_string()),
+            (
+                "FLOTILLA_MAX_PARAMS_BYTES",
+                self.max_params_bytes.to_string(),
+            ),
             (
                 "FLOTILLA_SHUTDOWN_GRACE_SECS",
                 self.shutdown_grace_secs.to_string(),

@@ -180,6 +180,9 @@ pub async fn run(
     ));
     let limits = flotilla_api::Limits {
         max_body_bytes: config.max_body_bytes,
+        max_definition_bytes: config.max_definition_bytes,
+        max_steps: config.max_steps,
+        max_params_bytes: config.max_params_bytes,
     };
     let guard = access::guard(&config, backend.clone())?;
     let app = flotilla_api::secure(
