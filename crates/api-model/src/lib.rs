@@ -327,7 +327,8 @@ pub struct OperateResponse {
 #[serde(rename_all = "camelCase")]
 pub struct RunEvent {
     pub at: DateTime<Utc>,
-    /// Who did it, as the request's [`ACTOR_HEADER`] said (or `anonymous@<address>` without one).
+    /// Who did it: the credential's name, and `as <`[`ACTOR_HEADER`]`>` when the request had
+    /// one; with authentication off, the header (or `anonymous@<address>` without one).
     pub actor: String,
     /// As [`Operation::action`].
     pub action: String,

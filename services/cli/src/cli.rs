@@ -52,7 +52,8 @@ pub enum Command {
     /// The operator commands (cancel, pause, resume, retry, skip, complete) print the run's status
     /// once the action is done and exit 0; when the run's state does not allow the action they
     /// print why and exit 1. Each is recorded in the run's history (see `history`) as done by
-    /// $USER@<hostname> (HOSTNAME, or else /etc/hostname, names the host).
+    /// the credential's name "as $USER@<hostname>" (HOSTNAME, or else /etc/hostname, names the
+    /// host).
     #[command(subcommand)]
     Workflows(WorkflowsCommand),
     /// Register and list named workflow definitions.
