@@ -378,6 +378,7 @@ pub fn secure<A: Access>(app: Router, guard: Guard<A>, limits: Limits) -> Router
         )
         .route("/api/tokens/{id}", delete(revoke_token::<A>))
         .route("/api/audit", get(list_audit::<A>))
+        .method_not_allowed_fallback(crate::routes::wrong_method)
         .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes))
         .with_state(state);
     app.merge(routes)
@@ -547,10 +548,13 @@ async fn create_token<A: Access>(
     State(state): State<AccessState<A>>,
     Json(NewTokenRequest { name, scopes }): Json<NewTokenRequest>,
 ) -> Result<Response, ApiError> {
-    let name = name.trim().to_string();
-    if name.is_empty() || name.chars().count() > MAX_TOKEN_NAME_CHARS {
+    // The name becomes the actor of runs' histories and of the audit log.
+    if name.is_empty()
+        || name.len() > MAX_TOKEN_NAME_CHARS
+        || !name.chars().all(|c| c.is_ascii_graphic())
+    {
         return Err(ApiError::invalid_request(format!(
-            "a token's `name` is 1 to {MAX_TOKEN_NAME_CHARS} characters"
+            "a token's `name` is 1 to {MAX_TOKEN_NAME_CHARS} visible ASCII characters (no spaces)"
         )));
     }
     if scopes.is_empty() {

@@ -600,7 +600,7 @@ async fn no_route(method: Method, uri: Uri) -> ApiError {
     ApiError::not_found(format!("no route for {method} {}", uri.path()))
 }
 
-async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+pub(crate) async fn wrong_method(method: Method, uri: Uri) -> ApiError {
     ApiError::new(
         Kind::MethodNotAllowed,
         format!("{} does not accept {method}", uri.path()),

@@ -591,6 +591,11 @@ async fn tokens_are_created_shown_once_listed_without_values_and_revoked() {
         .await;
     assert_eq!(answer.status, StatusCode::ACCEPTED);
     let list = app.send(Method::GET, "/api/tokens", Some(&admin)).await;
+    let wrong = app.send(Method::PUT, "/api/tokens", Some(&admin)).await;
+    assert_eq!(
+        (wrong.status, wrong.code()),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed".into())
+    );
     assert!(!list.body.contains(&created.token));
     assert!(list.body.contains("\"ci\""), "{}", list.body);
     // Only an admin manages tokens.
@@ -624,6 +629,10 @@ async fn a_token_request_with_no_or_unknown_scopes_is_400() {
             "unknown scope `root`",
         ),
         (json!({"name": " ", "scopes": ["read"]}), "`name`"),
+        (
+            json!({"name": "two words", "scopes": ["read"]}),
+            "no spaces",
+        ),
     ] {
         let request = Request::post("/api/tokens")
             .header(header::AUTHORIZATION, format!("Bearer {admin}"))
