@@ -270,3 +270,61 @@ fn paths(paths: &[PathBuf]) -> String {
     let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     shown.join(",")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Config {
+        let mut argv = vec!["flotilla-coordinator"];
+        argv.extend(args);
+        Config::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn insecure_no_auth_is_for_loopback_addresses_only() {
+        assert!(config(&["--insecure-no-auth"]).check().is_ok());
+        assert!(
+            config(&["--insecure-no-auth", "--bind", "::1"])
+                .check()
+                .is_ok()
+        );
+        let err = config(&["--insecure-no-auth", "--bind", "0.0.0.0"])
+            .check()
+            .unwrap_err();
+        assert!(err.contains("loopback") && err.contains("0.0.0.0"), "{err}");
+        assert!(config(&["--bind", "0.0.0.0"]).check().is_ok());
+    }
+
+    #[test]
+    fn a_placeholder_admin_token_and_jwt_keys_without_issuer_are_refused() {
+        let err = config(&["--admin-token", "CHANGE-ME"]).check().unwrap_err();
+        assert!(err.contains("at least 32"), "{err}");
+        let long = format!("flt_{}", "a".repeat(64));
+        assert!(config(&["--admin-token", &long]).check().is_ok());
+        let secret = "s".repeat(32);
+        let err = config(&["--jwt-hs256-secret", &secret])
+            .check()
+            .unwrap_err();
+        assert!(err.contains("FLOTILLA_JWT_ISSUER"), "{err}");
+        let with_claims = config(&[
+            "--jwt-hs256-secret",
+            &secret,
+            "--jwt-issuer",
+            "i",
+            "--jwt-audience",
+            "a",
+        ]);
+        assert!(with_claims.check().is_ok());
+    }
+
+    #[test]
+    fn the_dump_hides_the_admin_token_and_the_jwt_secret() {
+        let token = format!("flt_{}", "b".repeat(64));
+        let secret = "the secret of the coordinator's HS256 JWTs";
+        let dump = config(&["--admin-token", &token, "--jwt-hs256-secret", secret]).dump();
+        assert!(!dump.contains(&token) && !dump.contains(secret), "{dump}");
+        assert!(dump.contains("FLOTILLA_ADMIN_TOKEN=***\n"), "{dump}");
+        assert!(dump.contains("FLOTILLA_JWT_HS256_SECRET=***\n"), "{dump}");
+    }
+}
