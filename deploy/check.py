@@ -32,8 +32,15 @@ HEALTH_PATHS = {"/health/live", "/health/ready"}
 # webhook URLs of `notify:` handlers (FLOTILLA_NOTIFY_<CHANNEL>_URL).
 COMMON_ENV = {"RUST_LOG", "FLOTILLA_LOG_FORMAT", "OTEL_EXPORTER_OTLP_ENDPOINT"}
 NOTIFY_ENV = re.compile(r"^FLOTILLA_NOTIFY_[A-Z0-9_]+_URL$")
-# Set per process, so a deployment may leave them out.
-OPTIONAL_ENV = {"FLOTILLA_WORKER_ID"}
+# Set per process, or needed only by some deployments (JWTs), so a deployment may leave them out.
+OPTIONAL_ENV = {
+    "FLOTILLA_WORKER_ID",
+    "FLOTILLA_JWT_HS256_SECRET",
+    "FLOTILLA_JWT_RS256_KEYS",
+    "FLOTILLA_JWT_ES256_KEYS",
+    "FLOTILLA_JWT_ISSUER",
+    "FLOTILLA_JWT_AUDIENCE",
+}
 
 
 def coordinator_env(bin_dir: Path) -> set[str]:
@@ -99,6 +106,10 @@ def check_compose(faults: Faults, coordinator: set[str], worker: set[str]) -> No
     faults.check(
         services["coordinator"]["environment"].get("FLOTILLA_BIND") == "0.0.0.0",
         "compose service coordinator listens on loopback only",
+    )
+    faults.check(
+        services["coordinator"]["environment"].get("FLOTILLA_INSECURE_NO_AUTH") == "false",
+        "compose service coordinator does not keep authentication on",
     )
 
 
@@ -193,6 +204,7 @@ def check_k8s(faults: Faults, coordinator: set[str], worker: set[str]) -> None:
         if binary == "flotilla-coordinator":
             faults.check(spec["replicas"] >= 2, f"{where}: fewer than 2 replicas")
             faults.check(env.get("FLOTILLA_BIND") == "0.0.0.0", f"{where}: listens on loopback only")
+            faults.check(env.get("FLOTILLA_INSECURE_NO_AUTH") == "false", f"{where}: authentication is not on")
             grace = int(env.get("FLOTILLA_SHUTDOWN_GRACE_SECS") or 30)
             faults.check(
                 pod.get("terminationGracePeriodSeconds", 30) > grace,

@@ -18,6 +18,9 @@ logs=.flotilla/logs
 mkdir -p "$logs"
 export PORT=${PORT:-3020}
 export FLOTILLA_URL=http://127.0.0.1:$PORT
+# The coordinator's admin token, and the CLI's credential.
+FLOTILLA_ADMIN_TOKEN=${FLOTILLA_ADMIN_TOKEN:-flt_$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')}
+export FLOTILLA_ADMIN_TOKEN FLOTILLA_API_TOKEN=$FLOTILLA_ADMIN_TOKEN
 agents=(--agent agent1 --agent agent6 --agent agent7 --agent agent8 --agent agent9 --agent agent10 --agent agent19)
 
 pids=()
@@ -30,7 +33,7 @@ trap cleanup EXIT
 target/debug/flotilla-coordinator >"$logs/coordinator.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do
-  curl -fs "$FLOTILLA_URL/api/workflows?limit=1" >/dev/null 2>&1 && break
+  curl -fs "$FLOTILLA_URL/health/ready" >/dev/null 2>&1 && break
   if ! kill -0 "${pids[0]}" 2>/dev/null; then
     echo "the coordinator stopped; its log:" >&2
     cat "$logs/coordinator.log" >&2

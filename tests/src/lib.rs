@@ -103,6 +103,9 @@ pub struct Fleet {
     coordinators: Vec<CoordinatorSlot>,
     workers: Vec<Managed>,
     http: reqwest::Client,
+    /// The admin API token every coordinator is started with (`FLOTILLA_ADMIN_TOKEN`), and which
+    /// the fleet's CLI runs and HTTP requests send.
+    admin_token: String,
     /// Extra environment for every coordinator.
     coordinator_env: Vec<(String, String)>,
     /// Agents whose queues the fleet may have declared; deleted at the end.
@@ -117,17 +120,30 @@ impl Fleet {
         // reqwest is built without a default TLS provider; the binaries install ring, so do we.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let id = Uuid::new_v4().simple().to_string();
+        let admin_token = format!("flt_{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
         Self {
             database: format!("flotilla_test_{}", &id[..16]),
             prefix: format!("test-{}", &id[..16]),
             port: free_port(),
             coordinators: Vec::new(),
             workers: Vec::new(),
-            http: reqwest::Client::new(),
+            http: authorized_client(&admin_token),
+            admin_token,
             coordinator_env: Vec::new(),
             agents: BTreeSet::new(),
             logs: None,
         }
+    }
+
+    /// An HTTP client that sends the fleet's admin token with every request: what a test's own
+    /// requests to the API go through.
+    pub fn http(&self) -> reqwest::Client {
+        self.http.clone()
+    }
+
+    /// The admin API token of the fleet's coordinators.
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
     }
 
     /// Sets `key=value` in the environment of every coordinator started afterwards.
@@ -199,6 +215,7 @@ impl Fleet {
             .env("PORT", port.to_string())
             .env("FLOTILLA_QUEUE_PREFIX", &self.prefix)
             .env("FLOTILLA_DB_POOL_SIZE", "4")
+            .env("FLOTILLA_ADMIN_TOKEN", &self.admin_token)
             .env("RUST_LOG", "info")
             .envs(
                 self.coordinator_env
@@ -289,7 +306,9 @@ impl Fleet {
             .coordinators
             .get(i)
             .with_context(|| format!("no coordinator {i}"))?;
-        let url = format!("http://127.0.0.1:{}/api/workflows?limit=1", slot.port);
+        // Open to all, so a coordinator started with another credential than the fleet's is
+        // seen ready too; it checks Postgres, as the API needs it.
+        let url = format!("http://127.0.0.1:{}/health/ready", slot.port);
         let deadline = Instant::now() + timeout;
         loop {
             let state = slot.process.state();
@@ -396,6 +415,7 @@ impl Fleet {
         let out = Command::new(binary("flotilla"))
             .args(args)
             .env("FLOTILLA_URL", self.url())
+            .env(flotilla_api_model::API_TOKEN_ENV, &self.admin_token)
             .stdin(Stdio::null())
             .output()
             .await
@@ -560,6 +580,20 @@ impl Default for Fleet {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// An HTTP client that sends `token` as `Authorization: Bearer` with every request.
+pub fn authorized_client(token: &str) -> reqwest::Client {
+    // reqwest is built without a default TLS provider; the binaries install ring, so do we.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+        .expect("a token is visible ASCII");
+    value.set_sensitive(true);
+    let headers = reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, value)]);
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("an HTTP client")
 }
 
 /// Sends SIGTERM and waits for the process to exit (killing it after 20 s).

@@ -442,7 +442,7 @@ async fn a_twice_dead_lettered_task_fails_its_step_and_a_redrive_runs_it_again()
         "{only:?}"
     );
 
-    let http = reqwest::Client::new();
+    let http = fleet.http();
     let letters: Value = http
         .get(format!("{}/api/dlq", fleet.url()))
         .send()
@@ -491,7 +491,7 @@ async fn a_twice_dead_lettered_task_fails_its_step_and_a_redrive_runs_it_again()
 async fn a_repeated_idempotency_key_answers_the_first_run() -> anyhow::Result<()> {
     let mut fleet = Fleet::new();
     fleet.start_coordinator().await?;
-    let http = reqwest::Client::new();
+    let http = fleet.http();
     let body = json!({"yaml": "name: once\nsteps:\n  - {agent: nobody, action: wait}\n"});
     let send = || {
         http.post(format!("{}/api/workflows/execute", fleet.url()))

@@ -33,12 +33,6 @@ steps:
     action: test
 ";
 
-/// An HTTP client; reqwest is built without a TLS provider of its own.
-fn http() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::new()
-}
-
 /// A port nothing listens on now, for a process to serve on.
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -112,9 +106,9 @@ fn value(metrics: &BTreeMap<String, f64>, series: &str) -> f64 {
 
 #[tokio::test]
 async fn metrics_move_as_a_run_with_a_retry_progresses() -> anyhow::Result<()> {
-    let http = http();
     let mut fleet = Fleet::new();
     fleet.start_coordinator().await?;
+    let http = fleet.http();
     let worker_port = free_port()?;
     fleet.start_worker(
         "echo-observed",
@@ -353,12 +347,12 @@ fn upstream(url: &str) -> anyhow::Result<String> {
 
 #[tokio::test]
 async fn readiness_is_503_naming_rabbitmq_while_it_is_cut_off() -> anyhow::Result<()> {
-    let http = http();
     let broker = flotilla_tests::amqp_url();
     let proxy = CuttableProxy::start(upstream(&broker)?).await?;
     let through_proxy = proxy.url(&broker)?;
     let mut fleet = Fleet::new().coordinator_env("AMQP_URL", &through_proxy);
     fleet.start_coordinator().await?;
+    let http = fleet.http();
     let worker_port = free_port()?;
     fleet.start_worker(
         "echo-cut",
@@ -432,7 +426,6 @@ fn log_lines(dir: &Path) -> anyhow::Result<Vec<String>> {
 /// start, with every log at debug, and checks that no line shows a password.
 async fn no_password_in_logs(format: &str) -> anyhow::Result<()> {
     const DB_PASSWORD: &str = "s3cret";
-    let http = http();
     let broker = flotilla_tests::amqp_url();
     assert!(
         broker.contains("guest:guest@"),
@@ -452,6 +445,7 @@ async fn no_password_in_logs(format: &str) -> anyhow::Result<()> {
         .coordinator_env("RUST_LOG", "debug")
         .log_to(&logs)?;
     fleet.start_coordinator().await?;
+    let http = fleet.http();
     fleet.start_worker(
         "echo-secrets",
         &["sec1"],

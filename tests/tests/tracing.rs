@@ -325,7 +325,7 @@ async fn a_collector_that_does_not_answer_neither_stops_nor_slows_runs() -> anyh
         started.elapsed()
     );
 
-    let http = reqwest::Client::new();
+    let http = fleet.http();
     let deadline = Instant::now() + WAIT;
     loop {
         let page = http

@@ -17,6 +17,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+mod access;
+
+pub use access::{
+    API_TOKEN_ENV, AuditEntry, AuditPage, AuditQuery, CreatedToken, NewTokenRequest, SCOPES,
+    TokenList, TokenSummary,
+};
+
 /// `POST /api/workflows/execute`: start a run. Exactly one of `workflow`, `definition` and `yaml`
 /// names what to run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -324,7 +331,8 @@ pub struct OperateResponse {
 #[serde(rename_all = "camelCase")]
 pub struct RunEvent {
     pub at: DateTime<Utc>,
-    /// Who did it, as the request's [`ACTOR_HEADER`] said (or `anonymous@<address>` without one).
+    /// Who did it: the credential's name, and `as <`[`ACTOR_HEADER`]`>` when the request had
+    /// one; with authentication off, the header (or `anonymous@<address>` without one).
     pub actor: String,
     /// As [`Operation::action`].
     pub action: String,

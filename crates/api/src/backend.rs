@@ -124,9 +124,10 @@ pub trait Backend: Send + Sync + 'static {
     /// `actor`; answers the run's status once the action is applied (`cancelled`, `paused`,
     /// `running`…).
     ///
-    /// `actor` is the request's `Flotilla-Actor` header (1 to 200 visible ASCII characters), or
-    /// without one `anonymous@<the peer's IP>` (`anonymous` when the server does not know the
-    /// peer). It is what the client claims, not an authenticated identity.
+    /// `actor` is the authenticated credential's name, followed by `as <Flotilla-Actor header>`
+    /// when the request has one (who the client says it acts for). With authentication off, the
+    /// header alone, or without one `anonymous@<the peer's IP>` (`anonymous` when the server does
+    /// not know the peer).
     ///
     /// Answers [`BackendError::NotFound`] when there is no such run, or the run has no step the
     /// operation names, and [`BackendError::Conflict`] with the reason when the run's state does

@@ -18,6 +18,10 @@ pub(crate) enum Kind {
     InvalidRequest,
     InvalidYaml,
     InvalidDefinition,
+    /// No credential, or one that is not valid: 401 with `WWW-Authenticate: Bearer`.
+    Unauthorized,
+    /// A valid credential without the scope the route needs.
+    Forbidden,
     NotFound,
     MethodNotAllowed,
     Conflict,
@@ -35,6 +39,8 @@ impl Kind {
             Self::InvalidRequest | Self::InvalidYaml | Self::InvalidDefinition => {
                 StatusCode::BAD_REQUEST
             }
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict => StatusCode::CONFLICT,
@@ -50,6 +56,8 @@ impl Kind {
             Self::InvalidRequest => "invalid_request",
             Self::InvalidYaml => "invalid_yaml",
             Self::InvalidDefinition => "invalid_definition",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Conflict => "conflict",
@@ -84,6 +92,11 @@ impl ApiError {
 
     pub(crate) fn invalid_request(message: impl Into<String>) -> Self {
         Self::new(Kind::InvalidRequest, message)
+    }
+
+    /// A request over one of the coordinator's limits; `details` names it.
+    pub(crate) fn too_large(message: impl Into<String>, details: Value) -> Self {
+        Self::new(Kind::PayloadTooLarge, message).with_details(details)
     }
 
     pub(crate) fn not_found(message: impl Into<String>) -> Self {
@@ -131,7 +144,14 @@ impl IntoResponse for ApiError {
                 details: self.details,
             },
         };
-        (status, axum::Json(body)).into_response()
+        let mut response = (status, axum::Json(body)).into_response();
+        if self.kind == Kind::Unauthorized {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static(r#"Bearer realm="flotilla""#),
+            );
+        }
+        response
     }
 }
 

@@ -12,6 +12,7 @@ use flotilla_api_model::{
 };
 use serde::de::DeserializeOwned;
 
+use crate::auth::{Credential, Principal};
 use crate::error::ApiError;
 use crate::routes::Limits;
 
@@ -121,12 +122,13 @@ where
     }
 }
 
-/// Who makes an operator's request, to be recorded in the run's history: the [`ACTOR_HEADER`],
-/// checked; without it, `anonymous@<the peer's IP address>`, or `anonymous` when the server was
-/// not started with `into_make_service_with_connect_info`, which alone tells the peer.
+/// Who makes an operator's request, to be recorded in the run's history: the authenticated
+/// [`Principal`]'s name, followed by `as <header>` when the request also has an [`ACTOR_HEADER`]
+/// (checked), which says who a client claims to act for (e.g. `user@host` of the CLI).
 ///
-/// Nothing here is authenticated: the header says who a client claims to be. Authentication is
-/// to replace it.
+/// With authentication off, the header alone; without it, `anonymous@<the peer's IP address>`,
+/// or `anonymous` when the server was not started with `into_make_service_with_connect_info`,
+/// which alone tells the peer.
 pub(crate) struct Actor(pub String);
 
 impl<S> FromRequestParts<S> for Actor
@@ -136,14 +138,24 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        if let Some(actor) = token_header(
+        let claimed = token_header(
             parts,
             ACTOR_HEADER,
             "an actor",
             MAX_ACTOR_CHARS,
             check_actor,
-        )? {
-            return Ok(Self(actor));
+        )?;
+        let principal = parts
+            .extensions
+            .get::<Principal>()
+            .filter(|p| p.credential != Credential::None);
+        match (principal, claimed) {
+            (Some(principal), Some(claimed)) => {
+                return Ok(Self(format!("{} as {claimed}", principal.name)));
+            }
+            (Some(principal), None) => return Ok(Self(principal.name.clone())),
+            (None, Some(claimed)) => return Ok(Self(claimed)),
+            (None, None) => {}
         }
         // The IP alone: the port is a new one for every connection, so it would make one
         // anonymous client look like many in the history.

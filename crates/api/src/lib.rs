@@ -23,10 +23,14 @@
 //! Every failure, including malformed bodies, unknown routes and oversized requests, answers with
 //! an [`ErrorBody`](flotilla_api_model::ErrorBody). The operator routes (cancel … complete) answer
 //! 404 for an unknown run or step and 409 (`conflict`, with the reason) for an action the run's
-//! state does not allow; they record who acted from the `Flotilla-Actor` header, or as
-//! `anonymous@<peer IP>` without one when the router is served with
+//! state does not allow; they record who acted: the credential's name and the `Flotilla-Actor`
+//! header it claims to act for; with authentication off, the header, or `anonymous@<peer IP>`
+//! without one when the router is served with
 //! [`into_make_service_with_connect_info`](axum::Router::into_make_service_with_connect_info)
 //! (`anonymous` otherwise).
+//!
+//! [`secure`] puts every route but `/health*` and `/metrics` behind credentials and scopes, audits
+//! every state-changing request, and adds the token and audit routes (see [`auth`]).
 //!
 //! This crate parses and validates what clients send (definitions are compiled with
 //! [`Plan::compile`](flotilla_core::Plan::compile) before the backend sees them) and turns backend
@@ -50,12 +54,14 @@
 //! [`RedriveResponse`]: flotilla_api_model::RedriveResponse
 //! [`RedriveRequest`]: flotilla_api_model::RedriveRequest
 
+pub mod auth;
 mod backend;
 mod error;
 mod extract;
 pub mod health;
 mod routes;
 
+pub use auth::{Access, Guard, secure};
 pub use backend::{Backend, BackendError, NewSchedule, Submission};
 pub use health::Probe;
 pub use routes::{

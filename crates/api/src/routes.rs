@@ -19,9 +19,10 @@ use flotilla_api_model::{
 use flotilla_core::schedule::{Missed, Overlap, Schedule};
 use flotilla_core::{Definition, Plan, RunStatus};
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::auth::AuditTarget;
 use crate::backend::{Backend, NewSchedule, Submission};
 use crate::error::{ApiError, Kind};
 use crate::extract::{Actor, IdempotencyKey, Json, OptionalJson, Path, Query};
@@ -58,19 +59,42 @@ const _: fn(RunStatus) = |status| match status {
     | RunStatus::NeedsAttention => {}
 };
 
-/// Bounds on what a client may send.
+/// Bounds on what a client may send. A request past one is answered 413 (`payload_too_large`)
+/// naming the limit, its value and the request's, and nothing of it is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// The largest request body accepted; larger ones are answered with 413. This also bounds
-    /// the YAML the coordinator parses per request.
+    /// The largest request body accepted. This also bounds the YAML the coordinator parses per
+    /// request.
     pub max_body_bytes: usize,
+    /// The largest definition given in a request: its YAML text, or its JSON.
+    pub max_definition_bytes: usize,
+    /// The most steps a definition may have (`on_failure` handlers included).
+    pub max_steps: usize,
+    /// The largest `params` of a run request, as JSON.
+    pub max_params_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_body_bytes: 4 * 1024 * 1024,
+            max_definition_bytes: 1024 * 1024,
+            max_steps: 10_000,
+            max_params_bytes: 256 * 1024,
         }
+    }
+}
+
+impl Limits {
+    /// Refuses `actual` when it is over `max`, naming the limit (`what`).
+    fn check(what: &str, name: &str, max: usize, actual: usize) -> Result<(), ApiError> {
+        if actual <= max {
+            return Ok(());
+        }
+        Err(ApiError::too_large(
+            format!("{what} is {actual}, over the coordinator's limit of {max} ({name})"),
+            json!({ "limit": name, "max": max, "actual": actual }),
+        ))
     }
 }
 
@@ -179,6 +203,7 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
 
 async fn execute<B: Backend>(
     State(backend): State<Arc<B>>,
+    State(limits): State<Limits>,
     IdempotencyKey(idempotency_key): IdempotencyKey,
     Json(request): Json<ExecuteRequest>,
 ) -> Result<Response, ApiError> {
@@ -194,6 +219,13 @@ async fn execute<B: Backend>(
             "`version` names a version of a registered definition: give its name too",
         ));
     }
+    let params_bytes = serde_json::to_vec(&params).map_or(0, |p| p.len());
+    Limits::check(
+        "the size of `params` in bytes",
+        "maxParamsBytes",
+        limits.max_params_bytes,
+        params_bytes,
+    )?;
     let source = exactly_one(
         "nothing to run",
         [
@@ -221,7 +253,7 @@ async fn execute<B: Backend>(
             .definition(&name)
             .await?
             .ok_or_else(|| definition_not_found(&name, None))?,
-        (Source::Inline(inline), _) => inline.parse()?,
+        (Source::Inline(inline), _) => inline.parse(limits)?,
     };
     let plan = Plan::compile(&definition)?;
     let mut effective = definition.params.clone();
@@ -240,11 +272,15 @@ async fn execute<B: Backend>(
     let body = axum::Json(ExecuteResponse { workflow_id });
     // A replay started nothing, so it is not "accepted for processing" (202): it reports the
     // state of an earlier request, and the header lets a client tell the two apart.
-    Ok(if replayed {
+    let mut response = if replayed {
         (StatusCode::OK, [(IDEMPOTENT_REPLAYED_HEADER, "true")], body).into_response()
     } else {
         (StatusCode::ACCEPTED, body).into_response()
-    })
+    };
+    response
+        .extensions_mut()
+        .insert(AuditTarget::one("workflowId", workflow_id));
+    Ok(response)
 }
 
 async fn get_run<B: Backend>(
@@ -395,7 +431,7 @@ async fn list_runs<B: Backend>(
 }
 
 /// The `limit` of a listing: `default` when unset, else in `1..=max`.
-fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32, ApiError> {
+pub(crate) fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32, ApiError> {
     let limit = limit.unwrap_or(default);
     if (1..=max).contains(&limit) {
         Ok(limit)
@@ -408,6 +444,7 @@ fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32, ApiErro
 
 async fn register_definition<B: Backend>(
     State(backend): State<Arc<B>>,
+    State(limits): State<Limits>,
     Json(request): Json<RegisterDefinitionRequest>,
 ) -> Result<(StatusCode, axum::Json<DefinitionSummary>), ApiError> {
     let RegisterDefinitionRequest { definition, yaml } = request;
@@ -418,7 +455,7 @@ async fn register_definition<B: Backend>(
             ("yaml", yaml.map(Inline::Yaml)),
         ],
     )?
-    .parse()?;
+    .parse(limits)?;
     // Refuse what could never run, so that a registered name always names a valid workflow.
     Plan::compile(&definition)?;
     let summary = backend.register_definition(definition).await?;
@@ -590,7 +627,7 @@ async fn no_route(method: Method, uri: Uri) -> ApiError {
     ApiError::not_found(format!("no route for {method} {}", uri.path()))
 }
 
-async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+pub(crate) async fn wrong_method(method: Method, uri: Uri) -> ApiError {
     ApiError::new(
         Kind::MethodNotAllowed,
         format!("{} does not accept {method}", uri.path()),
@@ -613,11 +650,34 @@ enum Inline {
 }
 
 impl Inline {
-    fn parse(self) -> Result<Definition, ApiError> {
-        Ok(match self {
+    /// The definition, within `limits`: its size is checked before it is parsed, its steps after.
+    fn parse(self, limits: Limits) -> Result<Definition, ApiError> {
+        let size = match &self {
+            Self::Object(value) => serde_json::to_vec(value).map_or(0, |v| v.len()),
+            Self::Yaml(text) => text.len(),
+        };
+        Limits::check(
+            "the definition's size in bytes",
+            "maxDefinitionBytes",
+            limits.max_definition_bytes,
+            size,
+        )?;
+        let definition = match self {
             Self::Object(value) => Definition::from_value(value)?,
             Self::Yaml(text) => Definition::from_yaml(&text)?,
-        })
+        };
+        let steps = definition.steps.len()
+            + definition
+                .error_handling
+                .as_ref()
+                .map_or(0, |handling| handling.on_failure.len());
+        Limits::check(
+            "the definition's number of steps",
+            "maxSteps",
+            limits.max_steps,
+            steps,
+        )?;
+        Ok(definition)
     }
 }
 

@@ -4,6 +4,7 @@
 //! steps happens in a transaction that holds the run's row lock (see [`engine::lock_runs`]) and
 //! bumps the run's `version`, which is what lets a coordinator trust its cached state of a run.
 
+pub mod access;
 pub mod breakers;
 mod connect;
 pub mod dead_letters;

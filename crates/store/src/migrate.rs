@@ -23,6 +23,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     ),
     (15, include_str!("../migrations/0015_step_leases.sql")),
     (20, include_str!("../migrations/0020_breakers.sql")),
+    (30, include_str!("../migrations/0030_tokens_audit.sql")),
 ];
 
 /// Any fixed number works; it only has to be the same in every coordinator.

@@ -51,12 +51,15 @@ impl Bench {
             .log_to(logs)?
             .coordinator_env("FLOTILLA_DB_POOL_SIZE", "16")
             // A fan-out of 100,000 steps is a definition of about 8 MB.
-            .coordinator_env("FLOTILLA_MAX_BODY_BYTES", &(64 << 20).to_string());
+            .coordinator_env("FLOTILLA_MAX_BODY_BYTES", &(64 << 20).to_string())
+            .coordinator_env("FLOTILLA_MAX_DEFINITION_BYTES", &(64 << 20).to_string())
+            .coordinator_env("FLOTILLA_MAX_STEPS", "100000");
         fleet.start_coordinator().await?;
         let db = fleet.db().await?;
+        let http = fleet.http();
         let mut bench = Self {
             fleet,
-            http: reqwest::Client::new(),
+            http,
             db,
             busy_workers: Vec::new(),
         };

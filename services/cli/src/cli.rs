@@ -8,6 +8,7 @@ use reqwest::Url;
 use serde_json::Value;
 use uuid::Uuid;
 
+pub use crate::access::{AuditArgs, TokensCommand};
 use crate::params::{Param, parse_param};
 
 /// Run and inspect Flotilla workflows through the coordinator's HTTP API.
@@ -51,7 +52,8 @@ pub enum Command {
     /// The operator commands (cancel, pause, resume, retry, skip, complete) print the run's status
     /// once the action is done and exit 0; when the run's state does not allow the action they
     /// print why and exit 1. Each is recorded in the run's history (see `history`) as done by
-    /// $USER@<hostname> (HOSTNAME, or else /etc/hostname, names the host).
+    /// the credential's name "as $USER@<hostname>" (HOSTNAME, or else /etc/hostname, names the
+    /// host).
     #[command(subcommand)]
     Workflows(WorkflowsCommand),
     /// Register and list named workflow definitions.
@@ -67,6 +69,13 @@ pub enum Command {
     /// id is the definition's name).
     #[command(subcommand)]
     Schedules(SchedulesCommand),
+    /// Create, list and revoke API tokens (needs scope `admin`). The CLI sends the token in
+    /// FLOTILLA_API_TOKEN with every request.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+    /// Show the audit log, newest first: every state-changing request, who made it, from where,
+    /// and its answer (needs scope `admin`).
+    Audit(AuditArgs),
     /// Show the coordinator's main figures: runs by status, and per agent the attempts, errors,
     /// retries, dead letters, queued tasks and run times (p50, p95).
     ///

@@ -3,14 +3,15 @@
 use std::time::Duration;
 
 use flotilla_api_model::{
-    ACTOR_HEADER, BreakerList, BreakerSummary, CompleteRequest, DeadLetterList, DeadLetterQuery,
-    DefinitionDetail, DefinitionList, DefinitionSummary, DefinitionVersions, ErrorBody,
-    ExecuteRequest, ExecuteResponse, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER,
-    MetricsSummary, OperateResponse, Operation, RedriveRequest, RedriveResponse,
-    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, RunReport,
-    ScheduleList, ScheduleRequest, ScheduleSummary, Submitted, WorkflowResult,
+    ACTOR_HEADER, AuditPage, AuditQuery, BreakerList, BreakerSummary, CompleteRequest,
+    CreatedToken, DeadLetterList, DeadLetterQuery, DefinitionDetail, DefinitionList,
+    DefinitionSummary, DefinitionVersions, ErrorBody, ExecuteRequest, ExecuteResponse,
+    IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, MetricsSummary, NewTokenRequest,
+    OperateResponse, Operation, RedriveRequest, RedriveResponse, RegisterDefinitionRequest,
+    RetryRequest, RunEventList, RunPage, RunQuery, RunReport, ScheduleList, ScheduleRequest,
+    ScheduleSummary, Submitted, TokenList, TokenSummary, WorkflowResult,
 };
-use reqwest::header::HeaderMap;
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 use reqwest::{RequestBuilder, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
@@ -43,6 +44,8 @@ const EXECUTE_BACKOFF: Backoff = Backoff {
 pub enum ClientError {
     #[error("`{0}` is not an http:// or https:// URL")]
     BadUrl(Url),
+    #[error("FLOTILLA_API_TOKEN holds characters no HTTP header may carry")]
+    BadCredential,
     #[error("could not set up the HTTP client")]
     Setup(#[source] reqwest::Error),
     #[error(
@@ -156,7 +159,9 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(mut base: Url) -> Result<Self, ClientError> {
+    /// A client of the API at `base`, sending `credential` (an API token or a JWT) as
+    /// `Authorization: Bearer` with every request.
+    pub fn new(mut base: Url, credential: Option<&str>) -> Result<Self, ClientError> {
         if !matches!(base.scheme(), "http" | "https") {
             return Err(ClientError::BadUrl(base));
         }
@@ -167,9 +172,18 @@ impl Client {
         // reqwest is built without a TLS crypto provider of its own and refuses to build a client
         // until the process has one. An error only says one is installed already, which serves.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut headers = HeaderMap::new();
+        if let Some(credential) = credential {
+            let mut value = HeaderValue::from_str(&format!("Bearer {}", credential.trim()))
+                .map_err(|_| ClientError::BadCredential)?;
+            // Kept out of any debug output of the request.
+            value.set_sensitive(true);
+            headers.insert(AUTHORIZATION, value);
+        }
         // Each request sets its own timeout (see `exchange`).
         let http = reqwest::Client::builder()
             .user_agent(concat!("flotilla-cli/", env!("CARGO_PKG_VERSION")))
+            .default_headers(headers)
             .build()
             .map_err(ClientError::Setup)?;
         Ok(Self { http, base })
@@ -417,6 +431,45 @@ impl Client {
         Ok(String::from_utf8_lossy(&answer.body).into_owned())
     }
 
+    pub async fn create_token(
+        &self,
+        request: &NewTokenRequest,
+    ) -> Result<CreatedToken, ClientError> {
+        let url = self.url(&["tokens"]);
+        self.send(self.http.post(url.clone()).json(request), url)
+            .await
+    }
+
+    pub async fn tokens(&self) -> Result<TokenList, ClientError> {
+        let url = self.url(&["tokens"]);
+        self.send(self.http.get(url.clone()), url).await
+    }
+
+    pub async fn revoke_token(&self, id: Uuid) -> Result<TokenSummary, ClientError> {
+        let url = self.url(&["tokens", &id.to_string()]);
+        self.send(self.http.delete(url.clone()), url).await
+    }
+
+    pub async fn audit(&self, query: &AuditQuery) -> Result<AuditPage, ClientError> {
+        let mut url = self.url(&["audit"]);
+        {
+            let mut pairs = url.query_pairs_mut();
+            if let Some(since) = query.since {
+                pairs.append_pair("since", &since.to_rfc3339());
+            }
+            if let Some(actor) = &query.actor {
+                pairs.append_pair("actor", actor);
+            }
+            if let Some(limit) = query.limit {
+                pairs.append_pair("limit", &limit.to_string());
+            }
+            if let Some(cursor) = query.cursor {
+                pairs.append_pair("cursor", &cursor.to_string());
+            }
+        }
+        self.send(self.http.get(url.clone()), url).await
+    }
+
     /// `{base}/api/{segments...}`, each segment escaped.
     fn url(&self, segments: &[&str]) -> Url {
         let mut url = self.base.clone();
@@ -509,7 +562,7 @@ mod tests {
     use super::*;
 
     fn client(base: &str) -> Client {
-        Client::new(base.parse().unwrap()).unwrap()
+        Client::new(base.parse().unwrap(), None).unwrap()
     }
 
     #[test]
@@ -570,7 +623,7 @@ mod tests {
 
     #[test]
     fn only_http_urls_are_accepted() {
-        let err = Client::new("ftp://example/".parse().unwrap())
+        let err = Client::new("ftp://example/".parse().unwrap(), None)
             .err()
             .expect("ftp is refused");
         assert!(matches!(err, ClientError::BadUrl(_)), "{err}");

@@ -19,7 +19,7 @@ use crate::cli::{
 };
 use crate::client::{Client, ClientError};
 use crate::render;
-use crate::{actor, metrics, params};
+use crate::{access, actor, metrics, params};
 
 /// How often `--wait` asks for the run's state.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -39,7 +39,8 @@ pub enum Outcome {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
-    let client = Client::new(cli.url)?;
+    let credential = std::env::var(flotilla_api_model::API_TOKEN_ENV).ok();
+    let client = Client::new(cli.url, credential.as_deref())?;
     let output = cli.output;
     let jaeger = cli.jaeger_url.as_ref();
     match cli.command {
@@ -304,6 +305,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
             Ok(Outcome::Done)
         }
+        Command::Tokens(command) => access::tokens(&client, command, output).await,
+        Command::Audit(args) => access::audit(&client, args, output).await,
         Command::Dlq(DlqCommand::Redrive { ids, all }) => {
             let response = client.redrive(&RedriveRequest { ids, all }).await?;
             match output {
@@ -348,7 +351,7 @@ fn read(file: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(file).with_context(|| format!("could not read {}", file.display()))
 }
 
-fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }

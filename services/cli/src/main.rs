@@ -6,6 +6,7 @@
 //! (usage, an unreachable coordinator, a request the coordinator refused as malformed or naming
 //! nothing it knows).
 
+mod access;
 mod actor;
 mod cli;
 mod client;

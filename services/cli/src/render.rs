@@ -463,7 +463,7 @@ fn duration(ms: u64) -> String {
 
 /// Left-aligned columns two spaces apart. The last column is not padded, and its extra lines
 /// (a multi-line error) are indented to where it starts.
-fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     let columns = headers.len();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in &rows {

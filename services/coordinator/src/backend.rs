@@ -26,7 +26,7 @@ pub struct CoordinatorBackend {
     pub engine: EngineHandle,
 }
 
-fn store_error(e: flotilla_store::Error) -> BackendError {
+pub(crate) fn store_error(e: flotilla_store::Error) -> BackendError {
     if e.is_unavailable() {
         BackendError::Unavailable(format!("Postgres is unavailable: {e}"))
     } else {

@@ -2,10 +2,15 @@
 //! flags.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 use flotilla_core::breaker::BreakerConfig;
+
+/// The shortest `FLOTILLA_ADMIN_TOKEN` accepted, so that a placeholder left in a deployment
+/// (`CHANGE-ME`) stops the start instead of becoming the admin's password.
+const MIN_ADMIN_TOKEN_CHARS: usize = 32;
 
 /// Configuration of `flotilla-coordinator`.
 #[derive(Debug, Clone, Parser)]
@@ -97,9 +102,62 @@ pub struct Config {
     #[arg(long, env = "FLOTILLA_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Largest definition a request may give (its YAML or JSON), in bytes.
+    #[arg(long, env = "FLOTILLA_MAX_DEFINITION_BYTES", default_value_t = 1024 * 1024)]
+    pub max_definition_bytes: usize,
+
+    /// Most steps a definition may have (`on_failure` handlers included).
+    #[arg(long, env = "FLOTILLA_MAX_STEPS", default_value_t = 10_000)]
+    pub max_steps: usize,
+
+    /// Largest `params` of a run request, as JSON, in bytes.
+    #[arg(long, env = "FLOTILLA_MAX_PARAMS_BYTES", default_value_t = 256 * 1024)]
+    pub max_params_bytes: usize,
+
     /// Seconds a shutdown waits for work in progress.
     #[arg(long, env = "FLOTILLA_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+
+    /// Serve the API to anyone, without credentials, as `anonymous` with every scope: for local
+    /// experiments only, so the API must listen on a loopback address.
+    #[arg(long, env = "FLOTILLA_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
+    /// An API token with scope `admin` to create at start (if no token of that value exists),
+    /// instead of the one generated and printed at a first start.
+    #[arg(long, env = "FLOTILLA_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Accept JWTs signed with HS256 by this secret (at least 32 bytes).
+    #[arg(long, env = "FLOTILLA_JWT_HS256_SECRET", hide_env_values = true)]
+    pub jwt_hs256_secret: Option<String>,
+
+    /// Accept JWTs signed with RS256 by the keys of these PEM public key files
+    /// (comma-separated).
+    #[arg(long, env = "FLOTILLA_JWT_RS256_KEYS", value_delimiter = ',')]
+    pub jwt_rs256_keys: Vec<PathBuf>,
+
+    /// Accept JWTs signed with ES256 (P-256) by the keys of these PEM public key files
+    /// (comma-separated).
+    #[arg(long, env = "FLOTILLA_JWT_ES256_KEYS", value_delimiter = ',')]
+    pub jwt_es256_keys: Vec<PathBuf>,
+
+    /// The `iss` every JWT must have; needed when JWT keys are configured.
+    #[arg(long, env = "FLOTILLA_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// The `aud` every JWT must have; needed when JWT keys are configured.
+    #[arg(long, env = "FLOTILLA_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Require a credential (scope `read`) for `/metrics` too.
+    #[arg(long, env = "FLOTILLA_PROTECT_METRICS")]
+    pub protect_metrics: bool,
+
+    /// Take the client's address for the audit log from the last `X-Forwarded-For` entry: only
+    /// behind a proxy that sets it.
+    #[arg(long, env = "FLOTILLA_TRUST_FORWARDED_FOR")]
+    pub trust_forwarded_for: bool,
 
     /// Print the effective configuration (passwords hidden) and exit.
     #[arg(long)]
@@ -133,6 +191,40 @@ impl Config {
         };
         breaker.validate().map_err(anyhow::Error::msg)?;
         Ok(Some(breaker))
+    }
+
+    /// Whether any JWT key is configured.
+    pub fn accepts_jwts(&self) -> bool {
+        self.jwt_hs256_secret.is_some()
+            || !self.jwt_rs256_keys.is_empty()
+            || !self.jwt_es256_keys.is_empty()
+    }
+
+    /// Refuses settings that cannot work together, before anything starts.
+    pub fn check(&self) -> Result<(), String> {
+        if self.insecure_no_auth && !self.bind.is_loopback() {
+            return Err(format!(
+                "--insecure-no-auth (FLOTILLA_INSECURE_NO_AUTH) serves the API to anyone, so it \
+                 listens only on a loopback address, not {}: set FLOTILLA_BIND=127.0.0.1, or \
+                 leave authentication on",
+                self.bind
+            ));
+        }
+        if let Some(token) = self.admin_token.as_ref().filter(|t| !t.is_empty())
+            && token.chars().count() < MIN_ADMIN_TOKEN_CHARS
+        {
+            return Err(format!(
+                "FLOTILLA_ADMIN_TOKEN has {} characters: an admin token needs at least \
+                 {MIN_ADMIN_TOKEN_CHARS} (e.g. `flt_` and 64 random hex digits)",
+                token.chars().count()
+            ));
+        }
+        if self.accepts_jwts() && (self.jwt_issuer.is_none() || self.jwt_audience.is_none()) {
+            return Err("JWT keys are configured, so FLOTILLA_JWT_ISSUER and \
+                        FLOTILLA_JWT_AUDIENCE must say which tokens are meant for this API"
+                .into());
+        }
+        Ok(())
     }
 
     /// The effective configuration as `KEY=value` lines, passwords hidden.
@@ -178,14 +270,57 @@ impl Config {
             ),
             ("FLOTILLA_MAX_BODY_BYTES", self.max_body_bytes.to_string()),
             (
+                "FLOTILLA_MAX_DEFINITION_BYTES",
+                self.max_definition_bytes.to_string(),
+            ),
+            ("FLOTILLA_MAX_STEPS", self.max_steps.to_string()),
+            (
+                "FLOTILLA_MAX_PARAMS_BYTES",
+                self.max_params_bytes.to_string(),
+            ),
+            (
                 "FLOTILLA_SHUTDOWN_GRACE_SECS",
                 self.shutdown_grace_secs.to_string(),
+            ),
+            (
+                "FLOTILLA_INSECURE_NO_AUTH",
+                self.insecure_no_auth.to_string(),
+            ),
+            ("FLOTILLA_ADMIN_TOKEN", hidden(self.admin_token.is_some())),
+            (
+                "FLOTILLA_JWT_HS256_SECRET",
+                hidden(self.jwt_hs256_secret.is_some()),
+            ),
+            ("FLOTILLA_JWT_RS256_KEYS", paths(&self.jwt_rs256_keys)),
+            ("FLOTILLA_JWT_ES256_KEYS", paths(&self.jwt_es256_keys)),
+            (
+                "FLOTILLA_JWT_ISSUER",
+                self.jwt_issuer.clone().unwrap_or_default(),
+            ),
+            (
+                "FLOTILLA_JWT_AUDIENCE",
+                self.jwt_audience.clone().unwrap_or_default(),
+            ),
+            ("FLOTILLA_PROTECT_METRICS", self.protect_metrics.to_string()),
+            (
+                "FLOTILLA_TRUST_FORWARDED_FOR",
+                self.trust_forwarded_for.to_string(),
             ),
         ]
         .iter()
         .map(|(k, v)| format!("{k}={v}\n"))
         .collect()
     }
+}
+
+/// A secret's place in the dump: whether it is set, never its value.
+fn hidden(set: bool) -> String {
+    if set { "***".into() } else { String::new() }
+}
+
+fn paths(paths: &[PathBuf]) -> String {
+    let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    shown.join(",")
 }
 
 #[cfg(test)]
@@ -226,5 +361,56 @@ mod tests {
         assert!(error.to_string().contains("minimum of attempts"), "{error}");
         let error = parse(&["--breaker-cool-down", "soon"]).unwrap_err();
         assert!(error.to_string().contains("not a duration"), "{error}");
+    }
+
+    fn config(args: &[&str]) -> Config {
+        parse(args).unwrap()
+    }
+
+    #[test]
+    fn insecure_no_auth_is_for_loopback_addresses_only() {
+        assert!(config(&["--insecure-no-auth"]).check().is_ok());
+        assert!(
+            config(&["--insecure-no-auth", "--bind", "::1"])
+                .check()
+                .is_ok()
+        );
+        let err = config(&["--insecure-no-auth", "--bind", "0.0.0.0"])
+            .check()
+            .unwrap_err();
+        assert!(err.contains("loopback") && err.contains("0.0.0.0"), "{err}");
+        assert!(config(&["--bind", "0.0.0.0"]).check().is_ok());
+    }
+
+    #[test]
+    fn a_placeholder_admin_token_and_jwt_keys_without_issuer_are_refused() {
+        let err = config(&["--admin-token", "CHANGE-ME"]).check().unwrap_err();
+        assert!(err.contains("at least 32"), "{err}");
+        let long = format!("flt_{}", "a".repeat(64));
+        assert!(config(&["--admin-token", &long]).check().is_ok());
+        let secret = "s".repeat(32);
+        let err = config(&["--jwt-hs256-secret", &secret])
+            .check()
+            .unwrap_err();
+        assert!(err.contains("FLOTILLA_JWT_ISSUER"), "{err}");
+        let with_claims = config(&[
+            "--jwt-hs256-secret",
+            &secret,
+            "--jwt-issuer",
+            "i",
+            "--jwt-audience",
+            "a",
+        ]);
+        assert!(with_claims.check().is_ok());
+    }
+
+    #[test]
+    fn the_dump_hides_the_admin_token_and_the_jwt_secret() {
+        let token = format!("flt_{}", "b".repeat(64));
+        let secret = "the secret of the coordinator's HS256 JWTs";
+        let dump = config(&["--admin-token", &token, "--jwt-hs256-secret", secret]).dump();
+        assert!(!dump.contains(&token) && !dump.contains(secret), "{dump}");
+        assert!(dump.contains("FLOTILLA_ADMIN_TOKEN=***\n"), "{dump}");
+        assert!(dump.contains("FLOTILLA_JWT_HS256_SECRET=***\n"), "{dump}");
     }
 }

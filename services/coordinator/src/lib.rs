@@ -2,6 +2,7 @@
 //! timer, the results consumer, the notify agent and the HTTP API together, and shuts them down
 //! in order.
 
+mod access;
 mod backend;
 pub mod config;
 mod health;
@@ -42,6 +43,7 @@ pub async fn run(
         connect_timeout: Duration::from_secs(10),
     })
     .await?;
+    access::ensure_admin(&store, &config).await?;
     let broker = BrokerConfig {
         url: config.amqp_url.clone(),
         prefix: config.queue_prefix.clone(),
@@ -178,12 +180,17 @@ pub async fn run(
         broker.clone(),
         metrics,
     ));
-    let app = flotilla_api::router_with_health(
-        backend,
-        probe,
-        flotilla_api::Limits {
-            max_body_bytes: config.max_body_bytes,
-        },
+    let limits = flotilla_api::Limits {
+        max_body_bytes: config.max_body_bytes,
+        max_definition_bytes: config.max_definition_bytes,
+        max_steps: config.max_steps,
+        max_params_bytes: config.max_params_bytes,
+    };
+    let guard = access::guard(&config, backend.clone())?;
+    let app = flotilla_api::secure(
+        flotilla_api::router_with_health(backend, probe, limits),
+        guard,
+        limits,
     );
     let address = listener.local_addr()?;
     tracing::info!(%address, database = %flotilla_core::redact_url(&config.database_url), broker = %broker.redacted_url(), prefix = %names.prefix(), "coordinator ready");

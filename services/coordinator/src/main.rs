@@ -11,6 +11,10 @@ async fn main() -> ExitCode {
         print!("{}", config.dump());
         return ExitCode::SUCCESS;
     }
+    if let Err(e) = config.check() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     // One process-wide TLS provider for outgoing HTTPS (webhooks, OTLP).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let tracing = match flotilla_telemetry::init("flotilla-coordinator") {

@@ -787,6 +787,7 @@ async fn body_over_the_limit_is_413() {
         FakeBackend::default(),
         Limits {
             max_body_bytes: 256,
+            ..Limits::default()
         },
     );
     let yaml = format!("{SEED}# {}\n", "x".repeat(1024));
@@ -806,6 +807,72 @@ async fn body_over_the_limit_is_413() {
         .post("/api/workflows/execute", json!({"yaml": yaml}))
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
+async fn definitions_steps_and_params_over_their_limits_are_413_naming_the_limit() {
+    let limits = Limits {
+        max_definition_bytes: 400,
+        max_steps: 2,
+        max_params_bytes: 64,
+        ..Limits::default()
+    };
+    let api = Api::with_limits(FakeBackend::default(), limits);
+    let three = format!(
+        "{SEED}  - id: third\n    agent: agent6\n    action: scaffold_project\n    depends_on: [deploy]\n"
+    );
+    let cases = [
+        (
+            "/api/workflows/execute",
+            json!({"yaml": format!("{SEED}# {}\n", "x".repeat(400))}),
+            "maxDefinitionBytes",
+            400,
+        ),
+        (
+            "/api/definitions",
+            json!({"yaml": format!("{SEED}# {}\n", "x".repeat(400))}),
+            "maxDefinitionBytes",
+            400,
+        ),
+        (
+            "/api/workflows/execute",
+            json!({"definition": Definition::from_yaml(&three).unwrap()}),
+            "maxSteps",
+            2,
+        ),
+        (
+            "/api/workflows/execute",
+            json!({"yaml": SEED, "params": {"padding": "x".repeat(64)}}),
+            "maxParamsBytes",
+            64,
+        ),
+    ];
+    for (path, request, limit, max) in cases {
+        let (status, body) = api.post(path, request).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{limit}: {body}");
+        let err = error(body).error;
+        assert_eq!(err.code, "payload_too_large");
+        assert!(err.message.contains(limit), "{}", err.message);
+        let details = err.details.unwrap();
+        assert_eq!(
+            (&details["limit"], &details["max"]),
+            (&json!(limit), &json!(max))
+        );
+        assert!(details["actual"].as_u64().unwrap() > max, "{details}");
+    }
+    {
+        let state = api.backend.state();
+        assert!(state.submissions.is_empty() && state.definitions.is_empty());
+    }
+
+    // At the limits, the same requests pass.
+    let (status, body) = api
+        .post(
+            "/api/workflows/execute",
+            json!({"yaml": SEED, "params": {"env": "prod"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
 }
 
 #[tokio::test]
@@ -1788,7 +1855,13 @@ async fn malformed_operator_requests_are_400() {
 
 #[tokio::test]
 async fn an_optional_body_over_the_limit_is_413() {
-    let api = Api::with_limits(run_in("running"), Limits { max_body_bytes: 64 });
+    let api = Api::with_limits(
+        run_in("running"),
+        Limits {
+            max_body_bytes: 64,
+            ..Limits::default()
+        },
+    );
     let (status, body) = api
         .post(
             &format!("/api/workflows/{RUN}/pause"),
