@@ -39,6 +39,15 @@ pub struct ExecuteRequest {
     /// Run params; each overrides the definition's default of the same name.
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub params: Map<String, Value>,
+    /// Run only these steps (by step id); the others end `skipped`, saying
+    /// `not selected: --only …`. A selected step whose dependencies are left out starts without
+    /// waiting for them, as after an operator's skip of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub only: Vec<String>,
+    /// Leave these steps out (by step id): they end `skipped`, saying `skipped: --skip …`, and
+    /// their dependents run. With `only`, leaves steps out of those selected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skip: Vec<String>,
 }
 
 /// The answer to [`ExecuteRequest`]: the run was accepted and will proceed in the background.
@@ -152,6 +161,15 @@ pub struct WorkflowResult {
     /// The effective run params: the definition's defaults overlaid with those submitted.
     #[serde(default)]
     pub params: Map<String, Value>,
+    /// The steps the submission selected with `only` (see [`ExecuteRequest::only`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub only: Vec<String>,
+    /// The steps the submission left out with `skip`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skip: Vec<String>,
+    /// Why the run failed when no step's failure says it, e.g. `workflow timed out after 5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     pub steps: Vec<StepResult>,
     pub metrics: Metrics,
 }
@@ -839,6 +857,9 @@ mod tests {
                 .as_object()
                 .unwrap()
                 .clone(),
+            only: vec!["scaffold".into()],
+            skip: Vec::new(),
+            error: Some("workflow timed out after 5m".into()),
             steps: vec![finished_step()],
             metrics: Metrics {
                 total_steps: 1,
@@ -872,6 +893,8 @@ mod tests {
                 "endTime",
                 "duration",
                 "params",
+                "only",
+                "error",
                 "steps",
                 "metrics",
             ])

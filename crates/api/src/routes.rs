@@ -17,7 +17,7 @@ use flotilla_api_model::{
     Submitted, SummaryQuery, WorkflowResult,
 };
 use flotilla_core::schedule::{Missed, Overlap, Schedule};
-use flotilla_core::{Definition, Plan, RunStatus};
+use flotilla_core::{Definition, Plan, RunStatus, Subset};
 use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
@@ -186,6 +186,8 @@ async fn execute<B: Backend>(
         definition,
         yaml,
         params,
+        only,
+        skip,
     } = request;
     if version.is_some() && workflow.is_none() {
         return Err(ApiError::invalid_request(
@@ -222,6 +224,10 @@ async fn execute<B: Backend>(
         (Source::Inline(inline), _) => inline.parse()?,
     };
     let plan = Plan::compile(&definition)?;
+    let subset = Subset { only, skip };
+    subset
+        .check(&plan)
+        .map_err(|e| ApiError::invalid_request(e.to_string()))?;
     let mut effective = definition.params.clone();
     effective.extend(params);
     let Submitted {
@@ -232,6 +238,7 @@ async fn execute<B: Backend>(
             definition,
             plan,
             params: effective,
+            subset,
             idempotency_key,
         })
         .await?;

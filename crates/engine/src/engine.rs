@@ -8,7 +8,9 @@ use chrono::{DateTime, Utc};
 use flotilla_broker::Delivery;
 use flotilla_core::plan::{ESCALATION_SUFFIX, NOTIFY_ACTION, NOTIFY_AGENT};
 use flotilla_core::scheduler::Transition;
-use flotilla_core::{Definition, Effect, Event, Outcome, Plan, RunState, RunStatus, Strike};
+use flotilla_core::{
+    Definition, Effect, Event, Outcome, Plan, RunState, RunStatus, Strike, Subset,
+};
 use flotilla_proto::{Cancel, PROTOCOL_VERSION, QueueNames, ResultStatus, Task, TaskResult};
 use flotilla_store::dead_letters::{self, DeadLetter};
 use flotilla_store::definitions::Content;
@@ -83,6 +85,8 @@ pub struct NewRun {
     pub plan: Arc<Plan>,
     /// The effective run params.
     pub params: Map<String, Value>,
+    /// The steps to run or leave out, checked against `plan`.
+    pub subset: Subset,
     /// A repeat of a submission with the same key answers the first one's run.
     pub idempotency_key: Option<String>,
 }
@@ -514,7 +518,19 @@ impl Engine {
                     let content = Content::of(&run.definition);
                     let mut state = RunState::new(id, &run.plan, run.params.clone());
                     state.max_instances = self.config.max_instances;
+                    state.subset = run.subset.clone();
                     let t = state.apply(&run.plan, Event::Start, now);
+                    if !run.subset.is_empty() {
+                        // The history says why steps were skipped before anything ran.
+                        pending.events.push(RunEvent {
+                            run_id: id,
+                            at: now,
+                            actor: ENGINE_ACTOR.into(),
+                            action: "subset".into(),
+                            step_id: None,
+                            detail: Some(json!({"only": run.subset.only, "skip": run.subset.skip})),
+                        });
+                    }
                     pending.effects(&run.plan, &state, &t);
                     pending.create(&run.plan, &state, &content.hash);
                     self.plans
@@ -901,6 +917,7 @@ impl Engine {
             state.max_instances = self.config.max_instances;
             state.deadline = run.deadline;
             state.error = run.error;
+            state.subset = run.subset;
             self.runs.insert(
                 run.id,
                 CachedRun {
@@ -988,6 +1005,7 @@ impl Pending<'_> {
             ended_at: state.ended_at,
             deadline: state.deadline,
             error: state.error.clone(),
+            subset: state.subset.clone(),
         });
         for (idx, step) in state.steps.iter().enumerate() {
             self.batch.new_steps.push((

@@ -105,6 +105,7 @@ async fn tick(
             definition,
             plan: Arc::new(plan),
             params,
+            subset: Default::default(),
             idempotency_key: Some(format!(
                 "schedule:{}:{}",
                 due.name,

@@ -16,6 +16,10 @@ pub struct RunRecord {
     pub params: Value,
     pub created_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
+    /// Why the run failed, when no step's failure says it.
+    pub error: Option<String>,
+    /// The steps its submission selected or left out.
+    pub subset: flotilla_core::Subset,
 }
 
 /// A step's row.
@@ -43,6 +47,8 @@ fn run_record(r: &tokio_postgres::Row) -> RunRecord {
         params: r.get(3),
         created_at: r.get(4),
         ended_at: r.get(5),
+        error: r.get(6),
+        subset: crate::engine::subset_from_json(r.get(7)),
     }
 }
 
@@ -53,7 +59,8 @@ pub async fn run(
 ) -> Result<Option<(RunRecord, Vec<StepRecord>)>, Error> {
     let run_stmt = client
         .prepare_cached(
-            "SELECT id, name, status, params, created_at, ended_at FROM runs WHERE id = $1",
+            "SELECT id, name, status, params, created_at, ended_at, error, subset
+             FROM runs WHERE id = $1",
         )
         .await?;
     let Some(run) = client.query_opt(&run_stmt, &[&id]).await? else {
@@ -156,7 +163,7 @@ pub async fn list_runs(
     };
     let stmt = client
         .prepare_cached(
-            "SELECT id, name, status, params, created_at, ended_at FROM runs
+            "SELECT id, name, status, params, created_at, ended_at, error, subset FROM runs
              WHERE ($1::text IS NULL OR status = $1)
                AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
              ORDER BY created_at DESC, id DESC LIMIT $4",

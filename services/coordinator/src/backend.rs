@@ -103,6 +103,9 @@ fn workflow_result(run: RunRecord, steps: Vec<StepRecord>) -> WorkflowResult {
             Value::Object(map) => map,
             _ => Default::default(),
         },
+        only: run.subset.only,
+        skip: run.subset.skip,
+        error: run.error,
         steps,
         metrics,
     }
@@ -138,6 +141,7 @@ impl Backend for CoordinatorBackend {
                 definition: submission.definition,
                 plan: Arc::new(submission.plan),
                 params: submission.params,
+                subset: submission.subset,
                 idempotency_key: submission.idempotency_key,
             })
             .await
@@ -555,6 +559,8 @@ mod tests {
             params: Value::Null,
             created_at: DateTime::from_timestamp_micros(1_800_000_000_123_456).unwrap(),
             ended_at: None,
+            error: None,
+            subset: Default::default(),
         };
         assert_eq!(
             decode_cursor(&encode_cursor(&run)).unwrap(),
