@@ -98,6 +98,30 @@ steps:
     println!(
         "for_each: {ITEMS} items, max_parallel {MAX_PARALLEL}, {elapsed:?}, at most {overlap} at once"
     );
+
+    // The report spans the fan-out's instances, first start to last end, and counts them.
+    let (status, stdout, stderr) = fleet
+        .cli(&["workflows", "report", &id.to_string(), "-o", "json"])
+        .await?;
+    assert!(status.success(), "{stderr}");
+    let report: flotilla_api_model::RunReport = serde_json::from_str(&stdout)?;
+    let each = report.steps.iter().find(|s| s.step_id == "each").unwrap();
+    assert_eq!(each.instances, [("success".to_string(), ITEMS)].into());
+    let span: (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) = {
+        let row = db
+            .query_one(
+                "SELECT min(a.started_at), max(a.finished_at) FROM attempts a
+                 JOIN steps s USING (run_id, idx) WHERE s.run_id = $1 AND s.instance_of IS NOT NULL",
+                &[&id],
+            )
+            .await?;
+        (row.get(0), row.get(1))
+    };
+    let expected = u64::try_from((span.1 - span.0).num_milliseconds())?;
+    assert!(expected > 0);
+    assert_eq!(each.run_ms, expected, "{each:?}");
+    let (_, text, _) = fleet.cli(&["workflows", "report", &id.to_string()]).await?;
+    assert!(text.contains("each instances: 1000 success"), "{text}");
     fleet.stop().await
 }
 
@@ -144,6 +168,8 @@ async fn a_run_past_its_workflow_timeout_fails_after_its_handlers_ran() -> anyho
         );
     }
     assert_eq!(step(&run, "cleanup").status, "success", "the handler ran");
+    // The run's own error is in its view, since no step's failure says it.
+    assert_eq!(run.error.as_deref(), Some("workflow timed out after 2s"));
     let db = fleet.db().await?;
     let row = db
         .query_one("SELECT error, deadline FROM runs WHERE id = $1", &[&id])

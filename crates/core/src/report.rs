@@ -136,6 +136,21 @@ pub fn step_times(attempts: &[AttemptTimes]) -> (chrono::Duration, chrono::Durat
     (queued, ran)
 }
 
+/// From the first start to the last finish of the attempts that started: the time a group of
+/// attempts (the instances of a `for_each` step) spans; zero when none finished.
+pub fn span_of(attempts: &[AttemptTimes]) -> chrono::Duration {
+    let first = attempts.iter().filter_map(|a| a.started).min();
+    let last = attempts
+        .iter()
+        .filter(|a| a.started.is_some())
+        .filter_map(|a| a.finished)
+        .max();
+    match (first, last) {
+        (Some(first), Some(last)) => (last - first).max(chrono::Duration::zero()),
+        _ => chrono::Duration::zero(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +253,9 @@ mod tests {
             (queued.num_milliseconds(), ran.num_milliseconds()),
             (150, 600)
         );
+        // As instances of one step: from the first start to the last finish.
+        assert_eq!(span_of(&attempts).num_milliseconds(), 1_150);
+        assert_eq!(span_of(&attempts[2..]), chrono::Duration::zero());
         assert_eq!(
             step_times(&[]),
             (chrono::Duration::zero(), chrono::Duration::zero())

@@ -37,6 +37,8 @@ pub struct StepRecord {
     pub error: Option<String>,
     /// The strike the step reached: 1 its retries, 2 its fallback, 3 escalated.
     pub strike: i16,
+    /// For an instance of a `for_each` step, the position of its step in the plan.
+    pub instance_of: Option<i32>,
 }
 
 fn run_record(r: &tokio_postgres::Row) -> RunRecord {
@@ -69,7 +71,7 @@ pub async fn run(
     let steps_stmt = client
         .prepare_cached(
             "SELECT step_id, agent, action, status, attempt, wake_at, started_at, ended_at, output, error,
-                    strike
+                    strike, instance_of
              FROM steps WHERE run_id = $1 ORDER BY idx",
         )
         .await?;
@@ -89,6 +91,7 @@ pub async fn run(
             output: r.get(8),
             error: r.get(9),
             strike: r.get(10),
+            instance_of: r.get(11),
         })
         .collect();
     Ok(Some((run_record(&run), steps)))
@@ -106,6 +109,10 @@ pub struct AttemptRecord {
     pub finished_at: Option<DateTime<Utc>>,
     pub worker: Option<String>,
     pub error: Option<String>,
+    /// The strike the attempt belonged to (1 retries, 2 fallback).
+    pub strike: i16,
+    /// The agent it called; absent for attempts recorded before this was.
+    pub agent: Option<String>,
 }
 
 /// The definition a run started with (its stored content), and every attempt of its steps in
@@ -125,7 +132,8 @@ pub async fn run_attempts(
     };
     let stmt = client
         .prepare_cached(
-            "SELECT idx, attempt, status, dispatched_at, started_at, finished_at, worker, error
+            "SELECT idx, attempt, status, dispatched_at, started_at, finished_at, worker, error,
+                    strike, agent
              FROM attempts WHERE run_id = $1 ORDER BY idx, attempt",
         )
         .await?;
@@ -142,6 +150,8 @@ pub async fn run_attempts(
             finished_at: r.get(5),
             worker: r.get(6),
             error: r.get(7),
+            strike: r.get(8),
+            agent: r.get(9),
         })
         .collect();
     Ok(Some((definition.get(0), attempts)))

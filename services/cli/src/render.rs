@@ -223,7 +223,62 @@ pub fn report(r: &RunReport) -> String {
             }
         }
     }
+    for step in &r.steps {
+        if !step.instances.is_empty() {
+            let counts: Vec<String> = step
+                .instances
+                .iter()
+                .map(|(status, n)| format!("{n} {status}"))
+                .collect();
+            let _ = writeln!(out, "{} instances: {}", step.step_id, counts.join(", "));
+        }
+        // A step that went no further than its own attempts says all in the table.
+        if step.strikes.iter().all(|s| s.strike == 1) && step.strikes.len() <= 1 {
+            continue;
+        }
+        for s in &step.strikes {
+            let _ = writeln!(out, "{} {}", step.step_id, strike(s));
+        }
+    }
     out
+}
+
+/// One strike of a step, on one line.
+fn strike(s: &flotilla_api_model::StrikeReport) -> String {
+    if s.strike == 3 {
+        let mut line = format!(
+            "strike 3: escalated to {}",
+            s.channel.as_deref().unwrap_or("-")
+        );
+        if let Some(result) = &s.result {
+            let _ = write!(line, ", {result}");
+        }
+        match &s.operator {
+            Some(op) => {
+                let _ = write!(
+                    line,
+                    "; then {} by {} at {}",
+                    op.action,
+                    op.actor,
+                    time(op.at)
+                );
+            }
+            None => line.push_str("; waiting for an operator"),
+        }
+        return line;
+    }
+    let attempts: Vec<String> = s.attempts.iter().map(u32::to_string).collect();
+    let mut line = format!(
+        "strike {}: {}.{}, attempts {}",
+        s.strike,
+        s.agent.as_deref().unwrap_or("-"),
+        s.action.as_deref().unwrap_or("-"),
+        attempts.join(", ")
+    );
+    if let Some(result) = &s.result {
+        let _ = write!(line, ": {result}");
+    }
+    line
 }
 
 /// The schedules, one line each.
