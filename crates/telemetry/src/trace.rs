@@ -297,6 +297,12 @@ pub fn attempt_traceparent(run_id: u128, step_id: &str, attempt: u32) -> Option<
     ))
 }
 
+/// The trace id of a run, as a `trace_id` field of its log lines and as Jaeger shows it: the
+/// run id's 32 hex digits.
+pub fn trace_id_of(run_id: u128) -> String {
+    TraceId::from(run_id).to_string()
+}
+
 /// The W3C `tracestate` that goes with [`attempt_traceparent`]; `None` when tracing is off.
 pub fn attempt_tracestate(run_id: u128) -> Option<String> {
     SAMPLER.get()?;
