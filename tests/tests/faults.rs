@@ -24,7 +24,7 @@ use std::time::Duration;
 use flotilla_tests::audit::{self, Expected, Figures};
 use flotilla_tests::process::{self, SIGABRT, SIGKILL};
 use flotilla_tests::workload::{
-    Dice, Patience, Waited, Workflow, poll_until, wait_for_progress, wait_for_runs,
+    Dice, Patience, Waited, Workflow, eventually, poll_until, wait_for_progress, wait_for_runs,
 };
 use flotilla_tests::{Fleet, Launch, Signal, services};
 use serde_json::json;
@@ -356,14 +356,33 @@ async fn coordinator_crashes_between_commit_and_publish() -> anyhow::Result<()> 
 
 /// 4. RabbitMQ restarts (`rabbitmqctl stop_app` … `start_app`) under a big run: workers and
 ///    coordinator must reconnect rather than exit (they are supervised, so the workload still
-///    ends if they exit — but that counts as a failure), and nothing is lost.
+///    ends if they exit — but that counts as a failure), and nothing is lost. The coordinator's
+///    readiness answers 503 naming RabbitMQ while it is stopped, and 200 once it is back.
 #[tokio::test]
 async fn rabbitmq_restarts_during_a_run() -> anyhow::Result<()> {
-    let outage = |_n| async {
+    let outage = |_n, coordinator: String| async move {
         let outage = services::rabbitmq_stop().await?;
+        let ready = format!("{coordinator}/health/ready");
+        let readiness = || async {
+            let response = reqwest::get(&ready).await?;
+            Ok::<_, anyhow::Error>((response.status().as_u16(), response.text().await?))
+        };
+        eventually(
+            Duration::from_secs(30),
+            "readiness to fail naming RabbitMQ",
+            || async {
+                let (status, body) = readiness().await?;
+                Ok((status == 503 && body.contains("rabbitmq")).then_some(()))
+            },
+        )
+        .await?;
         // How long the broker stays away: pacing of the fault.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        outage.end().await
+        outage.end().await?;
+        eventually(Duration::from_secs(60), "readiness to recover", || async {
+            Ok((readiness().await?.0 == 200).then_some(()))
+        })
+        .await
     };
     outages_during_a_run(
         "rabbitmq-restart",
@@ -380,7 +399,7 @@ async fn rabbitmq_restarts_during_a_run() -> anyhow::Result<()> {
 ///    the pool reconnects, and nothing is lost or recorded twice.
 #[tokio::test]
 async fn postgres_restarts_during_a_run() -> anyhow::Result<()> {
-    let outage = |n: usize| async move {
+    let outage = |n: usize, _coordinator| async move {
         if n.is_multiple_of(2) {
             // A longer outage: stopped for a few seconds (pacing of the fault).
             let outage = services::postgres_stop().await?;
@@ -401,8 +420,9 @@ async fn postgres_restarts_during_a_run() -> anyhow::Result<()> {
     .await
 }
 
-/// A fan-out on two coordinators and four supervised workers, with `outage(n)` struck at evenly
-/// spaced points of its progress; no process may exit, nothing may be lost.
+/// A fan-out on two coordinators and four supervised workers, with `outage(n, the first
+/// coordinator's URL)` struck at evenly spaced points of its progress; no process may exit,
+/// nothing may be lost.
 async fn outages_during_a_run<F, Fut>(
     scenario: &str,
     seed: u64,
@@ -412,7 +432,7 @@ async fn outages_during_a_run<F, Fut>(
     mut outage: F,
 ) -> anyhow::Result<()>
 where
-    F: FnMut(usize) -> Fut,
+    F: FnMut(usize, String) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let (mut fleet, _serial) = fleet(scenario).await?;
@@ -443,7 +463,7 @@ where
             break;
         }
         baseline.get_or_insert_with(|| exit_counts(&fleet));
-        outage(n).await?;
+        outage(n, fleet.url()).await?;
         done += 1;
     }
     let mut waited = wait_for_runs(&fleet, &runs, patience(180, 900)).await;

@@ -513,12 +513,20 @@ async fn no_password_in_logs(format: &str) -> anyhow::Result<()> {
             lines.iter().any(|l| l.contains("\"step_id\"")),
             "some line is about a step"
         );
-        // The worker's lines within the task carry the run's trace id.
+        // The worker's lines within the task carry the run's trace id, and so does the
+        // coordinator's line about the run's end.
         let trace_id = format!("\"trace_id\":\"{}\"", id.simple());
         assert!(
-            lines.iter().any(|l| l.contains(&trace_id)),
-            "no line carries {trace_id}"
+            lines
+                .iter()
+                .any(|l| l.contains(&trace_id) && l.contains("worker.task")),
+            "no worker line carries {trace_id}"
         );
+        let run_ended = lines
+            .iter()
+            .find(|l| l.contains("run ended") && l.contains(&id.to_string()))
+            .context("the coordinator's line about the run's end")?;
+        assert!(run_ended.contains(&trace_id), "{run_ended}");
     }
     fleet.cleanup().await?;
     std::fs::remove_dir_all(&logs)?;

@@ -1,5 +1,5 @@
-//! Workflow semantics end to end: `for_each` fan-outs and workflow timeouts, against the real coordinator, echo
-//! workers, Postgres and RabbitMQ.
+//! Workflow semantics end to end: `for_each` fan-outs, workflow timeouts and runs of a subset
+//! (`--only` / `--skip`), against the real coordinator, echo workers, Postgres and RabbitMQ.
 
 use std::time::Duration;
 
@@ -98,6 +98,30 @@ steps:
     println!(
         "for_each: {ITEMS} items, max_parallel {MAX_PARALLEL}, {elapsed:?}, at most {overlap} at once"
     );
+
+    // The report spans the fan-out's instances, first start to last end, and counts them.
+    let (status, stdout, stderr) = fleet
+        .cli(&["workflows", "report", &id.to_string(), "-o", "json"])
+        .await?;
+    assert!(status.success(), "{stderr}");
+    let report: flotilla_api_model::RunReport = serde_json::from_str(&stdout)?;
+    let each = report.steps.iter().find(|s| s.step_id == "each").unwrap();
+    assert_eq!(each.instances, [("success".to_string(), ITEMS)].into());
+    let span: (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) = {
+        let row = db
+            .query_one(
+                "SELECT min(a.started_at), max(a.finished_at) FROM attempts a
+                 JOIN steps s USING (run_id, idx) WHERE s.run_id = $1 AND s.instance_of IS NOT NULL",
+                &[&id],
+            )
+            .await?;
+        (row.get(0), row.get(1))
+    };
+    let expected = u64::try_from((span.1 - span.0).num_milliseconds())?;
+    assert!(expected > 0);
+    assert_eq!(each.run_ms, expected, "{each:?}");
+    let (_, text, _) = fleet.cli(&["workflows", "report", &id.to_string()]).await?;
+    assert!(text.contains("each instances: 1000 success"), "{text}");
     fleet.stop().await
 }
 
@@ -144,6 +168,8 @@ async fn a_run_past_its_workflow_timeout_fails_after_its_handlers_ran() -> anyho
         );
     }
     assert_eq!(step(&run, "cleanup").status, "success", "the handler ran");
+    // The run's own error is in its view, since no step's failure says it.
+    assert_eq!(run.error.as_deref(), Some("workflow timed out after 2s"));
     let db = fleet.db().await?;
     let row = db
         .query_one("SELECT error, deadline FROM runs WHERE id = $1", &[&id])
@@ -152,5 +178,136 @@ async fn a_run_past_its_workflow_timeout_fails_after_its_handlers_ran() -> anyho
         (row.get(0), row.get(1));
     assert_eq!(error.as_deref(), Some("workflow timed out after 2s"));
     assert_eq!(deadline, None, "the deadline is cleared once it fired");
+    fleet.stop().await
+}
+
+/// Attempts recorded per step of a run, by step id.
+async fn attempts_by_step(
+    fleet: &Fleet,
+    id: uuid::Uuid,
+) -> anyhow::Result<std::collections::BTreeMap<String, i64>> {
+    let db = fleet.db().await?;
+    let rows = db
+        .query(
+            "SELECT s.step_id, count(a.attempt) FROM steps s
+             LEFT JOIN attempts a ON a.run_id = s.run_id AND a.idx = s.idx
+             WHERE s.run_id = $1 GROUP BY s.step_id",
+            &[&id],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+#[tokio::test]
+async fn only_and_skip_from_the_cli_run_a_subset_and_the_rest_never_get_an_attempt()
+-> anyhow::Result<()> {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    fleet.start_echo("echo", &["pipe"], 4)?;
+    let dir = std::env::temp_dir().join(format!("flotilla-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("pipeline.yaml");
+    std::fs::write(
+        &file,
+        "name: pipeline\nsteps:\n  - {id: fetch, agent: pipe, action: fetch}\n  - {id: build, agent: pipe, action: build}\n  - {id: test, agent: pipe, action: test}\n  - {id: deploy, agent: pipe, action: deploy}\n",
+    )?;
+    let file = file.to_str().unwrap();
+
+    // An unknown step is refused by name, and nothing is stored.
+    let (status, stdout, stderr) = fleet
+        .cli(&["workflows", "execute", file, "--only", "biuld"])
+        .await?;
+    assert_eq!(status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(
+            "unknown step in the selection: `biuld` is not a step of workflow `pipeline`"
+        ),
+        "{stderr}"
+    );
+    let db = fleet.db().await?;
+    let runs: i64 = db.query_one("SELECT count(*) FROM runs", &[]).await?.get(0);
+    assert_eq!(runs, 0, "nothing is stored for a refused selection");
+
+    // --only: the two selected steps run; the others are skipped, saying why.
+    let (status, stdout, stderr) = fleet
+        .cli(&[
+            "workflows",
+            "execute",
+            file,
+            "--only",
+            "build",
+            "--only",
+            "test",
+            "--wait",
+            "-o",
+            "json",
+        ])
+        .await?;
+    assert_eq!(status.code(), Some(0), "{stdout}\n{stderr}");
+    let run: flotilla_api_model::WorkflowResult = serde_json::from_str(&stdout)?;
+    assert_eq!(run.status, "success");
+    assert_eq!(run.only, ["build", "test"]);
+    for id in ["fetch", "deploy"] {
+        let s = step(&run, id);
+        assert_eq!(
+            (s.status.as_str(), s.error.as_deref(), s.attempts),
+            ("skipped", Some("not selected: --only build, test"), 0),
+            "{id}"
+        );
+    }
+    assert_eq!(step(&run, "build").status, "success");
+    assert_eq!(step(&run, "test").status, "success");
+    let attempts = attempts_by_step(&fleet, run.workflow_id).await?;
+    assert_eq!(
+        attempts.into_iter().collect::<Vec<_>>(),
+        [
+            ("build".to_string(), 1),
+            ("deploy".to_string(), 0),
+            ("fetch".to_string(), 0),
+            ("test".to_string(), 1)
+        ]
+    );
+
+    // --skip: the skipped step never runs; its dependents do.
+    let (status, stdout, stderr) = fleet
+        .cli(&["workflows", "execute", file, "--skip", "test", "--wait"])
+        .await?;
+    assert_eq!(status.code(), Some(0), "{stdout}\n{stderr}");
+    let id: uuid::Uuid = stdout.lines().next().unwrap_or_default().trim().parse()?;
+    let run = fleet.run(id).await?;
+    assert_eq!(run.status, "success");
+    assert_eq!(run.skip, ["test"]);
+    for id in ["fetch", "build", "deploy"] {
+        assert_eq!(step(&run, id).status, "success", "{id}");
+    }
+    assert_eq!(
+        step(&run, "test").error.as_deref(),
+        Some("skipped: --skip test")
+    );
+    assert_eq!(attempts_by_step(&fleet, id).await?["test"], 0);
+
+    // `workflows status` and the history say so too.
+    let ids = id.to_string();
+    let (_, status_text, _) = fleet.cli(&["workflows", "status", &ids]).await?;
+    assert!(
+        status_text.contains("Subset    --skip test"),
+        "{status_text}"
+    );
+    assert!(
+        status_text.lines().any(|l| l.starts_with("test ")
+            && l.contains("skipped")
+            && l.contains("skipped: --skip test")),
+        "{status_text}"
+    );
+    let (_, history, _) = fleet
+        .cli(&["workflows", "history", &ids, "-o", "json"])
+        .await?;
+    let history: Value = serde_json::from_str(&history)?;
+    assert_eq!(
+        history["events"][0],
+        json!({"at": history["events"][0]["at"], "actor": "flotilla", "action": "subset",
+               "detail": {"only": [], "skip": ["test"]}})
+    );
+    std::fs::remove_dir_all(dir)?;
     fleet.stop().await
 }

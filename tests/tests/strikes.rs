@@ -137,6 +137,52 @@ steps:
         Some(json!({"artifact": "by-hand"}))
     );
     assert_eq!(received.lock().unwrap().len(), 1, "notified once");
+
+    // The report says what each strike did: the retries, the fallback, the escalation, its
+    // notice and what the operator did then.
+    let (status, stdout, stderr) = fleet
+        .cli(&["workflows", "report", &ids, "--output", "json"])
+        .await?;
+    assert!(status.success(), "{stderr}");
+    let report: flotilla_api_model::RunReport = serde_json::from_str(&stdout)?;
+    let build = report.steps.iter().find(|s| s.step_id == "build").unwrap();
+    let strikes: Vec<_> = build
+        .strikes
+        .iter()
+        .map(|s| {
+            (
+                s.strike,
+                s.agent.as_deref().or(s.channel.as_deref()),
+                s.attempts.clone(),
+                s.result.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        strikes,
+        [
+            (1, Some("primary"), vec![1, 2], Some("failure")),
+            (2, Some("spare"), vec![3], Some("failure")),
+            (3, Some("ops"), vec![], Some("notified")),
+        ],
+        "{build:?}"
+    );
+    assert_eq!(build.strikes[0].errors.len(), 2);
+    assert_eq!(build.strikes[1].action.as_deref(), Some("compile_slowly"));
+    let operator = build.strikes[2]
+        .operator
+        .as_ref()
+        .expect("the operator's action");
+    assert_eq!(operator.action, "complete");
+    let (_, text, _) = fleet.cli(&["workflows", "report", &ids]).await?;
+    assert!(
+        text.contains("build strike 2: spare.compile_slowly, attempts 3: failure"),
+        "{text}"
+    );
+    assert!(
+        text.contains("build strike 3: escalated to ops, notified; then complete by "),
+        "{text}"
+    );
     fleet.stop().await
 }
 

@@ -1,6 +1,7 @@
 //! Traces end to end: an OTLP/HTTP receiver of the test's own collects the spans a coordinator
 //! and two echo workers export for a run, which must form one trace (root → attempts → worker
-//! tasks); a collector that does not answer neither stops nor slows runs, its spans being
+//! tasks → the handler's own span), the tasks keeping the `tracestate` their tasks carried; a
+//! collector that does not answer neither stops nor slows runs, its spans being
 //! dropped and counted; and spans still queued leave at graceful shutdown.
 
 use std::collections::BTreeMap;
@@ -19,7 +20,8 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Two steps on agents served by different workers; the first fails its first attempt.
+/// Two steps on agents served by different workers; the first fails its first attempt, the
+/// second's handler sleeps in a span of its own (`echo.sleep`).
 const RETRIED_RUN: &str = "
 name: traced
 steps:
@@ -31,6 +33,7 @@ steps:
   - id: steady
     agent: trace-b
     action: test
+    params: {sleep_ms: 20}
 ";
 
 /// One span as the receiver got it, ids in hex.
@@ -41,6 +44,7 @@ struct Received {
     trace_id: String,
     span_id: String,
     parent_span_id: String,
+    trace_state: String,
     start: u64,
     end: u64,
     attributes: BTreeMap<String, String>,
@@ -105,6 +109,7 @@ async fn receive(
                 trace_id: hex(&span.trace_id),
                 span_id: hex(&span.span_id),
                 parent_span_id: hex(&span.parent_span_id),
+                trace_state: span.trace_state,
                 start: span.start_time_unix_nano,
                 end: span.end_time_unix_nano,
                 attributes: attributes(&span.attributes),
@@ -153,13 +158,13 @@ fn spans_of(spans: &Spans, trace_id: &str) -> Vec<Received> {
         .collect()
 }
 
-/// Waits until the seven spans of a [`RETRIED_RUN`] are in (root, three attempts, three worker
-/// tasks), then answers them.
+/// Waits until the eight spans of a [`RETRIED_RUN`] are in (root, three attempts, three worker
+/// tasks, one handler span), then answers them.
 async fn whole_trace(spans: &Spans, trace_id: &str) -> anyhow::Result<Vec<Received>> {
     let deadline = Instant::now() + WAIT;
     loop {
         let trace = spans_of(spans, trace_id);
-        if trace.len() >= 7 {
+        if trace.len() >= 8 {
             return Ok(trace);
         }
         if Instant::now() > deadline {
@@ -197,7 +202,7 @@ async fn a_run_is_one_trace_across_coordinator_and_workers() -> anyhow::Result<(
     );
     assert_eq!(
         (roots.len(), attempts.len(), tasks.len(), trace.len()),
-        (1, 3, 3, 7),
+        (1, 3, 3, 8),
         "{trace:#?}"
     );
 
@@ -286,7 +291,24 @@ async fn a_run_is_one_trace_across_coordinator_and_workers() -> anyhow::Result<(
             "queue wait recorded: {task:#?}"
         );
         assert_eq!(task.error.is_some(), attempt.error.is_some(), "{task:#?}");
+        // The task's tracestate came with its traceparent: it names the run's root span.
+        assert_eq!(
+            task.trace_state,
+            format!("flotilla=r:{}", root.span_id),
+            "{task:#?}"
+        );
     }
+
+    // The handler's own span is a child of its task's span, in the run's trace.
+    let handler = named("echo.sleep");
+    assert_eq!(handler.len(), 1, "{trace:#?}");
+    let steady = tasks
+        .iter()
+        .find(|t| t.attr("flotilla.step.id") == "steady")
+        .context("the steady task")?;
+    assert_eq!(handler[0].parent_span_id, steady.span_id, "{handler:#?}");
+    assert_eq!(handler[0].service, "echo-b");
+    assert!(steady.start <= handler[0].start && handler[0].end <= steady.end);
 
     fleet.stop().await
 }
@@ -395,6 +417,7 @@ async fn spans_still_queued_are_exported_at_graceful_shutdown() -> anyhow::Resul
         [
             ("echo-a", "worker.task"),
             ("echo-a", "worker.task"),
+            ("echo-b", "echo.sleep"),
             ("echo-b", "worker.task"),
             ("flotilla-coordinator", "step.attempt"),
             ("flotilla-coordinator", "step.attempt"),

@@ -46,6 +46,15 @@ pub struct ExecuteRequest {
     /// Run params; each overrides the definition's default of the same name.
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub params: Map<String, Value>,
+    /// Run only these steps (by step id); the others end `skipped`, saying
+    /// `not selected: --only …`. A selected step whose dependencies are left out starts without
+    /// waiting for them, as after an operator's skip of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub only: Vec<String>,
+    /// Leave these steps out (by step id): they end `skipped`, saying `skipped: --skip …`, and
+    /// their dependents run. With `only`, leaves steps out of those selected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skip: Vec<String>,
 }
 
 /// The answer to [`ExecuteRequest`]: the run was accepted and will proceed in the background.
@@ -159,6 +168,15 @@ pub struct WorkflowResult {
     /// The effective run params: the definition's defaults overlaid with those submitted.
     #[serde(default)]
     pub params: Map<String, Value>,
+    /// The steps the submission selected with `only` (see [`ExecuteRequest::only`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub only: Vec<String>,
+    /// The steps the submission left out with `skip`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skip: Vec<String>,
+    /// Why the run failed when no step's failure says it, e.g. `workflow timed out after 5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     pub steps: Vec<StepResult>,
     pub metrics: Metrics,
 }
@@ -790,14 +808,52 @@ pub struct RunReport {
 pub struct StepReport {
     pub step_id: String,
     pub status: String,
-    /// Dispatch to start, summed over its attempts, in ms.
+    /// Dispatch to start, summed over its attempts (a `for_each` step: its instances'), in ms.
     pub queue_wait_ms: u64,
-    /// Start to finish, summed over its attempts, in ms.
+    /// Start to finish, summed over its attempts, in ms; for a `for_each` step, from its first
+    /// instance's start to its last one's end.
     pub run_ms: u64,
     pub attempts: Vec<AttemptReport>,
     /// Why it ended as it did (a failure's message, why it was skipped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What each strike did, in the order they happened (a retried step goes through them
+    /// again); empty for a step that made no attempt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub strikes: Vec<StrikeReport>,
+    /// For a `for_each` step: its instances by status (each instance is a step of the report,
+    /// `<id>[<index>]`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub instances: std::collections::BTreeMap<String, usize>,
+}
+
+/// One strike of a [`StepReport`]: 1 the step's own attempts, 2 its fallback's, 3 its
+/// escalation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StrikeReport {
+    pub strike: u8,
+    /// Strikes 1 and 2: what the attempts called.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// Strikes 1 and 2: the attempts it made (their numbers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<u32>,
+    /// Strikes 1 and 2: the errors of its failed attempts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+    /// Strikes 1 and 2: the status of its last attempt. Strike 3: `notified` or
+    /// `notify_failed`, once the notification's result is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    /// Strike 3: the channel told.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// Strike 3: what an operator did about it (retry, skip, complete), who and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<RunEvent>,
 }
 
 /// One attempt of a [`StepReport`].
@@ -886,6 +942,9 @@ mod tests {
                 .as_object()
                 .unwrap()
                 .clone(),
+            only: vec!["scaffold".into()],
+            skip: Vec::new(),
+            error: Some("workflow timed out after 5m".into()),
             steps: vec![finished_step()],
             metrics: Metrics {
                 total_steps: 1,
@@ -919,6 +978,8 @@ mod tests {
                 "endTime",
                 "duration",
                 "params",
+                "only",
+                "error",
                 "steps",
                 "metrics",
             ])

@@ -10,7 +10,7 @@ use flotilla_api_model::{
     ScheduleSummary, Submitted, WorkflowResult,
 };
 use flotilla_core::schedule::Schedule;
-use flotilla_core::{Definition, Plan};
+use flotilla_core::{Definition, Plan, Subset};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -23,6 +23,8 @@ pub struct Submission {
     /// The effective run params: the definition's `params:` defaults overlaid, key by key, with
     /// those given in the request.
     pub params: Map<String, Value>,
+    /// The steps to run or leave out; checked against `plan`.
+    pub subset: Subset,
     /// The request's `Idempotency-Key`, checked with
     /// [`check_idempotency_key`](flotilla_api_model::check_idempotency_key).
     pub idempotency_key: Option<String>,

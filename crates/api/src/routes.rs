@@ -17,7 +17,7 @@ use flotilla_api_model::{
     ScheduleList, ScheduleRequest, ScheduleSummary, Submitted, SummaryQuery, WorkflowResult,
 };
 use flotilla_core::schedule::{Missed, Overlap, Schedule};
-use flotilla_core::{Definition, Plan, RunStatus};
+use flotilla_core::{Definition, Plan, RunStatus, Subset};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -213,6 +213,8 @@ async fn execute<B: Backend>(
         definition,
         yaml,
         params,
+        only,
+        skip,
     } = request;
     if version.is_some() && workflow.is_none() {
         return Err(ApiError::invalid_request(
@@ -256,6 +258,10 @@ async fn execute<B: Backend>(
         (Source::Inline(inline), _) => inline.parse(limits)?,
     };
     let plan = Plan::compile(&definition)?;
+    let subset = Subset { only, skip };
+    subset
+        .check(&plan)
+        .map_err(|e| ApiError::invalid_request(e.to_string()))?;
     let mut effective = definition.params.clone();
     effective.extend(params);
     let Submitted {
@@ -266,6 +272,7 @@ async fn execute<B: Backend>(
             definition,
             plan,
             params: effective,
+            subset,
             idempotency_key,
         })
         .await?;

@@ -5,6 +5,7 @@
 //! - [`plan`]: validation, and compilation of a definition into a DAG of nodes.
 //! - [`condition`]: `condition:` expressions (CEL) over earlier steps.
 //! - [`retry`]: retry policy and backoff.
+//! - [`subset`]: running part of a definition (`only` / `skip`).
 //! - [`scheduler`]: a run as a state machine — an event in, the new state and the effects out.
 //!
 //! **Architecture invariant:** nothing here performs I/O or reads the clock; time comes in as an
@@ -20,9 +21,11 @@ pub mod report;
 pub mod retry;
 pub mod schedule;
 pub mod scheduler;
+pub mod subset;
 pub mod template;
 
 pub use definition::{Definition, DefinitionError};
 pub use plan::{Plan, PlanError};
 pub use redact::redact_url;
 pub use scheduler::{Effect, Event, Outcome, RunState, RunStatus, StepState, StepStatus, Strike};
+pub use subset::{Subset, SubsetError};

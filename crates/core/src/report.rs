@@ -4,12 +4,22 @@
 use chrono::{DateTime, Utc};
 
 use crate::plan::{Plan, Role};
+use crate::subset::Subset;
 
 impl Plan {
     /// The main steps in stages: each stage holds the steps whose dependencies all lie in
     /// earlier stages, so the steps of one stage can run at the same time. Failure handlers are
     /// not part of any stage.
     pub fn stages(&self) -> Vec<Vec<usize>> {
+        self.stages_of(&Subset::default())
+    }
+
+    /// [`Plan::stages`] of a run of `subset`: the steps it leaves out are in no stage, and a
+    /// step does not wait for them (they are skipped before the run starts).
+    pub fn stages_of(&self, subset: &Subset) -> Vec<Vec<usize>> {
+        let left_out: Vec<bool> = (0..self.nodes.len())
+            .map(|i| subset.left_out(self, i).is_some())
+            .collect();
         let mut level = vec![usize::MAX; self.nodes.len()];
         // Nodes are not stored in topological order (a step may depend on a later one), so
         // settle levels by repeated passes; a valid plan has no cycle, so this ends.
@@ -17,12 +27,13 @@ impl Plan {
         while changed {
             changed = false;
             for (i, node) in self.nodes.iter().enumerate() {
-                if node.role != Role::Main || level[i] != usize::MAX {
+                if node.role != Role::Main || left_out[i] || level[i] != usize::MAX {
                     continue;
                 }
                 let deps: Option<Vec<usize>> = node
                     .deps
                     .iter()
+                    .filter(|&&d| !left_out[d])
                     .map(|&d| (level[d] != usize::MAX).then_some(level[d]))
                     .collect();
                 if let Some(deps) = deps {
@@ -125,6 +136,21 @@ pub fn step_times(attempts: &[AttemptTimes]) -> (chrono::Duration, chrono::Durat
     (queued, ran)
 }
 
+/// From the first start to the last finish of the attempts that started: the time a group of
+/// attempts (the instances of a `for_each` step) spans; zero when none finished.
+pub fn span_of(attempts: &[AttemptTimes]) -> chrono::Duration {
+    let first = attempts.iter().filter_map(|a| a.started).min();
+    let last = attempts
+        .iter()
+        .filter(|a| a.started.is_some())
+        .filter_map(|a| a.finished)
+        .max();
+    match (first, last) {
+        (Some(first), Some(last)) => (last - first).max(chrono::Duration::zero()),
+        _ => chrono::Duration::zero(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +186,22 @@ mod tests {
         );
         let stages: Vec<Vec<String>> = plan.stages().iter().map(|s| ids(&plan, s)).collect();
         assert_eq!(stages, [vec!["early"], vec!["late"]]);
+    }
+
+    #[test]
+    fn the_stages_of_a_subset_leave_steps_out_and_do_not_wait_for_them() {
+        let plan = plan(include_str!("../../../examples/workflow.yml"));
+        let subset = Subset {
+            only: vec!["scaffold".into(), "security_scan".into(), "deploy".into()],
+            skip: vec!["deploy".into()],
+        };
+        let stages: Vec<Vec<String>> = plan
+            .stages_of(&subset)
+            .iter()
+            .map(|s| ids(&plan, s))
+            .collect();
+        // security_scan's dependency (build_api) is left out, so it starts with scaffold.
+        assert_eq!(stages, [vec!["scaffold", "security_scan"]]);
     }
 
     #[test]
@@ -211,6 +253,9 @@ mod tests {
             (queued.num_milliseconds(), ran.num_milliseconds()),
             (150, 600)
         );
+        // As instances of one step: from the first start to the last finish.
+        assert_eq!(span_of(&attempts).num_milliseconds(), 1_150);
+        assert_eq!(span_of(&attempts[2..]), chrono::Duration::zero());
         assert_eq!(
             step_times(&[]),
             (chrono::Duration::zero(), chrono::Duration::zero())

@@ -15,6 +15,7 @@ use uuid::Uuid;
 use crate::breaker::{Admission, Breakers, Probe};
 use crate::condition::{Binding, Finished};
 use crate::plan::{Plan, Role};
+use crate::subset::Subset;
 
 /// Where a step is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -265,6 +266,9 @@ pub struct RunState {
     pub error: Option<String>,
     /// The most instances a `for_each` step may expand to.
     pub max_instances: usize,
+    /// The steps the submission selected or left out: those left out are skipped at the start
+    /// and stay so, even when an operator retries the run.
+    pub subset: Subset,
     unfinished_main: usize,
     unfinished_handlers: usize,
     failed_main: usize,
@@ -279,7 +283,8 @@ pub struct RunState {
 /// Something that happened to a run.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// The run was created: start the steps that depend on nothing.
+    /// The run was created: skip the steps its [`Subset`] leaves out, then start the steps
+    /// that depend on nothing else.
     Start,
     /// A worker reported the end of an attempt.
     AttemptFinished {
@@ -428,6 +433,7 @@ impl RunState {
             deadline: None,
             error: None,
             max_instances: DEFAULT_MAX_INSTANCES,
+            subset: Subset::default(),
             unfinished_main: 0,
             unfinished_handlers: 0,
             failed_main: 0,
@@ -537,19 +543,16 @@ impl RunState {
                         .iter()
                         .all(|s| s.status == StepStatus::Pending && s.attempt == 0)
                 {
-                    let roots: Vec<usize> = plan
-                        .nodes
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, n)| n.role == Role::Main && n.deps.is_empty())
-                        .map(|(i, _)| i)
-                        .collect();
+                    self.leave_out(plan, &mut t);
                     if let Some(timeout) = plan.timeout {
                         self.deadline = Some(now + to_chrono(timeout));
                         t.run_changed = true;
                     }
-                    for i in roots {
-                        self.start_if_ready(plan, i, now, &mut t);
+                    // The roots, and the steps whose dependencies were all left out.
+                    for i in 0..plan.nodes.len() {
+                        if plan.nodes[i].role == Role::Main {
+                            self.start_if_ready(plan, i, now, &mut t);
+                        }
                     }
                 }
             }
@@ -879,6 +882,23 @@ impl RunState {
         t
     }
 
+    /// Skips the steps the run's subset leaves out, before anything started. They never ran,
+    /// so they have no start or end time.
+    fn leave_out(&mut self, plan: &Plan, t: &mut Transition) {
+        if self.subset.is_empty() {
+            return;
+        }
+        for i in 0..plan.nodes.len() {
+            if let Some(reason) = self.subset.left_out(plan, i) {
+                let s = &mut self.steps[i];
+                s.status = StepStatus::Skipped;
+                s.error = Some(reason);
+                t.touch(i);
+            }
+        }
+        self.recount(plan);
+    }
+
     /// The outputs of the steps `step` depends on, by step id: the `inputs` of its task.
     pub fn inputs_for(&self, plan: &Plan, step: usize) -> Map<String, Value> {
         plan.nodes[self.node_of(step)]
@@ -907,7 +927,7 @@ impl RunState {
             stack.extend(&plan.nodes[i].dependents);
         }
         for (i, node) in plan.nodes.iter().enumerate() {
-            if node.role == Role::OnFailure {
+            if node.role == Role::OnFailure && self.subset.left_out(plan, i).is_none() {
                 self.steps[i] = StepState {
                     attempt: self.steps[i].attempt,
                     ..StepState::default()
@@ -1469,12 +1489,15 @@ impl RunState {
             // Nothing runs any more that the deadline could stop.
             self.deadline = None;
             if self.failed_main == 0 && self.error.is_none() {
-                // Failure handlers of a successful run never run.
+                // Failure handlers of a successful run never run (those left out by the
+                // subset keep their reason).
                 let handlers: Vec<usize> = plan
                     .nodes
                     .iter()
                     .enumerate()
-                    .filter(|(_, n)| n.role == Role::OnFailure)
+                    .filter(|&(i, n)| {
+                        n.role == Role::OnFailure && !self.steps[i].status.is_terminal()
+                    })
                     .map(|(i, _)| i)
                     .collect();
                 for i in handlers {

@@ -9,7 +9,9 @@ use flotilla_broker::Delivery;
 use flotilla_core::breaker::{BreakerConfig, Breakers};
 use flotilla_core::plan::{ESCALATION_SUFFIX, NOTIFY_ACTION, NOTIFY_AGENT};
 use flotilla_core::scheduler::Transition;
-use flotilla_core::{Definition, Effect, Event, Outcome, Plan, RunState, RunStatus, Strike};
+use flotilla_core::{
+    Definition, Effect, Event, Outcome, Plan, RunState, RunStatus, Strike, Subset,
+};
 use flotilla_proto::{Cancel, PROTOCOL_VERSION, QueueNames, ResultStatus, Task, TaskResult};
 use flotilla_store::dead_letters::{self, DeadLetter};
 use flotilla_store::definitions::Content;
@@ -87,6 +89,8 @@ pub struct NewRun {
     pub plan: Arc<Plan>,
     /// The effective run params.
     pub params: Map<String, Value>,
+    /// The steps to run or leave out, checked against `plan`.
+    pub subset: Subset,
     /// A repeat of a submission with the same key answers the first one's run.
     pub idempotency_key: Option<String>,
 }
@@ -530,7 +534,19 @@ impl Engine {
                     let content = Content::of(&run.definition);
                     let mut state = RunState::new(id, &run.plan, run.params.clone());
                     state.max_instances = self.config.max_instances;
+                    state.subset = run.subset.clone();
                     let t = state.apply_gated(&run.plan, Event::Start, now, &mut pending.breakers);
+                    if !run.subset.is_empty() {
+                        // The history says why steps were skipped before anything ran.
+                        pending.events.push(RunEvent {
+                            run_id: id,
+                            at: now,
+                            actor: ENGINE_ACTOR.into(),
+                            action: "subset".into(),
+                            step_id: None,
+                            detail: Some(json!({"only": run.subset.only, "skip": run.subset.skip})),
+                        });
+                    }
                     pending.effects(&run.plan, &state, &t);
                     pending.create(&run.plan, &state, &content.hash);
                     self.plans
@@ -606,7 +622,7 @@ impl Engine {
                                 ..
                             } => {
                                 if step < cached.state.steps.len() {
-                                    tracing::warn!(run_id = %cached.state.id, step_id = %cached.state.slot_id(&cached.plan, step), attempt, "lease expired");
+                                    tracing::warn!(run_id = %cached.state.id, trace_id = %trace_id_of(cached.state.id), step_id = %cached.state.slot_id(&cached.plan, step), attempt, "lease expired");
                                 }
                                 let message = "lease expired: the worker stopped renewing it (crashed, stopped or cut off)";
                                 ended(
@@ -929,6 +945,7 @@ impl Engine {
             state.max_instances = self.config.max_instances;
             state.deadline = run.deadline;
             state.error = run.error;
+            state.subset = run.subset;
             self.runs.insert(
                 run.id,
                 CachedRun {
@@ -1024,6 +1041,7 @@ impl Pending<'_> {
             ended_at: state.ended_at,
             deadline: state.deadline,
             error: state.error.clone(),
+            subset: state.subset.clone(),
         });
         for (idx, step) in state.steps.iter().enumerate() {
             self.batch.new_steps.push((
@@ -1079,7 +1097,7 @@ impl Pending<'_> {
                         // The scheduler rendered these before it dispatched; they render the
                         // same now, as nothing they read can change in between.
                         params: state.task_params(plan, *step).unwrap_or_else(|e| {
-                            tracing::error!(run_id = %state.id, %step_id, error = %e, "params no longer render");
+                            tracing::error!(run_id = %state.id, trace_id = %trace_id_of(state.id), %step_id, error = %e, "params no longer render");
                             node.params.clone()
                         }),
                         run_params: state.params.clone(),
@@ -1099,7 +1117,7 @@ impl Pending<'_> {
                         body: serde_json::to_vec(&task).expect("a task always serialises"),
                         created_at: self.now,
                     });
-                    tracing::debug!(run_id = %state.id, %step_id, attempt, "dispatch");
+                    tracing::debug!(run_id = %state.id, trace_id = %trace_id_of(state.id), %step_id, attempt, "dispatch");
                     self.observed.push(Observation::Dispatched {
                         agent: agent.to_string(),
                         attempt: *attempt,
@@ -1159,7 +1177,7 @@ impl Pending<'_> {
                     } else {
                         format!("#{step}")
                     };
-                    tracing::info!(run_id = %state.id, %step_id, attempt, reason, "stale result ignored");
+                    tracing::info!(run_id = %state.id, trace_id = %trace_id_of(state.id), %step_id, attempt, reason, "stale result ignored");
                     self.observed.push(Observation::Stale);
                 }
                 Effect::Strike { step, strike } => self.strike(plan, state, *step, *strike),
@@ -1171,7 +1189,7 @@ impl Pending<'_> {
                     });
                 }
                 Effect::Refused(reason) => {
-                    tracing::info!(run_id = %state.id, reason = %reason, "operator request refused");
+                    tracing::info!(run_id = %state.id, trace_id = %trace_id_of(state.id), reason = %reason, "operator request refused");
                 }
                 Effect::Cancelled {
                     step,
@@ -1179,7 +1197,7 @@ impl Pending<'_> {
                     task_id,
                 } => {
                     let step_id = state.slot_id(plan, *step);
-                    tracing::info!(run_id = %state.id, %step_id, attempt, "running attempt cancelled");
+                    tracing::info!(run_id = %state.id, trace_id = %trace_id_of(state.id), %step_id, attempt, "running attempt cancelled");
                     // Tells the worker running it to stop; sent after the commit like a task.
                     let cancel = Cancel {
                         v: PROTOCOL_VERSION,
@@ -1203,7 +1221,7 @@ impl Pending<'_> {
                         .push(Observation::AttemptCancelled { task_id: *task_id });
                 }
                 Effect::RunEnded(status) => {
-                    tracing::info!(run_id = %state.id, workflow = %plan.name, status = status.as_str(), "run ended");
+                    tracing::info!(run_id = %state.id, trace_id = %trace_id_of(state.id), workflow = %plan.name, status = status.as_str(), "run ended");
                     let duration = run_duration(state, self.now);
                     self.observed.extend(
                         crate::trace::run(state, &plan.name, status.as_str(), duration, self.now)
@@ -1229,7 +1247,7 @@ impl Pending<'_> {
         let (action, detail) = match strike {
             Strike::Fallback => {
                 let (agent, action) = node.target(true);
-                tracing::info!(run_id = %state.id, %step_id, agent, action, "retries exhausted; the fallback runs");
+                tracing::info!(run_id = %state.id, trace_id = %trace_id_of(state.id), %step_id, agent, action, "retries exhausted; the fallback runs");
                 (
                     "fallback",
                     json!({"strike": 2, "agent": agent, "action": action, "error": s.error}),
@@ -1237,7 +1255,7 @@ impl Pending<'_> {
             }
             _ => {
                 let channel = node.escalate.clone().unwrap_or_default();
-                tracing::warn!(run_id = %state.id, %step_id, channel = %channel, "step escalated; it waits for an operator");
+                tracing::warn!(run_id = %state.id, trace_id = %trace_id_of(state.id), %step_id, channel = %channel, "step escalated; it waits for an operator");
                 let message = format!(
                     "Flotilla run {} ({}): step `{}` needs attention after {} attempts: {}",
                     state.id,
@@ -1293,6 +1311,11 @@ impl Pending<'_> {
     }
 }
 
+/// A run's trace id, for the `trace_id` field of the log lines about it.
+fn trace_id_of(run_id: Uuid) -> String {
+    flotilla_telemetry::trace::trace_id_of(run_id.as_u128())
+}
+
 /// Who the engine's own entries in a run's history name.
 const ENGINE_ACTOR: &str = "flotilla";
 
@@ -1325,11 +1348,11 @@ fn apply_to_step(
     event: impl FnOnce(usize) -> Event,
 ) {
     let Some(cached) = runs.get_mut(&run_id) else {
-        tracing::warn!(%run_id, step_id, "message for an unknown run ignored");
+        tracing::warn!(%run_id, trace_id = %trace_id_of(run_id), step_id, "message for an unknown run ignored");
         return;
     };
     let Some(step) = cached.state.slot_of(&cached.plan, step_id) else {
-        tracing::warn!(%run_id, step_id, "message for an unknown step ignored");
+        tracing::warn!(%run_id, trace_id = %trace_id_of(run_id), step_id, "message for an unknown step ignored");
         return;
     };
     pending.apply(cached, event(step));

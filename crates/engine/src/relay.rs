@@ -185,11 +185,8 @@ impl Relay {
                 };
                 m.correlation_id.clone_from(&r.correlation_id);
                 m.reply_to.clone_from(&r.reply_to);
-                if let Some(traceparent) = crate::trace::traceparent(r) {
-                    m.headers.insert(
-                        flotilla_telemetry::trace::TRACEPARENT.to_owned(),
-                        traceparent,
-                    );
+                for (name, value) in crate::trace::trace_headers(r).into_iter().flatten() {
+                    m.headers.insert(name.to_owned(), value);
                 }
                 m
             })

@@ -105,6 +105,7 @@ async fn tick(
             definition,
             plan: Arc::new(plan),
             params,
+            subset: Default::default(),
             idempotency_key: Some(format!(
                 "schedule:{}:{}",
                 due.name,
@@ -113,6 +114,6 @@ async fn tick(
         })
         .await
         .map_err(|e| e.to_string())?;
-    tracing::info!(schedule = %due.name, tick = %due.next_at, run_id = %submitted.id, "scheduled run started");
+    tracing::info!(schedule = %due.name, tick = %due.next_at, run_id = %submitted.id, trace_id = %flotilla_telemetry::trace::trace_id_of(submitted.id.as_u128()), "scheduled run started");
     Ok((next, Some(submitted.id)))
 }

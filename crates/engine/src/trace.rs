@@ -115,9 +115,9 @@ pub(crate) fn run(
     })
 }
 
-/// The W3C `traceparent` header of a task: its attempt's span. Reads the ids from the body only
-/// when traces are exported.
-pub(crate) fn traceparent(row: &OutboxRow) -> Option<String> {
+/// The W3C `traceparent` and `tracestate` headers of a task: its attempt's span, and the run's
+/// root. Reads the ids from the body only when traces are exported.
+pub(crate) fn trace_headers(row: &OutboxRow) -> Option<[(&'static str, String); 2]> {
     #[derive(serde::Deserialize)]
     struct Ids<'a> {
         run_id: Uuid,
@@ -129,5 +129,12 @@ pub(crate) fn traceparent(row: &OutboxRow) -> Option<String> {
         return None;
     }
     let ids: Ids<'_> = serde_json::from_slice(&row.body).ok()?;
-    trace::attempt_traceparent(ids.run_id.as_u128(), &ids.step_id, ids.attempt)
+    let run_id = ids.run_id.as_u128();
+    Some([
+        (
+            trace::TRACEPARENT,
+            trace::attempt_traceparent(run_id, &ids.step_id, ids.attempt)?,
+        ),
+        (trace::TRACESTATE, trace::attempt_tracestate(run_id)?),
+    ])
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use flotilla_core::scheduler::Instance;
-use flotilla_core::{RunStatus, StepState, StepStatus, Strike};
+use flotilla_core::{RunStatus, StepState, StepStatus, Strike, Subset};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -41,6 +41,8 @@ pub struct StoredRun {
     pub deadline: Option<DateTime<Utc>>,
     /// Why the run failed, when no step's failure says it.
     pub error: Option<String>,
+    /// The steps the submission selected or left out.
+    pub subset: Subset,
     pub steps: Vec<StepState>,
 }
 
@@ -49,7 +51,7 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
     let runs_stmt = client
         .prepare_cached(
             "SELECT id, name, definition_hash, status, params, version, created_at, ended_at,
-                    deadline, error
+                    deadline, error, subset
              FROM runs WHERE id = ANY($1)",
         )
         .await?;
@@ -86,6 +88,7 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
                 ended_at: r.get(7),
                 deadline: r.get(8),
                 error: r.get(9),
+                subset: subset_from_json(r.get(10)),
                 steps: Vec::new(),
             },
         );
@@ -130,6 +133,31 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
         }
     }
     Ok(runs.into_values().collect())
+}
+
+/// A run's `subset` column: `NULL` for the whole definition.
+pub fn subset_from_json(value: Option<Value>) -> Subset {
+    let names = |key: &str| -> Vec<String> {
+        value
+            .as_ref()
+            .and_then(|v| v.get(key))
+            .and_then(Value::as_array)
+            .map(|names| {
+                names
+                    .iter()
+                    .filter_map(|n| n.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    Subset {
+        only: names("only"),
+        skip: names("skip"),
+    }
+}
+
+fn subset_to_json(subset: &Subset) -> Option<Value> {
+    (!subset.is_empty()).then(|| serde_json::json!({"only": subset.only, "skip": subset.skip}))
 }
 
 /// Loads definition bodies by content hash.
@@ -178,6 +206,7 @@ pub struct NewRun {
     pub ended_at: Option<DateTime<Utc>>,
     pub deadline: Option<DateTime<Utc>>,
     pub error: Option<String>,
+    pub subset: Subset,
 }
 
 /// A run whose status (and version) moves on.
@@ -346,19 +375,21 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
         let ended: Vec<Option<DateTime<Utc>>> = runs.iter().map(|r| r.ended_at).collect();
         let deadlines: Vec<Option<DateTime<Utc>>> = runs.iter().map(|r| r.deadline).collect();
         let errors: Vec<Option<&str>> = runs.iter().map(|r| r.error.as_deref()).collect();
+        let subsets: Vec<Option<Value>> = runs.iter().map(|r| subset_to_json(&r.subset)).collect();
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO runs (id, name, definition_hash, status, params, created_at, ended_at,
-                                   deadline, error)
+                                   deadline, error, subset)
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[],
                                       $6::timestamptz[], $7::timestamptz[], $8::timestamptz[],
-                                      $9::text[])",
+                                      $9::text[], $10::jsonb[])",
             )
             .await?;
         tx.execute(
             &stmt,
             &[
                 &ids, &names, &hashes, &statuses, &params, &created, &ended, &deadlines, &errors,
+                &subsets,
             ],
         )
         .await?;

@@ -16,6 +16,10 @@ pub struct RunRecord {
     pub params: Value,
     pub created_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
+    /// Why the run failed, when no step's failure says it.
+    pub error: Option<String>,
+    /// The steps its submission selected or left out.
+    pub subset: flotilla_core::Subset,
 }
 
 /// A step's row.
@@ -35,6 +39,8 @@ pub struct StepRecord {
     pub strike: i16,
     /// The agent whose circuit breaker holds the step, while it does.
     pub held_for: Option<String>,
+    /// For an instance of a `for_each` step, the position of its step in the plan.
+    pub instance_of: Option<i32>,
 }
 
 fn run_record(r: &tokio_postgres::Row) -> RunRecord {
@@ -45,6 +51,8 @@ fn run_record(r: &tokio_postgres::Row) -> RunRecord {
         params: r.get(3),
         created_at: r.get(4),
         ended_at: r.get(5),
+        error: r.get(6),
+        subset: crate::engine::subset_from_json(r.get(7)),
     }
 }
 
@@ -55,7 +63,8 @@ pub async fn run(
 ) -> Result<Option<(RunRecord, Vec<StepRecord>)>, Error> {
     let run_stmt = client
         .prepare_cached(
-            "SELECT id, name, status, params, created_at, ended_at FROM runs WHERE id = $1",
+            "SELECT id, name, status, params, created_at, ended_at, error, subset
+             FROM runs WHERE id = $1",
         )
         .await?;
     let Some(run) = client.query_opt(&run_stmt, &[&id]).await? else {
@@ -64,7 +73,7 @@ pub async fn run(
     let steps_stmt = client
         .prepare_cached(
             "SELECT step_id, agent, action, status, attempt, wake_at, started_at, ended_at, output, error,
-                    strike, held_for
+                    strike, held_for, instance_of
              FROM steps WHERE run_id = $1 ORDER BY idx",
         )
         .await?;
@@ -85,6 +94,7 @@ pub async fn run(
             error: r.get(9),
             strike: r.get(10),
             held_for: r.get(11),
+            instance_of: r.get(12),
         })
         .collect();
     Ok(Some((run_record(&run), steps)))
@@ -102,6 +112,10 @@ pub struct AttemptRecord {
     pub finished_at: Option<DateTime<Utc>>,
     pub worker: Option<String>,
     pub error: Option<String>,
+    /// The strike the attempt belonged to (1 retries, 2 fallback).
+    pub strike: i16,
+    /// The agent it called; absent for attempts recorded before this was.
+    pub agent: Option<String>,
 }
 
 /// The definition a run started with (its stored content), and every attempt of its steps in
@@ -121,7 +135,8 @@ pub async fn run_attempts(
     };
     let stmt = client
         .prepare_cached(
-            "SELECT idx, attempt, status, dispatched_at, started_at, finished_at, worker, error
+            "SELECT idx, attempt, status, dispatched_at, started_at, finished_at, worker, error,
+                    strike, agent
              FROM attempts WHERE run_id = $1 ORDER BY idx, attempt",
         )
         .await?;
@@ -138,6 +153,8 @@ pub async fn run_attempts(
             finished_at: r.get(5),
             worker: r.get(6),
             error: r.get(7),
+            strike: r.get(8),
+            agent: r.get(9),
         })
         .collect();
     Ok(Some((definition.get(0), attempts)))
@@ -159,7 +176,7 @@ pub async fn list_runs(
     };
     let stmt = client
         .prepare_cached(
-            "SELECT id, name, status, params, created_at, ended_at FROM runs
+            "SELECT id, name, status, params, created_at, ended_at, error, subset FROM runs
              WHERE ($1::text IS NULL OR status = $1)
                AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
              ORDER BY created_at DESC, id DESC LIMIT $4",

@@ -89,6 +89,7 @@ fn new_run_batch_of(yaml: &str) -> (Batch, RunState, Plan) {
         ended_at: None,
         deadline: None,
         error: None,
+        subset: state.subset.clone(),
     });
     for (i, (node, step)) in plan.nodes.iter().zip(&state.steps).enumerate() {
         batch.new_steps.push((
@@ -133,6 +134,31 @@ fn new_run_batch_of(yaml: &str) -> (Batch, RunState, Plan) {
         }
     }
     (batch, state, plan)
+}
+
+#[tokio::test]
+async fn a_run_keeps_the_subset_it_was_submitted_with() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let (mut batch, state, _) = new_run_batch();
+    let subset = flotilla_core::Subset {
+        only: vec!["a".into(), "b".into()],
+        skip: vec!["b".into()],
+    };
+    batch.new_runs[0].subset = subset.clone();
+    let (whole, other, _) = new_run_batch();
+    batch.new_runs.extend(whole.new_runs);
+    let client = t.store.client().await?;
+    db::write(&client, &batch).await?;
+    let mut loaded = db::load_runs(&client, &[state.id, other.id]).await?;
+    loaded.sort_by_key(|r| r.id != state.id);
+    assert_eq!(loaded[0].subset, subset);
+    assert_eq!(loaded[1].subset, flotilla_core::Subset::default());
+    let (record, _) = flotilla_store::queries::run(&client, state.id)
+        .await?
+        .unwrap();
+    assert_eq!(record.subset, subset);
+    drop(client);
+    t.drop_db().await
 }
 
 #[tokio::test]
@@ -594,6 +620,7 @@ async fn instances_and_run_deadlines_load_back_and_past_deadlines_are_found() ->
         ended_at: None,
         deadline: state.deadline,
         error: None,
+        subset: state.subset.clone(),
     });
     for (i, step) in state.steps.iter().enumerate() {
         batch.new_steps.push((

@@ -5,8 +5,9 @@
 //! that whichever coordinator ends an attempt or a run can emit its span, with no span state
 //! shared between processes: an attempt span is emitted when the attempt ends (from its
 //! dispatch to its end), the root span when the run ends. A task carries the W3C
-//! `traceparent` of its attempt span in its AMQP headers, and the worker's `worker.task` span
-//! is a child of it.
+//! `traceparent` of its attempt span in its AMQP headers, with a `tracestate` naming the run's
+//! root span (`flotilla=r:<span id>`), and the worker's `worker.task` span is a child of it
+//! that keeps the `tracestate`.
 //!
 //! Configured by the standard variables: `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; without either, tracing is off and costs nothing),
@@ -66,6 +67,12 @@ pub const TASK_SPAN: &str = "worker.task";
 
 /// The AMQP header (and HTTP header) carrying the W3C trace context.
 pub const TRACEPARENT: &str = "traceparent";
+/// The AMQP header (and HTTP header) carrying the W3C vendor trace state, with
+/// [`TRACEPARENT`].
+pub const TRACESTATE: &str = "tracestate";
+/// Flotilla's key in a [`TRACESTATE`]: `r:<span id of the run's root span>`, so that a
+/// participant knows the root of the run without deriving it.
+const TRACESTATE_KEY: &str = "flotilla";
 
 const INSTRUMENTATION: &str = "flotilla";
 
@@ -288,6 +295,22 @@ pub fn attempt_traceparent(run_id: u128, step_id: &str, attempt: u32) -> Option<
             "00"
         }
     ))
+}
+
+/// The trace id of a run, as a `trace_id` field of its log lines and as Jaeger shows it: the
+/// run id's 32 hex digits.
+pub fn trace_id_of(run_id: u128) -> String {
+    TraceId::from(run_id).to_string()
+}
+
+/// The W3C `tracestate` that goes with [`attempt_traceparent`]; `None` when tracing is off.
+pub fn attempt_tracestate(run_id: u128) -> Option<String> {
+    SAMPLER.get()?;
+    Some(run_tracestate(run_id))
+}
+
+fn run_tracestate(run_id: u128) -> String {
+    format!("{TRACESTATE_KEY}=r:{}", run_span_id(run_id))
 }
 
 /// How an attempt ended, for its span.
@@ -523,7 +546,8 @@ pub struct TaskStart<'a> {
 }
 
 /// Makes `span` (a worker's [`TASK_SPAN`]) a child of the attempt span whose W3C
-/// `traceparent` is in the task's `headers`, and gives it the task's attributes.
+/// `traceparent` (and `tracestate`, which the span keeps) is in the task's `headers`, and
+/// gives it the task's attributes.
 pub fn task_started(
     span: &tracing::Span,
     headers: &BTreeMap<String, String>,
@@ -534,7 +558,11 @@ pub fn task_started(
     if !enabled() {
         return;
     }
-    if let Some(parent) = headers.get(TRACEPARENT).and_then(|t| parse_traceparent(t)) {
+    let state = headers.get(TRACESTATE).map(String::as_str);
+    if let Some(parent) = headers
+        .get(TRACEPARENT)
+        .and_then(|t| parse_trace_context(t, state))
+    {
         let _ = span.set_parent(Context::new().with_remote_span_context(parent));
     }
     span.set_attribute(attr::WORKFLOW_ID, uuid_text(task.run_id));
@@ -578,8 +606,21 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     })
 }
 
-/// Reads a W3C `traceparent` (version 00); `None` when it is malformed.
-fn parse_traceparent(value: &str) -> Option<SpanContext> {
+/// The W3C `tracestate` of `span`, sent with [`traceparent_of`]; `None` when it has none.
+pub fn tracestate_of(span: &tracing::Span) -> Option<String> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+    let context = span.context();
+    let header = context.span().span_context().trace_state().header();
+    (!header.is_empty()).then_some(header)
+}
+
+/// Reads a W3C `traceparent` (version 00) and its `tracestate` (an unreadable one is dropped,
+/// as the specification asks); `None` when the `traceparent` is malformed.
+fn parse_trace_context(value: &str, state: Option<&str>) -> Option<SpanContext> {
+    let state = state
+        .and_then(|s| s.parse::<TraceState>().ok())
+        .unwrap_or_default();
     let mut parts = value.trim().split('-');
     let (version, trace, span, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -589,13 +630,7 @@ fn parse_traceparent(value: &str) -> Option<SpanContext> {
     let trace_id = TraceId::from_hex(trace).ok()?;
     let span_id = SpanId::from_hex(span).ok()?;
     let flags = u8::from_str_radix(flags, 16).ok()?;
-    let context = SpanContext::new(
-        trace_id,
-        span_id,
-        TraceFlags::new(flags),
-        true,
-        TraceState::default(),
-    );
+    let context = SpanContext::new(trace_id, span_id, TraceFlags::new(flags), true, state);
     context.is_valid().then_some(context)
 }
 
@@ -619,9 +654,36 @@ mod tests {
     }
 
     #[test]
+    fn tracestate_travels_with_the_traceparent() {
+        let run = 0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c_u128;
+        let state = run_tracestate(run);
+        assert_eq!(state, format!("flotilla=r:{}", run_span_id(run)));
+        let parsed = parse_trace_context(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            Some(&format!("{state},other=x")),
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.trace_state().get("flotilla"),
+            Some(format!("r:{}", run_span_id(run)).as_str())
+        );
+        assert_eq!(parsed.trace_state().header(), format!("{state},other=x"));
+        // An unreadable tracestate is dropped; the traceparent still counts.
+        let parsed = parse_trace_context(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            Some("not a list entry"),
+        )
+        .unwrap();
+        assert_eq!(parsed.trace_state().header(), "");
+    }
+
+    #[test]
     fn traceparent_round_trips() {
-        let parsed =
-            parse_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").unwrap();
+        let parsed = parse_trace_context(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            None,
+        )
+        .unwrap();
         assert_eq!(
             parsed.trace_id().to_string(),
             "0af7651916cd43dd8448eb211c80319c"
@@ -635,7 +697,7 @@ mod tests {
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b71692033-01",
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-x",
         ] {
-            assert!(parse_traceparent(bad).is_none(), "{bad:?} accepted");
+            assert!(parse_trace_context(bad, None).is_none(), "{bad:?} accepted");
         }
     }
 

@@ -118,6 +118,12 @@ impl TaskContext {
     pub fn traceparent(&self) -> Option<String> {
         flotilla_telemetry::trace::traceparent_of(&self.span)
     }
+
+    /// The W3C `tracestate` to send with [`TaskContext::traceparent`]: the one the task
+    /// arrived with.
+    pub fn tracestate(&self) -> Option<String> {
+        flotilla_telemetry::trace::tracestate_of(&self.span)
+    }
 }
 
 /// Why a handler failed, and whether trying again could help.

@@ -34,8 +34,9 @@
 //!   `heartbeat_interval`.
 //! - Each task runs in a `worker.task` span. In a binary that started telemetry with
 //!   `flotilla_telemetry::init`, it joins the run's trace as a child of the attempt span named by
-//!   the task's `traceparent` header; [`TaskContext::span`] and [`TaskContext::traceparent`]
-//!   let a handler's own work and outgoing calls join it too.
+//!   the task's `traceparent` header (keeping its `tracestate`); [`TaskContext::span`],
+//!   [`TaskContext::traceparent`] and [`TaskContext::tracestate`] let a handler's own work and
+//!   outgoing calls join it too.
 //! - With [`WorkerBuilder::serve_health`], `/health/live`, `/health/ready` and `/metrics` are
 //!   served on an address of its own.
 //!

@@ -123,6 +123,14 @@ pub enum WorkflowsCommand {
         /// (for as long as the coordinator keeps keys), so a script may repeat the command.
         #[arg(long, value_name = "KEY", value_parser = parse_idempotency_key)]
         idempotency_key: Option<String>,
+        /// Run only STEP (repeatable); the other steps end skipped, saying so. A selected step
+        /// whose dependencies are left out starts without waiting for them.
+        #[arg(long = "only", value_name = "STEP")]
+        only: Vec<String>,
+        /// Leave STEP out (repeatable): it ends skipped, saying so, and its dependents run. With
+        /// --only, leaves steps out of those selected.
+        #[arg(long = "skip", value_name = "STEP")]
+        skip: Vec<String>,
         /// Validate the definition and print its plan — the stages of steps that can run
         /// together, their dependencies and the conditions decided at run time — without
         /// running anything or contacting the coordinator.

@@ -47,11 +47,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Workflows(WorkflowsCommand::Execute {
             file: Some(file),
             dry_run: true,
+            only,
+            skip,
             ..
         }) => {
             let definition = flotilla_core::Definition::from_yaml(&read(&file)?)?;
             let plan = flotilla_core::Plan::compile(&definition)?;
-            print!("{}", render::plan(&plan, definition.schedule.is_some()));
+            let subset = flotilla_core::Subset { only, skip };
+            subset.check(&plan)?;
+            let scheduled = definition.schedule.is_some();
+            print!("{}", render::plan(&plan, scheduled, &subset));
             Ok(Outcome::Done)
         }
         Command::Workflows(WorkflowsCommand::Execute {
@@ -60,6 +65,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             version,
             params,
             idempotency_key,
+            only,
+            skip,
             wait,
             ..
         }) => {
@@ -68,6 +75,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 workflow: name,
                 version,
                 params: params::collect(params).map_err(|e| anyhow!(e))?,
+                only,
+                skip,
                 ..ExecuteRequest::default()
             };
             // A random key is this command's own, so a replay under it can only be of one of the

@@ -78,6 +78,16 @@ pub fn summary(result: &WorkflowResult) -> String {
         &format!("{} ({})", result.workflow_id, result.name),
     );
     field("Status", &result.status);
+    if let Some(error) = &result.error {
+        field("Error", error);
+    }
+    let subset = flotilla_core::Subset {
+        only: result.only.clone(),
+        skip: result.skip.clone(),
+    };
+    if !subset.is_empty() {
+        field("Subset", &subset.to_string());
+    }
     field("Started", &time(result.start_time));
     if let Some(end) = result.end_time {
         field("Ended", &time(end));
@@ -219,7 +229,62 @@ pub fn report(r: &RunReport) -> String {
             }
         }
     }
+    for step in &r.steps {
+        if !step.instances.is_empty() {
+            let counts: Vec<String> = step
+                .instances
+                .iter()
+                .map(|(status, n)| format!("{n} {status}"))
+                .collect();
+            let _ = writeln!(out, "{} instances: {}", step.step_id, counts.join(", "));
+        }
+        // A step that went no further than its own attempts says all in the table.
+        if step.strikes.iter().all(|s| s.strike == 1) && step.strikes.len() <= 1 {
+            continue;
+        }
+        for s in &step.strikes {
+            let _ = writeln!(out, "{} {}", step.step_id, strike(s));
+        }
+    }
     out
+}
+
+/// One strike of a step, on one line.
+fn strike(s: &flotilla_api_model::StrikeReport) -> String {
+    if s.strike == 3 {
+        let mut line = format!(
+            "strike 3: escalated to {}",
+            s.channel.as_deref().unwrap_or("-")
+        );
+        if let Some(result) = &s.result {
+            let _ = write!(line, ", {result}");
+        }
+        match &s.operator {
+            Some(op) => {
+                let _ = write!(
+                    line,
+                    "; then {} by {} at {}",
+                    op.action,
+                    op.actor,
+                    time(op.at)
+                );
+            }
+            None => line.push_str("; waiting for an operator"),
+        }
+        return line;
+    }
+    let attempts: Vec<String> = s.attempts.iter().map(u32::to_string).collect();
+    let mut line = format!(
+        "strike {}: {}.{}, attempts {}",
+        s.strike,
+        s.agent.as_deref().unwrap_or("-"),
+        s.action.as_deref().unwrap_or("-"),
+        attempts.join(", ")
+    );
+    if let Some(result) = &s.result {
+        let _ = write!(line, ": {result}");
+    }
+    line
 }
 
 /// The schedules, one line each.
@@ -548,6 +613,9 @@ mod tests {
             end_time: Some(at(125)),
             duration: Some(125_400),
             params: Map::new(),
+            only: Vec::new(),
+            skip: Vec::new(),
+            error: None,
             steps: vec![
                 step("scaffold", "success", 1, None),
                 step("quality_check", "failure", 3, Some("lint failed\n2 errors")),
@@ -580,6 +648,19 @@ quality_check  failure  3         lint failed
                                   2 errors
 deploy         skipped  0         upstream failed
 "
+        );
+    }
+
+    #[test]
+    fn summary_names_the_runs_own_error_and_its_subset() {
+        let mut run = failed_run();
+        run.error = Some("workflow timed out after 5m".into());
+        run.only = vec!["scaffold".into(), "quality_check".into()];
+        run.skip = vec!["deploy".into()];
+        let text = summary(&run);
+        assert!(
+            text.contains("Status    failure\nError     workflow timed out after 5m\nSubset    --only scaffold --only quality_check --skip deploy\nStarted"),
+            "{text}"
         );
     }
 
@@ -909,24 +990,29 @@ TIME                     ACTOR               ACTION    STEP    DETAIL
 
 /// A plan, for `execute --dry-run`: the stages of steps that can run together, each step with
 /// what it waits for and its condition, then the failure handlers.
-pub fn plan(plan: &flotilla_core::Plan, scheduled: bool) -> String {
+pub fn plan(plan: &flotilla_core::Plan, scheduled: bool, subset: &flotilla_core::Subset) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(out, "Workflow  {} (valid; nothing was run)", plan.name);
     if scheduled {
         let _ = writeln!(out, "Schedule  runs by itself once registered");
     }
-    for (n, stage) in plan.stages().iter().enumerate() {
+    if !subset.is_empty() {
+        let _ = writeln!(out, "Subset    {subset}");
+    }
+    for (n, stage) in plan.stages_of(subset).iter().enumerate() {
         let _ = writeln!(out, "\nStage {}", n + 1);
         for &i in stage {
             let node = &plan.nodes[i];
             let _ = write!(out, "  {}  {}.{}", node.id, node.agent, node.action);
-            if !node.deps.is_empty() {
-                let deps: Vec<&str> = node
-                    .deps
-                    .iter()
-                    .map(|&d| plan.nodes[d].id.as_str())
-                    .collect();
+            // What it waits for: not the steps left out, which are skipped before the start.
+            let deps: Vec<&str> = node
+                .deps
+                .iter()
+                .filter(|&&d| subset.left_out(plan, d).is_none())
+                .map(|&d| plan.nodes[d].id.as_str())
+                .collect();
+            if !deps.is_empty() {
                 let _ = write!(out, "  after {}", deps.join(", "));
             }
             if let Some(condition) = &node.condition {
@@ -935,15 +1021,26 @@ pub fn plan(plan: &flotilla_core::Plan, scheduled: bool) -> String {
             let _ = writeln!(out);
         }
     }
-    let handlers: Vec<&flotilla_core::plan::Node> = plan
-        .nodes
-        .iter()
-        .filter(|n| n.role == flotilla_core::plan::Role::OnFailure)
+    let handlers: Vec<&flotilla_core::plan::Node> = (0..plan.nodes.len())
+        .filter(|&i| {
+            plan.nodes[i].role == flotilla_core::plan::Role::OnFailure
+                && subset.left_out(plan, i).is_none()
+        })
+        .map(|i| &plan.nodes[i])
         .collect();
     if !handlers.is_empty() {
         let _ = writeln!(out, "\nIf the run fails");
         for node in handlers {
             let _ = writeln!(out, "  {}  {}.{}", node.id, node.agent, node.action);
+        }
+    }
+    let left_out: Vec<(usize, String)> = (0..plan.nodes.len())
+        .filter_map(|i| Some((i, subset.left_out(plan, i)?)))
+        .collect();
+    if !left_out.is_empty() {
+        let _ = writeln!(out, "\nLeft out (skipped)");
+        for (i, reason) in left_out {
+            let _ = writeln!(out, "  {}  {reason}", plan.nodes[i].id);
         }
     }
     out
@@ -957,9 +1054,33 @@ mod plan_tests {
             flotilla_core::Definition::from_yaml(include_str!("../../../examples/workflow.yml"))
                 .unwrap();
         let plan = flotilla_core::Plan::compile(&def).unwrap();
-        let text = super::plan(&plan, false);
+        let text = super::plan(&plan, false, &flotilla_core::Subset::default());
         assert!(text.contains("Stage 3\n  quality_check  agent7.code_quality_check  after build_api\n  security_scan  agent10.security_scan  after build_api"), "{text}");
         assert!(text.contains("deploy  agent19.deploy  after quality_check, security_scan, performance_test  if quality_check.success && security_scan.passed"), "{text}");
         assert!(text.contains("If the run fails\n  log_error  agent9.log_error\n  notify_slack  flotilla-notify.notify"), "{text}");
+        assert!(!text.contains("Left out"), "{text}");
+    }
+
+    #[test]
+    fn the_plan_of_a_subset_shows_what_runs_and_what_is_left_out() {
+        let def =
+            flotilla_core::Definition::from_yaml(include_str!("../../../examples/workflow.yml"))
+                .unwrap();
+        let plan = flotilla_core::Plan::compile(&def).unwrap();
+        let subset = flotilla_core::Subset {
+            only: vec!["build_api".into(), "deploy".into()],
+            skip: vec!["deploy".into()],
+        };
+        let text = super::plan(&plan, false, &subset);
+        assert!(
+            text.contains("Subset    --only build_api --only deploy --skip deploy\n\nStage 1\n  build_api  agent1.create_api\n\nLeft out (skipped)\n  scaffold  not selected: --only build_api, deploy\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  deploy  skipped: --skip deploy\n"),
+            "{text}"
+        );
+        assert!(!text.contains("Stage 2"), "{text}");
+        assert!(!text.contains("If the run fails"), "{text}");
     }
 }

@@ -511,6 +511,9 @@ fn result(status: &str, steps: Vec<StepResult>) -> WorkflowResult {
         end_time: finished.then(|| Utc.timestamp_opt(1_750_000_003, 0).unwrap()),
         duration: finished.then_some(3_000),
         params: Map::new(),
+        only: Vec::new(),
+        skip: Vec::new(),
+        error: None,
         metrics: Metrics {
             total_steps: steps.len(),
             successful_steps: count("success"),

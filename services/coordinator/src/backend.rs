@@ -7,8 +7,8 @@ use flotilla_api::{Backend, BackendError, NewSchedule, Submission};
 use flotilla_api_model::{
     AgentSummary, AttemptReport, BreakerSummary, DeadLetterQuery, DeadLetterSummary,
     DefinitionDetail, DefinitionSummary, Metrics, Operation, RedriveOutcome, RunEvent, RunPage,
-    RunQuery, RunReport, RunSummary, ScheduleSummary, StepReport, StepResult, Submitted,
-    WorkflowResult,
+    RunQuery, RunReport, RunSummary, ScheduleSummary, StepReport, StepResult, StrikeReport,
+    Submitted, WorkflowResult,
 };
 use flotilla_core::schedule::Schedule;
 use flotilla_core::{Definition, Plan, report};
@@ -123,6 +123,9 @@ fn workflow_result(run: RunRecord, steps: Vec<StepRecord>) -> WorkflowResult {
             Value::Object(map) => map,
             _ => Default::default(),
         },
+        only: run.subset.only,
+        skip: run.subset.skip,
+        error: run.error,
         steps,
         metrics,
     }
@@ -158,6 +161,7 @@ impl Backend for CoordinatorBackend {
                 definition: submission.definition,
                 plan: Arc::new(submission.plan),
                 params: submission.params,
+                subset: submission.subset,
                 idempotency_key: submission.idempotency_key,
             })
             .await
@@ -191,7 +195,10 @@ impl Backend for CoordinatorBackend {
             .map_err(|e| {
                 BackendError::Internal(format!("run {id}'s stored definition is unreadable: {e}"))
             })?;
-        Ok(Some(run_report(run, steps, &plan, attempts)))
+        let events = queries::run_events(&client, id)
+            .await
+            .map_err(store_error)?;
+        Ok(Some(run_report(run, steps, &plan, attempts, &events)))
     }
 
     async fn runs(&self, query: RunQuery) -> Result<RunPage, BackendError> {
@@ -399,18 +406,7 @@ impl Backend for CoordinatorBackend {
         let events = queries::run_events(&client, id)
             .await
             .map_err(store_error)?;
-        Ok(Some(
-            events
-                .into_iter()
-                .map(|e| RunEvent {
-                    at: e.at,
-                    actor: e.actor,
-                    action: e.action,
-                    step_id: e.step_id,
-                    detail: e.detail,
-                })
-                .collect(),
-        ))
+        Ok(Some(events.into_iter().map(|e| api_event(&e)).collect()))
     }
 
     async fn put_schedule(&self, new: NewSchedule) -> Result<ScheduleSummary, BackendError> {
@@ -517,13 +513,110 @@ fn schedule_summary(row: ScheduleRow) -> ScheduleSummary {
     }
 }
 
-/// A run's report from its rows: per step its attempts, queue wait and run time; the critical
-/// path and parallelism as `flotilla_core::report` computes them.
+fn api_event(e: &queries::RunEvent) -> RunEvent {
+    RunEvent {
+        at: e.at,
+        actor: e.actor.clone(),
+        action: e.action.clone(),
+        step_id: e.step_id.clone(),
+        detail: e.detail.clone(),
+    }
+}
+
+/// Who the engine's own entries in a run's history name.
+const ENGINE_ACTOR: &str = "flotilla";
+
+/// What each strike of a step did, in order, from its attempts (in attempt order) and the
+/// history entries about it or its whole run (in time order). Attempts of one strike form one
+/// entry until the strike changes or the step escalates; each escalation is an entry with its
+/// channel, how its notification went and the operator action that followed it.
+fn strike_reports(
+    node: &flotilla_core::plan::Node,
+    attempts: &[&queries::AttemptRecord],
+    events: &[&queries::RunEvent],
+) -> Vec<StrikeReport> {
+    let escalations: Vec<&queries::RunEvent> = events
+        .iter()
+        .copied()
+        .filter(|e| e.actor == ENGINE_ACTOR && e.action == "escalate")
+        .collect();
+    let mut out: Vec<(DateTime<Utc>, StrikeReport)> = Vec::new();
+    let mut previous: Option<&queries::AttemptRecord> = None;
+    for &a in attempts {
+        let strike = u8::try_from(a.strike).unwrap_or(1);
+        let escalated_since = previous.is_some_and(|p| {
+            escalations
+                .iter()
+                .any(|e| e.at >= p.dispatched_at && e.at <= a.dispatched_at)
+        });
+        let continues = previous.is_some_and(|p| p.strike == a.strike) && !escalated_since;
+        if !continues {
+            let (agent, action) = node.target(strike == 2);
+            out.push((
+                a.dispatched_at,
+                StrikeReport {
+                    strike,
+                    agent: Some(a.agent.clone().unwrap_or_else(|| agent.to_string())),
+                    action: Some(action.to_string()),
+                    attempts: Vec::new(),
+                    errors: Vec::new(),
+                    result: None,
+                    channel: None,
+                    operator: None,
+                },
+            ));
+        }
+        let (_, report) = out.last_mut().expect("an entry was pushed");
+        report.attempts.push(u32::try_from(a.attempt).unwrap_or(0));
+        report.errors.extend(a.error.clone());
+        report.result = Some(a.status.clone());
+        previous = Some(a);
+    }
+    for (n, escalation) in escalations.iter().enumerate() {
+        let until = escalations.get(n + 1).map(|e| e.at);
+        let after =
+            |e: &&&queries::RunEvent| e.at >= escalation.at && until.is_none_or(|u| e.at < u);
+        let notice = events.iter().filter(after).find(|e| {
+            e.actor == ENGINE_ACTOR && matches!(e.action.as_str(), "notified" | "notify_failed")
+        });
+        let operator = events.iter().filter(after).find(|e| {
+            e.actor != ENGINE_ACTOR
+                && matches!(e.action.as_str(), "retry" | "skip" | "complete" | "cancel")
+        });
+        let channel = escalation
+            .detail
+            .as_ref()
+            .and_then(|d| d.get("channel"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        out.push((
+            escalation.at,
+            StrikeReport {
+                strike: 3,
+                agent: None,
+                action: None,
+                attempts: Vec::new(),
+                errors: Vec::new(),
+                result: notice.map(|e| e.action.clone()),
+                channel,
+                operator: operator.map(|e| api_event(e)),
+            },
+        ));
+    }
+    // Stable: an escalation recorded at the same instant as an attempt's dispatch follows it.
+    out.sort_by_key(|(at, _)| *at);
+    out.into_iter().map(|(_, r)| r).collect()
+}
+
+/// A run's report from its rows: per step its attempts, queue wait and run time, and what each
+/// strike did; for a `for_each` step, its instances' span and counts; the critical path and
+/// parallelism as `flotilla_core::report` computes them.
 fn run_report(
     run: RunRecord,
     steps: Vec<StepRecord>,
     plan: &Plan,
     attempts: Vec<queries::AttemptRecord>,
+    events: &[queries::RunEvent],
 ) -> RunReport {
     let spans: Vec<Option<report::Span>> = steps
         .iter()
@@ -538,26 +631,79 @@ fn run_report(
         .collect();
     let parallelism = report::parallelism(&spans);
     let millis = |d: chrono::Duration| u64::try_from(d.num_milliseconds()).unwrap_or(0);
+    let slots_of = |node: usize| -> Vec<usize> {
+        (0..steps.len())
+            .filter(|&i| steps[i].instance_of.and_then(|n| usize::try_from(n).ok()) == Some(node))
+            .collect()
+    };
+    let attempts_of = |slots: &[usize]| -> Vec<&queries::AttemptRecord> {
+        attempts
+            .iter()
+            .filter(|a| usize::try_from(a.idx).is_ok_and(|i| slots.contains(&i)))
+            .collect()
+    };
+    let times = |own: &[&queries::AttemptRecord]| -> Vec<report::AttemptTimes> {
+        own.iter()
+            .map(|a| report::AttemptTimes {
+                dispatched: a.dispatched_at,
+                started: a.started_at,
+                finished: a.finished_at,
+            })
+            .collect()
+    };
+    let instance_slots: Vec<Vec<usize>> = (0..steps.len())
+        .map(|i| {
+            if i < plan.nodes.len() && plan.nodes[i].for_each.is_some() {
+                slots_of(i)
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
+    let instance_counts: Vec<std::collections::BTreeMap<String, usize>> = instance_slots
+        .iter()
+        .map(|slots| {
+            let mut counts = std::collections::BTreeMap::new();
+            for &i in slots {
+                *counts
+                    .entry(api_step_status(&steps[i].status).to_string())
+                    .or_insert(0) += 1;
+            }
+            counts
+        })
+        .collect();
+    let node_of = |i: usize| {
+        steps[i]
+            .instance_of
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(i)
+    };
     let steps = steps
-        .into_iter()
+        .iter()
         .enumerate()
         .map(|(idx, step)| {
-            let own: Vec<&queries::AttemptRecord> = attempts
+            let own = attempts_of(&[idx]);
+            let (queued, ran) = if instance_slots[idx].is_empty() {
+                report::step_times(&times(&own))
+            } else {
+                // A fan-out's own slot makes no attempt: it spans its instances'.
+                let all = times(&attempts_of(&instance_slots[idx]));
+                let (queued, _) = report::step_times(&all);
+                (queued, report::span_of(&all))
+            };
+            let about: Vec<&queries::RunEvent> = events
                 .iter()
-                .filter(|a| usize::try_from(a.idx).ok() == Some(idx))
+                .filter(|e| e.step_id.as_ref().is_none_or(|s| *s == step.step_id))
                 .collect();
-            let times: Vec<report::AttemptTimes> = own
-                .iter()
-                .map(|a| report::AttemptTimes {
-                    dispatched: a.dispatched_at,
-                    started: a.started_at,
-                    finished: a.finished_at,
-                })
-                .collect();
-            let (queued, ran) = report::step_times(&times);
+            let strikes = match plan.nodes.get(node_of(idx)) {
+                Some(node) => strike_reports(node, &own, &about),
+                None => Vec::new(),
+            };
             StepReport {
+                strikes,
+                instances: instance_counts[idx].clone(),
                 status: api_step_status(&step.status).to_string(),
-                step_id: step.step_id,
+                step_id: step.step_id.clone(),
                 queue_wait_ms: millis(queued),
                 run_ms: millis(ran),
                 attempts: own
@@ -572,7 +718,7 @@ fn run_report(
                         error: a.error.clone(),
                     })
                     .collect(),
-                error: step.error,
+                error: step.error.clone(),
             }
         })
         .collect();
@@ -591,6 +737,109 @@ fn run_report(
 mod tests {
     use super::*;
 
+    fn at(ms: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(1_800_000_000_000 + ms).unwrap()
+    }
+
+    fn attempt(n: i32, strike: i16, agent: &str, status: &str) -> queries::AttemptRecord {
+        queries::AttemptRecord {
+            idx: 0,
+            attempt: n,
+            status: status.into(),
+            dispatched_at: at(i64::from(n) * 100),
+            started_at: None,
+            finished_at: None,
+            worker: None,
+            error: (status == "failure").then(|| format!("boom {n}")),
+            strike,
+            agent: Some(agent.into()),
+        }
+    }
+
+    fn event(ms: i64, actor: &str, action: &str, detail: Value) -> queries::RunEvent {
+        queries::RunEvent {
+            run_id: Uuid::nil(),
+            at: at(ms),
+            actor: actor.into(),
+            action: action.into(),
+            step_id: Some("build".into()),
+            detail: Some(detail),
+        }
+    }
+
+    #[test]
+    fn strikes_say_what_each_did_through_an_escalation_and_a_retry() {
+        use serde_json::json;
+        let plan = Plan::compile(
+            &Definition::from_yaml(
+                "name: s\nsteps:\n  - {id: build, agent: primary, action: compile, fallback: {agent: spare, action: slow}, escalate: ops}\n",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let attempts = [
+            attempt(1, 1, "primary", "failure"),
+            attempt(2, 1, "primary", "failure"),
+            attempt(3, 2, "spare", "failure"),
+            // After an operator's retry: strike 1 again.
+            attempt(9, 1, "primary", "success"),
+        ];
+        let events = [
+            event(250, "flotilla", "fallback", json!({"strike": 2})),
+            event(
+                400,
+                "flotilla",
+                "escalate",
+                json!({"strike": 3, "channel": "ops"}),
+            ),
+            event(500, "flotilla", "notified", json!({})),
+            event(800, "alice", "retry", json!(null)),
+        ];
+        let attempts: Vec<&queries::AttemptRecord> = attempts.iter().collect();
+        let events: Vec<&queries::RunEvent> = events.iter().collect();
+        let strikes = strike_reports(&plan.nodes[0], &attempts, &events);
+        let summary: Vec<_> = strikes
+            .iter()
+            .map(|s| {
+                (
+                    s.strike,
+                    s.agent.as_deref().or(s.channel.as_deref()),
+                    s.action.as_deref(),
+                    s.attempts.clone(),
+                    s.result.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (
+                    1,
+                    Some("primary"),
+                    Some("compile"),
+                    vec![1, 2],
+                    Some("failure")
+                ),
+                (2, Some("spare"), Some("slow"), vec![3], Some("failure")),
+                (3, Some("ops"), None, vec![], Some("notified")),
+                (
+                    1,
+                    Some("primary"),
+                    Some("compile"),
+                    vec![9],
+                    Some("success")
+                ),
+            ]
+        );
+        assert_eq!(strikes[0].errors, ["boom 1", "boom 2"]);
+        let operator = strikes[2].operator.as_ref().unwrap();
+        assert_eq!(
+            (operator.actor.as_str(), operator.action.as_str()),
+            ("alice", "retry")
+        );
+        assert!(strikes[1].operator.is_none());
+    }
+
     #[test]
     fn cursors_round_trip_and_reject_garbage() {
         let run = RunRecord {
@@ -600,6 +849,8 @@ mod tests {
             params: Value::Null,
             created_at: DateTime::from_timestamp_micros(1_800_000_000_123_456).unwrap(),
             ended_at: None,
+            error: None,
+            subset: Default::default(),
         };
         assert_eq!(
             decode_cursor(&encode_cursor(&run)).unwrap(),

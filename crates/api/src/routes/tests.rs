@@ -531,6 +531,9 @@ fn sample_run(id: Uuid) -> WorkflowResult {
         end_time: None,
         duration: None,
         params: Map::new(),
+        only: Vec::new(),
+        skip: Vec::new(),
+        error: None,
         steps: Vec::new(),
         metrics: Metrics::default(),
     }
@@ -555,6 +558,52 @@ async fn execute_by_yaml_submits_the_effective_params() {
     assert_eq!(
         Value::Object(submission.params.clone()),
         json!({"env": "production", "retries": 1, "extra": [1, 2]})
+    );
+}
+
+#[tokio::test]
+async fn execute_submits_the_subset_and_refuses_unknown_steps_storing_nothing() {
+    let api = Api::new(FakeBackend::default());
+    let (status, body) = api
+        .post(
+            "/api/workflows/execute",
+            json!({"yaml": SEED, "only": ["deploy"], "skip": ["deploy", "scaffold"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(
+        error(body).error.message,
+        "the selection leaves out every step of workflow `build`: nothing would run"
+    );
+    let (status, body) = api
+        .post(
+            "/api/workflows/execute",
+            json!({"yaml": SEED, "only": ["deploy", "test"], "skip": ["lint"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let err = error(body).error;
+    assert_eq!(err.code, "invalid_request");
+    assert_eq!(
+        err.message,
+        "unknown steps in the selection: `test`, `lint` are not steps of workflow `build`"
+    );
+    assert!(api.backend.state().submissions.is_empty());
+
+    let (status, body) = api
+        .post(
+            "/api/workflows/execute",
+            json!({"yaml": SEED, "only": ["deploy"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let state = api.backend.state();
+    assert_eq!(
+        state.submissions[0].subset,
+        flotilla_core::Subset {
+            only: vec!["deploy".into()],
+            skip: Vec::new()
+        }
     );
 }
 

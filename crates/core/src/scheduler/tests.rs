@@ -892,7 +892,7 @@ fn strikes_of(t: &Transition) -> Vec<(usize, Strike)> {
 }
 
 fn assert_restores(plan: &Plan, run: &RunState) {
-    let restored = RunState::restore(
+    let mut restored = RunState::restore(
         run.id,
         plan,
         run.status,
@@ -900,6 +900,8 @@ fn assert_restores(plan: &Plan, run: &RunState) {
         run.steps.clone(),
         run.ended_at,
     );
+    // Stored with the run, as its params are.
+    restored.subset = run.subset.clone();
     assert_eq!(&restored, run, "counters are consistent");
 }
 
@@ -1506,4 +1508,191 @@ fn a_run_that_ends_in_time_or_without_handlers_keeps_its_promises() {
         run.error.as_deref(),
         Some("workflow timed out after 1500ms")
     );
+}
+
+fn subset_run(plan: &Plan, only: &[&str], skip: &[&str]) -> RunState {
+    let mut run = RunState::new(Uuid::new_v4(), plan, plan.params.clone());
+    run.subset = Subset {
+        only: only.iter().map(|s| s.to_string()).collect(),
+        skip: skip.iter().map(|s| s.to_string()).collect(),
+    };
+    run.subset.check(plan).unwrap();
+    run
+}
+
+/// Answers every task with `output` until the run has nothing in flight.
+fn drive_run(plan: &Plan, run: &mut RunState, output: Value) -> Vec<usize> {
+    let mut ran = Vec::new();
+    let mut queue = dispatched_slots(&run.apply(plan, Event::Start, at(0)));
+    while let Some((slot, attempt, task)) = queue.pop() {
+        ran.push(slot);
+        let event = slot_finished(slot, attempt, task, Outcome::Success(output.clone()));
+        queue.extend(dispatched_slots(&run.apply(plan, event, at(1))));
+    }
+    ran.sort_unstable();
+    ran
+}
+
+const FOUR: &str = "name: four\nsteps:\n  - {id: fetch, agent: x, action: y}\n  - {id: build, agent: x, action: y}\n  - {id: test, agent: x, action: y}\n  - {id: deploy, agent: x, action: y}\nerror_handling:\n  on_failure:\n    - {id: cleanup, agent: x, action: y}\n";
+
+fn status_and_reason(plan: &Plan, run: &RunState, id: &str) -> (StepStatus, Option<String>) {
+    let s = &run.steps[plan.node_index(id).unwrap()];
+    (s.status, s.error.clone())
+}
+
+#[test]
+fn only_runs_the_selected_steps_even_when_their_dependencies_are_left_out() {
+    let plan = plan(FOUR);
+    let mut run = subset_run(&plan, &["build", "deploy"], &[]);
+    let t = run.apply(&plan, Event::Start, at(0));
+    // The dependencies of both are left out, so both start at once, as after an operator's
+    // skip of those dependencies.
+    let started = dispatched(&plan, &t);
+    assert_eq!(
+        started.iter().map(|d| d.0.as_str()).collect::<Vec<_>>(),
+        ["build", "deploy"]
+    );
+    assert_restores(&plan, &run);
+    for (id, attempt, task) in started {
+        let event = finished(&plan, &id, attempt, task, Outcome::Success(json!({})));
+        assert!(dispatched(&plan, &run.apply(&plan, event, at(1))).is_empty());
+    }
+    assert_eq!(run.status, RunStatus::Success);
+    let not_selected = Some("not selected: --only build, deploy".to_string());
+    for id in ["fetch", "test", "cleanup"] {
+        assert_eq!(
+            status_and_reason(&plan, &run, id),
+            (StepStatus::Skipped, not_selected.clone()),
+            "{id}"
+        );
+        let s = &run.steps[plan.node_index(id).unwrap()];
+        assert_eq!((s.attempt, s.started_at, s.ended_at), (0, None, None));
+    }
+    assert_eq!(
+        status_and_reason(&plan, &run, "deploy").0,
+        StepStatus::Success
+    );
+}
+
+#[test]
+fn skip_leaves_a_step_out_and_its_dependents_run_after_it() {
+    let plan = plan(FOUR);
+    let mut run = subset_run(&plan, &[], &["build", "test"]);
+    let ran = drive_run(&plan, &mut run, json!({}));
+    let ids: Vec<&str> = ran.iter().map(|&i| plan.nodes[i].id.as_str()).collect();
+    assert_eq!(ids, ["fetch", "deploy"]);
+    assert_eq!(run.status, RunStatus::Success);
+    assert_eq!(
+        status_and_reason(&plan, &run, "test"),
+        (StepStatus::Skipped, Some("skipped: --skip test".into()))
+    );
+    // The failure handler, not left out, is skipped because the run did not fail.
+    assert_eq!(
+        status_and_reason(&plan, &run, "cleanup"),
+        (StepStatus::Skipped, Some("the run did not fail".into()))
+    );
+}
+
+#[test]
+fn a_step_whose_dependencies_are_all_left_out_starts_with_the_roots() {
+    let plan = plan(
+        "name: j\nsteps:\n  - {id: a, agent: x, action: y, depends_on: []}\n  - {id: b, agent: x, action: y, depends_on: []}\n  - {id: join, agent: x, action: y, depends_on: [a, b]}\n  - {id: other, agent: x, action: y, depends_on: []}\n",
+    );
+    let mut run = subset_run(&plan, &[], &["a", "b"]);
+    let t = run.apply(&plan, Event::Start, at(0));
+    let mut started: Vec<String> = dispatched(&plan, &t).into_iter().map(|d| d.0).collect();
+    started.sort();
+    assert_eq!(started, ["join", "other"]);
+    // Start again (a duplicate) changes nothing.
+    assert_eq!(run.apply(&plan, Event::Start, at(0)), Transition::default());
+}
+
+#[test]
+fn failure_handlers_run_only_when_selected_and_stay_left_out_through_a_retry() {
+    let plan = plan(FOUR);
+    let mut run = subset_run(&plan, &["fetch"], &[]);
+    let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    run.apply(&plan, finished(&plan, "fetch", 1, task, fail(false)), at(1));
+    assert_eq!(run.status, RunStatus::Failure, "no selected handler to run");
+    let t = run.apply(&plan, Event::Retry { step: None }, at(2));
+    assert_eq!(dispatched(&plan, &t).len(), 1);
+    assert_eq!(
+        status_and_reason(&plan, &run, "cleanup"),
+        (
+            StepStatus::Skipped,
+            Some("not selected: --only fetch".into())
+        )
+    );
+    assert_restores(&plan, &run);
+
+    let mut run = subset_run(&plan, &["fetch", "cleanup"], &[]);
+    let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
+    let t = run.apply(&plan, finished(&plan, "fetch", 1, task, fail(false)), at(1));
+    assert_eq!(run.status, RunStatus::Failing);
+    assert_eq!(
+        dispatched(&plan, &t)
+            .iter()
+            .map(|d| d.0.as_str())
+            .collect::<Vec<_>>(),
+        ["cleanup"]
+    );
+}
+
+#[test]
+fn a_branch_step_left_out_is_skipped_while_its_condition_still_decides_the_other() {
+    let plan = plan(
+        "name: m\nsteps:\n  - {agent: agent8, action: collect_metrics}\n  - condition: \"error_rate > 0.05\"\n    then:\n      - {agent: agent19, action: rollback}\n    else:\n      - {agent: agent9, action: all_clear}\n",
+    );
+    let mut run = subset_run(&plan, &[], &["rollback"]);
+    drive_run(&plan, &mut run, json!({"error_rate": 0.01}));
+    assert_eq!(
+        status_and_reason(&plan, &run, "rollback"),
+        (StepStatus::Skipped, Some("skipped: --skip rollback".into()))
+    );
+    assert_eq!(
+        status_and_reason(&plan, &run, "all_clear").0,
+        StepStatus::Success
+    );
+    // Only the branch: the metrics step it reads is left out, so the bare name comes from
+    // the run's params.
+    let mut run = subset_run(&plan, &["rollback", "all_clear"], &[]);
+    run.params.insert("error_rate".into(), json!(0.5));
+    drive_run(&plan, &mut run, json!({}));
+    assert_eq!(
+        status_and_reason(&plan, &run, "collect_metrics").0,
+        StepStatus::Skipped
+    );
+    assert_eq!(
+        status_and_reason(&plan, &run, "rollback").0,
+        StepStatus::Success
+    );
+    assert_eq!(
+        status_and_reason(&plan, &run, "all_clear"),
+        (
+            StepStatus::Skipped,
+            Some("condition is false: !(error_rate > 0.05)".into())
+        )
+    );
+}
+
+#[test]
+fn a_for_each_step_left_out_never_expands_and_its_dependent_sees_no_output() {
+    let plan = plan(FAN_OUT);
+    let mut run = subset_run(&plan, &["after"], &[]);
+    let t = run.apply(&plan, Event::Start, at(0));
+    assert_eq!(run.steps.len(), 2, "no instance slots");
+    assert_eq!(run.steps[0].status, StepStatus::Skipped);
+    // `after` runs at once and reads the left-out step's output as null, as after an
+    // operator's skip.
+    assert_eq!(dispatched_slots(&t).len(), 1);
+    assert_eq!(run.steps[1].status, StepStatus::Running);
+    assert_eq!(
+        run.task_params(&plan, 1).unwrap(),
+        json!({"all": null}).as_object().unwrap().clone()
+    );
+
+    let mut run = subset_run(&plan, &[], &["after"]);
+    let ran = drive_run(&plan, &mut run, json!(1));
+    assert_eq!(ran, (2..7).collect::<Vec<_>>(), "every instance ran");
+    assert_eq!(run.status, RunStatus::Success);
 }

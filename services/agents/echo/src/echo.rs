@@ -6,6 +6,7 @@ use std::time::Duration;
 use flotilla_proto::Task;
 use flotilla_worker::{HandlerError, TaskContext};
 use serde_json::{Map, Value};
+use tracing::Instrument as _;
 
 /// Sleep this many milliseconds before answering, as work time.
 pub const SLEEP_MS: &str = "sleep_ms";
@@ -95,8 +96,10 @@ pub async fn handle(ctx: TaskContext) -> Result<Value, HandlerError> {
     }
     if !plan.sleep.is_zero() {
         let started = tokio::time::Instant::now();
+        // The handler's own span: a child of the task's, in the run's trace.
+        let work = tracing::info_span!("echo.sleep", sleep_ms = plan.sleep.as_millis() as u64);
         tokio::select! {
-            () = tokio::time::sleep(plan.sleep) => {}
+            () = tokio::time::sleep(plan.sleep).instrument(work) => {}
             () = ctx.cancelled() => {
                 return Err(HandlerError::fatal(format!(
                     "echo: cancelled after {} ms of its {} ms sleep",
