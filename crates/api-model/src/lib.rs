@@ -154,6 +154,17 @@ pub struct WorkflowResult {
     pub params: Map<String, Value>,
     pub steps: Vec<StepResult>,
     pub metrics: Metrics,
+    /// The run and step that started this run as a sub-workflow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRun>,
+}
+
+/// The step of another run that started a run as its sub-workflow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentRun {
+    pub workflow_id: Uuid,
+    pub step_id: String,
 }
 
 /// One step of a run.
@@ -185,6 +196,13 @@ pub struct StepResult {
     /// escalated (status `needs_attention` until an operator retries, skips or completes it).
     #[serde(default = "first_strike")]
     pub strike: u8,
+    /// For a sub-workflow step: the registered definition it runs (`agent` and `action` are
+    /// empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    /// For a sub-workflow step: the run its latest attempt started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child_workflow_id: Option<Uuid>,
 }
 
 fn first_strike() -> u8 {
@@ -823,6 +841,8 @@ mod tests {
             error: Some("template not found".into()),
             next_attempt_at: Some(at(5)),
             strike: 1,
+            workflow: None,
+            child_workflow_id: None,
         }
     }
 
@@ -846,6 +866,7 @@ mod tests {
                 failed_steps: 1,
                 skipped_steps: 0,
             },
+            parent: None,
         }
     }
 

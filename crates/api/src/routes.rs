@@ -222,8 +222,7 @@ async fn execute<B: Backend>(
         (Source::Inline(inline), _) => inline.parse()?,
     };
     let plan = Plan::compile(&definition)?;
-    let mut effective = definition.params.clone();
-    effective.extend(params);
+    let effective = plan.run_params(params);
     let Submitted {
         workflow_id,
         replayed,

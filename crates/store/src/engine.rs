@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
-use flotilla_core::scheduler::Instance;
+use flotilla_core::scheduler::{Instance, ParentLink};
 use flotilla_core::{RunStatus, StepState, StepStatus, Strike};
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -41,6 +41,8 @@ pub struct StoredRun {
     pub deadline: Option<DateTime<Utc>>,
     /// Why the run failed, when no step's failure says it.
     pub error: Option<String>,
+    /// The attempt that started the run, when it is a sub-workflow.
+    pub parent: Option<ParentLink>,
     pub steps: Vec<StepState>,
 }
 
@@ -49,7 +51,7 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
     let runs_stmt = client
         .prepare_cached(
             "SELECT id, name, definition_hash, status, params, version, created_at, ended_at,
-                    deadline, error
+                    deadline, error, parent_run_id, parent_step_id, parent_attempt, depth
              FROM runs WHERE id = ANY($1)",
         )
         .await?;
@@ -86,6 +88,15 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
                 ended_at: r.get(7),
                 deadline: r.get(8),
                 error: r.get(9),
+                parent: match (r.get(10), r.get(11), r.get::<_, Option<i32>>(12)) {
+                    (Some(run_id), Some(step_id), Some(attempt)) => Some(ParentLink {
+                        run_id,
+                        step_id,
+                        attempt: u32::try_from(attempt).unwrap_or_default(),
+                        depth: u32::try_from(r.get::<_, i32>(13)).unwrap_or_default(),
+                    }),
+                    _ => None,
+                },
                 steps: Vec::new(),
             },
         );
@@ -163,6 +174,8 @@ pub struct StepIdent {
     pub action: String,
     /// The step's own lease (its `heartbeat_timeout`), in ms; the coordinator's when `None`.
     pub lease_ms: Option<i32>,
+    /// The definition a sub-workflow step runs.
+    pub workflow: Option<String>,
 }
 
 /// A run to create.
@@ -177,6 +190,7 @@ pub struct NewRun {
     pub ended_at: Option<DateTime<Utc>>,
     pub deadline: Option<DateTime<Utc>>,
     pub error: Option<String>,
+    pub parent: Option<ParentLink>,
 }
 
 /// A run whose status (and version) moves on.
@@ -343,19 +357,43 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
         let ended: Vec<Option<DateTime<Utc>>> = runs.iter().map(|r| r.ended_at).collect();
         let deadlines: Vec<Option<DateTime<Utc>>> = runs.iter().map(|r| r.deadline).collect();
         let errors: Vec<Option<&str>> = runs.iter().map(|r| r.error.as_deref()).collect();
+        let parents = runs.iter().map(|r| r.parent.as_ref());
+        let parent_runs: Vec<Option<Uuid>> = parents.clone().map(|p| p.map(|p| p.run_id)).collect();
+        let parent_steps: Vec<Option<&str>> = parents
+            .clone()
+            .map(|p| p.map(|p| p.step_id.as_str()))
+            .collect();
+        let int = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+        let parent_attempts: Vec<Option<i32>> =
+            parents.clone().map(|p| p.map(|p| int(p.attempt))).collect();
+        let depths: Vec<i32> = parents.map(|p| p.map_or(0, |p| int(p.depth))).collect();
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO runs (id, name, definition_hash, status, params, created_at, ended_at,
-                                   deadline, error)
+                                   deadline, error, parent_run_id, parent_step_id, parent_attempt,
+                                   depth)
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[],
                                       $6::timestamptz[], $7::timestamptz[], $8::timestamptz[],
-                                      $9::text[])",
+                                      $9::text[], $10::uuid[], $11::text[], $12::int4[],
+                                      $13::int4[])",
             )
             .await?;
         tx.execute(
             &stmt,
             &[
-                &ids, &names, &hashes, &statuses, &params, &created, &ended, &deadlines, &errors,
+                &ids,
+                &names,
+                &hashes,
+                &statuses,
+                &params,
+                &created,
+                &ended,
+                &deadlines,
+                &errors,
+                &parent_runs,
+                &parent_steps,
+                &parent_attempts,
+                &depths,
             ],
         )
         .await?;
@@ -367,6 +405,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
         let mut agents = Vec::with_capacity(batch.new_steps.len());
         let mut actions = Vec::with_capacity(batch.new_steps.len());
         let mut leases = Vec::with_capacity(batch.new_steps.len());
+        let mut workflows = Vec::with_capacity(batch.new_steps.len());
         for (ident, row) in &batch.new_steps {
             cols.push(row);
             instances.push(row);
@@ -374,17 +413,20 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
             agents.push(ident.agent.as_str());
             actions.push(ident.action.as_str());
             leases.push(ident.lease_ms);
+            workflows.push(ident.workflow.as_deref());
         }
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO steps (run_id, idx, step_id, agent, action, status, attempt, task_id,
                                     wake_at, started_at, ended_at, output, error, deadline, lost,
-                                    strike, strike_base, instance_of, item_index, item, lease_ms)
+                                    strike, strike_base, instance_of, item_index, item, lease_ms,
+                                    workflow)
                  SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
                                       $6::text[], $7::int4[], $8::uuid[], $9::timestamptz[],
                                       $10::timestamptz[], $11::timestamptz[], $12::jsonb[], $13::text[],
                                       $14::timestamptz[], $15::int4[], $16::int2[], $17::int4[],
-                                      $18::int4[], $19::int4[], $20::jsonb[], $21::int4[])",
+                                      $18::int4[], $19::int4[], $20::jsonb[], $21::int4[],
+                                      $22::text[])",
             )
             .await?;
         tx.execute(
@@ -411,6 +453,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                 &instances.item_index,
                 &instances.item,
                 &leases,
+                &workflows,
             ],
         )
         .await?;

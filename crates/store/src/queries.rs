@@ -16,6 +16,8 @@ pub struct RunRecord {
     pub params: Value,
     pub created_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
+    /// The run and step that started this run as a sub-workflow (read by [`run`] only).
+    pub parent: Option<(Uuid, String)>,
 }
 
 /// A step's row.
@@ -33,6 +35,10 @@ pub struct StepRecord {
     pub error: Option<String>,
     /// The strike the step reached: 1 its retries, 2 its fallback, 3 escalated.
     pub strike: i16,
+    /// The definition a sub-workflow step runs.
+    pub workflow: Option<String>,
+    /// The run its current attempt started, for a sub-workflow step.
+    pub child_run_id: Option<Uuid>,
 }
 
 fn run_record(r: &tokio_postgres::Row) -> RunRecord {
@@ -43,6 +49,7 @@ fn run_record(r: &tokio_postgres::Row) -> RunRecord {
         params: r.get(3),
         created_at: r.get(4),
         ended_at: r.get(5),
+        parent: None,
     }
 }
 
@@ -53,7 +60,8 @@ pub async fn run(
 ) -> Result<Option<(RunRecord, Vec<StepRecord>)>, Error> {
     let run_stmt = client
         .prepare_cached(
-            "SELECT id, name, status, params, created_at, ended_at FROM runs WHERE id = $1",
+            "SELECT id, name, status, params, created_at, ended_at, parent_run_id, parent_step_id
+             FROM runs WHERE id = $1",
         )
         .await?;
     let Some(run) = client.query_opt(&run_stmt, &[&id]).await? else {
@@ -61,9 +69,10 @@ pub async fn run(
     };
     let steps_stmt = client
         .prepare_cached(
-            "SELECT step_id, agent, action, status, attempt, wake_at, started_at, ended_at, output, error,
-                    strike
-             FROM steps WHERE run_id = $1 ORDER BY idx",
+            "SELECT s.step_id, s.agent, s.action, s.status, s.attempt, s.wake_at, s.started_at,
+                    s.ended_at, s.output, s.error, s.strike, s.workflow, child.id
+             FROM steps s LEFT JOIN runs child ON child.id = s.task_id AND child.parent_run_id = s.run_id
+             WHERE s.run_id = $1 ORDER BY s.idx",
         )
         .await?;
     let steps = client
@@ -82,9 +91,13 @@ pub async fn run(
             output: r.get(8),
             error: r.get(9),
             strike: r.get(10),
+            workflow: r.get(11),
+            child_run_id: r.get(12),
         })
         .collect();
-    Ok(Some((run_record(&run), steps)))
+    let mut record = run_record(&run);
+    record.parent = run.get::<_, Option<Uuid>>(6).zip(run.get(7));
+    Ok(Some((record, steps)))
 }
 
 /// One attempt of a step, for a run's report.

@@ -78,6 +78,12 @@ pub fn summary(result: &WorkflowResult) -> String {
         &format!("{} ({})", result.workflow_id, result.name),
     );
     field("Status", &result.status);
+    if let Some(parent) = &result.parent {
+        field(
+            "Parent",
+            &format!("{} (step {})", parent.workflow_id, parent.step_id),
+        );
+    }
     field("Started", &time(result.start_time));
     if let Some(end) = result.end_time {
         field("Ended", &time(end));
@@ -119,6 +125,15 @@ pub fn summary(result: &WorkflowResult) -> String {
                     note.push('\n');
                 }
                 let _ = write!(note, "next attempt at {}", time(next));
+            }
+            if let Some(workflow) = &step.workflow {
+                if !note.is_empty() {
+                    note.push('\n');
+                }
+                let _ = write!(note, "workflow {workflow}");
+                if let Some(child) = step.child_workflow_id {
+                    let _ = write!(note, ": run {child}");
+                }
             }
             vec![
                 step.step_id.clone(),
@@ -503,6 +518,8 @@ mod tests {
             error: error.map(Into::into),
             next_attempt_at: None,
             strike: 1,
+            workflow: None,
+            child_workflow_id: None,
         }
     }
 
@@ -527,6 +544,7 @@ mod tests {
                 failed_steps: 1,
                 skipped_steps: 1,
             },
+            parent: None,
         }
     }
 
@@ -548,6 +566,33 @@ quality_check  failure  3         lint failed
                                   2 errors
 deploy         skipped  0         upstream failed
 "
+        );
+    }
+
+    #[test]
+    fn summary_names_the_parent_and_each_workflow_step_s_run() {
+        let mut run = failed_run();
+        run.parent = Some(flotilla_api_model::ParentRun {
+            workflow_id: Uuid::from_u128(9),
+            step_id: "deploy".into(),
+        });
+        run.steps = vec![StepResult {
+            agent: String::new(),
+            action: String::new(),
+            workflow: Some("deploy-service".into()),
+            child_workflow_id: Some(Uuid::from_u128(10)),
+            ..step("ship", "running", 1, None)
+        }];
+        let text = summary(&run);
+        assert!(
+            text.contains("Parent    00000000-0000-0000-0000-000000000009 (step deploy)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "ship  running  1         workflow deploy-service: run 00000000-0000-0000-0000-00000000000a"
+            ),
+            "{text}"
         );
     }
 
@@ -887,7 +932,7 @@ pub fn plan(plan: &flotilla_core::Plan, scheduled: bool) -> String {
         let _ = writeln!(out, "\nStage {}", n + 1);
         for &i in stage {
             let node = &plan.nodes[i];
-            let _ = write!(out, "  {}  {}.{}", node.id, node.agent, node.action);
+            let _ = write!(out, "  {}  {}", node.id, call(node));
             if !node.deps.is_empty() {
                 let deps: Vec<&str> = node
                     .deps
@@ -910,10 +955,21 @@ pub fn plan(plan: &flotilla_core::Plan, scheduled: bool) -> String {
     if !handlers.is_empty() {
         let _ = writeln!(out, "\nIf the run fails");
         for node in handlers {
-            let _ = writeln!(out, "  {}  {}.{}", node.id, node.agent, node.action);
+            let _ = writeln!(out, "  {}  {}", node.id, call(node));
         }
     }
     out
+}
+
+/// What a step of a plan runs: `agent.action`, or `workflow NAME[@version]`.
+fn call(node: &flotilla_core::plan::Node) -> String {
+    match &node.workflow {
+        Some(w) => match &w.version {
+            Some(version) => format!("workflow {}@{version}", w.name),
+            None => format!("workflow {}", w.name),
+        },
+        None => format!("{}.{}", node.agent, node.action),
+    }
 }
 
 #[cfg(test)]
@@ -928,5 +984,20 @@ mod plan_tests {
         assert!(text.contains("Stage 3\n  quality_check  agent7.code_quality_check  after build_api\n  security_scan  agent10.security_scan  after build_api"), "{text}");
         assert!(text.contains("deploy  agent19.deploy  after quality_check, security_scan, performance_test  if quality_check.success && security_scan.passed"), "{text}");
         assert!(text.contains("If the run fails\n  log_error  agent9.log_error\n  notify_slack  flotilla-notify.notify"), "{text}");
+    }
+
+    #[test]
+    fn a_workflow_step_reads_as_one() {
+        let def = flotilla_core::Definition::from_yaml(
+            "name: p\nsteps:\n  - {id: deploy, workflow: deploy-service, version: 3}\n  - {id: check, agent: a, action: b}\n",
+        )
+        .unwrap();
+        let plan = flotilla_core::Plan::compile(&def).unwrap();
+        let text = super::plan(&plan, false);
+        assert!(
+            text.contains("Stage 1\n  deploy  workflow deploy-service@3\n"),
+            "{text}"
+        );
+        assert!(text.contains("check  a.b  after deploy"), "{text}");
     }
 }

@@ -464,6 +464,8 @@ fn step(id: &str, status: &str, attempts: u32, error: Option<&str>) -> StepResul
         error: error.map(Into::into),
         next_attempt_at: None,
         strike: 1,
+        workflow: None,
+        child_workflow_id: None,
     }
 }
 
@@ -485,6 +487,7 @@ fn result(status: &str, steps: Vec<StepResult>) -> WorkflowResult {
             failed_steps: count("failure"),
             skipped_steps: count("skipped"),
         },
+        parent: None,
         steps,
     }
 }

@@ -6,11 +6,11 @@ use chrono::{DateTime, Utc};
 use flotilla_api::{Backend, BackendError, NewSchedule, Submission};
 use flotilla_api_model::{
     AgentSummary, AttemptReport, DeadLetterQuery, DeadLetterSummary, DefinitionDetail,
-    DefinitionSummary, Metrics, Operation, RedriveOutcome, RunEvent, RunPage, RunQuery, RunReport,
-    RunSummary, ScheduleSummary, StepReport, StepResult, Submitted, WorkflowResult,
+    DefinitionSummary, Metrics, Operation, ParentRun, RedriveOutcome, RunEvent, RunPage, RunQuery,
+    RunReport, RunSummary, ScheduleSummary, StepReport, StepResult, Submitted, WorkflowResult,
 };
 use flotilla_core::schedule::Schedule;
-use flotilla_core::{Definition, Plan, report};
+use flotilla_core::{Definition, Plan, PlanError, report};
 use flotilla_engine::Operation as EngineOperation;
 use flotilla_engine::{EngineHandle, NewRun};
 use flotilla_store::queries::{self, Cursor, RunRecord, StepRecord};
@@ -88,6 +88,8 @@ fn workflow_result(run: RunRecord, steps: Vec<StepRecord>) -> WorkflowResult {
                 error: s.error,
                 next_attempt_at: s.wake_at,
                 strike: u8::try_from(s.strike).unwrap_or(1),
+                workflow: s.workflow,
+                child_workflow_id: s.child_run_id,
             }
         })
         .collect();
@@ -105,6 +107,10 @@ fn workflow_result(run: RunRecord, steps: Vec<StepRecord>) -> WorkflowResult {
         },
         steps,
         metrics,
+        parent: run.parent.map(|(workflow_id, step_id)| ParentRun {
+            workflow_id,
+            step_id,
+        }),
     }
 }
 
@@ -131,8 +137,52 @@ fn summary(r: definitions::Registered) -> DefinitionSummary {
     }
 }
 
+impl CoordinatorBackend {
+    /// Refuses a plan whose sub-workflow steps name a definition that is not registered (or a
+    /// version it does not have), naming each such step; `own` is the name being registered,
+    /// which its own steps may name (a recursion, bounded by the engine's depth limit).
+    async fn check_sub_workflows(
+        &self,
+        plan: &Plan,
+        own: Option<&str>,
+    ) -> Result<(), BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let mut problems = Vec::new();
+        for (step, workflow) in plan.sub_workflows() {
+            let (name, version) = (workflow.name.as_str(), workflow.version.as_deref());
+            if own == Some(name) && version.is_none() {
+                continue;
+            }
+            let found = match version {
+                Some(version) => definitions::version(&client, name, version).await,
+                None => definitions::latest(&client, name).await,
+            }
+            .map_err(store_error)?;
+            if found.is_none() {
+                problems.push(match version {
+                    Some(version) => format!(
+                        "step `{step}`: workflow `{name}` has no version or revision `{version}`"
+                    ),
+                    None => {
+                        format!("step `{step}`: workflow `{name}` is not a registered definition")
+                    }
+                });
+            }
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        let error = PlanError {
+            workflow: plan.name.clone(),
+            problems,
+        };
+        Err(BackendError::Invalid(error.to_string()))
+    }
+}
+
 impl Backend for CoordinatorBackend {
     async fn submit(&self, submission: Submission) -> Result<Submitted, BackendError> {
+        self.check_sub_workflows(&submission.plan, None).await?;
         self.engine
             .submit(NewRun {
                 definition: submission.definition,
@@ -204,6 +254,9 @@ impl Backend for CoordinatorBackend {
         &self,
         definition: Definition,
     ) -> Result<DefinitionSummary, BackendError> {
+        let plan = Plan::compile(&definition).map_err(|e| BackendError::Invalid(e.to_string()))?;
+        self.check_sub_workflows(&plan, Some(&definition.name))
+            .await?;
         let mut client = self.store.client().await.map_err(store_error)?;
         let registered = definitions::register(&mut client, &definition)
             .await
@@ -555,6 +608,7 @@ mod tests {
             params: Value::Null,
             created_at: DateTime::from_timestamp_micros(1_800_000_000_123_456).unwrap(),
             ended_at: None,
+            parent: None,
         };
         assert_eq!(
             decode_cursor(&encode_cursor(&run)).unwrap(),

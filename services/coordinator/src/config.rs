@@ -71,6 +71,10 @@ pub struct Config {
     #[arg(long, env = "FLOTILLA_MAX_INSTANCES", default_value_t = flotilla_core::scheduler::DEFAULT_MAX_INSTANCES)]
     pub max_instances: usize,
 
+    /// How deep sub-workflows may nest; a step that would start a run deeper fails.
+    #[arg(long, env = "FLOTILLA_MAX_WORKFLOW_DEPTH", default_value_t = flotilla_core::scheduler::DEFAULT_MAX_WORKFLOW_DEPTH)]
+    pub max_workflow_depth: u32,
+
     /// Largest request body the API accepts, in bytes.
     #[arg(long, env = "FLOTILLA_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -124,6 +128,10 @@ impl Config {
                 self.idempotency_retention_secs.to_string(),
             ),
             ("FLOTILLA_MAX_INSTANCES", self.max_instances.to_string()),
+            (
+                "FLOTILLA_MAX_WORKFLOW_DEPTH",
+                self.max_workflow_depth.to_string(),
+            ),
             ("FLOTILLA_MAX_BODY_BYTES", self.max_body_bytes.to_string()),
             (
                 "FLOTILLA_SHUTDOWN_GRACE_SECS",

@@ -73,6 +73,7 @@ pub async fn run(
             max_batch: config.max_batch,
             idempotency_retention: config.idempotency_retention(),
             max_instances: config.max_instances,
+            max_workflow_depth: config.max_workflow_depth,
             ..EngineConfig::default()
         },
         outbox_tx,

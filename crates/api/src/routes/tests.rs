@@ -505,6 +505,7 @@ fn sample_run(id: Uuid) -> WorkflowResult {
         params: Map::new(),
         steps: Vec::new(),
         metrics: Metrics::default(),
+        parent: None,
     }
 }
 
@@ -1468,6 +1469,8 @@ fn step(id: &str, status: &str) -> StepResult {
         error: None,
         next_attempt_at: None,
         strike: 1,
+        workflow: None,
+        child_workflow_id: None,
     }
 }
 
