@@ -222,6 +222,8 @@ pub struct ParentLink {
     pub attempt: u32,
     /// How deep the run is nested: 1 for the child of a run nobody started.
     pub depth: u32,
+    /// When the attempt started the run: its creation (its id, a task id, carries no time).
+    pub started_at: DateTime<Utc>,
 }
 
 /// How many levels of sub-workflows may nest, unless configured otherwise.

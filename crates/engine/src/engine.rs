@@ -1211,6 +1211,7 @@ impl Pending<'_> {
                                 step_id,
                                 attempt: *attempt,
                                 depth: state.depth() + 1,
+                                started_at: self.now,
                             },
                             workflow: workflow.clone(),
                             params,
@@ -1365,7 +1366,7 @@ impl Pending<'_> {
                     });
                     if let Some(parent) = &state.parent {
                         let outcome = state.outcome_for_parent(plan);
-                        self.report_to_parent(state.id, parent, outcome, self.now - duration);
+                        self.report_to_parent(state.id, parent, outcome);
                     }
                 }
             }
@@ -1377,13 +1378,7 @@ impl Pending<'_> {
     /// Sends a sub-workflow run's end to the attempt that started it as that attempt's result:
     /// through the outbox and the results queue, committed with the end, and applied (fenced
     /// like any result) by whichever coordinator consumes it.
-    fn report_to_parent(
-        &mut self,
-        run_id: Uuid,
-        parent: &ParentLink,
-        outcome: Outcome,
-        started_at: DateTime<Utc>,
-    ) {
+    fn report_to_parent(&mut self, run_id: Uuid, parent: &ParentLink, outcome: Outcome) {
         let (status, output, error) = match outcome {
             Outcome::Success(output) => (ResultStatus::Success, Some(output), None),
             Outcome::Failure { message, retryable } => (
@@ -1410,7 +1405,7 @@ impl Pending<'_> {
             output,
             error,
             worker_id: ENGINE_ACTOR.into(),
-            started_at,
+            started_at: parent.started_at,
             finished_at: self.now,
         };
         self.batch.outbox.push(OutboxRow {
@@ -1432,7 +1427,7 @@ impl Pending<'_> {
             message: format!("sub-workflow `{}` not started: {why}", start.workflow.name),
             retryable: false,
         };
-        self.report_to_parent(start.id, &start.parent, outcome, self.now);
+        self.report_to_parent(start.id, &start.parent, outcome);
     }
 
     /// Records a step's move to its fallback or its escalation in the run's history; an
@@ -1630,12 +1625,15 @@ fn redrive_one(
     Ok(cached.state.steps[step].attempt)
 }
 
-/// How long a run took from its creation to its end (`now` if it has no end time). Run ids are
-/// UUIDv7 minted in the transaction that created the run, so the id carries its creation time.
+/// How long a run took from its creation to its end (`now` if it has no end time). Submitted
+/// runs' ids are UUIDv7 minted in the transaction that created the run, so the id carries its
+/// creation time; a sub-workflow's run keeps it in its parent link.
 fn run_duration(state: &RunState, now: DateTime<Utc>) -> Duration {
-    let created = state.id.get_timestamp().and_then(|t| {
-        let (secs, nanos) = t.to_unix();
-        DateTime::from_timestamp(i64::try_from(secs).ok()?, nanos)
+    let created = state.parent.as_ref().map(|p| p.started_at).or_else(|| {
+        state.id.get_timestamp().and_then(|t| {
+            let (secs, nanos) = t.to_unix();
+            DateTime::from_timestamp(i64::try_from(secs).ok()?, nanos)
+        })
     });
     created
         .and_then(|created| (state.ended_at.unwrap_or(now) - created).to_std().ok())

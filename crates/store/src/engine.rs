@@ -94,6 +94,7 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
                         step_id,
                         attempt: u32::try_from(attempt).unwrap_or_default(),
                         depth: u32::try_from(r.get::<_, i32>(13)).unwrap_or_default(),
+                        started_at: r.get(6),
                     }),
                     _ => None,
                 },
