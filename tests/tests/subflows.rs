@@ -114,24 +114,30 @@ async fn a_child_run_s_outputs_are_its_parent_step_s_output() -> anyhow::Result<
     fleet.stop().await
 }
 
+/// Registers `breaks`, a workflow whose one step always fails, runs `parent` (which runs it) to
+/// its end, and checks that it failed.
+async fn run_over_a_failing_child(fleet: &Fleet, parent: &str) -> anyhow::Result<WorkflowResult> {
+    register(
+        fleet,
+        "name: breaks\nsteps:\n  - {id: boom, agent: sub, action: x, params: {fail_attempts: 9}}\n",
+    )
+    .await?;
+    let id = fleet.execute_yaml(parent, json!({})).await?;
+    let run = fleet.wait_for_end(id, WAIT).await?;
+    anyhow::ensure!(run.status == "failure", "the parent did not fail: {run:?}");
+    Ok(run)
+}
+
 /// A child that fails fails its parent's step with an error naming the child run and its failed
 /// step; the parent's failure handler runs.
 #[tokio::test]
 async fn a_failing_child_fails_its_parent_whose_failure_handler_runs() -> anyhow::Result<()> {
     let fleet = fleet_with(Fleet::new()).await?;
-    register(
+    let run = run_over_a_failing_child(
         &fleet,
-        "name: breaks\nsteps:\n  - {id: boom, agent: sub, action: x, params: {fail_attempts: 9}}\n",
+        "name: parent\nsteps:\n  - {id: call, workflow: breaks}\n  - {id: never, agent: sub, action: y}\nerror_handling:\n  on_failure: [{id: cleanup, agent: sub, action: clean}]\n",
     )
     .await?;
-    let id = fleet
-        .execute_yaml(
-            "name: parent\nsteps:\n  - {id: call, workflow: breaks}\n  - {id: never, agent: sub, action: y}\nerror_handling:\n  on_failure: [{id: cleanup, agent: sub, action: clean}]\n",
-            json!({}),
-        )
-        .await?;
-    let run = fleet.wait_for_end(id, WAIT).await?;
-    assert_eq!(run.status, "failure", "{run:?}");
     let child = child_of(&run, "call");
     let call = step(&run, "call");
     assert_eq!(call.status, "failure");
@@ -151,19 +157,12 @@ async fn a_failing_child_fails_its_parent_whose_failure_handler_runs() -> anyhow
 #[tokio::test]
 async fn a_retry_of_the_parent_step_starts_a_new_child() -> anyhow::Result<()> {
     let fleet = fleet_with(Fleet::new()).await?;
-    register(
+    let run = run_over_a_failing_child(
         &fleet,
-        "name: breaks\nsteps:\n  - {id: boom, agent: sub, action: x, params: {fail_attempts: 9}}\n",
+        "name: parent\nsteps:\n  - {id: call, workflow: breaks, retry: {max_attempts: 2, delay: 0s}}\n",
     )
     .await?;
-    let id = fleet
-        .execute_yaml(
-            "name: parent\nsteps:\n  - {id: call, workflow: breaks, retry: {max_attempts: 2, delay: 0s}}\n",
-            json!({}),
-        )
-        .await?;
-    let run = fleet.wait_for_end(id, WAIT).await?;
-    assert_eq!(run.status, "failure", "{run:?}");
+    let id = run.workflow_id;
     assert_eq!(step(&run, "call").attempts, 2);
     let db = fleet.db().await?;
     let children: Vec<(Uuid, i32, String)> = db
