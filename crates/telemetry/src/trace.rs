@@ -345,8 +345,7 @@ pub fn attempt_ended(end: &AttemptEnd<'_>) {
         attributes,
         Vec::new(),
         status,
-        end.dispatched_at,
-        end.ended_at,
+        end.dispatched_at..end.ended_at,
     );
 }
 
@@ -396,8 +395,7 @@ pub fn run_ended(
         attributes,
         links,
         span_status,
-        created_at,
-        ended_at,
+        created_at..ended_at,
     );
 }
 
@@ -408,8 +406,7 @@ fn emit(
     attributes: Vec<KeyValue>,
     links: Vec<Link>,
     status: Status,
-    start: SystemTime,
-    end: SystemTime,
+    std::ops::Range { start, end }: std::ops::Range<SystemTime>,
 ) {
     use opentelemetry::trace::Span as _;
 
