@@ -271,10 +271,14 @@ async fn an_unregistered_workflow_name_is_refused_and_nothing_is_stored() -> any
     ] {
         let (status, answer) = post(&fleet, path, body).await?;
         assert_eq!(status, 400, "{path}: {answer}");
-        let text = answer.to_string();
-        assert!(
-            text.contains("step `call`: workflow `nowhere` is not a registered definition"),
-            "{path}: {text}"
+        assert_eq!(
+            answer["error"]["code"], "invalid_definition",
+            "{path}: {answer}"
+        );
+        assert_eq!(
+            answer["error"]["details"]["problems"],
+            json!(["step `call`: workflow `nowhere` is not a registered definition"]),
+            "{path}: {answer}"
         );
     }
     let (status, answer) = post(

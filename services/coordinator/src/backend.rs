@@ -172,11 +172,10 @@ impl CoordinatorBackend {
         if problems.is_empty() {
             return Ok(());
         }
-        let error = PlanError {
+        Err(BackendError::Definition(PlanError {
             workflow: plan.name.clone(),
             problems,
-        };
-        Err(BackendError::Invalid(error.to_string()))
+        }))
     }
 }
 
@@ -254,7 +253,7 @@ impl Backend for CoordinatorBackend {
         &self,
         definition: Definition,
     ) -> Result<DefinitionSummary, BackendError> {
-        let plan = Plan::compile(&definition).map_err(|e| BackendError::Invalid(e.to_string()))?;
+        let plan = Plan::compile(&definition)?;
         self.check_sub_workflows(&plan, Some(&definition.name))
             .await?;
         let mut client = self.store.client().await.map_err(store_error)?;
