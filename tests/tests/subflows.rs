@@ -66,7 +66,8 @@ async fn fleet_with(fleet: Fleet) -> anyhow::Result<Fleet> {
 }
 
 /// The child's outputs, by step id, are its parent step's output: a later step of the parent
-/// reads them through a template. Each run names the other in the API and the CLI.
+/// reads them through a template. Each run names the other in the API and the CLI. A `for_each`
+/// workflow step starts a child per item.
 #[tokio::test]
 async fn a_child_run_s_outputs_are_its_parent_step_s_output() -> anyhow::Result<()> {
     let fleet = fleet_with(Fleet::new()).await?;
@@ -110,6 +111,33 @@ async fn a_child_run_s_outputs_are_its_parent_step_s_output() -> anyhow::Result<
     assert!(
         stdout.contains(&format!("Parent    {id} (step call)")),
         "{stdout}"
+    );
+
+    // A `for_each` workflow step runs one child per item; its output lists theirs.
+    let id = fleet
+        .execute_yaml(
+            "name: fan\nsteps:\n  - {id: each, workflow: greet, for_each: \"${{ params.names }}\", params: {who: \"${{ item }}\"}}\n",
+            json!({"names": ["ada", "bob"]}),
+        )
+        .await?;
+    let run = fleet.wait_for_end(id, WAIT).await?;
+    assert_eq!(run.status, "success", "{run:?}");
+    let whos: Vec<&Value> = step(&run, "each")
+        .output
+        .as_ref()
+        .and_then(Value::as_array)
+        .expect("a list of the children's outputs")
+        .iter()
+        .map(|o| &o["hello"]["who"])
+        .collect();
+    assert_eq!(whos, [&json!("ada"), &json!("bob")]);
+    let second = fleet.run(child_of(&run, "each[1]")).await?;
+    let parent = second
+        .parent
+        .expect("the instance's child names its parent");
+    assert_eq!(
+        (parent.workflow_id, parent.step_id.as_str()),
+        (id, "each[1]")
     );
     fleet.stop().await
 }
