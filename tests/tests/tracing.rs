@@ -176,16 +176,26 @@ async fn whole_trace(spans: &Spans, trace_id: &str) -> anyhow::Result<Vec<Receiv
     }
 }
 
-#[tokio::test]
-async fn a_run_is_one_trace_across_coordinator_and_workers() -> anyhow::Result<()> {
+/// A receiver, and a fleet exporting to it: a coordinator, and per name `x` in `workers` an
+/// echo worker `echo-x` serving the agent `trace-x`.
+async fn traced_fleet(workers: &[&str]) -> anyhow::Result<(Fleet, Spans)> {
     let (endpoint, spans) = start_receiver().await?;
     let env = traced(&endpoint);
     let mut fleet = env
         .iter()
         .fold(Fleet::new(), |fleet, (k, v)| fleet.coordinator_env(k, v));
     fleet.start_coordinator().await?;
-    fleet.start_worker("echo-a", &["trace-a"], 2, worker_launch(&env, "echo-a"))?;
-    fleet.start_worker("echo-b", &["trace-b"], 2, worker_launch(&env, "echo-b"))?;
+    for name in workers {
+        let id = format!("echo-{name}");
+        let agent = format!("trace-{name}");
+        fleet.start_worker(&id, &[&agent], 2, worker_launch(&env, &id))?;
+    }
+    Ok((fleet, spans))
+}
+
+#[tokio::test]
+async fn a_run_is_one_trace_across_coordinator_and_workers() -> anyhow::Result<()> {
+    let (fleet, spans) = traced_fleet(&["a", "b"]).await?;
 
     let id = fleet.execute_yaml(RETRIED_RUN, json!({})).await?;
     let run = fleet.wait_for_end(id, WAIT).await?;
@@ -302,13 +312,7 @@ async fn a_run_is_one_trace_across_coordinator_and_workers() -> anyhow::Result<(
 /// attempt that started it.
 #[tokio::test]
 async fn a_child_run_s_root_span_links_to_its_parent_attempt() -> anyhow::Result<()> {
-    let (endpoint, spans) = start_receiver().await?;
-    let env = traced(&endpoint);
-    let mut fleet = env
-        .iter()
-        .fold(Fleet::new(), |fleet, (k, v)| fleet.coordinator_env(k, v));
-    fleet.start_coordinator().await?;
-    fleet.start_worker("echo-a", &["trace-a"], 2, worker_launch(&env, "echo-a"))?;
+    let (fleet, spans) = traced_fleet(&["a"]).await?;
     let registered = reqwest::Client::new()
         .post(format!("{}/api/definitions", fleet.url()))
         .json(&json!({"yaml": "name: child\nsteps:\n  - {id: work, agent: trace-a, action: build}\n"}))
