@@ -49,6 +49,8 @@ struct Received {
     end: u64,
     attributes: BTreeMap<String, String>,
     error: Option<String>,
+    /// The spans it links to, as (trace id, span id).
+    links: Vec<(String, String)>,
 }
 
 impl Received {
@@ -114,6 +116,11 @@ async fn receive(
                 end: span.end_time_unix_nano,
                 attributes: attributes(&span.attributes),
                 error,
+                links: span
+                    .links
+                    .iter()
+                    .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
+                    .collect(),
             });
         }
     }
@@ -174,16 +181,26 @@ async fn whole_trace(spans: &Spans, trace_id: &str) -> anyhow::Result<Vec<Receiv
     }
 }
 
-#[tokio::test]
-async fn a_run_is_one_trace_across_coordinator_and_workers() -> anyhow::Result<()> {
+/// A receiver, and a fleet exporting to it: a coordinator, and per name `x` in `workers` an
+/// echo worker `echo-x` serving the agent `trace-x`.
+async fn traced_fleet(workers: &[&str]) -> anyhow::Result<(Fleet, Spans)> {
     let (endpoint, spans) = start_receiver().await?;
     let env = traced(&endpoint);
     let mut fleet = env
         .iter()
         .fold(Fleet::new(), |fleet, (k, v)| fleet.coordinator_env(k, v));
     fleet.start_coordinator().await?;
-    fleet.start_worker("echo-a", &["trace-a"], 2, worker_launch(&env, "echo-a"))?;
-    fleet.start_worker("echo-b", &["trace-b"], 2, worker_launch(&env, "echo-b"))?;
+    for name in workers {
+        let id = format!("echo-{name}");
+        let agent = format!("trace-{name}");
+        fleet.start_worker(&id, &[&agent], 2, worker_launch(&env, &id))?;
+    }
+    Ok((fleet, spans))
+}
+
+#[tokio::test]
+async fn a_run_is_one_trace_across_coordinator_and_workers() -> anyhow::Result<()> {
+    let (fleet, spans) = traced_fleet(&["a", "b"]).await?;
 
     let id = fleet.execute_yaml(RETRIED_RUN, json!({})).await?;
     let run = fleet.wait_for_end(id, WAIT).await?;
@@ -310,6 +327,54 @@ async fn a_run_is_one_trace_across_coordinator_and_workers() -> anyhow::Result<(
     assert_eq!(handler[0].service, "echo-b");
     assert!(steady.start <= handler[0].start && handler[0].end <= steady.end);
 
+    fleet.stop().await
+}
+
+/// A sub-workflow's run is a trace of its own whose root span links to the span of the parent
+/// attempt that started it.
+#[tokio::test]
+async fn a_child_run_s_root_span_links_to_its_parent_attempt() -> anyhow::Result<()> {
+    let (fleet, spans) = traced_fleet(&["a"]).await?;
+    let registered = reqwest::Client::new()
+        .post(format!("{}/api/definitions", fleet.url()))
+        .json(&json!({"yaml": "name: child\nsteps:\n  - {id: work, agent: trace-a, action: build}\n"}))
+        .send()
+        .await?;
+    anyhow::ensure!(registered.status().as_u16() == 201, "{registered:?}");
+    let id = fleet
+        .execute_yaml(
+            "name: parent\nsteps:\n  - {id: call, workflow: child}\n",
+            json!({}),
+        )
+        .await?;
+    let run = fleet.wait_for_end(id, WAIT).await?;
+    assert_eq!(run.status, "success", "{run:?}");
+    let child = flotilla_tests::step(&run, "call")
+        .child_workflow_id
+        .context("the step names its child")?;
+
+    let (parent_trace, child_trace) = (id.simple().to_string(), child.simple().to_string());
+    let deadline = Instant::now() + WAIT;
+    let (attempt, root) = loop {
+        let named =
+            |trace: &str, name: &str| spans_of(&spans, trace).into_iter().find(|s| s.name == name);
+        if let (Some(attempt), Some(root)) = (
+            named(&parent_trace, "step.attempt"),
+            named(&child_trace, "workflow.run"),
+        ) {
+            break (attempt, root);
+        }
+        if Instant::now() > deadline {
+            bail!("the parent's attempt span and the child's root span not both received");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(attempt.attr("flotilla.step.id"), "call");
+    assert_eq!(
+        root.parent_span_id, "",
+        "the child's root starts its own trace"
+    );
+    assert_eq!(root.links, [(parent_trace, attempt.span_id)]);
     fleet.stop().await
 }
 

@@ -179,6 +179,17 @@ pub struct WorkflowResult {
     pub error: Option<String>,
     pub steps: Vec<StepResult>,
     pub metrics: Metrics,
+    /// The run and step that started this run as a sub-workflow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRun>,
+}
+
+/// The step of another run that started a run as its sub-workflow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentRun {
+    pub workflow_id: Uuid,
+    pub step_id: String,
 }
 
 /// One step of a run.
@@ -214,6 +225,13 @@ pub struct StepResult {
     /// that agent's circuit breaker holds it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<String>,
+    /// For a sub-workflow step: the registered definition it runs (`agent` and `action` are
+    /// empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    /// For a sub-workflow step: the run its latest attempt started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child_workflow_id: Option<Uuid>,
 }
 
 fn first_strike() -> u8 {
@@ -926,6 +944,8 @@ mod tests {
             next_attempt_at: Some(at(5)),
             strike: 1,
             held: None,
+            workflow: None,
+            child_workflow_id: None,
         }
     }
 
@@ -952,6 +972,7 @@ mod tests {
                 failed_steps: 1,
                 skipped_steps: 0,
             },
+            parent: None,
         }
     }
 

@@ -197,6 +197,10 @@ pub enum BackendError {
     /// The request cannot be served as asked (e.g. an unreadable cursor): 400.
     #[error("{0}")]
     Invalid(String),
+    /// The definition names what the store does not hold (a sub-workflow that is not
+    /// registered): 400 `invalid_definition`, every problem named.
+    #[error(transparent)]
+    Definition(#[from] flotilla_core::PlanError),
     /// Something the request names does not exist: 404.
     #[error("{0}")]
     NotFound(String),

@@ -159,6 +159,7 @@ impl From<BackendError> for ApiError {
     fn from(err: BackendError) -> Self {
         match err {
             BackendError::Invalid(m) => Self::new(Kind::InvalidRequest, m),
+            BackendError::Definition(e) => e.into(),
             BackendError::NotFound(m) => Self::new(Kind::NotFound, m),
             BackendError::Conflict(m) => Self::new(Kind::Conflict, m),
             BackendError::Unavailable(m) => Self::new(Kind::Unavailable, m),

@@ -262,8 +262,7 @@ async fn execute<B: Backend>(
     subset
         .check(&plan)
         .map_err(|e| ApiError::invalid_request(e.to_string()))?;
-    let mut effective = definition.params.clone();
-    effective.extend(params);
+    let effective = plan.run_params(params);
     let Submitted {
         workflow_id,
         replayed,

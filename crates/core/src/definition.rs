@@ -51,6 +51,17 @@ pub struct StepDef {
     pub action: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<String>,
+    /// Instead of an agent: the registered definition this step runs as a run of its own (a
+    /// sub-workflow), with `params` as its params.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    /// With `workflow`: the revision (or `version:`) to run; the latest at dispatch when unset.
+    #[serde(
+        default,
+        deserialize_with = "version_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub version: Option<String>,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub params: Map<String, Value>,
     /// Replaces the implicit edge to the previous step; `[]` starts the step at once.

@@ -36,12 +36,16 @@ pub enum Role {
     OnFailure,
 }
 
-/// One agent/action call in a plan.
+/// One agent/action call, or one sub-workflow, in a plan.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Node {
     pub id: String,
+    /// Empty for a sub-workflow step (see [`Node::workflow`]).
     pub agent: String,
     pub action: String,
+    /// A sub-workflow step: its attempts start a run of this registered definition instead of
+    /// sending a task to an agent (its fallback, if any, calls an agent as usual).
+    pub workflow: Option<SubWorkflow>,
     pub params: Map<String, Value>,
     /// Nodes that must have finished before this one starts.
     pub deps: Vec<usize>,
@@ -65,6 +69,14 @@ pub struct Node {
     pub escalate: Option<String>,
     /// Runs one instance per item of a list (see [`ForEach`]).
     pub for_each: Option<ForEach>,
+}
+
+/// The registered definition a sub-workflow step runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubWorkflow {
+    pub name: String,
+    /// A revision number or `version:`; the latest revision at dispatch when `None`.
+    pub version: Option<String>,
 }
 
 /// A `for_each:` fan-out: the list's template and how many instances may run at once.
@@ -96,6 +108,11 @@ impl Node {
             (Some(f), true) => (&f.agent, &f.action),
             _ => (&self.agent, &self.action),
         }
+    }
+
+    /// The sub-workflow an attempt starts: the step's, unless the attempt calls its fallback.
+    pub fn sub_workflow(&self, fallback: bool) -> Option<&SubWorkflow> {
+        self.workflow.as_ref().filter(|_| !fallback)
     }
 
     /// How long one attempt may take.
@@ -324,6 +341,21 @@ impl Plan {
     pub fn node_index(&self, id: &str) -> Option<usize> {
         self.index.get(id).copied()
     }
+
+    /// The sub-workflows the plan's steps run, each with the id of its step: the names the
+    /// store must know for the plan to run.
+    pub fn sub_workflows(&self) -> impl Iterator<Item = (&str, &SubWorkflow)> {
+        self.nodes
+            .iter()
+            .filter_map(|n| Some((n.id.as_str(), n.workflow.as_ref()?)))
+    }
+
+    /// A run's params: the plan's defaults overlaid, key by key, with those `given`.
+    pub fn run_params(&self, given: Map<String, Value>) -> Map<String, Value> {
+        let mut params = self.params.clone();
+        params.extend(given);
+        params
+    }
 }
 
 fn flatten<'d>(def: &'d Definition, problems: &mut Vec<String>) -> Vec<Draft<'d>> {
@@ -485,7 +517,9 @@ fn build_node(
     problems: &mut Vec<String>,
 ) -> Node {
     let def = d.def;
+    let workflow = sub_workflow(d, problems);
     let (agent, action, params) = match (&def.notify, &def.agent, &def.action) {
+        _ if workflow.is_some() => (String::new(), String::new(), def.params.clone()),
         (Some(channel), None, None) => {
             let mut params = def.params.clone();
             params.insert("channel".into(), Value::from(channel.as_str()));
@@ -525,10 +559,11 @@ fn build_node(
             ));
         }
     }
-    let id = match (&def.id, &def.notify) {
-        (Some(id), _) => id.clone(),
-        (None, Some(channel)) => format!("notify_{channel}"),
-        (None, None) => action.clone(),
+    let id = match (&def.id, &def.notify, &workflow) {
+        (Some(id), _, _) => id.clone(),
+        (None, Some(channel), _) => format!("notify_{channel}"),
+        (None, None, Some(w)) => w.name.clone(),
+        (None, None, None) => action.clone(),
     };
     if !id.is_empty() && !is_id(&id) {
         problems.push(format!(
@@ -585,6 +620,7 @@ fn build_node(
         id,
         agent,
         action,
+        workflow,
         params,
         deps: Vec::new(),
         dependents: Vec::new(),
@@ -643,6 +679,36 @@ fn build_fallback(
         retry,
         timeout: f.timeout.or(step.timeout).map(|t| t.0),
     }
+}
+
+/// Validates a step's `workflow` and `version`: a step calls an agent or runs a workflow, never
+/// both; whether the name is registered is the store's to check.
+fn sub_workflow(d: &Draft<'_>, problems: &mut Vec<String>) -> Option<SubWorkflow> {
+    let def = d.def;
+    let Some(name) = &def.workflow else {
+        if def.version.is_some() {
+            problems.push(format!("{}: `version` needs `workflow`", d.place));
+        }
+        return None;
+    };
+    let at = format!("{} (`{}`)", d.place, def.id.as_deref().unwrap_or(name));
+    if def.agent.is_some() || def.action.is_some() || def.notify.is_some() {
+        problems.push(format!(
+            "{at}: a step runs either an agent (`agent`, `action`, `notify`) or a workflow (`workflow`), never both"
+        ));
+    }
+    if name.trim().is_empty() {
+        problems.push(format!("{at}: `workflow` is empty"));
+    }
+    if def.heartbeat_timeout.is_some() {
+        problems.push(format!(
+            "{at}: `heartbeat_timeout` is for agent steps; a workflow step's child run has none"
+        ));
+    }
+    Some(SubWorkflow {
+        name: name.clone(),
+        version: def.version.clone(),
+    })
 }
 
 /// Validates a step's `for_each` and `max_parallel`.

@@ -218,6 +218,22 @@ pub struct Instance {
     pub item: Value,
 }
 
+/// The attempt of a sub-workflow step that started a run. The run's id is that attempt's task
+/// id, and its end is reported to that attempt like a worker's result, fenced the same way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentLink {
+    pub run_id: Uuid,
+    pub step_id: String,
+    pub attempt: u32,
+    /// How deep the run is nested: 1 for the child of a run nobody started.
+    pub depth: u32,
+    /// When the attempt started the run: its creation (its id, a task id, carries no time).
+    pub started_at: DateTime<Utc>,
+}
+
+/// How many levels of sub-workflows may nest, unless configured otherwise.
+pub const DEFAULT_MAX_WORKFLOW_DEPTH: u32 = 8;
+
 /// How many instances one `for_each` step may have, unless configured otherwise.
 pub const DEFAULT_MAX_INSTANCES: usize = 10_000;
 
@@ -269,6 +285,8 @@ pub struct RunState {
     /// The steps the submission selected or left out: those left out are skipped at the start
     /// and stay so, even when an operator retries the run.
     pub subset: Subset,
+    /// Set when the run is a sub-workflow: the attempt that started it.
+    pub parent: Option<ParentLink>,
     unfinished_main: usize,
     unfinished_handlers: usize,
     failed_main: usize,
@@ -434,6 +452,7 @@ impl RunState {
             error: None,
             max_instances: DEFAULT_MAX_INSTANCES,
             subset: Subset::default(),
+            parent: None,
             unfinished_main: 0,
             unfinished_handlers: 0,
             failed_main: 0,
@@ -488,6 +507,53 @@ impl RunState {
             }
             if step.status == StepStatus::Success {
                 f.succeeded += 1;
+            }
+        }
+    }
+
+    /// How deep the run is nested in sub-workflows: 0 for a run nobody started.
+    pub fn depth(&self) -> u32 {
+        self.parent.as_ref().map_or(0, |p| p.depth)
+    }
+
+    /// What an ended sub-workflow run reports to the attempt that started it: on success, an
+    /// object of the outputs of its steps that succeeded, by step id (failure handlers and
+    /// skipped steps left out); else a failure naming the run and its failed step. A run cancelled
+    /// by an operator is not retried by its parent.
+    pub fn outcome_for_parent(&self, plan: &Plan) -> Outcome {
+        match self.status {
+            RunStatus::Success => Outcome::Success(Value::Object(
+                plan.nodes
+                    .iter()
+                    .zip(&self.steps)
+                    .filter(|(n, s)| n.role == Role::Main && s.status == StepStatus::Success)
+                    .map(|(n, s)| (n.id.clone(), s.output.clone().unwrap_or(Value::Null)))
+                    .collect(),
+            )),
+            RunStatus::Cancelled => Outcome::Failure {
+                message: format!("sub-workflow run {} ({}) was cancelled", self.id, plan.name),
+                retryable: false,
+            },
+            _ => {
+                let failed = plan
+                    .nodes
+                    .iter()
+                    .zip(&self.steps)
+                    .filter(|(n, s)| n.role == Role::Main && s.status == StepStatus::Failure)
+                    .min_by_key(|(_, s)| s.ended_at);
+                let why = match (failed, &self.error) {
+                    (_, Some(error)) => error.clone(),
+                    (Some((n, s)), None) => format!(
+                        "step `{}` failed: {}",
+                        n.id,
+                        s.error.as_deref().unwrap_or("no message")
+                    ),
+                    (None, None) => format!("it ended {}", self.status.as_str()),
+                };
+                Outcome::Failure {
+                    message: format!("sub-workflow run {} ({}) failed: {why}", self.id, plan.name),
+                    retryable: true,
+                }
             }
         }
     }
@@ -863,6 +929,14 @@ impl RunState {
                 }
                 if reopen {
                     self.reopen(plan, &[step], &mut t);
+                }
+                // A running attempt it ends is told to stop, as a cancel would.
+                if let (StepStatus::Running, Some(task_id)) = (current, self.steps[step].task_id) {
+                    t.effects.push(Effect::Cancelled {
+                        step,
+                        attempt: self.steps[step].attempt,
+                        task_id,
+                    });
                 }
                 let (status, reason) = match output {
                     Some(output) => {

@@ -7,19 +7,21 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use flotilla_broker::Delivery;
 use flotilla_core::breaker::{BreakerConfig, Breakers};
-use flotilla_core::plan::{ESCALATION_SUFFIX, NOTIFY_ACTION, NOTIFY_AGENT};
-use flotilla_core::scheduler::Transition;
+use flotilla_core::plan::{ESCALATION_SUFFIX, NOTIFY_ACTION, NOTIFY_AGENT, SubWorkflow};
+use flotilla_core::scheduler::{ParentLink, Transition};
 use flotilla_core::{
     Definition, Effect, Event, Outcome, Plan, RunState, RunStatus, Strike, Subset,
 };
-use flotilla_proto::{Cancel, PROTOCOL_VERSION, QueueNames, ResultStatus, Task, TaskResult};
+use flotilla_proto::{
+    Cancel, PROTOCOL_VERSION, QueueNames, ResultStatus, Task, TaskError, TaskResult,
+};
 use flotilla_store::dead_letters::{self, DeadLetter};
 use flotilla_store::definitions::Content;
 use flotilla_store::engine::{
     self as db, AttemptEnd, AttemptStart, Batch, OutboxRow, RunUpdate, StepIdent, StepRow,
 };
 use flotilla_store::queries::{self, RunEvent};
-use flotilla_store::{Store, idempotency};
+use flotilla_store::{Store, definitions, idempotency};
 use flotilla_telemetry::metrics::CoordinatorMetrics;
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot};
@@ -67,6 +69,8 @@ pub struct EngineConfig {
     pub max_instances: usize,
     /// The agents' circuit breakers; `None` turns them off.
     pub breaker: Option<BreakerConfig>,
+    /// How deep sub-workflows may nest: a run this deep starts no further one.
+    pub max_workflow_depth: u32,
 }
 
 impl Default for EngineConfig {
@@ -78,6 +82,7 @@ impl Default for EngineConfig {
             idempotency_retention: Duration::from_secs(24 * 3600),
             max_instances: flotilla_core::scheduler::DEFAULT_MAX_INSTANCES,
             breaker: Some(BreakerConfig::default()),
+            max_workflow_depth: flotilla_core::scheduler::DEFAULT_MAX_WORKFLOW_DEPTH,
         }
     }
 }
@@ -477,17 +482,9 @@ impl Engine {
             .collect();
         touched.sort_unstable();
         touched.dedup();
-        let versions = db::lock_runs(&tx, &touched).await?;
-        let stale: Vec<Uuid> = versions
+        self.lock(&tx, &touched).await?;
+        let plans = touched
             .iter()
-            .filter(|(id, v)| self.runs.get(id).is_none_or(|c| c.version != **v))
-            .map(|(id, _)| *id)
-            .collect();
-        if !stale.is_empty() {
-            self.load(&tx, &stale).await?;
-        }
-        let plans = versions
-            .keys()
             .filter_map(|id| self.runs.get(id).map(|c| c.plan.as_ref()))
             .chain(inputs.iter().filter_map(|i| match i {
                 Input::Submit { run, .. } => Some(run.plan.as_ref()),
@@ -506,8 +503,9 @@ impl Engine {
             .unwrap_or(chrono::Duration::MAX);
         let mut keyed = idempotency::claim(&tx, &keys, now - retention).await?;
 
+        let names = self.config.names.clone();
         let mut pending = Pending {
-            names: &self.config.names,
+            names: &names,
             now,
             batch: Batch::default(),
             changes: BTreeMap::new(),
@@ -515,6 +513,8 @@ impl Engine {
             observed: Vec::new(),
             events: Vec::new(),
             breakers,
+            children: Vec::new(),
+            cancelled_children: Vec::new(),
         };
         let mut submitted = HashMap::new();
         let mut redriven = HashMap::new();
@@ -745,6 +745,8 @@ impl Engine {
                 }
             }
         }
+        let mut created = HashSet::new();
+        self.sub_workflows(&tx, &mut pending, &mut created).await?;
         let Pending {
             mut batch,
             changes,
@@ -898,6 +900,155 @@ impl Engine {
         self.dispatched.insert(task_id, at);
     }
 
+    /// Locks runs (sorted ids) and (re)loads those whose cached state is missing or outdated.
+    async fn lock(
+        &mut self,
+        tx: &impl flotilla_store::GenericClient,
+        ids: &[Uuid],
+    ) -> Result<(), Error> {
+        let versions = db::lock_runs(tx, ids).await?;
+        let stale: Vec<Uuid> = versions
+            .iter()
+            .filter(|(id, v)| self.runs.get(id).is_none_or(|c| c.version != **v))
+            .map(|(id, _)| *id)
+            .collect();
+        if !stale.is_empty() {
+            self.load(tx, &stale).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts the runs of the sub-workflow attempts the batch dispatched, and cancels the runs
+    /// of those that ended otherwise than by their run's own result (a timeout, a cancel), in
+    /// the batch's transaction: so a child exists exactly when its parent's dispatch committed,
+    /// and a cancel cannot be lost. Starting or cancelling a child may do either again, one level
+    /// deeper each round. `created` holds the children created in this transaction.
+    async fn sub_workflows(
+        &mut self,
+        tx: &impl flotilla_store::GenericClient,
+        pending: &mut Pending<'_>,
+        created: &mut HashSet<Uuid>,
+    ) -> Result<(), Error> {
+        loop {
+            let cancelled = std::mem::take(&mut pending.cancelled_children);
+            let starts = std::mem::take(&mut pending.children);
+            if cancelled.is_empty() && starts.is_empty() {
+                return Ok(());
+            }
+            let mut stored: Vec<Uuid> = cancelled
+                .iter()
+                .filter(|id| !created.contains(*id))
+                .copied()
+                .collect();
+            stored.sort_unstable();
+            stored.dedup();
+            // Another run may hold a child's lock while waiting for its parent's: Postgres then
+            // breaks the deadlock by failing one batch, whose inputs are retried.
+            self.lock(tx, &stored).await?;
+            for id in &cancelled {
+                // Absent: it never started (its attempt failed instead).
+                let Some(cached) = self.runs.get_mut(id) else {
+                    continue;
+                };
+                if cached.state.status.is_terminal() {
+                    continue;
+                }
+                tracing::info!(run_id = %id, "sub-workflow run cancelled: the attempt that started it ended");
+                pending.apply(cached, Event::Cancel);
+                pending.events.push(RunEvent {
+                    run_id: *id,
+                    at: pending.now,
+                    actor: ENGINE_ACTOR.into(),
+                    action: "cancel".into(),
+                    step_id: None,
+                    detail: Some(json!({"reason": "the step attempt that started it ended"})),
+                });
+            }
+            for start in starts {
+                // A child cancelled in the round that dispatched it is never started.
+                if cancelled.contains(&start.id) {
+                    continue;
+                }
+                let plan = match self.sub_workflow_plan(tx, &start.workflow).await? {
+                    Ok(plan) => plan,
+                    Err(why) => {
+                        pending.not_started(&start, why);
+                        continue;
+                    }
+                };
+                let max = self.config.max_workflow_depth;
+                if start.parent.depth > max {
+                    let why = format!(
+                        "it would nest {} deep; at most {max} levels are allowed (FLOTILLA_MAX_WORKFLOW_DEPTH)",
+                        start.parent.depth
+                    );
+                    pending.not_started(&start, why);
+                    continue;
+                }
+                let (hash, plan) = plan;
+                let params = plan.run_params(start.params);
+                let mut state = RunState::new(start.id, &plan, params);
+                state.max_instances = self.config.max_instances;
+                state.parent = Some(start.parent);
+                // Gated by the breakers the batch locked; one of an agent only a child calls
+                // is not locked here (see ARCHITECTURE.md), and lets the step through.
+                let t = state.apply_gated(&plan, Event::Start, pending.now, &mut pending.breakers);
+                pending.create(&plan, &state, &hash);
+                pending.effects(&plan, &state, &t);
+                tracing::info!(run_id = %start.id, workflow = %plan.name, "sub-workflow run started");
+                created.insert(start.id);
+                self.runs.insert(
+                    start.id,
+                    CachedRun {
+                        plan,
+                        stored: state.steps.len(),
+                        state,
+                        version: 0,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The registered definition a sub-workflow step names, as its content hash and plan; or
+    /// why it cannot run.
+    async fn sub_workflow_plan(
+        &mut self,
+        tx: &impl flotilla_store::GenericClient,
+        workflow: &SubWorkflow,
+    ) -> Result<Result<(String, Arc<Plan>), String>, Error> {
+        let found = match &workflow.version {
+            Some(version) => definitions::version(tx, &workflow.name, version).await?,
+            None => definitions::latest(tx, &workflow.name).await?,
+        };
+        let Some((registered, body)) = found else {
+            return Ok(Err(match &workflow.version {
+                Some(version) => format!(
+                    "workflow `{}` has no version or revision `{version}`",
+                    workflow.name
+                ),
+                None => format!("no workflow named `{}` is registered", workflow.name),
+            }));
+        };
+        if let Some(plan) = self.plans.get(&registered.hash) {
+            return Ok(Ok((registered.hash, plan.clone())));
+        }
+        let plan = match Definition::from_value(body)
+            .map_err(|e| e.to_string())
+            .and_then(|d| Plan::compile(&d).map_err(|e| e.to_string()))
+        {
+            Ok(plan) => Arc::new(plan),
+            Err(e) => {
+                return Ok(Err(format!(
+                    "workflow `{}` is unreadable: {e}",
+                    workflow.name
+                )));
+            }
+        };
+        self.plans.insert(registered.hash.clone(), plan.clone());
+        Ok(Ok((registered.hash, plan)))
+    }
+
     /// Loads runs whose cached state is missing or outdated.
     async fn load(
         &mut self,
@@ -946,6 +1097,7 @@ impl Engine {
             state.deadline = run.deadline;
             state.error = run.error;
             state.subset = run.subset;
+            state.parent = run.parent;
             self.runs.insert(
                 run.id,
                 CachedRun {
@@ -975,6 +1127,20 @@ struct Pending<'a> {
     events: Vec<RunEvent>,
     /// The breakers of the agents the batch's runs call, locked.
     breakers: Breakers,
+    /// Sub-workflow attempts dispatched, whose runs are still to be created.
+    children: Vec<ChildStart>,
+    /// The runs of sub-workflow attempts that ended otherwise than with their run: to cancel.
+    cancelled_children: Vec<Uuid>,
+}
+
+/// A sub-workflow attempt to start: its run's id is the attempt's task id, so the run exists
+/// once, exactly when the dispatch committed.
+struct ChildStart {
+    id: Uuid,
+    parent: ParentLink,
+    workflow: SubWorkflow,
+    /// The step's rendered params: the child's params over its definition's defaults.
+    params: Map<String, Value>,
 }
 
 /// Something a batch did that the metrics count; counted only once the batch has committed,
@@ -1042,6 +1208,7 @@ impl Pending<'_> {
             deadline: state.deadline,
             error: state.error.clone(),
             subset: state.subset.clone(),
+            parent: state.parent.clone(),
         });
         for (idx, step) in state.steps.iter().enumerate() {
             self.batch.new_steps.push((
@@ -1085,6 +1252,28 @@ impl Pending<'_> {
                         strike,
                         agent: agent.to_string(),
                     });
+                    // The scheduler rendered these before it dispatched; they render the same
+                    // now, as nothing they read can change in between.
+                    let params = state.task_params(plan, *step).unwrap_or_else(|e| {
+                        tracing::error!(run_id = %state.id, trace_id = %trace_id_of(state.id), %step_id, error = %e, "params no longer render");
+                        node.params.clone()
+                    });
+                    if let Some(workflow) = node.sub_workflow(strike.is_fallback()) {
+                        tracing::debug!(run_id = %state.id, %step_id, attempt, workflow = %workflow.name, "dispatch sub-workflow");
+                        self.children.push(ChildStart {
+                            id: *task_id,
+                            parent: ParentLink {
+                                run_id: state.id,
+                                step_id,
+                                attempt: *attempt,
+                                depth: state.depth() + 1,
+                                started_at: self.now,
+                            },
+                            workflow: workflow.clone(),
+                            params,
+                        });
+                        continue;
+                    }
                     let task = Task {
                         v: PROTOCOL_VERSION,
                         task_id: *task_id,
@@ -1094,18 +1283,11 @@ impl Pending<'_> {
                         agent: agent.to_string(),
                         action: action.to_string(),
                         idempotency_key: format!("{}:{step_id}", state.id),
-                        // The scheduler rendered these before it dispatched; they render the
-                        // same now, as nothing they read can change in between.
-                        params: state.task_params(plan, *step).unwrap_or_else(|e| {
-                            tracing::error!(run_id = %state.id, trace_id = %trace_id_of(state.id), %step_id, error = %e, "params no longer render");
-                            node.params.clone()
-                        }),
+                        params,
                         run_params: state.params.clone(),
                         inputs: state.inputs_for(plan, *step),
                         dispatched_at: self.now,
-                        heartbeat_timeout_ms: node
-                            .heartbeat_timeout
-                            .map(|t| t.as_millis() as u64),
+                        heartbeat_timeout_ms: node.heartbeat_timeout.map(|t| t.as_millis() as u64),
                         ack_early: node.acks_early(strike.is_fallback()),
                     };
                     self.batch.outbox.push(OutboxRow {
@@ -1145,6 +1327,11 @@ impl Pending<'_> {
                     });
                     let node = &plan.nodes[state.node_of(*step)];
                     let strike = state.steps[*step].strike_of(node, *attempt);
+                    let sub_workflow = node.sub_workflow(strike.is_fallback()).is_some();
+                    // Ended by the engine (its timeout), not by its run's result: the run stops.
+                    if sub_workflow && worker.is_empty() {
+                        self.cancelled_children.push(*task_id);
+                    }
                     self.observed.extend(
                         crate::trace::when_enabled(|| crate::trace::Ended::Attempt {
                             run_id: state.id,
@@ -1159,6 +1346,9 @@ impl Pending<'_> {
                         })
                         .map(Observation::Traced),
                     );
+                    if sub_workflow {
+                        continue;
+                    }
                     self.observed.push(Observation::AttemptEnded {
                         agent: node.target(strike.is_fallback()).0.to_string(),
                         task_id: *task_id,
@@ -1198,6 +1388,14 @@ impl Pending<'_> {
                 } => {
                     let step_id = state.slot_id(plan, *step);
                     tracing::info!(run_id = %state.id, trace_id = %trace_id_of(state.id), %step_id, attempt, "running attempt cancelled");
+                    self.observed
+                        .push(Observation::AttemptCancelled { task_id: *task_id });
+                    let node = &plan.nodes[state.node_of(*step)];
+                    let strike = state.steps[*step].strike_of(node, *attempt);
+                    if node.sub_workflow(strike.is_fallback()).is_some() {
+                        self.cancelled_children.push(*task_id);
+                        continue;
+                    }
                     // Tells the worker running it to stop; sent after the commit like a task.
                     let cancel = Cancel {
                         v: PROTOCOL_VERSION,
@@ -1217,8 +1415,6 @@ impl Pending<'_> {
                         body: serde_json::to_vec(&cancel).expect("a cancel always serialises"),
                         created_at: self.now,
                     });
-                    self.observed
-                        .push(Observation::AttemptCancelled { task_id: *task_id });
                 }
                 Effect::RunEnded(status) => {
                     tracing::info!(run_id = %state.id, trace_id = %trace_id_of(state.id), workflow = %plan.name, status = status.as_str(), "run ended");
@@ -1231,6 +1427,10 @@ impl Pending<'_> {
                         status: status.as_str(),
                         duration,
                     });
+                    if let Some(parent) = &state.parent {
+                        let outcome = state.outcome_for_parent(plan);
+                        self.report_to_parent(state.id, parent, outcome);
+                    }
                 }
             }
         }
@@ -1238,6 +1438,61 @@ impl Pending<'_> {
 }
 
 impl Pending<'_> {
+    /// Sends a sub-workflow run's end to the attempt that started it as that attempt's result:
+    /// through the outbox and the results queue, committed with the end, and applied (fenced
+    /// like any result) by whichever coordinator consumes it.
+    fn report_to_parent(&mut self, run_id: Uuid, parent: &ParentLink, outcome: Outcome) {
+        let (status, output, error) = match outcome {
+            Outcome::Success(output) => (ResultStatus::Success, Some(output), None),
+            Outcome::Failure { message, retryable } => (
+                ResultStatus::Failure,
+                None,
+                Some(TaskError { message, retryable }),
+            ),
+            Outcome::Lost { message } => (
+                ResultStatus::Failure,
+                None,
+                Some(TaskError {
+                    message,
+                    retryable: true,
+                }),
+            ),
+        };
+        let result = TaskResult {
+            v: PROTOCOL_VERSION,
+            task_id: run_id,
+            run_id: parent.run_id,
+            step_id: parent.step_id.clone(),
+            attempt: parent.attempt,
+            status,
+            output,
+            error,
+            worker_id: ENGINE_ACTOR.into(),
+            started_at: parent.started_at,
+            finished_at: self.now,
+        };
+        self.batch.outbox.push(OutboxRow {
+            id: Uuid::now_v7(),
+            routing_key: self.names.results(),
+            kind: "result".into(),
+            correlation_id: Some(run_id.to_string()),
+            reply_to: None,
+            body: serde_json::to_vec(&result).expect("a result always serialises"),
+            created_at: self.now,
+        });
+    }
+
+    /// A sub-workflow attempt whose run could not start fails, with the reason, as if its run
+    /// had failed; retrying cannot help.
+    fn not_started(&mut self, start: &ChildStart, why: String) {
+        tracing::warn!(run_id = %start.parent.run_id, step_id = %start.parent.step_id, workflow = %start.workflow.name, reason = %why, "sub-workflow not started");
+        let outcome = Outcome::Failure {
+            message: format!("sub-workflow `{}` not started: {why}", start.workflow.name),
+            retryable: false,
+        };
+        self.report_to_parent(start.id, &start.parent, outcome);
+    }
+
     /// Records a step's move to its fallback or its escalation in the run's history; an
     /// escalation also queues its notification, in the outbox like every message.
     fn strike(&mut self, plan: &Plan, state: &RunState, step: usize, strike: Strike) {
@@ -1366,6 +1621,7 @@ fn step_ident(plan: &Plan, state: &RunState, slot: usize) -> StepIdent {
         agent: node.agent.clone(),
         action: node.action.clone(),
         lease_ms: node.heartbeat_timeout.map(|t| t.as_millis() as i32),
+        workflow: node.workflow.as_ref().map(|w| w.name.clone()),
     }
 }
 
@@ -1437,12 +1693,15 @@ fn redrive_one(
     Ok(cached.state.steps[step].attempt)
 }
 
-/// How long a run took from its creation to its end (`now` if it has no end time). Run ids are
-/// UUIDv7 minted in the transaction that created the run, so the id carries its creation time.
+/// How long a run took from its creation to its end (`now` if it has no end time). Submitted
+/// runs' ids are UUIDv7 minted in the transaction that created the run, so the id carries its
+/// creation time; a sub-workflow's run keeps it in its parent link.
 fn run_duration(state: &RunState, now: DateTime<Utc>) -> Duration {
-    let created = state.id.get_timestamp().and_then(|t| {
-        let (secs, nanos) = t.to_unix();
-        DateTime::from_timestamp(i64::try_from(secs).ok()?, nanos)
+    let created = state.parent.as_ref().map(|p| p.started_at).or_else(|| {
+        state.id.get_timestamp().and_then(|t| {
+            let (secs, nanos) = t.to_unix();
+            DateTime::from_timestamp(i64::try_from(secs).ok()?, nanos)
+        })
     });
     created
         .and_then(|created| (state.ended_at.unwrap_or(now) - created).to_std().ok())

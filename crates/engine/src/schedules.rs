@@ -98,8 +98,7 @@ async fn tick(
         .ok_or_else(|| format!("no definition named `{}` is registered", due.name))?;
     let definition = Definition::from_value(body).map_err(|e| e.to_string())?;
     let plan = Plan::compile(&definition).map_err(|e| e.to_string())?;
-    let mut params = plan.params.clone();
-    params.extend(due.params.clone());
+    let params = plan.run_params(due.params.clone());
     let submitted = engine
         .submit(NewRun {
             definition,

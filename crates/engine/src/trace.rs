@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use flotilla_core::RunState;
+use flotilla_core::scheduler::ParentLink;
 use flotilla_store::engine::OutboxRow;
 use flotilla_telemetry::trace;
 use uuid::Uuid;
@@ -31,6 +32,8 @@ pub(crate) enum Ended {
         status: &'static str,
         created_at: DateTime<Utc>,
         ended_at: DateTime<Utc>,
+        /// For a sub-workflow's run: the attempt that started it.
+        parent: Option<ParentLink>,
     },
 }
 
@@ -73,12 +76,16 @@ impl Ended {
                 status,
                 created_at,
                 ended_at,
+                parent,
             } => trace::run_ended(
                 run_id.as_u128(),
                 &workflow,
                 status,
                 created_at.into(),
                 ended_at.into(),
+                parent
+                    .as_ref()
+                    .map(|p| (p.run_id.as_u128(), p.step_id.as_str(), p.attempt)),
             ),
         }
     }
@@ -111,6 +118,7 @@ pub(crate) fn run(
                 .filter_map(|s| s.started_at)
                 .fold(created, DateTime::min),
             ended_at: now,
+            parent: state.parent.clone(),
         }
     })
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
-use flotilla_core::scheduler::Instance;
+use flotilla_core::scheduler::{Instance, ParentLink};
 use flotilla_core::{RunStatus, StepState, StepStatus, Strike, Subset};
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -43,6 +43,8 @@ pub struct StoredRun {
     pub error: Option<String>,
     /// The steps the submission selected or left out.
     pub subset: Subset,
+    /// The attempt that started the run, when it is a sub-workflow.
+    pub parent: Option<ParentLink>,
     pub steps: Vec<StepState>,
 }
 
@@ -51,7 +53,7 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
     let runs_stmt = client
         .prepare_cached(
             "SELECT id, name, definition_hash, status, params, version, created_at, ended_at,
-                    deadline, error, subset
+                    deadline, error, subset, parent_run_id, parent_step_id, parent_attempt, depth
              FROM runs WHERE id = ANY($1)",
         )
         .await?;
@@ -89,6 +91,16 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
                 deadline: r.get(8),
                 error: r.get(9),
                 subset: subset_from_json(r.get(10)),
+                parent: match (r.get(11), r.get(12), r.get::<_, Option<i32>>(13)) {
+                    (Some(run_id), Some(step_id), Some(attempt)) => Some(ParentLink {
+                        run_id,
+                        step_id,
+                        attempt: u32::try_from(attempt).unwrap_or_default(),
+                        depth: u32::try_from(r.get::<_, i32>(14)).unwrap_or_default(),
+                        started_at: r.get(6),
+                    }),
+                    _ => None,
+                },
                 steps: Vec::new(),
             },
         );
@@ -192,6 +204,8 @@ pub struct StepIdent {
     pub action: String,
     /// The step's own lease (its `heartbeat_timeout`), in ms; the coordinator's when `None`.
     pub lease_ms: Option<i32>,
+    /// The definition a sub-workflow step runs.
+    pub workflow: Option<String>,
 }
 
 /// A run to create.
@@ -207,6 +221,7 @@ pub struct NewRun {
     pub deadline: Option<DateTime<Utc>>,
     pub error: Option<String>,
     pub subset: Subset,
+    pub parent: Option<ParentLink>,
 }
 
 /// A run whose status (and version) moves on.
@@ -376,20 +391,44 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
         let deadlines: Vec<Option<DateTime<Utc>>> = runs.iter().map(|r| r.deadline).collect();
         let errors: Vec<Option<&str>> = runs.iter().map(|r| r.error.as_deref()).collect();
         let subsets: Vec<Option<Value>> = runs.iter().map(|r| subset_to_json(&r.subset)).collect();
+        let parents = runs.iter().map(|r| r.parent.as_ref());
+        let parent_runs: Vec<Option<Uuid>> = parents.clone().map(|p| p.map(|p| p.run_id)).collect();
+        let parent_steps: Vec<Option<&str>> = parents
+            .clone()
+            .map(|p| p.map(|p| p.step_id.as_str()))
+            .collect();
+        let int = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+        let parent_attempts: Vec<Option<i32>> =
+            parents.clone().map(|p| p.map(|p| int(p.attempt))).collect();
+        let depths: Vec<i32> = parents.map(|p| p.map_or(0, |p| int(p.depth))).collect();
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO runs (id, name, definition_hash, status, params, created_at, ended_at,
-                                   deadline, error, subset)
+                                   deadline, error, subset, parent_run_id, parent_step_id, parent_attempt,
+                                   depth)
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[],
                                       $6::timestamptz[], $7::timestamptz[], $8::timestamptz[],
-                                      $9::text[], $10::jsonb[])",
+                                      $9::text[], $10::jsonb[], $11::uuid[], $12::text[], $13::int4[],
+                                      $14::int4[])",
             )
             .await?;
         tx.execute(
             &stmt,
             &[
-                &ids, &names, &hashes, &statuses, &params, &created, &ended, &deadlines, &errors,
+                &ids,
+                &names,
+                &hashes,
+                &statuses,
+                &params,
+                &created,
+                &ended,
+                &deadlines,
+                &errors,
                 &subsets,
+                &parent_runs,
+                &parent_steps,
+                &parent_attempts,
+                &depths,
             ],
         )
         .await?;
@@ -401,6 +440,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
         let mut agents = Vec::with_capacity(batch.new_steps.len());
         let mut actions = Vec::with_capacity(batch.new_steps.len());
         let mut leases = Vec::with_capacity(batch.new_steps.len());
+        let mut workflows = Vec::with_capacity(batch.new_steps.len());
         for (ident, row) in &batch.new_steps {
             cols.push(row);
             instances.push(row);
@@ -408,19 +448,20 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
             agents.push(ident.agent.as_str());
             actions.push(ident.action.as_str());
             leases.push(ident.lease_ms);
+            workflows.push(ident.workflow.as_deref());
         }
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO steps (run_id, idx, step_id, agent, action, status, attempt, task_id,
                                     wake_at, started_at, ended_at, output, error, deadline, lost,
                                     strike, strike_base, instance_of, item_index, item, lease_ms,
-                                    held_for)
+                                    held_for, workflow)
                  SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
                                       $6::text[], $7::int4[], $8::uuid[], $9::timestamptz[],
                                       $10::timestamptz[], $11::timestamptz[], $12::jsonb[], $13::text[],
                                       $14::timestamptz[], $15::int4[], $16::int2[], $17::int4[],
                                       $18::int4[], $19::int4[], $20::jsonb[], $21::int4[],
-                                      $22::text[])",
+                                      $22::text[], $23::text[])",
             )
             .await?;
         tx.execute(
@@ -448,6 +489,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                 &instances.item,
                 &leases,
                 &cols.held_for,
+                &workflows,
             ],
         )
         .await?;

@@ -22,6 +22,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
         include_str!("../migrations/0014_attempts_by_finish.sql"),
     ),
     (15, include_str!("../migrations/0015_step_leases.sql")),
+    (16, include_str!("../migrations/0016_sub_workflows.sql")),
     (20, include_str!("../migrations/0020_breakers.sql")),
     (24, include_str!("../migrations/0024_run_subsets.sql")),
     (30, include_str!("../migrations/0030_tokens_audit.sql")),

@@ -20,6 +20,8 @@ pub struct RunRecord {
     pub error: Option<String>,
     /// The steps its submission selected or left out.
     pub subset: flotilla_core::Subset,
+    /// The run and step that started this run as a sub-workflow (read by [`run`] only).
+    pub parent: Option<(Uuid, String)>,
 }
 
 /// A step's row.
@@ -41,6 +43,10 @@ pub struct StepRecord {
     pub held_for: Option<String>,
     /// For an instance of a `for_each` step, the position of its step in the plan.
     pub instance_of: Option<i32>,
+    /// The definition a sub-workflow step runs.
+    pub workflow: Option<String>,
+    /// The run its current attempt started, for a sub-workflow step.
+    pub child_run_id: Option<Uuid>,
 }
 
 fn run_record(r: &tokio_postgres::Row) -> RunRecord {
@@ -53,6 +59,7 @@ fn run_record(r: &tokio_postgres::Row) -> RunRecord {
         ended_at: r.get(5),
         error: r.get(6),
         subset: crate::engine::subset_from_json(r.get(7)),
+        parent: None,
     }
 }
 
@@ -63,7 +70,8 @@ pub async fn run(
 ) -> Result<Option<(RunRecord, Vec<StepRecord>)>, Error> {
     let run_stmt = client
         .prepare_cached(
-            "SELECT id, name, status, params, created_at, ended_at, error, subset
+            "SELECT id, name, status, params, created_at, ended_at, error, subset, parent_run_id,
+                    parent_step_id
              FROM runs WHERE id = $1",
         )
         .await?;
@@ -72,9 +80,11 @@ pub async fn run(
     };
     let steps_stmt = client
         .prepare_cached(
-            "SELECT step_id, agent, action, status, attempt, wake_at, started_at, ended_at, output, error,
-                    strike, held_for, instance_of
-             FROM steps WHERE run_id = $1 ORDER BY idx",
+            "SELECT s.step_id, s.agent, s.action, s.status, s.attempt, s.wake_at, s.started_at,
+                    s.ended_at, s.output, s.error, s.strike, s.held_for, s.instance_of, s.workflow,
+                    child.id
+             FROM steps s LEFT JOIN runs child ON child.id = s.task_id AND child.parent_run_id = s.run_id
+             WHERE s.run_id = $1 ORDER BY s.idx",
         )
         .await?;
     let steps = client
@@ -95,9 +105,13 @@ pub async fn run(
             strike: r.get(10),
             held_for: r.get(11),
             instance_of: r.get(12),
+            workflow: r.get(13),
+            child_run_id: r.get(14),
         })
         .collect();
-    Ok(Some((run_record(&run), steps)))
+    let mut record = run_record(&run);
+    record.parent = run.get::<_, Option<Uuid>>(8).zip(run.get(9));
+    Ok(Some((record, steps)))
 }
 
 /// One attempt of a step, for a run's report.

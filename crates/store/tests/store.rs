@@ -90,6 +90,7 @@ fn new_run_batch_of(yaml: &str) -> (Batch, RunState, Plan) {
         deadline: None,
         error: None,
         subset: state.subset.clone(),
+        parent: None,
     });
     for (i, (node, step)) in plan.nodes.iter().zip(&state.steps).enumerate() {
         batch.new_steps.push((
@@ -98,6 +99,7 @@ fn new_run_batch_of(yaml: &str) -> (Batch, RunState, Plan) {
                 agent: node.agent.clone(),
                 action: node.action.clone(),
                 lease_ms: node.heartbeat_timeout.map(|t| t.as_millis() as i32),
+                workflow: None,
             },
             StepRow {
                 run_id: id,
@@ -621,6 +623,7 @@ async fn instances_and_run_deadlines_load_back_and_past_deadlines_are_found() ->
         deadline: state.deadline,
         error: None,
         subset: state.subset.clone(),
+        parent: None,
     });
     for (i, step) in state.steps.iter().enumerate() {
         batch.new_steps.push((
@@ -629,6 +632,7 @@ async fn instances_and_run_deadlines_load_back_and_past_deadlines_are_found() ->
                 agent: "x".into(),
                 action: "y".into(),
                 lease_ms: None,
+                workflow: None,
             },
             StepRow {
                 run_id: id,

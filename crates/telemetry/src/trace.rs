@@ -23,7 +23,7 @@ use std::sync::{LazyLock, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use opentelemetry::trace::{
-    SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
+    Link, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
     Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
@@ -366,23 +366,40 @@ pub fn attempt_ended(end: &AttemptEnd<'_>) {
         attempt_span_id(end.run_id, end.step_id, end.attempt),
         ATTEMPT_SPAN,
         attributes,
+        Vec::new(),
         status,
-        end.dispatched_at,
-        end.ended_at,
+        end.dispatched_at..end.ended_at,
     );
 }
 
-/// Emits the root span of a run that ended.
+/// The attempt of a sub-workflow step that started a run: (its run id, step id, attempt).
+pub type ParentAttempt<'a> = (u128, &'a str, u32);
+
+/// Emits the root span of a run that ended; a sub-workflow's root span links to the span of the
+/// attempt that started it (in its parent's trace), as each run keeps its own trace.
 pub fn run_ended(
     run_id: u128,
     workflow: &str,
     status: &str,
     created_at: SystemTime,
     ended_at: SystemTime,
+    parent: Option<ParentAttempt<'_>>,
 ) {
-    if SAMPLER.get().is_none() {
+    let Some(sampler) = SAMPLER.get() else {
         return;
-    }
+    };
+    let links = parent
+        .map(|(run_id, step_id, attempt)| {
+            Link::with_context(SpanContext::new(
+                TraceId::from(run_id),
+                attempt_span_id(run_id, step_id, attempt),
+                flags(run_sampled(sampler, run_id)),
+                true,
+                TraceState::default(),
+            ))
+        })
+        .into_iter()
+        .collect();
     let attributes = vec![
         KeyValue::new(attr::WORKFLOW_ID, uuid_text(run_id)),
         KeyValue::new(attr::WORKFLOW_NAME, workflow.to_owned()),
@@ -399,9 +416,9 @@ pub fn run_ended(
         run_span_id(run_id),
         RUN_SPAN,
         attributes,
+        links,
         span_status,
-        created_at,
-        ended_at,
+        created_at..ended_at,
     );
 }
 
@@ -410,9 +427,9 @@ fn emit(
     span_id: SpanId,
     name: &'static str,
     attributes: Vec<KeyValue>,
+    links: Vec<Link>,
     status: Status,
-    start: SystemTime,
-    end: SystemTime,
+    std::ops::Range { start, end }: std::ops::Range<SystemTime>,
 ) {
     use opentelemetry::trace::Span as _;
 
@@ -420,7 +437,8 @@ fn emit(
     let builder = tracer
         .span_builder(name)
         .with_start_time(start)
-        .with_attributes(attributes);
+        .with_attributes(attributes)
+        .with_links(links);
     PRESET_SPAN.with(|s| s.set(Some(span_id)));
     let mut span = tracer.build_with_context(builder, &parent);
     // Unused when the span was not sampled: not to leak into the next span of this thread.

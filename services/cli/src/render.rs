@@ -88,6 +88,12 @@ pub fn summary(result: &WorkflowResult) -> String {
     if !subset.is_empty() {
         field("Subset", &subset.to_string());
     }
+    if let Some(parent) = &result.parent {
+        field(
+            "Parent",
+            &format!("{} (step {})", parent.workflow_id, parent.step_id),
+        );
+    }
     field("Started", &time(result.start_time));
     if let Some(end) = result.end_time {
         field("Ended", &time(end));
@@ -135,6 +141,15 @@ pub fn summary(result: &WorkflowResult) -> String {
                     note.push('\n');
                 }
                 let _ = write!(note, "next attempt at {}", time(next));
+            }
+            if let Some(workflow) = &step.workflow {
+                if !note.is_empty() {
+                    note.push('\n');
+                }
+                let _ = write!(note, "workflow {workflow}");
+                if let Some(child) = step.child_workflow_id {
+                    let _ = write!(note, ": run {child}");
+                }
             }
             vec![
                 step.step_id.clone(),
@@ -600,6 +615,8 @@ mod tests {
             next_attempt_at: None,
             strike: 1,
             held: None,
+            workflow: None,
+            child_workflow_id: None,
         }
     }
 
@@ -627,6 +644,7 @@ mod tests {
                 failed_steps: 1,
                 skipped_steps: 1,
             },
+            parent: None,
         }
     }
 
@@ -660,6 +678,33 @@ deploy         skipped  0         upstream failed
         let text = summary(&run);
         assert!(
             text.contains("Status    failure\nError     workflow timed out after 5m\nSubset    --only scaffold --only quality_check --skip deploy\nStarted"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn summary_names_the_parent_and_each_workflow_step_s_run() {
+        let mut run = failed_run();
+        run.parent = Some(flotilla_api_model::ParentRun {
+            workflow_id: Uuid::from_u128(9),
+            step_id: "deploy".into(),
+        });
+        run.steps = vec![StepResult {
+            agent: String::new(),
+            action: String::new(),
+            workflow: Some("deploy-service".into()),
+            child_workflow_id: Some(Uuid::from_u128(10)),
+            ..step("ship", "running", 1, None)
+        }];
+        let text = summary(&run);
+        assert!(
+            text.contains("Parent    00000000-0000-0000-0000-000000000009 (step deploy)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "ship  running  1         workflow deploy-service: run 00000000-0000-0000-0000-00000000000a"
+            ),
             "{text}"
         );
     }
@@ -1004,7 +1049,7 @@ pub fn plan(plan: &flotilla_core::Plan, scheduled: bool, subset: &flotilla_core:
         let _ = writeln!(out, "\nStage {}", n + 1);
         for &i in stage {
             let node = &plan.nodes[i];
-            let _ = write!(out, "  {}  {}.{}", node.id, node.agent, node.action);
+            let _ = write!(out, "  {}  {}", node.id, call(node));
             // What it waits for: not the steps left out, which are skipped before the start.
             let deps: Vec<&str> = node
                 .deps
@@ -1031,7 +1076,7 @@ pub fn plan(plan: &flotilla_core::Plan, scheduled: bool, subset: &flotilla_core:
     if !handlers.is_empty() {
         let _ = writeln!(out, "\nIf the run fails");
         for node in handlers {
-            let _ = writeln!(out, "  {}  {}.{}", node.id, node.agent, node.action);
+            let _ = writeln!(out, "  {}  {}", node.id, call(node));
         }
     }
     let left_out: Vec<(usize, String)> = (0..plan.nodes.len())
@@ -1044,6 +1089,17 @@ pub fn plan(plan: &flotilla_core::Plan, scheduled: bool, subset: &flotilla_core:
         }
     }
     out
+}
+
+/// What a step of a plan runs: `agent.action`, or `workflow NAME[@version]`.
+fn call(node: &flotilla_core::plan::Node) -> String {
+    match &node.workflow {
+        Some(w) => match &w.version {
+            Some(version) => format!("workflow {}@{version}", w.name),
+            None => format!("workflow {}", w.name),
+        },
+        None => format!("{}.{}", node.agent, node.action),
+    }
 }
 
 #[cfg(test)]
@@ -1082,5 +1138,20 @@ mod plan_tests {
         );
         assert!(!text.contains("Stage 2"), "{text}");
         assert!(!text.contains("If the run fails"), "{text}");
+    }
+
+    #[test]
+    fn a_workflow_step_reads_as_one() {
+        let def = flotilla_core::Definition::from_yaml(
+            "name: p\nsteps:\n  - {id: deploy, workflow: deploy-service, version: 3}\n  - {id: check, agent: a, action: b}\n",
+        )
+        .unwrap();
+        let plan = flotilla_core::Plan::compile(&def).unwrap();
+        let text = super::plan(&plan, false, &flotilla_core::Subset::default());
+        assert!(
+            text.contains("Stage 1\n  deploy  workflow deploy-service@3\n"),
+            "{text}"
+        );
+        assert!(text.contains("check  a.b  after deploy"), "{text}");
     }
 }

@@ -496,6 +496,8 @@ fn step(id: &str, status: &str, attempts: u32, error: Option<&str>) -> StepResul
         next_attempt_at: None,
         strike: 1,
         held: None,
+        workflow: None,
+        child_workflow_id: None,
     }
 }
 
@@ -520,6 +522,7 @@ fn result(status: &str, steps: Vec<StepResult>) -> WorkflowResult {
             failed_steps: count("failure"),
             skipped_steps: count("skipped"),
         },
+        parent: None,
         steps,
     }
 }

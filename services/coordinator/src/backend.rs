@@ -6,12 +6,12 @@ use chrono::{DateTime, Utc};
 use flotilla_api::{Backend, BackendError, NewSchedule, Submission};
 use flotilla_api_model::{
     AgentSummary, AttemptReport, BreakerSummary, DeadLetterQuery, DeadLetterSummary,
-    DefinitionDetail, DefinitionSummary, Metrics, Operation, RedriveOutcome, RunEvent, RunPage,
-    RunQuery, RunReport, RunSummary, ScheduleSummary, StepReport, StepResult, StrikeReport,
-    Submitted, WorkflowResult,
+    DefinitionDetail, DefinitionSummary, Metrics, Operation, ParentRun, RedriveOutcome, RunEvent,
+    RunPage, RunQuery, RunReport, RunSummary, ScheduleSummary, StepReport, StepResult,
+    StrikeReport, Submitted, WorkflowResult,
 };
 use flotilla_core::schedule::Schedule;
-use flotilla_core::{Definition, Plan, report};
+use flotilla_core::{Definition, Plan, PlanError, report};
 use flotilla_engine::Operation as EngineOperation;
 use flotilla_engine::{EngineHandle, NewRun};
 use flotilla_store::breakers::{self, BreakerRecord};
@@ -108,6 +108,8 @@ fn workflow_result(run: RunRecord, steps: Vec<StepRecord>) -> WorkflowResult {
                 held: s
                     .held_for
                     .map(|agent| format!("circuit open for agent {agent}")),
+                workflow: s.workflow,
+                child_workflow_id: s.child_run_id,
             }
         })
         .collect();
@@ -128,6 +130,10 @@ fn workflow_result(run: RunRecord, steps: Vec<StepRecord>) -> WorkflowResult {
         error: run.error,
         steps,
         metrics,
+        parent: run.parent.map(|(workflow_id, step_id)| ParentRun {
+            workflow_id,
+            step_id,
+        }),
     }
 }
 
@@ -154,8 +160,51 @@ fn summary(r: definitions::Registered) -> DefinitionSummary {
     }
 }
 
+impl CoordinatorBackend {
+    /// Refuses a plan whose sub-workflow steps name a definition that is not registered (or a
+    /// version it does not have), naming each such step; `own` is the name being registered,
+    /// which its own steps may name (a recursion, bounded by the engine's depth limit).
+    async fn check_sub_workflows(
+        &self,
+        plan: &Plan,
+        own: Option<&str>,
+    ) -> Result<(), BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let mut problems = Vec::new();
+        for (step, workflow) in plan.sub_workflows() {
+            let (name, version) = (workflow.name.as_str(), workflow.version.as_deref());
+            if own == Some(name) && version.is_none() {
+                continue;
+            }
+            let found = match version {
+                Some(version) => definitions::version(&client, name, version).await,
+                None => definitions::latest(&client, name).await,
+            }
+            .map_err(store_error)?;
+            if found.is_none() {
+                problems.push(match version {
+                    Some(version) => format!(
+                        "step `{step}`: workflow `{name}` has no version or revision `{version}`"
+                    ),
+                    None => {
+                        format!("step `{step}`: workflow `{name}` is not a registered definition")
+                    }
+                });
+            }
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(BackendError::Definition(PlanError {
+            workflow: plan.name.clone(),
+            problems,
+        }))
+    }
+}
+
 impl Backend for CoordinatorBackend {
     async fn submit(&self, submission: Submission) -> Result<Submitted, BackendError> {
+        self.check_sub_workflows(&submission.plan, None).await?;
         self.engine
             .submit(NewRun {
                 definition: submission.definition,
@@ -231,6 +280,9 @@ impl Backend for CoordinatorBackend {
         &self,
         definition: Definition,
     ) -> Result<DefinitionSummary, BackendError> {
+        let plan = Plan::compile(&definition)?;
+        self.check_sub_workflows(&plan, Some(&definition.name))
+            .await?;
         let mut client = self.store.client().await.map_err(store_error)?;
         let registered = definitions::register(&mut client, &definition)
             .await
@@ -851,6 +903,7 @@ mod tests {
             ended_at: None,
             error: None,
             subset: Default::default(),
+            parent: None,
         };
         assert_eq!(
             decode_cursor(&encode_cursor(&run)).unwrap(),

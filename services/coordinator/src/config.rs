@@ -98,6 +98,10 @@ pub struct Config {
     #[arg(long, env = "FLOTILLA_BREAKER_COOL_DOWN", default_value = "30s", value_parser = flotilla_core::duration::parse)]
     pub breaker_cool_down: Duration,
 
+    /// How deep sub-workflows may nest; a step that would start a run deeper fails.
+    #[arg(long, env = "FLOTILLA_MAX_WORKFLOW_DEPTH", default_value_t = flotilla_core::scheduler::DEFAULT_MAX_WORKFLOW_DEPTH)]
+    pub max_workflow_depth: u32,
+
     /// Largest request body the API accepts, in bytes.
     #[arg(long, env = "FLOTILLA_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -267,6 +271,10 @@ impl Config {
             (
                 "FLOTILLA_BREAKER_COOL_DOWN",
                 format!("{}ms", self.breaker_cool_down.as_millis()),
+            ),
+            (
+                "FLOTILLA_MAX_WORKFLOW_DEPTH",
+                self.max_workflow_depth.to_string(),
             ),
             ("FLOTILLA_MAX_BODY_BYTES", self.max_body_bytes.to_string()),
             (

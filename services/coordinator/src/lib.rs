@@ -77,6 +77,7 @@ pub async fn run(
             idempotency_retention: config.idempotency_retention(),
             max_instances: config.max_instances,
             breaker,
+            max_workflow_depth: config.max_workflow_depth,
             ..EngineConfig::default()
         },
         outbox_tx,

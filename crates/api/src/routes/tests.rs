@@ -536,6 +536,7 @@ fn sample_run(id: Uuid) -> WorkflowResult {
         error: None,
         steps: Vec::new(),
         metrics: Metrics::default(),
+        parent: None,
     }
 }
 
@@ -1613,6 +1614,8 @@ fn step(id: &str, status: &str) -> StepResult {
         next_attempt_at: None,
         strike: 1,
         held: None,
+        workflow: None,
+        child_workflow_id: None,
     }
 }
 

@@ -344,3 +344,51 @@ fn heartbeat_timeout_is_compiled_and_bounded() {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
     }
 }
+
+#[test]
+fn a_workflow_step_names_its_definition_instead_of_an_agent() {
+    let plan = compile(
+        "name: p\nsteps:\n  - {workflow: deploy, version: 3, params: {service: \"${{ params.s }}\"}}\n  - {id: check, agent: a, action: b, params: {v: \"${{ steps.deploy.output }}\"}}\n",
+    )
+    .unwrap();
+    let deploy = &plan.nodes[0];
+    assert_eq!(deploy.id, "deploy", "the id defaults to the name");
+    assert_eq!(
+        deploy.workflow,
+        Some(SubWorkflow {
+            name: "deploy".into(),
+            version: Some("3".into()),
+        })
+    );
+    assert!(deploy.agent.is_empty() && deploy.action.is_empty());
+    assert_eq!(deploy.sub_workflow(false), deploy.workflow.as_ref());
+    assert_eq!(deploy.sub_workflow(true), None, "a fallback calls an agent");
+    let refs: Vec<(&str, &str)> = plan
+        .sub_workflows()
+        .map(|(step, w)| (step, w.name.as_str()))
+        .collect();
+    assert_eq!(refs, [("deploy", "deploy")]);
+    assert_eq!(deps_of(&plan, "check"), ["deploy"]);
+}
+
+#[test]
+fn a_step_runs_an_agent_or_a_workflow_never_both() {
+    let err = compile(
+        "name: p\nsteps:\n  - {id: d, workflow: w, agent: a, action: b}\n  - {id: e, agent: a, action: b, version: 2}\n  - {id: f, workflow: w, heartbeat_timeout: 10s}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("steps[0] (`d`): a step runs either an agent (`agent`, `action`, `notify`) or a workflow (`workflow`), never both"),
+        "{err}"
+    );
+    assert!(
+        err.contains("steps[1]: `version` needs `workflow`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("steps[2] (`f`): `heartbeat_timeout` is for agent steps"),
+        "{err}"
+    );
+    assert!(!err.contains("missing `agent`"), "{err}");
+}

@@ -1696,3 +1696,122 @@ fn a_for_each_step_left_out_never_expands_and_its_dependent_sees_no_output() {
     assert_eq!(ran, (2..7).collect::<Vec<_>>(), "every instance ran");
     assert_eq!(run.status, RunStatus::Success);
 }
+
+const PARENT: &str = "name: parent\nsteps:\n  - {id: deploy, workflow: child, retry: {max_attempts: 2, delay: 0s}}\n  - {id: after, agent: a, action: b}\n";
+
+#[test]
+fn a_workflow_step_dispatches_like_an_agent_step_and_a_retry_gets_a_new_task_id() {
+    let plan = plan(PARENT);
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let first = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)));
+    let [(id, 1, child)] = first.as_slice() else {
+        panic!("{first:?}")
+    };
+    assert_eq!(id, "deploy");
+    let failed = Outcome::Failure {
+        message: "sub-workflow run failed".into(),
+        retryable: true,
+    };
+    let again = dispatched(
+        &plan,
+        &run.apply(&plan, finished(&plan, "deploy", 1, *child, failed), at(1)),
+    );
+    let [(_, 2, second)] = again.as_slice() else {
+        panic!("{again:?}")
+    };
+    assert_ne!(second, child, "the retry starts another child run");
+    // The first child's late result is fenced off.
+    let late = run.apply(
+        &plan,
+        finished(&plan, "deploy", 1, *child, Outcome::Success(json!({}))),
+        at(2),
+    );
+    assert!(matches!(late.effects[..], [Effect::Stale { .. }]));
+}
+
+#[test]
+fn an_operator_ending_a_running_step_stops_its_attempt() {
+    let plan = plan(PARENT);
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let [(_, _, task_id)] = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[..] else {
+        panic!()
+    };
+    let t = run.apply(
+        &plan,
+        Event::Settle {
+            step: 0,
+            output: None,
+        },
+        at(1),
+    );
+    assert!(
+        t.effects.contains(&Effect::Cancelled {
+            step: 0,
+            attempt: 1,
+            task_id
+        }),
+        "{:?}",
+        t.effects
+    );
+}
+
+#[test]
+fn an_ended_run_reports_its_outputs_or_its_failed_step_to_its_parent() {
+    let plan = plan(
+        "name: child\nsteps:\n  - {id: build, agent: a, action: b}\n  - {id: skip, agent: a, action: b, condition: 'false'}\n  - {id: ship, agent: a, action: c, depends_on: [build]}\nerror_handling:\n  on_failure: [{id: log, agent: a, action: log}]\n",
+    );
+    let id = Uuid::new_v4();
+    let mut run = RunState::new(id, &plan, Map::new());
+    let mut queue = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)));
+    while let Some((step, attempt, task_id)) = queue.pop() {
+        let output = Outcome::Success(json!({ "from": step }));
+        let t = run.apply(
+            &plan,
+            finished(&plan, &step, attempt, task_id, output),
+            at(1),
+        );
+        queue.extend(dispatched(&plan, &t));
+    }
+    assert_eq!(run.status, RunStatus::Success);
+    assert_eq!(
+        run.outcome_for_parent(&plan),
+        Outcome::Success(json!({"build": {"from": "build"}, "ship": {"from": "ship"}}))
+    );
+
+    let mut run = RunState::new(id, &plan, Map::new());
+    let [(_, _, build)] = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[..] else {
+        panic!()
+    };
+    let t = run.apply(
+        &plan,
+        finished(&plan, "build", 1, build, fail(false)),
+        at(1),
+    );
+    let [(_, _, log)] = dispatched(&plan, &t)[..] else {
+        panic!()
+    };
+    run.apply(
+        &plan,
+        finished(&plan, "log", 1, log, Outcome::Success(json!({}))),
+        at(2),
+    );
+    assert_eq!(run.status, RunStatus::Failure);
+    assert_eq!(
+        run.outcome_for_parent(&plan),
+        Outcome::Failure {
+            message: format!("sub-workflow run {id} (child) failed: step `build` failed: boom"),
+            retryable: true,
+        }
+    );
+
+    let mut run = RunState::new(id, &plan, Map::new());
+    run.apply(&plan, Event::Start, at(0));
+    run.apply(&plan, Event::Cancel, at(1));
+    assert_eq!(
+        run.outcome_for_parent(&plan),
+        Outcome::Failure {
+            message: format!("sub-workflow run {id} (child) was cancelled"),
+            retryable: false,
+        }
+    );
+}
