@@ -5,6 +5,7 @@
 //! - [`condition`]: `condition:` expressions (CEL) over earlier steps.
 //! - [`retry`]: retry policy and backoff.
 //! - [`scheduler`]: a run as a state machine — an event in, the new state and the effects out.
+//! - [`registry`]: when a worker of the registry counts as healthy, unhealthy or gone.
 //!
 //! **Architecture invariant:** nothing here performs I/O or reads the clock; time comes in as an
 //! argument, so every transition is reproducible in tests.
@@ -14,6 +15,7 @@ pub mod definition;
 pub mod duration;
 pub mod plan;
 mod redact;
+pub mod registry;
 pub mod report;
 pub mod retry;
 pub mod schedule;
