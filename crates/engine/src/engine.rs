@@ -62,6 +62,9 @@ pub struct EngineConfig {
     pub idempotency_retention: Duration,
     /// The most instances one `for_each` step may expand to.
     pub max_instances: usize,
+    /// How long a dispatched attempt may wait for a worker to start it, for steps that do not
+    /// set `schedule_to_start`; no limit when `None`.
+    pub schedule_to_start: Option<Duration>,
 }
 
 impl Default for EngineConfig {
@@ -72,6 +75,7 @@ impl Default for EngineConfig {
             max_cached_runs: 20_000,
             idempotency_retention: Duration::from_secs(24 * 3600),
             max_instances: flotilla_core::scheduler::DEFAULT_MAX_INSTANCES,
+            schedule_to_start: None,
         }
     }
 }
@@ -204,6 +208,13 @@ pub enum Due {
         attempt: u32,
         task_id: Uuid,
     },
+    /// A dispatched attempt no worker started within its step's `schedule_to_start`.
+    NotStarted {
+        run_id: Uuid,
+        step: usize,
+        attempt: u32,
+        task_id: Uuid,
+    },
     /// A run past its workflow timeout.
     RunTimeout { run_id: Uuid },
 }
@@ -214,6 +225,7 @@ impl Due {
             Due::Retry { run_id, .. }
             | Due::Lease { run_id, .. }
             | Due::Timeout { run_id, .. }
+            | Due::NotStarted { run_id, .. }
             | Due::RunTimeout { run_id } => *run_id,
         }
     }
@@ -489,6 +501,7 @@ impl Engine {
 
         let mut pending = Pending {
             names: &self.config.names,
+            schedule_to_start: self.config.schedule_to_start,
             now,
             batch: Batch::default(),
             changes: BTreeMap::new(),
@@ -628,6 +641,37 @@ impl Engine {
                                     },
                                 )
                             }
+                            Due::NotStarted {
+                                step,
+                                attempt,
+                                task_id,
+                                ..
+                            } => {
+                                let (agent, limit) = (step < cached.state.steps.len())
+                                    .then(|| {
+                                        let n = &cached.plan.nodes[cached.state.node_of(step)];
+                                        let strike = cached.state.steps[step].strike_of(n, attempt);
+                                        let (agent, _) = n.target(strike.is_fallback());
+                                        (
+                                            agent.to_owned(),
+                                            n.schedule_to_start.or(pending.schedule_to_start),
+                                        )
+                                    })
+                                    .unwrap_or_default();
+                                let message = format!(
+                                    "no worker of agent {agent} started the step within {:?}",
+                                    limit.unwrap_or_default()
+                                );
+                                ended(
+                                    step,
+                                    attempt,
+                                    task_id,
+                                    Outcome::Failure {
+                                        message,
+                                        retryable: true,
+                                    },
+                                )
+                            }
                         };
                         pending.apply(cached, event);
                     }
@@ -733,9 +777,15 @@ impl Engine {
                 if i < cached.stored {
                     batch.step_updates.push(row);
                 } else {
-                    batch
-                        .new_steps
-                        .push((step_ident(&cached.plan, &cached.state, i), row));
+                    batch.new_steps.push((
+                        step_ident(
+                            &cached.plan,
+                            &cached.state,
+                            i,
+                            self.config.schedule_to_start,
+                        ),
+                        row,
+                    ));
                 }
             }
             batch.run_updates.push(RunUpdate {
@@ -918,6 +968,8 @@ impl Engine {
 /// The rows one batch will write, built up input by input.
 struct Pending<'a> {
     names: &'a QueueNames,
+    /// The coordinator's default `schedule_to_start`.
+    schedule_to_start: Option<Duration>,
     now: DateTime<Utc>,
     batch: Batch,
     /// The steps each existing run changed; each such run is written and its version bumped.
@@ -991,7 +1043,7 @@ impl Pending<'_> {
         });
         for (idx, step) in state.steps.iter().enumerate() {
             self.batch.new_steps.push((
-                step_ident(plan, state, idx),
+                step_ident(plan, state, idx, self.schedule_to_start),
                 StepRow {
                     run_id: state.id,
                     idx: idx as i32,
@@ -1292,14 +1344,21 @@ fn apply_to_step(
     pending.apply(cached, event(step));
 }
 
-/// The fixed identity of a slot's row: its step id, agent and action.
-fn step_ident(plan: &Plan, state: &RunState, slot: usize) -> StepIdent {
+/// The fixed identity of a slot's row: its step id, agent and action, and its limits.
+fn step_ident(
+    plan: &Plan,
+    state: &RunState,
+    slot: usize,
+    schedule_to_start: Option<Duration>,
+) -> StepIdent {
     let node = &plan.nodes[state.node_of(slot)];
+    let millis = |t: Duration| i32::try_from(t.as_millis()).unwrap_or(i32::MAX);
     StepIdent {
         step_id: state.slot_id(plan, slot),
         agent: node.agent.clone(),
         action: node.action.clone(),
-        lease_ms: node.heartbeat_timeout.map(|t| t.as_millis() as i32),
+        lease_ms: node.heartbeat_timeout.map(millis),
+        start_ms: node.schedule_to_start.or(schedule_to_start).map(millis),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Fires the timers kept in Postgres — retries that are due, leases of running attempts that
-//! ran out, attempts past their timeout, runs past their workflow timeout — with indexed queries that never scan history, and
-//! sleeps in between.
+//! ran out, attempts past their timeout, attempts no worker started within their
+//! `schedule_to_start`, runs past their workflow timeout — with indexed queries that never scan
+//! history, and sleeps in between.
 
 use std::time::Duration;
 
@@ -65,9 +66,16 @@ async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Ut
         let leases = db::expired_leases(&client, now, BATCH).await?;
         let late = db::past_deadlines(&client, now, BATCH).await?;
         let late_runs = db::past_run_deadlines(&client, now, BATCH).await?;
-        let full = [retries.len(), leases.len(), late.len(), late_runs.len()]
-            .iter()
-            .any(|&n| n as i64 == BATCH);
+        let unstarted = db::not_started(&client, now, BATCH).await?;
+        let full = [
+            retries.len(),
+            leases.len(),
+            late.len(),
+            late_runs.len(),
+            unstarted.len(),
+        ]
+        .iter()
+        .any(|&n| n as i64 == BATCH);
         let index = |i: i32| usize::try_from(i).unwrap_or_default();
         let number = |n: i32| u32::try_from(n).unwrap_or_default();
         let due: Vec<Due> = retries
@@ -90,6 +98,12 @@ async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Ut
                 attempt: number(l.attempt),
                 task_id: l.task_id,
             }))
+            .chain(unstarted.into_iter().map(|l| Due::NotStarted {
+                run_id: l.run_id,
+                step: index(l.idx),
+                attempt: number(l.attempt),
+                task_id: l.task_id,
+            }))
             .chain(
                 late_runs
                     .into_iter()
@@ -105,6 +119,7 @@ async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Ut
                 db::next_lease_end(&client).await?,
                 db::next_deadline(&client).await?,
                 db::next_run_deadline(&client).await?,
+                db::next_start_by(&client).await?,
             ];
             return Ok(next.into_iter().flatten().min());
         }

@@ -33,6 +33,9 @@ pub struct StepRecord {
     pub error: Option<String>,
     /// The strike the step reached: 1 its retries, 2 its fallback, 3 escalated.
     pub strike: i16,
+    /// The agent of the step's attempt, while that attempt is queued: dispatched and not yet
+    /// started by any worker.
+    pub queued_for: Option<String>,
 }
 
 fn run_record(r: &tokio_postgres::Row) -> RunRecord {
@@ -61,9 +64,11 @@ pub async fn run(
     };
     let steps_stmt = client
         .prepare_cached(
-            "SELECT step_id, agent, action, status, attempt, wake_at, started_at, ended_at, output, error,
-                    strike
-             FROM steps WHERE run_id = $1 ORDER BY idx",
+            "SELECT s.step_id, s.agent, s.action, s.status, s.attempt, s.wake_at, s.started_at,
+                    s.ended_at, s.output, s.error, s.strike, a.agent
+             FROM steps s
+             LEFT JOIN attempts a ON s.queued_at IS NOT NULL AND a.task_id = s.task_id
+             WHERE s.run_id = $1 ORDER BY s.idx",
         )
         .await?;
     let steps = client
@@ -82,6 +87,7 @@ pub async fn run(
             output: r.get(8),
             error: r.get(9),
             strike: r.get(10),
+            queued_for: r.get(11),
         })
         .collect();
     Ok(Some((run_record(&run), steps)))

@@ -64,6 +64,10 @@ pub enum Command {
     /// id is the definition's name).
     #[command(subcommand)]
     Schedules(SchedulesCommand),
+    /// Show the registry of workers: which agents are served, by which workers, and what waits
+    /// for them.
+    #[command(subcommand)]
+    Agents(AgentsCommand),
     /// Show the coordinator's main figures: runs by status, and per agent the attempts, errors,
     /// retries, dead letters, queued tasks and run times (p50, p95).
     ///
@@ -254,6 +258,19 @@ pub enum SchedulesCommand {
     /// Remove the schedule of definition NAME.
     Remove {
         /// The schedule's id: its definition's name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentsCommand {
+    /// List every agent with a registered worker or a step waiting for one, then the workers:
+    /// their health (unhealthy once their heartbeats stopped), tasks in flight and last
+    /// heartbeat.
+    List,
+    /// Whether a healthy worker serves the agent: exit 0 if one does, 1 if none does.
+    Health {
+        /// The agent's name.
         name: String,
     },
 }

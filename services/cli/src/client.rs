@@ -3,12 +3,12 @@
 use std::time::Duration;
 
 use flotilla_api_model::{
-    ACTOR_HEADER, CompleteRequest, DeadLetterList, DeadLetterQuery, DefinitionDetail,
-    DefinitionList, DefinitionSummary, DefinitionVersions, ErrorBody, ExecuteRequest,
-    ExecuteResponse, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, MetricsSummary,
-    OperateResponse, Operation, RedriveRequest, RedriveResponse, RegisterDefinitionRequest,
-    RetryRequest, RunEventList, RunPage, RunQuery, RunReport, ScheduleList, ScheduleRequest,
-    ScheduleSummary, Submitted, WorkflowResult,
+    ACTOR_HEADER, AgentHealth, AgentList, CompleteRequest, DeadLetterList, DeadLetterQuery,
+    DefinitionDetail, DefinitionList, DefinitionSummary, DefinitionVersions, ErrorBody,
+    ExecuteRequest, ExecuteResponse, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER,
+    MetricsSummary, OperateResponse, Operation, RedriveRequest, RedriveResponse,
+    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, RunReport,
+    ScheduleList, ScheduleRequest, ScheduleSummary, Submitted, WorkflowResult,
 };
 use reqwest::header::HeaderMap;
 use reqwest::{RequestBuilder, StatusCode, Url};
@@ -338,6 +338,16 @@ impl Client {
             }
         };
         self.send(request, url).await
+    }
+
+    pub async fn agents(&self) -> Result<AgentList, ClientError> {
+        let url = self.url(&["agents"]);
+        self.send(self.http.get(url.clone()), url).await
+    }
+
+    pub async fn agent_health(&self, name: &str) -> Result<AgentHealth, ClientError> {
+        let url = self.url(&["agents", name, "health"]);
+        self.send(self.http.get(url.clone()), url).await
     }
 
     pub async fn schedules(&self) -> Result<ScheduleList, ClientError> {

@@ -464,6 +464,7 @@ fn step(id: &str, status: &str, attempts: u32, error: Option<&str>) -> StepResul
         error: error.map(Into::into),
         next_attempt_at: None,
         strike: 1,
+        waiting_for_worker: false,
     }
 }
 

@@ -35,6 +35,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let registry = config.registry();
+    registry.validate().map_err(anyhow::Error::msg)?;
     let store = Store::open(&StoreConfig {
         url: config.database_url.clone(),
         pool_size: config.db_pool_size,
@@ -73,6 +75,7 @@ pub async fn run(
             max_batch: config.max_batch,
             idempotency_retention: config.idempotency_retention(),
             max_instances: config.max_instances,
+            schedule_to_start: config.schedule_to_start(),
             ..EngineConfig::default()
         },
         outbox_tx,
@@ -122,7 +125,8 @@ pub async fn run(
         );
         let lease = config.lease_timeout();
         tokio::spawn(async move {
-            flotilla_engine::heartbeats::run(&connection, &names, store, lease, intake).await
+            flotilla_engine::heartbeats::run(&connection, &names, store, lease, registry, intake)
+                .await
         })
     };
     let dead_task = {
@@ -167,15 +171,17 @@ pub async fn run(
         tokio::spawn(worker.run(intake.clone()))
     };
 
-    let backend = Arc::new(backend::CoordinatorBackend {
-        store: store.clone(),
-        engine: handle,
-    });
     let probe = Arc::new(health::CoordinatorProbe::new(
         store.clone(),
         broker.clone(),
         metrics,
     ));
+    let backend = Arc::new(backend::CoordinatorBackend {
+        store: store.clone(),
+        engine: handle,
+        registry,
+        probe: probe.clone(),
+    });
     let app = flotilla_api::router_with_health(
         backend,
         probe,
