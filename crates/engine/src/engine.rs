@@ -647,21 +647,22 @@ impl Engine {
                                 task_id,
                                 ..
                             } => {
-                                let (agent, limit) = (step < cached.state.steps.len())
-                                    .then(|| {
+                                // A step index out of range is fenced off by the scheduler.
+                                let message = match cached.state.steps.get(step) {
+                                    Some(state) => {
                                         let n = &cached.plan.nodes[cached.state.node_of(step)];
-                                        let strike = cached.state.steps[step].strike_of(n, attempt);
+                                        let strike = state.strike_of(n, attempt);
                                         let (agent, _) = n.target(strike.is_fallback());
-                                        (
-                                            agent.to_owned(),
-                                            n.schedule_to_start.or(pending.schedule_to_start),
+                                        let limit = n
+                                            .schedule_to_start
+                                            .or(pending.schedule_to_start)
+                                            .unwrap_or_default();
+                                        format!(
+                                            "no worker of agent {agent} started the step within {limit:?}"
                                         )
-                                    })
-                                    .unwrap_or_default();
-                                let message = format!(
-                                    "no worker of agent {agent} started the step within {:?}",
-                                    limit.unwrap_or_default()
-                                );
+                                    }
+                                    None => String::new(),
+                                };
                                 ended(
                                     step,
                                     attempt,

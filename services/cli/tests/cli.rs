@@ -248,6 +248,14 @@ impl Backend for Coordinator {
         Ok(Vec::new())
     }
 
+    // `flotilla agents` is tested against a live coordinator (tests/tests/registry.rs).
+    async fn agents(
+        &self,
+        _agent: Option<&str>,
+    ) -> Result<Vec<flotilla_api_model::AgentStatus>, BackendError> {
+        Ok(Vec::new())
+    }
+
     // Reports are tested against a live coordinator (tests/tests/operator.rs).
     async fn report(
         &self,
