@@ -1127,9 +1127,9 @@ async fn backend_refusals_are_400_and_404() {
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_in_the_error_shape() {
     let api = Api::new(FakeBackend::default());
-    let (status, body) = api.get("/api/agents").await;
+    let (status, body) = api.get("/api/fleet").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    assert_eq!(error(body).error.message, "no route for GET /api/agents");
+    assert_eq!(error(body).error.message, "no route for GET /api/fleet");
 
     let request = Request::delete("/api/definitions")
         .body(Body::empty())
