@@ -592,6 +592,17 @@ impl Engine {
                             started_at: now,
                             finished_at: now,
                         };
+                        let failed = |step, attempt, task_id, message| {
+                            ended(
+                                step,
+                                attempt,
+                                task_id,
+                                Outcome::Failure {
+                                    message,
+                                    retryable: true,
+                                },
+                            )
+                        };
                         let event = match *d {
                             Due::Retry { step, attempt, .. } => Event::Wake { step, attempt },
                             Due::RunTimeout { .. } => Event::TimedOut,
@@ -631,15 +642,7 @@ impl Engine {
                                 let message = format!(
                                     "timed out: the attempt ran past its timeout of {limit:?}"
                                 );
-                                ended(
-                                    step,
-                                    attempt,
-                                    task_id,
-                                    Outcome::Failure {
-                                        message,
-                                        retryable: true,
-                                    },
-                                )
+                                failed(step, attempt, task_id, message)
                             }
                             Due::NotStarted {
                                 step,
@@ -663,15 +666,7 @@ impl Engine {
                                     }
                                     None => String::new(),
                                 };
-                                ended(
-                                    step,
-                                    attempt,
-                                    task_id,
-                                    Outcome::Failure {
-                                        message,
-                                        retryable: true,
-                                    },
-                                )
+                                failed(step, attempt, task_id, message)
                             }
                         };
                         pending.apply(cached, event);

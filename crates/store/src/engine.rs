@@ -640,14 +640,26 @@ pub struct RunningAttempt {
     pub task_id: Uuid,
 }
 
-/// Reads `run_id, idx, attempt, task_id`.
-fn running_attempt(r: &tokio_postgres::Row) -> RunningAttempt {
-    RunningAttempt {
-        run_id: r.get(0),
-        idx: r.get(1),
-        attempt: r.get(2),
-        task_id: r.get(3),
-    }
+/// The attempts a timer's `query` finds: it selects `run_id, idx, attempt, task_id` of the
+/// steps due by `$1`, at most `$2`.
+async fn running_attempts(
+    client: &impl GenericClient,
+    query: &str,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<RunningAttempt>, Error> {
+    let stmt = client.prepare_cached(query).await?;
+    Ok(client
+        .query(&stmt, &[&now, &limit])
+        .await?
+        .iter()
+        .map(|r| RunningAttempt {
+            run_id: r.get(0),
+            idx: r.get(1),
+            attempt: r.get(2),
+            task_id: r.get(3),
+        })
+        .collect())
 }
 
 /// Records that heartbeats got through at `now`. After a gap longer than `lease` (no heartbeat
@@ -684,20 +696,16 @@ pub async fn expired_leases(
     now: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<RunningAttempt>, Error> {
-    let stmt = client
-        .prepare_cached(
-            "SELECT run_id, idx, attempt, task_id FROM steps
-             WHERE lease_until <= least($1, (SELECT at FROM fleet_pulse WHERE id = 1))
-               AND status = 'running'
-             ORDER BY lease_until LIMIT $2",
-        )
-        .await?;
-    Ok(client
-        .query(&stmt, &[&now, &limit])
-        .await?
-        .iter()
-        .map(running_attempt)
-        .collect())
+    running_attempts(
+        client,
+        "SELECT run_id, idx, attempt, task_id FROM steps
+         WHERE lease_until <= least($1, (SELECT at FROM fleet_pulse WHERE id = 1))
+           AND status = 'running'
+         ORDER BY lease_until LIMIT $2",
+        now,
+        limit,
+    )
+    .await
 }
 
 /// Running attempts whose deadline passed before `now` (same shape as an expired lease).
@@ -706,18 +714,14 @@ pub async fn past_deadlines(
     now: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<RunningAttempt>, Error> {
-    let stmt = client
-        .prepare_cached(
-            "SELECT run_id, idx, attempt, task_id FROM steps
-             WHERE deadline <= $1 AND status = 'running' ORDER BY deadline LIMIT $2",
-        )
-        .await?;
-    Ok(client
-        .query(&stmt, &[&now, &limit])
-        .await?
-        .iter()
-        .map(running_attempt)
-        .collect())
+    running_attempts(
+        client,
+        "SELECT run_id, idx, attempt, task_id FROM steps
+         WHERE deadline <= $1 AND status = 'running' ORDER BY deadline LIMIT $2",
+        now,
+        limit,
+    )
+    .await
 }
 
 /// Running attempts no worker started within their step's `schedule_to_start`, by `now`.
@@ -726,18 +730,14 @@ pub async fn not_started(
     now: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<RunningAttempt>, Error> {
-    let stmt = client
-        .prepare_cached(
-            "SELECT run_id, idx, attempt, task_id FROM steps
-             WHERE start_by <= $1 AND status = 'running' ORDER BY start_by LIMIT $2",
-        )
-        .await?;
-    Ok(client
-        .query(&stmt, &[&now, &limit])
-        .await?
-        .iter()
-        .map(running_attempt)
-        .collect())
+    running_attempts(
+        client,
+        "SELECT run_id, idx, attempt, task_id FROM steps
+         WHERE start_by <= $1 AND status = 'running' ORDER BY start_by LIMIT $2",
+        now,
+        limit,
+    )
+    .await
 }
 
 /// When the next queued attempt runs out of time to be started, if any.
