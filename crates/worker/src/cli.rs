@@ -126,3 +126,24 @@ impl WorkerArgs {
         code
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_key_value_pairs() {
+        assert_eq!(
+            parse_label(" region = eu ").unwrap(),
+            ("region".to_owned(), "eu".to_owned())
+        );
+        assert_eq!(
+            parse_label("empty=").unwrap(),
+            ("empty".to_owned(), String::new())
+        );
+        for bad in ["gpu", "=x", " =x"] {
+            let error = parse_label(bad).unwrap_err();
+            assert!(error.contains("expected KEY=VALUE"), "{error}");
+        }
+    }
+}
