@@ -4,6 +4,8 @@
 //! JSON Schemas in `proto/schemas/` are the contract for workers written in any language; the
 //! types here are tested against them.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
@@ -18,6 +20,8 @@ pub mod schemas {
     pub const RESULT: &str = include_str!("../schemas/result.v1.json");
     pub const HEARTBEAT: &str = include_str!("../schemas/heartbeat.v1.json");
     pub const CANCEL: &str = include_str!("../schemas/cancel.v1.json");
+    pub const REGISTRATION: &str = include_str!("../schemas/registration.v1.json");
+    pub const DEREGISTRATION: &str = include_str!("../schemas/deregistration.v1.json");
 }
 
 /// Queue and routing names, derived from one prefix so that several fleets (or tests) can share
@@ -48,7 +52,8 @@ impl QueueNames {
         format!("{}.results", self.prefix)
     }
 
-    /// The queue that carries worker heartbeats to the coordinators.
+    /// The queue that carries worker heartbeats, registrations and deregistrations to the
+    /// coordinators.
     pub fn heartbeats(&self) -> String {
         format!("{}.heartbeats", self.prefix)
     }
@@ -185,6 +190,74 @@ pub struct Heartbeat {
     pub sent_at: DateTime<Utc>,
 }
 
+/// A worker announcing itself to the coordinators' registry, published to the heartbeats queue
+/// when it starts and again after each reconnect. Its heartbeats then keep it alive there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(
+    tag = "type",
+    rename = "registration",
+    deny_unknown_fields,
+    remote = "Self"
+)]
+pub struct Registration {
+    pub v: u32,
+    pub worker_id: String,
+    pub agents: Vec<String>,
+    /// The actions it has a handler for; empty when it answers every action (a fallback).
+    #[serde(default)]
+    pub actions: Vec<String>,
+    /// What the worker is built with, e.g. `flotilla-worker/0.1.0` or `pika/1.3`.
+    pub sdk: String,
+    pub concurrency: u32,
+    pub host: String,
+    pub pid: u32,
+    /// Free-form key/value pairs describing the worker (region, gpu...).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub started_at: DateTime<Utc>,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// A worker saying goodbye as it stops gracefully, so that the registry forgets it at once
+/// instead of waiting for its heartbeats to stop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(
+    tag = "type",
+    rename = "deregistration",
+    deny_unknown_fields,
+    remote = "Self"
+)]
+pub struct Deregistration {
+    pub v: u32,
+    pub worker_id: String,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// Any message a worker publishes to [`QueueNames::heartbeats`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerMessage {
+    Heartbeat(Heartbeat),
+    Registration(Registration),
+    Deregistration(Deregistration),
+}
+
+impl WorkerMessage {
+    /// Reads a message of the heartbeats queue, whichever of its kinds the body's `type` names.
+    pub fn decode(body: &[u8]) -> Result<Self, serde_json::Error> {
+        #[derive(Deserialize)]
+        struct Kind<'a> {
+            #[serde(rename = "type", borrow)]
+            kind: Option<std::borrow::Cow<'a, str>>,
+        }
+        match serde_json::from_slice::<Kind>(body)?.kind.as_deref() {
+            Some("registration") => serde_json::from_slice(body).map(Self::Registration),
+            Some("deregistration") => serde_json::from_slice(body).map(Self::Deregistration),
+            // Reading it as a heartbeat names whatever else is wrong with it.
+            _ => serde_json::from_slice(body).map(Self::Heartbeat),
+        }
+    }
+}
+
 /// Asks the worker running an attempt to stop it, because its run was cancelled. Broadcast on
 /// the [`QueueNames::control`] exchange; a worker not running `task_id` ignores it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -225,6 +298,8 @@ tagged_message!(Task, "task");
 tagged_message!(TaskResult, "result");
 tagged_message!(Heartbeat, "heartbeat");
 tagged_message!(Cancel, "cancel");
+tagged_message!(Registration, "registration");
+tagged_message!(Deregistration, "deregistration");
 
 /// Checks and removes the `type` field, then reads the remaining fields strictly with `body`.
 fn deserialize_tagged<'de, D, T>(

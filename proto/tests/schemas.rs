@@ -4,8 +4,8 @@
 
 use chrono::{TimeZone, Utc};
 use flotilla_proto::{
-    Cancel, Heartbeat, HeldTask, PROTOCOL_VERSION, ResultStatus, Task, TaskError, TaskResult,
-    schemas,
+    Cancel, Deregistration, Heartbeat, HeldTask, PROTOCOL_VERSION, Registration, ResultStatus,
+    Task, TaskError, TaskResult, WorkerMessage, schemas,
 };
 use jsonschema::Validator;
 use serde::de::DeserializeOwned;
@@ -120,6 +120,30 @@ fn sample_cancel() -> Cancel {
     }
 }
 
+fn sample_registration() -> Registration {
+    Registration {
+        v: PROTOCOL_VERSION,
+        worker_id: "host-1-abc".into(),
+        agents: vec!["agent6".into()],
+        actions: vec!["scaffold_project".into()],
+        sdk: "flotilla-worker/0.1.0".into(),
+        concurrency: 16,
+        host: "host".into(),
+        pid: 1,
+        labels: [("region".to_owned(), "eu".to_owned())].into(),
+        started_at: Utc::now(),
+        sent_at: Utc::now(),
+    }
+}
+
+fn sample_deregistration() -> Deregistration {
+    Deregistration {
+        v: PROTOCOL_VERSION,
+        worker_id: "host-1-abc".into(),
+        sent_at: Utc::now(),
+    }
+}
+
 /// Serializes a value, checks the schema accepts it, and that it reads back unchanged.
 fn assert_round_trip<T>(validator: &Validator, value: &T)
 where
@@ -167,6 +191,8 @@ fn invalid_variants(valid: &Value, other_type: &str) -> Vec<(Value, String)> {
             "error",
             "heartbeat_timeout_ms",
             "ack_early",
+            "actions",
+            "labels",
         ]
         .contains(&field.as_str())
         {
@@ -187,6 +213,9 @@ fn invalid_variants(valid: &Value, other_type: &str) -> Vec<(Value, String)> {
         ("status", json!("done")),
         ("heartbeat_timeout_ms", json!(-5)),
         ("ack_early", json!("yes")),
+        ("pid", json!(-1)),
+        ("labels", json!({"gpu": true})),
+        ("sdk", json!(1)),
     ] {
         if object.contains_key(field) {
             let mut doc = object.clone();
@@ -245,6 +274,63 @@ fn heartbeat_samples_match_the_schema() {
 #[test]
 fn cancel_samples_match_the_schema() {
     assert_round_trip(&validator(schemas::CANCEL), &sample_cancel());
+}
+
+#[test]
+fn registration_samples_match_the_schema() {
+    let registrations = validator(schemas::REGISTRATION);
+    assert_round_trip(&registrations, &sample_registration());
+    let mut doc = serde_json::to_value(sample_registration()).unwrap();
+    for field in ["actions", "labels"] {
+        doc.as_object_mut().unwrap().remove(field);
+    }
+    assert!(registrations.is_valid(&doc));
+    let registration: Registration = serde_json::from_value(doc).unwrap();
+    assert!(registration.actions.is_empty() && registration.labels.is_empty());
+    assert_round_trip(
+        &validator(schemas::DEREGISTRATION),
+        &sample_deregistration(),
+    );
+}
+
+#[test]
+fn invalid_registrations_are_rejected_by_schema_and_serde() {
+    let validator = validator(schemas::REGISTRATION);
+    let valid = serde_json::to_value(sample_registration()).unwrap();
+    for (doc, why) in invalid_variants(&valid, "heartbeat") {
+        assert_rejected_by_both::<Registration>(&validator, &doc, &why);
+    }
+    let goodbyes = self::validator(schemas::DEREGISTRATION);
+    let valid = serde_json::to_value(sample_deregistration()).unwrap();
+    for (doc, why) in invalid_variants(&valid, "registration") {
+        assert_rejected_by_both::<Deregistration>(&goodbyes, &doc, &why);
+    }
+}
+
+#[test]
+fn the_heartbeats_queue_carries_three_kinds() {
+    fn body(value: &impl serde::Serialize) -> Vec<u8> {
+        serde_json::to_vec(value).unwrap()
+    }
+    let registration = sample_registration();
+    assert_eq!(
+        WorkerMessage::decode(&body(&registration)).unwrap(),
+        WorkerMessage::Registration(registration)
+    );
+    let heartbeat = sample_heartbeats().remove(1);
+    assert_eq!(
+        WorkerMessage::decode(&body(&heartbeat)).unwrap(),
+        WorkerMessage::Heartbeat(heartbeat)
+    );
+    let goodbye = sample_deregistration();
+    assert_eq!(
+        WorkerMessage::decode(&body(&goodbye)).unwrap(),
+        WorkerMessage::Deregistration(goodbye)
+    );
+    for wrong in [json!({"type": "task"}), json!({"v": 1}), json!([1])] {
+        let error = WorkerMessage::decode(&serde_json::to_vec(&wrong).unwrap());
+        assert!(error.is_err(), "{wrong} read as {error:?}");
+    }
 }
 
 #[test]
@@ -333,7 +419,7 @@ fn readme_examples_are_valid() {
             serde_json::from_str(json).unwrap_or_else(|e| panic!("invalid JSON {json}: {e}"))
         })
         .collect();
-    assert_eq!(examples.len(), 5);
+    assert_eq!(examples.len(), 7);
     for example in examples {
         let (schema, parsed) = match example["type"].as_str() {
             Some("task") => (
@@ -351,6 +437,14 @@ fn readme_examples_are_valid() {
             Some("cancel") => (
                 schemas::CANCEL,
                 serde_json::from_value::<Cancel>(example.clone()).err(),
+            ),
+            Some("registration") => (
+                schemas::REGISTRATION,
+                serde_json::from_value::<Registration>(example.clone()).err(),
+            ),
+            Some("deregistration") => (
+                schemas::DEREGISTRATION,
+                serde_json::from_value::<Deregistration>(example.clone()).err(),
             ),
             other => panic!("example of unknown type {other:?}"),
         };

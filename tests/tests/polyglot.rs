@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use flotilla_tests::workload::{eventually, poll_until};
 use flotilla_tests::{Fleet, Launch, repo_file};
 use serde_json::json;
 use tokio::process::Command;
@@ -67,7 +68,13 @@ async fn a_workflow_runs_across_rust_and_python_workers() -> anyhow::Result<()> 
     fleet.start_coordinator().await?;
     fleet.start_echo("echo-1", &["loader", "reporter"], 4)?;
     fleet.start_echo("echo-2", &["loader", "reporter"], 4)?;
-    start_python_worker(&mut fleet, "python-1", &["stats"], &[]).await?;
+    let python = start_python_worker(
+        &mut fleet,
+        "python-1",
+        &["stats"],
+        &["--label", "lang=python"],
+    )
+    .await?;
 
     let yaml = "name: polyglot\nsteps:\n  \
         - {id: fetch, agent: loader, action: load, params: {numbers: [1, 2, 3, 4]}}\n  \
@@ -111,6 +118,43 @@ async fn a_workflow_runs_across_rust_and_python_workers() -> anyhow::Result<()> 
             "{step_id} ran on {worker}"
         );
     }
+
+    // The Python worker registered like the Rust ones, and deregisters when stopped.
+    let stats_workers = || async {
+        let list: flotilla_api_model::AgentList =
+            reqwest::get(format!("{}/api/agents", fleet.url()))
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+        Ok::<_, anyhow::Error>(
+            list.agents
+                .into_iter()
+                .filter(|a| a.name == "stats")
+                .flat_map(|a| a.workers)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let registered = eventually(WAIT, "the python worker registered", || async {
+        Ok(stats_workers().await?.pop().filter(|w| w.sdk.is_some()))
+    })
+    .await?;
+    assert_eq!(registered.worker_id, "python-1");
+    assert_eq!(registered.health, "healthy");
+    assert_eq!(registered.actions, ["describe", "sleep"]);
+    assert!(
+        registered
+            .sdk
+            .as_deref()
+            .is_some_and(|sdk| sdk.starts_with("python-pika/")),
+        "{registered:?}"
+    );
+    assert_eq!(registered.labels["lang"], "python");
+    fleet.worker(python).terminate().await;
+    poll_until(WAIT, "the python worker deregistered", || async {
+        Ok(stats_workers().await?.is_empty())
+    })
+    .await?;
     fleet.stop().await
 }
 

@@ -232,6 +232,10 @@ pub struct StepResult {
     /// For a sub-workflow step: the run its latest attempt started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub child_workflow_id: Option<Uuid>,
+    /// Set while the step's attempt is queued and no healthy worker of its agent is registered:
+    /// it waits for one to start (see `GET /api/agents`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub waiting_for_worker: bool,
 }
 
 fn first_strike() -> u8 {
@@ -732,6 +736,87 @@ pub struct AgentSummary {
     pub p99_ms: Option<f64>,
 }
 
+/// `GET /api/agents`: every agent with a registered worker or an attempt waiting for one, in
+/// name order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentList {
+    pub agents: Vec<AgentStatus>,
+}
+
+/// `GET /api/agents/{name}`: an agent's workers and what waits for them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    pub name: String,
+    /// `healthy` (a healthy worker serves it), `unhealthy` (workers are registered, none
+    /// healthy) or `no_workers`; see [`AgentHealth`].
+    pub health: String,
+    /// Its registered workers, by id.
+    pub workers: Vec<WorkerStatus>,
+    /// Tasks ready in its RabbitMQ queue; absent when RabbitMQ could not be asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_depth: Option<u32>,
+    /// Attempts dispatched to it that no worker has started yet.
+    pub waiting_steps: u64,
+    /// How long the oldest of them has waited, in milliseconds; absent when none waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_waiting_ms: Option<u64>,
+}
+
+/// A worker of the registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerStatus {
+    pub worker_id: String,
+    /// `healthy`, or `unhealthy` once no heartbeat came for the coordinator's
+    /// `FLOTILLA_WORKER_UNHEALTHY_AFTER_MS`.
+    pub health: String,
+    /// Every agent it serves.
+    pub agents: Vec<String>,
+    /// The actions it has a handler for; empty when it takes any.
+    #[serde(default)]
+    pub actions: Vec<String>,
+    /// How many tasks it runs at once at most.
+    pub concurrency: u32,
+    /// Tasks it held at its last heartbeat.
+    pub in_flight: u32,
+    pub last_seen: DateTime<Utc>,
+    /// What it told when it registered; absent when the registry knows it by its heartbeats
+    /// only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sdk: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub labels: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+}
+
+/// `GET /api/agents/{name}/health`: whether some worker can start the agent's tasks now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentHealth {
+    pub name: String,
+    /// [`AGENT_HEALTHY`], [`AGENT_UNHEALTHY`] or [`AGENT_NO_WORKERS`].
+    pub health: String,
+    pub healthy_workers: u32,
+    pub unhealthy_workers: u32,
+    pub waiting_steps: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_waiting_ms: Option<u64>,
+}
+
+/// At least one healthy worker serves the agent.
+pub const AGENT_HEALTHY: &str = "healthy";
+/// Workers of the agent are registered, but none is healthy.
+pub const AGENT_UNHEALTHY: &str = "unhealthy";
+/// No worker of the agent is registered.
+pub const AGENT_NO_WORKERS: &str = "no_workers";
+
 /// The body of every error response, whatever the route.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -946,6 +1031,7 @@ mod tests {
             held: None,
             workflow: None,
             child_workflow_id: None,
+            waiting_for_worker: false,
         }
     }
 

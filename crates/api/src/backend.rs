@@ -5,9 +5,9 @@ use std::future::Future;
 
 use chrono::{DateTime, Utc};
 use flotilla_api_model::{
-    AgentSummary, BreakerSummary, DeadLetterQuery, DeadLetterSummary, DefinitionDetail,
-    DefinitionSummary, Operation, RedriveOutcome, RunEvent, RunPage, RunQuery, RunReport,
-    ScheduleSummary, Submitted, WorkflowResult,
+    AgentStatus, AgentSummary, BreakerSummary, DeadLetterQuery, DeadLetterSummary,
+    DefinitionDetail, DefinitionSummary, Operation, RedriveOutcome, RunEvent, RunPage, RunQuery,
+    RunReport, ScheduleSummary, Submitted, WorkflowResult,
 };
 use flotilla_core::schedule::Schedule;
 use flotilla_core::{Definition, Plan, Subset};
@@ -153,6 +153,13 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         since: DateTime<Utc>,
     ) -> impl Future<Output = Result<Vec<AgentSummary>, BackendError>> + Send;
+
+    /// Every agent with a registered worker (healthy or not) or an attempt waiting for a worker,
+    /// in name order; only `agent`, when given (then empty when nothing is known of it).
+    fn agents(
+        &self,
+        agent: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<AgentStatus>, BackendError>> + Send;
 
     /// Schedules the definition (replacing its schedule, if it had one). Answers
     /// [`BackendError::NotFound`] when no definition of that name is registered, and

@@ -9,12 +9,13 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use flotilla_api_model::{
-    BreakerList, BreakerSummary, CompleteRequest, DEFAULT_SUMMARY_RANGE, DeadLetterList,
-    DeadLetterQuery, DefinitionDetail, DefinitionList, DefinitionQuery, DefinitionSummary,
-    DefinitionVersions, ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER,
-    MetricsSummary, OperateResponse, Operation, RedriveOutcome, RedriveRequest, RedriveResponse,
-    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, RunReport,
-    ScheduleList, ScheduleRequest, ScheduleSummary, Submitted, SummaryQuery, WorkflowResult,
+    AGENT_HEALTHY, AGENT_NO_WORKERS, AgentHealth, AgentList, AgentStatus, BreakerList,
+    BreakerSummary, CompleteRequest, DEFAULT_SUMMARY_RANGE, DeadLetterList, DeadLetterQuery,
+    DefinitionDetail, DefinitionList, DefinitionQuery, DefinitionSummary, DefinitionVersions,
+    ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, MetricsSummary, OperateResponse,
+    Operation, RedriveOutcome, RedriveRequest, RedriveResponse, RegisterDefinitionRequest,
+    RetryRequest, RunEventList, RunPage, RunQuery, RunReport, ScheduleList, ScheduleRequest,
+    ScheduleSummary, Submitted, SummaryQuery, WorkflowResult,
 };
 use flotilla_core::schedule::{Missed, Overlap, Schedule};
 use flotilla_core::{Definition, Plan, RunStatus, Subset};
@@ -198,6 +199,9 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
         .route("/api/metrics/summary", get(metrics_summary::<B>))
         .route("/api/agents/breakers", get(list_breakers::<B>))
         .route("/api/agents/{name}/breaker/reset", post(reset_breaker::<B>))
+        .route("/api/agents", get(list_agents::<B>))
+        .route("/api/agents/{name}", get(get_agent::<B>))
+        .route("/api/agents/{name}/health", get(agent_health::<B>))
         .with_state(AppState { backend, limits })
 }
 
@@ -810,4 +814,62 @@ fn schedule_not_found(id: &str) -> ApiError {
     ApiError::not_found(format!(
         "no schedule `{id}` (a schedule's id is the name of its definition)"
     ))
+}
+
+async fn list_agents<B: Backend>(
+    State(backend): State<Arc<B>>,
+) -> Result<axum::Json<AgentList>, ApiError> {
+    let agents = backend.agents(None).await?;
+    Ok(axum::Json(AgentList { agents }))
+}
+
+async fn get_agent<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<AgentStatus>, ApiError> {
+    backend
+        .agents(Some(&name))
+        .await?
+        .pop()
+        .map(axum::Json)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "agent `{name}` has no registered worker and no step waits for it"
+            ))
+        })
+}
+
+/// Answers for any name: an agent nobody serves is `no_workers`, which is what its health is.
+async fn agent_health<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<AgentHealth>, ApiError> {
+    let status = backend.agents(Some(&name)).await?.pop();
+    let health = match status {
+        Some(status) => {
+            let healthy = status
+                .workers
+                .iter()
+                .filter(|w| w.health == AGENT_HEALTHY)
+                .count();
+            let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+            AgentHealth {
+                name,
+                health: status.health,
+                healthy_workers: count(healthy),
+                unhealthy_workers: count(status.workers.len() - healthy),
+                waiting_steps: status.waiting_steps,
+                oldest_waiting_ms: status.oldest_waiting_ms,
+            }
+        }
+        None => AgentHealth {
+            name,
+            health: AGENT_NO_WORKERS.to_owned(),
+            healthy_workers: 0,
+            unhealthy_workers: 0,
+            waiting_steps: 0,
+            oldest_waiting_ms: None,
+        },
+    };
+    Ok(axum::Json(health))
 }

@@ -98,6 +98,11 @@ pub struct StepDef {
     /// than RabbitMQ's consumer timeout (see `Node::acks_early`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_timeout: Option<UserDuration>,
+    /// How long a dispatched attempt may wait for a worker to start it; past that it fails
+    /// ("no worker of agent X started the step within …") and is retried by the step's policy.
+    /// The coordinator's default when unset (none unless configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_to_start: Option<UserDuration>,
     /// Strike 2: what runs instead once the step's retries are exhausted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<FallbackDef>,

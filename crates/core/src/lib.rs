@@ -7,6 +7,7 @@
 //! - [`retry`]: retry policy and backoff.
 //! - [`subset`]: running part of a definition (`only` / `skip`).
 //! - [`scheduler`]: a run as a state machine — an event in, the new state and the effects out.
+//! - [`registry`]: when a worker of the registry counts as healthy, unhealthy or gone.
 //!
 //! **Architecture invariant:** nothing here performs I/O or reads the clock; time comes in as an
 //! argument, so every transition is reproducible in tests.
@@ -17,6 +18,7 @@ pub mod definition;
 pub mod duration;
 pub mod plan;
 mod redact;
+pub mod registry;
 pub mod report;
 pub mod retry;
 pub mod schedule;

@@ -60,6 +60,8 @@ pub struct Node {
     pub timeout: Option<std::time::Duration>,
     /// How long the attempt's worker may go without a heartbeat (the attempt's lease).
     pub heartbeat_timeout: Option<std::time::Duration>,
+    /// How long a dispatched attempt may wait for a worker to start it.
+    pub schedule_to_start: Option<std::time::Duration>,
     pub role: Role,
     /// The step whose `parallel:` list holds this node.
     pub parent: Option<usize>,
@@ -511,6 +513,10 @@ pub const ACK_EARLY_AFTER: std::time::Duration = std::time::Duration::from_secs(
 const MIN_HEARTBEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 const MAX_HEARTBEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
+/// Bounds of a step's `schedule_to_start`, stored in milliseconds.
+const MIN_SCHEDULE_TO_START: std::time::Duration = std::time::Duration::from_secs(1);
+const MAX_SCHEDULE_TO_START: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 fn build_node(
     d: &Draft<'_>,
     workflow_retry: Option<&RetrySpec>,
@@ -608,6 +614,14 @@ fn build_node(
             problems,
         )
     });
+    if let Some(wait) = def.schedule_to_start
+        && !(MIN_SCHEDULE_TO_START..=MAX_SCHEDULE_TO_START).contains(&wait.0)
+    {
+        problems.push(format!(
+            "{} (`{id}`): schedule_to_start {:?} must be between 1s and 24h",
+            d.place, wait.0
+        ));
+    }
     if let Some(channel) = &def.escalate
         && !is_name(channel)
     {
@@ -629,6 +643,7 @@ fn build_node(
         retry,
         timeout: def.timeout.map(|t| t.0),
         heartbeat_timeout: def.heartbeat_timeout.map(|t| t.0),
+        schedule_to_start: def.schedule_to_start.map(|t| t.0),
         role: d.role,
         parent: d.parent,
         for_each,

@@ -71,6 +71,9 @@ pub struct EngineConfig {
     pub breaker: Option<BreakerConfig>,
     /// How deep sub-workflows may nest: a run this deep starts no further one.
     pub max_workflow_depth: u32,
+    /// How long a dispatched attempt may wait for a worker to start it, for steps that do not
+    /// set `schedule_to_start`; no limit when `None`.
+    pub schedule_to_start: Option<Duration>,
 }
 
 impl Default for EngineConfig {
@@ -83,6 +86,7 @@ impl Default for EngineConfig {
             max_instances: flotilla_core::scheduler::DEFAULT_MAX_INSTANCES,
             breaker: Some(BreakerConfig::default()),
             max_workflow_depth: flotilla_core::scheduler::DEFAULT_MAX_WORKFLOW_DEPTH,
+            schedule_to_start: None,
         }
     }
 }
@@ -217,6 +221,13 @@ pub enum Due {
         attempt: u32,
         task_id: Uuid,
     },
+    /// A dispatched attempt no worker started within its step's `schedule_to_start`.
+    NotStarted {
+        run_id: Uuid,
+        step: usize,
+        attempt: u32,
+        task_id: Uuid,
+    },
     /// A run past its workflow timeout.
     RunTimeout { run_id: Uuid },
     /// A step held by a circuit breaker that may let it through now.
@@ -230,6 +241,7 @@ impl Due {
             | Due::Lease { run_id, .. }
             | Due::Timeout { run_id, .. }
             | Due::RunTimeout { run_id }
+            | Due::NotStarted { run_id, .. }
             | Due::Release { run_id, .. } => *run_id,
         }
     }
@@ -506,6 +518,7 @@ impl Engine {
         let names = self.config.names.clone();
         let mut pending = Pending {
             names: &names,
+            schedule_to_start: self.config.schedule_to_start,
             now,
             batch: Batch::default(),
             changes: BTreeMap::new(),
@@ -611,6 +624,17 @@ impl Engine {
                             started_at: now,
                             finished_at: now,
                         };
+                        let failed = |step, attempt, task_id, message| {
+                            ended(
+                                step,
+                                attempt,
+                                task_id,
+                                Outcome::Failure {
+                                    message,
+                                    retryable: true,
+                                },
+                            )
+                        };
                         let event = match *d {
                             Due::Retry { step, attempt, .. } => Event::Wake { step, attempt },
                             Due::Release { step, .. } => Event::Release { step },
@@ -651,15 +675,31 @@ impl Engine {
                                 let message = format!(
                                     "timed out: the attempt ran past its timeout of {limit:?}"
                                 );
-                                ended(
-                                    step,
-                                    attempt,
-                                    task_id,
-                                    Outcome::Failure {
-                                        message,
-                                        retryable: true,
-                                    },
-                                )
+                                failed(step, attempt, task_id, message)
+                            }
+                            Due::NotStarted {
+                                step,
+                                attempt,
+                                task_id,
+                                ..
+                            } => {
+                                // A step index out of range is fenced off by the scheduler.
+                                let message = match cached.state.steps.get(step) {
+                                    Some(state) => {
+                                        let n = &cached.plan.nodes[cached.state.node_of(step)];
+                                        let strike = state.strike_of(n, attempt);
+                                        let (agent, _) = n.target(strike.is_fallback());
+                                        let limit = n
+                                            .schedule_to_start
+                                            .or(pending.schedule_to_start)
+                                            .unwrap_or_default();
+                                        format!(
+                                            "no worker of agent {agent} started the step within {limit:?}"
+                                        )
+                                    }
+                                    None => String::new(),
+                                };
+                                failed(step, attempt, task_id, message)
                             }
                         };
                         pending.apply(cached, event);
@@ -769,9 +809,15 @@ impl Engine {
                 if i < cached.stored {
                     batch.step_updates.push(row);
                 } else {
-                    batch
-                        .new_steps
-                        .push((step_ident(&cached.plan, &cached.state, i), row));
+                    batch.new_steps.push((
+                        step_ident(
+                            &cached.plan,
+                            &cached.state,
+                            i,
+                            self.config.schedule_to_start,
+                        ),
+                        row,
+                    ));
                 }
             }
             batch.run_updates.push(RunUpdate {
@@ -1115,6 +1161,8 @@ impl Engine {
 /// The rows one batch will write, built up input by input.
 struct Pending<'a> {
     names: &'a QueueNames,
+    /// The coordinator's default `schedule_to_start`.
+    schedule_to_start: Option<Duration>,
     now: DateTime<Utc>,
     batch: Batch,
     /// The steps each existing run changed; each such run is written and its version bumped.
@@ -1212,7 +1260,7 @@ impl Pending<'_> {
         });
         for (idx, step) in state.steps.iter().enumerate() {
             self.batch.new_steps.push((
-                step_ident(plan, state, idx),
+                step_ident(plan, state, idx, self.schedule_to_start),
                 StepRow {
                     run_id: state.id,
                     idx: idx as i32,
@@ -1613,14 +1661,21 @@ fn apply_to_step(
     pending.apply(cached, event(step));
 }
 
-/// The fixed identity of a slot's row: its step id, agent and action.
-fn step_ident(plan: &Plan, state: &RunState, slot: usize) -> StepIdent {
+/// The fixed identity of a slot's row: its step id, agent and action, and its limits.
+fn step_ident(
+    plan: &Plan,
+    state: &RunState,
+    slot: usize,
+    schedule_to_start: Option<Duration>,
+) -> StepIdent {
     let node = &plan.nodes[state.node_of(slot)];
+    let millis = |t: Duration| i32::try_from(t.as_millis()).unwrap_or(i32::MAX);
     StepIdent {
         step_id: state.slot_id(plan, slot),
         agent: node.agent.clone(),
         action: node.action.clone(),
-        lease_ms: node.heartbeat_timeout.map(|t| t.as_millis() as i32),
+        lease_ms: node.heartbeat_timeout.map(millis),
+        start_ms: node.schedule_to_start.or(schedule_to_start).map(millis),
         workflow: node.workflow.as_ref().map(|w| w.name.clone()),
     }
 }

@@ -1,7 +1,7 @@
 //! Fires the timers kept in Postgres — retries that are due, leases of running attempts that
-//! ran out, attempts past their timeout, runs past their workflow timeout, steps held by a
-//! circuit breaker that may go now — with indexed queries that never scan history, and
-//! sleeps in between.
+//! ran out, attempts past their timeout, attempts no worker started within their
+//! `schedule_to_start`, runs past their workflow timeout, steps held by a circuit breaker that
+//! may go now — with indexed queries that never scan history, and sleeps in between.
 
 use std::time::Duration;
 
@@ -67,12 +67,14 @@ async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Ut
         let late = db::past_deadlines(&client, now, BATCH).await?;
         let late_runs = db::past_run_deadlines(&client, now, BATCH).await?;
         let released = breakers::due_releases(&client, now, BATCH).await?;
+        let unstarted = db::not_started(&client, now, BATCH).await?;
         let full = [
             retries.len(),
             leases.len(),
             late.len(),
             late_runs.len(),
             released.len(),
+            unstarted.len(),
         ]
         .iter()
         .any(|&n| n as i64 == BATCH);
@@ -98,6 +100,12 @@ async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Ut
                 attempt: number(l.attempt),
                 task_id: l.task_id,
             }))
+            .chain(unstarted.into_iter().map(|l| Due::NotStarted {
+                run_id: l.run_id,
+                step: index(l.idx),
+                attempt: number(l.attempt),
+                task_id: l.task_id,
+            }))
             .chain(
                 late_runs
                     .into_iter()
@@ -118,6 +126,7 @@ async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Ut
                 db::next_deadline(&client).await?,
                 db::next_run_deadline(&client).await?,
                 breakers::next_probe(&client).await?,
+                db::next_start_by(&client).await?,
             ];
             return Ok(next.into_iter().flatten().min());
         }

@@ -206,6 +206,9 @@ pub struct StepIdent {
     pub lease_ms: Option<i32>,
     /// The definition a sub-workflow step runs.
     pub workflow: Option<String>,
+    /// How long a dispatched attempt may wait for a worker to start it, in ms; no limit when
+    /// `None`.
+    pub start_ms: Option<i32>,
 }
 
 /// A run to create.
@@ -441,6 +444,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
         let mut actions = Vec::with_capacity(batch.new_steps.len());
         let mut leases = Vec::with_capacity(batch.new_steps.len());
         let mut workflows = Vec::with_capacity(batch.new_steps.len());
+        let mut starts = Vec::with_capacity(batch.new_steps.len());
         for (ident, row) in &batch.new_steps {
             cols.push(row);
             instances.push(row);
@@ -449,19 +453,30 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
             actions.push(ident.action.as_str());
             leases.push(ident.lease_ms);
             workflows.push(ident.workflow.as_deref());
+            starts.push(ident.start_ms);
         }
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO steps (run_id, idx, step_id, agent, action, status, attempt, task_id,
                                     wake_at, started_at, ended_at, output, error, deadline, lost,
                                     strike, strike_base, instance_of, item_index, item, lease_ms,
-                                    held_for, workflow)
-                 SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
-                                      $6::text[], $7::int4[], $8::uuid[], $9::timestamptz[],
-                                      $10::timestamptz[], $11::timestamptz[], $12::jsonb[], $13::text[],
-                                      $14::timestamptz[], $15::int4[], $16::int2[], $17::int4[],
-                                      $18::int4[], $19::int4[], $20::jsonb[], $21::int4[],
-                                      $22::text[], $23::text[])",
+                                    held_for, workflow, start_ms, queued_at, start_by)
+                 SELECT u.*, q.at, q.at + u.start_ms * interval '1 millisecond'
+                 FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
+                             $6::text[], $7::int4[], $8::uuid[], $9::timestamptz[],
+                             $10::timestamptz[], $11::timestamptz[], $12::jsonb[], $13::text[],
+                             $14::timestamptz[], $15::int4[], $16::int2[], $17::int4[],
+                             $18::int4[], $19::int4[], $20::jsonb[], $21::int4[], $22::text[],
+                             $23::text[], $24::int4[])
+                      AS u(run_id, idx, step_id, agent, action, status, attempt, task_id, wake_at,
+                           started_at, ended_at, output, error, deadline, lost, strike,
+                           strike_base, instance_of, item_index, item, lease_ms, held_for,
+                           workflow, start_ms)
+                 -- An attempt dispatched with its step is queued until a worker starts it (a
+                 -- sub-workflow's, never started by a worker, is not).
+                 CROSS JOIN LATERAL (SELECT CASE WHEN u.status = 'running' AND u.task_id IS NOT NULL
+                                                      AND u.workflow IS NULL
+                                                 THEN now() END AS at) q",
             )
             .await?;
         tx.execute(
@@ -490,6 +505,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                 &leases,
                 &cols.held_for,
                 &workflows,
+                &starts,
             ],
         )
         .await?;
@@ -507,7 +523,18 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                         strike = u.strike, strike_base = u.strike_base, held_for = u.held_for,
                         -- A lease belongs to one running attempt; it ends with it.
                         lease_until = CASE WHEN u.status = 'running' AND s.task_id = u.task_id
-                                           THEN s.lease_until END
+                                           THEN s.lease_until END,
+                        -- A new attempt is queued until a worker starts it (see renew_leases).
+                        -- (A sub-workflow's attempt is never started by a worker.)
+                        queued_at = CASE WHEN u.status = 'running' AND u.task_id IS NOT NULL
+                                              AND s.workflow IS NULL
+                                         THEN CASE WHEN s.task_id = u.task_id THEN s.queued_at
+                                                   ELSE now() END END,
+                        start_by = CASE WHEN u.status = 'running' AND u.task_id IS NOT NULL
+                                             AND s.workflow IS NULL
+                                        THEN CASE WHEN s.task_id = u.task_id THEN s.start_by
+                                                  ELSE now() + s.start_ms * interval '1 millisecond'
+                                             END END
                  FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::int4[], $5::uuid[],
                              $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::jsonb[],
                              $10::text[], $11::timestamptz[], $12::int4[], $13::int2[], $14::int4[],
@@ -651,8 +678,9 @@ pub async fn next_wakeup(client: &impl GenericClient) -> Result<Option<DateTime<
 }
 
 /// Renews the leases of running attempts that workers report holding: `(run id, step id, task
-/// id)`, to their step's lease from `now` (`lease` for steps without one of their own).
-/// Attempts no longer running, or superseded by a newer attempt, are left alone.
+/// id)`, to their step's lease from `now` (`lease` for steps without one of their own); they
+/// are started, so no longer queued. Attempts no longer running, or superseded by a newer
+/// attempt, are left alone.
 pub async fn renew_leases(
     client: &impl GenericClient,
     held: &[(Uuid, String, Uuid)],
@@ -668,7 +696,8 @@ pub async fn renew_leases(
     let stmt = client
         .prepare_cached(
             "UPDATE steps s
-             SET lease_until = $4::timestamptz + coalesce(s.lease_ms, $5::int8) * interval '1 millisecond'
+             SET lease_until = $4::timestamptz + coalesce(s.lease_ms, $5::int8) * interval '1 millisecond',
+                 queued_at = NULL, start_by = NULL
              FROM unnest($1::uuid[], $2::text[], $3::uuid[]) AS u(run_id, step_id, task_id)
              WHERE s.run_id = u.run_id AND s.step_id = u.step_id AND s.task_id = u.task_id
                AND s.status = 'running'",
@@ -695,6 +724,28 @@ pub struct RunningAttempt {
     pub idx: i32,
     pub attempt: i32,
     pub task_id: Uuid,
+}
+
+/// The attempts a timer's `query` finds: it selects `run_id, idx, attempt, task_id` of the
+/// steps due by `$1`, at most `$2`.
+async fn running_attempts(
+    client: &impl GenericClient,
+    query: &str,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<RunningAttempt>, Error> {
+    let stmt = client.prepare_cached(query).await?;
+    Ok(client
+        .query(&stmt, &[&now, &limit])
+        .await?
+        .iter()
+        .map(|r| RunningAttempt {
+            run_id: r.get(0),
+            idx: r.get(1),
+            attempt: r.get(2),
+            task_id: r.get(3),
+        })
+        .collect())
 }
 
 /// Records that heartbeats got through at `now`. After a gap longer than `lease` (no heartbeat
@@ -731,25 +782,16 @@ pub async fn expired_leases(
     now: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<RunningAttempt>, Error> {
-    let stmt = client
-        .prepare_cached(
-            "SELECT run_id, idx, attempt, task_id FROM steps
-             WHERE lease_until <= least($1, (SELECT at FROM fleet_pulse WHERE id = 1))
-               AND status = 'running'
-             ORDER BY lease_until LIMIT $2",
-        )
-        .await?;
-    Ok(client
-        .query(&stmt, &[&now, &limit])
-        .await?
-        .iter()
-        .map(|r| RunningAttempt {
-            run_id: r.get(0),
-            idx: r.get(1),
-            attempt: r.get(2),
-            task_id: r.get(3),
-        })
-        .collect())
+    running_attempts(
+        client,
+        "SELECT run_id, idx, attempt, task_id FROM steps
+         WHERE lease_until <= least($1, (SELECT at FROM fleet_pulse WHERE id = 1))
+           AND status = 'running'
+         ORDER BY lease_until LIMIT $2",
+        now,
+        limit,
+    )
+    .await
 }
 
 /// Running attempts whose deadline passed before `now` (same shape as an expired lease).
@@ -758,23 +800,38 @@ pub async fn past_deadlines(
     now: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<RunningAttempt>, Error> {
+    running_attempts(
+        client,
+        "SELECT run_id, idx, attempt, task_id FROM steps
+         WHERE deadline <= $1 AND status = 'running' ORDER BY deadline LIMIT $2",
+        now,
+        limit,
+    )
+    .await
+}
+
+/// Running attempts no worker started within their step's `schedule_to_start`, by `now`.
+pub async fn not_started(
+    client: &impl GenericClient,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<RunningAttempt>, Error> {
+    running_attempts(
+        client,
+        "SELECT run_id, idx, attempt, task_id FROM steps
+         WHERE start_by <= $1 AND status = 'running' ORDER BY start_by LIMIT $2",
+        now,
+        limit,
+    )
+    .await
+}
+
+/// When the next queued attempt runs out of time to be started, if any.
+pub async fn next_start_by(client: &impl GenericClient) -> Result<Option<DateTime<Utc>>, Error> {
     let stmt = client
-        .prepare_cached(
-            "SELECT run_id, idx, attempt, task_id FROM steps
-             WHERE deadline <= $1 AND status = 'running' ORDER BY deadline LIMIT $2",
-        )
+        .prepare_cached("SELECT min(start_by) FROM steps WHERE start_by IS NOT NULL")
         .await?;
-    Ok(client
-        .query(&stmt, &[&now, &limit])
-        .await?
-        .iter()
-        .map(|r| RunningAttempt {
-            run_id: r.get(0),
-            idx: r.get(1),
-            attempt: r.get(2),
-            task_id: r.get(3),
-        })
-        .collect())
+    Ok(client.query_one(&stmt, &[]).await?.get(0))
 }
 
 /// The earliest deadline of a running attempt, if any.

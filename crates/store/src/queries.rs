@@ -47,6 +47,9 @@ pub struct StepRecord {
     pub workflow: Option<String>,
     /// The run its current attempt started, for a sub-workflow step.
     pub child_run_id: Option<Uuid>,
+    /// The agent of the step's attempt, while that attempt is queued: dispatched and not yet
+    /// started by any worker.
+    pub queued_for: Option<String>,
 }
 
 fn run_record(r: &tokio_postgres::Row) -> RunRecord {
@@ -82,8 +85,9 @@ pub async fn run(
         .prepare_cached(
             "SELECT s.step_id, s.agent, s.action, s.status, s.attempt, s.wake_at, s.started_at,
                     s.ended_at, s.output, s.error, s.strike, s.held_for, s.instance_of, s.workflow,
-                    child.id
+                    child.id, a.agent
              FROM steps s LEFT JOIN runs child ON child.id = s.task_id AND child.parent_run_id = s.run_id
+             LEFT JOIN attempts a ON s.queued_at IS NOT NULL AND a.task_id = s.task_id
              WHERE s.run_id = $1 ORDER BY s.idx",
         )
         .await?;
@@ -107,6 +111,7 @@ pub async fn run(
             instance_of: r.get(12),
             workflow: r.get(13),
             child_run_id: r.get(14),
+            queued_for: r.get(15),
         })
         .collect();
     let mut record = run_record(&run);

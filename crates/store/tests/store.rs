@@ -7,6 +7,7 @@ use flotilla_core::{Definition, Event, Plan, RunState, RunStatus, StepStatus};
 use flotilla_store::engine::{
     self as db, AttemptStart, Batch, NewRun, OutboxRow, RunUpdate, StepIdent, StepRow,
 };
+use flotilla_store::registry::{self, Announcement, Sighting};
 use flotilla_store::{
     Store, StoreConfig, dead_letters, definitions, idempotency, outbox, queries, schedules,
 };
@@ -100,6 +101,7 @@ fn new_run_batch_of(yaml: &str) -> (Batch, RunState, Plan) {
                 action: node.action.clone(),
                 lease_ms: node.heartbeat_timeout.map(|t| t.as_millis() as i32),
                 workflow: None,
+                start_ms: node.schedule_to_start.map(|t| t.as_millis() as i32),
             },
             StepRow {
                 run_id: id,
@@ -633,6 +635,7 @@ async fn instances_and_run_deadlines_load_back_and_past_deadlines_are_found() ->
                 action: "y".into(),
                 lease_ms: None,
                 workflow: None,
+                start_ms: None,
             },
             StepRow {
                 run_id: id,
@@ -787,6 +790,99 @@ async fn breakers_are_locked_written_listed_and_release_their_held_steps() -> an
         breakers::due_releases(&client, at(0), 10).await?,
         [(state.id, 0)]
     );
+    drop(client);
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn a_dispatched_attempt_is_queued_until_a_heartbeat_lists_it() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let (batch, state, _) = new_run_batch_of(
+        "name: q\nsteps:\n  - {id: own, agent: x, action: y, schedule_to_start: 2s, depends_on: []}\n  - {id: other, agent: x, action: z, depends_on: []}\n",
+    );
+    let id = state.id;
+    let own = state.steps[0].task_id.unwrap();
+    let mut client = t.store.client().await?;
+    let tx = client.transaction().await?;
+    db::write(&tx, &batch).await?;
+    tx.commit().await?;
+
+    let queued = registry::queued(&client).await?;
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    assert_eq!((queued[0].agent.as_str(), queued[0].attempts), ("x", 2));
+    assert!(db::not_started(&client, Utc::now(), 10).await?.is_empty());
+    let late = db::not_started(&client, Utc::now() + chrono::Duration::seconds(3), 10).await?;
+    assert_eq!(
+        late.iter().map(|l| l.task_id).collect::<Vec<_>>(),
+        [own],
+        "only the step with a schedule_to_start"
+    );
+    let (run, steps) = queries::run(&client, id).await?.unwrap();
+    assert_eq!(run.id, id);
+    assert!(steps.iter().all(|s| s.queued_for.as_deref() == Some("x")));
+
+    // A worker took it: it is started, no longer queued nor due to fail.
+    db::renew_leases(&client, &[(id, "own".into(), own)], at(5), FIVE).await?;
+    assert_eq!(registry::queued(&client).await?[0].attempts, 1);
+    assert!(db::next_start_by(&client).await?.is_none());
+    let (_, steps) = queries::run(&client, id).await?.unwrap();
+    assert_eq!(steps[0].queued_for, None);
+    drop(client);
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn the_registry_keeps_what_workers_tell_and_forgets_the_departed_and_the_silent()
+-> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let client = t.store.client().await?;
+    let beat = |id: &str, in_flight, seen| Sighting {
+        worker_id: id.into(),
+        agents: vec!["a".into()],
+        concurrency: 4,
+        in_flight: Some(in_flight),
+        seen_at: at(seen),
+        registration: None,
+    };
+    let registered = Sighting {
+        agents: vec!["a".into(), "b".into()],
+        in_flight: None,
+        registration: Some(Announcement {
+            actions: vec!["work".into()],
+            sdk: "flotilla-worker/0.1.0".into(),
+            host: "h".into(),
+            pid: 7,
+            labels: [("region".to_owned(), "eu".to_owned())].into(),
+            started_at: at(0),
+        }),
+        ..beat("w2", 0, 10)
+    };
+    registry::record(&client, &[beat("w1", 2, 10), registered], &[], at(-100)).await?;
+    let workers = registry::workers(&client, None).await?;
+    assert_eq!(workers.len(), 2);
+    assert_eq!((workers[0].in_flight, workers[0].sdk.as_deref()), (2, None));
+    assert_eq!(workers[1].sdk.as_deref(), Some("flotilla-worker/0.1.0"));
+
+    // A heartbeat keeps what the registration told.
+    registry::record(&client, &[beat("w2", 1, 12)], &[], at(-100)).await?;
+    let of_b = registry::workers(&client, Some("a")).await?;
+    assert_eq!(of_b.len(), 2);
+    let w2 = &registry::workers(&client, None).await?[1];
+    assert_eq!((w2.in_flight, w2.last_seen), (1, at(12)));
+    assert_eq!(w2.labels["region"], "eu");
+    assert_eq!(w2.actions, ["work"]);
+    assert_eq!(w2.agents, ["a"], "what the heartbeat says it serves now");
+    assert!(registry::workers(&client, Some("c")).await?.is_empty());
+
+    registry::record(&client, &[], &["w2".into()], at(5)).await?;
+    let left: Vec<String> = registry::workers(&client, None)
+        .await?
+        .into_iter()
+        .map(|w| w.worker_id)
+        .collect();
+    assert_eq!(left, ["w1"]);
+    registry::record(&client, &[], &[], at(11)).await?;
+    assert!(registry::workers(&client, None).await?.is_empty());
     drop(client);
     t.drop_db().await
 }

@@ -8,6 +8,7 @@
 //! coordinators or workers in one test process do not count into each other.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -39,6 +40,11 @@ pub const AGENT_LATENCY: &str = "orchestrator_agent_latency_seconds";
 pub const QUEUE_WAIT: &str = "orchestrator_queue_wait_seconds";
 /// `orchestrator_queue_depth{agent}`: ready messages in each agent queue, read at scrape time.
 pub const QUEUE_DEPTH: &str = "orchestrator_queue_depth";
+/// `orchestrator_queue_oldest_age_seconds{agent}`: how long the oldest attempt dispatched to
+/// each agent and not yet started by a worker has waited, read from Postgres at scrape time;
+/// agents with none waiting are left out. With [`QUEUE_DEPTH`], the signal an autoscaler
+/// needs.
+pub const QUEUE_OLDEST_AGE: &str = "orchestrator_queue_oldest_age_seconds";
 /// `orchestrator_outbox_backlog`: committed messages not yet confirmed by RabbitMQ.
 pub const OUTBOX_BACKLOG: &str = "orchestrator_outbox_backlog";
 /// `orchestrator_retries_total{agent}`: attempts dispatched after the first one of their step.
@@ -159,6 +165,7 @@ pub struct CoordinatorMetrics {
     latency: HistogramFamily<AgentLabel>,
     queue_wait: HistogramFamily<AgentLabel>,
     queue_depth: Family<AgentLabel, Gauge>,
+    queue_oldest_age: Family<AgentLabel, Gauge<f64, AtomicU64>>,
     outbox_backlog: ScrapedGauge,
     retries: Family<AgentLabel, Counter>,
     dead_letters: Family<AgentLabel, Counter>,
@@ -187,6 +194,7 @@ impl CoordinatorMetrics {
             latency: Family::new_with_constructor(step_histogram),
             queue_wait: Family::new_with_constructor(step_histogram),
             queue_depth: Family::default(),
+            queue_oldest_age: Family::default(),
             outbox_backlog: ScrapedGauge::default(),
             retries: Family::default(),
             dead_letters: Family::default(),
@@ -243,6 +251,11 @@ impl CoordinatorMetrics {
             QUEUE_DEPTH,
             "Ready messages in each agent queue, read from RabbitMQ at scrape time",
             self.queue_depth.clone(),
+        );
+        r.register(
+            QUEUE_OLDEST_AGE,
+            "Seconds the oldest attempt dispatched to each agent and not yet started by a worker has waited, read from Postgres at scrape time",
+            self.queue_oldest_age.clone(),
         );
         r.register(
             OUTBOX_BACKLOG,
@@ -372,6 +385,17 @@ impl CoordinatorMetrics {
             self.queue_depth
                 .get_or_create(&AgentLabel::of(agent))
                 .set(i64::from(*depth));
+        }
+    }
+
+    /// Sets the oldest-wait gauges to `ages`, forgetting agents not in it; `None` (Postgres did
+    /// not answer) leaves them all out.
+    pub fn set_queue_oldest_ages(&self, ages: Option<&[(String, Duration)]>) {
+        self.queue_oldest_age.clear();
+        for (agent, age) in ages.unwrap_or_default() {
+            self.queue_oldest_age
+                .get_or_create(&AgentLabel::of(agent))
+                .set(seconds(*age));
         }
     }
 
@@ -578,6 +602,16 @@ mod tests {
         m.set_outbox_backlog(None);
         let text = m.render();
         assert_eq!(sample(&text, "orchestrator_outbox_backlog"), None, "{text}");
+    }
+
+    #[test]
+    fn queue_oldest_ages_are_seconds_by_agent_and_forget_agents_no_longer_waiting() {
+        let m = CoordinatorMetrics::new();
+        m.set_queue_oldest_ages(Some(&[("a".into(), Duration::from_millis(2500))]));
+        let series = "orchestrator_queue_oldest_age_seconds{agent=\"a\"}";
+        assert_eq!(sample(&m.render(), series), Some(2.5));
+        m.set_queue_oldest_ages(Some(&[]));
+        assert_eq!(sample(&m.render(), series), None);
     }
 
     #[test]

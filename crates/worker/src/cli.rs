@@ -49,6 +49,19 @@ pub struct WorkerArgs {
     /// The address of the health and metrics port; loopback unless told otherwise.
     #[arg(long, env = "FLOTILLA_METRICS_BIND", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
     pub metrics_bind: IpAddr,
+    /// A `KEY=VALUE` label that describes this worker in the registry (`flotilla agents`);
+    /// repeat for several.
+    #[arg(long = "label", env = "FLOTILLA_WORKER_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err(format!("expected KEY=VALUE, not `{text}`")),
+    }
 }
 
 /// Starts logging and, with `OTEL_EXPORTER_OTLP_ENDPOINT`, trace export as `service` (unless
@@ -95,6 +108,9 @@ impl WorkerArgs {
                 builder.agent(agent)
             })
             .fallback(handler);
+        for (key, value) in &self.labels {
+            builder = builder.label(key, value);
+        }
         if let Some(port) = self.metrics_port {
             builder = builder.serve_health(SocketAddr::new(self.metrics_bind, port));
         }
@@ -108,5 +124,26 @@ impl WorkerArgs {
         };
         tracing.shutdown(TRACES_FLUSH_TIMEOUT);
         code
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_key_value_pairs() {
+        assert_eq!(
+            parse_label(" region = eu ").unwrap(),
+            ("region".to_owned(), "eu".to_owned())
+        );
+        assert_eq!(
+            parse_label("empty=").unwrap(),
+            ("empty".to_owned(), String::new())
+        );
+        for bad in ["gpu", "=x", " =x"] {
+            let error = parse_label(bad).unwrap_err();
+            assert!(error.contains("expected KEY=VALUE"), "{error}");
+        }
     }
 }

@@ -14,7 +14,8 @@ use flotilla_broker::{
     Publisher, QueueNames, declare_control_queue, declare_topology, reconnect,
 };
 use flotilla_proto::{
-    Cancel, Heartbeat, HeldTask, PROTOCOL_VERSION, ResultStatus, Task, TaskError, TaskResult,
+    Cancel, Deregistration, Heartbeat, HeldTask, PROTOCOL_VERSION, Registration, ResultStatus,
+    Task, TaskError, TaskResult,
 };
 use flotilla_telemetry::metrics::WorkerMetrics;
 use flotilla_telemetry::trace::{self, TASK_SPAN};
@@ -50,6 +51,7 @@ pub struct WorkerBuilder {
     fallback: Option<BoxedHandler>,
     broker: BrokerConfig,
     health: Option<SocketAddr>,
+    labels: BTreeMap<String, String>,
 }
 
 impl WorkerBuilder {
@@ -84,6 +86,14 @@ impl WorkerBuilder {
         F: Future<Output = Result<Value, HandlerError>> + Send + 'static,
     {
         self.fallback = Some(boxed(handler));
+        self
+    }
+
+    /// Describes the worker in the coordinators' registry with `key: value` (e.g. `region:
+    /// eu`). Repeatable; a key given again takes the last value.
+    #[must_use]
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
         self
     }
 
@@ -138,6 +148,7 @@ impl WorkerBuilder {
             handlers: self.handlers,
             fallback: self.fallback,
             health: self.health,
+            labels: self.labels,
         }
     }
 }
@@ -152,6 +163,7 @@ pub struct Worker {
     fallback: Option<BoxedHandler>,
     broker: BrokerConfig,
     health: Option<SocketAddr>,
+    labels: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -166,6 +178,7 @@ impl std::fmt::Debug for Worker {
             .field("config", &self.config)
             .field("reconnect", &self.broker.reconnect)
             .field("health", &self.health)
+            .field("labels", &self.labels)
             .finish()
     }
 }
@@ -179,6 +192,7 @@ impl Worker {
             fallback: None,
             broker: BrokerConfig::default(),
             health: None,
+            labels: BTreeMap::new(),
         }
     }
 
@@ -351,8 +365,7 @@ impl Worker {
         let work = async {
             let heartbeats = AbortOnDrop(tokio::spawn(send_heartbeats(
                 shared.clone(),
-                self.agents.clone(),
-                u32::from(prefetch),
+                self.registration(u32::from(prefetch)),
                 self.config.heartbeat_interval,
             )));
             let consumers = take_tasks(new_sessions, &shared, &running, &shutdown, &abandon).await;
@@ -372,6 +385,7 @@ impl Worker {
             abandon.cancel();
             running.wait().await;
             drop(heartbeats);
+            say_goodbye(&shared).await;
             for consumer in &consumers {
                 if let Err(error) = consumer.close().await {
                     warn!(queue = consumer.queue(), %error, "could not close consumer");
@@ -383,6 +397,25 @@ impl Worker {
         stop_health.cancel();
         if let Some(server) = health {
             let _ = server.await;
+        }
+    }
+
+    /// How this worker announces itself to the registry.
+    fn registration(&self, concurrency: u32) -> Registration {
+        let mut actions: Vec<String> = self.handlers.keys().cloned().collect();
+        actions.sort();
+        Registration {
+            v: PROTOCOL_VERSION,
+            worker_id: self.worker_id.to_string(),
+            agents: self.agents.clone(),
+            actions,
+            sdk: concat!("flotilla-worker/", env!("CARGO_PKG_VERSION")).to_owned(),
+            concurrency,
+            host: host_name(),
+            pid: std::process::id(),
+            labels: self.labels.clone(),
+            started_at: Utc::now(),
+            sent_at: Utc::now(),
         }
     }
 
@@ -1127,19 +1160,34 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
 }
 
 /// Publishes a heartbeat at once, then every `interval` (sooner for tasks with a short lease,
-/// see [`Shared::heartbeat_period`]), until aborted. Skipped while reconnecting.
-async fn send_heartbeats(
-    shared: Arc<Shared>,
-    agents: Vec<String>,
-    concurrency: u32,
-    interval: Duration,
-) {
+/// see [`Shared::heartbeat_period`]), until aborted. Skipped while reconnecting. Before the
+/// first heartbeat on each link, publishes `registration`: the registry learns of the worker
+/// at start, and again after a reconnect should it have forgotten it meanwhile.
+async fn send_heartbeats(shared: Arc<Shared>, mut registration: Registration, interval: Duration) {
     let queue = shared.names.heartbeats();
     // New tasks bring the next heartbeat forward, but never closer than this to the last one,
     // so that a busy worker does not turn every task into a heartbeat.
     let min_gap = HEARTBEAT_MIN_GAP.min(interval);
+    let mut registered = None;
     loop {
-        beat_once(&shared, &agents, concurrency, &queue).await;
+        let current = shared.link.borrow().clone();
+        if let Some(link) = current
+            && registered != Some(link.generation)
+        {
+            registration.sent_at = Utc::now();
+            let body = serde_json::to_vec(&registration)
+                .expect("a Registration always serializes to JSON");
+            if publish_to_registry(&link, &queue, "registration", body).await {
+                registered = Some(link.generation);
+            }
+        }
+        beat_once(
+            &shared,
+            &registration.agents,
+            registration.concurrency,
+            &queue,
+        )
+        .await;
         tokio::time::sleep(min_gap).await;
         let rest = shared.heartbeat_period(interval).saturating_sub(min_gap);
         tokio::select! {
@@ -1179,6 +1227,40 @@ async fn beat_once(shared: &Shared, agents: &[String], concurrency: u32, queue: 
     }
 }
 
+/// Publishes a registration or deregistration on `link`; answers whether it was confirmed.
+async fn publish_to_registry(link: &Link, queue: &str, kind: &str, body: Vec<u8>) -> bool {
+    match link
+        .publisher
+        .publish_one(&OutgoingMessage::new(queue, kind, body))
+        .await
+    {
+        Ok(()) => true,
+        Err(error) if link.failed_with(&error) => {
+            link.report_lost(format_args!("publishing a {kind}: {error}"));
+            false
+        }
+        Err(error) => {
+            warn!(%error, kind, "could not publish to the registry");
+            false
+        }
+    }
+}
+
+/// Tells the registry that this worker stops, so that it is forgotten at once rather than
+/// after its heartbeats are missed. Best effort: without it, the registry forgets the worker
+/// after its grace period.
+async fn say_goodbye(shared: &Shared) {
+    let current = shared.link.borrow().clone();
+    let Some(link) = current else { return };
+    let goodbye = Deregistration {
+        v: PROTOCOL_VERSION,
+        worker_id: shared.worker_id.to_string(),
+        sent_at: Utc::now(),
+    };
+    let body = serde_json::to_vec(&goodbye).expect("a Deregistration always serializes to JSON");
+    publish_to_registry(&link, &shared.names.heartbeats(), "deregistration", body).await;
+}
+
 /// How many cancels of tasks not (yet) running here a worker remembers.
 const CANCELLED_KEPT: usize = 1024;
 
@@ -1194,17 +1276,21 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// `{host}-{pid}-{8 random hex digits}`: unique, and still tells where the worker runs.
-fn default_worker_id() -> String {
-    let host = std::env::var("HOSTNAME")
+/// The host (or pod) this process runs on.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
         .map(|name| name.trim().to_owned())
         .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned());
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// `{host}-{pid}-{8 random hex digits}`: unique, and still tells where the worker runs.
+fn default_worker_id() -> String {
     let random = Uuid::new_v4().simple().to_string();
-    format!("{host}-{}-{}", std::process::id(), &random[..8])
+    format!("{}-{}-{}", host_name(), std::process::id(), &random[..8])
 }
 
 #[cfg(test)]

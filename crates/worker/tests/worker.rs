@@ -17,7 +17,7 @@ use flotilla_broker::{
     BrokerConfig, Connection, Consumer, OutgoingMessage, Publisher, QueueNames, connect,
     declare_topology, testing::Proxy,
 };
-use flotilla_proto::{Cancel, Heartbeat, PROTOCOL_VERSION, ResultStatus, Task, TaskResult};
+use flotilla_proto::{Cancel, PROTOCOL_VERSION, ResultStatus, Task, TaskResult, WorkerMessage};
 use flotilla_worker::{HandlerError, TaskContext, Worker, WorkerBuilder, WorkerConfig};
 use serde_json::{Value, json};
 use tokio::{
@@ -618,14 +618,27 @@ async fn graceful_shutdown_finishes_the_task_in_progress() -> Result<()> {
             .await?
             .context("heartbeat consumer ended")??;
         delivery.ack().await?;
-        let heartbeat: Heartbeat = serde_json::from_slice(&delivery.body)?;
+        let WorkerMessage::Heartbeat(heartbeat) = WorkerMessage::decode(&delivery.body)? else {
+            continue;
+        };
         if heartbeat.sent_at > shutdown_at && heartbeat.tasks.iter().any(|t| t.task_id == running) {
             break;
         }
     }
-    heartbeats.close().await?;
     release.notify_one();
     stop(run, &shutdown).await?;
+    // Drained, it said goodbye to the registry.
+    loop {
+        let delivery = tokio::time::timeout(WAIT, heartbeats.next())
+            .await
+            .context("no deregistration after the shutdown")?
+            .context("heartbeat consumer ended")??;
+        delivery.ack().await?;
+        if let WorkerMessage::Deregistration(_) = WorkerMessage::decode(&delivery.body)? {
+            break;
+        }
+    }
+    heartbeats.close().await?;
 
     let mut results_consumer = fixture.results().await?;
     let results = read_results(&mut results_consumer, 1).await?;
@@ -711,17 +724,33 @@ async fn heartbeats_report_the_worker_and_its_tasks() -> Result<()> {
 
     let mut heartbeats =
         Consumer::start(&fixture.connection, &fixture.names.heartbeats(), "", 10).await?;
+    let mut registration = None;
     let heartbeat = loop {
         let delivery = tokio::time::timeout(WAIT, heartbeats.next())
             .await?
             .context("heartbeat consumer ended")??;
         delivery.ack().await?;
-        assert_eq!(delivery.kind.as_deref(), Some("heartbeat"));
-        let heartbeat: Heartbeat = serde_json::from_slice(&delivery.body)?;
-        if !heartbeat.tasks.is_empty() {
-            break heartbeat;
+        match WorkerMessage::decode(&delivery.body)? {
+            WorkerMessage::Registration(r) => {
+                assert_eq!(delivery.kind.as_deref(), Some("registration"));
+                registration = Some(r);
+            }
+            WorkerMessage::Heartbeat(heartbeat) => {
+                assert_eq!(delivery.kind.as_deref(), Some("heartbeat"));
+                if !heartbeat.tasks.is_empty() {
+                    break heartbeat;
+                }
+            }
+            WorkerMessage::Deregistration(_) => bail!("a goodbye from a running worker"),
         }
     };
+    // It announced itself before its first heartbeat.
+    let registration = registration.context("no registration before the heartbeats")?;
+    assert_eq!(registration.worker_id, worker_id);
+    assert_eq!(registration.agents, ["echo", "agent6"]);
+    assert_eq!(registration.concurrency, 7);
+    assert_eq!(registration.pid, std::process::id());
+    assert!(registration.sdk.starts_with("flotilla-worker/"));
     assert_eq!(heartbeat.worker_id, worker_id);
     assert_eq!(heartbeat.agents, ["echo", "agent6"]);
     assert_eq!(heartbeat.concurrency, 7);
@@ -771,7 +800,9 @@ async fn a_task_with_a_lease_is_heartbeaten_at_a_third_of_it_and_acked_once_star
             .await?
             .context("heartbeat consumer ended")??;
         delivery.ack().await?;
-        let heartbeat: Heartbeat = serde_json::from_slice(&delivery.body)?;
+        let WorkerMessage::Heartbeat(heartbeat) = WorkerMessage::decode(&delivery.body)? else {
+            continue;
+        };
         if heartbeat.tasks.iter().any(|t| t.task_id == task.task_id) {
             listing += 1;
         }
@@ -881,20 +912,23 @@ async fn worker_keeps_serving_after_its_connection_is_cut() -> Result<()> {
         assert_eq!(result.status, ResultStatus::Success);
         assert_eq!(result.output, Some(json!({ "action": task.action })));
     }
-    // It heartbeats again too.
+    // It registers and heartbeats again too.
     let mut heartbeats =
         Consumer::start(&fixture.connection, &fixture.names.heartbeats(), "", 10).await?;
+    let mut registered = false;
     loop {
         let delivery = tokio::time::timeout(WAIT, heartbeats.next())
             .await
             .context("no heartbeat after the reconnect")?
             .context("heartbeat consumer ended")??;
         delivery.ack().await?;
-        let heartbeat: Heartbeat = serde_json::from_slice(&delivery.body)?;
-        if heartbeat.sent_at > restored_at {
-            break;
+        match WorkerMessage::decode(&delivery.body)? {
+            WorkerMessage::Registration(r) => registered |= r.sent_at > restored_at,
+            WorkerMessage::Heartbeat(h) if h.sent_at > restored_at => break,
+            _ => {}
         }
     }
+    assert!(registered, "no registration on the new connection");
     heartbeats.close().await?;
 
     assert!(!run.is_finished());

@@ -1,7 +1,8 @@
 """Serves Flotilla agents from RabbitMQ over the wire protocol of proto/README.md, with pika.
 
 One thread owns the connection (pika's BlockingConnection is not thread-safe): it consumes the
-agent queues, publishes results and heartbeats, and acks. Handlers run on a pool of
+agent queues, publishes results and heartbeats, and acks. The worker registers with the
+coordinators' registry when it starts and deregisters once drained. Handlers run on a pool of
 `concurrency` threads and hand their outcome back to the connection's thread with
 `add_callback_threadsafe`. The prefetch of each agent queue equals the pool's size (quorum
 queues have no prefetch shared across consumers), so a worker of several agents may hold more
@@ -74,6 +75,8 @@ class Config:
     heartbeat_interval: float = 5.0
     shutdown_grace: float = 30.0
     delivery_limit: int = 5
+    # Describe the worker in the registry (`flotilla agents list`), e.g. {"region": "eu"}.
+    labels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.agents:
@@ -141,6 +144,34 @@ def heartbeat_message(config: Config, held: list[dict]) -> dict:
         "agents": list(config.agents),
         "concurrency": config.concurrency,
         "tasks": held,
+        "sent_at": now(),
+    }
+
+
+def registration_message(config: Config, actions: list[str], started_at: str) -> dict:
+    """A registration (schemas/registration.v1.json): the worker announcing itself."""
+    return {
+        "type": "registration",
+        "v": PROTOCOL_VERSION,
+        "worker_id": config.worker_id,
+        "agents": list(config.agents),
+        "actions": sorted(actions),
+        "sdk": f"python-pika/{pika.__version__}",
+        "concurrency": config.concurrency,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "labels": dict(config.labels),
+        "started_at": started_at,
+        "sent_at": now(),
+    }
+
+
+def deregistration_message(config: Config) -> dict:
+    """A deregistration (schemas/deregistration.v1.json): the worker's goodbye."""
+    return {
+        "type": "deregistration",
+        "v": PROTOCOL_VERSION,
+        "worker_id": config.worker_id,
         "sent_at": now(),
     }
 
@@ -227,6 +258,7 @@ class Worker:
             self.config.prefix,
         )
         self.started = True
+        self._to_registry(registration_message(self.config, list(self.handlers), now()))
         self._beat()
         while not self._stopping:
             connection.process_data_events(time_limit=POLL_SECONDS)
@@ -249,6 +281,7 @@ class Worker:
         if self._held:
             # Closing the connection hands them back to RabbitMQ, which redelivers them.
             LOG.warning("shutdown grace expired; abandoning %d tasks in progress", len(self._held))
+        self._to_registry(deregistration_message(self.config))
         LOG.info("worker stopped: worker_id=%s", self.config.worker_id)
 
     def _queue(self, agent: str) -> str:
@@ -347,7 +380,15 @@ class Worker:
             result["task_id"],
         )
 
-    # Heartbeats ----------------------------------------------------------------------------
+    # Heartbeats and the registry ------------------------------------------------------------
+
+    def _to_registry(self, message: dict) -> None:
+        """Publishes a registration or deregistration; the registry copes without one (it
+        learns of the worker from its heartbeats, and forgets it after a silence)."""
+        try:
+            self._publish(f"{self.config.prefix}.heartbeats", message["type"], message)
+        except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as error:
+            LOG.warning("could not publish a %s: %r", message["type"], error)
 
     def _beat(self) -> None:
         self._send_heartbeat()

@@ -16,7 +16,10 @@ from flotilla_worker import (
     Config,
     TaskFailure,
     decode_task,
+    deregistration_message,
     heartbeat_message,
+    now,
+    registration_message,
     result_message,
 )
 from worker import describe
@@ -91,6 +94,14 @@ class Messages(unittest.TestCase):
             heartbeat = heartbeat_message(config, tasks)
             validator("heartbeat").validate(heartbeat)
             self.assertEqual(heartbeat["tasks"], tasks)
+
+    def test_registrations_match_their_schemas(self):
+        config = Config(agents=["stats"], concurrency=8, worker_id="py-1", labels={"region": "eu"})
+        registration = registration_message(config, ["sleep", "describe"], now())
+        validator("registration").validate(registration)
+        self.assertEqual(registration["actions"], ["describe", "sleep"])
+        self.assertTrue(registration["sdk"].startswith("python-pika/"))
+        validator("deregistration").validate(deregistration_message(config))
 
     def test_invalid_settings_are_refused(self):
         for bad in ({"agents": []}, {"agents": ["a"], "concurrency": 0}, {"agents": ["a"], "heartbeat_interval": 0}):

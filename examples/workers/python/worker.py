@@ -81,12 +81,22 @@ def parse_args(argv: list[str]) -> Config:
     parser.add_argument("--shutdown-grace-secs", type=float,
                         default=float(env("FLOTILLA_SHUTDOWN_GRACE_SECS", "30")),
                         help="seconds a shutdown waits for tasks in progress [env FLOTILLA_SHUTDOWN_GRACE_SECS]")
+    parser.add_argument("--label", dest="labels", action="append",
+                        help="a KEY=VALUE label describing this worker in the registry; repeat for several "
+                             "[env FLOTILLA_WORKER_LABELS, comma-separated]")
     parser.add_argument("--delivery-limit", type=int, default=int(env("FLOTILLA_DELIVERY_LIMIT", "5")),
                         help="x-delivery-limit of the agent queues; must match the coordinator's [env FLOTILLA_DELIVERY_LIMIT]")
     args = parser.parse_args(argv)
     agents = args.agents or [a for a in env("FLOTILLA_AGENTS", "").split(",")]
+    labels = {}
+    for label in args.labels or [l for l in env("FLOTILLA_WORKER_LABELS", "").split(",") if l.strip()]:
+        key, sep, value = label.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"label: expected KEY=VALUE, not `{label}`")
+        labels[key.strip()] = value.strip()
     config = Config(
         agents=[a.strip() for a in agents if a.strip()],
+        labels=labels,
         amqp_url=args.amqp_url,
         prefix=args.queue_prefix,
         concurrency=args.concurrency,

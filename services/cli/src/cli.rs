@@ -62,7 +62,8 @@ pub enum Command {
     /// List and redrive dead letters: tasks RabbitMQ gave up delivering, whose steps failed.
     #[command(subcommand)]
     Dlq(DlqCommand),
-    /// Show and reset the agents' circuit breakers.
+    /// Show the registry of workers (which agents are served, by which workers, and what waits
+    /// for them), and show and reset the agents' circuit breakers.
     #[command(subcommand)]
     Agents(AgentsCommand),
     /// List, add and remove the schedules of registered definitions (one per definition; its
@@ -287,6 +288,15 @@ pub enum AgentsCommand {
     /// afresh. Recorded as done by $USER@<hostname>.
     BreakerReset {
         /// The agent, as steps name it.
+        name: String,
+    },
+    /// List every agent with a registered worker or a step waiting for one, then the workers:
+    /// their health (unhealthy once their heartbeats stopped), tasks in flight and last
+    /// heartbeat.
+    List,
+    /// Whether a healthy worker serves the agent: exit 0 if one does, 1 if none does.
+    Health {
+        /// The agent's name.
         name: String,
     },
 }

@@ -3,13 +3,14 @@
 use std::time::Duration;
 
 use flotilla_api_model::{
-    ACTOR_HEADER, AuditPage, AuditQuery, BreakerList, BreakerSummary, CompleteRequest,
-    CreatedToken, DeadLetterList, DeadLetterQuery, DefinitionDetail, DefinitionList,
-    DefinitionSummary, DefinitionVersions, ErrorBody, ExecuteRequest, ExecuteResponse,
-    IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, MetricsSummary, NewTokenRequest,
-    OperateResponse, Operation, RedriveRequest, RedriveResponse, RegisterDefinitionRequest,
-    RetryRequest, RunEventList, RunPage, RunQuery, RunReport, ScheduleList, ScheduleRequest,
-    ScheduleSummary, Submitted, TokenList, TokenSummary, WorkflowResult,
+    ACTOR_HEADER, AgentHealth, AgentList, AuditPage, AuditQuery, BreakerList, BreakerSummary,
+    CompleteRequest, CreatedToken, DeadLetterList, DeadLetterQuery, DefinitionDetail,
+    DefinitionList, DefinitionSummary, DefinitionVersions, ErrorBody, ExecuteRequest,
+    ExecuteResponse, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, MetricsSummary,
+    NewTokenRequest, OperateResponse, Operation, RedriveRequest, RedriveResponse,
+    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, RunReport,
+    ScheduleList, ScheduleRequest, ScheduleSummary, Submitted, TokenList, TokenSummary,
+    WorkflowResult,
 };
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 use reqwest::{RequestBuilder, StatusCode, Url};
@@ -368,6 +369,16 @@ impl Client {
             }
         };
         self.send(request, url).await
+    }
+
+    pub async fn agents(&self) -> Result<AgentList, ClientError> {
+        let url = self.url(&["agents"]);
+        self.send(self.http.get(url.clone()), url).await
+    }
+
+    pub async fn agent_health(&self, name: &str) -> Result<AgentHealth, ClientError> {
+        let url = self.url(&["agents", name, "health"]);
+        self.send(self.http.get(url.clone()), url).await
     }
 
     pub async fn schedules(&self) -> Result<ScheduleList, ClientError> {

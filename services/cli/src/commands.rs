@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use flotilla_api_model::{
-    BreakerList, DeadLetterQuery, ExecuteRequest, ExecuteResponse, Operation, RedriveOutcome,
-    RedriveRequest, RegisterDefinitionRequest, RunQuery, ScheduleRequest, WorkflowResult,
+    AGENT_HEALTHY, BreakerList, DeadLetterQuery, ExecuteRequest, ExecuteResponse, Operation,
+    RedriveOutcome, RedriveRequest, RegisterDefinitionRequest, RunQuery, ScheduleRequest,
+    WorkflowResult,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -36,6 +37,8 @@ pub enum Outcome {
     NotAllRedriven,
     /// The coordinator understood an operator's action but the run's state did not allow it.
     Refused,
+    /// No healthy worker serves the agent asked about.
+    Unhealthy,
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
@@ -273,6 +276,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 println!("removed the schedule of {name}");
             }
             Ok(Outcome::Done)
+        }
+        Command::Agents(AgentsCommand::List) => {
+            let list = client.agents().await?;
+            match output {
+                Output::Text => print!("{}", render::agents(&list)),
+                Output::Json => print_json(&list)?,
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Agents(AgentsCommand::Health { name }) => {
+            let health = client.agent_health(&name).await?;
+            match output {
+                Output::Text => println!("{}", render::agent_health(&health)),
+                Output::Json => print_json(&health)?,
+            }
+            if health.health == AGENT_HEALTHY {
+                Ok(Outcome::Done)
+            } else {
+                Ok(Outcome::Unhealthy)
+            }
         }
         Command::Metrics {
             agent,

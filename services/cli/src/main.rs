@@ -27,9 +27,12 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match commands::run(cli).await {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
-        Ok(Outcome::WorkflowFailed | Outcome::NotAllRedriven | Outcome::Refused) => {
-            ExitCode::from(1)
-        }
+        Ok(
+            Outcome::WorkflowFailed
+            | Outcome::NotAllRedriven
+            | Outcome::Refused
+            | Outcome::Unhealthy,
+        ) => ExitCode::from(1),
         Err(err) => {
             eprintln!("error: {err}");
             // The outermost error says what failed; the innermost one usually says why (e.g.

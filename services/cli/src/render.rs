@@ -4,9 +4,9 @@ use std::fmt::Write;
 
 use chrono::{DateTime, Utc};
 use flotilla_api_model::{
-    BreakerList, DeadLetterList, DefinitionDetail, DefinitionList, DefinitionSummary,
-    DefinitionVersions, OperateResponse, RedriveOutcome, RedriveResponse, RunEventList, RunPage,
-    RunReport, ScheduleList, WorkflowResult,
+    AgentHealth, AgentList, BreakerList, DeadLetterList, DefinitionDetail, DefinitionList,
+    DefinitionSummary, DefinitionVersions, OperateResponse, RedriveOutcome, RedriveResponse,
+    RunEventList, RunPage, RunReport, ScheduleList, WorkflowResult,
 };
 use serde_json::Value;
 
@@ -336,6 +336,82 @@ pub fn schedules(list: &ScheduleList) -> String {
     )
 }
 
+/// The agents, then their workers.
+pub fn agents(list: &AgentList) -> String {
+    if list.agents.is_empty() {
+        return "no agents: no worker is registered and no step waits for one\n".to_string();
+    }
+    let rows = list
+        .agents
+        .iter()
+        .map(|a| {
+            let healthy = a.workers.iter().filter(|w| w.health == "healthy").count();
+            vec![
+                a.name.clone(),
+                a.health.clone(),
+                format!("{healthy}/{}", a.workers.len()),
+                a.queue_depth
+                    .map(|d| d.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                a.waiting_steps.to_string(),
+                a.oldest_waiting_ms.map(duration).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &["AGENT", "HEALTH", "HEALTHY", "QUEUED", "WAITING", "OLDEST"],
+        rows,
+    );
+    let mut seen = std::collections::BTreeMap::new();
+    for worker in list.agents.iter().flat_map(|a| &a.workers) {
+        seen.entry(worker.worker_id.as_str()).or_insert(worker);
+    }
+    if !seen.is_empty() {
+        let rows = seen
+            .values()
+            .map(|w| {
+                vec![
+                    w.worker_id.clone(),
+                    w.health.clone(),
+                    w.agents.join(","),
+                    format!("{}/{}", w.in_flight, w.concurrency),
+                    w.host.clone().unwrap_or_default(),
+                    w.pid.map(|p| p.to_string()).unwrap_or_default(),
+                    w.sdk.clone().unwrap_or_default(),
+                    time(w.last_seen),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(
+            &[
+                "WORKER",
+                "HEALTH",
+                "AGENTS",
+                "TASKS",
+                "HOST",
+                "PID",
+                "SDK",
+                "LAST SEEN",
+            ],
+            rows,
+        ));
+    }
+    out
+}
+
+/// One line: the agent's health, its workers and what waits for them.
+pub fn agent_health(h: &AgentHealth) -> String {
+    let oldest = h
+        .oldest_waiting_ms
+        .map(|ms| format!(", the oldest for {}", duration(ms)))
+        .unwrap_or_default();
+    format!(
+        "{}: {} ({} healthy and {} unhealthy workers; {} steps waiting{oldest})",
+        h.name, h.health, h.healthy_workers, h.unhealthy_workers, h.waiting_steps
+    )
+}
+
 /// A definition's revisions, then the content of one of them (its canonical JSON).
 pub fn definition(detail: &DefinitionDetail, versions: &DefinitionVersions) -> String {
     let rows = versions
@@ -617,6 +693,7 @@ mod tests {
             held: None,
             workflow: None,
             child_workflow_id: None,
+            waiting_for_worker: false,
         }
     }
 

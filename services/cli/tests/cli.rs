@@ -252,6 +252,14 @@ impl Backend for Coordinator {
         Ok(Vec::new())
     }
 
+    // `flotilla agents` is tested against a live coordinator (tests/tests/registry.rs).
+    async fn agents(
+        &self,
+        _agent: Option<&str>,
+    ) -> Result<Vec<flotilla_api_model::AgentStatus>, BackendError> {
+        Ok(Vec::new())
+    }
+
     // Reports are tested against a live coordinator (tests/tests/operator.rs).
     async fn report(
         &self,
@@ -498,6 +506,7 @@ fn step(id: &str, status: &str, attempts: u32, error: Option<&str>) -> StepResul
         held: None,
         workflow: None,
         child_workflow_id: None,
+        waiting_for_worker: false,
     }
 }
 

@@ -1,29 +1,39 @@
 //! The API's backend: reads from Postgres, submissions through the engine.
 
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use flotilla_api::{Backend, BackendError, NewSchedule, Submission};
 use flotilla_api_model::{
-    AgentSummary, AttemptReport, BreakerSummary, DeadLetterQuery, DeadLetterSummary,
-    DefinitionDetail, DefinitionSummary, Metrics, Operation, ParentRun, RedriveOutcome, RunEvent,
-    RunPage, RunQuery, RunReport, RunSummary, ScheduleSummary, StepReport, StepResult,
-    StrikeReport, Submitted, WorkflowResult,
+    AGENT_HEALTHY, AGENT_NO_WORKERS, AGENT_UNHEALTHY, AgentStatus, AgentSummary, AttemptReport,
+    BreakerSummary, DeadLetterQuery, DeadLetterSummary, DefinitionDetail, DefinitionSummary,
+    Metrics, Operation, ParentRun, RedriveOutcome, RunEvent, RunPage, RunQuery, RunReport,
+    RunSummary, ScheduleSummary, StepReport, StepResult, StrikeReport, Submitted, WorkerStatus,
+    WorkflowResult,
 };
+use flotilla_core::registry::{RegistryPolicy, WorkerHealth};
 use flotilla_core::schedule::Schedule;
 use flotilla_core::{Definition, Plan, PlanError, report};
 use flotilla_engine::Operation as EngineOperation;
 use flotilla_engine::{EngineHandle, NewRun};
 use flotilla_store::breakers::{self, BreakerRecord};
 use flotilla_store::queries::{self, Cursor, RunRecord, StepRecord};
+use flotilla_store::registry::{self, WorkerRecord};
 use flotilla_store::schedules::{self, ScheduleRow};
 use flotilla_store::{Store, dead_letters, definitions};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::health::CoordinatorProbe;
+
 pub struct CoordinatorBackend {
     pub store: Store,
     pub engine: EngineHandle,
+    /// When a registered worker counts as healthy.
+    pub registry: RegistryPolicy,
+    /// Asks RabbitMQ for queue depths.
+    pub probe: Arc<CoordinatorProbe>,
 }
 
 pub(crate) fn store_error(e: flotilla_store::Error) -> BackendError {
@@ -76,7 +86,12 @@ fn api_step_status(stored: &str) -> &str {
     }
 }
 
-fn workflow_result(run: RunRecord, steps: Vec<StepRecord>) -> WorkflowResult {
+/// `served`: the agents a healthy worker serves.
+fn workflow_result(
+    run: RunRecord,
+    steps: Vec<StepRecord>,
+    served: &HashSet<String>,
+) -> WorkflowResult {
     let mut metrics = Metrics {
         total_steps: steps.len(),
         successful_steps: 0,
@@ -110,6 +125,10 @@ fn workflow_result(run: RunRecord, steps: Vec<StepRecord>) -> WorkflowResult {
                     .map(|agent| format!("circuit open for agent {agent}")),
                 workflow: s.workflow,
                 child_workflow_id: s.child_run_id,
+                waiting_for_worker: s
+                    .queued_for
+                    .as_ref()
+                    .is_some_and(|agent| !served.contains(agent.as_str())),
             }
         })
         .collect();
@@ -223,8 +242,22 @@ impl Backend for CoordinatorBackend {
 
     async fn run(&self, id: Uuid) -> Result<Option<WorkflowResult>, BackendError> {
         let client = self.store.client().await.map_err(store_error)?;
-        let found = queries::run(&client, id).await.map_err(store_error)?;
-        Ok(found.map(|(run, steps)| workflow_result(run, steps)))
+        let Some((run, steps)) = queries::run(&client, id).await.map_err(store_error)? else {
+            return Ok(None);
+        };
+        let served = if steps.iter().any(|s| s.queued_for.is_some()) {
+            let now = Utc::now();
+            registry::workers(&client, None)
+                .await
+                .map_err(store_error)?
+                .into_iter()
+                .filter(|w| self.registry.health(w.last_seen, now) == Some(WorkerHealth::Healthy))
+                .flat_map(|w| w.agents)
+                .collect()
+        } else {
+            HashSet::new()
+        };
+        Ok(Some(workflow_result(run, steps, &served)))
     }
 
     async fn report(&self, id: Uuid) -> Result<Option<RunReport>, BackendError> {
@@ -419,6 +452,60 @@ impl Backend for CoordinatorBackend {
         Ok(status.as_str().to_string())
     }
 
+    async fn agents(&self, agent: Option<&str>) -> Result<Vec<AgentStatus>, BackendError> {
+        let (workers, queued) = {
+            let client = self.store.client().await.map_err(store_error)?;
+            let workers = registry::workers(&client, agent)
+                .await
+                .map_err(store_error)?;
+            let queued = registry::queued(&client).await.map_err(store_error)?;
+            (workers, queued)
+        };
+        let now = Utc::now();
+        let mut agents: BTreeMap<String, AgentStatus> = BTreeMap::new();
+        for w in workers {
+            let Some(health) = self.registry.health(w.last_seen, now) else {
+                continue;
+            };
+            let status = worker_status(w, health);
+            for name in status
+                .agents
+                .iter()
+                .filter(|a| agent.is_none_or(|n| n == *a))
+            {
+                let listed = agents
+                    .entry(name.clone())
+                    .or_insert_with(|| empty_agent(name));
+                listed.workers.push(status.clone());
+                listed.health = match (listed.health.as_str(), health) {
+                    (_, WorkerHealth::Healthy) | (AGENT_HEALTHY, _) => AGENT_HEALTHY,
+                    _ => AGENT_UNHEALTHY,
+                }
+                .to_owned();
+            }
+        }
+        for q in queued
+            .into_iter()
+            .filter(|q| agent.is_none_or(|n| n == q.agent))
+        {
+            let listed = agents
+                .entry(q.agent.clone())
+                .or_insert_with(|| empty_agent(&q.agent));
+            listed.waiting_steps = u64::try_from(q.attempts).unwrap_or(0);
+            listed.oldest_waiting_ms = millis_between(q.oldest, Some(now));
+        }
+        let depths = self
+            .probe
+            .agent_queue_depths(agents.keys().cloned().collect())
+            .await;
+        for (name, depth) in depths {
+            if let Some(listed) = agents.get_mut(&name) {
+                listed.queue_depth = Some(depth);
+            }
+        }
+        Ok(agents.into_values().collect())
+    }
+
     async fn attempts_since(
         &self,
         since: chrono::DateTime<chrono::Utc>,
@@ -522,6 +609,38 @@ impl Backend for CoordinatorBackend {
 }
 
 /// The stored form of a schedule of definition `name`, due at its next tick from now.
+fn empty_agent(name: &str) -> AgentStatus {
+    AgentStatus {
+        name: name.to_owned(),
+        health: AGENT_NO_WORKERS.to_owned(),
+        workers: Vec::new(),
+        queue_depth: None,
+        waiting_steps: 0,
+        oldest_waiting_ms: None,
+    }
+}
+
+fn worker_status(w: WorkerRecord, health: WorkerHealth) -> WorkerStatus {
+    WorkerStatus {
+        worker_id: w.worker_id,
+        health: health.as_str().to_owned(),
+        agents: w.agents,
+        actions: w.actions,
+        concurrency: u32::try_from(w.concurrency).unwrap_or(0),
+        in_flight: u32::try_from(w.in_flight).unwrap_or(0),
+        last_seen: w.last_seen,
+        sdk: w.sdk,
+        host: w.host,
+        pid: w.pid.and_then(|p| u32::try_from(p).ok()),
+        labels: w
+            .labels
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(v)))
+            .collect(),
+        started_at: w.started_at,
+    }
+}
+
 fn schedule_row(
     name: &str,
     schedule: &Schedule,

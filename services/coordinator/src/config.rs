@@ -11,6 +11,7 @@ use flotilla_core::breaker::BreakerConfig;
 /// The shortest `FLOTILLA_ADMIN_TOKEN` accepted, so that a placeholder left in a deployment
 /// (`CHANGE-ME`) stops the start instead of becoming the admin's password.
 const MIN_ADMIN_TOKEN_CHARS: usize = 32;
+use flotilla_core::registry::RegistryPolicy;
 
 /// Configuration of `flotilla-coordinator`.
 #[derive(Debug, Clone, Parser)]
@@ -64,6 +65,30 @@ pub struct Config {
     /// it is re-dispatched as a new attempt. Workers heartbeat every 5 s.
     #[arg(long, env = "FLOTILLA_LEASE_TIMEOUT_MS", default_value_t = 15_000)]
     pub lease_timeout_ms: u64,
+
+    /// Milliseconds without a heartbeat after which a worker of the registry shows as
+    /// unhealthy (`flotilla agents`).
+    #[arg(
+        long,
+        env = "FLOTILLA_WORKER_UNHEALTHY_AFTER_MS",
+        default_value_t = 15_000
+    )]
+    pub worker_unhealthy_after_ms: u64,
+
+    /// Milliseconds without a heartbeat after which the registry forgets a worker (one that
+    /// stops gracefully is forgotten at once).
+    #[arg(
+        long,
+        env = "FLOTILLA_WORKER_FORGET_AFTER_MS",
+        default_value_t = 300_000
+    )]
+    pub worker_forget_after_ms: u64,
+
+    /// Milliseconds a dispatched attempt may wait for a worker to start it before it fails
+    /// (and is retried by its step's policy), for steps without `schedule_to_start`
+    /// [default: no limit]
+    #[arg(long, env = "FLOTILLA_SCHEDULE_TO_START_MS")]
+    pub schedule_to_start_ms: Option<u64>,
 
     /// Seconds a repeated `Idempotency-Key` answers the run its first submission started.
     #[arg(
@@ -173,6 +198,17 @@ impl Config {
         Duration::from_millis(self.lease_timeout_ms)
     }
 
+    pub fn registry(&self) -> RegistryPolicy {
+        RegistryPolicy {
+            unhealthy_after: Duration::from_millis(self.worker_unhealthy_after_ms),
+            forget_after: Duration::from_millis(self.worker_forget_after_ms),
+        }
+    }
+
+    pub fn schedule_to_start(&self) -> Option<Duration> {
+        self.schedule_to_start_ms.map(Duration::from_millis)
+    }
+
     pub fn idempotency_retention(&self) -> Duration {
         Duration::from_secs(self.idempotency_retention_secs)
     }
@@ -252,6 +288,19 @@ impl Config {
             (
                 "FLOTILLA_LEASE_TIMEOUT_MS",
                 self.lease_timeout_ms.to_string(),
+            ),
+            (
+                "FLOTILLA_WORKER_UNHEALTHY_AFTER_MS",
+                self.worker_unhealthy_after_ms.to_string(),
+            ),
+            (
+                "FLOTILLA_WORKER_FORGET_AFTER_MS",
+                self.worker_forget_after_ms.to_string(),
+            ),
+            (
+                "FLOTILLA_SCHEDULE_TO_START_MS",
+                self.schedule_to_start_ms
+                    .map_or_else(|| "off".to_owned(), |ms| ms.to_string()),
             ),
             (
                 "FLOTILLA_IDEMPOTENCY_RETENTION_SECS",

@@ -12,7 +12,7 @@ use flotilla_api::Probe;
 use flotilla_api_model::HealthCheck;
 use flotilla_broker::{BrokerConfig, Channel, Connection, QueueNames};
 use flotilla_core::breaker::BreakerState;
-use flotilla_store::{Store, breakers, outbox, queries};
+use flotilla_store::{Store, breakers, outbox, queries, registry};
 use flotilla_telemetry::metrics::CoordinatorMetrics;
 use tokio::sync::Mutex;
 
@@ -31,6 +31,13 @@ pub(crate) struct CoordinatorProbe {
     /// a whole check or scrape, which also makes scrapes take turns: each sets the gauges it
     /// read, then renders them.
     link: Mutex<Option<Link>>,
+}
+
+/// What a scrape reads from Postgres.
+struct Counts {
+    backlog: i64,
+    active: i64,
+    oldest: Vec<(String, Duration)>,
 }
 
 struct Link {
@@ -125,11 +132,37 @@ impl CoordinatorProbe {
         answer
     }
 
-    /// The ready messages of each known agent's queue; agents whose queue does not exist are
+    /// The ready messages of each of `agents`' queues, within [`QUEUE_SCRAPE_TIMEOUT`]; agents
+    /// whose queue does not exist are left out. For the API, which shares the probe's link.
+    pub(crate) async fn agent_queue_depths(&self, agents: Vec<String>) -> Vec<(String, u32)> {
+        let mut link = self.link.lock().await;
+        self.timed_queue_depths(&mut link, agents).await
+    }
+
+    async fn timed_queue_depths(
+        &self,
+        link: &mut Option<Link>,
+        agents: Vec<String>,
+    ) -> Vec<(String, u32)> {
+        tokio::time::timeout(QUEUE_SCRAPE_TIMEOUT, self.queue_depths(link, agents))
+            .await
+            .unwrap_or_else(|_| {
+                tracing::warn!(timeout = ?QUEUE_SCRAPE_TIMEOUT, "reading queue depths took too long");
+                // A question may still be in flight on it: start the next one afresh.
+                *link = None;
+                Vec::new()
+            })
+    }
+
+    /// The ready messages of each of `agents`' queues; agents whose queue does not exist are
     /// left out.
-    async fn queue_depths(&self, link: &mut Option<Link>) -> Vec<(String, u32)> {
+    async fn queue_depths(
+        &self,
+        link: &mut Option<Link>,
+        agents: Vec<String>,
+    ) -> Vec<(String, u32)> {
         let mut depths = Vec::new();
-        for agent in self.metrics.known_agents() {
+        for agent in agents {
             let queue = self.names.agent(&agent);
             match self
                 .ask(link, |channel| async move {
@@ -180,23 +213,31 @@ impl CoordinatorProbe {
         }
     }
 
-    /// (outbox backlog, active runs), each absent when Postgres did not answer in time.
-    async fn counts(&self) -> (Option<i64>, Option<i64>) {
+    /// The outbox backlog, the active runs and how long the oldest attempt not yet started has
+    /// waited by agent, all absent when Postgres did not answer in time.
+    async fn counts(&self) -> Option<Counts> {
         let count = async {
             let client = self.store.client().await?;
-            let backlog = outbox::backlog(&client).await?;
-            let active = queries::active_runs(&client).await?;
-            Ok::<_, flotilla_store::Error>((backlog, active))
+            let now = chrono::Utc::now();
+            Ok::<_, flotilla_store::Error>(Counts {
+                backlog: outbox::backlog(&client).await?,
+                active: queries::active_runs(&client).await?,
+                oldest: registry::queued(&client)
+                    .await?
+                    .into_iter()
+                    .map(|q| (q.agent, (now - q.oldest).to_std().unwrap_or_default()))
+                    .collect(),
+            })
         };
         match tokio::time::timeout(CHECK_TIMEOUT, count).await {
-            Ok(Ok((backlog, active))) => (Some(backlog), Some(active)),
+            Ok(Ok(counts)) => Some(counts),
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot read the outbox backlog and active runs");
-                (None, None)
+                tracing::warn!(error = %e, "cannot read the outbox backlog, active runs and queued attempts");
+                None
             }
             Err(_) => {
-                tracing::warn!(timeout = ?CHECK_TIMEOUT, "the outbox backlog and active runs took too long to read");
-                (None, None)
+                tracing::warn!(timeout = ?CHECK_TIMEOUT, "the outbox backlog, active runs and queued attempts took too long to read");
+                None
             }
         }
     }
@@ -219,19 +260,17 @@ impl Probe for CoordinatorProbe {
 
     async fn metrics(&self) -> String {
         let mut link = self.link.lock().await;
-        let ((backlog, active), breaker_states, depths) = tokio::join!(
+        let (counts, breaker_states, depths) = tokio::join!(
             self.counts(),
             self.breaker_states(),
-            tokio::time::timeout(QUEUE_SCRAPE_TIMEOUT, self.queue_depths(&mut link)),
+            self.timed_queue_depths(&mut link, self.metrics.known_agents()),
         );
-        let depths = depths.unwrap_or_else(|_| {
-            tracing::warn!(timeout = ?QUEUE_SCRAPE_TIMEOUT, "reading queue depths took too long");
-            // A question may still be in flight on it: start the next one afresh.
-            *link = None;
-            Vec::new()
-        });
-        self.metrics.set_outbox_backlog(backlog);
-        self.metrics.set_active_runs(active);
+        self.metrics
+            .set_outbox_backlog(counts.as_ref().map(|c| c.backlog));
+        self.metrics
+            .set_active_runs(counts.as_ref().map(|c| c.active));
+        self.metrics
+            .set_queue_oldest_ages(counts.as_ref().map(|c| c.oldest.as_slice()));
         self.metrics.set_queue_depths(&depths);
         self.metrics.set_breaker_states(breaker_states.as_deref());
         self.metrics.render()

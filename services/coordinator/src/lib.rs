@@ -37,6 +37,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let breaker = config.breaker()?;
+    let registry = config.registry();
+    registry.validate().map_err(anyhow::Error::msg)?;
     let store = Store::open(&StoreConfig {
         url: config.database_url.clone(),
         pool_size: config.db_pool_size,
@@ -78,6 +80,7 @@ pub async fn run(
             max_instances: config.max_instances,
             breaker,
             max_workflow_depth: config.max_workflow_depth,
+            schedule_to_start: config.schedule_to_start(),
             ..EngineConfig::default()
         },
         outbox_tx,
@@ -127,7 +130,8 @@ pub async fn run(
         );
         let lease = config.lease_timeout();
         tokio::spawn(async move {
-            flotilla_engine::heartbeats::run(&connection, &names, store, lease, intake).await
+            flotilla_engine::heartbeats::run(&connection, &names, store, lease, registry, intake)
+                .await
         })
     };
     let dead_task = {
@@ -172,15 +176,17 @@ pub async fn run(
         tokio::spawn(worker.run(intake.clone()))
     };
 
-    let backend = Arc::new(backend::CoordinatorBackend {
-        store: store.clone(),
-        engine: handle,
-    });
     let probe = Arc::new(health::CoordinatorProbe::new(
         store.clone(),
         broker.clone(),
         metrics,
     ));
+    let backend = Arc::new(backend::CoordinatorBackend {
+        store: store.clone(),
+        engine: handle,
+        registry,
+        probe: probe.clone(),
+    });
     let limits = flotilla_api::Limits {
         max_body_bytes: config.max_body_bytes,
         max_definition_bytes: config.max_definition_bytes,

@@ -7,7 +7,8 @@ use axum::body::{Body, to_bytes};
 use axum::http::{HeaderValue, Request, header};
 use chrono::{TimeZone, Utc};
 use flotilla_api_model::{
-    AgentSummary, DeadLetterSummary, ErrorBody, Metrics, RunEvent, StepResult,
+    AgentStatus, AgentSummary, DeadLetterSummary, ErrorBody, Metrics, RunEvent, StepResult,
+    WorkerStatus,
 };
 use serde_json::{Map, json};
 use tower::ServiceExt;
@@ -71,6 +72,8 @@ struct FakeState {
     summaries_since: Vec<chrono::DateTime<Utc>>,
     schedules: Vec<ScheduleSummary>,
     breakers: Vec<BreakerSummary>,
+    /// The agents answered, in name order.
+    agents: Vec<AgentStatus>,
     /// Answered by the next call instead of doing anything.
     next_failure: Option<BackendError>,
 }
@@ -309,6 +312,16 @@ impl Backend for FakeBackend {
             return Ok(None);
         }
         Ok(Some(state.history.get(&id).cloned().unwrap_or_default()))
+    }
+
+    async fn agents(&self, agent: Option<&str>) -> Result<Vec<AgentStatus>, BackendError> {
+        let state = self.check()?;
+        Ok(state
+            .agents
+            .iter()
+            .filter(|a| agent.is_none_or(|name| a.name == name))
+            .cloned()
+            .collect())
     }
 
     async fn attempts_since(
@@ -1259,9 +1272,9 @@ async fn backend_refusals_are_400_and_404() {
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_in_the_error_shape() {
     let api = Api::new(FakeBackend::default());
-    let (status, body) = api.get("/api/agents").await;
+    let (status, body) = api.get("/api/fleet").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    assert_eq!(error(body).error.message, "no route for GET /api/agents");
+    assert_eq!(error(body).error.message, "no route for GET /api/fleet");
 
     let request = Request::delete("/api/definitions")
         .body(Body::empty())
@@ -1616,6 +1629,7 @@ fn step(id: &str, status: &str) -> StepResult {
         held: None,
         workflow: None,
         child_workflow_id: None,
+        waiting_for_worker: false,
     }
 }
 
@@ -2285,6 +2299,23 @@ fn open_breaker(agent: &str) -> BreakerSummary {
     }
 }
 
+fn worker(id: &str, health: &str) -> WorkerStatus {
+    WorkerStatus {
+        worker_id: id.into(),
+        health: health.into(),
+        agents: vec!["echo".into()],
+        actions: Vec::new(),
+        concurrency: 4,
+        in_flight: 1,
+        last_seen: Utc::now(),
+        sdk: Some("flotilla-worker/0.1.0".into()),
+        host: Some("host".into()),
+        pid: Some(7),
+        labels: Map::new(),
+        started_at: None,
+    }
+}
+
 #[tokio::test]
 async fn breakers_are_listed_with_their_state_and_held_steps() {
     let backend = FakeBackend::default();
@@ -2327,4 +2358,49 @@ async fn an_operator_resets_a_breaker_by_agent_name() {
         message.contains("agent `nobody` has no circuit breaker"),
         "{message}"
     );
+}
+
+#[tokio::test]
+async fn agents_are_listed_with_their_workers_and_health() {
+    let backend = FakeBackend::default();
+    backend.state().agents = vec![AgentStatus {
+        name: "echo".into(),
+        health: "healthy".into(),
+        workers: vec![worker("w1", "healthy"), worker("w2", "unhealthy")],
+        queue_depth: Some(3),
+        waiting_steps: 2,
+        oldest_waiting_ms: Some(1500),
+    }];
+    let api = Api::new(backend);
+
+    let (status, body) = api.get("/api/agents").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["agents"][0]["name"], "echo");
+    assert_eq!(body["agents"][0]["workers"][1]["health"], "unhealthy");
+    assert_eq!(body["agents"][0]["queueDepth"], 3);
+    assert_eq!(body["agents"][0]["oldestWaitingMs"], 1500);
+
+    let (status, body) = api.get("/api/agents/echo").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["workers"][0]["workerId"], "w1");
+
+    let (status, body) = api.get("/api/agents/echo/health").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["health"], "healthy");
+    assert_eq!(body["healthyWorkers"], 1);
+    assert_eq!(body["unhealthyWorkers"], 1);
+    assert_eq!(body["waitingSteps"], 2);
+
+    let (status, body) = api.get("/api/agents/ghost").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`ghost`"),
+        "{body}"
+    );
+    let (status, body) = api.get("/api/agents/ghost/health").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["health"], "no_workers");
 }

@@ -392,3 +392,27 @@ fn a_step_runs_an_agent_or_a_workflow_never_both() {
     );
     assert!(!err.contains("missing `agent`"), "{err}");
 }
+
+#[test]
+fn schedule_to_start_is_compiled_and_bounded() {
+    let plan = compile(
+        "name: s\nsteps:\n  - {id: waits, agent: x, action: y, schedule_to_start: 30s}\n  - {id: plain, agent: x, action: y}\n",
+    )
+    .unwrap();
+    assert_eq!(
+        plan.nodes[0].schedule_to_start,
+        Some(std::time::Duration::from_secs(30))
+    );
+    assert_eq!(plan.nodes[1].schedule_to_start, None);
+    let err = compile(
+        "name: s\nsteps:\n  - {id: fast, agent: x, action: y, schedule_to_start: 10ms}\n  - {id: slow, agent: x, action: y, schedule_to_start: 48h}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    for expected in [
+        "steps[0] (`fast`): schedule_to_start 10ms must be between 1s and 24h",
+        "steps[1] (`slow`): schedule_to_start 172800s must be between 1s and 24h",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+}
