@@ -2,6 +2,7 @@
 //! transitions with a handful of array statements, however many runs and steps it holds.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -315,6 +316,11 @@ impl StepColumns {
 /// Writes a batch. The caller holds the row locks of every run in `step_updates` and
 /// `run_updates` (see [`lock_runs`]) and commits afterwards.
 pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> {
+    // The statements are prepared one by one (answered by the connection's cache after its
+    // first batch), then sent together and in this order, which Postgres keeps: definitions,
+    // runs and steps before the rows that refer to them. The batch costs one round trip, not
+    // one per table.
+    let mut sent: Vec<Sent<'_>> = Vec::new();
     if !batch.definitions.is_empty() {
         let (hashes, bodies): (Vec<&str>, Vec<&Value>) = batch
             .definitions
@@ -327,7 +333,9 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                  SELECT * FROM unnest($1::text[], $2::jsonb[]) ON CONFLICT (hash) DO NOTHING",
             )
             .await?;
-        tx.execute(&stmt, &[&hashes, &bodies]).await?;
+        sent.push(Box::pin(async move {
+            tx.execute(&stmt, &[&hashes, &bodies]).await
+        }));
     }
     if !batch.new_runs.is_empty() {
         let runs = &batch.new_runs;
@@ -352,13 +360,16 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                                       $9::text[])",
             )
             .await?;
-        tx.execute(
-            &stmt,
-            &[
-                &ids, &names, &hashes, &statuses, &params, &created, &ended, &deadlines, &errors,
-            ],
-        )
-        .await?;
+        sent.push(Box::pin(async move {
+            tx.execute(
+                &stmt,
+                &[
+                    &ids, &names, &hashes, &statuses, &params, &created, &ended, &deadlines,
+                    &errors,
+                ],
+            )
+            .await
+        }));
     }
     if !batch.new_steps.is_empty() {
         let mut cols = StepColumns::default();
@@ -387,33 +398,35 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                                       $18::int4[], $19::int4[], $20::jsonb[], $21::int4[])",
             )
             .await?;
-        tx.execute(
-            &stmt,
-            &[
-                &cols.run_id,
-                &cols.idx,
-                &step_ids,
-                &agents,
-                &actions,
-                &cols.status,
-                &cols.attempt,
-                &cols.task_id,
-                &cols.wake_at,
-                &cols.started_at,
-                &cols.ended_at,
-                &cols.output,
-                &cols.error,
-                &cols.deadline,
-                &cols.lost,
-                &cols.strike,
-                &cols.strike_base,
-                &instances.instance_of,
-                &instances.item_index,
-                &instances.item,
-                &leases,
-            ],
-        )
-        .await?;
+        sent.push(Box::pin(async move {
+            tx.execute(
+                &stmt,
+                &[
+                    &cols.run_id,
+                    &cols.idx,
+                    &step_ids,
+                    &agents,
+                    &actions,
+                    &cols.status,
+                    &cols.attempt,
+                    &cols.task_id,
+                    &cols.wake_at,
+                    &cols.started_at,
+                    &cols.ended_at,
+                    &cols.output,
+                    &cols.error,
+                    &cols.deadline,
+                    &cols.lost,
+                    &cols.strike,
+                    &cols.strike_base,
+                    &instances.instance_of,
+                    &instances.item_index,
+                    &instances.item,
+                    &leases,
+                ],
+            )
+            .await
+        }));
     }
     if !batch.step_updates.is_empty() {
         let mut cols = StepColumns::default();
@@ -437,26 +450,28 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                  WHERE s.run_id = u.run_id AND s.idx = u.idx",
             )
             .await?;
-        tx.execute(
-            &stmt,
-            &[
-                &cols.run_id,
-                &cols.idx,
-                &cols.status,
-                &cols.attempt,
-                &cols.task_id,
-                &cols.wake_at,
-                &cols.started_at,
-                &cols.ended_at,
-                &cols.output,
-                &cols.error,
-                &cols.deadline,
-                &cols.lost,
-                &cols.strike,
-                &cols.strike_base,
-            ],
-        )
-        .await?;
+        sent.push(Box::pin(async move {
+            tx.execute(
+                &stmt,
+                &[
+                    &cols.run_id,
+                    &cols.idx,
+                    &cols.status,
+                    &cols.attempt,
+                    &cols.task_id,
+                    &cols.wake_at,
+                    &cols.started_at,
+                    &cols.ended_at,
+                    &cols.output,
+                    &cols.error,
+                    &cols.deadline,
+                    &cols.lost,
+                    &cols.strike,
+                    &cols.strike_base,
+                ],
+            )
+            .await
+        }));
     }
     if !batch.run_updates.is_empty() {
         let ids: Vec<Uuid> = batch.run_updates.iter().map(|r| r.id).collect();
@@ -483,8 +498,10 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                  WHERE r.id = u.id",
             )
             .await?;
-        tx.execute(&stmt, &[&ids, &statuses, &ended, &deadlines, &errors])
-            .await?;
+        sent.push(Box::pin(async move {
+            tx.execute(&stmt, &[&ids, &statuses, &ended, &deadlines, &errors])
+                .await
+        }));
     }
     if !batch.attempts_started.is_empty() {
         let a = &batch.attempts_started;
@@ -505,11 +522,13 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                       AS u(run_id, idx, attempt, task_id, at, strike, agent)",
             )
             .await?;
-        tx.execute(
-            &stmt,
-            &[&run_ids, &idx, &attempt, &task_ids, &at, &strikes, &agents],
-        )
-        .await?;
+        sent.push(Box::pin(async move {
+            tx.execute(
+                &stmt,
+                &[&run_ids, &idx, &attempt, &task_ids, &at, &strikes, &agents],
+            )
+            .await
+        }));
     }
     if !batch.attempts_ended.is_empty() {
         let a = &batch.attempts_ended;
@@ -532,15 +551,21 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                  WHERE a.task_id = u.task_id",
             )
             .await?;
-        tx.execute(
-            &stmt,
-            &[&task_ids, &statuses, &started, &finished, &workers, &errors],
-        )
-        .await?;
+        sent.push(Box::pin(async move {
+            tx.execute(
+                &stmt,
+                &[&task_ids, &statuses, &started, &finished, &workers, &errors],
+            )
+            .await
+        }));
     }
-    crate::outbox::insert(tx, &batch.outbox).await?;
+    sent.push(Box::pin(crate::outbox::insert(tx, &batch.outbox)));
+    futures_util::future::try_join_all(sent).await?;
     Ok(())
 }
+
+/// A statement of [`write`] on its way.
+type Sent<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
 
 /// Steps whose retry is due at `now`: (run id, step index, the attempt that failed).
 pub async fn due_wakeups(

@@ -8,9 +8,13 @@ use uuid::Uuid;
 use crate::Error;
 use crate::engine::OutboxRow;
 
-pub(crate) async fn insert(tx: &impl GenericClient, rows: &[OutboxRow]) -> Result<(), Error> {
+/// Part of an engine batch (see [`crate::engine::write`]), hence the driver's error.
+pub(crate) async fn insert(
+    tx: &impl GenericClient,
+    rows: &[OutboxRow],
+) -> Result<u64, tokio_postgres::Error> {
     if rows.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let keys: Vec<&str> = rows.iter().map(|r| r.routing_key.as_str()).collect();
@@ -30,8 +34,7 @@ pub(crate) async fn insert(tx: &impl GenericClient, rows: &[OutboxRow]) -> Resul
         &stmt,
         &[&ids, &keys, &kinds, &corr, &reply, &bodies, &created],
     )
-    .await?;
-    Ok(())
+    .await
 }
 
 /// Forgets messages the broker has confirmed.
