@@ -22,6 +22,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
         include_str!("../migrations/0014_attempts_by_finish.sql"),
     ),
     (15, include_str!("../migrations/0015_step_leases.sql")),
+    (40, include_str!("../migrations/0040_hot_updates.sql")),
 ];
 
 /// Any fixed number works; it only has to be the same in every coordinator.
