@@ -501,6 +501,7 @@ impl Engine {
         let mut operated = HashMap::new();
         let mut events = Vec::new();
         let mut new_runs: Vec<(Uuid, CachedRun)> = Vec::new();
+        let mut new_plans: Vec<(String, Arc<Plan>)> = Vec::new();
         let mut new_keys = Vec::new();
         let mut new_dead_letters = Vec::new();
         for (n, input) in inputs.iter().enumerate() {
@@ -517,10 +518,13 @@ impl Engine {
                     let t = state.apply(&run.plan, Event::Start, now);
                     pending.effects(&run.plan, &state, &t);
                     pending.create(&run.plan, &state, &content.hash);
-                    self.plans
-                        .entry(content.hash.clone())
-                        .or_insert_with(|| run.plan.clone());
-                    pending.batch.definitions.push((content.hash, content.body));
+                    // A known plan's content is stored: it was loaded, or committed with a run.
+                    if !self.plans.contains_key(&content.hash)
+                        && !new_plans.iter().any(|(h, _)| *h == content.hash)
+                    {
+                        new_plans.push((content.hash.clone(), run.plan.clone()));
+                        pending.batch.definitions.push((content.hash, content.body));
+                    }
                     if let Some(key) = &run.idempotency_key {
                         keyed.insert(key.clone(), id);
                         new_keys.push((key.clone(), id));
@@ -775,6 +779,7 @@ impl Engine {
         for (id, run) in new_runs {
             self.runs.insert(id, run);
         }
+        self.plans.extend(new_plans);
         self.runs.retain(|_, c| !c.state.status.is_terminal());
         if self.runs.len() > self.config.max_cached_runs {
             // Evicting is always safe: a run missing from the cache is loaded again.
