@@ -149,6 +149,9 @@ pub struct Redriven {
 pub(crate) enum Input {
     Submit {
         run: Box<NewRun>,
+        /// The run's definition as stored, hashed by the submitter rather than in the engine's
+        /// loop, which every input waits on.
+        content: Box<Content>,
         reply: oneshot::Sender<Result<Submitted, Error>>,
     },
     Result {
@@ -230,6 +233,7 @@ impl EngineHandle {
     pub async fn submit(&self, run: NewRun) -> Result<Submitted, Error> {
         let (reply, answer) = oneshot::channel();
         self.send(Input::Submit {
+            content: Box::new(Content::of(&run.definition)),
             run: Box::new(run),
             reply,
         })
@@ -506,13 +510,12 @@ impl Engine {
         let mut new_dead_letters = Vec::new();
         for (n, input) in inputs.iter().enumerate() {
             match input {
-                Input::Submit { run, .. } => {
+                Input::Submit { run, content, .. } => {
                     if let Some(&id) = run.idempotency_key.as_ref().and_then(|k| keyed.get(k)) {
                         submitted.insert(n, Submitted { id, replayed: true });
                         continue;
                     }
                     let id = Uuid::now_v7();
-                    let content = Content::of(&run.definition);
                     let mut state = RunState::new(id, &run.plan, run.params.clone());
                     state.max_instances = self.config.max_instances;
                     let t = state.apply(&run.plan, Event::Start, now);
@@ -523,7 +526,8 @@ impl Engine {
                         && !new_plans.iter().any(|(h, _)| *h == content.hash)
                     {
                         new_plans.push((content.hash.clone(), run.plan.clone()));
-                        pending.batch.definitions.push((content.hash, content.body));
+                        let body = content.body.clone();
+                        pending.batch.definitions.push((content.hash.clone(), body));
                     }
                     if let Some(key) = &run.idempotency_key {
                         keyed.insert(key.clone(), id);
