@@ -292,6 +292,9 @@ pub struct RunState {
     failed_main: usize,
     /// Steps in [`StepStatus::NeedsAttention`].
     attention: usize,
+    /// By plan node, how many of its dependencies have not ended: a step's end costs O(its
+    /// dependents), not O(their dependencies), so a fan-in of N steps is linear.
+    unfinished_deps: Vec<usize>,
     /// By `for_each` node, once it has expanded.
     fanouts: HashMap<usize, FanOut>,
     /// The agents' circuit breakers, lent by [`RunState::apply_gated`] for one event.
@@ -457,6 +460,7 @@ impl RunState {
             unfinished_handlers: 0,
             failed_main: 0,
             attention: 0,
+            unfinished_deps: Vec::new(),
             fanouts: HashMap::new(),
             breakers: Breakers::default(),
         };
@@ -481,6 +485,16 @@ impl RunState {
                 run.failed_main += 1;
             }
         }
+        run.unfinished_deps = plan
+            .nodes
+            .iter()
+            .map(|n| {
+                n.deps
+                    .iter()
+                    .filter(|&&d| !run.steps[d].status.is_terminal())
+                    .count()
+            })
+            .collect();
         // Instances escalate like steps, so every slot counts.
         run.attention = run
             .steps
@@ -1160,6 +1174,7 @@ impl RunState {
                 Role::OnFailure => self.unfinished_handlers -= 1,
             }
             for &d in &plan.nodes[i].dependents {
+                self.unfinished_deps[d] -= 1;
                 if let Some(next) = self.readiness(plan, d) {
                     match next {
                         Ready::Run => self.dispatch(plan, d, now, t),
@@ -1190,20 +1205,17 @@ impl RunState {
     fn readiness(&self, plan: &Plan, step: usize) -> Option<Ready> {
         let node = &plan.nodes[step];
         // A paused run holds every step; resuming looks at them all again.
-        if self.steps[step].status != StepStatus::Pending || self.status == RunStatus::Paused {
+        if self.steps[step].status != StepStatus::Pending
+            || self.status == RunStatus::Paused
+            || self.unfinished_deps[step] > 0
+        {
             return None;
         }
-        let mut blocked_by = None;
-        for &d in &node.deps {
-            let status = self.steps[d].status;
-            if !status.is_terminal() {
-                return None;
-            }
-            if status.blocks_dependents() && blocked_by.is_none() {
-                blocked_by = Some(d);
-            }
-        }
-        if let Some(d) = blocked_by {
+        let blocked_by = node
+            .deps
+            .iter()
+            .find(|&&d| self.steps[d].status.blocks_dependents());
+        if let Some(&d) = blocked_by {
             return Some(Ready::Settle(
                 StepStatus::UpstreamFailed,
                 format!("upstream failed: `{}`", plan.nodes[d].id),

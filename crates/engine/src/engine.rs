@@ -166,6 +166,9 @@ pub struct Redriven {
 pub(crate) enum Input {
     Submit {
         run: Box<NewRun>,
+        /// The run's definition as stored, hashed by the submitter rather than in the engine's
+        /// loop, which every input waits on.
+        content: Box<Content>,
         reply: oneshot::Sender<Result<Submitted, Error>>,
     },
     Result {
@@ -258,6 +261,7 @@ impl EngineHandle {
     pub async fn submit(&self, run: NewRun) -> Result<Submitted, Error> {
         let (reply, answer) = oneshot::channel();
         self.send(Input::Submit {
+            content: Box::new(Content::of(&run.definition)),
             run: Box::new(run),
             reply,
         })
@@ -534,17 +538,17 @@ impl Engine {
         let mut operated = HashMap::new();
         let mut events = Vec::new();
         let mut new_runs: Vec<(Uuid, CachedRun)> = Vec::new();
+        let mut new_plans: Vec<(String, Arc<Plan>)> = Vec::new();
         let mut new_keys = Vec::new();
         let mut new_dead_letters = Vec::new();
         for (n, input) in inputs.iter().enumerate() {
             match input {
-                Input::Submit { run, .. } => {
+                Input::Submit { run, content, .. } => {
                     if let Some(&id) = run.idempotency_key.as_ref().and_then(|k| keyed.get(k)) {
                         submitted.insert(n, Submitted { id, replayed: true });
                         continue;
                     }
                     let id = Uuid::now_v7();
-                    let content = Content::of(&run.definition);
                     let mut state = RunState::new(id, &run.plan, run.params.clone());
                     state.max_instances = self.config.max_instances;
                     state.subset = run.subset.clone();
@@ -562,10 +566,14 @@ impl Engine {
                     }
                     pending.effects(&run.plan, &state, &t);
                     pending.create(&run.plan, &state, &content.hash);
-                    self.plans
-                        .entry(content.hash.clone())
-                        .or_insert_with(|| run.plan.clone());
-                    pending.batch.definitions.push((content.hash, content.body));
+                    // A known plan's content is stored: it was loaded, or committed with a run.
+                    if !self.plans.contains_key(&content.hash)
+                        && !new_plans.iter().any(|(h, _)| *h == content.hash)
+                    {
+                        new_plans.push((content.hash.clone(), run.plan.clone()));
+                        let body = content.body.clone();
+                        pending.batch.definitions.push((content.hash.clone(), body));
+                    }
                     if let Some(key) = &run.idempotency_key {
                         keyed.insert(key.clone(), id);
                         new_keys.push((key.clone(), id));
@@ -866,6 +874,7 @@ impl Engine {
         for (id, run) in new_runs {
             self.runs.insert(id, run);
         }
+        self.plans.extend(new_plans);
         self.runs.retain(|_, c| !c.state.status.is_terminal());
         if self.runs.len() > self.config.max_cached_runs {
             // Evicting is always safe: a run missing from the cache is loaded again.

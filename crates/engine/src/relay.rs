@@ -1,7 +1,9 @@
 //! The outbox relay: publishes what committed batches put in the outbox, with publisher
 //! confirms, and deletes each row only once the broker has confirmed its message. What it could
 //! not publish stays in the outbox, where the sweeper finds it again — after a broker outage, or
-//! after a coordinator crashed between its commit and its publish.
+//! after a coordinator crashed between its commit and its publish. The deletes run beside the
+//! publishing, batched, so that the next publish does not wait for them; the sweeper waits for
+//! them, so it does not publish a confirmed message again.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -10,7 +12,7 @@ use chrono::Utc;
 use flotilla_broker::{BrokerConfig, Connection, OutgoingMessage, Publisher, QueueNames};
 use flotilla_store::engine::OutboxRow;
 use flotilla_store::{Store, outbox};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 /// How the relay behaves.
@@ -37,9 +39,14 @@ pub struct Relay {
     config: RelayConfig,
     names: QueueNames,
     link: Option<Link>,
-    /// Confirmed messages whose outbox rows could not be deleted (Postgres away): deleted
-    /// before the next sweep, so the sweeper does not publish them again.
-    unforgotten: Vec<Uuid>,
+}
+
+/// What the relay asks of its forgetter.
+enum Forget {
+    /// Delete the rows of these confirmed messages.
+    Confirmed(Vec<Uuid>),
+    /// Answer, once every row named before is deleted, whether they all are.
+    Flush(oneshot::Sender<bool>),
 }
 
 /// The most confirmed ids kept for a later delete; past that the sweeper's duplicates (which
@@ -54,12 +61,13 @@ impl Relay {
             config,
             names,
             link: None,
-            unforgotten: Vec::new(),
         }
     }
 
     /// Runs until `rows` is closed (the engine has stopped), then publishes what is left.
     pub async fn run(mut self, mut rows: mpsc::UnboundedReceiver<Vec<OutboxRow>>) {
+        let (forget, confirmed) = mpsc::unbounded_channel();
+        let forgetter = tokio::spawn(forget_confirmed(self.store.clone(), confirmed));
         let mut sweep = tokio::time::interval(self.config.sweep_interval);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -70,21 +78,15 @@ impl Relay {
                         batch.extend(more);
                     }
                     let confirmed = self.publish(&batch).await;
-                    if let Err(e) = self.forget(&confirmed).await {
-                        tracing::warn!(error = %e, "could not delete confirmed outbox rows yet; trying again before the next sweep");
-                        let room = MAX_UNFORGOTTEN.saturating_sub(self.unforgotten.len());
-                        self.unforgotten.extend(confirmed.into_iter().take(room));
+                    if !confirmed.is_empty() {
+                        let _ = forget.send(Forget::Confirmed(confirmed));
                     }
                 }
                 _ = sweep.tick() => {
-                    if !self.unforgotten.is_empty() {
-                        match self.forget(&self.unforgotten).await {
-                            Ok(()) => self.unforgotten.clear(),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "could not delete confirmed outbox rows yet");
-                                continue;
-                            }
-                        }
+                    let (flushed, all_deleted) = oneshot::channel();
+                    let _ = forget.send(Forget::Flush(flushed));
+                    if all_deleted.await != Ok(true) {
+                        continue;
                     }
                     if let Err(e) = self.sweep().await {
                         tracing::warn!(error = %e, "outbox sweep failed");
@@ -92,21 +94,14 @@ impl Relay {
                 }
             }
         }
+        drop(forget);
+        let _ = forgetter.await;
         if let Some(link) = self.link.take() {
             let _ = link.publisher.close().await;
             let _ = link.channel.close().await;
             let _ = link.connection.close().await;
         }
         tracing::info!("outbox relay stopped");
-    }
-
-    async fn forget(&self, ids: &[Uuid]) -> Result<(), flotilla_store::Error> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let client = self.store.client().await?;
-        outbox::delete(&client, ids).await?;
-        Ok(())
     }
 
     /// Publishes messages left in the outbox by a relay that crashed or lost the broker.
@@ -246,5 +241,41 @@ impl Relay {
             link.channel = link.connection.open_channel().await?;
         }
         Ok(link)
+    }
+}
+
+/// Deletes the outbox rows of confirmed messages, all those confirmed meanwhile in one
+/// statement, until the relay stops. Rows it could not delete (Postgres away) are kept, up to
+/// [`MAX_UNFORGOTTEN`], and tried again with the next ones.
+async fn forget_confirmed(store: Store, mut requests: mpsc::UnboundedReceiver<Forget>) {
+    let mut unforgotten: Vec<Uuid> = Vec::new();
+    let mut flushes = Vec::new();
+    while let Some(first) = requests.recv().await {
+        let mut next = Some(first);
+        while let Some(request) = next {
+            match request {
+                Forget::Confirmed(ids) => {
+                    let room = MAX_UNFORGOTTEN.saturating_sub(unforgotten.len());
+                    unforgotten.extend(ids.into_iter().take(room));
+                }
+                Forget::Flush(answer) => flushes.push(answer),
+            }
+            next = requests.try_recv().ok();
+        }
+        if !unforgotten.is_empty() {
+            let deleted = match store.client().await {
+                Ok(client) => outbox::delete(&client, &unforgotten).await,
+                Err(e) => Err(e),
+            };
+            match deleted {
+                Ok(_) => unforgotten.clear(),
+                Err(e) => {
+                    tracing::warn!(error = %e, rows = unforgotten.len(), "could not delete confirmed outbox rows yet; trying again before the next sweep");
+                }
+            }
+        }
+        for answer in flushes.drain(..) {
+            let _ = answer.send(unforgotten.is_empty());
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! transitions with a handful of array statements, however many runs and steps it holds.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -365,6 +366,11 @@ impl StepColumns {
 /// Writes a batch. The caller holds the row locks of every run in `step_updates` and
 /// `run_updates` (see [`lock_runs`]) and commits afterwards.
 pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> {
+    // The statements are prepared one by one (answered by the connection's cache after its
+    // first batch), then sent together and in this order, which Postgres keeps: definitions,
+    // runs and steps before the rows that refer to them. The batch costs one round trip, not
+    // one per table.
+    let mut sent: Vec<Sent<'_>> = Vec::new();
     if !batch.definitions.is_empty() {
         let (hashes, bodies): (Vec<&str>, Vec<&Value>) = batch
             .definitions
@@ -377,7 +383,9 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                  SELECT * FROM unnest($1::text[], $2::jsonb[]) ON CONFLICT (hash) DO NOTHING",
             )
             .await?;
-        tx.execute(&stmt, &[&hashes, &bodies]).await?;
+        sent.push(Box::pin(async move {
+            tx.execute(&stmt, &[&hashes, &bodies]).await
+        }));
     }
     if !batch.new_runs.is_empty() {
         let runs = &batch.new_runs;
@@ -415,26 +423,28 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                                       $14::int4[])",
             )
             .await?;
-        tx.execute(
-            &stmt,
-            &[
-                &ids,
-                &names,
-                &hashes,
-                &statuses,
-                &params,
-                &created,
-                &ended,
-                &deadlines,
-                &errors,
-                &subsets,
-                &parent_runs,
-                &parent_steps,
-                &parent_attempts,
-                &depths,
-            ],
-        )
-        .await?;
+        sent.push(Box::pin(async move {
+            tx.execute(
+                &stmt,
+                &[
+                    &ids,
+                    &names,
+                    &hashes,
+                    &statuses,
+                    &params,
+                    &created,
+                    &ended,
+                    &deadlines,
+                    &errors,
+                    &subsets,
+                    &parent_runs,
+                    &parent_steps,
+                    &parent_attempts,
+                    &depths,
+                ],
+            )
+            .await
+        }));
     }
     if !batch.new_steps.is_empty() {
         let mut cols = StepColumns::default();
@@ -479,36 +489,38 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                                                  THEN now() END AS at) q",
             )
             .await?;
-        tx.execute(
-            &stmt,
-            &[
-                &cols.run_id,
-                &cols.idx,
-                &step_ids,
-                &agents,
-                &actions,
-                &cols.status,
-                &cols.attempt,
-                &cols.task_id,
-                &cols.wake_at,
-                &cols.started_at,
-                &cols.ended_at,
-                &cols.output,
-                &cols.error,
-                &cols.deadline,
-                &cols.lost,
-                &cols.strike,
-                &cols.strike_base,
-                &instances.instance_of,
-                &instances.item_index,
-                &instances.item,
-                &leases,
-                &cols.held_for,
-                &workflows,
-                &starts,
-            ],
-        )
-        .await?;
+        sent.push(Box::pin(async move {
+            tx.execute(
+                &stmt,
+                &[
+                    &cols.run_id,
+                    &cols.idx,
+                    &step_ids,
+                    &agents,
+                    &actions,
+                    &cols.status,
+                    &cols.attempt,
+                    &cols.task_id,
+                    &cols.wake_at,
+                    &cols.started_at,
+                    &cols.ended_at,
+                    &cols.output,
+                    &cols.error,
+                    &cols.deadline,
+                    &cols.lost,
+                    &cols.strike,
+                    &cols.strike_base,
+                    &instances.instance_of,
+                    &instances.item_index,
+                    &instances.item,
+                    &leases,
+                    &cols.held_for,
+                    &workflows,
+                    &starts,
+                ],
+            )
+            .await
+        }));
     }
     if !batch.step_updates.is_empty() {
         let mut cols = StepColumns::default();
@@ -544,27 +556,29 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                  WHERE s.run_id = u.run_id AND s.idx = u.idx",
             )
             .await?;
-        tx.execute(
-            &stmt,
-            &[
-                &cols.run_id,
-                &cols.idx,
-                &cols.status,
-                &cols.attempt,
-                &cols.task_id,
-                &cols.wake_at,
-                &cols.started_at,
-                &cols.ended_at,
-                &cols.output,
-                &cols.error,
-                &cols.deadline,
-                &cols.lost,
-                &cols.strike,
-                &cols.strike_base,
-                &cols.held_for,
-            ],
-        )
-        .await?;
+        sent.push(Box::pin(async move {
+            tx.execute(
+                &stmt,
+                &[
+                    &cols.run_id,
+                    &cols.idx,
+                    &cols.status,
+                    &cols.attempt,
+                    &cols.task_id,
+                    &cols.wake_at,
+                    &cols.started_at,
+                    &cols.ended_at,
+                    &cols.output,
+                    &cols.error,
+                    &cols.deadline,
+                    &cols.lost,
+                    &cols.strike,
+                    &cols.strike_base,
+                    &cols.held_for,
+                ],
+            )
+            .await
+        }));
     }
     if !batch.run_updates.is_empty() {
         let ids: Vec<Uuid> = batch.run_updates.iter().map(|r| r.id).collect();
@@ -591,8 +605,10 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                  WHERE r.id = u.id",
             )
             .await?;
-        tx.execute(&stmt, &[&ids, &statuses, &ended, &deadlines, &errors])
-            .await?;
+        sent.push(Box::pin(async move {
+            tx.execute(&stmt, &[&ids, &statuses, &ended, &deadlines, &errors])
+                .await
+        }));
     }
     if !batch.attempts_started.is_empty() {
         let a = &batch.attempts_started;
@@ -613,11 +629,13 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                       AS u(run_id, idx, attempt, task_id, at, strike, agent)",
             )
             .await?;
-        tx.execute(
-            &stmt,
-            &[&run_ids, &idx, &attempt, &task_ids, &at, &strikes, &agents],
-        )
-        .await?;
+        sent.push(Box::pin(async move {
+            tx.execute(
+                &stmt,
+                &[&run_ids, &idx, &attempt, &task_ids, &at, &strikes, &agents],
+            )
+            .await
+        }));
     }
     if !batch.attempts_ended.is_empty() {
         let a = &batch.attempts_ended;
@@ -640,15 +658,21 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                  WHERE a.task_id = u.task_id",
             )
             .await?;
-        tx.execute(
-            &stmt,
-            &[&task_ids, &statuses, &started, &finished, &workers, &errors],
-        )
-        .await?;
+        sent.push(Box::pin(async move {
+            tx.execute(
+                &stmt,
+                &[&task_ids, &statuses, &started, &finished, &workers, &errors],
+            )
+            .await
+        }));
     }
-    crate::outbox::insert(tx, &batch.outbox).await?;
+    sent.push(Box::pin(crate::outbox::insert(tx, &batch.outbox)));
+    futures_util::future::try_join_all(sent).await?;
     Ok(())
 }
+
+/// A statement of [`write`] on its way.
+type Sent<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
 
 /// Steps whose retry is due at `now`: (run id, step index, the attempt that failed).
 pub async fn due_wakeups(

@@ -26,6 +26,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (20, include_str!("../migrations/0020_breakers.sql")),
     (24, include_str!("../migrations/0024_run_subsets.sql")),
     (30, include_str!("../migrations/0030_tokens_audit.sql")),
+    (40, include_str!("../migrations/0040_hot_updates.sql")),
     (45, include_str!("../migrations/0045_workers.sql")),
 ];
 

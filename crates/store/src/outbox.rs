@@ -8,9 +8,13 @@ use uuid::Uuid;
 use crate::Error;
 use crate::engine::OutboxRow;
 
-pub(crate) async fn insert(tx: &impl GenericClient, rows: &[OutboxRow]) -> Result<(), Error> {
+/// Part of an engine batch (see [`crate::engine::write`]), hence the driver's error.
+pub(crate) async fn insert(
+    tx: &impl GenericClient,
+    rows: &[OutboxRow],
+) -> Result<u64, tokio_postgres::Error> {
     if rows.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let keys: Vec<&str> = rows.iter().map(|r| r.routing_key.as_str()).collect();
@@ -30,17 +34,22 @@ pub(crate) async fn insert(tx: &impl GenericClient, rows: &[OutboxRow]) -> Resul
         &stmt,
         &[&ids, &keys, &kinds, &corr, &reply, &bodies, &created],
     )
-    .await?;
-    Ok(())
+    .await
 }
 
-/// Forgets messages the broker has confirmed.
+/// Forgets messages the broker has confirmed. The delete's commit does not wait for the WAL to
+/// reach the disk: should Postgres crash before it does, the rows are only published again by
+/// the sweeper, and receivers fence such duplicates off; meanwhile the commits that must be
+/// durable do not queue behind these flushes.
 pub async fn delete(client: &impl GenericClient, ids: &[Uuid]) -> Result<u64, Error> {
     if ids.is_empty() {
         return Ok(0);
     }
     let stmt = client
-        .prepare_cached("DELETE FROM outbox WHERE id = ANY($1)")
+        .prepare_cached(
+            "WITH lazy AS (SELECT set_config('synchronous_commit', 'off', true))
+             DELETE FROM outbox WHERE id = ANY($1) AND EXISTS (SELECT FROM lazy)",
+        )
         .await?;
     Ok(client.execute(&stmt, &[&ids]).await?)
 }

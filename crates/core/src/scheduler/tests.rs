@@ -1815,3 +1815,67 @@ fn an_ended_run_reports_its_outputs_or_its_failed_step_to_its_parent() {
         }
     );
 }
+
+proptest! {
+    /// Readiness by counting: through random outcomes and operator actions (pause, resume,
+    /// skip, complete, retry, cancel), the run's counters of unfinished dependencies equal those
+    /// derived from its steps, and readiness by counter equals the definition it replaced: a
+    /// step starts only once every dependency has ended, and no main step of a moving run is
+    /// left pending once they all have.
+    #[test]
+    fn readiness_by_counter_matches_the_dependencies((plan, seed) in random_plan()) {
+        let mut rng = Lcg(seed);
+        let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+        let mut inflight: Vec<(usize, u32, Uuid)> = Vec::new();
+        let mut t = run.apply(&plan, Event::Start, at(0));
+        for clock in 1..2_000 {
+            for e in &t.effects {
+                if let Effect::Dispatch { step, attempt, task_id } = e {
+                    for &d in &plan.nodes[*step].deps {
+                        prop_assert!(run.steps[d].status.is_terminal(), "{} started before {}", plan.nodes[*step].id, plan.nodes[d].id);
+                    }
+                    inflight.push((*step, *attempt, *task_id));
+                }
+            }
+            let restored = RunState::restore(run.id, &plan, run.status, run.params.clone(), run.steps.clone(), run.ended_at);
+            prop_assert_eq!(&restored.unfinished_deps, &run.unfinished_deps);
+            if matches!(run.status, RunStatus::Running | RunStatus::NeedsAttention | RunStatus::Failing) {
+                for (i, node) in plan.nodes.iter().enumerate() {
+                    let all_ended = node.deps.iter().all(|&d| run.steps[d].status.is_terminal());
+                    prop_assert!(
+                        !(node.role == Role::Main && run.steps[i].status == StepStatus::Pending && all_ended),
+                        "{} is pending though its dependencies ended", node.id
+                    );
+                }
+            }
+            if run.status.is_terminal() && rng.next(4) > 0 {
+                t = run.apply(&plan, Event::Retry { step: None }, at(clock));
+                continue;
+            }
+            let step = rng.next(plan.nodes.len());
+            t = match rng.next(12) {
+                0 => run.apply(&plan, Event::Pause, at(clock)),
+                1 => run.apply(&plan, Event::Resume, at(clock)),
+                2 => run.apply(&plan, Event::Settle { step, output: None }, at(clock)),
+                3 => run.apply(&plan, Event::Settle { step, output: Some(json!(1)) }, at(clock)),
+                4 => run.apply(&plan, Event::Retry { step: Some(step) }, at(clock)),
+                5 if rng.next(10) == 0 => run.apply(&plan, Event::Cancel, at(clock)),
+                _ if !inflight.is_empty() => {
+                    let (step, attempt, task_id) = inflight.swap_remove(rng.next(inflight.len()));
+                    let outcome = match rng.next(3) {
+                        0 => fail(rng.next(2) == 0),
+                        _ => Outcome::Success(json!(rng.next(2))),
+                    };
+                    run.apply(&plan, Event::AttemptFinished { step, attempt, task_id, outcome, worker: "w".into(), started_at: at(clock), finished_at: at(clock) }, at(clock))
+                }
+                _ => match (0..run.steps.len()).find(|&i| run.steps[i].status == StepStatus::Waiting) {
+                    Some(step) => {
+                        let attempt = run.steps[step].attempt;
+                        run.apply(&plan, Event::Wake { step, attempt }, at(clock + 3_600))
+                    }
+                    None => Transition::default(),
+                },
+            };
+        }
+    }
+}
