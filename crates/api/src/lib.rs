@@ -59,6 +59,7 @@ mod backend;
 mod error;
 mod extract;
 pub mod health;
+pub mod openapi;
 mod routes;
 
 pub use auth::{Access, Guard, secure};

@@ -12,10 +12,10 @@ use flotilla_api_model::{
     AGENT_HEALTHY, AGENT_NO_WORKERS, AgentHealth, AgentList, AgentStatus, BreakerList,
     BreakerSummary, CompleteRequest, DEFAULT_SUMMARY_RANGE, DeadLetterList, DeadLetterQuery,
     DefinitionDetail, DefinitionList, DefinitionQuery, DefinitionSummary, DefinitionVersions,
-    ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, MetricsSummary, OperateResponse,
-    Operation, RedriveOutcome, RedriveRequest, RedriveResponse, RegisterDefinitionRequest,
-    RetryRequest, RunEventList, RunPage, RunQuery, RunReport, ScheduleList, ScheduleRequest,
-    ScheduleSummary, Submitted, SummaryQuery, WorkflowResult,
+    ErrorBody, ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, MetricsSummary,
+    OperateResponse, Operation, RedriveOutcome, RedriveRequest, RedriveResponse,
+    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, RunReport,
+    ScheduleList, ScheduleRequest, ScheduleSummary, Submitted, SummaryQuery, WorkflowResult,
 };
 use flotilla_core::schedule::{Missed, Overlap, Schedule};
 use flotilla_core::{Definition, Plan, RunStatus, Subset};
@@ -202,9 +202,23 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
         .route("/api/agents", get(list_agents::<B>))
         .route("/api/agents/{name}", get(get_agent::<B>))
         .route("/api/agents/{name}/health", get(agent_health::<B>))
+        .route(crate::openapi::PATH, get(crate::openapi::serve))
         .with_state(AppState { backend, limits })
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/workflows/execute",
+    tag = "workflows",
+    summary = "Start a run of a registered or inline definition",
+    request_body = ExecuteRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the run an earlier request with this key started")),
+    responses(
+        (status = 202, description = "The run was started", body = ExecuteResponse),
+        (status = 200, description = "An earlier request with this `Idempotency-Key` started the run; nothing new was started", body = ExecuteResponse),
+        (status = 404, description = "No registered definition has this name or version", body = ErrorBody)
+    )
+)]
 async fn execute<B: Backend>(
     State(backend): State<Arc<B>>,
     State(limits): State<Limits>,
@@ -293,6 +307,17 @@ async fn execute<B: Backend>(
     Ok(response)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/workflows/{id}",
+    tag = "workflows",
+    summary = "One run with its steps",
+    params(("id" = String, Path, description = "The run's id (a UUID)")),
+    responses(
+        (status = 200, description = "The run", body = WorkflowResult),
+        (status = 404, description = "No run has this id", body = ErrorBody)
+    )
+)]
 async fn get_run<B: Backend>(
     State(backend): State<Arc<B>>,
     Path(id): Path<String>,
@@ -321,6 +346,19 @@ fn run_not_found(id: Uuid) -> ApiError {
 #[serde(deny_unknown_fields)]
 struct NoArguments {}
 
+#[utoipa::path(
+    post,
+    path = "/api/workflows/{id}/cancel",
+    tag = "workflows",
+    summary = "Cancel a run",
+    params(("id" = String, Path, description = "The run's id (a UUID)")),
+    request_body(content = Option<Object>, description = "No body, or `{}`"),
+    responses(
+        (status = 200, description = "The action was applied; the run's status after it", body = OperateResponse),
+        (status = 404, description = "No run has this id", body = ErrorBody),
+        (status = 409, description = "The run's state does not allow the action (`conflict`, with the reason)", body = ErrorBody)
+    )
+)]
 async fn cancel<B: Backend>(
     State(backend): State<Arc<B>>,
     Path(id): Path<String>,
@@ -330,6 +368,19 @@ async fn cancel<B: Backend>(
     operate(&*backend, &id, Operation::Cancel, actor).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/workflows/{id}/pause",
+    tag = "workflows",
+    summary = "Pause a run: no new step starts until it is resumed",
+    params(("id" = String, Path, description = "The run's id (a UUID)")),
+    request_body(content = Option<Object>, description = "No body, or `{}`"),
+    responses(
+        (status = 200, description = "The action was applied; the run's status after it", body = OperateResponse),
+        (status = 404, description = "No run has this id", body = ErrorBody),
+        (status = 409, description = "The run's state does not allow the action (`conflict`, with the reason)", body = ErrorBody)
+    )
+)]
 async fn pause<B: Backend>(
     State(backend): State<Arc<B>>,
     Path(id): Path<String>,
@@ -339,6 +390,19 @@ async fn pause<B: Backend>(
     operate(&*backend, &id, Operation::Pause, actor).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/workflows/{id}/resume",
+    tag = "workflows",
+    summary = "Resume a paused run",
+    params(("id" = String, Path, description = "The run's id (a UUID)")),
+    request_body(content = Option<Object>, description = "No body, or `{}`"),
+    responses(
+        (status = 200, description = "The action was applied; the run's status after it", body = OperateResponse),
+        (status = 404, description = "No run has this id", body = ErrorBody),
+        (status = 409, description = "The run's state does not allow the action (`conflict`, with the reason)", body = ErrorBody)
+    )
+)]
 async fn resume<B: Backend>(
     State(backend): State<Arc<B>>,
     Path(id): Path<String>,
@@ -348,6 +412,19 @@ async fn resume<B: Backend>(
     operate(&*backend, &id, Operation::Resume, actor).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/workflows/{id}/retry",
+    tag = "workflows",
+    summary = "Retry a run's failed steps, or one step",
+    params(("id" = String, Path, description = "The run's id (a UUID)")),
+    request_body(content = Option<RetryRequest>, description = "Optional: the step to retry"),
+    responses(
+        (status = 200, description = "The action was applied; the run's status after it", body = OperateResponse),
+        (status = 404, description = "No run has this id, or it has no such step", body = ErrorBody),
+        (status = 409, description = "The run's state does not allow the action (`conflict`, with the reason)", body = ErrorBody)
+    )
+)]
 async fn retry<B: Backend>(
     State(backend): State<Arc<B>>,
     Path(id): Path<String>,
@@ -357,6 +434,19 @@ async fn retry<B: Backend>(
     operate(&*backend, &id, Operation::Retry { step }, actor).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/workflows/{id}/steps/{step}/skip",
+    tag = "workflows",
+    summary = "Skip a step of a run",
+    params(("id" = String, Path, description = "The run's id (a UUID)"), ("step" = String, Path, description = "The step's id in the definition")),
+    request_body(content = Option<Object>, description = "No body, or `{}`"),
+    responses(
+        (status = 200, description = "The action was applied; the run's status after it", body = OperateResponse),
+        (status = 404, description = "No run has this id, or it has no such step", body = ErrorBody),
+        (status = 409, description = "The run's state does not allow the action (`conflict`, with the reason)", body = ErrorBody)
+    )
+)]
 async fn skip<B: Backend>(
     State(backend): State<Arc<B>>,
     Path((id, step)): Path<(String, String)>,
@@ -366,6 +456,19 @@ async fn skip<B: Backend>(
     operate(&*backend, &id, Operation::Skip { step }, actor).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/workflows/{id}/steps/{step}/complete",
+    tag = "workflows",
+    summary = "Complete a step of a run by hand, with its output",
+    params(("id" = String, Path, description = "The run's id (a UUID)"), ("step" = String, Path, description = "The step's id in the definition")),
+    request_body = CompleteRequest,
+    responses(
+        (status = 200, description = "The action was applied; the run's status after it", body = OperateResponse),
+        (status = 404, description = "No run has this id, or it has no such step", body = ErrorBody),
+        (status = 409, description = "The run's state does not allow the action (`conflict`, with the reason)", body = ErrorBody)
+    )
+)]
 async fn complete<B: Backend>(
     State(backend): State<Arc<B>>,
     Path((id, step)): Path<(String, String)>,
@@ -401,6 +504,17 @@ async fn operate<B: Backend>(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/workflows/{id}/report",
+    tag = "workflows",
+    summary = "A run's report: per step its attempts, waits and durations",
+    params(("id" = String, Path, description = "The run's id (a UUID)")),
+    responses(
+        (status = 200, description = "The run's report", body = RunReport),
+        (status = 404, description = "No run has this id", body = ErrorBody)
+    )
+)]
 async fn run_report<B: Backend>(
     State(backend): State<Arc<B>>,
     Path(id): Path<String>,
@@ -412,6 +526,17 @@ async fn run_report<B: Backend>(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/workflows/{id}/events",
+    tag = "workflows",
+    summary = "A run's history, oldest first",
+    params(("id" = String, Path, description = "The run's id (a UUID)")),
+    responses(
+        (status = 200, description = "The run's events", body = RunEventList),
+        (status = 404, description = "No run has this id", body = ErrorBody)
+    )
+)]
 async fn run_events<B: Backend>(
     State(backend): State<Arc<B>>,
     Path(id): Path<String>,
@@ -423,6 +548,16 @@ async fn run_events<B: Backend>(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/workflows",
+    tag = "workflows",
+    summary = "List runs, newest first, one page at a time",
+    params(RunQuery),
+    responses(
+        (status = 200, description = "One page of runs", body = RunPage)
+    )
+)]
 async fn list_runs<B: Backend>(
     State(backend): State<Arc<B>>,
     Query(mut query): Query<RunQuery>,
@@ -452,6 +587,16 @@ pub(crate) fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/definitions",
+    tag = "definitions",
+    summary = "Register a definition, or a new version of one",
+    request_body = RegisterDefinitionRequest,
+    responses(
+        (status = 201, description = "The definition was registered", body = DefinitionSummary)
+    )
+)]
 async fn register_definition<B: Backend>(
     State(backend): State<Arc<B>>,
     State(limits): State<Limits>,
@@ -472,6 +617,15 @@ async fn register_definition<B: Backend>(
     Ok((StatusCode::CREATED, axum::Json(summary)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/definitions",
+    tag = "definitions",
+    summary = "The registered definitions, each at its latest version",
+        responses(
+        (status = 200, description = "The definitions", body = DefinitionList)
+    )
+)]
 async fn list_definitions<B: Backend>(
     State(backend): State<Arc<B>>,
 ) -> Result<axum::Json<DefinitionList>, ApiError> {
@@ -479,6 +633,17 @@ async fn list_definitions<B: Backend>(
     Ok(axum::Json(DefinitionList { definitions }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/definitions/{name}",
+    tag = "definitions",
+    summary = "A registered definition, at its latest or a given version",
+    params(("name" = String, Path, description = "The definition's name"), DefinitionQuery),
+    responses(
+        (status = 200, description = "The definition", body = DefinitionDetail),
+        (status = 404, description = "No definition has this name, or no such version", body = ErrorBody)
+    )
+)]
 async fn get_definition<B: Backend>(
     State(backend): State<Arc<B>>,
     Path(name): Path<String>,
@@ -491,6 +656,17 @@ async fn get_definition<B: Backend>(
         .ok_or_else(|| definition_not_found(&name, version.as_deref()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/definitions/{name}/versions",
+    tag = "definitions",
+    summary = "Every version of a definition",
+    params(("name" = String, Path, description = "The definition's name")),
+    responses(
+        (status = 200, description = "The versions", body = DefinitionVersions),
+        (status = 404, description = "No definition has this name", body = ErrorBody)
+    )
+)]
 async fn definition_versions<B: Backend>(
     State(backend): State<Arc<B>>,
     Path(name): Path<String>,
@@ -511,6 +687,16 @@ fn definition_not_found(name: &str, version: Option<&str>) -> ApiError {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/dlq",
+    tag = "dlq",
+    summary = "Dead letters: tasks and results no one could handle",
+    params(DeadLetterQuery),
+    responses(
+        (status = 200, description = "The dead letters", body = DeadLetterList)
+    )
+)]
 async fn list_dead_letters<B: Backend>(
     State(backend): State<Arc<B>>,
     Query(mut query): Query<DeadLetterQuery>,
@@ -525,6 +711,15 @@ async fn list_dead_letters<B: Backend>(
     Ok(axum::Json(DeadLetterList { dead_letters }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/agents/breakers",
+    tag = "agents",
+    summary = "The circuit breakers of the agents steps have called",
+        responses(
+        (status = 200, description = "The breakers", body = BreakerList)
+    )
+)]
 async fn list_breakers<B: Backend>(
     State(backend): State<Arc<B>>,
 ) -> Result<axum::Json<BreakerList>, ApiError> {
@@ -532,6 +727,18 @@ async fn list_breakers<B: Backend>(
     Ok(axum::Json(BreakerList { breakers }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/agents/{name}/breaker/reset",
+    tag = "agents",
+    summary = "Close an agent's circuit breaker",
+    params(("name" = String, Path, description = "The agent's name")),
+    request_body(content = Option<Object>, description = "No body, or `{}`"),
+    responses(
+        (status = 200, description = "The breaker after the reset", body = BreakerSummary),
+        (status = 404, description = "No step has called this agent yet", body = ErrorBody)
+    )
+)]
 async fn reset_breaker<B: Backend>(
     State(backend): State<Arc<B>>,
     Path(agent): Path<String>,
@@ -550,6 +757,16 @@ async fn reset_breaker<B: Backend>(
     Ok(axum::Json(breaker))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/metrics/summary",
+    tag = "metrics",
+    summary = "Executions, successes and latency per agent over a range",
+    params(SummaryQuery),
+    responses(
+        (status = 200, description = "The summary", body = MetricsSummary)
+    )
+)]
 async fn metrics_summary<B: Backend>(
     State(backend): State<Arc<B>>,
     Query(query): Query<SummaryQuery>,
@@ -574,6 +791,16 @@ async fn metrics_summary<B: Backend>(
     }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/dlq/redrive",
+    tag = "dlq",
+    summary = "Retry dead letters, named or all pending",
+    request_body = RedriveRequest,
+    responses(
+        (status = 200, description = "One outcome per dead letter", body = RedriveResponse)
+    )
+)]
 async fn redrive<B: Backend>(
     State(backend): State<Arc<B>>,
     Json(request): Json<RedriveRequest>,
@@ -731,8 +958,18 @@ fn listing(items: &[&str], conjunction: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
+#[utoipa::path(
+    post,
+    path = "/api/schedules",
+    tag = "schedules",
+    summary = "Set the schedule of a registered definition",
+    request_body = ScheduleRequest,
+    responses(
+        (status = 201, description = "The schedule was set", body = ScheduleSummary)
+    )
+)]
 async fn create_schedule<B: Backend>(
     State(backend): State<Arc<B>>,
     Json(request): Json<ScheduleRequest>,
@@ -779,6 +1016,15 @@ fn policy<T: serde::de::DeserializeOwned + Default>(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/schedules",
+    tag = "schedules",
+    summary = "Every schedule",
+        responses(
+        (status = 200, description = "The schedules", body = ScheduleList)
+    )
+)]
 async fn list_schedules<B: Backend>(
     State(backend): State<Arc<B>>,
 ) -> Result<axum::Json<ScheduleList>, ApiError> {
@@ -787,6 +1033,17 @@ async fn list_schedules<B: Backend>(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/schedules/{id}",
+    tag = "schedules",
+    summary = "One schedule",
+    params(("id" = String, Path, description = "The schedule's id: the name of its definition")),
+    responses(
+        (status = 200, description = "The schedule", body = ScheduleSummary),
+        (status = 404, description = "No schedule has this id", body = ErrorBody)
+    )
+)]
 async fn get_schedule<B: Backend>(
     State(backend): State<Arc<B>>,
     Path(id): Path<String>,
@@ -798,6 +1055,17 @@ async fn get_schedule<B: Backend>(
         .ok_or_else(|| schedule_not_found(&id))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/schedules/{id}",
+    tag = "schedules",
+    summary = "Remove a schedule",
+    params(("id" = String, Path, description = "The schedule's id: the name of its definition")),
+    responses(
+        (status = 204, description = "The schedule was removed"),
+        (status = 404, description = "No schedule has this id", body = ErrorBody)
+    )
+)]
 async fn delete_schedule<B: Backend>(
     State(backend): State<Arc<B>>,
     Path(id): Path<String>,
@@ -816,6 +1084,15 @@ fn schedule_not_found(id: &str) -> ApiError {
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/agents",
+    tag = "agents",
+    summary = "Agents with their workers, health and queue depth",
+        responses(
+        (status = 200, description = "The agents", body = AgentList)
+    )
+)]
 async fn list_agents<B: Backend>(
     State(backend): State<Arc<B>>,
 ) -> Result<axum::Json<AgentList>, ApiError> {
@@ -823,6 +1100,17 @@ async fn list_agents<B: Backend>(
     Ok(axum::Json(AgentList { agents }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/agents/{name}",
+    tag = "agents",
+    summary = "One agent with its workers",
+    params(("name" = String, Path, description = "The agent's name")),
+    responses(
+        (status = 200, description = "The agent", body = AgentStatus),
+        (status = 404, description = "No worker serves this agent and no step waits for it", body = ErrorBody)
+    )
+)]
 async fn get_agent<B: Backend>(
     State(backend): State<Arc<B>>,
     Path(name): Path<String>,
@@ -840,6 +1128,16 @@ async fn get_agent<B: Backend>(
 }
 
 /// Answers for any name: an agent nobody serves is `no_workers`, which is what its health is.
+#[utoipa::path(
+    get,
+    path = "/api/agents/{name}/health",
+    tag = "agents",
+    summary = "An agent's health; `no_workers` for one nobody serves",
+    params(("name" = String, Path, description = "The agent's name")),
+    responses(
+        (status = 200, description = "The agent's health", body = AgentHealth)
+    )
+)]
 async fn agent_health<B: Backend>(
     State(backend): State<Arc<B>>,
     Path(name): Path<String>,
