@@ -9,8 +9,8 @@
 //! | `DELETE /api/tokens/{id}`  | 200 [`TokenSummary`], revoked                       |
 //! | `GET    /api/audit`        | 200 [`AuditPage`] (query: [`AuditQuery`])           |
 //!
-//! Every route but `/health*` (and `/metrics`, unless [`Guard::protect_metrics`]) takes a
-//! credential as `Authorization: Bearer <credential>`: none, or one that is not valid, is answered
+//! Every route but `/health*`, `/api/openapi.json` (and `/metrics`, unless
+//! [`Guard::protect_metrics`]) takes a credential as `Authorization: Bearer <credential>`: none, or one that is not valid, is answered
 //! 401 (`unauthorized`, with `WWW-Authenticate: Bearer`); a valid one without the route's scope,
 //! 403 (`forbidden`). The scope a route needs follows from its method and path
 //! ([`required_scope`]): reads need `read`, submitting `execute`, the operator actions on a run
