@@ -10,12 +10,12 @@
 //! | `GET    /api/audit`        | 200 [`AuditPage`] (query: [`AuditQuery`])           |
 //!
 //! Every route but `/health*`, `/api/openapi.json` (and `/metrics`, unless
-//! [`Guard::protect_metrics`]) takes a credential as `Authorization: Bearer <credential>`: none, or one that is not valid, is answered
-//! 401 (`unauthorized`, with `WWW-Authenticate: Bearer`); a valid one without the route's scope,
-//! 403 (`forbidden`). The scope a route needs follows from its method and path
-//! ([`required_scope`]): reads need `read`, submitting `execute`, the operator actions on a run
-//! and dead-letter redrives `operate`, everything else (definitions, schedules, tokens, the audit
-//! log, and any route not named here) `admin`, which implies every other scope.
+//! [`Guard::protect_metrics`]) takes a credential as `Authorization: Bearer <credential>`: none, or
+//! one that is not valid, is answered 401 (`unauthorized`, with `WWW-Authenticate: Bearer`); a
+//! valid one without the route's scope, 403 (`forbidden`). The scope a route needs follows from its
+//! method and path ([`required_scope`]): reads need `read`, submitting `execute`, the operator
+//! actions on a run and dead-letter redrives `operate`, everything else (definitions, schedules,
+//! tokens, the audit log, and any route not named here) `admin`, which implies every other scope.
 //!
 //! An API token is [`TOKEN_PREFIX`] and 64 hex digits (256 random bits); only its SHA-256 is
 //! stored, and it is looked up by that hash, so the time a lookup takes says nothing about the
