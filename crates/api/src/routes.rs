@@ -312,7 +312,7 @@ async fn execute<B: Backend>(
     path = "/api/workflows/{id}",
     tag = "workflows",
     summary = "One run with its steps",
-    params(("id" = String, Path, description = "The run's id (a UUID)")),
+    params(RunPath),
     responses(
         (status = 200, description = "The run", body = WorkflowResult),
         (status = 404, description = "No run has this id", body = ErrorBody)
@@ -320,7 +320,7 @@ async fn execute<B: Backend>(
 )]
 async fn get_run<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(id): Path<String>,
+    Path(RunPath { id }): Path<RunPath>,
 ) -> Result<axum::Json<WorkflowResult>, ApiError> {
     let id = run_id(&id)?;
     match backend.run(id).await? {
@@ -340,6 +340,64 @@ fn run_not_found(id: Uuid) -> ApiError {
     ApiError::not_found(format!("workflow run {id} not found"))
 }
 
+/// The path of a run's routes.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+struct RunPath {
+    /// The run's id (a UUID).
+    id: String,
+}
+
+/// The path of a step's routes.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+struct StepPath {
+    /// The run's id (a UUID).
+    id: String,
+    /// The step's id in the definition.
+    step: String,
+}
+
+/// The path of a registered definition's routes.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+struct DefinitionPath {
+    /// The definition's name.
+    name: String,
+}
+
+/// The path of an agent's routes.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+struct AgentPath {
+    /// The agent's name.
+    name: String,
+}
+
+/// The path of a schedule's routes.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+struct SchedulePath {
+    /// The schedule's id: the name of its definition.
+    id: String,
+}
+
+/// What an operator action answers, for the OpenAPI document (the handlers answer with an
+/// [`OperateResponse`] or an [`ApiError`]).
+#[derive(utoipa::IntoResponses)]
+#[expect(dead_code, reason = "describes answers for the OpenAPI document only")]
+enum OperatorAnswer {
+    /// The action was applied; the run's status after it.
+    #[response(status = 200)]
+    Applied(OperateResponse),
+    /// No run has this id, or, for a step's action, no step this id (`not_found`).
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// The run's state does not allow the action (`conflict`, with the reason).
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+}
+
 /// The body of an action that takes no arguments: none, or `{}`. A field is refused, as in every
 /// request body, so that a client that expects it to mean something learns that it does not.
 #[derive(Default, Deserialize)]
@@ -351,17 +409,13 @@ struct NoArguments {}
     path = "/api/workflows/{id}/cancel",
     tag = "workflows",
     summary = "Cancel a run",
-    params(("id" = String, Path, description = "The run's id (a UUID)")),
+    params(RunPath),
     request_body(content = Option<Object>, description = "No body, or `{}`"),
-    responses(
-        (status = 200, description = "The action was applied; the run's status after it", body = OperateResponse),
-        (status = 404, description = "No run has this id", body = ErrorBody),
-        (status = 409, description = "The run's state does not allow the action (`conflict`, with the reason)", body = ErrorBody)
-    )
+    responses(OperatorAnswer)
 )]
 async fn cancel<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(id): Path<String>,
+    Path(RunPath { id }): Path<RunPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
@@ -373,17 +427,13 @@ async fn cancel<B: Backend>(
     path = "/api/workflows/{id}/pause",
     tag = "workflows",
     summary = "Pause a run: no new step starts until it is resumed",
-    params(("id" = String, Path, description = "The run's id (a UUID)")),
+    params(RunPath),
     request_body(content = Option<Object>, description = "No body, or `{}`"),
-    responses(
-        (status = 200, description = "The action was applied; the run's status after it", body = OperateResponse),
-        (status = 404, description = "No run has this id", body = ErrorBody),
-        (status = 409, description = "The run's state does not allow the action (`conflict`, with the reason)", body = ErrorBody)
-    )
+    responses(OperatorAnswer)
 )]
 async fn pause<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(id): Path<String>,
+    Path(RunPath { id }): Path<RunPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
@@ -395,17 +445,13 @@ async fn pause<B: Backend>(
     path = "/api/workflows/{id}/resume",
     tag = "workflows",
     summary = "Resume a paused run",
-    params(("id" = String, Path, description = "The run's id (a UUID)")),
+    params(RunPath),
     request_body(content = Option<Object>, description = "No body, or `{}`"),
-    responses(
-        (status = 200, description = "The action was applied; the run's status after it", body = OperateResponse),
-        (status = 404, description = "No run has this id", body = ErrorBody),
-        (status = 409, description = "The run's state does not allow the action (`conflict`, with the reason)", body = ErrorBody)
-    )
+    responses(OperatorAnswer)
 )]
 async fn resume<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(id): Path<String>,
+    Path(RunPath { id }): Path<RunPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
@@ -417,17 +463,13 @@ async fn resume<B: Backend>(
     path = "/api/workflows/{id}/retry",
     tag = "workflows",
     summary = "Retry a run's failed steps, or one step",
-    params(("id" = String, Path, description = "The run's id (a UUID)")),
+    params(RunPath),
     request_body(content = Option<RetryRequest>, description = "Optional: the step to retry"),
-    responses(
-        (status = 200, description = "The action was applied; the run's status after it", body = OperateResponse),
-        (status = 404, description = "No run has this id, or it has no such step", body = ErrorBody),
-        (status = 409, description = "The run's state does not allow the action (`conflict`, with the reason)", body = ErrorBody)
-    )
+    responses(OperatorAnswer)
 )]
 async fn retry<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(id): Path<String>,
+    Path(RunPath { id }): Path<RunPath>,
     Actor(actor): Actor,
     OptionalJson(RetryRequest { step }): OptionalJson<RetryRequest>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
@@ -439,17 +481,13 @@ async fn retry<B: Backend>(
     path = "/api/workflows/{id}/steps/{step}/skip",
     tag = "workflows",
     summary = "Skip a step of a run",
-    params(("id" = String, Path, description = "The run's id (a UUID)"), ("step" = String, Path, description = "The step's id in the definition")),
+    params(StepPath),
     request_body(content = Option<Object>, description = "No body, or `{}`"),
-    responses(
-        (status = 200, description = "The action was applied; the run's status after it", body = OperateResponse),
-        (status = 404, description = "No run has this id, or it has no such step", body = ErrorBody),
-        (status = 409, description = "The run's state does not allow the action (`conflict`, with the reason)", body = ErrorBody)
-    )
+    responses(OperatorAnswer)
 )]
 async fn skip<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path((id, step)): Path<(String, String)>,
+    Path(StepPath { id, step }): Path<StepPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
@@ -461,17 +499,13 @@ async fn skip<B: Backend>(
     path = "/api/workflows/{id}/steps/{step}/complete",
     tag = "workflows",
     summary = "Complete a step of a run by hand, with its output",
-    params(("id" = String, Path, description = "The run's id (a UUID)"), ("step" = String, Path, description = "The step's id in the definition")),
+    params(StepPath),
     request_body = CompleteRequest,
-    responses(
-        (status = 200, description = "The action was applied; the run's status after it", body = OperateResponse),
-        (status = 404, description = "No run has this id, or it has no such step", body = ErrorBody),
-        (status = 409, description = "The run's state does not allow the action (`conflict`, with the reason)", body = ErrorBody)
-    )
+    responses(OperatorAnswer)
 )]
 async fn complete<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path((id, step)): Path<(String, String)>,
+    Path(StepPath { id, step }): Path<StepPath>,
     Actor(actor): Actor,
     Json(CompleteRequest { output }): Json<CompleteRequest>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
@@ -509,7 +543,7 @@ async fn operate<B: Backend>(
     path = "/api/workflows/{id}/report",
     tag = "workflows",
     summary = "A run's report: per step its attempts, waits and durations",
-    params(("id" = String, Path, description = "The run's id (a UUID)")),
+    params(RunPath),
     responses(
         (status = 200, description = "The run's report", body = RunReport),
         (status = 404, description = "No run has this id", body = ErrorBody)
@@ -517,7 +551,7 @@ async fn operate<B: Backend>(
 )]
 async fn run_report<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(id): Path<String>,
+    Path(RunPath { id }): Path<RunPath>,
 ) -> Result<axum::Json<RunReport>, ApiError> {
     let id = run_id(&id)?;
     match backend.report(id).await? {
@@ -531,7 +565,7 @@ async fn run_report<B: Backend>(
     path = "/api/workflows/{id}/events",
     tag = "workflows",
     summary = "A run's history, oldest first",
-    params(("id" = String, Path, description = "The run's id (a UUID)")),
+    params(RunPath),
     responses(
         (status = 200, description = "The run's events", body = RunEventList),
         (status = 404, description = "No run has this id", body = ErrorBody)
@@ -539,7 +573,7 @@ async fn run_report<B: Backend>(
 )]
 async fn run_events<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(id): Path<String>,
+    Path(RunPath { id }): Path<RunPath>,
 ) -> Result<axum::Json<RunEventList>, ApiError> {
     let id = run_id(&id)?;
     match backend.events(id).await? {
@@ -638,7 +672,7 @@ async fn list_definitions<B: Backend>(
     path = "/api/definitions/{name}",
     tag = "definitions",
     summary = "A registered definition, at its latest or a given version",
-    params(("name" = String, Path, description = "The definition's name"), DefinitionQuery),
+    params(DefinitionPath, DefinitionQuery),
     responses(
         (status = 200, description = "The definition", body = DefinitionDetail),
         (status = 404, description = "No definition has this name, or no such version", body = ErrorBody)
@@ -646,7 +680,7 @@ async fn list_definitions<B: Backend>(
 )]
 async fn get_definition<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(name): Path<String>,
+    Path(DefinitionPath { name }): Path<DefinitionPath>,
     Query(DefinitionQuery { version }): Query<DefinitionQuery>,
 ) -> Result<axum::Json<DefinitionDetail>, ApiError> {
     backend
@@ -661,7 +695,7 @@ async fn get_definition<B: Backend>(
     path = "/api/definitions/{name}/versions",
     tag = "definitions",
     summary = "Every version of a definition",
-    params(("name" = String, Path, description = "The definition's name")),
+    params(DefinitionPath),
     responses(
         (status = 200, description = "The versions", body = DefinitionVersions),
         (status = 404, description = "No definition has this name", body = ErrorBody)
@@ -669,7 +703,7 @@ async fn get_definition<B: Backend>(
 )]
 async fn definition_versions<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(name): Path<String>,
+    Path(DefinitionPath { name }): Path<DefinitionPath>,
 ) -> Result<axum::Json<DefinitionVersions>, ApiError> {
     let versions = backend.definition_versions(&name).await?;
     if versions.is_empty() {
@@ -732,7 +766,7 @@ async fn list_breakers<B: Backend>(
     path = "/api/agents/{name}/breaker/reset",
     tag = "agents",
     summary = "Close an agent's circuit breaker",
-    params(("name" = String, Path, description = "The agent's name")),
+    params(AgentPath),
     request_body(content = Option<Object>, description = "No body, or `{}`"),
     responses(
         (status = 200, description = "The breaker after the reset", body = BreakerSummary),
@@ -741,7 +775,7 @@ async fn list_breakers<B: Backend>(
 )]
 async fn reset_breaker<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(agent): Path<String>,
+    Path(AgentPath { name: agent }): Path<AgentPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<BreakerSummary>, ApiError> {
@@ -1038,7 +1072,7 @@ async fn list_schedules<B: Backend>(
     path = "/api/schedules/{id}",
     tag = "schedules",
     summary = "One schedule",
-    params(("id" = String, Path, description = "The schedule's id: the name of its definition")),
+    params(SchedulePath),
     responses(
         (status = 200, description = "The schedule", body = ScheduleSummary),
         (status = 404, description = "No schedule has this id", body = ErrorBody)
@@ -1046,7 +1080,7 @@ async fn list_schedules<B: Backend>(
 )]
 async fn get_schedule<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(id): Path<String>,
+    Path(SchedulePath { id }): Path<SchedulePath>,
 ) -> Result<axum::Json<ScheduleSummary>, ApiError> {
     backend
         .schedule(&id)
@@ -1060,7 +1094,7 @@ async fn get_schedule<B: Backend>(
     path = "/api/schedules/{id}",
     tag = "schedules",
     summary = "Remove a schedule",
-    params(("id" = String, Path, description = "The schedule's id: the name of its definition")),
+    params(SchedulePath),
     responses(
         (status = 204, description = "The schedule was removed"),
         (status = 404, description = "No schedule has this id", body = ErrorBody)
@@ -1068,7 +1102,7 @@ async fn get_schedule<B: Backend>(
 )]
 async fn delete_schedule<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(id): Path<String>,
+    Path(SchedulePath { id }): Path<SchedulePath>,
 ) -> Result<StatusCode, ApiError> {
     if backend.delete_schedule(&id).await? {
         tracing::info!(schedule = %id, "schedule removed");
@@ -1105,7 +1139,7 @@ async fn list_agents<B: Backend>(
     path = "/api/agents/{name}",
     tag = "agents",
     summary = "One agent with its workers",
-    params(("name" = String, Path, description = "The agent's name")),
+    params(AgentPath),
     responses(
         (status = 200, description = "The agent", body = AgentStatus),
         (status = 404, description = "No worker serves this agent and no step waits for it", body = ErrorBody)
@@ -1113,7 +1147,7 @@ async fn list_agents<B: Backend>(
 )]
 async fn get_agent<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(name): Path<String>,
+    Path(AgentPath { name }): Path<AgentPath>,
 ) -> Result<axum::Json<AgentStatus>, ApiError> {
     backend
         .agents(Some(&name))
@@ -1133,14 +1167,14 @@ async fn get_agent<B: Backend>(
     path = "/api/agents/{name}/health",
     tag = "agents",
     summary = "An agent's health; `no_workers` for one nobody serves",
-    params(("name" = String, Path, description = "The agent's name")),
+    params(AgentPath),
     responses(
         (status = 200, description = "The agent's health", body = AgentHealth)
     )
 )]
 async fn agent_health<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(name): Path<String>,
+    Path(AgentPath { name }): Path<AgentPath>,
 ) -> Result<axum::Json<AgentHealth>, ApiError> {
     let status = backend.agents(Some(&name)).await?.pop();
     let health = match status {

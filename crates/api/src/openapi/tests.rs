@@ -11,14 +11,14 @@ use crate::auth::tests::FakeAccess;
 use crate::routes::tests::{FakeBackend, FakeProbe};
 use crate::{Guard, Limits, router_with_health, secure};
 
-/// What the coordinator serves: the API, health and metrics, tokens and audit.
-fn app() -> Router {
+/// What the coordinator serves: the API, health and metrics, tokens and audit; with
+/// authentication on or off, and `/metrics` behind it when on.
+fn app(authentication: bool) -> Router {
     let guard = Guard {
         access: Arc::new(FakeAccess::default()),
         jwt: None,
-        // Off, so that a request reaches its route and a wrong method gets 405.
-        enabled: false,
-        protect_metrics: false,
+        enabled: authentication,
+        protect_metrics: authentication,
         trust_forwarded_for: false,
     };
     secure(
@@ -101,7 +101,8 @@ fn documented(doc: &Value) -> BTreeMap<String, BTreeSet<String>> {
 
 #[tokio::test]
 async fn every_route_of_the_router_is_documented_with_its_methods() {
-    let app = app();
+    // Authentication off, so that a request reaches its route and a wrong method gets 405.
+    let app = app(false);
     let patterns = route_patterns(&app);
     // The table was read: a change of its form must fail here, not pass with nothing checked.
     for known in [
@@ -122,22 +123,7 @@ async fn every_route_of_the_router_is_documented_with_its_methods() {
 
 #[tokio::test]
 async fn the_document_is_served_without_credentials() {
-    let guard = Guard {
-        access: Arc::new(FakeAccess::default()),
-        jwt: None,
-        enabled: true,
-        protect_metrics: true,
-        trust_forwarded_for: false,
-    };
-    let app = secure(
-        router_with_health(
-            Arc::new(FakeBackend::default()),
-            FakeProbe::new(Vec::new()),
-            Limits::default(),
-        ),
-        guard,
-        Limits::default(),
-    );
+    let app = app(true);
     let request = Request::builder()
         .uri(super::PATH)
         .body(Body::empty())
