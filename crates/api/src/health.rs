@@ -109,6 +109,8 @@ async fn health<P: Probe>(State(probe): State<Arc<P>>) -> axum::Json<HealthRepor
     path = "/metrics",
     tag = "health",
     summary = "Prometheus metrics (text format 0.0.4)",
+    description = "Open by default; a coordinator that protects its metrics \
+                   (`FLOTILLA_PROTECT_METRICS=true`) asks for a credential with scope `read`.",
     responses(
         (status = 200, description = "The metrics", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String)
     )

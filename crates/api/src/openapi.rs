@@ -83,7 +83,10 @@ pub fn document() -> utoipa::openapi::OpenApi {
     tag = "meta",
     summary = "This document: the OpenAPI 3 description of every route",
     responses(
-        (status = 200, description = "The document", content_type = "application/json", body = Object)
+        (
+            status = 200, description = "The document",
+            content_type = "application/json", body = Object
+        )
     )
 )]
 pub(crate) async fn serve() -> axum::Json<utoipa::openapi::OpenApi> {
@@ -126,11 +129,20 @@ fn share(path: &str, method: &Method, operation: &mut Operation) {
         "Internal error; the message gives an incident id to find in the coordinator's log",
     )];
     if takes_input {
-        errors.push((400, "The request is malformed or invalid (`invalid_request`, `invalid_yaml`, `invalid_definition`)"));
+        errors.push((
+            400,
+            "The request is malformed or invalid \
+             (`invalid_request`, `invalid_yaml`, `invalid_definition`)",
+        ));
     }
     if operation.request_body.is_some() {
-        errors.push((413, "The request is over one of the coordinator's limits (`payload_too_large`); `details` names it"));
+        errors.push((
+            413,
+            "The request is over one of the coordinator's limits (`payload_too_large`); \
+             `details` names it",
+        ));
     }
+    // `/metrics` as served by default: open (see the `/metrics` operation's description).
     if !is_open(path, false) {
         let scope = required_scope(method, path).as_str();
         operation.security = Some(vec![SecurityRequirement::new(BEARER, [scope])]);
