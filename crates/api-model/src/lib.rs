@@ -27,6 +27,7 @@ pub use access::{
 /// `POST /api/workflows/execute`: start a run. Exactly one of `workflow`, `definition` and `yaml`
 /// names what to run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExecuteRequest {
     /// The name of a registered definition (also accepted as `name`); its latest revision runs,
@@ -63,6 +64,7 @@ pub struct ExecuteRequest {
 /// [`IDEMPOTENT_REPLAYED_HEADER`]`: true` when an earlier request with the same
 /// [`IDEMPOTENCY_KEY_HEADER`] had started it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ExecuteResponse {
     pub workflow_id: Uuid,
@@ -146,6 +148,7 @@ pub fn trace_id(workflow_id: Uuid) -> String {
 
 /// `GET /api/workflows/{id}`: a run and all its steps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct WorkflowResult {
     pub workflow_id: Uuid,
@@ -186,6 +189,7 @@ pub struct WorkflowResult {
 
 /// The step of another run that started a run as its sub-workflow.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ParentRun {
     pub workflow_id: Uuid,
@@ -194,6 +198,7 @@ pub struct ParentRun {
 
 /// One step of a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct StepResult {
     pub step_id: String,
@@ -244,6 +249,7 @@ fn first_strike() -> u8 {
 
 /// Step counts of a run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Metrics {
     pub total_steps: usize,
@@ -254,6 +260,7 @@ pub struct Metrics {
 
 /// A run as listed by `GET /api/workflows`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RunSummary {
     pub workflow_id: Uuid,
@@ -270,6 +277,7 @@ pub struct RunSummary {
 
 /// One page of runs, newest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RunPage {
     pub workflows: Vec<RunSummary>,
@@ -280,6 +288,8 @@ pub struct RunPage {
 
 /// The query string of `GET /api/workflows`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 #[serde(rename_all = "camelCase")]
 pub struct RunQuery {
     /// Only runs with this status.
@@ -339,6 +349,7 @@ impl Operation {
 /// The body of `POST /api/workflows/{id}/retry`, which may also be left out: without `step`,
 /// every failed step is retried.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryRequest {
     /// Only this failed step.
@@ -348,6 +359,7 @@ pub struct RetryRequest {
 
 /// The body of `POST /api/workflows/{id}/steps/{step}/complete`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CompleteRequest {
     /// The step's output, as if its agent had returned it: any JSON, `null` included. Required,
@@ -357,6 +369,7 @@ pub struct CompleteRequest {
 
 /// The answer to an operator's request that was carried out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct OperateResponse {
     pub workflow_id: Uuid,
@@ -368,6 +381,7 @@ pub struct OperateResponse {
 
 /// One entry of a run's history: something an operator did to it, who and when.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RunEvent {
     pub at: DateTime<Utc>,
@@ -386,6 +400,7 @@ pub struct RunEvent {
 
 /// `GET /api/workflows/{id}/events`: the run's history, oldest first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RunEventList {
     pub events: Vec<RunEvent>,
@@ -394,6 +409,7 @@ pub struct RunEventList {
 /// `POST /api/definitions`: register a new revision of a definition. Exactly one of
 /// `definition` and `yaml` must be given.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RegisterDefinitionRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -404,6 +420,7 @@ pub struct RegisterDefinitionRequest {
 
 /// A registered definition revision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct DefinitionSummary {
     pub name: String,
@@ -423,6 +440,7 @@ pub struct DefinitionSummary {
 
 /// `GET /api/definitions`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct DefinitionList {
     pub definitions: Vec<DefinitionSummary>,
@@ -430,6 +448,7 @@ pub struct DefinitionList {
 
 /// `GET /api/definitions/{name}`: one revision and its content.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct DefinitionDetail {
     #[serde(flatten)]
@@ -440,6 +459,7 @@ pub struct DefinitionDetail {
 
 /// `GET /api/definitions/{name}/versions`: every revision, oldest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct DefinitionVersions {
     pub name: String,
@@ -448,6 +468,8 @@ pub struct DefinitionVersions {
 
 /// The query string of `GET /api/definitions/{name}`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DefinitionQuery {
     /// The definition's `version:` or a revision number; the latest revision when unset.
@@ -457,6 +479,8 @@ pub struct DefinitionQuery {
 
 /// The query string of `GET /api/dlq`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetterQuery {
     /// Only dead letters not redriven yet (`true` when unset), or all of them (`false`).
@@ -470,6 +494,7 @@ pub struct DeadLetterQuery {
 /// A task RabbitMQ dead-lettered (delivered too often, or rejected by a worker). The step it
 /// carried failed with `reason`; a redrive gives the step a new attempt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetterSummary {
     pub id: Uuid,
@@ -497,6 +522,7 @@ pub struct DeadLetterSummary {
 
 /// `GET /api/agents/breakers`: each agent's circuit breaker, by agent name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct BreakerList {
     pub breakers: Vec<BreakerSummary>,
@@ -504,6 +530,7 @@ pub struct BreakerList {
 
 /// One agent's circuit breaker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct BreakerSummary {
     pub agent: String,
@@ -531,6 +558,7 @@ pub struct BreakerSummary {
 
 /// `GET /api/dlq`: dead letters, newest first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetterList {
     pub dead_letters: Vec<DeadLetterSummary>,
@@ -539,6 +567,7 @@ pub struct DeadLetterList {
 /// `POST /api/dlq/redrive`: give the steps of dead letters a new attempt. Exactly one of a
 /// non-empty `ids` and `all: true` must be given.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RedriveRequest {
     /// These dead letters.
@@ -551,6 +580,7 @@ pub struct RedriveRequest {
 
 /// What a redrive did with one dead letter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RedriveOutcome {
     pub dead_letter: Uuid,
@@ -576,6 +606,7 @@ impl RedriveOutcome {
 /// The answer to [`RedriveRequest`]: one outcome per dead letter named (in the order named), or
 /// per dead letter found with `all`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RedriveResponse {
     pub redriven: Vec<RedriveOutcome>,
@@ -585,6 +616,7 @@ pub struct RedriveResponse {
 /// checked when asked. `GET /health/ready` answers 503 with an [`ErrorBody`] instead when a part
 /// is failing; its `details` is this report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HealthReport {
     /// `ok` when every check is, else `failing`.
@@ -596,6 +628,7 @@ pub struct HealthReport {
 
 /// One part of a [`HealthReport`], e.g. `postgres` or `rabbitmq`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HealthCheck {
     pub name: String,
@@ -656,6 +689,8 @@ impl HealthReport {
 
 /// The query string of `GET /api/metrics/summary`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 pub struct SummaryQuery {
     /// How far back to look, e.g. `30m`, `1h`, `7d` (see [`parse_range`]); `1h` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -700,6 +735,7 @@ pub fn parse_range(range: &str) -> Result<std::time::Duration, String> {
 /// `GET /api/metrics/summary`: the attempts that ended over a range, read from Postgres, so
 /// the same whichever coordinator answers and across restarts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct MetricsSummary {
     /// The range asked for, as given (e.g. `1h`).
@@ -720,6 +756,7 @@ pub struct MetricsSummary {
 
 /// One agent's attempts in a [`MetricsSummary`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct AgentSummary {
     pub agent: String,
@@ -739,6 +776,7 @@ pub struct AgentSummary {
 /// `GET /api/agents`: every agent with a registered worker or an attempt waiting for one, in
 /// name order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct AgentList {
     pub agents: Vec<AgentStatus>,
@@ -746,6 +784,7 @@ pub struct AgentList {
 
 /// `GET /api/agents/{name}`: an agent's workers and what waits for them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct AgentStatus {
     pub name: String,
@@ -766,6 +805,7 @@ pub struct AgentStatus {
 
 /// A worker of the registry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerStatus {
     pub worker_id: String,
@@ -798,6 +838,7 @@ pub struct WorkerStatus {
 
 /// `GET /api/agents/{name}/health`: whether some worker can start the agent's tasks now.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct AgentHealth {
     pub name: String,
@@ -819,6 +860,7 @@ pub const AGENT_NO_WORKERS: &str = "no_workers";
 
 /// The body of every error response, whatever the route.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ErrorBody {
     pub error: ErrorDetail,
@@ -826,6 +868,7 @@ pub struct ErrorBody {
 
 /// What went wrong.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ErrorDetail {
     /// A stable snake_case word for programs to match on, e.g. `invalid_yaml`, `not_found`.
@@ -841,6 +884,7 @@ pub struct ErrorDetail {
 /// most one schedule: posting another for the same definition replaces it (as registering a
 /// definition with a `schedule:` does).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ScheduleRequest {
     /// The registered definition's name; each tick runs its latest revision.
@@ -863,6 +907,7 @@ pub struct ScheduleRequest {
 
 /// A schedule. Its id is the name of the definition it runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ScheduleSummary {
     pub id: String,
@@ -883,6 +928,7 @@ pub struct ScheduleSummary {
 
 /// `GET /api/schedules`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ScheduleList {
     pub schedules: Vec<ScheduleSummary>,
@@ -890,6 +936,7 @@ pub struct ScheduleList {
 
 /// `GET /api/workflows/{id}/report`: what a run did, step by step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RunReport {
     pub workflow_id: Uuid,
@@ -907,6 +954,7 @@ pub struct RunReport {
 
 /// One step of a [`RunReport`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct StepReport {
     pub step_id: String,
@@ -933,6 +981,7 @@ pub struct StepReport {
 /// One strike of a [`StepReport`]: 1 the step's own attempts, 2 its fallback's, 3 its
 /// escalation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct StrikeReport {
     pub strike: u8,
@@ -961,6 +1010,7 @@ pub struct StrikeReport {
 
 /// One attempt of a [`StepReport`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct AttemptReport {
     pub attempt: u32,

@@ -9,13 +9,13 @@
 //! | `DELETE /api/tokens/{id}`  | 200 [`TokenSummary`], revoked                       |
 //! | `GET    /api/audit`        | 200 [`AuditPage`] (query: [`AuditQuery`])           |
 //!
-//! Every route but `/health*` (and `/metrics`, unless [`Guard::protect_metrics`]) takes a
-//! credential as `Authorization: Bearer <credential>`: none, or one that is not valid, is answered
-//! 401 (`unauthorized`, with `WWW-Authenticate: Bearer`); a valid one without the route's scope,
-//! 403 (`forbidden`). The scope a route needs follows from its method and path
-//! ([`required_scope`]): reads need `read`, submitting `execute`, the operator actions on a run
-//! and dead-letter redrives `operate`, everything else (definitions, schedules, tokens, the audit
-//! log, and any route not named here) `admin`, which implies every other scope.
+//! Every route but `/health*`, `/api/openapi.json` (and `/metrics`, unless
+//! [`Guard::protect_metrics`]) takes a credential as `Authorization: Bearer <credential>`: none, or
+//! one that is not valid, is answered 401 (`unauthorized`, with `WWW-Authenticate: Bearer`); a
+//! valid one without the route's scope, 403 (`forbidden`). The scope a route needs follows from its
+//! method and path ([`required_scope`]): reads need `read`, submitting `execute`, the operator
+//! actions on a run and dead-letter redrives `operate`, everything else (definitions, schedules,
+//! tokens, the audit log, and any route not named here) `admin`, which implies every other scope.
 //!
 //! An API token is [`TOKEN_PREFIX`] and 64 hex digits (256 random bits); only its SHA-256 is
 //! stored, and it is looked up by that hash, so the time a lookup takes says nothing about the
@@ -37,7 +37,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use flotilla_api_model::{
-    AuditPage, AuditQuery, CreatedToken, NewTokenRequest, SCOPES, TokenList, TokenSummary,
+    AuditPage, AuditQuery, CreatedToken, ErrorBody, NewTokenRequest, SCOPES, TokenList,
+    TokenSummary,
 };
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -389,8 +390,11 @@ pub fn secure<A: Access>(app: Router, guard: Guard<A>, limits: Limits) -> Router
 }
 
 /// Whether a path is served without a credential.
-fn is_open(path: &str, protect_metrics: bool) -> bool {
-    path == "/health" || path.starts_with("/health/") || (path == "/metrics" && !protect_metrics)
+pub(crate) fn is_open(path: &str, protect_metrics: bool) -> bool {
+    path == "/health"
+        || path.starts_with("/health/")
+        || path == crate::openapi::PATH
+        || (path == "/metrics" && !protect_metrics)
 }
 
 async fn authorize<A: Access>(
@@ -547,6 +551,16 @@ impl<A> axum::extract::FromRef<AccessState<A>> for Limits {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/tokens",
+    tag = "access",
+    summary = "Create an API token; its value is shown only in this answer",
+    request_body = NewTokenRequest,
+    responses(
+        (status = 201, description = "The token, with its value", body = CreatedToken)
+    )
+)]
 async fn create_token<A: Access>(
     State(state): State<AccessState<A>>,
     Json(NewTokenRequest { name, scopes }): Json<NewTokenRequest>,
@@ -591,6 +605,15 @@ async fn create_token<A: Access>(
     Ok(response)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/tokens",
+    tag = "access",
+    summary = "Every API token, revoked ones too (never their values)",
+    responses(
+        (status = 200, description = "The tokens", body = TokenList)
+    )
+)]
 async fn list_tokens<A: Access>(
     State(state): State<AccessState<A>>,
 ) -> Result<axum::Json<TokenList>, ApiError> {
@@ -599,6 +622,17 @@ async fn list_tokens<A: Access>(
     }))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/tokens/{id}",
+    tag = "access",
+    summary = "Revoke an API token",
+    params(("id" = String, Path, description = "The token's id (a UUID)")),
+    responses(
+        (status = 200, description = "The revoked token", body = TokenSummary),
+        (status = 404, description = "No token has this id", body = ErrorBody)
+    )
+)]
 async fn revoke_token<A: Access>(
     State(state): State<AccessState<A>>,
     Path(id): Path<String>,
@@ -615,6 +649,16 @@ async fn revoke_token<A: Access>(
     Ok(axum::Json(revoked))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/audit",
+    tag = "access",
+    summary = "The audit log of state-changing requests, newest first",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "One page of the audit log", body = AuditPage)
+    )
+)]
 async fn list_audit<A: Access>(
     State(state): State<AccessState<A>>,
     Query(mut query): Query<AuditQuery>,
@@ -628,4 +672,4 @@ async fn list_audit<A: Access>(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

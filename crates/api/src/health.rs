@@ -18,7 +18,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use flotilla_api_model::{HealthCheck, HealthReport};
+use flotilla_api_model::{ErrorBody, HealthCheck, HealthReport};
 
 use crate::error::ApiError;
 
@@ -49,10 +49,29 @@ pub(crate) fn routes<P: Probe>(probe: Arc<P>) -> Router {
         .with_state(probe)
 }
 
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    tag = "health",
+    summary = "Liveness: answers as long as the process serves",
+    responses(
+        (status = 200, description = "Alive (no checks run)", body = HealthReport)
+    )
+)]
 async fn live<P: Probe>(State(probe): State<Arc<P>>) -> axum::Json<HealthReport> {
     axum::Json(HealthReport::of(probe.version(), Vec::new()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    tag = "health",
+    summary = "Readiness: every dependency answers",
+    responses(
+        (status = 200, description = "Ready", body = HealthReport),
+        (status = 503, description = "A check failed (`unavailable`); the report is in `details`", body = ErrorBody)
+    )
+)]
 async fn ready<P: Probe>(
     State(probe): State<Arc<P>>,
 ) -> Result<axum::Json<HealthReport>, ApiError> {
@@ -72,10 +91,30 @@ async fn ready<P: Probe>(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "health",
+    summary = "Each dependency, `ok` or `failing`, with a message",
+    responses(
+        (status = 200, description = "The health report", body = HealthReport)
+    )
+)]
 async fn health<P: Probe>(State(probe): State<Arc<P>>) -> axum::Json<HealthReport> {
     axum::Json(HealthReport::of(probe.version(), probe.checks().await))
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    summary = "Prometheus metrics (text format 0.0.4)",
+    description = "Open by default; a coordinator that protects its metrics \
+                   (`FLOTILLA_PROTECT_METRICS=true`) asks for a credential with scope `read`.",
+    responses(
+        (status = 200, description = "The metrics", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String)
+    )
+)]
 async fn metrics<P: Probe>(State(probe): State<Arc<P>>) -> Response {
     (
         [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],

@@ -16,6 +16,7 @@
 //! | `GET  /api/definitions`                          | 200 [`DefinitionList`]                   |
 //! | `GET  /api/dlq`                                  | 200 [`DeadLetterList`] (query: [`DeadLetterQuery`]) |
 //! | `POST /api/dlq/redrive`                          | 200 [`RedriveResponse`] (body: [`RedriveRequest`]) |
+//! | `GET  /api/openapi.json`                         | 200, the OpenAPI 3 document of every route (see [`openapi`]); no credential needed |
 //!
 //! [`router_with_health`] adds `/health/live`, `/health/ready`, `/health` and `/metrics` over a
 //! [`Probe`] (see [`health`]); [`health_router`] serves those alone, for workers.
@@ -29,7 +30,7 @@
 //! [`into_make_service_with_connect_info`](axum::Router::into_make_service_with_connect_info)
 //! (`anonymous` otherwise).
 //!
-//! [`secure`] puts every route but `/health*` and `/metrics` behind credentials and scopes, audits
+//! [`secure`] puts every route but `/health*`, `/api/openapi.json` and `/metrics` behind credentials and scopes, audits
 //! every state-changing request, and adds the token and audit routes (see [`auth`]).
 //!
 //! This crate parses and validates what clients send (definitions are compiled with
@@ -59,6 +60,7 @@ mod backend;
 mod error;
 mod extract;
 pub mod health;
+pub mod openapi;
 mod routes;
 
 pub use auth::{Access, Guard, secure};

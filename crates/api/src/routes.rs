@@ -12,10 +12,10 @@ use flotilla_api_model::{
     AGENT_HEALTHY, AGENT_NO_WORKERS, AgentHealth, AgentList, AgentStatus, BreakerList,
     BreakerSummary, CompleteRequest, DEFAULT_SUMMARY_RANGE, DeadLetterList, DeadLetterQuery,
     DefinitionDetail, DefinitionList, DefinitionQuery, DefinitionSummary, DefinitionVersions,
-    ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, MetricsSummary, OperateResponse,
-    Operation, RedriveOutcome, RedriveRequest, RedriveResponse, RegisterDefinitionRequest,
-    RetryRequest, RunEventList, RunPage, RunQuery, RunReport, ScheduleList, ScheduleRequest,
-    ScheduleSummary, Submitted, SummaryQuery, WorkflowResult,
+    ErrorBody, ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, MetricsSummary,
+    OperateResponse, Operation, RedriveOutcome, RedriveRequest, RedriveResponse,
+    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, RunReport,
+    ScheduleList, ScheduleRequest, ScheduleSummary, Submitted, SummaryQuery, WorkflowResult,
 };
 use flotilla_core::schedule::{Missed, Overlap, Schedule};
 use flotilla_core::{Definition, Plan, RunStatus, Subset};
@@ -202,9 +202,23 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
         .route("/api/agents", get(list_agents::<B>))
         .route("/api/agents/{name}", get(get_agent::<B>))
         .route("/api/agents/{name}/health", get(agent_health::<B>))
+        .route(crate::openapi::PATH, get(crate::openapi::serve))
         .with_state(AppState { backend, limits })
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/workflows/execute",
+    tag = "workflows",
+    summary = "Start a run of a registered or inline definition",
+    request_body = ExecuteRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the run an earlier request with this key started")),
+    responses(
+        (status = 202, description = "The run was started", body = ExecuteResponse),
+        (status = 200, description = "An earlier request with this `Idempotency-Key` started the run; nothing new was started", body = ExecuteResponse),
+        (status = 404, description = "No registered definition has this name or version", body = ErrorBody)
+    )
+)]
 async fn execute<B: Backend>(
     State(backend): State<Arc<B>>,
     State(limits): State<Limits>,
@@ -293,9 +307,20 @@ async fn execute<B: Backend>(
     Ok(response)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/workflows/{id}",
+    tag = "workflows",
+    summary = "One run with its steps",
+    params(RunPath),
+    responses(
+        (status = 200, description = "The run", body = WorkflowResult),
+        (status = 404, description = "No run has this id", body = ErrorBody)
+    )
+)]
 async fn get_run<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(id): Path<String>,
+    Path(RunPath { id }): Path<RunPath>,
 ) -> Result<axum::Json<WorkflowResult>, ApiError> {
     let id = run_id(&id)?;
     match backend.run(id).await? {
@@ -315,60 +340,172 @@ fn run_not_found(id: Uuid) -> ApiError {
     ApiError::not_found(format!("workflow run {id} not found"))
 }
 
+/// The path of a run's routes.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+struct RunPath {
+    /// The run's id (a UUID).
+    id: String,
+}
+
+/// The path of a step's routes.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+struct StepPath {
+    /// The run's id (a UUID).
+    id: String,
+    /// The step's id in the definition.
+    step: String,
+}
+
+/// The path of a registered definition's routes.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+struct DefinitionPath {
+    /// The definition's name.
+    name: String,
+}
+
+/// The path of an agent's routes.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+struct AgentPath {
+    /// The agent's name.
+    name: String,
+}
+
+/// The path of a schedule's routes.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+struct SchedulePath {
+    /// The schedule's id: the name of its definition.
+    id: String,
+}
+
+/// What an operator action answers, for the OpenAPI document (the handlers answer with an
+/// [`OperateResponse`] or an [`ApiError`]).
+#[derive(utoipa::IntoResponses)]
+#[expect(dead_code, reason = "describes answers for the OpenAPI document only")]
+enum OperatorAnswer {
+    /// The action was applied; the run's status after it.
+    #[response(status = 200)]
+    Applied(OperateResponse),
+    /// No run has this id, or, for a step's action, no step this id (`not_found`).
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// The run's state does not allow the action (`conflict`, with the reason).
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+}
+
 /// The body of an action that takes no arguments: none, or `{}`. A field is refused, as in every
 /// request body, so that a client that expects it to mean something learns that it does not.
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NoArguments {}
 
+#[utoipa::path(
+    post,
+    path = "/api/workflows/{id}/cancel",
+    tag = "workflows",
+    summary = "Cancel a run",
+    params(RunPath),
+    request_body(content = Option<Object>, description = "No body, or `{}`"),
+    responses(OperatorAnswer)
+)]
 async fn cancel<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(id): Path<String>,
+    Path(RunPath { id }): Path<RunPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
     operate(&*backend, &id, Operation::Cancel, actor).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/workflows/{id}/pause",
+    tag = "workflows",
+    summary = "Pause a run: no new step starts until it is resumed",
+    params(RunPath),
+    request_body(content = Option<Object>, description = "No body, or `{}`"),
+    responses(OperatorAnswer)
+)]
 async fn pause<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(id): Path<String>,
+    Path(RunPath { id }): Path<RunPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
     operate(&*backend, &id, Operation::Pause, actor).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/workflows/{id}/resume",
+    tag = "workflows",
+    summary = "Resume a paused run",
+    params(RunPath),
+    request_body(content = Option<Object>, description = "No body, or `{}`"),
+    responses(OperatorAnswer)
+)]
 async fn resume<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(id): Path<String>,
+    Path(RunPath { id }): Path<RunPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
     operate(&*backend, &id, Operation::Resume, actor).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/workflows/{id}/retry",
+    tag = "workflows",
+    summary = "Retry a run's failed steps, or one step",
+    params(RunPath),
+    request_body(content = Option<RetryRequest>, description = "Optional: the step to retry"),
+    responses(OperatorAnswer)
+)]
 async fn retry<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(id): Path<String>,
+    Path(RunPath { id }): Path<RunPath>,
     Actor(actor): Actor,
     OptionalJson(RetryRequest { step }): OptionalJson<RetryRequest>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
     operate(&*backend, &id, Operation::Retry { step }, actor).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/workflows/{id}/steps/{step}/skip",
+    tag = "workflows",
+    summary = "Skip a step of a run",
+    params(StepPath),
+    request_body(content = Option<Object>, description = "No body, or `{}`"),
+    responses(OperatorAnswer)
+)]
 async fn skip<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path((id, step)): Path<(String, String)>,
+    Path(StepPath { id, step }): Path<StepPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
     operate(&*backend, &id, Operation::Skip { step }, actor).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/workflows/{id}/steps/{step}/complete",
+    tag = "workflows",
+    summary = "Complete a step of a run by hand, with its output",
+    params(StepPath),
+    request_body = CompleteRequest,
+    responses(OperatorAnswer)
+)]
 async fn complete<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path((id, step)): Path<(String, String)>,
+    Path(StepPath { id, step }): Path<StepPath>,
     Actor(actor): Actor,
     Json(CompleteRequest { output }): Json<CompleteRequest>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
@@ -401,9 +538,20 @@ async fn operate<B: Backend>(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/workflows/{id}/report",
+    tag = "workflows",
+    summary = "A run's report: per step its attempts, waits and durations",
+    params(RunPath),
+    responses(
+        (status = 200, description = "The run's report", body = RunReport),
+        (status = 404, description = "No run has this id", body = ErrorBody)
+    )
+)]
 async fn run_report<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(id): Path<String>,
+    Path(RunPath { id }): Path<RunPath>,
 ) -> Result<axum::Json<RunReport>, ApiError> {
     let id = run_id(&id)?;
     match backend.report(id).await? {
@@ -412,9 +560,20 @@ async fn run_report<B: Backend>(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/workflows/{id}/events",
+    tag = "workflows",
+    summary = "A run's history, oldest first",
+    params(RunPath),
+    responses(
+        (status = 200, description = "The run's events", body = RunEventList),
+        (status = 404, description = "No run has this id", body = ErrorBody)
+    )
+)]
 async fn run_events<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(id): Path<String>,
+    Path(RunPath { id }): Path<RunPath>,
 ) -> Result<axum::Json<RunEventList>, ApiError> {
     let id = run_id(&id)?;
     match backend.events(id).await? {
@@ -423,6 +582,16 @@ async fn run_events<B: Backend>(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/workflows",
+    tag = "workflows",
+    summary = "List runs, newest first, one page at a time",
+    params(RunQuery),
+    responses(
+        (status = 200, description = "One page of runs", body = RunPage)
+    )
+)]
 async fn list_runs<B: Backend>(
     State(backend): State<Arc<B>>,
     Query(mut query): Query<RunQuery>,
@@ -452,6 +621,16 @@ pub(crate) fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/definitions",
+    tag = "definitions",
+    summary = "Register a definition, or a new version of one",
+    request_body = RegisterDefinitionRequest,
+    responses(
+        (status = 201, description = "The definition was registered", body = DefinitionSummary)
+    )
+)]
 async fn register_definition<B: Backend>(
     State(backend): State<Arc<B>>,
     State(limits): State<Limits>,
@@ -472,6 +651,15 @@ async fn register_definition<B: Backend>(
     Ok((StatusCode::CREATED, axum::Json(summary)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/definitions",
+    tag = "definitions",
+    summary = "The registered definitions, each at its latest version",
+        responses(
+        (status = 200, description = "The definitions", body = DefinitionList)
+    )
+)]
 async fn list_definitions<B: Backend>(
     State(backend): State<Arc<B>>,
 ) -> Result<axum::Json<DefinitionList>, ApiError> {
@@ -479,9 +667,20 @@ async fn list_definitions<B: Backend>(
     Ok(axum::Json(DefinitionList { definitions }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/definitions/{name}",
+    tag = "definitions",
+    summary = "A registered definition, at its latest or a given version",
+    params(DefinitionPath, DefinitionQuery),
+    responses(
+        (status = 200, description = "The definition", body = DefinitionDetail),
+        (status = 404, description = "No definition has this name, or no such version", body = ErrorBody)
+    )
+)]
 async fn get_definition<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(name): Path<String>,
+    Path(DefinitionPath { name }): Path<DefinitionPath>,
     Query(DefinitionQuery { version }): Query<DefinitionQuery>,
 ) -> Result<axum::Json<DefinitionDetail>, ApiError> {
     backend
@@ -491,9 +690,20 @@ async fn get_definition<B: Backend>(
         .ok_or_else(|| definition_not_found(&name, version.as_deref()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/definitions/{name}/versions",
+    tag = "definitions",
+    summary = "Every version of a definition",
+    params(DefinitionPath),
+    responses(
+        (status = 200, description = "The versions", body = DefinitionVersions),
+        (status = 404, description = "No definition has this name", body = ErrorBody)
+    )
+)]
 async fn definition_versions<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(name): Path<String>,
+    Path(DefinitionPath { name }): Path<DefinitionPath>,
 ) -> Result<axum::Json<DefinitionVersions>, ApiError> {
     let versions = backend.definition_versions(&name).await?;
     if versions.is_empty() {
@@ -511,6 +721,16 @@ fn definition_not_found(name: &str, version: Option<&str>) -> ApiError {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/dlq",
+    tag = "dlq",
+    summary = "Dead letters: tasks and results no one could handle",
+    params(DeadLetterQuery),
+    responses(
+        (status = 200, description = "The dead letters", body = DeadLetterList)
+    )
+)]
 async fn list_dead_letters<B: Backend>(
     State(backend): State<Arc<B>>,
     Query(mut query): Query<DeadLetterQuery>,
@@ -525,6 +745,15 @@ async fn list_dead_letters<B: Backend>(
     Ok(axum::Json(DeadLetterList { dead_letters }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/agents/breakers",
+    tag = "agents",
+    summary = "The circuit breakers of the agents steps have called",
+        responses(
+        (status = 200, description = "The breakers", body = BreakerList)
+    )
+)]
 async fn list_breakers<B: Backend>(
     State(backend): State<Arc<B>>,
 ) -> Result<axum::Json<BreakerList>, ApiError> {
@@ -532,9 +761,21 @@ async fn list_breakers<B: Backend>(
     Ok(axum::Json(BreakerList { breakers }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/agents/{name}/breaker/reset",
+    tag = "agents",
+    summary = "Close an agent's circuit breaker",
+    params(AgentPath),
+    request_body(content = Option<Object>, description = "No body, or `{}`"),
+    responses(
+        (status = 200, description = "The breaker after the reset", body = BreakerSummary),
+        (status = 404, description = "No step has called this agent yet", body = ErrorBody)
+    )
+)]
 async fn reset_breaker<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(agent): Path<String>,
+    Path(AgentPath { name: agent }): Path<AgentPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<BreakerSummary>, ApiError> {
@@ -550,6 +791,16 @@ async fn reset_breaker<B: Backend>(
     Ok(axum::Json(breaker))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/metrics/summary",
+    tag = "metrics",
+    summary = "Executions, successes and latency per agent over a range",
+    params(SummaryQuery),
+    responses(
+        (status = 200, description = "The summary", body = MetricsSummary)
+    )
+)]
 async fn metrics_summary<B: Backend>(
     State(backend): State<Arc<B>>,
     Query(query): Query<SummaryQuery>,
@@ -574,6 +825,16 @@ async fn metrics_summary<B: Backend>(
     }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/dlq/redrive",
+    tag = "dlq",
+    summary = "Retry dead letters, named or all pending",
+    request_body = RedriveRequest,
+    responses(
+        (status = 200, description = "One outcome per dead letter", body = RedriveResponse)
+    )
+)]
 async fn redrive<B: Backend>(
     State(backend): State<Arc<B>>,
     Json(request): Json<RedriveRequest>,
@@ -731,8 +992,18 @@ fn listing(items: &[&str], conjunction: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
+#[utoipa::path(
+    post,
+    path = "/api/schedules",
+    tag = "schedules",
+    summary = "Set the schedule of a registered definition",
+    request_body = ScheduleRequest,
+    responses(
+        (status = 201, description = "The schedule was set", body = ScheduleSummary)
+    )
+)]
 async fn create_schedule<B: Backend>(
     State(backend): State<Arc<B>>,
     Json(request): Json<ScheduleRequest>,
@@ -779,6 +1050,15 @@ fn policy<T: serde::de::DeserializeOwned + Default>(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/schedules",
+    tag = "schedules",
+    summary = "Every schedule",
+        responses(
+        (status = 200, description = "The schedules", body = ScheduleList)
+    )
+)]
 async fn list_schedules<B: Backend>(
     State(backend): State<Arc<B>>,
 ) -> Result<axum::Json<ScheduleList>, ApiError> {
@@ -787,9 +1067,20 @@ async fn list_schedules<B: Backend>(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/schedules/{id}",
+    tag = "schedules",
+    summary = "One schedule",
+    params(SchedulePath),
+    responses(
+        (status = 200, description = "The schedule", body = ScheduleSummary),
+        (status = 404, description = "No schedule has this id", body = ErrorBody)
+    )
+)]
 async fn get_schedule<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(id): Path<String>,
+    Path(SchedulePath { id }): Path<SchedulePath>,
 ) -> Result<axum::Json<ScheduleSummary>, ApiError> {
     backend
         .schedule(&id)
@@ -798,9 +1089,20 @@ async fn get_schedule<B: Backend>(
         .ok_or_else(|| schedule_not_found(&id))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/schedules/{id}",
+    tag = "schedules",
+    summary = "Remove a schedule",
+    params(SchedulePath),
+    responses(
+        (status = 204, description = "The schedule was removed"),
+        (status = 404, description = "No schedule has this id", body = ErrorBody)
+    )
+)]
 async fn delete_schedule<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(id): Path<String>,
+    Path(SchedulePath { id }): Path<SchedulePath>,
 ) -> Result<StatusCode, ApiError> {
     if backend.delete_schedule(&id).await? {
         tracing::info!(schedule = %id, "schedule removed");
@@ -816,6 +1118,15 @@ fn schedule_not_found(id: &str) -> ApiError {
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/agents",
+    tag = "agents",
+    summary = "Agents with their workers, health and queue depth",
+        responses(
+        (status = 200, description = "The agents", body = AgentList)
+    )
+)]
 async fn list_agents<B: Backend>(
     State(backend): State<Arc<B>>,
 ) -> Result<axum::Json<AgentList>, ApiError> {
@@ -823,9 +1134,20 @@ async fn list_agents<B: Backend>(
     Ok(axum::Json(AgentList { agents }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/agents/{name}",
+    tag = "agents",
+    summary = "One agent with its workers",
+    params(AgentPath),
+    responses(
+        (status = 200, description = "The agent", body = AgentStatus),
+        (status = 404, description = "No worker serves this agent and no step waits for it", body = ErrorBody)
+    )
+)]
 async fn get_agent<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(name): Path<String>,
+    Path(AgentPath { name }): Path<AgentPath>,
 ) -> Result<axum::Json<AgentStatus>, ApiError> {
     backend
         .agents(Some(&name))
@@ -840,9 +1162,19 @@ async fn get_agent<B: Backend>(
 }
 
 /// Answers for any name: an agent nobody serves is `no_workers`, which is what its health is.
+#[utoipa::path(
+    get,
+    path = "/api/agents/{name}/health",
+    tag = "agents",
+    summary = "An agent's health; `no_workers` for one nobody serves",
+    params(AgentPath),
+    responses(
+        (status = 200, description = "The agent's health", body = AgentHealth)
+    )
+)]
 async fn agent_health<B: Backend>(
     State(backend): State<Arc<B>>,
-    Path(name): Path<String>,
+    Path(AgentPath { name }): Path<AgentPath>,
 ) -> Result<axum::Json<AgentHealth>, ApiError> {
     let status = backend.agents(Some(&name)).await?.pop();
     let health = match status {

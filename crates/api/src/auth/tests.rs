@@ -25,7 +25,7 @@ const AUDIENCE: &str = "flotilla";
 
 /// Tokens by hash (revoked ones left out, as a store answers) and the audit entries written.
 #[derive(Default)]
-struct FakeAccess {
+pub(crate) struct FakeAccess {
     tokens: Mutex<Vec<([u8; 32], TokenSummary)>>,
     audit: Mutex<Vec<AuditRecord>>,
 }

@@ -45,7 +45,7 @@ steps:
 
 /// Stands in for the coordinator: keeps everything in memory and records what it was asked.
 #[derive(Default)]
-struct FakeBackend {
+pub(crate) struct FakeBackend {
     state: Mutex<FakeState>,
 }
 
@@ -2148,12 +2148,12 @@ async fn the_new_run_statuses_can_be_listed() {
 }
 
 /// Stands in for a process's health: checks as set by the test.
-struct FakeProbe {
+pub(crate) struct FakeProbe {
     checks: Mutex<Vec<flotilla_api_model::HealthCheck>>,
 }
 
 impl FakeProbe {
-    fn new(checks: Vec<flotilla_api_model::HealthCheck>) -> Arc<Self> {
+    pub(crate) fn new(checks: Vec<flotilla_api_model::HealthCheck>) -> Arc<Self> {
         Arc::new(Self {
             checks: Mutex::new(checks),
         })
