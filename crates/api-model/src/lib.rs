@@ -976,6 +976,24 @@ pub struct StepReport {
     /// `<id>[<index>]`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub instances: std::collections::BTreeMap<String, usize>,
+    /// For a step with `expect:`: what its attempts claimed and what was verified (a `for_each`
+    /// step: its instances').
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<Evidence>,
+}
+
+/// The `expect:` of a [`StepReport`]: how many attempts claimed success, how many of those the
+/// expectations verified, and why the others were not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Evidence {
+    /// The step's expectations, as written.
+    pub expect: Vec<String>,
+    pub claimed: u32,
+    pub verified: u32,
+    /// The error of each attempt that claimed success but failed an expectation, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<String>,
 }
 
 /// One strike of a [`StepReport`]: 1 the step's own attempts, 2 its fallback's, 3 its

@@ -79,6 +79,15 @@ pub struct StepDef {
     /// The steps that run instead when the condition does not hold.
     #[serde(default, rename = "else", skip_serializing_if = "Vec::is_empty")]
     pub otherwise: Vec<StepDef>,
+    /// Conditions over the step's `output` (and `params`) that a result claiming success must
+    /// meet to count as one; one that does not is a failed attempt, retried by the policy.
+    /// A string or a list of strings.
+    #[serde(
+        default,
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub expect: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetrySpec>,
     /// How long one attempt may take, from its dispatch; a late attempt fails and is retried by
@@ -228,6 +237,22 @@ fn version_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<S
             )));
         }
     })
+}
+
+/// A string or a list of strings, as a list.
+fn one_or_many<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    OneOrMany::deserialize(deserializer)
+        .map(|v| match v {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(list) => list,
+        })
+        .map_err(|_| serde::de::Error::custom("expect must be a string or a list of strings"))
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! - [`breaker`]: the circuit breaker of an agent (closed, open, half-open).
 //! - [`definition`]: the user's workflow format (YAML or JSON) and its parsing.
 //! - [`plan`]: validation, and compilation of a definition into a DAG of nodes.
-//! - [`condition`]: `condition:` expressions (CEL) over earlier steps.
+//! - [`condition`]: `condition:` expressions (CEL) over earlier steps, and `expect:` over a
+//!   step's own output.
 //! - [`retry`]: retry policy and backoff.
 //! - [`subset`]: running part of a definition (`only` / `skip`).
 //! - [`scheduler`]: a run as a state machine — an event in, the new state and the effects out.

@@ -52,6 +52,9 @@ pub struct Node {
     /// Nodes that list this one in `deps`.
     pub dependents: Vec<usize>,
     pub condition: Option<Condition>,
+    /// What a result claiming success must meet to count as one (see
+    /// [`crate::condition::check_expectations`]).
+    pub expect: Vec<Condition>,
     /// When `params` hold `${{ … }}` templates: the steps they read (resolved when the step
     /// becomes ready; see [`crate::template`]).
     pub template_steps: Option<Vec<usize>>,
@@ -466,6 +469,7 @@ fn branch<'d>(
         (step.fallback.is_some(), "fallback"),
         (step.escalate.is_some(), "escalate"),
         (step.for_each.is_some(), "for_each"),
+        (!step.expect.is_empty(), "expect"),
     ] {
         if set {
             problems.push(format!(
@@ -588,6 +592,16 @@ fn build_node(
             .map_err(|e| problems.push(format!("{} (`{id}`): condition {e}", d.place)))
             .ok()
     });
+    let expect = def
+        .expect
+        .iter()
+        .enumerate()
+        .filter_map(|(k, src)| {
+            condition::parse_expectation(src)
+                .map_err(|e| problems.push(format!("{} (`{id}`): expect[{k}] {e}", d.place)))
+                .ok()
+        })
+        .collect();
     let retry = RetryPolicy::resolve(def.retry.as_ref(), workflow_retry).unwrap_or_else(|e| {
         problems.push(format!("{} (`{id}`): {e}", d.place));
         RetryPolicy::default()
@@ -639,6 +653,7 @@ fn build_node(
         deps: Vec::new(),
         dependents: Vec::new(),
         condition,
+        expect,
         template_steps,
         retry,
         timeout: def.timeout.map(|t| t.0),

@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::breaker::{Admission, Breakers, Probe};
-use crate::condition::{Binding, Finished};
+use crate::condition::{self, Binding, Finished};
 use crate::plan::{Plan, Role};
 use crate::subset::Subset;
 
@@ -658,6 +658,21 @@ impl RunState {
                     });
                     return t;
                 }
+                let node = &plan.nodes[self.node_of(step)];
+                // A claim of success counts only if the output meets the step's `expect`; one
+                // that does not is a failure like any other, retried by the step's policy.
+                let outcome = match outcome {
+                    Outcome::Success(output) if !node.expect.is_empty() => {
+                        match condition::check_expectations(&node.expect, &self.params, &output) {
+                            Ok(()) => Outcome::Success(output),
+                            Err(message) => Outcome::Failure {
+                                message,
+                                retryable: true,
+                            },
+                        }
+                    }
+                    other => other,
+                };
                 let (success, error) = match &outcome {
                     Outcome::Success(_) => (true, None),
                     Outcome::Failure { message, .. } | Outcome::Lost { message } => {
@@ -666,7 +681,6 @@ impl RunState {
                 };
                 // Every attempt that ended counts for its agent's breaker (failures, timeouts
                 // and lost attempts alike), before a retry asks the breaker again.
-                let node = &plan.nodes[self.node_of(step)];
                 let strike = self.steps[step].strike_of(node, attempt);
                 self.breakers
                     .record(node.target(strike.is_fallback()).0, task_id, !success, now);

@@ -209,7 +209,8 @@ pub fn definitions(list: &DefinitionList) -> String {
     )
 }
 
-/// A run's report: a line on the run, a table of its steps, then each failed attempt's error.
+/// A run's report: a line on the run, a table of its steps, then each failed attempt's error,
+/// and what the steps with `expect:` claimed and verified.
 pub fn report(r: &RunReport) -> String {
     let path = if r.critical_path.is_empty() {
         "-".to_string()
@@ -252,6 +253,16 @@ pub fn report(r: &RunReport) -> String {
                 .map(|(status, n)| format!("{n} {status}"))
                 .collect();
             let _ = writeln!(out, "{} instances: {}", step.step_id, counts.join(", "));
+        }
+        if let Some(e) = &step.evidence {
+            let _ = writeln!(
+                out,
+                "{} evidence: {} claimed success, {} verified (expect: {})",
+                step.step_id,
+                e.claimed,
+                e.verified,
+                e.expect.join("; ")
+            );
         }
         // A step that went no further than its own attempts says all in the table.
         if step.strikes.iter().all(|s| s.strike == 1) && step.strikes.len() <= 1 {

@@ -8,13 +8,13 @@ use flotilla_api::{Backend, BackendError, NewSchedule, Submission};
 use flotilla_api_model::{
     AGENT_HEALTHY, AGENT_NO_WORKERS, AGENT_UNHEALTHY, AgentStatus, AgentSummary, AttemptReport,
     BreakerSummary, DeadLetterQuery, DeadLetterSummary, DefinitionDetail, DefinitionSummary,
-    Metrics, Operation, ParentRun, RedriveOutcome, RunEvent, RunPage, RunQuery, RunReport,
-    RunSummary, ScheduleSummary, StepReport, StepResult, StrikeReport, Submitted, WorkerStatus,
-    WorkflowResult,
+    Evidence, Metrics, Operation, ParentRun, RedriveOutcome, RunEvent, RunPage, RunQuery,
+    RunReport, RunSummary, ScheduleSummary, StepReport, StepResult, StrikeReport, Submitted,
+    WorkerStatus, WorkflowResult,
 };
 use flotilla_core::registry::{RegistryPolicy, WorkerHealth};
 use flotilla_core::schedule::Schedule;
-use flotilla_core::{Definition, Plan, PlanError, report};
+use flotilla_core::{Definition, Plan, PlanError, condition, report};
 use flotilla_engine::Operation as EngineOperation;
 use flotilla_engine::{EngineHandle, NewRun};
 use flotilla_store::breakers::{self, BreakerRecord};
@@ -701,6 +701,30 @@ const ENGINE_ACTOR: &str = "flotilla";
 /// history entries about it or its whole run (in time order). Attempts of one strike form one
 /// entry until the strike changes or the step escalates; each escalation is an entry with its
 /// channel, how its notification went and the operator action that followed it.
+/// What a step with `expect:` was told and what it verified: every successful attempt claimed
+/// success and met the expectations; an attempt failed by them claimed it without.
+fn evidence(
+    node: &flotilla_core::plan::Node,
+    attempts: &[&queries::AttemptRecord],
+) -> Option<Evidence> {
+    if node.expect.is_empty() {
+        return None;
+    }
+    let verified = attempts.iter().filter(|a| a.status == "success").count();
+    let failures: Vec<String> = attempts
+        .iter()
+        .filter_map(|a| a.error.clone())
+        .filter(|e| condition::is_expectation_failure(e))
+        .collect();
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    Some(Evidence {
+        expect: node.expect.iter().map(|c| c.source().to_string()).collect(),
+        claimed: count(verified + failures.len()),
+        verified: count(verified),
+        failures,
+    })
+}
+
 fn strike_reports(
     node: &flotilla_core::plan::Node,
     attempts: &[&queries::AttemptRecord],
@@ -870,8 +894,16 @@ fn run_report(
                 Some(node) => strike_reports(node, &own, &about),
                 None => Vec::new(),
             };
+            let evidence = plan.nodes.get(node_of(idx)).and_then(|node| {
+                if instance_slots[idx].is_empty() {
+                    evidence(node, &own)
+                } else {
+                    evidence(node, &attempts_of(&instance_slots[idx]))
+                }
+            });
             StepReport {
                 strikes,
+                evidence,
                 instances: instance_counts[idx].clone(),
                 status: api_step_status(&step.status).to_string(),
                 step_id: step.step_id.clone(),

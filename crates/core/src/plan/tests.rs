@@ -102,6 +102,40 @@ fn faults_name_their_place() {
 }
 
 #[test]
+fn expect_is_a_string_or_a_list_and_bad_expectations_are_refused_by_step() {
+    let plan = compile(
+        "name: e\nsteps:\n  - {id: a, agent: x, action: y, expect: 'output.ok'}\n  - {id: b, agent: x, action: y, expect: ['output.n > 1', 'output.n < params.max']}\n",
+    )
+    .unwrap();
+    let sources =
+        |i: usize| -> Vec<&str> { plan.nodes[i].expect.iter().map(|c| c.source()).collect() };
+    assert_eq!(sources(0), ["output.ok"]);
+    assert_eq!(sources(1), ["output.n > 1", "output.n < params.max"]);
+
+    let err = compile(
+        "name: e\nsteps:\n  - {id: a, agent: x, action: y}\n  - {id: b, agent: x, action: y, expect: ['output.ok', 'output.n >']}\n  - {id: c, agent: x, action: y, expect: 'a.success'}\n  - {condition: 'true', expect: output.ok, then: [{agent: x, action: z}]}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    for expected in [
+        "steps[1] (`b`): expect[1] ",
+        "steps[2] (`c`): expect[0] reads `a`",
+        "steps[3]: a branch (with then/else) runs no action itself and cannot have `expect`",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    assert!(!err.contains("expect[0] reads `output`"), "{err}");
+    let err =
+        crate::Definition::from_yaml("name: e\nsteps:\n  - {agent: x, action: y, expect: 3}\n")
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.contains("expect must be a string or a list of strings"),
+        "{err}"
+    );
+}
+
+#[test]
 fn notify_is_only_for_failure_handlers() {
     let err = compile("name: n\nsteps:\n  - {notify: slack}\n").unwrap_err();
     assert!(

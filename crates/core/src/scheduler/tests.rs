@@ -1879,3 +1879,140 @@ proptest! {
         }
     }
 }
+
+/// The errors of the attempts a transition ended, as (attempt, success, error).
+fn attempts_ended(t: &Transition) -> Vec<(u32, bool, Option<String>)> {
+    t.effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::AttemptEnded {
+                attempt,
+                success,
+                error,
+                ..
+            } => Some((*attempt, *success, error.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+const EXPECTING: &str = "name: e\nparams: {min: 0.85}\nsteps:\n  - id: test\n    agent: x\n    action: y\n    retry: {max_attempts: 2, delay: 0}\n    expect: [\"output.tests_failed == 0\", \"output.coverage >= params.min\"]\n";
+
+#[test]
+fn a_claimed_success_that_fails_its_expectation_is_a_failed_attempt_retried_by_the_policy() {
+    let plan = plan(EXPECTING);
+    let mut run = RunState::new(Uuid::new_v4(), &plan, plan.params.clone());
+    let (_, _, t1) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0];
+    let claim = Outcome::Success(json!({"tests_failed": 0, "coverage": 0.7}));
+    let t = run.apply(&plan, finished(&plan, "test", 1, t1, claim), at(1));
+    let expected = "expectation failed: output.coverage >= params.min (output.coverage was 0.7)";
+    assert_eq!(attempts_ended(&t), [(1, false, Some(expected.to_string()))]);
+    let (_, attempt, t2) = dispatched(&plan, &t)[0];
+    assert_eq!(attempt, 2, "retried at once, as the policy says");
+    assert_eq!(
+        run.steps[0].output, None,
+        "an unverified output is not kept"
+    );
+
+    let verified = json!({"tests_failed": 0, "coverage": 0.9});
+    let t = run.apply(
+        &plan,
+        finished(&plan, "test", 2, t2, Outcome::Success(verified.clone())),
+        at(2),
+    );
+    assert_eq!(attempts_ended(&t), [(2, true, None)]);
+    assert_eq!(run.steps[0].status, StepStatus::Success);
+    assert_eq!(run.steps[0].output, Some(verified));
+    assert_eq!(run.status, RunStatus::Success);
+}
+
+#[test]
+fn an_expectation_never_met_fails_the_step_and_the_run_with_it() {
+    let plan = plan(EXPECTING);
+    let mut run = RunState::new(Uuid::new_v4(), &plan, plan.params.clone());
+    let mut next = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)));
+    // The second attempt's output lacks the field: an expectation that cannot be evaluated
+    // fails the attempt as well.
+    for (attempt, output) in [
+        (1, json!({"tests_failed": 3, "coverage": 0.9})),
+        (2, json!({"tests_failed": 0})),
+    ] {
+        let (_, a, task) = next[0];
+        assert_eq!(a, attempt);
+        let t = run.apply(
+            &plan,
+            finished(&plan, "test", a, task, Outcome::Success(output)),
+            at(i64::from(attempt)),
+        );
+        next = dispatched(&plan, &t);
+    }
+    assert!(next.is_empty());
+    assert_eq!(run.steps[0].status, StepStatus::Failure);
+    assert_eq!(run.status, RunStatus::Failure);
+    let error = run.steps[0].error.as_deref().unwrap();
+    assert!(error.starts_with("expectation failed: "), "{error}");
+    assert!(error.contains("output.coverage >= params.min"), "{error}");
+    assert!(error.contains("cannot be evaluated"), "{error}");
+}
+
+#[test]
+fn a_fallback_and_the_instances_of_a_fan_out_are_held_to_the_expectation_too() {
+    let plan = plan(
+        "name: fb\nsteps:\n  - {id: a, agent: m, action: x, retry: {max_attempts: 1}, expect: output.ok, fallback: {agent: s, action: y}}\n",
+    );
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let (_, _, t1) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0];
+    let claim = || Outcome::Success(json!({"ok": false}));
+    let t = run.apply(&plan, finished(&plan, "a", 1, t1, claim()), at(1));
+    assert_eq!(run.steps[0].strike, Strike::Fallback, "strike 2 begins");
+    let (_, _, t2) = dispatched(&plan, &t)[0];
+    let t = run.apply(&plan, finished(&plan, "a", 2, t2, claim()), at(2));
+    assert_eq!(
+        attempts_ended(&t),
+        [(
+            2,
+            false,
+            Some("expectation failed: output.ok (output.ok was false)".into())
+        )]
+    );
+    assert_eq!(run.status, RunStatus::Failure);
+
+    let fan_out = FAN_OUT.replace(
+        "max_parallel: 2\n",
+        "max_parallel: 2\n    expect: output.done == item_done\n",
+    );
+    assert!(
+        Plan::compile(&Definition::from_yaml(&fan_out).unwrap())
+            .unwrap_err()
+            .to_string()
+            .contains("reads `item_done`")
+    );
+    let fan_out = FAN_OUT.replace(
+        "max_parallel: 2\n",
+        "max_parallel: 2\n    expect: output.done\n",
+    );
+    let fan = self::plan(&fan_out);
+    let mut run = fan_out_run(&fan);
+    let (slot, attempt, task) = dispatched_slots(&run.apply(&fan, Event::Start, at(0)))[0];
+    let t = run.apply(
+        &fan,
+        slot_finished(
+            slot,
+            attempt,
+            task,
+            Outcome::Success(json!({"done": false})),
+        ),
+        at(1),
+    );
+    assert_eq!(
+        dispatched_slots(&t),
+        [(slot, 2, dispatched_slots(&t)[0].2)],
+        "the instance is retried"
+    );
+    assert!(
+        run.steps[slot]
+            .error
+            .as_deref()
+            .is_some_and(condition::is_expectation_failure)
+    );
+}

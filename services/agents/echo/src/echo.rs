@@ -19,7 +19,11 @@ pub const OUTPUT: &str = "output";
 /// never acknowledged, so RabbitMQ dead-letters it after the queue's delivery limit.
 pub const CRASH: &str = "crash";
 
-const RESERVED: [&str; 4] = [SLEEP_MS, FAIL_ATTEMPTS, OUTPUT, CRASH];
+/// `true`: add the attempt's number to the output (an object) as `attempt`, so that a step's
+/// output can differ from one attempt to the next.
+pub const WITH_ATTEMPT: &str = "with_attempt";
+
+const RESERVED: [&str; 5] = [SLEEP_MS, FAIL_ATTEMPTS, OUTPUT, CRASH, WITH_ATTEMPT];
 
 /// What to do for one task, read from the step's params.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,15 +42,7 @@ impl Plan {
     pub fn for_task(task: &Task) -> Result<Self, HandlerError> {
         let sleep_ms = count_param(&task.params, SLEEP_MS)?;
         let fail_attempts = count_param(&task.params, FAIL_ATTEMPTS)?;
-        let crash = match task.params.get(CRASH) {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(crash)) => *crash,
-            Some(value) => {
-                return Err(HandlerError::fatal(format!(
-                    "echo: param `{CRASH}` must be a boolean, not {value}"
-                )));
-            }
-        };
+        let crash = flag_param(&task.params, CRASH)?;
         let failure = fail_attempts
             .filter(|&n| u64::from(task.attempt) <= n)
             .map(|n| {
@@ -55,10 +51,18 @@ impl Plan {
                     task.attempt
                 )
             });
-        let output = match task.params.get(OUTPUT) {
+        let mut output = match task.params.get(OUTPUT) {
             Some(output) => output.clone(),
             None => default_output(&task.run_params, &task.params),
         };
+        if flag_param(&task.params, WITH_ATTEMPT)? {
+            let Value::Object(fields) = &mut output else {
+                return Err(HandlerError::fatal(format!(
+                    "echo: param `{WITH_ATTEMPT}` needs an object output, not {output}"
+                )));
+            };
+            fields.insert("attempt".into(), Value::from(task.attempt));
+        }
         Ok(Self {
             crash,
             sleep: Duration::from_millis(sleep_ms.unwrap_or(0)),
@@ -74,6 +78,16 @@ pub fn default_output(run_params: &Map<String, Value>, params: &Map<String, Valu
     output.extend(params.iter().map(|(k, v)| (k.clone(), v.clone())));
     output.retain(|key, _| !RESERVED.contains(&key.as_str()));
     Value::Object(output)
+}
+
+fn flag_param(params: &Map<String, Value>, name: &str) -> Result<bool, HandlerError> {
+    match params.get(name) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(flag)) => Ok(*flag),
+        Some(value) => Err(HandlerError::fatal(format!(
+            "echo: param `{name}` must be a boolean, not {value}"
+        ))),
+    }
 }
 
 fn count_param(params: &Map<String, Value>, name: &str) -> Result<Option<u64>, HandlerError> {
@@ -202,12 +216,27 @@ mod tests {
     }
 
     #[test]
+    fn with_attempt_adds_the_attempt_number_to_an_object_output() {
+        for attempt in 1..=2 {
+            let task = task(attempt, json!({"with_attempt": true, "n": 1}), json!({}));
+            assert_eq!(
+                Plan::for_task(&task).unwrap().output,
+                json!({"n": 1, "attempt": attempt})
+            );
+        }
+        let task = task(1, json!({"with_attempt": true, "output": 7}), json!({}));
+        let error = Plan::for_task(&task).unwrap_err();
+        assert!(error.message.contains("needs an object output"), "{error}");
+    }
+
+    #[test]
     fn malformed_reserved_params_are_fatal() {
         for params in [
             json!({"sleep_ms": "soon"}),
             json!({"sleep_ms": -1}),
             json!({"fail_attempts": 1.5}),
             json!({"crash": "yes"}),
+            json!({"with_attempt": 1}),
         ] {
             let error = Plan::for_task(&task(1, params.clone(), json!({}))).unwrap_err();
             assert!(!error.retryable, "{params}");
