@@ -985,6 +985,7 @@ pub struct StepReport {
 /// The `expect:` of a [`StepReport`]: how many attempts claimed success, how many of those the
 /// expectations verified, and why the others were not.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Evidence {
     /// The step's expectations, as written.
