@@ -121,12 +121,14 @@ async fn a_workflow_runs_across_rust_and_python_workers() -> anyhow::Result<()> 
 
     // The Python worker registered like the Rust ones, and deregisters when stopped.
     let stats_workers = || async {
-        let list: flotilla_api_model::AgentList =
-            reqwest::get(format!("{}/api/agents", fleet.url()))
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
+        let list: flotilla_api_model::AgentList = fleet
+            .http()
+            .get(format!("{}/api/agents", fleet.url()))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
         Ok::<_, anyhow::Error>(
             list.agents
                 .into_iter()

@@ -12,7 +12,10 @@ use serde_json::json;
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn agents(fleet: &Fleet) -> anyhow::Result<Vec<AgentStatus>> {
-    let list: AgentList = reqwest::get(format!("{}/api/agents", fleet.url()))
+    let list: AgentList = fleet
+        .http()
+        .get(format!("{}/api/agents", fleet.url()))
+        .send()
         .await?
         .error_for_status()?
         .json()

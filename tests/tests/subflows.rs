@@ -14,7 +14,8 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// `POST` of `body` to `path` of the fleet's API: the status and the JSON answer.
 async fn post(fleet: &Fleet, path: &str, body: Value) -> anyhow::Result<(u16, Value)> {
-    let response = reqwest::Client::new()
+    let response = fleet
+        .http()
         .post(format!("{}{path}", fleet.url()))
         .json(&body)
         .send()

@@ -335,7 +335,8 @@ async fn a_run_is_one_trace_across_coordinator_and_workers() -> anyhow::Result<(
 #[tokio::test]
 async fn a_child_run_s_root_span_links_to_its_parent_attempt() -> anyhow::Result<()> {
     let (fleet, spans) = traced_fleet(&["a"]).await?;
-    let registered = reqwest::Client::new()
+    let registered = fleet
+        .http()
         .post(format!("{}/api/definitions", fleet.url()))
         .json(&json!({"yaml": "name: child\nsteps:\n  - {id: work, agent: trace-a, action: build}\n"}))
         .send()
