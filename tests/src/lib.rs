@@ -440,6 +440,20 @@ impl Fleet {
         Ok(response.json().await?)
     }
 
+    /// The registry's agents, as `GET /api/agents` of the first coordinator lists them.
+    pub async fn agents(&self) -> anyhow::Result<Vec<flotilla_api_model::AgentStatus>> {
+        let response = self
+            .http
+            .get(format!("{}/api/agents", self.url()))
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("GET /api/agents answered {}", response.status());
+        }
+        let list: flotilla_api_model::AgentList = response.json().await?;
+        Ok(list.agents)
+    }
+
     /// Submits a definition given as YAML text to the first coordinator.
     pub async fn execute_yaml(
         &self,

@@ -605,19 +605,23 @@ async fn a_frozen_worker_loses_its_lease_and_its_late_results_are_fenced() -> an
         runs.push(fleet.execute_yaml(&workflow.yaml(), json!({})).await?);
         expected_steps += workflow.len();
     }
+    // Frozen once every slot of w0 holds a task whose lease a heartbeat set: a worker frozen
+    // between taking a task and its first heartbeat holds it until RabbitMQ drops its
+    // connection (ARCHITECTURE.md), which is not what this scenario is about.
     poll_until(
         Duration::from_secs(60),
-        "w0 has finished 2 steps",
+        "w0 holds 4 leased tasks after finishing 2",
         || async {
             let db = fleet.db().await?;
-            let n: i64 = db
+            let row = db
                 .query_one(
-                    "SELECT count(*) FROM attempts WHERE worker = 'w0' AND status = 'success'",
+                    "SELECT (SELECT count(*) FROM attempts WHERE worker = 'w0' AND status = 'success'),
+                            (SELECT count(*) FROM steps WHERE status = 'running'
+                                                          AND lease_until IS NOT NULL)",
                     &[],
                 )
-                .await?
-                .get(0);
-            Ok(n >= 2)
+                .await?;
+            Ok(row.get::<_, i64>(0) >= 2 && row.get::<_, i64>(1) >= 4)
         },
     )
     .await?;

@@ -121,16 +121,10 @@ async fn a_workflow_runs_across_rust_and_python_workers() -> anyhow::Result<()> 
 
     // The Python worker registered like the Rust ones, and deregisters when stopped.
     let stats_workers = || async {
-        let list: flotilla_api_model::AgentList = fleet
-            .http()
-            .get(format!("{}/api/agents", fleet.url()))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
         Ok::<_, anyhow::Error>(
-            list.agents
+            fleet
+                .agents()
+                .await?
                 .into_iter()
                 .filter(|a| a.name == "stats")
                 .flat_map(|a| a.workers)

@@ -4,28 +4,16 @@
 
 use std::time::Duration;
 
-use flotilla_api_model::{AgentList, AgentStatus};
 use flotilla_tests::workload::{eventually, poll_until};
 use flotilla_tests::{Fleet, Launch, Signal, step};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn agents(fleet: &Fleet) -> anyhow::Result<Vec<AgentStatus>> {
-    let list: AgentList = fleet
-        .http()
-        .get(format!("{}/api/agents", fleet.url()))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    Ok(list.agents)
-}
-
 /// The health of each worker of `agent` the registry lists, by worker id.
 async fn workers_of(fleet: &Fleet, agent: &str) -> anyhow::Result<Vec<(String, String)>> {
-    Ok(agents(fleet)
+    Ok(fleet
+        .agents()
         .await?
         .into_iter()
         .filter(|a| a.name == agent)
@@ -55,7 +43,7 @@ async fn workers_appear_turn_unhealthy_when_killed_and_leave_when_stopped() -> a
 
     let both =
         eventually(WAIT, "both workers registered and healthy", || async {
-            let listed = agents(&fleet).await?;
+            let listed = fleet.agents().await?;
             let echo = listed.into_iter().find(|a| a.name == "regecho");
             Ok(echo.filter(|a| {
                 a.workers.len() == 2 && a.workers.iter().all(|w| w.health == "healthy")
@@ -151,7 +139,8 @@ async fn a_step_without_workers_waits_and_fails_after_schedule_to_start() -> any
     .await?;
     assert_eq!(step(&waiting, "own").status, "running");
     let nobody = eventually(WAIT, "the agent with no worker listed", || async {
-        Ok(agents(&fleet)
+        Ok(fleet
+            .agents()
             .await?
             .into_iter()
             .find(|a| a.name == "nobody"))
