@@ -35,6 +35,9 @@ NOTIFY_ENV = re.compile(r"^FLOTILLA_NOTIFY_[A-Z0-9_]+_URL$")
 # Set per process, or needed only by some deployments (JWTs), so a deployment may leave them out.
 OPTIONAL_ENV = {
     "FLOTILLA_WORKER_ID",
+    # Off unless set: no default limit on waiting for a worker, no labels.
+    "FLOTILLA_SCHEDULE_TO_START_MS",
+    "FLOTILLA_WORKER_LABELS",
     "FLOTILLA_JWT_HS256_SECRET",
     "FLOTILLA_JWT_RS256_KEYS",
     "FLOTILLA_JWT_ES256_KEYS",
