@@ -719,12 +719,20 @@ pub async fn renew_leases(
     let task_ids: Vec<Uuid> = held.iter().map(|h| h.2).collect();
     let stmt = client
         .prepare_cached(
-            "UPDATE steps s
+            // Rows an engine batch holds are skipped, not waited for: the engine updates steps
+            // in its own order, so waiting could deadlock with it, and the next heartbeat
+            // renews what this one skipped (a lease spans at least two heartbeats).
+            "WITH held AS (
+                 SELECT s.run_id, s.idx FROM steps s
+                 JOIN unnest($1::uuid[], $2::text[], $3::uuid[]) AS u(run_id, step_id, task_id)
+                   ON s.run_id = u.run_id AND s.step_id = u.step_id AND s.task_id = u.task_id
+                 WHERE s.status = 'running'
+                 FOR UPDATE OF s SKIP LOCKED)
+             UPDATE steps s
              SET lease_until = $4::timestamptz + coalesce(s.lease_ms, $5::int8) * interval '1 millisecond',
                  queued_at = NULL, start_by = NULL
-             FROM unnest($1::uuid[], $2::text[], $3::uuid[]) AS u(run_id, step_id, task_id)
-             WHERE s.run_id = u.run_id AND s.step_id = u.step_id AND s.task_id = u.task_id
-               AND s.status = 'running'",
+             FROM held h
+             WHERE s.run_id = h.run_id AND s.idx = h.idx",
         )
         .await?;
     Ok(client
