@@ -77,7 +77,7 @@ pub struct Node {
 }
 
 /// The registered definition a sub-workflow step runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SubWorkflow {
     pub name: String,
     /// A revision number or `version:`; the latest revision at dispatch when `None`.

@@ -984,6 +984,10 @@ impl Engine {
         pending: &mut Pending<'_>,
         created: &mut HashSet<Uuid>,
     ) -> Result<(), Error> {
+        // Each definition is looked up once per batch, however many children start from it
+        // (a `for_each` over a workflow step starts one per item).
+        let mut resolved: HashMap<SubWorkflow, Result<(String, Arc<Plan>), String>> =
+            HashMap::new();
         loop {
             let cancelled = std::mem::take(&mut pending.cancelled_children);
             let starts = std::mem::take(&mut pending.children);
@@ -1024,7 +1028,11 @@ impl Engine {
                 if cancelled.contains(&start.id) {
                     continue;
                 }
-                let plan = match self.sub_workflow_plan(tx, &start.workflow).await? {
+                if !resolved.contains_key(&start.workflow) {
+                    let plan = self.sub_workflow_plan(tx, &start.workflow).await?;
+                    resolved.insert(start.workflow.clone(), plan);
+                }
+                let plan = match resolved[&start.workflow].clone() {
                     Ok(plan) => plan,
                     Err(why) => {
                         pending.not_started(&start, why);
