@@ -30,6 +30,10 @@ pub enum Error {
     Amqp {
         operation: &'static str,
         reason: String,
+        /// The connection failed under the operation (dropped, or closed by the broker with an
+        /// internal error such as a quorum queue's timeout), rather than the broker refusing the
+        /// operation itself: the same operation on a new connection may well succeed.
+        transient: bool,
     },
     /// The ack or nack could not be sent because the delivery was already settled or its channel
     /// is gone; in the latter case the broker redelivers the message.
@@ -44,7 +48,37 @@ impl Error {
         Self::Amqp {
             operation,
             reason: error.to_string(),
+            transient: connection_failed(error),
         }
+    }
+
+    /// Whether retrying on a new connection may succeed: the connection broke or the broker was
+    /// too slow, as opposed to a refusal (access, a queue declared with other arguments, a bad
+    /// URL) that would only be refused again.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Amqp { transient, .. } => *transient,
+            Self::Timeout { .. } | Self::Unreachable { .. } => true,
+            Self::Refused { .. }
+            | Self::InvalidUrl { .. }
+            | Self::TooLong { .. }
+            | Self::DeliveryGone { .. } => false,
+        }
+    }
+}
+
+fn connection_failed(error: &lapin::Error) -> bool {
+    use lapin::ErrorKind;
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError};
+    match error.kind() {
+        ErrorKind::IOError(_)
+        | ErrorKind::MissingHeartbeatError
+        | ErrorKind::InvalidConnectionState(_) => true,
+        ErrorKind::ProtocolError(amqp) => matches!(
+            amqp.kind(),
+            AMQPErrorKind::Hard(AMQPHardError::INTERNALERROR | AMQPHardError::CONNECTIONFORCED)
+        ),
+        _ => false,
     }
 }
 
@@ -93,4 +127,33 @@ pub(crate) fn short_string(
         what,
         value: value.to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::ErrorKind;
+    use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPHardError, AMQPSoftError};
+
+    use super::*;
+
+    fn closed_with(kind: AMQPErrorKind) -> Error {
+        let error = AMQPError::new(kind, "closed".into());
+        Error::amqp("basic.consume", &ErrorKind::ProtocolError(error).into())
+    }
+
+    #[test]
+    fn a_broken_connection_is_worth_retrying_and_a_refusal_is_not() {
+        // What RabbitMQ answers when a quorum queue times out a consume under load.
+        assert!(closed_with(AMQPErrorKind::Hard(AMQPHardError::INTERNALERROR)).is_transient());
+        assert!(closed_with(AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED)).is_transient());
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(Error::amqp("queue.declare", &reset.into()).is_transient());
+
+        // A queue declared with other arguments, or a user without rights, stays refused.
+        assert!(
+            !closed_with(AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)).is_transient()
+        );
+        assert!(!closed_with(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)).is_transient());
+        assert!(!closed_with(AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)).is_transient());
+    }
 }

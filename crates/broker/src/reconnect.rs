@@ -104,9 +104,11 @@ impl ReconnectingConsumer {
     /// `consumer_tag` (empty: the broker picks one), with at most `prefetch` unacked deliveries.
     /// `declare` runs again on every new connection.
     ///
-    /// Fails at once, without retrying, if this first start fails: a process that cannot
-    /// consume when it starts should say so rather than wait. Consuming stops after `shutdown`
-    /// (see [`ReconnectingConsumer::next`]).
+    /// Fails at once, without retrying, if the broker refuses this first start: a process that
+    /// cannot consume when it starts should say so rather than wait. A transient failure (see
+    /// [`Error::is_transient`]) is retried like a lost consumer, on the first
+    /// [`ReconnectingConsumer::next`]. Consuming stops after `shutdown` (see
+    /// [`ReconnectingConsumer::next`]).
     pub async fn start<D, F>(
         connection: &Connection,
         queue: &str,
@@ -120,10 +122,18 @@ impl ReconnectingConsumer {
         F: Future<Output = Result<(), Error>> + Send + 'static,
     {
         let declare: Declare = Arc::new(move |channel| Box::pin(declare(channel)));
-        let consumer = set_up(connection, queue, consumer_tag, prefetch, &declare).await?;
+        let (consumer, lost) =
+            match set_up(connection, queue, consumer_tag, prefetch, &declare).await {
+                Ok(consumer) => (Some(consumer), None),
+                Err(error) if error.is_transient() => {
+                    warn!(%queue, %error, "could not start consuming; reconnecting");
+                    (None, Some(error.to_string()))
+                }
+                Err(error) => return Err(error),
+            };
         Ok(Self {
             connection: connection.clone(),
-            consumer: Some(consumer),
+            consumer,
             queue: queue.to_owned(),
             tag: consumer_tag.to_owned(),
             prefetch,
@@ -131,7 +141,7 @@ impl ReconnectingConsumer {
             shutdown,
             draining: false,
             stopped: false,
-            lost: None,
+            lost,
         })
     }
 
@@ -207,6 +217,7 @@ impl ReconnectingConsumer {
                 self.queue,
                 self.lost.as_deref().unwrap_or("no reason given")
             ),
+            transient: false,
         })
     }
 

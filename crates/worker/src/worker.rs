@@ -211,7 +211,8 @@ impl Worker {
     ///
     /// Returns `Ok` after a shutdown request, and an error only when it cannot start: an
     /// invalid config, the health address taken ([`Error::Health`]), RabbitMQ unreachable or
-    /// refusing ([`Error::Connect`]), or queues it cannot declare or consume.
+    /// refusing ([`Error::Connect`]), or queues it is refused to declare or consume. A
+    /// connection that fails while the queues are set up is replaced with backoff instead.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let prefetch = self.validate()?;
         let health = match self.health {
@@ -231,7 +232,23 @@ impl Worker {
                 if let Err(error) = connection.close().await {
                     warn!(%error, "could not close the rabbitmq connection");
                 }
-                return Err(error.into());
+                if !error.is_transient() {
+                    return Err(error.into());
+                }
+                // RabbitMQ answered, then failed under the setup (a quorum queue that timed out
+                // a consume, say): retry as after a lost connection rather than give up.
+                warn!(%error, "could not set up the queues; reconnecting");
+                let retry = reconnect(&connection, &shutdown, |connection| {
+                    self.open_session(connection, 0, prefetch, true)
+                })
+                .await;
+                match retry {
+                    Some(session) => session,
+                    None => {
+                        info!(worker_id = %self.worker_id, "worker stopped before it started");
+                        return Ok(());
+                    }
+                }
             }
         };
         self.serve(first, prefetch, shutdown, health).await;
