@@ -36,7 +36,7 @@ pub enum Error {
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("database error: {0}")]
+    #[error("database error: {}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
@@ -52,6 +52,38 @@ impl Error {
             Error::Db(e) => e.is_closed() || e.as_db_error().is_none(),
             _ => false,
         }
+    }
+
+    /// Whether the transaction lost a conflict with another (a deadlock, or a serialization
+    /// failure): the same work, tried again, is expected to succeed.
+    pub fn is_conflict(&self) -> bool {
+        use tokio_postgres::error::SqlState;
+        match self {
+            Error::Db(e) => matches!(
+                e.code(),
+                Some(&SqlState::T_R_DEADLOCK_DETECTED | &SqlState::T_R_SERIALIZATION_FAILURE)
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// tokio-postgres displays a server's error as just "db error", keeping what the server said in
+/// its source: name it, so that a log line says which constraint or lock failed.
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} ({})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(": ");
+                text.push_str(detail);
+            }
+            text
+        }
+        None => match std::error::Error::source(error) {
+            Some(source) => format!("{error}: {source}"),
+            None => error.to_string(),
+        },
     }
 }
 

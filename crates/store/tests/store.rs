@@ -333,6 +333,54 @@ async fn opening_twice_runs_each_migration_once() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_refused_statement_says_what_postgres_refused() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let client = t.store.client().await?;
+    let refused = client.batch_execute("SELECT 'not a uuid'::uuid").await;
+    let error = flotilla_store::Error::from(refused.expect_err("a text is not a uuid"));
+    // Not tokio-postgres's bare "db error": the server's own message and its SQLSTATE.
+    assert_eq!(
+        error.to_string(),
+        "database error: invalid input syntax for type uuid: \"not a uuid\" (22P02)"
+    );
+    drop(client);
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn a_deadlock_is_a_conflict_worth_trying_again() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let mut first = t.store.client().await?;
+    let mut second = t.store.client().await?;
+    first
+        .batch_execute("CREATE TABLE pair (id int PRIMARY KEY); INSERT INTO pair VALUES (1), (2)")
+        .await?;
+    let one = first.transaction().await?;
+    let two = second.transaction().await?;
+    one.execute("UPDATE pair SET id = id WHERE id = 1", &[])
+        .await?;
+    two.execute("UPDATE pair SET id = id WHERE id = 2", &[])
+        .await?;
+    // Each now waits for the other's row: Postgres breaks the cycle by failing one of them.
+    let (a, b) = tokio::join!(
+        one.execute("UPDATE pair SET id = id WHERE id = 2", &[]),
+        two.execute("UPDATE pair SET id = id WHERE id = 1", &[]),
+    );
+    let failed = match (a, b) {
+        (Err(e), Ok(_)) | (Ok(_), Err(e)) => flotilla_store::Error::from(e),
+        other => panic!("exactly one side of a deadlock fails: {other:?}"),
+    };
+    assert!(failed.is_conflict(), "{failed}");
+    assert!(!failed.is_unavailable(), "{failed}");
+    assert!(failed.to_string().contains("(40P01)"), "{failed}");
+    drop((one, two));
+    let refused = first.batch_execute("SELECT 'x'::uuid").await.unwrap_err();
+    assert!(!flotilla_store::Error::from(refused).is_conflict());
+    drop((first, second));
+    t.drop_db().await
+}
+
+#[tokio::test]
 async fn an_unreachable_server_is_named_without_its_password() {
     let err = Store::open(&StoreConfig {
         url: "postgres://flotilla:hunter2@127.0.0.1:1/flotilla".into(),
