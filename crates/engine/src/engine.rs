@@ -55,6 +55,9 @@ impl Error {
     }
 }
 
+/// How many times a batch that lost a lock conflict is tried again before its inputs fail.
+const CONFLICT_RETRIES: u32 = 3;
+
 /// Tuning of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -400,7 +403,20 @@ impl Engine {
     }
 
     async fn handle(&mut self, inputs: &mut Vec<Input>) -> Result<(), Error> {
-        match self.transact(inputs).await {
+        let mut conflicts = 0;
+        let outcome = loop {
+            match self.transact(inputs).await {
+                // Lost to another coordinator's batch (a deadlock Postgres broke): nothing was
+                // written, so the same inputs go again rather than fail their submitters.
+                Err(Error::Store(e)) if e.is_conflict() && conflicts < CONFLICT_RETRIES => {
+                    conflicts += 1;
+                    self.runs.clear();
+                    tracing::warn!(error = %e, retry = conflicts, "engine batch lost a lock conflict; trying it again");
+                }
+                outcome => break outcome,
+            }
+        };
+        match outcome {
             Ok(mut done) => {
                 if !done.outbox.is_empty() {
                     // The relay outlives the engine; a closed channel only happens at exit, and
