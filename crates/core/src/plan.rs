@@ -167,6 +167,9 @@ pub struct Plan {
     pub nodes: Vec<Node>,
     /// Node index by id; results name their step by id, and a plan may have many nodes.
     index: HashMap<String, usize>,
+    /// Every agent its steps and their fallbacks call, sorted, each once: asked for on every
+    /// batch that touches a run (its breakers are locked), so computed once, not per node.
+    agents: Vec<String>,
 }
 
 /// Why a definition is not a valid workflow: every fault found, each naming its place.
@@ -326,6 +329,11 @@ impl Plan {
             }
         }
         if problems.is_empty() {
+            let agents: std::collections::BTreeSet<&str> = nodes
+                .iter()
+                .flat_map(|node| [node.target(false).0, node.target(true).0])
+                .collect();
+            let agents = agents.into_iter().map(str::to_owned).collect();
             Ok(Plan {
                 name: def.name.clone(),
                 version: def.version.clone(),
@@ -333,6 +341,7 @@ impl Plan {
                 timeout: def.timeout.map(|t| t.0),
                 nodes,
                 index,
+                agents,
             })
         } else {
             Err(PlanError {
@@ -340,6 +349,11 @@ impl Plan {
                 problems,
             })
         }
+    }
+
+    /// Every agent the plan's steps (and their fallbacks) call, sorted, each once.
+    pub fn agents(&self) -> &[String] {
+        &self.agents
     }
 
     /// The index of the node with this id.

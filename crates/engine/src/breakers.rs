@@ -17,11 +17,7 @@ pub(crate) async fn lock<'a>(
     let Some(config) = config else {
         return Ok(Breakers::default());
     };
-    let mut agents: Vec<String> = plans
-        .flat_map(|plan| plan.nodes.iter())
-        .flat_map(|node| [node.target(false).0, node.target(true).0])
-        .map(str::to_string)
-        .collect();
+    let mut agents: Vec<String> = plans.flat_map(|plan| plan.agents()).cloned().collect();
     agents.sort_unstable();
     agents.dedup();
     if agents.is_empty() {
