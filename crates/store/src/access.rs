@@ -182,24 +182,32 @@ pub struct AuditRow {
     pub record: AuditRecord,
 }
 
-/// Appends an entry to the audit log.
-pub async fn record(client: &impl GenericClient, entry: &AuditRecord) -> Result<(), Error> {
+/// Appends entries to the audit log, in order, with one statement.
+pub async fn record(client: &impl GenericClient, entries: &[AuditRecord]) -> Result<(), Error> {
     let stmt = client
         .prepare_cached(
             "INSERT INTO audit_log (actor, credential, action, target, peer, status)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+             SELECT actor, credential, action, target, peer, status
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[],
+                                  $6::int2[])
+             WITH ORDINALITY AS e(actor, credential, action, target, peer, status, n)
+             ORDER BY n",
         )
         .await?;
+    let column = |f: fn(&AuditRecord) -> &String| entries.iter().map(f).collect::<Vec<_>>();
+    let targets: Vec<&Value> = entries.iter().map(|e| &e.target).collect();
+    let peers: Vec<Option<&str>> = entries.iter().map(|e| e.peer.as_deref()).collect();
+    let statuses: Vec<i16> = entries.iter().map(|e| e.status).collect();
     client
         .execute(
             &stmt,
             &[
-                &entry.actor,
-                &entry.credential,
-                &entry.action,
-                &entry.target,
-                &entry.peer,
-                &entry.status,
+                &column(|e| &e.actor),
+                &column(|e| &e.credential),
+                &column(|e| &e.action),
+                &targets,
+                &peers,
+                &statuses,
             ],
         )
         .await?;

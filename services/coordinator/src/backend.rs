@@ -34,6 +34,9 @@ pub struct CoordinatorBackend {
     pub registry: RegistryPolicy,
     /// Asks RabbitMQ for queue depths.
     pub probe: Arc<CoordinatorProbe>,
+    pub audit: crate::access::AuditWriter,
+    /// Valid API tokens seen lately, so that most requests cost no lookup.
+    pub tokens: crate::access::TokenCache,
 }
 
 pub(crate) fn store_error(e: flotilla_store::Error) -> BackendError {

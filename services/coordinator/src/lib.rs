@@ -186,6 +186,8 @@ pub async fn run(
         engine: handle,
         registry,
         probe: probe.clone(),
+        audit: access::AuditWriter::start(store.clone()),
+        tokens: access::TokenCache::default(),
     });
     let limits = flotilla_api::Limits {
         max_body_bytes: config.max_body_bytes,
