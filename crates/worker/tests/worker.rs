@@ -140,6 +140,19 @@ impl Fixture {
         Ok(count)
     }
 
+    /// The ready messages of `queue` once they are `expected`, or the last count after [`WAIT`]:
+    /// RabbitMQ requeues a closed connection's unacked deliveries shortly after the close.
+    async fn settled_count(&self, queue: &str, expected: u32) -> Result<u32> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let count = self.message_count(queue).await?;
+            if count == expected || tokio::time::Instant::now() >= deadline {
+                return Ok(count);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn cleanup(self) -> Result<()> {
         let channel = self.connection.open_channel().await?;
         for agent in &self.agents {
@@ -649,7 +662,7 @@ async fn graceful_shutdown_finishes_the_task_in_progress() -> Result<()> {
     assert!(started.try_recv().is_err());
     assert_eq!(
         fixture
-            .message_count(&fixture.names.agent(&waiting.agent))
+            .settled_count(&fixture.names.agent(&waiting.agent), 1)
             .await?,
         1
     );
@@ -690,7 +703,9 @@ async fn shutdown_grace_expiry_leaves_the_task_to_be_redelivered() -> Result<()>
 
     assert_eq!(fixture.message_count(&fixture.names.results()).await?, 0);
     assert_eq!(
-        fixture.message_count(&fixture.names.agent("echo")).await?,
+        fixture
+            .settled_count(&fixture.names.agent("echo"), 1)
+            .await?,
         1
     );
     fixture.cleanup().await
