@@ -1,0 +1,187 @@
+//! The examples that do real work, run as the README says, on a fleet of real processes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flotilla_tests::{Fleet, Launch, binary, repo_file, step, webhook};
+use tokio::process::Command;
+use uuid::Uuid;
+
+/// A build on a busy machine: four cargo commands over a fresh target directory.
+const WAIT: Duration = Duration::from_secs(240);
+
+/// A directory of the test's own, removed at the end.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "flotilla-example-{name}-{}",
+            Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+
+    fn path(&self, relative: &str) -> PathBuf {
+        self.0.join(relative)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The id the CLI printed for the run it started.
+fn run_id_from(stdout: &str) -> Uuid {
+    stdout
+        .split(|c: char| !(c.is_ascii_hexdigit() || c == '-'))
+        .find_map(|word| word.parse().ok())
+        .unwrap_or_else(|| panic!("no workflow id in the CLI's output:\n{stdout}"))
+}
+
+/// Copies the files of directory `from` into `to`.
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+/// A fleet whose `build` channel notifies `hook`, with a shell agent serving `build` in `root`
+/// as the README starts it.
+async fn build_fleet(hook: &str, root: &Path) -> anyhow::Result<Fleet> {
+    let mut fleet = Fleet::new().coordinator_env("FLOTILLA_NOTIFY_BUILD_URL", hook);
+    fleet.start_coordinator().await?;
+    let mut shell = Command::new(binary("flotilla-agent-shell"));
+    shell
+        .args(["--agent", "build", "--allow", "cargo,cp,install"])
+        .arg("--root")
+        .arg(root)
+        .env("RUST_LOG", "warn");
+    fleet.start_worker_command("build", &["build"], shell, Launch::once())?;
+    Ok(fleet)
+}
+
+/// `flotilla workflows execute examples/build-project.yaml --wait` with these paths.
+async fn build(fleet: &Fleet, source: &Path, deploy: &Path) -> anyhow::Result<(bool, Uuid)> {
+    let file = repo_file("examples/build-project.yaml");
+    let (status, stdout, stderr) = fleet
+        .cli(&[
+            "workflows",
+            "execute",
+            file.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            &WAIT.as_secs().to_string(),
+            "--param",
+            &format!("source={}", source.display()),
+            "--param",
+            &format!("deploy_dir={}", deploy.display()),
+        ])
+        .await?;
+    anyhow::ensure!(
+        matches!(status.code(), Some(0 | 1)),
+        "the CLI failed ({status}):\n{stdout}\n{stderr}"
+    );
+    Ok((status.success(), run_id_from(&stdout)))
+}
+
+#[tokio::test]
+async fn build_project_builds_tests_packages_and_deploys_the_crate() -> anyhow::Result<()> {
+    let scratch = Scratch::new("build")?;
+    let (hook, received) = webhook().await?;
+    let root = scratch.path("work");
+    std::fs::create_dir_all(&root)?;
+    let fleet = build_fleet(&hook, &root).await?;
+    let deploy = scratch.path("deploy");
+
+    let (succeeded, id) = build(&fleet, &repo_file("examples/hello-crate"), &deploy).await?;
+    let run = fleet.run(id).await?;
+    assert!(succeeded, "{run:?}");
+    for id in [
+        "scaffold", "build", "test", "lint", "audit", "package", "deploy",
+    ] {
+        assert_eq!(step(&run, id).status, "success", "step {id}");
+    }
+    let tests = step(&run, "test").output.clone().unwrap_or_default();
+    assert!(
+        tests["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("test result: ok. 2 passed"),
+        "{tests}"
+    );
+    let package = std::fs::read(deploy.join("hello-flotilla-0.1.0.crate"))?;
+    assert_eq!(
+        &package[..2],
+        [0x1f, 0x8b],
+        "a gzipped package was deployed"
+    );
+    assert!(received.lock().unwrap().is_empty(), "no failure, no notice");
+
+    // What cargo printed is in the steps' logs.
+    let (status, out, err) = fleet
+        .cli(&["workflows", "logs", &id.to_string(), "--step", "build"])
+        .await?;
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("Compiling hello-flotilla v0.1.0"),
+        "{out}\n{err}"
+    );
+    fleet.stop().await
+}
+
+#[tokio::test]
+async fn a_build_that_fails_fails_its_run_and_notifies_the_webhook() -> anyhow::Result<()> {
+    let scratch = Scratch::new("broken")?;
+    let (hook, received) = webhook().await?;
+    let root = scratch.path("work");
+    std::fs::create_dir_all(&root)?;
+    let fleet = build_fleet(&hook, &root).await?;
+    // The crate with a syntax error.
+    let broken = scratch.path("broken-crate");
+    copy_dir(&repo_file("examples/hello-crate"), &broken)?;
+    std::fs::write(
+        broken.join("src/lib.rs"),
+        "pub fn greeting(name: &str -> String {}\n",
+    )?;
+
+    let (succeeded, id) = build(&fleet, &broken, &scratch.path("deploy")).await?;
+    assert!(!succeeded);
+    let run = fleet.run(id).await?;
+    assert_eq!(run.status, "failure");
+    let build_step = step(&run, "build");
+    assert_eq!(build_step.status, "failure");
+    let error = build_step.error.clone().unwrap_or_default();
+    assert!(
+        error.starts_with("shell: `cargo build --offline --locked` exited with code 101; stderr: ")
+            && error.contains("error"),
+        "{error}"
+    );
+    for id in ["test", "lint", "audit", "package", "deploy"] {
+        assert_eq!(step(&run, id).status, "skipped", "step {id}");
+    }
+    assert!(!scratch.path("deploy").exists(), "nothing was deployed");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let notice = loop {
+        if let Some(notice) = received.lock().unwrap().first().cloned() {
+            break notice;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no notification");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(notice["text"], "Build Project failed");
+    assert_eq!(notice["workflowId"], id.to_string());
+    fleet.stop().await
+}
