@@ -185,3 +185,121 @@ async fn a_build_that_fails_fails_its_run_and_notifies_the_webhook() -> anyhow::
     assert_eq!(notice["workflowId"], id.to_string());
     fleet.stop().await
 }
+
+/// A fleet with a shell agent serving `data` in `root`, allowed what the sales pipeline runs.
+async fn data_fleet(root: &Path) -> anyhow::Result<Fleet> {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    let mut shell = Command::new(binary("flotilla-agent-shell"));
+    shell
+        .args(["--agent", "data", "--allow", "awk,install"])
+        .arg("--root")
+        .arg(root)
+        .env("RUST_LOG", "warn");
+    fleet.start_worker_command("data", &["data"], shell, Launch::once())?;
+    Ok(fleet)
+}
+
+/// `flotilla workflows execute examples/sales-pipeline.yaml --wait` over `source`.
+async fn sales(fleet: &Fleet, source: &Path, export: &Path) -> anyhow::Result<(bool, Uuid)> {
+    let file = repo_file("examples/sales-pipeline.yaml");
+    let (status, stdout, stderr) = fleet
+        .cli(&[
+            "workflows",
+            "execute",
+            file.to_str().unwrap(),
+            "--wait",
+            "--param",
+            &format!("source={}", source.display()),
+            "--param",
+            &format!("export_dir={}", export.display()),
+        ])
+        .await?;
+    anyhow::ensure!(
+        matches!(status.code(), Some(0 | 1)),
+        "the CLI failed ({status}):\n{stdout}\n{stderr}"
+    );
+    Ok((status.success(), run_id_from(&stdout)))
+}
+
+#[tokio::test]
+async fn sales_pipeline_partitions_the_csv_and_exports_the_report() -> anyhow::Result<()> {
+    let scratch = Scratch::new("sales")?;
+    let root = scratch.path("work");
+    std::fs::create_dir_all(&root)?;
+    let fleet = data_fleet(&root).await?;
+    let export = scratch.path("reports");
+
+    let (succeeded, id) = sales(&fleet, &repo_file("examples/data/sales.csv"), &export).await?;
+    let run = fleet.run(id).await?;
+    assert!(succeeded, "{run:?}");
+    let ingest = step(&run, "ingest").output.clone().unwrap_or_default();
+    assert_eq!(
+        ingest["json"],
+        serde_json::json!({"rows": 12, "partitions": ["eu", "us", "apac"]})
+    );
+    // One instance per partition, each with its own summary.
+    let transform = step(&run, "transform").output.clone().unwrap_or_default();
+    let revenues: Vec<_> = transform
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["json"]["region"].clone(), o["json"]["revenue"].clone()))
+        .collect();
+    assert_eq!(
+        serde_json::json!(revenues),
+        serde_json::json!([["eu", 124.0], ["us", 179.75], ["apac", 133.6]])
+    );
+    assert_eq!(step(&run, "validate[2]").status, "success");
+    let analyze = step(&run, "analyze").output.clone().unwrap_or_default();
+    assert_eq!(
+        analyze["json"],
+        serde_json::json!({"revenue": 437.35, "units": 118, "top_region": "us"})
+    );
+    let report = std::fs::read_to_string(export.join("sales-report.csv"))?;
+    let mut lines: Vec<&str> = report.lines().collect();
+    assert_eq!(lines.remove(0), "region,rows,units,revenue");
+    lines.sort_unstable();
+    assert_eq!(
+        lines,
+        ["apac,4,28,133.60", "eu,4,34,124.00", "us,4,56,179.75"]
+    );
+    fleet.stop().await
+}
+
+#[tokio::test]
+async fn a_malformed_row_fails_validation_naming_it_in_the_step_log() -> anyhow::Result<()> {
+    let scratch = Scratch::new("sales-bad")?;
+    let root = scratch.path("work");
+    std::fs::create_dir_all(&root)?;
+    let fleet = data_fleet(&root).await?;
+    let source = scratch.path("bad.csv");
+    std::fs::write(
+        &source,
+        "date,region,product,units,price\n2026-01-05,eu,widget,ten,2.50\n2026-01-06,us,widget,3,1.00\n",
+    )?;
+
+    let (succeeded, id) = sales(&fleet, &source, &scratch.path("reports")).await?;
+    assert!(!succeeded);
+    let run = fleet.run(id).await?;
+    assert_eq!(run.status, "failure");
+    assert_eq!(
+        step(&run, "validate[0]").error.as_deref(),
+        Some(r#"expectation failed: output.json.invalid == 0 (output.json was {"invalid":1})"#)
+    );
+    let validate = step(&run, "validate").error.clone().unwrap_or_default();
+    assert!(validate.starts_with("item 0 failed: "), "{validate}");
+    assert_eq!(step(&run, "export").status, "skipped");
+    let (status, _, err) = fleet
+        .cli(&[
+            "workflows",
+            "logs",
+            &id.to_string(),
+            "--step",
+            "validate[0]",
+        ])
+        .await?;
+    assert!(status.success(), "{err}");
+    assert_eq!(err, "invalid row 2: 2026-01-05,eu,widget,ten,2.50\n");
+    fleet.stop().await
+}
