@@ -303,3 +303,75 @@ async fn a_malformed_row_fails_validation_naming_it_in_the_step_log() -> anyhow:
     assert_eq!(err, "invalid row 2: 2026-01-05,eu,widget,ten,2.50\n");
     fleet.stop().await
 }
+
+/// `flotilla workflows execute examples/error-rate-watch.yaml --wait` against the fleet's own
+/// metrics; answers the run.
+async fn watch(fleet: &Fleet) -> anyhow::Result<flotilla_api_model::WorkflowResult> {
+    let file = repo_file("examples/error-rate-watch.yaml");
+    let (status, stdout, stderr) = fleet
+        .cli(&[
+            "workflows",
+            "execute",
+            file.to_str().unwrap(),
+            "--wait",
+            "--param",
+            &format!("metrics_url={}/metrics", fleet.url()),
+        ])
+        .await?;
+    anyhow::ensure!(status.success(), "{stdout}\n{stderr}");
+    fleet.run(run_id_from(&stdout)).await
+}
+
+#[tokio::test]
+async fn error_rate_watch_rolls_back_only_past_its_threshold() -> anyhow::Result<()> {
+    let scratch = Scratch::new("watch")?;
+    let root = scratch.path("ops");
+    std::fs::create_dir_all(&root)?;
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    let mut http = Command::new(binary("flotilla-agent-http"));
+    http.args(["--agent", "metrics", "--worker-id", "metrics"])
+        .env("RUST_LOG", "warn");
+    fleet.start_worker_command("metrics", &["metrics"], http, Launch::once())?;
+    let mut shell = Command::new(binary("flotilla-agent-shell"));
+    shell
+        .args(["--agent", "ops", "--worker-id", "ops", "--allow", "awk"])
+        .arg("--root")
+        .arg(&root)
+        .env("RUST_LOG", "warn");
+    fleet.start_worker_command("ops", &["ops"], shell, Launch::once())?;
+    fleet.start_echo("flaky", &["flaky"], 1)?;
+    // No attempt has failed yet: nothing to roll back.
+    let run = watch(&fleet).await?;
+    let errors = step(&run, "track_errors")
+        .output
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(errors["json"]["errors"], 0, "{errors}");
+    assert_eq!(step(&run, "rollback").status, "skipped");
+    assert!(!root.join("rollback.txt").exists());
+
+    // One failed attempt among the three that ended since: a third of them failed.
+    let id = fleet
+        .execute_yaml(
+            "name: flaky\nsteps:\n  - {id: fail, agent: flaky, action: x, retry: {max_attempts: 1}, params: {fail_attempts: 1}}\n",
+            serde_json::json!({}),
+        )
+        .await?;
+    assert_eq!(fleet.wait_for_end(id, WAIT).await?.status, "failure");
+    let run = watch(&fleet).await?;
+    let errors = step(&run, "track_errors")
+        .output
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(
+        errors["json"],
+        serde_json::json!({"errors": 1, "attempts": 3, "error_rate": 0.3333})
+    );
+    assert_eq!(step(&run, "rollback").status, "success");
+    assert_eq!(
+        std::fs::read_to_string(root.join("rollback.txt"))?,
+        "rolled back: error rate 0.3333\n"
+    );
+    fleet.stop().await
+}
