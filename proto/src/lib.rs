@@ -22,6 +22,7 @@ pub mod schemas {
     pub const CANCEL: &str = include_str!("../schemas/cancel.v1.json");
     pub const REGISTRATION: &str = include_str!("../schemas/registration.v1.json");
     pub const DEREGISTRATION: &str = include_str!("../schemas/deregistration.v1.json");
+    pub const LOG: &str = include_str!("../schemas/log.v1.json");
 }
 
 /// Queue and routing names, derived from one prefix so that several fleets (or tests) can share
@@ -56,6 +57,12 @@ impl QueueNames {
     /// coordinators.
     pub fn heartbeats(&self) -> String {
         format!("{}.heartbeats", self.prefix)
+    }
+
+    /// The queue that carries the lines handlers write to their step's log, apart from results so
+    /// that a chatty step never delays them.
+    pub fn logs(&self) -> String {
+        format!("{}.logs", self.prefix)
     }
 
     /// The queue that collects tasks dead-lettered after too many deliveries.
@@ -273,6 +280,54 @@ pub struct Cancel {
     pub sent_at: DateTime<Utc>,
 }
 
+/// Which stream of a step's log a line belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+impl LogStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stdout => "stdout",
+            Self::Stderr => "stderr",
+        }
+    }
+}
+
+/// One line of a step's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogLine {
+    /// 1 for the first line of an execution, counting up: with `execution_id`, what makes a
+    /// line stored once however often its batch is delivered.
+    pub seq: u64,
+    pub stream: LogStream,
+    /// The line's text, without its line break.
+    pub line: String,
+    /// When the handler wrote it.
+    pub at: DateTime<Utc>,
+}
+
+/// Lines a handler wrote to its step's log, published in batches to [`QueueNames::logs`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "log", deny_unknown_fields, remote = "Self")]
+pub struct LogBatch {
+    pub v: u32,
+    pub task_id: Uuid,
+    pub run_id: Uuid,
+    pub step_id: String,
+    pub attempt: u32,
+    pub worker_id: String,
+    /// Names one execution of the attempt: RabbitMQ may give a task whose worker was lost to
+    /// another worker, which runs the same attempt again and numbers its lines from 1 too.
+    pub execution_id: Uuid,
+    pub lines: Vec<LogLine>,
+    pub sent_at: DateTime<Utc>,
+}
+
 // The derives above use `remote = "Self"` so that they generate inherent `serialize` and
 // `deserialize` functions instead of trait impls; the trait impls below wrap them. serde's derive
 // alone gets tagged structs wrong both ways: with `tag` and `deny_unknown_fields` together it
@@ -300,6 +355,7 @@ tagged_message!(Heartbeat, "heartbeat");
 tagged_message!(Cancel, "cancel");
 tagged_message!(Registration, "registration");
 tagged_message!(Deregistration, "deregistration");
+tagged_message!(LogBatch, "log");
 
 /// Checks and removes the `type` field, then reads the remaining fields strictly with `body`.
 fn deserialize_tagged<'de, D, T>(

@@ -4,8 +4,8 @@
 
 use chrono::{TimeZone, Utc};
 use flotilla_proto::{
-    Cancel, Deregistration, Heartbeat, HeldTask, PROTOCOL_VERSION, Registration, ResultStatus,
-    Task, TaskError, TaskResult, WorkerMessage, schemas,
+    Cancel, Deregistration, Heartbeat, HeldTask, LogBatch, LogLine, LogStream, PROTOCOL_VERSION,
+    Registration, ResultStatus, Task, TaskError, TaskResult, WorkerMessage, schemas,
 };
 use jsonschema::Validator;
 use serde::de::DeserializeOwned;
@@ -140,6 +140,33 @@ fn sample_deregistration() -> Deregistration {
     Deregistration {
         v: PROTOCOL_VERSION,
         worker_id: "host-1-abc".into(),
+        sent_at: Utc::now(),
+    }
+}
+
+fn sample_log() -> LogBatch {
+    LogBatch {
+        v: PROTOCOL_VERSION,
+        task_id: Uuid::now_v7(),
+        run_id: Uuid::now_v7(),
+        step_id: "build".into(),
+        attempt: 1,
+        worker_id: "host-1-abc".into(),
+        execution_id: Uuid::new_v4(),
+        lines: vec![
+            LogLine {
+                seq: 1,
+                stream: LogStream::Stdout,
+                line: "Compiling demo v0.1.0".into(),
+                at: Utc::now(),
+            },
+            LogLine {
+                seq: 2,
+                stream: LogStream::Stderr,
+                line: "warning: unused variable".into(),
+                at: Utc::now(),
+            },
+        ],
         sent_at: Utc::now(),
     }
 }
@@ -294,6 +321,24 @@ fn registration_samples_match_the_schema() {
 }
 
 #[test]
+fn log_samples_match_the_schema() {
+    let validator = validator(schemas::LOG);
+    assert_round_trip(&validator, &sample_log());
+    let valid = serde_json::to_value(sample_log()).unwrap();
+    for (doc, why) in invalid_variants(&valid, "heartbeat") {
+        assert_rejected_by_both::<LogBatch>(&validator, &doc, &why);
+    }
+    let mut bad_line = valid.clone();
+    bad_line["lines"][0]["stream"] = json!("stdin");
+    assert_rejected_by_both::<LogBatch>(&validator, &bad_line, "an unknown stream");
+    bad_line["lines"][0] = json!({"seq": 1, "stream": "stdout", "line": "x"});
+    assert_rejected_by_both::<LogBatch>(&validator, &bad_line, "a line without `at`");
+    let mut first = valid;
+    first["lines"][0]["seq"] = json!(0);
+    assert!(!validator.is_valid(&first), "line 0 accepted");
+}
+
+#[test]
 fn invalid_registrations_are_rejected_by_schema_and_serde() {
     let validator = validator(schemas::REGISTRATION);
     let valid = serde_json::to_value(sample_registration()).unwrap();
@@ -419,7 +464,7 @@ fn readme_examples_are_valid() {
             serde_json::from_str(json).unwrap_or_else(|e| panic!("invalid JSON {json}: {e}"))
         })
         .collect();
-    assert_eq!(examples.len(), 7);
+    assert_eq!(examples.len(), 8);
     for example in examples {
         let (schema, parsed) = match example["type"].as_str() {
             Some("task") => (
@@ -445,6 +490,10 @@ fn readme_examples_are_valid() {
             Some("deregistration") => (
                 schemas::DEREGISTRATION,
                 serde_json::from_value::<Deregistration>(example.clone()).err(),
+            ),
+            Some("log") => (
+                schemas::LOG,
+                serde_json::from_value::<LogBatch>(example.clone()).err(),
             ),
             other => panic!("example of unknown type {other:?}"),
         };

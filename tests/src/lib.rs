@@ -527,16 +527,21 @@ impl Fleet {
         .await?)
     }
 
-    /// The queues the fleet may have declared: every agent queue, results, dead letters and
-    /// heartbeats.
+    /// The queues the fleet may have declared: every agent queue, results, dead letters,
+    /// heartbeats and logs.
     pub fn queues(&self) -> Vec<String> {
         let names = self.queue_names();
         let mut agents = self.agents.clone();
         agents.insert("flotilla-notify".into());
-        [names.results(), names.dead_letters(), names.heartbeats()]
-            .into_iter()
-            .chain(agents.iter().map(|a| names.agent(a)))
-            .collect()
+        [
+            names.results(),
+            names.dead_letters(),
+            names.heartbeats(),
+            names.logs(),
+        ]
+        .into_iter()
+        .chain(agents.iter().map(|a| names.agent(a)))
+        .collect()
     }
 
     /// Stops every process gracefully (SIGTERM, so they drain; SIGKILL after 20 s): the workers

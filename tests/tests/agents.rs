@@ -246,6 +246,38 @@ async fn a_stopping_worker_kills_the_commands_it_gives_up() -> anyhow::Result<()
     fleet.stop().await
 }
 
+#[tokio::test]
+async fn cancelling_the_run_kills_the_command_with_its_whole_process_group() -> anyhow::Result<()> {
+    let root = scratch("cancel")?;
+    let fleet = AgentFleet::start(
+        "flotilla-agent-shell",
+        "shell",
+        &["--allow", "sh", "--root", root.to_str().unwrap()],
+    )
+    .await?;
+    let yaml = format!(
+        "name: shell\nsteps:\n  - {{id: hang, agent: shell, action: run, params: {{command: [sh, -c, '{SPAWNS_A_GRANDCHILD}']}}}}\n"
+    );
+    let id = fleet.fleet.execute_yaml(&yaml, json!({})).await?;
+    let grandchild: u32 = read_when_written(&root.join("grandchild.pid"))
+        .await?
+        .trim()
+        .parse()?;
+    assert!(alive(grandchild));
+    let (status, _, stderr) = fleet
+        .fleet
+        .cli(&["workflows", "cancel", &id.to_string()])
+        .await?;
+    assert!(status.success(), "{stderr}");
+    wait_gone(grandchild).await?;
+    assert_eq!(
+        step(&fleet.fleet.run(id).await?, "hang").status,
+        "cancelled"
+    );
+    std::fs::remove_dir_all(&root)?;
+    fleet.stop().await
+}
+
 /// A service for the HTTP agent: `/item` answers JSON, `/flaky` answers 503 once then 200,
 /// `/missing` 404 with a reason.
 async fn serve(flaky_calls: Arc<AtomicU32>) -> anyhow::Result<String> {

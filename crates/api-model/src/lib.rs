@@ -406,6 +406,76 @@ pub struct RunEventList {
     pub events: Vec<RunEvent>,
 }
 
+/// The query string of `GET /api/workflows/{id}/logs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+#[serde(rename_all = "camelCase")]
+pub struct LogQuery {
+    /// Only this step's lines (an instance of a `for_each` step is `id[index]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// Only this attempt's lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Only lines after this `seq` (the `nextAfter` of the previous answer); from the start
+    /// when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
+    /// Most lines answered: 1000 when unset, at most 10000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Seconds (at most 30) to wait for a line when there is none yet and the run has not
+    /// ended: how a client follows a log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<u32>,
+}
+
+/// One line of a step's log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct StepLogLine {
+    /// Its place in the run's log, from 1.
+    pub seq: u64,
+    pub step_id: String,
+    pub attempt: u32,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    pub line: String,
+    /// When the handler wrote it.
+    pub at: DateTime<Utc>,
+}
+
+/// An attempt whose log went past the coordinator's `FLOTILLA_MAX_STEP_LOG_BYTES`: its later
+/// lines were dropped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct TruncatedLog {
+    pub step_id: String,
+    pub attempt: u32,
+    /// The bytes of lines kept.
+    pub bytes: u64,
+}
+
+/// `GET /api/workflows/{id}/logs`: lines of a run's step logs, in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct StepLogs {
+    pub workflow_id: Uuid,
+    pub lines: Vec<StepLogLine>,
+    /// The `after` that asks for the lines that follow: the last line's `seq`, or the
+    /// request's `after` when no line came.
+    pub next_after: u64,
+    /// Attempts (among those asked for) whose logs were cut at the cap.
+    pub truncated: Vec<TruncatedLog>,
+    /// Whether the run had ended when the lines were read. Lines sent by its last steps just
+    /// before the end may still be on their way for a moment after.
+    pub ended: bool,
+}
+
 /// `POST /api/definitions`: register a new revision of a definition. Exactly one of
 /// `definition` and `yaml` must be given.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -6,8 +6,8 @@ use std::future::Future;
 use chrono::{DateTime, Utc};
 use flotilla_api_model::{
     AgentStatus, AgentSummary, BreakerSummary, DeadLetterQuery, DeadLetterSummary,
-    DefinitionDetail, DefinitionSummary, Operation, RedriveOutcome, RunEvent, RunPage, RunQuery,
-    RunReport, ScheduleSummary, Submitted, WorkflowResult,
+    DefinitionDetail, DefinitionSummary, LogQuery, Operation, RedriveOutcome, RunEvent, RunPage,
+    RunQuery, RunReport, ScheduleSummary, StepLogs, Submitted, WorkflowResult,
 };
 use flotilla_core::schedule::Schedule;
 use flotilla_core::{Definition, Plan, Subset};
@@ -68,6 +68,16 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         id: Uuid,
     ) -> impl Future<Output = Result<Option<RunReport>, BackendError>> + Send;
+
+    /// The lines of run `id`'s step logs that `query` asks for, in order, at most `query.limit`
+    /// (always set, with `query.after`; `query.wait` is the API's), or `None` if there is no
+    /// run with that id. Answers [`BackendError::NotFound`] when the run has no step
+    /// `query.step`.
+    fn logs(
+        &self,
+        id: Uuid,
+        query: LogQuery,
+    ) -> impl Future<Output = Result<Option<StepLogs>, BackendError>> + Send;
 
     /// One page of runs, newest first. `query.cursor` is the opaque `next_cursor` of an earlier
     /// page, passed through unchecked: answer [`BackendError::Invalid`] if it cannot be read.

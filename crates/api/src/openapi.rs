@@ -41,6 +41,7 @@ const BEARER: &str = "bearer";
         routes::complete,
         routes::run_events,
         routes::run_report,
+        routes::run_logs,
         routes::register_definition,
         routes::list_definitions,
         routes::get_definition,

@@ -12,10 +12,11 @@ use flotilla_api_model::{
     AGENT_HEALTHY, AGENT_NO_WORKERS, AgentHealth, AgentList, AgentStatus, BreakerList,
     BreakerSummary, CompleteRequest, DEFAULT_SUMMARY_RANGE, DeadLetterList, DeadLetterQuery,
     DefinitionDetail, DefinitionList, DefinitionQuery, DefinitionSummary, DefinitionVersions,
-    ErrorBody, ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, MetricsSummary,
-    OperateResponse, Operation, RedriveOutcome, RedriveRequest, RedriveResponse,
+    ErrorBody, ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, LogQuery,
+    MetricsSummary, OperateResponse, Operation, RedriveOutcome, RedriveRequest, RedriveResponse,
     RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, RunReport,
-    ScheduleList, ScheduleRequest, ScheduleSummary, Submitted, SummaryQuery, WorkflowResult,
+    ScheduleList, ScheduleRequest, ScheduleSummary, StepLogs, Submitted, SummaryQuery,
+    WorkflowResult,
 };
 use flotilla_core::schedule::{Missed, Overlap, Schedule};
 use flotilla_core::{Definition, Plan, RunStatus, Subset};
@@ -37,6 +38,15 @@ pub const MAX_RUN_LIMIT: u32 = 500;
 pub const DEFAULT_DEAD_LETTER_LIMIT: u32 = 50;
 /// The largest `limit` a dead-letter listing accepts.
 pub const MAX_DEAD_LETTER_LIMIT: u32 = 500;
+
+/// Log lines answered when the query gives no `limit`.
+pub const DEFAULT_LOG_LIMIT: u32 = 1000;
+/// The largest `limit` a log read accepts.
+pub const MAX_LOG_LIMIT: u32 = 10_000;
+/// The longest `wait` a log read accepts, in seconds.
+pub const MAX_LOG_WAIT_SECS: u32 = 30;
+/// How often a waiting log read looks for new lines.
+const LOG_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Every run status, for telling a client which ones exist.
 const RUN_STATUSES: [RunStatus; 7] = [
@@ -177,6 +187,7 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
         )
         .route("/api/workflows/{id}/events", get(run_events::<B>))
         .route("/api/workflows/{id}/report", get(run_report::<B>))
+        .route("/api/workflows/{id}/logs", get(run_logs::<B>))
         .route(
             "/api/definitions",
             post(register_definition::<B>).get(list_definitions::<B>),
@@ -579,6 +590,48 @@ async fn run_events<B: Backend>(
     match backend.events(id).await? {
         Some(events) => Ok(axum::Json(RunEventList { events })),
         None => Err(run_not_found(id)),
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/workflows/{id}/logs",
+    tag = "workflows",
+    summary = "Lines of a run's step logs, in order; with `wait`, waits for the next ones",
+    params(RunPath, LogQuery),
+    responses(
+        (status = 200, description = "The lines asked for", body = StepLogs),
+        (status = 404, description = "No run has this id, or the run has no such step", body = ErrorBody)
+    )
+)]
+async fn run_logs<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(RunPath { id }): Path<RunPath>,
+    Query(mut query): Query<LogQuery>,
+) -> Result<axum::Json<StepLogs>, ApiError> {
+    let id = run_id(&id)?;
+    query.limit = Some(page_limit(query.limit, DEFAULT_LOG_LIMIT, MAX_LOG_LIMIT)?);
+    query.after = Some(query.after.unwrap_or(0));
+    if query.attempt == Some(0) {
+        return Err(ApiError::invalid_request(
+            "attempt must be 1 or more: attempts are numbered from 1",
+        ));
+    }
+    let wait = query.wait.take().unwrap_or(0);
+    if wait > MAX_LOG_WAIT_SECS {
+        return Err(ApiError::invalid_request(format!(
+            "wait must be at most {MAX_LOG_WAIT_SECS} seconds, not {wait}"
+        )));
+    }
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(u64::from(wait));
+    loop {
+        let Some(logs) = backend.logs(id, query.clone()).await? else {
+            return Err(run_not_found(id));
+        };
+        if !logs.lines.is_empty() || logs.ended || tokio::time::Instant::now() >= until {
+            return Ok(axum::Json(logs));
+        }
+        tokio::time::sleep(LOG_POLL).await;
     }
 }
 

@@ -71,6 +71,13 @@ pub async fn declare_heartbeats_queue(channel: &Channel, names: &QueueNames) -> 
         .await
 }
 
+/// Declares `{prefix}.logs`, where workers publish the lines of their steps' logs.
+pub async fn declare_logs_queue(channel: &Channel, names: &QueueNames) -> Result<(), Error> {
+    channel
+        .declare_durable(&names.logs(), quorum_arguments())
+        .await
+}
+
 /// Declares `{prefix}.dead`, which collects tasks dead-lettered by the agent queues.
 pub async fn declare_dead_letter_queue(channel: &Channel, names: &QueueNames) -> Result<(), Error> {
     channel
@@ -101,8 +108,8 @@ pub async fn declare_control_queue(
 }
 
 /// Declares every queue a fleet serving `agents` needs: the dead-letter queue first (so nothing
-/// dead-lettered is lost), then results, heartbeats, the control exchange and one queue per
-/// agent.
+/// dead-lettered is lost), then results, heartbeats, logs, the control exchange and one queue
+/// per agent.
 pub async fn declare_topology(
     channel: &Channel,
     names: &QueueNames,
@@ -112,6 +119,7 @@ pub async fn declare_topology(
     declare_dead_letter_queue(channel, names).await?;
     declare_results_queue(channel, names).await?;
     declare_heartbeats_queue(channel, names).await?;
+    declare_logs_queue(channel, names).await?;
     declare_control_exchange(channel, names).await?;
     for agent in agents {
         declare_agent_queue(channel, names, agent, delivery_limit).await?;

@@ -59,6 +59,7 @@ impl Fixture {
         for queue in [
             self.names.results(),
             self.names.heartbeats(),
+            self.names.logs(),
             self.names.dead_letters(),
         ] {
             channel.delete_queue(&queue).await?;

@@ -6,6 +6,7 @@
 //!   once confirmed; a sweeper re-publishes what a crash or disconnect left behind;
 //! - [`timer`]: wakes waiting steps when their retry is due;
 //! - [`results`]: consumes worker results and hands them to the engine;
+//! - [`logs`]: consumes the lines of steps' logs and stores them;
 //! - `trace`: the spans of runs and attempts, and the trace context each task carries.
 //!
 //! **Architecture invariant:** a task is published only after the transaction that dispatched
@@ -16,6 +17,7 @@ mod breakers;
 pub mod dead;
 pub mod engine;
 pub mod heartbeats;
+pub mod logs;
 pub mod relay;
 pub mod results;
 pub mod schedules;

@@ -11,6 +11,7 @@ pub mod dead_letters;
 pub mod definitions;
 pub mod engine;
 pub mod idempotency;
+pub mod logs;
 mod migrate;
 pub mod outbox;
 pub mod queries;

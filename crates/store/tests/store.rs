@@ -9,7 +9,7 @@ use flotilla_store::engine::{
 };
 use flotilla_store::registry::{self, Announcement, Sighting};
 use flotilla_store::{
-    Store, StoreConfig, dead_letters, definitions, idempotency, outbox, queries, schedules,
+    Store, StoreConfig, dead_letters, definitions, idempotency, logs, outbox, queries, schedules,
 };
 use serde_json::{Map, json};
 use uuid::Uuid;
@@ -931,6 +931,116 @@ async fn the_registry_keeps_what_workers_tell_and_forgets_the_departed_and_the_s
     assert_eq!(left, ["w1"]);
     registry::record(&client, &[], &[], at(11)).await?;
     assert!(registry::workers(&client, None).await?.is_empty());
+    drop(client);
+    t.drop_db().await
+}
+
+fn log_line(
+    run_id: Uuid,
+    step: &str,
+    execution_id: Uuid,
+    line_no: i64,
+    text: &str,
+) -> logs::NewLine {
+    logs::NewLine {
+        run_id,
+        step_id: step.into(),
+        attempt: 1,
+        execution_id,
+        line_no,
+        stream: "stdout".into(),
+        line: text.into(),
+        at: at(line_no),
+    }
+}
+
+fn texts(lines: &[logs::StoredLine]) -> Vec<(i64, &str, &str)> {
+    lines
+        .iter()
+        .map(|l| (l.seq, l.step_id.as_str(), l.line.as_str()))
+        .collect()
+}
+
+#[tokio::test]
+async fn step_logs_store_each_line_once_in_order_up_to_the_cap() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let (batch, state, _) = new_run_batch();
+    let mut client = t.store.client().await?;
+    db::write(&client, &batch).await?;
+    let run = state.id;
+    let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+    let all = logs::LogQuery {
+        limit: 100,
+        ..logs::LogQuery::default()
+    };
+
+    let batch_one = vec![
+        log_line(run, "a", first, 1, "one"),
+        log_line(run, "a", first, 2, "two"),
+        // Published twice by its worker.
+        log_line(run, "a", first, 2, "two"),
+        // A run that does not exist.
+        log_line(Uuid::now_v7(), "a", first, 1, "lost"),
+    ];
+    assert_eq!(logs::append(&mut client, &batch_one, 12).await?, 2);
+    // Delivered again: nothing new.
+    assert_eq!(logs::append(&mut client, &batch_one, 12).await?, 0);
+    // The attempt run again elsewhere numbers from 1 too; another step has a cap of its own.
+    let batch_two = vec![
+        log_line(run, "a", second, 1, "again"),
+        log_line(run, "b", first, 1, "b-one"),
+        log_line(run, "a", second, 2, "over"),
+        log_line(run, "a", second, 3, "x"),
+    ];
+    assert_eq!(logs::append(&mut client, &batch_two, 12).await?, 2);
+    assert_eq!(
+        texts(&logs::read(&client, run, &all).await?),
+        [
+            (1, "a", "one"),
+            (2, "a", "two"),
+            (3, "a", "again"),
+            (4, "b", "b-one")
+        ]
+    );
+    // "one", "two" and "again" are 11 bytes: "over" goes past 12, and it and what follows are
+    // dropped.
+    assert_eq!(
+        logs::truncated(&client, run, None, None).await?,
+        [logs::Truncated {
+            step_id: "a".into(),
+            attempt: 1,
+            bytes: 11,
+        }]
+    );
+    let later = vec![log_line(run, "a", second, 4, "y")];
+    assert_eq!(logs::append(&mut client, &later, 12).await?, 0);
+
+    let only_b_after_1 = logs::LogQuery {
+        step_id: Some("b".into()),
+        attempt: Some(1),
+        after: 1,
+        limit: 10,
+    };
+    assert_eq!(
+        texts(&logs::read(&client, run, &only_b_after_1).await?),
+        [(4, "b", "b-one")]
+    );
+    assert!(
+        logs::truncated(&client, run, Some("b"), None)
+            .await?
+            .is_empty()
+    );
+
+    // The log goes with its run.
+    client
+        .execute("DELETE FROM runs WHERE id = $1", &[&run])
+        .await?;
+    assert!(logs::read(&client, run, &all).await?.is_empty());
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM step_logs", &[])
+        .await?
+        .get(0);
+    assert_eq!(left, 0);
     drop(client);
     t.drop_db().await
 }

@@ -4,8 +4,10 @@ use flotilla_proto::Task;
 use serde_json::{Map, Value};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
-/// What a handler gets: the task, where it came from, the span it runs in, and whether it was
-/// cancelled.
+use crate::log::StepLog;
+
+/// What a handler gets: the task, where it came from, the span it runs in, whether it was
+/// cancelled, and its step's log.
 #[derive(Debug, Clone)]
 pub struct TaskContext {
     task: Task,
@@ -14,6 +16,7 @@ pub struct TaskContext {
     redelivered: bool,
     span: tracing::Span,
     cancel: CancellationToken,
+    log: StepLog,
 }
 
 impl TaskContext {
@@ -32,7 +35,21 @@ impl TaskContext {
             redelivered,
             span: tracing::Span::current(),
             cancel: CancellationToken::new(),
+            log: StepLog::default(),
         }
+    }
+
+    /// Makes `log` the step's log the handler writes to.
+    #[must_use]
+    pub fn with_log(mut self, log: StepLog) -> Self {
+        self.log = log;
+        self
+    }
+
+    /// The step's log: lines written to it are stored with the run, and shown by `flotilla
+    /// workflows logs` while the step runs and after.
+    pub fn log(&self) -> &StepLog {
+        &self.log
     }
 
     /// Makes `cancel` the token whose cancellation tells the handler to stop.

@@ -30,6 +30,9 @@
 //! - The result goes to the task's `reply_to` queue with a publisher confirm, and only then is
 //!   the task acked. If the result cannot be published the task is requeued and runs again: the
 //!   coordinator fences results by task id and attempt, so duplicates are harmless.
+//! - What a handler writes to its step's log ([`TaskContext::log`]) goes to `{prefix}.logs` in
+//!   batches while it runs (every 200 ms, or sooner once 256 lines wait), and the last batch
+//!   before the result, each line numbered so that the coordinator stores it once.
 //! - Heartbeats listing the tasks in progress go to `{prefix}.heartbeats` every
 //!   `heartbeat_interval`.
 //! - Each task runs in a `worker.task` span. In a binary that started telemetry with
@@ -52,11 +55,14 @@
 pub mod cli;
 mod context;
 mod health;
+mod log;
 mod worker;
 
 use std::time::Duration;
 
 pub use context::{HandlerError, TaskContext};
+pub use flotilla_proto::LogStream;
+pub use log::{MAX_LINE_BYTES, StepLog};
 pub use worker::{Worker, WorkerBuilder};
 
 /// How a worker reaches RabbitMQ and how it runs tasks.

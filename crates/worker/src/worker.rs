@@ -14,8 +14,8 @@ use flotilla_broker::{
     Publisher, QueueNames, declare_control_queue, declare_topology, reconnect,
 };
 use flotilla_proto::{
-    Cancel, Deregistration, Heartbeat, HeldTask, PROTOCOL_VERSION, Registration, ResultStatus,
-    Task, TaskError, TaskResult,
+    Cancel, Deregistration, Heartbeat, HeldTask, LogBatch, PROTOCOL_VERSION, Registration,
+    ResultStatus, Task, TaskError, TaskResult,
 };
 use flotilla_telemetry::metrics::WorkerMetrics;
 use flotilla_telemetry::trace::{self, TASK_SPAN};
@@ -30,6 +30,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, Span, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
+use crate::log::{BATCH_LINES, StepLog};
 use crate::{Error, HandlerError, TaskContext, WorkerConfig, health};
 
 type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, HandlerError>> + Send>>;
@@ -970,7 +971,18 @@ async fn run_task(
         let redelivered = receipt.delivery.redelivered;
         debug!(redelivered, "task started");
         let in_flight = shared.metrics.task_started(&agent, &task.action);
-        let handling = call_handler(&shared, &agent, &task, redelivered, cancel.clone());
+        let log = StepLog::default();
+        let log_done = CancellationToken::new();
+        let mut shipper = AbortOnDrop(tokio::spawn(
+            ship_log(
+                shared.clone(),
+                log.clone(),
+                log_batch(&shared, &task),
+                log_done.clone(),
+            )
+            .in_current_span(),
+        ));
+        let handling = call_handler(&shared, &agent, &task, redelivered, cancel.clone(), log);
         let outcome = match beaten {
             None => handling.await,
             Some(beaten) => {
@@ -987,6 +999,9 @@ async fn run_task(
                 }
             }
         };
+        // The log's last lines go before the result, so that a run seen ended has its logs.
+        log_done.cancel();
+        let _ = (&mut shipper.0).await;
         let finished_at = Utc::now();
         in_flight.finish(
             outcome.is_ok(),
@@ -1057,24 +1072,8 @@ async fn run_task(
 /// link was lost, and their delivery tags mean nothing on the new one; the result published
 /// late is still valid, since the coordinator fences results by task id and attempt.
 async fn report(shared: &Shared, task_id: Uuid, message: &OutgoingMessage, own: Receipt) {
-    let mut links = shared.link.subscribe();
-    let (link, published) = loop {
-        let current = match links
-            .wait_for(|link| link.as_ref().is_some_and(|link| !link.lost.is_cancelled()))
-            .await
-        {
-            Ok(current) => current.clone(),
-            // The sender lives in `shared`, which outlives this call.
-            Err(_) => return,
-        };
-        let Some(link) = current else { continue };
-        match link.publisher.publish_one(message).await {
-            Err(error) if link.failed_with(&error) => {
-                link.report_lost(format_args!("publishing a result: {error}"));
-                info!("result not published; publishing it once reconnected");
-            }
-            published => break (link, published),
-        }
+    let Some((link, published)) = publish_when_linked(shared, message).await else {
+        return;
     };
     if let Err(error) = &published {
         error!(reply_to = %message.routing_key, %error, "could not publish a result; requeueing the task");
@@ -1097,6 +1096,76 @@ async fn report(shared: &Shared, task_id: Uuid, message: &OutgoingMessage, own: 
             }
         } else {
             requeue(&receipt.delivery).await;
+        }
+    }
+}
+
+/// Publishes `message` on the current link, waiting for one while reconnecting and publishing
+/// again on the next link when the current one is lost meanwhile. Answers the link it was
+/// published on and whether the broker took it; `None` only when the worker is gone.
+async fn publish_when_linked(
+    shared: &Shared,
+    message: &OutgoingMessage,
+) -> Option<(Arc<Link>, Result<(), PublishError>)> {
+    let mut links = shared.link.subscribe();
+    loop {
+        let current = match links
+            .wait_for(|link| link.as_ref().is_some_and(|link| !link.lost.is_cancelled()))
+            .await
+        {
+            Ok(current) => current.clone(),
+            // The sender lives in `shared`, which outlives the callers.
+            Err(_) => return None,
+        };
+        let Some(link) = current else { continue };
+        match link.publisher.publish_one(message).await {
+            Err(error) if link.failed_with(&error) => {
+                link.report_lost(format_args!("publishing a {}: {error}", message.kind));
+                info!(kind = %message.kind, "not published; publishing it once reconnected");
+            }
+            published => return Some((link, published)),
+        }
+    }
+}
+
+/// The log messages of one execution of `task`, without lines yet.
+fn log_batch(shared: &Shared, task: &Task) -> LogBatch {
+    LogBatch {
+        v: PROTOCOL_VERSION,
+        task_id: task.task_id,
+        run_id: task.run_id,
+        step_id: task.step_id.clone(),
+        attempt: task.attempt,
+        worker_id: shared.worker_id.to_string(),
+        execution_id: Uuid::new_v4(),
+        lines: Vec::new(),
+        sent_at: Utc::now(),
+    }
+}
+
+/// Sends what the handler writes to `log` in messages of `batch`'s execution, at most
+/// [`BATCH_LINES`] lines each: every [`LOG_INTERVAL`], or at once when a batch is full, and what
+/// is left once `done` is cancelled. A batch the broker refuses is dropped (its lines are lost, not the step).
+async fn ship_log(shared: Arc<Shared>, log: StepLog, mut batch: LogBatch, done: CancellationToken) {
+    let queue = shared.names.logs();
+    loop {
+        let last = tokio::select! {
+            () = done.cancelled() => true,
+            () = log.filled() => false,
+            () = tokio::time::sleep(LOG_INTERVAL) => false,
+        };
+        let lines = log.take();
+        for chunk in lines.chunks(BATCH_LINES) {
+            batch.lines = chunk.to_vec();
+            batch.sent_at = Utc::now();
+            let body = serde_json::to_vec(&batch).expect("a LogBatch always serializes to JSON");
+            let message = OutgoingMessage::new(&queue, "log", body);
+            if let Some((_, Err(error))) = publish_when_linked(&shared, &message).await {
+                warn!(%error, lines = chunk.len(), "could not publish log lines; they are lost");
+            }
+        }
+        if last {
+            return;
         }
     }
 }
@@ -1130,6 +1199,7 @@ async fn call_handler(
     task: &Task,
     redelivered: bool,
     cancel: CancellationToken,
+    log: StepLog,
 ) -> Result<Value, HandlerError> {
     let Some(handler) = shared
         .handlers
@@ -1147,7 +1217,8 @@ async fn call_handler(
         shared.worker_id.clone(),
         redelivered,
     )
-    .with_cancellation(cancel);
+    .with_cancellation(cancel)
+    .with_log(log);
     // A task of its own, so that a panic is caught at the join (including one raised by the
     // handler before it returns its future); aborted if this is dropped.
     let handler = handler.clone();
@@ -1280,6 +1351,9 @@ async fn say_goodbye(shared: &Shared) {
 
 /// How many cancels of tasks not (yet) running here a worker remembers.
 const CANCELLED_KEPT: usize = 1024;
+
+/// The longest a line written to a step's log waits before it is sent.
+const LOG_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The least time between two heartbeats of one worker.
 const HEARTBEAT_MIN_GAP: Duration = Duration::from_millis(250);

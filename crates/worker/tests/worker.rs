@@ -17,7 +17,9 @@ use flotilla_broker::{
     BrokerConfig, Connection, Consumer, OutgoingMessage, Publisher, QueueNames, connect,
     declare_topology, testing::Proxy,
 };
-use flotilla_proto::{Cancel, PROTOCOL_VERSION, ResultStatus, Task, TaskResult, WorkerMessage};
+use flotilla_proto::{
+    Cancel, LogBatch, LogStream, PROTOCOL_VERSION, ResultStatus, Task, TaskResult, WorkerMessage,
+};
 use flotilla_worker::{HandlerError, TaskContext, Worker, WorkerBuilder, WorkerConfig};
 use serde_json::{Value, json};
 use tokio::{
@@ -161,6 +163,7 @@ impl Fixture {
         for queue in [
             self.names.results(),
             self.names.heartbeats(),
+            self.names.logs(),
             self.names.dead_letters(),
         ] {
             channel.delete_queue(&queue).await?;
@@ -344,6 +347,66 @@ async fn handled_tasks_report_their_results() -> Result<()> {
         fixture.message_count(&fixture.names.agent("echo")).await?,
         0
     );
+    fixture.cleanup().await
+}
+
+/// What a handler writes to its step's log reaches `{prefix}.logs` in a few batches, numbered
+/// without a gap, all of them before the result.
+#[tokio::test]
+async fn a_handlers_log_lines_are_sent_in_batches_before_its_result() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    let worker = fixture
+        .builder(fixture.config(1))
+        .action("build", |ctx: TaskContext| async move {
+            for i in 1..=600 {
+                ctx.log().stdout(format!("compiling unit {i}"));
+            }
+            ctx.log().stderr("warning: done\n");
+            Ok(json!({}))
+        })
+        .build();
+    let shutdown = CancellationToken::new();
+    let run = spawn_worker(worker, &shutdown);
+    let task = fixture.task("echo", "build", json!({}));
+    fixture.publish(std::slice::from_ref(&task)).await?;
+    let mut results = fixture.results().await?;
+    read_results(&mut results, 1).await?;
+
+    // The result was published after the last batch: every batch is queued by now.
+    let sent = fixture.message_count(&fixture.names.logs()).await?;
+    let mut logs = Consumer::start(&fixture.connection, &fixture.names.logs(), "", 100).await?;
+    let mut batches = Vec::new();
+    while batches.len() < sent as usize {
+        let delivery = tokio::time::timeout(WAIT, logs.next())
+            .await?
+            .context("logs consumer ended")??;
+        assert_eq!(delivery.kind.as_deref(), Some("log"));
+        batches.push(serde_json::from_slice::<LogBatch>(&delivery.body)?);
+        delivery.ack().await?;
+    }
+    assert!(
+        (3..=20).contains(&batches.len()),
+        "{sent} batches for 601 lines"
+    );
+    let lines: Vec<_> = batches.iter().flat_map(|b| &b.lines).collect();
+    assert_eq!(
+        lines.iter().map(|l| l.seq).collect::<Vec<_>>(),
+        (1..=601).collect::<Vec<_>>()
+    );
+    assert_eq!(lines[0].line, "compiling unit 1");
+    assert_eq!(
+        (lines[600].stream, lines[600].line.as_str()),
+        (LogStream::Stderr, "warning: done")
+    );
+    for batch in &batches {
+        assert_eq!(
+            (batch.task_id, batch.run_id, &batch.step_id, batch.attempt),
+            (task.task_id, task.run_id, &task.step_id, task.attempt)
+        );
+        assert_eq!(batch.execution_id, batches[0].execution_id);
+    }
+    drop(logs);
+    stop(run, &shutdown).await?;
     fixture.cleanup().await
 }
 

@@ -215,6 +215,22 @@ pub enum WorkflowsCommand {
         /// The run's id.
         id: Uuid,
     },
+    /// Print what a run's steps wrote to their logs, in order: stdout lines on stdout, stderr
+    /// lines on stderr, each after its step's id unless `--step` is given. With `--output
+    /// json`, one JSON object per line.
+    Logs {
+        /// The run's id.
+        id: Uuid,
+        /// Only this step's lines (an instance of a `for_each` step is `id[index]`).
+        #[arg(long)]
+        step: Option<String>,
+        /// Only this attempt's lines.
+        #[arg(long)]
+        attempt: Option<u32>,
+        /// Keep printing lines as they are written, until the run ends.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
 }
 
 /// Following a run to its end.

@@ -6,10 +6,10 @@ use flotilla_api_model::{
     ACTOR_HEADER, AgentHealth, AgentList, AuditPage, AuditQuery, BreakerList, BreakerSummary,
     CompleteRequest, CreatedToken, DeadLetterList, DeadLetterQuery, DefinitionDetail,
     DefinitionList, DefinitionSummary, DefinitionVersions, ErrorBody, ExecuteRequest,
-    ExecuteResponse, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, MetricsSummary,
+    ExecuteResponse, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, LogQuery, MetricsSummary,
     NewTokenRequest, OperateResponse, Operation, RedriveRequest, RedriveResponse,
     RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, RunReport,
-    ScheduleList, ScheduleRequest, ScheduleSummary, Submitted, TokenList, TokenSummary,
+    ScheduleList, ScheduleRequest, ScheduleSummary, StepLogs, Submitted, TokenList, TokenSummary,
     WorkflowResult,
 };
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
@@ -411,6 +411,36 @@ impl Client {
     pub async fn report(&self, id: Uuid) -> Result<RunReport, ClientError> {
         let url = self.url(&["workflows", &id.to_string(), "report"]);
         self.send(self.http.get(url.clone()), url).await
+    }
+
+    /// Lines of run `id`'s step logs, as `query` asks; with `wait`, the request lasts that much
+    /// longer.
+    pub async fn logs(&self, id: Uuid, query: &LogQuery) -> Result<StepLogs, ClientError> {
+        let mut url = self.url(&["workflows", &id.to_string(), "logs"]);
+        {
+            let mut pairs = url.query_pairs_mut();
+            if let Some(step) = &query.step {
+                pairs.append_pair("step", step);
+            }
+            let numbers = [
+                ("attempt", query.attempt),
+                ("limit", query.limit),
+                ("wait", query.wait),
+            ];
+            for (name, value) in numbers {
+                if let Some(value) = value {
+                    pairs.append_pair(name, &value.to_string());
+                }
+            }
+            if let Some(after) = query.after {
+                pairs.append_pair("after", &after.to_string());
+            }
+        }
+        let timeout = REQUEST_TIMEOUT + Duration::from_secs(u64::from(query.wait.unwrap_or(0)));
+        let answer = self
+            .exchange(self.http.get(url.clone()), &url, timeout)
+            .await?;
+        decode(answer, url)
     }
 
     /// The history of run `id`, oldest first.

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use flotilla_api_model::{
-    AGENT_HEALTHY, BreakerList, DeadLetterQuery, ExecuteRequest, ExecuteResponse, Operation,
-    RedriveOutcome, RedriveRequest, RegisterDefinitionRequest, RunQuery, ScheduleRequest,
-    WorkflowResult,
+    AGENT_HEALTHY, BreakerList, DeadLetterQuery, ExecuteRequest, ExecuteResponse, LogQuery,
+    Operation, RedriveOutcome, RedriveRequest, RegisterDefinitionRequest, RunQuery,
+    ScheduleRequest, StepLogLine, WorkflowResult,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -26,6 +26,12 @@ use crate::{access, actor, metrics, params};
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the spinner moves between polls, so that a long step still looks alive.
 const SPINNER_TICK: Duration = Duration::from_millis(120);
+
+/// How long `logs --follow` waits for each next line, within one request.
+const FOLLOW_WAIT_SECS: u32 = 20;
+/// How long `logs --follow` keeps looking once the run has ended, for lines its last steps
+/// sent just before their results.
+const FOLLOW_GRACE: Duration = Duration::from_secs(1);
 
 /// How a command that worked ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,6 +192,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 Output::Text => print!("{}", render::report(&report)),
                 Output::Json => print_json(&report)?,
             }
+            Ok(Outcome::Done)
+        }
+        Command::Workflows(WorkflowsCommand::Logs {
+            id,
+            step,
+            attempt,
+            follow,
+        }) => {
+            logs(&client, id, step, attempt, follow, output).await?;
             Ok(Outcome::Done)
         }
         Command::Definitions(DefinitionsCommand::Register { file }) => {
@@ -376,6 +391,83 @@ async fn operate(
         }
         Err(err) => Err(err.into()),
     }
+}
+
+/// Prints the lines of run `id`'s logs (of `step` and `attempt` when given): those stored now,
+/// or with `follow` also those to come until the run ends. Then names the attempts whose logs
+/// were cut at the coordinator's cap.
+async fn logs(
+    client: &Client,
+    id: Uuid,
+    step: Option<String>,
+    attempt: Option<u32>,
+    follow: bool,
+    output: Output,
+) -> anyhow::Result<()> {
+    let mut query = LogQuery {
+        step,
+        attempt,
+        wait: follow.then_some(FOLLOW_WAIT_SECS),
+        ..LogQuery::default()
+    };
+    let prefixed = query.step.is_none();
+    let mut shown_attempt = None;
+    let mut ended_at: Option<tokio::time::Instant> = None;
+    loop {
+        let page = client.logs(id, &query).await?;
+        for line in &page.lines {
+            if !prefixed && query.attempt.is_none() && shown_attempt != Some(line.attempt) {
+                if shown_attempt.is_some() {
+                    eprintln!("--- attempt {} ---", line.attempt);
+                }
+                shown_attempt = Some(line.attempt);
+            }
+            print_log_line(line, prefixed, output)?;
+        }
+        query.after = Some(page.next_after);
+        if !page.lines.is_empty() {
+            continue;
+        }
+        let done = match (follow, page.ended) {
+            (false, _) => true,
+            (true, false) => false,
+            (true, true) => {
+                let since = *ended_at.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() < FOLLOW_GRACE {
+                    tokio::time::sleep(POLL_INTERVAL).await;
+                    false
+                } else {
+                    true
+                }
+            }
+        };
+        if done {
+            for cut in &page.truncated {
+                eprintln!(
+                    "flotilla: the log of step `{}` (attempt {}) was cut at {} bytes \
+                     (FLOTILLA_MAX_STEP_LOG_BYTES); its later lines were dropped",
+                    cut.step_id, cut.attempt, cut.bytes
+                );
+            }
+            return Ok(());
+        }
+    }
+}
+
+fn print_log_line(line: &StepLogLine, prefixed: bool, output: Output) -> anyhow::Result<()> {
+    use std::io::Write;
+    if output == Output::Json {
+        println!("{}", serde_json::to_string(line)?);
+        return Ok(());
+    }
+    let text = render::log_line(line, prefixed);
+    // A closed pipe (`| head`) ends the command like any other write error.
+    if line.stream == "stderr" {
+        writeln!(std::io::stderr(), "{text}")?;
+    } else {
+        writeln!(std::io::stdout(), "{text}")?;
+    }
+    Ok(())
 }
 
 /// The file's text, sent as is: the coordinator reads YAML, and JSON is YAML too.

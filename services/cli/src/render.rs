@@ -660,6 +660,15 @@ pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
+/// A line of a step's log, after its step's id (and attempt, past the first) when `prefixed`.
+pub fn log_line(line: &flotilla_api_model::StepLogLine, prefixed: bool) -> String {
+    match (prefixed, line.attempt) {
+        (false, _) => line.line.clone(),
+        (true, 1) => format!("{}: {}", line.step_id, line.line),
+        (true, n) => format!("{}#{n}: {}", line.step_id, line.line),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;

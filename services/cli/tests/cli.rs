@@ -268,6 +268,15 @@ impl Backend for Coordinator {
         Ok(None)
     }
 
+    // Logs are tested against a live fleet (tests/tests/logs.rs).
+    async fn logs(
+        &self,
+        _id: Uuid,
+        _query: flotilla_api_model::LogQuery,
+    ) -> Result<Option<flotilla_api_model::StepLogs>, BackendError> {
+        Ok(None)
+    }
+
     // Versions are tested against a live coordinator (tests/tests/operator.rs).
     async fn definition_versions(
         &self,

@@ -8,9 +8,9 @@ use flotilla_api::{Backend, BackendError, NewSchedule, Submission};
 use flotilla_api_model::{
     AGENT_HEALTHY, AGENT_NO_WORKERS, AGENT_UNHEALTHY, AgentStatus, AgentSummary, AttemptReport,
     BreakerSummary, DeadLetterQuery, DeadLetterSummary, DefinitionDetail, DefinitionSummary,
-    Evidence, Metrics, Operation, ParentRun, RedriveOutcome, RunEvent, RunPage, RunQuery,
-    RunReport, RunSummary, ScheduleSummary, StepReport, StepResult, StrikeReport, Submitted,
-    WorkerStatus, WorkflowResult,
+    Evidence, LogQuery, Metrics, Operation, ParentRun, RedriveOutcome, RunEvent, RunPage, RunQuery,
+    RunReport, RunSummary, ScheduleSummary, StepLogLine, StepLogs, StepReport, StepResult,
+    StrikeReport, Submitted, TruncatedLog, WorkerStatus, WorkflowResult,
 };
 use flotilla_core::registry::{RegistryPolicy, WorkerHealth};
 use flotilla_core::schedule::Schedule;
@@ -21,7 +21,7 @@ use flotilla_store::breakers::{self, BreakerRecord};
 use flotilla_store::queries::{self, Cursor, RunRecord, StepRecord};
 use flotilla_store::registry::{self, WorkerRecord};
 use flotilla_store::schedules::{self, ScheduleRow};
-use flotilla_store::{Store, dead_letters, definitions};
+use flotilla_store::{Store, dead_letters, definitions, logs};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -534,6 +534,57 @@ impl Backend for CoordinatorBackend {
                 }
             })
             .collect())
+    }
+
+    async fn logs(&self, id: Uuid, query: LogQuery) -> Result<Option<StepLogs>, BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let Some((run, steps)) = queries::run(&client, id).await.map_err(store_error)? else {
+            return Ok(None);
+        };
+        if let Some(step) = &query.step
+            && !steps.iter().any(|s| &s.step_id == step)
+        {
+            return Err(BackendError::NotFound(format!(
+                "run {id} has no step `{step}`"
+            )));
+        }
+        let after = query.after.unwrap_or(0);
+        let attempt = query.attempt.map(|a| i32::try_from(a).unwrap_or(i32::MAX));
+        let read = logs::LogQuery {
+            step_id: query.step.clone(),
+            attempt,
+            after: i64::try_from(after).unwrap_or(i64::MAX),
+            limit: i64::from(query.limit.unwrap_or(u32::MAX)),
+        };
+        let lines = logs::read(&client, id, &read).await.map_err(store_error)?;
+        let truncated = logs::truncated(&client, id, query.step.as_deref(), attempt)
+            .await
+            .map_err(store_error)?;
+        let lines: Vec<StepLogLine> = lines
+            .into_iter()
+            .map(|l| StepLogLine {
+                seq: u64::try_from(l.seq).unwrap_or(0),
+                step_id: l.step_id,
+                attempt: u32::try_from(l.attempt).unwrap_or(0),
+                stream: l.stream,
+                line: l.line,
+                at: l.at,
+            })
+            .collect();
+        Ok(Some(StepLogs {
+            workflow_id: id,
+            next_after: lines.last().map_or(after, |l| l.seq),
+            lines,
+            truncated: truncated
+                .into_iter()
+                .map(|t| TruncatedLog {
+                    step_id: t.step_id,
+                    attempt: u32::try_from(t.attempt).unwrap_or(0),
+                    bytes: u64::try_from(t.bytes).unwrap_or(0),
+                })
+                .collect(),
+            ended: run.ended_at.is_some(),
+        }))
     }
 
     async fn events(&self, id: Uuid) -> Result<Option<Vec<RunEvent>>, BackendError> {

@@ -98,6 +98,11 @@ pub struct Config {
     )]
     pub idempotency_retention_secs: u64,
 
+    /// Bytes of log lines kept per step attempt; past it, the attempt's later lines are
+    /// dropped and its log is marked truncated.
+    #[arg(long, env = "FLOTILLA_MAX_STEP_LOG_BYTES", default_value_t = 1_048_576)]
+    pub max_step_log_bytes: u64,
+
     /// The most instances one `for_each` step may expand to; a longer list fails the step.
     #[arg(long, env = "FLOTILLA_MAX_INSTANCES", default_value_t = flotilla_core::scheduler::DEFAULT_MAX_INSTANCES)]
     pub max_instances: usize,
@@ -307,6 +312,10 @@ impl Config {
                 self.idempotency_retention_secs.to_string(),
             ),
             ("FLOTILLA_MAX_INSTANCES", self.max_instances.to_string()),
+            (
+                "FLOTILLA_MAX_STEP_LOG_BYTES",
+                self.max_step_log_bytes.to_string(),
+            ),
             ("FLOTILLA_BREAKER_ENABLED", self.breaker_enabled.to_string()),
             (
                 "FLOTILLA_BREAKER_FAILURE_RATE",

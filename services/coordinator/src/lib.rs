@@ -1,6 +1,6 @@
 //! The Flotilla coordinator service: wires the store, the engine, the outbox relay, the retry
-//! timer, the results consumer, the notify agent and the HTTP API together, and shuts them down
-//! in order.
+//! timer, the results and step log consumers, the notify agent and the HTTP API together, and
+//! shuts them down in order.
 
 mod access;
 mod backend;
@@ -134,6 +134,18 @@ pub async fn run(
                 .await
         })
     };
+    let logs_task = {
+        let (connection, names, store, intake) = (
+            connection.clone(),
+            names.clone(),
+            store.clone(),
+            intake.clone(),
+        );
+        let max_bytes = config.max_step_log_bytes;
+        tokio::spawn(async move {
+            flotilla_engine::logs::run(&connection, &names, store, max_bytes, intake).await
+        })
+    };
     let dead_task = {
         let (connection, names, handle, intake) = (
             connection.clone(),
@@ -220,6 +232,9 @@ pub async fn run(
     let _ = schedules_task.await;
     if let Err(e) = heartbeats_task.await? {
         tracing::warn!(error = %e, "heartbeat consumer stopped with an error");
+    }
+    if let Err(e) = logs_task.await? {
+        tracing::warn!(error = %e, "step log consumer stopped with an error");
     }
     match notify_task.await? {
         Ok(()) => {}

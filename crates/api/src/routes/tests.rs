@@ -7,8 +7,8 @@ use axum::body::{Body, to_bytes};
 use axum::http::{HeaderValue, Request, header};
 use chrono::{TimeZone, Utc};
 use flotilla_api_model::{
-    AgentStatus, AgentSummary, DeadLetterSummary, ErrorBody, Metrics, RunEvent, StepResult,
-    WorkerStatus,
+    AgentStatus, AgentSummary, DeadLetterSummary, ErrorBody, Metrics, RunEvent, StepLogLine,
+    StepResult, WorkerStatus,
 };
 use serde_json::{Map, json};
 use tower::ServiceExt;
@@ -74,6 +74,10 @@ struct FakeState {
     breakers: Vec<BreakerSummary>,
     /// The agents answered, in name order.
     agents: Vec<AgentStatus>,
+    /// The lines of every run's logs, by run, in order.
+    logs: HashMap<Uuid, Vec<StepLogLine>>,
+    /// The log queries the backend was asked.
+    log_queries: Vec<LogQuery>,
     /// Answered by the next call instead of doing anything.
     next_failure: Option<BackendError>,
 }
@@ -304,6 +308,41 @@ impl Backend for FakeBackend {
         };
         state.history.entry(id).or_default().push(event);
         Ok(status)
+    }
+
+    async fn logs(&self, id: Uuid, query: LogQuery) -> Result<Option<StepLogs>, BackendError> {
+        let mut state = self.check()?;
+        let Some(run) = state.runs.iter().find(|r| r.workflow_id == id) else {
+            return Ok(None);
+        };
+        if let Some(step) = &query.step
+            && !run.steps.iter().any(|s| &s.step_id == step)
+        {
+            return Err(BackendError::NotFound(format!(
+                "run {id} has no step `{step}`"
+            )));
+        }
+        let ended = matches!(run.status.as_str(), "success" | "failure" | "cancelled");
+        let after = query.after.unwrap_or(0);
+        let lines: Vec<StepLogLine> = state
+            .logs
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .filter(|l| l.seq > after)
+            .filter(|l| query.step.as_ref().is_none_or(|s| &l.step_id == s))
+            .filter(|l| query.attempt.is_none_or(|a| l.attempt == a))
+            .take(query.limit.unwrap_or(u32::MAX) as usize)
+            .cloned()
+            .collect();
+        state.log_queries.push(query);
+        Ok(Some(StepLogs {
+            workflow_id: id,
+            next_after: lines.last().map_or(after, |l| l.seq),
+            lines,
+            truncated: Vec::new(),
+            ended,
+        }))
     }
 
     async fn events(&self, id: Uuid) -> Result<Option<Vec<RunEvent>>, BackendError> {
@@ -1224,6 +1263,147 @@ async fn a_run_report_is_served_and_an_unknown_run_is_404() {
     assert!(error(body).error.message.contains(&other.to_string()));
     let (status, _) = api.get("/api/workflows/nope/report").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+fn log_line(seq: u64, step: &str, attempt: u32, line: &str) -> StepLogLine {
+    StepLogLine {
+        seq,
+        step_id: step.into(),
+        attempt,
+        stream: "stdout".into(),
+        line: line.into(),
+        at: Utc.timestamp_opt(1_750_000_000, 0).unwrap(),
+    }
+}
+
+fn run_with_steps(id: Uuid, steps: &[&str]) -> WorkflowResult {
+    let mut run = sample_run(id);
+    for step in steps {
+        let step: StepResult = serde_json::from_value(json!({
+            "stepId": step, "agent": "a", "action": "b", "status": "running", "attempts": 1
+        }))
+        .unwrap();
+        run.steps.push(step);
+    }
+    run
+}
+
+#[tokio::test]
+async fn log_lines_are_read_by_step_attempt_and_position() {
+    let id = Uuid::from_u128(7);
+    let backend = FakeBackend::with_run(run_with_steps(id, &["build", "test"]));
+    backend.state().logs.insert(
+        id,
+        vec![
+            log_line(1, "build", 1, "compiling"),
+            log_line(2, "test", 1, "running 3 tests"),
+            log_line(3, "build", 2, "compiling again"),
+            log_line(4, "build", 2, "finished"),
+        ],
+    );
+    let api = Api::new(backend);
+    let (status, body) = api
+        .get(&format!(
+            "/api/workflows/{id}/logs?step=build&attempt=2&limit=1"
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let logs: StepLogs = serde_json::from_value(body).unwrap();
+    assert_eq!(logs.lines, [log_line(3, "build", 2, "compiling again")]);
+    assert_eq!(logs.next_after, 3);
+    let (_, body) = api
+        .get(&format!("/api/workflows/{id}/logs?step=build&after=3"))
+        .await;
+    let logs: StepLogs = serde_json::from_value(body).unwrap();
+    assert_eq!(logs.lines, [log_line(4, "build", 2, "finished")]);
+    let (_, body) = api.get(&format!("/api/workflows/{id}/logs?after=4")).await;
+    let logs: StepLogs = serde_json::from_value(body).unwrap();
+    assert!(logs.lines.is_empty());
+    assert_eq!(logs.next_after, 4, "the cursor stays where it was");
+    assert_eq!(
+        api.backend.state().log_queries[0].limit,
+        Some(1),
+        "the limit is passed on"
+    );
+    assert_eq!(
+        api.backend.state().log_queries[2].limit,
+        Some(DEFAULT_LOG_LIMIT)
+    );
+}
+
+#[tokio::test]
+async fn bad_log_queries_are_refused_naming_the_fault() {
+    let id = Uuid::from_u128(7);
+    let api = Api::new(FakeBackend::with_run(run_with_steps(id, &["build"])));
+    for (query, status, message) in [
+        (
+            "attempt=0",
+            StatusCode::BAD_REQUEST,
+            "attempt must be 1 or more: attempts are numbered from 1",
+        ),
+        (
+            "wait=31",
+            StatusCode::BAD_REQUEST,
+            "wait must be at most 30 seconds, not 31",
+        ),
+        (
+            "limit=10001",
+            StatusCode::BAD_REQUEST,
+            "limit must be between 1 and 10000, not 10001",
+        ),
+        (
+            "step=deploy",
+            StatusCode::NOT_FOUND,
+            "run 00000000-0000-0000-0000-000000000007 has no step `deploy`",
+        ),
+    ] {
+        let (got, body) = api.get(&format!("/api/workflows/{id}/logs?{query}")).await;
+        assert_eq!(got, status, "{query}: {body}");
+        assert_eq!(error(body).error.message, message, "{query}");
+    }
+    let other = Uuid::from_u128(8);
+    let (status, body) = api.get(&format!("/api/workflows/{other}/logs")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error(body).error.message.contains(&other.to_string()));
+    assert!(api.backend.state().log_queries.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_log_read_answers_the_first_line_written_meanwhile() {
+    let id = Uuid::from_u128(7);
+    let api = Arc::new(Api::new(FakeBackend::with_run(run_with_steps(
+        id,
+        &["build"],
+    ))));
+    let started = tokio::time::Instant::now();
+    let reader = {
+        let api = api.clone();
+        tokio::spawn(async move { api.get(&format!("/api/workflows/{id}/logs?wait=20")).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    api.backend
+        .state()
+        .logs
+        .insert(id, vec![log_line(1, "build", 1, "compiling")]);
+    let (status, body) = reader.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let logs: StepLogs = serde_json::from_value(body).unwrap();
+    assert_eq!(logs.lines, [log_line(1, "build", 1, "compiling")]);
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_secs(2) && waited < std::time::Duration::from_secs(3),
+        "{waited:?}"
+    );
+
+    // A run that has ended has nothing more to wait for.
+    api.backend.state().runs[0].status = "success".into();
+    let started = tokio::time::Instant::now();
+    let (_, body) = api
+        .get(&format!("/api/workflows/{id}/logs?after=1&wait=20"))
+        .await;
+    let logs: StepLogs = serde_json::from_value(body).unwrap();
+    assert!(logs.lines.is_empty() && logs.ended);
+    assert_eq!(started.elapsed(), std::time::Duration::ZERO);
 }
 
 #[tokio::test]

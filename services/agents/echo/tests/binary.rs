@@ -113,6 +113,7 @@ impl Fleet {
             self.names.agent("echo"),
             self.names.results(),
             self.names.heartbeats(),
+            self.names.logs(),
             self.names.dead_letters(),
         ] {
             channel.delete_queue(&queue).await?;

@@ -84,15 +84,18 @@ impl Args {
     }
 }
 
-/// Runs one step's command; it is stopped at its timeout.
+/// Runs one step's command, streaming its output to the step's log; it is stopped at its
+/// timeout, or when its run is cancelled.
 async fn handle(config: Arc<Config>, ctx: TaskContext) -> Result<Value, HandlerError> {
     let request = Request::from_params(ctx.params(), &config)?;
     let timeout = request.timeout;
-    let stop = async move {
-        tokio::time::sleep(timeout).await;
-        format!("timed out after {timeout:?}")
+    let stop = async {
+        tokio::select! {
+            () = tokio::time::sleep(timeout) => format!("timed out after {timeout:?}"),
+            () = ctx.cancelled() => "was cancelled".to_string(),
+        }
     };
-    run::run(&request, &config, stop).await
+    run::run(&request, &config, ctx.log(), stop).await
 }
 
 #[tokio::main]

@@ -1,12 +1,13 @@
 //! Runs a checked [`Request`]: the command in a process group of its own, output captured up to
-//! a cap, stopped on its timeout, and no process of the group outliving the step.
+//! a cap and streamed line by line to the step's log, stopped on its timeout, and no process of
+//! the group outliving the step.
 
 use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use flotilla_worker::HandlerError;
+use flotilla_worker::{HandlerError, LogStream, MAX_LINE_BYTES, StepLog};
 use rustix::process::{Pid, Signal, kill_process_group};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -23,11 +24,13 @@ const TAIL_LINES: usize = 10;
 const TAIL_BYTES: usize = 2_000;
 
 /// Runs `request` until it exits or `stop` resolves; `stop` yields why the command was stopped
-/// (its timeout, and any other reason the caller adds). The step's output on exit code 0, a
-/// failure naming the exit code and the tail of stderr otherwise.
+/// (its timeout, and any other reason the caller adds). Each line the command prints goes to
+/// `log` as it comes. The step's output on exit code 0, a failure naming the exit code and the
+/// tail of stderr otherwise.
 pub async fn run(
     request: &Request,
     config: &Config,
+    log: &StepLog,
     stop: impl Future<Output = String>,
 ) -> Result<Value, HandlerError> {
     let program = &request.argv[0];
@@ -59,8 +62,18 @@ pub async fn run(
     );
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
-    let stdout = Reader::spawn(stdout, config.max_output_bytes, Keep::Head);
-    let stderr = Reader::spawn(stderr, config.max_output_bytes, Keep::Tail);
+    let stdout = Reader::spawn(
+        stdout,
+        config.max_output_bytes,
+        Keep::Head,
+        Lines::new(log, LogStream::Stdout),
+    );
+    let stderr = Reader::spawn(
+        stderr,
+        config.max_output_bytes,
+        Keep::Tail,
+        Lines::new(log, LogStream::Stderr),
+    );
 
     let ended = tokio::select! {
         status = child.wait() => Ok(status),
@@ -188,11 +201,58 @@ impl Capture {
     }
 }
 
+/// Cuts a stream into lines for the step's log; a line longer than [`MAX_LINE_BYTES`] goes in
+/// pieces, and the last one goes even without its line break.
+pub struct Lines {
+    log: StepLog,
+    stream: LogStream,
+    partial: Vec<u8>,
+}
+
+impl Lines {
+    pub fn new(log: &StepLog, stream: LogStream) -> Self {
+        Self {
+            log: log.clone(),
+            stream,
+            partial: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, mut chunk: &[u8]) {
+        while let Some(end) = chunk.iter().position(|&b| b == b'\n') {
+            self.partial.extend_from_slice(&chunk[..end]);
+            self.flush();
+            chunk = &chunk[end + 1..];
+        }
+        self.partial.extend_from_slice(chunk);
+        if self.partial.len() >= MAX_LINE_BYTES {
+            self.flush();
+        }
+    }
+
+    pub fn finish(mut self) {
+        if !self.partial.is_empty() {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        self.log
+            .write(self.stream, String::from_utf8_lossy(&self.partial));
+        self.partial.clear();
+    }
+}
+
 /// A stream read to its end in a task of its own, so that a full pipe never blocks the command.
 struct Reader(JoinHandle<Capture>);
 
 impl Reader {
-    fn spawn(mut pipe: impl AsyncRead + Unpin + Send + 'static, cap: usize, keep: Keep) -> Self {
+    fn spawn(
+        mut pipe: impl AsyncRead + Unpin + Send + 'static,
+        cap: usize,
+        keep: Keep,
+        mut lines: Lines,
+    ) -> Self {
         Self(tokio::spawn(async move {
             let mut capture = Capture::default();
             let mut chunk = vec![0; 16 * 1024];
@@ -201,7 +261,9 @@ impl Reader {
                     break;
                 }
                 capture.push(&chunk[..n], cap, keep);
+                lines.push(&chunk[..n]);
             }
+            lines.finish();
             capture
         }))
     }
@@ -277,13 +339,17 @@ mod tests {
     #[tokio::test]
     async fn stdout_is_parsed_as_json_when_asked() {
         let request = script(r#"printf '{"greeting": "%s"}' "$GREETING""#, Parse::Json);
-        let output = run(&request, &config(1024), never()).await.unwrap();
+        let output = run(&request, &config(1024), &StepLog::default(), never())
+            .await
+            .unwrap();
         assert_eq!(output["exit_code"], 0);
         assert_eq!(output["json"], json!({"greeting": "hello"}));
         assert_eq!(output["stdout"], r#"{"greeting": "hello"}"#);
 
         let request = script("echo not json", Parse::Json);
-        let error = run(&request, &config(1024), never()).await.unwrap_err();
+        let error = run(&request, &config(1024), &StepLog::default(), never())
+            .await
+            .unwrap_err();
         assert!(!error.retryable);
         assert!(error.message.contains("is not JSON"), "{error}");
     }
@@ -294,7 +360,9 @@ mod tests {
             "head -c 100000 /dev/zero | tr '\\0' a; echo end >&2",
             Parse::Text,
         );
-        let output = run(&request, &config(100), never()).await.unwrap();
+        let output = run(&request, &config(100), &StepLog::default(), never())
+            .await
+            .unwrap();
         assert_eq!(output["stdout"].as_str().unwrap(), "a".repeat(100));
         assert_eq!(output["stdout_truncated"], true);
         assert_eq!(output["stderr"], "end\n");
@@ -307,7 +375,9 @@ mod tests {
             "for i in $(seq 1 30); do echo line $i >&2; done; exit 3",
             Parse::Text,
         );
-        let error = run(&request, &config(1024), never()).await.unwrap_err();
+        let error = run(&request, &config(1024), &StepLog::default(), never())
+            .await
+            .unwrap_err();
         assert!(error.retryable);
         assert!(
             error.message.starts_with("shell: `sh -c for i in")
@@ -320,10 +390,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn each_line_goes_to_the_step_log_as_printed() {
+        let request = script(
+            "echo compiling; echo 'warning: old' >&2; printf 'no line break'",
+            Parse::Text,
+        );
+        let log = StepLog::default();
+        run(&request, &config(4), &log, never()).await.unwrap();
+        let mut lines: Vec<(LogStream, String)> =
+            log.take().into_iter().map(|l| (l.stream, l.line)).collect();
+        // The two streams are read side by side: only each one's order is certain.
+        lines.sort();
+        assert_eq!(
+            lines,
+            [
+                (LogStream::Stdout, "compiling".to_string()),
+                (LogStream::Stdout, "no line break".to_string()),
+                (LogStream::Stderr, "warning: old".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn lines_are_cut_where_the_command_broke_them_not_where_reads_did() {
+        let log = StepLog::default();
+        let mut lines = Lines::new(&log, LogStream::Stdout);
+        lines.push(b"first li");
+        lines.push(b"ne\nsecond\nthi");
+        lines.push(&vec![b'x'; MAX_LINE_BYTES]);
+        lines.push(b"rd\n");
+        lines.finish();
+        let texts: Vec<String> = log.take().into_iter().map(|l| l.line).collect();
+        // A line past the longest kept whole is cut there, not held back.
+        let long = format!("thi{}", "x".repeat(MAX_LINE_BYTES - 3));
+        assert_eq!(texts, ["first line", "second", &long, "xxx", "rd"]);
+    }
+
+    #[tokio::test]
     async fn a_background_job_does_not_keep_the_step_running() {
         let started = Instant::now();
         let request = script("sleep 30 & echo done", Parse::Text);
-        let output = run(&request, &config(1024), never()).await.unwrap();
+        let output = run(&request, &config(1024), &StepLog::default(), never())
+            .await
+            .unwrap();
         assert_eq!(output["stdout"], "done\n");
         assert!(
             started.elapsed() < Duration::from_secs(10),
@@ -339,7 +448,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(200)).await;
             "timed out after 200ms".to_string()
         };
-        let error = run(&request, &config(1024), stop).await.unwrap_err();
+        let error = run(&request, &config(1024), &StepLog::default(), stop)
+            .await
+            .unwrap_err();
         assert_eq!(
             error.message,
             "shell: `sh -c echo started >&2; sleep 30` timed out after 200ms; its process group was killed; stderr: started"
@@ -350,7 +461,9 @@ mod tests {
     async fn a_missing_program_is_fatal() {
         let mut request = script("", Parse::Text);
         request.argv = vec!["no-such-program-here".into()];
-        let error = run(&request, &config(1024), never()).await.unwrap_err();
+        let error = run(&request, &config(1024), &StepLog::default(), never())
+            .await
+            .unwrap_err();
         assert!(!error.retryable);
         assert!(
             error
