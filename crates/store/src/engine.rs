@@ -666,6 +666,17 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
             .await
         }));
     }
+    // Watchers (the dashboard's event stream) hear of the runs changed once this commits.
+    let changed = batch.new_runs.iter().map(|r| r.id);
+    if let Some(payload) =
+        crate::events::payload(changed.chain(batch.run_updates.iter().map(|r| r.id)))
+    {
+        let stmt = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
+        sent.push(Box::pin(async move {
+            tx.execute(&stmt, &[&crate::events::CHANNEL, &payload])
+                .await
+        }));
+    }
     sent.push(Box::pin(crate::outbox::insert(tx, &batch.outbox)));
     futures_util::future::try_join_all(sent).await?;
     Ok(())

@@ -886,3 +886,125 @@ async fn the_registry_keeps_what_workers_tell_and_forgets_the_departed_and_the_s
     drop(client);
     t.drop_db().await
 }
+
+#[tokio::test]
+async fn a_batch_notifies_the_runs_it_changed_when_it_commits_and_never_when_rolled_back()
+-> anyhow::Result<()> {
+    use flotilla_store::events::{Changed, Listener};
+    let t = TestDb::new().await?;
+    let mut listener = Listener::connect(&config(&t.name).url, Duration::from_secs(5)).await?;
+    let mut client = t.store.client().await?;
+
+    let (rolled_back, _, _) = new_run_batch();
+    let tx = client.transaction().await?;
+    db::write(&tx, &rolled_back).await?;
+    tx.rollback().await?;
+    let (batch, state, _) = new_run_batch();
+    let id = batch.new_runs[0].id;
+    let tx = client.transaction().await?;
+    db::write(&tx, &batch).await?;
+    let unseen = tokio::time::timeout(Duration::from_millis(200), listener.next()).await;
+    assert!(unseen.is_err(), "notified before the commit: {unseen:?}");
+    tx.commit().await?;
+    // The rolled-back batch's run is never named: the first notification is the committed one.
+    let heard = tokio::time::timeout(Duration::from_secs(5), listener.next()).await??;
+    assert_eq!(heard, Changed::Runs(vec![id]));
+
+    // A batch of many runs names none of them.
+    let mut many = Batch::default();
+    for n in 0..250 {
+        many.run_updates.push(RunUpdate {
+            id: Uuid::from_u128(n),
+            status: state.status,
+            ended_at: None,
+            deadline: None,
+            error: None,
+        });
+    }
+    let tx = client.transaction().await?;
+    db::write(&tx, &many).await?;
+    tx.commit().await?;
+    let heard = tokio::time::timeout(Duration::from_secs(5), listener.next()).await??;
+    assert_eq!(heard, Changed::Many);
+    drop((client, listener));
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn an_agents_attempts_are_counted_in_total_and_by_bucket() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let mut client = t.store.client().await?;
+    // Three attempts of agent `x` ending at 1 s (success, run 1 s), 12 s (failure, run 4 s) and
+    // 14 s (success, ended by the coordinator: no run time); buckets of 10 s from 0 s.
+    let mut ends = Vec::new();
+    for (success, started, finished, worker) in
+        [(true, 0, 1, "w"), (false, 8, 12, "w"), (true, 14, 14, "")]
+    {
+        let (batch, state, _) = new_run_batch();
+        let tx = client.transaction().await?;
+        db::write(&tx, &batch).await?;
+        tx.commit().await?;
+        ends.push(db::AttemptEnd {
+            task_id: state.steps[0].task_id.unwrap(),
+            success,
+            started_at: at(started),
+            finished_at: at(finished),
+            worker: worker.into(),
+            error: (!success).then(|| "boom".into()),
+        });
+    }
+    let tx = client.transaction().await?;
+    db::write(
+        &tx,
+        &Batch {
+            attempts_ended: ends,
+            ..Batch::default()
+        },
+    )
+    .await?;
+    tx.commit().await?;
+
+    let (total, buckets) =
+        queries::agent_attempts(&client, "x", at(0), at(30), Duration::from_secs(10)).await?;
+    assert_eq!(
+        total,
+        queries::AttemptFigures {
+            executions: 3,
+            errors: 1,
+            run_time_ms: Some([2500.0, 3850.0, 3970.0]),
+        }
+    );
+    assert_eq!(
+        buckets,
+        [
+            (
+                0,
+                queries::AttemptFigures {
+                    executions: 1,
+                    errors: 0,
+                    run_time_ms: Some([1000.0; 3]),
+                }
+            ),
+            (
+                1,
+                queries::AttemptFigures {
+                    executions: 2,
+                    errors: 1,
+                    run_time_ms: Some([4000.0; 3]),
+                }
+            ),
+        ]
+    );
+    // `until` is left out, and other agents have nothing.
+    let (early, _) =
+        queries::agent_attempts(&client, "x", at(0), at(12), Duration::from_secs(10)).await?;
+    assert_eq!(early.executions, 1);
+    let (nobody, none) =
+        queries::agent_attempts(&client, "y", at(0), at(30), Duration::from_secs(10)).await?;
+    assert_eq!(
+        (nobody.executions, nobody.run_time_ms, none.len()),
+        (0, None, 0)
+    );
+    drop(client);
+    t.drop_db().await
+}

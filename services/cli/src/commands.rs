@@ -132,6 +132,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                     status,
                     limit,
                     cursor,
+                    ..RunQuery::default()
                 })
                 .await?;
             match output {
