@@ -2,7 +2,8 @@
 //! WebDriver API (plain HTTP and JSON, so no client library), against a fleet running a real
 //! workflow. The run appears in the list and its steps change state on the page as the workflow
 //! moves, with no reload; the Cancel button cancels it. Screenshots are kept under
-//! `target/dashboard/`.
+//! `target/dashboard/`. The event stream the page reads is also checked on its own: every
+//! coordinator streams the changes that any of them commits.
 //!
 //! Chromium and chromedriver come from Debian's `chromium` and `chromium-driver` packages
 //! (`deploy/chromium.sh` installs them; the test command runs it). Without them the test fails.
@@ -14,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use base64::Engine as _;
 use flotilla_tests::workload::{eventually, poll_until};
-use flotilla_tests::{Fleet, target_dir};
+use flotilla_tests::{Fleet, Launch, target_dir};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
@@ -324,5 +325,99 @@ async fn watch_and_cancel(
         .await
         .context("the agent's figures on the metrics page")?;
     browser.wait_for(".chart svg rect.bar").await?;
-    browser.screenshot(&artifacts.join("metrics.png")).await
+    browser.screenshot(&artifacts.join("metrics.png")).await?;
+
+    // What the charts are drawn from.
+    let figures: Value = fleet
+        .http()
+        .get(format!(
+            "{}/api/agents/dash-late/metrics?range=15m",
+            fleet.url()
+        ))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    assert!(figures["executions"].as_u64() >= Some(1), "{figures}");
+    assert_eq!(figures["series"].as_array().map(Vec::len), Some(30));
+    Ok(())
+}
+
+/// The next event of a `text/event-stream`: its data as JSON; `None` when the stream ended.
+async fn next_event(
+    stream: &mut reqwest::Response,
+    buffer: &mut String,
+) -> anyhow::Result<Option<Value>> {
+    loop {
+        if let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let data: Vec<&str> = block
+                .lines()
+                .filter_map(|line| line.strip_prefix("data: "))
+                .collect();
+            if data.is_empty() {
+                // A keep-alive comment.
+                continue;
+            }
+            assert!(block.starts_with("event: runs\n"), "{block}");
+            return Ok(Some(serde_json::from_str(&data.concat())?));
+        }
+        match tokio::time::timeout(WAIT, stream.chunk()).await?? {
+            Some(chunk) => buffer.push_str(std::str::from_utf8(&chunk)?),
+            None => return Ok(None),
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_coordinator_streams_the_changes_any_of_them_commits() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    let second = fleet.add_coordinator(Launch::once()).await?;
+    fleet.start_echo("events-worker", &["events"], 2)?;
+    let url = format!("{}/api/events", fleet.coordinator_url(second));
+
+    let refused = reqwest::get(&url).await?;
+    assert_eq!(refused.status(), 401, "the stream needs a credential");
+    let mut stream = fleet.http().get(&url).send().await?.error_for_status()?;
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    let mut buffer = String::new();
+    assert_eq!(
+        next_event(&mut stream, &mut buffer).await?,
+        Some(json!({})),
+        "the stream starts by naming no run: read everything"
+    );
+
+    // Submitted to and run by the first coordinator; streamed by the second.
+    let id = fleet
+        .execute_yaml_on(
+            0,
+            "name: elsewhere\nsteps:\n  - {id: one, agent: events, action: go}\n  - {id: two, agent: events, action: go}\n",
+            json!({}),
+        )
+        .await?;
+    let mut named = 0;
+    while named < 2 {
+        let event = next_event(&mut stream, &mut buffer)
+            .await?
+            .context("the stream ended early")?;
+        if event["runs"]
+            .as_array()
+            .is_some_and(|runs| runs.contains(&json!(id.to_string())))
+        {
+            named += 1;
+        }
+    }
+    fleet.wait_for_end(id, WAIT).await?;
+
+    // A coordinator shutting down ends its streams instead of waiting for their readers.
+    let stopped = fleet.coordinator(second).terminate();
+    // Each read waits at most WAIT: the stream must end, not merely fall quiet.
+    while next_event(&mut stream, &mut buffer).await?.is_some() {}
+    let status = tokio::time::timeout(WAIT, stopped)
+        .await?
+        .context("the coordinator's exit")?;
+    assert!(status.success(), "{status:?}");
+    fleet.stop().await
 }
