@@ -1008,3 +1008,52 @@ async fn an_agents_attempts_are_counted_in_total_and_by_bucket() -> anyhow::Resu
     drop(client);
     t.drop_db().await
 }
+
+#[tokio::test]
+async fn runs_are_listed_by_status_definition_and_start() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let mut client = t.store.client().await?;
+    let mut ids = Vec::new();
+    for (name, created) in [("pair", 0), ("other", 10), ("pair", 20)] {
+        let (mut batch, _, _) = new_run_batch();
+        batch.new_runs[0].name = name.into();
+        batch.new_runs[0].created_at = at(created);
+        ids.push(batch.new_runs[0].id);
+        let tx = client.transaction().await?;
+        db::write(&tx, &batch).await?;
+        tx.commit().await?;
+    }
+    let listed = |filter: queries::RunFilter<'static>| {
+        let client = &client;
+        async move {
+            let runs = queries::list_runs(client, filter, 10, None).await?;
+            anyhow::Ok(runs.into_iter().map(|r| r.id).collect::<Vec<_>>())
+        }
+    };
+    assert_eq!(
+        listed(queries::RunFilter::default()).await?,
+        [ids[2], ids[1], ids[0]]
+    );
+    let pairs = queries::RunFilter {
+        name: Some("pair"),
+        ..queries::RunFilter::default()
+    };
+    assert_eq!(listed(pairs).await?, [ids[2], ids[0]]);
+    let recent = queries::RunFilter {
+        since: Some(at(10)),
+        ..queries::RunFilter::default()
+    };
+    assert_eq!(listed(recent).await?, [ids[2], ids[1]]);
+    let recent_pairs = queries::RunFilter {
+        since: Some(at(10)),
+        ..pairs
+    };
+    assert_eq!(listed(recent_pairs).await?, [ids[2]]);
+    let none = queries::RunFilter {
+        status: Some("failure"),
+        ..pairs
+    };
+    assert!(listed(none).await?.is_empty());
+    drop(client);
+    t.drop_db().await
+}

@@ -251,7 +251,7 @@ function runsView(root, params) {
     body.replaceChildren(...page.workflows.map((r) => h('tr', { 'data-run': r.workflowId, 'data-status': r.status },
       h('td', {}, badge(r.status)),
       h('td', {}, r.name),
-      h('td', {}, h('a', { href: `#/runs/${r.workflowId}`, class: 'mono' }, r.workflowId.slice(0, 8))),
+      h('td', {}, h('a', { href: `#/runs/${r.workflowId}`, class: 'mono', 'aria-label': `Run ${r.workflowId} of ${r.name}` }, r.workflowId.slice(0, 8))),
       h('td', {}, when(r.startTime)),
       h('td', {}, duration(r.duration !== undefined ? r.duration : since(r.startTime))))));
     if (!page.workflows.length) body.append(h('tr', {}, h('td', { colspan: 5, class: 'empty' }, 'No run matches.')));
@@ -639,6 +639,11 @@ document.addEventListener('DOMContentLoaded', () => {
     }
   });
   $('sign-out').addEventListener('click', () => signOut());
-  window.addEventListener('hashchange', () => { if (sessionStorage.getItem(TOKEN_KEY)) route(); });
+  window.addEventListener('hashchange', () => {
+    if (!sessionStorage.getItem(TOKEN_KEY)) return;
+    route();
+    // Keyboard and screen-reader users land on the new view, not on the link they left.
+    $('main').focus({ preventScroll: true });
+  });
   if (sessionStorage.getItem(TOKEN_KEY)) start(); else signOut();
 });
