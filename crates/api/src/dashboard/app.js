@@ -152,14 +152,16 @@ function setLive(on) {
   el.classList.toggle('off', !on);
 }
 
-// Changes are gathered and the view reads again at most every 500 ms, however many arrive.
+// Changes are gathered and the view reads again at most every 500 ms (the views that read many
+// things at once: every 2 s), however many changes arrive.
 function changed(runs) {
   if (live.pending !== 'all') {
     if (runs === null) live.pending = 'all';
     else live.pending = new Set([...(live.pending || []), ...runs]);
   }
   if (live.timer) return;
-  const wait = Math.max(0, live.last + 500 - Date.now());
+  const every = (view.current && view.current.every) || 500;
+  const wait = Math.max(0, live.last + every - Date.now());
   live.timer = setTimeout(() => {
     const pending = live.pending;
     live.pending = null;
@@ -499,7 +501,7 @@ function agentsView(root) {
             h('td', {}, when(w.lastSeen)),
             h('td', {}, w.sdk || '—'))))));
   });
-  return { load, changed: () => load().catch(failed) };
+  return { load, every: 2000, changed: () => load().catch(failed) };
 }
 
 // -- Metrics.
@@ -531,7 +533,7 @@ function metricsView(root, params) {
         chart(m, 'executions', `Executions per ${duration(m.bucketMs)} (errors in red)`),
         chart(m, 'latency', 'Run time p50 (solid) and p95 (dashed)')))));
   });
-  return { load, changed: () => load().catch(failed) };
+  return { load, every: 2000, changed: () => load().catch(failed) };
 }
 
 function chart(m, kind, title) {
@@ -594,7 +596,7 @@ function failuresView(root) {
     });
     body.replaceChildren(...(rows.length ? rows : [h('tr', {}, h('td', { colspan: 5, class: 'empty' }, 'No failed run.'))]));
   });
-  return { load, changed: () => load().catch(failed) };
+  return { load, every: 2000, changed: () => load().catch(failed) };
 }
 
 // ---- Signing in and out.
