@@ -9,6 +9,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 deploy/services.sh
 # pika for the Python worker of the polyglot tests, and the deployment checks' tools.
 deploy/python.sh
+# Chromium and chromedriver for the dashboard's browser test.
+deploy/chromium.sh
 # shellcheck source=/dev/null
 source .flotilla/env
 

@@ -295,6 +295,12 @@ pub struct RunQuery {
     /// Only runs with this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
+    /// Only runs of the definition with this name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Only runs started at or after this time (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
     /// Page size: 50 when unset, at most 500.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
@@ -921,6 +927,71 @@ pub struct AgentHealth {
     pub oldest_waiting_ms: Option<u64>,
 }
 
+/// The buckets of [`AgentMetrics::series`]: the range cut into this many.
+pub const METRICS_BUCKETS: u32 = 30;
+
+/// `GET /api/agents/{name}/metrics`: the agent's attempts that ended over a range, read from
+/// Postgres (the same on every coordinator), in total and over time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct AgentMetrics {
+    pub agent: String,
+    /// The range asked for, as given (e.g. `1h`).
+    pub range: String,
+    /// Attempts that ended at or after this time are counted.
+    pub since: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+    /// Attempts that ended.
+    pub executions: u64,
+    /// Those of them that failed (timeouts and lost attempts too).
+    pub errors: u64,
+    /// `errors / executions`; absent when nothing ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_rate: Option<f64>,
+    /// Percentiles of the run time workers reported (start to finish), in milliseconds; absent
+    /// when no worker reported one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p95_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<f64>,
+    /// The width of each bucket of `series`, in milliseconds.
+    pub bucket_ms: u64,
+    /// The range in [`METRICS_BUCKETS`] buckets of `bucketMs`, oldest first, empty ones too.
+    pub series: Vec<MetricsBucket>,
+}
+
+/// The attempts of an agent that ended within one bucket of [`AgentMetrics::series`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsBucket {
+    /// When the bucket starts; it lasts `bucketMs`.
+    pub start: DateTime<Utc>,
+    pub executions: u64,
+    pub errors: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p95_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<f64>,
+}
+
+/// The data of a `runs` event of `GET /api/events`: runs changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct RunsChanged {
+    /// The runs whose status or steps changed; absent when they are too many to name, or when
+    /// changes may have been missed (the first event of a stream, or after a reconnect of the
+    /// coordinator's listener): read again whatever is shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs: Option<Vec<Uuid>>,
+}
+
 /// At least one healthy worker serves the agent.
 pub const AGENT_HEALTHY: &str = "healthy";
 /// Workers of the agent are registered, but none is healthy.
@@ -1029,6 +1100,10 @@ pub struct RunReport {
 pub struct StepReport {
     pub step_id: String,
     pub status: String,
+    /// The steps of the plan this one waits for (for an instance of a `for_each` step, its
+    /// step's): the edges of the run's graph.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
     /// Dispatch to start, summed over its attempts (a `for_each` step: its instances'), in ms.
     pub queue_wait_ms: u64,
     /// Start to finish, summed over its attempts, in ms; for a `for_each` step, from its first
@@ -1339,7 +1414,8 @@ mod tests {
         round_trip(&RunQuery {
             status: Some("running".into()),
             limit: Some(10),
-            cursor: None,
+            since: Some(Utc.with_ymd_and_hms(2026, 1, 31, 12, 0, 0).unwrap()),
+            ..RunQuery::default()
         });
         round_trip(&DeadLetterQuery {
             pending: Some(false),

@@ -9,7 +9,7 @@
 //! | `DELETE /api/tokens/{id}`  | 200 [`TokenSummary`], revoked                       |
 //! | `GET    /api/audit`        | 200 [`AuditPage`] (query: [`AuditQuery`])           |
 //!
-//! Every route but `/health*`, `/api/openapi.json` (and `/metrics`, unless
+//! Every route but `/health*`, `/api/openapi.json`, `/dashboard*` (and `/metrics`, unless
 //! [`Guard::protect_metrics`]) takes a credential as `Authorization: Bearer <credential>`: none, or
 //! one that is not valid, is answered 401 (`unauthorized`, with `WWW-Authenticate: Bearer`); a
 //! valid one without the route's scope, 403 (`forbidden`). The scope a route needs follows from its
@@ -393,6 +393,10 @@ pub fn secure<A: Access>(app: Router, guard: Guard<A>, limits: Limits) -> Router
 pub(crate) fn is_open(path: &str, protect_metrics: bool) -> bool {
     path == "/health"
         || path.starts_with("/health/")
+        // The page and its assets hold no data: the browser asks for a credential, kept in the
+        // tab's session storage, and sends it with every API request.
+        || path == crate::dashboard::PATH
+        || path.starts_with("/dashboard/")
         || path == crate::openapi::PATH
         || (path == "/metrics" && !protect_metrics)
 }

@@ -7,10 +7,11 @@ use chrono::{DateTime, Utc};
 use flotilla_api_model::{
     AgentStatus, AgentSummary, BreakerSummary, DeadLetterQuery, DeadLetterSummary,
     DefinitionDetail, DefinitionSummary, LogQuery, Operation, RedriveOutcome, RunEvent, RunPage,
-    RunQuery, RunReport, ScheduleSummary, StepLogs, Submitted, WorkflowResult,
+    RunQuery, RunReport, RunsChanged, ScheduleSummary, StepLogs, Submitted, WorkflowResult,
 };
 use flotilla_core::schedule::Schedule;
 use flotilla_core::{Definition, Plan, Subset};
+use futures_util::Stream;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -164,6 +165,21 @@ pub trait Backend: Send + Sync + 'static {
         since: DateTime<Utc>,
     ) -> impl Future<Output = Result<Vec<AgentSummary>, BackendError>> + Send;
 
+    /// The attempts of `agent` that ended in `since..until`: in total, and per bucket of
+    /// `bucket` by its number from `since` (0, 1…; buckets without any may be left out).
+    fn agent_attempts(
+        &self,
+        agent: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        bucket: std::time::Duration,
+    ) -> impl Future<Output = Result<(AttemptFigures, Vec<(u64, AttemptFigures)>), BackendError>> + Send;
+
+    /// The changes of runs from now on, as their transactions commit, whoever made them (this
+    /// coordinator or another); `runs: None` when they cannot be named (too many, or some may
+    /// have been missed). The stream ends when the server shuts down.
+    fn changes(&self) -> impl Stream<Item = RunsChanged> + Send + use<Self>;
+
     /// Every agent with a registered worker (healthy or not) or an attempt waiting for a worker,
     /// in name order; only `agent`, when given (then empty when nothing is known of it).
     fn agents(
@@ -202,6 +218,17 @@ pub trait Backend: Send + Sync + 'static {
         agent: &str,
         actor: String,
     ) -> impl Future<Output = Result<Option<BreakerSummary>, BackendError>> + Send;
+}
+
+/// An agent's attempts that ended in a span of time (see [`Backend::agent_attempts`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AttemptFigures {
+    pub executions: u64,
+    /// Failed attempts (timeouts and lost attempts too).
+    pub errors: u64,
+    /// p50, p95 and p99 of the run time workers reported, in milliseconds; `None` when no
+    /// worker reported one.
+    pub run_time_ms: Option<[f64; 3]>,
 }
 
 /// Why a [`Backend`] call failed. The variant decides the HTTP status.

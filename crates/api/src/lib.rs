@@ -16,6 +16,9 @@
 //! | `GET  /api/definitions`                          | 200 [`DefinitionList`]                   |
 //! | `GET  /api/dlq`                                  | 200 [`DeadLetterList`] (query: [`DeadLetterQuery`]) |
 //! | `POST /api/dlq/redrive`                          | 200 [`RedriveResponse`] (body: [`RedriveRequest`]) |
+//! | `GET  /api/agents/{name}/metrics`               | 200 [`AgentMetrics`] (query: `range`)    |
+//! | `GET  /api/events`                               | 200 `text/event-stream` of [`RunsChanged`] |
+//! | `GET  /dashboard`                                | 200, the dashboard's page (and `/dashboard/{asset}`); no credential needed |
 //! | `GET  /api/openapi.json`                         | 200, the OpenAPI 3 document of every route (see [`openapi`]); no credential needed |
 //!
 //! [`router_with_health`] adds `/health/live`, `/health/ready`, `/health` and `/metrics` over a
@@ -30,7 +33,7 @@
 //! [`into_make_service_with_connect_info`](axum::Router::into_make_service_with_connect_info)
 //! (`anonymous` otherwise).
 //!
-//! [`secure`] puts every route but `/health*`, `/api/openapi.json` and `/metrics` behind credentials and scopes, audits
+//! [`secure`] puts every route but `/health*`, `/api/openapi.json`, `/dashboard*` and `/metrics` behind credentials and scopes, audits
 //! every state-changing request, and adds the token and audit routes (see [`auth`]).
 //!
 //! This crate parses and validates what clients send (definitions are compiled with
@@ -54,9 +57,12 @@
 //! [`DeadLetterQuery`]: flotilla_api_model::DeadLetterQuery
 //! [`RedriveResponse`]: flotilla_api_model::RedriveResponse
 //! [`RedriveRequest`]: flotilla_api_model::RedriveRequest
+//! [`AgentMetrics`]: flotilla_api_model::AgentMetrics
+//! [`RunsChanged`]: flotilla_api_model::RunsChanged
 
 pub mod auth;
 mod backend;
+mod dashboard;
 mod error;
 mod extract;
 pub mod health;
@@ -64,7 +70,7 @@ pub mod openapi;
 mod routes;
 
 pub use auth::{Access, Guard, secure};
-pub use backend::{Backend, BackendError, NewSchedule, Submission};
+pub use backend::{AttemptFigures, Backend, BackendError, NewSchedule, Submission};
 pub use health::Probe;
 pub use routes::{
     DEFAULT_DEAD_LETTER_LIMIT, DEFAULT_RUN_LIMIT, Limits, MAX_DEAD_LETTER_LIMIT, MAX_RUN_LIMIT,

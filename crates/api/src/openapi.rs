@@ -14,7 +14,7 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::auth::{is_open, required_scope};
-use crate::{auth, health, routes};
+use crate::{auth, dashboard, health, routes};
 
 /// Where the document is served.
 pub const PATH: &str = "/api/openapi.json";
@@ -58,6 +58,10 @@ const BEARER: &str = "bearer";
         routes::list_agents,
         routes::get_agent,
         routes::agent_health,
+        routes::agent_metrics,
+        routes::events,
+        dashboard::page,
+        dashboard::asset,
         auth::create_token,
         auth::list_tokens,
         auth::revoke_token,

@@ -6,17 +6,18 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef, State};
 use axum::http::{Method, StatusCode, Uri};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use flotilla_api_model::{
-    AGENT_HEALTHY, AGENT_NO_WORKERS, AgentHealth, AgentList, AgentStatus, BreakerList,
-    BreakerSummary, CompleteRequest, DEFAULT_SUMMARY_RANGE, DeadLetterList, DeadLetterQuery,
-    DefinitionDetail, DefinitionList, DefinitionQuery, DefinitionSummary, DefinitionVersions,
-    ErrorBody, ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, LogQuery,
-    MetricsSummary, OperateResponse, Operation, RedriveOutcome, RedriveRequest, RedriveResponse,
-    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, RunReport,
-    ScheduleList, ScheduleRequest, ScheduleSummary, StepLogs, Submitted, SummaryQuery,
-    WorkflowResult,
+    AGENT_HEALTHY, AGENT_NO_WORKERS, AgentHealth, AgentList, AgentMetrics, AgentStatus,
+    BreakerList, BreakerSummary, CompleteRequest, DEFAULT_SUMMARY_RANGE, DeadLetterList,
+    DeadLetterQuery, DefinitionDetail, DefinitionList, DefinitionQuery, DefinitionSummary,
+    DefinitionVersions, ErrorBody, ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER,
+    LogQuery, METRICS_BUCKETS, MetricsBucket, MetricsSummary, OperateResponse, Operation,
+    RedriveOutcome, RedriveRequest, RedriveResponse, RegisterDefinitionRequest, RetryRequest,
+    RunEventList, RunPage, RunQuery, RunReport, RunsChanged, ScheduleList, ScheduleRequest,
+    ScheduleSummary, StepLogs, Submitted, SummaryQuery, WorkflowResult,
 };
 use flotilla_core::schedule::{Missed, Overlap, Schedule};
 use flotilla_core::{Definition, Plan, RunStatus, Subset};
@@ -213,8 +214,11 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
         .route("/api/agents", get(list_agents::<B>))
         .route("/api/agents/{name}", get(get_agent::<B>))
         .route("/api/agents/{name}/health", get(agent_health::<B>))
+        .route("/api/agents/{name}/metrics", get(agent_metrics::<B>))
+        .route("/api/events", get(events::<B>))
         .route(crate::openapi::PATH, get(crate::openapi::serve))
         .with_state(AppState { backend, limits })
+        .merge(crate::dashboard::routes())
 }
 
 #[utoipa::path(
@@ -1257,4 +1261,99 @@ async fn agent_health<B: Backend>(
         },
     };
     Ok(axum::Json(health))
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/agents/{name}/metrics",
+    tag = "agents",
+    summary = "An agent's executions, errors and latency over a range, in total and over time",
+    params(AgentPath, SummaryQuery),
+    responses(
+        (status = 200, description = "The agent's figures (zero for an agent nothing ran on)", body = AgentMetrics)
+    )
+)]
+async fn agent_metrics<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(AgentPath { name }): Path<AgentPath>,
+    Query(query): Query<SummaryQuery>,
+) -> Result<axum::Json<AgentMetrics>, ApiError> {
+    let range = query
+        .range
+        .unwrap_or_else(|| DEFAULT_SUMMARY_RANGE.to_owned());
+    let length = flotilla_api_model::parse_range(&range).map_err(ApiError::invalid_request)?;
+    let until = chrono::Utc::now();
+    let since = until - length;
+    let bucket = length / METRICS_BUCKETS;
+    let (total, counted) = backend.agent_attempts(&name, since, until, bucket).await?;
+    let mut series: Vec<MetricsBucket> = (0..METRICS_BUCKETS)
+        .map(|n| MetricsBucket {
+            start: since + bucket * n,
+            executions: 0,
+            errors: 0,
+            p50_ms: None,
+            p95_ms: None,
+            p99_ms: None,
+        })
+        .collect();
+    for (n, figures) in counted {
+        if let Some(slot) = usize::try_from(n).ok().and_then(|n| series.get_mut(n)) {
+            let [p50, p95, p99] = percentiles(&figures);
+            *slot = MetricsBucket {
+                start: slot.start,
+                executions: figures.executions,
+                errors: figures.errors,
+                p50_ms: p50,
+                p95_ms: p95,
+                p99_ms: p99,
+            };
+        }
+    }
+    let [p50, p95, p99] = percentiles(&total);
+    Ok(axum::Json(AgentMetrics {
+        agent: name,
+        range,
+        since,
+        until,
+        executions: total.executions,
+        errors: total.errors,
+        error_rate: (total.executions > 0).then(|| total.errors as f64 / total.executions as f64),
+        p50_ms: p50,
+        p95_ms: p95,
+        p99_ms: p99,
+        bucket_ms: u64::try_from(bucket.as_millis()).unwrap_or(u64::MAX),
+        series,
+    }))
+}
+
+fn percentiles(figures: &crate::backend::AttemptFigures) -> [Option<f64>; 3] {
+    figures.run_time_ms.map_or([None; 3], |p| p.map(Some))
+}
+
+/// The name of the events of `GET /api/events`.
+const RUNS_EVENT: &str = "runs";
+
+/// The stream starts with a `runs` event naming no run, sent once the stream listens: a
+/// client reads what it shows after it, so that no change falls between its read and the
+/// stream.
+#[utoipa::path(
+    get,
+    path = "/api/events",
+    tag = "events",
+    summary = "Changes of runs as they commit, on any coordinator (server-sent events)",
+    description = "A `text/event-stream` of `runs` events whose data is a `RunsChanged`. The \
+                   first event names no run (read again what is shown); a comment is sent every \
+                   15 s to keep idle connections open. Send the credential as for any route \
+                   (read the stream with `fetch`: `EventSource` cannot send it).",
+    responses(
+        (status = 200, description = "The stream", content_type = "text/event-stream", body = RunsChanged)
+    )
+)]
+async fn events<B: Backend>(State(backend): State<Arc<B>>) -> impl IntoResponse {
+    use futures_util::StreamExt;
+    let everything = RunsChanged { runs: None };
+    let changes = futures_util::stream::once(std::future::ready(everything))
+        .chain(backend.changes())
+        .map(|changed| Event::default().event(RUNS_EVENT).json_data(changed));
+    Sse::new(changes).keep_alive(KeepAlive::default())
 }

@@ -880,6 +880,12 @@ impl Engine {
         tx.commit().await.map_err(flotilla_store::Error::from)?;
         // The window the outbox exists for: committed, not yet published.
         flotilla_telemetry::failpoint("crash-after-commit");
+        let changed = batch.new_runs.iter().map(|r| r.id);
+        let changed = changed.chain(batch.run_updates.iter().map(|r| r.id));
+        if let Err(e) = flotilla_store::events::announce(&client, changed).await {
+            // Committed already; a watcher only sees the change late.
+            tracing::warn!(error = %e, "could not announce the runs a batch changed");
+        }
 
         for run_id in changes.keys() {
             if let Some(cached) = self.runs.get_mut(run_id) {

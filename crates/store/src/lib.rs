@@ -10,6 +10,7 @@ mod connect;
 pub mod dead_letters;
 pub mod definitions;
 pub mod engine;
+pub mod events;
 pub mod idempotency;
 pub mod logs;
 mod migrate;

@@ -182,10 +182,20 @@ pub async fn run_attempts(
 /// Where a page of runs starts: after the run with this creation time and id.
 pub type Cursor = (DateTime<Utc>, Uuid);
 
-/// Runs, newest first, optionally of one status, after `cursor`.
+/// Which runs a listing shows.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunFilter<'a> {
+    pub status: Option<&'a str>,
+    /// The definition's name.
+    pub name: Option<&'a str>,
+    /// Created at or after.
+    pub since: Option<DateTime<Utc>>,
+}
+
+/// Runs, newest first, that pass `filter`, after `cursor`.
 pub async fn list_runs(
     client: &impl GenericClient,
-    status: Option<&str>,
+    filter: RunFilter<'_>,
     limit: i64,
     cursor: Option<Cursor>,
 ) -> Result<Vec<RunRecord>, Error> {
@@ -198,11 +208,21 @@ pub async fn list_runs(
             "SELECT id, name, status, params, created_at, ended_at, error, subset FROM runs
              WHERE ($1::text IS NULL OR status = $1)
                AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+               AND ($5::text IS NULL OR name = $5)
+               AND ($6::timestamptz IS NULL OR created_at >= $6)
              ORDER BY created_at DESC, id DESC LIMIT $4",
         )
         .await?;
+    let RunFilter {
+        status,
+        name,
+        since,
+    } = filter;
     Ok(client
-        .query(&stmt, &[&status, &after_time, &after_id, &limit])
+        .query(
+            &stmt,
+            &[&status, &after_time, &after_id, &limit, &name, &since],
+        )
         .await?
         .iter()
         .map(run_record)
@@ -321,4 +341,67 @@ pub async fn attempts_since(
             }
         })
         .collect())
+}
+
+/// One agent's attempts that ended in a span of time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptFigures {
+    pub executions: i64,
+    pub errors: i64,
+    /// p50, p95 and p99 of the run time workers reported, in milliseconds; `None` when no
+    /// worker reported one.
+    pub run_time_ms: Option<[f64; 3]>,
+}
+
+/// The attempts of `agent` that ended in `since..until`: over the whole range, and per bucket
+/// of `bucket` (by its number from `since`: 0, 1…; buckets without any are left out).
+pub async fn agent_attempts(
+    client: &impl GenericClient,
+    agent: &str,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+    bucket: std::time::Duration,
+) -> Result<(AttemptFigures, Vec<(i64, AttemptFigures)>), Error> {
+    let stmt = client
+        .prepare_cached(
+            // As in `attempts_since`; the grouping set `()` is the whole range (bucket NULL).
+            "SELECT bucket, count(*), count(*) FILTER (WHERE status = 'failure'),
+                percentile_cont(ARRAY[0.5, 0.95, 0.99]::float8[]) WITHIN GROUP (ORDER BY run_ms)
+                    FILTER (WHERE run_ms IS NOT NULL)
+             FROM (SELECT floor(extract(epoch FROM a.finished_at - $2::timestamptz)::float8 * 1000 / $3::float8)::int8 AS bucket,
+                          a.status,
+                          CASE WHEN a.worker <> '' AND a.started_at IS NOT NULL
+                               THEN extract(epoch FROM a.finished_at - a.started_at)::float8 * 1000
+                          END AS run_ms
+                   FROM attempts a
+                   JOIN steps s ON s.run_id = a.run_id AND s.idx = a.idx
+                   WHERE a.finished_at >= $2 AND a.finished_at < $4
+                     AND coalesce(a.agent, s.agent) = $1::text) ended
+             GROUP BY GROUPING SETS ((bucket), ())
+             ORDER BY bucket NULLS FIRST",
+        )
+        .await?;
+    let bucket_ms = bucket.as_millis().max(1) as f64;
+    let mut total = AttemptFigures {
+        executions: 0,
+        errors: 0,
+        run_time_ms: None,
+    };
+    let mut buckets = Vec::new();
+    for r in client
+        .query(&stmt, &[&agent, &since, &bucket_ms, &until])
+        .await?
+    {
+        let percentiles: Option<Vec<f64>> = r.get(3);
+        let figures = AttemptFigures {
+            executions: r.get(1),
+            errors: r.get(2),
+            run_time_ms: percentiles.and_then(|p| p.try_into().ok()),
+        };
+        match r.get::<_, Option<i64>>(0) {
+            Some(n) => buckets.push((n, figures)),
+            None => total = figures,
+        }
+    }
+    Ok((total, buckets))
 }

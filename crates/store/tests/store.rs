@@ -1044,3 +1044,157 @@ async fn step_logs_store_each_line_once_in_order_up_to_the_cap() -> anyhow::Resu
     drop(client);
     t.drop_db().await
 }
+
+#[tokio::test]
+async fn announced_runs_are_heard_by_every_listener_and_many_as_many() -> anyhow::Result<()> {
+    use flotilla_store::events::{Changed, Listener, announce};
+    let t = TestDb::new().await?;
+    let url = config(&t.name).url;
+    let mut first = Listener::connect(&url, Duration::from_secs(5)).await?;
+    let mut second = Listener::connect(&url, Duration::from_secs(5)).await?;
+    let client = t.store.client().await?;
+
+    // Nothing to announce sends nothing: the first thing heard is the announcement after it.
+    announce(&client, []).await?;
+    let (b, a) = (Uuid::from_u128(2), Uuid::from_u128(1));
+    announce(&client, [b, a, b]).await?;
+    for listener in [&mut first, &mut second] {
+        let heard = tokio::time::timeout(Duration::from_secs(5), listener.next()).await??;
+        assert_eq!(heard, Changed::Runs(vec![a, b]));
+    }
+
+    // Too many runs to name: watchers read everything again.
+    announce(&client, (0..250).map(Uuid::from_u128)).await?;
+    let heard = tokio::time::timeout(Duration::from_secs(5), first.next()).await??;
+    assert_eq!(heard, Changed::Many);
+    drop((client, first, second));
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn an_agents_attempts_are_counted_in_total_and_by_bucket() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let mut client = t.store.client().await?;
+    // Three attempts of agent `x` ending at 1 s (success, run 1 s), 12 s (failure, run 4 s) and
+    // 14 s (success, ended by the coordinator: no run time); buckets of 10 s from 0 s.
+    let mut ends = Vec::new();
+    for (success, started, finished, worker) in
+        [(true, 0, 1, "w"), (false, 8, 12, "w"), (true, 14, 14, "")]
+    {
+        let (batch, state, _) = new_run_batch();
+        let tx = client.transaction().await?;
+        db::write(&tx, &batch).await?;
+        tx.commit().await?;
+        ends.push(db::AttemptEnd {
+            task_id: state.steps[0].task_id.unwrap(),
+            success,
+            started_at: at(started),
+            finished_at: at(finished),
+            worker: worker.into(),
+            error: (!success).then(|| "boom".into()),
+        });
+    }
+    let tx = client.transaction().await?;
+    db::write(
+        &tx,
+        &Batch {
+            attempts_ended: ends,
+            ..Batch::default()
+        },
+    )
+    .await?;
+    tx.commit().await?;
+
+    let (total, buckets) =
+        queries::agent_attempts(&client, "x", at(0), at(30), Duration::from_secs(10)).await?;
+    assert_eq!(
+        total,
+        queries::AttemptFigures {
+            executions: 3,
+            errors: 1,
+            run_time_ms: Some([2500.0, 3850.0, 3970.0]),
+        }
+    );
+    assert_eq!(
+        buckets,
+        [
+            (
+                0,
+                queries::AttemptFigures {
+                    executions: 1,
+                    errors: 0,
+                    run_time_ms: Some([1000.0; 3]),
+                }
+            ),
+            (
+                1,
+                queries::AttemptFigures {
+                    executions: 2,
+                    errors: 1,
+                    run_time_ms: Some([4000.0; 3]),
+                }
+            ),
+        ]
+    );
+    // `until` is left out, and other agents have nothing.
+    let (early, _) =
+        queries::agent_attempts(&client, "x", at(0), at(12), Duration::from_secs(10)).await?;
+    assert_eq!(early.executions, 1);
+    let (nobody, none) =
+        queries::agent_attempts(&client, "y", at(0), at(30), Duration::from_secs(10)).await?;
+    assert_eq!(
+        (nobody.executions, nobody.run_time_ms, none.len()),
+        (0, None, 0)
+    );
+    drop(client);
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn runs_are_listed_by_status_definition_and_start() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let mut client = t.store.client().await?;
+    let mut ids = Vec::new();
+    for (name, created) in [("pair", 0), ("other", 10), ("pair", 20)] {
+        let (mut batch, _, _) = new_run_batch();
+        batch.new_runs[0].name = name.into();
+        batch.new_runs[0].created_at = at(created);
+        ids.push(batch.new_runs[0].id);
+        let tx = client.transaction().await?;
+        db::write(&tx, &batch).await?;
+        tx.commit().await?;
+    }
+    let listed = |filter: queries::RunFilter<'static>| {
+        let client = &client;
+        async move {
+            let runs = queries::list_runs(client, filter, 10, None).await?;
+            anyhow::Ok(runs.into_iter().map(|r| r.id).collect::<Vec<_>>())
+        }
+    };
+    assert_eq!(
+        listed(queries::RunFilter::default()).await?,
+        [ids[2], ids[1], ids[0]]
+    );
+    let pairs = queries::RunFilter {
+        name: Some("pair"),
+        ..queries::RunFilter::default()
+    };
+    assert_eq!(listed(pairs).await?, [ids[2], ids[0]]);
+    let recent = queries::RunFilter {
+        since: Some(at(10)),
+        ..queries::RunFilter::default()
+    };
+    assert_eq!(listed(recent).await?, [ids[2], ids[1]]);
+    let recent_pairs = queries::RunFilter {
+        since: Some(at(10)),
+        ..pairs
+    };
+    assert_eq!(listed(recent_pairs).await?, [ids[2]]);
+    let none = queries::RunFilter {
+        status: Some("failure"),
+        ..pairs
+    };
+    assert!(listed(none).await?.is_empty());
+    drop(client);
+    t.drop_db().await
+}

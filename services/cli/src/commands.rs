@@ -138,6 +138,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                     status,
                     limit,
                     cursor,
+                    ..RunQuery::default()
                 })
                 .await?;
             match output {

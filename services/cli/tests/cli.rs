@@ -252,6 +252,29 @@ impl Backend for Coordinator {
         Ok(Vec::new())
     }
 
+    async fn agent_attempts(
+        &self,
+        _agent: &str,
+        _since: chrono::DateTime<chrono::Utc>,
+        _until: chrono::DateTime<chrono::Utc>,
+        _bucket: std::time::Duration,
+    ) -> Result<
+        (
+            flotilla_api::AttemptFigures,
+            Vec<(u64, flotilla_api::AttemptFigures)>,
+        ),
+        BackendError,
+    > {
+        Ok(Default::default())
+    }
+
+    // The CLI reads no event stream.
+    fn changes(
+        &self,
+    ) -> impl futures_util::Stream<Item = flotilla_api_model::RunsChanged> + Send + use<> {
+        futures_util::stream::empty()
+    }
+
     // `flotilla agents` is tested against a live coordinator (tests/tests/registry.rs).
     async fn agents(
         &self,
@@ -735,7 +758,7 @@ async fn list_shows_a_table_and_passes_the_filters() {
         [RunQuery {
             status: Some("success".into()),
             limit: Some(5),
-            cursor: None,
+            ..RunQuery::default()
         }]
     );
 }

@@ -4,13 +4,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use flotilla_api::{Backend, BackendError, NewSchedule, Submission};
+use flotilla_api::{AttemptFigures, Backend, BackendError, NewSchedule, Submission};
 use flotilla_api_model::{
     AGENT_HEALTHY, AGENT_NO_WORKERS, AGENT_UNHEALTHY, AgentStatus, AgentSummary, AttemptReport,
     BreakerSummary, DeadLetterQuery, DeadLetterSummary, DefinitionDetail, DefinitionSummary,
     Evidence, LogQuery, Metrics, Operation, ParentRun, RedriveOutcome, RunEvent, RunPage, RunQuery,
-    RunReport, RunSummary, ScheduleSummary, StepLogLine, StepLogs, StepReport, StepResult,
-    StrikeReport, Submitted, TruncatedLog, WorkerStatus, WorkflowResult,
+    RunReport, RunSummary, RunsChanged, ScheduleSummary, StepLogLine, StepLogs, StepReport,
+    StepResult, StrikeReport, Submitted, TruncatedLog, WorkerStatus, WorkflowResult,
 };
 use flotilla_core::registry::{RegistryPolicy, WorkerHealth};
 use flotilla_core::schedule::Schedule;
@@ -25,6 +25,7 @@ use flotilla_store::{Store, dead_letters, definitions, logs};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::events::Changes;
 use crate::health::CoordinatorProbe;
 
 pub struct CoordinatorBackend {
@@ -37,6 +38,8 @@ pub struct CoordinatorBackend {
     pub audit: crate::access::AuditWriter,
     /// Valid API tokens seen lately, so that most requests cost no lookup.
     pub tokens: crate::access::TokenCache,
+    /// Run changes, for the event stream.
+    pub changes: Changes,
 }
 
 pub(crate) fn store_error(e: flotilla_store::Error) -> BackendError {
@@ -290,7 +293,12 @@ impl Backend for CoordinatorBackend {
         let cursor = query.cursor.as_deref().map(decode_cursor).transpose()?;
         let limit = i64::from(query.limit.unwrap_or(50));
         let client = self.store.client().await.map_err(store_error)?;
-        let rows = queries::list_runs(&client, query.status.as_deref(), limit, cursor)
+        let filter = queries::RunFilter {
+            status: query.status.as_deref(),
+            name: query.name.as_deref(),
+            since: query.since,
+        };
+        let rows = queries::list_runs(&client, filter, limit, cursor)
             .await
             .map_err(store_error)?;
         let next_cursor = (rows.len() as i64 == limit)
@@ -585,6 +593,35 @@ impl Backend for CoordinatorBackend {
                 .collect(),
             ended: run.ended_at.is_some(),
         }))
+    }
+
+    async fn agent_attempts(
+        &self,
+        agent: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        bucket: std::time::Duration,
+    ) -> Result<(AttemptFigures, Vec<(u64, AttemptFigures)>), BackendError> {
+        let client = self.store.client().await.map_err(store_error)?;
+        let (total, buckets) = queries::agent_attempts(&client, agent, since, until, bucket)
+            .await
+            .map_err(store_error)?;
+        let figures = |f: queries::AttemptFigures| AttemptFigures {
+            executions: u64::try_from(f.executions).unwrap_or(0),
+            errors: u64::try_from(f.errors).unwrap_or(0),
+            run_time_ms: f.run_time_ms,
+        };
+        Ok((
+            figures(total),
+            buckets
+                .into_iter()
+                .filter_map(|(n, f)| Some((u64::try_from(n).ok()?, figures(f))))
+                .collect(),
+        ))
+    }
+
+    fn changes(&self) -> impl futures_util::Stream<Item = RunsChanged> + Send + use<> {
+        self.changes.subscribe()
     }
 
     async fn events(&self, id: Uuid) -> Result<Option<Vec<RunEvent>>, BackendError> {
@@ -955,7 +992,14 @@ fn run_report(
                     evidence(node, &attempts_of(&instance_slots[idx]))
                 }
             });
+            let depends_on = plan.nodes.get(node_of(idx)).map_or_else(Vec::new, |node| {
+                node.deps
+                    .iter()
+                    .filter_map(|&d| plan.nodes.get(d).map(|n| n.id.clone()))
+                    .collect()
+            });
             StepReport {
+                depends_on,
                 strikes,
                 evidence,
                 instances: instance_counts[idx].clone(),

@@ -5,6 +5,7 @@
 mod access;
 mod backend;
 pub mod config;
+mod events;
 mod health;
 mod notify;
 
@@ -193,6 +194,12 @@ pub async fn run(
         broker.clone(),
         metrics,
     ));
+    let changes = events::Changes::new(shutdown.clone());
+    let events_task = tokio::spawn(
+        changes
+            .clone()
+            .listen(config.database_url.clone(), intake.clone()),
+    );
     let backend = Arc::new(backend::CoordinatorBackend {
         store: store.clone(),
         engine: handle,
@@ -200,6 +207,7 @@ pub async fn run(
         probe: probe.clone(),
         audit: access::AuditWriter::start(store.clone()),
         tokens: access::TokenCache::default(),
+        changes,
     });
     let limits = flotilla_api::Limits {
         max_body_bytes: config.max_body_bytes,
@@ -230,6 +238,7 @@ pub async fn run(
     let _ = timer_task.await;
     let _ = housekeeping_task.await;
     let _ = schedules_task.await;
+    let _ = events_task.await;
     if let Err(e) = heartbeats_task.await? {
         tracing::warn!(error = %e, "heartbeat consumer stopped with an error");
     }

@@ -155,7 +155,10 @@ impl App {
             .route("/api/workflows/{id}/cancel", post(|| async { "cancelled" }))
             .route("/api/definitions", post(|| async { "registered" }))
             .route("/health/live", get(|| async { "live" }))
-            .route("/metrics", get(|| async { "metrics" }));
+            .route("/metrics", get(|| async { "metrics" }))
+            .route("/dashboard", get(|| async { "page" }))
+            .route("/dashboard/{asset}", get(|| async { "file" }))
+            .route("/api/events", get(|| async { "events" }));
         Self {
             access,
             router: secure(routes, guard, Limits::default()),
@@ -496,6 +499,29 @@ async fn health_is_open_and_metrics_open_unless_protected() {
     assert_eq!(
         protected
             .send(Method::GET, "/health/live", None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn the_dashboard_page_is_open_but_the_event_stream_it_reads_is_not() {
+    let app = App::new(|_| {});
+    for open in ["/dashboard", "/dashboard/app.js"] {
+        assert_eq!(
+            app.send(Method::GET, open, None).await.status,
+            StatusCode::OK,
+            "{open}"
+        );
+    }
+    assert_eq!(
+        app.send(Method::GET, "/api/events", None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let reader = app.access.add("watcher", &["read"]);
+    assert_eq!(
+        app.send(Method::GET, "/api/events", Some(&reader))
             .await
             .status,
         StatusCode::OK

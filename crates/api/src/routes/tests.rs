@@ -14,7 +14,7 @@ use serde_json::{Map, json};
 use tower::ServiceExt;
 
 use super::*;
-use crate::BackendError;
+use crate::{AttemptFigures, BackendError};
 
 const SEED: &str = "\
 name: build
@@ -72,6 +72,16 @@ struct FakeState {
     summaries_since: Vec<chrono::DateTime<Utc>>,
     schedules: Vec<ScheduleSummary>,
     breakers: Vec<BreakerSummary>,
+    /// What `agent_attempts` answers, and each call: the agent, since, until and bucket.
+    figures: (AttemptFigures, Vec<(u64, AttemptFigures)>),
+    figure_queries: Vec<(
+        String,
+        chrono::DateTime<Utc>,
+        chrono::DateTime<Utc>,
+        std::time::Duration,
+    )>,
+    /// What the stream of changes yields before it ends.
+    changes: Vec<RunsChanged>,
     /// The agents answered, in name order.
     agents: Vec<AgentStatus>,
     /// The lines of every run's logs, by run, in order.
@@ -361,6 +371,24 @@ impl Backend for FakeBackend {
             .filter(|a| agent.is_none_or(|name| a.name == name))
             .cloned()
             .collect())
+    }
+
+    async fn agent_attempts(
+        &self,
+        agent: &str,
+        since: chrono::DateTime<Utc>,
+        until: chrono::DateTime<Utc>,
+        bucket: std::time::Duration,
+    ) -> Result<(AttemptFigures, Vec<(u64, AttemptFigures)>), BackendError> {
+        let mut state = self.check()?;
+        state
+            .figure_queries
+            .push((agent.to_owned(), since, until, bucket));
+        Ok(state.figures.clone())
+    }
+
+    fn changes(&self) -> impl futures_util::Stream<Item = RunsChanged> + Send + use<> {
+        futures_util::stream::iter(self.state().changes.clone())
     }
 
     async fn attempts_since(
@@ -1033,18 +1061,28 @@ async fn run_listing_gets_defaults_and_passes_the_cursor() {
         .get("/api/workflows?status=failure&limit=500&cursor=abc%3D")
         .await;
     assert_eq!(status, StatusCode::OK);
+    let (status, _) = api
+        .get("/api/workflows?name=build&since=2026-01-31T12:00:00Z")
+        .await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(
         api.backend.state().run_queries,
         [
             RunQuery {
-                status: None,
                 limit: Some(DEFAULT_RUN_LIMIT),
-                cursor: None,
+                ..RunQuery::default()
             },
             RunQuery {
                 status: Some("failure".into()),
                 limit: Some(500),
                 cursor: Some("abc=".into()),
+                ..RunQuery::default()
+            },
+            RunQuery {
+                name: Some("build".into()),
+                since: Some(Utc.with_ymd_and_hms(2026, 1, 31, 12, 0, 0).unwrap()),
+                limit: Some(DEFAULT_RUN_LIMIT),
+                ..RunQuery::default()
             },
         ]
     );
@@ -2583,4 +2621,150 @@ async fn agents_are_listed_with_their_workers_and_health() {
     let (status, body) = api.get("/api/agents/ghost/health").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["health"], "no_workers");
+}
+
+#[tokio::test]
+async fn agent_metrics_fill_every_bucket_of_the_range() {
+    let backend = FakeBackend::default();
+    let busy = AttemptFigures {
+        executions: 4,
+        errors: 1,
+        run_time_ms: Some([10.0, 20.0, 30.0]),
+    };
+    backend.state().figures = (
+        AttemptFigures {
+            executions: 5,
+            errors: 2,
+            run_time_ms: Some([11.0, 21.0, 31.0]),
+        },
+        vec![
+            (0, busy.clone()),
+            (
+                29,
+                AttemptFigures {
+                    executions: 1,
+                    errors: 1,
+                    run_time_ms: None,
+                },
+            ),
+        ],
+    );
+    let api = Api::new(backend);
+
+    let (status, body) = api.get("/api/agents/echo/metrics?range=15m").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["agent"], "echo");
+    assert_eq!(body["range"], "15m");
+    assert_eq!(body["executions"], 5);
+    assert_eq!(body["errors"], 2);
+    assert_eq!(body["errorRate"], 0.4);
+    assert_eq!(body["p95Ms"], 21.0);
+    assert_eq!(body["bucketMs"], 30_000);
+    let series = body["series"].as_array().unwrap();
+    assert_eq!(series.len(), 30);
+    assert_eq!(series[0]["executions"], 4);
+    assert_eq!(series[0]["p99Ms"], 30.0);
+    assert_eq!(series[1]["executions"], 0);
+    assert!(series[1].get("p50Ms").is_none(), "{}", series[1]);
+    assert_eq!(series[29]["errors"], 1);
+    let since: chrono::DateTime<Utc> = serde_json::from_value(body["since"].clone()).unwrap();
+    let last: chrono::DateTime<Utc> = serde_json::from_value(series[29]["start"].clone()).unwrap();
+    assert_eq!(last - since, chrono::Duration::seconds(29 * 30));
+    {
+        let state = api.backend.state();
+        let (agent, since, until, bucket) = &state.figure_queries[0];
+        assert_eq!(agent, "echo");
+        assert_eq!(*until - *since, chrono::Duration::minutes(15));
+        assert_eq!(*bucket, std::time::Duration::from_secs(30));
+    }
+
+    let (status, body) = api.get("/api/agents/echo/metrics?range=forever").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("forever"),
+        "{body}"
+    );
+    assert_eq!(api.backend.state().figure_queries.len(), 1);
+}
+
+#[tokio::test]
+async fn the_event_stream_starts_by_naming_no_run_then_names_each_change() {
+    let backend = FakeBackend::default();
+    let run = Uuid::from_u128(7);
+    backend.state().changes = vec![
+        RunsChanged {
+            runs: Some(vec![run]),
+        },
+        RunsChanged { runs: None },
+    ];
+    let api = Api::new(backend);
+
+    let response = api
+        .router
+        .clone()
+        .oneshot(Request::get("/api/events").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        "text/event-stream"
+    );
+    let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    assert_eq!(
+        text,
+        format!(
+            "event: runs\ndata: {{}}\n\nevent: runs\ndata: {{\"runs\":[\"{run}\"]}}\n\n\
+             event: runs\ndata: {{}}\n\n"
+        )
+    );
+}
+
+#[tokio::test]
+async fn the_dashboard_is_served_with_its_assets_and_nothing_else() {
+    let api = Api::new(FakeBackend::default());
+    for (path, kind, needle) in [
+        ("/dashboard", "text/html", "<title>Flotilla</title>"),
+        ("/dashboard/app.js", "text/javascript", "/api/events"),
+        ("/dashboard/app.css", "text/css", "prefers-color-scheme"),
+    ] {
+        let response = api
+            .router
+            .clone()
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        let headers = response.headers().clone();
+        assert!(
+            headers[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with(kind),
+            "{path}: {headers:?}"
+        );
+        assert!(
+            headers[header::CONTENT_SECURITY_POLICY]
+                .to_str()
+                .unwrap()
+                .contains("connect-src 'self'"),
+            "{path}"
+        );
+        let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        assert!(body.contains(needle), "{path} lacks {needle}");
+    }
+    let (status, body) = api.get("/dashboard/secrets.txt").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`secrets.txt`"),
+        "{body}"
+    );
 }
