@@ -61,7 +61,12 @@ impl Subset {
             .only
             .iter()
             .chain(&self.skip)
-            .filter(|name| plan.node_index(name).is_none() && seen.insert(*name))
+            .filter(|name| {
+                let step = plan.node_index(name);
+                // A compensation follows its step: it is not selected by itself.
+                let known = step.is_some_and(|i| plan.nodes[i].role != Role::Compensation);
+                !known && seen.insert(*name)
+            })
             .cloned()
             .collect();
         if !unknown.is_empty() {
@@ -81,6 +86,9 @@ impl Subset {
 
     /// Why node `i` of `plan` is left out of the run, or `None` when it may run.
     pub fn left_out(&self, plan: &Plan, i: usize) -> Option<String> {
+        if plan.nodes[i].role == Role::Compensation {
+            return None;
+        }
         let id = &plan.nodes[i].id;
         if self.skip.contains(id) {
             Some(format!("skipped: --skip {id}"))
