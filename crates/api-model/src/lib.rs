@@ -160,7 +160,9 @@ pub struct WorkflowResult {
     pub name: String,
     /// `running`, `paused` (by an operator: nothing new is dispatched), `failing` (a step failed
     /// and the failure handlers are running), `needs_attention` (a step escalated and waits for
-    /// an operator; the others go on), `success`, `failure` or `cancelled` (by an operator).
+    /// an operator; the others go on), `rolling_back` (the compensations of the steps that
+    /// succeeded run, the latest first), `success`, `failure`, `cancelled` (by an operator),
+    /// `rolled_back` or `rollback_failed` (`error` names the step that could not be undone).
     pub status: String,
     pub start_time: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -321,6 +323,9 @@ pub enum Operation {
     Skip { step: String },
     /// As [`Operation::Skip`], but the step ends `success` with this output.
     Complete { step: String, output: Value },
+    /// Runs the `compensate:` of every step of an ended run (`success`, `failure`, `cancelled`,
+    /// or `rollback_failed` to go on) that succeeded and is not undone yet, the latest first.
+    Rollback,
 }
 
 impl Operation {
@@ -333,6 +338,7 @@ impl Operation {
             Self::Retry { .. } => "retry",
             Self::Skip { .. } => "skip",
             Self::Complete { .. } => "complete",
+            Self::Rollback => "rollback",
         }
     }
 
@@ -341,7 +347,7 @@ impl Operation {
         match self {
             Self::Retry { step } => step.as_deref(),
             Self::Skip { step } | Self::Complete { step, .. } => Some(step),
-            Self::Cancel | Self::Pause | Self::Resume => None,
+            Self::Cancel | Self::Pause | Self::Resume | Self::Rollback => None,
         }
     }
 }

@@ -37,6 +37,7 @@ const BEARER: &str = "bearer";
         routes::pause,
         routes::resume,
         routes::retry,
+        routes::rollback,
         routes::skip,
         routes::complete,
         routes::run_events,

@@ -39,7 +39,7 @@ pub const DEFAULT_DEAD_LETTER_LIMIT: u32 = 50;
 pub const MAX_DEAD_LETTER_LIMIT: u32 = 500;
 
 /// Every run status, for telling a client which ones exist.
-const RUN_STATUSES: [RunStatus; 7] = [
+const RUN_STATUSES: [RunStatus; 10] = [
     RunStatus::Running,
     RunStatus::Paused,
     RunStatus::Failing,
@@ -47,6 +47,9 @@ const RUN_STATUSES: [RunStatus; 7] = [
     RunStatus::Failure,
     RunStatus::Cancelled,
     RunStatus::NeedsAttention,
+    RunStatus::RollingBack,
+    RunStatus::RolledBack,
+    RunStatus::RollbackFailed,
 ];
 
 // A status added to the core stops the build here until it is added to `RUN_STATUSES` too.
@@ -57,7 +60,10 @@ const _: fn(RunStatus) = |status| match status {
     | RunStatus::Success
     | RunStatus::Failure
     | RunStatus::Cancelled
-    | RunStatus::NeedsAttention => {}
+    | RunStatus::NeedsAttention
+    | RunStatus::RollingBack
+    | RunStatus::RolledBack
+    | RunStatus::RollbackFailed => {}
 };
 
 /// Bounds on what a client may send. A request past one is answered 413 (`payload_too_large`)
@@ -170,6 +176,7 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
         .route("/api/workflows/{id}/pause", post(pause::<B>))
         .route("/api/workflows/{id}/resume", post(resume::<B>))
         .route("/api/workflows/{id}/retry", post(retry::<B>))
+        .route("/api/workflows/{id}/rollback", post(rollback::<B>))
         .route("/api/workflows/{id}/steps/{step}/skip", post(skip::<B>))
         .route(
             "/api/workflows/{id}/steps/{step}/complete",
@@ -474,6 +481,24 @@ async fn retry<B: Backend>(
     OptionalJson(RetryRequest { step }): OptionalJson<RetryRequest>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
     operate(&*backend, &id, Operation::Retry { step }, actor).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/workflows/{id}/rollback",
+    tag = "workflows",
+    summary = "Roll back an ended run: undo its steps that succeeded by their compensations, the latest first",
+    params(RunPath),
+    request_body(content = Option<Object>, description = "No body, or `{}`"),
+    responses(OperatorAnswer)
+)]
+async fn rollback<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(RunPath { id }): Path<RunPath>,
+    Actor(actor): Actor,
+    OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
+) -> Result<axum::Json<OperateResponse>, ApiError> {
+    operate(&*backend, &id, Operation::Rollback, actor).await
 }
 
 #[utoipa::path(

@@ -144,6 +144,21 @@ mod tests {
     }
 
     #[test]
+    fn a_compensation_follows_its_step_and_is_not_selected_by_itself() {
+        let plan = plan(
+            "name: p\nsteps:\n  - {id: a, agent: x, action: y, compensate: {agent: x, action: undo}}\n  - {id: b, agent: x, action: y}\n",
+        );
+        let err = subset(&["a:compensate"], &[]).check(&plan).unwrap_err();
+        assert!(
+            err.to_string().contains("`a:compensate` is not a step"),
+            "{err}"
+        );
+        let only_b = subset(&["b"], &[]);
+        let undo = plan.node_index("a:compensate").unwrap();
+        assert_eq!(only_b.left_out(&plan, undo), None);
+    }
+
+    #[test]
     fn a_selection_that_runs_nothing_is_refused() {
         let plan = plan(PIPELINE);
         assert_eq!(

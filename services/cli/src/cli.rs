@@ -149,7 +149,8 @@ pub enum WorkflowsCommand {
     },
     /// List runs, newest first.
     List {
-        /// Only runs with this status: running, paused, failing, success, failure or cancelled.
+        /// Only runs with this status: running, paused, failing, needs_attention, rolling_back,
+        /// success, failure, cancelled, rolled_back or rollback_failed.
         #[arg(long)]
         status: Option<String>,
         /// At most this many runs (1 to 500; the coordinator's default is 50).
@@ -181,6 +182,12 @@ pub enum WorkflowsCommand {
         /// Retry only this failed step.
         #[arg(long)]
         step: Option<String>,
+    },
+    /// Roll back an ended run (success, failure, cancelled, or rollback_failed to go on): the
+    /// `compensate:` of each step that succeeded and is not undone yet runs, the latest first.
+    Rollback {
+        /// The run's id.
+        id: Uuid,
     },
     /// End a step as skipped: one that has not ended, or the failed step of a failed run. Its
     /// dependents go on.

@@ -354,9 +354,11 @@ impl Client {
             Operation::Skip { step } | Operation::Complete { step, .. } => {
                 self.url(&["workflows", &run, "steps", step, action])
             }
-            Operation::Cancel | Operation::Pause | Operation::Resume | Operation::Retry { .. } => {
-                self.url(&["workflows", &run, action])
-            }
+            Operation::Cancel
+            | Operation::Pause
+            | Operation::Resume
+            | Operation::Retry { .. }
+            | Operation::Rollback => self.url(&["workflows", &run, action]),
         };
         let request = self.http.post(url.clone()).header(ACTOR_HEADER, actor);
         let request = match operation {
@@ -364,9 +366,11 @@ impl Client {
             Operation::Complete { output, .. } => request.json(&CompleteRequest {
                 output: output.clone(),
             }),
-            Operation::Cancel | Operation::Pause | Operation::Resume | Operation::Skip { .. } => {
-                request
-            }
+            Operation::Cancel
+            | Operation::Pause
+            | Operation::Resume
+            | Operation::Skip { .. }
+            | Operation::Rollback => request,
         };
         self.send(request, url).await
     }

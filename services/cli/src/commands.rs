@@ -155,6 +155,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Workflows(WorkflowsCommand::Resume { id }) => {
             operate(&client, id, Operation::Resume, output).await
         }
+        Command::Workflows(WorkflowsCommand::Rollback { id }) => {
+            operate(&client, id, Operation::Rollback, output).await
+        }
         Command::Workflows(WorkflowsCommand::Retry { id, step }) => {
             operate(&client, id, Operation::Retry { step }, output).await
         }

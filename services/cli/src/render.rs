@@ -15,7 +15,10 @@ const SHORT_HASH_CHARS: usize = 12;
 
 /// Whether a run has reached its final status.
 pub fn is_finished(status: &str) -> bool {
-    matches!(status, "success" | "failure" | "cancelled")
+    matches!(
+        status,
+        "success" | "failure" | "cancelled" | "rolled_back" | "rollback_failed"
+    )
 }
 
 /// A run's progress, for the progress bar.
@@ -1015,7 +1018,9 @@ ID                                    WORKFLOW                              STEP
     #[test]
     fn success_failure_and_cancelled_end_a_run() {
         assert!(is_finished("success") && is_finished("failure") && is_finished("cancelled"));
+        assert!(is_finished("rolled_back") && is_finished("rollback_failed"));
         assert!(!is_finished("running") && !is_finished("failing") && !is_finished("paused"));
+        assert!(!is_finished("rolling_back"));
     }
 
     #[test]
@@ -1167,6 +1172,25 @@ pub fn plan(plan: &flotilla_core::Plan, scheduled: bool, subset: &flotilla_core:
             let _ = writeln!(out, "  {}  {}", node.id, call(node));
         }
     }
+    let compensations: Vec<&flotilla_core::plan::Node> = plan
+        .nodes
+        .iter()
+        .filter(|n| n.role == flotilla_core::plan::Role::Compensation)
+        .collect();
+    if !compensations.is_empty() {
+        let when = if plan.rollback {
+            "If the run fails (after its handlers), or on `workflows rollback`"
+        } else {
+            "On `workflows rollback`"
+        };
+        let _ = writeln!(
+            out,
+            "\n{when}: undo the steps that succeeded, the latest first"
+        );
+        for node in compensations {
+            let _ = writeln!(out, "  {}  {}", node.id, call(node));
+        }
+    }
     let left_out: Vec<(usize, String)> = (0..plan.nodes.len())
         .filter_map(|i| Some((i, subset.left_out(plan, i)?)))
         .collect();
@@ -1226,6 +1250,17 @@ mod plan_tests {
         );
         assert!(!text.contains("Stage 2"), "{text}");
         assert!(!text.contains("If the run fails"), "{text}");
+    }
+
+    #[test]
+    fn compensations_read_as_what_a_rollback_runs() {
+        let def = flotilla_core::Definition::from_yaml(
+            "name: p\nsteps:\n  - {id: a, agent: x, action: do, compensate: {agent: x, action: undo}}\nerror_handling:\n  rollback: true\n",
+        )
+        .unwrap();
+        let plan = flotilla_core::Plan::compile(&def).unwrap();
+        let text = super::plan(&plan, false, &flotilla_core::Subset::default());
+        assert!(text.contains("Stage 1\n  a  x.do\n\nIf the run fails (after its handlers), or on `workflows rollback`: undo the steps that succeeded, the latest first\n  a:compensate  x.undo\n"), "{text}");
     }
 
     #[test]

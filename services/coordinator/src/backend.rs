@@ -443,6 +443,7 @@ impl Backend for CoordinatorBackend {
             Operation::Retry { step } => EngineOperation::Retry { step },
             Operation::Skip { step } => EngineOperation::Skip { step },
             Operation::Complete { step, output } => EngineOperation::Complete { step, output },
+            Operation::Rollback => EngineOperation::Rollback,
         };
         let status = self
             .engine

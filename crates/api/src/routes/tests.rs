@@ -279,6 +279,8 @@ impl Backend for FakeBackend {
         }
         let refused = |reason: &str| Err(BackendError::Conflict(reason.to_string()));
         let status = match (&operation, run.status.as_str()) {
+            (Operation::Rollback, "success" | "failure") => "rolling_back",
+            (Operation::Rollback, _) => return refused("only an ended run can be rolled back"),
             (_, "success" | "cancelled") => return refused("the run has ended"),
             (Operation::Retry { .. } | Operation::Skip { .. }, "failure") => "running",
             (_, "failure") => return refused("the run has ended"),
@@ -1791,6 +1793,32 @@ fn operator_requests(step: &str) -> [(String, Value); 6] {
 }
 
 #[tokio::test]
+async fn rollback_answers_the_run_rolling_back_and_a_conflict_for_a_run_that_runs() {
+    let api = Api::new(run_in("failure"));
+    let uri = format!("/api/workflows/{RUN}/rollback");
+    let (status, body) = api.post_raw(&uri, "", actor("ops")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"workflowId": RUN, "action": "rollback", "status": "rolling_back"})
+    );
+    let (status, body) = api.post(&uri, json!({"step": "deploy"})).await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "a rollback takes no arguments: {body}"
+    );
+    let (status, body) = api.post(&uri, json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(
+        error(body).error.message,
+        "only an ended run can be rolled back"
+    );
+    // The malformed request never reached the backend.
+    assert_eq!(api.backend.state().operations.len(), 2);
+}
+
+#[tokio::test]
 async fn operating_on_an_unknown_run_is_404() {
     let api = Api::new(FakeBackend::default());
     for (uri, body) in operator_requests("deploy") {
@@ -2143,7 +2171,8 @@ async fn the_new_run_statuses_can_be_listed() {
     assert_eq!(
         error(body).error.message,
         "unknown status `stopped`: expected `running`, `paused`, `failing`, `success`, \
-         `failure`, `cancelled` or `needs_attention`"
+         `failure`, `cancelled`, `needs_attention`, `rolling_back`, \
+         `rolled_back` or `rollback_failed`"
     );
 }
 
