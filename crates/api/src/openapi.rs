@@ -53,6 +53,7 @@ const BEARER: &str = "bearer";
         routes::list_dead_letters,
         routes::redrive,
         routes::metrics_summary,
+        routes::health_audit,
         routes::list_breakers,
         routes::reset_breaker,
         routes::list_agents,

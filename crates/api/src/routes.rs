@@ -12,10 +12,11 @@ use flotilla_api_model::{
     AGENT_HEALTHY, AGENT_NO_WORKERS, AgentHealth, AgentList, AgentStatus, BreakerList,
     BreakerSummary, CompleteRequest, DEFAULT_SUMMARY_RANGE, DeadLetterList, DeadLetterQuery,
     DefinitionDetail, DefinitionList, DefinitionQuery, DefinitionSummary, DefinitionVersions,
-    ErrorBody, ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER, MetricsSummary,
-    OperateResponse, Operation, RedriveOutcome, RedriveRequest, RedriveResponse,
-    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, RunReport,
-    ScheduleList, ScheduleRequest, ScheduleSummary, Submitted, SummaryQuery, WorkflowResult,
+    ErrorBody, ExecuteRequest, ExecuteResponse, HealthAudit, HealthAuditQuery,
+    IDEMPOTENT_REPLAYED_HEADER, MetricsSummary, OperateResponse, Operation, RedriveOutcome,
+    RedriveRequest, RedriveResponse, RegisterDefinitionRequest, RetryRequest, RunEventList,
+    RunPage, RunQuery, RunReport, ScheduleList, ScheduleRequest, ScheduleSummary, Submitted,
+    SummaryQuery, WorkflowResult,
 };
 use flotilla_core::schedule::{Missed, Overlap, Schedule};
 use flotilla_core::{Definition, Plan, RunStatus, Subset};
@@ -204,6 +205,7 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
         .route("/api/dlq", get(list_dead_letters::<B>))
         .route("/api/dlq/redrive", post(redrive::<B>))
         .route("/api/metrics/summary", get(metrics_summary::<B>))
+        .route("/api/health/audit", get(health_audit::<B>))
         .route("/api/agents/breakers", get(list_breakers::<B>))
         .route("/api/agents/{name}/breaker/reset", post(reset_breaker::<B>))
         .route("/api/agents", get(list_agents::<B>))
@@ -814,6 +816,32 @@ async fn reset_breaker<B: Backend>(
         })?;
     tracing::info!(agent, %actor, "circuit breaker reset by an operator");
     Ok(axum::Json(breaker))
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/health/audit",
+    tag = "health",
+    summary = "Audit the fleet: each part checked and graded pass, warn or fail against targets",
+    params(HealthAuditQuery),
+    responses(
+        (status = 200, description = "The audit; `status` is its worst check", body = HealthAudit)
+    )
+)]
+async fn health_audit<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Query(query): Query<HealthAuditQuery>,
+) -> Result<axum::Json<HealthAudit>, ApiError> {
+    let window = query
+        .window
+        .clone()
+        .unwrap_or_else(|| DEFAULT_SUMMARY_RANGE.to_owned());
+    let length = flotilla_api_model::parse_range(&window).map_err(ApiError::invalid_request)?;
+    let targets = query.targets().map_err(ApiError::invalid_request)?;
+    let checks = backend
+        .health_audit(chrono::Utc::now() - length, targets)
+        .await?;
+    Ok(axum::Json(HealthAudit::of(window, targets, checks)))
 }
 
 #[utoipa::path(

@@ -92,6 +92,31 @@ pub enum Command {
         #[arg(long, value_parser = parse_range)]
         range: Option<String>,
     },
+    /// Audit the fleet: Postgres (reachable, migrations, pool use, outbox), RabbitMQ (reachable,
+    /// each agent's queue with its consumers and depth, dead letters), coordinators, workers
+    /// (alive, stale heartbeats, failover), each agent's error rate and p95 latency over the
+    /// window, and schedules (missed ticks).
+    ///
+    /// Each check says pass, warn or fail, why, and the number. Exit code 0 when every check
+    /// passes, 1 when the worst warns, 2 when one fails (or the coordinator cannot be asked),
+    /// so that it can gate a deploy. The targets default to the reference spec's.
+    Doctor {
+        /// Weigh the attempts that ended over this window, e.g. 15m, 1h (at most 90d).
+        #[arg(long, value_parser = parse_range, default_value = "1h")]
+        window: String,
+        /// The highest share of an agent's attempts that may fail.
+        #[arg(long, default_value_t = 0.001)]
+        max_error_rate: f64,
+        /// The highest p95 of an agent's attempts' run time, in milliseconds.
+        #[arg(long, default_value_t = 500.0)]
+        max_p95_ms: f64,
+        /// The highest share of the coordinator's Postgres pool in use.
+        #[arg(long, default_value_t = 0.8)]
+        max_pool_use: f64,
+        /// The longest a lost worker's steps may wait to run again, in seconds.
+        #[arg(long, default_value_t = 30.0)]
+        max_failover_secs: f64,
+    },
 }
 
 #[derive(Debug, Subcommand)]

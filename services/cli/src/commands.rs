@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use flotilla_api_model::{
-    AGENT_HEALTHY, BreakerList, DeadLetterQuery, ExecuteRequest, ExecuteResponse, Operation,
-    RedriveOutcome, RedriveRequest, RegisterDefinitionRequest, RunQuery, ScheduleRequest,
-    WorkflowResult,
+    AGENT_HEALTHY, BreakerList, DeadLetterQuery, ExecuteRequest, ExecuteResponse, HealthAuditQuery,
+    Operation, RedriveOutcome, RedriveRequest, RegisterDefinitionRequest, RunQuery,
+    ScheduleRequest, WorkflowResult,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -39,6 +39,10 @@ pub enum Outcome {
     Refused,
     /// No healthy worker serves the agent asked about.
     Unhealthy,
+    /// The fleet audit's worst check warns.
+    AuditWarned,
+    /// A check of the fleet audit fails.
+    AuditFailed,
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
@@ -310,6 +314,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 Output::Json => print_json(&summary)?,
             }
             Ok(Outcome::Done)
+        }
+        Command::Doctor {
+            window,
+            max_error_rate,
+            max_p95_ms,
+            max_pool_use,
+            max_failover_secs,
+        } => {
+            let audit = client
+                .health_audit(&HealthAuditQuery {
+                    window: Some(window),
+                    max_error_rate: Some(max_error_rate),
+                    max_p95_ms: Some(max_p95_ms),
+                    max_pool_use: Some(max_pool_use),
+                    max_failover_secs: Some(max_failover_secs),
+                })
+                .await?;
+            match output {
+                Output::Text => print!("{}", render::audit(&audit)),
+                Output::Json => print_json(&audit)?,
+            }
+            Ok(match audit.exit_code() {
+                0 => Outcome::Done,
+                1 => Outcome::AuditWarned,
+                _ => Outcome::AuditFailed,
+            })
         }
         Command::Metrics { agent, range: None } => {
             let summary = metrics::summarize(&client.metrics().await?, agent.as_deref());

@@ -8,9 +8,9 @@ use flotilla_api::{Backend, BackendError, NewSchedule, Submission};
 use flotilla_api_model::{
     AGENT_HEALTHY, AGENT_NO_WORKERS, AGENT_UNHEALTHY, AgentStatus, AgentSummary, AttemptReport,
     BreakerSummary, DeadLetterQuery, DeadLetterSummary, DefinitionDetail, DefinitionSummary,
-    Evidence, Metrics, Operation, ParentRun, RedriveOutcome, RunEvent, RunPage, RunQuery,
-    RunReport, RunSummary, ScheduleSummary, StepReport, StepResult, StrikeReport, Submitted,
-    WorkerStatus, WorkflowResult,
+    Evidence, HealthAuditCheck, HealthTargets, Metrics, Operation, ParentRun, RedriveOutcome,
+    RunEvent, RunPage, RunQuery, RunReport, RunSummary, ScheduleSummary, StepReport, StepResult,
+    StrikeReport, Submitted, WorkerStatus, WorkflowResult,
 };
 use flotilla_core::registry::{RegistryPolicy, WorkerHealth};
 use flotilla_core::schedule::Schedule;
@@ -21,10 +21,11 @@ use flotilla_store::breakers::{self, BreakerRecord};
 use flotilla_store::queries::{self, Cursor, RunRecord, StepRecord};
 use flotilla_store::registry::{self, WorkerRecord};
 use flotilla_store::schedules::{self, ScheduleRow};
-use flotilla_store::{Store, dead_letters, definitions};
+use flotilla_store::{Store, dead_letters, definitions, outbox};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::audit;
 use crate::health::CoordinatorProbe;
 
 pub struct CoordinatorBackend {
@@ -34,6 +35,8 @@ pub struct CoordinatorBackend {
     pub registry: RegistryPolicy,
     /// Asks RabbitMQ for queue depths.
     pub probe: Arc<CoordinatorProbe>,
+    /// How long a running attempt stays leased without a heartbeat, for the audit's failover.
+    pub lease: std::time::Duration,
 }
 
 pub(crate) fn store_error(e: flotilla_store::Error) -> BackendError {
@@ -218,6 +221,34 @@ impl CoordinatorBackend {
             workflow: plan.name.clone(),
             problems,
         }))
+    }
+}
+
+impl CoordinatorBackend {
+    /// What the audit reads of Postgres, within the health checks' timeout; why not, as text.
+    async fn audit_postgres(&self) -> Result<audit::PostgresFacts, String> {
+        let read = async {
+            let started = std::time::Instant::now();
+            self.store.ping().await?;
+            let latency = started.elapsed();
+            let client = self.store.client().await?;
+            Ok::<_, flotilla_store::Error>(audit::PostgresFacts {
+                latency,
+                migrations: flotilla_store::migrate::status(&client).await?,
+                pool: self.store.pool_use(),
+                outbox: outbox::backlog(&client).await?,
+                outbox_oldest: outbox::oldest(&client).await?,
+                dead_letters: dead_letters::pending(&client).await?,
+            })
+        };
+        match tokio::time::timeout(crate::health::CHECK_TIMEOUT, read).await {
+            Ok(Ok(facts)) => Ok(facts),
+            Ok(Err(e)) => Err(format!("Postgres is unavailable: {e}")),
+            Err(_) => Err(format!(
+                "Postgres did not answer within {:?}",
+                crate::health::CHECK_TIMEOUT
+            )),
+        }
     }
 }
 
@@ -505,6 +536,52 @@ impl Backend for CoordinatorBackend {
             }
         }
         Ok(agents.into_values().collect())
+    }
+
+    async fn health_audit(
+        &self,
+        since: DateTime<Utc>,
+        targets: HealthTargets,
+    ) -> Result<Vec<HealthAuditCheck>, BackendError> {
+        let postgres = self.audit_postgres().await;
+        // Without Postgres, what it holds is unknown, not absent.
+        let (agents, attempts, schedules) = match &postgres {
+            Ok(_) => (
+                self.agents(None).await?,
+                self.attempts_since(since).await?,
+                {
+                    let client = self.store.client().await.map_err(store_error)?;
+                    schedules::list(&client).await.map_err(store_error)?
+                },
+            ),
+            Err(_) => Default::default(),
+        };
+        let names = self.probe.names();
+        let mut queues = vec![names.results(), names.dead_letters()];
+        queues.extend(agents.iter().map(|a| names.agent(&a.name)));
+        let rabbitmq = self.probe.queue_counts(queues).await.map(|mut counts| {
+            let agent_queues = counts.split_off(2.min(counts.len()));
+            let mut fixed = counts.into_iter().map(|(_, c)| c);
+            audit::RabbitFacts {
+                results: fixed.next().flatten(),
+                dead_letter_queue: fixed.next().flatten(),
+                agent_queues: agents
+                    .iter()
+                    .map(|a| a.name.clone())
+                    .zip(agent_queues.into_iter().map(|(_, c)| c))
+                    .collect(),
+            }
+        });
+        let facts = audit::Facts {
+            postgres,
+            rabbitmq,
+            agents,
+            attempts,
+            schedules: schedules.into_iter().map(|s| (s.name, s.next_at)).collect(),
+            lease: self.lease,
+            now: Utc::now(),
+        };
+        Ok(audit::grade(&facts, &targets))
     }
 
     async fn attempts_since(

@@ -3,6 +3,7 @@
 //! in order.
 
 mod access;
+mod audit;
 mod backend;
 pub mod config;
 mod health;
@@ -186,6 +187,7 @@ pub async fn run(
         engine: handle,
         registry,
         probe: probe.clone(),
+        lease: config.lease_timeout(),
     });
     let limits = flotilla_api::Limits {
         max_body_bytes: config.max_body_bytes,
