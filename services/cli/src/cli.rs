@@ -49,9 +49,9 @@ pub enum Output {
 pub enum Command {
     /// Start, follow, list and steer workflow runs.
     ///
-    /// The operator commands (cancel, pause, resume, retry, skip, complete) print the run's status
-    /// once the action is done and exit 0; when the run's state does not allow the action they
-    /// print why and exit 1. Each is recorded in the run's history (see `history`) as done by
+    /// The operator commands (cancel, pause, resume, retry, rollback, skip, complete) print the
+    /// run's status once the action is done and exit 0; when the run's state does not allow the
+    /// action they print why and exit 1. Each is recorded in the run's history (see `history`) as done by
     /// the credential's name "as $USER@<hostname>" (HOSTNAME, or else /etc/hostname, names the
     /// host).
     #[command(subcommand)]
