@@ -488,7 +488,8 @@ impl Fleet {
             .parse()?)
     }
 
-    /// Waits until the run has ended (success or failure) and returns it.
+    /// Waits until the run has ended (success or failure, or the end of its rollback) and
+    /// returns it.
     pub async fn wait_for_end(
         &self,
         id: Uuid,
@@ -497,7 +498,10 @@ impl Fleet {
         let deadline = Instant::now() + timeout;
         loop {
             let run = self.run(id).await?;
-            if matches!(run.status.as_str(), "success" | "failure") {
+            if matches!(
+                run.status.as_str(),
+                "success" | "failure" | "rolled_back" | "rollback_failed"
+            ) {
                 return Ok(run);
             }
             if Instant::now() > deadline {

@@ -160,7 +160,9 @@ pub struct WorkflowResult {
     pub name: String,
     /// `running`, `paused` (by an operator: nothing new is dispatched), `failing` (a step failed
     /// and the failure handlers are running), `needs_attention` (a step escalated and waits for
-    /// an operator; the others go on), `success`, `failure` or `cancelled` (by an operator).
+    /// an operator; the others go on), `rolling_back` (the compensations of the steps that
+    /// succeeded run, the latest first), `success`, `failure`, `cancelled` (by an operator),
+    /// `rolled_back` or `rollback_failed` (`error` names the step that could not be undone).
     pub status: String,
     pub start_time: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -327,6 +329,9 @@ pub enum Operation {
     Skip { step: String },
     /// As [`Operation::Skip`], but the step ends `success` with this output.
     Complete { step: String, output: Value },
+    /// Runs the `compensate:` of every step of an ended run (`success`, `failure`, `cancelled`,
+    /// or `rollback_failed` to go on) that succeeded and is not undone yet, the latest first.
+    Rollback,
 }
 
 impl Operation {
@@ -339,6 +344,7 @@ impl Operation {
             Self::Retry { .. } => "retry",
             Self::Skip { .. } => "skip",
             Self::Complete { .. } => "complete",
+            Self::Rollback => "rollback",
         }
     }
 
@@ -347,7 +353,7 @@ impl Operation {
         match self {
             Self::Retry { step } => step.as_deref(),
             Self::Skip { step } | Self::Complete { step, .. } => Some(step),
-            Self::Cancel | Self::Pause | Self::Resume => None,
+            Self::Cancel | Self::Pause | Self::Resume | Self::Rollback => None,
         }
     }
 }
@@ -760,6 +766,147 @@ impl HealthReport {
 
     pub fn is_ok(&self) -> bool {
         self.status == HEALTH_OK
+    }
+}
+
+/// The query string of `GET /api/health/audit`: the window over which attempts are weighed and
+/// the targets, each the reference spec's when unset.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+#[serde(rename_all = "camelCase")]
+pub struct HealthAuditQuery {
+    /// How far back attempts count, e.g. `15m`, `1h` (see [`parse_range`]); `1h` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
+    /// The highest share of an agent's attempts that may fail (0 to 1); `0.001` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate: Option<f64>,
+    /// The highest p95 of an agent's attempts' run time, in milliseconds; `500` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p95_ms: Option<f64>,
+    /// The highest share of the Postgres pool in use (0 to 1); `0.8` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pool_use: Option<f64>,
+    /// The longest a lost worker's steps may wait before they run again, in seconds; `30`
+    /// when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_failover_secs: Option<f64>,
+}
+
+/// The targets an audit grades against.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct HealthTargets {
+    pub max_error_rate: f64,
+    pub max_p95_ms: f64,
+    pub max_pool_use: f64,
+    pub max_failover_secs: f64,
+}
+
+impl Default for HealthTargets {
+    /// The reference spec's: error rate under 0.1 %, p95 step latency under 500 ms, pool use
+    /// under 80 %, failover under 30 s.
+    fn default() -> Self {
+        Self {
+            max_error_rate: 0.001,
+            max_p95_ms: 500.0,
+            max_pool_use: 0.8,
+            max_failover_secs: 30.0,
+        }
+    }
+}
+
+impl HealthAuditQuery {
+    /// The targets the query asks for over the defaults, or which one is out of range.
+    pub fn targets(&self) -> Result<HealthTargets, String> {
+        let base = HealthTargets::default();
+        let pick = |given: Option<f64>, default: f64, name: &str, ratio: bool| match given {
+            None => Ok(default),
+            Some(v) if v.is_finite() && v > 0.0 && (!ratio || v <= 1.0) => Ok(v),
+            Some(v) if ratio => Err(format!("{name} must be above 0 and at most 1, not {v}")),
+            Some(v) => Err(format!("{name} must be above 0, not {v}")),
+        };
+        Ok(HealthTargets {
+            max_error_rate: pick(
+                self.max_error_rate,
+                base.max_error_rate,
+                "maxErrorRate",
+                true,
+            )?,
+            max_p95_ms: pick(self.max_p95_ms, base.max_p95_ms, "maxP95Ms", false)?,
+            max_pool_use: pick(self.max_pool_use, base.max_pool_use, "maxPoolUse", true)?,
+            max_failover_secs: pick(
+                self.max_failover_secs,
+                base.max_failover_secs,
+                "maxFailoverSecs",
+                false,
+            )?,
+        })
+    }
+}
+
+/// The answer of `GET /api/health/audit` (`flotilla doctor`): every check of the fleet, graded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct HealthAudit {
+    /// The worst grade of the checks: `pass`, `warn` or `fail`.
+    pub status: String,
+    /// The window attempts were weighed over, as asked (e.g. `1h`).
+    pub window: String,
+    pub targets: HealthTargets,
+    pub checks: Vec<HealthAuditCheck>,
+}
+
+/// One graded check of a [`HealthAudit`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct HealthAuditCheck {
+    /// `postgres`, `rabbitmq`, `coordinators`, `workers`, `agents` or `schedules`.
+    pub area: String,
+    /// What was checked, e.g. `queue build` or `error rate build`.
+    pub name: String,
+    /// `pass`, `warn` or `fail`.
+    pub status: String,
+    /// The number the grade rests on, when there is one (a rate as a share, a time in ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    /// What was found and why it earned its grade.
+    pub message: String,
+}
+
+/// [`HealthAuditCheck::status`] of a check within its target.
+pub const HEALTH_PASS: &str = "pass";
+/// [`HealthAuditCheck::status`] of a check past its target, or of a part that degrades the fleet.
+pub const HEALTH_WARN: &str = "warn";
+/// [`HealthAuditCheck::status`] of a part that is broken.
+pub const HEALTH_FAIL: &str = "fail";
+
+impl HealthAudit {
+    /// The audit of `checks`, graded by its worst check.
+    pub fn of(window: String, targets: HealthTargets, checks: Vec<HealthAuditCheck>) -> Self {
+        let worst = [HEALTH_FAIL, HEALTH_WARN]
+            .into_iter()
+            .find(|grade| checks.iter().any(|c| c.status == *grade))
+            .unwrap_or(HEALTH_PASS);
+        Self {
+            status: worst.into(),
+            window,
+            targets,
+            checks,
+        }
+    }
+
+    /// The exit code of `flotilla doctor`: 0 pass, 1 warn, 2 fail.
+    pub fn exit_code(&self) -> i32 {
+        match self.status.as_str() {
+            HEALTH_PASS => 0,
+            HEALTH_WARN => 1,
+            _ => 2,
+        }
     }
 }
 

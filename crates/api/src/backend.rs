@@ -9,6 +9,7 @@ use flotilla_api_model::{
     DefinitionDetail, DefinitionSummary, LogQuery, Operation, RedriveOutcome, RunEvent, RunPage,
     RunQuery, RunReport, RunsChanged, ScheduleSummary, StepLogs, Submitted, WorkflowResult,
 };
+use flotilla_api_model::{HealthAuditCheck, HealthTargets};
 use flotilla_core::schedule::Schedule;
 use flotilla_core::{Definition, Plan, Subset};
 use futures_util::Stream;
@@ -157,6 +158,15 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         id: Uuid,
     ) -> impl Future<Output = Result<Option<Vec<RunEvent>>, BackendError>> + Send;
+
+    /// Audits the fleet (`GET /api/health/audit`): Postgres, RabbitMQ, coordinators, workers,
+    /// agents and schedules, each check graded against `targets`, with the attempts that ended
+    /// at or after `since` weighed for the agents' error rates and latencies.
+    fn health_audit(
+        &self,
+        since: DateTime<Utc>,
+        targets: HealthTargets,
+    ) -> impl Future<Output = Result<Vec<HealthAuditCheck>, BackendError>> + Send;
 
     /// The attempts that ended at or after `since`, by agent in name order (agents with none
     /// left out).

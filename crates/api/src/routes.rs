@@ -13,11 +13,12 @@ use flotilla_api_model::{
     AGENT_HEALTHY, AGENT_NO_WORKERS, AgentHealth, AgentList, AgentMetrics, AgentStatus,
     BreakerList, BreakerSummary, CompleteRequest, DEFAULT_SUMMARY_RANGE, DeadLetterList,
     DeadLetterQuery, DefinitionDetail, DefinitionList, DefinitionQuery, DefinitionSummary,
-    DefinitionVersions, ErrorBody, ExecuteRequest, ExecuteResponse, IDEMPOTENT_REPLAYED_HEADER,
-    LogQuery, METRICS_BUCKETS, MetricsBucket, MetricsSummary, OperateResponse, Operation,
-    RedriveOutcome, RedriveRequest, RedriveResponse, RegisterDefinitionRequest, RetryRequest,
-    RunEventList, RunPage, RunQuery, RunReport, RunsChanged, ScheduleList, ScheduleRequest,
-    ScheduleSummary, StepLogs, Submitted, SummaryQuery, WorkflowResult,
+    DefinitionVersions, ErrorBody, ExecuteRequest, ExecuteResponse, HealthAudit, HealthAuditQuery,
+    IDEMPOTENT_REPLAYED_HEADER, LogQuery, METRICS_BUCKETS, MetricsBucket, MetricsSummary,
+    OperateResponse, Operation, RedriveOutcome, RedriveRequest, RedriveResponse,
+    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, RunReport,
+    RunsChanged, ScheduleList, ScheduleRequest, ScheduleSummary, StepLogs, Submitted, SummaryQuery,
+    WorkflowResult,
 };
 use flotilla_core::schedule::{Missed, Overlap, Schedule};
 use flotilla_core::{Definition, Plan, RunStatus, Subset};
@@ -50,7 +51,7 @@ pub const MAX_LOG_WAIT_SECS: u32 = 30;
 const LOG_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Every run status, for telling a client which ones exist.
-const RUN_STATUSES: [RunStatus; 7] = [
+const RUN_STATUSES: [RunStatus; 10] = [
     RunStatus::Running,
     RunStatus::Paused,
     RunStatus::Failing,
@@ -58,6 +59,9 @@ const RUN_STATUSES: [RunStatus; 7] = [
     RunStatus::Failure,
     RunStatus::Cancelled,
     RunStatus::NeedsAttention,
+    RunStatus::RollingBack,
+    RunStatus::RolledBack,
+    RunStatus::RollbackFailed,
 ];
 
 // A status added to the core stops the build here until it is added to `RUN_STATUSES` too.
@@ -68,7 +72,10 @@ const _: fn(RunStatus) = |status| match status {
     | RunStatus::Success
     | RunStatus::Failure
     | RunStatus::Cancelled
-    | RunStatus::NeedsAttention => {}
+    | RunStatus::NeedsAttention
+    | RunStatus::RollingBack
+    | RunStatus::RolledBack
+    | RunStatus::RollbackFailed => {}
 };
 
 /// Bounds on what a client may send. A request past one is answered 413 (`payload_too_large`)
@@ -181,6 +188,7 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
         .route("/api/workflows/{id}/pause", post(pause::<B>))
         .route("/api/workflows/{id}/resume", post(resume::<B>))
         .route("/api/workflows/{id}/retry", post(retry::<B>))
+        .route("/api/workflows/{id}/rollback", post(rollback::<B>))
         .route("/api/workflows/{id}/steps/{step}/skip", post(skip::<B>))
         .route(
             "/api/workflows/{id}/steps/{step}/complete",
@@ -209,6 +217,7 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
         .route("/api/dlq", get(list_dead_letters::<B>))
         .route("/api/dlq/redrive", post(redrive::<B>))
         .route("/api/metrics/summary", get(metrics_summary::<B>))
+        .route("/api/health/audit", get(health_audit::<B>))
         .route("/api/agents/breakers", get(list_breakers::<B>))
         .route("/api/agents/{name}/breaker/reset", post(reset_breaker::<B>))
         .route("/api/agents", get(list_agents::<B>))
@@ -489,6 +498,24 @@ async fn retry<B: Backend>(
     OptionalJson(RetryRequest { step }): OptionalJson<RetryRequest>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
     operate(&*backend, &id, Operation::Retry { step }, actor).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/workflows/{id}/rollback",
+    tag = "workflows",
+    summary = "Roll back an ended run: undo its steps that succeeded by their compensations, the latest first",
+    params(RunPath),
+    request_body(content = Option<Object>, description = "No body, or `{}`"),
+    responses(OperatorAnswer)
+)]
+async fn rollback<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Path(RunPath { id }): Path<RunPath>,
+    Actor(actor): Actor,
+    OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
+) -> Result<axum::Json<OperateResponse>, ApiError> {
+    operate(&*backend, &id, Operation::Rollback, actor).await
 }
 
 #[utoipa::path(
@@ -846,6 +873,32 @@ async fn reset_breaker<B: Backend>(
         })?;
     tracing::info!(agent, %actor, "circuit breaker reset by an operator");
     Ok(axum::Json(breaker))
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/health/audit",
+    tag = "health",
+    summary = "Audit the fleet: each part checked and graded pass, warn or fail against targets",
+    params(HealthAuditQuery),
+    responses(
+        (status = 200, description = "The audit; `status` is its worst check", body = HealthAudit)
+    )
+)]
+async fn health_audit<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Query(query): Query<HealthAuditQuery>,
+) -> Result<axum::Json<HealthAudit>, ApiError> {
+    let window = query
+        .window
+        .clone()
+        .unwrap_or_else(|| DEFAULT_SUMMARY_RANGE.to_owned());
+    let length = flotilla_api_model::parse_range(&window).map_err(ApiError::invalid_request)?;
+    let targets = query.targets().map_err(ApiError::invalid_request)?;
+    let checks = backend
+        .health_audit(chrono::Utc::now() - length, targets)
+        .await?;
+    Ok(axum::Json(HealthAudit::of(window, targets, checks)))
 }
 
 #[utoipa::path(

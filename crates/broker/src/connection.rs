@@ -158,6 +158,13 @@ impl Connection {
     }
 }
 
+/// A queue's ready messages and consumers, as RabbitMQ counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub messages: u32,
+    pub consumers: u32,
+}
+
 /// A channel for administrative calls: declaring, inspecting and deleting queues. Closed by
 /// [`Channel::close`] or when dropped.
 ///
@@ -254,6 +261,12 @@ impl Channel {
     /// How many messages in `queue` are ready for delivery (not counting those delivered and not
     /// yet acked). Fails, and closes this channel, if the queue does not exist.
     pub async fn message_count(&self, queue: &str) -> Result<u32, Error> {
+        Ok(self.queue_counts(queue).await?.messages)
+    }
+
+    /// What a passive declare of `queue` tells: its ready messages and its consumers. Fails,
+    /// and closes this channel, if the queue does not exist.
+    pub async fn queue_counts(&self, queue: &str) -> Result<QueueCounts, Error> {
         let options = QueueDeclareOptions {
             passive: true,
             ..QueueDeclareOptions::default()
@@ -268,7 +281,10 @@ impl Channel {
             ),
         )
         .await?;
-        Ok(declared.message_count())
+        Ok(QueueCounts {
+            messages: declared.message_count(),
+            consumers: declared.consumer_count(),
+        })
     }
 
     /// Deletes `queue` and the messages in it, returning how many there were. Deleting a queue

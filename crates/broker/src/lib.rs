@@ -29,7 +29,7 @@ mod topology;
 use std::time::Duration;
 
 pub use backoff::Backoff;
-pub use connection::{Channel, Connection, connect};
+pub use connection::{Channel, Connection, QueueCounts, connect};
 pub use consumer::{Consumer, Delivery};
 pub use error::{Error, PublishError};
 pub use flotilla_proto::QueueNames;

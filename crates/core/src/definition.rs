@@ -114,27 +114,32 @@ pub struct StepDef {
     pub schedule_to_start: Option<UserDuration>,
     /// Strike 2: what runs instead once the step's retries are exhausted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fallback: Option<FallbackDef>,
+    pub fallback: Option<CallDef>,
+    /// What undoes the step once it has succeeded, run when its run is rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensate: Option<CallDef>,
     /// Strike 3: the notify channel told when the fallback (or, without one, the step) fails
     /// too; the step then waits for a person instead of failing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub escalate: Option<String>,
 }
 
-/// A step's alternative action (`fallback:`), with attempts and a retry policy of its own.
+/// An agent call a step makes besides its own, with attempts and a retry policy of its own: its
+/// alternative (`fallback:`) or its undoing (`compensate:`).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FallbackDef {
+pub struct CallDef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<String>,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub params: Map<String, Value>,
-    /// Unset fields fall back to the step's retry settings, then the workflow's.
+    /// Unset fields fall back, for a fallback, to the step's retry settings, then to the
+    /// workflow's; for a compensation, to the workflow's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetrySpec>,
-    /// How long one fallback attempt may take; the step's timeout when unset.
+    /// How long one attempt may take; for a fallback, the step's timeout when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<UserDuration>,
 }
@@ -166,6 +171,10 @@ pub struct ErrorHandling {
     /// Steps that run when the run fails: agent/action steps or `notify: NAME`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub on_failure: Vec<StepDef>,
+    /// When the run fails (after its `on_failure` handlers): run the `compensate:` of every step
+    /// that succeeded, the last to succeed first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rollback: bool,
 }
 
 /// Why a definition could not be read.

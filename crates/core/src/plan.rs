@@ -6,7 +6,9 @@
 //!   `depends_on`, which replaces that implicit edge (`depends_on: []` starts it at once);
 //! - `parallel:` sub-steps start together with their step, and a dependency on the step waits for
 //!   the step and all of its sub-steps;
-//! - `error_handling.on_failure` steps start together when the run has failed.
+//! - `error_handling.on_failure` steps start together when the run has failed;
+//! - a step's `compensate:` is a node of its own (role [`Role::Compensation`], after every other
+//!   node) with no dependencies: only a rollback starts it (see [`crate::scheduler`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -14,7 +16,7 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::condition::{self, Condition};
-use crate::definition::{Definition, FallbackDef, RetrySpec, StepDef};
+use crate::definition::{CallDef, Definition, RetrySpec, StepDef};
 use crate::retry::RetryPolicy;
 
 /// The agent that delivers `notify:` messages; the coordinator serves it itself.
@@ -24,6 +26,8 @@ pub const NOTIFY_ACTION: &str = "notify";
 /// Appended to a step's id in the task that notifies a step's escalation, so that its result is
 /// told apart from the step's own (a step id never holds `:`).
 pub const ESCALATION_SUFFIX: &str = ":escalation";
+/// Appended to a step's id to name the node of its `compensate:` (a step id never holds `:`).
+pub const COMPENSATION_SUFFIX: &str = ":compensate";
 /// The most nodes a plan may have.
 pub const MAX_NODES: usize = 100_000;
 
@@ -34,6 +38,8 @@ pub enum Role {
     Main,
     /// A failure handler from `error_handling.on_failure`.
     OnFailure,
+    /// A step's `compensate:`, run only by a rollback of its run.
+    Compensation,
 }
 
 /// One agent/action call, or one sub-workflow, in a plan.
@@ -74,6 +80,10 @@ pub struct Node {
     pub escalate: Option<String>,
     /// Runs one instance per item of a list (see [`ForEach`]).
     pub for_each: Option<ForEach>,
+    /// The node of this step's `compensate:`.
+    pub compensation: Option<usize>,
+    /// For a [`Role::Compensation`] node: the step it undoes.
+    pub compensates: Option<usize>,
 }
 
 /// The registered definition a sub-workflow step runs.
@@ -165,6 +175,8 @@ pub struct Plan {
     /// How long a run may take (the definition's `timeout`).
     pub timeout: Option<std::time::Duration>,
     pub nodes: Vec<Node>,
+    /// Whether a failed run is rolled back (`error_handling.rollback`).
+    pub rollback: bool,
     /// Node index by id; results name their step by id, and a plan may have many nodes.
     index: HashMap<String, usize>,
     /// Every agent its steps and their fallbacks call, sorted, each once: asked for on every
@@ -238,7 +250,20 @@ impl Plan {
             .map(|d| build_node(d, workflow_retry, &mut problems))
             .collect();
 
-        let index = index_ids(&drafts, &nodes, &mut problems);
+        let mut index = index_ids(&drafts, &nodes, &mut problems);
+        let rollback = def.error_handling.as_ref().is_some_and(|e| e.rollback);
+        compensations(
+            &drafts,
+            &mut nodes,
+            &mut index,
+            workflow_retry,
+            &mut problems,
+        );
+        if rollback && !nodes.iter().any(|n| n.role == Role::Compensation) {
+            problems.push(
+                "error_handling.rollback: no step has a `compensate:`, so there is nothing to roll back".into(),
+            );
+        }
         // Members of each top-level entry: a step and its parallel sub-steps, or the steps of a
         // branch. A dependency on an entry waits for all of them.
         let mut members: HashMap<usize, Vec<usize>> = HashMap::new();
@@ -305,6 +330,7 @@ impl Plan {
             problems.push(format!("dependency cycle: {}", names.join(" → ")));
         } else {
             check_condition_references(&drafts, &nodes, &index, &mut problems);
+            check_compensation_references(&drafts, &nodes, &index, &mut problems);
         }
 
         let resolve = |ids: std::collections::BTreeSet<String>| -> Vec<usize> {
@@ -340,6 +366,7 @@ impl Plan {
                 params: def.params.clone(),
                 timeout: def.timeout.map(|t| t.0),
                 nodes,
+                rollback,
                 index,
                 agents,
             })
@@ -440,6 +467,7 @@ fn flatten<'d>(def: &'d Definition, problems: &mut Vec<String>) -> Vec<Draft<'d>
                 ),
                 (step.fallback.is_some(), "fallback"),
                 (step.escalate.is_some(), "escalate"),
+                (step.compensate.is_some(), "compensate"),
             ] {
                 if set {
                     problems.push(format!(
@@ -484,6 +512,7 @@ fn branch<'d>(
         (step.escalate.is_some(), "escalate"),
         (step.for_each.is_some(), "for_each"),
         (!step.expect.is_empty(), "expect"),
+        (step.compensate.is_some(), "compensate"),
     ] {
         if set {
             problems.push(format!(
@@ -634,10 +663,11 @@ fn build_node(
         ));
     }
     let fallback = def.fallback.as_ref().map(|f| {
-        build_fallback(
+        build_call(
             &format!("{} (`{id}`).fallback", d.place),
             f,
             def,
+            Some(def),
             workflow_retry,
             problems,
         )
@@ -678,13 +708,65 @@ fn build_node(
         for_each,
         fallback,
         escalate: def.escalate.clone(),
+        compensation: None,
+        compensates: None,
     }
 }
 
-fn build_fallback(
+/// Appends a node for each step's `compensate:`, after every other node, so that the nodes of
+/// the steps keep their places; each is named `<step id>:compensate`.
+fn compensations(
+    drafts: &[Draft<'_>],
+    nodes: &mut Vec<Node>,
+    index: &mut HashMap<String, usize>,
+    workflow_retry: Option<&RetrySpec>,
+    problems: &mut Vec<String>,
+) {
+    for (i, d) in drafts.iter().enumerate() {
+        let Some(undo) = d.def.compensate.as_ref().filter(|_| d.role == Role::Main) else {
+            continue;
+        };
+        let step = &nodes[i];
+        let place = format!("{} (`{}`).compensate", d.place, step.id);
+        let call = build_call(&place, undo, d.def, None, workflow_retry, problems);
+        let node = Node {
+            id: format!("{}{COMPENSATION_SUFFIX}", step.id),
+            agent: call.agent,
+            action: call.action,
+            workflow: None,
+            params: call.params,
+            deps: Vec::new(),
+            dependents: Vec::new(),
+            condition: None,
+            expect: Vec::new(),
+            template_steps: call.template_steps,
+            retry: call.retry,
+            timeout: call.timeout,
+            heartbeat_timeout: None,
+            schedule_to_start: None,
+            role: Role::Compensation,
+            parent: None,
+            fallback: None,
+            escalate: None,
+            for_each: None,
+            compensation: None,
+            compensates: Some(i),
+        };
+        let at = nodes.len();
+        index.insert(node.id.clone(), at);
+        nodes[i].compensation = Some(at);
+        nodes.push(node);
+    }
+}
+
+/// Compiles a step's `fallback:` or `compensate:`. A fallback (`inherit` is its step) takes
+/// unset retry fields and its timeout from its step; a compensation, from nothing but the
+/// workflow's retry settings.
+fn build_call(
     place: &str,
-    f: &FallbackDef,
+    f: &CallDef,
     step: &StepDef,
+    inherit: Option<&StepDef>,
     workflow_retry: Option<&RetrySpec>,
     problems: &mut Vec<String>,
 ) -> Fallback {
@@ -697,8 +779,8 @@ fn build_fallback(
             Some(_) => {}
         }
     }
-    // The fallback's retry settings, field by field over the step's.
-    let own = match (&f.retry, &step.retry) {
+    // A fallback's retry settings, field by field over the step's.
+    let own = match (&f.retry, inherit.and_then(|s| s.retry.as_ref())) {
         (Some(f), Some(s)) => Some(RetrySpec {
             max_attempts: f.max_attempts.or(s.max_attempts),
             backoff: f.backoff.or(s.backoff),
@@ -706,13 +788,15 @@ fn build_fallback(
             max_delay: f.max_delay.or(s.max_delay),
             jitter: f.jitter.or(s.jitter),
         }),
-        (f, s) => f.clone().or_else(|| s.clone()),
+        (f, s) => f.clone().or_else(|| s.cloned()),
     };
     let retry = RetryPolicy::resolve(own.as_ref(), workflow_retry).unwrap_or_else(|e| {
         problems.push(format!("{place}: {e}"));
         RetryPolicy::default()
     });
-    if let Err(e) = crate::template::check(&f.params, step.for_each.is_some()) {
+    // A compensation runs once for its step, so it reads no `item`.
+    let in_loop = inherit.is_some() && step.for_each.is_some();
+    if let Err(e) = crate::template::check(&f.params, in_loop) {
         problems.push(format!("{place}: params: {e}"));
     }
     Fallback {
@@ -721,7 +805,7 @@ fn build_fallback(
         params: f.params.clone(),
         template_steps: crate::template::has_templates(&f.params).then(Vec::new),
         retry,
-        timeout: f.timeout.or(step.timeout).map(|t| t.0),
+        timeout: f.timeout.or(inherit.and_then(|s| s.timeout)).map(|t| t.0),
     }
 }
 
@@ -816,7 +900,8 @@ fn check_condition_references(
     index: &HashMap<String, usize>,
     problems: &mut Vec<String>,
 ) {
-    for (i, node) in nodes.iter().enumerate() {
+    // Compensations (after the drafts' nodes) are checked on their own.
+    for (i, node) in nodes.iter().enumerate().take(drafts.len()) {
         if node.template_steps.is_some()
             || node.for_each.is_some()
             || node
@@ -855,6 +940,30 @@ fn check_condition_references(
                 problems.push(format!(
                     "{} (`{}`): condition refers to `{var}`, which is not a step that finishes before this one",
                     drafts[i].place, node.id
+                ));
+            }
+        }
+    }
+}
+
+/// A compensation's params may read the step it undoes and the steps that finish before it.
+fn check_compensation_references(
+    drafts: &[Draft<'_>],
+    nodes: &[Node],
+    index: &HashMap<String, usize>,
+    problems: &mut Vec<String>,
+) {
+    for node in nodes.iter().filter(|n| n.template_steps.is_some()) {
+        let Some(step) = node.compensates else {
+            continue;
+        };
+        let mut readable = ancestors(nodes, step);
+        readable.insert(step);
+        for id in crate::template::check(&node.params, false).unwrap_or_default() {
+            if !index.get(&id).is_some_and(|j| readable.contains(j)) {
+                problems.push(format!(
+                    "{} (`{}`).compensate: params read `steps.{id}`, which is neither this step nor one that finishes before it",
+                    drafts[step].place, nodes[step].id
                 ));
             }
         }

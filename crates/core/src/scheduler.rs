@@ -5,6 +5,13 @@
 //!
 //! Fencing lives here: a result counts only for the current attempt of a running step, carrying
 //! that attempt's task id; anything else is reported as [`Effect::Stale`] and changes nothing.
+//!
+//! A rollback runs the compensations (slots of [`Role::Compensation`] nodes) of the steps that
+//! succeeded, one at a time, the step that ended last first (ties: the later slot first). The
+//! order follows from the stored steps alone — they do not change while the run rolls back —
+//! so a run restored mid-rollback goes on where it was: a compensation that succeeded (or that
+//! an operator skipped) is done and never runs again; the first that fails ends the run
+//! `rollback_failed`.
 
 use std::collections::HashMap;
 
@@ -97,11 +104,17 @@ pub enum RunStatus {
     Cancelled,
     /// A step escalated and waits for an operator; the steps that do not depend on it go on.
     NeedsAttention,
+    /// The compensations of the steps that succeeded are running, the latest first.
+    RollingBack,
+    /// Every step that succeeded and has a compensation was undone.
+    RolledBack,
+    /// A compensation failed; the run's `error` names the step that could not be undone.
+    RollbackFailed,
 }
 
 impl RunStatus {
     /// Every status a run can have.
-    pub const ALL: [RunStatus; 7] = [
+    pub const ALL: [RunStatus; 10] = [
         Self::Running,
         Self::Paused,
         Self::Failing,
@@ -109,10 +122,20 @@ impl RunStatus {
         Self::Failure,
         Self::Cancelled,
         Self::NeedsAttention,
+        Self::RollingBack,
+        Self::RolledBack,
+        Self::RollbackFailed,
     ];
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Success | Self::Failure | Self::Cancelled)
+        matches!(
+            self,
+            Self::Success
+                | Self::Failure
+                | Self::Cancelled
+                | Self::RolledBack
+                | Self::RollbackFailed
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -124,12 +147,18 @@ impl RunStatus {
             Self::Failure => "failure",
             Self::Cancelled => "cancelled",
             Self::NeedsAttention => "needs_attention",
+            Self::RollingBack => "rolling_back",
+            Self::RolledBack => "rolled_back",
+            Self::RollbackFailed => "rollback_failed",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "needs_attention" => Self::NeedsAttention,
+            "rolling_back" => Self::RollingBack,
+            "rolled_back" => Self::RolledBack,
+            "rollback_failed" => Self::RollbackFailed,
             "running" => Self::Running,
             "paused" => Self::Paused,
             "failing" => Self::Failing,
@@ -297,6 +326,10 @@ pub struct RunState {
     unfinished_deps: Vec<usize>,
     /// By `for_each` node, once it has expanded.
     fanouts: HashMap<usize, FanOut>,
+    /// While the run rolls back: the compensation slots to run, in order (see
+    /// [`RunState::rollback_order`]), and the position of the first not known to be done.
+    rollback: Vec<usize>,
+    rollback_next: usize,
     /// The agents' circuit breakers, lent by [`RunState::apply_gated`] for one event.
     breakers: Breakers,
 }
@@ -340,6 +373,9 @@ pub enum Event {
     /// The circuit breaker that holds a step may let it through now: it is dispatched if its
     /// breaker admits it (else it stays held), or waits for the resume of a paused run.
     Release { step: usize },
+    /// An operator rolls back a run that ended (`success`, `failure`, `cancelled`, or
+    /// `rollback_failed` to try the rest of its rollback again).
+    Rollback,
 }
 
 /// How an attempt ended.
@@ -462,6 +498,8 @@ impl RunState {
             attention: 0,
             unfinished_deps: Vec::new(),
             fanouts: HashMap::new(),
+            rollback: Vec::new(),
+            rollback_next: 0,
             breakers: Breakers::default(),
         };
         run.recount(plan);
@@ -523,6 +561,26 @@ impl RunState {
                 f.succeeded += 1;
             }
         }
+        if run.status == RunStatus::RollingBack {
+            run.rollback = run.rollback_order(plan);
+            run.rollback_next = 0;
+        } else {
+            run.rollback.clear();
+        }
+    }
+
+    /// The compensation slots a rollback runs, in order: those of the steps that succeeded, the
+    /// step that ended last first; of steps that ended at the same time, the later slot first.
+    pub fn rollback_order(&self, plan: &Plan) -> Vec<usize> {
+        let mut done: Vec<(Option<DateTime<Utc>>, usize, usize)> = plan
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.steps[*i].status == StepStatus::Success)
+            .filter_map(|(i, n)| Some((self.steps[i].ended_at, i, n.compensation?)))
+            .collect();
+        done.sort_unstable_by(|a, b| b.cmp(a));
+        done.into_iter().map(|(_, _, slot)| slot).collect()
     }
 
     /// How deep the run is nested in sub-workflows: 0 for a run nobody started.
@@ -854,6 +912,34 @@ impl RunState {
                     self.dispatch(plan, step, now, &mut t);
                 }
             }
+            Event::Rollback => {
+                if !matches!(
+                    self.status,
+                    RunStatus::Success
+                        | RunStatus::Failure
+                        | RunStatus::Cancelled
+                        | RunStatus::RollbackFailed
+                ) {
+                    t.effects.push(Effect::Refused(format!(
+                        "only a run that ended success, failure, cancelled or rollback_failed can be rolled back; this one is {}",
+                        self.status.as_str()
+                    )));
+                    return t;
+                }
+                if self.rollback_order(plan).is_empty() {
+                    t.effects.push(Effect::Refused(
+                        "nothing to roll back: no step of this run that succeeded has a `compensate:`".into(),
+                    ));
+                    return t;
+                }
+                if self.status == RunStatus::RollbackFailed {
+                    // It named the compensation that failed, which runs again now.
+                    self.error = None;
+                }
+                self.ended_at = None;
+                self.roll_back(plan, now, &mut t);
+                return t;
+            }
             Event::Cancel => {
                 if self.status.is_terminal() {
                     t.effects.push(Effect::Refused(format!(
@@ -866,7 +952,7 @@ impl RunState {
                     self.cancel_slot(i, "cancelled", now, &mut t);
                 }
                 self.recount(plan);
-                self.end(RunStatus::Cancelled, now, &mut t);
+                self.end(plan, RunStatus::Cancelled, now, &mut t);
                 return t;
             }
             Event::TimedOut => {
@@ -945,6 +1031,15 @@ impl RunState {
                         .push(Effect::Refused(format!("the run has no step {step}")));
                     return t;
                 };
+                if plan.nodes[step].role == Role::Compensation
+                    && self.status != RunStatus::RollingBack
+                {
+                    t.effects.push(Effect::Refused(format!(
+                        "`{}` is a compensation: it can be skipped or completed only while its run rolls back",
+                        plan.nodes[step].id
+                    )));
+                    return t;
+                }
                 let reopen = self.status == RunStatus::Failure && current == StepStatus::Failure;
                 if !reopen && (self.status.is_terminal() || current.is_terminal()) {
                     t.effects.push(Effect::Refused(format!(
@@ -1001,11 +1096,13 @@ impl RunState {
         self.recount(plan);
     }
 
-    /// The outputs of the steps `step` depends on, by step id: the `inputs` of its task.
+    /// The outputs of the steps `step` depends on, by step id: the `inputs` of its task. A
+    /// compensation's are the output of the step it undoes.
     pub fn inputs_for(&self, plan: &Plan, step: usize) -> Map<String, Value> {
-        plan.nodes[self.node_of(step)]
-            .deps
+        let node = &plan.nodes[self.node_of(step)];
+        node.deps
             .iter()
+            .chain(&node.compensates)
             .filter_map(|&d| {
                 let output = self.steps[d].output.clone()?;
                 Some((plan.nodes[d].id.clone(), output))
@@ -1186,6 +1283,7 @@ impl RunState {
                     }
                 }
                 Role::OnFailure => self.unfinished_handlers -= 1,
+                Role::Compensation => {}
             }
             for &d in &plan.nodes[i].dependents {
                 self.unfinished_deps[d] -= 1;
@@ -1604,7 +1702,7 @@ impl RunState {
                     self.steps[i].error = Some("the run did not fail".into());
                     self.finish(plan, i, StepStatus::Skipped, now, t);
                 }
-                self.end(RunStatus::Success, now, t);
+                self.end(plan, RunStatus::Success, now, t);
             } else if self.unfinished_handlers > 0 {
                 self.status = RunStatus::Failing;
                 t.run_changed = true;
@@ -1619,19 +1717,102 @@ impl RunState {
                     self.start_if_ready(plan, i, now, t);
                 }
             } else {
-                self.end(RunStatus::Failure, now, t);
+                self.failed(plan, now, t);
             }
         }
         if self.status == RunStatus::Failing && self.unfinished_handlers == 0 {
-            self.end(RunStatus::Failure, now, t);
+            self.failed(plan, now, t);
+        }
+        if self.status == RunStatus::RollingBack {
+            self.advance_rollback(plan, now, t);
         }
     }
 
-    fn end(&mut self, status: RunStatus, now: DateTime<Utc>, t: &mut Transition) {
+    /// The run failed and its failure handlers are done: it ends, or rolls back first when its
+    /// definition says so.
+    fn failed(&mut self, plan: &Plan, now: DateTime<Utc>, t: &mut Transition) {
+        if plan.rollback {
+            self.roll_back(plan, now, t);
+        } else {
+            self.end(plan, RunStatus::Failure, now, t);
+        }
+    }
+
+    /// Starts rolling back: the compensations of the steps that succeeded that are not done yet
+    /// become pending, with their whole retry budget, and the first of them runs.
+    fn roll_back(&mut self, plan: &Plan, now: DateTime<Utc>, t: &mut Transition) {
+        self.status = RunStatus::RollingBack;
+        self.deadline = None;
+        t.run_changed = true;
+        self.rollback = self.rollback_order(plan);
+        self.rollback_next = 0;
+        for &slot in &self.rollback {
+            let s = &mut self.steps[slot];
+            if s.status != StepStatus::Success {
+                *s = StepState {
+                    attempt: s.attempt,
+                    strike_base: s.attempt,
+                    ..StepState::default()
+                };
+                t.touch(slot);
+            }
+        }
+        self.advance_rollback(plan, now, t);
+    }
+
+    /// Moves a rollback on: past the compensations that are done, to the next one (started when
+    /// pending), to `rolled_back` when none is left, or to `rollback_failed` at one that failed.
+    fn advance_rollback(&mut self, plan: &Plan, now: DateTime<Utc>, t: &mut Transition) {
+        while let Some(&slot) = self.rollback.get(self.rollback_next) {
+            match self.steps[slot].status {
+                StepStatus::Success | StepStatus::Skipped => self.rollback_next += 1,
+                StepStatus::Pending => match self.task_params(plan, slot) {
+                    Ok(_) => return self.dispatch(plan, slot, now, t),
+                    Err(e) => {
+                        self.steps[slot].error = Some(format!("params: {e}"));
+                        self.finish(plan, slot, StepStatus::Failure, now, t);
+                    }
+                },
+                StepStatus::Failure | StepStatus::UpstreamFailed | StepStatus::Cancelled => {
+                    let step = plan.nodes[slot].compensates.expect("a compensation node");
+                    self.error = Some(format!(
+                        "rollback failed: step `{}` could not be undone: {}",
+                        plan.nodes[step].id,
+                        self.steps[slot].error.as_deref().unwrap_or("no message")
+                    ));
+                    return self.end(plan, RunStatus::RollbackFailed, now, t);
+                }
+                StepStatus::Running | StepStatus::Waiting | StepStatus::NeedsAttention => return,
+            }
+        }
+        self.end(plan, RunStatus::RolledBack, now, t);
+    }
+
+    fn end(&mut self, plan: &Plan, status: RunStatus, now: DateTime<Utc>, t: &mut Transition) {
         self.status = status;
         self.ended_at = Some(now);
         self.deadline = None;
+        self.rollback.clear();
         t.run_changed = true;
+        // Compensations that did not run will not: say why, so that the run shows no pending
+        // step once it has ended.
+        let reason = match status {
+            RunStatus::RolledBack => "not run: its step did not succeed",
+            RunStatus::RollbackFailed => "not run: the rollback stopped at a failed compensation",
+            _ => "not run: the run was not rolled back",
+        };
+        let pending: Vec<usize> = (0..plan.nodes.len())
+            .filter(|&i| {
+                plan.nodes[i].role == Role::Compensation
+                    && self.steps[i].status == StepStatus::Pending
+            })
+            .collect();
+        for slot in pending {
+            let s = &mut self.steps[slot];
+            s.status = StepStatus::Skipped;
+            s.error = Some(reason.into());
+            t.touch(slot);
+        }
         t.effects.push(Effect::RunEnded(status));
     }
 }
@@ -1683,3 +1864,6 @@ mod tests;
 
 #[cfg(test)]
 mod held_tests;
+
+#[cfg(test)]
+mod rollback_tests;

@@ -61,7 +61,12 @@ impl Subset {
             .only
             .iter()
             .chain(&self.skip)
-            .filter(|name| plan.node_index(name).is_none() && seen.insert(*name))
+            .filter(|name| {
+                let step = plan.node_index(name);
+                // A compensation follows its step: it is not selected by itself.
+                let known = step.is_some_and(|i| plan.nodes[i].role != Role::Compensation);
+                !known && seen.insert(*name)
+            })
             .cloned()
             .collect();
         if !unknown.is_empty() {
@@ -81,6 +86,9 @@ impl Subset {
 
     /// Why node `i` of `plan` is left out of the run, or `None` when it may run.
     pub fn left_out(&self, plan: &Plan, i: usize) -> Option<String> {
+        if plan.nodes[i].role == Role::Compensation {
+            return None;
+        }
         let id = &plan.nodes[i].id;
         if self.skip.contains(id) {
             Some(format!("skipped: --skip {id}"))
@@ -133,6 +141,21 @@ mod tests {
             err.to_string(),
             "unknown step in the selection: `b[0]` is not a step of workflow `p`"
         );
+    }
+
+    #[test]
+    fn a_compensation_follows_its_step_and_is_not_selected_by_itself() {
+        let plan = plan(
+            "name: p\nsteps:\n  - {id: a, agent: x, action: y, compensate: {agent: x, action: undo}}\n  - {id: b, agent: x, action: y}\n",
+        );
+        let err = subset(&["a:compensate"], &[]).check(&plan).unwrap_err();
+        assert!(
+            err.to_string().contains("`a:compensate` is not a step"),
+            "{err}"
+        );
+        let only_b = subset(&["b"], &[]);
+        let undo = plan.node_index("a:compensate").unwrap();
+        assert_eq!(only_b.left_out(&plan, undo), None);
     }
 
     #[test]

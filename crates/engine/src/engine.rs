@@ -133,6 +133,8 @@ pub enum Operation {
         step: String,
         output: Value,
     },
+    /// Undo an ended run's steps that succeeded, by their compensations.
+    Rollback,
 }
 
 impl Operation {
@@ -144,6 +146,7 @@ impl Operation {
             Operation::Retry { .. } => "retry",
             Operation::Skip { .. } => "skip",
             Operation::Complete { .. } => "complete",
+            Operation::Rollback => "rollback",
         }
     }
 
@@ -1739,6 +1742,7 @@ fn operate(
         Operation::Cancel => Event::Cancel,
         Operation::Pause => Event::Pause,
         Operation::Resume => Event::Resume,
+        Operation::Rollback => Event::Rollback,
         Operation::Retry { step: None } => Event::Retry { step: None },
         Operation::Retry { step: Some(id) } => Event::Retry {
             step: Some(step(id)?),

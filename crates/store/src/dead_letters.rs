@@ -40,6 +40,14 @@ fn dead_letter(r: &tokio_postgres::Row) -> DeadLetter {
     }
 }
 
+/// How many dead letters were not redriven.
+pub async fn pending(client: &impl GenericClient) -> Result<i64, Error> {
+    let stmt = client
+        .prepare_cached("SELECT count(*) FROM dead_letters WHERE redriven_at IS NULL")
+        .await?;
+    Ok(client.query_one(&stmt, &[]).await?.get(0))
+}
+
 /// Records dead letters; one already recorded (the same id) is left alone, so a redelivered
 /// dead letter is recorded once.
 pub async fn insert(client: &impl GenericClient, letters: &[DeadLetter]) -> Result<(), Error> {

@@ -13,7 +13,7 @@ pub mod engine;
 pub mod events;
 pub mod idempotency;
 pub mod logs;
-mod migrate;
+pub mod migrate;
 pub mod outbox;
 pub mod queries;
 pub mod registry;
@@ -123,4 +123,25 @@ impl Store {
         self.client().await?.simple_query("SELECT 1").await?;
         Ok(())
     }
+
+    /// How much of the pool is in use.
+    pub fn pool_use(&self) -> PoolUse {
+        let status = self.pool.status();
+        PoolUse {
+            max: status.max_size,
+            in_use: status.size.saturating_sub(status.available),
+            waiting: status.waiting,
+        }
+    }
+}
+
+/// The connections of a [`Store`]'s pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUse {
+    /// The most it may hold.
+    pub max: usize,
+    /// Connections lent out now.
+    pub in_use: usize,
+    /// Requests waiting for a connection.
+    pub waiting: usize,
 }

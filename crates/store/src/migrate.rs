@@ -32,6 +32,40 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (70, include_str!("../migrations/0070_step_logs.sql")),
 ];
 
+/// How the database's migrations compare with those this build knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrations {
+    /// The latest migration this build knows.
+    pub latest: i32,
+    /// Known migrations the database lacks.
+    pub pending: Vec<i32>,
+    /// Migrations the database has that this build does not know (a newer build applied them).
+    pub unknown: Vec<i32>,
+}
+
+/// Compares the database's applied migrations with this build's.
+pub async fn status(client: &impl deadpool_postgres::GenericClient) -> Result<Migrations, Error> {
+    let applied: Vec<i32> = client
+        .query(
+            "SELECT version FROM schema_migrations ORDER BY version",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let known: Vec<i32> = MIGRATIONS.iter().map(|&(v, _)| v).collect();
+    Ok(Migrations {
+        latest: known.iter().copied().max().unwrap_or(0),
+        pending: known
+            .iter()
+            .copied()
+            .filter(|v| !applied.contains(v))
+            .collect(),
+        unknown: applied.into_iter().filter(|v| !known.contains(v)).collect(),
+    })
+}
+
 /// Any fixed number works; it only has to be the same in every coordinator.
 const LOCK_KEY: i64 = 0x666c_6f74_696c_6c61;
 

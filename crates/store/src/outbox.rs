@@ -84,6 +84,14 @@ pub async fn take_unsent(
         .collect())
 }
 
+/// When the oldest message waiting to be confirmed was committed.
+pub async fn oldest(client: &impl GenericClient) -> Result<Option<DateTime<Utc>>, Error> {
+    let stmt = client
+        .prepare_cached("SELECT min(created_at) FROM outbox")
+        .await?;
+    Ok(client.query_one(&stmt, &[]).await?.get(0))
+}
+
 /// How many messages wait to be confirmed.
 pub async fn backlog(client: &impl GenericClient) -> Result<i64, Error> {
     let stmt = client.prepare_cached("SELECT count(*) FROM outbox").await?;

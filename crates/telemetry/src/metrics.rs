@@ -76,7 +76,13 @@ pub const SPANS_DROPPED: &str = "orchestrator_spans_dropped";
 
 /// The run statuses `orchestrator_workflows_total` is exported for from the start, so that a
 /// rate over them is defined before the first run of each kind ends.
-pub const FINAL_STATUSES: [&str; 3] = ["success", "failure", "cancelled"];
+pub const FINAL_STATUSES: [&str; 5] = [
+    "success",
+    "failure",
+    "cancelled",
+    "rolled_back",
+    "rollback_failed",
+];
 
 /// Agents whose queue depth a coordinator reads at most. A scrape costs one round trip to
 /// RabbitMQ per agent, so this bounds it.

@@ -49,9 +49,9 @@ pub enum Output {
 pub enum Command {
     /// Start, follow, list and steer workflow runs.
     ///
-    /// The operator commands (cancel, pause, resume, retry, skip, complete) print the run's status
-    /// once the action is done and exit 0; when the run's state does not allow the action they
-    /// print why and exit 1. Each is recorded in the run's history (see `history`) as done by
+    /// The operator commands (cancel, pause, resume, retry, rollback, skip, complete) print the
+    /// run's status once the action is done and exit 0; when the run's state does not allow the
+    /// action they print why and exit 1. Each is recorded in the run's history (see `history`) as done by
     /// the credential's name "as $USER@<hostname>" (HOSTNAME, or else /etc/hostname, names the
     /// host).
     #[command(subcommand)]
@@ -91,6 +91,31 @@ pub enum Command {
         /// Over this range instead, e.g. 30m, 1h, 7d (at most 90d).
         #[arg(long, value_parser = parse_range)]
         range: Option<String>,
+    },
+    /// Audit the fleet: Postgres (reachable, migrations, pool use, outbox), RabbitMQ (reachable,
+    /// each agent's queue with its consumers and depth, dead letters), coordinators, workers
+    /// (alive, stale heartbeats, failover), each agent's error rate and p95 latency over the
+    /// window, and schedules (missed ticks).
+    ///
+    /// Each check says pass, warn or fail, why, and the number. Exit code 0 when every check
+    /// passes, 1 when the worst warns, 2 when one fails (or the coordinator cannot be asked),
+    /// so that it can gate a deploy. The targets default to the reference spec's.
+    Doctor {
+        /// Weigh the attempts that ended over this window, e.g. 15m, 1h (at most 90d).
+        #[arg(long, value_parser = parse_range, default_value = "1h")]
+        window: String,
+        /// The highest share of an agent's attempts that may fail.
+        #[arg(long, default_value_t = 0.001)]
+        max_error_rate: f64,
+        /// The highest p95 of an agent's attempts' run time, in milliseconds.
+        #[arg(long, default_value_t = 500.0)]
+        max_p95_ms: f64,
+        /// The highest share of the coordinator's Postgres pool in use.
+        #[arg(long, default_value_t = 0.8)]
+        max_pool_use: f64,
+        /// The longest a lost worker's steps may wait to run again, in seconds.
+        #[arg(long, default_value_t = 30.0)]
+        max_failover_secs: f64,
     },
 }
 
@@ -149,7 +174,8 @@ pub enum WorkflowsCommand {
     },
     /// List runs, newest first.
     List {
-        /// Only runs with this status: running, paused, failing, success, failure or cancelled.
+        /// Only runs with this status: running, paused, failing, needs_attention, rolling_back,
+        /// success, failure, cancelled, rolled_back or rollback_failed.
         #[arg(long)]
         status: Option<String>,
         /// At most this many runs (1 to 500; the coordinator's default is 50).
@@ -181,6 +207,12 @@ pub enum WorkflowsCommand {
         /// Retry only this failed step.
         #[arg(long)]
         step: Option<String>,
+    },
+    /// Roll back an ended run (success, failure, cancelled, or rollback_failed to go on): the
+    /// `compensate:` of each step that succeeded and is not undone yet runs, the latest first.
+    Rollback {
+        /// The run's id.
+        id: Uuid,
     },
     /// End a step as skipped: one that has not ended, or the failed step of a failed run. Its
     /// dependents go on.

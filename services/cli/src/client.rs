@@ -6,11 +6,11 @@ use flotilla_api_model::{
     ACTOR_HEADER, AgentHealth, AgentList, AuditPage, AuditQuery, BreakerList, BreakerSummary,
     CompleteRequest, CreatedToken, DeadLetterList, DeadLetterQuery, DefinitionDetail,
     DefinitionList, DefinitionSummary, DefinitionVersions, ErrorBody, ExecuteRequest,
-    ExecuteResponse, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, LogQuery, MetricsSummary,
-    NewTokenRequest, OperateResponse, Operation, RedriveRequest, RedriveResponse,
-    RegisterDefinitionRequest, RetryRequest, RunEventList, RunPage, RunQuery, RunReport,
-    ScheduleList, ScheduleRequest, ScheduleSummary, StepLogs, Submitted, TokenList, TokenSummary,
-    WorkflowResult,
+    ExecuteResponse, HealthAudit, HealthAuditQuery, IDEMPOTENCY_KEY_HEADER,
+    IDEMPOTENT_REPLAYED_HEADER, LogQuery, MetricsSummary, NewTokenRequest, OperateResponse,
+    Operation, RedriveRequest, RedriveResponse, RegisterDefinitionRequest, RetryRequest,
+    RunEventList, RunPage, RunQuery, RunReport, ScheduleList, ScheduleRequest, ScheduleSummary,
+    StepLogs, Submitted, TokenList, TokenSummary, WorkflowResult,
 };
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 use reqwest::{RequestBuilder, StatusCode, Url};
@@ -354,9 +354,11 @@ impl Client {
             Operation::Skip { step } | Operation::Complete { step, .. } => {
                 self.url(&["workflows", &run, "steps", step, action])
             }
-            Operation::Cancel | Operation::Pause | Operation::Resume | Operation::Retry { .. } => {
-                self.url(&["workflows", &run, action])
-            }
+            Operation::Cancel
+            | Operation::Pause
+            | Operation::Resume
+            | Operation::Retry { .. }
+            | Operation::Rollback => self.url(&["workflows", &run, action]),
         };
         let request = self.http.post(url.clone()).header(ACTOR_HEADER, actor);
         let request = match operation {
@@ -364,9 +366,11 @@ impl Client {
             Operation::Complete { output, .. } => request.json(&CompleteRequest {
                 output: output.clone(),
             }),
-            Operation::Cancel | Operation::Pause | Operation::Resume | Operation::Skip { .. } => {
-                request
-            }
+            Operation::Cancel
+            | Operation::Pause
+            | Operation::Resume
+            | Operation::Skip { .. }
+            | Operation::Rollback => request,
         };
         self.send(request, url).await
     }
@@ -446,6 +450,28 @@ impl Client {
     /// The history of run `id`, oldest first.
     pub async fn events(&self, id: Uuid) -> Result<RunEventList, ClientError> {
         let url = self.url(&["workflows", &id.to_string(), "events"]);
+        self.send(self.http.get(url.clone()), url).await
+    }
+
+    /// The fleet audit (`GET /api/health/audit`).
+    pub async fn health_audit(&self, query: &HealthAuditQuery) -> Result<HealthAudit, ClientError> {
+        let mut url = self.url(&["health", "audit"]);
+        {
+            let mut pairs = url.query_pairs_mut();
+            if let Some(window) = &query.window {
+                pairs.append_pair("window", window);
+            }
+            for (name, value) in [
+                ("maxErrorRate", query.max_error_rate),
+                ("maxP95Ms", query.max_p95_ms),
+                ("maxPoolUse", query.max_pool_use),
+                ("maxFailoverSecs", query.max_failover_secs),
+            ] {
+                if let Some(value) = value {
+                    pairs.append_pair(name, &value.to_string());
+                }
+            }
+        }
         self.send(self.http.get(url.clone()), url).await
     }
 

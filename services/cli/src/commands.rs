@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use flotilla_api_model::{
-    AGENT_HEALTHY, BreakerList, DeadLetterQuery, ExecuteRequest, ExecuteResponse, LogQuery,
-    Operation, RedriveOutcome, RedriveRequest, RegisterDefinitionRequest, RunQuery,
+    AGENT_HEALTHY, BreakerList, DeadLetterQuery, ExecuteRequest, ExecuteResponse, HealthAuditQuery,
+    LogQuery, Operation, RedriveOutcome, RedriveRequest, RegisterDefinitionRequest, RunQuery,
     ScheduleRequest, StepLogLine, WorkflowResult,
 };
 use indicatif::{ProgressBar, ProgressStyle};
@@ -45,6 +45,10 @@ pub enum Outcome {
     Refused,
     /// No healthy worker serves the agent asked about.
     Unhealthy,
+    /// The fleet audit's worst check warns.
+    AuditWarned,
+    /// A check of the fleet audit fails.
+    AuditFailed,
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
@@ -161,6 +165,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Workflows(WorkflowsCommand::Resume { id }) => {
             operate(&client, id, Operation::Resume, output).await
+        }
+        Command::Workflows(WorkflowsCommand::Rollback { id }) => {
+            operate(&client, id, Operation::Rollback, output).await
         }
         Command::Workflows(WorkflowsCommand::Retry { id, step }) => {
             operate(&client, id, Operation::Retry { step }, output).await
@@ -323,6 +330,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 Output::Json => print_json(&summary)?,
             }
             Ok(Outcome::Done)
+        }
+        Command::Doctor {
+            window,
+            max_error_rate,
+            max_p95_ms,
+            max_pool_use,
+            max_failover_secs,
+        } => {
+            let audit = client
+                .health_audit(&HealthAuditQuery {
+                    window: Some(window),
+                    max_error_rate: Some(max_error_rate),
+                    max_p95_ms: Some(max_p95_ms),
+                    max_pool_use: Some(max_pool_use),
+                    max_failover_secs: Some(max_failover_secs),
+                })
+                .await?;
+            match output {
+                Output::Text => print!("{}", render::audit(&audit)),
+                Output::Json => print_json(&audit)?,
+            }
+            Ok(match audit.exit_code() {
+                0 => Outcome::Done,
+                1 => Outcome::AuditWarned,
+                _ => Outcome::AuditFailed,
+            })
         }
         Command::Metrics { agent, range: None } => {
             let summary = metrics::summarize(&client.metrics().await?, agent.as_deref());

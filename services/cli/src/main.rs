@@ -1,10 +1,10 @@
 //! `flotilla`: the command-line client of the Flotilla coordinator's HTTP API.
 //!
 //! Exit codes: 0 when the command did what was asked; 1 when a run it waited for failed or was
-//! cancelled, a dead letter it was to redrive was not retried, or the run's state did not allow
-//! an operator's action (the request was understood, but not carried out); 2 for everything else
-//! (usage, an unreachable coordinator, a request the coordinator refused as malformed or naming
-//! nothing it knows).
+//! cancelled, a dead letter it was to redrive was not retried, the run's state did not allow
+//! an operator's action (the request was understood, but not carried out), or the worst check
+//! of `doctor` warns; 2 for everything else (usage, an unreachable coordinator, a request the
+//! coordinator refused as malformed or naming nothing it knows, a `doctor` check that fails).
 
 mod access;
 mod actor;
@@ -31,8 +31,10 @@ async fn main() -> ExitCode {
             Outcome::WorkflowFailed
             | Outcome::NotAllRedriven
             | Outcome::Refused
-            | Outcome::Unhealthy,
+            | Outcome::Unhealthy
+            | Outcome::AuditWarned,
         ) => ExitCode::from(1),
+        Ok(Outcome::AuditFailed) => ExitCode::from(2),
         Err(err) => {
             eprintln!("error: {err}");
             // The outermost error says what failed; the innermost one usually says why (e.g.

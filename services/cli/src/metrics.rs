@@ -197,7 +197,9 @@ fn quantile(q: f64, buckets: &mut [(f64, f64)]) -> Option<f64> {
 pub fn render(summary: &Summary) -> String {
     let mut out = String::new();
     let count = |status: &str| summary.workflows.get(status).copied().unwrap_or(0.0);
-    let (success, failure, cancelled) = (count("success"), count("failure"), count("cancelled"));
+    // A run that was rolled back (or failed to be) failed first.
+    let failure = count("failure") + count("rolled_back") + count("rollback_failed");
+    let (success, cancelled) = (count("success"), count("cancelled"));
     let ended = success + failure + cancelled;
     let rate = if ended > 0.0 {
         format!(" (success rate {:.1}%)", 100.0 * success / ended)

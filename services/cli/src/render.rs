@@ -5,8 +5,9 @@ use std::fmt::Write;
 use chrono::{DateTime, Utc};
 use flotilla_api_model::{
     AgentHealth, AgentList, BreakerList, DeadLetterList, DefinitionDetail, DefinitionList,
-    DefinitionSummary, DefinitionVersions, OperateResponse, RedriveOutcome, RedriveResponse,
-    RunEventList, RunPage, RunReport, ScheduleList, WorkflowResult,
+    DefinitionSummary, DefinitionVersions, HEALTH_FAIL, HEALTH_PASS, HEALTH_WARN, HealthAudit,
+    OperateResponse, RedriveOutcome, RedriveResponse, RunEventList, RunPage, RunReport,
+    ScheduleList, WorkflowResult,
 };
 use serde_json::Value;
 
@@ -15,7 +16,10 @@ const SHORT_HASH_CHARS: usize = 12;
 
 /// Whether a run has reached its final status.
 pub fn is_finished(status: &str) -> bool {
-    matches!(status, "success" | "failure" | "cancelled")
+    matches!(
+        status,
+        "success" | "failure" | "cancelled" | "rolled_back" | "rollback_failed"
+    )
 }
 
 /// A run's progress, for the progress bar.
@@ -566,6 +570,34 @@ pub fn operated(response: &OperateResponse, step: Option<&str>) -> String {
     )
 }
 
+/// The fleet audit: one line per check (grade, area, check, why), then the verdict.
+pub fn audit(audit: &HealthAudit) -> String {
+    let area = audit.checks.iter().map(|c| c.area.len()).max().unwrap_or(0);
+    let name = audit.checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for c in &audit.checks {
+        let _ = writeln!(
+            out,
+            "{:<4}  {:<area$}  {:<name$}  {}",
+            c.status.to_uppercase(),
+            c.area,
+            c.name,
+            c.message
+        );
+    }
+    let count = |grade: &str| audit.checks.iter().filter(|c| c.status == grade).count();
+    let _ = writeln!(
+        out,
+        "\n{}: {} failed, {} warned, {} passed (attempts over the last {})",
+        audit.status,
+        count(HEALTH_FAIL),
+        count(HEALTH_WARN),
+        count(HEALTH_PASS),
+        audit.window
+    );
+    out
+}
+
 /// A run's history as a table, oldest first. The detail comes last: it is the one free-form
 /// column.
 pub fn events(list: &RunEventList) -> String {
@@ -1024,7 +1056,9 @@ ID                                    WORKFLOW                              STEP
     #[test]
     fn success_failure_and_cancelled_end_a_run() {
         assert!(is_finished("success") && is_finished("failure") && is_finished("cancelled"));
+        assert!(is_finished("rolled_back") && is_finished("rollback_failed"));
         assert!(!is_finished("running") && !is_finished("failing") && !is_finished("paused"));
+        assert!(!is_finished("rolling_back"));
     }
 
     #[test]
@@ -1176,6 +1210,25 @@ pub fn plan(plan: &flotilla_core::Plan, scheduled: bool, subset: &flotilla_core:
             let _ = writeln!(out, "  {}  {}", node.id, call(node));
         }
     }
+    let compensations: Vec<&flotilla_core::plan::Node> = plan
+        .nodes
+        .iter()
+        .filter(|n| n.role == flotilla_core::plan::Role::Compensation)
+        .collect();
+    if !compensations.is_empty() {
+        let when = if plan.rollback {
+            "If the run fails (after its handlers), or on `workflows rollback`"
+        } else {
+            "On `workflows rollback`"
+        };
+        let _ = writeln!(
+            out,
+            "\n{when}: undo the steps that succeeded, the latest first"
+        );
+        for node in compensations {
+            let _ = writeln!(out, "  {}  {}", node.id, call(node));
+        }
+    }
     let left_out: Vec<(usize, String)> = (0..plan.nodes.len())
         .filter_map(|i| Some((i, subset.left_out(plan, i)?)))
         .collect();
@@ -1215,6 +1268,17 @@ mod plan_tests {
     }
 
     #[test]
+    fn compensations_read_as_what_a_rollback_runs() {
+        let def = flotilla_core::Definition::from_yaml(
+            "name: p\nsteps:\n  - {id: a, agent: x, action: do, compensate: {agent: x, action: undo}}\nerror_handling:\n  rollback: true\n",
+        )
+        .unwrap();
+        let plan = flotilla_core::Plan::compile(&def).unwrap();
+        let text = super::plan(&plan, false, &flotilla_core::Subset::default());
+        assert!(text.contains("Stage 1\n  a  x.do\n\nIf the run fails (after its handlers), or on `workflows rollback`: undo the steps that succeeded, the latest first\n  a:compensate  x.undo\n"), "{text}");
+    }
+
+    #[test]
     fn the_plan_of_a_subset_shows_what_runs_and_what_is_left_out() {
         let def =
             flotilla_core::Definition::from_yaml(include_str!("../../../examples/workflow.yml"))
@@ -1250,5 +1314,30 @@ mod plan_tests {
             "{text}"
         );
         assert!(text.contains("check  a.b  after deploy"), "{text}");
+    }
+
+    #[test]
+    fn an_audit_prints_one_aligned_line_per_check_and_its_verdict() {
+        let check = |area: &str, name: &str, status: &str, message: &str| {
+            flotilla_api_model::HealthAuditCheck {
+                area: area.into(),
+                name: name.into(),
+                status: status.into(),
+                value: None,
+                message: message.into(),
+            }
+        };
+        let audit = flotilla_api_model::HealthAudit::of(
+            "1h".into(),
+            flotilla_api_model::HealthTargets::default(),
+            vec![
+                check("postgres", "reachable", "pass", "answers in 1.0 ms"),
+                check("rabbitmq", "queue build", "fail", "no consumer"),
+            ],
+        );
+        assert_eq!(
+            super::audit(&audit),
+            "PASS  postgres  reachable    answers in 1.0 ms\nFAIL  rabbitmq  queue build  no consumer\n\nfail: 1 failed, 0 warned, 1 passed (attempts over the last 1h)\n"
+        );
     }
 }

@@ -275,6 +275,15 @@ impl Backend for Coordinator {
         futures_util::stream::empty()
     }
 
+    // `flotilla doctor` is tested against a live fleet (tests/tests/doctor.rs).
+    async fn health_audit(
+        &self,
+        _since: chrono::DateTime<chrono::Utc>,
+        _targets: flotilla_api_model::HealthTargets,
+    ) -> Result<Vec<flotilla_api_model::HealthAuditCheck>, BackendError> {
+        Ok(Vec::new())
+    }
+
     // `flotilla agents` is tested against a live coordinator (tests/tests/registry.rs).
     async fn agents(
         &self,

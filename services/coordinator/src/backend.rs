@@ -8,9 +8,10 @@ use flotilla_api::{AttemptFigures, Backend, BackendError, NewSchedule, Submissio
 use flotilla_api_model::{
     AGENT_HEALTHY, AGENT_NO_WORKERS, AGENT_UNHEALTHY, AgentStatus, AgentSummary, AttemptReport,
     BreakerSummary, DeadLetterQuery, DeadLetterSummary, DefinitionDetail, DefinitionSummary,
-    Evidence, LogQuery, Metrics, Operation, ParentRun, RedriveOutcome, RunEvent, RunPage, RunQuery,
-    RunReport, RunSummary, RunsChanged, ScheduleSummary, StepLogLine, StepLogs, StepReport,
-    StepResult, StrikeReport, Submitted, TruncatedLog, WorkerStatus, WorkflowResult,
+    Evidence, HealthAuditCheck, HealthTargets, LogQuery, Metrics, Operation, ParentRun,
+    RedriveOutcome, RunEvent, RunPage, RunQuery, RunReport, RunSummary, RunsChanged,
+    ScheduleSummary, StepLogLine, StepLogs, StepReport, StepResult, StrikeReport, Submitted,
+    TruncatedLog, WorkerStatus, WorkflowResult,
 };
 use flotilla_core::registry::{RegistryPolicy, WorkerHealth};
 use flotilla_core::schedule::Schedule;
@@ -21,10 +22,11 @@ use flotilla_store::breakers::{self, BreakerRecord};
 use flotilla_store::queries::{self, Cursor, RunRecord, StepRecord};
 use flotilla_store::registry::{self, WorkerRecord};
 use flotilla_store::schedules::{self, ScheduleRow};
-use flotilla_store::{Store, dead_letters, definitions, logs};
+use flotilla_store::{Store, dead_letters, definitions, logs, outbox};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::audit;
 use crate::events::Changes;
 use crate::health::CoordinatorProbe;
 
@@ -40,6 +42,8 @@ pub struct CoordinatorBackend {
     pub tokens: crate::access::TokenCache,
     /// Run changes, for the event stream.
     pub changes: Changes,
+    /// How long a running attempt stays leased without a heartbeat, for the audit's failover.
+    pub lease: std::time::Duration,
 }
 
 pub(crate) fn store_error(e: flotilla_store::Error) -> BackendError {
@@ -224,6 +228,34 @@ impl CoordinatorBackend {
             workflow: plan.name.clone(),
             problems,
         }))
+    }
+}
+
+impl CoordinatorBackend {
+    /// What the audit reads of Postgres, within the health checks' timeout; why not, as text.
+    async fn audit_postgres(&self) -> Result<audit::PostgresFacts, String> {
+        let read = async {
+            let started = std::time::Instant::now();
+            self.store.ping().await?;
+            let latency = started.elapsed();
+            let client = self.store.client().await?;
+            Ok::<_, flotilla_store::Error>(audit::PostgresFacts {
+                latency,
+                migrations: flotilla_store::migrate::status(&client).await?,
+                pool: self.store.pool_use(),
+                outbox: outbox::backlog(&client).await?,
+                outbox_oldest: outbox::oldest(&client).await?,
+                dead_letters: dead_letters::pending(&client).await?,
+            })
+        };
+        match tokio::time::timeout(crate::health::CHECK_TIMEOUT, read).await {
+            Ok(Ok(facts)) => Ok(facts),
+            Ok(Err(e)) => Err(format!("Postgres is unavailable: {e}")),
+            Err(_) => Err(format!(
+                "Postgres did not answer within {:?}",
+                crate::health::CHECK_TIMEOUT
+            )),
+        }
     }
 }
 
@@ -454,6 +486,7 @@ impl Backend for CoordinatorBackend {
             Operation::Retry { step } => EngineOperation::Retry { step },
             Operation::Skip { step } => EngineOperation::Skip { step },
             Operation::Complete { step, output } => EngineOperation::Complete { step, output },
+            Operation::Rollback => EngineOperation::Rollback,
         };
         let status = self
             .engine
@@ -515,6 +548,52 @@ impl Backend for CoordinatorBackend {
             }
         }
         Ok(agents.into_values().collect())
+    }
+
+    async fn health_audit(
+        &self,
+        since: DateTime<Utc>,
+        targets: HealthTargets,
+    ) -> Result<Vec<HealthAuditCheck>, BackendError> {
+        let postgres = self.audit_postgres().await;
+        // Without Postgres, what it holds is unknown, not absent.
+        let (agents, attempts, schedules) = match &postgres {
+            Ok(_) => (
+                self.agents(None).await?,
+                self.attempts_since(since).await?,
+                {
+                    let client = self.store.client().await.map_err(store_error)?;
+                    schedules::list(&client).await.map_err(store_error)?
+                },
+            ),
+            Err(_) => Default::default(),
+        };
+        let names = self.probe.names();
+        let mut queues = vec![names.results(), names.dead_letters()];
+        queues.extend(agents.iter().map(|a| names.agent(&a.name)));
+        let rabbitmq = self.probe.queue_counts(queues).await.map(|mut counts| {
+            let agent_queues = counts.split_off(2.min(counts.len()));
+            let mut fixed = counts.into_iter().map(|(_, c)| c);
+            audit::RabbitFacts {
+                results: fixed.next().flatten(),
+                dead_letter_queue: fixed.next().flatten(),
+                agent_queues: agents
+                    .iter()
+                    .map(|a| a.name.clone())
+                    .zip(agent_queues.into_iter().map(|(_, c)| c))
+                    .collect(),
+            }
+        });
+        let facts = audit::Facts {
+            postgres,
+            rabbitmq,
+            agents,
+            attempts,
+            schedules: schedules.into_iter().map(|s| (s.name, s.next_at)).collect(),
+            lease: self.lease,
+            now: Utc::now(),
+        };
+        Ok(audit::grade(&facts, &targets))
     }
 
     async fn attempts_since(

@@ -10,14 +10,14 @@ use std::time::Duration;
 
 use flotilla_api::Probe;
 use flotilla_api_model::HealthCheck;
-use flotilla_broker::{BrokerConfig, Channel, Connection, QueueNames};
+use flotilla_broker::{BrokerConfig, Channel, Connection, QueueCounts, QueueNames};
 use flotilla_core::breaker::BreakerState;
 use flotilla_store::{Store, breakers, outbox, queries, registry};
 use flotilla_telemetry::metrics::CoordinatorMetrics;
 use tokio::sync::Mutex;
 
 /// How long one check, or one part of a scrape, may take before it counts as failing.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long reading every agent queue's depth may take in one scrape.
 const QUEUE_SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,6 +61,11 @@ impl CoordinatorProbe {
             metrics,
             link: Mutex::new(None),
         }
+    }
+
+    /// The queue names of the fleet.
+    pub(crate) fn names(&self) -> &QueueNames {
+        &self.names
     }
 
     async fn check_postgres(&self) -> HealthCheck {
@@ -180,6 +185,42 @@ impl CoordinatorProbe {
             }
         }
         depths
+    }
+
+    /// What RabbitMQ tells of each of `queues` (ready messages and consumers), `None` for a
+    /// queue that does not exist; an error when the broker cannot be asked.
+    pub(crate) async fn queue_counts(
+        &self,
+        queues: Vec<String>,
+    ) -> Result<Vec<(String, Option<QueueCounts>)>, String> {
+        let mut link = self.link.lock().await;
+        let ask_all = async {
+            let mut counts = Vec::new();
+            for queue in queues {
+                let name = queue.clone();
+                match self
+                    .ask(&mut link, |channel| async move {
+                        channel.queue_counts(&name).await
+                    })
+                    .await
+                {
+                    Ok(c) => counts.push((queue, Some(c))),
+                    Err(e) if link.is_none() => return Err(e.to_string()),
+                    // RabbitMQ refused the passive declare: the queue does not exist.
+                    Err(_) => counts.push((queue, None)),
+                }
+            }
+            Ok(counts)
+        };
+        match tokio::time::timeout(QUEUE_SCRAPE_TIMEOUT, ask_all).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                link.take();
+                Err(format!(
+                    "RabbitMQ did not answer within {QUEUE_SCRAPE_TIMEOUT:?}"
+                ))
+            }
+        }
     }
 
     /// Each agent's breaker as its gauge shows it (0 closed, 1 half-open, 2 open); absent when

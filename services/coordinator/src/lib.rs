@@ -3,6 +3,7 @@
 //! shuts them down in order.
 
 mod access;
+mod audit;
 mod backend;
 pub mod config;
 mod events;
@@ -208,6 +209,7 @@ pub async fn run(
         audit: access::AuditWriter::start(store.clone()),
         tokens: access::TokenCache::default(),
         changes,
+        lease: config.lease_timeout(),
     });
     let limits = flotilla_api::Limits {
         max_body_bytes: config.max_body_bytes,

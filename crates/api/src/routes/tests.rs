@@ -70,6 +70,8 @@ struct FakeState {
     /// The summary answered for any range, and the start of each range asked for.
     attempts: Vec<AgentSummary>,
     summaries_since: Vec<chrono::DateTime<Utc>>,
+    audit_checks: Vec<flotilla_api_model::HealthAuditCheck>,
+    audits: Vec<(chrono::DateTime<Utc>, flotilla_api_model::HealthTargets)>,
     schedules: Vec<ScheduleSummary>,
     breakers: Vec<BreakerSummary>,
     /// What `agent_attempts` answers, and each call: the agent, since, until and bucket.
@@ -293,6 +295,8 @@ impl Backend for FakeBackend {
         }
         let refused = |reason: &str| Err(BackendError::Conflict(reason.to_string()));
         let status = match (&operation, run.status.as_str()) {
+            (Operation::Rollback, "success" | "failure") => "rolling_back",
+            (Operation::Rollback, _) => return refused("only an ended run can be rolled back"),
             (_, "success" | "cancelled") => return refused("the run has ended"),
             (Operation::Retry { .. } | Operation::Skip { .. }, "failure") => "running",
             (_, "failure") => return refused("the run has ended"),
@@ -389,6 +393,16 @@ impl Backend for FakeBackend {
 
     fn changes(&self) -> impl futures_util::Stream<Item = RunsChanged> + Send + use<> {
         futures_util::stream::iter(self.state().changes.clone())
+    }
+
+    async fn health_audit(
+        &self,
+        since: chrono::DateTime<Utc>,
+        targets: flotilla_api_model::HealthTargets,
+    ) -> Result<Vec<flotilla_api_model::HealthAuditCheck>, BackendError> {
+        let mut state = self.check()?;
+        state.audits.push((since, targets));
+        Ok(state.audit_checks.clone())
     }
 
     async fn attempts_since(
@@ -1716,6 +1730,67 @@ async fn the_metrics_summary_totals_its_agents_over_the_range() {
     );
 }
 
+fn audit_check(name: &str, status: &str) -> flotilla_api_model::HealthAuditCheck {
+    flotilla_api_model::HealthAuditCheck {
+        area: "agents".into(),
+        name: name.into(),
+        status: status.into(),
+        value: None,
+        message: "found".into(),
+    }
+}
+
+#[tokio::test]
+async fn the_audit_is_graded_by_its_worst_check_against_the_targets_asked() {
+    let backend = FakeBackend::default();
+    backend.state().audit_checks = vec![audit_check("a", "pass"), audit_check("b", "warn")];
+    let api = Api::new(backend);
+    let (status, body) = api.get("/api/health/audit").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["status"].as_str(), body["window"].as_str()),
+        (Some("warn"), Some("1h"))
+    );
+    assert_eq!(
+        body["targets"],
+        json!({"maxErrorRate": 0.001, "maxP95Ms": 500.0, "maxPoolUse": 0.8, "maxFailoverSecs": 30.0})
+    );
+    assert_eq!(body["checks"][1]["name"], "b");
+
+    api.backend
+        .state()
+        .audit_checks
+        .push(audit_check("c", "fail"));
+    let (_, body) = api
+        .get("/api/health/audit?window=15m&maxErrorRate=0.01&maxP95Ms=200")
+        .await;
+    assert_eq!(body["status"], "fail");
+    let (since, targets) = api.backend.state().audits[1];
+    assert_eq!((targets.max_error_rate, targets.max_p95_ms), (0.01, 200.0));
+    assert!((Utc::now() - since).num_minutes() <= 15);
+
+    for (uri, expected) in [
+        (
+            "/api/health/audit?maxErrorRate=2",
+            "maxErrorRate must be above 0 and at most 1, not 2",
+        ),
+        (
+            "/api/health/audit?maxP95Ms=-5",
+            "maxP95Ms must be above 0, not -5",
+        ),
+        ("/api/health/audit?window=1w", "a unit s, m, h or d"),
+    ] {
+        let (status, body) = api.get(uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+        assert!(error(body).error.message.contains(expected), "{uri}");
+    }
+    assert_eq!(
+        api.backend.state().audits.len(),
+        2,
+        "nothing audited on a refusal"
+    );
+}
+
 #[tokio::test]
 async fn the_metrics_summary_refuses_bad_ranges() {
     let api = Api::new(FakeBackend::default());
@@ -1931,6 +2006,32 @@ async fn retry_takes_an_optional_step() {
             }
         ]
     );
+}
+
+#[tokio::test]
+async fn rollback_answers_the_run_rolling_back_and_a_conflict_for_a_run_that_runs() {
+    let api = Api::new(run_in("failure"));
+    let uri = format!("/api/workflows/{RUN}/rollback");
+    let (status, body) = api.post_raw(&uri, "", actor("ops")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"workflowId": RUN, "action": "rollback", "status": "rolling_back"})
+    );
+    let (status, body) = api.post(&uri, json!({"step": "deploy"})).await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "a rollback takes no arguments: {body}"
+    );
+    let (status, body) = api.post(&uri, json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(
+        error(body).error.message,
+        "only an ended run can be rolled back"
+    );
+    // The malformed request never reached the backend.
+    assert_eq!(api.backend.state().operations.len(), 2);
 }
 
 #[tokio::test]
@@ -2361,7 +2462,8 @@ async fn the_new_run_statuses_can_be_listed() {
     assert_eq!(
         error(body).error.message,
         "unknown status `stopped`: expected `running`, `paused`, `failing`, `success`, \
-         `failure`, `cancelled` or `needs_attention`"
+         `failure`, `cancelled`, `needs_attention`, `rolling_back`, \
+         `rolled_back` or `rollback_failed`"
     );
 }
 

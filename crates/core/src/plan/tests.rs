@@ -450,3 +450,54 @@ fn schedule_to_start_is_compiled_and_bounded() {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
     }
 }
+
+#[test]
+fn a_compensation_is_a_node_after_the_others_named_after_its_step() {
+    let plan = compile(
+        "name: s\nsteps:\n  - {id: a, agent: x, action: do, retry: {max_attempts: 5}, timeout: 9s, compensate: {agent: y, action: undo, timeout: 2s}}\n  - {id: b, agent: x, action: do}\nerror_handling:\n  retry: {max_attempts: 2}\n  rollback: true\n  on_failure:\n    - {id: h, agent: x, action: log}\n",
+    )
+    .unwrap();
+    let ids: Vec<&str> = plan.nodes.iter().map(|n| n.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b", "h", "a:compensate"]);
+    assert!(plan.rollback);
+    let undo = &plan.nodes[3];
+    assert_eq!(
+        (undo.agent.as_str(), undo.action.as_str(), undo.role),
+        ("y", "undo", Role::Compensation)
+    );
+    assert_eq!(
+        (undo.compensates, plan.nodes[0].compensation),
+        (Some(0), Some(3))
+    );
+    assert!(undo.deps.is_empty() && plan.nodes[0].dependents == [1]);
+    // Its own policy over the workflow's, not the step's.
+    assert_eq!(undo.retry.max_attempts, 2);
+    assert_eq!(undo.timeout, Some(std::time::Duration::from_secs(2)));
+}
+
+#[test]
+fn compensations_are_checked_when_compiled() {
+    let err = compile(
+        "name: s\nsteps:\n  - {id: a, agent: x, action: do, compensate: {agent: y, params: {v: '${{ steps.b.output }}'}}}\n  - id: b\n    agent: x\n    action: do\n  - condition: 'true'\n    compensate: {agent: y, action: undo}\n    then: [{agent: x, action: t}]\nerror_handling:\n  on_failure:\n    - {id: h, agent: x, action: log, compensate: {agent: y, action: undo}}\n",
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    for fault in [
+        "steps[0] (`a`).compensate: missing `action`",
+        "steps[0] (`a`).compensate: params read `steps.b`, which is neither this step nor one that finishes before it",
+        "steps[2]: a branch (with then/else) runs no action itself and cannot have `compensate`",
+        "error_handling.on_failure[0]: `compensate` is not allowed in a failure handler",
+    ] {
+        assert!(text.contains(fault), "{fault} not in {text}");
+    }
+    let err =
+        compile("name: s\nsteps:\n  - {agent: x, action: do}\nerror_handling:\n  rollback: true\n")
+            .unwrap_err();
+    assert!(
+        err.to_string().contains("no step has a `compensate:`"),
+        "{err}"
+    );
+    // A compensation may read its own step.
+    compile("name: s\nsteps:\n  - {id: a, agent: x, action: do, compensate: {agent: y, action: undo, params: {v: '${{ steps.a.output.id }}'}}}\n")
+        .unwrap();
+}
