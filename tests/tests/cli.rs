@@ -111,6 +111,11 @@ async fn every_reading_and_defining_command_prints_json_and_tables() -> anyhow::
     let file = write_definition()?;
     let file = file.to_str().context("a UTF-8 path")?;
 
+    let plan: Value = json(&fleet, &["workflows", "execute", file, "--dry-run"]).await?;
+    assert_eq!(
+        plan["stages"][1],
+        json!([{"id": "deploy", "call": "cli.deploy", "after": ["build"]}])
+    );
     let registered: DefinitionSummary = json(&fleet, &["definitions", "register", file]).await?;
     assert_eq!(
         (registered.name.as_str(), registered.revision),

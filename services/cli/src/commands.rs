@@ -59,7 +59,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let subset = flotilla_core::Subset { only, skip };
             subset.check(&plan)?;
             let scheduled = definition.schedule.is_some();
-            print!("{}", render::plan(&plan, scheduled, &subset));
+            let view = render::PlanView::new(&plan, scheduled, &subset);
+            match output {
+                Output::Text => print!("{}", render::plan(&view)),
+                Output::Json => print_json(&view)?,
+            }
             Ok(Outcome::Done)
         }
         Command::Workflows(WorkflowsCommand::Execute {
