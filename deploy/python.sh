@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Makes sure .flotilla/venv holds the Python packages the tests need: pika for the Python worker
-# (examples/workers/python) and the deployment checks' tools (deploy/requirements.txt). Does
+# (examples/workers/python), the deployment checks' tools (deploy/requirements.txt) and
+# schemathesis for the API contract test (tests/requirements.txt). Does
 # nothing when they are installed already, so it costs the test command nothing after the
 # first run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=.flotilla/venv
-requirements=(examples/workers/python/requirements.txt deploy/requirements.txt)
+requirements=(examples/workers/python/requirements.txt deploy/requirements.txt tests/requirements.txt)
 wanted=$(cat "${requirements[@]}" | sha256sum | cut -d' ' -f1)
 stamp=$venv/.requirements.sha256
 if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$wanted" ]; then

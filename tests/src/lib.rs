@@ -400,6 +400,12 @@ impl Fleet {
         Ok(self.workers.len() - 1)
     }
 
+    /// Adds agents whose queues the fleet's coordinators may have declared without a worker of
+    /// the fleet serving them (steps of agents a test made up), so that cleanup deletes them too.
+    pub fn track_agents(&mut self, agents: impl IntoIterator<Item = String>) {
+        self.agents.extend(agents);
+    }
+
     /// Worker `i`'s process.
     pub fn worker(&self, i: usize) -> &Managed {
         &self.workers[i]

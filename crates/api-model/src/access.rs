@@ -18,9 +18,12 @@ pub const SCOPES: [&str; 4] = ["read", "execute", "operate", "admin"];
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewTokenRequest {
-    /// Who or what holds the token; recorded as the actor of what it does.
+    /// Who or what holds the token; recorded as the actor of what it does: 1 to 100 visible
+    /// ASCII characters.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[!-~]{1,100}$"))]
     pub name: String,
     /// Among [`SCOPES`]; at least one.
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::schemas::scopes))]
     pub scopes: Vec<String>,
 }
 
@@ -95,6 +98,7 @@ pub struct AuditQuery {
     pub actor: Option<String>,
     /// At most this many (1 to 500; 50 when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 500))]
     pub limit: Option<u32>,
     /// The `nextCursor` of the page before.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -24,6 +24,38 @@ pub use access::{
     TokenList, TokenSummary,
 };
 
+/// Every status a run can have, as the API writes it (`GET /api/workflows?status=` takes one).
+pub const RUN_STATUSES: [&str; 7] = [
+    "running",
+    "paused",
+    "failing",
+    "success",
+    "failure",
+    "cancelled",
+    "needs_attention",
+];
+
+/// Schemas of the OpenAPI document that the derives cannot state.
+#[cfg(feature = "openapi")]
+mod schemas {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+
+    /// A run status: one of [`RUN_STATUSES`](crate::RUN_STATUSES).
+    pub(crate) fn run_status() -> ObjectBuilder {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(crate::RUN_STATUSES))
+    }
+
+    /// A token's scopes: at least one of [`SCOPES`](crate::SCOPES).
+    pub(crate) fn scopes() -> ArrayBuilder {
+        let scope = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(crate::SCOPES));
+        ArrayBuilder::new().items(scope).min_items(Some(1))
+    }
+}
+
 /// `POST /api/workflows/execute`: start a run. Exactly one of `workflow`, `definition` and `yaml`
 /// names what to run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -296,6 +328,7 @@ pub struct RunPage {
 pub struct RunQuery {
     /// Only runs with this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(schema_with = schemas::run_status))]
     pub status: Option<String>,
     /// Only runs of the definition with this name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -305,9 +338,15 @@ pub struct RunQuery {
     pub since: Option<DateTime<Utc>>,
     /// Page size: 50 when unset, at most 500.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 500))]
     pub limit: Option<u32>,
-    /// An opaque `nextCursor` from the previous page.
+    /// The `nextCursor` of the previous page (its pattern is what a cursor looks like, so that
+    /// tools can make one; it is not a promise that the form will stay).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        param(pattern = "^[0-9]{1,16}_[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
+    )]
     pub cursor: Option<String>,
 }
 
@@ -570,6 +609,7 @@ pub struct DeadLetterQuery {
     pub pending: Option<bool>,
     /// At most this many, newest first: 50 when unset, at most 500.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 500))]
     pub limit: Option<u32>,
 }
 

@@ -425,7 +425,9 @@ async fn authorize<A: Access>(
     let mut target = Map::new();
     if audited && let Ok(params) = RawPathParams::from_request_parts(&mut parts, &()).await {
         for (key, value) in &params {
-            target.insert(key.to_string(), Value::String(value.to_string()));
+            // Postgres cannot store a NUL character: the entry keeps it escaped, as `\0`, so
+            // that the request is recorded (and then refused).
+            target.insert(key.to_string(), Value::String(value.replace('\0', "\\0")));
         }
     }
     let peer = peer(&parts, guard.trust_forwarded_for);
@@ -631,7 +633,7 @@ async fn list_tokens<A: Access>(
     path = "/api/tokens/{id}",
     tag = "access",
     summary = "Revoke an API token",
-    params(("id" = String, Path, description = "The token's id (a UUID)")),
+    params(("id" = String, Path, format = Uuid, description = "The token's id (a UUID)")),
     responses(
         (status = 200, description = "The revoked token", body = TokenSummary),
         (status = 404, description = "No token has this id", body = ErrorBody)

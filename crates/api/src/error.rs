@@ -99,6 +99,15 @@ impl ApiError {
         Self::new(Kind::PayloadTooLarge, message).with_details(details)
     }
 
+    /// A request that holds a NUL character, which Postgres can store in neither text nor JSON:
+    /// refused before anything of it is stored. `what` says where ("the path holds"), `written`
+    /// how the client wrote it there.
+    pub(crate) fn holds_nul(what: &str, written: &str) -> Self {
+        Self::invalid_request(format!(
+            "{what} a NUL character (`{written}`), which no name, id, param or output may contain"
+        ))
+    }
+
     pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self::new(Kind::NotFound, message)
     }

@@ -28,14 +28,48 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+        let limits = Limits::from_ref(state);
+        // The body is buffered first to be searched for NUL, then read as `axum::Json` reads it
+        // (content type, syntax, shape); the head is kept for that, body limit included.
+        let (parts, body) = req.into_parts();
+        let bytes = Bytes::from_request(Request::from_parts(parts.clone(), body), state)
+            .await
+            .map_err(|rejection| ApiError::from_bytes_rejection(rejection, limits))?;
+        if holds_nul(&bytes) {
+            return Err(ApiError::holds_nul("the request body holds", "\\u0000"));
+        }
+        match axum::Json::<T>::from_request(Request::from_parts(parts, Body::from(bytes)), state)
+            .await
+        {
             Ok(axum::Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(ApiError::from_json_rejection(
-                rejection,
-                Limits::from_ref(state),
-            )),
+            Err(rejection) => Err(ApiError::from_json_rejection(rejection, limits)),
         }
     }
+}
+
+/// Whether JSON text holds an escaped NUL character (`\u0000`; JSON has no other way to hold
+/// one): a `u0000` after an odd run of backslashes, the last of which starts the escape.
+pub(crate) fn holds_nul(json: &[u8]) -> bool {
+    let mut backslashes = 0;
+    for (i, &byte) in json.iter().enumerate() {
+        if byte == b'\\' {
+            backslashes += 1;
+            continue;
+        }
+        if byte == b'u' && backslashes % 2 == 1 && json[i + 1..].starts_with(b"0000") {
+            return true;
+        }
+        backslashes = 0;
+    }
+    false
+}
+
+/// Refuses a path or query string that holds a NUL character (`%00`).
+fn refuse_nul_in(what: &str, text: Option<&str>) -> Result<(), ApiError> {
+    if text.is_some_and(|text| text.contains("%00")) {
+        return Err(ApiError::holds_nul(what, "%00"));
+    }
+    Ok(())
 }
 
 /// A JSON request body that may be left out: an empty body (whatever its content type) reads as
@@ -58,7 +92,8 @@ where
         let bytes = Bytes::from_request(Request::from_parts(parts.clone(), body), state)
             .await
             .map_err(|rejection| ApiError::from_bytes_rejection(rejection, limits))?;
-        if bytes.is_empty() {
+        // `null` is what a client that serializes "nothing" sends.
+        if bytes.is_empty() || bytes.trim_ascii() == b"null" {
             return Ok(Self(T::default()));
         }
         let Json(value) =
@@ -78,6 +113,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        refuse_nul_in("the query string holds", parts.uri.query())?;
         let axum::extract::Query(value) =
             axum::extract::Query::<T>::from_request_parts(parts, state).await?;
         Ok(Self(value))
@@ -95,6 +131,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        refuse_nul_in("the path holds", Some(parts.uri.path()))?;
         let axum::extract::Path(value) =
             axum::extract::Path::<T>::from_request_parts(parts, state).await?;
         Ok(Self(value))

@@ -7,7 +7,7 @@
 //! all in the one [`ErrorBody`] shape.
 
 use axum::http::Method;
-use flotilla_api_model::ErrorBody;
+use flotilla_api_model::{ErrorBody, OperateResponse};
 use utoipa::openapi::path::Operation;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
@@ -74,7 +74,7 @@ const BEARER: &str = "bearer";
         health::metrics,
         serve,
     ),
-    components(schemas(ErrorBody)),
+    components(schemas(ErrorBody, OperateResponse)),
     modifiers(&Shared),
 )]
 struct ApiDoc;

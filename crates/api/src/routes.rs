@@ -29,7 +29,7 @@ use uuid::Uuid;
 use crate::auth::AuditTarget;
 use crate::backend::{Backend, NewSchedule, Submission};
 use crate::error::{ApiError, Kind};
-use crate::extract::{Actor, IdempotencyKey, Json, OptionalJson, Path, Query};
+use crate::extract::{Actor, IdempotencyKey, Json, OptionalJson, Path, Query, holds_nul};
 use crate::health::{self, Probe};
 
 /// Runs listed per page when the query gives no `limit`.
@@ -51,7 +51,7 @@ pub const MAX_LOG_WAIT_SECS: u32 = 30;
 const LOG_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Every run status, for telling a client which ones exist.
-const RUN_STATUSES: [RunStatus; 10] = [
+pub(crate) const RUN_STATUSES: [RunStatus; 10] = [
     RunStatus::Running,
     RunStatus::Paused,
     RunStatus::Failing,
@@ -369,6 +369,7 @@ fn run_not_found(id: Uuid) -> ApiError {
 #[into_params(parameter_in = Path)]
 struct RunPath {
     /// The run's id (a UUID).
+    #[param(format = Uuid)]
     id: String,
 }
 
@@ -377,6 +378,7 @@ struct RunPath {
 #[into_params(parameter_in = Path)]
 struct StepPath {
     /// The run's id (a UUID).
+    #[param(format = Uuid)]
     id: String,
     /// The step's id in the definition.
     step: String,
@@ -424,7 +426,7 @@ enum OperatorAnswer {
 
 /// The body of an action that takes no arguments: none, or `{}`. A field is refused, as in every
 /// request body, so that a client that expects it to mean something learns that it does not.
-#[derive(Default, Deserialize)]
+#[derive(Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NoArguments {}
 
@@ -434,7 +436,7 @@ struct NoArguments {}
     tag = "workflows",
     summary = "Cancel a run",
     params(RunPath),
-    request_body(content = Option<Object>, description = "No body, or `{}`"),
+    request_body(content = Option<NoArguments>, description = "No body, or `{}`"),
     responses(OperatorAnswer)
 )]
 async fn cancel<B: Backend>(
@@ -452,7 +454,7 @@ async fn cancel<B: Backend>(
     tag = "workflows",
     summary = "Pause a run: no new step starts until it is resumed",
     params(RunPath),
-    request_body(content = Option<Object>, description = "No body, or `{}`"),
+    request_body(content = Option<NoArguments>, description = "No body, or `{}`"),
     responses(OperatorAnswer)
 )]
 async fn pause<B: Backend>(
@@ -470,7 +472,7 @@ async fn pause<B: Backend>(
     tag = "workflows",
     summary = "Resume a paused run",
     params(RunPath),
-    request_body(content = Option<Object>, description = "No body, or `{}`"),
+    request_body(content = Option<NoArguments>, description = "No body, or `{}`"),
     responses(OperatorAnswer)
 )]
 async fn resume<B: Backend>(
@@ -524,7 +526,7 @@ async fn rollback<B: Backend>(
     tag = "workflows",
     summary = "Skip a step of a run",
     params(StepPath),
-    request_body(content = Option<Object>, description = "No body, or `{}`"),
+    request_body(content = Option<NoArguments>, description = "No body, or `{}`"),
     responses(OperatorAnswer)
 )]
 async fn skip<B: Backend>(
@@ -851,7 +853,7 @@ async fn list_breakers<B: Backend>(
     tag = "agents",
     summary = "Close an agent's circuit breaker",
     params(AgentPath),
-    request_body(content = Option<Object>, description = "No body, or `{}`"),
+    request_body(content = Option<NoArguments>, description = "No body, or `{}`"),
     responses(
         (status = 200, description = "The breaker after the reset", body = BreakerSummary),
         (status = 404, description = "No step has called this agent yet", body = ErrorBody)
@@ -1047,6 +1049,10 @@ impl Inline {
             Self::Object(value) => Definition::from_value(value)?,
             Self::Yaml(text) => Definition::from_yaml(&text)?,
         };
+        // YAML escapes (`"\0"`, `"\x00"`) make NUL characters that the JSON body did not show.
+        if serde_json::to_vec(&definition).is_ok_and(|json| holds_nul(&json)) {
+            return Err(ApiError::holds_nul("the definition holds", "\\0"));
+        }
         let steps = definition.steps.len()
             + definition
                 .error_handling
@@ -1111,7 +1117,8 @@ pub(crate) mod tests;
     summary = "Set the schedule of a registered definition",
     request_body = ScheduleRequest,
     responses(
-        (status = 201, description = "The schedule was set", body = ScheduleSummary)
+        (status = 201, description = "The schedule was set", body = ScheduleSummary),
+        (status = 404, description = "No definition has this name", body = ErrorBody)
     )
 )]
 async fn create_schedule<B: Backend>(

@@ -11,9 +11,19 @@ use uuid::Uuid;
 pub use crate::access::{AuditArgs, TokensCommand};
 use crate::params::{Param, parse_param};
 
+/// What `--help` says of the exit codes (README's CLI section says the same).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  the command did what was asked
+  1  the request was understood but the outcome is not the one asked for: a run waited for
+     (--wait) failed or was cancelled, an operator's action was refused by the run's state, a
+     dead letter to redrive was not retried, or `agents health` found no healthy worker
+  2  usage errors, an unreachable coordinator, a request the coordinator refused (its message is
+     printed), or a --wait that timed out";
+
 /// Run and inspect Flotilla workflows through the coordinator's HTTP API.
 #[derive(Debug, Parser)]
-#[command(name = "flotilla", version)]
+#[command(name = "flotilla", version, after_help = EXIT_CODES)]
 pub struct Cli {
     /// The coordinator's base URL.
     #[arg(
@@ -77,6 +87,15 @@ pub enum Command {
     /// Show the audit log, newest first: every state-changing request, who made it, from where,
     /// and its answer (needs scope `admin`).
     Audit(AuditArgs),
+    /// Print the completion script of SHELL on stdout, e.g.
+    /// `flotilla completion bash > ~/.local/share/bash-completion/completions/flotilla`,
+    /// `flotilla completion zsh > "${fpath[1]}/_flotilla"`,
+    /// `flotilla completion fish > ~/.config/fish/completions/flotilla.fish`.
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Show the coordinator's main figures: runs by status, and per agent the attempts, errors,
     /// retries, dead letters, queued tasks and run times (p50, p95).
     ///
@@ -403,6 +422,14 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_help_lists_the_exit_codes() {
+        let help = Cli::command().render_help().to_string();
+        for code in ["  0  ", "  1  ", "  2  "] {
+            assert!(help.contains(code), "{help}");
+        }
     }
 
     #[test]

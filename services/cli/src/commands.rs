@@ -69,7 +69,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let subset = flotilla_core::Subset { only, skip };
             subset.check(&plan)?;
             let scheduled = definition.schedule.is_some();
-            print!("{}", render::plan(&plan, scheduled, &subset));
+            let view = render::PlanView::new(&plan, scheduled, &subset);
+            match output {
+                Output::Text => print!("{}", render::plan(&view)),
+                Output::Json => print_json(&view)?,
+            }
             Ok(Outcome::Done)
         }
         Command::Workflows(WorkflowsCommand::Execute {
@@ -295,8 +299,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Schedules(SchedulesCommand::Remove { name }) => {
             client.remove_schedule(&name).await?;
-            if output == Output::Text {
-                println!("removed the schedule of {name}");
+            match output {
+                Output::Text => println!("removed the schedule of {name}"),
+                Output::Json => print_json(&serde_json::json!({ "removed": name }))?,
             }
             Ok(Outcome::Done)
         }
@@ -384,6 +389,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 ),
                 Output::Json => print_json(&breaker)?,
             }
+            Ok(Outcome::Done)
+        }
+        Command::Completion { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            // Into a buffer: clap_complete panics on a write error, a closed pipe included.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "flotilla", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)
+                .context("could not write the completion script")?;
             Ok(Outcome::Done)
         }
         Command::Tokens(command) => access::tokens(&client, command, output).await,

@@ -1165,58 +1165,140 @@ TIME                     ACTOR               ACTION    STEP    DETAIL
 }
 
 /// A plan, for `execute --dry-run`: the stages of steps that can run together, each step with
-/// what it waits for and its condition, then the failure handlers.
-pub fn plan(plan: &flotilla_core::Plan, scheduled: bool, subset: &flotilla_core::Subset) -> String {
-    use std::fmt::Write;
+/// what it waits for and its condition, then the failure handlers and the steps left out. Its
+/// JSON is what `--dry-run --output json` prints.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanView {
+    pub workflow: String,
+    /// Whether the definition runs by itself once registered.
+    pub scheduled: bool,
+    /// The `--only`/`--skip` selection, as the run would show it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    pub stages: Vec<Vec<PlannedStep>>,
+    pub on_failure: Vec<PlannedStep>,
+    /// Whether a failed run rolls back by itself (`error_handling.rollback`).
+    pub rollback: bool,
+    /// The compensations a rollback runs, of the steps that succeeded, the latest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub compensations: Vec<PlannedStep>,
+    pub left_out: Vec<LeftOut>,
+}
+
+/// A step of a [`PlanView`].
+#[derive(Debug, serde::Serialize)]
+pub struct PlannedStep {
+    pub id: String,
+    /// `agent.action`, or `workflow NAME[@version]`.
+    pub call: String,
+    /// The steps it waits for (not those left out, which are skipped before the start).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// Its condition, decided at run time.
+    #[serde(rename = "if", skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+}
+
+/// A step a subset leaves out, and why.
+#[derive(Debug, serde::Serialize)]
+pub struct LeftOut {
+    pub id: String,
+    pub reason: String,
+}
+
+impl PlanView {
+    pub fn new(
+        plan: &flotilla_core::Plan,
+        scheduled: bool,
+        subset: &flotilla_core::Subset,
+    ) -> Self {
+        let planned = |i: usize| {
+            let node = &plan.nodes[i];
+            PlannedStep {
+                id: node.id.clone(),
+                call: call(node),
+                after: node
+                    .deps
+                    .iter()
+                    .filter(|&&d| subset.left_out(plan, d).is_none())
+                    .map(|&d| plan.nodes[d].id.clone())
+                    .collect(),
+                condition: node.condition.as_ref().map(|c| c.source().to_string()),
+            }
+        };
+        Self {
+            workflow: plan.name.clone(),
+            scheduled,
+            subset: (!subset.is_empty()).then(|| subset.to_string()),
+            stages: plan
+                .stages_of(subset)
+                .iter()
+                .map(|stage| stage.iter().map(|&i| planned(i)).collect())
+                .collect(),
+            on_failure: (0..plan.nodes.len())
+                .filter(|&i| {
+                    plan.nodes[i].role == flotilla_core::plan::Role::OnFailure
+                        && subset.left_out(plan, i).is_none()
+                })
+                .map(|i| PlannedStep {
+                    after: Vec::new(),
+                    condition: None,
+                    ..planned(i)
+                })
+                .collect(),
+            rollback: plan.rollback,
+            compensations: (0..plan.nodes.len())
+                .filter(|&i| plan.nodes[i].role == flotilla_core::plan::Role::Compensation)
+                .map(|i| PlannedStep {
+                    after: Vec::new(),
+                    condition: None,
+                    ..planned(i)
+                })
+                .collect(),
+            left_out: (0..plan.nodes.len())
+                .filter_map(|i| {
+                    Some(LeftOut {
+                        id: plan.nodes[i].id.clone(),
+                        reason: subset.left_out(plan, i)?,
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A [`PlanView`] for people.
+pub fn plan(view: &PlanView) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "Workflow  {} (valid; nothing was run)", plan.name);
-    if scheduled {
+    let _ = writeln!(out, "Workflow  {} (valid; nothing was run)", view.workflow);
+    if view.scheduled {
         let _ = writeln!(out, "Schedule  runs by itself once registered");
     }
-    if !subset.is_empty() {
+    if let Some(subset) = &view.subset {
         let _ = writeln!(out, "Subset    {subset}");
     }
-    for (n, stage) in plan.stages_of(subset).iter().enumerate() {
+    for (n, stage) in view.stages.iter().enumerate() {
         let _ = writeln!(out, "\nStage {}", n + 1);
-        for &i in stage {
-            let node = &plan.nodes[i];
-            let _ = write!(out, "  {}  {}", node.id, call(node));
-            // What it waits for: not the steps left out, which are skipped before the start.
-            let deps: Vec<&str> = node
-                .deps
-                .iter()
-                .filter(|&&d| subset.left_out(plan, d).is_none())
-                .map(|&d| plan.nodes[d].id.as_str())
-                .collect();
-            if !deps.is_empty() {
-                let _ = write!(out, "  after {}", deps.join(", "));
+        for step in stage {
+            let _ = write!(out, "  {}  {}", step.id, step.call);
+            if !step.after.is_empty() {
+                let _ = write!(out, "  after {}", step.after.join(", "));
             }
-            if let Some(condition) = &node.condition {
-                let _ = write!(out, "  if {}", condition.source());
+            if let Some(condition) = &step.condition {
+                let _ = write!(out, "  if {condition}");
             }
             let _ = writeln!(out);
         }
     }
-    let handlers: Vec<&flotilla_core::plan::Node> = (0..plan.nodes.len())
-        .filter(|&i| {
-            plan.nodes[i].role == flotilla_core::plan::Role::OnFailure
-                && subset.left_out(plan, i).is_none()
-        })
-        .map(|i| &plan.nodes[i])
-        .collect();
-    if !handlers.is_empty() {
+    if !view.on_failure.is_empty() {
         let _ = writeln!(out, "\nIf the run fails");
-        for node in handlers {
-            let _ = writeln!(out, "  {}  {}", node.id, call(node));
+        for step in &view.on_failure {
+            let _ = writeln!(out, "  {}  {}", step.id, step.call);
         }
     }
-    let compensations: Vec<&flotilla_core::plan::Node> = plan
-        .nodes
-        .iter()
-        .filter(|n| n.role == flotilla_core::plan::Role::Compensation)
-        .collect();
-    if !compensations.is_empty() {
-        let when = if plan.rollback {
+    if !view.compensations.is_empty() {
+        let when = if view.rollback {
             "If the run fails (after its handlers), or on `workflows rollback`"
         } else {
             "On `workflows rollback`"
@@ -1225,17 +1307,14 @@ pub fn plan(plan: &flotilla_core::Plan, scheduled: bool, subset: &flotilla_core:
             out,
             "\n{when}: undo the steps that succeeded, the latest first"
         );
-        for node in compensations {
-            let _ = writeln!(out, "  {}  {}", node.id, call(node));
+        for step in &view.compensations {
+            let _ = writeln!(out, "  {}  {}", step.id, step.call);
         }
     }
-    let left_out: Vec<(usize, String)> = (0..plan.nodes.len())
-        .filter_map(|i| Some((i, subset.left_out(plan, i)?)))
-        .collect();
-    if !left_out.is_empty() {
+    if !view.left_out.is_empty() {
         let _ = writeln!(out, "\nLeft out (skipped)");
-        for (i, reason) in left_out {
-            let _ = writeln!(out, "  {}  {reason}", plan.nodes[i].id);
+        for step in &view.left_out {
+            let _ = writeln!(out, "  {}  {}", step.id, step.reason);
         }
     }
     out
@@ -1260,7 +1339,11 @@ mod plan_tests {
             flotilla_core::Definition::from_yaml(include_str!("../../../examples/workflow.yml"))
                 .unwrap();
         let plan = flotilla_core::Plan::compile(&def).unwrap();
-        let text = super::plan(&plan, false, &flotilla_core::Subset::default());
+        let text = super::plan(&super::PlanView::new(
+            &plan,
+            false,
+            &flotilla_core::Subset::default(),
+        ));
         assert!(text.contains("Stage 3\n  quality_check  agent7.code_quality_check  after build_api\n  security_scan  agent10.security_scan  after build_api"), "{text}");
         assert!(text.contains("deploy  agent19.deploy  after quality_check, security_scan, performance_test  if quality_check.success && security_scan.passed"), "{text}");
         assert!(text.contains("If the run fails\n  log_error  agent9.log_error\n  notify_slack  flotilla-notify.notify"), "{text}");
@@ -1274,7 +1357,11 @@ mod plan_tests {
         )
         .unwrap();
         let plan = flotilla_core::Plan::compile(&def).unwrap();
-        let text = super::plan(&plan, false, &flotilla_core::Subset::default());
+        let text = super::plan(&super::PlanView::new(
+            &plan,
+            false,
+            &flotilla_core::Subset::default(),
+        ));
         assert!(text.contains("Stage 1\n  a  x.do\n\nIf the run fails (after its handlers), or on `workflows rollback`: undo the steps that succeeded, the latest first\n  a:compensate  x.undo\n"), "{text}");
     }
 
@@ -1288,7 +1375,7 @@ mod plan_tests {
             only: vec!["build_api".into(), "deploy".into()],
             skip: vec!["deploy".into()],
         };
-        let text = super::plan(&plan, false, &subset);
+        let text = super::plan(&super::PlanView::new(&plan, false, &subset));
         assert!(
             text.contains("Subset    --only build_api --only deploy --skip deploy\n\nStage 1\n  build_api  agent1.create_api\n\nLeft out (skipped)\n  scaffold  not selected: --only build_api, deploy\n"),
             "{text}"
@@ -1308,7 +1395,11 @@ mod plan_tests {
         )
         .unwrap();
         let plan = flotilla_core::Plan::compile(&def).unwrap();
-        let text = super::plan(&plan, false, &flotilla_core::Subset::default());
+        let text = super::plan(&super::PlanView::new(
+            &plan,
+            false,
+            &flotilla_core::Subset::default(),
+        ));
         assert!(
             text.contains("Stage 1\n  deploy  workflow deploy-service@3\n"),
             "{text}"

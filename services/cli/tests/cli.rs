@@ -1526,3 +1526,35 @@ flaky  half-open  75% of 4  2025-06-15 15:06:41 UTC              3
     assert_eq!(resets[0].0, "flaky");
     assert!(resets[0].1.contains('@'), "{resets:?}");
 }
+
+/// `flotilla completion SHELL` prints a script the shell accepts, offering the subcommands;
+/// it needs no coordinator.
+#[tokio::test]
+async fn completion_scripts_are_printed_for_bash_zsh_and_fish() {
+    let nowhere = "http://127.0.0.1:9";
+    for (shell, marker) in [
+        ("bash", "_flotilla()"),
+        ("zsh", "#compdef flotilla"),
+        ("fish", "complete -c flotilla"),
+    ] {
+        let output = flotilla(nowhere, &["completion", shell]).await;
+        assert!(output.status.success(), "{shell}: {output:?}");
+        let script = stdout(&output);
+        for expected in [marker, "workflows", "breaker-reset"] {
+            assert!(
+                script.contains(expected),
+                "{shell}: no {expected} in\n{script}"
+            );
+        }
+    }
+    // Bash parses the script it gets.
+    let script = stdout(&flotilla(nowhere, &["completion", "bash"]).await);
+    let checked = tokio::process::Command::new("bash")
+        .args(["-n", "-c", &script])
+        .output()
+        .await
+        .expect("bash runs");
+    assert!(checked.status.success(), "{checked:?}");
+    let refused = flotilla(nowhere, &["completion", "tcsh"]).await;
+    assert_eq!(refused.status.code(), Some(2));
+}

@@ -567,6 +567,21 @@ async fn state_changing_requests_are_audited_with_who_what_and_the_status() {
     );
 }
 
+/// Postgres cannot store a NUL character: the audit keeps the id the request named, escaped.
+#[tokio::test]
+async fn a_nul_character_in_an_audited_path_is_recorded_escaped() {
+    let app = App::new(|_| {});
+    let admin = app.access.add("deployer", &["admin"]);
+    app.send(Method::POST, "/api/workflows/r%007/cancel", Some(&admin))
+        .await;
+    let entries = app.access.entries();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(
+        entries[0].target,
+        *json!({"id": "r\\07"}).as_object().unwrap()
+    );
+}
+
 #[tokio::test]
 async fn x_forwarded_for_is_the_peer_only_when_trusted() {
     for (trusted, expected) in [(false, None), (true, Some("203.0.113.9"))] {

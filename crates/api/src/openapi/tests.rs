@@ -192,3 +192,72 @@ fn each_guarded_operation_names_the_scope_it_needs() {
         "bearer"
     );
 }
+
+/// Every `$ref` of `value`, wherever it is.
+fn refs(value: &Value, found: &mut BTreeSet<String>) {
+    match value {
+        Value::Object(map) => {
+            if let Some(Value::String(target)) = map.get("$ref") {
+                found.insert(target.clone());
+            }
+            map.values().for_each(|v| refs(v, found));
+        }
+        Value::Array(items) => items.iter().for_each(|v| refs(v, found)),
+        _ => {}
+    }
+}
+
+#[test]
+fn every_reference_names_a_schema_of_the_document() {
+    let doc = document_json();
+    let mut found = BTreeSet::new();
+    refs(&doc, &mut found);
+    assert!(found.contains("#/components/schemas/OperateResponse"));
+    for target in found {
+        let name = target
+            .strip_prefix("#/components/schemas/")
+            .unwrap_or_else(|| panic!("{target} is not a schema reference"));
+        assert!(
+            doc["components"]["schemas"].get(name).is_some(),
+            "{target} is named but not in the document"
+        );
+    }
+}
+
+/// What a client may send is stated as tightly as the server checks it, so that a request the
+/// document calls valid is accepted (the contract test, tests/tests/contract.rs, checks both).
+#[test]
+fn parameters_state_the_values_the_server_accepts() {
+    let doc = document_json();
+    let parameter = |path: &str, method: &str, name: &str| -> Value {
+        doc["paths"][path][method]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{method} {path} has no parameter {name}"))["schema"]
+            .clone()
+    };
+    for (path, method) in [
+        ("/api/workflows/{id}", "get"),
+        ("/api/workflows/{id}/steps/{step}/skip", "post"),
+        ("/api/tokens/{id}", "delete"),
+    ] {
+        assert_eq!(parameter(path, method, "id")["format"], "uuid", "{path}");
+    }
+    for path in ["/api/workflows", "/api/dlq", "/api/audit"] {
+        let limit = parameter(path, "get", "limit");
+        assert_eq!(
+            (&limit["minimum"], &limit["maximum"]),
+            (&1.into(), &500.into())
+        );
+    }
+    let statuses: Vec<&str> = crate::routes::RUN_STATUSES
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
+    assert_eq!(
+        parameter("/api/workflows", "get", "status")["enum"],
+        serde_json::json!(statuses)
+    );
+}

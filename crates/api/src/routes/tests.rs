@@ -1976,6 +1976,71 @@ async fn cancel_pause_and_resume_answer_the_run_status() {
 }
 
 #[tokio::test]
+async fn a_null_body_is_no_arguments_and_a_field_is_refused() {
+    let api = Api::new(run_in("running"));
+    let uri = format!("/api/workflows/{RUN}/pause");
+    let (status, body) = api.post(&uri, Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = api.post(&uri, json!({"force": true})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error(body).error.message.contains("force"));
+    assert_eq!(api.backend.state().operations.len(), 1);
+}
+
+/// Postgres can store a NUL character in neither text nor JSON: wherever a request carries one,
+/// it is refused, saying where, before the backend sees it.
+#[tokio::test]
+async fn a_nul_character_anywhere_is_refused_and_nothing_is_stored() {
+    let api = Api::new(run_in("running"));
+    for (uri, place) in [
+        ("/api/definitions/build%00", "the path"),
+        ("/api/agents/a%00b/health", "the path"),
+        ("/api/workflows?cursor=%00", "the query string"),
+    ] {
+        let (status, body) = api.get(uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {body}");
+        let message = error(body).error.message;
+        assert!(
+            message.starts_with(&format!("{place} holds a NUL")),
+            "{message}"
+        );
+    }
+    let yaml_nul = "name: \"a\\0b\"\nsteps:\n  - {agent: x, action: y}\n";
+    for (request, place) in [
+        (
+            json!({"yaml": SEED, "params": {"k": "a\u{0}b"}}),
+            "the request body",
+        ),
+        (json!({"yaml": yaml_nul}), "the definition"),
+    ] {
+        let (status, body) = api.post("/api/workflows/execute", request.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{request}: {body}");
+        let message = error(body).error.message;
+        assert!(
+            message.starts_with(&format!("{place} holds a NUL")),
+            "{message}"
+        );
+    }
+    let uri = format!("/api/workflows/{RUN}/steps/deploy/complete");
+    let (status, body) = api.post(&uri, json!({"output": {"k\u{0}": 1}})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let state = api.backend.state();
+    assert!(state.submissions.is_empty() && state.operations.is_empty());
+}
+
+#[test]
+fn only_an_escape_that_makes_a_nul_counts() {
+    use crate::extract::holds_nul;
+    assert!(holds_nul(br#"{"a": "\u0000"}"#));
+    assert!(holds_nul(br#"{"a": "x\\\u0000"}"#));
+    // An escaped backslash followed by the text `u0000`, and other escapes.
+    assert!(!holds_nul(br#"{"a": "\\u0000"}"#));
+    assert!(!holds_nul(
+        br#"{"a": "\u0010", "b": "u0000", "c": "\u0001"}"#
+    ));
+}
+
+#[tokio::test]
 async fn retry_takes_an_optional_step() {
     let api = Api::new(run_in("failure"));
     let uri = format!("/api/workflows/{RUN}/retry");
