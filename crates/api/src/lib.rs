@@ -61,11 +61,13 @@ mod error;
 mod extract;
 pub mod health;
 pub mod openapi;
+mod quota;
 mod routes;
 
-pub use auth::{Access, Guard, secure};
-pub use backend::{Backend, BackendError, NewSchedule, Submission};
+pub use auth::{Access, Guard, Namespaces, secure};
+pub use backend::{Backend, BackendError, NewSchedule, QuotaExceeded, Submission};
 pub use health::Probe;
+pub use quota::RateLimiter;
 pub use routes::{
     DEFAULT_DEAD_LETTER_LIMIT, DEFAULT_RUN_LIMIT, Limits, MAX_DEAD_LETTER_LIMIT, MAX_RUN_LIMIT,
     health_router, router, router_with_health,

@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::auth::AuditTarget;
 use crate::backend::{Backend, NewSchedule, Submission};
 use crate::error::{ApiError, Kind};
-use crate::extract::{Actor, IdempotencyKey, Json, OptionalJson, Path, Query};
+use crate::extract::{Actor, IdempotencyKey, Json, OptionalJson, Path, Query, Tenant};
 use crate::health::{self, Probe};
 
 /// Runs listed per page when the query gives no `limit`.
@@ -212,16 +212,21 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
     tag = "workflows",
     summary = "Start a run of a registered or inline definition",
     request_body = ExecuteRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the run an earlier request with this key started")),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Replays the run an earlier request with this key started"),
+        ("Flotilla-Namespace" = Option<String>, Header, description = "The namespace of the run (or `namespace` in the body)")
+    ),
     responses(
         (status = 202, description = "The run was started", body = ExecuteResponse),
         (status = 200, description = "An earlier request with this `Idempotency-Key` started the run; nothing new was started", body = ExecuteResponse),
-        (status = 404, description = "No registered definition has this name or version", body = ErrorBody)
+        (status = 404, description = "No registered definition has this name or version", body = ErrorBody),
+        (status = 429, description = "The namespace is over a quota (`Retry-After` says when to try again)", body = ErrorBody)
     )
 )]
 async fn execute<B: Backend>(
     State(backend): State<Arc<B>>,
     State(limits): State<Limits>,
+    tenant: Tenant,
     IdempotencyKey(idempotency_key): IdempotencyKey,
     Json(request): Json<ExecuteRequest>,
 ) -> Result<Response, ApiError> {
@@ -233,7 +238,9 @@ async fn execute<B: Backend>(
         params,
         only,
         skip,
+        namespace,
     } = request;
+    let namespace = tenant.one(namespace.as_deref())?;
     if version.is_some() && workflow.is_none() {
         return Err(ApiError::invalid_request(
             "`version` names a version of a registered definition: give its name too",
@@ -260,7 +267,7 @@ async fn execute<B: Backend>(
     let definition = match (source, version) {
         (Source::Registered(name), Some(version)) => {
             let detail = backend
-                .definition_detail(&name, Some(&version))
+                .definition_detail(&namespace, &name, Some(&version))
                 .await?
                 .ok_or_else(|| definition_not_found(&name, Some(&version)))?;
             Definition::from_value(detail.definition).map_err(|e| {
@@ -270,7 +277,7 @@ async fn execute<B: Backend>(
             })?
         }
         (Source::Registered(name), None) => backend
-            .definition(&name)
+            .definition(&namespace, &name)
             .await?
             .ok_or_else(|| definition_not_found(&name, None))?,
         (Source::Inline(inline), _) => inline.parse(limits)?,
@@ -291,6 +298,7 @@ async fn execute<B: Backend>(
             params: effective,
             subset,
             idempotency_key,
+            namespace,
         })
         .await?;
     let body = axum::Json(ExecuteResponse { workflow_id });
@@ -320,10 +328,11 @@ async fn execute<B: Backend>(
 )]
 async fn get_run<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(RunPath { id }): Path<RunPath>,
 ) -> Result<axum::Json<WorkflowResult>, ApiError> {
     let id = run_id(&id)?;
-    match backend.run(id).await? {
+    match backend.run(&tenant.visible(), id).await? {
         Some(result) => Ok(axum::Json(result)),
         None => Err(run_not_found(id)),
     }
@@ -415,11 +424,12 @@ struct NoArguments {}
 )]
 async fn cancel<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(RunPath { id }): Path<RunPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
-    operate(&*backend, &id, Operation::Cancel, actor).await
+    operate(&*backend, &tenant, &id, Operation::Cancel, actor).await
 }
 
 #[utoipa::path(
@@ -433,11 +443,12 @@ async fn cancel<B: Backend>(
 )]
 async fn pause<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(RunPath { id }): Path<RunPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
-    operate(&*backend, &id, Operation::Pause, actor).await
+    operate(&*backend, &tenant, &id, Operation::Pause, actor).await
 }
 
 #[utoipa::path(
@@ -451,11 +462,12 @@ async fn pause<B: Backend>(
 )]
 async fn resume<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(RunPath { id }): Path<RunPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
-    operate(&*backend, &id, Operation::Resume, actor).await
+    operate(&*backend, &tenant, &id, Operation::Resume, actor).await
 }
 
 #[utoipa::path(
@@ -469,11 +481,12 @@ async fn resume<B: Backend>(
 )]
 async fn retry<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(RunPath { id }): Path<RunPath>,
     Actor(actor): Actor,
     OptionalJson(RetryRequest { step }): OptionalJson<RetryRequest>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
-    operate(&*backend, &id, Operation::Retry { step }, actor).await
+    operate(&*backend, &tenant, &id, Operation::Retry { step }, actor).await
 }
 
 #[utoipa::path(
@@ -487,11 +500,12 @@ async fn retry<B: Backend>(
 )]
 async fn skip<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(StepPath { id, step }): Path<StepPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
-    operate(&*backend, &id, Operation::Skip { step }, actor).await
+    operate(&*backend, &tenant, &id, Operation::Skip { step }, actor).await
 }
 
 #[utoipa::path(
@@ -505,15 +519,24 @@ async fn skip<B: Backend>(
 )]
 async fn complete<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(StepPath { id, step }): Path<StepPath>,
     Actor(actor): Actor,
     Json(CompleteRequest { output }): Json<CompleteRequest>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
-    operate(&*backend, &id, Operation::Complete { step, output }, actor).await
+    operate(
+        &*backend,
+        &tenant,
+        &id,
+        Operation::Complete { step, output },
+        actor,
+    )
+    .await
 }
 
 async fn operate<B: Backend>(
     backend: &B,
+    tenant: &Tenant,
     id: &str,
     operation: Operation,
     actor: String,
@@ -521,7 +544,9 @@ async fn operate<B: Backend>(
     let id = run_id(id)?;
     let action = operation.action();
     let step = operation.step().map(str::to_string);
-    let status = backend.operate(id, operation, actor.clone()).await?;
+    let status = backend
+        .operate(&tenant.visible(), id, operation, actor.clone())
+        .await?;
     // The run's history has the action too; the log puts it beside what the engine did after.
     tracing::info!(
         workflow_id = %id,
@@ -551,10 +576,11 @@ async fn operate<B: Backend>(
 )]
 async fn run_report<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(RunPath { id }): Path<RunPath>,
 ) -> Result<axum::Json<RunReport>, ApiError> {
     let id = run_id(&id)?;
-    match backend.report(id).await? {
+    match backend.report(&tenant.visible(), id).await? {
         Some(report) => Ok(axum::Json(report)),
         None => Err(run_not_found(id)),
     }
@@ -573,10 +599,11 @@ async fn run_report<B: Backend>(
 )]
 async fn run_events<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(RunPath { id }): Path<RunPath>,
 ) -> Result<axum::Json<RunEventList>, ApiError> {
     let id = run_id(&id)?;
-    match backend.events(id).await? {
+    match backend.events(&tenant.visible(), id).await? {
         Some(events) => Ok(axum::Json(RunEventList { events })),
         None => Err(run_not_found(id)),
     }
@@ -594,6 +621,7 @@ async fn run_events<B: Backend>(
 )]
 async fn list_runs<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Query(mut query): Query<RunQuery>,
 ) -> Result<axum::Json<RunPage>, ApiError> {
     if let Some(status) = &query.status
@@ -606,7 +634,7 @@ async fn list_runs<B: Backend>(
         )));
     }
     query.limit = Some(page_limit(query.limit, DEFAULT_RUN_LIMIT, MAX_RUN_LIMIT)?);
-    Ok(axum::Json(backend.runs(query).await?))
+    Ok(axum::Json(backend.runs(&tenant.visible(), query).await?))
 }
 
 /// The `limit` of a listing: `default` when unset, else in `1..=max`.
@@ -634,6 +662,7 @@ pub(crate) fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u
 async fn register_definition<B: Backend>(
     State(backend): State<Arc<B>>,
     State(limits): State<Limits>,
+    tenant: Tenant,
     Json(request): Json<RegisterDefinitionRequest>,
 ) -> Result<(StatusCode, axum::Json<DefinitionSummary>), ApiError> {
     let RegisterDefinitionRequest { definition, yaml } = request;
@@ -647,7 +676,9 @@ async fn register_definition<B: Backend>(
     .parse(limits)?;
     // Refuse what could never run, so that a registered name always names a valid workflow.
     Plan::compile(&definition)?;
-    let summary = backend.register_definition(definition).await?;
+    let summary = backend
+        .register_definition(&tenant.one(None)?, definition)
+        .await?;
     Ok((StatusCode::CREATED, axum::Json(summary)))
 }
 
@@ -662,8 +693,9 @@ async fn register_definition<B: Backend>(
 )]
 async fn list_definitions<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
 ) -> Result<axum::Json<DefinitionList>, ApiError> {
-    let definitions = backend.definitions().await?;
+    let definitions = backend.definitions(&tenant.visible()).await?;
     Ok(axum::Json(DefinitionList { definitions }))
 }
 
@@ -680,11 +712,12 @@ async fn list_definitions<B: Backend>(
 )]
 async fn get_definition<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(DefinitionPath { name }): Path<DefinitionPath>,
     Query(DefinitionQuery { version }): Query<DefinitionQuery>,
 ) -> Result<axum::Json<DefinitionDetail>, ApiError> {
     backend
-        .definition_detail(&name, version.as_deref())
+        .definition_detail(&tenant.one(None)?, &name, version.as_deref())
         .await?
         .map(axum::Json)
         .ok_or_else(|| definition_not_found(&name, version.as_deref()))
@@ -703,9 +736,12 @@ async fn get_definition<B: Backend>(
 )]
 async fn definition_versions<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(DefinitionPath { name }): Path<DefinitionPath>,
 ) -> Result<axum::Json<DefinitionVersions>, ApiError> {
-    let versions = backend.definition_versions(&name).await?;
+    let versions = backend
+        .definition_versions(&tenant.one(None)?, &name)
+        .await?;
     if versions.is_empty() {
         return Err(definition_not_found(&name, None));
     }
@@ -1006,6 +1042,7 @@ pub(crate) mod tests;
 )]
 async fn create_schedule<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Json(request): Json<ScheduleRequest>,
 ) -> Result<(StatusCode, axum::Json<ScheduleSummary>), ApiError> {
     let ScheduleRequest {
@@ -1027,6 +1064,7 @@ async fn create_schedule<B: Backend>(
         .map_err(ApiError::invalid_request)?;
     let created = backend
         .put_schedule(NewSchedule {
+            namespace: tenant.one(None)?,
             definition,
             schedule,
             params,
@@ -1061,9 +1099,10 @@ fn policy<T: serde::de::DeserializeOwned + Default>(
 )]
 async fn list_schedules<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
 ) -> Result<axum::Json<ScheduleList>, ApiError> {
     Ok(axum::Json(ScheduleList {
-        schedules: backend.schedules().await?,
+        schedules: backend.schedules(&tenant.visible()).await?,
     }))
 }
 
@@ -1080,10 +1119,11 @@ async fn list_schedules<B: Backend>(
 )]
 async fn get_schedule<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(SchedulePath { id }): Path<SchedulePath>,
 ) -> Result<axum::Json<ScheduleSummary>, ApiError> {
     backend
-        .schedule(&id)
+        .schedule(&tenant.one(None)?, &id)
         .await?
         .map(axum::Json)
         .ok_or_else(|| schedule_not_found(&id))
@@ -1102,9 +1142,10 @@ async fn get_schedule<B: Backend>(
 )]
 async fn delete_schedule<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(SchedulePath { id }): Path<SchedulePath>,
 ) -> Result<StatusCode, ApiError> {
-    if backend.delete_schedule(&id).await? {
+    if backend.delete_schedule(&tenant.one(None)?, &id).await? {
         tracing::info!(schedule = %id, "schedule removed");
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -14,6 +14,7 @@ pub mod idempotency;
 mod migrate;
 pub mod outbox;
 pub mod queries;
+pub mod quotas;
 pub mod registry;
 pub mod schedules;
 

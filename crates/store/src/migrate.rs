@@ -28,6 +28,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (30, include_str!("../migrations/0030_tokens_audit.sql")),
     (40, include_str!("../migrations/0040_hot_updates.sql")),
     (45, include_str!("../migrations/0045_workers.sql")),
+    (55, include_str!("../migrations/0055_namespaces.sql")),
 ];
 
 /// Any fixed number works; it only has to be the same in every coordinator.

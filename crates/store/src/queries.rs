@@ -66,19 +66,20 @@ fn run_record(r: &tokio_postgres::Row) -> RunRecord {
     }
 }
 
-/// A run and its steps in plan order.
+/// A run of `namespaces` (of any when `None`) and its steps in plan order.
 pub async fn run(
     client: &impl GenericClient,
+    namespaces: Option<&[String]>,
     id: Uuid,
 ) -> Result<Option<(RunRecord, Vec<StepRecord>)>, Error> {
     let run_stmt = client
         .prepare_cached(
             "SELECT id, name, status, params, created_at, ended_at, error, subset, parent_run_id,
                     parent_step_id
-             FROM runs WHERE id = $1",
+             FROM runs WHERE id = $1 AND ($2::text[] IS NULL OR namespace = ANY($2))",
         )
         .await?;
-    let Some(run) = client.query_opt(&run_stmt, &[&id]).await? else {
+    let Some(run) = client.query_opt(&run_stmt, &[&id, &namespaces]).await? else {
         return Ok(None);
     };
     let steps_stmt = client
@@ -182,9 +183,11 @@ pub async fn run_attempts(
 /// Where a page of runs starts: after the run with this creation time and id.
 pub type Cursor = (DateTime<Utc>, Uuid);
 
-/// Runs, newest first, optionally of one status, after `cursor`.
+/// Runs of `namespaces` (of all when `None`), newest first, optionally of one status, after
+/// `cursor`.
 pub async fn list_runs(
     client: &impl GenericClient,
+    namespaces: Option<&[String]>,
     status: Option<&str>,
     limit: i64,
     cursor: Option<Cursor>,
@@ -198,11 +201,15 @@ pub async fn list_runs(
             "SELECT id, name, status, params, created_at, ended_at, error, subset FROM runs
              WHERE ($1::text IS NULL OR status = $1)
                AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+               AND ($5::text[] IS NULL OR namespace = ANY($5))
              ORDER BY created_at DESC, id DESC LIMIT $4",
         )
         .await?;
     Ok(client
-        .query(&stmt, &[&status, &after_time, &after_id, &limit])
+        .query(
+            &stmt,
+            &[&status, &after_time, &after_id, &limit, &namespaces],
+        )
         .await?
         .iter()
         .map(run_record)

@@ -81,6 +81,7 @@ pub async fn run(
             breaker,
             max_workflow_depth: config.max_workflow_depth,
             schedule_to_start: config.schedule_to_start(),
+            quotas: config.quotas().map_err(anyhow::Error::msg)?,
             ..EngineConfig::default()
         },
         outbox_tx,
@@ -186,6 +187,8 @@ pub async fn run(
         engine: handle,
         registry,
         probe: probe.clone(),
+        quotas: config.quotas().map_err(anyhow::Error::msg)?,
+        max_instances: config.max_instances,
     });
     let limits = flotilla_api::Limits {
         max_body_bytes: config.max_body_bytes,

@@ -14,7 +14,7 @@ use serde_json::{Map, json};
 use tower::ServiceExt;
 
 use super::*;
-use crate::BackendError;
+use crate::{BackendError, Namespaces};
 
 const SEED: &str = "\
 name: build
@@ -137,12 +137,20 @@ impl Backend for FakeBackend {
         })
     }
 
-    async fn run(&self, id: Uuid) -> Result<Option<WorkflowResult>, BackendError> {
+    async fn run(
+        &self,
+        _namespaces: &Namespaces,
+        id: Uuid,
+    ) -> Result<Option<WorkflowResult>, BackendError> {
         let state = self.check()?;
         Ok(state.runs.iter().find(|r| r.workflow_id == id).cloned())
     }
 
-    async fn runs(&self, query: RunQuery) -> Result<RunPage, BackendError> {
+    async fn runs(
+        &self,
+        _namespaces: &Namespaces,
+        query: RunQuery,
+    ) -> Result<RunPage, BackendError> {
         let mut state = self.check()?;
         state.run_queries.push(query);
         Ok(RunPage {
@@ -153,6 +161,7 @@ impl Backend for FakeBackend {
 
     async fn register_definition(
         &self,
+        _namespace: &str,
         definition: Definition,
     ) -> Result<DefinitionSummary, BackendError> {
         let mut state = self.check()?;
@@ -175,12 +184,19 @@ impl Backend for FakeBackend {
         Ok(summary)
     }
 
-    async fn definitions(&self) -> Result<Vec<DefinitionSummary>, BackendError> {
+    async fn definitions(
+        &self,
+        _namespaces: &Namespaces,
+    ) -> Result<Vec<DefinitionSummary>, BackendError> {
         let state = self.check()?;
         Ok(state.definitions.iter().map(|(_, s)| s.clone()).collect())
     }
 
-    async fn definition(&self, name: &str) -> Result<Option<Definition>, BackendError> {
+    async fn definition(
+        &self,
+        _namespace: &str,
+        name: &str,
+    ) -> Result<Option<Definition>, BackendError> {
         let state = self.check()?;
         Ok(state
             .definitions
@@ -192,6 +208,7 @@ impl Backend for FakeBackend {
 
     async fn definition_versions(
         &self,
+        _namespace: &str,
         name: &str,
     ) -> Result<Vec<DefinitionSummary>, BackendError> {
         let state = self.check()?;
@@ -205,6 +222,7 @@ impl Backend for FakeBackend {
 
     async fn definition_detail(
         &self,
+        _namespace: &str,
         name: &str,
         version: Option<&str>,
     ) -> Result<Option<DefinitionDetail>, BackendError> {
@@ -257,6 +275,7 @@ impl Backend for FakeBackend {
     /// A small model of the scheduler's rules: enough to answer each route's outcomes.
     async fn operate(
         &self,
+        _namespaces: &Namespaces,
         id: Uuid,
         operation: Operation,
         actor: String,
@@ -306,7 +325,11 @@ impl Backend for FakeBackend {
         Ok(status)
     }
 
-    async fn events(&self, id: Uuid) -> Result<Option<Vec<RunEvent>>, BackendError> {
+    async fn events(
+        &self,
+        _namespaces: &Namespaces,
+        id: Uuid,
+    ) -> Result<Option<Vec<RunEvent>>, BackendError> {
         let state = self.check()?;
         if !state.runs.iter().any(|r| r.workflow_id == id) {
             return Ok(None);
@@ -334,7 +357,11 @@ impl Backend for FakeBackend {
     }
 
     /// A report of the run as its steps stand, without attempts.
-    async fn report(&self, id: Uuid) -> Result<Option<RunReport>, BackendError> {
+    async fn report(
+        &self,
+        _namespaces: &Namespaces,
+        id: Uuid,
+    ) -> Result<Option<RunReport>, BackendError> {
         let state = self.check()?;
         Ok(state
             .runs
@@ -389,15 +416,22 @@ impl Backend for FakeBackend {
         Ok(summary)
     }
 
-    async fn schedules(&self) -> Result<Vec<ScheduleSummary>, BackendError> {
+    async fn schedules(
+        &self,
+        _namespaces: &Namespaces,
+    ) -> Result<Vec<ScheduleSummary>, BackendError> {
         Ok(self.check()?.schedules.clone())
     }
 
-    async fn schedule(&self, id: &str) -> Result<Option<ScheduleSummary>, BackendError> {
+    async fn schedule(
+        &self,
+        _namespace: &str,
+        id: &str,
+    ) -> Result<Option<ScheduleSummary>, BackendError> {
         Ok(self.check()?.schedules.iter().find(|s| s.id == id).cloned())
     }
 
-    async fn delete_schedule(&self, id: &str) -> Result<bool, BackendError> {
+    async fn delete_schedule(&self, _namespace: &str, id: &str) -> Result<bool, BackendError> {
         let mut state = self.check()?;
         let before = state.schedules.len();
         state.schedules.retain(|s| s.id != id);
