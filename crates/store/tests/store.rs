@@ -307,6 +307,62 @@ async fn registering_a_name_again_adds_a_revision() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn namespaces_keep_names_and_runs_apart() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let mut client = t.store.client().await?;
+    let pair = Definition::from_yaml(TWO_STEPS)?;
+    let a = definitions::register(&mut client, "team-a", &pair).await?;
+    let b = definitions::register(&mut client, "team-b", &pair).await?;
+    assert_eq!(
+        (a.revision, b.revision),
+        (1, 1),
+        "one name, a revision 1 in each"
+    );
+    let only_b = ["team-b".to_string()];
+    assert_eq!(definitions::list(&client, Some(&only_b)).await?, [b]);
+    assert!(
+        definitions::latest(&client, "team-c", "pair")
+            .await?
+            .is_none()
+    );
+
+    // Runs in flight: a running run of team-a counts, an ended one does not.
+    let (mut batch, state, _) = new_run_batch();
+    batch.new_runs[0].namespace = "team-a".into();
+    let tx = client.transaction().await?;
+    db::write(&tx, &batch).await?;
+    tx.commit().await?;
+    let (mut ended, _, _) = new_run_batch();
+    ended.new_runs[0].namespace = "team-a".into();
+    ended.new_runs[0].ended_at = Some(at(1));
+    let tx = client.transaction().await?;
+    db::write(&tx, &ended).await?;
+    tx.commit().await?;
+    let tx = client.transaction().await?;
+    let counts = flotilla_store::quotas::lock_runs_in_flight(
+        &tx,
+        &["team-b".into(), "team-a".into(), "team-a".into()],
+    )
+    .await?;
+    tx.commit().await?;
+    assert_eq!(counts.get("team-a"), Some(&1));
+    assert_eq!(counts.get("team-b"), Some(&0));
+    let only_a = ["team-a".to_string()];
+    assert!(
+        queries::run(&client, Some(&only_b), state.id)
+            .await?
+            .is_none()
+    );
+    assert!(
+        queries::run(&client, Some(&only_a), state.id)
+            .await?
+            .is_some()
+    );
+    drop(client);
+    t.drop_db().await
+}
+
+#[tokio::test]
 async fn opening_twice_runs_each_migration_once() -> anyhow::Result<()> {
     let t = TestDb::new().await?;
     let again = Store::open(&config(&t.name)).await?;
