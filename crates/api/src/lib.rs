@@ -30,6 +30,10 @@
 //! [`into_make_service_with_connect_info`](axum::Router::into_make_service_with_connect_info)
 //! (`anonymous` otherwise).
 //!
+//! Runs, registered definitions and schedules belong to a namespace: a request sees those of
+//! its credential's namespaces and acts in the one its `Flotilla-Namespace` header names (see
+//! [`auth`] and [`Backend`]); another namespace's answer 404.
+//!
 //! [`secure`] puts every route but `/health*`, `/api/openapi.json` and `/metrics` behind credentials and scopes, audits
 //! every state-changing request, and adds the token and audit routes (see [`auth`]).
 //!
