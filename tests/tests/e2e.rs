@@ -702,7 +702,7 @@ async fn a_schedule_starts_one_run_per_tick_with_two_coordinators() -> anyhow::R
     // Each tick started exactly one run, whichever coordinator fired it.
     let (runs, ticks): (i64, i64) = {
         let r = db
-            .query_one("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM idempotency_keys WHERE key LIKE 'schedule:ticker:%')", &[])
+            .query_one("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM idempotency_keys WHERE key LIKE 'schedule:default/ticker:%')", &[])
             .await?;
         (r.get(0), r.get(1))
     };

@@ -25,6 +25,11 @@ pub struct NewTokenRequest {
     /// Among [`SCOPES`]; at least one.
     #[cfg_attr(feature = "openapi", schema(schema_with = crate::schemas::scopes))]
     pub scopes: Vec<String>,
+    /// The namespaces the token may see (see [`crate::check_namespace`]), or `["*"]` for all of
+    /// them. Left out: the creating credential's namespace, when it has exactly one, or
+    /// `default` for a credential of all namespaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
 }
 
 /// An API token as listed: never its value, which is shown once, at creation.
@@ -35,6 +40,9 @@ pub struct TokenSummary {
     pub id: Uuid,
     pub name: String,
     pub scopes: Vec<String>,
+    /// The namespaces it may see; `*` stands for all of them.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
     pub created_at: DateTime<Utc>,
     /// When it was last used, to the minute or so (not written on every request).
     #[serde(default, skip_serializing_if = "Option::is_none")]

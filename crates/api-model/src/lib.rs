@@ -88,6 +88,45 @@ pub struct ExecuteRequest {
     /// their dependents run. With `only`, leaves steps out of those selected.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skip: Vec<String>,
+    /// The namespace the run belongs to (also given by the [`NAMESPACE_HEADER`]); left out, the
+    /// credential's namespace when it has exactly one, or `default` for a credential of all
+    /// namespaces. A registered `workflow` is looked up there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// The request header that names the namespace a request acts in: where a submission's run,
+/// a definition or a schedule belongs, and the one namespace lists are narrowed to.
+pub const NAMESPACE_HEADER: &str = "Flotilla-Namespace";
+
+/// The environment variable the CLI reads the namespace it acts in from.
+pub const NAMESPACE_ENV: &str = "FLOTILLA_NAMESPACE";
+
+/// The namespace of everything stored before namespaces existed, and of submissions by a
+/// credential of all namespaces that name none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The longest namespace name, in characters.
+pub const MAX_NAMESPACE_CHARS: usize = 63;
+
+/// Checks that `name` can name a namespace: 1 to [`MAX_NAMESPACE_CHARS`] lowercase ASCII
+/// letters, digits and `-`, starting with a letter or digit (a DNS label, so that a namespace
+/// can be a Kubernetes namespace's name too). `*` is not a namespace: it stands for all of them.
+pub fn check_namespace(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_NAMESPACE_CHARS
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a namespace: 1 to {MAX_NAMESPACE_CHARS} lowercase letters, digits \
+             and `-`, not starting with `-`"
+        ))
+    }
 }
 
 /// The answer to [`ExecuteRequest`]: the run was accepted and will proceed in the background.
@@ -1585,6 +1624,25 @@ mod tests {
                 details: Some(json!({"line": 3, "column": 5})),
             },
         });
+    }
+
+    #[test]
+    fn namespaces_are_dns_labels() {
+        for good in ["default", "team-a", "a1", &"x".repeat(MAX_NAMESPACE_CHARS)] {
+            assert_eq!(check_namespace(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "Team",
+            "a_b",
+            "*",
+            "a b",
+            &"x".repeat(MAX_NAMESPACE_CHARS + 1),
+        ] {
+            let err = check_namespace(bad).unwrap_err();
+            assert!(err.contains("is not a namespace"), "{bad}: {err}");
+        }
     }
 
     #[test]

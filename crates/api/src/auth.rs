@@ -25,6 +25,14 @@
 //! space-separated `scope` claim. The key is chosen by the token's `alg` among the keys of that
 //! algorithm only: `alg: none` is not an algorithm here, and an HS256 token cannot be checked
 //! against an RSA or EC key (no algorithm confusion).
+//!
+//! A credential sees the namespaces it names (see [`Namespaces`]): an API token those it was
+//! created with, a JWT those of its `namespaces` claim, an array of namespace names or `"*"`
+//! for all of them (`["default"]` when the claim is absent). Runs, definitions and schedules
+//! of other namespaces do not exist for it (404); the fleet-wide routes ([`fleet_wide`]: the
+//! audit log, dead letters and breaker resets) need a credential of all namespaces (403
+//! otherwise). A credential of some namespaces is held to their requests-per-second quotas
+//! ([`RateLimiter`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -48,7 +56,8 @@ use uuid::Uuid;
 
 use crate::backend::BackendError;
 use crate::error::{ApiError, Kind};
-use crate::extract::{Json, Path, Query};
+use crate::extract::{Json, Path, Query, Tenant};
+use crate::quota::RateLimiter;
 use crate::routes::Limits;
 
 /// How every API token starts, so that a token is told from a JWT (and found by secret
@@ -65,6 +74,61 @@ const MAX_TOKEN_NAME_CHARS: usize = 100;
 
 /// Seconds a JWT's `exp` and `nbf` may be off, for clocks that differ a little.
 const JWT_LEEWAY_SECS: u64 = 30;
+
+/// What a credential names for all namespaces.
+pub const ALL_NAMESPACES: &str = "*";
+
+/// The namespaces a credential may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Namespaces {
+    /// Every namespace: `*`.
+    All,
+    /// These, at least one.
+    Only(Vec<String>),
+}
+
+impl Namespaces {
+    /// From names as stored or claimed: `*` among them stands for all.
+    pub fn from_names(names: Vec<String>) -> Self {
+        if names.iter().any(|n| n == ALL_NAMESPACES) {
+            Self::All
+        } else {
+            Self::Only(names)
+        }
+    }
+
+    /// The names as stored: `["*"]` for all.
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            Self::All => vec![ALL_NAMESPACES.to_string()],
+            Self::Only(names) => names.clone(),
+        }
+    }
+
+    pub fn contains(&self, namespace: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(names) => names.iter().any(|n| n == namespace),
+        }
+    }
+
+    /// Whether every namespace of `other` is one of these.
+    pub fn covers(&self, other: &Namespaces) -> bool {
+        match (self, other) {
+            (Self::All, _) => true,
+            (Self::Only(_), Self::All) => false,
+            (Self::Only(_), Self::Only(names)) => names.iter().all(|n| self.contains(n)),
+        }
+    }
+
+    /// The namespaces a query is narrowed to: `None` for all of them.
+    pub fn filter(&self) -> Option<&[String]> {
+        match self {
+            Self::All => None,
+            Self::Only(names) => Some(names),
+        }
+    }
+}
 
 /// What a credential may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -121,6 +185,16 @@ pub fn required_scope(method: &Method, route: &str) -> Scope {
     Scope::Admin
 }
 
+/// Whether a route acts on the whole fleet rather than on namespaces (the audit log, dead
+/// letters, an agent's breaker, the fleet's health audit), so that only a credential of all
+/// namespaces may call it.
+pub fn fleet_wide(route: &str) -> bool {
+    route.starts_with("/api/audit")
+        || route == "/api/health/audit"
+        || route.starts_with("/api/dlq")
+        || route == "/api/agents/{name}/breaker/reset"
+}
+
 /// What kind of credential made a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Credential {
@@ -147,6 +221,7 @@ pub struct Principal {
     pub name: String,
     pub credential: Credential,
     scopes: Vec<Scope>,
+    pub namespaces: Namespaces,
 }
 
 impl Principal {
@@ -161,6 +236,7 @@ impl Principal {
             name: "anonymous".into(),
             credential: Credential::None,
             scopes: vec![Scope::Admin],
+            namespaces: Namespaces::All,
         }
     }
 }
@@ -199,20 +275,26 @@ pub trait Access: Send + Sync + 'static {
         hash: [u8; 32],
     ) -> impl Future<Output = Result<Option<TokenSummary>, BackendError>> + Send;
 
-    /// Stores a new token (`scopes` are known scope names).
+    /// Stores a new token (`scopes` are known scope names, `namespaces` checked names or `*`).
     fn create_token(
         &self,
         name: String,
         scopes: Vec<String>,
+        namespaces: Vec<String>,
         hash: [u8; 32],
     ) -> impl Future<Output = Result<TokenSummary, BackendError>> + Send;
 
-    /// Every token, revoked ones too.
-    fn tokens(&self) -> impl Future<Output = Result<Vec<TokenSummary>, BackendError>> + Send;
+    /// Every token, revoked ones too, whose namespaces are all among `namespaces`.
+    fn tokens(
+        &self,
+        namespaces: &Namespaces,
+    ) -> impl Future<Output = Result<Vec<TokenSummary>, BackendError>> + Send;
 
-    /// Revokes token `id`; `None` when there is no such token.
+    /// Revokes token `id` if its namespaces are all among `namespaces`; `None` when there is
+    /// no such token.
     fn revoke_token(
         &self,
+        namespaces: &Namespaces,
         id: Uuid,
     ) -> impl Future<Output = Result<Option<TokenSummary>, BackendError>> + Send;
 
@@ -325,7 +407,31 @@ impl JwtKeys {
         for key in keys {
             match jsonwebtoken::decode::<Claims>(token, key, &validation) {
                 Ok(data) => {
-                    let Claims { sub, scope } = data.claims;
+                    let Claims {
+                        sub,
+                        scope,
+                        namespaces,
+                    } = data.claims;
+                    let namespaces = match namespaces {
+                        None => vec![flotilla_api_model::DEFAULT_NAMESPACE.to_string()],
+                        Some(NamespacesClaim::All(all)) if all == ALL_NAMESPACES => {
+                            vec![all]
+                        }
+                        Some(NamespacesClaim::All(other)) => {
+                            return Err(format!(
+                                "`namespaces` is `{other}`, neither a list nor `*`"
+                            ));
+                        }
+                        Some(NamespacesClaim::Names(names)) => {
+                            if names.is_empty() {
+                                return Err("`namespaces` names none".into());
+                            }
+                            for name in &names {
+                                flotilla_api_model::check_namespace(name)?;
+                            }
+                            names
+                        }
+                    };
                     // Scopes of other services may share the claim; only ours count.
                     let scopes = scope
                         .as_deref()
@@ -337,6 +443,7 @@ impl JwtKeys {
                         name: sub,
                         credential: Credential::Jwt,
                         scopes,
+                        namespaces: Namespaces::from_names(namespaces),
                     });
                 }
                 Err(e) => last = e.to_string(),
@@ -351,6 +458,16 @@ struct Claims {
     sub: String,
     #[serde(default)]
     scope: Option<String>,
+    #[serde(default)]
+    namespaces: Option<NamespacesClaim>,
+}
+
+/// A JWT's `namespaces`: a list of names, or `"*"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NamespacesClaim {
+    Names(Vec<String>),
+    All(String),
 }
 
 /// How requests are authenticated.
@@ -365,6 +482,8 @@ pub struct Guard<A> {
     /// Whether the client's address is the last one of `X-Forwarded-For` (set by a proxy in
     /// front of the coordinator) rather than the peer's.
     pub trust_forwarded_for: bool,
+    /// The requests-per-second quotas of namespaces.
+    pub rate: RateLimiter,
 }
 
 /// `app` with every route but the open ones behind the guard, every state-changing request
@@ -431,10 +550,7 @@ async fn authorize<A: Access>(
         }
     }
     let peer = peer(&parts, guard.trust_forwarded_for);
-    let response = if principal.allows(needed) {
-        parts.extensions.insert(principal.clone());
-        next.run(Request::from_parts(parts, body)).await
-    } else {
+    let response = if !principal.allows(needed) {
         ApiError::new(
             Kind::Forbidden,
             format!(
@@ -444,6 +560,21 @@ async fn authorize<A: Access>(
             ),
         )
         .into_response()
+    } else if fleet_wide(&route) && principal.namespaces != Namespaces::All {
+        ApiError::forbidden(format!(
+            "`{}` may not {method} {route}: it concerns every namespace, and needs a credential \
+             of all namespaces (`*`)",
+            principal.name
+        ))
+        .into_response()
+    } else if let Err(refusal) = guard
+        .rate
+        .admit(&principal.namespaces, std::time::Instant::now())
+    {
+        refusal.into_response()
+    } else {
+        parts.extensions.insert(principal.clone());
+        next.run(Request::from_parts(parts, body)).await
     };
     if audited {
         if let Some(AuditTarget(created)) = response.extensions().get::<AuditTarget>() {
@@ -504,6 +635,7 @@ async fn authenticate<A: Access>(
                 .iter()
                 .filter_map(|s| Scope::parse(s))
                 .collect(),
+            namespaces: Namespaces::from_names(token.namespaces),
         });
     }
     let Some(keys) = &guard.jwt else {
@@ -569,7 +701,12 @@ impl<A> axum::extract::FromRef<AccessState<A>> for Limits {
 )]
 async fn create_token<A: Access>(
     State(state): State<AccessState<A>>,
-    Json(NewTokenRequest { name, scopes }): Json<NewTokenRequest>,
+    tenant: Tenant,
+    Json(NewTokenRequest {
+        name,
+        scopes,
+        namespaces,
+    }): Json<NewTokenRequest>,
 ) -> Result<Response, ApiError> {
     // The name becomes the actor of runs' histories and of the audit log.
     if name.is_empty()
@@ -595,9 +732,13 @@ async fn create_token<A: Access>(
     let mut scopes = scopes;
     scopes.sort_by_key(|s| Scope::parse(s));
     scopes.dedup();
+    let namespaces = token_namespaces(&tenant, namespaces)?;
     let token = NewToken::generate();
-    let summary = state.access.create_token(name, scopes, token.hash).await?;
-    tracing::info!(token_id = %summary.id, name = %summary.name, scopes = ?summary.scopes, "api token created");
+    let summary = state
+        .access
+        .create_token(name, scopes, namespaces.names(), token.hash)
+        .await?;
+    tracing::info!(token_id = %summary.id, name = %summary.name, scopes = ?summary.scopes, namespaces = ?summary.namespaces, "api token created");
     let target = AuditTarget::one("tokenId", summary.id);
     let mut response = (
         StatusCode::CREATED,
@@ -611,20 +752,43 @@ async fn create_token<A: Access>(
     Ok(response)
 }
 
+/// The namespaces of a new token: those asked for (checked, and all among the creator's, since a
+/// credential cannot hand out what it does not hold), or the one the creator acts in.
+fn token_namespaces(tenant: &Tenant, asked: Vec<String>) -> Result<Namespaces, ApiError> {
+    if asked.is_empty() {
+        return Ok(Namespaces::Only(vec![tenant.one(None)?]));
+    }
+    for name in asked.iter().filter(|n| *n != ALL_NAMESPACES) {
+        flotilla_api_model::check_namespace(name).map_err(ApiError::invalid_request)?;
+    }
+    let mut asked = asked;
+    asked.sort();
+    asked.dedup();
+    let namespaces = Namespaces::from_names(asked);
+    if !tenant.namespaces.covers(&namespaces) {
+        return Err(ApiError::forbidden(format!(
+            "a token may see only namespaces its creator sees; this credential sees {}",
+            tenant.namespaces.names().join(", ")
+        )));
+    }
+    Ok(namespaces)
+}
+
 #[utoipa::path(
     get,
     path = "/api/tokens",
     tag = "access",
-    summary = "Every API token, revoked ones too (never their values)",
+    summary = "Every API token of the caller's namespaces, revoked ones too (never their values)",
     responses(
         (status = 200, description = "The tokens", body = TokenList)
     )
 )]
 async fn list_tokens<A: Access>(
     State(state): State<AccessState<A>>,
+    tenant: Tenant,
 ) -> Result<axum::Json<TokenList>, ApiError> {
     Ok(axum::Json(TokenList {
-        tokens: state.access.tokens().await?,
+        tokens: state.access.tokens(&tenant.visible()).await?,
     }))
 }
 
@@ -641,6 +805,7 @@ async fn list_tokens<A: Access>(
 )]
 async fn revoke_token<A: Access>(
     State(state): State<AccessState<A>>,
+    tenant: Tenant,
     Path(id): Path<String>,
 ) -> Result<axum::Json<TokenSummary>, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|e| {
@@ -648,7 +813,7 @@ async fn revoke_token<A: Access>(
     })?;
     let revoked = state
         .access
-        .revoke_token(id)
+        .revoke_token(&tenant.visible(), id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no token {id}")))?;
     tracing::info!(token_id = %id, name = %revoked.name, "api token revoked");

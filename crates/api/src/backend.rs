@@ -16,6 +16,8 @@ use futures_util::Stream;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::auth::Namespaces;
+
 /// A validated run request.
 #[derive(Debug, Clone)]
 pub struct Submission {
@@ -30,11 +32,15 @@ pub struct Submission {
     /// The request's `Idempotency-Key`, checked with
     /// [`check_idempotency_key`](flotilla_api_model::check_idempotency_key).
     pub idempotency_key: Option<String>,
+    /// The namespace the run belongs to, one the credential may act in.
+    pub namespace: String,
 }
 
 /// A validated schedule request.
 #[derive(Debug, Clone)]
 pub struct NewSchedule {
+    /// The namespace of the schedule and of its definition.
+    pub namespace: String,
     /// The definition it runs; not checked to be registered.
     pub definition: String,
     pub schedule: Schedule,
@@ -42,6 +48,11 @@ pub struct NewSchedule {
 }
 
 /// What the coordinator provides to the API.
+///
+/// Runs, named definitions and schedules belong to a namespace. A `namespaces` argument is what
+/// the caller may see: a run, definition or schedule of another namespace is answered as if it
+/// did not exist, and lists hold only those it may see. A `namespace` argument is the one the
+/// caller acts in, already checked to be one it may.
 ///
 /// Inputs arrive validated: definitions compile, a [`RunQuery`] has a known `status` (if any)
 /// and a `limit` in `1..=`[`MAX_RUN_LIMIT`](crate::MAX_RUN_LIMIT), always set, and a
@@ -62,12 +73,14 @@ pub trait Backend: Send + Sync + 'static {
     /// A run and its steps, or `None` if there is no run with that id.
     fn run(
         &self,
+        namespaces: &Namespaces,
         id: Uuid,
     ) -> impl Future<Output = Result<Option<WorkflowResult>, BackendError>> + Send;
 
     /// What run `id` did, step by step, or `None` if there is no run with that id.
     fn report(
         &self,
+        namespaces: &Namespaces,
         id: Uuid,
     ) -> impl Future<Output = Result<Option<RunReport>, BackendError>> + Send;
 
@@ -77,34 +90,43 @@ pub trait Backend: Send + Sync + 'static {
     /// `query.step`.
     fn logs(
         &self,
+        namespaces: &Namespaces,
         id: Uuid,
         query: LogQuery,
     ) -> impl Future<Output = Result<Option<StepLogs>, BackendError>> + Send;
 
     /// One page of runs, newest first. `query.cursor` is the opaque `next_cursor` of an earlier
     /// page, passed through unchecked: answer [`BackendError::Invalid`] if it cannot be read.
-    fn runs(&self, query: RunQuery) -> impl Future<Output = Result<RunPage, BackendError>> + Send;
+    fn runs(
+        &self,
+        namespaces: &Namespaces,
+        query: RunQuery,
+    ) -> impl Future<Output = Result<RunPage, BackendError>> + Send;
 
-    /// Stores a new revision of a definition under its name.
+    /// Stores a new revision of a definition under its name in `namespace`.
     fn register_definition(
         &self,
+        namespace: &str,
         definition: Definition,
     ) -> impl Future<Output = Result<DefinitionSummary, BackendError>> + Send;
 
     /// The latest revision of every registered definition.
     fn definitions(
         &self,
+        namespaces: &Namespaces,
     ) -> impl Future<Output = Result<Vec<DefinitionSummary>, BackendError>> + Send;
 
     /// The latest registered definition of that name.
     fn definition(
         &self,
+        namespace: &str,
         name: &str,
     ) -> impl Future<Output = Result<Option<Definition>, BackendError>> + Send;
 
     /// Every revision of definition `name`, oldest first; empty when the name is not registered.
     fn definition_versions(
         &self,
+        namespace: &str,
         name: &str,
     ) -> impl Future<Output = Result<Vec<DefinitionSummary>, BackendError>> + Send;
 
@@ -112,6 +134,7 @@ pub trait Backend: Send + Sync + 'static {
     /// latest whose `version:` it is, or else the revision it numbers. `None` when there is none.
     fn definition_detail(
         &self,
+        namespace: &str,
         name: &str,
         version: Option<&str>,
     ) -> impl Future<Output = Result<Option<DefinitionDetail>, BackendError>> + Send;
@@ -148,6 +171,7 @@ pub trait Backend: Send + Sync + 'static {
     /// not allow the action (e.g. retrying a run that has not failed).
     fn operate(
         &self,
+        namespaces: &Namespaces,
         id: Uuid,
         operation: Operation,
         actor: String,
@@ -156,6 +180,7 @@ pub trait Backend: Send + Sync + 'static {
     /// The history of run `id`, oldest first, or `None` if there is no run with that id.
     fn events(
         &self,
+        namespaces: &Namespaces,
         id: Uuid,
     ) -> impl Future<Output = Result<Option<Vec<RunEvent>>, BackendError>> + Send;
 
@@ -206,16 +231,24 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<ScheduleSummary, BackendError>> + Send;
 
     /// Every schedule, by definition name.
-    fn schedules(&self) -> impl Future<Output = Result<Vec<ScheduleSummary>, BackendError>> + Send;
+    fn schedules(
+        &self,
+        namespaces: &Namespaces,
+    ) -> impl Future<Output = Result<Vec<ScheduleSummary>, BackendError>> + Send;
 
     /// The schedule with id `id` (the name of its definition), if there is one.
     fn schedule(
         &self,
+        namespace: &str,
         id: &str,
     ) -> impl Future<Output = Result<Option<ScheduleSummary>, BackendError>> + Send;
 
     /// Removes the schedule `id`; answers whether there was one.
-    fn delete_schedule(&self, id: &str) -> impl Future<Output = Result<bool, BackendError>> + Send;
+    fn delete_schedule(
+        &self,
+        namespace: &str,
+        id: &str,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
 
     /// Every agent's circuit breaker, by agent name (agents never called have none).
     fn breakers(&self) -> impl Future<Output = Result<Vec<BreakerSummary>, BackendError>> + Send;
@@ -262,6 +295,9 @@ pub enum BackendError {
     /// the run's state refuses); the message is the reason: 409.
     #[error("{0}")]
     Conflict(String),
+    /// The request would take a namespace past one of its quotas: 429 with `Retry-After`.
+    #[error("{}", .0.message)]
+    QuotaExceeded(QuotaExceeded),
     /// A service the backend depends on (Postgres, RabbitMQ) cannot be reached; retrying later
     /// may succeed: 503.
     #[error("{0}")]
@@ -269,4 +305,17 @@ pub enum BackendError {
     /// A fault in the coordinator itself: 500.
     #[error("{0}")]
     Internal(String),
+}
+
+/// A namespace's quota that a request would go past.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuotaExceeded {
+    pub namespace: String,
+    /// The quota's name: `runsInFlight`, `stepsPerRun` or `requestsPerSecond`.
+    pub quota: &'static str,
+    pub limit: Value,
+    /// Says what is over the quota.
+    pub message: String,
+    /// When trying again may succeed.
+    pub retry_after: std::time::Duration,
 }

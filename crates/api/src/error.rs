@@ -26,6 +26,8 @@ pub(crate) enum Kind {
     MethodNotAllowed,
     Conflict,
     PayloadTooLarge,
+    /// Over a namespace's quota: 429 with `Retry-After`.
+    QuotaExceeded,
     Unavailable,
     /// A readiness check failed: an expected answer while a dependency is away, so it is not
     /// logged as an error on every probe.
@@ -45,6 +47,7 @@ impl Kind {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable | Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -62,6 +65,7 @@ impl Kind {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Conflict => "conflict",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::QuotaExceeded => "quota_exceeded",
             Self::Unavailable | Self::NotReady => "unavailable",
             Self::Internal => "internal",
         }
@@ -74,6 +78,8 @@ pub(crate) struct ApiError {
     kind: Kind,
     message: String,
     details: Option<Value>,
+    /// Whole seconds, answered as `Retry-After`.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -82,6 +88,7 @@ impl ApiError {
             kind,
             message: message.into(),
             details: None,
+            retry_after: None,
         }
     }
 
@@ -106,6 +113,22 @@ impl ApiError {
         Self::invalid_request(format!(
             "{what} a NUL character (`{written}`), which no name, id, param or output may contain"
         ))
+    }
+
+    /// A request over a namespace's quota (`details` names it), to be tried again after
+    /// `retry_after` (rounded up to whole seconds, at least one).
+    pub(crate) fn quota_exceeded(
+        message: impl Into<String>,
+        details: Value,
+        retry_after: std::time::Duration,
+    ) -> Self {
+        let mut error = Self::new(Kind::QuotaExceeded, message).with_details(details);
+        error.retry_after = Some(retry_after.as_secs_f64().ceil().max(1.0) as u64);
+        error
+    }
+
+    pub(crate) fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(Kind::Forbidden, message)
     }
 
     pub(crate) fn not_found(message: impl Into<String>) -> Self {
@@ -154,6 +177,12 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+        }
         if self.kind == Kind::Unauthorized {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
@@ -171,6 +200,11 @@ impl From<BackendError> for ApiError {
             BackendError::Definition(e) => e.into(),
             BackendError::NotFound(m) => Self::new(Kind::NotFound, m),
             BackendError::Conflict(m) => Self::new(Kind::Conflict, m),
+            BackendError::QuotaExceeded(q) => Self::quota_exceeded(
+                q.message,
+                json!({ "quota": q.quota, "namespace": q.namespace, "limit": q.limit }),
+                q.retry_after,
+            ),
             BackendError::Unavailable(m) => Self::new(Kind::Unavailable, m),
             BackendError::Internal(m) => Self::new(Kind::Internal, m),
         }

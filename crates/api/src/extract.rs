@@ -7,12 +7,13 @@ use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, FromRef, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use flotilla_api_model::{
-    ACTOR_HEADER, IDEMPOTENCY_KEY_HEADER, MAX_ACTOR_CHARS, MAX_IDEMPOTENCY_KEY_CHARS, TokenError,
-    check_actor, check_idempotency_key,
+    ACTOR_HEADER, DEFAULT_NAMESPACE, IDEMPOTENCY_KEY_HEADER, MAX_ACTOR_CHARS,
+    MAX_IDEMPOTENCY_KEY_CHARS, NAMESPACE_HEADER, TokenError, check_actor, check_idempotency_key,
+    check_namespace,
 };
 use serde::de::DeserializeOwned;
 
-use crate::auth::{Credential, Principal};
+use crate::auth::{Credential, Namespaces, Principal};
 use crate::error::ApiError;
 use crate::routes::Limits;
 
@@ -231,4 +232,105 @@ fn token_header(
     let text = String::from_utf8_lossy(value.as_bytes());
     check(&text).map_err(|e| invalid(e.to_string()))?;
     Ok(Some(text.into_owned()))
+}
+
+/// The namespaces of a request: those its credential may see (all of them without a
+/// credential, when the router is served without [`secure`](crate::secure)), and the one its
+/// [`NAMESPACE_HEADER`] names, which must be among them (403 otherwise).
+pub(crate) struct Tenant {
+    pub(crate) namespaces: Namespaces,
+    chosen: Option<String>,
+    /// Who the credential is, for messages.
+    who: String,
+}
+
+impl Tenant {
+    /// What a read sees: the namespace the header names, or every one the credential may see.
+    pub(crate) fn visible(&self) -> Namespaces {
+        match &self.chosen {
+            Some(namespace) => Namespaces::Only(vec![namespace.clone()]),
+            None => self.namespaces.clone(),
+        }
+    }
+
+    /// The one namespace a request acts in: the one the body names (`body`) or the header
+    /// names (both, if given, alike); else the credential's, when it has exactly one, or
+    /// `default` for a credential of all namespaces. Several to choose from is a 400.
+    pub(crate) fn one(&self, body: Option<&str>) -> Result<String, ApiError> {
+        if let Some(named) = body {
+            check_namespace(named)
+                .map_err(|e| ApiError::invalid_request(format!("`namespace`: {e}")))?;
+            if let Some(header) = self.chosen.as_deref().filter(|h| *h != named) {
+                return Err(ApiError::invalid_request(format!(
+                    "the `{NAMESPACE_HEADER}` header names namespace `{header}` and `namespace` \
+                     names `{named}`: name one"
+                )));
+            }
+            self.check(named)?;
+            return Ok(named.to_string());
+        }
+        if let Some(header) = &self.chosen {
+            return Ok(header.clone());
+        }
+        match &self.namespaces {
+            Namespaces::All => Ok(DEFAULT_NAMESPACE.to_string()),
+            Namespaces::Only(names) if names.len() == 1 => Ok(names[0].clone()),
+            Namespaces::Only(names) => Err(ApiError::invalid_request(format!(
+                "`{}` may act in namespaces {}: name the one this request is for with the \
+                 `{NAMESPACE_HEADER}` header (the CLI's --namespace)",
+                self.who,
+                names.join(", ")
+            ))),
+        }
+    }
+
+    fn check(&self, namespace: &str) -> Result<(), ApiError> {
+        if self.namespaces.contains(namespace) {
+            return Ok(());
+        }
+        Err(ApiError::forbidden(format!(
+            "`{}` may not act in namespace `{namespace}`",
+            self.who
+        )))
+    }
+}
+
+impl<S> FromRequestParts<S> for Tenant
+where
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let (namespaces, who) = match parts.extensions.get::<Principal>() {
+            Some(principal) => (principal.namespaces.clone(), principal.name.clone()),
+            None => (Namespaces::All, "anonymous".to_string()),
+        };
+        let values: Vec<_> = parts.headers.get_all(NAMESPACE_HEADER).iter().collect();
+        let chosen = match values[..] {
+            [] => None,
+            [value] => {
+                let text = String::from_utf8_lossy(value.as_bytes());
+                check_namespace(&text).map_err(|e| {
+                    ApiError::invalid_request(format!("invalid `{NAMESPACE_HEADER}` header: {e}"))
+                })?;
+                Some(text.into_owned())
+            }
+            _ => {
+                return Err(ApiError::invalid_request(format!(
+                    "the `{NAMESPACE_HEADER}` header is given {} times: give it once",
+                    values.len()
+                )));
+            }
+        };
+        let tenant = Self {
+            namespaces,
+            chosen,
+            who,
+        };
+        if let Some(chosen) = &tenant.chosen {
+            tenant.check(chosen)?;
+        }
+        Ok(tenant)
+    }
 }

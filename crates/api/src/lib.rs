@@ -33,6 +33,10 @@
 //! [`into_make_service_with_connect_info`](axum::Router::into_make_service_with_connect_info)
 //! (`anonymous` otherwise).
 //!
+//! Runs, registered definitions and schedules belong to a namespace: a request sees those of
+//! its credential's namespaces and acts in the one its `Flotilla-Namespace` header names (see
+//! [`auth`] and [`Backend`]); another namespace's answer 404.
+//!
 //! [`secure`] puts every route but `/health*`, `/api/openapi.json`, `/dashboard*` and `/metrics` behind credentials and scopes, audits
 //! every state-changing request, and adds the token and audit routes (see [`auth`]).
 //!
@@ -67,11 +71,13 @@ mod error;
 mod extract;
 pub mod health;
 pub mod openapi;
+mod quota;
 mod routes;
 
-pub use auth::{Access, Guard, secure};
-pub use backend::{AttemptFigures, Backend, BackendError, NewSchedule, Submission};
+pub use auth::{Access, Guard, Namespaces, secure};
+pub use backend::{AttemptFigures, Backend, BackendError, NewSchedule, QuotaExceeded, Submission};
 pub use health::Probe;
+pub use quota::RateLimiter;
 pub use routes::{
     DEFAULT_DEAD_LETTER_LIMIT, DEFAULT_RUN_LIMIT, Limits, MAX_DEAD_LETTER_LIMIT, MAX_RUN_LIMIT,
     health_router, router, router_with_health,

@@ -164,7 +164,13 @@ fn share(path: &str, method: &Method, operation: &mut Operation) {
         ));
         errors.push((
             403,
-            "The credential lacks the scope this route needs (`forbidden`)",
+            "The credential lacks the scope this route needs, or may not act in the namespace \
+             the request names (`forbidden`)",
+        ));
+        errors.push((
+            429,
+            "The namespace is over its requests-per-second quota (`quota_exceeded`); \
+             `Retry-After` says when to try again",
         ));
         errors.push((
             503,

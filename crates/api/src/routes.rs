@@ -29,7 +29,7 @@ use uuid::Uuid;
 use crate::auth::AuditTarget;
 use crate::backend::{Backend, NewSchedule, Submission};
 use crate::error::{ApiError, Kind};
-use crate::extract::{Actor, IdempotencyKey, Json, OptionalJson, Path, Query, holds_nul};
+use crate::extract::{Actor, IdempotencyKey, Json, OptionalJson, Path, Query, Tenant, holds_nul};
 use crate::health::{self, Probe};
 
 /// Runs listed per page when the query gives no `limit`.
@@ -236,16 +236,21 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
     tag = "workflows",
     summary = "Start a run of a registered or inline definition",
     request_body = ExecuteRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the run an earlier request with this key started")),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Replays the run an earlier request with this key started"),
+        ("Flotilla-Namespace" = Option<String>, Header, description = "The namespace of the run (or `namespace` in the body)")
+    ),
     responses(
         (status = 202, description = "The run was started", body = ExecuteResponse),
         (status = 200, description = "An earlier request with this `Idempotency-Key` started the run; nothing new was started", body = ExecuteResponse),
-        (status = 404, description = "No registered definition has this name or version", body = ErrorBody)
+        (status = 404, description = "No registered definition has this name or version", body = ErrorBody),
+        (status = 429, description = "The namespace is over a quota (`Retry-After` says when to try again)", body = ErrorBody)
     )
 )]
 async fn execute<B: Backend>(
     State(backend): State<Arc<B>>,
     State(limits): State<Limits>,
+    tenant: Tenant,
     IdempotencyKey(idempotency_key): IdempotencyKey,
     Json(request): Json<ExecuteRequest>,
 ) -> Result<Response, ApiError> {
@@ -257,7 +262,9 @@ async fn execute<B: Backend>(
         params,
         only,
         skip,
+        namespace,
     } = request;
+    let namespace = tenant.one(namespace.as_deref())?;
     if version.is_some() && workflow.is_none() {
         return Err(ApiError::invalid_request(
             "`version` names a version of a registered definition: give its name too",
@@ -284,7 +291,7 @@ async fn execute<B: Backend>(
     let definition = match (source, version) {
         (Source::Registered(name), Some(version)) => {
             let detail = backend
-                .definition_detail(&name, Some(&version))
+                .definition_detail(&namespace, &name, Some(&version))
                 .await?
                 .ok_or_else(|| definition_not_found(&name, Some(&version)))?;
             Definition::from_value(detail.definition).map_err(|e| {
@@ -294,7 +301,7 @@ async fn execute<B: Backend>(
             })?
         }
         (Source::Registered(name), None) => backend
-            .definition(&name)
+            .definition(&namespace, &name)
             .await?
             .ok_or_else(|| definition_not_found(&name, None))?,
         (Source::Inline(inline), _) => inline.parse(limits)?,
@@ -315,6 +322,7 @@ async fn execute<B: Backend>(
             params: effective,
             subset,
             idempotency_key,
+            namespace,
         })
         .await?;
     let body = axum::Json(ExecuteResponse { workflow_id });
@@ -344,10 +352,11 @@ async fn execute<B: Backend>(
 )]
 async fn get_run<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(RunPath { id }): Path<RunPath>,
 ) -> Result<axum::Json<WorkflowResult>, ApiError> {
     let id = run_id(&id)?;
-    match backend.run(id).await? {
+    match backend.run(&tenant.visible(), id).await? {
         Some(result) => Ok(axum::Json(result)),
         None => Err(run_not_found(id)),
     }
@@ -441,11 +450,12 @@ struct NoArguments {}
 )]
 async fn cancel<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(RunPath { id }): Path<RunPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
-    operate(&*backend, &id, Operation::Cancel, actor).await
+    operate(&*backend, &tenant, &id, Operation::Cancel, actor).await
 }
 
 #[utoipa::path(
@@ -459,11 +469,12 @@ async fn cancel<B: Backend>(
 )]
 async fn pause<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(RunPath { id }): Path<RunPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
-    operate(&*backend, &id, Operation::Pause, actor).await
+    operate(&*backend, &tenant, &id, Operation::Pause, actor).await
 }
 
 #[utoipa::path(
@@ -477,11 +488,12 @@ async fn pause<B: Backend>(
 )]
 async fn resume<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(RunPath { id }): Path<RunPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
-    operate(&*backend, &id, Operation::Resume, actor).await
+    operate(&*backend, &tenant, &id, Operation::Resume, actor).await
 }
 
 #[utoipa::path(
@@ -495,11 +507,12 @@ async fn resume<B: Backend>(
 )]
 async fn retry<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(RunPath { id }): Path<RunPath>,
     Actor(actor): Actor,
     OptionalJson(RetryRequest { step }): OptionalJson<RetryRequest>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
-    operate(&*backend, &id, Operation::Retry { step }, actor).await
+    operate(&*backend, &tenant, &id, Operation::Retry { step }, actor).await
 }
 
 #[utoipa::path(
@@ -513,11 +526,12 @@ async fn retry<B: Backend>(
 )]
 async fn rollback<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(RunPath { id }): Path<RunPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
-    operate(&*backend, &id, Operation::Rollback, actor).await
+    operate(&*backend, &tenant, &id, Operation::Rollback, actor).await
 }
 
 #[utoipa::path(
@@ -531,11 +545,12 @@ async fn rollback<B: Backend>(
 )]
 async fn skip<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(StepPath { id, step }): Path<StepPath>,
     Actor(actor): Actor,
     OptionalJson(NoArguments {}): OptionalJson<NoArguments>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
-    operate(&*backend, &id, Operation::Skip { step }, actor).await
+    operate(&*backend, &tenant, &id, Operation::Skip { step }, actor).await
 }
 
 #[utoipa::path(
@@ -549,15 +564,24 @@ async fn skip<B: Backend>(
 )]
 async fn complete<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(StepPath { id, step }): Path<StepPath>,
     Actor(actor): Actor,
     Json(CompleteRequest { output }): Json<CompleteRequest>,
 ) -> Result<axum::Json<OperateResponse>, ApiError> {
-    operate(&*backend, &id, Operation::Complete { step, output }, actor).await
+    operate(
+        &*backend,
+        &tenant,
+        &id,
+        Operation::Complete { step, output },
+        actor,
+    )
+    .await
 }
 
 async fn operate<B: Backend>(
     backend: &B,
+    tenant: &Tenant,
     id: &str,
     operation: Operation,
     actor: String,
@@ -565,7 +589,9 @@ async fn operate<B: Backend>(
     let id = run_id(id)?;
     let action = operation.action();
     let step = operation.step().map(str::to_string);
-    let status = backend.operate(id, operation, actor.clone()).await?;
+    let status = backend
+        .operate(&tenant.visible(), id, operation, actor.clone())
+        .await?;
     // The run's history has the action too; the log puts it beside what the engine did after.
     tracing::info!(
         workflow_id = %id,
@@ -595,10 +621,11 @@ async fn operate<B: Backend>(
 )]
 async fn run_report<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(RunPath { id }): Path<RunPath>,
 ) -> Result<axum::Json<RunReport>, ApiError> {
     let id = run_id(&id)?;
-    match backend.report(id).await? {
+    match backend.report(&tenant.visible(), id).await? {
         Some(report) => Ok(axum::Json(report)),
         None => Err(run_not_found(id)),
     }
@@ -617,10 +644,11 @@ async fn run_report<B: Backend>(
 )]
 async fn run_events<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(RunPath { id }): Path<RunPath>,
 ) -> Result<axum::Json<RunEventList>, ApiError> {
     let id = run_id(&id)?;
-    match backend.events(id).await? {
+    match backend.events(&tenant.visible(), id).await? {
         Some(events) => Ok(axum::Json(RunEventList { events })),
         None => Err(run_not_found(id)),
     }
@@ -639,6 +667,7 @@ async fn run_events<B: Backend>(
 )]
 async fn run_logs<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(RunPath { id }): Path<RunPath>,
     Query(mut query): Query<LogQuery>,
 ) -> Result<axum::Json<StepLogs>, ApiError> {
@@ -658,7 +687,7 @@ async fn run_logs<B: Backend>(
     }
     let until = tokio::time::Instant::now() + std::time::Duration::from_secs(u64::from(wait));
     loop {
-        let Some(logs) = backend.logs(id, query.clone()).await? else {
+        let Some(logs) = backend.logs(&tenant.visible(), id, query.clone()).await? else {
             return Err(run_not_found(id));
         };
         if !logs.lines.is_empty() || logs.ended || tokio::time::Instant::now() >= until {
@@ -680,6 +709,7 @@ async fn run_logs<B: Backend>(
 )]
 async fn list_runs<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Query(mut query): Query<RunQuery>,
 ) -> Result<axum::Json<RunPage>, ApiError> {
     if let Some(status) = &query.status
@@ -692,7 +722,7 @@ async fn list_runs<B: Backend>(
         )));
     }
     query.limit = Some(page_limit(query.limit, DEFAULT_RUN_LIMIT, MAX_RUN_LIMIT)?);
-    Ok(axum::Json(backend.runs(query).await?))
+    Ok(axum::Json(backend.runs(&tenant.visible(), query).await?))
 }
 
 /// The `limit` of a listing: `default` when unset, else in `1..=max`.
@@ -720,6 +750,7 @@ pub(crate) fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u
 async fn register_definition<B: Backend>(
     State(backend): State<Arc<B>>,
     State(limits): State<Limits>,
+    tenant: Tenant,
     Json(request): Json<RegisterDefinitionRequest>,
 ) -> Result<(StatusCode, axum::Json<DefinitionSummary>), ApiError> {
     let RegisterDefinitionRequest { definition, yaml } = request;
@@ -733,7 +764,9 @@ async fn register_definition<B: Backend>(
     .parse(limits)?;
     // Refuse what could never run, so that a registered name always names a valid workflow.
     Plan::compile(&definition)?;
-    let summary = backend.register_definition(definition).await?;
+    let summary = backend
+        .register_definition(&tenant.one(None)?, definition)
+        .await?;
     Ok((StatusCode::CREATED, axum::Json(summary)))
 }
 
@@ -748,8 +781,9 @@ async fn register_definition<B: Backend>(
 )]
 async fn list_definitions<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
 ) -> Result<axum::Json<DefinitionList>, ApiError> {
-    let definitions = backend.definitions().await?;
+    let definitions = backend.definitions(&tenant.visible()).await?;
     Ok(axum::Json(DefinitionList { definitions }))
 }
 
@@ -766,11 +800,12 @@ async fn list_definitions<B: Backend>(
 )]
 async fn get_definition<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(DefinitionPath { name }): Path<DefinitionPath>,
     Query(DefinitionQuery { version }): Query<DefinitionQuery>,
 ) -> Result<axum::Json<DefinitionDetail>, ApiError> {
     backend
-        .definition_detail(&name, version.as_deref())
+        .definition_detail(&tenant.one(None)?, &name, version.as_deref())
         .await?
         .map(axum::Json)
         .ok_or_else(|| definition_not_found(&name, version.as_deref()))
@@ -789,9 +824,12 @@ async fn get_definition<B: Backend>(
 )]
 async fn definition_versions<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(DefinitionPath { name }): Path<DefinitionPath>,
 ) -> Result<axum::Json<DefinitionVersions>, ApiError> {
-    let versions = backend.definition_versions(&name).await?;
+    let versions = backend
+        .definition_versions(&tenant.one(None)?, &name)
+        .await?;
     if versions.is_empty() {
         return Err(definition_not_found(&name, None));
     }
@@ -1123,6 +1161,7 @@ pub(crate) mod tests;
 )]
 async fn create_schedule<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Json(request): Json<ScheduleRequest>,
 ) -> Result<(StatusCode, axum::Json<ScheduleSummary>), ApiError> {
     let ScheduleRequest {
@@ -1144,6 +1183,7 @@ async fn create_schedule<B: Backend>(
         .map_err(ApiError::invalid_request)?;
     let created = backend
         .put_schedule(NewSchedule {
+            namespace: tenant.one(None)?,
             definition,
             schedule,
             params,
@@ -1178,9 +1218,10 @@ fn policy<T: serde::de::DeserializeOwned + Default>(
 )]
 async fn list_schedules<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
 ) -> Result<axum::Json<ScheduleList>, ApiError> {
     Ok(axum::Json(ScheduleList {
-        schedules: backend.schedules().await?,
+        schedules: backend.schedules(&tenant.visible()).await?,
     }))
 }
 
@@ -1197,10 +1238,11 @@ async fn list_schedules<B: Backend>(
 )]
 async fn get_schedule<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(SchedulePath { id }): Path<SchedulePath>,
 ) -> Result<axum::Json<ScheduleSummary>, ApiError> {
     backend
-        .schedule(&id)
+        .schedule(&tenant.one(None)?, &id)
         .await?
         .map(axum::Json)
         .ok_or_else(|| schedule_not_found(&id))
@@ -1219,9 +1261,10 @@ async fn get_schedule<B: Backend>(
 )]
 async fn delete_schedule<B: Backend>(
     State(backend): State<Arc<B>>,
+    tenant: Tenant,
     Path(SchedulePath { id }): Path<SchedulePath>,
 ) -> Result<StatusCode, ApiError> {
-    if backend.delete_schedule(&id).await? {
+    if backend.delete_schedule(&tenant.one(None)?, &id).await? {
         tracing::info!(schedule = %id, "schedule removed");
         Ok(StatusCode::NO_CONTENT)
     } else {

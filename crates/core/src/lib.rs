@@ -8,6 +8,7 @@
 //! - [`retry`]: retry policy and backoff.
 //! - [`subset`]: running part of a definition (`only` / `skip`).
 //! - [`scheduler`]: a run as a state machine — an event in, the new state and the effects out.
+//! - [`quota`]: per-namespace quotas and the token bucket of requests per second.
 //! - [`registry`]: when a worker of the registry counts as healthy, unhealthy or gone.
 //!
 //! **Architecture invariant:** nothing here performs I/O or reads the clock; time comes in as an
@@ -18,6 +19,7 @@ pub mod condition;
 pub mod definition;
 pub mod duration;
 pub mod plan;
+pub mod quota;
 mod redact;
 pub mod registry;
 pub mod report;

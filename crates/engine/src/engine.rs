@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use flotilla_broker::Delivery;
 use flotilla_core::breaker::{BreakerConfig, Breakers};
 use flotilla_core::plan::{ESCALATION_SUFFIX, NOTIFY_ACTION, NOTIFY_AGENT, SubWorkflow};
+use flotilla_core::quota::Quotas;
 use flotilla_core::scheduler::{ParentLink, Transition};
 use flotilla_core::{
     Definition, Effect, Event, Outcome, Plan, RunState, RunStatus, Strike, Subset,
@@ -21,7 +22,7 @@ use flotilla_store::engine::{
     self as db, AttemptEnd, AttemptStart, Batch, OutboxRow, RunUpdate, StepIdent, StepRow,
 };
 use flotilla_store::queries::{self, RunEvent};
-use flotilla_store::{Store, definitions, idempotency};
+use flotilla_store::{Store, definitions, idempotency, quotas};
 use flotilla_telemetry::metrics::CoordinatorMetrics;
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot};
@@ -43,6 +44,9 @@ pub enum Error {
     /// An operator's request the run's state does not allow.
     #[error("{0}")]
     Refused(String),
+    /// A submission to a namespace that has as many runs in flight as its quota allows.
+    #[error("namespace `{namespace}` has {limit} runs in flight, as many as its quota allows")]
+    RunQuota { namespace: String, limit: u64 },
 }
 
 impl Error {
@@ -50,7 +54,7 @@ impl Error {
         match self {
             Error::Store(e) => e.is_unavailable(),
             Error::ShuttingDown | Error::NotRecorded(_) => true,
-            Error::NotFound(_) | Error::Refused(_) => false,
+            Error::NotFound(_) | Error::Refused(_) | Error::RunQuota { .. } => false,
         }
     }
 }
@@ -77,6 +81,9 @@ pub struct EngineConfig {
     /// How long a dispatched attempt may wait for a worker to start it, for steps that do not
     /// set `schedule_to_start`; no limit when `None`.
     pub schedule_to_start: Option<Duration>,
+    /// The namespaces' quotas; the engine checks runs in flight, in the transaction that
+    /// creates the run.
+    pub quotas: Quotas,
 }
 
 impl Default for EngineConfig {
@@ -90,6 +97,7 @@ impl Default for EngineConfig {
             breaker: Some(BreakerConfig::default()),
             max_workflow_depth: flotilla_core::scheduler::DEFAULT_MAX_WORKFLOW_DEPTH,
             schedule_to_start: None,
+            quotas: Quotas::default(),
         }
     }
 }
@@ -105,6 +113,8 @@ pub struct NewRun {
     pub subset: Subset,
     /// A repeat of a submission with the same key answers the first one's run.
     pub idempotency_key: Option<String>,
+    /// The namespace the run belongs to.
+    pub namespace: String,
 }
 
 /// What a submission did.
@@ -316,8 +326,13 @@ impl EngineHandle {
     }
 }
 
+/// A sub-workflow's definition, as its content hash and plan; or why it cannot run.
+type Resolved = Result<(String, Arc<Plan>), String>;
+
 struct CachedRun {
     plan: Arc<Plan>,
+    /// Where its sub-workflows' definitions are found, and its children belong.
+    namespace: String,
     state: RunState,
     version: i64,
     /// Step rows stored for the run; slots past them (new `for_each` instances) are inserted.
@@ -433,8 +448,10 @@ impl Engine {
                 for (n, input) in inputs.drain(..).enumerate() {
                     match input {
                         Input::Submit { reply, .. } => {
-                            let answer = done.submitted.remove(&n).ok_or_else(|| {
-                                Error::NotRecorded("the engine lost track of the submission".into())
+                            let answer = done.submitted.remove(&n).unwrap_or_else(|| {
+                                Err(Error::NotRecorded(
+                                    "the engine lost track of the submission".into(),
+                                ))
                             });
                             let _ = reply.send(answer);
                         }
@@ -537,6 +554,7 @@ impl Engine {
         let retention = chrono::Duration::from_std(self.config.idempotency_retention)
             .unwrap_or(chrono::Duration::MAX);
         let mut keyed = idempotency::claim(&tx, &keys, now - retention).await?;
+        let mut in_flight = self.lock_run_quotas(&tx, inputs, &keyed).await?;
 
         let names = self.config.names.clone();
         let mut pending = Pending {
@@ -564,8 +582,21 @@ impl Engine {
             match input {
                 Input::Submit { run, content, .. } => {
                     if let Some(&id) = run.idempotency_key.as_ref().and_then(|k| keyed.get(k)) {
-                        submitted.insert(n, Submitted { id, replayed: true });
+                        submitted.insert(n, Ok(Submitted { id, replayed: true }));
                         continue;
+                    }
+                    if let Some((count, limit)) = in_flight.get_mut(&run.namespace) {
+                        if *count >= *limit {
+                            submitted.insert(
+                                n,
+                                Err(Error::RunQuota {
+                                    namespace: run.namespace.clone(),
+                                    limit: *limit,
+                                }),
+                            );
+                            continue;
+                        }
+                        *count += 1;
                     }
                     let id = Uuid::now_v7();
                     let mut state = RunState::new(id, &run.plan, run.params.clone());
@@ -584,7 +615,7 @@ impl Engine {
                         });
                     }
                     pending.effects(&run.plan, &state, &t);
-                    pending.create(&run.plan, &state, &content.hash);
+                    pending.create(&run.plan, &state, &content.hash, &run.namespace);
                     // A known plan's content is stored: it was loaded, or committed with a run.
                     if !self.plans.contains_key(&content.hash)
                         && !new_plans.iter().any(|(h, _)| *h == content.hash)
@@ -599,16 +630,17 @@ impl Engine {
                     }
                     submitted.insert(
                         n,
-                        Submitted {
+                        Ok(Submitted {
                             id,
                             replayed: false,
-                        },
+                        }),
                     );
                     let plan = run.plan.clone();
                     new_runs.push((
                         id,
                         CachedRun {
                             plan,
+                            namespace: run.namespace.clone(),
                             stored: state.steps.len(),
                             state,
                             version: 0,
@@ -813,7 +845,8 @@ impl Engine {
             }
         }
         let mut created = HashSet::new();
-        self.sub_workflows(&tx, &mut pending, &mut created).await?;
+        self.sub_workflows(&tx, &mut pending, &mut created, &new_runs)
+            .await?;
         let Pending {
             mut batch,
             changes,
@@ -1008,11 +1041,11 @@ impl Engine {
         tx: &impl flotilla_store::GenericClient,
         pending: &mut Pending<'_>,
         created: &mut HashSet<Uuid>,
+        submitted: &[(Uuid, CachedRun)],
     ) -> Result<(), Error> {
-        // Each definition is looked up once per batch, however many children start from it
-        // (a `for_each` over a workflow step starts one per item).
-        let mut resolved: HashMap<SubWorkflow, Result<(String, Arc<Plan>), String>> =
-            HashMap::new();
+        // Each definition is looked up once per batch and namespace, however many children
+        // start from it (a `for_each` over a workflow step starts one per item).
+        let mut resolved: HashMap<(String, SubWorkflow), Resolved> = HashMap::new();
         loop {
             let cancelled = std::mem::take(&mut pending.cancelled_children);
             let starts = std::mem::take(&mut pending.children);
@@ -1053,11 +1086,27 @@ impl Engine {
                 if cancelled.contains(&start.id) {
                     continue;
                 }
-                if !resolved.contains_key(&start.workflow) {
-                    let plan = self.sub_workflow_plan(tx, &start.workflow).await?;
-                    resolved.insert(start.workflow.clone(), plan);
+                // A child belongs to its parent's namespace, and its definition is found there.
+                let parent = start.parent.run_id;
+                let namespace = self
+                    .runs
+                    .get(&parent)
+                    .or_else(|| {
+                        submitted
+                            .iter()
+                            .find(|(id, _)| *id == parent)
+                            .map(|(_, c)| c)
+                    })
+                    .map(|c| c.namespace.clone())
+                    .ok_or_else(|| {
+                        Error::NotRecorded(format!("the parent run {parent} is not at hand"))
+                    })?;
+                let key = (namespace, start.workflow.clone());
+                if !resolved.contains_key(&key) {
+                    let plan = self.sub_workflow_plan(tx, &key.0, &start.workflow).await?;
+                    resolved.insert(key.clone(), plan);
                 }
-                let plan = match resolved[&start.workflow].clone() {
+                let plan = match resolved[&key].clone() {
                     Ok(plan) => plan,
                     Err(why) => {
                         pending.not_started(&start, why);
@@ -1081,7 +1130,7 @@ impl Engine {
                 // Gated by the breakers the batch locked; one of an agent only a child calls
                 // is not locked here (see ARCHITECTURE.md), and lets the step through.
                 let t = state.apply_gated(&plan, Event::Start, pending.now, &mut pending.breakers);
-                pending.create(&plan, &state, &hash);
+                pending.create(&plan, &state, &hash, &key.0);
                 pending.effects(&plan, &state, &t);
                 tracing::info!(run_id = %start.id, workflow = %plan.name, "sub-workflow run started");
                 created.insert(start.id);
@@ -1089,6 +1138,7 @@ impl Engine {
                     start.id,
                     CachedRun {
                         plan,
+                        namespace: key.0,
                         stored: state.steps.len(),
                         state,
                         version: 0,
@@ -1098,16 +1148,55 @@ impl Engine {
         }
     }
 
+    /// Locks the run quotas of the namespaces the batch submits runs to (those with a quota of
+    /// runs in flight), after every other lock of the batch, and answers per namespace its runs
+    /// in flight and its quota. A replay of an idempotency key (`keyed`) starts nothing, so it
+    /// takes no lock.
+    async fn lock_run_quotas(
+        &self,
+        tx: &impl flotilla_store::GenericClient,
+        inputs: &[Input],
+        keyed: &HashMap<String, Uuid>,
+    ) -> Result<HashMap<String, (u64, u64)>, Error> {
+        let quota = |namespace: &str| self.config.quotas.of(namespace).runs_in_flight;
+        let limited: Vec<String> = inputs
+            .iter()
+            .filter_map(|i| match i {
+                Input::Submit { run, .. }
+                    if !run
+                        .idempotency_key
+                        .as_ref()
+                        .is_some_and(|k| keyed.contains_key(k)) =>
+                {
+                    quota(&run.namespace).map(|_| run.namespace.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        if limited.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let counts = quotas::lock_runs_in_flight(tx, &limited).await?;
+        Ok(counts
+            .into_iter()
+            .filter_map(|(namespace, count)| {
+                let limit = quota(&namespace)?;
+                Some((namespace, (u64::try_from(count).unwrap_or(0), limit)))
+            })
+            .collect())
+    }
+
     /// The registered definition a sub-workflow step names, as its content hash and plan; or
     /// why it cannot run.
     async fn sub_workflow_plan(
         &mut self,
         tx: &impl flotilla_store::GenericClient,
+        namespace: &str,
         workflow: &SubWorkflow,
-    ) -> Result<Result<(String, Arc<Plan>), String>, Error> {
+    ) -> Result<Resolved, Error> {
         let found = match &workflow.version {
-            Some(version) => definitions::version(tx, &workflow.name, version).await?,
-            None => definitions::latest(tx, &workflow.name).await?,
+            Some(version) => definitions::version(tx, namespace, &workflow.name, version).await?,
+            None => definitions::latest(tx, namespace, &workflow.name).await?,
         };
         let Some((registered, body)) = found else {
             return Ok(Err(match &workflow.version {
@@ -1190,6 +1279,7 @@ impl Engine {
                 run.id,
                 CachedRun {
                     plan,
+                    namespace: run.namespace,
                     stored: state.steps.len(),
                     state,
                     version: run.version,
@@ -1286,7 +1376,7 @@ impl Pending<'_> {
     }
 
     /// Rows that create a new run with its steps.
-    fn create(&mut self, plan: &Plan, state: &RunState, definition_hash: &str) {
+    fn create(&mut self, plan: &Plan, state: &RunState, definition_hash: &str, namespace: &str) {
         self.batch.new_runs.push(db::NewRun {
             id: state.id,
             name: plan.name.clone(),
@@ -1299,6 +1389,7 @@ impl Pending<'_> {
             error: state.error.clone(),
             subset: state.subset.clone(),
             parent: state.parent.clone(),
+            namespace: namespace.to_string(),
         });
         for (idx, step) in state.steps.iter().enumerate() {
             self.batch.new_steps.push((
@@ -1809,7 +1900,7 @@ fn run_duration(state: &RunState, now: DateTime<Utc>) -> Duration {
 struct Committed {
     outbox: Vec<OutboxRow>,
     /// What each submission did, by its position in the batch.
-    submitted: HashMap<usize, Submitted>,
+    submitted: HashMap<usize, Result<Submitted, Error>>,
     /// What each redrive did, by its position in the batch.
     redriven: HashMap<usize, Vec<Redriven>>,
     /// What each operator action did, by its position in the batch.

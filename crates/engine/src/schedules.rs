@@ -49,12 +49,12 @@ async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Ut
             Ok(outcome) => outcome,
             Err(e) => {
                 // A broken schedule must not stop the others: it tries again at its next tick.
-                tracing::warn!(schedule = %due.name, error = %e, "scheduled run not started");
+                tracing::warn!(schedule = %due.name, namespace = %due.namespace, error = %e, "scheduled run not started");
                 (next_of(&due, now), None)
             }
         };
         let next = next.unwrap_or(DateTime::<Utc>::MAX_UTC);
-        schedules::advance(&tx, &due.name, next, started).await?;
+        schedules::advance(&tx, &due.namespace, &due.name, next, started).await?;
     }
     tx.commit().await.map_err(flotilla_store::Error::from)?;
     Ok(schedules::next_tick(&client).await?)
@@ -92,7 +92,7 @@ async fn tick(
         tracing::info!(schedule = %due.name, tick = %due.next_at, running, "tick skipped by the schedule's policy");
         return Ok((next, None));
     }
-    let (_, body) = definitions::latest(tx, &due.name)
+    let (_, body) = definitions::latest(tx, &due.namespace, &due.name)
         .await
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("no definition named `{}` is registered", due.name))?;
@@ -106,10 +106,12 @@ async fn tick(
             params,
             subset: Default::default(),
             idempotency_key: Some(format!(
-                "schedule:{}:{}",
+                "schedule:{}/{}:{}",
+                due.namespace,
                 due.name,
                 due.next_at.to_rfc3339()
             )),
+            namespace: due.namespace.clone(),
         })
         .await
         .map_err(|e| e.to_string())?;

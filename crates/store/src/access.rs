@@ -13,12 +13,14 @@ pub struct Token {
     pub id: Uuid,
     pub name: String,
     pub scopes: Vec<String>,
+    /// The namespaces it may see; `*` for all.
+    pub namespaces: Vec<String>,
     pub created_at: DateTime<Utc>,
     pub last_used_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
-const TOKEN_COLUMNS: &str = "id, name, scopes, created_at, last_used_at, revoked_at";
+const TOKEN_COLUMNS: &str = "id, name, scopes, created_at, last_used_at, revoked_at, namespaces";
 
 fn token(r: &tokio_postgres::Row) -> Token {
     Token {
@@ -28,24 +30,29 @@ fn token(r: &tokio_postgres::Row) -> Token {
         created_at: r.get(3),
         last_used_at: r.get(4),
         revoked_at: r.get(5),
+        namespaces: r.get(6),
     }
 }
 
-/// Stores a new token.
+/// Stores a new token that may see `namespaces` (`*` for all).
 pub async fn create_token(
     client: &impl GenericClient,
     name: &str,
     hash: &[u8],
     scopes: &[String],
+    namespaces: &[String],
 ) -> Result<Token, Error> {
     let stmt = client
         .prepare_cached(&format!(
-            "INSERT INTO api_tokens (id, name, hash, scopes) VALUES ($1, $2, $3, $4)
+            "INSERT INTO api_tokens (id, name, hash, scopes, namespaces) VALUES ($1, $2, $3, $4, $5)
              RETURNING {TOKEN_COLUMNS}"
         ))
         .await?;
     let row = client
-        .query_one(&stmt, &[&Uuid::now_v7(), &name, &hash, &scopes])
+        .query_one(
+            &stmt,
+            &[&Uuid::now_v7(), &name, &hash, &scopes, &namespaces],
+        )
         .await?;
     Ok(token(&row))
 }
@@ -58,8 +65,8 @@ pub enum Seeded {
     Exists(Token),
 }
 
-/// Stores a token of a given value unless one of that value is stored already: any number of
-/// coordinators may do this at once, and again at every start.
+/// Stores a token of a given value, of every namespace, unless one of that value is stored
+/// already: any number of coordinators may do this at once, and again at every start.
 pub async fn seed_token(
     client: &impl GenericClient,
     name: &str,
@@ -68,7 +75,8 @@ pub async fn seed_token(
 ) -> Result<Seeded, Error> {
     let insert = client
         .prepare_cached(&format!(
-            "INSERT INTO api_tokens (id, name, hash, scopes) VALUES ($1, $2, $3, $4)
+            "INSERT INTO api_tokens (id, name, hash, scopes, namespaces)
+             VALUES ($1, $2, $3, $4, '{{*}}')
              ON CONFLICT (hash) DO NOTHING RETURNING {TOKEN_COLUMNS}"
         ))
         .await?;
@@ -88,8 +96,8 @@ pub async fn seed_token(
     )))
 }
 
-/// Stores a token with scope `admin` unless a token with that scope, not revoked, exists; answers
-/// whether it stored it. Coordinators starting together store one between them.
+/// Stores a token with scope `admin` of every namespace unless a token with that scope, not
+/// revoked, exists; answers whether it stored it. Coordinators starting together store one between them.
 pub async fn create_admin_unless_any(
     client: &mut deadpool_postgres::Object,
     name: &str,
@@ -111,7 +119,7 @@ pub async fn create_admin_unless_any(
     if exists {
         return Ok(None);
     }
-    let created = create_token(&tx, name, hash, &["admin".to_string()]).await?;
+    let created = create_token(&tx, name, hash, &["admin".to_string()], &["*".to_string()]).await?;
     tx.commit().await?;
     Ok(Some(created))
 }
@@ -142,25 +150,45 @@ pub async fn active_token(
         .map(|r| token(&r)))
 }
 
-/// Every token, oldest first.
-pub async fn tokens(client: &impl GenericClient) -> Result<Vec<Token>, Error> {
+/// Every token whose namespaces are all among `namespaces` (every token when `None`), oldest
+/// first.
+pub async fn tokens(
+    client: &impl GenericClient,
+    namespaces: Option<&[String]>,
+) -> Result<Vec<Token>, Error> {
     let stmt = client
         .prepare_cached(&format!(
-            "SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at, id"
+            "SELECT {TOKEN_COLUMNS} FROM api_tokens
+             WHERE $1::text[] IS NULL OR namespaces <@ $1
+             ORDER BY created_at, id"
         ))
         .await?;
-    Ok(client.query(&stmt, &[]).await?.iter().map(token).collect())
+    Ok(client
+        .query(&stmt, &[&namespaces])
+        .await?
+        .iter()
+        .map(token)
+        .collect())
 }
 
-/// Revokes token `id` (a revoked token stays revoked as it was); `None` when there is none.
-pub async fn revoke_token(client: &impl GenericClient, id: Uuid) -> Result<Option<Token>, Error> {
+/// Revokes token `id` if its namespaces are all among `namespaces` (any when `None`); a revoked
+/// token stays revoked as it was. `None` when there is no such token.
+pub async fn revoke_token(
+    client: &impl GenericClient,
+    namespaces: Option<&[String]>,
+    id: Uuid,
+) -> Result<Option<Token>, Error> {
     let stmt = client
         .prepare_cached(&format!(
-            "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1
+            "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now())
+             WHERE id = $1 AND ($2::text[] IS NULL OR namespaces <@ $2)
              RETURNING {TOKEN_COLUMNS}"
         ))
         .await?;
-    Ok(client.query_opt(&stmt, &[&id]).await?.map(|r| token(&r)))
+    Ok(client
+        .query_opt(&stmt, &[&id, &namespaces])
+        .await?
+        .map(|r| token(&r)))
 }
 
 /// An entry of the audit log.

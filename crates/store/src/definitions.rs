@@ -55,17 +55,18 @@ fn registered(r: &tokio_postgres::Row) -> Registered {
     }
 }
 
-/// Registers a definition under its name as the next revision.
+/// Registers a definition under its name in `namespace` as the next revision.
 pub async fn register(
     client: &mut deadpool_postgres::Object,
+    namespace: &str,
     definition: &Definition,
 ) -> Result<Registered, Error> {
     let content = Content::of(definition);
     let tx = client.transaction().await?;
     // Serialise registrations of one name so revisions count up without gaps or clashes.
     tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext($1))",
-        &[&definition.name],
+        "SELECT pg_advisory_xact_lock(hashtext($1 || '/' || $2))",
+        &[&namespace, &definition.name],
     )
     .await?;
     tx.execute(
@@ -77,9 +78,9 @@ pub async fn register(
     let row = tx
         .query_one(
             &format!(
-                "INSERT INTO definitions (name, revision, hash, version, description, steps)
-                 SELECT $1, coalesce(max(revision), 0) + 1, $2, $3, $4, $5
-                 FROM definitions WHERE name = $1
+                "INSERT INTO definitions (namespace, name, revision, hash, version, description, steps)
+                 SELECT $6, $1, coalesce(max(revision), 0) + 1, $2, $3, $4, $5
+                 FROM definitions WHERE namespace = $6 AND name = $1
                  RETURNING {COLUMNS}"
             ),
             &[
@@ -88,6 +89,7 @@ pub async fn register(
                 &definition.version,
                 &definition.description,
                 &steps,
+                &namespace,
             ],
         )
         .await?;
@@ -95,50 +97,66 @@ pub async fn register(
     Ok(registered(&row))
 }
 
-/// The latest revision of a named definition, with its content.
+/// The latest revision of a named definition of `namespace`, with its content.
 pub async fn latest(
     client: &impl GenericClient,
+    namespace: &str,
     name: &str,
 ) -> Result<Option<(Registered, Value)>, Error> {
     let row = client
         .query_opt(
             "SELECT d.name, d.revision, d.hash, d.version, d.description, d.steps, d.created_at, c.body
              FROM definitions d JOIN definition_contents c ON c.hash = d.hash
-             WHERE d.name = $1 ORDER BY d.revision DESC LIMIT 1",
-            &[&name],
+             WHERE d.namespace = $2 AND d.name = $1 ORDER BY d.revision DESC LIMIT 1",
+            &[&name, &namespace],
         )
         .await?;
     Ok(row.map(|r| (registered(&r), r.get(7))))
 }
 
-/// The latest revision of every named definition, by name.
-pub async fn list(client: &impl GenericClient) -> Result<Vec<Registered>, Error> {
+/// The latest revision of every named definition of `namespaces` (of all when `None`), by
+/// name.
+pub async fn list(
+    client: &impl GenericClient,
+    namespaces: Option<&[String]>,
+) -> Result<Vec<Registered>, Error> {
     let rows = client
         .query(
             &format!(
-                "SELECT DISTINCT ON (name) {COLUMNS} FROM definitions ORDER BY name, revision DESC"
+                "SELECT DISTINCT ON (name, namespace) {COLUMNS} FROM definitions
+                 WHERE $1::text[] IS NULL OR namespace = ANY($1)
+                 ORDER BY name, namespace, revision DESC"
             ),
-            &[],
+            &[&namespaces],
         )
         .await?;
     Ok(rows.iter().map(registered).collect())
 }
 
-/// Every revision of a named definition, oldest first (none when the name is not registered).
-pub async fn revisions(client: &impl GenericClient, name: &str) -> Result<Vec<Registered>, Error> {
+/// Every revision of a named definition of `namespace`, oldest first (none when the name is
+/// not registered there).
+pub async fn revisions(
+    client: &impl GenericClient,
+    namespace: &str,
+    name: &str,
+) -> Result<Vec<Registered>, Error> {
     let rows = client
         .query(
-            &format!("SELECT {COLUMNS} FROM definitions WHERE name = $1 ORDER BY revision"),
-            &[&name],
+            &format!(
+                "SELECT {COLUMNS} FROM definitions WHERE namespace = $2 AND name = $1
+                 ORDER BY revision"
+            ),
+            &[&name, &namespace],
         )
         .await?;
     Ok(rows.iter().map(registered).collect())
 }
 
-/// One revision of a named definition, with its content: the latest whose `version:` is
-/// `version`, or else the revision numbered `version`.
+/// One revision of a named definition of `namespace`, with its content: the latest whose
+/// `version:` is `version`, or else the revision numbered `version`.
 pub async fn version(
     client: &impl GenericClient,
+    namespace: &str,
     name: &str,
     version: &str,
 ) -> Result<Option<(Registered, Value)>, Error> {
@@ -147,9 +165,9 @@ pub async fn version(
         .query_opt(
             "SELECT d.name, d.revision, d.hash, d.version, d.description, d.steps, d.created_at, c.body
              FROM definitions d JOIN definition_contents c ON c.hash = d.hash
-             WHERE d.name = $1 AND (d.version = $2 OR d.revision = $3)
+             WHERE d.namespace = $4 AND d.name = $1 AND (d.version = $2 OR d.revision = $3)
              ORDER BY d.version = $2 DESC, d.revision DESC LIMIT 1",
-            &[&name, &version, &revision],
+            &[&name, &version, &revision, &namespace],
         )
         .await?;
     Ok(row.map(|r| (registered(&r), r.get(7))))

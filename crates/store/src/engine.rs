@@ -46,6 +46,8 @@ pub struct StoredRun {
     pub subset: Subset,
     /// The attempt that started the run, when it is a sub-workflow.
     pub parent: Option<ParentLink>,
+    /// The namespace the run belongs to.
+    pub namespace: String,
     pub steps: Vec<StepState>,
 }
 
@@ -54,7 +56,8 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
     let runs_stmt = client
         .prepare_cached(
             "SELECT id, name, definition_hash, status, params, version, created_at, ended_at,
-                    deadline, error, subset, parent_run_id, parent_step_id, parent_attempt, depth
+                    deadline, error, subset, parent_run_id, parent_step_id, parent_attempt, depth,
+                    namespace
              FROM runs WHERE id = ANY($1)",
         )
         .await?;
@@ -102,6 +105,7 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
                     }),
                     _ => None,
                 },
+                namespace: r.get(15),
                 steps: Vec::new(),
             },
         );
@@ -226,6 +230,8 @@ pub struct NewRun {
     pub error: Option<String>,
     pub subset: Subset,
     pub parent: Option<ParentLink>,
+    /// The namespace it belongs to: its submission's, or its parent's.
+    pub namespace: String,
 }
 
 /// A run whose status (and version) moves on.
@@ -412,15 +418,16 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
         let parent_attempts: Vec<Option<i32>> =
             parents.clone().map(|p| p.map(|p| int(p.attempt))).collect();
         let depths: Vec<i32> = parents.map(|p| p.map_or(0, |p| int(p.depth))).collect();
+        let namespaces: Vec<&str> = runs.iter().map(|r| r.namespace.as_str()).collect();
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO runs (id, name, definition_hash, status, params, created_at, ended_at,
                                    deadline, error, subset, parent_run_id, parent_step_id, parent_attempt,
-                                   depth)
+                                   depth, namespace)
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[],
                                       $6::timestamptz[], $7::timestamptz[], $8::timestamptz[],
                                       $9::text[], $10::jsonb[], $11::uuid[], $12::text[], $13::int4[],
-                                      $14::int4[])",
+                                      $14::int4[], $15::text[])",
             )
             .await?;
         sent.push(Box::pin(async move {
@@ -441,6 +448,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                     &parent_steps,
                     &parent_attempts,
                     &depths,
+                    &namespaces,
                 ],
             )
             .await

@@ -16,6 +16,7 @@ pub mod logs;
 pub mod migrate;
 pub mod outbox;
 pub mod queries;
+pub mod quotas;
 pub mod registry;
 pub mod schedules;
 

@@ -28,6 +28,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (30, include_str!("../migrations/0030_tokens_audit.sql")),
     (40, include_str!("../migrations/0040_hot_updates.sql")),
     (45, include_str!("../migrations/0045_workers.sql")),
+    (55, include_str!("../migrations/0055_namespaces.sql")),
     (65, include_str!("../migrations/0065_runs_by_name.sql")),
     (70, include_str!("../migrations/0070_step_logs.sql")),
 ];

@@ -66,19 +66,20 @@ fn run_record(r: &tokio_postgres::Row) -> RunRecord {
     }
 }
 
-/// A run and its steps in plan order.
+/// A run of `namespaces` (of any when `None`) and its steps in plan order.
 pub async fn run(
     client: &impl GenericClient,
+    namespaces: Option<&[String]>,
     id: Uuid,
 ) -> Result<Option<(RunRecord, Vec<StepRecord>)>, Error> {
     let run_stmt = client
         .prepare_cached(
             "SELECT id, name, status, params, created_at, ended_at, error, subset, parent_run_id,
                     parent_step_id
-             FROM runs WHERE id = $1",
+             FROM runs WHERE id = $1 AND ($2::text[] IS NULL OR namespace = ANY($2))",
         )
         .await?;
-    let Some(run) = client.query_opt(&run_stmt, &[&id]).await? else {
+    let Some(run) = client.query_opt(&run_stmt, &[&id, &namespaces]).await? else {
         return Ok(None);
     };
     let steps_stmt = client
@@ -185,6 +186,8 @@ pub type Cursor = (DateTime<Utc>, Uuid);
 /// Which runs a listing shows.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunFilter<'a> {
+    /// Of these namespaces; of all when `None`.
+    pub namespaces: Option<&'a [String]>,
     pub status: Option<&'a str>,
     /// The definition's name.
     pub name: Option<&'a str>,
@@ -210,10 +213,12 @@ pub async fn list_runs(
                AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
                AND ($5::text IS NULL OR name = $5)
                AND ($6::timestamptz IS NULL OR created_at >= $6)
+               AND ($7::text[] IS NULL OR namespace = ANY($7))
              ORDER BY created_at DESC, id DESC LIMIT $4",
         )
         .await?;
     let RunFilter {
+        namespaces,
         status,
         name,
         since,
@@ -221,7 +226,15 @@ pub async fn list_runs(
     Ok(client
         .query(
             &stmt,
-            &[&status, &after_time, &after_id, &limit, &name, &since],
+            &[
+                &status,
+                &after_time,
+                &after_id,
+                &limit,
+                &name,
+                &since,
+                &namespaces,
+            ],
         )
         .await?
         .iter()

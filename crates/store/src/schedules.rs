@@ -10,6 +10,8 @@ use crate::Error;
 /// A schedule as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScheduleRow {
+    /// The namespace of the schedule and of its definition.
+    pub namespace: String,
     /// The definition it runs (its latest revision at each tick).
     pub name: String,
     pub cron: String,
@@ -24,7 +26,7 @@ pub struct ScheduleRow {
 }
 
 const COLUMNS: &str =
-    "name, cron, timezone, missed, overlap, params, next_at, last_run_id, created_at";
+    "name, cron, timezone, missed, overlap, params, next_at, last_run_id, created_at, namespace";
 
 fn row(r: &tokio_postgres::Row) -> ScheduleRow {
     let params: Value = r.get(5);
@@ -41,15 +43,16 @@ fn row(r: &tokio_postgres::Row) -> ScheduleRow {
         next_at: r.get(6),
         last_run_id: r.get(7),
         created_at: r.get(8),
+        namespace: r.get(9),
     }
 }
 
-/// Creates or replaces the schedule of a definition.
+/// Creates or replaces the schedule of a definition (in its namespace).
 pub async fn put(client: &impl GenericClient, s: &ScheduleRow) -> Result<ScheduleRow, Error> {
     let stmt = client
         .prepare_cached(&format!(
-            "INSERT INTO schedules ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-             ON CONFLICT (name) DO UPDATE SET cron = excluded.cron, timezone = excluded.timezone,
+            "INSERT INTO schedules ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (namespace, name) DO UPDATE SET cron = excluded.cron, timezone = excluded.timezone,
                  missed = excluded.missed, overlap = excluded.overlap, params = excluded.params,
                  next_at = excluded.next_at
              RETURNING {COLUMNS}"
@@ -69,34 +72,60 @@ pub async fn put(client: &impl GenericClient, s: &ScheduleRow) -> Result<Schedul
                 &s.next_at,
                 &s.last_run_id,
                 &s.created_at,
+                &s.namespace,
             ],
         )
         .await?;
     Ok(row(&r))
 }
 
-/// Every schedule, by name.
-pub async fn list(client: &impl GenericClient) -> Result<Vec<ScheduleRow>, Error> {
+/// Every schedule of `namespaces` (of all when `None`), by name.
+pub async fn list(
+    client: &impl GenericClient,
+    namespaces: Option<&[String]>,
+) -> Result<Vec<ScheduleRow>, Error> {
     let stmt = client
-        .prepare_cached(&format!("SELECT {COLUMNS} FROM schedules ORDER BY name"))
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM schedules WHERE $1::text[] IS NULL OR namespace = ANY($1)
+             ORDER BY name, namespace"
+        ))
         .await?;
-    Ok(client.query(&stmt, &[]).await?.iter().map(row).collect())
+    Ok(client
+        .query(&stmt, &[&namespaces])
+        .await?
+        .iter()
+        .map(row)
+        .collect())
 }
 
-/// The schedule of definition `name`, if it has one.
-pub async fn get(client: &impl GenericClient, name: &str) -> Result<Option<ScheduleRow>, Error> {
+/// The schedule of definition `name` of `namespace`, if it has one.
+pub async fn get(
+    client: &impl GenericClient,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<ScheduleRow>, Error> {
     let stmt = client
-        .prepare_cached(&format!("SELECT {COLUMNS} FROM schedules WHERE name = $1"))
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM schedules WHERE namespace = $1 AND name = $2"
+        ))
         .await?;
-    Ok(client.query_opt(&stmt, &[&name]).await?.as_ref().map(row))
+    Ok(client
+        .query_opt(&stmt, &[&namespace, &name])
+        .await?
+        .as_ref()
+        .map(row))
 }
 
 /// Removes a schedule; answers whether there was one.
-pub async fn delete(client: &impl GenericClient, name: &str) -> Result<bool, Error> {
+pub async fn delete(
+    client: &impl GenericClient,
+    namespace: &str,
+    name: &str,
+) -> Result<bool, Error> {
     let stmt = client
-        .prepare_cached("DELETE FROM schedules WHERE name = $1")
+        .prepare_cached("DELETE FROM schedules WHERE namespace = $1 AND name = $2")
         .await?;
-    Ok(client.execute(&stmt, &[&name]).await? > 0)
+    Ok(client.execute(&stmt, &[&namespace, &name]).await? > 0)
 }
 
 /// Locks the schedules due at `now` that no other coordinator holds.
@@ -122,16 +151,19 @@ pub async fn claim_due(
 /// Moves a schedule to its next tick, noting the run its last tick started.
 pub async fn advance(
     tx: &impl GenericClient,
+    namespace: &str,
     name: &str,
     next_at: DateTime<Utc>,
     last_run_id: Option<Uuid>,
 ) -> Result<(), Error> {
     let stmt = tx
         .prepare_cached(
-            "UPDATE schedules SET next_at = $2, last_run_id = coalesce($3, last_run_id) WHERE name = $1",
+            "UPDATE schedules SET next_at = $2, last_run_id = coalesce($3, last_run_id)
+             WHERE name = $1 AND namespace = $4",
         )
         .await?;
-    tx.execute(&stmt, &[&name, &next_at, &last_run_id]).await?;
+    tx.execute(&stmt, &[&name, &next_at, &last_run_id, &namespace])
+        .await?;
     Ok(())
 }
 

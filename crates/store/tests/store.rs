@@ -92,6 +92,7 @@ fn new_run_batch_of(yaml: &str) -> (Batch, RunState, Plan) {
         error: None,
         subset: state.subset.clone(),
         parent: None,
+        namespace: "default".into(),
     });
     for (i, (node, step)) in plan.nodes.iter().zip(&state.steps).enumerate() {
         batch.new_steps.push((
@@ -157,7 +158,7 @@ async fn a_run_keeps_the_subset_it_was_submitted_with() -> anyhow::Result<()> {
     loaded.sort_by_key(|r| r.id != state.id);
     assert_eq!(loaded[0].subset, subset);
     assert_eq!(loaded[1].subset, flotilla_core::Subset::default());
-    let (record, _) = flotilla_store::queries::run(&client, state.id)
+    let (record, _) = flotilla_store::queries::run(&client, None, state.id)
         .await?
         .unwrap();
     assert_eq!(record.subset, subset);
@@ -286,15 +287,77 @@ async fn registering_a_name_again_adds_a_revision() -> anyhow::Result<()> {
     let first = Definition::from_yaml(TWO_STEPS)?;
     let mut second = first.clone();
     second.description = Some("now described".into());
-    let r1 = definitions::register(&mut client, &first).await?;
-    let r2 = definitions::register(&mut client, &second).await?;
+    let r1 = definitions::register(&mut client, "default", &first).await?;
+    let r2 = definitions::register(&mut client, "default", &second).await?;
     assert_eq!((r1.revision, r2.revision), (1, 2));
     assert_ne!(r1.hash, r2.hash);
-    let (latest, body) = definitions::latest(&client, "pair").await?.unwrap();
+    let (latest, body) = definitions::latest(&client, "default", "pair")
+        .await?
+        .unwrap();
     assert_eq!(latest, r2);
     assert_eq!(Definition::from_value(body)?, second);
-    assert_eq!(definitions::list(&client).await?, [r2]);
-    assert!(definitions::latest(&client, "absent").await?.is_none());
+    assert_eq!(definitions::list(&client, None).await?, [r2]);
+    assert!(
+        definitions::latest(&client, "default", "absent")
+            .await?
+            .is_none()
+    );
+    drop(client);
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn namespaces_keep_names_and_runs_apart() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let mut client = t.store.client().await?;
+    let pair = Definition::from_yaml(TWO_STEPS)?;
+    let a = definitions::register(&mut client, "team-a", &pair).await?;
+    let b = definitions::register(&mut client, "team-b", &pair).await?;
+    assert_eq!(
+        (a.revision, b.revision),
+        (1, 1),
+        "one name, a revision 1 in each"
+    );
+    let only_b = ["team-b".to_string()];
+    assert_eq!(definitions::list(&client, Some(&only_b)).await?, [b]);
+    assert!(
+        definitions::latest(&client, "team-c", "pair")
+            .await?
+            .is_none()
+    );
+
+    // Runs in flight: a running run of team-a counts, an ended one does not.
+    let (mut batch, state, _) = new_run_batch();
+    batch.new_runs[0].namespace = "team-a".into();
+    let tx = client.transaction().await?;
+    db::write(&tx, &batch).await?;
+    tx.commit().await?;
+    let (mut ended, _, _) = new_run_batch();
+    ended.new_runs[0].namespace = "team-a".into();
+    ended.new_runs[0].ended_at = Some(at(1));
+    let tx = client.transaction().await?;
+    db::write(&tx, &ended).await?;
+    tx.commit().await?;
+    let tx = client.transaction().await?;
+    let counts = flotilla_store::quotas::lock_runs_in_flight(
+        &tx,
+        &["team-b".into(), "team-a".into(), "team-a".into()],
+    )
+    .await?;
+    tx.commit().await?;
+    assert_eq!(counts.get("team-a"), Some(&1));
+    assert_eq!(counts.get("team-b"), Some(&0));
+    let only_a = ["team-a".to_string()];
+    assert!(
+        queries::run(&client, Some(&only_b), state.id)
+            .await?
+            .is_none()
+    );
+    assert!(
+        queries::run(&client, Some(&only_a), state.id)
+            .await?
+            .is_some()
+    );
     drop(client);
     t.drop_db().await
 }
@@ -603,6 +666,7 @@ async fn a_due_schedule_is_claimed_by_one_coordinator_and_moves_on() -> anyhow::
     let mut c1 = t.store.client().await?;
     let mut c2 = t.store.client().await?;
     let row = schedules::ScheduleRow {
+        namespace: "default".into(),
         name: "monitor".into(),
         cron: "*/5 * * * *".into(),
         timezone: "UTC".into(),
@@ -623,9 +687,9 @@ async fn a_due_schedule_is_claimed_by_one_coordinator_and_moves_on() -> anyhow::
     assert!(schedules::claim_due(&tx2, at(300), 10).await?.is_empty());
     tx2.commit().await?;
     let run = Uuid::new_v4();
-    schedules::advance(&tx1, "monitor", at(600), Some(run)).await?;
+    schedules::advance(&tx1, "default", "monitor", at(600), Some(run)).await?;
     tx1.commit().await?;
-    let listed = schedules::list(&c1).await?;
+    let listed = schedules::list(&c1, None).await?;
     assert_eq!(
         (listed[0].next_at, listed[0].last_run_id),
         (at(600), Some(run))
@@ -634,8 +698,8 @@ async fn a_due_schedule_is_claimed_by_one_coordinator_and_moves_on() -> anyhow::
         !schedules::run_active(&c1, run).await?,
         "an unknown run is not active"
     );
-    assert!(schedules::delete(&c1, "monitor").await?);
-    assert!(schedules::list(&c1).await?.is_empty());
+    assert!(schedules::delete(&c1, "default", "monitor").await?);
+    assert!(schedules::list(&c1, None).await?.is_empty());
     drop((c1, c2));
     t.drop_db().await
 }
@@ -674,6 +738,7 @@ async fn instances_and_run_deadlines_load_back_and_past_deadlines_are_found() ->
         error: None,
         subset: state.subset.clone(),
         parent: None,
+        namespace: "default".into(),
     });
     for (i, step) in state.steps.iter().enumerate() {
         batch.new_steps.push((
@@ -865,7 +930,7 @@ async fn a_dispatched_attempt_is_queued_until_a_heartbeat_lists_it() -> anyhow::
         [own],
         "only the step with a schedule_to_start"
     );
-    let (run, steps) = queries::run(&client, id).await?.unwrap();
+    let (run, steps) = queries::run(&client, None, id).await?.unwrap();
     assert_eq!(run.id, id);
     assert!(steps.iter().all(|s| s.queued_for.as_deref() == Some("x")));
 
@@ -873,7 +938,7 @@ async fn a_dispatched_attempt_is_queued_until_a_heartbeat_lists_it() -> anyhow::
     db::renew_leases(&client, &[(id, "own".into(), own)], at(5), FIVE).await?;
     assert_eq!(registry::queued(&client).await?[0].attempts, 1);
     assert!(db::next_start_by(&client).await?.is_none());
-    let (_, steps) = queries::run(&client, id).await?.unwrap();
+    let (_, steps) = queries::run(&client, None, id).await?.unwrap();
     assert_eq!(steps[0].queued_for, None);
     drop(client);
     t.drop_db().await

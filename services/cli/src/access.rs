@@ -21,6 +21,10 @@ pub enum TokensCommand {
         /// for several.
         #[arg(long = "scope", required = true, value_name = "SCOPE")]
         scopes: Vec<String>,
+        /// Let it see every namespace (`*`); without this, it sees the namespace of
+        /// --namespace (FLOTILLA_NAMESPACE), or else the creating credential's.
+        #[arg(long)]
+        all_namespaces: bool,
     },
     /// List the tokens (never their values).
     List,
@@ -53,16 +57,30 @@ pub async fn tokens(
     output: Output,
 ) -> anyhow::Result<Outcome> {
     match command {
-        TokensCommand::Create { name, scopes } => {
+        TokensCommand::Create {
+            name,
+            scopes,
+            all_namespaces,
+        } => {
+            let namespaces = if all_namespaces {
+                vec!["*".to_string()]
+            } else {
+                Vec::new()
+            };
             let created = client
-                .create_token(&NewTokenRequest { name, scopes })
+                .create_token(&NewTokenRequest {
+                    name,
+                    scopes,
+                    namespaces,
+                })
                 .await?;
             match output {
                 Output::Text => {
                     eprintln!(
-                        "created token {} ({}); its value is shown only this once:",
+                        "created token {} ({}; namespaces {}); its value is shown only this once:",
                         created.summary.id,
-                        created.summary.scopes.join(" ")
+                        created.summary.scopes.join(" "),
+                        created.summary.namespaces.join(" ")
                     );
                     println!("{}", created.token);
                 }
@@ -124,6 +142,7 @@ fn render_tokens(list: &TokenList) -> String {
                 t.id.to_string(),
                 t.name.clone(),
                 t.scopes.join(" "),
+                t.namespaces.join(" "),
                 time(t.created_at),
                 t.last_used_at.map(time).unwrap_or_default(),
                 t.revoked_at.map(time).unwrap_or_default(),
@@ -131,7 +150,15 @@ fn render_tokens(list: &TokenList) -> String {
         })
         .collect();
     table(
-        &["ID", "NAME", "SCOPES", "CREATED", "LAST USED", "REVOKED"],
+        &[
+            "ID",
+            "NAME",
+            "SCOPES",
+            "NAMESPACES",
+            "CREATED",
+            "LAST USED",
+            "REVOKED",
+        ],
         rows,
     )
 }

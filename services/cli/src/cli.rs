@@ -38,6 +38,12 @@ pub struct Cli {
     #[arg(long, short, value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
 
+    /// The namespace to act in: where runs, definitions and schedules are created and looked
+    /// up, and the one lists are narrowed to (sent as the `Flotilla-Namespace` header). Needed
+    /// when the credential may see several; left out, the credential's own.
+    #[arg(long, env = flotilla_api_model::NAMESPACE_ENV, global = true, value_parser = namespace)]
+    pub namespace: Option<String>,
+
     /// A Jaeger UI (e.g. http://localhost:16686): `workflows status` and `execute --wait` print
     /// the link to the run's trace there.
     #[arg(long, env = "FLOTILLA_JAEGER_URL", global = true)]
@@ -411,6 +417,12 @@ const _: () = assert!(MAX_IDEMPOTENCY_KEY_CHARS == 200);
 /// A `--range`, checked here so that a typo is a usage error rather than an API error.
 fn parse_range(range: &str) -> Result<String, String> {
     flotilla_api_model::parse_range(range).map(|_| range.trim().to_owned())
+}
+
+/// A namespace's name, checked as the coordinator checks it.
+fn namespace(text: &str) -> Result<String, String> {
+    flotilla_api_model::check_namespace(text)?;
+    Ok(text.to_string())
 }
 
 #[cfg(test)]

@@ -7,10 +7,10 @@ use flotilla_api_model::{
     CompleteRequest, CreatedToken, DeadLetterList, DeadLetterQuery, DefinitionDetail,
     DefinitionList, DefinitionSummary, DefinitionVersions, ErrorBody, ExecuteRequest,
     ExecuteResponse, HealthAudit, HealthAuditQuery, IDEMPOTENCY_KEY_HEADER,
-    IDEMPOTENT_REPLAYED_HEADER, LogQuery, MetricsSummary, NewTokenRequest, OperateResponse,
-    Operation, RedriveRequest, RedriveResponse, RegisterDefinitionRequest, RetryRequest,
-    RunEventList, RunPage, RunQuery, RunReport, ScheduleList, ScheduleRequest, ScheduleSummary,
-    StepLogs, Submitted, TokenList, TokenSummary, WorkflowResult,
+    IDEMPOTENT_REPLAYED_HEADER, LogQuery, MetricsSummary, NAMESPACE_HEADER, NewTokenRequest,
+    OperateResponse, Operation, RedriveRequest, RedriveResponse, RegisterDefinitionRequest,
+    RetryRequest, RunEventList, RunPage, RunQuery, RunReport, ScheduleList, ScheduleRequest,
+    ScheduleSummary, StepLogs, Submitted, TokenList, TokenSummary, WorkflowResult,
 };
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 use reqwest::{RequestBuilder, StatusCode, Url};
@@ -47,6 +47,8 @@ pub enum ClientError {
     BadUrl(Url),
     #[error("FLOTILLA_API_TOKEN holds characters no HTTP header may carry")]
     BadCredential,
+    #[error("the namespace holds characters no HTTP header may carry")]
+    BadNamespace,
     #[error("could not set up the HTTP client")]
     Setup(#[source] reqwest::Error),
     #[error(
@@ -161,8 +163,13 @@ pub struct Client {
 
 impl Client {
     /// A client of the API at `base`, sending `credential` (an API token or a JWT) as
-    /// `Authorization: Bearer` with every request.
-    pub fn new(mut base: Url, credential: Option<&str>) -> Result<Self, ClientError> {
+    /// `Authorization: Bearer`, and `namespace` (checked) as the [`NAMESPACE_HEADER`], with
+    /// every request.
+    pub fn new(
+        mut base: Url,
+        credential: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Result<Self, ClientError> {
         if !matches!(base.scheme(), "http" | "https") {
             return Err(ClientError::BadUrl(base));
         }
@@ -180,6 +187,10 @@ impl Client {
             // Kept out of any debug output of the request.
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
+        }
+        if let Some(namespace) = namespace {
+            let value = HeaderValue::from_str(namespace).map_err(|_| ClientError::BadNamespace)?;
+            headers.insert(NAMESPACE_HEADER, value);
         }
         // Each request sets its own timeout (see `exchange`).
         let http = reqwest::Client::builder()
@@ -629,7 +640,7 @@ mod tests {
     use super::*;
 
     fn client(base: &str) -> Client {
-        Client::new(base.parse().unwrap(), None).unwrap()
+        Client::new(base.parse().unwrap(), None, None).unwrap()
     }
 
     #[test]
@@ -690,7 +701,7 @@ mod tests {
 
     #[test]
     fn only_http_urls_are_accepted() {
-        let err = Client::new("ftp://example/".parse().unwrap(), None)
+        let err = Client::new("ftp://example/".parse().unwrap(), None, None)
             .err()
             .expect("ftp is refused");
         assert!(matches!(err, ClientError::BadUrl(_)), "{err}");

@@ -53,7 +53,7 @@ pub enum Outcome {
 
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let credential = std::env::var(flotilla_api_model::API_TOKEN_ENV).ok();
-    let client = Client::new(cli.url, credential.as_deref())?;
+    let client = Client::new(cli.url, credential.as_deref(), cli.namespace.as_deref())?;
     let output = cli.output;
     let jaeger = cli.jaeger_url.as_ref();
     match cli.command {

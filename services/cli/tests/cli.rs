@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{TimeZone, Utc};
-use flotilla_api::{Backend, BackendError, Limits, Submission};
+use flotilla_api::{Backend, BackendError, Limits, Namespaces, Submission};
 use flotilla_api_model::{
     BreakerList, BreakerSummary, DeadLetterList, DeadLetterQuery, DeadLetterSummary,
     DefinitionSummary, ExecuteResponse, Metrics, OperateResponse, Operation, RedriveOutcome,
@@ -121,7 +121,11 @@ impl Backend for Coordinator {
         })
     }
 
-    async fn run(&self, id: Uuid) -> Result<Option<WorkflowResult>, BackendError> {
+    async fn run(
+        &self,
+        _namespaces: &Namespaces,
+        id: Uuid,
+    ) -> Result<Option<WorkflowResult>, BackendError> {
         let mut state = self.state();
         if id != RUN_ID || state.script.is_empty() {
             return Ok(None);
@@ -131,7 +135,11 @@ impl Backend for Coordinator {
         Ok(Some(answer))
     }
 
-    async fn runs(&self, query: RunQuery) -> Result<RunPage, BackendError> {
+    async fn runs(
+        &self,
+        _namespaces: &Namespaces,
+        query: RunQuery,
+    ) -> Result<RunPage, BackendError> {
         let mut state = self.state();
         state.queries.push(query);
         Ok(RunPage {
@@ -154,6 +162,7 @@ impl Backend for Coordinator {
 
     async fn register_definition(
         &self,
+        _namespace: &str,
         definition: Definition,
     ) -> Result<DefinitionSummary, BackendError> {
         let mut state = self.state();
@@ -170,11 +179,18 @@ impl Backend for Coordinator {
         Ok(summary)
     }
 
-    async fn definitions(&self) -> Result<Vec<DefinitionSummary>, BackendError> {
+    async fn definitions(
+        &self,
+        _namespaces: &Namespaces,
+    ) -> Result<Vec<DefinitionSummary>, BackendError> {
         Ok(self.state().definitions.clone())
     }
 
-    async fn definition(&self, _name: &str) -> Result<Option<Definition>, BackendError> {
+    async fn definition(
+        &self,
+        _namespace: &str,
+        _name: &str,
+    ) -> Result<Option<Definition>, BackendError> {
         Ok(None)
     }
 
@@ -214,6 +230,7 @@ impl Backend for Coordinator {
     /// run `cancelled`, `paused` or `running`.
     async fn operate(
         &self,
+        _namespaces: &Namespaces,
         id: Uuid,
         operation: Operation,
         actor: String,
@@ -241,7 +258,11 @@ impl Backend for Coordinator {
         .to_string())
     }
 
-    async fn events(&self, id: Uuid) -> Result<Option<Vec<RunEvent>>, BackendError> {
+    async fn events(
+        &self,
+        _namespaces: &Namespaces,
+        id: Uuid,
+    ) -> Result<Option<Vec<RunEvent>>, BackendError> {
         Ok((id == RUN_ID).then(|| self.state().history.clone()))
     }
 
@@ -295,6 +316,7 @@ impl Backend for Coordinator {
     // Reports are tested against a live coordinator (tests/tests/operator.rs).
     async fn report(
         &self,
+        _namespaces: &Namespaces,
         _id: Uuid,
     ) -> Result<Option<flotilla_api_model::RunReport>, BackendError> {
         Ok(None)
@@ -303,6 +325,7 @@ impl Backend for Coordinator {
     // Logs are tested against a live fleet (tests/tests/logs.rs).
     async fn logs(
         &self,
+        _namespaces: &flotilla_api::Namespaces,
         _id: Uuid,
         _query: flotilla_api_model::LogQuery,
     ) -> Result<Option<flotilla_api_model::StepLogs>, BackendError> {
@@ -312,6 +335,7 @@ impl Backend for Coordinator {
     // Versions are tested against a live coordinator (tests/tests/operator.rs).
     async fn definition_versions(
         &self,
+        _namespace: &str,
         name: &str,
     ) -> Result<Vec<DefinitionSummary>, BackendError> {
         let state = self.state();
@@ -325,6 +349,7 @@ impl Backend for Coordinator {
 
     async fn definition_detail(
         &self,
+        _namespace: &str,
         name: &str,
         _version: Option<&str>,
     ) -> Result<Option<flotilla_api_model::DefinitionDetail>, BackendError> {
@@ -362,18 +387,22 @@ impl Backend for Coordinator {
         Ok(summary)
     }
 
-    async fn schedules(&self) -> Result<Vec<flotilla_api_model::ScheduleSummary>, BackendError> {
+    async fn schedules(
+        &self,
+        _namespaces: &Namespaces,
+    ) -> Result<Vec<flotilla_api_model::ScheduleSummary>, BackendError> {
         Ok(self.state().schedules.clone())
     }
 
     async fn schedule(
         &self,
+        _namespace: &str,
         id: &str,
     ) -> Result<Option<flotilla_api_model::ScheduleSummary>, BackendError> {
         Ok(self.state().schedules.iter().find(|s| s.id == id).cloned())
     }
 
-    async fn delete_schedule(&self, id: &str) -> Result<bool, BackendError> {
+    async fn delete_schedule(&self, _namespace: &str, id: &str) -> Result<bool, BackendError> {
         let mut state = self.state();
         let before = state.schedules.len();
         state.schedules.retain(|s| s.id != id);

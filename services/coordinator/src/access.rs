@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use flotilla_api::auth::{AuditRecord, JwtKeys, NewToken};
-use flotilla_api::{Access, BackendError, Guard};
+use flotilla_api::{Access, BackendError, Guard, Namespaces, RateLimiter};
 use flotilla_api_model::{AuditEntry, AuditPage, AuditQuery, TokenSummary};
 use flotilla_store::Store;
 use flotilla_store::access::{self, Seeded, Token};
@@ -28,6 +28,7 @@ fn summary(t: Token) -> TokenSummary {
         id: t.id,
         name: t.name,
         scopes: t.scopes,
+        namespaces: t.namespaces,
         created_at: t.created_at,
         last_used_at: t.last_used_at,
         revoked_at: t.revoked_at,
@@ -54,18 +55,19 @@ impl Access for CoordinatorBackend {
         &self,
         name: String,
         scopes: Vec<String>,
+        namespaces: Vec<String>,
         hash: [u8; 32],
     ) -> Result<TokenSummary, BackendError> {
         let client = self.store.client().await.map_err(store_error)?;
-        access::create_token(&client, &name, &hash, &scopes)
+        access::create_token(&client, &name, &hash, &scopes, &namespaces)
             .await
             .map(summary)
             .map_err(store_error)
     }
 
-    async fn tokens(&self) -> Result<Vec<TokenSummary>, BackendError> {
+    async fn tokens(&self, namespaces: &Namespaces) -> Result<Vec<TokenSummary>, BackendError> {
         let client = self.store.client().await.map_err(store_error)?;
-        Ok(access::tokens(&client)
+        Ok(access::tokens(&client, namespaces.filter())
             .await
             .map_err(store_error)?
             .into_iter()
@@ -73,13 +75,20 @@ impl Access for CoordinatorBackend {
             .collect())
     }
 
-    async fn revoke_token(&self, id: Uuid) -> Result<Option<TokenSummary>, BackendError> {
-        self.tokens.forget(id);
+    async fn revoke_token(
+        &self,
+        namespaces: &Namespaces,
+        id: Uuid,
+    ) -> Result<Option<TokenSummary>, BackendError> {
         let client = self.store.client().await.map_err(store_error)?;
-        access::revoke_token(&client, id)
+        let revoked = access::revoke_token(&client, namespaces.filter(), id)
             .await
             .map(|t| t.map(summary))
-            .map_err(store_error)
+            .map_err(store_error)?;
+        if revoked.is_some() {
+            self.tokens.forget(id);
+        }
+        Ok(revoked)
     }
 
     async fn record(&self, entry: AuditRecord) -> Result<(), BackendError> {
@@ -263,6 +272,7 @@ pub fn guard<A>(config: &Config, access: std::sync::Arc<A>) -> anyhow::Result<Gu
         enabled: !config.insecure_no_auth,
         protect_metrics: config.protect_metrics,
         trust_forwarded_for: config.trust_forwarded_for,
+        rate: RateLimiter::new(config.quotas().map_err(anyhow::Error::msg)?),
     })
 }
 

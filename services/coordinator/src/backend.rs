@@ -4,7 +4,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use flotilla_api::{AttemptFigures, Backend, BackendError, NewSchedule, Submission};
+use flotilla_api::{
+    AttemptFigures, Backend, BackendError, Namespaces, NewSchedule, QuotaExceeded, Submission,
+};
 use flotilla_api_model::{
     AGENT_HEALTHY, AGENT_NO_WORKERS, AGENT_UNHEALTHY, AgentStatus, AgentSummary, AttemptReport,
     BreakerSummary, DeadLetterQuery, DeadLetterSummary, DefinitionDetail, DefinitionSummary,
@@ -13,6 +15,7 @@ use flotilla_api_model::{
     ScheduleSummary, StepLogLine, StepLogs, StepReport, StepResult, StrikeReport, Submitted,
     TruncatedLog, WorkerStatus, WorkflowResult,
 };
+use flotilla_core::quota::Quotas;
 use flotilla_core::registry::{RegistryPolicy, WorkerHealth};
 use flotilla_core::schedule::Schedule;
 use flotilla_core::{Definition, Plan, PlanError, condition, report};
@@ -44,6 +47,10 @@ pub struct CoordinatorBackend {
     pub changes: Changes,
     /// How long a running attempt stays leased without a heartbeat, for the audit's failover.
     pub lease: std::time::Duration,
+    /// The namespaces' quotas; the backend checks steps per run (the engine, runs in flight).
+    pub quotas: Quotas,
+    /// The most instances a `for_each` step may expand to, which a run's steps are counted with.
+    pub max_instances: usize,
 }
 
 pub(crate) fn store_error(e: flotilla_store::Error) -> BackendError {
@@ -58,6 +65,18 @@ fn engine_error(e: flotilla_engine::Error) -> BackendError {
     match e {
         flotilla_engine::Error::NotFound(m) => return BackendError::NotFound(m),
         flotilla_engine::Error::Refused(m) => return BackendError::Conflict(m),
+        flotilla_engine::Error::RunQuota { namespace, limit } => {
+            return BackendError::QuotaExceeded(QuotaExceeded {
+                message: format!(
+                    "namespace `{namespace}` has {limit} runs in flight, as many as its quota \
+                     (runsInFlight) allows; submit again once one has ended"
+                ),
+                namespace,
+                quota: "runsInFlight",
+                limit: limit.into(),
+                retry_after: RUN_QUOTA_RETRY_AFTER,
+            });
+        }
         _ => {}
     }
     if e.is_unavailable() {
@@ -65,6 +84,41 @@ fn engine_error(e: flotilla_engine::Error) -> BackendError {
     } else {
         BackendError::Internal(e.to_string())
     }
+}
+
+/// When a submission over a namespace's runs in flight may try again: runs take seconds or
+/// more to end.
+const RUN_QUOTA_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// When a submission of a run with more steps than its namespace's quota may try again: not
+/// before the quota is raised, which an operator does.
+const STEP_QUOTA_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The most steps a run of `plan` may have: its nodes, and for each `for_each` step the items
+/// of its list when that reads the params alone (else as many as a step may expand to).
+fn steps_bound(plan: &Plan, params: &Map<String, Value>, max_instances: usize) -> u64 {
+    let instances: usize = plan
+        .nodes
+        .iter()
+        .filter_map(|n| n.for_each.as_ref())
+        .map(|f| {
+            if !f.reads.is_empty() {
+                return max_instances;
+            }
+            match flotilla_core::template::render_text(&f.items, params, Map::new()) {
+                Ok(Value::Array(items)) => items.len().min(max_instances),
+                // The step fails when it is reached, with no instance.
+                _ => 0,
+            }
+        })
+        .sum();
+    u64::try_from(plan.nodes.len() + instances).unwrap_or(u64::MAX)
+}
+
+/// An idempotency key as stored: within its namespace, so that two tenants' keys never meet
+/// (neither a namespace nor a key holds a space).
+fn namespaced_key(namespace: &str, key: &str) -> String {
+    format!("{namespace} {key}")
 }
 
 fn breaker_summary(b: BreakerRecord) -> BreakerSummary {
@@ -195,6 +249,7 @@ impl CoordinatorBackend {
     /// which its own steps may name (a recursion, bounded by the engine's depth limit).
     async fn check_sub_workflows(
         &self,
+        namespace: &str,
         plan: &Plan,
         own: Option<&str>,
     ) -> Result<(), BackendError> {
@@ -206,8 +261,8 @@ impl CoordinatorBackend {
                 continue;
             }
             let found = match version {
-                Some(version) => definitions::version(&client, name, version).await,
-                None => definitions::latest(&client, name).await,
+                Some(version) => definitions::version(&client, namespace, name, version).await,
+                None => definitions::latest(&client, namespace, name).await,
             }
             .map_err(store_error)?;
             if found.is_none() {
@@ -261,14 +316,36 @@ impl CoordinatorBackend {
 
 impl Backend for CoordinatorBackend {
     async fn submit(&self, submission: Submission) -> Result<Submitted, BackendError> {
-        self.check_sub_workflows(&submission.plan, None).await?;
+        let namespace = submission.namespace;
+        if let Some(limit) = self.quotas.of(&namespace).steps_per_run {
+            let steps = steps_bound(&submission.plan, &submission.params, self.max_instances);
+            if steps > limit {
+                return Err(BackendError::QuotaExceeded(QuotaExceeded {
+                    message: format!(
+                        "a run of `{}` may have {steps} steps (for_each instances included), \
+                         over namespace `{namespace}`'s quota of {limit} steps per run \
+                         (stepsPerRun)",
+                        submission.plan.name
+                    ),
+                    namespace,
+                    quota: "stepsPerRun",
+                    limit: limit.into(),
+                    retry_after: STEP_QUOTA_RETRY_AFTER,
+                }));
+            }
+        }
+        self.check_sub_workflows(&namespace, &submission.plan, None)
+            .await?;
         self.engine
             .submit(NewRun {
                 definition: submission.definition,
                 plan: Arc::new(submission.plan),
                 params: submission.params,
                 subset: submission.subset,
-                idempotency_key: submission.idempotency_key,
+                idempotency_key: submission
+                    .idempotency_key
+                    .map(|key| namespaced_key(&namespace, &key)),
+                namespace,
             })
             .await
             .map(|s| Submitted {
@@ -278,9 +355,16 @@ impl Backend for CoordinatorBackend {
             .map_err(engine_error)
     }
 
-    async fn run(&self, id: Uuid) -> Result<Option<WorkflowResult>, BackendError> {
+    async fn run(
+        &self,
+        namespaces: &Namespaces,
+        id: Uuid,
+    ) -> Result<Option<WorkflowResult>, BackendError> {
         let client = self.store.client().await.map_err(store_error)?;
-        let Some((run, steps)) = queries::run(&client, id).await.map_err(store_error)? else {
+        let Some((run, steps)) = queries::run(&client, namespaces.filter(), id)
+            .await
+            .map_err(store_error)?
+        else {
             return Ok(None);
         };
         let served = if steps.iter().any(|s| s.queued_for.is_some()) {
@@ -298,9 +382,16 @@ impl Backend for CoordinatorBackend {
         Ok(Some(workflow_result(run, steps, &served)))
     }
 
-    async fn report(&self, id: Uuid) -> Result<Option<RunReport>, BackendError> {
+    async fn report(
+        &self,
+        namespaces: &Namespaces,
+        id: Uuid,
+    ) -> Result<Option<RunReport>, BackendError> {
         let client = self.store.client().await.map_err(store_error)?;
-        let Some((run, steps)) = queries::run(&client, id).await.map_err(store_error)? else {
+        let Some((run, steps)) = queries::run(&client, namespaces.filter(), id)
+            .await
+            .map_err(store_error)?
+        else {
             return Ok(None);
         };
         let Some((body, attempts)) = queries::run_attempts(&client, id)
@@ -321,11 +412,16 @@ impl Backend for CoordinatorBackend {
         Ok(Some(run_report(run, steps, &plan, attempts, &events)))
     }
 
-    async fn runs(&self, query: RunQuery) -> Result<RunPage, BackendError> {
+    async fn runs(
+        &self,
+        namespaces: &Namespaces,
+        query: RunQuery,
+    ) -> Result<RunPage, BackendError> {
         let cursor = query.cursor.as_deref().map(decode_cursor).transpose()?;
         let limit = i64::from(query.limit.unwrap_or(50));
         let client = self.store.client().await.map_err(store_error)?;
         let filter = queries::RunFilter {
+            namespaces: namespaces.filter(),
             status: query.status.as_deref(),
             name: query.name.as_deref(),
             since: query.since,
@@ -354,25 +450,26 @@ impl Backend for CoordinatorBackend {
 
     async fn register_definition(
         &self,
+        namespace: &str,
         definition: Definition,
     ) -> Result<DefinitionSummary, BackendError> {
         let plan = Plan::compile(&definition)?;
-        self.check_sub_workflows(&plan, Some(&definition.name))
+        self.check_sub_workflows(namespace, &plan, Some(&definition.name))
             .await?;
         let mut client = self.store.client().await.map_err(store_error)?;
-        let registered = definitions::register(&mut client, &definition)
+        let registered = definitions::register(&mut client, namespace, &definition)
             .await
             .map_err(store_error)?;
         // The latest revision decides: a `schedule:` (re)schedules the name, none unschedules it.
         match &definition.schedule {
             Some(spec) => {
                 let schedule = Schedule::from_spec(spec).map_err(BackendError::Invalid)?;
-                let row = schedule_row(&definition.name, &schedule, Map::new())?;
+                let row = schedule_row(namespace, &definition.name, &schedule, Map::new())?;
                 schedules::put(&client, &row).await.map_err(store_error)?;
                 tracing::info!(definition = %definition.name, cron = %schedule.cron, next_at = %row.next_at, "scheduled");
             }
             None => {
-                if schedules::delete(&client, &definition.name)
+                if schedules::delete(&client, namespace, &definition.name)
                     .await
                     .map_err(store_error)?
                 {
@@ -383,15 +480,24 @@ impl Backend for CoordinatorBackend {
         Ok(summary(registered))
     }
 
-    async fn definitions(&self) -> Result<Vec<DefinitionSummary>, BackendError> {
+    async fn definitions(
+        &self,
+        namespaces: &Namespaces,
+    ) -> Result<Vec<DefinitionSummary>, BackendError> {
         let client = self.store.client().await.map_err(store_error)?;
-        let list = definitions::list(&client).await.map_err(store_error)?;
+        let list = definitions::list(&client, namespaces.filter())
+            .await
+            .map_err(store_error)?;
         Ok(list.into_iter().map(summary).collect())
     }
 
-    async fn definition(&self, name: &str) -> Result<Option<Definition>, BackendError> {
+    async fn definition(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Definition>, BackendError> {
         let client = self.store.client().await.map_err(store_error)?;
-        let Some((_, body)) = definitions::latest(&client, name)
+        let Some((_, body)) = definitions::latest(&client, namespace, name)
             .await
             .map_err(store_error)?
         else {
@@ -404,10 +510,11 @@ impl Backend for CoordinatorBackend {
 
     async fn definition_versions(
         &self,
+        namespace: &str,
         name: &str,
     ) -> Result<Vec<DefinitionSummary>, BackendError> {
         let client = self.store.client().await.map_err(store_error)?;
-        let revisions = definitions::revisions(&client, name)
+        let revisions = definitions::revisions(&client, namespace, name)
             .await
             .map_err(store_error)?;
         Ok(revisions.into_iter().map(summary).collect())
@@ -415,13 +522,14 @@ impl Backend for CoordinatorBackend {
 
     async fn definition_detail(
         &self,
+        namespace: &str,
         name: &str,
         version: Option<&str>,
     ) -> Result<Option<DefinitionDetail>, BackendError> {
         let client = self.store.client().await.map_err(store_error)?;
         let found = match version {
-            Some(version) => definitions::version(&client, name, version).await,
-            None => definitions::latest(&client, name).await,
+            Some(version) => definitions::version(&client, namespace, name, version).await,
+            None => definitions::latest(&client, namespace, name).await,
         }
         .map_err(store_error)?;
         Ok(found.map(|(registered, definition)| DefinitionDetail {
@@ -475,10 +583,24 @@ impl Backend for CoordinatorBackend {
 
     async fn operate(
         &self,
+        namespaces: &Namespaces,
         id: Uuid,
         operation: Operation,
         actor: String,
     ) -> Result<String, BackendError> {
+        // A run's namespace never changes, so a run seen here is one the caller may act on.
+        if namespaces != &Namespaces::All {
+            let client = self.store.client().await.map_err(store_error)?;
+            if queries::run(&client, namespaces.filter(), id)
+                .await
+                .map_err(store_error)?
+                .is_none()
+            {
+                return Err(BackendError::NotFound(format!(
+                    "workflow run {id} not found"
+                )));
+            }
+        }
         let operation = match operation {
             Operation::Cancel => EngineOperation::Cancel,
             Operation::Pause => EngineOperation::Pause,
@@ -563,7 +685,7 @@ impl Backend for CoordinatorBackend {
                 self.attempts_since(since).await?,
                 {
                     let client = self.store.client().await.map_err(store_error)?;
-                    schedules::list(&client).await.map_err(store_error)?
+                    schedules::list(&client, None).await.map_err(store_error)?
                 },
             ),
             Err(_) => Default::default(),
@@ -623,9 +745,17 @@ impl Backend for CoordinatorBackend {
             .collect())
     }
 
-    async fn logs(&self, id: Uuid, query: LogQuery) -> Result<Option<StepLogs>, BackendError> {
+    async fn logs(
+        &self,
+        namespaces: &Namespaces,
+        id: Uuid,
+        query: LogQuery,
+    ) -> Result<Option<StepLogs>, BackendError> {
         let client = self.store.client().await.map_err(store_error)?;
-        let Some((run, steps)) = queries::run(&client, id).await.map_err(store_error)? else {
+        let Some((run, steps)) = queries::run(&client, namespaces.filter(), id)
+            .await
+            .map_err(store_error)?
+        else {
             return Ok(None);
         };
         if let Some(step) = &query.step
@@ -703,9 +833,13 @@ impl Backend for CoordinatorBackend {
         self.changes.subscribe()
     }
 
-    async fn events(&self, id: Uuid) -> Result<Option<Vec<RunEvent>>, BackendError> {
+    async fn events(
+        &self,
+        namespaces: &Namespaces,
+        id: Uuid,
+    ) -> Result<Option<Vec<RunEvent>>, BackendError> {
         let client = self.store.client().await.map_err(store_error)?;
-        if queries::run(&client, id)
+        if queries::run(&client, namespaces.filter(), id)
             .await
             .map_err(store_error)?
             .is_none()
@@ -720,7 +854,7 @@ impl Backend for CoordinatorBackend {
 
     async fn put_schedule(&self, new: NewSchedule) -> Result<ScheduleSummary, BackendError> {
         let client = self.store.client().await.map_err(store_error)?;
-        if definitions::latest(&client, &new.definition)
+        if definitions::latest(&client, &new.namespace, &new.definition)
             .await
             .map_err(store_error)?
             .is_none()
@@ -730,26 +864,39 @@ impl Backend for CoordinatorBackend {
                 new.definition
             )));
         }
-        let row = schedule_row(&new.definition, &new.schedule, new.params)?;
+        let row = schedule_row(&new.namespace, &new.definition, &new.schedule, new.params)?;
         let stored = schedules::put(&client, &row).await.map_err(store_error)?;
         Ok(schedule_summary(stored))
     }
 
-    async fn schedules(&self) -> Result<Vec<ScheduleSummary>, BackendError> {
+    async fn schedules(
+        &self,
+        namespaces: &Namespaces,
+    ) -> Result<Vec<ScheduleSummary>, BackendError> {
         let client = self.store.client().await.map_err(store_error)?;
-        let rows = schedules::list(&client).await.map_err(store_error)?;
+        let rows = schedules::list(&client, namespaces.filter())
+            .await
+            .map_err(store_error)?;
         Ok(rows.into_iter().map(schedule_summary).collect())
     }
 
-    async fn schedule(&self, id: &str) -> Result<Option<ScheduleSummary>, BackendError> {
+    async fn schedule(
+        &self,
+        namespace: &str,
+        id: &str,
+    ) -> Result<Option<ScheduleSummary>, BackendError> {
         let client = self.store.client().await.map_err(store_error)?;
-        let row = schedules::get(&client, id).await.map_err(store_error)?;
+        let row = schedules::get(&client, namespace, id)
+            .await
+            .map_err(store_error)?;
         Ok(row.map(schedule_summary))
     }
 
-    async fn delete_schedule(&self, id: &str) -> Result<bool, BackendError> {
+    async fn delete_schedule(&self, namespace: &str, id: &str) -> Result<bool, BackendError> {
         let client = self.store.client().await.map_err(store_error)?;
-        schedules::delete(&client, id).await.map_err(store_error)
+        schedules::delete(&client, namespace, id)
+            .await
+            .map_err(store_error)
     }
 
     async fn breakers(&self) -> Result<Vec<BreakerSummary>, BackendError> {
@@ -812,6 +959,7 @@ fn worker_status(w: WorkerRecord, health: WorkerHealth) -> WorkerStatus {
 }
 
 fn schedule_row(
+    namespace: &str,
     name: &str,
     schedule: &Schedule,
     params: Map<String, Value>,
@@ -827,6 +975,7 @@ fn schedule_row(
             .unwrap_or_default()
     };
     Ok(ScheduleRow {
+        namespace: namespace.to_string(),
         name: name.to_string(),
         cron: schedule.cron.clone(),
         timezone: schedule.timezone.clone(),

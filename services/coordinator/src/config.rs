@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use flotilla_api_model::check_namespace;
 use flotilla_core::breaker::BreakerConfig;
+use flotilla_core::quota::Quotas;
 
 /// The shortest `FLOTILLA_ADMIN_TOKEN` accepted, so that a placeholder left in a deployment
 /// (`CHANGE-ME`) stops the start instead of becoming the admin's password.
@@ -193,6 +195,13 @@ pub struct Config {
     #[arg(long, env = "FLOTILLA_TRUST_FORWARDED_FOR")]
     pub trust_forwarded_for: bool,
 
+    /// Quotas per namespace, `;`-separated entries `namespace:key=value,…` with keys `runs`
+    /// (runs in flight), `steps` (steps per run, `for_each` instances included) and `rps` (API
+    /// requests per second, counted per coordinator); `*` is every namespace without an entry
+    /// of its own, e.g. `*:runs=100,rps=50;team-a:runs=5` [default: no quota]
+    #[arg(long, env = "FLOTILLA_QUOTAS", default_value = "")]
+    pub quotas: String,
+
     /// Print the effective configuration (passwords hidden) and exit.
     #[arg(long)]
     pub dump_config: bool,
@@ -238,6 +247,15 @@ impl Config {
         Ok(Some(breaker))
     }
 
+    /// The namespaces' quotas; an error names what cannot be read.
+    pub fn quotas(&self) -> Result<Quotas, String> {
+        let quotas = Quotas::parse(&self.quotas).map_err(|e| format!("FLOTILLA_QUOTAS: {e}"))?;
+        for namespace in quotas.named() {
+            check_namespace(namespace).map_err(|e| format!("FLOTILLA_QUOTAS: {e}"))?;
+        }
+        Ok(quotas)
+    }
+
     /// Whether any JWT key is configured.
     pub fn accepts_jwts(&self) -> bool {
         self.jwt_hs256_secret.is_some()
@@ -264,6 +282,7 @@ impl Config {
                 token.chars().count()
             ));
         }
+        self.quotas()?;
         if self.accepts_jwts() && (self.jwt_issuer.is_none() || self.jwt_audience.is_none()) {
             return Err("JWT keys are configured, so FLOTILLA_JWT_ISSUER and \
                         FLOTILLA_JWT_AUDIENCE must say which tokens are meant for this API"
@@ -368,6 +387,7 @@ impl Config {
                 self.jwt_audience.clone().unwrap_or_default(),
             ),
             ("FLOTILLA_PROTECT_METRICS", self.protect_metrics.to_string()),
+            ("FLOTILLA_QUOTAS", self.quotas.clone()),
             (
                 "FLOTILLA_TRUST_FORWARDED_FOR",
                 self.trust_forwarded_for.to_string(),

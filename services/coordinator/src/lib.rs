@@ -83,6 +83,7 @@ pub async fn run(
             breaker,
             max_workflow_depth: config.max_workflow_depth,
             schedule_to_start: config.schedule_to_start(),
+            quotas: config.quotas().map_err(anyhow::Error::msg)?,
             ..EngineConfig::default()
         },
         outbox_tx,
@@ -210,6 +211,8 @@ pub async fn run(
         tokens: access::TokenCache::default(),
         changes,
         lease: config.lease_timeout(),
+        quotas: config.quotas().map_err(anyhow::Error::msg)?,
+        max_instances: config.max_instances,
     });
     let limits = flotilla_api::Limits {
         max_body_bytes: config.max_body_bytes,

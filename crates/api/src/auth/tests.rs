@@ -31,8 +31,13 @@ pub(crate) struct FakeAccess {
 }
 
 impl FakeAccess {
-    /// A token of `scopes`; answers its value.
+    /// A token of `scopes` in every namespace; answers its value.
     fn add(&self, name: &str, scopes: &[&str]) -> String {
+        self.add_in(name, scopes, &[ALL_NAMESPACES])
+    }
+
+    /// A token of `scopes` in `namespaces`; answers its value.
+    fn add_in(&self, name: &str, scopes: &[&str], namespaces: &[&str]) -> String {
         let token = NewToken::generate();
         self.tokens.lock().unwrap().push((
             token.hash,
@@ -40,6 +45,7 @@ impl FakeAccess {
                 id: Uuid::new_v4(),
                 name: name.into(),
                 scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
                 created_at: Utc::now(),
                 last_used_at: None,
                 revoked_at: None,
@@ -68,12 +74,14 @@ impl Access for FakeAccess {
         &self,
         name: String,
         scopes: Vec<String>,
+        namespaces: Vec<String>,
         hash: [u8; 32],
     ) -> Result<TokenSummary, BackendError> {
         let summary = TokenSummary {
             id: Uuid::new_v4(),
             name,
             scopes,
+            namespaces,
             created_at: Utc::now(),
             last_used_at: None,
             revoked_at: None,
@@ -82,19 +90,26 @@ impl Access for FakeAccess {
         Ok(summary)
     }
 
-    async fn tokens(&self) -> Result<Vec<TokenSummary>, BackendError> {
+    async fn tokens(&self, namespaces: &Namespaces) -> Result<Vec<TokenSummary>, BackendError> {
         Ok(self
             .tokens
             .lock()
             .unwrap()
             .iter()
+            .filter(|(_, t)| namespaces.covers(&Namespaces::from_names(t.namespaces.clone())))
             .map(|(_, t)| t.clone())
             .collect())
     }
 
-    async fn revoke_token(&self, id: Uuid) -> Result<Option<TokenSummary>, BackendError> {
+    async fn revoke_token(
+        &self,
+        namespaces: &Namespaces,
+        id: Uuid,
+    ) -> Result<Option<TokenSummary>, BackendError> {
         let mut tokens = self.tokens.lock().unwrap();
-        let Some((_, token)) = tokens.iter_mut().find(|(_, t)| t.id == id) else {
+        let Some((_, token)) = tokens.iter_mut().find(|(_, t)| {
+            t.id == id && namespaces.covers(&Namespaces::from_names(t.namespaces.clone()))
+        }) else {
             return Ok(None);
         };
         token.revoked_at.get_or_insert_with(Utc::now);
@@ -138,6 +153,7 @@ impl App {
             enabled: true,
             protect_metrics: false,
             trust_forwarded_for: false,
+            rate: RateLimiter::default(),
         };
         configure(&mut guard);
         let routes = Router::new()
@@ -316,7 +332,7 @@ async fn a_revoked_token_is_401() {
         StatusCode::OK
     );
     let id = app.access.tokens.lock().unwrap()[0].1.id;
-    app.access.revoke_token(id).await.unwrap();
+    app.access.revoke_token(&Namespaces::All, id).await.unwrap();
     let answer = app.send(Method::GET, "/api/workflows", Some(&token)).await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
 }
@@ -714,4 +730,98 @@ fn routes_need_the_scope_of_what_they_do() {
     for (method, route, scope) in cases {
         assert_eq!(required_scope(&method, route), scope, "{method} {route}");
     }
+}
+
+#[tokio::test]
+async fn a_jwt_names_its_namespaces_and_fleet_wide_routes_need_all_of_them() {
+    let app = App::new(|_| {});
+    let mut team = claims("admin");
+    team["namespaces"] = json!(["team-a"]);
+    let team = hs256(&team);
+    let mut everyone = claims("admin");
+    everyone["namespaces"] = json!("*");
+    let everyone = hs256(&everyone);
+    // Without the claim: `default`, so not all.
+    let plain = hs256(&claims("admin"));
+    for credential in [&team, &plain] {
+        let answer = app.send(Method::GET, "/api/audit", Some(credential)).await;
+        assert_eq!(answer.status, StatusCode::FORBIDDEN);
+        assert!(answer.body.contains("all namespaces"), "{}", answer.body);
+    }
+    let answer = app.send(Method::GET, "/api/audit", Some(&everyone)).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    for bad in [json!("team-a"), json!([]), json!(["Team_A"])] {
+        let mut claims = claims("admin");
+        claims["namespaces"] = bad.clone();
+        let answer = app
+            .send(Method::GET, "/api/workflows", Some(&hs256(&claims)))
+            .await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn a_token_hands_out_only_namespaces_it_sees() {
+    let app = App::new(|_| {});
+    let team = app.access.add_in("team-admin", &["admin"], &["team-a"]);
+    let create = |namespaces: Value| {
+        Request::post("/api/tokens")
+            .header(header::AUTHORIZATION, format!("Bearer {team}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(
+                json!({"name": "ci", "scopes": ["read"], "namespaces": namespaces}).to_string(),
+            ))
+            .unwrap()
+    };
+    let answer = app.request(create(json!([]))).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    let created: Value = serde_json::from_str(&answer.body).unwrap();
+    assert_eq!(created["namespaces"], json!(["team-a"]));
+    for (namespaces, status) in [
+        (json!(["team-b"]), StatusCode::FORBIDDEN),
+        (json!(["*"]), StatusCode::FORBIDDEN),
+        (json!(["Team"]), StatusCode::BAD_REQUEST),
+    ] {
+        let answer = app.request(create(namespaces.clone())).await;
+        assert_eq!(answer.status, status, "{namespaces}: {}", answer.body);
+    }
+    // It lists and revokes only tokens of its namespaces.
+    let answer = app.send(Method::GET, "/api/tokens", Some(&team)).await;
+    let listed: Value = serde_json::from_str(&answer.body).unwrap();
+    let names: Vec<&str> = listed["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["team-admin", "ci"]);
+    let other = app.access.add("root", &["admin"]);
+    let id = app.access.tokens(&Namespaces::All).await.unwrap()[2].id;
+    let answer = app
+        .send(Method::DELETE, &format!("/api/tokens/{id}"), Some(&team))
+        .await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    let answer = app.send(Method::GET, "/api/workflows", Some(&other)).await;
+    assert_eq!(answer.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_namespace_over_its_requests_per_second_is_429_and_audited() {
+    let app = App::new(|guard| {
+        guard.rate = RateLimiter::new(flotilla_core::quota::Quotas::parse("team-a:rps=1").unwrap());
+    });
+    let team = app.access.add_in("team-runner", &["execute"], &["team-a"]);
+    let started = app
+        .send(Method::POST, "/api/workflows/execute", Some(&team))
+        .await;
+    assert_eq!(started.status, StatusCode::ACCEPTED);
+    let request = Request::post("/api/workflows/execute")
+        .header(header::AUTHORIZATION, format!("Bearer {team}"))
+        .body(Body::empty())
+        .unwrap();
+    let response = app.router.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+    let statuses: Vec<u16> = app.access.entries().iter().map(|e| e.status).collect();
+    assert_eq!(statuses, [202, 429]);
 }

@@ -20,6 +20,7 @@ fn app(authentication: bool) -> Router {
         enabled: authentication,
         protect_metrics: authentication,
         trust_forwarded_for: false,
+        rate: crate::RateLimiter::default(),
     };
     secure(
         router_with_health(

@@ -14,7 +14,7 @@ use serde_json::{Map, json};
 use tower::ServiceExt;
 
 use super::*;
-use crate::{AttemptFigures, BackendError};
+use crate::{AttemptFigures, BackendError, Namespaces};
 
 const SEED: &str = "\
 name: build
@@ -153,12 +153,20 @@ impl Backend for FakeBackend {
         })
     }
 
-    async fn run(&self, id: Uuid) -> Result<Option<WorkflowResult>, BackendError> {
+    async fn run(
+        &self,
+        _namespaces: &Namespaces,
+        id: Uuid,
+    ) -> Result<Option<WorkflowResult>, BackendError> {
         let state = self.check()?;
         Ok(state.runs.iter().find(|r| r.workflow_id == id).cloned())
     }
 
-    async fn runs(&self, query: RunQuery) -> Result<RunPage, BackendError> {
+    async fn runs(
+        &self,
+        _namespaces: &Namespaces,
+        query: RunQuery,
+    ) -> Result<RunPage, BackendError> {
         let mut state = self.check()?;
         state.run_queries.push(query);
         Ok(RunPage {
@@ -169,6 +177,7 @@ impl Backend for FakeBackend {
 
     async fn register_definition(
         &self,
+        _namespace: &str,
         definition: Definition,
     ) -> Result<DefinitionSummary, BackendError> {
         let mut state = self.check()?;
@@ -191,12 +200,19 @@ impl Backend for FakeBackend {
         Ok(summary)
     }
 
-    async fn definitions(&self) -> Result<Vec<DefinitionSummary>, BackendError> {
+    async fn definitions(
+        &self,
+        _namespaces: &Namespaces,
+    ) -> Result<Vec<DefinitionSummary>, BackendError> {
         let state = self.check()?;
         Ok(state.definitions.iter().map(|(_, s)| s.clone()).collect())
     }
 
-    async fn definition(&self, name: &str) -> Result<Option<Definition>, BackendError> {
+    async fn definition(
+        &self,
+        _namespace: &str,
+        name: &str,
+    ) -> Result<Option<Definition>, BackendError> {
         let state = self.check()?;
         Ok(state
             .definitions
@@ -208,6 +224,7 @@ impl Backend for FakeBackend {
 
     async fn definition_versions(
         &self,
+        _namespace: &str,
         name: &str,
     ) -> Result<Vec<DefinitionSummary>, BackendError> {
         let state = self.check()?;
@@ -221,6 +238,7 @@ impl Backend for FakeBackend {
 
     async fn definition_detail(
         &self,
+        _namespace: &str,
         name: &str,
         version: Option<&str>,
     ) -> Result<Option<DefinitionDetail>, BackendError> {
@@ -273,6 +291,7 @@ impl Backend for FakeBackend {
     /// A small model of the scheduler's rules: enough to answer each route's outcomes.
     async fn operate(
         &self,
+        _namespaces: &Namespaces,
         id: Uuid,
         operation: Operation,
         actor: String,
@@ -324,7 +343,12 @@ impl Backend for FakeBackend {
         Ok(status)
     }
 
-    async fn logs(&self, id: Uuid, query: LogQuery) -> Result<Option<StepLogs>, BackendError> {
+    async fn logs(
+        &self,
+        _namespaces: &Namespaces,
+        id: Uuid,
+        query: LogQuery,
+    ) -> Result<Option<StepLogs>, BackendError> {
         let mut state = self.check()?;
         let Some(run) = state.runs.iter().find(|r| r.workflow_id == id) else {
             return Ok(None);
@@ -359,7 +383,11 @@ impl Backend for FakeBackend {
         }))
     }
 
-    async fn events(&self, id: Uuid) -> Result<Option<Vec<RunEvent>>, BackendError> {
+    async fn events(
+        &self,
+        _namespaces: &Namespaces,
+        id: Uuid,
+    ) -> Result<Option<Vec<RunEvent>>, BackendError> {
         let state = self.check()?;
         if !state.runs.iter().any(|r| r.workflow_id == id) {
             return Ok(None);
@@ -415,7 +443,11 @@ impl Backend for FakeBackend {
     }
 
     /// A report of the run as its steps stand, without attempts.
-    async fn report(&self, id: Uuid) -> Result<Option<RunReport>, BackendError> {
+    async fn report(
+        &self,
+        _namespaces: &Namespaces,
+        id: Uuid,
+    ) -> Result<Option<RunReport>, BackendError> {
         let state = self.check()?;
         Ok(state
             .runs
@@ -470,15 +502,22 @@ impl Backend for FakeBackend {
         Ok(summary)
     }
 
-    async fn schedules(&self) -> Result<Vec<ScheduleSummary>, BackendError> {
+    async fn schedules(
+        &self,
+        _namespaces: &Namespaces,
+    ) -> Result<Vec<ScheduleSummary>, BackendError> {
         Ok(self.check()?.schedules.clone())
     }
 
-    async fn schedule(&self, id: &str) -> Result<Option<ScheduleSummary>, BackendError> {
+    async fn schedule(
+        &self,
+        _namespace: &str,
+        id: &str,
+    ) -> Result<Option<ScheduleSummary>, BackendError> {
         Ok(self.check()?.schedules.iter().find(|s| s.id == id).cloned())
     }
 
-    async fn delete_schedule(&self, id: &str) -> Result<bool, BackendError> {
+    async fn delete_schedule(&self, _namespace: &str, id: &str) -> Result<bool, BackendError> {
         let mut state = self.check()?;
         let before = state.schedules.len();
         state.schedules.retain(|s| s.id != id);
