@@ -29,6 +29,7 @@ pub struct NewTokenRequest {
     /// them. Left out: the creating credential's namespace, when it has exactly one, or
     /// `default` for a credential of all namespaces.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::schemas::namespaces))]
     pub namespaces: Vec<String>,
 }
 

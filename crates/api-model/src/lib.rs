@@ -25,7 +25,7 @@ pub use access::{
 };
 
 /// Every status a run can have, as the API writes it (`GET /api/workflows?status=` takes one).
-pub const RUN_STATUSES: [&str; 7] = [
+pub const RUN_STATUSES: [&str; 10] = [
     "running",
     "paused",
     "failing",
@@ -33,6 +33,9 @@ pub const RUN_STATUSES: [&str; 7] = [
     "failure",
     "cancelled",
     "needs_attention",
+    "rolling_back",
+    "rolled_back",
+    "rollback_failed",
 ];
 
 /// Schemas of the OpenAPI document that the derives cannot state.
@@ -53,6 +56,14 @@ mod schemas {
             .schema_type(Type::String)
             .enum_values(Some(crate::SCOPES));
         ArrayBuilder::new().items(scope).min_items(Some(1))
+    }
+
+    /// Namespaces (see [`check_namespace`](crate::check_namespace)), or `*` for all of them.
+    pub(crate) fn namespaces() -> ArrayBuilder {
+        let namespace = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^(\\*|[a-z0-9][a-z0-9-]{0,62})$"));
+        ArrayBuilder::new().items(namespace)
     }
 }
 
@@ -507,6 +518,7 @@ pub struct LogQuery {
     pub step: Option<String>,
     /// Only this attempt's lines.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(minimum = 1))]
     pub attempt: Option<u32>,
     /// Only lines after this `seq` (the `nextAfter` of the previous answer); from the start
     /// when unset.
@@ -514,10 +526,12 @@ pub struct LogQuery {
     pub after: Option<u64>,
     /// Most lines answered: 1000 when unset, at most 10000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 10000))]
     pub limit: Option<u32>,
     /// Seconds (at most 30) to wait for a line when there is none yet and the run has not
     /// ended: how a client follows a log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(maximum = 30))]
     pub wait: Option<u32>,
 }
 
@@ -860,16 +874,20 @@ pub struct HealthAuditQuery {
     pub window: Option<String>,
     /// The highest share of an agent's attempts that may fail (0 to 1); `0.001` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(exclusive_minimum = 0, maximum = 1))]
     pub max_error_rate: Option<f64>,
     /// The highest p95 of an agent's attempts' run time, in milliseconds; `500` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(exclusive_minimum = 0))]
     pub max_p95_ms: Option<f64>,
     /// The highest share of the Postgres pool in use (0 to 1); `0.8` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(exclusive_minimum = 0, maximum = 1))]
     pub max_pool_use: Option<f64>,
     /// The longest a lost worker's steps may wait before they run again, in seconds; `30`
     /// when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(exclusive_minimum = 0))]
     pub max_failover_secs: Option<f64>,
 }
 

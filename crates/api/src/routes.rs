@@ -521,7 +521,7 @@ async fn retry<B: Backend>(
     tag = "workflows",
     summary = "Roll back an ended run: undo its steps that succeeded by their compensations, the latest first",
     params(RunPath),
-    request_body(content = Option<Object>, description = "No body, or `{}`"),
+    request_body(content = Option<NoArguments>, description = "No body, or `{}`"),
     responses(OperatorAnswer)
 )]
 async fn rollback<B: Backend>(
