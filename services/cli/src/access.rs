@@ -9,6 +9,7 @@ use uuid::Uuid;
 use crate::cli::Output;
 use crate::client::Client;
 use crate::commands::{Outcome, print_json};
+use crate::out::{out, outln};
 use crate::render::{table, time};
 
 #[derive(Debug, Subcommand)]
@@ -82,7 +83,7 @@ pub async fn tokens(
                         created.summary.scopes.join(" "),
                         created.summary.namespaces.join(" ")
                     );
-                    println!("{}", created.token);
+                    outln!("{}", created.token);
                 }
                 Output::Json => print_json(&created)?,
             }
@@ -90,7 +91,7 @@ pub async fn tokens(
         TokensCommand::List => {
             let list = client.tokens().await?;
             match output {
-                Output::Text => print!("{}", render_tokens(&list)),
+                Output::Text => out!("{}", render_tokens(&list)),
                 Output::Json => print_json(&list)?,
             }
         }
@@ -100,7 +101,7 @@ pub async fn tokens(
                 .await
                 .with_context(|| format!("revoking token {id}"))?;
             match output {
-                Output::Text => println!("revoked token {} ({})", revoked.id, revoked.name),
+                Output::Text => outln!("revoked token {} ({})", revoked.id, revoked.name),
                 Output::Json => print_json(&revoked)?,
             }
         }
@@ -124,7 +125,7 @@ pub async fn audit(client: &Client, args: AuditArgs, output: Output) -> anyhow::
         })
         .await?;
     match output {
-        Output::Text => print!("{}", render_audit(&page)),
+        Output::Text => out!("{}", render_audit(&page)),
         Output::Json => print_json(&page)?,
     }
     Ok(Outcome::Done)

@@ -14,7 +14,7 @@ use crate::params::{Param, parse_param};
 /// What `--help` says of the exit codes (README's CLI section says the same).
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  the command did what was asked
+  0  the command did what was asked, or its reader stopped reading (`| head`)
   1  the request was understood but the outcome is not the one asked for: a run waited for
      (--wait) failed or was cancelled, an operator's action was refused by the run's state, a
      dead letter to redrive was not retried, or `agents health` found no healthy worker

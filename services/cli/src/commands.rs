@@ -19,6 +19,7 @@ use crate::cli::{
     WorkflowsCommand,
 };
 use crate::client::{Client, ClientError};
+use crate::out::{out, outln};
 use crate::render;
 use crate::{access, actor, metrics, params};
 
@@ -71,7 +72,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let scheduled = definition.schedule.is_some();
             let view = render::PlanView::new(&plan, scheduled, &subset);
             match output {
-                Output::Text => print!("{}", render::plan(&view)),
+                Output::Text => out!("{}", render::plan(&view)),
                 Output::Json => print_json(&view)?,
             }
             Ok(Outcome::Done)
@@ -113,14 +114,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             };
             if !wait.wait {
                 match output {
-                    Output::Text => println!("{}", response.workflow_id),
+                    Output::Text => outln!("{}", response.workflow_id),
                     Output::Json => print_json(&response)?,
                 }
                 return Ok(Outcome::Done);
             }
             if output == Output::Text {
                 // Print the id at once, so that it is known even if the wait is cut short.
-                println!("{}", response.workflow_id);
+                outln!("{}", response.workflow_id);
             }
             let result = follow(&client, response.workflow_id, wait).await?;
             show_run(&result, output, jaeger)?;
@@ -151,7 +152,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 .await?;
             match output {
                 Output::Text => {
-                    print!("{}", render::runs(&page));
+                    out!("{}", render::runs(&page));
                     if let Some(next) = &page.next_cursor {
                         // On stderr, so that stdout stays a clean table for other tools.
                         eprintln!("more runs: flotilla workflows list --cursor {next}");
@@ -193,7 +194,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Workflows(WorkflowsCommand::History { id }) => {
             let list = client.events(id).await?;
             match output {
-                Output::Text => print!("{}", render::events(&list)),
+                Output::Text => out!("{}", render::events(&list)),
                 Output::Json => print_json(&list)?,
             }
             Ok(Outcome::Done)
@@ -201,7 +202,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Workflows(WorkflowsCommand::Report { id }) => {
             let report = client.report(id).await?;
             match output {
-                Output::Text => print!("{}", render::report(&report)),
+                Output::Text => out!("{}", render::report(&report)),
                 Output::Json => print_json(&report)?,
             }
             Ok(Outcome::Done)
@@ -222,7 +223,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             };
             let summary = client.register_definition(&request).await?;
             match output {
-                Output::Text => print!("{}", render::registered(&summary)),
+                Output::Text => out!("{}", render::registered(&summary)),
                 Output::Json => print_json(&summary)?,
             }
             Ok(Outcome::Done)
@@ -231,7 +232,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let detail = client.definition(&name, version.as_deref()).await?;
             let versions = client.definition_versions(&name).await?;
             match output {
-                Output::Text => print!("{}", render::definition(&detail, &versions)),
+                Output::Text => out!("{}", render::definition(&detail, &versions)),
                 Output::Json => print_json(&serde_json::json!({
                     "definition": detail,
                     "versions": versions.versions,
@@ -242,7 +243,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Definitions(DefinitionsCommand::List) => {
             let list = client.definitions().await?;
             match output {
-                Output::Text => print!("{}", render::definitions(&list)),
+                Output::Text => out!("{}", render::definitions(&list)),
                 Output::Json => print_json(&list)?,
             }
             Ok(Outcome::Done)
@@ -255,7 +256,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 })
                 .await?;
             match output {
-                Output::Text => print!("{}", render::dead_letters(&list, all)),
+                Output::Text => out!("{}", render::dead_letters(&list, all)),
                 Output::Json => print_json(&list)?,
             }
             Ok(Outcome::Done)
@@ -263,7 +264,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Schedules(SchedulesCommand::List) => {
             let list = client.schedules().await?;
             match output {
-                Output::Text => print!("{}", render::schedules(&list)),
+                Output::Text => out!("{}", render::schedules(&list)),
                 Output::Json => print_json(&list)?,
             }
             Ok(Outcome::Done)
@@ -286,7 +287,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             };
             let schedule = client.add_schedule(&request).await?;
             match output {
-                Output::Text => println!(
+                Output::Text => outln!(
                     "scheduled {} ({} {}); next run at {}",
                     schedule.id,
                     schedule.cron,
@@ -300,7 +301,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Schedules(SchedulesCommand::Remove { name }) => {
             client.remove_schedule(&name).await?;
             match output {
-                Output::Text => println!("removed the schedule of {name}"),
+                Output::Text => outln!("removed the schedule of {name}"),
                 Output::Json => print_json(&serde_json::json!({ "removed": name }))?,
             }
             Ok(Outcome::Done)
@@ -308,7 +309,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Agents(AgentsCommand::List) => {
             let list = client.agents().await?;
             match output {
-                Output::Text => print!("{}", render::agents(&list)),
+                Output::Text => out!("{}", render::agents(&list)),
                 Output::Json => print_json(&list)?,
             }
             Ok(Outcome::Done)
@@ -316,7 +317,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Agents(AgentsCommand::Health { name }) => {
             let health = client.agent_health(&name).await?;
             match output {
-                Output::Text => println!("{}", render::agent_health(&health)),
+                Output::Text => outln!("{}", render::agent_health(&health)),
                 Output::Json => print_json(&health)?,
             }
             if health.health == AGENT_HEALTHY {
@@ -331,7 +332,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         } => {
             let summary = client.metrics_summary(&range).await?;
             match output {
-                Output::Text => print!("{}", metrics::render_range(&summary, agent.as_deref())),
+                Output::Text => out!("{}", metrics::render_range(&summary, agent.as_deref())),
                 Output::Json => print_json(&summary)?,
             }
             Ok(Outcome::Done)
@@ -353,7 +354,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 })
                 .await?;
             match output {
-                Output::Text => print!("{}", render::audit(&audit)),
+                Output::Text => out!("{}", render::audit(&audit)),
                 Output::Json => print_json(&audit)?,
             }
             Ok(match audit.exit_code() {
@@ -365,7 +366,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Metrics { agent, range: None } => {
             let summary = metrics::summarize(&client.metrics().await?, agent.as_deref());
             match output {
-                Output::Text => print!("{}", metrics::render(&summary)),
+                Output::Text => out!("{}", metrics::render(&summary)),
                 Output::Json => print_json(&summary)?,
             }
             Ok(Outcome::Done)
@@ -373,7 +374,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Agents(AgentsCommand::Breakers) => {
             let list = client.breakers().await?;
             match output {
-                Output::Text => print!("{}", render::breakers(&list)),
+                Output::Text => out!("{}", render::breakers(&list)),
                 Output::Json => print_json(&list)?,
             }
             Ok(Outcome::Done)
@@ -381,7 +382,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Agents(AgentsCommand::BreakerReset { name }) => {
             let breaker = client.reset_breaker(&name, &actor::local()).await?;
             match output {
-                Output::Text => print!(
+                Output::Text => out!(
                     "{}",
                     render::breakers(&BreakerList {
                         breakers: vec![breaker]
@@ -396,8 +397,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             // Into a buffer: clap_complete panics on a write error, a closed pipe included.
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut command, "flotilla", &mut script);
-            std::io::Write::write_all(&mut std::io::stdout(), &script)
-                .context("could not write the completion script")?;
+            out!("{}", String::from_utf8_lossy(&script));
             Ok(Outcome::Done)
         }
         Command::Tokens(command) => access::tokens(&client, command, output).await,
@@ -405,7 +405,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Dlq(DlqCommand::Redrive { ids, all }) => {
             let response = client.redrive(&RedriveRequest { ids, all }).await?;
             match output {
-                Output::Text => print!("{}", render::redriven(&response)),
+                Output::Text => out!("{}", render::redriven(&response)),
                 Output::Json => print_json(&response)?,
             }
             if response.redriven.iter().all(RedriveOutcome::retried) {
@@ -428,7 +428,7 @@ async fn operate(
     match client.operate(id, &operation, &actor::local()).await {
         Ok(response) => {
             match output {
-                Output::Text => print!("{}", render::operated(&response, operation.step())),
+                Output::Text => out!("{}", render::operated(&response, operation.step())),
                 Output::Json => print_json(&response)?,
             }
             Ok(Outcome::Done)
@@ -503,17 +503,15 @@ async fn logs(
 }
 
 fn print_log_line(line: &StepLogLine, prefixed: bool, output: Output) -> anyhow::Result<()> {
-    use std::io::Write;
     if output == Output::Json {
-        println!("{}", serde_json::to_string(line)?);
+        outln!("{}", serde_json::to_string(line)?);
         return Ok(());
     }
     let text = render::log_line(line, prefixed);
-    // A closed pipe (`| head`) ends the command like any other write error.
     if line.stream == "stderr" {
-        writeln!(std::io::stderr(), "{text}")?;
+        eprintln!("{text}");
     } else {
-        writeln!(std::io::stdout(), "{text}")?;
+        outln!("{text}");
     }
     Ok(())
 }
@@ -524,7 +522,7 @@ fn read(file: &Path) -> anyhow::Result<String> {
 }
 
 pub(crate) fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -535,9 +533,9 @@ fn show_run(
 ) -> anyhow::Result<()> {
     match output {
         Output::Text => {
-            print!("{}", render::summary(result));
+            out!("{}", render::summary(result));
             if let Some(link) = jaeger.and_then(|base| render::trace_link(base, &result.trace_id)) {
-                println!("\nTrace     {link}");
+                outln!("\nTrace     {link}");
             }
         }
         Output::Json => print_json(result)?,

@@ -5,6 +5,10 @@
 //! an operator's action (the request was understood, but not carried out), or the worst check
 //! of `doctor` warns; 2 for everything else (usage, an unreachable coordinator, a request the
 //! coordinator refused as malformed or naming nothing it knows, a `doctor` check that fails).
+//! A closed standard output (`| head`) ends a command with 0.
+
+// Standard output goes through `out`, which survives a reader that went away.
+#![deny(clippy::print_stdout)]
 
 mod access;
 mod actor;
@@ -12,6 +16,7 @@ mod cli;
 mod client;
 mod commands;
 mod metrics;
+mod out;
 mod params;
 mod render;
 

@@ -756,6 +756,31 @@ async fn status_prints_the_run_as_json() {
 }
 
 #[tokio::test]
+async fn a_reader_that_stopped_reading_ends_the_command_quietly() {
+    // `flotilla workflows status ID | head -1`: the reader is gone before the summary is written.
+    let run = result(
+        "failure",
+        vec![step("scaffold", "failure", 3, Some("boom"))],
+    );
+    let url = serve(Coordinator::scripted(vec![run])).await;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["workflows", "status", &RUN_ID.to_string()])
+        .env("FLOTILLA_URL", &url)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs")
+        .wait_with_output()
+        .await
+        .unwrap();
+
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(stderr(&output), "");
+}
+
+#[tokio::test]
 async fn status_of_an_unknown_run_exits_2() {
     let url = serve(Coordinator::scripted(Vec::new())).await;
     let id = Uuid::nil();
