@@ -120,41 +120,29 @@ pub fn summary(result: &WorkflowResult) -> String {
         .steps
         .iter()
         .map(|step| {
-            let mut note = step.error.clone().unwrap_or_default();
-            // What the step's strikes did, beyond its own retries.
+            // What the step's strikes did, beyond its own retries, then its error.
             let strike = match step.strike {
-                2 => "strike 2: fallback",
-                3 => "strike 3: escalated",
-                _ => "",
+                2 => Some("strike 2: fallback"),
+                3 => Some("strike 3: escalated"),
+                _ => None,
             };
-            if !strike.is_empty() {
-                note = if note.is_empty() {
-                    strike.to_string()
-                } else {
-                    format!("{strike}; {note}")
-                };
-            }
-            if let Some(held) = &step.held {
-                if !note.is_empty() {
-                    note.push('\n');
-                }
-                note.push_str(held);
+            let first: Vec<&str> = strike.into_iter().chain(step.error.as_deref()).collect();
+            let mut lines = vec![first.join("; ")];
+            lines.extend(step.held.clone());
+            if step.waiting_for_worker {
+                lines.push(format!("waiting: no live worker serves `{}`", step.agent));
             }
             if let Some(next) = step.next_attempt_at {
-                if !note.is_empty() {
-                    note.push('\n');
-                }
-                let _ = write!(note, "next attempt at {}", time(next));
+                lines.push(format!("next attempt at {}", time(next)));
             }
             if let Some(workflow) = &step.workflow {
-                if !note.is_empty() {
-                    note.push('\n');
-                }
-                let _ = write!(note, "workflow {workflow}");
-                if let Some(child) = step.child_workflow_id {
-                    let _ = write!(note, ": run {child}");
-                }
+                lines.push(match step.child_workflow_id {
+                    Some(child) => format!("workflow {workflow}: run {child}"),
+                    None => format!("workflow {workflow}"),
+                });
             }
+            lines.retain(|line| !line.is_empty());
+            let note = lines.join("\n");
             vec![
                 step.step_id.clone(),
                 step.status.clone(),
@@ -862,6 +850,21 @@ STEP   STATUS   ATTEMPTS  ERROR
 fetch  running  1         timeout
                           next attempt at 2025-06-15 15:07:10 UTC
 "
+        );
+    }
+
+    #[test]
+    fn a_step_no_worker_takes_says_so() {
+        let mut run = failed_run();
+        run.status = "running".into();
+        run.steps = vec![StepResult {
+            waiting_for_worker: true,
+            ..step("scaffold", "running", 1, None)
+        }];
+        let text = summary(&run);
+        assert!(
+            text.ends_with("scaffold  running  1         waiting: no live worker serves `agent`\n"),
+            "{text}"
         );
     }
 

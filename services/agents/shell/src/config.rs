@@ -92,8 +92,9 @@ impl File {
             Some(root) => root,
             None => std::env::current_dir()?,
         };
-        let root = root
-            .canonicalize()
+        // A root that is not there yet is made, as a working directory is by most tools.
+        let root = std::fs::create_dir_all(&root)
+            .and_then(|()| root.canonicalize())
             .map_err(|e| anyhow::anyhow!("root {} is not usable: {e}", root.display()))?;
         if !root.is_dir() {
             anyhow::bail!("root {} is not a directory", root.display());
@@ -152,23 +153,43 @@ mod tests {
     }
 
     #[test]
-    fn unknown_fields_and_missing_roots_are_refused() {
+    fn unknown_fields_and_roots_that_are_files_are_refused() {
         let error = serde_yaml_ng::from_str::<File>("allowed: [cargo]").unwrap_err();
         assert!(
             error.to_string().contains("unknown field `allowed`"),
             "{error}"
         );
+        let file = std::env::temp_dir().join(format!("flotilla-shell-root-{}", std::process::id()));
+        std::fs::write(&file, "not a directory").unwrap();
         let error = File {
             allow: Some(vec!["cargo".into()]),
-            root: Some("/no/such/root".into()),
+            root: Some(file.join("below")),
             ..File::default()
         }
         .resolve()
         .unwrap_err()
         .to_string();
+        std::fs::remove_file(&file).unwrap();
         assert!(
-            error.contains("root /no/such/root is not usable"),
+            error.contains(&format!("root {}/below is not usable", file.display())),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_missing_root_is_made() {
+        let root = std::env::temp_dir()
+            .join(format!("flotilla-shell-new-root-{}", std::process::id()))
+            .join("builds");
+        let config = File {
+            allow: Some(vec!["cargo".into()]),
+            root: Some(root.clone()),
+            ..File::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(root.is_dir());
+        assert_eq!(config.root, root.canonicalize().unwrap());
+        std::fs::remove_dir_all(root.parent().unwrap()).unwrap();
     }
 }
