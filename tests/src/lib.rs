@@ -682,3 +682,49 @@ pub async fn webhook() -> anyhow::Result<(
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok((url, received))
 }
+
+/// A reader of `GET /api/events` (server-sent `runs` events).
+pub struct RunChanges {
+    stream: reqwest::Response,
+    buffer: String,
+}
+
+impl RunChanges {
+    /// Opens the stream at `url` as `client`; fails on a status other than 200.
+    pub async fn open(client: &reqwest::Client, url: &str) -> anyhow::Result<Self> {
+        let stream = client.get(url).send().await?.error_for_status()?;
+        anyhow::ensure!(
+            stream.headers()["content-type"] == "text/event-stream",
+            "not an event stream: {:?}",
+            stream.headers()
+        );
+        Ok(Self {
+            stream,
+            buffer: String::new(),
+        })
+    }
+
+    /// The next event's data as JSON, waiting at most `wait` for each chunk; `None` when the
+    /// stream ended.
+    pub async fn next(&mut self, wait: Duration) -> anyhow::Result<Option<serde_json::Value>> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let data: Vec<&str> = block
+                    .lines()
+                    .filter_map(|line| line.strip_prefix("data: "))
+                    .collect();
+                if data.is_empty() {
+                    // A keep-alive comment.
+                    continue;
+                }
+                anyhow::ensure!(block.starts_with("event: runs\n"), "{block}");
+                return Ok(Some(serde_json::from_str(&data.concat())?));
+            }
+            match tokio::time::timeout(wait, self.stream.chunk()).await?? {
+                Some(chunk) => self.buffer.push_str(std::str::from_utf8(&chunk)?),
+                None => return Ok(None),
+            }
+        }
+    }
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use base64::Engine as _;
 use flotilla_tests::workload::{eventually, poll_until};
-use flotilla_tests::{Fleet, Launch, target_dir};
+use flotilla_tests::{Fleet, Launch, RunChanges, target_dir};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
@@ -344,32 +344,6 @@ async fn watch_and_cancel(
     Ok(())
 }
 
-/// The next event of a `text/event-stream`: its data as JSON; `None` when the stream ended.
-async fn next_event(
-    stream: &mut reqwest::Response,
-    buffer: &mut String,
-) -> anyhow::Result<Option<Value>> {
-    loop {
-        if let Some(end) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..end + 2).collect();
-            let data: Vec<&str> = block
-                .lines()
-                .filter_map(|line| line.strip_prefix("data: "))
-                .collect();
-            if data.is_empty() {
-                // A keep-alive comment.
-                continue;
-            }
-            assert!(block.starts_with("event: runs\n"), "{block}");
-            return Ok(Some(serde_json::from_str(&data.concat())?));
-        }
-        match tokio::time::timeout(WAIT, stream.chunk()).await?? {
-            Some(chunk) => buffer.push_str(std::str::from_utf8(&chunk)?),
-            None => return Ok(None),
-        }
-    }
-}
-
 #[tokio::test]
 async fn every_coordinator_streams_the_changes_any_of_them_commits() -> anyhow::Result<()> {
     let mut fleet = Fleet::new();
@@ -380,11 +354,9 @@ async fn every_coordinator_streams_the_changes_any_of_them_commits() -> anyhow::
 
     let refused = reqwest::get(&url).await?;
     assert_eq!(refused.status(), 401, "the stream needs a credential");
-    let mut stream = fleet.http().get(&url).send().await?.error_for_status()?;
-    assert_eq!(stream.headers()["content-type"], "text/event-stream");
-    let mut buffer = String::new();
+    let mut stream = RunChanges::open(&fleet.http(), &url).await?;
     assert_eq!(
-        next_event(&mut stream, &mut buffer).await?,
+        stream.next(WAIT).await?,
         Some(json!({})),
         "the stream starts by naming no run: read everything"
     );
@@ -399,9 +371,7 @@ async fn every_coordinator_streams_the_changes_any_of_them_commits() -> anyhow::
         .await?;
     let mut named = 0;
     while named < 2 {
-        let event = next_event(&mut stream, &mut buffer)
-            .await?
-            .context("the stream ended early")?;
+        let event = stream.next(WAIT).await?.context("the stream ended early")?;
         if event["runs"]
             .as_array()
             .is_some_and(|runs| runs.contains(&json!(id.to_string())))
@@ -414,7 +384,7 @@ async fn every_coordinator_streams_the_changes_any_of_them_commits() -> anyhow::
     // A coordinator shutting down ends its streams instead of waiting for their readers.
     let stopped = fleet.coordinator(second).terminate();
     // Each read waits at most WAIT: the stream must end, not merely fall quiet.
-    while next_event(&mut stream, &mut buffer).await?.is_some() {}
+    while stream.next(WAIT).await?.is_some() {}
     let status = tokio::time::timeout(WAIT, stopped)
         .await?
         .context("the coordinator's exit")?;

@@ -2,7 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use flotilla_tests::{Fleet, authorized_client};
+use anyhow::Context;
+use flotilla_tests::{Fleet, RunChanges, authorized_client};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -326,6 +327,59 @@ async fn a_tenant_sees_and_touches_only_its_own_namespace() -> anyhow::Result<()
     .await?;
     assert_eq!(status, 200, "{body}");
     fleet.cleanup().await
+}
+
+#[tokio::test]
+async fn a_tenant_s_event_stream_names_only_its_own_runs() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    let a = authorized_client(
+        &token(
+            &fleet,
+            "team-a-runner",
+            &["read", "execute"],
+            &["--namespace", "team-a"],
+        )
+        .await?,
+    );
+    let b = authorized_client(
+        &token(
+            &fleet,
+            "team-b-runner",
+            &["execute"],
+            &["--namespace", "team-b"],
+        )
+        .await?,
+    );
+    let mut stream = RunChanges::open(&a, &format!("{}/api/events", fleet.url())).await?;
+    assert_eq!(stream.next(WAIT).await?, Some(json!({})));
+
+    // B's run commits first, then A's: A's stream names A's run and nothing of B's before it.
+    let mut started = Vec::new();
+    for client in [&b, &a] {
+        let (status, _, body) = post(
+            &fleet,
+            client,
+            "/api/workflows/execute",
+            json!({"yaml": IDLE}),
+        )
+        .await?;
+        assert_eq!(status, 202, "{body}");
+        started.push(body["workflowId"].clone());
+    }
+    let [theirs, ours] = [&started[0], &started[1]];
+    loop {
+        let event = stream.next(WAIT).await?.context("the stream ended")?;
+        let named = event["runs"].as_array().cloned().unwrap_or_default();
+        assert!(
+            !named.contains(theirs),
+            "B's run {theirs} told to A: {event}"
+        );
+        if named.contains(ours) {
+            break;
+        }
+    }
+    fleet.stop().await
 }
 
 #[tokio::test]

@@ -210,10 +210,12 @@ pub trait Backend: Send + Sync + 'static {
         bucket: std::time::Duration,
     ) -> impl Future<Output = Result<(AttemptFigures, Vec<(u64, AttemptFigures)>), BackendError>> + Send;
 
-    /// The changes of runs from now on, as their transactions commit, whoever made them (this
-    /// coordinator or another); `runs: None` when they cannot be named (too many, or some may
-    /// have been missed). The stream ends when the server shuts down.
-    fn changes(&self) -> impl Stream<Item = RunsChanged> + Send + use<Self>;
+    /// The changes of runs in `namespaces` from now on, as their transactions commit, whoever
+    /// made them (this coordinator or another); `runs: None` when they cannot be named (too
+    /// many, or some may have been missed). A change that names only other namespaces' runs is
+    /// not told. The stream ends when the server shuts down.
+    fn changes(&self, namespaces: Namespaces)
+    -> impl Stream<Item = RunsChanged> + Send + use<Self>;
 
     /// Every agent with a registered worker (healthy or not) or an attempt waiting for a worker,
     /// in name order; only `agent`, when given (then empty when nothing is known of it).

@@ -1444,7 +1444,8 @@ const RUNS_EVENT: &str = "runs";
     path = "/api/events",
     tag = "events",
     summary = "Changes of runs as they commit, on any coordinator (server-sent events)",
-    description = "A `text/event-stream` of `runs` events whose data is a `RunsChanged`. The \
+    description = "A `text/event-stream` of `runs` events whose data is a `RunsChanged`, naming \
+                   only runs of the credential's namespaces. The \
                    first event names no run (read again what is shown); a comment is sent every \
                    15 s to keep idle connections open. Send the credential as for any route \
                    (read the stream with `fetch`: `EventSource` cannot send it).",
@@ -1452,11 +1453,11 @@ const RUNS_EVENT: &str = "runs";
         (status = 200, description = "The stream", content_type = "text/event-stream", body = RunsChanged)
     )
 )]
-async fn events<B: Backend>(State(backend): State<Arc<B>>) -> impl IntoResponse {
+async fn events<B: Backend>(State(backend): State<Arc<B>>, tenant: Tenant) -> impl IntoResponse {
     use futures_util::StreamExt;
     let everything = RunsChanged { runs: None };
     let changes = futures_util::stream::once(std::future::ready(everything))
-        .chain(backend.changes())
+        .chain(backend.changes(tenant.visible()))
         .map(|changed| Event::default().event(RUNS_EVENT).json_data(changed));
     Sse::new(changes).keep_alive(KeepAlive::default())
 }

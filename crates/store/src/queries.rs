@@ -138,6 +138,21 @@ pub struct AttemptRecord {
     pub agent: Option<String>,
 }
 
+/// Of `ids`, the runs in `namespaces` (all of them for `None`).
+pub async fn runs_in(
+    client: &impl GenericClient,
+    namespaces: Option<&[String]>,
+    ids: &[Uuid],
+) -> Result<Vec<Uuid>, Error> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT id FROM runs WHERE id = ANY($1) AND ($2::text[] IS NULL OR namespace = ANY($2))",
+        )
+        .await?;
+    let rows = client.query(&stmt, &[&ids, &namespaces]).await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
 /// The definition a run started with (its stored content), and every attempt of its steps in
 /// plan and attempt order; `None` when there is no such run.
 pub async fn run_attempts(

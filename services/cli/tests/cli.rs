@@ -292,6 +292,7 @@ impl Backend for Coordinator {
     // The CLI reads no event stream.
     fn changes(
         &self,
+        _namespaces: Namespaces,
     ) -> impl futures_util::Stream<Item = flotilla_api_model::RunsChanged> + Send + use<> {
         futures_util::stream::empty()
     }

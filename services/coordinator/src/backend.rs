@@ -829,8 +829,38 @@ impl Backend for CoordinatorBackend {
         ))
     }
 
-    fn changes(&self) -> impl futures_util::Stream<Item = RunsChanged> + Send + use<> {
-        self.changes.subscribe()
+    fn changes(
+        &self,
+        namespaces: Namespaces,
+    ) -> impl futures_util::Stream<Item = RunsChanged> + Send + use<> {
+        use futures_util::StreamExt;
+        let changes = self.changes.subscribe();
+        let Namespaces::Only(names) = namespaces else {
+            return changes.left_stream();
+        };
+        // Run ids of other tenants are not told: each named change is narrowed in Postgres
+        // (a run's namespace never changes). A failed lookup says "anything may have changed",
+        // which names no run.
+        let store = self.store.clone();
+        changes
+            .filter_map(move |changed| {
+                let (store, names) = (store.clone(), names.clone());
+                async move {
+                    let Some(runs) = changed.runs else {
+                        return Some(changed);
+                    };
+                    let visible = async {
+                        let client = store.client().await?;
+                        queries::runs_in(&client, Some(&names), &runs).await
+                    };
+                    match visible.await {
+                        Ok(runs) if runs.is_empty() => None,
+                        Ok(runs) => Some(RunsChanged { runs: Some(runs) }),
+                        Err(_) => Some(RunsChanged { runs: None }),
+                    }
+                }
+            })
+            .right_stream()
     }
 
     async fn events(

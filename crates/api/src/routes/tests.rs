@@ -419,7 +419,10 @@ impl Backend for FakeBackend {
         Ok(state.figures.clone())
     }
 
-    fn changes(&self) -> impl futures_util::Stream<Item = RunsChanged> + Send + use<> {
+    fn changes(
+        &self,
+        _namespaces: Namespaces,
+    ) -> impl futures_util::Stream<Item = RunsChanged> + Send + use<> {
         futures_util::stream::iter(self.state().changes.clone())
     }
 
