@@ -929,11 +929,7 @@ async fn health_audit<B: Backend>(
     State(backend): State<Arc<B>>,
     Query(query): Query<HealthAuditQuery>,
 ) -> Result<axum::Json<HealthAudit>, ApiError> {
-    let window = query
-        .window
-        .clone()
-        .unwrap_or_else(|| DEFAULT_SUMMARY_RANGE.to_owned());
-    let length = flotilla_api_model::parse_range(&window).map_err(ApiError::invalid_request)?;
+    let (window, length) = time_range(query.window.clone())?;
     let targets = query.targets().map_err(ApiError::invalid_request)?;
     let checks = backend
         .health_audit(chrono::Utc::now() - length, targets)
@@ -955,10 +951,7 @@ async fn metrics_summary<B: Backend>(
     State(backend): State<Arc<B>>,
     Query(query): Query<SummaryQuery>,
 ) -> Result<axum::Json<MetricsSummary>, ApiError> {
-    let range = query
-        .range
-        .unwrap_or_else(|| DEFAULT_SUMMARY_RANGE.to_owned());
-    let length = flotilla_api_model::parse_range(&range).map_err(ApiError::invalid_request)?;
+    let (range, length) = time_range(query.range)?;
     let until = chrono::Utc::now();
     let since = until - length;
     let agents = backend.attempts_since(since).await?;
@@ -1381,10 +1374,7 @@ async fn agent_metrics<B: Backend>(
     Path(AgentPath { name }): Path<AgentPath>,
     Query(query): Query<SummaryQuery>,
 ) -> Result<axum::Json<AgentMetrics>, ApiError> {
-    let range = query
-        .range
-        .unwrap_or_else(|| DEFAULT_SUMMARY_RANGE.to_owned());
-    let length = flotilla_api_model::parse_range(&range).map_err(ApiError::invalid_request)?;
+    let (range, length) = time_range(query.range)?;
     let until = chrono::Utc::now();
     let since = until - length;
     let bucket = length / METRICS_BUCKETS;
@@ -1431,6 +1421,13 @@ async fn agent_metrics<B: Backend>(
 
 fn percentiles(figures: &crate::backend::AttemptFigures) -> [Option<f64>; 3] {
     figures.run_time_ms.map_or([None; 3], |p| p.map(Some))
+}
+
+/// A range of time asked for (`1h`, `30m`…; the default when unset): as asked, and its length.
+fn time_range(asked: Option<String>) -> Result<(String, std::time::Duration), ApiError> {
+    let range = asked.unwrap_or_else(|| DEFAULT_SUMMARY_RANGE.to_owned());
+    let length = flotilla_api_model::parse_range(&range).map_err(ApiError::invalid_request)?;
+    Ok((range, length))
 }
 
 /// The name of the events of `GET /api/events`.
