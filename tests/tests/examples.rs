@@ -57,43 +57,61 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A fleet whose `build` channel notifies `hook`, with a shell agent serving `build` in `root`
-/// as the README starts it.
-async fn build_fleet(hook: &str, root: &Path) -> anyhow::Result<Fleet> {
-    let mut fleet = Fleet::new().coordinator_env("FLOTILLA_NOTIFY_BUILD_URL", hook);
-    fleet.start_coordinator().await?;
+/// Starts a shell agent serving `agent` in `root`, allowed `allow`, as the README starts it.
+fn start_shell(fleet: &mut Fleet, agent: &str, allow: &str, root: &Path) -> anyhow::Result<()> {
     let mut shell = Command::new(binary("flotilla-agent-shell"));
     shell
-        .args(["--agent", "build", "--allow", "cargo,cp,install"])
+        .args(["--agent", agent, "--worker-id", agent, "--allow", allow])
         .arg("--root")
         .arg(root)
         .env("RUST_LOG", "warn");
-    fleet.start_worker_command("build", &["build"], shell, Launch::once())?;
-    Ok(fleet)
+    fleet.start_worker_command(agent, &[agent], shell, Launch::once())?;
+    Ok(())
 }
 
-/// `flotilla workflows execute examples/build-project.yaml --wait` with these paths.
-async fn build(fleet: &Fleet, source: &Path, deploy: &Path) -> anyhow::Result<(bool, Uuid)> {
-    let file = repo_file("examples/build-project.yaml");
-    let (status, stdout, stderr) = fleet
-        .cli(&[
-            "workflows",
-            "execute",
-            file.to_str().unwrap(),
-            "--wait",
-            "--timeout",
-            &WAIT.as_secs().to_string(),
-            "--param",
-            &format!("source={}", source.display()),
-            "--param",
-            &format!("deploy_dir={}", deploy.display()),
-        ])
-        .await?;
+/// `flotilla workflows execute examples/<example> --wait` with `params` (`name=value`): whether
+/// the run succeeded, and its id. The CLI failing otherwise than by the run failing is an error.
+async fn execute_example(
+    fleet: &Fleet,
+    example: &str,
+    params: &[String],
+) -> anyhow::Result<(bool, Uuid)> {
+    let file = repo_file(&format!("examples/{example}"));
+    let timeout = WAIT.as_secs().to_string();
+    let mut args = vec![
+        "workflows",
+        "execute",
+        file.to_str().unwrap(),
+        "--wait",
+        "--timeout",
+        &timeout,
+    ];
+    for param in params {
+        args.extend(["--param", param]);
+    }
+    let (status, stdout, stderr) = fleet.cli(&args).await?;
     anyhow::ensure!(
         matches!(status.code(), Some(0 | 1)),
         "the CLI failed ({status}):\n{stdout}\n{stderr}"
     );
     Ok((status.success(), run_id_from(&stdout)))
+}
+
+/// A fleet whose `build` channel notifies `hook`, with a shell agent serving `build` in `root`.
+async fn build_fleet(hook: &str, root: &Path) -> anyhow::Result<Fleet> {
+    let mut fleet = Fleet::new().coordinator_env("FLOTILLA_NOTIFY_BUILD_URL", hook);
+    fleet.start_coordinator().await?;
+    start_shell(&mut fleet, "build", "cargo,cp,install", root)?;
+    Ok(fleet)
+}
+
+/// `flotilla workflows execute examples/build-project.yaml --wait` with these paths.
+async fn build(fleet: &Fleet, source: &Path, deploy: &Path) -> anyhow::Result<(bool, Uuid)> {
+    let params = [
+        format!("source={}", source.display()),
+        format!("deploy_dir={}", deploy.display()),
+    ];
+    execute_example(fleet, "build-project.yaml", &params).await
 }
 
 #[tokio::test]
@@ -190,36 +208,17 @@ async fn a_build_that_fails_fails_its_run_and_notifies_the_webhook() -> anyhow::
 async fn data_fleet(root: &Path) -> anyhow::Result<Fleet> {
     let mut fleet = Fleet::new();
     fleet.start_coordinator().await?;
-    let mut shell = Command::new(binary("flotilla-agent-shell"));
-    shell
-        .args(["--agent", "data", "--allow", "awk,install"])
-        .arg("--root")
-        .arg(root)
-        .env("RUST_LOG", "warn");
-    fleet.start_worker_command("data", &["data"], shell, Launch::once())?;
+    start_shell(&mut fleet, "data", "awk,install", root)?;
     Ok(fleet)
 }
 
 /// `flotilla workflows execute examples/sales-pipeline.yaml --wait` over `source`.
 async fn sales(fleet: &Fleet, source: &Path, export: &Path) -> anyhow::Result<(bool, Uuid)> {
-    let file = repo_file("examples/sales-pipeline.yaml");
-    let (status, stdout, stderr) = fleet
-        .cli(&[
-            "workflows",
-            "execute",
-            file.to_str().unwrap(),
-            "--wait",
-            "--param",
-            &format!("source={}", source.display()),
-            "--param",
-            &format!("export_dir={}", export.display()),
-        ])
-        .await?;
-    anyhow::ensure!(
-        matches!(status.code(), Some(0 | 1)),
-        "the CLI failed ({status}):\n{stdout}\n{stderr}"
-    );
-    Ok((status.success(), run_id_from(&stdout)))
+    let params = [
+        format!("source={}", source.display()),
+        format!("export_dir={}", export.display()),
+    ];
+    execute_example(fleet, "sales-pipeline.yaml", &params).await
 }
 
 #[tokio::test]
@@ -305,21 +304,13 @@ async fn a_malformed_row_fails_validation_naming_it_in_the_step_log() -> anyhow:
 }
 
 /// `flotilla workflows execute examples/error-rate-watch.yaml --wait` against the fleet's own
-/// metrics; answers the run.
+/// metrics; answers the run, which must succeed.
 async fn watch(fleet: &Fleet) -> anyhow::Result<flotilla_api_model::WorkflowResult> {
-    let file = repo_file("examples/error-rate-watch.yaml");
-    let (status, stdout, stderr) = fleet
-        .cli(&[
-            "workflows",
-            "execute",
-            file.to_str().unwrap(),
-            "--wait",
-            "--param",
-            &format!("metrics_url={}/metrics", fleet.url()),
-        ])
-        .await?;
-    anyhow::ensure!(status.success(), "{stdout}\n{stderr}");
-    fleet.run(run_id_from(&stdout)).await
+    let params = [format!("metrics_url={}/metrics", fleet.url())];
+    let (succeeded, id) = execute_example(fleet, "error-rate-watch.yaml", &params).await?;
+    let run = fleet.run(id).await?;
+    anyhow::ensure!(succeeded, "{run:?}");
+    Ok(run)
 }
 
 #[tokio::test]
@@ -333,13 +324,7 @@ async fn error_rate_watch_rolls_back_only_past_its_threshold() -> anyhow::Result
     http.args(["--agent", "metrics", "--worker-id", "metrics"])
         .env("RUST_LOG", "warn");
     fleet.start_worker_command("metrics", &["metrics"], http, Launch::once())?;
-    let mut shell = Command::new(binary("flotilla-agent-shell"));
-    shell
-        .args(["--agent", "ops", "--worker-id", "ops", "--allow", "awk"])
-        .arg("--root")
-        .arg(&root)
-        .env("RUST_LOG", "warn");
-    fleet.start_worker_command("ops", &["ops"], shell, Launch::once())?;
+    start_shell(&mut fleet, "ops", "awk", &root)?;
     fleet.start_echo("flaky", &["flaky"], 1)?;
     // No attempt has failed yet: nothing to roll back.
     let run = watch(&fleet).await?;
