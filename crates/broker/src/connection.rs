@@ -55,7 +55,9 @@ pub async fn connect(config: &BrokerConfig, name: &str) -> Result<Connection, Er
     let url = redact_url(&config.url);
     // Parsed here rather than by lapin because lapin's parse error quotes the whole URL,
     // password included.
-    let uri = AMQPUri::from_str(&config.url).map_err(|_| Error::InvalidUrl { url: url.clone() })?;
+    let mut uri =
+        AMQPUri::from_str(&config.url).map_err(|_| Error::InvalidUrl { url: url.clone() })?;
+    uri.query.frame_max.get_or_insert(crate::DEFAULT_FRAME_MAX);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let connecting = lapin::Connection::connect_uri(uri, properties);
     let connection = match tokio::time::timeout(config.connect_timeout, connecting).await {
@@ -104,6 +106,11 @@ impl Connection {
     /// The config the connection was opened with.
     pub fn config(&self) -> &BrokerConfig {
         &self.config
+    }
+
+    /// The largest frame agreed with the broker.
+    pub fn frame_max(&self) -> u32 {
+        self.inner.configuration().frame_max()
     }
 
     /// The name the connection was opened with.

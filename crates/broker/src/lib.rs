@@ -48,6 +48,12 @@ pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// counts as failed. [`Connection::with_operation_timeout`] changes it per connection.
 pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The largest AMQP frame asked for when the URL does not say (`?frame_max=`). lapin keeps two
+/// zero-filled buffers of 32 frames per connection: at RabbitMQ's default of 128 KiB that is
+/// 8 MiB resident per connection, half an idle worker's memory. Tasks and results fit in a
+/// 16 KiB frame; a bigger message is split into several frames.
+pub const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
+
 /// The `content_type` of every message Flotilla publishes: bodies are JSON.
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 

@@ -122,6 +122,36 @@ async fn published_batch_is_confirmed_and_consumed_back_with_acks() -> Result<()
 }
 
 #[tokio::test]
+async fn frames_are_small_unless_the_url_asks_and_big_messages_still_pass() -> Result<()> {
+    let fixture = Fixture::new(&["echo"]).await?;
+    assert_eq!(
+        fixture.connection.frame_max(),
+        flotilla_broker::DEFAULT_FRAME_MAX
+    );
+    let mut asked = broker_config();
+    asked.url.push_str("?frame_max=65536");
+    let asking = connect(&asked, "flotilla-broker-test-frames").await?;
+    assert_eq!(asking.frame_max(), 65536);
+    asking.close().await?;
+
+    // A body of many frames arrives whole.
+    let queue = fixture.agent_queue();
+    let publisher = Publisher::new(&fixture.connection).await?;
+    let body: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let sent = OutgoingMessage::new(&queue, "task", body.clone());
+    publisher.publish_batch(std::slice::from_ref(&sent)).await[0]
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut consumer = Consumer::start(&fixture.connection, &queue, "test-frames", 1).await?;
+    let delivery = next_delivery(&mut consumer).await?;
+    assert!(delivery.body == body, "the body came back altered");
+    delivery.ack().await?;
+    consumer.close().await?;
+    publisher.close().await?;
+    fixture.cleanup().await
+}
+
+#[tokio::test]
 async fn message_to_a_missing_queue_is_reported_not_delivered() -> Result<()> {
     let fixture = Fixture::new(&["echo"]).await?;
     let queue = fixture.agent_queue();
