@@ -485,3 +485,53 @@ async fn insecure_no_auth_refuses_a_public_address_and_serves_anyone_on_loopback
     assert_eq!(status, 200);
     fleet.stop().await
 }
+
+/// A step output over `FLOTILLA_MAX_OUTPUT_BYTES`, or one holding a NUL character (which
+/// Postgres cannot store), fails its attempt with a message that says so; the retry policy
+/// applies, and the coordinator goes on recording other results meanwhile.
+#[tokio::test]
+async fn an_output_over_the_limit_or_holding_a_nul_fails_its_step_not_the_fleet()
+-> anyhow::Result<()> {
+    const LIMIT: usize = 1024;
+    let mut fleet = Fleet::new().coordinator_env("FLOTILLA_MAX_OUTPUT_BYTES", &LIMIT.to_string());
+    fleet.start_coordinator().await?;
+    fleet.start_echo("echo-a", &["talker"], 4)?;
+    // The echo agent answers with its `output` param; a CEL escape renders a NUL that the
+    // definition's text does not hold.
+    let step = |output: &str| {
+        format!(
+            "name: outputs\nerror_handling:\n  retry: {{max_attempts: 2, delay: 50ms}}\nsteps:\n  - {{id: say, agent: talker, action: say, params: {{output: {output}}}}}\n"
+        )
+    };
+    let big = fleet
+        .execute_yaml(
+            &step(r#""${{ params.big }}""#),
+            json!({"big": "x".repeat(2 * LIMIT)}),
+        )
+        .await?;
+    let nul = fleet
+        .execute_yaml(&step(r#"'${{ "a\x00b" }}'"#), json!({}))
+        .await?;
+    let fine = fleet.execute_yaml(&step("small"), json!({})).await?;
+
+    let too_big = format!(
+        "the step's output is {} bytes, over the limit of {LIMIT} bytes (FLOTILLA_MAX_OUTPUT_BYTES)",
+        2 * LIMIT + 2
+    );
+    let holds_nul = "the step's output holds a NUL character (\\u0000), which cannot be stored";
+    for (id, error) in [(big, too_big.as_str()), (nul, holds_nul)] {
+        let run = fleet.wait_for_end(id, WAIT).await?;
+        assert_eq!(run.status, "failure");
+        let say = flotilla_tests::step(&run, "say");
+        assert_eq!((say.status.as_str(), say.attempts), ("failure", 2));
+        assert_eq!(say.error.as_deref(), Some(error));
+    }
+    // The engine is not wedged: the run beside them succeeds.
+    let run = fleet.wait_for_end(fine, WAIT).await?;
+    assert_eq!(run.status, "success");
+    assert_eq!(
+        flotilla_tests::step(&run, "say").output,
+        Some(json!("small"))
+    );
+    fleet.stop().await
+}

@@ -105,6 +105,11 @@ pub struct Config {
     #[arg(long, env = "FLOTILLA_MAX_STEP_LOG_BYTES", default_value_t = 1_048_576)]
     pub max_step_log_bytes: u64,
 
+    /// Bytes of JSON a step's output may take; a result with a larger output fails its attempt
+    /// (retried as the step's policy says).
+    #[arg(long, env = "FLOTILLA_MAX_OUTPUT_BYTES", default_value_t = 1_048_576)]
+    pub max_output_bytes: usize,
+
     /// The most instances one `for_each` step may expand to; a longer list fails the step.
     #[arg(long, env = "FLOTILLA_MAX_INSTANCES", default_value_t = flotilla_core::scheduler::DEFAULT_MAX_INSTANCES)]
     pub max_instances: usize,
@@ -334,6 +339,10 @@ impl Config {
             (
                 "FLOTILLA_MAX_STEP_LOG_BYTES",
                 self.max_step_log_bytes.to_string(),
+            ),
+            (
+                "FLOTILLA_MAX_OUTPUT_BYTES",
+                self.max_output_bytes.to_string(),
             ),
             ("FLOTILLA_BREAKER_ENABLED", self.breaker_enabled.to_string()),
             (

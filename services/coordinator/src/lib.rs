@@ -119,9 +119,12 @@ pub async fn run(
             handle.clone(),
             intake.clone(),
         );
-        let prefetch = config.results_prefetch;
+        let limits = flotilla_engine::results::Limits {
+            prefetch: config.results_prefetch,
+            max_output_bytes: config.max_output_bytes,
+        };
         tokio::spawn(async move {
-            flotilla_engine::results::run(&connection, &names, handle, prefetch, intake).await
+            flotilla_engine::results::run(&connection, &names, handle, limits, intake).await
         })
     };
     let heartbeats_task = {
