@@ -535,3 +535,67 @@ async fn an_output_over_the_limit_or_holding_a_nul_fails_its_step_not_the_fleet(
     );
     fleet.stop().await
 }
+
+/// A condition or template past the expression bounds is refused at submission, naming the
+/// bound, with nothing stored; a template whose value grows past the rendered-params limit
+/// fails its step, naming the limit.
+#[tokio::test]
+async fn expression_bounds_hold_at_submission_and_at_render() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    fleet.start_echo("echo-a", &["calc"], 2)?;
+    let db = fleet.db().await?;
+    let deep = format!("{}true{}", "(".repeat(40), ")".repeat(40));
+    let refused = [
+        (
+            format!("name: deep\nsteps:\n  - {{id: a, agent: calc, action: x}}\n  - {{id: b, agent: calc, action: x, depends_on: [a], condition: '{deep}'}}\n"),
+            "condition nests brackets more than 32 deep",
+        ),
+        (
+            "name: square\nsteps:\n  - {id: a, agent: calc, action: x, params: {v: '${{ params.l.map(x, params.l.map(y, y)) }}'}}\n".to_string(),
+            "nests a comprehension",
+        ),
+        (
+            format!("name: long\nsteps:\n  - {{id: a, agent: calc, action: x, params: {{v: '${{{{ {} }}}}'}}}}\n", "1 + ".repeat(1100) + "1"),
+            "at most 4096 are allowed",
+        ),
+    ];
+    for (yaml, fault) in refused {
+        let response = fleet
+            .http()
+            .post(format!("{}/api/workflows/execute", fleet.url()))
+            .json(&json!({"yaml": yaml}))
+            .send()
+            .await?;
+        assert_eq!(response.status().as_u16(), 400);
+        let body: Value = response.json().await?;
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(fault), "{fault}: {body}");
+    }
+    for table in ["runs", "definitions"] {
+        let stored: i64 = db
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await?
+            .get(0);
+        assert_eq!(stored, 0, "{table}");
+    }
+
+    // Each item a copy of the whole list: 2,000 × 2,000 numbers, over the 1 MiB of params.
+    let list: Vec<u32> = (0..2000).collect();
+    let id = fleet
+        .execute_yaml(
+            "name: square\nsteps:\n  - {id: a, agent: calc, action: x, params: {v: '${{ params.l.map(x, params.l) }}'}}\n",
+            json!({"l": list}),
+        )
+        .await?;
+    let run = fleet.wait_for_end(id, WAIT).await?;
+    let a = flotilla_tests::step(&run, "a");
+    assert_eq!(a.status, "failure");
+    assert_eq!(
+        a.error.as_deref(),
+        Some(
+            "params: template `params.l.map(x, params.l)` gives a value over 1048576 bytes, the most rendered params may take"
+        )
+    );
+    fleet.stop().await
+}

@@ -23,9 +23,6 @@ pub const OUTPUT: &str = "output";
 /// How the error of an attempt that claimed success but failed its step's `expect` begins.
 pub const EXPECTATION_FAILED: &str = "expectation failed: ";
 
-/// The longest condition accepted; conditions are meant to be short decisions.
-pub const MAX_LENGTH: usize = 4_096;
-
 /// A parsed condition.
 #[derive(Clone)]
 pub struct Condition {
@@ -64,12 +61,10 @@ impl Finished {
 }
 
 impl Condition {
-    /// Parses a condition; the error carries the parser's message with a caret under the fault.
+    /// Parses a condition; the error names the bound it passes (see [`crate::expression`]) or
+    /// carries the parser's message with a caret under the fault.
     pub fn parse(source: &str) -> Result<Self, String> {
-        if source.len() > MAX_LENGTH {
-            return Err(format!("is longer than {MAX_LENGTH} characters"));
-        }
-        let program = cel::Program::compile(source).map_err(|e| e.to_string())?;
+        let program = crate::expression::compile(source)?;
         Ok(Self {
             source: source.to_string(),
             program: Arc::new(program),
@@ -116,7 +111,7 @@ impl Condition {
             ctx.add_variable(name, value)
                 .map_err(|e| format!("cannot bind `{name}`: {e}"))?;
         }
-        match self.program.execute(&ctx) {
+        match crate::expression::execute(&self.program, &ctx) {
             Ok(cel::Value::Bool(b)) => Ok(b),
             Ok(other) => Err(format!(
                 "`{}` gives {other:?}, not true or false",

@@ -5,6 +5,7 @@
 //! - [`plan`]: validation, and compilation of a definition into a DAG of nodes.
 //! - [`condition`]: `condition:` expressions (CEL) over earlier steps, and `expect:` over a
 //!   step's own output.
+//! - [`expression`]: the bounds of CEL expressions, and the one place they are parsed and run.
 //! - [`json`]: whether JSON text holds what Postgres cannot store (a NUL).
 //! - [`retry`]: retry policy and backoff.
 //! - [`subset`]: running part of a definition (`only` / `skip`).
@@ -19,6 +20,7 @@ pub mod breaker;
 pub mod condition;
 pub mod definition;
 pub mod duration;
+pub mod expression;
 pub mod json;
 pub mod plan;
 pub mod quota;

@@ -177,16 +177,22 @@ fn render_string(text: &str, ctx: &cel::Context) -> Result<Value, String> {
 
 fn evaluate(source: &str, ctx: &cel::Context) -> Result<Value, String> {
     let program = compile(source)?;
-    let value = program
-        .execute(ctx)
+    let value = crate::expression::execute(&program, ctx)
         .map_err(|e| format!("template `{source}` cannot be resolved: {e}"))?;
+    // A small expression can make a large value (a list repeated in every item of another):
+    // measure it before it is written out.
+    if !crate::expression::fits(&value, MAX_RENDERED_BYTES) {
+        return Err(format!(
+            "template `{source}` gives a value over {MAX_RENDERED_BYTES} bytes, the most rendered params may take"
+        ));
+    }
     value
         .json()
         .map_err(|e| format!("template `{source}` gives a value that is not JSON: {e:?}"))
 }
 
 fn compile(source: &str) -> Result<cel::Program, String> {
-    cel::Program::compile(source).map_err(|e| format!("template `{source}` does not parse: {e}"))
+    crate::expression::compile(source).map_err(|e| format!("template `{source}` {e}"))
 }
 
 /// The expressions of a string's templates.
