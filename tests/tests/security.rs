@@ -599,3 +599,109 @@ async fn expression_bounds_hold_at_submission_and_at_render() -> anyhow::Result<
     );
     fleet.stop().await
 }
+
+/// `${{ secrets.NAME }}` in step params is resolved by the worker, from its environment or its
+/// secrets directory: the handler gets the value, while Postgres and RabbitMQ hold only the
+/// reference, and the output, the logs and the captured process logs show `***` or nothing.
+#[tokio::test]
+async fn secrets_reach_the_handler_and_nothing_else() -> anyhow::Result<()> {
+    let token = format!("tok-{}", Uuid::new_v4().simple());
+    let password = format!("pw-{}", Uuid::new_v4().simple());
+    let fleet = Fleet::new();
+    let logs = flotilla_tests::target_dir()
+        .join("security-logs")
+        .join(&fleet.prefix);
+    let secrets_dir = logs.join("secrets");
+    std::fs::create_dir_all(&secrets_dir)?;
+    std::fs::write(secrets_dir.join("DB_PASSWORD"), format!("{password}\n"))?;
+    let mut fleet = fleet.coordinator_env("RUST_LOG", "debug").log_to(&logs)?;
+    fleet.start_coordinator().await?;
+
+    let yaml = "name: secretive\nsteps:\n  - {id: call, agent: vault, action: use, params: {token: '${{ secrets.API_TOKEN }}', header: 'Bearer ${{ secrets.API_TOKEN }} for ${{ params.who }}', db: '${{secrets.DB_PASSWORD}}'}}\n  - {id: absent, agent: vault, action: use, depends_on: [], params: {k: '${{ secrets.NOT_SET }}'}}\n";
+    let id = fleet.execute_yaml(yaml, json!({"who": "ci"})).await?;
+
+    // Before any worker takes them, the tasks in RabbitMQ carry the references.
+    let names = fleet.queue_names();
+    let connection = fleet.broker().await?;
+    let channel = connection.open_channel().await?;
+    flotilla_broker::declare_agent_queue(&channel, &names, "vault", 5).await?;
+    let mut consumer =
+        flotilla_broker::Consumer::start(&connection, &names.agent("vault"), "", 10).await?;
+    let mut bodies = Vec::new();
+    while bodies.len() < 2 {
+        let delivery = tokio::time::timeout(WAIT, consumer.next())
+            .await?
+            .expect("a task")?;
+        bodies.push(String::from_utf8(delivery.body.clone())?);
+    }
+    consumer.close().await?;
+    connection.close().await?;
+    let call = bodies.iter().find(|b| b.contains("Bearer")).unwrap();
+    assert!(
+        call.contains("Bearer ${{ secrets.API_TOKEN }} for ci"),
+        "{call}"
+    );
+    for body in &bodies {
+        assert!(
+            !body.contains(&token) && !body.contains(&password),
+            "{body}"
+        );
+    }
+
+    let worker = flotilla_tests::Launch::once()
+        .env("FLOTILLA_SECRET_API_TOKEN", &token)
+        .env("FLOTILLA_SECRETS_DIR", &secrets_dir.display().to_string())
+        .env("RUST_LOG", "debug");
+    fleet.start_worker("echo-vault", &["vault"], 2, worker)?;
+    let run = fleet.wait_for_end(id, WAIT).await?;
+
+    // The echo agent answers with its params: the values it was given, hidden on the way back.
+    let call = flotilla_tests::step(&run, "call");
+    assert_eq!(call.status, "success");
+    assert_eq!(
+        call.output,
+        Some(json!({"who": "ci", "token": "***", "header": "Bearer *** for ci", "db": "***"}))
+    );
+    let absent = flotilla_tests::step(&run, "absent");
+    assert_eq!((absent.status.as_str(), absent.attempts), ("failure", 1));
+    assert!(
+        absent.error.as_deref().unwrap_or_default().starts_with(
+            "secret `NOT_SET` is not set on this worker (FLOTILLA_SECRET_NOT_SET, nor "
+        ),
+        "{absent:?}"
+    );
+
+    // No row of any table holds a value, as text or as the hex of bytea.
+    let db = fleet.db().await?;
+    let tables: Vec<String> = db
+        .query(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(tables.contains(&"attempts".to_string()), "{tables:?}");
+    for table in &tables {
+        for secret in [&token, &password] {
+            let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+            let found: i64 = db
+                .query_one(
+                    &format!("SELECT count(*) FROM {table} t WHERE strpos(t::text, $1) > 0 OR strpos(t::text, $2) > 0"),
+                    &[secret, &hex],
+                )
+                .await?
+                .get(0);
+            assert_eq!(found, 0, "{table} holds a secret");
+        }
+    }
+    fleet.shutdown().await;
+    for process in ["coordinator", "echo-vault"] {
+        for secret in [&token, &password] {
+            assert_eq!(fleet.count_in_logs(process, secret), 0, "{process}");
+        }
+    }
+    assert!(fleet.count_in_logs("echo-vault", "task succeeded") > 0);
+    fleet.cleanup().await
+}

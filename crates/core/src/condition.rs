@@ -65,6 +65,17 @@ impl Condition {
     /// carries the parser's message with a caret under the fault.
     pub fn parse(source: &str) -> Result<Self, String> {
         let program = crate::expression::compile(source)?;
+        if program
+            .references()
+            .variables()
+            .contains(&crate::template::SECRETS)
+        {
+            return Err(format!(
+                "reads `{}`: secrets may be read only in step params, as `${{{{ {}.NAME }}}}`, where the worker resolves them",
+                crate::template::SECRETS,
+                crate::template::SECRETS
+            ));
+        }
         Ok(Self {
             source: source.to_string(),
             program: Arc::new(program),
