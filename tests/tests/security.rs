@@ -705,3 +705,82 @@ async fn secrets_reach_the_handler_and_nothing_else() -> anyhow::Result<()> {
     assert!(fleet.count_in_logs("echo-vault", "task succeeded") > 0);
     fleet.cleanup().await
 }
+
+/// With FLOTILLA_TLS_CERT and FLOTILLA_TLS_KEY the API speaks only TLS: a client that trusts
+/// the certificate's issuer gets through, one that does not (or speaks plain HTTP) does not.
+#[tokio::test]
+async fn the_api_serves_tls_to_a_verifying_client_only() -> anyhow::Result<()> {
+    let fleet = Fleet::new();
+    let dir = flotilla_tests::target_dir()
+        .join("security-tls")
+        .join(&fleet.prefix);
+    std::fs::create_dir_all(&dir)?;
+    let issued = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, issued.cert.pem())?;
+    std::fs::write(&key, issued.signing_key.serialize_pem())?;
+    let mut coordinator = fleet
+        .coordinator_command()
+        .env("FLOTILLA_TLS_CERT", &cert)
+        .env("FLOTILLA_TLS_KEY", &key)
+        .spawn()?;
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let trusting = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(
+            issued.cert.pem().as_bytes(),
+        )?])
+        .build()?;
+    let https = format!("https://localhost:{}", fleet.port);
+    let ready = format!("{https}/health/ready");
+    flotilla_tests::workload::poll_until(WAIT, "the coordinator answers over TLS", || async {
+        Ok(trusting.get(&ready).send().await?.status().is_success())
+    })
+    .await?;
+    let listed = trusting
+        .get(format!("{https}/api/workflows"))
+        .bearer_auth(fleet.admin_token())
+        .send()
+        .await?;
+    assert_eq!(listed.status().as_u16(), 200);
+
+    // The platform's roots do not know this issuer; plain HTTP gets no answer.
+    let refused = bare().get(&ready).send().await.unwrap_err();
+    assert!(refused.is_connect(), "{refused:?}");
+    let plain = bare()
+        .get(format!("http://localhost:{}/health/ready", fleet.port))
+        .send()
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
+
+    coordinator.kill().await?;
+    fleet.cleanup().await
+}
+
+/// A certificate without its key, or a file that holds none, stops the start with a message
+/// naming the file, never a plaintext API.
+#[tokio::test]
+async fn a_tls_setting_that_cannot_work_stops_the_start() -> anyhow::Result<()> {
+    let fleet = Fleet::new();
+    let missing = fleet
+        .coordinator_command()
+        .env("FLOTILLA_TLS_CERT", "/nonexistent/cert.pem")
+        .output()
+        .await?;
+    assert_eq!(missing.status.code(), Some(2));
+    let empty = flotilla_tests::target_dir().join(format!("{}-empty.pem", fleet.prefix));
+    std::fs::write(&empty, "")?;
+    let unreadable = fleet
+        .coordinator_command()
+        .env("FLOTILLA_TLS_CERT", &empty)
+        .env("FLOTILLA_TLS_KEY", &empty)
+        .output()
+        .await?;
+    assert_eq!(unreadable.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&unreadable.stderr);
+    assert!(
+        stderr.contains("cannot read the TLS certificate chain") && stderr.contains("empty.pem"),
+        "{stderr}"
+    );
+    fleet.cleanup().await
+}

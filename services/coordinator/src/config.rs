@@ -200,6 +200,15 @@ pub struct Config {
     #[arg(long, env = "FLOTILLA_TRUST_FORWARDED_FOR")]
     pub trust_forwarded_for: bool,
 
+    /// Serve the API over TLS with this PEM certificate chain (the server's certificate first);
+    /// needs FLOTILLA_TLS_KEY.
+    #[arg(long, env = "FLOTILLA_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The PEM private key of FLOTILLA_TLS_CERT.
+    #[arg(long, env = "FLOTILLA_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
     /// Quotas per namespace, `;`-separated entries `namespace:key=value,…` with keys `runs`
     /// (runs in flight), `steps` (steps per run, `for_each` instances included) and `rps` (API
     /// requests per second, counted per coordinator); `*` is every namespace without an entry
@@ -401,6 +410,18 @@ impl Config {
                 "FLOTILLA_TRUST_FORWARDED_FOR",
                 self.trust_forwarded_for.to_string(),
             ),
+            (
+                "FLOTILLA_TLS_CERT",
+                self.tls_cert
+                    .as_ref()
+                    .map_or_else(|| "off".to_owned(), |p| p.display().to_string()),
+            ),
+            (
+                "FLOTILLA_TLS_KEY",
+                self.tls_key
+                    .as_ref()
+                    .map_or_else(|| "off".to_owned(), |p| p.display().to_string()),
+            ),
         ]
         .iter()
         .map(|(k, v)| format!("{k}={v}\n"))
@@ -475,6 +496,15 @@ mod tests {
             .unwrap_err();
         assert!(err.contains("loopback") && err.contains("0.0.0.0"), "{err}");
         assert!(config(&["--bind", "0.0.0.0"]).check().is_ok());
+    }
+
+    #[test]
+    fn a_tls_certificate_needs_its_key_and_the_other_way_round() {
+        for args in [["--tls-cert", "cert.pem"], ["--tls-key", "key.pem"]] {
+            let error = parse(&args).unwrap_err().to_string();
+            assert!(error.contains("required"), "{error}");
+        }
+        assert!(parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).is_ok());
     }
 
     #[test]

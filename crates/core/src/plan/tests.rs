@@ -517,10 +517,15 @@ steps:
     for (id, what) in [
         ("b", "condition reads `secrets`"),
         ("c", "expect[0] reads `secrets`"),
-        ("d", "reads a secret; secrets may be read only in step params"),
+        (
+            "d",
+            "reads a secret; secrets may be read only in step params",
+        ),
     ] {
         assert!(
-            problems.iter().any(|p| p.contains(&format!("`{id}`")) && p.contains(what)),
+            problems
+                .iter()
+                .any(|p| p.contains(&format!("`{id}`")) && p.contains(what)),
             "{id}: {problems:?}"
         );
     }
