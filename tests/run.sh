@@ -20,3 +20,5 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --workspace --bins --quiet
 deploy/check.sh
 cargo nextest run --workspace --profile ci "$@"
+# The parsers of user input, fuzzed for a bounded time each (FUZZ_SECONDS, 30 by default).
+fuzz/run.sh

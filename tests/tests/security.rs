@@ -485,3 +485,302 @@ async fn insecure_no_auth_refuses_a_public_address_and_serves_anyone_on_loopback
     assert_eq!(status, 200);
     fleet.stop().await
 }
+
+/// A step output over `FLOTILLA_MAX_OUTPUT_BYTES`, or one holding a NUL character (which
+/// Postgres cannot store), fails its attempt with a message that says so; the retry policy
+/// applies, and the coordinator goes on recording other results meanwhile.
+#[tokio::test]
+async fn an_output_over_the_limit_or_holding_a_nul_fails_its_step_not_the_fleet()
+-> anyhow::Result<()> {
+    const LIMIT: usize = 1024;
+    let mut fleet = Fleet::new().coordinator_env("FLOTILLA_MAX_OUTPUT_BYTES", &LIMIT.to_string());
+    fleet.start_coordinator().await?;
+    fleet.start_echo("echo-a", &["talker"], 4)?;
+    // The echo agent answers with its `output` param; a CEL escape renders a NUL that the
+    // definition's text does not hold.
+    let step = |output: &str| {
+        format!(
+            "name: outputs\nerror_handling:\n  retry: {{max_attempts: 2, delay: 50ms}}\nsteps:\n  - {{id: say, agent: talker, action: say, params: {{output: {output}}}}}\n"
+        )
+    };
+    let big = fleet
+        .execute_yaml(
+            &step(r#""${{ params.big }}""#),
+            json!({"big": "x".repeat(2 * LIMIT)}),
+        )
+        .await?;
+    let nul = fleet
+        .execute_yaml(&step(r#"'${{ "a\x00b" }}'"#), json!({}))
+        .await?;
+    let fine = fleet.execute_yaml(&step("small"), json!({})).await?;
+
+    let too_big = format!(
+        "the step's output is {} bytes, over the limit of {LIMIT} bytes (FLOTILLA_MAX_OUTPUT_BYTES)",
+        2 * LIMIT + 2
+    );
+    let holds_nul = "the step's output holds a NUL character (\\u0000), which cannot be stored";
+    for (id, error) in [(big, too_big.as_str()), (nul, holds_nul)] {
+        let run = fleet.wait_for_end(id, WAIT).await?;
+        assert_eq!(run.status, "failure");
+        let say = flotilla_tests::step(&run, "say");
+        assert_eq!((say.status.as_str(), say.attempts), ("failure", 2));
+        assert_eq!(say.error.as_deref(), Some(error));
+    }
+    // The engine is not wedged: the run beside them succeeds.
+    let run = fleet.wait_for_end(fine, WAIT).await?;
+    assert_eq!(run.status, "success");
+    assert_eq!(
+        flotilla_tests::step(&run, "say").output,
+        Some(json!("small"))
+    );
+    fleet.stop().await
+}
+
+/// A condition or template past the expression bounds is refused at submission, naming the
+/// bound, with nothing stored; a template whose value grows past the rendered-params limit
+/// fails its step, naming the limit.
+#[tokio::test]
+async fn expression_bounds_hold_at_submission_and_at_render() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    fleet.start_echo("echo-a", &["calc"], 2)?;
+    let db = fleet.db().await?;
+    let deep = format!("{}true{}", "(".repeat(40), ")".repeat(40));
+    let refused = [
+        (
+            format!("name: deep\nsteps:\n  - {{id: a, agent: calc, action: x}}\n  - {{id: b, agent: calc, action: x, depends_on: [a], condition: '{deep}'}}\n"),
+            "condition nests brackets more than 32 deep",
+        ),
+        (
+            "name: square\nsteps:\n  - {id: a, agent: calc, action: x, params: {v: '${{ params.l.map(x, params.l.map(y, y)) }}'}}\n".to_string(),
+            "nests a comprehension",
+        ),
+        (
+            format!("name: long\nsteps:\n  - {{id: a, agent: calc, action: x, params: {{v: '${{{{ {} }}}}'}}}}\n", "1 + ".repeat(1100) + "1"),
+            "at most 4096 are allowed",
+        ),
+    ];
+    for (yaml, fault) in refused {
+        let response = fleet
+            .http()
+            .post(format!("{}/api/workflows/execute", fleet.url()))
+            .json(&json!({"yaml": yaml}))
+            .send()
+            .await?;
+        assert_eq!(response.status().as_u16(), 400);
+        let body: Value = response.json().await?;
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(fault), "{fault}: {body}");
+    }
+    for table in ["runs", "definitions"] {
+        let stored: i64 = db
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await?
+            .get(0);
+        assert_eq!(stored, 0, "{table}");
+    }
+
+    // Each item a copy of the whole list: 2,000 × 2,000 numbers, over the 1 MiB of params.
+    let list: Vec<u32> = (0..2000).collect();
+    let id = fleet
+        .execute_yaml(
+            "name: square\nsteps:\n  - {id: a, agent: calc, action: x, params: {v: '${{ params.l.map(x, params.l) }}'}}\n",
+            json!({"l": list}),
+        )
+        .await?;
+    let run = fleet.wait_for_end(id, WAIT).await?;
+    let a = flotilla_tests::step(&run, "a");
+    assert_eq!(a.status, "failure");
+    assert_eq!(
+        a.error.as_deref(),
+        Some(
+            "params: template `params.l.map(x, params.l)` gives a value over 1048576 bytes, the most rendered params may take"
+        )
+    );
+    fleet.stop().await
+}
+
+/// `${{ secrets.NAME }}` in step params is resolved by the worker, from its environment or its
+/// secrets directory: the handler gets the value, while Postgres and RabbitMQ hold only the
+/// reference, and the output, the logs and the captured process logs show `***` or nothing.
+#[tokio::test]
+async fn secrets_reach_the_handler_and_nothing_else() -> anyhow::Result<()> {
+    let token = format!("tok-{}", Uuid::new_v4().simple());
+    let password = format!("pw-{}", Uuid::new_v4().simple());
+    let fleet = Fleet::new();
+    let logs = flotilla_tests::target_dir()
+        .join("security-logs")
+        .join(&fleet.prefix);
+    let secrets_dir = logs.join("secrets");
+    std::fs::create_dir_all(&secrets_dir)?;
+    std::fs::write(secrets_dir.join("DB_PASSWORD"), format!("{password}\n"))?;
+    let mut fleet = fleet.coordinator_env("RUST_LOG", "debug").log_to(&logs)?;
+    fleet.start_coordinator().await?;
+
+    let yaml = "name: secretive\nsteps:\n  - {id: call, agent: vault, action: use, params: {token: '${{ secrets.API_TOKEN }}', header: 'Bearer ${{ secrets.API_TOKEN }} for ${{ params.who }}', db: '${{secrets.DB_PASSWORD}}'}}\n  - {id: absent, agent: vault, action: use, depends_on: [], params: {k: '${{ secrets.NOT_SET }}'}}\n";
+    let id = fleet.execute_yaml(yaml, json!({"who": "ci"})).await?;
+
+    // Before any worker takes them, the tasks in RabbitMQ carry the references.
+    let names = fleet.queue_names();
+    let connection = fleet.broker().await?;
+    let channel = connection.open_channel().await?;
+    flotilla_broker::declare_agent_queue(&channel, &names, "vault", 5).await?;
+    let mut consumer =
+        flotilla_broker::Consumer::start(&connection, &names.agent("vault"), "", 10).await?;
+    let mut bodies = Vec::new();
+    while bodies.len() < 2 {
+        let delivery = tokio::time::timeout(WAIT, consumer.next())
+            .await?
+            .expect("a task")?;
+        bodies.push(String::from_utf8(delivery.body.clone())?);
+    }
+    consumer.close().await?;
+    connection.close().await?;
+    let call = bodies.iter().find(|b| b.contains("Bearer")).unwrap();
+    assert!(
+        call.contains("Bearer ${{ secrets.API_TOKEN }} for ci"),
+        "{call}"
+    );
+    for body in &bodies {
+        assert!(
+            !body.contains(&token) && !body.contains(&password),
+            "{body}"
+        );
+    }
+
+    let worker = flotilla_tests::Launch::once()
+        .env("FLOTILLA_SECRET_API_TOKEN", &token)
+        .env("FLOTILLA_SECRETS_DIR", &secrets_dir.display().to_string())
+        .env("RUST_LOG", "debug");
+    fleet.start_worker("echo-vault", &["vault"], 2, worker)?;
+    let run = fleet.wait_for_end(id, WAIT).await?;
+
+    // The echo agent answers with its params: the values it was given, hidden on the way back.
+    let call = flotilla_tests::step(&run, "call");
+    assert_eq!(call.status, "success");
+    assert_eq!(
+        call.output,
+        Some(json!({"who": "ci", "token": "***", "header": "Bearer *** for ci", "db": "***"}))
+    );
+    let absent = flotilla_tests::step(&run, "absent");
+    assert_eq!((absent.status.as_str(), absent.attempts), ("failure", 1));
+    assert!(
+        absent.error.as_deref().unwrap_or_default().starts_with(
+            "secret `NOT_SET` is not set on this worker (FLOTILLA_SECRET_NOT_SET, nor "
+        ),
+        "{absent:?}"
+    );
+
+    // No row of any table holds a value, as text or as the hex of bytea.
+    let db = fleet.db().await?;
+    let tables: Vec<String> = db
+        .query(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(tables.contains(&"attempts".to_string()), "{tables:?}");
+    for table in &tables {
+        for secret in [&token, &password] {
+            let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+            let found: i64 = db
+                .query_one(
+                    &format!("SELECT count(*) FROM {table} t WHERE strpos(t::text, $1) > 0 OR strpos(t::text, $2) > 0"),
+                    &[secret, &hex],
+                )
+                .await?
+                .get(0);
+            assert_eq!(found, 0, "{table} holds a secret");
+        }
+    }
+    fleet.shutdown().await;
+    for process in ["coordinator", "echo-vault"] {
+        for secret in [&token, &password] {
+            assert_eq!(fleet.count_in_logs(process, secret), 0, "{process}");
+        }
+    }
+    assert!(fleet.count_in_logs("echo-vault", "task succeeded") > 0);
+    fleet.cleanup().await
+}
+
+/// With FLOTILLA_TLS_CERT and FLOTILLA_TLS_KEY the API speaks only TLS: a client that trusts
+/// the certificate's issuer gets through, one that does not (or speaks plain HTTP) does not.
+#[tokio::test]
+async fn the_api_serves_tls_to_a_verifying_client_only() -> anyhow::Result<()> {
+    let fleet = Fleet::new();
+    let dir = flotilla_tests::target_dir()
+        .join("security-tls")
+        .join(&fleet.prefix);
+    std::fs::create_dir_all(&dir)?;
+    let issued = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, issued.cert.pem())?;
+    std::fs::write(&key, issued.signing_key.serialize_pem())?;
+    let mut coordinator = fleet
+        .coordinator_command()
+        .env("FLOTILLA_TLS_CERT", &cert)
+        .env("FLOTILLA_TLS_KEY", &key)
+        .spawn()?;
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let trusting = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(
+            issued.cert.pem().as_bytes(),
+        )?])
+        .build()?;
+    let https = format!("https://localhost:{}", fleet.port);
+    let ready = format!("{https}/health/ready");
+    flotilla_tests::workload::poll_until(WAIT, "the coordinator answers over TLS", || async {
+        Ok(trusting.get(&ready).send().await?.status().is_success())
+    })
+    .await?;
+    let listed = trusting
+        .get(format!("{https}/api/workflows"))
+        .bearer_auth(fleet.admin_token())
+        .send()
+        .await?;
+    assert_eq!(listed.status().as_u16(), 200);
+
+    // The platform's roots do not know this issuer; plain HTTP gets no answer.
+    let refused = bare().get(&ready).send().await.unwrap_err();
+    assert!(refused.is_connect(), "{refused:?}");
+    let plain = bare()
+        .get(format!("http://localhost:{}/health/ready", fleet.port))
+        .send()
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
+
+    coordinator.kill().await?;
+    fleet.cleanup().await
+}
+
+/// A certificate without its key, or a file that holds none, stops the start with a message
+/// naming the file, never a plaintext API.
+#[tokio::test]
+async fn a_tls_setting_that_cannot_work_stops_the_start() -> anyhow::Result<()> {
+    let fleet = Fleet::new();
+    let missing = fleet
+        .coordinator_command()
+        .env("FLOTILLA_TLS_CERT", "/nonexistent/cert.pem")
+        .output()
+        .await?;
+    assert_eq!(missing.status.code(), Some(2));
+    let empty = flotilla_tests::target_dir().join(format!("{}-empty.pem", fleet.prefix));
+    std::fs::write(&empty, "")?;
+    let unreadable = fleet
+        .coordinator_command()
+        .env("FLOTILLA_TLS_CERT", &empty)
+        .env("FLOTILLA_TLS_KEY", &empty)
+        .output()
+        .await?;
+    assert_eq!(unreadable.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&unreadable.stderr);
+    assert!(
+        stderr.contains("cannot read the TLS certificate chain") && stderr.contains("empty.pem"),
+        "{stderr}"
+    );
+    fleet.cleanup().await
+}

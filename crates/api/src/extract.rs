@@ -11,6 +11,7 @@ use flotilla_api_model::{
     MAX_IDEMPOTENCY_KEY_CHARS, NAMESPACE_HEADER, TokenError, check_actor, check_idempotency_key,
     check_namespace,
 };
+use flotilla_core::json::holds_nul;
 use serde::de::DeserializeOwned;
 
 use crate::auth::{Credential, Namespaces, Principal};
@@ -46,23 +47,6 @@ where
             Err(rejection) => Err(ApiError::from_json_rejection(rejection, limits)),
         }
     }
-}
-
-/// Whether JSON text holds an escaped NUL character (`\u0000`; JSON has no other way to hold
-/// one): a `u0000` after an odd run of backslashes, the last of which starts the escape.
-pub(crate) fn holds_nul(json: &[u8]) -> bool {
-    let mut backslashes = 0;
-    for (i, &byte) in json.iter().enumerate() {
-        if byte == b'\\' {
-            backslashes += 1;
-            continue;
-        }
-        if byte == b'u' && backslashes % 2 == 1 && json[i + 1..].starts_with(b"0000") {
-            return true;
-        }
-        backslashes = 0;
-    }
-    false
 }
 
 /// Refuses a path or query string that holds a NUL character (`%00`).

@@ -73,6 +73,7 @@ pub mod health;
 pub mod openapi;
 mod quota;
 mod routes;
+pub mod tls;
 
 pub use auth::{Access, Guard, Namespaces, secure};
 pub use backend::{AttemptFigures, Backend, BackendError, NewSchedule, QuotaExceeded, Submission};

@@ -20,6 +20,7 @@ use flotilla_api_model::{
     RunsChanged, ScheduleList, ScheduleRequest, ScheduleSummary, StepLogs, Submitted, SummaryQuery,
     WorkflowResult,
 };
+use flotilla_core::json::holds_nul;
 use flotilla_core::schedule::{Missed, Overlap, Schedule};
 use flotilla_core::{Definition, Plan, RunStatus, Subset};
 use serde::Deserialize;
@@ -29,7 +30,7 @@ use uuid::Uuid;
 use crate::auth::AuditTarget;
 use crate::backend::{Backend, NewSchedule, Submission};
 use crate::error::{ApiError, Kind};
-use crate::extract::{Actor, IdempotencyKey, Json, OptionalJson, Path, Query, Tenant, holds_nul};
+use crate::extract::{Actor, IdempotencyKey, Json, OptionalJson, Path, Query, Tenant};
 use crate::health::{self, Probe};
 
 /// Runs listed per page when the query gives no `limit`.

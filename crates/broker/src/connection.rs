@@ -7,7 +7,7 @@ use lapin::{
         QueueDeleteOptions,
     },
     types::{FieldTable, ShortString},
-    uri::AMQPUri,
+    uri::{AMQPScheme, AMQPUri},
 };
 use tracing::{debug, info};
 
@@ -58,15 +58,21 @@ pub async fn connect(config: &BrokerConfig, name: &str) -> Result<Connection, Er
     let mut uri =
         AMQPUri::from_str(&config.url).map_err(|_| Error::InvalidUrl { url: url.clone() })?;
     uri.query.frame_max.get_or_insert(crate::DEFAULT_FRAME_MAX);
+    let tls = uri.scheme == AMQPScheme::AMQPS;
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let connecting = lapin::Connection::connect_uri(uri, properties);
     let connection = match tokio::time::timeout(config.connect_timeout, connecting).await {
         Ok(Ok(connection)) => connection,
         Ok(Err(error)) if error.is_io_error() => {
-            return Err(Error::Unreachable {
-                url,
-                reason: error.to_string(),
-            });
+            // TLS is verified against the platform's roots (SSL_CERT_FILE names another bundle).
+            let reason = if tls {
+                format!(
+                    "{error} (amqps:// needs a port that speaks TLS, RabbitMQ's 5671 by default, and a certificate the platform's roots or SSL_CERT_FILE verify)"
+                )
+            } else {
+                error.to_string()
+            };
+            return Err(Error::Unreachable { url, reason });
         }
         Ok(Err(error)) => {
             return Err(Error::Refused {

@@ -391,6 +391,33 @@ async fn task_over_the_delivery_limit_is_dead_lettered() -> Result<()> {
     fixture.cleanup().await
 }
 
+/// `amqps://` speaks TLS or nothing: against the plaintext port, the connection fails (the
+/// handshake gets an AMQP header back) instead of carrying on in clear.
+#[tokio::test]
+async fn amqps_to_a_plaintext_port_fails_instead_of_falling_back() -> Result<()> {
+    let plain =
+        std::env::var("AMQP_URL").unwrap_or_else(|_| flotilla_broker::DEFAULT_URL.to_owned());
+    let tls = plain.replacen("amqp://", "amqps://", 1);
+    anyhow::ensure!(
+        tls.starts_with("amqps://"),
+        "AMQP_URL is not an amqp:// URL: {plain}"
+    );
+    let mut config = BrokerConfig::new(tls);
+    config.connect_timeout = Duration::from_secs(5);
+    let error = connect(&config, "amqps-test")
+        .await
+        .err()
+        .context("amqps to the plaintext port connected")?;
+    let message = error.to_string();
+    assert!(message.contains("amqps://"), "{message}");
+    assert!(
+        message.contains("needs a port that speaks TLS"),
+        "{message}"
+    );
+    assert!(!message.contains(":guest@"), "{message}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn unreachable_broker_fails_fast_with_a_redacted_url() -> Result<()> {
     let mut config = BrokerConfig::new("amqp://flotilla:s3cret-pw@127.0.0.1:1/%2f");

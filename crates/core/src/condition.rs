@@ -23,9 +23,6 @@ pub const OUTPUT: &str = "output";
 /// How the error of an attempt that claimed success but failed its step's `expect` begins.
 pub const EXPECTATION_FAILED: &str = "expectation failed: ";
 
-/// The longest condition accepted; conditions are meant to be short decisions.
-pub const MAX_LENGTH: usize = 4_096;
-
 /// A parsed condition.
 #[derive(Clone)]
 pub struct Condition {
@@ -64,12 +61,21 @@ impl Finished {
 }
 
 impl Condition {
-    /// Parses a condition; the error carries the parser's message with a caret under the fault.
+    /// Parses a condition; the error names the bound it passes (see [`crate::expression`]) or
+    /// carries the parser's message with a caret under the fault.
     pub fn parse(source: &str) -> Result<Self, String> {
-        if source.len() > MAX_LENGTH {
-            return Err(format!("is longer than {MAX_LENGTH} characters"));
+        let program = crate::expression::compile(source)?;
+        if program
+            .references()
+            .variables()
+            .contains(&crate::template::SECRETS)
+        {
+            return Err(format!(
+                "reads `{}`: secrets may be read only in step params, as `${{{{ {}.NAME }}}}`, where the worker resolves them",
+                crate::template::SECRETS,
+                crate::template::SECRETS
+            ));
         }
-        let program = cel::Program::compile(source).map_err(|e| e.to_string())?;
         Ok(Self {
             source: source.to_string(),
             program: Arc::new(program),
@@ -116,7 +122,7 @@ impl Condition {
             ctx.add_variable(name, value)
                 .map_err(|e| format!("cannot bind `{name}`: {e}"))?;
         }
-        match self.program.execute(&ctx) {
+        match crate::expression::execute(&self.program, &ctx) {
             Ok(cel::Value::Bool(b)) => Ok(b),
             Ok(other) => Err(format!(
                 "`{}` gives {other:?}, not true or false",

@@ -201,6 +201,7 @@ pub enum DefinitionError {
 impl Definition {
     /// Parses YAML (JSON is YAML too, so this also reads JSON text).
     pub fn from_yaml(text: &str) -> Result<Self, DefinitionError> {
+        check_flow_nesting(text)?;
         serde_yaml_ng::from_str(text).map_err(|e| match e.location() {
             Some(loc) => DefinitionError::Yaml {
                 line: loc.line(),
@@ -224,6 +225,34 @@ impl Definition {
     pub fn from_value(value: Value) -> Result<Self, DefinitionError> {
         serde_json::from_value(value).map_err(|e| DefinitionError::Shape(e.to_string()))
     }
+}
+
+/// The deepest nesting of YAML flow collections (`[ ]`, `{ }`) read; serde_yaml_ng refuses
+/// more than 128 levels anyway, but only after a scan that costs the square of the depth
+/// (a 1 MiB document of nested `{"a": ` took minutes), so deeper text is refused first.
+pub const MAX_FLOW_NESTING: usize = 256;
+
+/// Refuses text whose brackets nest deeper than [`MAX_FLOW_NESTING`], naming where. Brackets
+/// inside strings count too: a string would need hundreds unclosed to be refused.
+fn check_flow_nesting(text: &str) -> Result<(), DefinitionError> {
+    let mut depth = 0usize;
+    for (n, line) in text.lines().enumerate() {
+        for (column, c) in line.chars().enumerate() {
+            match c {
+                '[' | '{' => depth += 1,
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            if depth > MAX_FLOW_NESTING {
+                return Err(DefinitionError::Yaml {
+                    line: n + 1,
+                    column: column + 1,
+                    message: format!("brackets nest more than {MAX_FLOW_NESTING} deep"),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// serde_yaml_ng and serde_json append " at line X column Y"; we report the location ourselves.

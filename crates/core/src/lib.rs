@@ -5,6 +5,8 @@
 //! - [`plan`]: validation, and compilation of a definition into a DAG of nodes.
 //! - [`condition`]: `condition:` expressions (CEL) over earlier steps, and `expect:` over a
 //!   step's own output.
+//! - [`expression`]: the bounds of CEL expressions, and the one place they are parsed and run.
+//! - [`json`]: whether JSON text holds what Postgres cannot store (a NUL).
 //! - [`retry`]: retry policy and backoff.
 //! - [`subset`]: running part of a definition (`only` / `skip`).
 //! - [`scheduler`]: a run as a state machine — an event in, the new state and the effects out.
@@ -18,6 +20,8 @@ pub mod breaker;
 pub mod condition;
 pub mod definition;
 pub mod duration;
+pub mod expression;
+pub mod json;
 pub mod plan;
 pub mod quota;
 mod redact;

@@ -986,6 +986,11 @@ fn template_reads(node: &Node) -> std::collections::BTreeSet<String> {
 
 /// Checks a `for_each` list's template and returns the step ids it reads.
 fn for_each_reads(items: &str) -> Result<std::collections::BTreeSet<String>, String> {
+    if !crate::template::secret_references(items).is_empty() {
+        return Err(format!(
+            "`{items}` reads a secret; secrets may be read only in step params"
+        ));
+    }
     let mut wrapped = Map::new();
     wrapped.insert("for_each".into(), Value::from(items));
     crate::template::check(&wrapped, false)

@@ -8,6 +8,10 @@
 //!
 //! In the params of a `for_each` step, `item` (the instance's item) and `index` (its position,
 //! from 0) may be read too.
+//!
+//! `${{ secrets.NAME }}` is a reference, not an expression: it is left as it is when params are
+//! rendered, so that only the reference is stored and sent, and the worker resolves it (see
+//! [`secret_references`]). It must stand alone in its braces.
 
 use std::collections::BTreeSet;
 
@@ -21,6 +25,8 @@ pub const STEPS: &str = "steps";
 pub const ITEM: &str = "item";
 /// The position of a `for_each` instance's item, from 0.
 pub const INDEX: &str = "index";
+/// The variable a secret reference reads: `${{ secrets.NAME }}`.
+pub const SECRETS: &str = "secrets";
 /// The longest rendered params accepted, in bytes of JSON.
 pub const MAX_RENDERED_BYTES: usize = 1 << 20;
 
@@ -34,6 +40,9 @@ pub fn check(params: &Map<String, Value>, in_loop: bool) -> Result<BTreeSet<Stri
     let mut error = None;
     visit_strings(params, &mut |text| {
         for expr in expressions(text) {
+            if expr.as_ref().is_ok_and(|e| secret_name(e).is_some()) {
+                continue;
+            }
             match expr.and_then(|e| compile(e).map(|p| (e, p))) {
                 Ok((source, program)) => {
                     for var in program.references().variables() {
@@ -41,6 +50,10 @@ pub fn check(params: &Map<String, Value>, in_loop: bool) -> Result<BTreeSet<Stri
                         if loop_var && !in_loop {
                             error.get_or_insert(format!(
                                 "template `{source}` reads `{var}`, which only the params of a `for_each` step may read"
+                            ));
+                        } else if var == SECRETS {
+                            error.get_or_insert(format!(
+                                "template `{source}` reads `{SECRETS}`: a secret can only be passed whole, as `${{{{ {SECRETS}.NAME }}}}` (NAME: letters, digits, `_`), for the worker to resolve"
                             ));
                         } else if !loop_var && var != PARAMS && var != STEPS {
                             error.get_or_insert(format!(
@@ -155,6 +168,9 @@ fn render_string(text: &str, ctx: &cel::Context) -> Result<Value, String> {
         .and_then(|t| t.strip_suffix(CLOSE))
         && !inner.contains(OPEN)
     {
+        if secret_name(inner.trim()).is_some() {
+            return Ok(Value::String(text.to_owned()));
+        }
         return evaluate(inner.trim(), ctx);
     }
     let mut out = String::new();
@@ -165,9 +181,14 @@ fn render_string(text: &str, ctx: &cel::Context) -> Result<Value, String> {
         let end = after
             .find(CLOSE)
             .ok_or_else(|| format!("unclosed template in `{text}`"))?;
-        match evaluate(after[..end].trim(), ctx)? {
-            Value::String(s) => out.push_str(&s),
-            other => out.push_str(&other.to_string()),
+        let source = after[..end].trim();
+        if secret_name(source).is_some() {
+            out.push_str(&rest[start..start + OPEN.len() + end + CLOSE.len()]);
+        } else {
+            match evaluate(source, ctx)? {
+                Value::String(s) => out.push_str(&s),
+                other => out.push_str(&other.to_string()),
+            }
         }
         rest = &after[end + CLOSE.len()..];
     }
@@ -177,16 +198,22 @@ fn render_string(text: &str, ctx: &cel::Context) -> Result<Value, String> {
 
 fn evaluate(source: &str, ctx: &cel::Context) -> Result<Value, String> {
     let program = compile(source)?;
-    let value = program
-        .execute(ctx)
+    let value = crate::expression::execute(&program, ctx)
         .map_err(|e| format!("template `{source}` cannot be resolved: {e}"))?;
+    // A small expression can make a large value (a list repeated in every item of another):
+    // measure it before it is written out.
+    if !crate::expression::fits(&value, MAX_RENDERED_BYTES) {
+        return Err(format!(
+            "template `{source}` gives a value over {MAX_RENDERED_BYTES} bytes, the most rendered params may take"
+        ));
+    }
     value
         .json()
         .map_err(|e| format!("template `{source}` gives a value that is not JSON: {e:?}"))
 }
 
 fn compile(source: &str) -> Result<cel::Program, String> {
-    cel::Program::compile(source).map_err(|e| format!("template `{source}` does not parse: {e}"))
+    crate::expression::compile(source).map_err(|e| format!("template `{source}` {e}"))
 }
 
 /// The expressions of a string's templates.
@@ -205,6 +232,38 @@ fn expressions(text: &str) -> Vec<Result<&str, String>> {
                 break;
             }
         }
+    }
+    found
+}
+
+/// The name a template's expression refers to when it is exactly `secrets.NAME`.
+fn secret_name(source: &str) -> Option<&str> {
+    let name = source
+        .strip_prefix(SECRETS)?
+        .trim_start()
+        .strip_prefix('.')?
+        .trim_start();
+    let mut chars = name.chars();
+    let first = chars.next()?;
+    ((first.is_ascii_alphabetic() || first == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_'))
+    .then_some(name)
+}
+
+/// The secret references in `text`: each `${{ secrets.NAME }}`'s byte range and NAME, in order.
+/// What a worker replaces with the secret's value.
+pub fn secret_references(text: &str) -> Vec<(std::ops::Range<usize>, &str)> {
+    let mut found = Vec::new();
+    let mut offset = 0;
+    while let Some(start) = text[offset..].find(OPEN).map(|i| offset + i) {
+        let inner_start = start + OPEN.len();
+        let Some(end) = text[inner_start..].find(CLOSE).map(|i| inner_start + i) else {
+            break;
+        };
+        if let Some(name) = secret_name(text[inner_start..end].trim()) {
+            found.push((start..end + CLOSE.len(), name));
+        }
+        offset = end + CLOSE.len();
     }
     found
 }
@@ -324,6 +383,39 @@ mod tests {
             Value::Object(render(&params, &Map::new(), Map::new(), Some((&item, 2))).unwrap()),
             json!({"name": "a", "n": 2})
         );
+    }
+
+    #[test]
+    fn secret_references_are_kept_for_the_worker_and_nothing_else_reads_secrets() {
+        let params = map(json!({
+            "token": "${{ secrets.API_TOKEN }}",
+            "header": "Bearer ${{secrets.API_TOKEN}} for ${{ params.who }}",
+        }));
+        assert!(check(&params, false).unwrap().is_empty());
+        let run = map(json!({"who": "ci"}));
+        assert_eq!(
+            Value::Object(render(&params, &run, Map::new(), None).unwrap()),
+            json!({
+                "token": "${{ secrets.API_TOKEN }}",
+                "header": "Bearer ${{secrets.API_TOKEN}} for ci",
+            })
+        );
+        assert_eq!(
+            secret_references("a ${{ secrets.A }} b ${{ params.x }} ${{secrets._b2}}"),
+            vec![(2..18, "A"), (37..53, "_b2")]
+        );
+        for bad in [
+            "${{ secrets.A + 'x' }}",
+            "${{ secrets }}",
+            "${{ secrets['A'] }}",
+            "${{ size(secrets.A) }}",
+        ] {
+            let err = check(&map(json!({"x": bad})), false).unwrap_err();
+            assert!(
+                err.contains("a secret can only be passed whole"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

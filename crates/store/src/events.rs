@@ -9,12 +9,11 @@
 //! so the lock is held for microseconds. One lost in a crash only delays a watcher's view.
 
 use std::collections::BTreeSet;
-use std::str::FromStr;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use uuid::Uuid;
 
 use crate::Error;
@@ -92,13 +91,12 @@ impl Listener {
     /// Connects to `url` (not through the pool: the connection is held as long as the listener)
     /// and listens.
     pub async fn connect(url: &str, timeout: Duration) -> Result<Self, Error> {
-        let mut config =
-            tokio_postgres::Config::from_str(url).map_err(|e| Error::Config(e.to_string()))?;
+        let (mut config, tls) = crate::connect::target(url)?;
         config.connect_timeout(timeout);
         if config.get_application_name().is_none() {
             config.application_name("flotilla-events");
         }
-        let (client, mut connection) = config.connect(NoTls).await?;
+        let (client, mut connection) = config.connect(tls).await?;
         let (tx, notifications) = mpsc::unbounded_channel();
         // The connection delivers notifications only while it is polled for messages.
         tokio::spawn(async move {

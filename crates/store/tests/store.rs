@@ -462,6 +462,25 @@ async fn an_unreachable_server_is_named_without_its_password() {
     assert!(err.contains("pg_ctlcluster"), "{err}");
 }
 
+/// Asked for verified TLS, a server whose certificate cannot be verified (or that offers no
+/// TLS) is refused: the store never falls back to plaintext.
+#[tokio::test]
+async fn verified_tls_refuses_a_server_it_cannot_verify() -> anyhow::Result<()> {
+    let name = format!(
+        "flotilla_store_{}",
+        &Uuid::new_v4().simple().to_string()[..16]
+    );
+    let err = Store::open(&config(&format!("{name}?sslmode=verify-full")))
+        .await
+        .err()
+        .expect("the local server's certificate is not one the platform trusts for 127.0.0.1")
+        .to_string();
+    assert!(err.contains("certificate") || err.contains("TLS"), "{err}");
+    // The same server in plaintext, when asked for.
+    let store = Store::open(&config(&format!("{name}?sslmode=disable"))).await?;
+    TestDb { name, store }.drop_db().await
+}
+
 async fn lease_ends(
     client: &impl deadpool_postgres::GenericClient,
     run: Uuid,

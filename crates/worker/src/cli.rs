@@ -53,6 +53,10 @@ pub struct WorkerArgs {
     /// repeat for several.
     #[arg(long = "label", env = "FLOTILLA_WORKER_LABELS", value_delimiter = ',', value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// A directory of secrets, one file per secret named like it, read for
+    /// `${{ secrets.NAME }}` when FLOTILLA_SECRET_<NAME> is not set.
+    #[arg(long, env = "FLOTILLA_SECRETS_DIR")]
+    pub secrets_dir: Option<std::path::PathBuf>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -82,6 +86,7 @@ impl WorkerArgs {
             concurrency: self.concurrency,
             worker_id: self.worker_id.clone(),
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
+            secrets_dir: self.secrets_dir.clone(),
             ..WorkerConfig::default()
         }
     }

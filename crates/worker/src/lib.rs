@@ -33,6 +33,10 @@
 //! - What a handler writes to its step's log ([`TaskContext::log`]) goes to `{prefix}.logs` in
 //!   batches while it runs (every 200 ms, or sooner once 256 lines wait), and the last batch
 //!   before the result, each line numbered so that the coordinator stores it once.
+//! - `${{ secrets.NAME }}` in a task's params is replaced, before the handler runs, by the
+//!   value of `FLOTILLA_SECRET_<NAME>` or of the file `NAME` in `secrets_dir`; a secret set
+//!   nowhere fails the task (not retryable). The values are replaced by `***` in the output,
+//!   the error and the step log the worker sends back.
 //! - Heartbeats listing the tasks in progress go to `{prefix}.heartbeats` every
 //!   `heartbeat_interval`.
 //! - Each task runs in a `worker.task` span. In a binary that started telemetry with
@@ -56,6 +60,7 @@ pub mod cli;
 mod context;
 mod health;
 mod log;
+mod secrets;
 mod worker;
 
 use std::time::Duration;
@@ -63,6 +68,7 @@ use std::time::Duration;
 pub use context::{HandlerError, TaskContext};
 pub use flotilla_proto::LogStream;
 pub use log::{MAX_LINE_BYTES, StepLog};
+pub use secrets::{ENV_PREFIX as SECRET_ENV_PREFIX, MASK as SECRET_MASK};
 pub use worker::{Worker, WorkerBuilder};
 
 /// How a worker reaches RabbitMQ and how it runs tasks.
@@ -80,6 +86,9 @@ pub struct WorkerConfig {
     pub heartbeat_interval: Duration,
     /// How long a shutdown waits for tasks in progress before leaving them to be redelivered.
     pub shutdown_grace: Duration,
+    /// Where `${{ secrets.NAME }}` is read from when `FLOTILLA_SECRET_<NAME>` is not set: the
+    /// file `NAME` of this directory.
+    pub secrets_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for WorkerConfig {
@@ -92,6 +101,7 @@ impl Default for WorkerConfig {
             worker_id: None,
             heartbeat_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
+            secrets_dir: None,
         }
     }
 }
@@ -106,6 +116,7 @@ impl std::fmt::Debug for WorkerConfig {
             .field("worker_id", &self.worker_id)
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("secrets_dir", &self.secrets_dir)
             .finish()
     }
 }

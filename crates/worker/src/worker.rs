@@ -14,7 +14,7 @@ use flotilla_broker::{
     Publisher, QueueNames, declare_control_queue, declare_topology, reconnect,
 };
 use flotilla_proto::{
-    Cancel, Deregistration, Heartbeat, HeldTask, LogBatch, PROTOCOL_VERSION, Registration,
+    Cancel, Deregistration, Heartbeat, HeldTask, LogBatch, LogLine, PROTOCOL_VERSION, Registration,
     ResultStatus, Task, TaskError, TaskResult,
 };
 use flotilla_telemetry::metrics::WorkerMetrics;
@@ -31,7 +31,7 @@ use tracing::{Instrument, Span, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::log::{BATCH_LINES, StepLog};
-use crate::{Error, HandlerError, TaskContext, WorkerConfig, health};
+use crate::{Error, HandlerError, TaskContext, WorkerConfig, health, secrets};
 
 type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, HandlerError>> + Send>>;
 type BoxedHandler = Arc<dyn Fn(TaskContext) -> HandlerFuture + Send + Sync>;
@@ -348,6 +348,9 @@ impl Worker {
             handlers: self.handlers.clone(),
             fallback: self.fallback.clone(),
             slots: Arc::new(Semaphore::new(usize::from(prefetch))),
+            secrets: secrets::Source {
+                dir: self.config.secrets_dir.clone(),
+            },
             held: Mutex::new(BTreeMap::new()),
             cancelled_early: Mutex::new(VecDeque::new()),
             beat: Notify::new(),
@@ -550,6 +553,7 @@ pub(crate) struct Shared {
     names: QueueNames,
     handlers: HashMap<String, BoxedHandler>,
     fallback: Option<BoxedHandler>,
+    secrets: secrets::Source,
     /// One permit per task that may run at once, across all agents.
     slots: Arc<Semaphore>,
     /// The tasks in progress, by task id, reported in heartbeats.
@@ -973,16 +977,28 @@ async fn run_task(
         let in_flight = shared.metrics.task_started(&agent, &task.action);
         let log = StepLog::default();
         let log_done = CancellationToken::new();
+        // The handler sees the secrets' values; nothing it sends back does.
+        let mut given = task.clone();
+        let resolved = shared.secrets.resolve(&mut given.params);
+        let redactor = resolved.clone().unwrap_or_default();
         let mut shipper = AbortOnDrop(tokio::spawn(
             ship_log(
                 shared.clone(),
                 log.clone(),
                 log_batch(&shared, &task),
+                redactor.clone(),
                 log_done.clone(),
             )
             .in_current_span(),
         ));
-        let handling = call_handler(&shared, &agent, &task, redelivered, cancel.clone(), log);
+        let handling = async {
+            match resolved {
+                Ok(_) => {
+                    call_handler(&shared, &agent, &given, redelivered, cancel.clone(), log).await
+                }
+                Err(missing) => Err(HandlerError::fatal(missing)),
+            }
+        };
         let outcome = match beaten {
             None => handling.await,
             Some(beaten) => {
@@ -1008,6 +1024,15 @@ async fn run_task(
             (finished_at - started_at).to_std().unwrap_or_default(),
         );
         let duration_ms = (finished_at - started_at).num_milliseconds();
+        let outcome = outcome
+            .map(|mut output| {
+                redactor.json(&mut output);
+                output
+            })
+            .map_err(|mut failure| {
+                failure.message = redactor.text(&failure.message);
+                failure
+            });
         let (status, output, error) = match outcome {
             Ok(output) => {
                 info!(duration_ms, "task succeeded");
@@ -1146,7 +1171,13 @@ fn log_batch(shared: &Shared, task: &Task) -> LogBatch {
 /// Sends what the handler writes to `log` in messages of `batch`'s execution, at most
 /// [`BATCH_LINES`] lines each: every [`LOG_INTERVAL`], or at once when a batch is full, and what
 /// is left once `done` is cancelled. A batch the broker refuses is dropped (its lines are lost, not the step).
-async fn ship_log(shared: Arc<Shared>, log: StepLog, mut batch: LogBatch, done: CancellationToken) {
+async fn ship_log(
+    shared: Arc<Shared>,
+    log: StepLog,
+    mut batch: LogBatch,
+    redactor: secrets::Redactor,
+    done: CancellationToken,
+) {
     let queue = shared.names.logs();
     loop {
         let last = tokio::select! {
@@ -1156,7 +1187,13 @@ async fn ship_log(shared: Arc<Shared>, log: StepLog, mut batch: LogBatch, done: 
         };
         let lines = log.take();
         for chunk in lines.chunks(BATCH_LINES) {
-            batch.lines = chunk.to_vec();
+            batch.lines = chunk
+                .iter()
+                .map(|line| LogLine {
+                    line: redactor.text(&line.line),
+                    ..line.clone()
+                })
+                .collect();
             batch.sent_at = Utc::now();
             let body = serde_json::to_vec(&batch).expect("a LogBatch always serializes to JSON");
             let message = OutgoingMessage::new(&queue, "log", body);

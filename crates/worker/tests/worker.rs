@@ -71,6 +71,7 @@ impl Fixture {
             worker_id: Some(format!("test-worker-{}", Uuid::new_v4())),
             heartbeat_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
+            secrets_dir: None,
         }
     }
 

@@ -105,6 +105,11 @@ pub struct Config {
     #[arg(long, env = "FLOTILLA_MAX_STEP_LOG_BYTES", default_value_t = 1_048_576)]
     pub max_step_log_bytes: u64,
 
+    /// Bytes of JSON a step's output may take; a result with a larger output fails its attempt
+    /// (retried as the step's policy says).
+    #[arg(long, env = "FLOTILLA_MAX_OUTPUT_BYTES", default_value_t = 1_048_576)]
+    pub max_output_bytes: usize,
+
     /// The most instances one `for_each` step may expand to; a longer list fails the step.
     #[arg(long, env = "FLOTILLA_MAX_INSTANCES", default_value_t = flotilla_core::scheduler::DEFAULT_MAX_INSTANCES)]
     pub max_instances: usize,
@@ -194,6 +199,15 @@ pub struct Config {
     /// behind a proxy that sets it.
     #[arg(long, env = "FLOTILLA_TRUST_FORWARDED_FOR")]
     pub trust_forwarded_for: bool,
+
+    /// Serve the API over TLS with this PEM certificate chain (the server's certificate first);
+    /// needs FLOTILLA_TLS_KEY.
+    #[arg(long, env = "FLOTILLA_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The PEM private key of FLOTILLA_TLS_CERT.
+    #[arg(long, env = "FLOTILLA_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 
     /// Quotas per namespace, `;`-separated entries `namespace:key=value,…` with keys `runs`
     /// (runs in flight), `steps` (steps per run, `for_each` instances included) and `rps` (API
@@ -335,6 +349,10 @@ impl Config {
                 "FLOTILLA_MAX_STEP_LOG_BYTES",
                 self.max_step_log_bytes.to_string(),
             ),
+            (
+                "FLOTILLA_MAX_OUTPUT_BYTES",
+                self.max_output_bytes.to_string(),
+            ),
             ("FLOTILLA_BREAKER_ENABLED", self.breaker_enabled.to_string()),
             (
                 "FLOTILLA_BREAKER_FAILURE_RATE",
@@ -391,6 +409,18 @@ impl Config {
             (
                 "FLOTILLA_TRUST_FORWARDED_FOR",
                 self.trust_forwarded_for.to_string(),
+            ),
+            (
+                "FLOTILLA_TLS_CERT",
+                self.tls_cert
+                    .as_ref()
+                    .map_or_else(|| "off".to_owned(), |p| p.display().to_string()),
+            ),
+            (
+                "FLOTILLA_TLS_KEY",
+                self.tls_key
+                    .as_ref()
+                    .map_or_else(|| "off".to_owned(), |p| p.display().to_string()),
             ),
         ]
         .iter()
@@ -466,6 +496,15 @@ mod tests {
             .unwrap_err();
         assert!(err.contains("loopback") && err.contains("0.0.0.0"), "{err}");
         assert!(config(&["--bind", "0.0.0.0"]).check().is_ok());
+    }
+
+    #[test]
+    fn a_tls_certificate_needs_its_key_and_the_other_way_round() {
+        for args in [["--tls-cert", "cert.pem"], ["--tls-key", "key.pem"]] {
+            let error = parse(&args).unwrap_err().to_string();
+            assert!(error.contains("required"), "{error}");
+        }
+        assert!(parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).is_ok());
     }
 
     #[test]

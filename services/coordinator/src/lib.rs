@@ -41,6 +41,10 @@ pub async fn run(
     let breaker = config.breaker()?;
     let registry = config.registry();
     registry.validate().map_err(anyhow::Error::msg)?;
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(flotilla_api::tls::server_config(cert, key)?),
+        _ => None,
+    };
     let store = Store::open(&StoreConfig {
         url: config.database_url.clone(),
         pool_size: config.db_pool_size,
@@ -119,9 +123,12 @@ pub async fn run(
             handle.clone(),
             intake.clone(),
         );
-        let prefetch = config.results_prefetch;
+        let limits = flotilla_engine::results::Limits {
+            prefetch: config.results_prefetch,
+            max_output_bytes: config.max_output_bytes,
+        };
         tokio::spawn(async move {
-            flotilla_engine::results::run(&connection, &names, handle, prefetch, intake).await
+            flotilla_engine::results::run(&connection, &names, handle, limits, intake).await
         })
     };
     let heartbeats_task = {
@@ -227,13 +234,26 @@ pub async fn run(
         limits,
     );
     let address = listener.local_addr()?;
-    tracing::info!(%address, database = %flotilla_core::redact_url(&config.database_url), broker = %broker.redacted_url(), prefix = %names.prefix(), "coordinator ready");
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-    .await
+    tracing::info!(%address, tls = tls.is_some(), database = %flotilla_core::redact_url(&config.database_url), broker = %broker.redacted_url(), prefix = %names.prefix(), "coordinator ready");
+    match &tls {
+        Some(tls) => {
+            flotilla_api::tls::serve(
+                listener,
+                tls.clone(),
+                app,
+                shutdown.clone().cancelled_owned(),
+            )
+            .await
+        }
+        None => {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await
+        }
+    }
     .context("the HTTP server failed")?;
 
     tracing::info!("shutting down");

@@ -2070,18 +2070,6 @@ async fn a_nul_character_anywhere_is_refused_and_nothing_is_stored() {
     assert!(state.submissions.is_empty() && state.operations.is_empty());
 }
 
-#[test]
-fn only_an_escape_that_makes_a_nul_counts() {
-    use crate::extract::holds_nul;
-    assert!(holds_nul(br#"{"a": "\u0000"}"#));
-    assert!(holds_nul(br#"{"a": "x\\\u0000"}"#));
-    // An escaped backslash followed by the text `u0000`, and other escapes.
-    assert!(!holds_nul(br#"{"a": "\\u0000"}"#));
-    assert!(!holds_nul(
-        br#"{"a": "\u0010", "b": "u0000", "c": "\u0001"}"#
-    ));
-}
-
 #[tokio::test]
 async fn retry_takes_an_optional_step() {
     let api = Api::new(run_in("failure"));

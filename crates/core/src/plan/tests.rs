@@ -501,3 +501,32 @@ fn compensations_are_checked_when_compiled() {
     compile("name: s\nsteps:\n  - {id: a, agent: x, action: do, compensate: {agent: y, action: undo, params: {v: '${{ steps.a.output.id }}'}}}\n")
         .unwrap();
 }
+
+#[test]
+fn secrets_are_read_only_in_step_params() {
+    let yaml = r#"
+name: s
+steps:
+  - {id: a, agent: x, action: y, params: {token: "${{ secrets.TOKEN }}"}}
+  - {id: b, agent: x, action: y, condition: "secrets.TOKEN == 'x'"}
+  - {id: c, agent: x, action: y, expect: "output.k == secrets.TOKEN"}
+  - {id: d, agent: x, action: y, for_each: "${{ secrets.LIST }}"}
+"#;
+    let problems = compile(yaml).unwrap_err().problems;
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    for (id, what) in [
+        ("b", "condition reads `secrets`"),
+        ("c", "expect[0] reads `secrets`"),
+        (
+            "d",
+            "reads a secret; secrets may be read only in step params",
+        ),
+    ] {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains(&format!("`{id}`")) && p.contains(what)),
+            "{id}: {problems:?}"
+        );
+    }
+}
