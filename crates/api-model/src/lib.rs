@@ -311,7 +311,8 @@ pub struct StepResult {
     #[serde(default = "first_strike")]
     pub strike: u8,
     /// Why a pending step waits with no attempt dispatched: `circuit open for agent X` while
-    /// that agent's circuit breaker holds it.
+    /// that agent's circuit breaker holds it, `limit reached for agent X` while the agent has a
+    /// limit (`FLOTILLA_AGENT_LIMITS`) that holds it (or its breaker does).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<String>,
     /// For a sub-workflow step: the registered definition it runs (`agent` and `action` are

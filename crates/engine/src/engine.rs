@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use flotilla_broker::Delivery;
 use flotilla_core::breaker::{BreakerConfig, Breakers};
+use flotilla_core::limits::{AgentLimits, Limits};
 use flotilla_core::plan::{ESCALATION_SUFFIX, NOTIFY_ACTION, NOTIFY_AGENT, SubWorkflow};
 use flotilla_core::quota::Quotas;
 use flotilla_core::scheduler::{ParentLink, Transition};
@@ -84,6 +85,8 @@ pub struct EngineConfig {
     /// The namespaces' quotas; the engine checks runs in flight, in the transaction that
     /// creates the run.
     pub quotas: Quotas,
+    /// The agents' concurrency caps and rate limits, enforced at dispatch.
+    pub limits: AgentLimits,
 }
 
 impl Default for EngineConfig {
@@ -98,6 +101,7 @@ impl Default for EngineConfig {
             max_workflow_depth: flotilla_core::scheduler::DEFAULT_MAX_WORKFLOW_DEPTH,
             schedule_to_start: None,
             quotas: Quotas::default(),
+            limits: AgentLimits::default(),
         }
     }
 }
@@ -535,14 +539,17 @@ impl Engine {
         touched.sort_unstable();
         touched.dedup();
         self.lock(&tx, &touched).await?;
-        let plans = touched
+        let plans: Vec<&Plan> = touched
             .iter()
             .filter_map(|id| self.runs.get(id).map(|c| c.plan.as_ref()))
             .chain(inputs.iter().filter_map(|i| match i {
                 Input::Submit { run, .. } => Some(run.plan.as_ref()),
                 _ => None,
-            }));
-        let breakers = crate::breakers::lock(&tx, self.config.breaker.as_ref(), plans).await?;
+            }))
+            .collect();
+        let breakers =
+            crate::breakers::lock(&tx, self.config.breaker.as_ref(), plans.iter().copied()).await?;
+        let limits = crate::limits::lock(&tx, &self.config.limits, plans.iter().copied()).await?;
 
         let keys: Vec<&str> = inputs
             .iter()
@@ -567,6 +574,7 @@ impl Engine {
             observed: Vec::new(),
             events: Vec::new(),
             breakers,
+            limits,
             children: Vec::new(),
             cancelled_children: Vec::new(),
         };
@@ -602,7 +610,13 @@ impl Engine {
                     let mut state = RunState::new(id, &run.plan, run.params.clone());
                     state.max_instances = self.config.max_instances;
                     state.subset = run.subset.clone();
-                    let t = state.apply_gated(&run.plan, Event::Start, now, &mut pending.breakers);
+                    let t = state.apply_limited(
+                        &run.plan,
+                        Event::Start,
+                        now,
+                        &mut pending.breakers,
+                        &mut pending.limits,
+                    );
                     if !run.subset.is_empty() {
                         // The history says why steps were skipped before anything ran.
                         pending.events.push(RunEvent {
@@ -854,6 +868,7 @@ impl Engine {
             observed,
             events: engine_events,
             breakers,
+            limits,
             ..
         } = pending;
         events.extend(engine_events);
@@ -893,14 +908,18 @@ impl Engine {
             db::write(&tx, &batch).await?;
         }
         crate::breakers::write(&tx, &breakers).await?;
+        flotilla_store::limits::write(&tx, limits.changed()).await?;
         // The timer releases held steps once a breaker closes, or sends a probe once an open
-        // one has cooled down.
+        // one has cooled down; and once a limit has room again: an attempt ended, or a token
+        // is due.
         let mut wakes_due = wakes_due;
         wakes_due.extend(
             breakers
                 .moved()
                 .map(|b| b.probe_at(&breakers.config).unwrap_or(now)),
         );
+        wakes_due.extend(limits.freed().then_some(now));
+        wakes_due.extend(limits.refills());
         dead_letters::insert(&tx, &new_dead_letters).await?;
         idempotency::record(&tx, &new_keys, now).await?;
         queries::record_events(&tx, &events).await?;
@@ -1129,7 +1148,13 @@ impl Engine {
                 state.parent = Some(start.parent);
                 // Gated by the breakers the batch locked; one of an agent only a child calls
                 // is not locked here (see ARCHITECTURE.md), and lets the step through.
-                let t = state.apply_gated(&plan, Event::Start, pending.now, &mut pending.breakers);
+                let t = state.apply_limited(
+                    &plan,
+                    Event::Start,
+                    pending.now,
+                    &mut pending.breakers,
+                    &mut pending.limits,
+                );
                 pending.create(&plan, &state, &hash, &key.0);
                 pending.effects(&plan, &state, &t);
                 tracing::info!(run_id = %start.id, workflow = %plan.name, "sub-workflow run started");
@@ -1307,6 +1332,8 @@ struct Pending<'a> {
     events: Vec<RunEvent>,
     /// The breakers of the agents the batch's runs call, locked.
     breakers: Breakers,
+    /// The limits of the agents the batch's runs call, locked.
+    limits: Limits,
     /// Sub-workflow attempts dispatched, whose runs are still to be created.
     children: Vec<ChildStart>,
     /// The runs of sub-workflow attempts that ended otherwise than with their run: to cancel.
@@ -1362,9 +1389,13 @@ enum Observation {
 impl Pending<'_> {
     /// Applies an event to a cached run and records what changed.
     fn apply(&mut self, cached: &mut CachedRun, event: Event) -> Transition {
-        let t = cached
-            .state
-            .apply_gated(&cached.plan, event, self.now, &mut self.breakers);
+        let t = cached.state.apply_limited(
+            &cached.plan,
+            event,
+            self.now,
+            &mut self.breakers,
+            &mut self.limits,
+        );
         if !t.changed.is_empty() || t.run_changed {
             let entry = self.changes.entry(cached.state.id).or_default();
             entry.extend(&t.changed);
@@ -1554,7 +1585,7 @@ impl Pending<'_> {
                 Effect::Strike { step, strike } => self.strike(plan, state, *step, *strike),
                 Effect::Held { step, agent } => {
                     let step_id = state.slot_id(plan, *step);
-                    tracing::info!(run_id = %state.id, %step_id, agent = %agent, "step held: circuit open");
+                    tracing::info!(run_id = %state.id, %step_id, agent = %agent, "step held: circuit open or limit reached");
                     self.observed.push(Observation::Held {
                         agent: agent.clone(),
                     });

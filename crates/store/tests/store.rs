@@ -867,9 +867,13 @@ async fn breakers_are_locked_written_listed_and_release_their_held_steps() -> an
         (&open, Some(at(10)), 1)
     );
     assert_eq!(breakers::next_probe(&client).await?, Some(at(10)));
-    assert!(breakers::due_releases(&client, at(9), 10).await?.is_empty());
+    assert!(
+        breakers::due_releases(&client, at(9), 10, &[])
+            .await?
+            .is_empty()
+    );
     assert_eq!(
-        breakers::due_releases(&client, at(10), 10).await?,
+        breakers::due_releases(&client, at(10), 10, &[]).await?,
         [(state.id, 0)]
     );
 
@@ -885,7 +889,7 @@ async fn breakers_are_locked_written_listed_and_release_their_held_steps() -> an
     };
     breakers::write(&client, &config, [("x", &half_open)].into_iter()).await?;
     assert_eq!(
-        breakers::due_releases(&client, at(0), 10).await?,
+        breakers::due_releases(&client, at(0), 10, &[]).await?,
         [(state.id, 0)]
     );
     let tx = client.transaction().await?;
@@ -900,7 +904,7 @@ async fn breakers_are_locked_written_listed_and_release_their_held_steps() -> an
     assert_eq!(list[0].breaker, Breaker::default());
     assert_eq!(list[0].reset, Some(("ana@host".to_string(), at(20))));
     assert_eq!(
-        breakers::due_releases(&client, at(0), 10).await?,
+        breakers::due_releases(&client, at(0), 10, &[]).await?,
         [(state.id, 0)]
     );
     drop(client);

@@ -15,6 +15,7 @@ use flotilla_api_model::{
     ScheduleSummary, StepLogLine, StepLogs, StepReport, StepResult, StrikeReport, Submitted,
     TruncatedLog, WorkerStatus, WorkflowResult,
 };
+use flotilla_core::limits::AgentLimits;
 use flotilla_core::quota::Quotas;
 use flotilla_core::registry::{RegistryPolicy, WorkerHealth};
 use flotilla_core::schedule::Schedule;
@@ -49,6 +50,8 @@ pub struct CoordinatorBackend {
     pub lease: std::time::Duration,
     /// The namespaces' quotas; the backend checks steps per run (the engine, runs in flight).
     pub quotas: Quotas,
+    /// The agents' limits, which say why a held step waits.
+    pub agent_limits: AgentLimits,
     /// The most instances a `for_each` step may expand to, which a run's steps are counted with.
     pub max_instances: usize,
 }
@@ -150,11 +153,12 @@ fn api_step_status(stored: &str) -> &str {
     }
 }
 
-/// `served`: the agents a healthy worker serves.
+/// `served`: the agents a healthy worker serves; `limits`: the agents' limits.
 fn workflow_result(
     run: RunRecord,
     steps: Vec<StepRecord>,
     served: &HashSet<String>,
+    limits: &AgentLimits,
 ) -> WorkflowResult {
     let mut metrics = Metrics {
         total_steps: steps.len(),
@@ -184,9 +188,11 @@ fn workflow_result(
                 error: s.error,
                 next_attempt_at: s.wake_at,
                 strike: u8::try_from(s.strike).unwrap_or(1),
-                held: s
-                    .held_for
-                    .map(|agent| format!("circuit open for agent {agent}")),
+                held: s.held_for.map(|agent| match limits.get(&agent) {
+                    // Its breaker may hold it too; the breaker's own view says whether it does.
+                    Some(_) => format!("limit reached for agent {agent}"),
+                    None => format!("circuit open for agent {agent}"),
+                }),
                 workflow: s.workflow,
                 child_workflow_id: s.child_run_id,
                 waiting_for_worker: s
@@ -379,7 +385,12 @@ impl Backend for CoordinatorBackend {
         } else {
             HashSet::new()
         };
-        Ok(Some(workflow_result(run, steps, &served)))
+        Ok(Some(workflow_result(
+            run,
+            steps,
+            &served,
+            &self.agent_limits,
+        )))
     }
 
     async fn report(
