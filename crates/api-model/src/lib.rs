@@ -322,8 +322,8 @@ pub struct StepResult {
     /// For a sub-workflow step: the run its latest attempt started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub child_workflow_id: Option<Uuid>,
-    /// Set while the step's attempt is queued and no healthy worker of its agent is registered:
-    /// it waits for one to start (see `GET /api/agents`).
+    /// Set while the step's attempt is queued and no healthy worker of its agent with the
+    /// step's `labels` is registered: it waits for one to start (see `GET /api/agents`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub waiting_for_worker: bool,
 }

@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 
 use crate::condition::{self, Condition};
 use crate::definition::{CallDef, Definition, RetrySpec, StepDef};
+use crate::labels::Labels;
 use crate::retry::RetryPolicy;
 
 /// The agent that delivers `notify:` messages; the coordinator serves it itself.
@@ -71,6 +72,8 @@ pub struct Node {
     pub heartbeat_timeout: Option<std::time::Duration>,
     /// How long a dispatched attempt may wait for a worker to start it.
     pub schedule_to_start: Option<std::time::Duration>,
+    /// The labels a worker must have to run the step's own attempts (not its fallback's).
+    pub labels: Labels,
     pub role: Role,
     /// The step whose `parallel:` list holds this node.
     pub parent: Option<usize>,
@@ -123,6 +126,12 @@ impl Node {
             (Some(f), true) => (&f.agent, &f.action),
             _ => (&self.agent, &self.action),
         }
+    }
+
+    /// The labels the worker of an attempt must have: the step's, unless the attempt calls its
+    /// fallback, which any worker of its agent may run.
+    pub fn labels(&self, fallback: bool) -> Option<&Labels> {
+        (!fallback && !self.labels.is_empty()).then_some(&self.labels)
     }
 
     /// The sub-workflow an attempt starts: the step's, unless the attempt calls its fallback.
@@ -680,6 +689,15 @@ fn build_node(
             d.place, wait.0
         ));
     }
+    if !def.labels.is_empty() && (def.agent.is_none() || workflow.is_some()) {
+        problems.push(format!(
+            "{} (`{id}`): labels route a step to an agent's workers; this step names no agent",
+            d.place
+        ));
+    }
+    if let Err(e) = crate::labels::check(&def.labels) {
+        problems.push(format!("{} (`{id}`): {e}", d.place));
+    }
     if let Some(channel) = &def.escalate
         && !is_name(channel)
     {
@@ -703,6 +721,7 @@ fn build_node(
         timeout: def.timeout.map(|t| t.0),
         heartbeat_timeout: def.heartbeat_timeout.map(|t| t.0),
         schedule_to_start: def.schedule_to_start.map(|t| t.0),
+        labels: def.labels.clone(),
         role: d.role,
         parent: d.parent,
         for_each,
@@ -744,6 +763,7 @@ fn compensations(
             timeout: call.timeout,
             heartbeat_timeout: None,
             schedule_to_start: None,
+            labels: Labels::new(),
             role: Role::Compensation,
             parent: None,
             fallback: None,

@@ -766,9 +766,15 @@ impl Engine {
                                             .schedule_to_start
                                             .or(pending.schedule_to_start)
                                             .unwrap_or_default();
-                                        format!(
-                                            "no worker of agent {agent} started the step within {limit:?}"
-                                        )
+                                        match n.labels(strike.is_fallback()) {
+                                            Some(labels) => format!(
+                                                "no worker of agent {agent} with labels {} started the step within {limit:?}",
+                                                flotilla_core::labels::describe(labels)
+                                            ),
+                                            None => format!(
+                                                "no worker of agent {agent} started the step within {limit:?}"
+                                            ),
+                                        }
                                     }
                                     None => String::new(),
                                 };
@@ -1502,9 +1508,13 @@ impl Pending<'_> {
                         heartbeat_timeout_ms: node.heartbeat_timeout.map(|t| t.as_millis() as u64),
                         ack_early: node.acks_early(strike.is_fallback()),
                     };
+                    let labels = node
+                        .labels(strike.is_fallback())
+                        .cloned()
+                        .unwrap_or_default();
                     self.batch.outbox.push(OutboxRow {
                         id: *task_id,
-                        routing_key: self.names.agent(agent),
+                        routing_key: self.names.tasks(agent, &labels),
                         kind: "task".into(),
                         correlation_id: Some(task_id.to_string()),
                         reply_to: Some(self.names.results()),
@@ -1841,6 +1851,7 @@ fn step_ident(
         lease_ms: node.heartbeat_timeout.map(millis),
         start_ms: node.schedule_to_start.or(schedule_to_start).map(millis),
         workflow: node.workflow.as_ref().map(|w| w.name.clone()),
+        labels: node.labels(false).map(|l| json!(l)),
     }
 }
 

@@ -214,6 +214,8 @@ pub struct StepIdent {
     /// How long a dispatched attempt may wait for a worker to start it, in ms; no limit when
     /// `None`.
     pub start_ms: Option<i32>,
+    /// The labels a worker must have to run the step's own attempts, as a JSON object.
+    pub labels: Option<Value>,
 }
 
 /// A run to create.
@@ -463,6 +465,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
         let mut leases = Vec::with_capacity(batch.new_steps.len());
         let mut workflows = Vec::with_capacity(batch.new_steps.len());
         let mut starts = Vec::with_capacity(batch.new_steps.len());
+        let mut labels = Vec::with_capacity(batch.new_steps.len());
         for (ident, row) in &batch.new_steps {
             cols.push(row);
             instances.push(row);
@@ -472,24 +475,25 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
             leases.push(ident.lease_ms);
             workflows.push(ident.workflow.as_deref());
             starts.push(ident.start_ms);
+            labels.push(ident.labels.as_ref());
         }
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO steps (run_id, idx, step_id, agent, action, status, attempt, task_id,
                                     wake_at, started_at, ended_at, output, error, deadline, lost,
                                     strike, strike_base, instance_of, item_index, item, lease_ms,
-                                    held_for, workflow, start_ms, queued_at, start_by)
+                                    held_for, workflow, start_ms, labels, queued_at, start_by)
                  SELECT u.*, q.at, q.at + u.start_ms * interval '1 millisecond'
                  FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
                              $6::text[], $7::int4[], $8::uuid[], $9::timestamptz[],
                              $10::timestamptz[], $11::timestamptz[], $12::jsonb[], $13::text[],
                              $14::timestamptz[], $15::int4[], $16::int2[], $17::int4[],
                              $18::int4[], $19::int4[], $20::jsonb[], $21::int4[], $22::text[],
-                             $23::text[], $24::int4[])
+                             $23::text[], $24::int4[], $25::jsonb[])
                       AS u(run_id, idx, step_id, agent, action, status, attempt, task_id, wake_at,
                            started_at, ended_at, output, error, deadline, lost, strike,
                            strike_base, instance_of, item_index, item, lease_ms, held_for,
-                           workflow, start_ms)
+                           workflow, start_ms, labels)
                  -- An attempt dispatched with its step is queued until a worker starts it (a
                  -- sub-workflow's, never started by a worker, is not).
                  CROSS JOIN LATERAL (SELECT CASE WHEN u.status = 'running' AND u.task_id IS NOT NULL
@@ -525,6 +529,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                     &cols.held_for,
                     &workflows,
                     &starts,
+                    &labels,
                 ],
             )
             .await

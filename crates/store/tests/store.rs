@@ -103,6 +103,7 @@ fn new_run_batch_of(yaml: &str) -> (Batch, RunState, Plan) {
                 lease_ms: node.heartbeat_timeout.map(|t| t.as_millis() as i32),
                 workflow: None,
                 start_ms: node.schedule_to_start.map(|t| t.as_millis() as i32),
+                labels: None,
             },
             StepRow {
                 run_id: id,
@@ -749,6 +750,7 @@ async fn instances_and_run_deadlines_load_back_and_past_deadlines_are_found() ->
                 lease_ms: None,
                 workflow: None,
                 start_ms: None,
+                labels: None,
             },
             StepRow {
                 run_id: id,

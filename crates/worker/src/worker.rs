@@ -11,7 +11,7 @@ use std::{
 use chrono::Utc;
 use flotilla_broker::{
     Backoff, BrokerConfig, Connection, Consumer, Delivery, OutgoingMessage, PublishError,
-    Publisher, QueueNames, declare_control_queue, declare_topology, reconnect,
+    Publisher, QueueNames, declare_control_queue, declare_task_queue, declare_topology, reconnect,
 };
 use flotilla_proto::{
     Cancel, Deregistration, Heartbeat, HeldTask, LogBatch, PROTOCOL_VERSION, Registration,
@@ -275,6 +275,8 @@ impl Worker {
         if self.config.heartbeat_interval.is_zero() {
             return Err(Error::Config("heartbeat interval must not be zero".into()));
         }
+        flotilla_core::labels::check(&self.labels)
+            .map_err(|e| Error::Config(format!("worker labels: {e}")))?;
         let Backoff { initial, max } = self.broker.reconnect;
         if initial.is_zero() || initial > max {
             return Err(Error::Config(format!(
@@ -302,6 +304,23 @@ impl Worker {
             self.broker.delivery_limit,
         )
         .await?;
+        // The queues of the label sets it may serve, beyond the agents' own queues.
+        let queues: Vec<(&String, String)> = self
+            .agents
+            .iter()
+            .flat_map(|agent| {
+                self.names
+                    .worker_queues(agent, &self.labels)
+                    .into_iter()
+                    .map(move |queue| (agent, queue))
+            })
+            .collect();
+        for (_, queue) in queues
+            .iter()
+            .filter(|(agent, q)| *q != self.names.agent(agent))
+        {
+            declare_task_queue(&channel, &self.names, queue, self.broker.delivery_limit).await?;
+        }
         let control = if consume {
             Some(declare_control_queue(&channel, &self.names, &self.worker_id).await?)
         } else {
@@ -316,10 +335,9 @@ impl Worker {
             None => None,
         };
         if consume {
-            for agent in &self.agents {
-                let queue = self.names.agent(agent);
-                let tag = format!("{}.{agent}", self.worker_id);
-                let consumer = Consumer::start(&connection, &queue, &tag, prefetch).await?;
+            for (agent, queue) in &queues {
+                let tag = format!("{}.{}", self.worker_id, &queue[self.names.prefix().len()..]);
+                let consumer = Consumer::start(&connection, queue, &tag, prefetch).await?;
                 consumers.push((Arc::<str>::from(agent.as_str()), consumer));
             }
         }

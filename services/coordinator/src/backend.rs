@@ -1,6 +1,6 @@
 //! The API's backend: reads from Postgres, submissions through the engine.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -15,6 +15,7 @@ use flotilla_api_model::{
     ScheduleSummary, StepLogLine, StepLogs, StepReport, StepResult, StrikeReport, Submitted,
     TruncatedLog, WorkerStatus, WorkflowResult,
 };
+use flotilla_core::labels;
 use flotilla_core::limits::AgentLimits;
 use flotilla_core::quota::Quotas;
 use flotilla_core::registry::{RegistryPolicy, WorkerHealth};
@@ -153,11 +154,11 @@ fn api_step_status(stored: &str) -> &str {
     }
 }
 
-/// `served`: the agents a healthy worker serves; `limits`: the agents' limits.
+/// `healthy`: the healthy workers; `limits`: the agents' limits.
 fn workflow_result(
     run: RunRecord,
     steps: Vec<StepRecord>,
-    served: &HashSet<String>,
+    healthy: &[WorkerRecord],
     limits: &AgentLimits,
 ) -> WorkflowResult {
     let mut metrics = Metrics {
@@ -195,10 +196,12 @@ fn workflow_result(
                 }),
                 workflow: s.workflow,
                 child_workflow_id: s.child_run_id,
-                waiting_for_worker: s
-                    .queued_for
-                    .as_ref()
-                    .is_some_and(|agent| !served.contains(agent.as_str())),
+                // Queued for an agent no healthy worker with the step's labels serves.
+                waiting_for_worker: s.queued_for.as_ref().is_some_and(|agent| {
+                    !healthy.iter().any(|w| {
+                        w.agents.contains(agent) && labels::satisfies(&w.labels, &s.queued_labels)
+                    })
+                }),
             }
         })
         .collect();
@@ -380,10 +383,9 @@ impl Backend for CoordinatorBackend {
                 .map_err(store_error)?
                 .into_iter()
                 .filter(|w| self.registry.health(w.last_seen, now) == Some(WorkerHealth::Healthy))
-                .flat_map(|w| w.agents)
                 .collect()
         } else {
-            HashSet::new()
+            Vec::new()
         };
         Ok(Some(workflow_result(
             run,

@@ -9,3 +9,8 @@ CREATE TABLE agent_limits (
     tokens double precision,
     counted_at timestamptz
 );
+
+-- The labels a worker must have to run a step's own attempts (`labels:`), as a JSON object; NULL
+-- when it asks for none. Written with the step, read to tell whether a live worker could take
+-- its queued attempt.
+ALTER TABLE steps ADD COLUMN labels jsonb;
