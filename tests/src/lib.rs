@@ -546,8 +546,8 @@ impl Fleet {
         .await?)
     }
 
-    /// The queues the fleet may have declared: every agent queue, results, dead letters,
-    /// heartbeats and logs.
+    /// The queues the fleet may have declared: every agent queue (normal and high priority),
+    /// results, dead letters, heartbeats and logs.
     pub fn queues(&self) -> Vec<String> {
         let names = self.queue_names();
         let mut agents = self.agents.clone();
@@ -560,6 +560,11 @@ impl Fleet {
         ]
         .into_iter()
         .chain(agents.iter().map(|a| names.agent(a)))
+        .chain(
+            agents
+                .iter()
+                .map(|a| names.tasks(a, &Default::default(), true)),
+        )
         .chain(self.task_queues.iter().cloned())
         .collect()
     }

@@ -40,7 +40,7 @@ fn start_render_worker(
         command.arg("--label").arg(format!("{k}={v}"));
     }
     let queues = fleet.queue_names().worker_queues("render", labels);
-    fleet.track_queues(queues);
+    fleet.track_queues(queues.into_iter().map(|(queue, _)| queue));
     fleet.start_worker_command(worker_id, &["render"], command, Launch::once())?;
     Ok(())
 }
@@ -53,7 +53,7 @@ async fn labelled_steps_go_only_to_workers_with_the_labels() -> anyhow::Result<(
     start_render_worker(&mut fleet, "render-gpu", &gpu)?;
     start_render_worker(&mut fleet, "render-plain", &labels(&[]))?;
     let unmatched = labels(&[("gpu", "true"), ("region", "us")]);
-    fleet.track_queues([fleet.queue_names().tasks("render", &unmatched)]);
+    fleet.track_queues([fleet.queue_names().tasks("render", &unmatched, false)]);
     // Both workers registered, so that a plain step may go to either.
     eventually(WAIT, "both workers registered", || async {
         let agents = fleet.agents().await?;

@@ -99,11 +99,25 @@ pub struct ExecuteRequest {
     /// their dependents run. With `only`, leaves steps out of those selected.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skip: Vec<String>,
+    /// `high`: the run's tasks are taken by workers before any normal one waiting; left out,
+    /// the definition's `priority:` (normal unless it says otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<RunPriority>,
     /// The namespace the run belongs to (also given by the [`NAMESPACE_HEADER`]); left out, the
     /// credential's namespace when it has exactly one, or `default` for a credential of all
     /// namespaces. A registered `workflow` is looked up there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+}
+
+/// How soon a run's tasks are taken by workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum RunPriority {
+    #[default]
+    Normal,
+    High,
 }
 
 /// The request header that names the namespace a request acts in: where a submission's run,
@@ -1978,13 +1992,10 @@ mod tests {
     fn requests_refuse_unknown_fields() {
         let err = serde_json::from_value::<ExecuteRequest>(json!({
             "workflow": "build-project",
-            "priority": 2
+            "urgency": 2
         }))
         .unwrap_err();
-        assert!(
-            err.to_string().contains("unknown field `priority`"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("unknown field `urgency`"), "{err}");
     }
 
     #[test]

@@ -262,6 +262,7 @@ async fn execute<B: Backend>(
         params,
         only,
         skip,
+        priority,
         namespace,
     } = request;
     let namespace = tenant.one(namespace.as_deref())?;
@@ -321,6 +322,7 @@ async fn execute<B: Backend>(
             plan,
             params: effective,
             subset,
+            priority,
             idempotency_key,
             namespace,
         })

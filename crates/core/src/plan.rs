@@ -16,7 +16,7 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::condition::{self, Condition};
-use crate::definition::{CallDef, Definition, RetrySpec, StepDef};
+use crate::definition::{CallDef, Definition, Priority, RetrySpec, StepDef};
 use crate::labels::Labels;
 use crate::retry::RetryPolicy;
 
@@ -186,6 +186,8 @@ pub struct Plan {
     pub nodes: Vec<Node>,
     /// Whether a failed run is rolled back (`error_handling.rollback`).
     pub rollback: bool,
+    /// The priority of its runs unless their submission says otherwise.
+    pub priority: Priority,
     /// Node index by id; results name their step by id, and a plan may have many nodes.
     index: HashMap<String, usize>,
     /// Every agent its steps and their fallbacks call, sorted, each once: asked for on every
@@ -376,6 +378,7 @@ impl Plan {
                 timeout: def.timeout.map(|t| t.0),
                 nodes,
                 rollback,
+                priority: def.priority.unwrap_or_default(),
                 index,
                 agents,
             })

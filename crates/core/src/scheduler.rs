@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use crate::breaker::{Admission, Breakers, Probe};
 use crate::condition::{self, Binding, Finished};
+use crate::definition::Priority;
 use crate::limits::Limits;
 use crate::plan::{Plan, Role};
 use crate::subset::Subset;
@@ -315,6 +316,9 @@ pub struct RunState {
     /// The steps the submission selected or left out: those left out are skipped at the start
     /// and stay so, even when an operator retries the run.
     pub subset: Subset,
+    /// How soon its tasks are taken by workers: its plan's, unless its submission (or, for a
+    /// sub-workflow, its parent's) said higher.
+    pub priority: Priority,
     /// Set when the run is a sub-workflow: the attempt that started it.
     pub parent: Option<ParentLink>,
     unfinished_main: usize,
@@ -495,6 +499,7 @@ impl RunState {
             error: None,
             max_instances: DEFAULT_MAX_INSTANCES,
             subset: Subset::default(),
+            priority: plan.priority,
             parent: None,
             unfinished_main: 0,
             unfinished_handlers: 0,

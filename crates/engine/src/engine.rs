@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use flotilla_broker::Delivery;
 use flotilla_core::breaker::{BreakerConfig, Breakers};
+use flotilla_core::definition::Priority;
 use flotilla_core::limits::{AgentLimits, Limits};
 use flotilla_core::plan::{ESCALATION_SUFFIX, NOTIFY_ACTION, NOTIFY_AGENT, SubWorkflow};
 use flotilla_core::quota::Quotas;
@@ -115,6 +116,8 @@ pub struct NewRun {
     pub params: Map<String, Value>,
     /// The steps to run or leave out, checked against `plan`.
     pub subset: Subset,
+    /// The run's priority when its submission gives one; its plan's otherwise.
+    pub priority: Option<Priority>,
     /// A repeat of a submission with the same key answers the first one's run.
     pub idempotency_key: Option<String>,
     /// The namespace the run belongs to.
@@ -610,6 +613,7 @@ impl Engine {
                     let mut state = RunState::new(id, &run.plan, run.params.clone());
                     state.max_instances = self.config.max_instances;
                     state.subset = run.subset.clone();
+                    state.priority = run.priority.unwrap_or(run.plan.priority);
                     let t = state.apply_limited(
                         &run.plan,
                         Event::Start,
@@ -1152,6 +1156,7 @@ impl Engine {
                 let mut state = RunState::new(start.id, &plan, params);
                 state.max_instances = self.config.max_instances;
                 state.parent = Some(start.parent);
+                state.priority = state.priority.max(start.priority);
                 // Gated by the breakers the batch locked; one of an agent only a child calls
                 // is not locked here (see ARCHITECTURE.md), and lets the step through.
                 let t = state.apply_limited(
@@ -1305,6 +1310,7 @@ impl Engine {
             state.deadline = run.deadline;
             state.error = run.error;
             state.subset = run.subset;
+            state.priority = run.priority;
             state.parent = run.parent;
             self.runs.insert(
                 run.id,
@@ -1354,6 +1360,8 @@ struct ChildStart {
     workflow: SubWorkflow,
     /// The step's rendered params: the child's params over its definition's defaults.
     params: Map<String, Value>,
+    /// The parent run's: a child runs at least as urgently as its parent.
+    priority: Priority,
 }
 
 /// Something a batch did that the metrics count; counted only once the batch has committed,
@@ -1425,6 +1433,7 @@ impl Pending<'_> {
             deadline: state.deadline,
             error: state.error.clone(),
             subset: state.subset.clone(),
+            priority: state.priority,
             parent: state.parent.clone(),
             namespace: namespace.to_string(),
         });
@@ -1489,6 +1498,7 @@ impl Pending<'_> {
                             },
                             workflow: workflow.clone(),
                             params,
+                            priority: state.priority,
                         });
                         continue;
                     }
@@ -1514,7 +1524,11 @@ impl Pending<'_> {
                         .unwrap_or_default();
                     self.batch.outbox.push(OutboxRow {
                         id: *task_id,
-                        routing_key: self.names.tasks(agent, &labels),
+                        routing_key: self.names.tasks(
+                            agent,
+                            &labels,
+                            state.priority == Priority::High,
+                        ),
                         kind: "task".into(),
                         correlation_id: Some(task_id.to_string()),
                         reply_to: Some(self.names.results()),

@@ -6,6 +6,7 @@ use std::pin::Pin;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
+use flotilla_core::definition::Priority;
 use flotilla_core::scheduler::{Instance, ParentLink};
 use flotilla_core::{RunStatus, StepState, StepStatus, Strike, Subset};
 use serde_json::{Map, Value};
@@ -44,6 +45,8 @@ pub struct StoredRun {
     pub error: Option<String>,
     /// The steps the submission selected or left out.
     pub subset: Subset,
+    /// How soon its tasks are taken by workers.
+    pub priority: Priority,
     /// The attempt that started the run, when it is a sub-workflow.
     pub parent: Option<ParentLink>,
     /// The namespace the run belongs to.
@@ -57,7 +60,7 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
         .prepare_cached(
             "SELECT id, name, definition_hash, status, params, version, created_at, ended_at,
                     deadline, error, subset, parent_run_id, parent_step_id, parent_attempt, depth,
-                    namespace
+                    namespace, priority
              FROM runs WHERE id = ANY($1)",
         )
         .await?;
@@ -95,6 +98,10 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
                 deadline: r.get(8),
                 error: r.get(9),
                 subset: subset_from_json(r.get(10)),
+                priority: r
+                    .get::<_, Option<&str>>(16)
+                    .and_then(Priority::parse)
+                    .unwrap_or_default(),
                 parent: match (r.get(11), r.get(12), r.get::<_, Option<i32>>(13)) {
                     (Some(run_id), Some(step_id), Some(attempt)) => Some(ParentLink {
                         run_id,
@@ -231,6 +238,7 @@ pub struct NewRun {
     pub deadline: Option<DateTime<Utc>>,
     pub error: Option<String>,
     pub subset: Subset,
+    pub priority: Priority,
     pub parent: Option<ParentLink>,
     /// The namespace it belongs to: its submission's, or its parent's.
     pub namespace: String,
@@ -421,15 +429,20 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
             parents.clone().map(|p| p.map(|p| int(p.attempt))).collect();
         let depths: Vec<i32> = parents.map(|p| p.map_or(0, |p| int(p.depth))).collect();
         let namespaces: Vec<&str> = runs.iter().map(|r| r.namespace.as_str()).collect();
+        // NULL for the usual case, so most rows carry nothing.
+        let priorities: Vec<Option<&str>> = runs
+            .iter()
+            .map(|r| (r.priority != Priority::Normal).then(|| r.priority.as_str()))
+            .collect();
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO runs (id, name, definition_hash, status, params, created_at, ended_at,
                                    deadline, error, subset, parent_run_id, parent_step_id, parent_attempt,
-                                   depth, namespace)
+                                   depth, namespace, priority)
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[],
                                       $6::timestamptz[], $7::timestamptz[], $8::timestamptz[],
                                       $9::text[], $10::jsonb[], $11::uuid[], $12::text[], $13::int4[],
-                                      $14::int4[], $15::text[])",
+                                      $14::int4[], $15::text[], $16::text[])",
             )
             .await?;
         sent.push(Box::pin(async move {
@@ -451,6 +464,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                     &parent_attempts,
                     &depths,
                     &namespaces,
+                    &priorities,
                 ],
             )
             .await

@@ -91,6 +91,7 @@ fn new_run_batch_of(yaml: &str) -> (Batch, RunState, Plan) {
         deadline: None,
         error: None,
         subset: state.subset.clone(),
+        priority: state.priority,
         parent: None,
         namespace: "default".into(),
     });
@@ -738,6 +739,7 @@ async fn instances_and_run_deadlines_load_back_and_past_deadlines_are_found() ->
         deadline: state.deadline,
         error: None,
         subset: state.subset.clone(),
+        priority: state.priority,
         parent: None,
         namespace: "default".into(),
     });

@@ -11,10 +11,11 @@ use flotilla_api_model::{
     AGENT_HEALTHY, AGENT_NO_WORKERS, AGENT_UNHEALTHY, AgentStatus, AgentSummary, AttemptReport,
     BreakerSummary, DeadLetterQuery, DeadLetterSummary, DefinitionDetail, DefinitionSummary,
     Evidence, HealthAuditCheck, HealthTargets, LogQuery, Metrics, Operation, ParentRun,
-    RedriveOutcome, RunEvent, RunPage, RunQuery, RunReport, RunSummary, RunsChanged,
+    RedriveOutcome, RunEvent, RunPage, RunPriority, RunQuery, RunReport, RunSummary, RunsChanged,
     ScheduleSummary, StepLogLine, StepLogs, StepReport, StepResult, StrikeReport, Submitted,
     TruncatedLog, WorkerStatus, WorkflowResult,
 };
+use flotilla_core::definition::Priority;
 use flotilla_core::labels;
 use flotilla_core::limits::AgentLimits;
 use flotilla_core::quota::Quotas;
@@ -351,6 +352,10 @@ impl Backend for CoordinatorBackend {
                 plan: Arc::new(submission.plan),
                 params: submission.params,
                 subset: submission.subset,
+                priority: submission.priority.map(|p| match p {
+                    RunPriority::Normal => Priority::Normal,
+                    RunPriority::High => Priority::High,
+                }),
                 idempotency_key: submission
                     .idempotency_key
                     .map(|key| namespaced_key(&namespace, &key)),

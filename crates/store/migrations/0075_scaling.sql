@@ -14,3 +14,6 @@ CREATE TABLE agent_limits (
 -- when it asks for none. Written with the step, read to tell whether a live worker could take
 -- its queued attempt.
 ALTER TABLE steps ADD COLUMN labels jsonb;
+
+-- A run whose tasks go to the agents' high-priority queues ('high'); NULL for normal ones.
+ALTER TABLE runs ADD COLUMN priority text;
