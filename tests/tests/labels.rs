@@ -106,6 +106,21 @@ async fn labelled_steps_go_only_to_workers_with_the_labels() -> anyhow::Result<(
         },
     )
     .await?;
+    // The autoscaler's signal counts the task in its label set's queue as the agent's.
+    let metrics = eventually(WAIT, "the waiting task in the agent's depth", || async {
+        let page = reqwest::get(format!("{}/metrics", fleet.url()))
+            .await?
+            .text()
+            .await?;
+        Ok(page
+            .contains("orchestrator_queue_depth{agent=\"render\"} 1")
+            .then_some(page))
+    })
+    .await?;
+    assert!(
+        metrics.contains("orchestrator_queue_oldest_age_seconds{agent=\"render\"}"),
+        "{metrics}"
+    );
     let run = fleet.wait_for_end(id, WAIT).await?;
     assert_eq!(run.status, "failure");
     assert_eq!(

@@ -987,11 +987,13 @@ impl Engine {
             match observation {
                 Observation::Dispatched {
                     agent,
+                    label_queue,
                     attempt,
                     task_id,
                     at,
                 } => {
-                    self.metrics.dispatched(&agent, attempt);
+                    self.metrics
+                        .dispatched(&agent, attempt, label_queue.as_deref());
                     self.track_dispatch(task_id, at);
                 }
                 Observation::AttemptEnded {
@@ -1369,6 +1371,8 @@ struct ChildStart {
 enum Observation {
     Dispatched {
         agent: String,
+        /// The queue of its label set, when its step asked for labels.
+        label_queue: Option<String>,
         attempt: u32,
         task_id: Uuid,
         at: DateTime<Utc>,
@@ -1522,13 +1526,14 @@ impl Pending<'_> {
                         .labels(strike.is_fallback())
                         .cloned()
                         .unwrap_or_default();
+                    let queue = self
+                        .names
+                        .tasks(agent, &labels, state.priority == Priority::High);
+                    // The agent's own queues are always read for its depth; these are extra.
+                    let label_queue = (!labels.is_empty()).then(|| queue.clone());
                     self.batch.outbox.push(OutboxRow {
                         id: *task_id,
-                        routing_key: self.names.tasks(
-                            agent,
-                            &labels,
-                            state.priority == Priority::High,
-                        ),
+                        routing_key: queue,
                         kind: "task".into(),
                         correlation_id: Some(task_id.to_string()),
                         reply_to: Some(self.names.results()),
@@ -1538,6 +1543,7 @@ impl Pending<'_> {
                     tracing::debug!(run_id = %state.id, trace_id = %trace_id_of(state.id), %step_id, attempt, "dispatch");
                     self.observed.push(Observation::Dispatched {
                         agent: agent.to_string(),
+                        label_queue,
                         attempt: *attempt,
                         task_id: *task_id,
                         at: self.now,
