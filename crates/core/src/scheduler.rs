@@ -335,9 +335,9 @@ pub struct RunState {
     /// [`RunState::rollback_order`]), and the position of the first not known to be done.
     rollback: Vec<usize>,
     rollback_next: usize,
-    /// The agents' circuit breakers, lent by [`RunState::apply_gated`] for one event.
+    /// The agents' circuit breakers and limits, lent by [`RunState::apply_limited`] for one
+    /// event.
     breakers: Breakers,
-    /// The agents' limits, lent by [`RunState::apply_limited`] for one event.
     limits: Limits,
 }
 
@@ -664,9 +664,9 @@ impl RunState {
         (index < f.len).then_some(f.first + index)
     }
 
-    /// Applies one event at time `now`, asking `breakers` before each dispatch (an agent they
-    /// do not hold is closed) and taking the probes they admit.
-    pub fn apply_gated(
+    /// [`RunState::apply_limited`] with no agent limited: the breaker's tests.
+    #[cfg(test)]
+    pub(crate) fn apply_gated(
         &mut self,
         plan: &Plan,
         event: Event,
@@ -676,8 +676,10 @@ impl RunState {
         self.apply_limited(plan, event, now, breakers, &mut Limits::default())
     }
 
-    /// [`RunState::apply_gated`], also asking the agents' `limits` before each dispatch and
-    /// counting in them the attempts dispatched and ended.
+    /// Applies one event at time `now`, asking `breakers` (an agent they do not hold is
+    /// closed) and `limits` (an agent without one is not limited) before each dispatch, taking
+    /// the probes the breakers admit, and counting in the limits the attempts dispatched and
+    /// ended.
     pub fn apply_limited(
         &mut self,
         plan: &Plan,
