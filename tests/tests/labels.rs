@@ -51,7 +51,7 @@ async fn labelled_steps_go_only_to_workers_with_the_labels() -> anyhow::Result<(
     fleet.start_coordinator().await?;
     let gpu = labels(&[("gpu", "true"), ("region", "eu")]);
     start_render_worker(&mut fleet, "render-gpu", &gpu)?;
-    start_render_worker(&mut fleet, "render-plain", &labels(&[]))?;
+    start_render_worker(&mut fleet, "render-cpu", &labels(&[("gpu", "false")]))?;
     let unmatched = labels(&[("gpu", "true"), ("region", "us")]);
     fleet.track_queues([fleet.queue_names().tasks("render", &unmatched, false)]);
     // Both workers registered, so that a plain step may go to either.
@@ -67,7 +67,7 @@ async fn labelled_steps_go_only_to_workers_with_the_labels() -> anyhow::Result<(
     let steps: String = (0..6)
         .map(|i| {
             format!(
-                "  - {{id: gpu{i}, agent: render, action: x, labels: {{gpu: true}}, params: {{sleep_ms: 50}}, depends_on: []}}\n  - {{id: any{i}, agent: render, action: x, params: {{sleep_ms: 50}}, depends_on: []}}\n"
+                "  - {{id: gpu{i}, agent: render, action: x, labels: {{gpu: true}}, params: {{sleep_ms: 50}}, depends_on: []}}\n  - {{id: cpu{i}, agent: render, action: x, labels: {{gpu: false}}, params: {{sleep_ms: 50}}, depends_on: []}}\n  - {{id: any{i}, agent: render, action: x, params: {{sleep_ms: 50}}, depends_on: []}}\n"
             )
         })
         .collect();
@@ -85,9 +85,10 @@ async fn labelled_steps_go_only_to_workers_with_the_labels() -> anyhow::Result<(
         )
         .await?;
     let by_step: BTreeMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(by_step.len(), 12, "{by_step:?}");
+    assert_eq!(by_step.len(), 18, "{by_step:?}");
     for i in 0..6 {
         assert_eq!(by_step[&format!("gpu{i}")], "render-gpu", "{by_step:?}");
+        assert_eq!(by_step[&format!("cpu{i}")], "render-cpu", "{by_step:?}");
     }
 
     // No worker has region=us: the step waits where the API shows it, then fails saying why.
