@@ -737,7 +737,8 @@ pub struct BreakerSummary {
     /// When an open breaker lets its probe through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_probe_at: Option<DateTime<Utc>>,
-    /// Steps it holds.
+    /// Steps held for the agent: by this breaker, or by the agent's limit when it has one
+    /// (`FLOTILLA_AGENT_LIMITS`).
     pub held_steps: u64,
     /// The operator who last reset it, and when.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -437,8 +437,13 @@ pub enum Effect {
     /// A step moved on to strike 2 (its fallback runs) or 3 (it escalated: notify its
     /// `escalate` channel, once).
     Strike { step: usize, strike: Strike },
-    /// A step that was to be dispatched is held by its agent's open circuit breaker or limit.
-    Held { step: usize, agent: String },
+    /// A step that was to be dispatched is held by its agent's open circuit breaker, or by its
+    /// limit (`by_limit`).
+    Held {
+        step: usize,
+        agent: String,
+        by_limit: bool,
+    },
     /// A running attempt was cancelled; its worker may be told to stop.
     Cancelled {
         step: usize,
@@ -1247,10 +1252,11 @@ impl RunState {
             task_id,
         };
         // The limits first: a breaker takes the dispatch it admits as its probe.
-        if !self.limits.allows(agent, now)
-            || self.breakers.admit(agent, probe, now) == Admission::Hold
-        {
-            return self.hold(step, agent, t);
+        if !self.limits.allows(agent, now) {
+            return self.hold(step, agent, true, t);
+        }
+        if self.breakers.admit(agent, probe, now) == Admission::Hold {
+            return self.hold(step, agent, false, t);
         }
         self.limits.take(agent, now);
         let s = &mut self.steps[step];
@@ -1271,9 +1277,9 @@ impl RunState {
         });
     }
 
-    /// Holds a step its agent's breaker did not admit: it waits, with no attempt and no timeout
-    /// running, until [`Event::Release`]. Holding a held step again changes nothing.
-    fn hold(&mut self, step: usize, agent: &str, t: &mut Transition) {
+    /// Holds a step its agent's breaker or limit did not admit: it waits, with no attempt and
+    /// no timeout running, until [`Event::Release`]. Holding a held step again changes nothing.
+    fn hold(&mut self, step: usize, agent: &str, by_limit: bool, t: &mut Transition) {
         let s = &mut self.steps[step];
         if s.held.is_some() {
             return;
@@ -1286,6 +1292,7 @@ impl RunState {
         t.effects.push(Effect::Held {
             step,
             agent: agent.to_string(),
+            by_limit,
         });
     }
 

@@ -1613,9 +1613,21 @@ impl Pending<'_> {
                     self.observed.push(Observation::Stale);
                 }
                 Effect::Strike { step, strike } => self.strike(plan, state, *step, *strike),
-                Effect::Held { step, agent } => {
+                Effect::Held {
+                    step,
+                    agent,
+                    by_limit: true,
+                } => {
                     let step_id = state.slot_id(plan, *step);
-                    tracing::info!(run_id = %state.id, %step_id, agent = %agent, "step held: circuit open or limit reached");
+                    tracing::debug!(run_id = %state.id, %step_id, agent = %agent, "step held: limit reached");
+                }
+                Effect::Held {
+                    step,
+                    agent,
+                    by_limit: false,
+                } => {
+                    let step_id = state.slot_id(plan, *step);
+                    tracing::info!(run_id = %state.id, %step_id, agent = %agent, "step held: circuit open");
                     self.observed.push(Observation::Held {
                         agent: agent.clone(),
                     });

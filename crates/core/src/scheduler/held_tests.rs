@@ -54,7 +54,8 @@ fn a_step_for_an_open_breaker_is_held_without_an_attempt() {
     assert_eq!(dispatched(&t), [1], "only the closed agent's step goes");
     assert!(t.effects.contains(&Effect::Held {
         step: 0,
-        agent: "flaky".into()
+        agent: "flaky".into(),
+        by_limit: false,
     }));
     let a = &run.steps[0];
     assert_eq!(a.status, StepStatus::Waiting);
@@ -296,6 +297,11 @@ fn a_limit_holds_steps_past_its_cap_and_an_end_frees_a_slot_for_the_next() {
     let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
     let t = run.apply_limited(&plan, Event::Start, at(0), &mut b, &mut l);
     assert_eq!(dispatched(&t), [0]);
+    assert!(t.effects.contains(&Effect::Held {
+        step: 1,
+        agent: "capped".into(),
+        by_limit: true,
+    }));
     assert_eq!(run.steps[1].held.as_deref(), Some("capped"));
     assert_eq!(l.get("capped").unwrap().running, 1);
     // `a` ends: its slot goes to `c`, which it made ready, in the same transition.
