@@ -243,7 +243,8 @@ def check_scaled_object(faults: Faults, objects: dict, deployment: str, agents: 
         return
     triggers = scaled[0]["spec"]["triggers"]
     queues = {t["metadata"]["queueName"] for t in triggers if t["type"] == "rabbitmq"}
-    wanted = {f"{prefix}.agent.{a.strip()}" for a in agents.split(",") if a.strip()}
+    # Each agent's queue and its high-priority twin (the worker has no labels).
+    wanted = {f"{prefix}.agent.{a.strip()}{high}" for a in agents.split(",") if a.strip() for high in ("", ":high")}
     faults.check(queues == wanted, f"{where}: watches {sorted(queues)}, the worker consumes {sorted(wanted)}")
     for trigger in triggers:
         auth = objects.get(("TriggerAuthentication", trigger.get("authenticationRef", {}).get("name")))

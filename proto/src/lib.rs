@@ -48,6 +48,48 @@ impl QueueNames {
         format!("{}.agent.{agent}", self.prefix)
     }
 
+    /// The quorum queue that holds the tasks for `agent` of steps that ask for `labels` (keys
+    /// and values of letters, digits, `_`, `-` and `.`), of `high` priority runs or not:
+    /// `{prefix}.agent.{agent}`, then `@key=value,…` (keys in order) when there are labels,
+    /// then `:high` for high priority. `@`, `,`, `=` and `:` appear in no agent name or label.
+    pub fn tasks(&self, agent: &str, labels: &BTreeMap<String, String>, high: bool) -> String {
+        let mut name = self.agent(agent);
+        if !labels.is_empty() {
+            name.push('@');
+            let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            name.push_str(&pairs.join(","));
+        }
+        if high {
+            name.push_str(":high");
+        }
+        name
+    }
+
+    /// Every task queue a worker of `agent` with `labels` consumes, as (queue, high): for each
+    /// subset of its labels (the empty one, the agent's own queues, first), the high-priority
+    /// queue and the normal one. A step is thus taken by every worker whose labels include the
+    /// step's.
+    pub fn worker_queues(
+        &self,
+        agent: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Vec<(String, bool)> {
+        let pairs: Vec<(&String, &String)> = labels.iter().collect();
+        let mut queues = Vec::new();
+        for mask in 0..(1u32 << pairs.len()) {
+            let subset: BTreeMap<String, String> = pairs
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1 << i) != 0)
+                .map(|(_, (k, v))| ((*k).clone(), (*v).clone()))
+                .collect();
+            for high in [true, false] {
+                queues.push((self.tasks(agent, &subset, high), high));
+            }
+        }
+        queues
+    }
+
     /// The queue that carries results back to the coordinators.
     pub fn results(&self) -> String {
         format!("{}.results", self.prefix)
@@ -379,4 +421,48 @@ where
         None => return Err(D::Error::missing_field("type")),
     }
     body(Value::Object(fields)).map_err(D::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_consumes_the_queues_of_every_subset_of_its_labels() {
+        let names = QueueNames::new("f");
+        let labels: BTreeMap<String, String> = [("region", "eu"), ("gpu", "true")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(
+            names.tasks("render", &BTreeMap::new(), false),
+            "f.agent.render"
+        );
+        assert_eq!(
+            names.tasks("render", &labels, true),
+            "f.agent.render@gpu=true,region=eu:high"
+        );
+        let normal: Vec<String> = names
+            .worker_queues("render", &labels)
+            .into_iter()
+            .filter(|(_, high)| !high)
+            .map(|(queue, _)| queue)
+            .collect();
+        assert_eq!(
+            normal,
+            [
+                "f.agent.render",
+                "f.agent.render@gpu=true",
+                "f.agent.render@region=eu",
+                "f.agent.render@gpu=true,region=eu"
+            ]
+        );
+        assert_eq!(
+            names.worker_queues("render", &BTreeMap::new()),
+            [
+                ("f.agent.render:high".to_string(), true),
+                ("f.agent.render".to_string(), false)
+            ]
+        );
+    }
 }

@@ -110,6 +110,8 @@ pub struct Fleet {
     coordinator_env: Vec<(String, String)>,
     /// Agents whose queues the fleet may have declared; deleted at the end.
     agents: BTreeSet<String>,
+    /// Other task queues the fleet may have declared (of label sets); deleted at the end.
+    task_queues: BTreeSet<String>,
     /// Where the processes write their output; `None`: the test's own stdout and stderr.
     logs: Option<PathBuf>,
 }
@@ -131,6 +133,7 @@ impl Fleet {
             admin_token,
             coordinator_env: Vec::new(),
             agents: BTreeSet::new(),
+            task_queues: BTreeSet::new(),
             logs: None,
         }
     }
@@ -406,6 +409,12 @@ impl Fleet {
         self.agents.extend(agents);
     }
 
+    /// Adds task queues (those of label sets, see [`flotilla_proto::QueueNames::tasks`]) that
+    /// the fleet's workers or coordinators may have declared, so that cleanup deletes them too.
+    pub fn track_queues(&mut self, queues: impl IntoIterator<Item = String>) {
+        self.task_queues.extend(queues);
+    }
+
     /// Worker `i`'s process.
     pub fn worker(&self, i: usize) -> &Managed {
         &self.workers[i]
@@ -537,8 +546,8 @@ impl Fleet {
         .await?)
     }
 
-    /// The queues the fleet may have declared: every agent queue, results, dead letters,
-    /// heartbeats and logs.
+    /// The queues the fleet may have declared: every agent queue (normal and high priority),
+    /// results, dead letters, heartbeats and logs.
     pub fn queues(&self) -> Vec<String> {
         let names = self.queue_names();
         let mut agents = self.agents.clone();
@@ -551,6 +560,12 @@ impl Fleet {
         ]
         .into_iter()
         .chain(agents.iter().map(|a| names.agent(a)))
+        .chain(
+            agents
+                .iter()
+                .map(|a| names.tasks(a, &Default::default(), true)),
+        )
+        .chain(self.task_queues.iter().cloned())
         .collect()
     }
 

@@ -76,7 +76,9 @@ async fn a_workflow_runs_across_rust_and_python_workers() -> anyhow::Result<()> 
     )
     .await?;
 
-    let yaml = "name: polyglot\nsteps:\n  \
+    // High priority: its tasks go to the agents' `:high` queues, which both languages serve
+    // (the other tests here run at the normal one).
+    let yaml = "name: polyglot\npriority: high\nsteps:\n  \
         - {id: fetch, agent: loader, action: load, params: {numbers: [1, 2, 3, 4]}}\n  \
         - {id: stats, agent: stats, action: describe, depends_on: [fetch]}\n  \
         - {id: report, agent: reporter, action: publish, depends_on: [stats], params: {channel: ops}}\n";

@@ -99,11 +99,25 @@ pub struct ExecuteRequest {
     /// their dependents run. With `only`, leaves steps out of those selected.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skip: Vec<String>,
+    /// `high`: the run's tasks are taken by workers before any normal one waiting; left out,
+    /// the definition's `priority:` (normal unless it says otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<RunPriority>,
     /// The namespace the run belongs to (also given by the [`NAMESPACE_HEADER`]); left out, the
     /// credential's namespace when it has exactly one, or `default` for a credential of all
     /// namespaces. A registered `workflow` is looked up there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+}
+
+/// How soon a run's tasks are taken by workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum RunPriority {
+    #[default]
+    Normal,
+    High,
 }
 
 /// The request header that names the namespace a request acts in: where a submission's run,
@@ -311,7 +325,8 @@ pub struct StepResult {
     #[serde(default = "first_strike")]
     pub strike: u8,
     /// Why a pending step waits with no attempt dispatched: `circuit open for agent X` while
-    /// that agent's circuit breaker holds it.
+    /// that agent's circuit breaker holds it, `limit reached for agent X` while the agent has a
+    /// limit (`FLOTILLA_AGENT_LIMITS`) that holds it (or its breaker does).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<String>,
     /// For a sub-workflow step: the registered definition it runs (`agent` and `action` are
@@ -321,8 +336,8 @@ pub struct StepResult {
     /// For a sub-workflow step: the run its latest attempt started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub child_workflow_id: Option<Uuid>,
-    /// Set while the step's attempt is queued and no healthy worker of its agent is registered:
-    /// it waits for one to start (see `GET /api/agents`).
+    /// Set while the step's attempt is queued and no healthy worker of its agent with the
+    /// step's `labels` is registered: it waits for one to start (see `GET /api/agents`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub waiting_for_worker: bool,
 }
@@ -722,7 +737,8 @@ pub struct BreakerSummary {
     /// When an open breaker lets its probe through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_probe_at: Option<DateTime<Utc>>,
-    /// Steps it holds.
+    /// Steps held for the agent: by this breaker, or by the agent's limit when it has one
+    /// (`FLOTILLA_AGENT_LIMITS`).
     pub held_steps: u64,
     /// The operator who last reset it, and when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1977,13 +1993,10 @@ mod tests {
     fn requests_refuse_unknown_fields() {
         let err = serde_json::from_value::<ExecuteRequest>(json!({
             "workflow": "build-project",
-            "priority": 2
+            "urgency": 2
         }))
         .unwrap_err();
-        assert!(
-            err.to_string().contains("unknown field `priority`"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("unknown field `urgency`"), "{err}");
     }
 
     #[test]

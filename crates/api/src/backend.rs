@@ -7,7 +7,8 @@ use chrono::{DateTime, Utc};
 use flotilla_api_model::{
     AgentStatus, AgentSummary, BreakerSummary, DeadLetterQuery, DeadLetterSummary,
     DefinitionDetail, DefinitionSummary, LogQuery, Operation, RedriveOutcome, RunEvent, RunPage,
-    RunQuery, RunReport, RunsChanged, ScheduleSummary, StepLogs, Submitted, WorkflowResult,
+    RunPriority, RunQuery, RunReport, RunsChanged, ScheduleSummary, StepLogs, Submitted,
+    WorkflowResult,
 };
 use flotilla_api_model::{HealthAuditCheck, HealthTargets};
 use flotilla_core::schedule::Schedule;
@@ -29,6 +30,8 @@ pub struct Submission {
     pub params: Map<String, Value>,
     /// The steps to run or leave out; checked against `plan`.
     pub subset: Subset,
+    /// The run's priority, when the request gives one (the plan's otherwise).
+    pub priority: Option<RunPriority>,
     /// The request's `Idempotency-Key`, checked with
     /// [`check_idempotency_key`](flotilla_api_model::check_idempotency_key).
     pub idempotency_key: Option<String>,

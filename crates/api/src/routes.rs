@@ -263,6 +263,7 @@ async fn execute<B: Backend>(
         params,
         only,
         skip,
+        priority,
         namespace,
     } = request;
     let namespace = tenant.one(namespace.as_deref())?;
@@ -322,6 +323,7 @@ async fn execute<B: Backend>(
             plan,
             params: effective,
             subset,
+            priority,
             idempotency_key,
             namespace,
         })

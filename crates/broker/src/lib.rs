@@ -38,7 +38,7 @@ pub use reconnect::{ReconnectingConsumer, reconnect};
 pub use topology::{
     HEARTBEAT_TTL, declare_agent_queue, declare_control_exchange, declare_control_queue,
     declare_dead_letter_queue, declare_heartbeats_queue, declare_logs_queue, declare_results_queue,
-    declare_topology,
+    declare_task_queue, declare_topology,
 };
 
 /// The broker URL used when none is configured: a RabbitMQ on this machine with its stock user.

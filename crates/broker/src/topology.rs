@@ -37,6 +37,17 @@ pub async fn declare_agent_queue(
     agent: &str,
     delivery_limit: u32,
 ) -> Result<(), Error> {
+    declare_task_queue(channel, names, &names.agent(agent), delivery_limit).await
+}
+
+/// Declares a queue of tasks, an agent's or one of its label sets' ([`QueueNames::tasks`]),
+/// with the arguments of [`declare_agent_queue`].
+pub async fn declare_task_queue(
+    channel: &Channel,
+    names: &QueueNames,
+    queue: &str,
+    delivery_limit: u32,
+) -> Result<(), Error> {
     let mut arguments = quorum_arguments();
     arguments.insert("x-dead-letter-exchange".into(), string(""));
     arguments.insert(
@@ -49,9 +60,7 @@ pub async fn declare_agent_queue(
         "x-delivery-limit".into(),
         AMQPValue::LongLongInt(i64::from(delivery_limit)),
     );
-    channel
-        .declare_durable(&names.agent(agent), arguments)
-        .await
+    channel.declare_durable(queue, arguments).await
 }
 
 /// Declares `{prefix}.results`, where workers publish task results.

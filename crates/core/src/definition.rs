@@ -4,6 +4,8 @@
 //! steps (ids, dependencies, cycles, conditions) are checked when a definition is compiled into a
 //! [`crate::Plan`].
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
@@ -36,6 +38,38 @@ pub struct Definition {
     /// handlers run and it fails.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<UserDuration>,
+    /// Whether its runs' steps go to workers ahead of normal ones (a submission may say
+    /// otherwise for its run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+}
+
+/// How soon a run's tasks are taken by workers: `high` ones before any `normal` one waiting.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    #[default]
+    Normal,
+    High,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::High => "high",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "normal" => Some(Self::Normal),
+            "high" => Some(Self::High),
+            _ => None,
+        }
+    }
 }
 
 /// One step as written. `agent` and `action` are optional here so that validation can name the
@@ -112,6 +146,15 @@ pub struct StepDef {
     /// The coordinator's default when unset (none unless configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule_to_start: Option<UserDuration>,
+    /// The labels a worker must have to run the step's attempts (its fallback's go to any
+    /// worker of the fallback's agent): `{gpu: true, region: eu}`. Values may be written as
+    /// strings, booleans or numbers; they are compared as text.
+    #[serde(
+        default,
+        deserialize_with = "label_map",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub labels: BTreeMap<String, String>,
     /// Strike 2: what runs instead once the step's retries are exhausted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<CallDef>,
@@ -275,6 +318,23 @@ fn version_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<S
             )));
         }
     })
+}
+
+/// Labels whose values are strings, booleans or numbers, as text.
+fn label_map<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    BTreeMap::<String, Value>::deserialize(deserializer)?
+        .into_iter()
+        .map(|(key, value)| match value {
+            Value::String(s) => Ok((key, s)),
+            Value::Bool(b) => Ok((key, b.to_string())),
+            Value::Number(n) => Ok((key, n.to_string())),
+            other => Err(serde::de::Error::custom(format!(
+                "label `{key}` must be a string, a boolean or a number, not {other}"
+            ))),
+        })
+        .collect()
 }
 
 /// A string or a list of strings, as a list.

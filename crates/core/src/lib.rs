@@ -10,6 +10,8 @@
 //! - [`retry`]: retry policy and backoff.
 //! - [`subset`]: running part of a definition (`only` / `skip`).
 //! - [`scheduler`]: a run as a state machine — an event in, the new state and the effects out.
+//! - [`labels`]: the labels a step asks of its worker, and their checks.
+//! - [`limits`]: per-agent concurrency caps and rate limits on dispatch.
 //! - [`quota`]: per-namespace quotas and the token bucket of requests per second.
 //! - [`registry`]: when a worker of the registry counts as healthy, unhealthy or gone.
 //!
@@ -22,6 +24,8 @@ pub mod definition;
 pub mod duration;
 pub mod expression;
 pub mod json;
+pub mod labels;
+pub mod limits;
 pub mod plan;
 pub mod quota;
 mod redact;

@@ -16,7 +16,8 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::condition::{self, Condition};
-use crate::definition::{CallDef, Definition, RetrySpec, StepDef};
+use crate::definition::{CallDef, Definition, Priority, RetrySpec, StepDef};
+use crate::labels::Labels;
 use crate::retry::RetryPolicy;
 
 /// The agent that delivers `notify:` messages; the coordinator serves it itself.
@@ -71,6 +72,8 @@ pub struct Node {
     pub heartbeat_timeout: Option<std::time::Duration>,
     /// How long a dispatched attempt may wait for a worker to start it.
     pub schedule_to_start: Option<std::time::Duration>,
+    /// The labels a worker must have to run the step's own attempts (not its fallback's).
+    pub labels: Labels,
     pub role: Role,
     /// The step whose `parallel:` list holds this node.
     pub parent: Option<usize>,
@@ -125,6 +128,12 @@ impl Node {
         }
     }
 
+    /// The labels the worker of an attempt must have: the step's, unless the attempt calls its
+    /// fallback, which any worker of its agent may run.
+    pub fn labels(&self, fallback: bool) -> Option<&Labels> {
+        (!fallback && !self.labels.is_empty()).then_some(&self.labels)
+    }
+
     /// The sub-workflow an attempt starts: the step's, unless the attempt calls its fallback.
     pub fn sub_workflow(&self, fallback: bool) -> Option<&SubWorkflow> {
         self.workflow.as_ref().filter(|_| !fallback)
@@ -177,6 +186,8 @@ pub struct Plan {
     pub nodes: Vec<Node>,
     /// Whether a failed run is rolled back (`error_handling.rollback`).
     pub rollback: bool,
+    /// The priority of its runs unless their submission says otherwise.
+    pub priority: Priority,
     /// Node index by id; results name their step by id, and a plan may have many nodes.
     index: HashMap<String, usize>,
     /// Every agent its steps and their fallbacks call, sorted, each once: asked for on every
@@ -367,6 +378,7 @@ impl Plan {
                 timeout: def.timeout.map(|t| t.0),
                 nodes,
                 rollback,
+                priority: def.priority.unwrap_or_default(),
                 index,
                 agents,
             })
@@ -680,6 +692,15 @@ fn build_node(
             d.place, wait.0
         ));
     }
+    if !def.labels.is_empty() && (def.agent.is_none() || workflow.is_some()) {
+        problems.push(format!(
+            "{} (`{id}`): labels route a step to an agent's workers; this step names no agent",
+            d.place
+        ));
+    }
+    if let Err(e) = crate::labels::check(&def.labels) {
+        problems.push(format!("{} (`{id}`): {e}", d.place));
+    }
     if let Some(channel) = &def.escalate
         && !is_name(channel)
     {
@@ -703,6 +724,7 @@ fn build_node(
         timeout: def.timeout.map(|t| t.0),
         heartbeat_timeout: def.heartbeat_timeout.map(|t| t.0),
         schedule_to_start: def.schedule_to_start.map(|t| t.0),
+        labels: def.labels.clone(),
         role: d.role,
         parent: d.parent,
         for_each,
@@ -744,6 +766,7 @@ fn compensations(
             timeout: call.timeout,
             heartbeat_timeout: None,
             schedule_to_start: None,
+            labels: Labels::new(),
             role: Role::Compensation,
             parent: None,
             fallback: None,

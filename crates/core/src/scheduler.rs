@@ -21,6 +21,8 @@ use uuid::Uuid;
 
 use crate::breaker::{Admission, Breakers, Probe};
 use crate::condition::{self, Binding, Finished};
+use crate::definition::Priority;
+use crate::limits::Limits;
 use crate::plan::{Plan, Role};
 use crate::subset::Subset;
 
@@ -231,8 +233,8 @@ pub struct StepState {
     pub error: Option<String>,
     /// Set on the slot of one instance of a `for_each` step.
     pub instance: Option<Instance>,
-    /// The agent whose open circuit breaker holds this waiting step: it has no attempt for the
-    /// call it is to make yet, and waits for [`Event::Release`].
+    /// The agent whose open circuit breaker (or whose limit) holds this waiting step: it has no
+    /// attempt for the call it is to make yet, and waits for [`Event::Release`].
     pub held: Option<String>,
 }
 
@@ -314,6 +316,9 @@ pub struct RunState {
     /// The steps the submission selected or left out: those left out are skipped at the start
     /// and stay so, even when an operator retries the run.
     pub subset: Subset,
+    /// How soon its tasks are taken by workers: its plan's, unless its submission (or, for a
+    /// sub-workflow, its parent's) said higher.
+    pub priority: Priority,
     /// Set when the run is a sub-workflow: the attempt that started it.
     pub parent: Option<ParentLink>,
     unfinished_main: usize,
@@ -330,8 +335,10 @@ pub struct RunState {
     /// [`RunState::rollback_order`]), and the position of the first not known to be done.
     rollback: Vec<usize>,
     rollback_next: usize,
-    /// The agents' circuit breakers, lent by [`RunState::apply_gated`] for one event.
+    /// The agents' circuit breakers and limits, lent by [`RunState::apply_limited`] for one
+    /// event.
     breakers: Breakers,
+    limits: Limits,
 }
 
 /// Something that happened to a run.
@@ -370,8 +377,9 @@ pub enum Event {
     /// The run's deadline passed: running attempts are cancelled, unfinished steps end
     /// `cancelled` with the reason, the failure handlers run and the run fails.
     TimedOut,
-    /// The circuit breaker that holds a step may let it through now: it is dispatched if its
-    /// breaker admits it (else it stays held), or waits for the resume of a paused run.
+    /// The circuit breaker or limit that holds a step may let it through now: it is dispatched
+    /// if its breaker and limit admit it (else it stays held), or waits for the resume of a
+    /// paused run.
     Release { step: usize },
     /// An operator rolls back a run that ended (`success`, `failure`, `cancelled`, or
     /// `rollback_failed` to try the rest of its rollback again).
@@ -429,8 +437,13 @@ pub enum Effect {
     /// A step moved on to strike 2 (its fallback runs) or 3 (it escalated: notify its
     /// `escalate` channel, once).
     Strike { step: usize, strike: Strike },
-    /// A step that was to be dispatched is held by its agent's open circuit breaker.
-    Held { step: usize, agent: String },
+    /// A step that was to be dispatched is held by its agent's open circuit breaker, or by its
+    /// limit (`by_limit`).
+    Held {
+        step: usize,
+        agent: String,
+        by_limit: bool,
+    },
     /// A running attempt was cancelled; its worker may be told to stop.
     Cancelled {
         step: usize,
@@ -491,6 +504,7 @@ impl RunState {
             error: None,
             max_instances: DEFAULT_MAX_INSTANCES,
             subset: Subset::default(),
+            priority: plan.priority,
             parent: None,
             unfinished_main: 0,
             unfinished_handlers: 0,
@@ -501,6 +515,7 @@ impl RunState {
             rollback: Vec::new(),
             rollback_next: 0,
             breakers: Breakers::default(),
+            limits: Limits::default(),
         };
         run.recount(plan);
         run
@@ -654,17 +669,44 @@ impl RunState {
         (index < f.len).then_some(f.first + index)
     }
 
-    /// Applies one event at time `now`, asking `breakers` before each dispatch (an agent they
-    /// do not hold is closed) and taking the probes they admit.
-    pub fn apply_gated(
+    /// [`RunState::apply_limited`] with no agent limited: the breaker's tests.
+    #[cfg(test)]
+    pub(crate) fn apply_gated(
         &mut self,
         plan: &Plan,
         event: Event,
         now: DateTime<Utc>,
         breakers: &mut Breakers,
     ) -> Transition {
+        self.apply_limited(plan, event, now, breakers, &mut Limits::default())
+    }
+
+    /// Applies one event at time `now`, asking `breakers` (an agent they do not hold is
+    /// closed) and `limits` (an agent without one is not limited) before each dispatch, taking
+    /// the probes the breakers admit, and counting in the limits the attempts dispatched and
+    /// ended.
+    pub fn apply_limited(
+        &mut self,
+        plan: &Plan,
+        event: Event,
+        now: DateTime<Utc>,
+        breakers: &mut Breakers,
+        limits: &mut Limits,
+    ) -> Transition {
         std::mem::swap(&mut self.breakers, breakers);
+        std::mem::swap(&mut self.limits, limits);
         let t = self.apply(plan, event, now);
+        // A cancelled attempt frees its slot too; counted here, where its agent is known, and
+        // not where it was cancelled (a finished attempt frees its slot at once, for the steps
+        // its end makes ready).
+        for effect in &t.effects {
+            if let Effect::Cancelled { step, attempt, .. } = effect {
+                let node = &plan.nodes[self.node_of(*step)];
+                let strike = self.steps[*step].strike_of(node, *attempt);
+                self.limits.release(node.target(strike.is_fallback()).0);
+            }
+        }
+        std::mem::swap(&mut self.limits, limits);
         std::mem::swap(&mut self.breakers, breakers);
         t
     }
@@ -740,8 +782,9 @@ impl RunState {
                 // Every attempt that ended counts for its agent's breaker (failures, timeouts
                 // and lost attempts alike), before a retry asks the breaker again.
                 let strike = self.steps[step].strike_of(node, attempt);
-                self.breakers
-                    .record(node.target(strike.is_fallback()).0, task_id, !success, now);
+                let agent = node.target(strike.is_fallback()).0;
+                self.breakers.record(agent, task_id, !success, now);
+                self.limits.release(agent);
                 t.effects.push(Effect::AttemptEnded {
                     step,
                     attempt,
@@ -900,7 +943,7 @@ impl RunState {
                     t.effects.push(Effect::Stale {
                         step,
                         attempt: self.steps.get(step).map_or(0, |s| s.attempt),
-                        reason: "the step is not held by a circuit breaker",
+                        reason: "the step is not held by a circuit breaker or a limit",
                     });
                     return t;
                 }
@@ -1208,9 +1251,14 @@ impl RunState {
             step,
             task_id,
         };
-        if self.breakers.admit(agent, probe, now) == Admission::Hold {
-            return self.hold(step, agent, t);
+        // The limits first: a breaker takes the dispatch it admits as its probe.
+        if !self.limits.allows(agent, now) {
+            return self.hold(step, agent, true, t);
         }
+        if self.breakers.admit(agent, probe, now) == Admission::Hold {
+            return self.hold(step, agent, false, t);
+        }
+        self.limits.take(agent, now);
         let s = &mut self.steps[step];
         let plan_timeout = node.attempt_timeout(fallback);
         s.attempt += 1;
@@ -1229,9 +1277,9 @@ impl RunState {
         });
     }
 
-    /// Holds a step its agent's breaker did not admit: it waits, with no attempt and no timeout
-    /// running, until [`Event::Release`]. Holding a held step again changes nothing.
-    fn hold(&mut self, step: usize, agent: &str, t: &mut Transition) {
+    /// Holds a step its agent's breaker or limit did not admit: it waits, with no attempt and
+    /// no timeout running, until [`Event::Release`]. Holding a held step again changes nothing.
+    fn hold(&mut self, step: usize, agent: &str, by_limit: bool, t: &mut Transition) {
         let s = &mut self.steps[step];
         if s.held.is_some() {
             return;
@@ -1244,6 +1292,7 @@ impl RunState {
         t.effects.push(Effect::Held {
             step,
             agent: agent.to_string(),
+            by_limit,
         });
     }
 

@@ -7,6 +7,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use flotilla_broker::Delivery;
 use flotilla_core::breaker::{BreakerConfig, Breakers};
+use flotilla_core::definition::Priority;
+use flotilla_core::limits::{AgentLimits, Limits};
 use flotilla_core::plan::{ESCALATION_SUFFIX, NOTIFY_ACTION, NOTIFY_AGENT, SubWorkflow};
 use flotilla_core::quota::Quotas;
 use flotilla_core::scheduler::{ParentLink, Transition};
@@ -84,6 +86,8 @@ pub struct EngineConfig {
     /// The namespaces' quotas; the engine checks runs in flight, in the transaction that
     /// creates the run.
     pub quotas: Quotas,
+    /// The agents' concurrency caps and rate limits, enforced at dispatch.
+    pub limits: AgentLimits,
 }
 
 impl Default for EngineConfig {
@@ -98,6 +102,7 @@ impl Default for EngineConfig {
             max_workflow_depth: flotilla_core::scheduler::DEFAULT_MAX_WORKFLOW_DEPTH,
             schedule_to_start: None,
             quotas: Quotas::default(),
+            limits: AgentLimits::default(),
         }
     }
 }
@@ -111,6 +116,8 @@ pub struct NewRun {
     pub params: Map<String, Value>,
     /// The steps to run or leave out, checked against `plan`.
     pub subset: Subset,
+    /// The run's priority when its submission gives one; its plan's otherwise.
+    pub priority: Option<Priority>,
     /// A repeat of a submission with the same key answers the first one's run.
     pub idempotency_key: Option<String>,
     /// The namespace the run belongs to.
@@ -535,14 +542,17 @@ impl Engine {
         touched.sort_unstable();
         touched.dedup();
         self.lock(&tx, &touched).await?;
-        let plans = touched
+        let plans: Vec<&Plan> = touched
             .iter()
             .filter_map(|id| self.runs.get(id).map(|c| c.plan.as_ref()))
             .chain(inputs.iter().filter_map(|i| match i {
                 Input::Submit { run, .. } => Some(run.plan.as_ref()),
                 _ => None,
-            }));
-        let breakers = crate::breakers::lock(&tx, self.config.breaker.as_ref(), plans).await?;
+            }))
+            .collect();
+        let breakers =
+            crate::breakers::lock(&tx, self.config.breaker.as_ref(), plans.iter().copied()).await?;
+        let limits = crate::limits::lock(&tx, &self.config.limits, plans.iter().copied()).await?;
 
         let keys: Vec<&str> = inputs
             .iter()
@@ -567,6 +577,7 @@ impl Engine {
             observed: Vec::new(),
             events: Vec::new(),
             breakers,
+            limits,
             children: Vec::new(),
             cancelled_children: Vec::new(),
         };
@@ -602,7 +613,14 @@ impl Engine {
                     let mut state = RunState::new(id, &run.plan, run.params.clone());
                     state.max_instances = self.config.max_instances;
                     state.subset = run.subset.clone();
-                    let t = state.apply_gated(&run.plan, Event::Start, now, &mut pending.breakers);
+                    state.priority = run.priority.unwrap_or(run.plan.priority);
+                    let t = state.apply_limited(
+                        &run.plan,
+                        Event::Start,
+                        now,
+                        &mut pending.breakers,
+                        &mut pending.limits,
+                    );
                     if !run.subset.is_empty() {
                         // The history says why steps were skipped before anything ran.
                         pending.events.push(RunEvent {
@@ -752,9 +770,15 @@ impl Engine {
                                             .schedule_to_start
                                             .or(pending.schedule_to_start)
                                             .unwrap_or_default();
-                                        format!(
-                                            "no worker of agent {agent} started the step within {limit:?}"
-                                        )
+                                        match n.labels(strike.is_fallback()) {
+                                            Some(labels) => format!(
+                                                "no worker of agent {agent} with labels {} started the step within {limit:?}",
+                                                flotilla_core::labels::describe(labels)
+                                            ),
+                                            None => format!(
+                                                "no worker of agent {agent} started the step within {limit:?}"
+                                            ),
+                                        }
                                     }
                                     None => String::new(),
                                 };
@@ -854,6 +878,7 @@ impl Engine {
             observed,
             events: engine_events,
             breakers,
+            limits,
             ..
         } = pending;
         events.extend(engine_events);
@@ -893,14 +918,18 @@ impl Engine {
             db::write(&tx, &batch).await?;
         }
         crate::breakers::write(&tx, &breakers).await?;
+        flotilla_store::limits::write(&tx, limits.changed()).await?;
         // The timer releases held steps once a breaker closes, or sends a probe once an open
-        // one has cooled down.
+        // one has cooled down; and once a limit has room again: an attempt ended, or a token
+        // is due.
         let mut wakes_due = wakes_due;
         wakes_due.extend(
             breakers
                 .moved()
                 .map(|b| b.probe_at(&breakers.config).unwrap_or(now)),
         );
+        wakes_due.extend(limits.freed().then_some(now));
+        wakes_due.extend(limits.refills());
         dead_letters::insert(&tx, &new_dead_letters).await?;
         idempotency::record(&tx, &new_keys, now).await?;
         queries::record_events(&tx, &events).await?;
@@ -958,11 +987,13 @@ impl Engine {
             match observation {
                 Observation::Dispatched {
                     agent,
+                    label_queue,
                     attempt,
                     task_id,
                     at,
                 } => {
-                    self.metrics.dispatched(&agent, attempt);
+                    self.metrics
+                        .dispatched(&agent, attempt, label_queue.as_deref());
                     self.track_dispatch(task_id, at);
                 }
                 Observation::AttemptEnded {
@@ -1127,9 +1158,16 @@ impl Engine {
                 let mut state = RunState::new(start.id, &plan, params);
                 state.max_instances = self.config.max_instances;
                 state.parent = Some(start.parent);
+                state.priority = state.priority.max(start.priority);
                 // Gated by the breakers the batch locked; one of an agent only a child calls
                 // is not locked here (see ARCHITECTURE.md), and lets the step through.
-                let t = state.apply_gated(&plan, Event::Start, pending.now, &mut pending.breakers);
+                let t = state.apply_limited(
+                    &plan,
+                    Event::Start,
+                    pending.now,
+                    &mut pending.breakers,
+                    &mut pending.limits,
+                );
                 pending.create(&plan, &state, &hash, &key.0);
                 pending.effects(&plan, &state, &t);
                 tracing::info!(run_id = %start.id, workflow = %plan.name, "sub-workflow run started");
@@ -1274,6 +1312,7 @@ impl Engine {
             state.deadline = run.deadline;
             state.error = run.error;
             state.subset = run.subset;
+            state.priority = run.priority;
             state.parent = run.parent;
             self.runs.insert(
                 run.id,
@@ -1307,6 +1346,8 @@ struct Pending<'a> {
     events: Vec<RunEvent>,
     /// The breakers of the agents the batch's runs call, locked.
     breakers: Breakers,
+    /// The limits of the agents the batch's runs call, locked.
+    limits: Limits,
     /// Sub-workflow attempts dispatched, whose runs are still to be created.
     children: Vec<ChildStart>,
     /// The runs of sub-workflow attempts that ended otherwise than with their run: to cancel.
@@ -1321,6 +1362,8 @@ struct ChildStart {
     workflow: SubWorkflow,
     /// The step's rendered params: the child's params over its definition's defaults.
     params: Map<String, Value>,
+    /// The parent run's: a child runs at least as urgently as its parent.
+    priority: Priority,
 }
 
 /// Something a batch did that the metrics count; counted only once the batch has committed,
@@ -1328,6 +1371,8 @@ struct ChildStart {
 enum Observation {
     Dispatched {
         agent: String,
+        /// The queue of its label set, when its step asked for labels.
+        label_queue: Option<String>,
         attempt: u32,
         task_id: Uuid,
         at: DateTime<Utc>,
@@ -1362,9 +1407,13 @@ enum Observation {
 impl Pending<'_> {
     /// Applies an event to a cached run and records what changed.
     fn apply(&mut self, cached: &mut CachedRun, event: Event) -> Transition {
-        let t = cached
-            .state
-            .apply_gated(&cached.plan, event, self.now, &mut self.breakers);
+        let t = cached.state.apply_limited(
+            &cached.plan,
+            event,
+            self.now,
+            &mut self.breakers,
+            &mut self.limits,
+        );
         if !t.changed.is_empty() || t.run_changed {
             let entry = self.changes.entry(cached.state.id).or_default();
             entry.extend(&t.changed);
@@ -1388,6 +1437,7 @@ impl Pending<'_> {
             deadline: state.deadline,
             error: state.error.clone(),
             subset: state.subset.clone(),
+            priority: state.priority,
             parent: state.parent.clone(),
             namespace: namespace.to_string(),
         });
@@ -1452,6 +1502,7 @@ impl Pending<'_> {
                             },
                             workflow: workflow.clone(),
                             params,
+                            priority: state.priority,
                         });
                         continue;
                     }
@@ -1471,9 +1522,18 @@ impl Pending<'_> {
                         heartbeat_timeout_ms: node.heartbeat_timeout.map(|t| t.as_millis() as u64),
                         ack_early: node.acks_early(strike.is_fallback()),
                     };
+                    let labels = node
+                        .labels(strike.is_fallback())
+                        .cloned()
+                        .unwrap_or_default();
+                    let queue = self
+                        .names
+                        .tasks(agent, &labels, state.priority == Priority::High);
+                    // The agent's own queues are always read for its depth; these are extra.
+                    let label_queue = (!labels.is_empty()).then(|| queue.clone());
                     self.batch.outbox.push(OutboxRow {
                         id: *task_id,
-                        routing_key: self.names.agent(agent),
+                        routing_key: queue,
                         kind: "task".into(),
                         correlation_id: Some(task_id.to_string()),
                         reply_to: Some(self.names.results()),
@@ -1483,6 +1543,7 @@ impl Pending<'_> {
                     tracing::debug!(run_id = %state.id, trace_id = %trace_id_of(state.id), %step_id, attempt, "dispatch");
                     self.observed.push(Observation::Dispatched {
                         agent: agent.to_string(),
+                        label_queue,
                         attempt: *attempt,
                         task_id: *task_id,
                         at: self.now,
@@ -1552,7 +1613,19 @@ impl Pending<'_> {
                     self.observed.push(Observation::Stale);
                 }
                 Effect::Strike { step, strike } => self.strike(plan, state, *step, *strike),
-                Effect::Held { step, agent } => {
+                Effect::Held {
+                    step,
+                    agent,
+                    by_limit: true,
+                } => {
+                    let step_id = state.slot_id(plan, *step);
+                    tracing::debug!(run_id = %state.id, %step_id, agent = %agent, "step held: limit reached");
+                }
+                Effect::Held {
+                    step,
+                    agent,
+                    by_limit: false,
+                } => {
                     let step_id = state.slot_id(plan, *step);
                     tracing::info!(run_id = %state.id, %step_id, agent = %agent, "step held: circuit open");
                     self.observed.push(Observation::Held {
@@ -1810,6 +1883,7 @@ fn step_ident(
         lease_ms: node.heartbeat_timeout.map(millis),
         start_ms: node.schedule_to_start.or(schedule_to_start).map(millis),
         workflow: node.workflow.as_ref().map(|w| w.name.clone()),
+        labels: node.labels(false).map(|l| json!(l)),
     }
 }
 

@@ -17,6 +17,7 @@ mod breakers;
 pub mod dead;
 pub mod engine;
 pub mod heartbeats;
+mod limits;
 pub mod logs;
 pub mod relay;
 pub mod results;

@@ -29,7 +29,7 @@ struct Link {
     connection: Connection,
     publisher: Publisher,
     channel: flotilla_broker::Channel,
-    /// Agent queues declared on this connection.
+    /// Task queues declared on this connection.
     declared: HashSet<String>,
 }
 
@@ -145,22 +145,22 @@ impl Relay {
         let agent_prefix = format!("{}.agent.", names.prefix());
         let control = names.control();
         for row in rows {
-            if let Some(agent) = row.routing_key.strip_prefix(&agent_prefix)
-                && !link.declared.contains(agent)
-            {
-                match flotilla_broker::declare_agent_queue(
+            // An agent's queue, or one of its label sets'.
+            let queue = &row.routing_key;
+            if queue.starts_with(&agent_prefix) && !link.declared.contains(queue) {
+                match flotilla_broker::declare_task_queue(
                     &link.channel,
                     &names,
-                    agent,
+                    queue,
                     delivery_limit,
                 )
                 .await
                 {
                     Ok(()) => {
-                        link.declared.insert(agent.to_string());
+                        link.declared.insert(queue.clone());
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, agent, "could not declare the agent queue")
+                        tracing::warn!(error = %e, queue, "could not declare the task queue")
                     }
                 }
             }

@@ -105,6 +105,7 @@ async fn tick(
             plan: Arc::new(plan),
             params,
             subset: Default::default(),
+            priority: None,
             idempotency_key: Some(format!(
                 "schedule:{}/{}:{}",
                 due.namespace,

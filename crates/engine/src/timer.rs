@@ -1,13 +1,15 @@
 //! Fires the timers kept in Postgres — retries that are due, leases of running attempts that
 //! ran out, attempts past their timeout, attempts no worker started within their
-//! `schedule_to_start`, runs past their workflow timeout, steps held by a circuit breaker that
-//! may go now — with indexed queries that never scan history, and sleeps in between.
+//! `schedule_to_start`, runs past their workflow timeout, steps held by a circuit breaker or an
+//! agent's limit that may go now — with indexed queries that never scan history, and sleeps in
+//! between.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use flotilla_core::limits::AgentLimits;
 use flotilla_store::engine as db;
-use flotilla_store::{Store, breakers};
+use flotilla_store::{Store, breakers, limits};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -18,12 +20,13 @@ const BATCH: i64 = 1_000;
 
 /// Runs until `shutdown`. `hints` carries the due time of every retry the engine schedules, so
 /// the timer wakes on time without polling; `poll` bounds the sleep, for retries scheduled by
-/// other coordinators.
+/// other coordinators. `agent_limits` are the limits whose held steps it releases.
 pub async fn run(
     store: Store,
     engine: EngineHandle,
     mut hints: mpsc::UnboundedReceiver<DateTime<Utc>>,
     poll: Duration,
+    agent_limits: AgentLimits,
     shutdown: CancellationToken,
 ) {
     let mut next: Option<DateTime<Utc>> = None;
@@ -43,7 +46,7 @@ pub async fn run(
             }
             () = tokio::time::sleep(sleep) => {}
         }
-        match fire(&store, &engine).await {
+        match fire(&store, &engine, &agent_limits).await {
             // A retry still due right after being handed over would make this loop spin; the
             // engine clears wake_at of every retry it handles, so this only guards against bugs.
             Ok(after) => {
@@ -58,22 +61,29 @@ pub async fn run(
 }
 
 /// Hands every due timer to the engine; returns when the next one is due.
-async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Utc>>, crate::Error> {
+async fn fire(
+    store: &Store,
+    engine: &EngineHandle,
+    agent_limits: &AgentLimits,
+) -> Result<Option<DateTime<Utc>>, crate::Error> {
     let client = store.client().await?;
+    let limited: Vec<&String> = agent_limits.agents().collect();
     loop {
         let now = Utc::now();
         let retries = db::due_wakeups(&client, now, BATCH).await?;
         let leases = db::expired_leases(&client, now, BATCH).await?;
         let late = db::past_deadlines(&client, now, BATCH).await?;
         let late_runs = db::past_run_deadlines(&client, now, BATCH).await?;
-        let released = breakers::due_releases(&client, now, BATCH).await?;
+        let mut released = breakers::due_releases(&client, now, BATCH, &limited).await?;
+        let (room, refill) = limits::due_releases(&client, agent_limits, now, BATCH).await?;
+        released.extend(room);
         let unstarted = db::not_started(&client, now, BATCH).await?;
         let full = [
             retries.len(),
             leases.len(),
             late.len(),
             late_runs.len(),
-            released.len(),
+            released.len().min(BATCH as usize),
             unstarted.len(),
         ]
         .iter()
@@ -127,6 +137,7 @@ async fn fire(store: &Store, engine: &EngineHandle) -> Result<Option<DateTime<Ut
                 db::next_run_deadline(&client).await?,
                 breakers::next_probe(&client).await?,
                 db::next_start_by(&client).await?,
+                refill,
             ];
             return Ok(next.into_iter().flatten().min());
         }

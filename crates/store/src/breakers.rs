@@ -210,18 +210,21 @@ pub async fn reset(
     Ok(client.execute(&stmt, &[&agent, &actor, &now]).await? == 1)
 }
 
-/// Held steps whose breaker may let them through at `now`: every one held by a closed breaker,
-/// and the first one held by each breaker due to send a probe (open past its cool-down, or
-/// half-open with no probe running). As (run id, step index).
+/// Held steps whose breaker may let them through at `now`: every one held by a closed breaker
+/// (but those of the `limited` agents, whose limits release them: see
+/// [`crate::limits::due_releases`]), and the first one held by each breaker due to send a probe
+/// (open past its cool-down, or half-open with no probe running). As (run id, step index).
 pub async fn due_releases(
     client: &impl GenericClient,
     now: DateTime<Utc>,
     limit: i64,
+    limited: &[&String],
 ) -> Result<Vec<(Uuid, i32)>, Error> {
     let stmt = client
         .prepare_cached(
             "(SELECT s.run_id, s.idx FROM steps s LEFT JOIN breakers b ON b.agent = s.held_for
               WHERE s.held_for IS NOT NULL AND (b.agent IS NULL OR b.state = 'closed')
+                AND s.held_for <> ALL($3)
               ORDER BY s.run_id, s.idx LIMIT $2)
              UNION ALL
              (SELECT first.run_id, first.idx FROM breakers b
@@ -235,7 +238,7 @@ pub async fn due_releases(
         )
         .await?;
     Ok(client
-        .query(&stmt, &[&now, &limit])
+        .query(&stmt, &[&now, &limit, &limited])
         .await?
         .iter()
         .map(|r| (r.get(0), r.get(1)))

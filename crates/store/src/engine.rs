@@ -6,6 +6,7 @@ use std::pin::Pin;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
+use flotilla_core::definition::Priority;
 use flotilla_core::scheduler::{Instance, ParentLink};
 use flotilla_core::{RunStatus, StepState, StepStatus, Strike, Subset};
 use serde_json::{Map, Value};
@@ -44,6 +45,8 @@ pub struct StoredRun {
     pub error: Option<String>,
     /// The steps the submission selected or left out.
     pub subset: Subset,
+    /// How soon its tasks are taken by workers.
+    pub priority: Priority,
     /// The attempt that started the run, when it is a sub-workflow.
     pub parent: Option<ParentLink>,
     /// The namespace the run belongs to.
@@ -57,7 +60,7 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
         .prepare_cached(
             "SELECT id, name, definition_hash, status, params, version, created_at, ended_at,
                     deadline, error, subset, parent_run_id, parent_step_id, parent_attempt, depth,
-                    namespace
+                    namespace, priority
              FROM runs WHERE id = ANY($1)",
         )
         .await?;
@@ -95,6 +98,10 @@ pub async fn load_runs(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<
                 deadline: r.get(8),
                 error: r.get(9),
                 subset: subset_from_json(r.get(10)),
+                priority: r
+                    .get::<_, Option<&str>>(16)
+                    .and_then(Priority::parse)
+                    .unwrap_or_default(),
                 parent: match (r.get(11), r.get(12), r.get::<_, Option<i32>>(13)) {
                     (Some(run_id), Some(step_id), Some(attempt)) => Some(ParentLink {
                         run_id,
@@ -214,6 +221,8 @@ pub struct StepIdent {
     /// How long a dispatched attempt may wait for a worker to start it, in ms; no limit when
     /// `None`.
     pub start_ms: Option<i32>,
+    /// The labels a worker must have to run the step's own attempts, as a JSON object.
+    pub labels: Option<Value>,
 }
 
 /// A run to create.
@@ -229,6 +238,7 @@ pub struct NewRun {
     pub deadline: Option<DateTime<Utc>>,
     pub error: Option<String>,
     pub subset: Subset,
+    pub priority: Priority,
     pub parent: Option<ParentLink>,
     /// The namespace it belongs to: its submission's, or its parent's.
     pub namespace: String,
@@ -419,15 +429,20 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
             parents.clone().map(|p| p.map(|p| int(p.attempt))).collect();
         let depths: Vec<i32> = parents.map(|p| p.map_or(0, |p| int(p.depth))).collect();
         let namespaces: Vec<&str> = runs.iter().map(|r| r.namespace.as_str()).collect();
+        // NULL for the usual case, so most rows carry nothing.
+        let priorities: Vec<Option<&str>> = runs
+            .iter()
+            .map(|r| (r.priority != Priority::Normal).then(|| r.priority.as_str()))
+            .collect();
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO runs (id, name, definition_hash, status, params, created_at, ended_at,
                                    deadline, error, subset, parent_run_id, parent_step_id, parent_attempt,
-                                   depth, namespace)
+                                   depth, namespace, priority)
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[],
                                       $6::timestamptz[], $7::timestamptz[], $8::timestamptz[],
                                       $9::text[], $10::jsonb[], $11::uuid[], $12::text[], $13::int4[],
-                                      $14::int4[], $15::text[])",
+                                      $14::int4[], $15::text[], $16::text[])",
             )
             .await?;
         sent.push(Box::pin(async move {
@@ -449,6 +464,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                     &parent_attempts,
                     &depths,
                     &namespaces,
+                    &priorities,
                 ],
             )
             .await
@@ -463,6 +479,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
         let mut leases = Vec::with_capacity(batch.new_steps.len());
         let mut workflows = Vec::with_capacity(batch.new_steps.len());
         let mut starts = Vec::with_capacity(batch.new_steps.len());
+        let mut labels = Vec::with_capacity(batch.new_steps.len());
         for (ident, row) in &batch.new_steps {
             cols.push(row);
             instances.push(row);
@@ -472,24 +489,25 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
             leases.push(ident.lease_ms);
             workflows.push(ident.workflow.as_deref());
             starts.push(ident.start_ms);
+            labels.push(ident.labels.as_ref());
         }
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO steps (run_id, idx, step_id, agent, action, status, attempt, task_id,
                                     wake_at, started_at, ended_at, output, error, deadline, lost,
                                     strike, strike_base, instance_of, item_index, item, lease_ms,
-                                    held_for, workflow, start_ms, queued_at, start_by)
+                                    held_for, workflow, start_ms, labels, queued_at, start_by)
                  SELECT u.*, q.at, q.at + u.start_ms * interval '1 millisecond'
                  FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
                              $6::text[], $7::int4[], $8::uuid[], $9::timestamptz[],
                              $10::timestamptz[], $11::timestamptz[], $12::jsonb[], $13::text[],
                              $14::timestamptz[], $15::int4[], $16::int2[], $17::int4[],
                              $18::int4[], $19::int4[], $20::jsonb[], $21::int4[], $22::text[],
-                             $23::text[], $24::int4[])
+                             $23::text[], $24::int4[], $25::jsonb[])
                       AS u(run_id, idx, step_id, agent, action, status, attempt, task_id, wake_at,
                            started_at, ended_at, output, error, deadline, lost, strike,
                            strike_base, instance_of, item_index, item, lease_ms, held_for,
-                           workflow, start_ms)
+                           workflow, start_ms, labels)
                  -- An attempt dispatched with its step is queued until a worker starts it (a
                  -- sub-workflow's, never started by a worker, is not).
                  CROSS JOIN LATERAL (SELECT CASE WHEN u.status = 'running' AND u.task_id IS NOT NULL
@@ -525,6 +543,7 @@ pub async fn write(tx: &impl GenericClient, batch: &Batch) -> Result<(), Error> 
                     &cols.held_for,
                     &workflows,
                     &starts,
+                    &labels,
                 ],
             )
             .await

@@ -12,6 +12,7 @@ pub mod definitions;
 pub mod engine;
 pub mod events;
 pub mod idempotency;
+pub mod limits;
 pub mod logs;
 pub mod migrate;
 pub mod outbox;

@@ -31,6 +31,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (55, include_str!("../migrations/0055_namespaces.sql")),
     (65, include_str!("../migrations/0065_runs_by_name.sql")),
     (70, include_str!("../migrations/0070_step_logs.sql")),
+    (75, include_str!("../migrations/0075_scaling.sql")),
 ];
 
 /// How the database's migrations compare with those this build knows.

@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
+use flotilla_core::labels::Labels;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -50,6 +51,8 @@ pub struct StepRecord {
     /// The agent of the step's attempt, while that attempt is queued: dispatched and not yet
     /// started by any worker.
     pub queued_for: Option<String>,
+    /// The labels a worker must have to start that queued attempt (none for a fallback's).
+    pub queued_labels: Labels,
 }
 
 fn run_record(r: &tokio_postgres::Row) -> RunRecord {
@@ -86,7 +89,7 @@ pub async fn run(
         .prepare_cached(
             "SELECT s.step_id, s.agent, s.action, s.status, s.attempt, s.wake_at, s.started_at,
                     s.ended_at, s.output, s.error, s.strike, s.held_for, s.instance_of, s.workflow,
-                    child.id, a.agent
+                    child.id, a.agent, CASE WHEN a.strike <> 2 THEN s.labels END
              FROM steps s LEFT JOIN runs child ON child.id = s.task_id AND child.parent_run_id = s.run_id
              LEFT JOIN attempts a ON s.queued_at IS NOT NULL AND a.task_id = s.task_id
              WHERE s.run_id = $1 ORDER BY s.idx",
@@ -113,6 +116,10 @@ pub async fn run(
             workflow: r.get(13),
             child_run_id: r.get(14),
             queued_for: r.get(15),
+            queued_labels: r
+                .get::<_, Option<Value>>(16)
+                .and_then(|v| serde_json::from_value(v).ok())
+                .unwrap_or_default(),
         })
         .collect();
     let mut record = run_record(&run);

@@ -91,6 +91,7 @@ fn new_run_batch_of(yaml: &str) -> (Batch, RunState, Plan) {
         deadline: None,
         error: None,
         subset: state.subset.clone(),
+        priority: state.priority,
         parent: None,
         namespace: "default".into(),
     });
@@ -103,6 +104,7 @@ fn new_run_batch_of(yaml: &str) -> (Batch, RunState, Plan) {
                 lease_ms: node.heartbeat_timeout.map(|t| t.as_millis() as i32),
                 workflow: None,
                 start_ms: node.schedule_to_start.map(|t| t.as_millis() as i32),
+                labels: None,
             },
             StepRow {
                 run_id: id,
@@ -756,6 +758,7 @@ async fn instances_and_run_deadlines_load_back_and_past_deadlines_are_found() ->
         deadline: state.deadline,
         error: None,
         subset: state.subset.clone(),
+        priority: state.priority,
         parent: None,
         namespace: "default".into(),
     });
@@ -768,6 +771,7 @@ async fn instances_and_run_deadlines_load_back_and_past_deadlines_are_found() ->
                 lease_ms: None,
                 workflow: None,
                 start_ms: None,
+                labels: None,
             },
             StepRow {
                 run_id: id,
@@ -886,9 +890,13 @@ async fn breakers_are_locked_written_listed_and_release_their_held_steps() -> an
         (&open, Some(at(10)), 1)
     );
     assert_eq!(breakers::next_probe(&client).await?, Some(at(10)));
-    assert!(breakers::due_releases(&client, at(9), 10).await?.is_empty());
+    assert!(
+        breakers::due_releases(&client, at(9), 10, &[])
+            .await?
+            .is_empty()
+    );
     assert_eq!(
-        breakers::due_releases(&client, at(10), 10).await?,
+        breakers::due_releases(&client, at(10), 10, &[]).await?,
         [(state.id, 0)]
     );
 
@@ -904,7 +912,7 @@ async fn breakers_are_locked_written_listed_and_release_their_held_steps() -> an
     };
     breakers::write(&client, &config, [("x", &half_open)].into_iter()).await?;
     assert_eq!(
-        breakers::due_releases(&client, at(0), 10).await?,
+        breakers::due_releases(&client, at(0), 10, &[]).await?,
         [(state.id, 0)]
     );
     let tx = client.transaction().await?;
@@ -919,7 +927,7 @@ async fn breakers_are_locked_written_listed_and_release_their_held_steps() -> an
     assert_eq!(list[0].breaker, Breaker::default());
     assert_eq!(list[0].reset, Some(("ana@host".to_string(), at(20))));
     assert_eq!(
-        breakers::due_releases(&client, at(0), 10).await?,
+        breakers::due_releases(&client, at(0), 10, &[]).await?,
         [(state.id, 0)]
     );
     drop(client);

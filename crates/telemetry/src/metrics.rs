@@ -7,7 +7,7 @@
 //! Each registry belongs to the value that owns it rather than to the process, so that two
 //! coordinators or workers in one test process do not count into each other.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -38,7 +38,8 @@ pub const AGENT_ERRORS: &str = "orchestrator_agent_errors";
 pub const AGENT_LATENCY: &str = "orchestrator_agent_latency_seconds";
 /// `orchestrator_queue_wait_seconds{agent}`: dispatch of a task to the start its worker reported.
 pub const QUEUE_WAIT: &str = "orchestrator_queue_wait_seconds";
-/// `orchestrator_queue_depth{agent}`: ready messages in each agent queue, read at scrape time.
+/// `orchestrator_queue_depth{agent}`: ready messages in each agent's task queues (its own, the
+/// high-priority one, those of the label sets its tasks went to), read at scrape time.
 pub const QUEUE_DEPTH: &str = "orchestrator_queue_depth";
 /// `orchestrator_queue_oldest_age_seconds{agent}`: how long the oldest attempt dispatched to
 /// each agent and not yet started by a worker has waited, read from Postgres at scrape time;
@@ -179,7 +180,8 @@ pub struct CoordinatorMetrics {
     breaker_state: Family<AgentLabel, Gauge>,
     breaker_held: Family<AgentLabel, Counter>,
     /// Agents this coordinator dispatched to or heard from: the queues whose depth it reads.
-    agents: Mutex<BTreeSet<String>>,
+    /// By agent, the task queues besides its own two (of label sets) its tasks went to.
+    agents: Mutex<BTreeMap<String, BTreeSet<String>>>,
 }
 
 impl Default for CoordinatorMetrics {
@@ -207,7 +209,7 @@ impl CoordinatorMetrics {
             stale: Counter::default(),
             breaker_state: Family::default(),
             breaker_held: Family::default(),
-            agents: Mutex::new(BTreeSet::new()),
+            agents: Mutex::new(BTreeMap::new()),
         };
         for status in FINAL_STATUSES {
             // Created at 0: the guard returned is only for reading it.
@@ -297,22 +299,26 @@ impl CoordinatorMetrics {
         self
     }
 
-    fn agents(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
-        // Inserts only: the set is consistent even if a holder panicked.
+    fn agents(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeSet<String>>> {
+        // Inserts only: the map is consistent even if a holder panicked.
         self.agents.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Remembers `agent` as one whose queue depth to read, up to [`MAX_QUEUE_GAUGES`] agents.
     pub fn agent_seen(&self, agent: &str) {
         let mut agents = self.agents();
-        if agents.len() < MAX_QUEUE_GAUGES && !agents.contains(agent) {
-            agents.insert(agent.to_owned());
+        if agents.len() < MAX_QUEUE_GAUGES && !agents.contains_key(agent) {
+            agents.insert(agent.to_owned(), BTreeSet::new());
         }
     }
 
-    /// The agents whose queue depth to read, in name order.
-    pub fn known_agents(&self) -> Vec<String> {
-        self.agents().iter().cloned().collect()
+    /// The agents whose queue depth to read, in name order, each with the queues of label sets
+    /// its tasks went to (up to [`MAX_QUEUE_GAUGES`] an agent).
+    pub fn known_agents(&self) -> Vec<(String, Vec<String>)> {
+        self.agents()
+            .iter()
+            .map(|(agent, queues)| (agent.clone(), queues.iter().cloned().collect()))
+            .collect()
     }
 
     /// A run ended with `status` (`success`, `failure` or `cancelled`) after `duration`.
@@ -346,9 +352,16 @@ impl CoordinatorMetrics {
         }
     }
 
-    /// A task of `agent` was dispatched; `attempt` counts from 1.
-    pub fn dispatched(&self, agent: &str, attempt: u32) {
+    /// A task of `agent` was dispatched, to `label_queue` when its step asked for labels;
+    /// `attempt` counts from 1.
+    pub fn dispatched(&self, agent: &str, attempt: u32, label_queue: Option<&str>) {
         self.agent_seen(agent);
+        if let Some(queue) = label_queue
+            && let Some(queues) = self.agents().get_mut(agent)
+            && queues.len() < MAX_QUEUE_GAUGES
+        {
+            queues.insert(queue.to_owned());
+        }
         if attempt > 1 {
             self.retries.get_or_create(&AgentLabel::of(agent)).inc();
         }
@@ -543,8 +556,8 @@ mod tests {
     fn coordinator_metrics_render_the_spec_names() {
         let m = CoordinatorMetrics::new();
         m.run_ended("success", Duration::from_millis(1500));
-        m.dispatched("agent1", 1);
-        m.dispatched("agent1", 2);
+        m.dispatched("agent1", 1, None);
+        m.dispatched("agent1", 2, Some("f.agent.agent1@gpu=true"));
         m.attempt_ended(
             "agent1",
             false,
@@ -641,6 +654,18 @@ mod tests {
         }
         m.agent_seen("agent0");
         assert_eq!(m.known_agents().len(), MAX_QUEUE_GAUGES);
+    }
+
+    #[test]
+    fn the_label_queues_an_agent_used_are_known() {
+        let m = CoordinatorMetrics::new();
+        m.dispatched("a", 1, None);
+        m.dispatched("a", 1, Some("f.agent.a@gpu=true"));
+        m.dispatched("a", 1, Some("f.agent.a@gpu=true"));
+        assert_eq!(
+            m.known_agents(),
+            [("a".to_string(), vec!["f.agent.a@gpu=true".to_string()])]
+        );
     }
 
     #[test]

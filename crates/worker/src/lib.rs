@@ -22,8 +22,10 @@
 //!
 //! How a task is handled:
 //!
-//! - Each agent has a queue; the worker consumes all of them with manual acks, and a semaphore
-//!   shared by all agents caps the tasks running at once at `concurrency`.
+//! - Each agent has a queue and a `:high` twin for high-priority runs, and one more pair per
+//!   non-empty subset of the worker's labels (`QueueNames::worker_queues`); it consumes all of
+//!   them with manual acks, and a semaphore shared by all agents caps the tasks running at once
+//!   at `concurrency`. A task of a `:high` queue gets the next free slot before any other.
 //! - A body that is not a valid task is nacked without requeue, so the queue dead-letters it
 //!   instead of redelivering it forever.
 //! - The handler runs in a task of its own; a panic becomes a failure result.

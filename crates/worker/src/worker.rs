@@ -11,7 +11,7 @@ use std::{
 use chrono::Utc;
 use flotilla_broker::{
     Backoff, BrokerConfig, Connection, Consumer, Delivery, OutgoingMessage, PublishError,
-    Publisher, QueueNames, declare_control_queue, declare_topology, reconnect,
+    Publisher, QueueNames, declare_control_queue, declare_task_queue, declare_topology, reconnect,
 };
 use flotilla_proto::{
     Cancel, Deregistration, Heartbeat, HeldTask, LogBatch, LogLine, PROTOCOL_VERSION, Registration,
@@ -275,6 +275,8 @@ impl Worker {
         if self.config.heartbeat_interval.is_zero() {
             return Err(Error::Config("heartbeat interval must not be zero".into()));
         }
+        flotilla_core::labels::check(&self.labels)
+            .map_err(|e| Error::Config(format!("worker labels: {e}")))?;
         let Backoff { initial, max } = self.broker.reconnect;
         if initial.is_zero() || initial > max {
             return Err(Error::Config(format!(
@@ -302,6 +304,24 @@ impl Worker {
             self.broker.delivery_limit,
         )
         .await?;
+        // The queues of high-priority tasks and of the label sets it may serve, beyond the
+        // agents' own queues.
+        let queues: Vec<(&String, String, bool)> = self
+            .agents
+            .iter()
+            .flat_map(|agent| {
+                self.names
+                    .worker_queues(agent, &self.labels)
+                    .into_iter()
+                    .map(move |(queue, high)| (agent, queue, high))
+            })
+            .collect();
+        for (_, queue, _) in queues
+            .iter()
+            .filter(|(agent, q, _)| *q != self.names.agent(agent))
+        {
+            declare_task_queue(&channel, &self.names, queue, self.broker.delivery_limit).await?;
+        }
         let control = if consume {
             Some(declare_control_queue(&channel, &self.names, &self.worker_id).await?)
         } else {
@@ -316,11 +336,10 @@ impl Worker {
             None => None,
         };
         if consume {
-            for agent in &self.agents {
-                let queue = self.names.agent(agent);
-                let tag = format!("{}.{agent}", self.worker_id);
-                let consumer = Consumer::start(&connection, &queue, &tag, prefetch).await?;
-                consumers.push((Arc::<str>::from(agent.as_str()), consumer));
+            for (agent, queue, high) in &queues {
+                let tag = format!("{}.{}", self.worker_id, &queue[self.names.prefix().len()..]);
+                let consumer = Consumer::start(&connection, queue, &tag, prefetch).await?;
+                consumers.push((Arc::<str>::from(agent.as_str()), *high, consumer));
             }
         }
         Ok(Session {
@@ -351,6 +370,7 @@ impl Worker {
             secrets: secrets::Source {
                 dir: self.config.secrets_dir.clone(),
             },
+            high_waiting: watch::Sender::new(0),
             held: Mutex::new(BTreeMap::new()),
             cancelled_early: Mutex::new(VecDeque::new()),
             beat: Notify::new(),
@@ -521,7 +541,8 @@ impl Link {
 /// tasks.
 struct Session {
     link: Arc<Link>,
-    consumers: Vec<(Arc<str>, Consumer)>,
+    /// By agent, and whether the queue holds high-priority tasks.
+    consumers: Vec<(Arc<str>, bool, Consumer)>,
     /// The consumer of this worker's control queue, when set up to take tasks.
     control: Option<Consumer>,
 }
@@ -547,6 +568,23 @@ struct Held {
     first_beat: Option<oneshot::Sender<()>>,
 }
 
+/// Counts a high-priority intake waiting for a slot for as long as it lives, however the wait
+/// ends (the intake may stop waiting on shutdown).
+struct HighWaiting<'a>(&'a watch::Sender<usize>);
+
+impl<'a> HighWaiting<'a> {
+    fn new(count: &'a watch::Sender<usize>) -> Self {
+        count.send_modify(|n| *n += 1);
+        Self(count)
+    }
+}
+
+impl Drop for HighWaiting<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
 /// State shared by the intake, the task runners, the heartbeats and the health server.
 pub(crate) struct Shared {
     worker_id: Arc<str>,
@@ -556,6 +594,8 @@ pub(crate) struct Shared {
     secrets: secrets::Source,
     /// One permit per task that may run at once, across all agents.
     slots: Arc<Semaphore>,
+    /// How many intakes of high-priority queues wait for a slot: the others let them go first.
+    high_waiting: watch::Sender<usize>,
     /// The tasks in progress, by task id, reported in heartbeats.
     held: Mutex<BTreeMap<Uuid, Held>>,
     /// Tasks cancelled before they started here (the cancel overtook the task, still queued or
@@ -570,6 +610,31 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// A slot to run a task in. A task of a high-priority queue gets the next slot that frees;
+    /// one of a normal queue waits while any of those waits. Cancel-safe.
+    async fn take_slot(&self, high: bool) -> OwnedSemaphorePermit {
+        let acquire = || async {
+            self.slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the worker never closes its semaphore")
+        };
+        if high {
+            let _waiting = HighWaiting::new(&self.high_waiting);
+            return acquire().await;
+        }
+        let mut waiting = self.high_waiting.subscribe();
+        loop {
+            let _ = waiting.wait_for(|&n| n == 0).await;
+            let permit = acquire().await;
+            // A high-priority task came while this one queued for the slot: it goes first.
+            if *self.high_waiting.borrow() == 0 {
+                return permit;
+            }
+        }
+    }
+
     /// Whether the worker holds a live link, which it consumes on until the shutdown request.
     pub(crate) fn consuming(&self) -> bool {
         self.link
@@ -719,8 +784,10 @@ async fn take_tasks(
             consumers,
             control,
         } = session;
-        let intakes = consumers.into_iter().map(|(agent, consumer)| {
-            intake(agent, consumer, &link, shared, running, shutdown, abandon)
+        let intakes = consumers.into_iter().map(|(agent, high, consumer)| {
+            intake(
+                agent, high, consumer, &link, shared, running, shutdown, abandon,
+            )
         });
         let (consumers, ()) = tokio::join!(
             join_all(intakes),
@@ -783,8 +850,10 @@ async fn listen_control(
 
 /// Takes deliveries from one agent's queue and starts a task runner for each, until the
 /// shutdown request or the loss of the link. Returns the consumer.
+#[allow(clippy::too_many_arguments)]
 async fn intake(
     agent: Arc<str>,
+    high: bool,
     mut consumer: Consumer,
     link: &Link,
     shared: &Arc<Shared>,
@@ -794,6 +863,7 @@ async fn intake(
 ) -> Consumer {
     let stopped = take_deliveries(
         &agent,
+        high,
         &mut consumer,
         link,
         shared,
@@ -819,8 +889,10 @@ enum Stopped {
     LinkLost,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn take_deliveries(
     agent: &Arc<str>,
+    high: bool,
     consumer: &mut Consumer,
     link: &Link,
     shared: &Arc<Shared>,
@@ -871,9 +943,7 @@ async fn take_deliveries(
                 return Stopped::Shutdown;
             }
             () = link.lost.cancelled() => return Stopped::LinkLost,
-            permit = shared.slots.clone().acquire_owned() => {
-                permit.expect("the worker never closes its semaphore")
-            }
+            permit = shared.take_slot(high) => permit,
         };
         let Some((receipt, cancel, beaten)) = shared.claim(&task, receipt) else {
             continue;

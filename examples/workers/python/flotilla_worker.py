@@ -14,6 +14,7 @@ RabbitMQ, and the process supervisor (systemd, Compose, Kubernetes) starts the w
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -201,7 +202,9 @@ class Worker:
         # The tasks in progress by delivery tag; touched by the connection's thread only.
         self._held: dict[int, dict] = {}
         self._last_beat = 0.0
-        self._jobs: queue.Queue = queue.Queue()
+        # Tasks of high-priority queues first (rank 0), then in arrival order (the counter).
+        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._arrivals = itertools.count()
 
     # Signals -------------------------------------------------------------------------------
 
@@ -243,12 +246,13 @@ class Worker:
             threading.Thread(target=self._run_jobs, daemon=True).start()
         tags = [
             self._consumer.basic_consume(
-                self._queue(agent),
+                queue_name,
                 self._on_delivery,
                 auto_ack=False,
-                consumer_tag=f"{self.config.worker_id}.{agent}",
+                consumer_tag=f"{self.config.worker_id}.{queue_name}",
             )
             for agent in self.config.agents
+            for queue_name in self._queues(agent)
         ]
         LOG.info(
             "worker started: worker_id=%s agents=%s concurrency=%d prefix=%s",
@@ -269,7 +273,7 @@ class Worker:
             self._consumer.basic_cancel(tag)
         while True:
             try:
-                tag, *_ = self._jobs.get_nowait()
+                _, _, tag, *_ = self._jobs.get_nowait()
             except queue.Empty:
                 break
             self._consumer.basic_nack(tag, requeue=True)
@@ -284,8 +288,11 @@ class Worker:
         self._to_registry(deregistration_message(self.config))
         LOG.info("worker stopped: worker_id=%s", self.config.worker_id)
 
-    def _queue(self, agent: str) -> str:
-        return f"{self.config.prefix}.agent.{agent}"
+    def _queues(self, agent: str) -> list[str]:
+        """The agent's queue and its twin of high-priority tasks (this worker routes by no
+        label, so it consumes no label set's queue)."""
+        own = f"{self.config.prefix}.agent.{agent}"
+        return [own, f"{own}:high"]
 
     def _declare(self, channel) -> None:
         prefix = self.config.prefix
@@ -296,11 +303,12 @@ class Worker:
             f"{prefix}.heartbeats", durable=True, arguments={**quorum, "x-message-ttl": 60000}
         )
         for agent in self.config.agents:
-            channel.queue_declare(
-                self._queue(agent),
-                durable=True,
-                arguments=agent_queue_arguments(prefix, self.config.delivery_limit),
-            )
+            for queue_name in self._queues(agent):
+                channel.queue_declare(
+                    queue_name,
+                    durable=True,
+                    arguments=agent_queue_arguments(prefix, self.config.delivery_limit),
+                )
 
     def _publish(self, routing_key: str, kind: str, body: dict, correlation_id: str | None = None) -> None:
         """Publishes and waits for the broker's confirm; raises NackError or UnroutableError
@@ -335,11 +343,12 @@ class Worker:
         # The lease starts at once rather than at the next regular heartbeat.
         if time.monotonic() - self._last_beat >= HEARTBEAT_MIN_GAP:
             self._send_heartbeat()
-        self._jobs.put((tag, task, reply_to, started_at))
+        rank = 0 if method.routing_key.endswith(":high") else 1
+        self._jobs.put((rank, next(self._arrivals), tag, task, reply_to, started_at))
 
     def _run_jobs(self) -> None:
         while True:
-            tag, task, reply_to, started_at = self._jobs.get()
+            _, _, tag, task, reply_to, started_at = self._jobs.get()
             output, failure = None, None
             handler = self.handlers.get(task["action"])
             if handler is None:

@@ -350,6 +350,48 @@ pub async fn fanout(bench: &mut Bench, scenario: &str, steps: usize) -> anyhow::
     Ok(report)
 }
 
+/// How long each step of `scaling` waits: an I/O-bound step, which the workers' slots bound.
+const SCALING_SLEEP_MS: u64 = 20;
+/// The worker processes `scaling` measures with, in order.
+const SCALING_WORKERS: [usize; 3] = [1, 2, 4];
+
+/// `scaling`: the same run of `steps` independent I/O-bound steps (echo `sleep_ms: 20`) with 1,
+/// then 2, then 4 worker processes of `sizes.concurrency` slots each; one report per count,
+/// each with its speed-up over one worker. The fleet starts with one worker (the bench's
+/// sizes) and gets the others added between runs.
+pub async fn scaling(
+    bench: &mut Bench,
+    steps: usize,
+    concurrency: usize,
+) -> anyhow::Result<Vec<Report>> {
+    let workflow = Workflow::fan_out("bench-scaling", AGENT, steps, |_| SCALING_SLEEP_MS);
+    let mut reports: Vec<Report> = Vec::new();
+    for workers in SCALING_WORKERS {
+        while bench.busy_workers.len() < workers {
+            let id = format!("worker-{}", bench.busy_workers.len());
+            let index = bench.add_worker(&id, AGENT, concurrency).await?;
+            bench.busy_workers.push(index);
+        }
+        let run = bench.execute(json!({"yaml": workflow.yaml()})).await?;
+        bench.wait(&[run]).await?;
+        let elapsed = bench.span(&[run]).await?;
+        let mut report = Report::new(&format!("scaling-{workers}"), steps, "steps", elapsed);
+        report.step_rate = Some(report.throughput);
+        let speedup =
+            report.throughput / reports.first().map_or(report.throughput, |r| r.throughput);
+        report = report
+            .details(json!({
+                "workers": workers,
+                "concurrency": concurrency,
+                "sleep_ms": SCALING_SLEEP_MS,
+                "speedup_vs_1_worker": speedup,
+            }))
+            .rss(bench.rss());
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
 /// `chain`: one run of `hops` steps, each starting when the one before has ended.
 pub async fn chain(bench: &mut Bench, scenario: &str, hops: usize) -> anyhow::Result<Report> {
     let workflow = Workflow::chain("bench-chain", AGENT, hops, |_| 0);

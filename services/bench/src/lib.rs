@@ -28,6 +28,7 @@ pub const SCENARIOS: &[&str] = &[
     "submit-latency",
     "memory",
     "history",
+    "scaling",
 ];
 
 /// The scenarios that run a fleet and are reported as a ratio to `broker-roundtrip`.
@@ -61,6 +62,10 @@ pub struct Sizes {
     pub workers: usize,
     /// Tasks each echo worker runs at once.
     pub concurrency: usize,
+    /// Steps of `scaling`, and the slots of each of its workers: few enough that the workers,
+    /// not the coordinator, bound the rate.
+    pub scaling_steps: usize,
+    pub scaling_concurrency: usize,
 }
 
 impl Sizes {
@@ -79,6 +84,8 @@ impl Sizes {
             commit_seconds: 5,
             workers: 2,
             concurrency: 64,
+            scaling_steps: 2_000,
+            scaling_concurrency: 4,
         }
     }
 
@@ -98,6 +105,8 @@ impl Sizes {
             commit_seconds: 1,
             workers: 2,
             concurrency: 16,
+            scaling_steps: 100,
+            scaling_concurrency: 4,
         }
     }
 }

@@ -129,6 +129,18 @@ async fn run(scenario: &str, sizes: &Sizes) -> anyhow::Result<Vec<Report>> {
         "history" => {
             fleet::with_bench(scenario, sizes, async |b| fleet::history(b, sizes).await).await
         }
+        "scaling" => {
+            // One worker to start with; the scenario adds the others.
+            let first = Sizes {
+                workers: 1,
+                concurrency: sizes.scaling_concurrency,
+                ..*sizes
+            };
+            fleet::with_bench(scenario, &first, async |b| {
+                fleet::scaling(b, sizes.scaling_steps, sizes.scaling_concurrency).await
+            })
+            .await
+        }
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }

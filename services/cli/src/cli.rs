@@ -182,6 +182,10 @@ pub enum WorkflowsCommand {
         /// --only, leaves steps out of those selected.
         #[arg(long = "skip", value_name = "STEP")]
         skip: Vec<String>,
+        /// `high`: the run's tasks are taken by workers before normal ones waiting [default: the
+        /// definition's priority]
+        #[arg(long, value_parser = ["normal", "high"])]
+        priority: Option<String>,
         /// Validate the definition and print its plan — the stages of steps that can run
         /// together, their dependencies and the conditions decided at run time — without
         /// running anything or contacting the coordinator.

@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use flotilla_api_model::{
     AGENT_HEALTHY, BreakerList, DeadLetterQuery, ExecuteRequest, ExecuteResponse, HealthAuditQuery,
-    LogQuery, Operation, RedriveOutcome, RedriveRequest, RegisterDefinitionRequest, RunQuery,
-    ScheduleRequest, StepLogLine, WorkflowResult,
+    LogQuery, Operation, RedriveOutcome, RedriveRequest, RegisterDefinitionRequest, RunPriority,
+    RunQuery, ScheduleRequest, StepLogLine, WorkflowResult,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -85,6 +85,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             idempotency_key,
             only,
             skip,
+            priority,
             wait,
             ..
         }) => {
@@ -95,6 +96,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 params: params::collect(params).map_err(|e| anyhow!(e))?,
                 only,
                 skip,
+                priority: priority.map(|p| match p.as_str() {
+                    "high" => RunPriority::High,
+                    _ => RunPriority::Normal,
+                }),
                 ..ExecuteRequest::default()
             };
             // A random key is this command's own, so a replay under it can only be of one of the

@@ -1,6 +1,6 @@
 //! The API's backend: reads from Postgres, submissions through the engine.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -11,10 +11,13 @@ use flotilla_api_model::{
     AGENT_HEALTHY, AGENT_NO_WORKERS, AGENT_UNHEALTHY, AgentStatus, AgentSummary, AttemptReport,
     BreakerSummary, DeadLetterQuery, DeadLetterSummary, DefinitionDetail, DefinitionSummary,
     Evidence, HealthAuditCheck, HealthTargets, LogQuery, Metrics, Operation, ParentRun,
-    RedriveOutcome, RunEvent, RunPage, RunQuery, RunReport, RunSummary, RunsChanged,
+    RedriveOutcome, RunEvent, RunPage, RunPriority, RunQuery, RunReport, RunSummary, RunsChanged,
     ScheduleSummary, StepLogLine, StepLogs, StepReport, StepResult, StrikeReport, Submitted,
     TruncatedLog, WorkerStatus, WorkflowResult,
 };
+use flotilla_core::definition::Priority;
+use flotilla_core::labels;
+use flotilla_core::limits::AgentLimits;
 use flotilla_core::quota::Quotas;
 use flotilla_core::registry::{RegistryPolicy, WorkerHealth};
 use flotilla_core::schedule::Schedule;
@@ -49,6 +52,8 @@ pub struct CoordinatorBackend {
     pub lease: std::time::Duration,
     /// The namespaces' quotas; the backend checks steps per run (the engine, runs in flight).
     pub quotas: Quotas,
+    /// The agents' limits, which say why a held step waits.
+    pub agent_limits: AgentLimits,
     /// The most instances a `for_each` step may expand to, which a run's steps are counted with.
     pub max_instances: usize,
 }
@@ -150,11 +155,12 @@ fn api_step_status(stored: &str) -> &str {
     }
 }
 
-/// `served`: the agents a healthy worker serves.
+/// `healthy`: the healthy workers; `limits`: the agents' limits.
 fn workflow_result(
     run: RunRecord,
     steps: Vec<StepRecord>,
-    served: &HashSet<String>,
+    healthy: &[WorkerRecord],
+    limits: &AgentLimits,
 ) -> WorkflowResult {
     let mut metrics = Metrics {
         total_steps: steps.len(),
@@ -184,15 +190,19 @@ fn workflow_result(
                 error: s.error,
                 next_attempt_at: s.wake_at,
                 strike: u8::try_from(s.strike).unwrap_or(1),
-                held: s
-                    .held_for
-                    .map(|agent| format!("circuit open for agent {agent}")),
+                held: s.held_for.map(|agent| match limits.get(&agent) {
+                    // Its breaker may hold it too; the breaker's own view says whether it does.
+                    Some(_) => format!("limit reached for agent {agent}"),
+                    None => format!("circuit open for agent {agent}"),
+                }),
                 workflow: s.workflow,
                 child_workflow_id: s.child_run_id,
-                waiting_for_worker: s
-                    .queued_for
-                    .as_ref()
-                    .is_some_and(|agent| !served.contains(agent.as_str())),
+                // Queued for an agent no healthy worker with the step's labels serves.
+                waiting_for_worker: s.queued_for.as_ref().is_some_and(|agent| {
+                    !healthy.iter().any(|w| {
+                        w.agents.contains(agent) && labels::satisfies(&w.labels, &s.queued_labels)
+                    })
+                }),
             }
         })
         .collect();
@@ -342,6 +352,10 @@ impl Backend for CoordinatorBackend {
                 plan: Arc::new(submission.plan),
                 params: submission.params,
                 subset: submission.subset,
+                priority: submission.priority.map(|p| match p {
+                    RunPriority::Normal => Priority::Normal,
+                    RunPriority::High => Priority::High,
+                }),
                 idempotency_key: submission
                     .idempotency_key
                     .map(|key| namespaced_key(&namespace, &key)),
@@ -374,12 +388,16 @@ impl Backend for CoordinatorBackend {
                 .map_err(store_error)?
                 .into_iter()
                 .filter(|w| self.registry.health(w.last_seen, now) == Some(WorkerHealth::Healthy))
-                .flat_map(|w| w.agents)
                 .collect()
         } else {
-            HashSet::new()
+            Vec::new()
         };
-        Ok(Some(workflow_result(run, steps, &served)))
+        Ok(Some(workflow_result(
+            run,
+            steps,
+            &served,
+            &self.agent_limits,
+        )))
     }
 
     async fn report(

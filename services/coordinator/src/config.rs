@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use flotilla_api_model::check_namespace;
 use flotilla_core::breaker::BreakerConfig;
+use flotilla_core::limits::AgentLimits;
 use flotilla_core::quota::Quotas;
 
 /// The shortest `FLOTILLA_ADMIN_TOKEN` accepted, so that a placeholder left in a deployment
@@ -216,6 +217,14 @@ pub struct Config {
     #[arg(long, env = "FLOTILLA_QUOTAS", default_value = "")]
     pub quotas: String,
 
+    /// Limits per agent, across all its workers: `;`-separated entries `agent=key:value,…`
+    /// with keys `max_concurrency` (attempts running at once) and `rate_limit` (dispatches per
+    /// second, minute or hour: `100/s`, `30/m`, `500/h`), e.g.
+    /// `echo=max_concurrency:4,rate_limit:100/s;http=rate_limit:30/m`. Every coordinator of a
+    /// fleet must be given the same [default: no limit]
+    #[arg(long, env = "FLOTILLA_AGENT_LIMITS", default_value = "")]
+    pub agent_limits: String,
+
     /// Print the effective configuration (passwords hidden) and exit.
     #[arg(long)]
     pub dump_config: bool,
@@ -270,6 +279,11 @@ impl Config {
         Ok(quotas)
     }
 
+    /// The agents' limits; an error names what cannot be read.
+    pub fn agent_limits(&self) -> Result<AgentLimits, String> {
+        AgentLimits::parse(&self.agent_limits).map_err(|e| format!("FLOTILLA_AGENT_LIMITS: {e}"))
+    }
+
     /// Whether any JWT key is configured.
     pub fn accepts_jwts(&self) -> bool {
         self.jwt_hs256_secret.is_some()
@@ -297,6 +311,7 @@ impl Config {
             ));
         }
         self.quotas()?;
+        self.agent_limits()?;
         if self.accepts_jwts() && (self.jwt_issuer.is_none() || self.jwt_audience.is_none()) {
             return Err("JWT keys are configured, so FLOTILLA_JWT_ISSUER and \
                         FLOTILLA_JWT_AUDIENCE must say which tokens are meant for this API"
@@ -406,6 +421,7 @@ impl Config {
             ),
             ("FLOTILLA_PROTECT_METRICS", self.protect_metrics.to_string()),
             ("FLOTILLA_QUOTAS", self.quotas.clone()),
+            ("FLOTILLA_AGENT_LIMITS", self.agent_limits.clone()),
             (
                 "FLOTILLA_TRUST_FORWARDED_FOR",
                 self.trust_forwarded_for.to_string(),

@@ -5,6 +5,7 @@
 //! is lost: the engine's connections are replaced by new ones on every loss, and asking the
 //! broker a question is the one sure sign it answers.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -137,9 +138,18 @@ impl CoordinatorProbe {
         answer
     }
 
-    /// The ready messages of each of `agents`' queues, within [`QUEUE_SCRAPE_TIMEOUT`]; agents
-    /// whose queue does not exist are left out. For the API, which shares the probe's link.
+    /// The ready messages of each of `agents`' task queues (see [`Self::queue_depths`]), within
+    /// [`QUEUE_SCRAPE_TIMEOUT`]. For the API, which shares the probe's link.
     pub(crate) async fn agent_queue_depths(&self, agents: Vec<String>) -> Vec<(String, u32)> {
+        let known: BTreeMap<String, Vec<String>> =
+            self.metrics.known_agents().into_iter().collect();
+        let agents = agents
+            .into_iter()
+            .map(|agent| {
+                let label_queues = known.get(&agent).cloned().unwrap_or_default();
+                (agent, label_queues)
+            })
+            .collect();
         let mut link = self.link.lock().await;
         self.timed_queue_depths(&mut link, agents).await
     }
@@ -147,7 +157,7 @@ impl CoordinatorProbe {
     async fn timed_queue_depths(
         &self,
         link: &mut Option<Link>,
-        agents: Vec<String>,
+        agents: Vec<(String, Vec<String>)>,
     ) -> Vec<(String, u32)> {
         tokio::time::timeout(QUEUE_SCRAPE_TIMEOUT, self.queue_depths(link, agents))
             .await
@@ -159,29 +169,39 @@ impl CoordinatorProbe {
             })
     }
 
-    /// The ready messages of each of `agents`' queues; agents whose queue does not exist are
-    /// left out.
+    /// The ready messages of each of `agents`' task queues together: its own, its
+    /// high-priority twin and those of the label sets its tasks went to. Agents none of whose
+    /// queues exist are left out.
     async fn queue_depths(
         &self,
         link: &mut Option<Link>,
-        agents: Vec<String>,
+        agents: Vec<(String, Vec<String>)>,
     ) -> Vec<(String, u32)> {
         let mut depths = Vec::new();
-        for agent in agents {
-            let queue = self.names.agent(&agent);
-            match self
-                .ask(link, |channel| async move {
-                    channel.message_count(&queue).await
-                })
-                .await
-            {
-                Ok(depth) => depths.push((agent, depth)),
-                Err(e) if link.is_none() => {
-                    tracing::warn!(error = %e, "cannot read queue depths from RabbitMQ");
-                    break;
+        'agents: for (agent, label_queues) in agents {
+            let own = [
+                self.names.agent(&agent),
+                self.names.tasks(&agent, &Default::default(), true),
+            ];
+            let mut depth = None;
+            for queue in own.into_iter().chain(label_queues) {
+                match self
+                    .ask(link, |channel| async move {
+                        channel.message_count(&queue).await
+                    })
+                    .await
+                {
+                    Ok(n) => depth = Some(depth.unwrap_or(0) + n),
+                    Err(e) if link.is_none() => {
+                        tracing::warn!(error = %e, "cannot read queue depths from RabbitMQ");
+                        break 'agents;
+                    }
+                    // The queue is gone (deleted by hand, or never declared); the link stays.
+                    Err(e) => tracing::debug!(agent, error = %e, "no queue depth"),
                 }
-                // The queue is gone (deleted by hand, say); the link stays.
-                Err(e) => tracing::debug!(agent, error = %e, "no queue depth"),
+            }
+            if let Some(depth) = depth {
+                depths.push((agent, depth));
             }
         }
         depths

@@ -77,6 +77,7 @@ pub async fn run(
     metrics.agent_seen(NOTIFY_AGENT);
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     let (wake_tx, wake_rx) = mpsc::unbounded_channel();
+    let agent_limits = config.agent_limits().map_err(anyhow::Error::msg)?;
     let (engine, handle) = Engine::new(
         store.clone(),
         EngineConfig {
@@ -88,6 +89,7 @@ pub async fn run(
             max_workflow_depth: config.max_workflow_depth,
             schedule_to_start: config.schedule_to_start(),
             quotas: config.quotas().map_err(anyhow::Error::msg)?,
+            limits: agent_limits.clone(),
             ..EngineConfig::default()
         },
         outbox_tx,
@@ -114,6 +116,7 @@ pub async fn run(
         handle.clone(),
         wake_rx,
         TIMER_POLL,
+        agent_limits.clone(),
         intake.clone(),
     ));
     let results_task = {
@@ -219,6 +222,7 @@ pub async fn run(
         changes,
         lease: config.lease_timeout(),
         quotas: config.quotas().map_err(anyhow::Error::msg)?,
+        agent_limits: agent_limits.clone(),
         max_instances: config.max_instances,
     });
     let limits = flotilla_api::Limits {

@@ -1095,13 +1095,13 @@ async fn unknown_request_fields_are_refused() {
     let (status, body) = api
         .post(
             "/api/workflows/execute",
-            json!({"workflow": "build", "priority": 3}),
+            json!({"workflow": "build", "urgency": 3}),
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let err = error(body).error;
     assert!(
-        err.message.contains("unknown field `priority`"),
+        err.message.contains("unknown field `urgency`"),
         "{}",
         err.message
     );

@@ -54,7 +54,8 @@ fn a_step_for_an_open_breaker_is_held_without_an_attempt() {
     assert_eq!(dispatched(&t), [1], "only the closed agent's step goes");
     assert!(t.effects.contains(&Effect::Held {
         step: 0,
-        agent: "flaky".into()
+        agent: "flaky".into(),
+        by_limit: false,
     }));
     let a = &run.steps[0];
     assert_eq!(a.status, StepStatus::Waiting);
@@ -273,4 +274,59 @@ proptest! {
             };
         }
     }
+}
+
+/// A chain behind two parallel steps of one agent capped at one attempt at a time.
+fn capped_plan() -> Plan {
+    let yaml = "name: p\nsteps:\n  - {id: a, agent: capped, action: x}\n  - {id: b, agent: capped, action: x, depends_on: []}\n  - {id: c, agent: capped, action: x, depends_on: [a]}\n";
+    Plan::compile(&Definition::from_yaml(yaml).unwrap()).unwrap()
+}
+
+fn capped_limits() -> crate::limits::Limits {
+    crate::limits::Limits::new(
+        crate::limits::AgentLimits::parse("capped=max_concurrency:1").unwrap(),
+        Default::default(),
+    )
+}
+
+#[test]
+fn a_limit_holds_steps_past_its_cap_and_an_end_frees_a_slot_for_the_next() {
+    let plan = capped_plan();
+    let mut b = Breakers::default();
+    let mut l = capped_limits();
+    let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+    let t = run.apply_limited(&plan, Event::Start, at(0), &mut b, &mut l);
+    assert_eq!(dispatched(&t), [0]);
+    assert!(t.effects.contains(&Effect::Held {
+        step: 1,
+        agent: "capped".into(),
+        by_limit: true,
+    }));
+    assert_eq!(run.steps[1].held.as_deref(), Some("capped"));
+    assert_eq!(l.get("capped").unwrap().running, 1);
+    // `a` ends: its slot goes to `c`, which it made ready, in the same transition.
+    let task_id = run.steps[0].task_id.unwrap();
+    let done = Event::AttemptFinished {
+        step: 0,
+        attempt: 1,
+        task_id,
+        outcome: Outcome::Success(Value::Null),
+        worker: "w".into(),
+        started_at: at(1),
+        finished_at: at(1),
+    };
+    let t = run.apply_limited(&plan, done, at(1), &mut b, &mut l);
+    assert_eq!(dispatched(&t), [2]);
+    assert!(l.freed());
+    // Still full: a release leaves `b` held.
+    let t = run.apply_limited(&plan, Event::Release { step: 1 }, at(2), &mut b, &mut l);
+    assert!(dispatched(&t).is_empty());
+    // A cancel frees the slot too, and then nothing is left to run.
+    let t = run.apply_limited(&plan, Event::Cancel, at(3), &mut b, &mut l);
+    assert!(
+        t.effects
+            .iter()
+            .any(|e| matches!(e, Effect::Cancelled { step: 2, .. }))
+    );
+    assert_eq!(l.get("capped").unwrap().running, 0);
 }
