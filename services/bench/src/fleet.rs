@@ -377,14 +377,34 @@ pub async fn scaling(
         let elapsed = bench.span(&[run]).await?;
         let mut report = Report::new(&format!("scaling-{workers}"), steps, "steps", elapsed);
         report.step_rate = Some(report.throughput);
-        let speedup =
-            report.throughput / reports.first().map_or(report.throughput, |r| r.throughput);
+        // The run's dispatch (one transaction and N publishes before any worker starts) is the
+        // coordinator's and the same for every worker count: the workers' own rate is taken from
+        // the first attempt's start to the last one's end.
+        let row = bench
+            .db
+            .query_one(
+                "SELECT extract(epoch FROM max(finished_at) - min(started_at))::float8
+                 FROM attempts WHERE run_id = $1",
+                &[&run],
+            )
+            .await?;
+        let working = seconds(row.get(0))?.as_secs_f64();
+        let working_rate = steps as f64 / working;
+        let first = reports.first();
+        let speedup = report.throughput / first.map_or(report.throughput, |r| r.throughput);
+        let working_speedup = working_rate
+            / first
+                .and_then(|r| r.details["working_rate"].as_f64())
+                .unwrap_or(working_rate);
         report = report
             .details(json!({
                 "workers": workers,
                 "concurrency": concurrency,
                 "sleep_ms": SCALING_SLEEP_MS,
                 "speedup_vs_1_worker": speedup,
+                "working_s": working,
+                "working_rate": working_rate,
+                "working_speedup_vs_1_worker": working_speedup,
             }))
             .rss(bench.rss());
         reports.push(report);
