@@ -43,6 +43,11 @@ OPTIONAL_ENV = {
     "FLOTILLA_JWT_ES256_KEYS",
     "FLOTILLA_JWT_ISSUER",
     "FLOTILLA_JWT_AUDIENCE",
+    # TLS of the API: off unless set (an ingress may terminate it instead).
+    "FLOTILLA_TLS_CERT",
+    "FLOTILLA_TLS_KEY",
+    # Secrets come from FLOTILLA_SECRET_<NAME> variables or from files in this directory.
+    "FLOTILLA_SECRETS_DIR",
 }
 
 
