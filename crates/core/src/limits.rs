@@ -7,6 +7,7 @@
 //! circuit breaker holds. Time comes in as an argument.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -52,9 +53,9 @@ pub struct Limit {
     pub rate: Option<Rate>,
 }
 
-/// The limits of every agent that has some.
+/// The limits of every agent that has some. Shared, not copied: each engine batch takes one.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct AgentLimits(BTreeMap<String, Limit>);
+pub struct AgentLimits(Arc<BTreeMap<String, Limit>>);
 
 impl AgentLimits {
     /// Reads `;`-separated entries `agent=key:value,…`, the keys `max_concurrency` (a whole
@@ -105,7 +106,7 @@ impl AgentLimits {
                 return Err(format!("agent `{agent}` has two limit entries"));
             }
         }
-        Ok(Self(limits))
+        Ok(Self(Arc::new(limits)))
     }
 
     pub fn get(&self, agent: &str) -> Option<&Limit> {

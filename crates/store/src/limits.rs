@@ -18,24 +18,28 @@ pub async fn lock(
     tx: &impl GenericClient,
     agents: &[String],
 ) -> Result<BTreeMap<String, Slots>, Error> {
+    let select = tx
+        .prepare_cached(
+            "SELECT agent, running, tokens, counted_at FROM agent_limits
+             WHERE agent = ANY($1) ORDER BY agent FOR UPDATE",
+        )
+        .await?;
+    let locked = |rows: Vec<tokio_postgres::Row>| -> BTreeMap<String, Slots> {
+        rows.iter().map(|r| (r.get(0), slots(r))).collect()
+    };
+    let found = locked(tx.query(&select, &[&agents]).await?);
+    if found.len() == agents.len() {
+        return Ok(found);
+    }
+    // An agent's row is made once, by the first batch that needs it; every later batch locks it
+    // with the one statement above.
     let create = tx
         .prepare_cached(
             "INSERT INTO agent_limits (agent) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
         )
         .await?;
     tx.execute(&create, &[&agents]).await?;
-    let stmt = tx
-        .prepare_cached(
-            "SELECT agent, running, tokens, counted_at FROM agent_limits
-             WHERE agent = ANY($1) ORDER BY agent FOR UPDATE",
-        )
-        .await?;
-    Ok(tx
-        .query(&stmt, &[&agents])
-        .await?
-        .iter()
-        .map(|r| (r.get(0), slots(r)))
-        .collect())
+    Ok(locked(tx.query(&select, &[&agents]).await?))
 }
 
 /// Slots from the columns `running, tokens, counted_at` at positions 1 to 3.
