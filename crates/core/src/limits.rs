@@ -139,7 +139,7 @@ impl Slots {
         match (self.tokens, self.counted_at) {
             (Some(tokens), Some(at)) => {
                 let elapsed = (now - at).to_std().unwrap_or_default().as_secs_f64();
-                (tokens + elapsed * rate.per_second()).min(full)
+                crate::quota::refill(tokens, elapsed, rate.per_second(), full)
             }
             _ => full,
         }

@@ -108,6 +108,11 @@ impl Quotas {
     }
 }
 
+/// A token bucket's tokens after `elapsed_secs` at `per_second`, never above `capacity`.
+pub(crate) fn refill(tokens: f64, elapsed_secs: f64, per_second: f64, capacity: f64) -> f64 {
+    (tokens + elapsed_secs * per_second).min(capacity)
+}
+
 /// A token bucket: `rate` tokens a second, holding at most `rate` (at least 1), full at first.
 /// Time comes in as an argument.
 #[derive(Debug, Clone, PartialEq)]
@@ -129,7 +134,7 @@ impl TokenBucket {
     /// Takes a token; without one, answers how long until there is one.
     pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
+        self.tokens = refill(self.tokens, elapsed, self.rate, self.rate.max(1.0));
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
