@@ -138,3 +138,26 @@ async fn a_rate_limit_spreads_dispatches() -> anyhow::Result<()> {
     );
     fleet.cleanup().await
 }
+
+#[tokio::test]
+async fn a_run_keeps_at_most_its_dispatch_window_of_attempts_outstanding() -> anyhow::Result<()> {
+    let mut fleet = Fleet::new().coordinator_env("FLOTILLA_DISPATCH_WINDOW", "3");
+    fleet.start_coordinator().await?;
+    // Eight slots in all: the window, not the workers, is what bounds the run.
+    fleet.start_echo("wide-a", &["wide"], 4)?;
+    fleet.start_echo("wide-b", &["wide"], 4)?;
+
+    let yaml = parallel("wide", "wide", 12, "{sleep_ms: 150}");
+    let id = fleet.execute_yaml(&yaml, json!({})).await?;
+    let run = fleet.wait_for_end(id, WAIT).await?;
+    assert_eq!(run.status, "success", "{run:?}");
+    assert!(run.steps.iter().all(|s| s.attempts == 1), "{run:?}");
+
+    let attempts = attempts(&fleet, &[id]).await?;
+    assert_eq!(attempts.len(), 12);
+    // From its dispatch to its end, as the worker reported it (the coordinator records the end,
+    // and dispatches the next step, after that).
+    let outstanding: Vec<_> = attempts.iter().map(|&(d, _, f)| (d, f)).collect();
+    assert_eq!(most_at_once(&outstanding), 3, "{outstanding:?}");
+    fleet.cleanup().await
+}

@@ -12,8 +12,15 @@
 //! so a run restored mid-rollback goes on where it was: a compensation that succeeded (or that
 //! an operator skipped) is done and never runs again; the first that fails ends the run
 //! `rollback_failed`.
+//!
+//! A run keeps at most its `window` of attempts outstanding: a step that becomes ready while the
+//! window is full is deferred — it stays pending, costing nothing stored — and is dispatched, in
+//! slot order, as earlier attempts end. So a fan-out of 100,000 steps commits, queues and holds a
+//! window at a time, not all of it at once. Retries, released steps and operators' retries are
+//! never deferred: they already had their place. Which steps are deferred follows from the
+//! stored steps (pending, every dependency ended, the run started and not paused).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
@@ -268,6 +275,11 @@ pub const DEFAULT_MAX_WORKFLOW_DEPTH: u32 = 8;
 /// How many instances one `for_each` step may have, unless configured otherwise.
 pub const DEFAULT_MAX_INSTANCES: usize = 10_000;
 
+/// How many attempts one run keeps outstanding at most, unless configured otherwise: far more
+/// than a fleet's slots, so that the window never starves a worker, and few enough that a
+/// run's start commits and publishes in milliseconds.
+pub const DEFAULT_DISPATCH_WINDOW: usize = 2_000;
+
 /// The instances of one expanded `for_each` node: slots `first..first + len`, started in order.
 /// Derived from the slots (see [`RunState::restore`]) and kept up to date, so that an instance's
 /// end costs O(1), not a scan of its siblings.
@@ -313,6 +325,8 @@ pub struct RunState {
     pub error: Option<String>,
     /// The most instances a `for_each` step may expand to.
     pub max_instances: usize,
+    /// The most attempts outstanding before steps that become ready are deferred; at least 1.
+    pub window: usize,
     /// The steps the submission selected or left out: those left out are skipped at the start
     /// and stay so, even when an operator retries the run.
     pub subset: Subset,
@@ -335,6 +349,10 @@ pub struct RunState {
     /// [`RunState::rollback_order`]), and the position of the first not known to be done.
     rollback: Vec<usize>,
     rollback_next: usize,
+    /// Attempts dispatched that have not ended (a `for_each` node is none: its instances are).
+    outstanding: usize,
+    /// Main steps ready to run that wait for room in the window, dispatched lowest slot first.
+    deferred: BTreeSet<usize>,
     /// The agents' circuit breakers and limits, lent by [`RunState::apply_limited`] for one
     /// event.
     breakers: Breakers,
@@ -503,6 +521,7 @@ impl RunState {
             deadline: None,
             error: None,
             max_instances: DEFAULT_MAX_INSTANCES,
+            window: DEFAULT_DISPATCH_WINDOW,
             subset: Subset::default(),
             priority: plan.priority,
             parent: None,
@@ -514,10 +533,32 @@ impl RunState {
             fanouts: HashMap::new(),
             rollback: Vec::new(),
             rollback_next: 0,
+            outstanding: 0,
+            deferred: BTreeSet::new(),
             breakers: Breakers::default(),
             limits: Limits::default(),
         };
         run.recount(plan);
+        run.outstanding = run
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(slot, s)| s.status == StepStatus::Running && !run.fanouts.contains_key(slot))
+            .count();
+        // Before its start a run defers nothing: its roots are merely pending.
+        let started = run
+            .steps
+            .iter()
+            .any(|s| s.status != StepStatus::Pending || s.attempt > 0);
+        if started && matches!(run.status, RunStatus::Running | RunStatus::NeedsAttention) {
+            run.deferred = (0..plan.nodes.len())
+                .filter(|&i| {
+                    plan.nodes[i].role == Role::Main
+                        && run.steps[i].status == StepStatus::Pending
+                        && run.unfinished_deps[i] == 0
+                })
+                .collect();
+        }
         run
     }
 
@@ -785,6 +826,7 @@ impl RunState {
                 let agent = node.target(strike.is_fallback()).0;
                 self.breakers.record(agent, task_id, !success, now);
                 self.limits.release(agent);
+                self.attempt_over();
                 t.effects.push(Effect::AttemptEnded {
                     step,
                     attempt,
@@ -1031,6 +1073,8 @@ impl RunState {
                     return t;
                 }
                 self.status = RunStatus::Paused;
+                // Nothing is dispatched while paused; the resume looks at every pending step.
+                self.deferred.clear();
                 t.run_changed = true;
                 return t;
             }
@@ -1098,6 +1142,7 @@ impl RunState {
                 }
                 // A running attempt it ends is told to stop, as a cancel would.
                 if let (StepStatus::Running, Some(task_id)) = (current, self.steps[step].task_id) {
+                    self.attempt_over();
                     t.effects.push(Effect::Cancelled {
                         step,
                         attempt: self.steps[step].attempt,
@@ -1118,6 +1163,7 @@ impl RunState {
                 self.finish(plan, step, status, now, &mut t);
             }
         }
+        self.fill_window(plan, now, &mut t);
         self.settle_run(plan, now, &mut t);
         t
     }
@@ -1241,7 +1287,58 @@ impl RunState {
         s.ended_at = None;
     }
 
+    /// Dispatches a step, or defers it if it is to start and the window is full (or steps
+    /// deferred before it wait).
     fn dispatch(&mut self, plan: &Plan, step: usize, now: DateTime<Utc>, t: &mut Transition) {
+        let s = &self.steps[step];
+        let starts = s.status == StepStatus::Pending
+            && s.instance.is_none()
+            && plan.nodes[step].role == Role::Main;
+        let full = self.outstanding >= self.window
+            || self.deferred.first().is_some_and(|&first| first < step);
+        if starts && full {
+            self.deferred.insert(step);
+            return;
+        }
+        self.dispatch_now(plan, step, now, t);
+    }
+
+    /// An outstanding attempt ended or was cancelled: its place in the window frees.
+    fn attempt_over(&mut self) {
+        debug_assert!(
+            self.outstanding > 0,
+            "an attempt ended that was not counted"
+        );
+        self.outstanding = self.outstanding.saturating_sub(1);
+    }
+
+    /// Dispatches deferred steps, then instances of fan-outs, while the window has room.
+    fn fill_window(&mut self, plan: &Plan, now: DateTime<Utc>, t: &mut Transition) {
+        if !matches!(self.status, RunStatus::Running | RunStatus::NeedsAttention) {
+            return;
+        }
+        while self.outstanding < self.window {
+            let Some(step) = self.deferred.pop_first() else {
+                break;
+            };
+            self.dispatch_now(plan, step, now, t);
+        }
+        if self.outstanding < self.window {
+            let mut waiting: Vec<usize> = self
+                .fanouts
+                .iter()
+                .filter(|(_, f)| f.started < f.len)
+                .map(|(&node, _)| node)
+                .collect();
+            waiting.sort_unstable();
+            for node in waiting {
+                self.start_instances(plan, node, now, t);
+            }
+        }
+    }
+
+    fn dispatch_now(&mut self, plan: &Plan, step: usize, now: DateTime<Utc>, t: &mut Transition) {
+        self.deferred.remove(&step);
         let node = &plan.nodes[self.node_of(step)];
         let fallback = self.steps[step].strike.is_fallback();
         let task_id = Uuid::new_v4();
@@ -1259,6 +1356,7 @@ impl RunState {
             return self.hold(step, agent, false, t);
         }
         self.limits.take(agent, now);
+        self.outstanding += 1;
         let s = &mut self.steps[step];
         let plan_timeout = node.attempt_timeout(fallback);
         s.attempt += 1;
@@ -1321,6 +1419,7 @@ impl RunState {
             s.deadline = None;
             s.ended_at = Some(now);
             t.touch(i);
+            self.deferred.remove(&i);
             if self.fanouts.contains_key(&i) {
                 self.stop_instances(i, now, t);
             }
@@ -1591,7 +1690,7 @@ impl RunState {
             .as_ref()
             .map_or(usize::MAX, |e| e.max_parallel);
         let (mut started, mut active) = (f.started, f.active);
-        while active < max_parallel && started < f.len {
+        while active < max_parallel && started < f.len && self.outstanding < self.window {
             let slot = f.first + started;
             started += 1;
             // Instances that succeeded before an operator's retry keep their output.
@@ -1715,7 +1814,9 @@ impl RunState {
                 attempt: s.attempt,
                 task_id,
             });
+            self.attempt_over();
         }
+        let s = &mut self.steps[slot];
         s.status = StepStatus::Cancelled;
         s.wake_at = None;
         s.held = None;
@@ -1723,6 +1824,7 @@ impl RunState {
         s.ended_at = Some(now);
         s.error = Some(reason.into());
         t.touch(slot);
+        self.deferred.remove(&slot);
     }
 
     /// Moves the run on when its steps are done: to success, to its failure handlers, or to
@@ -1842,6 +1944,7 @@ impl RunState {
         self.ended_at = Some(now);
         self.deadline = None;
         self.rollback.clear();
+        self.deferred.clear();
         t.run_changed = true;
         // Compensations that did not run will not: say why, so that the run shows no pending
         // step once it has ended.

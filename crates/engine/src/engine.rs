@@ -76,6 +76,8 @@ pub struct EngineConfig {
     pub idempotency_retention: Duration,
     /// The most instances one `for_each` step may expand to.
     pub max_instances: usize,
+    /// The most attempts one run has outstanding (see [`RunState::window`]).
+    pub dispatch_window: usize,
     /// The agents' circuit breakers; `None` turns them off.
     pub breaker: Option<BreakerConfig>,
     /// How deep sub-workflows may nest: a run this deep starts no further one.
@@ -98,6 +100,7 @@ impl Default for EngineConfig {
             max_cached_runs: 20_000,
             idempotency_retention: Duration::from_secs(24 * 3600),
             max_instances: flotilla_core::scheduler::DEFAULT_MAX_INSTANCES,
+            dispatch_window: flotilla_core::scheduler::DEFAULT_DISPATCH_WINDOW,
             breaker: Some(BreakerConfig::default()),
             max_workflow_depth: flotilla_core::scheduler::DEFAULT_MAX_WORKFLOW_DEPTH,
             schedule_to_start: None,
@@ -612,6 +615,7 @@ impl Engine {
                     let id = Uuid::now_v7();
                     let mut state = RunState::new(id, &run.plan, run.params.clone());
                     state.max_instances = self.config.max_instances;
+                    state.window = self.config.dispatch_window;
                     state.subset = run.subset.clone();
                     state.priority = run.priority.unwrap_or(run.plan.priority);
                     let t = state.apply_limited(
@@ -1157,6 +1161,7 @@ impl Engine {
                 let params = plan.run_params(start.params);
                 let mut state = RunState::new(start.id, &plan, params);
                 state.max_instances = self.config.max_instances;
+                state.window = self.config.dispatch_window;
                 state.parent = Some(start.parent);
                 state.priority = state.priority.max(start.priority);
                 // Gated by the breakers the batch locked; one of an agent only a child calls
@@ -1309,6 +1314,7 @@ impl Engine {
                 run.ended_at,
             );
             state.max_instances = self.config.max_instances;
+            state.window = self.config.dispatch_window;
             state.deadline = run.deadline;
             state.error = run.error;
             state.subset = run.subset;

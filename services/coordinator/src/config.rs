@@ -115,6 +115,11 @@ pub struct Config {
     #[arg(long, env = "FLOTILLA_MAX_INSTANCES", default_value_t = flotilla_core::scheduler::DEFAULT_MAX_INSTANCES)]
     pub max_instances: usize,
 
+    /// The most attempts one run has outstanding; steps that become ready beyond it wait for
+    /// earlier attempts to end.
+    #[arg(long, env = "FLOTILLA_DISPATCH_WINDOW", default_value_t = flotilla_core::scheduler::DEFAULT_DISPATCH_WINDOW, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub dispatch_window: usize,
+
     /// Whether agents have circuit breakers (`false` dispatches every step at once).
     #[arg(long, env = "FLOTILLA_BREAKER_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub breaker_enabled: bool,
@@ -360,6 +365,7 @@ impl Config {
                 self.idempotency_retention_secs.to_string(),
             ),
             ("FLOTILLA_MAX_INSTANCES", self.max_instances.to_string()),
+            ("FLOTILLA_DISPATCH_WINDOW", self.dispatch_window.to_string()),
             (
                 "FLOTILLA_MAX_STEP_LOG_BYTES",
                 self.max_step_log_bytes.to_string(),

@@ -85,6 +85,7 @@ pub async fn run(
             max_batch: config.max_batch,
             idempotency_retention: config.idempotency_retention(),
             max_instances: config.max_instances,
+            dispatch_window: config.dispatch_window,
             breaker,
             max_workflow_depth: config.max_workflow_depth,
             schedule_to_start: config.schedule_to_start(),

@@ -349,6 +349,7 @@ proptest! {
     fn random_runs_keep_their_promises((plan, seed) in random_plan()) {
         let mut rng = Lcg(seed);
         let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+        run.window = 1 + rng.next(4);
         let mut inflight: Vec<(usize, u32, Uuid)> = Vec::new();
         let mut answered: Vec<(usize, u32, Uuid)> = Vec::new();
         let mut accepted: HashMap<(usize, u32), usize> = HashMap::new();
@@ -900,9 +901,175 @@ fn assert_restores(plan: &Plan, run: &RunState) {
         run.steps.clone(),
         run.ended_at,
     );
-    // Stored with the run, as its params are.
+    // Stored with the run, as its params are; the window is the coordinator's setting.
     restored.subset = run.subset.clone();
+    restored.error = run.error.clone();
+    restored.window = run.window;
     assert_eq!(&restored, run, "counters are consistent");
+}
+
+/// Five independent steps and one that waits for them all.
+const WIDE: &str = "name: wide\nsteps:\n  - {id: s0, agent: x, action: y, depends_on: []}\n  - {id: s1, agent: x, action: y, depends_on: []}\n  - {id: s2, agent: x, action: y, depends_on: []}\n  - {id: s3, agent: x, action: y, depends_on: []}\n  - {id: s4, agent: x, action: y, depends_on: [], retry: {max_attempts: 2, delay: 0}}\n  - {id: join, agent: x, action: y, depends_on: [s0, s1, s2, s3, s4]}\n";
+
+/// Starts a run of `plan` with a window of `window`: the run and the ids it dispatched.
+fn start_windowed(plan: &Plan, window: usize) -> (RunState, Vec<(String, u32, Uuid)>) {
+    let mut run = RunState::new(Uuid::new_v4(), plan, Map::new());
+    run.window = window;
+    let t = run.apply(plan, Event::Start, at(0));
+    (run, dispatched(plan, &t))
+}
+
+fn ids(plan: &Plan, t: &Transition) -> Vec<String> {
+    dispatched(plan, t).into_iter().map(|d| d.0).collect()
+}
+
+/// Ends the first attempt of step `id` (task `task`) with `outcome` at `secs`: what it dispatched.
+fn end_first(
+    plan: &Plan,
+    run: &mut RunState,
+    id: &str,
+    task: Uuid,
+    outcome: Outcome,
+    secs: i64,
+) -> Vec<(String, u32, Uuid)> {
+    let t = run.apply(plan, finished(plan, id, 1, task, outcome), at(secs));
+    assert_restores(plan, run);
+    dispatched(plan, &t)
+}
+
+#[test]
+fn steps_ready_beyond_the_window_start_in_order_as_earlier_attempts_end() {
+    let plan = plan(WIDE);
+    let (mut run, first) = start_windowed(&plan, 2);
+    assert_eq!(
+        first.iter().map(|d| d.0.as_str()).collect::<Vec<_>>(),
+        ["s0", "s1"]
+    );
+    assert!(
+        run.steps[2..]
+            .iter()
+            .all(|s| s.status == StepStatus::Pending),
+        "the rest wait, pending, with no attempt"
+    );
+    assert_restores(&plan, &run);
+
+    // Each end makes room for one: the lowest waiting.
+    let ok = |n: i32| Outcome::Success(json!(n));
+    let s2 = end_first(&plan, &mut run, "s1", first[1].2, ok(1), 1);
+    assert_eq!(s2[0].0, "s2");
+    let s3 = end_first(&plan, &mut run, "s0", first[0].2, ok(0), 2);
+    assert_eq!(s3[0].0, "s3");
+    let s4 = end_first(&plan, &mut run, "s2", s2[0].2, ok(2), 3);
+    assert_eq!(s4[0].0, "s4");
+
+    // A retry is not held back by a full window: it had its place.
+    let retry = end_first(&plan, &mut run, "s4", s4[0].2, fail(true), 4);
+    assert_eq!(
+        retry
+            .iter()
+            .map(|d| (d.0.as_str(), d.1))
+            .collect::<Vec<_>>(),
+        [("s4", 2)]
+    );
+
+    end_first(&plan, &mut run, "s3", s3[0].2, ok(3), 5);
+    let t = run.apply(&plan, finished(&plan, "s4", 2, retry[0].2, ok(4)), at(6));
+    let join = dispatched(&plan, &t);
+    assert_eq!(ids(&plan, &t), ["join"]);
+    assert_eq!(
+        Value::Object(run.inputs_for(&plan, 5)),
+        json!({"s0": 0, "s1": 1, "s2": 2, "s3": 3, "s4": 4})
+    );
+    end_first(&plan, &mut run, "join", join[0].2, ok(5), 7);
+    assert_eq!(run.status, RunStatus::Success);
+}
+
+#[test]
+fn a_waiting_step_can_be_skipped_and_a_paused_run_resumes_its_waiting_steps() {
+    let plan = plan(WIDE);
+    let (mut run, s0) = start_windowed(&plan, 1);
+    assert_eq!(s0[0].0, "s0");
+
+    // An operator skips s1 while it waits for room: it never runs.
+    let t = run.apply(
+        &plan,
+        Event::Settle {
+            step: 1,
+            output: None,
+        },
+        at(1),
+    );
+    assert!(dispatched(&plan, &t).is_empty(), "the window is still full");
+    assert_eq!(run.steps[1].status, StepStatus::Skipped);
+    assert_restores(&plan, &run);
+
+    // Paused, the run dispatches nothing as s0 ends; resumed, it goes on with s2.
+    run.apply(&plan, Event::Pause, at(2));
+    let t = run.apply(
+        &plan,
+        finished(&plan, "s0", 1, s0[0].2, Outcome::Success(json!(0))),
+        at(3),
+    );
+    assert!(dispatched(&plan, &t).is_empty());
+    assert_restores(&plan, &run);
+    let t = run.apply(&plan, Event::Resume, at(4));
+    assert_eq!(ids(&plan, &t), ["s2"]);
+    assert_restores(&plan, &run);
+
+    // Cancelled, the waiting steps end with the run.
+    run.apply(&plan, Event::Cancel, at(5));
+    assert_eq!(run.status, RunStatus::Cancelled);
+    assert!(
+        run.steps[3..]
+            .iter()
+            .all(|s| s.status == StepStatus::Cancelled)
+    );
+    assert_restores(&plan, &run);
+}
+
+#[test]
+fn a_run_that_times_out_never_dispatches_its_waiting_steps() {
+    let plan = plan(
+        "name: timed\ntimeout: 10s\nsteps:\n  - {id: a, agent: x, action: y, depends_on: []}\n  - {id: b, agent: x, action: y, depends_on: []}\nerror_handling:\n  on_failure:\n    - {id: h, agent: x, action: log}\n",
+    );
+    let (mut run, first) = start_windowed(&plan, 1);
+    assert_eq!(first[0].0, "a");
+    let t = run.apply(&plan, Event::TimedOut, at(10));
+    assert_eq!(ids(&plan, &t), ["h"], "only the failure handler runs");
+    assert_eq!(run.steps[1].status, StepStatus::Cancelled);
+    assert_restores(&plan, &run);
+}
+
+#[test]
+fn for_each_instances_share_the_run_window() {
+    let plan = plan(
+        "name: p\nparams: {items: [1, 2, 3, 4, 5]}\nsteps:\n  - {id: other, agent: x, action: y, depends_on: []}\n  - id: each\n    agent: x\n    action: work\n    depends_on: []\n    for_each: \"${{ params.items }}\"\n",
+    );
+    let mut run = RunState::new(Uuid::new_v4(), &plan, plan.params.clone());
+    run.window = 3;
+    let t = run.apply(&plan, Event::Start, at(0));
+    let mut inflight = dispatched_slots(&t);
+    assert_eq!(inflight.len(), 3, "`other` and two instances");
+    let mut clock = 0;
+    while let Some((slot, attempt, task_id)) = inflight.pop() {
+        clock += 1;
+        let t = run.apply(
+            &plan,
+            slot_finished(slot, attempt, task_id, Outcome::Success(json!(slot))),
+            at(clock),
+        );
+        inflight.extend(dispatched_slots(&t));
+        assert!(inflight.len() <= 3, "never more than the window at once");
+        assert_restores(&plan, &run);
+    }
+    assert_eq!(run.status, RunStatus::Success);
+    assert_eq!(
+        run.steps[1]
+            .output
+            .as_ref()
+            .map(|o| o.as_array().unwrap().len()),
+        Some(5)
+    );
 }
 
 #[test]
@@ -1826,6 +1993,7 @@ proptest! {
     fn readiness_by_counter_matches_the_dependencies((plan, seed) in random_plan()) {
         let mut rng = Lcg(seed);
         let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+        run.window = 1 + rng.next(4);
         let mut inflight: Vec<(usize, u32, Uuid)> = Vec::new();
         let mut t = run.apply(&plan, Event::Start, at(0));
         for clock in 1..2_000 {
@@ -1839,11 +2007,15 @@ proptest! {
             }
             let restored = RunState::restore(run.id, &plan, run.status, run.params.clone(), run.steps.clone(), run.ended_at);
             prop_assert_eq!(&restored.unfinished_deps, &run.unfinished_deps);
+            prop_assert_eq!(restored.outstanding, run.outstanding);
+            prop_assert_eq!(&restored.deferred, &run.deferred);
             if matches!(run.status, RunStatus::Running | RunStatus::NeedsAttention | RunStatus::Failing) {
                 for (i, node) in plan.nodes.iter().enumerate() {
                     let all_ended = node.deps.iter().all(|&d| run.steps[d].status.is_terminal());
+                    // Only a full window keeps a ready step waiting.
                     prop_assert!(
-                        !(node.role == Role::Main && run.steps[i].status == StepStatus::Pending && all_ended),
+                        !(node.role == Role::Main && run.steps[i].status == StepStatus::Pending && all_ended)
+                            || (run.deferred.contains(&i) && run.outstanding >= run.window),
                         "{} is pending though its dependencies ended", node.id
                     );
                 }
