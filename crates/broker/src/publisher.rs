@@ -1,6 +1,6 @@
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -11,6 +11,7 @@ use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::warn;
 use uuid::Uuid;
@@ -133,31 +134,77 @@ impl OutgoingMessage {
 /// from a small pool), because lapin hands a returned message to whichever confirmation of the
 /// channel resolves next, not necessarily the one of the message returned: with one batch per
 /// channel, returns are matched to their message by `message_id` within the batch.
-#[derive(Debug)]
+///
+/// Messages published one at a time by tasks running together ([`Publisher::publish_one`])
+/// share batches: a worker finishing 64 tasks at once publishes their results on a channel or
+/// two, not on 64 channels opened and closed for the purpose.
+#[derive(Debug, Clone)]
 pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     connection: Connection,
     idle: Mutex<Vec<lapin::Channel>>,
+    /// Messages of [`Publisher::publish_one`] waiting for the next batch, with where to answer.
+    queued: Mutex<Vec<Queued>>,
 }
+
+type Queued = (OutgoingMessage, oneshot::Sender<Result<(), PublishError>>);
 
 impl Publisher {
     /// Opens a publisher on `connection`. Opens one confirm channel at once, so that a broken
     /// connection shows here rather than at the first publish.
     pub async fn new(connection: &Connection) -> Result<Self, Error> {
-        let publisher = Self {
+        let inner = Inner {
             connection: connection.clone(),
             idle: Mutex::new(Vec::new()),
+            queued: Mutex::new(Vec::new()),
         };
-        let channel = publisher.open_confirm_channel().await?;
-        publisher.check_in(channel);
-        Ok(publisher)
+        let channel = inner.open_confirm_channel().await?;
+        inner.check_in(channel);
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
-    /// Publishes one message and waits for its confirm.
+    /// Publishes one message and waits for its confirm. It goes in one batch with the messages
+    /// other tasks publish meanwhile: the first of them starts the batch, published by a task
+    /// of its own, so that a caller that gives up waiting does not take the others' with it.
     pub async fn publish_one(&self, message: &OutgoingMessage) -> Result<(), PublishError> {
-        self.publish_batch(std::slice::from_ref(message))
-            .await
-            .pop()
-            .expect("publish_batch returns one result per message")
+        let (answer, answered) = oneshot::channel();
+        let starts_batch = {
+            let mut queued = self.inner.lock_queued();
+            queued.push((message.clone(), answer));
+            queued.len() == 1
+        };
+        if starts_batch {
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                // The tasks ready to run now may add theirs first.
+                tokio::task::yield_now().await;
+                let (messages, answers): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut *inner.lock_queued())
+                        .into_iter()
+                        .unzip();
+                let results = inner.publish_batch(&messages).await;
+                for (answer, result) in answers.into_iter().zip(results) {
+                    // The caller stopped waiting; its message went all the same.
+                    let _ = answer.send(result);
+                }
+            });
+        }
+        // Closed only if the runtime shuts down under the batch: the message's fate is unknown,
+        // as when a connection drops under a publish.
+        answered.await.unwrap_or_else(|_| {
+            Err(Error::Amqp {
+                operation: "basic.publish",
+                reason: "the batch publishing the message was stopped".into(),
+                transient: true,
+            }
+            .into())
+        })
     }
 
     /// Publishes all `messages`, then waits for all their confirms together: the broker confirms
@@ -170,6 +217,21 @@ impl Publisher {
         &self,
         messages: &[OutgoingMessage],
     ) -> Vec<Result<(), PublishError>> {
+        self.inner.publish_batch(messages).await
+    }
+
+    /// Closes the publisher's idle channels. Publishing afterwards opens new ones.
+    pub async fn close(&self) -> Result<(), Error> {
+        let channels = std::mem::take(&mut *self.inner.lock_idle());
+        for channel in channels {
+            close_channel(&channel, self.inner.connection.operation_timeout()).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    async fn publish_batch(&self, messages: &[OutgoingMessage]) -> Vec<Result<(), PublishError>> {
         if messages.is_empty() {
             return Vec::new();
         }
@@ -268,15 +330,6 @@ impl Publisher {
         results
     }
 
-    /// Closes the publisher's idle channels. Publishing afterwards opens new ones.
-    pub async fn close(&self) -> Result<(), Error> {
-        let channels = std::mem::take(&mut *self.lock_idle());
-        for channel in channels {
-            close_channel(&channel, self.connection.operation_timeout()).await?;
-        }
-        Ok(())
-    }
-
     async fn check_out(&self) -> Result<lapin::Channel, Error> {
         loop {
             let Some(channel) = self.lock_idle().pop() else {
@@ -310,6 +363,11 @@ impl Publisher {
     fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<lapin::Channel>> {
         // The list stays consistent even if a holder panicked: every operation is a push or pop.
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_queued(&self) -> std::sync::MutexGuard<'_, Vec<Queued>> {
+        // Pushed to, or taken whole: consistent even if a holder panicked.
+        self.queued.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
