@@ -414,8 +414,9 @@ pub enum Outcome {
     },
     /// The attempt was lost to the infrastructure rather than failed by its handler: its lease
     /// ran out, or RabbitMQ dead-lettered its task (which also happens to a task that merely
-    /// shared a crashing worker with a poison one). The step gets a new attempt at once,
-    /// outside its retry budget, up to [`MAX_LOST_ATTEMPTS`]; past that it fails.
+    /// shared a crashing worker with a poison one). The step gets a new attempt after a short
+    /// random pause (half a second to two and a half), outside its retry budget, up to
+    /// [`MAX_LOST_ATTEMPTS`]; past that it fails.
     Lost {
         message: String,
     },
@@ -876,14 +877,12 @@ impl RunState {
                         if s.lost < MAX_LOST_ATTEMPTS {
                             s.lost += 1;
                             s.error = Some(message);
-                            if self.status == RunStatus::Paused {
-                                s.status = StepStatus::Waiting;
-                                s.deadline = None;
-                                s.wake_at = None;
-                                t.touch(step);
-                            } else {
-                                self.dispatch(plan, step, now, &mut t);
-                            }
+                            s.status = StepStatus::Waiting;
+                            s.deadline = None;
+                            // A paused run's retry waits for the resume.
+                            s.wake_at = (self.status != RunStatus::Paused)
+                                .then(|| now + to_chrono(lost_retry_pause(task_id)));
+                            t.touch(step);
                         } else {
                             s.error = Some(format!(
                                 "{message} (an earlier attempt of this step was lost too)"
@@ -2003,12 +2002,20 @@ fn json_type(value: &Value) -> &'static str {
     }
 }
 
+/// How long the step of a lost attempt waits for its new one: from half a second to two and a
+/// half, picked by the lost attempt's task id. The tasks that one crash took down together — a
+/// poison task and those delivered beside it — are so dispatched apart, not side by side in the
+/// queue again, where the poison would take the others down with it a second time.
+fn lost_retry_pause(task_id: Uuid) -> std::time::Duration {
+    std::time::Duration::from_millis(500 + (jitter_unit(task_id) * 2_000.0) as u64)
+}
+
 /// A number in `[0, 1)` picked by the failed attempt's task id, so that the jitter of a retry is
 /// random across steps yet reproducible for one attempt.
 fn jitter_unit(task_id: Uuid) -> f64 {
-    let bytes = task_id.as_u128().to_le_bytes();
-    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-    (n >> 11) as f64 / (1u64 << 53) as f64
+    // The id's last 64 bits, less the two of its variant, which are the same in every id.
+    let random = (task_id.as_u128() as u64) << 2;
+    (random >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]

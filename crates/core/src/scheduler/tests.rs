@@ -816,26 +816,66 @@ fn an_attempt_carries_a_deadline_only_while_it_runs() {
     assert_eq!(run.steps[0].deadline, Some(at(65)));
 }
 
+/// Loses attempt `attempt` (task `task`) of the run's only step at `secs`: the step waits half a
+/// second to two and a half, then the wake dispatches its next attempt, returned.
+fn lose(plan: &Plan, run: &mut RunState, attempt: u32, task: Uuid, secs: i64) -> (u32, Uuid) {
+    let lost = Outcome::Lost {
+        message: "dead-lettered".into(),
+    };
+    let t = run.apply(plan, slot_finished(0, attempt, task, lost), at(secs));
+    assert!(dispatched(plan, &t).is_empty(), "not at once");
+    let s = &run.steps[0];
+    assert_eq!(s.status, StepStatus::Waiting);
+    let pause = s.wake_at.expect("a lost attempt's step waits") - at(secs);
+    assert!(
+        (500..2_500).contains(&pause.num_milliseconds()),
+        "{pause:?}"
+    );
+    let wake = Event::Wake {
+        step: 0,
+        attempt: s.attempt,
+    };
+    let t = run.apply(plan, wake, s.wake_at.unwrap());
+    let (_, attempt, task) = dispatched(plan, &t)[0].clone();
+    (attempt, task)
+}
+
+#[test]
+fn lost_attempts_of_tasks_lost_together_are_retried_apart() {
+    let plan = plan("name: l\nsteps:\n  - {id: a, agent: x, action: y}\n");
+    // Twenty tasks dead-lettered by one crash: their retries are due at different times.
+    let due: std::collections::BTreeSet<_> = (0..20)
+        .map(|_| {
+            let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
+            let t = run.apply(&plan, Event::Start, at(0));
+            let (_, _, task) = dispatched(&plan, &t)[0].clone();
+            let lost = Outcome::Lost {
+                message: "dead-lettered".into(),
+            };
+            run.apply(&plan, slot_finished(0, 1, task, lost), at(1));
+            run.steps[0].wake_at
+        })
+        .collect();
+    // To the millisecond, two of twenty may meet by chance; a third almost never.
+    assert!(due.len() >= 18, "{due:?}");
+    // Spread over the two seconds, not bunched in a corner of them.
+    let (first, last) = (due.first().unwrap().unwrap(), due.last().unwrap().unwrap());
+    assert!(last - first > chrono::Duration::seconds(1), "{due:?}");
+}
+
 #[test]
 fn a_lost_attempt_is_retried_outside_the_budget_but_only_once() {
     let plan = plan("name: l\nsteps:\n  - {id: a, agent: x, action: y}\n");
     let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
     let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
-    let lost = |m: &str| Outcome::Lost { message: m.into() };
     // max_attempts is 1, yet the lost attempt gets a successor.
-    let t = run.apply(
-        &plan,
-        finished(&plan, "a", 1, task, lost("dead-lettered")),
-        at(1),
-    );
-    let (_, attempt, task) = dispatched(&plan, &t)[0].clone();
+    let (attempt, task) = lose(&plan, &mut run, 1, task, 1);
     assert_eq!((attempt, run.steps[0].lost), (2, 1));
     // A second loss fails the step.
-    run.apply(
-        &plan,
-        finished(&plan, "a", 2, task, lost("dead-lettered")),
-        at(2),
-    );
+    let lost = Outcome::Lost {
+        message: "dead-lettered".into(),
+    };
+    run.apply(&plan, finished(&plan, "a", 2, task, lost), at(9));
     assert_eq!(run.steps[0].status, StepStatus::Failure);
     assert!(run.steps[0].error.as_deref().unwrap().contains("lost too"));
 }
@@ -847,22 +887,9 @@ fn a_lost_attempt_does_not_use_up_the_retry_budget() {
     );
     let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
     let (_, _, task) = dispatched(&plan, &run.apply(&plan, Event::Start, at(0)))[0].clone();
-    let t = run.apply(
-        &plan,
-        finished(
-            &plan,
-            "a",
-            1,
-            task,
-            Outcome::Lost {
-                message: "lease expired".into(),
-            },
-        ),
-        at(1),
-    );
-    let (_, _, task) = dispatched(&plan, &t)[0].clone();
+    let (_, task) = lose(&plan, &mut run, 1, task, 1);
     // Attempt 2 fails: one retry is still left, since attempt 1 was lost, not failed.
-    let t = run.apply(&plan, finished(&plan, "a", 2, task, fail(true)), at(2));
+    let t = run.apply(&plan, finished(&plan, "a", 2, task, fail(true)), at(9));
     assert_eq!(dispatched(&plan, &t)[0].1, 3);
 }
 
@@ -1264,8 +1291,12 @@ proptest! {
                 2 => fail(false),
                 _ => Outcome::Lost { message: "gone".into() },
             };
-            let t = run.apply(&plan, finished(&plan, "a", attempt, task_id, outcome), at(1));
+            let mut t = run.apply(&plan, finished(&plan, "a", attempt, task_id, outcome), at(1));
             assert_restores(&plan, &run);
+            if let Some(due) = run.steps[0].wake_at {
+                // A lost attempt's step waits a moment.
+                t = run.apply(&plan, Event::Wake { step: 0, attempt }, due);
+            }
             next = dispatched(&plan, &t).pop();
         }
         prop_assert!(by_strike.get(&Strike::Retries).copied().unwrap_or(0) <= 3 + MAX_LOST_ATTEMPTS);
