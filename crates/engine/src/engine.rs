@@ -29,6 +29,7 @@ use flotilla_telemetry::metrics::CoordinatorMetrics;
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 /// Why the engine could not do what was asked.
@@ -362,6 +363,9 @@ pub struct Engine {
     /// When each attempt this engine dispatched was dispatched, until it ends: the start of its
     /// queue wait. See [`Engine::track_dispatch`] for its bound.
     dispatched: HashMap<Uuid, DateTime<Utc>>,
+    /// The acks of committed batches' messages, sent beside the next batch; waited for at the
+    /// engine's stop.
+    acks: TaskTracker,
 }
 
 /// Attempts whose dispatch time [`Engine::dispatched`] keeps at most.
@@ -387,6 +391,7 @@ impl Engine {
             plans: HashMap::new(),
             metrics: Arc::default(),
             dispatched: HashMap::new(),
+            acks: TaskTracker::new(),
         };
         (engine, EngineHandle { inputs: tx })
     }
@@ -427,6 +432,8 @@ impl Engine {
             }
             batch.clear();
         }
+        self.acks.close();
+        self.acks.wait().await;
         tracing::info!("engine stopped");
     }
 
@@ -455,6 +462,7 @@ impl Engine {
                     let _ = self.wake_hint.send(at);
                 }
                 self.observe(std::mem::take(&mut done.observed));
+                let mut recorded = Vec::new();
                 for (n, input) in inputs.drain(..).enumerate() {
                     match input {
                         Input::Submit { reply, .. } => {
@@ -477,15 +485,23 @@ impl Engine {
                             let _ = reply.send(answer);
                         }
                         Input::Result { delivery, .. } | Input::DeadLetter { delivery, .. } => {
-                            if let Err(e) = delivery.ack().await {
-                                // It will come again and be fenced off as a duplicate.
-                                tracing::warn!(error = %e, "could not ack a recorded message");
-                            }
+                            recorded.push(delivery);
                         }
                         Input::Due { done, .. } => {
                             let _ = done.send(());
                         }
                     }
+                }
+                // Acked beside the next batch rather than before it: what they say is committed,
+                // and one whose ack is lost comes again and is fenced off as a duplicate.
+                if !recorded.is_empty() {
+                    self.acks.spawn(async move {
+                        for delivery in recorded {
+                            if let Err(e) = delivery.ack().await {
+                                tracing::warn!(error = %e, "could not ack a recorded message");
+                            }
+                        }
+                    });
                 }
                 Ok(())
             }
