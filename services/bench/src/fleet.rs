@@ -562,24 +562,40 @@ pub async fn memory(bench: &mut Bench, runs: usize) -> anyhow::Result<Report> {
 
 /// `history`: `fanout` and `chain` again after seeding `steps` finished steps (runs of 10).
 pub async fn history(bench: &mut Bench, sizes: &Sizes) -> anyhow::Result<Vec<Report>> {
+    // The same fleet first measures the same runs without history: what they are compared with.
+    let first_fanout = fanout(bench, "history-fanout", sizes.steps).await?;
+    let first_chain = chain(bench, "history-chain", sizes.chain).await?;
     let seeding = Instant::now();
-    seed_history(&bench.db, sizes.history_steps).await?;
+    let flushed = seed_history(&bench.db, sizes.history_steps).await?;
     let seed_s = seeding.elapsed().as_secs_f64();
-    let detail = json!({"seeded_steps": sizes.history_steps, "seed_s": seed_s});
-    let mut fanout = fanout(bench, "history-fanout", sizes.steps).await?;
-    fanout.details["history"] = detail.clone();
-    let mut chain = chain(bench, "history-chain", sizes.chain).await?;
-    chain.details["history"] = detail;
-    Ok(vec![fanout, chain])
+    let mut reports = vec![
+        fanout(bench, "history-fanout", sizes.steps).await?,
+        chain(bench, "history-chain", sizes.chain).await?,
+    ];
+    for (report, first) in reports.iter_mut().zip([first_fanout, first_chain]) {
+        report.details["history"] = json!({
+            "seeded_steps": sizes.history_steps,
+            "seed_s": seed_s,
+            "checkpointed": flushed,
+            "without_history": {
+                "throughput": first.throughput,
+                "latency_p50": first.latency.as_ref().map(|l| l.p50),
+            },
+            "throughput_vs_without": report.throughput / first.throughput,
+        });
+    }
+    Ok(reports)
 }
 
 /// Steps per seeded run.
 const SEEDED_STEPS_PER_RUN: usize = 10;
 
 /// Inserts `steps` finished steps with their runs and attempts in a few bulk statements, then
-/// vacuums and analyzes them, as autovacuum would have done while such a history grew: left
-/// to autovacuum, the bulk insert's vacuum would run during the measurement instead.
-async fn seed_history(db: &tokio_postgres::Client, steps: usize) -> anyhow::Result<()> {
+/// vacuums and analyzes them and writes them out with a checkpoint, as autovacuum and the
+/// checkpointer would have done while such a history grew: left to them, the bulk insert's
+/// vacuum and checkpoint would run during the measurement instead. Answers whether the
+/// checkpoint ran (it needs a superuser or `pg_checkpoint`).
+async fn seed_history(db: &tokio_postgres::Client, steps: usize) -> anyhow::Result<bool> {
     let runs = i64::try_from(steps.div_ceil(SEEDED_STEPS_PER_RUN))?;
     let per_run = i32::try_from(SEEDED_STEPS_PER_RUN)?;
     db.batch_execute(
@@ -620,7 +636,15 @@ async fn seed_history(db: &tokio_postgres::Client, steps: usize) -> anyhow::Resu
     .await?;
     // Not in a transaction block, so a statement of its own.
     db.batch_execute("VACUUM (ANALYZE)").await?;
-    Ok(())
+    Ok(match db.batch_execute("CHECKPOINT").await {
+        Ok(()) => true,
+        Err(error) => {
+            eprintln!(
+                "history: no checkpoint after seeding ({error}); the measurement may pay for it"
+            );
+            false
+        }
+    })
 }
 
 /// The durations (seconds as `float8`) selected by `query` with the one parameter `param`.
