@@ -1141,12 +1141,7 @@ impl RunState {
                 }
                 // A running attempt it ends is told to stop, as a cancel would.
                 if let (StepStatus::Running, Some(task_id)) = (current, self.steps[step].task_id) {
-                    self.attempt_over();
-                    t.effects.push(Effect::Cancelled {
-                        step,
-                        attempt: self.steps[step].attempt,
-                        task_id,
-                    });
+                    self.cancel_attempt(step, task_id, &mut t);
                 }
                 let (status, reason) = match output {
                     Some(output) => {
@@ -1300,6 +1295,16 @@ impl RunState {
             return;
         }
         self.dispatch_now(plan, step, now, t);
+    }
+
+    /// Tells the worker of the running attempt of `slot` to stop; its place in the window frees.
+    fn cancel_attempt(&mut self, slot: usize, task_id: Uuid, t: &mut Transition) {
+        t.effects.push(Effect::Cancelled {
+            step: slot,
+            attempt: self.steps[slot].attempt,
+            task_id,
+        });
+        self.attempt_over();
     }
 
     /// An outstanding attempt ended or was cancelled: its place in the window frees.
@@ -1808,12 +1813,7 @@ impl RunState {
         if let (StepStatus::Running, Some(task_id)) = (s.status, s.task_id) {
             // A cancelled attempt is no outcome; a cancelled probe lets the next one go.
             self.breakers.forget_probe(task_id);
-            t.effects.push(Effect::Cancelled {
-                step: slot,
-                attempt: s.attempt,
-                task_id,
-            });
-            self.attempt_over();
+            self.cancel_attempt(slot, task_id, t);
         }
         let s = &mut self.steps[slot];
         s.status = StepStatus::Cancelled;

@@ -93,6 +93,14 @@ pub struct EngineConfig {
     pub limits: AgentLimits,
 }
 
+impl EngineConfig {
+    /// Gives a run loaded or created by the engine the bounds of this config.
+    fn bound(&self, state: &mut RunState) {
+        state.max_instances = self.max_instances;
+        state.window = self.dispatch_window;
+    }
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
@@ -630,8 +638,7 @@ impl Engine {
                     }
                     let id = Uuid::now_v7();
                     let mut state = RunState::new(id, &run.plan, run.params.clone());
-                    state.max_instances = self.config.max_instances;
-                    state.window = self.config.dispatch_window;
+                    self.config.bound(&mut state);
                     state.subset = run.subset.clone();
                     state.priority = run.priority.unwrap_or(run.plan.priority);
                     let t = state.apply_limited(
@@ -1176,8 +1183,7 @@ impl Engine {
                 let (hash, plan) = plan;
                 let params = plan.run_params(start.params);
                 let mut state = RunState::new(start.id, &plan, params);
-                state.max_instances = self.config.max_instances;
-                state.window = self.config.dispatch_window;
+                self.config.bound(&mut state);
                 state.parent = Some(start.parent);
                 state.priority = state.priority.max(start.priority);
                 // Gated by the breakers the batch locked; one of an agent only a child calls
@@ -1329,8 +1335,7 @@ impl Engine {
                 run.steps,
                 run.ended_at,
             );
-            state.max_instances = self.config.max_instances;
-            state.window = self.config.dispatch_window;
+            self.config.bound(&mut state);
             state.deadline = run.deadline;
             state.error = run.error;
             state.subset = run.subset;

@@ -435,13 +435,7 @@ fn a_failed_step_of_a_failed_run_can_be_retried() {
 
     let t = run.apply(&plan, Event::Retry { step: Some(0) }, at(4));
     let again = dispatched(&plan, &t);
-    assert_eq!(
-        again
-            .iter()
-            .map(|d| (d.0.as_str(), d.1))
-            .collect::<Vec<_>>(),
-        [("a", 2)]
-    );
+    assert_eq!(id_attempts(&again), [("a", 2)]);
     assert_eq!((run.status, run.ended_at), (RunStatus::Running, None));
     assert_eq!(
         run.steps[1].status,
@@ -816,13 +810,20 @@ fn an_attempt_carries_a_deadline_only_while_it_runs() {
     assert_eq!(run.steps[0].deadline, Some(at(65)));
 }
 
+fn dead_lettered() -> Outcome {
+    Outcome::Lost {
+        message: "dead-lettered".into(),
+    }
+}
+
 /// Loses attempt `attempt` (task `task`) of the run's only step at `secs`: the step waits half a
 /// second to two and a half, then the wake dispatches its next attempt, returned.
 fn lose(plan: &Plan, run: &mut RunState, attempt: u32, task: Uuid, secs: i64) -> (u32, Uuid) {
-    let lost = Outcome::Lost {
-        message: "dead-lettered".into(),
-    };
-    let t = run.apply(plan, slot_finished(0, attempt, task, lost), at(secs));
+    let t = run.apply(
+        plan,
+        slot_finished(0, attempt, task, dead_lettered()),
+        at(secs),
+    );
     assert!(dispatched(plan, &t).is_empty(), "not at once");
     let s = &run.steps[0];
     assert_eq!(s.status, StepStatus::Waiting);
@@ -849,10 +850,7 @@ fn lost_attempts_of_tasks_lost_together_are_retried_apart() {
             let mut run = RunState::new(Uuid::new_v4(), &plan, Map::new());
             let t = run.apply(&plan, Event::Start, at(0));
             let (_, _, task) = dispatched(&plan, &t)[0].clone();
-            let lost = Outcome::Lost {
-                message: "dead-lettered".into(),
-            };
-            run.apply(&plan, slot_finished(0, 1, task, lost), at(1));
+            run.apply(&plan, slot_finished(0, 1, task, dead_lettered()), at(1));
             run.steps[0].wake_at
         })
         .collect();
@@ -872,10 +870,7 @@ fn a_lost_attempt_is_retried_outside_the_budget_but_only_once() {
     let (attempt, task) = lose(&plan, &mut run, 1, task, 1);
     assert_eq!((attempt, run.steps[0].lost), (2, 1));
     // A second loss fails the step.
-    let lost = Outcome::Lost {
-        message: "dead-lettered".into(),
-    };
-    run.apply(&plan, finished(&plan, "a", 2, task, lost), at(9));
+    run.apply(&plan, finished(&plan, "a", 2, task, dead_lettered()), at(9));
     assert_eq!(run.steps[0].status, StepStatus::Failure);
     assert!(run.steps[0].error.as_deref().unwrap().contains("lost too"));
 }
@@ -946,6 +941,11 @@ fn start_windowed(plan: &Plan, window: usize) -> (RunState, Vec<(String, u32, Uu
     (run, dispatched(plan, &t))
 }
 
+/// Dispatches as (step id, attempt).
+fn id_attempts(dispatched: &[(String, u32, Uuid)]) -> Vec<(&str, u32)> {
+    dispatched.iter().map(|d| (d.0.as_str(), d.1)).collect()
+}
+
 fn ids(plan: &Plan, t: &Transition) -> Vec<String> {
     dispatched(plan, t).into_iter().map(|d| d.0).collect()
 }
@@ -991,13 +991,7 @@ fn steps_ready_beyond_the_window_start_in_order_as_earlier_attempts_end() {
 
     // A retry is not held back by a full window: it had its place.
     let retry = end_first(&plan, &mut run, "s4", s4[0].2, fail(true), 4);
-    assert_eq!(
-        retry
-            .iter()
-            .map(|d| (d.0.as_str(), d.1))
-            .collect::<Vec<_>>(),
-        [("s4", 2)]
-    );
+    assert_eq!(id_attempts(&retry), [("s4", 2)]);
 
     end_first(&plan, &mut run, "s3", s3[0].2, ok(3), 5);
     let t = run.apply(&plan, finished(&plan, "s4", 2, retry[0].2, ok(4)), at(6));
