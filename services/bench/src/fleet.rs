@@ -446,7 +446,37 @@ pub async fn chain(bench: &mut Bench, scenario: &str, hops: usize) -> anyhow::Re
             "one hop: a step's end to the next step's end (the first from the submission)",
             hops_taken,
         ))
+        .details(json!({"hop_parts": hop_parts(&bench.db, run).await?}))
         .rss(bench.rss()))
+}
+
+/// Where a chain's hops go, from the stored attempts (the worker's clock is the coordinator's
+/// here): `result` is a step's end at its worker to the batch that records it (which dispatches
+/// the next step), `task` is that dispatch to the next step's start at its worker (commit,
+/// outbox publish, delivery), `run` is the step's own run time at its worker.
+async fn hop_parts(db: &tokio_postgres::Client, run: Uuid) -> anyhow::Result<Value> {
+    let part = |query: &'static str| durations(db, query, run);
+    let result = part(
+        "SELECT extract(epoch FROM n.dispatched_at - p.finished_at)::float8
+         FROM attempts p JOIN attempts n ON n.run_id = p.run_id AND n.idx = p.idx + 1
+         WHERE p.run_id = $1 AND p.attempt = 1 AND n.attempt = 1",
+    )
+    .await?;
+    let task = part(
+        "SELECT extract(epoch FROM started_at - dispatched_at)::float8
+         FROM attempts WHERE run_id = $1 AND attempt = 1",
+    )
+    .await?;
+    let run_time = part(
+        "SELECT extract(epoch FROM finished_at - started_at)::float8
+         FROM attempts WHERE run_id = $1 AND attempt = 1",
+    )
+    .await?;
+    Ok(json!({
+        "result": Latency::of("a step's end at its worker to the batch that records it", result),
+        "task": Latency::of("a dispatch to the step's start at its worker", task),
+        "run": Latency::of("a step's run time at its worker", run_time),
+    }))
 }
 
 /// `many-runs`: `runs` runs of a registered 3-step chain, submitted at once.
