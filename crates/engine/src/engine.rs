@@ -371,9 +371,10 @@ pub struct Engine {
     /// When each attempt this engine dispatched was dispatched, until it ends: the start of its
     /// queue wait. See [`Engine::track_dispatch`] for its bound.
     dispatched: HashMap<Uuid, DateTime<Utc>>,
-    /// The acks of committed batches' messages, sent beside the next batch; waited for at the
+    /// What follows a committed batch off the engine's loop — the acks of its messages and the
+    /// announcement of the runs it changed — done beside the next batch; waited for at the
     /// engine's stop.
-    acks: TaskTracker,
+    after_commit: TaskTracker,
 }
 
 /// Attempts whose dispatch time [`Engine::dispatched`] keeps at most.
@@ -399,7 +400,7 @@ impl Engine {
             plans: HashMap::new(),
             metrics: Arc::default(),
             dispatched: HashMap::new(),
-            acks: TaskTracker::new(),
+            after_commit: TaskTracker::new(),
         };
         (engine, EngineHandle { inputs: tx })
     }
@@ -440,8 +441,8 @@ impl Engine {
             }
             batch.clear();
         }
-        self.acks.close();
-        self.acks.wait().await;
+        self.after_commit.close();
+        self.after_commit.wait().await;
         tracing::info!("engine stopped");
     }
 
@@ -501,14 +502,19 @@ impl Engine {
                     }
                 }
                 // Acked beside the next batch rather than before it: what they say is committed,
-                // and one whose ack is lost comes again and is fenced off as a duplicate.
-                if !recorded.is_empty() {
-                    self.acks.spawn(async move {
+                // and one whose ack is lost comes again and is fenced off as a duplicate. The
+                // watchers hear of the changes after the outbox and the submitters did, so
+                // neither waits for them.
+                let changed = std::mem::take(&mut done.changed);
+                if !recorded.is_empty() || !changed.is_empty() {
+                    let store = self.store.clone();
+                    self.after_commit.spawn(async move {
                         for delivery in recorded {
                             if let Err(e) = delivery.ack().await {
                                 tracing::warn!(error = %e, "could not ack a recorded message");
                             }
                         }
+                        announce(&store, changed).await;
                     });
                 }
                 Ok(())
@@ -973,11 +979,9 @@ impl Engine {
         // The window the outbox exists for: committed, not yet published.
         flotilla_telemetry::failpoint("crash-after-commit");
         let changed = batch.new_runs.iter().map(|r| r.id);
-        let changed = changed.chain(batch.run_updates.iter().map(|r| r.id));
-        if let Err(e) = flotilla_store::events::announce(&client, changed).await {
-            // Committed already; a watcher only sees the change late.
-            tracing::warn!(error = %e, "could not announce the runs a batch changed");
-        }
+        let changed = changed
+            .chain(batch.run_updates.iter().map(|r| r.id))
+            .collect();
 
         for run_id in changes.keys() {
             if let Some(cached) = self.runs.get_mut(run_id) {
@@ -1000,6 +1004,7 @@ impl Engine {
         }
         Ok(Committed {
             outbox: batch.outbox,
+            changed,
             submitted,
             redriven,
             operated,
@@ -2000,6 +2005,8 @@ fn run_duration(state: &RunState, now: DateTime<Utc>) -> Duration {
 
 struct Committed {
     outbox: Vec<OutboxRow>,
+    /// The runs the batch created or changed, for the watchers.
+    changed: Vec<Uuid>,
     /// What each submission did, by its position in the batch.
     submitted: HashMap<usize, Result<Submitted, Error>>,
     /// What each redrive did, by its position in the batch.
@@ -2008,6 +2015,20 @@ struct Committed {
     operated: HashMap<usize, Result<RunStatus, Error>>,
     wakes: Vec<DateTime<Utc>>,
     observed: Vec<Observation>,
+}
+
+/// Tells the watchers that `runs` changed; a failure only makes them see it late.
+async fn announce(store: &Store, runs: Vec<Uuid>) {
+    if runs.is_empty() {
+        return;
+    }
+    let announced = match store.client().await {
+        Ok(client) => flotilla_store::events::announce(&client, runs).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = announced {
+        tracing::warn!(error = %e, "could not announce the runs a batch changed");
+    }
 }
 
 fn outcome_of(result: &TaskResult) -> Outcome {
