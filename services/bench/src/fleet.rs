@@ -590,31 +590,57 @@ pub async fn memory(bench: &mut Bench, runs: usize) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// `history`: `fanout` and `chain` again after seeding `steps` finished steps (runs of 10).
+/// `history`: `fanout` and `chain`, each `repeats` times (taking turns) on the same fleet, then
+/// as often again after seeding `steps` finished steps (runs of 10). A line is the measurement of
+/// median throughput after the seeding; the ratio is of the medians, and every measurement is
+/// in `details`, so that a difference can be told from the host's noise.
 pub async fn history(bench: &mut Bench, sizes: &Sizes) -> anyhow::Result<Vec<Report>> {
-    // The same fleet first measures the same runs without history: what they are compared with.
-    let first_fanout = fanout(bench, "history-fanout", sizes.steps).await?;
-    let first_chain = chain(bench, "history-chain", sizes.chain).await?;
+    let before = history_rounds(bench, sizes).await?;
     let seeding = Instant::now();
     let flushed = seed_history(&bench.db, sizes.history_steps).await?;
     let seed_s = seeding.elapsed().as_secs_f64();
-    let mut reports = vec![
-        fanout(bench, "history-fanout", sizes.steps).await?,
-        chain(bench, "history-chain", sizes.chain).await?,
-    ];
-    for (report, first) in reports.iter_mut().zip([first_fanout, first_chain]) {
-        report.details["history"] = json!({
+    let after = history_rounds(bench, sizes).await?;
+    let mut reports = Vec::new();
+    for (before, mut after) in before.into_iter().zip(after) {
+        let without = median_throughput(&before);
+        let with = median_throughput(&after);
+        let figures = |reports: &[Report]| -> Vec<Value> {
+            reports
+                .iter()
+                .map(|r| json!({"throughput": r.throughput, "latency_p50": r.latency.as_ref().map(|l| l.p50)}))
+                .collect()
+        };
+        let details = json!({
             "seeded_steps": sizes.history_steps,
             "seed_s": seed_s,
             "checkpointed": flushed,
-            "without_history": {
-                "throughput": first.throughput,
-                "latency_p50": first.latency.as_ref().map(|l| l.p50),
-            },
-            "throughput_vs_without": report.throughput / first.throughput,
+            "without_history": figures(&before),
+            "with_history": figures(&after),
+            "throughput_vs_without": with / without,
         });
+        after.sort_by(|a, b| a.throughput.total_cmp(&b.throughput));
+        let mut report = after.swap_remove(after.len() / 2);
+        report.details["history"] = details;
+        reports.push(report);
     }
     Ok(reports)
+}
+
+/// `repeats` fan-outs and chains, taking turns: the fan-outs, then the chains.
+async fn history_rounds(bench: &mut Bench, sizes: &Sizes) -> anyhow::Result<[Vec<Report>; 2]> {
+    let (mut fanouts, mut chains) = (Vec::new(), Vec::new());
+    for _ in 0..sizes.history_repeats.max(1) {
+        fanouts.push(fanout(bench, "history-fanout", sizes.steps).await?);
+        chains.push(chain(bench, "history-chain", sizes.chain).await?);
+    }
+    Ok([fanouts, chains])
+}
+
+/// The median of the reports' throughputs (the upper one of an even count).
+fn median_throughput(reports: &[Report]) -> f64 {
+    let mut throughputs: Vec<f64> = reports.iter().map(|r| r.throughput).collect();
+    throughputs.sort_by(f64::total_cmp);
+    throughputs[throughputs.len() / 2]
 }
 
 /// Steps per seeded run.

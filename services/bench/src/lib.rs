@@ -53,6 +53,8 @@ pub struct Sizes {
     pub submit_rate: u64,
     /// Finished steps seeded before `history`.
     pub history_steps: usize,
+    /// Times `history` measures each of its scenarios before the seeding and after it.
+    pub history_repeats: usize,
     /// Messages in flight in `broker-roundtrip`.
     pub in_flight: usize,
     /// Commits of the single Postgres client; seconds of the 8 concurrent clients.
@@ -79,6 +81,7 @@ impl Sizes {
             submit_seconds: 10,
             submit_rate: 200,
             history_steps: 1_000_000,
+            history_repeats: 3,
             in_flight: 500,
             commits: 2_000,
             commit_seconds: 5,
@@ -100,6 +103,7 @@ impl Sizes {
             submit_seconds: 1,
             submit_rate: 50,
             history_steps: 10_000,
+            history_repeats: 1,
             in_flight: 50,
             commits: 100,
             commit_seconds: 1,
