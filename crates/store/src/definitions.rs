@@ -103,14 +103,16 @@ pub async fn latest(
     namespace: &str,
     name: &str,
 ) -> Result<Option<(Registered, Value)>, Error> {
-    let row = client
-        .query_opt(
+    // Every submission of a registered definition reads it: prepared once per connection, not
+    // parsed and planned afresh (a round trip more) each time.
+    let stmt = client
+        .prepare_cached(
             "SELECT d.name, d.revision, d.hash, d.version, d.description, d.steps, d.created_at, c.body
              FROM definitions d JOIN definition_contents c ON c.hash = d.hash
              WHERE d.namespace = $2 AND d.name = $1 ORDER BY d.revision DESC LIMIT 1",
-            &[&name, &namespace],
         )
         .await?;
+    let row = client.query_opt(&stmt, &[&name, &namespace]).await?;
     Ok(row.map(|r| (registered(&r), r.get(7))))
 }
 
@@ -161,14 +163,16 @@ pub async fn version(
     version: &str,
 ) -> Result<Option<(Registered, Value)>, Error> {
     let revision: Option<i32> = version.parse().ok();
-    let row = client
-        .query_opt(
+    let stmt = client
+        .prepare_cached(
             "SELECT d.name, d.revision, d.hash, d.version, d.description, d.steps, d.created_at, c.body
              FROM definitions d JOIN definition_contents c ON c.hash = d.hash
              WHERE d.namespace = $4 AND d.name = $1 AND (d.version = $2 OR d.revision = $3)
              ORDER BY d.version = $2 DESC, d.revision DESC LIMIT 1",
-            &[&name, &version, &revision, &namespace],
         )
+        .await?;
+    let row = client
+        .query_opt(&stmt, &[&name, &version, &revision, &namespace])
         .await?;
     Ok(row.map(|r| (registered(&r), r.get(7))))
 }
