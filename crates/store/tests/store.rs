@@ -869,6 +869,13 @@ async fn breakers_are_locked_written_listed_and_release_their_held_steps() -> an
         held: Some("x".into()),
         ..Default::default()
     };
+    let b_task = Uuid::now_v7();
+    batch.new_steps[1].1.state = flotilla_core::StepState {
+        status: StepStatus::Running,
+        attempt: 1,
+        task_id: Some(b_task),
+        ..Default::default()
+    };
     let mut client = t.store.client().await?;
     let tx = client.transaction().await?;
     db::write(&tx, &batch).await?;
@@ -900,7 +907,24 @@ async fn breakers_are_locked_written_listed_and_release_their_held_steps() -> an
         [(state.id, 0)]
     );
 
-    // A half-open breaker whose probe no longer runs forgets it, and lets the next one go.
+    // A half-open breaker keeps the probe that runs (step b's attempt)...
+    let running = Probe {
+        run_id: state.id,
+        step: 1,
+        task_id: b_task,
+    };
+    let probing = Breaker {
+        state: BreakerState::HalfOpen,
+        probe: Some(running),
+        ..open.clone()
+    };
+    breakers::write(&client, &config, [("x", &probing)].into_iter()).await?;
+    let tx = client.transaction().await?;
+    let locked = breakers::lock(&tx, &["x".to_string()]).await?;
+    assert_eq!(locked["x"].probe, Some(running));
+    tx.rollback().await?;
+
+    // ...and forgets one that no longer runs, which lets the next one go.
     let half_open = Breaker {
         state: BreakerState::HalfOpen,
         probe: Some(Probe {
