@@ -574,17 +574,38 @@ impl Engine {
             .collect();
         touched.sort_unstable();
         touched.dedup();
-        self.lock(&tx, &touched).await?;
+        let breakers = if touched.iter().all(|id| self.runs.contains_key(id)) {
+            // A cached run's plan never changes, so the agents whose breakers the batch locks
+            // are known before its runs are locked: both locks go in one round trip, the runs'
+            // first as always (both statements are prepared before either is sent, so nothing
+            // reorders them).
+            db::prepare_lock_runs(&tx).await?;
+            flotilla_store::breakers::prepare_lock(&tx).await?;
+            let (versions, breakers) = futures_util::try_join!(lock_runs(&tx, &touched), async {
+                let cached = touched.iter().map(|id| self.runs[id].plan.as_ref());
+                let plans = cached.chain(submitted_plans(inputs));
+                Ok(crate::breakers::lock(&tx, self.config.breaker.as_ref(), plans).await?)
+            })?;
+            self.refresh(&tx, &versions).await?;
+            breakers
+        } else {
+            let versions = lock_runs(&tx, &touched).await?;
+            self.refresh(&tx, &versions).await?;
+            let cached = touched
+                .iter()
+                .filter_map(|id| self.runs.get(id).map(|c| c.plan.as_ref()));
+            crate::breakers::lock(
+                &tx,
+                self.config.breaker.as_ref(),
+                cached.chain(submitted_plans(inputs)),
+            )
+            .await?
+        };
         let plans: Vec<&Plan> = touched
             .iter()
             .filter_map(|id| self.runs.get(id).map(|c| c.plan.as_ref()))
-            .chain(inputs.iter().filter_map(|i| match i {
-                Input::Submit { run, .. } => Some(run.plan.as_ref()),
-                _ => None,
-            }))
+            .chain(submitted_plans(inputs))
             .collect();
-        let breakers =
-            crate::breakers::lock(&tx, self.config.breaker.as_ref(), plans.iter().copied()).await?;
         let limits = crate::limits::lock(&tx, &self.config.limits, plans.iter().copied()).await?;
 
         let keys: Vec<&str> = inputs
@@ -1076,17 +1097,12 @@ impl Engine {
         self.dispatched.insert(task_id, at);
     }
 
-    /// Locks runs (sorted ids) and (re)loads those whose cached state is missing or outdated.
-    async fn lock(
+    /// (Re)loads the locked runs whose cached state is missing or older than `versions`.
+    async fn refresh(
         &mut self,
         tx: &impl flotilla_store::GenericClient,
-        ids: &[Uuid],
+        versions: &HashMap<Uuid, i64>,
     ) -> Result<(), Error> {
-        // A batch of submissions only touches no stored run: no round trip for nothing.
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let versions = db::lock_runs(tx, ids).await?;
         let stale: Vec<Uuid> = versions
             .iter()
             .filter(|(id, v)| self.runs.get(id).is_none_or(|c| c.version != **v))
@@ -1128,7 +1144,8 @@ impl Engine {
             stored.dedup();
             // Another run may hold a child's lock while waiting for its parent's: Postgres then
             // breaks the deadlock by failing one batch, whose inputs are retried.
-            self.lock(tx, &stored).await?;
+            let versions = lock_runs(tx, &stored).await?;
+            self.refresh(tx, &versions).await?;
             for id in &cancelled {
                 // Absent: it never started (its attempt failed instead).
                 let Some(cached) = self.runs.get_mut(id) else {
@@ -2019,6 +2036,26 @@ struct Committed {
     operated: HashMap<usize, Result<RunStatus, Error>>,
     wakes: Vec<DateTime<Utc>>,
     observed: Vec<Observation>,
+}
+
+/// The plans of the batch's submissions.
+fn submitted_plans(inputs: &[Input]) -> impl Iterator<Item = &Plan> {
+    inputs.iter().filter_map(|i| match i {
+        Input::Submit { run, .. } => Some(run.plan.as_ref()),
+        _ => None,
+    })
+}
+
+/// Locks runs (sorted ids) and answers their versions. A batch of submissions only touches no
+/// stored run, and sends nothing.
+async fn lock_runs(
+    tx: &impl flotilla_store::GenericClient,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, i64>, Error> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    Ok(db::lock_runs(tx, ids).await?)
 }
 
 /// Tells the watchers that `runs` changed; a failure only makes them see it late.

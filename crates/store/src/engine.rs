@@ -14,12 +14,20 @@ use uuid::Uuid;
 
 use crate::Error;
 
+const LOCK_RUNS: &str = "SELECT id, version FROM runs WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+
+/// Prepares the statement of [`lock_runs`] on this connection (once: it is cached), so that
+/// the lock is sent at once when called: before a statement meant to follow it, whatever their
+/// preparing.
+pub async fn prepare_lock_runs(tx: &impl GenericClient) -> Result<(), Error> {
+    tx.prepare_cached(LOCK_RUNS).await?;
+    Ok(())
+}
+
 /// Locks the given runs (in id order, so concurrent coordinators cannot deadlock) and returns
 /// their versions. Runs that do not exist are absent from the answer.
 pub async fn lock_runs(tx: &impl GenericClient, ids: &[Uuid]) -> Result<HashMap<Uuid, i64>, Error> {
-    let stmt = tx
-        .prepare_cached("SELECT id, version FROM runs WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-        .await?;
+    let stmt = tx.prepare_cached(LOCK_RUNS).await?;
     Ok(tx
         .query(&stmt, &[&ids])
         .await?
