@@ -581,31 +581,20 @@ impl Engine {
             // reorders them).
             db::prepare_lock_runs(&tx).await?;
             flotilla_store::breakers::prepare_lock(&tx).await?;
-            let (versions, breakers) = futures_util::try_join!(lock_runs(&tx, &touched), async {
-                let cached = touched.iter().map(|id| self.runs[id].plan.as_ref());
-                let plans = cached.chain(submitted_plans(inputs));
-                Ok(crate::breakers::lock(&tx, self.config.breaker.as_ref(), plans).await?)
-            })?;
+            let plans = batch_plans(&self.runs, &touched, inputs);
+            let (versions, breakers) = futures_util::try_join!(
+                db::lock_runs(&tx, &touched),
+                crate::breakers::lock(&tx, self.config.breaker.as_ref(), plans),
+            )?;
             self.refresh(&tx, &versions).await?;
             breakers
         } else {
-            let versions = lock_runs(&tx, &touched).await?;
+            let versions = db::lock_runs(&tx, &touched).await?;
             self.refresh(&tx, &versions).await?;
-            let cached = touched
-                .iter()
-                .filter_map(|id| self.runs.get(id).map(|c| c.plan.as_ref()));
-            crate::breakers::lock(
-                &tx,
-                self.config.breaker.as_ref(),
-                cached.chain(submitted_plans(inputs)),
-            )
-            .await?
+            let plans = batch_plans(&self.runs, &touched, inputs);
+            crate::breakers::lock(&tx, self.config.breaker.as_ref(), plans).await?
         };
-        let plans: Vec<&Plan> = touched
-            .iter()
-            .filter_map(|id| self.runs.get(id).map(|c| c.plan.as_ref()))
-            .chain(submitted_plans(inputs))
-            .collect();
+        let plans: Vec<&Plan> = batch_plans(&self.runs, &touched, inputs).collect();
         let limits = crate::limits::lock(&tx, &self.config.limits, plans.iter().copied()).await?;
 
         let keys: Vec<&str> = inputs
@@ -1144,7 +1133,7 @@ impl Engine {
             stored.dedup();
             // Another run may hold a child's lock while waiting for its parent's: Postgres then
             // breaks the deadlock by failing one batch, whose inputs are retried.
-            let versions = lock_runs(tx, &stored).await?;
+            let versions = db::lock_runs(tx, &stored).await?;
             self.refresh(tx, &versions).await?;
             for id in &cancelled {
                 // Absent: it never started (its attempt failed instead).
@@ -2038,24 +2027,20 @@ struct Committed {
     observed: Vec<Observation>,
 }
 
-/// The plans of the batch's submissions.
-fn submitted_plans(inputs: &[Input]) -> impl Iterator<Item = &Plan> {
-    inputs.iter().filter_map(|i| match i {
+/// The plans of a batch: of the runs it touches that are cached, and of its submissions.
+fn batch_plans<'a>(
+    runs: &'a HashMap<Uuid, CachedRun>,
+    touched: &'a [Uuid],
+    inputs: &'a [Input],
+) -> impl Iterator<Item = &'a Plan> {
+    let submitted = inputs.iter().filter_map(|i| match i {
         Input::Submit { run, .. } => Some(run.plan.as_ref()),
         _ => None,
-    })
-}
-
-/// Locks runs (sorted ids) and answers their versions. A batch of submissions only touches no
-/// stored run, and sends nothing.
-async fn lock_runs(
-    tx: &impl flotilla_store::GenericClient,
-    ids: &[Uuid],
-) -> Result<HashMap<Uuid, i64>, Error> {
-    if ids.is_empty() {
-        return Ok(HashMap::new());
-    }
-    Ok(db::lock_runs(tx, ids).await?)
+    });
+    touched
+        .iter()
+        .filter_map(|id| runs.get(id).map(|c| c.plan.as_ref()))
+        .chain(submitted)
 }
 
 /// Tells the watchers that `runs` changed; a failure only makes them see it late.

@@ -25,8 +25,12 @@ pub async fn prepare_lock_runs(tx: &impl GenericClient) -> Result<(), Error> {
 }
 
 /// Locks the given runs (in id order, so concurrent coordinators cannot deadlock) and returns
-/// their versions. Runs that do not exist are absent from the answer.
+/// their versions. Runs that do not exist are absent from the answer. No runs (a batch of
+/// submissions only) send nothing.
 pub async fn lock_runs(tx: &impl GenericClient, ids: &[Uuid]) -> Result<HashMap<Uuid, i64>, Error> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
     let stmt = tx.prepare_cached(LOCK_RUNS).await?;
     Ok(tx
         .query(&stmt, &[&ids])
