@@ -601,32 +601,25 @@ pub async fn history(bench: &mut Bench, sizes: &Sizes) -> anyhow::Result<Vec<Rep
     let seed_s = seeding.elapsed().as_secs_f64();
     let after = history_rounds(bench, sizes).await?;
     let mut reports = Vec::new();
-    for (before, mut after) in before.into_iter().zip(after) {
-        let without = median_throughput(&before);
-        let with = median_throughput(&after);
-        let figures = |reports: &[Report]| -> Vec<Value> {
-            reports
-                .iter()
-                .map(|r| json!({"throughput": r.throughput, "latency_p50": r.latency.as_ref().map(|l| l.p50)}))
-                .collect()
-        };
-        let details = json!({
+    for (before, after) in before.into_iter().zip(after) {
+        let mut details = json!({
             "seeded_steps": sizes.history_steps,
             "seed_s": seed_s,
             "checkpointed": flushed,
             "without_history": figures(&before),
             "with_history": figures(&after),
-            "throughput_vs_without": with / without,
         });
-        after.sort_by(|a, b| a.throughput.total_cmp(&b.throughput));
-        let mut report = after.swap_remove(after.len() / 2);
+        let without = median(before);
+        let mut report = median(after);
+        details["throughput_vs_without"] = json!(report.throughput / without.throughput);
         report.details["history"] = details;
         reports.push(report);
     }
     Ok(reports)
 }
 
-/// `repeats` fan-outs and chains, taking turns: the fan-outs, then the chains.
+/// `repeats` fan-outs and chains, taking turns (fan-out, chain, fan-out, …), as [fan-outs,
+/// chains].
 async fn history_rounds(bench: &mut Bench, sizes: &Sizes) -> anyhow::Result<[Vec<Report>; 2]> {
     let (mut fanouts, mut chains) = (Vec::new(), Vec::new());
     for _ in 0..sizes.history_repeats.max(1) {
@@ -636,11 +629,18 @@ async fn history_rounds(bench: &mut Bench, sizes: &Sizes) -> anyhow::Result<[Vec
     Ok([fanouts, chains])
 }
 
-/// The median of the reports' throughputs (the upper one of an even count).
-fn median_throughput(reports: &[Report]) -> f64 {
-    let mut throughputs: Vec<f64> = reports.iter().map(|r| r.throughput).collect();
-    throughputs.sort_by(f64::total_cmp);
-    throughputs[throughputs.len() / 2]
+/// Each report's throughput and median latency, in the order measured.
+fn figures(reports: &[Report]) -> Vec<Value> {
+    reports
+        .iter()
+        .map(|r| json!({"throughput": r.throughput, "latency_p50": r.latency.as_ref().map(|l| l.p50)}))
+        .collect()
+}
+
+/// The report of median throughput (the upper one of an even count); there is at least one.
+fn median(mut reports: Vec<Report>) -> Report {
+    reports.sort_by(|a, b| a.throughput.total_cmp(&b.throughput));
+    reports.swap_remove(reports.len() / 2)
 }
 
 /// Steps per seeded run.
