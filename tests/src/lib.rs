@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use flotilla_api_model::WorkflowResult;
+use flotilla_broker::testing;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
@@ -549,24 +550,11 @@ impl Fleet {
     /// The queues the fleet may have declared: every agent queue (normal and high priority),
     /// results, dead letters, heartbeats and logs.
     pub fn queues(&self) -> Vec<String> {
-        let names = self.queue_names();
         let mut agents = self.agents.clone();
         agents.insert("flotilla-notify".into());
-        [
-            names.results(),
-            names.dead_letters(),
-            names.heartbeats(),
-            names.logs(),
-        ]
-        .into_iter()
-        .chain(agents.iter().map(|a| names.agent(a)))
-        .chain(
-            agents
-                .iter()
-                .map(|a| names.tasks(a, &Default::default(), true)),
-        )
-        .chain(self.task_queues.iter().cloned())
-        .collect()
+        let mut queues = testing::queues_of(&self.queue_names(), agents.iter().map(String::as_str));
+        queues.extend(self.task_queues.iter().cloned());
+        queues
     }
 
     /// Stops every process gracefully (SIGTERM, so they drain; SIGKILL after 20 s): the workers
@@ -602,13 +590,7 @@ impl Fleet {
             ))
             .await?;
         let connection = self.broker().await?;
-        let channel = connection.open_channel().await?;
-        for queue in self.queues() {
-            channel.delete_queue(&queue).await?;
-        }
-        channel
-            .delete_exchange(&self.queue_names().control())
-            .await?;
+        testing::delete_topology(&connection, &self.queue_names(), &self.queues()).await?;
         connection.close().await?;
         Ok(())
     }

@@ -1,4 +1,5 @@
-//! Fault injection for tests of code that must survive a lost connection (feature `test-util`).
+//! What tests of code that talks to RabbitMQ share (feature `test-util`): fault injection for
+//! code that must survive a lost connection, and the clean-up of a test's queues.
 //!
 //! Restarting RabbitMQ would disturb every other test using it; [`Proxy`] hits only the
 //! connections of the test that owns it.
@@ -14,6 +15,41 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_util::sync::CancellationToken;
+
+use crate::{Connection, Error, QueueNames};
+
+/// The queues a test's fleet serving `agents` may have declared under `names`' prefix: results,
+/// heartbeats, logs and dead letters, and every task queue a worker of each agent without labels
+/// consumes (its high-priority queue included).
+pub fn queues_of<'a>(names: &QueueNames, agents: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut queues = vec![
+        names.results(),
+        names.heartbeats(),
+        names.logs(),
+        names.dead_letters(),
+    ];
+    for agent in agents {
+        let tasks = names.worker_queues(agent, &Default::default());
+        queues.extend(tasks.into_iter().map(|(queue, _)| queue));
+    }
+    queues
+}
+
+/// Deletes `queues` and the control exchange of `names`: what a test declared under its own
+/// prefix. Quorum queues outlive their declarers, and hundreds left on a node make it stop
+/// answering, so every test deletes its own. Deleting one that was never declared is no error.
+pub async fn delete_topology(
+    connection: &Connection,
+    names: &QueueNames,
+    queues: &[String],
+) -> Result<(), Error> {
+    let channel = connection.open_channel().await?;
+    for queue in queues {
+        channel.delete_queue(queue).await?;
+    }
+    channel.delete_exchange(&names.control()).await?;
+    channel.close().await
+}
 
 /// What went through a [`Proxy`] so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

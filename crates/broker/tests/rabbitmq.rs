@@ -7,7 +7,8 @@ use anyhow::{Context, Result, bail};
 use flotilla_broker::{
     Backoff, BrokerConfig, Connection, Consumer, Delivery, Error, OutgoingMessage, PublishError,
     Publisher, QueueNames, ReconnectingConsumer, connect, declare_agent_queue,
-    declare_control_queue, declare_topology, testing::Proxy,
+    declare_control_queue, declare_topology,
+    testing::{self, Proxy},
 };
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -52,19 +53,8 @@ impl Fixture {
     }
 
     async fn cleanup(self) -> Result<()> {
-        let channel = self.connection.open_channel().await?;
-        for agent in &self.agents {
-            channel.delete_queue(&self.names.agent(agent)).await?;
-        }
-        for queue in [
-            self.names.results(),
-            self.names.heartbeats(),
-            self.names.logs(),
-            self.names.dead_letters(),
-        ] {
-            channel.delete_queue(&queue).await?;
-        }
-        channel.delete_exchange(&self.names.control()).await?;
+        let queues = testing::queues_of(&self.names, self.agents.iter().map(String::as_str));
+        testing::delete_topology(&self.connection, &self.names, &queues).await?;
         self.connection.close().await?;
         Ok(())
     }

@@ -15,7 +15,8 @@ use anyhow::{Context, Result, bail};
 use chrono::Utc;
 use flotilla_broker::{
     BrokerConfig, Connection, Consumer, OutgoingMessage, Publisher, QueueNames, connect,
-    declare_topology, testing::Proxy,
+    declare_topology,
+    testing::{self, Proxy},
 };
 use flotilla_proto::{
     Cancel, LogBatch, LogStream, PROTOCOL_VERSION, ResultStatus, Task, TaskResult, WorkerMessage,
@@ -157,19 +158,8 @@ impl Fixture {
     }
 
     async fn cleanup(self) -> Result<()> {
-        let channel = self.connection.open_channel().await?;
-        for agent in &self.agents {
-            channel.delete_queue(&self.names.agent(agent)).await?;
-        }
-        for queue in [
-            self.names.results(),
-            self.names.heartbeats(),
-            self.names.logs(),
-            self.names.dead_letters(),
-        ] {
-            channel.delete_queue(&queue).await?;
-        }
-        channel.delete_exchange(&self.names.control()).await?;
+        let queues = testing::queues_of(&self.names, self.agents.iter().map(String::as_str));
+        testing::delete_topology(&self.connection, &self.names, &queues).await?;
         self.connection.close().await?;
         Ok(())
     }

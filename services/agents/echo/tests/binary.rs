@@ -7,7 +7,8 @@ use anyhow::{Context, Result, bail};
 use chrono::Utc;
 use flotilla_broker::{
     BrokerConfig, Connection, Consumer, OutgoingMessage, Publisher, QueueNames, connect,
-    declare_topology, testing::Proxy,
+    declare_topology,
+    testing::{self, Proxy},
 };
 use flotilla_proto::{PROTOCOL_VERSION, ResultStatus, Task, TaskResult};
 use serde_json::{Value, json};
@@ -108,16 +109,8 @@ impl Fleet {
     }
 
     async fn cleanup(self) -> Result<()> {
-        let channel = self.connection.open_channel().await?;
-        for queue in [
-            self.names.agent("echo"),
-            self.names.results(),
-            self.names.heartbeats(),
-            self.names.logs(),
-            self.names.dead_letters(),
-        ] {
-            channel.delete_queue(&queue).await?;
-        }
+        let queues = testing::queues_of(&self.names, ["echo"]);
+        testing::delete_topology(&self.connection, &self.names, &queues).await?;
         self.connection.close().await?;
         Ok(())
     }
