@@ -15,7 +15,7 @@ pub mod process;
 pub mod services;
 pub mod workload;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -404,8 +404,9 @@ impl Fleet {
         Ok(self.workers.len() - 1)
     }
 
-    /// Adds agents whose queues the fleet's coordinators may have declared without a worker of
-    /// the fleet serving them (steps of agents a test made up), so that cleanup deletes them too.
+    /// Adds agents served by workers the fleet did not start, whose queues those workers
+    /// declared, so that cleanup deletes them too. (The queues of the agents of the fleet's
+    /// steps are found in its database.)
     pub fn track_agents(&mut self, agents: impl IntoIterator<Item = String>) {
         self.agents.extend(agents);
     }
@@ -557,6 +558,32 @@ impl Fleet {
         queues
     }
 
+    /// The task queues the fleet's coordinators may have declared for its steps: both priorities
+    /// of every agent and label set a step asked for, agents no worker serves included. Empty
+    /// when the database cannot be read (a fault test may have left Postgres down).
+    async fn step_queues(&self) -> Vec<String> {
+        let Ok(db) = self.db().await else {
+            return Vec::new();
+        };
+        let Ok(rows) = db
+            .query("SELECT DISTINCT agent, labels FROM steps", &[])
+            .await
+        else {
+            return Vec::new();
+        };
+        let names = self.queue_names();
+        rows.iter()
+            .flat_map(|row| {
+                let agent: String = row.get(0);
+                let labels: BTreeMap<String, String> = row
+                    .get::<_, Option<serde_json::Value>>(1)
+                    .and_then(|labels| serde_json::from_value(labels).ok())
+                    .unwrap_or_default();
+                [false, true].map(|high| names.tasks(&agent, &labels, high))
+            })
+            .collect()
+    }
+
     /// Stops every process gracefully (SIGTERM, so they drain; SIGKILL after 20 s): the workers
     /// first, so their last results reach a coordinator, then the coordinators.
     pub async fn shutdown(&mut self) {
@@ -578,6 +605,8 @@ impl Fleet {
     /// Stops what still runs, drops the fleet's database and deletes its queues. The processes'
     /// logs stay (see [`Fleet::log_to`]).
     pub async fn cleanup(mut self) -> anyhow::Result<()> {
+        let mut queues = self.queues();
+        queues.extend(self.step_queues().await);
         // Processes still running would recreate what is deleted.
         self.shutdown().await;
         let (admin, conn) =
@@ -590,7 +619,7 @@ impl Fleet {
             ))
             .await?;
         let connection = self.broker().await?;
-        testing::delete_topology(&connection, &self.queue_names(), &self.queues()).await?;
+        testing::delete_topology(&connection, &self.queue_names(), &queues).await?;
         connection.close().await?;
         Ok(())
     }

@@ -16,11 +16,10 @@ use tokio::process::Command;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A fleet with one agent process (`binary` serving `agent`), which the fleet's harness does
-/// not know: the test stops it and deletes its queue.
+/// A fleet with one agent process (`binary` serving `agent`), which the fleet's harness did not
+/// start: the test stops it, and the fleet deletes its queues.
 struct AgentFleet {
     fleet: Fleet,
-    agent: String,
     process: Managed,
 }
 
@@ -29,11 +28,8 @@ impl AgentFleet {
         let mut fleet = Fleet::new();
         fleet.start_coordinator().await?;
         let process = start_agent(&fleet, binary_name, agent, args)?;
-        Ok(Self {
-            fleet,
-            agent: agent.to_string(),
-            process,
-        })
+        fleet.track_agents([agent.to_string()]);
+        Ok(Self { fleet, process })
     }
 
     async fn run(&self, yaml: &str) -> anyhow::Result<WorkflowResult> {
@@ -43,11 +39,6 @@ impl AgentFleet {
 
     async fn stop(self) -> anyhow::Result<()> {
         self.process.terminate().await;
-        let queue = self.fleet.queue_names().agent(&self.agent);
-        let connection = self.fleet.broker().await?;
-        let channel = connection.open_channel().await?;
-        channel.delete_queue(&queue).await?;
-        connection.close().await?;
         self.fleet.stop().await
     }
 }

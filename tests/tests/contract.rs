@@ -107,9 +107,6 @@ async fn the_api_answers_as_its_openapi_document_says() -> anyhow::Result<()> {
     );
 
     // Anything it ran stops with the fleet, and queues it made for agents it invented go too.
-    let db = fleet.db().await?;
-    let agents = db.query("SELECT DISTINCT agent FROM steps", &[]).await?;
-    fleet.track_agents(agents.iter().map(|row| row.get::<_, String>(0)));
     fleet.stop().await
 }
 

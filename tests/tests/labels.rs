@@ -52,8 +52,6 @@ async fn labelled_steps_go_only_to_workers_with_the_labels() -> anyhow::Result<(
     let gpu = labels(&[("gpu", "true"), ("region", "eu")]);
     start_render_worker(&mut fleet, "render-gpu", &gpu)?;
     start_render_worker(&mut fleet, "render-cpu", &labels(&[("gpu", "false")]))?;
-    let unmatched = labels(&[("gpu", "true"), ("region", "us")]);
-    fleet.track_queues([fleet.queue_names().tasks("render", &unmatched, false)]);
     // Both workers registered, so that a plain step may go to either.
     eventually(WAIT, "both workers registered", || async {
         let agents = fleet.agents().await?;

@@ -2,6 +2,7 @@
 //! unhealthy when killed and leave when stopped; a step whose agent has no worker shows as
 //! waiting for one, and fails after its `schedule_to_start`.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flotilla_tests::workload::{eventually, poll_until};
@@ -40,6 +41,18 @@ async fn workers_appear_turn_unhealthy_when_killed_and_leave_when_stopped() -> a
         2,
         quick_beats().env("FLOTILLA_WORKER_LABELS", "region=eu"),
     )?;
+    let (names, region) = (
+        fleet.queue_names(),
+        BTreeMap::from([("region".into(), "eu".into())]),
+    );
+    for agent in ["regecho", "other"] {
+        fleet.track_queues(
+            names
+                .worker_queues(agent, &region)
+                .into_iter()
+                .map(|(q, _)| q),
+        );
+    }
 
     let both =
         eventually(WAIT, "both workers registered and healthy", || async {
@@ -177,12 +190,5 @@ async fn a_step_without_workers_waits_and_fails_after_schedule_to_start() -> any
     let served = step(&run, "served");
     assert_eq!(served.status, "success");
     assert!(!served.waiting_for_worker);
-
-    let connection = fleet.broker().await?;
-    let channel = connection.open_channel().await?;
-    channel
-        .delete_queue(&fleet.queue_names().agent("nobody"))
-        .await?;
-    connection.close().await?;
     fleet.stop().await
 }
