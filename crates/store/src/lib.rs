@@ -20,6 +20,7 @@ pub mod queries;
 pub mod quotas;
 pub mod registry;
 pub mod schedules;
+pub mod statistics;
 
 use std::time::Duration;
 

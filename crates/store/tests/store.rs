@@ -10,6 +10,7 @@ use flotilla_store::engine::{
 use flotilla_store::registry::{self, Announcement, Sighting};
 use flotilla_store::{
     Store, StoreConfig, dead_letters, definitions, idempotency, logs, outbox, queries, schedules,
+    statistics,
 };
 use serde_json::{Map, json};
 use uuid::Uuid;
@@ -394,6 +395,37 @@ async fn opening_twice_runs_each_migration_once() -> anyhow::Result<()> {
         "every migration file is registered and applied once, in order"
     );
     drop(again);
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn tables_changed_since_their_last_analyze_are_named_stale_until_analyzed()
+-> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let client = t.store.client().await?;
+    let autovacuum: String = client.query_one("SHOW autovacuum", &[]).await?.get(0);
+    let fresh = statistics::statistics(&client).await?;
+    assert_eq!(fresh.autovacuum, autovacuum == "on");
+    assert_eq!(fresh.stale, Vec::<String>::new(), "nothing written yet");
+
+    client
+        .batch_execute(
+            "INSERT INTO outbox (id, routing_key, kind, body, created_at)
+             SELECT gen_random_uuid(), 'q', 'task', '\\x00', now() FROM generate_series(1, 100)",
+        )
+        .await?;
+    // A backend reports its counts when idle, at most once a second unless told to.
+    client
+        .batch_execute("SELECT pg_stat_force_next_flush()")
+        .await?;
+    assert_eq!(statistics::statistics(&client).await?.stale, ["outbox"]);
+
+    client.batch_execute("ANALYZE outbox").await?;
+    assert_eq!(
+        statistics::statistics(&client).await?.stale,
+        Vec::<String>::new()
+    );
+    drop(client);
     t.drop_db().await
 }
 

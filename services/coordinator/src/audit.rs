@@ -16,6 +16,7 @@ use flotilla_api_model::{
 use flotilla_broker::QueueCounts;
 use flotilla_store::PoolUse;
 use flotilla_store::migrate::Migrations;
+use flotilla_store::statistics::Statistics;
 
 /// An outbox message older than this means the relay is behind.
 const OUTBOX_WARN_AGE: Duration = Duration::from_secs(10);
@@ -50,6 +51,8 @@ pub(crate) struct PostgresFacts {
     pub outbox_oldest: Option<DateTime<Utc>>,
     /// Dead letters not redriven.
     pub dead_letters: i64,
+    /// Whether the planner's statistics of the engine's tables are kept current.
+    pub statistics: Statistics,
 }
 
 pub(crate) struct RabbitFacts {
@@ -170,6 +173,35 @@ fn postgres(facts: &Facts, targets: &HealthTargets, out: &mut Vec<HealthAuditChe
         ),
     };
     out.push(check("postgres", "migrations", status, None, message));
+    let stats = &pg.statistics;
+    let (status, message) = match (stats.autovacuum, stats.stale.as_slice()) {
+        (true, _) => (
+            HEALTH_PASS,
+            "autovacuum keeps the planner's statistics of the engine's tables current".into(),
+        ),
+        (false, []) => (
+            HEALTH_PASS,
+            "autovacuum is off, but the engine's tables changed little since their last ANALYZE"
+                .into(),
+        ),
+        (false, stale) => (
+            HEALTH_WARN,
+            format!(
+                "autovacuum is off (or track_counts is) and {} changed by over 10 % since their \
+                 last ANALYZE: the engine's statements are planned on stale statistics and dead \
+                 rows are not reclaimed, so a step costs more as the history grows; turn \
+                 autovacuum on, or run VACUUM ANALYZE regularly",
+                stale.join(", ")
+            ),
+        ),
+    };
+    out.push(check(
+        "postgres",
+        "statistics",
+        status,
+        Some(stats.stale.len() as f64),
+        message,
+    ));
     let used = pg.pool.in_use as f64 / pg.pool.max.max(1) as f64;
     let status = if pg.pool.waiting > 0 {
         HEALTH_FAIL
@@ -436,6 +468,10 @@ mod tests {
                 outbox: 0,
                 outbox_oldest: None,
                 dead_letters: 0,
+                statistics: Statistics {
+                    autovacuum: true,
+                    stale: Vec::new(),
+                },
             }),
             rabbitmq: Ok(RabbitFacts {
                 results: counts(0, 1),
@@ -480,7 +516,7 @@ mod tests {
             checks.iter().all(|c| c.status == HEALTH_PASS),
             "{checks:#?}"
         );
-        assert_eq!(checks.len(), 14, "{checks:#?}");
+        assert_eq!(checks.len(), 15, "{checks:#?}");
     }
 
     #[test]
@@ -525,6 +561,36 @@ mod tests {
         for name in ["error rate build", "latency build", "pool", "failover"] {
             assert_eq!(status_of(&checks, name), HEALTH_PASS, "{name}");
         }
+    }
+
+    #[test]
+    fn stale_statistics_warn_only_when_nothing_analyzes_the_tables() {
+        let mut facts = healthy();
+        if let Ok(pg) = &mut facts.postgres {
+            pg.statistics.stale = vec!["attempts".into(), "steps".into()];
+        }
+        // Autovacuum will analyze them.
+        let checks = grade(&facts, &HealthTargets::default());
+        assert_eq!(status_of(&checks, "statistics"), HEALTH_PASS);
+        if let Ok(pg) = &mut facts.postgres {
+            pg.statistics.autovacuum = false;
+        }
+        let checks = grade(&facts, &HealthTargets::default());
+        let stats = checks.iter().find(|c| c.name == "statistics").unwrap();
+        assert_eq!(stats.status, HEALTH_WARN);
+        assert_eq!(stats.value, Some(2.0));
+        assert!(
+            stats.message.starts_with(
+                "autovacuum is off (or track_counts is) and attempts, steps changed by over 10 %"
+            ),
+            "{}",
+            stats.message
+        );
+        if let Ok(pg) = &mut facts.postgres {
+            pg.statistics.stale.clear();
+        }
+        let checks = grade(&facts, &HealthTargets::default());
+        assert_eq!(status_of(&checks, "statistics"), HEALTH_PASS);
     }
 
     #[test]

@@ -311,6 +311,7 @@ impl CoordinatorBackend {
                 outbox: outbox::backlog(&client).await?,
                 outbox_oldest: outbox::oldest(&client).await?,
                 dead_letters: dead_letters::pending(&client).await?,
+                statistics: flotilla_store::statistics::statistics(&client).await?,
             })
         };
         match tokio::time::timeout(crate::health::CHECK_TIMEOUT, read).await {
