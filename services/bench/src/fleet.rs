@@ -595,20 +595,32 @@ pub async fn memory(bench: &mut Bench, runs: usize) -> anyhow::Result<Report> {
 /// median throughput after the seeding; the ratio is of the medians, and every measurement is
 /// in `details`, so that a difference can be told from the host's noise.
 pub async fn history(bench: &mut Bench, sizes: &Sizes) -> anyhow::Result<Vec<Report>> {
-    let before = history_rounds(bench, sizes).await?;
+    let tables = PostgresWork::tables(&bench.db).await?;
+    let autovacuum: bool = bench
+        .db
+        .query_one(
+            "SELECT current_setting('autovacuum')::bool AND current_setting('track_counts')::bool",
+            &[],
+        )
+        .await?
+        .get(0);
+    let before = history_rounds(bench, sizes, &tables, autovacuum).await?;
     let seeding = Instant::now();
     let flushed = seed_history(&bench.db, sizes.history_steps).await?;
     let seed_s = seeding.elapsed().as_secs_f64();
-    let after = history_rounds(bench, sizes).await?;
+    let after = history_rounds(bench, sizes, &tables, autovacuum).await?;
     let mut reports = Vec::new();
     for (before, after) in before.into_iter().zip(after) {
         let mut details = json!({
             "seeded_steps": sizes.history_steps,
             "seed_s": seed_s,
             "checkpointed": flushed,
+            "autovacuum": autovacuum,
             "without_history": figures(&before),
             "with_history": figures(&after),
         });
+        details["blocks_per_step_vs_without"] =
+            json!(median_blocks_per_step(&after) / median_blocks_per_step(&before));
         let without = median(before);
         let mut report = median(after);
         details["throughput_vs_without"] = json!(report.throughput / without.throughput);
@@ -619,21 +631,142 @@ pub async fn history(bench: &mut Bench, sizes: &Sizes) -> anyhow::Result<Vec<Rep
 }
 
 /// `repeats` fan-outs and chains, taking turns (fan-out, chain, fan-out, …), as [fan-outs,
-/// chains].
-async fn history_rounds(bench: &mut Bench, sizes: &Sizes) -> anyhow::Result<[Vec<Report>; 2]> {
+/// chains], each with the Postgres work it took. Where the server's autovacuum is off, the
+/// tables are vacuumed and analyzed before each, as autovacuum would have done after the one
+/// before changed them: else the statements are planned on the statistics of tables a fraction
+/// of their size, and the measurement is of that (see `flotilla doctor`'s statistics check).
+async fn history_rounds(
+    bench: &mut Bench,
+    sizes: &Sizes,
+    tables: &[u32],
+    autovacuum: bool,
+) -> anyhow::Result<[Vec<Report>; 2]> {
     let (mut fanouts, mut chains) = (Vec::new(), Vec::new());
     for _ in 0..sizes.history_repeats.max(1) {
-        fanouts.push(fanout(bench, "history-fanout", sizes.steps).await?);
-        chains.push(chain(bench, "history-chain", sizes.chain).await?);
+        for chain_turn in [false, true] {
+            if !autovacuum {
+                bench.db.batch_execute("VACUUM (ANALYZE)").await?;
+            }
+            // The bench's own statements (the seeding, the vacuum) are not the measurement's.
+            bench
+                .db
+                .batch_execute("SELECT pg_stat_force_next_flush()")
+                .await?;
+            let start = PostgresWork::read(&bench.db, tables).await?;
+            let mut report = if chain_turn {
+                chain(bench, "history-chain", sizes.chain).await?
+            } else {
+                fanout(bench, "history-fanout", sizes.steps).await?
+            };
+            let end = PostgresWork::settled(&bench.db, tables, &start).await?;
+            report.details["postgres"] = end.since(&start, report.n);
+            if chain_turn {
+                chains.push(report);
+            } else {
+                fanouts.push(report);
+            }
+        }
     }
     Ok([fanouts, chains])
 }
 
-/// Each report's throughput and median latency, in the order measured.
+/// What Postgres did in the fleet's database so far (`pg_stat_database` and the tables'
+/// autovacuum counts): work counted rather than timed, so that `history` can tell a cost per
+/// step that grows with the history (more blocks or rows read per step) from the host's noise.
+/// The fleet's idle work (timers, heartbeats) adds a few dozen blocks a second.
+struct PostgresWork {
+    /// Table and index blocks read, from Postgres's cache or from the disk.
+    blocks: i64,
+    /// Rows returned by scans (every row a sequential scan passes) and fetched by index scans.
+    rows: i64,
+    /// Autovacuum and autoanalyze passes over the tables.
+    autovacuums: i64,
+    /// Whether the backends had reported the work measured (see [`PostgresWork::settled`]).
+    settled: bool,
+}
+
+impl PostgresWork {
+    /// The database's tables, whose autovacuums are counted: listed once, since listing them
+    /// scans the catalog, which would count as rows read.
+    async fn tables(db: &tokio_postgres::Client) -> anyhow::Result<Vec<u32>> {
+        let row = db
+            .query_one(
+                "SELECT coalesce(array_agg(relid), '{}') FROM pg_stat_user_tables",
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// The counters as every backend has reported them so far.
+    async fn read(db: &tokio_postgres::Client, tables: &[u32]) -> anyhow::Result<Self> {
+        // A transaction's statistics are a snapshot taken at their first read: start afresh.
+        db.batch_execute("SELECT pg_stat_clear_snapshot()").await?;
+        let row = db
+            .query_one(
+                "SELECT blks_hit + blks_read, tup_returned + tup_fetched,
+                        (SELECT coalesce(sum(pg_stat_get_autovacuum_count(t)
+                                             + pg_stat_get_autoanalyze_count(t)), 0)::int8
+                         FROM unnest($1::oid[]) t)
+                 FROM pg_stat_database WHERE datname = current_database()",
+                &[&tables],
+            )
+            .await?;
+        Ok(Self {
+            blocks: row.get(0),
+            rows: row.get(1),
+            autovacuums: row.get(2),
+            settled: true,
+        })
+    }
+
+    /// The counters once the backends have reported the work since `start`: a backend reports
+    /// at most once a second, so they are read every second until one adds less than 2 % of
+    /// the blocks counted since `start` (at most 30 times; `settled` says whether it came to
+    /// that).
+    async fn settled(
+        db: &tokio_postgres::Client,
+        tables: &[u32],
+        start: &Self,
+    ) -> anyhow::Result<Self> {
+        let mut last = Self::read(db, tables).await?;
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = Self::read(db, tables).await?;
+            if (now.blocks - last.blocks) * 50 < now.blocks - start.blocks {
+                return Ok(now);
+            }
+            last = now;
+        }
+        Ok(Self {
+            settled: false,
+            ..last
+        })
+    }
+
+    /// The work from `start` to `self`, per step of the `steps` measured in between.
+    fn since(&self, start: &Self, steps: usize) -> Value {
+        let per_step = |end: i64, start: i64| (end - start) as f64 / steps.max(1) as f64;
+        json!({
+            "blocks_per_step": per_step(self.blocks, start.blocks),
+            "rows_per_step": per_step(self.rows, start.rows),
+            "autovacuums": self.autovacuums - start.autovacuums,
+            "settled": self.settled,
+        })
+    }
+}
+
+/// Each report's throughput, median latency and Postgres work per step, in the order measured.
 fn figures(reports: &[Report]) -> Vec<Value> {
     reports
         .iter()
-        .map(|r| json!({"throughput": r.throughput, "latency_p50": r.latency.as_ref().map(|l| l.p50)}))
+        .map(|r| {
+            json!({
+                "throughput": r.throughput,
+                "latency_p50": r.latency.as_ref().map(|l| l.p50),
+                "postgres": r.details["postgres"],
+            })
+        })
         .collect()
 }
 
@@ -641,6 +774,16 @@ fn figures(reports: &[Report]) -> Vec<Value> {
 fn median(mut reports: Vec<Report>) -> Report {
     reports.sort_by(|a, b| a.throughput.total_cmp(&b.throughput));
     reports.swap_remove(reports.len() / 2)
+}
+
+/// The median of the reports' Postgres blocks read per step (the upper one of an even count).
+fn median_blocks_per_step(reports: &[Report]) -> f64 {
+    let mut blocks: Vec<f64> = reports
+        .iter()
+        .filter_map(|r| r.details["postgres"]["blocks_per_step"].as_f64())
+        .collect();
+    blocks.sort_by(f64::total_cmp);
+    blocks.get(blocks.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Steps per seeded run.
