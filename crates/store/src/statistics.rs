@@ -4,7 +4,7 @@
 //! history instead of staying flat. Autovacuum analyzes a table once 50 rows and 10 % of it
 //! changed (its default thresholds); with autovacuum off, nothing does.
 
-use crate::{Error, GenericClient};
+use crate::Error;
 
 /// The tables the engine's statements touch on every step.
 const HOT_TABLES: &[&str] = &["attempts", "outbox", "runs", "steps"];
@@ -20,8 +20,10 @@ pub struct Statistics {
     pub stale: Vec<String>,
 }
 
-/// Reads the settings and the tables' counts of changes (`pg_stat_user_tables`).
-pub async fn statistics(client: &impl GenericClient) -> Result<Statistics, Error> {
+/// Reads the settings and the tables' counts of changes (`pg_stat_user_tables`). It takes the
+/// driver's client, which a pooled one derefs to, so that the benchmark's plain connection can
+/// ask too.
+pub async fn statistics(client: &tokio_postgres::Client) -> Result<Statistics, Error> {
     let row = client
         .query_one(
             "SELECT current_setting('autovacuum')::bool AND current_setting('track_counts')::bool,

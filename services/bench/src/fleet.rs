@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
+use flotilla_store::statistics;
 use flotilla_tests::workload::{Patience, Workflow, wait_for_runs};
 use flotilla_tests::{Fleet, Launch, Managed};
 use futures_util::{StreamExt, stream};
@@ -596,19 +597,12 @@ pub async fn memory(bench: &mut Bench, runs: usize) -> anyhow::Result<Report> {
 /// in `details`, so that a difference can be told from the host's noise.
 pub async fn history(bench: &mut Bench, sizes: &Sizes) -> anyhow::Result<Vec<Report>> {
     let tables = PostgresWork::tables(&bench.db).await?;
-    let autovacuum: bool = bench
-        .db
-        .query_one(
-            "SELECT current_setting('autovacuum')::bool AND current_setting('track_counts')::bool",
-            &[],
-        )
-        .await?
-        .get(0);
-    let before = history_rounds(bench, sizes, &tables, autovacuum).await?;
+    let autovacuum = statistics::statistics(&bench.db).await?.autovacuum;
+    let before = history_rounds(bench, sizes, &tables).await?;
     let seeding = Instant::now();
     let flushed = seed_history(&bench.db, sizes.history_steps).await?;
     let seed_s = seeding.elapsed().as_secs_f64();
-    let after = history_rounds(bench, sizes, &tables, autovacuum).await?;
+    let after = history_rounds(bench, sizes, &tables).await?;
     let mut reports = Vec::new();
     for (before, after) in before.into_iter().zip(after) {
         let mut details = json!({
@@ -631,62 +625,49 @@ pub async fn history(bench: &mut Bench, sizes: &Sizes) -> anyhow::Result<Vec<Rep
 }
 
 /// `repeats` fan-outs and chains, taking turns (fan-out, chain, fan-out, …), as [fan-outs,
-/// chains], each with the Postgres work it took. Where the server's autovacuum is off, the
-/// tables it would have analyzed after the measurement before are analyzed before each: else
-/// the statements are planned on statistics of tables a fraction of their size, and the
-/// measurement is of that (see `flotilla doctor`'s statistics check).
+/// chains], each with the Postgres work it took (see [`counted`]).
 async fn history_rounds(
     bench: &mut Bench,
     sizes: &Sizes,
     tables: &[u32],
-    autovacuum: bool,
 ) -> anyhow::Result<[Vec<Report>; 2]> {
     let (mut fanouts, mut chains) = (Vec::new(), Vec::new());
     for _ in 0..sizes.history_repeats.max(1) {
-        for chain_turn in [false, true] {
-            if !autovacuum {
-                autovacuum_by_hand(&bench.db).await?;
-            }
-            // The bench's own statements (the seeding, the vacuum) are not the measurement's.
-            bench
-                .db
-                .batch_execute("SELECT pg_stat_force_next_flush()")
-                .await?;
-            let start = PostgresWork::read(&bench.db, tables).await?;
-            let mut report = if chain_turn {
-                chain(bench, "history-chain", sizes.chain).await?
-            } else {
-                fanout(bench, "history-fanout", sizes.steps).await?
-            };
-            let end = PostgresWork::settled(&bench.db, tables, &start).await?;
-            report.details["postgres"] = end.since(&start, report.n);
-            if chain_turn {
-                chains.push(report);
-            } else {
-                fanouts.push(report);
-            }
-        }
+        let fanout = async |b: &mut Bench| fanout(b, "history-fanout", sizes.steps).await;
+        fanouts.push(counted(bench, tables, fanout).await?);
+        let chain = async |b: &mut Bench| chain(b, "history-chain", sizes.chain).await;
+        chains.push(counted(bench, tables, chain).await?);
     }
     Ok([fanouts, chains])
 }
 
-/// Vacuums and analyzes the tables autovacuum would analyze now, by its default thresholds:
-/// more than 50 rows and 10 % of the table changed since the last `ANALYZE`. (Analyzing a table
-/// of a few rows instead would record a density that misleads the planner once it has grown.)
-async fn autovacuum_by_hand(db: &tokio_postgres::Client) -> anyhow::Result<()> {
-    let due = db
-        .query(
-            "SELECT quote_ident(relname) FROM pg_stat_user_tables
-             WHERE schemaname = current_schema() AND n_mod_since_analyze > 50 + 0.1 * n_live_tup",
-            &[],
-        )
-        .await?;
-    for table in due {
-        let table: String = table.get(0);
-        db.batch_execute(&format!("VACUUM (ANALYZE) {table}"))
-            .await?;
+/// The report of `measure`, with the Postgres work it took in `details.postgres`. Where the
+/// server's autovacuum is off, the engine's tables it would have analyzed by now are vacuumed
+/// and analyzed first: else the statements are planned on statistics of tables a fraction of
+/// their size, and the measurement is of that (see `flotilla doctor`'s statistics check).
+async fn counted<F>(bench: &mut Bench, tables: &[u32], measure: F) -> anyhow::Result<Report>
+where
+    F: AsyncFnOnce(&mut Bench) -> anyhow::Result<Report>,
+{
+    let stats = statistics::statistics(&bench.db).await?;
+    if !stats.autovacuum {
+        for table in &stats.stale {
+            bench
+                .db
+                .batch_execute(&format!("VACUUM (ANALYZE) {table}"))
+                .await?;
+        }
     }
-    Ok(())
+    // The bench's own statements (the seeding, the vacuum) are not the measurement's.
+    bench
+        .db
+        .batch_execute("SELECT pg_stat_force_next_flush()")
+        .await?;
+    let start = PostgresWork::read(&bench.db, tables).await?;
+    let mut report = measure(bench).await?;
+    let end = PostgresWork::settled(&bench.db, tables, &start).await?;
+    report.details["postgres"] = end.since(&start, report.n);
+    Ok(report)
 }
 
 /// What Postgres did in the fleet's database so far (`pg_stat_database` and the tables'
@@ -719,8 +700,7 @@ impl PostgresWork {
 
     /// The counters as every backend has reported them so far.
     async fn read(db: &tokio_postgres::Client, tables: &[u32]) -> anyhow::Result<Self> {
-        // A transaction's statistics are a snapshot taken at their first read: start afresh.
-        db.batch_execute("SELECT pg_stat_clear_snapshot()").await?;
+        // Outside a transaction block, so each reading is a fresh snapshot of the statistics.
         let row = db
             .query_one(
                 "SELECT blks_hit + blks_read, tup_returned + tup_fetched,
