@@ -826,7 +826,8 @@ async fn instances_and_run_deadlines_load_back_and_past_deadlines_are_found() ->
     assert!(db::past_run_deadlines(&client, at(9), 10).await?.is_empty());
     assert_eq!(db::past_run_deadlines(&client, at(10), 10).await?, [id]);
     assert_eq!(db::next_run_deadline(&client).await?, Some(at(10)));
-    Ok(())
+    drop(client);
+    t.drop_db().await
 }
 
 #[tokio::test]
