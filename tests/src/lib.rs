@@ -548,6 +548,34 @@ impl Fleet {
         .await?)
     }
 
+    /// Takes the tasks of `agent` in a worker's place, on `connection`. The coordinator may be
+    /// declaring the same queue at this moment, and RabbitMQ can then answer the second declare
+    /// before the quorum queue serves consumers (`basic.consume` fails with INTERNAL_ERROR and
+    /// closes the connection): like a worker, the consumer reconnects on such a transient error.
+    pub async fn consume_tasks(
+        &self,
+        connection: &flotilla_broker::Connection,
+        agent: &str,
+        prefetch: u16,
+    ) -> anyhow::Result<flotilla_broker::ReconnectingConsumer> {
+        let names = self.queue_names();
+        let queue = names.agent(agent);
+        let agent = agent.to_owned();
+        let declare = move |channel: flotilla_broker::Channel| {
+            let (names, agent) = (names.clone(), agent.clone());
+            async move { flotilla_broker::declare_agent_queue(&channel, &names, &agent, 5).await }
+        };
+        Ok(flotilla_broker::ReconnectingConsumer::start(
+            connection,
+            &queue,
+            "",
+            prefetch,
+            declare,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await?)
+    }
+
     /// The queues the fleet may have declared: every agent queue (normal and high priority),
     /// results, dead letters, heartbeats and logs.
     pub fn queues(&self) -> Vec<String> {

@@ -409,26 +409,17 @@ async fn a_twice_dead_lettered_task_fails_its_step_and_a_redrive_runs_it_again()
     // A worker rejects the task: RabbitMQ dead-letters it. The first time, the step is only
     // retried (the task may have shared a crashing worker with a poison one); the second time,
     // it fails.
-    let names = flotilla_proto::QueueNames::new(fleet.prefix.clone());
-    let connection = flotilla_broker::connect(
-        &flotilla_broker::BrokerConfig::new(flotilla_tests::amqp_url()),
-        "flotilla-tests",
-    )
-    .await?;
-    // Declared here too (with the same arguments), so the test need not wait for the relay's.
-    let channel = connection.open_channel().await?;
-    flotilla_broker::declare_agent_queue(&channel, &names, "fragile", 5).await?;
-    let mut consumer =
-        flotilla_broker::Consumer::start(&connection, &names.agent("fragile"), "", 1).await?;
+    let connection = fleet.broker().await?;
+    let mut consumer = fleet.consume_tasks(&connection, "fragile", 1).await?;
     for attempt in 1..=2u32 {
         let delivery = tokio::time::timeout(WAIT, consumer.next())
             .await?
-            .expect("a task")?;
+            .expect("a task");
         let task: flotilla_proto::Task = serde_json::from_slice(&delivery.body)?;
         assert_eq!(task.attempt, attempt);
         delivery.nack(false).await?;
     }
-    consumer.close().await?;
+    consumer.into_consumer()?.close().await?;
     connection.close().await?;
 
     let run = fleet.wait_for_end(id, WAIT).await?;

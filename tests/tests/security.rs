@@ -621,20 +621,16 @@ async fn secrets_reach_the_handler_and_nothing_else() -> anyhow::Result<()> {
     let id = fleet.execute_yaml(yaml, json!({"who": "ci"})).await?;
 
     // Before any worker takes them, the tasks in RabbitMQ carry the references.
-    let names = fleet.queue_names();
     let connection = fleet.broker().await?;
-    let channel = connection.open_channel().await?;
-    flotilla_broker::declare_agent_queue(&channel, &names, "vault", 5).await?;
-    let mut consumer =
-        flotilla_broker::Consumer::start(&connection, &names.agent("vault"), "", 10).await?;
+    let mut consumer = fleet.consume_tasks(&connection, "vault", 10).await?;
     let mut bodies = Vec::new();
     while bodies.len() < 2 {
         let delivery = tokio::time::timeout(WAIT, consumer.next())
             .await?
-            .expect("a task")?;
+            .expect("a task");
         bodies.push(String::from_utf8(delivery.body.clone())?);
     }
-    consumer.close().await?;
+    consumer.into_consumer()?.close().await?;
     connection.close().await?;
     let call = bodies.iter().find(|b| b.contains("Bearer")).unwrap();
     assert!(
