@@ -855,8 +855,11 @@ pub async fn expired_leases(
 ) -> Result<Vec<RunningAttempt>, Error> {
     running_attempts(
         client,
+        // Two bounds rather than `least($1, pulse)`: the planner estimates `<= $1` from the
+        // column's statistics, but a bound computed by a subquery at a third of the table, and
+        // on a large one it would then launch parallel workers at every timer pass.
         "SELECT run_id, idx, attempt, task_id FROM steps
-         WHERE lease_until <= least($1, (SELECT at FROM fleet_pulse WHERE id = 1))
+         WHERE lease_until <= $1 AND lease_until <= (SELECT at FROM fleet_pulse WHERE id = 1)
            AND status = 'running'
          ORDER BY lease_until LIMIT $2",
         now,
@@ -918,11 +921,14 @@ pub async fn next_deadline(client: &impl GenericClient) -> Result<Option<DateTim
 pub async fn next_lease_end(client: &impl GenericClient) -> Result<Option<DateTime<Utc>>, Error> {
     let stmt = client
         .prepare_cached(
-            "SELECT min(lease_until) FROM steps
-             WHERE lease_until > (SELECT at FROM fleet_pulse WHERE id = 1)",
+            // The first in index order rather than min(): the bound is a subquery's, which the
+            // planner takes to pass a third of the table, and min() could then be a scan of it.
+            "SELECT lease_until FROM steps
+             WHERE lease_until > (SELECT at FROM fleet_pulse WHERE id = 1)
+             ORDER BY lease_until LIMIT 1",
         )
         .await?;
-    Ok(client.query_one(&stmt, &[]).await?.get(0))
+    Ok(client.query_opt(&stmt, &[]).await?.map(|r| r.get(0)))
 }
 
 /// Runs whose workflow timeout passed before `now`.

@@ -1347,3 +1347,78 @@ async fn runs_are_listed_by_status_definition_and_start() -> anyhow::Result<()> 
     drop(client);
     t.drop_db().await
 }
+
+/// Blocks read in the database so far, once this session's counts are reported.
+async fn blocks_read(client: &impl deadpool_postgres::GenericClient) -> anyhow::Result<i64> {
+    // A backend reports its counts when it goes idle, at most once a second unless told to.
+    client
+        .batch_execute("SELECT pg_stat_force_next_flush()")
+        .await?;
+    Ok(client
+        .query_one(
+            "SELECT blks_hit + blks_read FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// The timers pass every few milliseconds under load: what a pass reads must not grow with the
+/// steps kept after their runs ended, nor start parallel workers (which read the catalogs anew
+/// each time). A plan on a large table that estimates a third of it due does both.
+#[tokio::test]
+async fn a_timer_pass_reads_a_few_blocks_however_many_steps_finished() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let client = t.store.client().await?;
+    client
+        .batch_execute(
+            "INSERT INTO definition_contents (hash, body) VALUES ('history', '{}');
+             INSERT INTO runs (id, name, definition_hash, status, params, version, created_at,
+                               ended_at)
+             SELECT gen_random_uuid(), 'history', 'history', 'success', '{}', 1, now(), now()
+             FROM generate_series(1, 2000);
+             INSERT INTO steps (run_id, idx, step_id, agent, action, status, attempt, task_id,
+                                started_at, ended_at, output)
+             SELECT r.id, i, 's' || i, 'a', 'b', 'success', 1, gen_random_uuid(), now(), now(),
+                    '{}'
+             FROM runs r, generate_series(0, 9) i;
+             ANALYZE;
+             -- Parallel workers priced as for a table 50 times larger (a million steps), so
+             -- that this one need not be written to see what the planner would do there.
+             SET parallel_setup_cost = 20;
+             SET parallel_tuple_cost = 0.002;
+             SET min_parallel_table_scan_size = 0;
+             SET min_parallel_index_scan_size = 0;",
+        )
+        .await?;
+    let pass = async || -> anyhow::Result<()> {
+        let now = Utc::now();
+        db::due_wakeups(&client, now, 1_000).await?;
+        db::expired_leases(&client, now, 1_000).await?;
+        db::past_deadlines(&client, now, 1_000).await?;
+        db::past_run_deadlines(&client, now, 1_000).await?;
+        db::not_started(&client, now, 1_000).await?;
+        db::next_wakeup(&client).await?;
+        db::next_lease_end(&client).await?;
+        db::next_deadline(&client).await?;
+        db::next_run_deadline(&client).await?;
+        db::next_start_by(&client).await?;
+        Ok(())
+    };
+    // Past the first five executions of each prepared statement, after which Postgres may plan
+    // it once for every parameter.
+    for _ in 0..6 {
+        pass().await?;
+    }
+    let before = blocks_read(&client).await?;
+    for _ in 0..10 {
+        pass().await?;
+    }
+    let per_pass = (blocks_read(&client).await? - before) / 10;
+    assert!(
+        per_pass < 100,
+        "a timer pass read {per_pass} blocks among 20,000 finished steps"
+    );
+    drop(client);
+    t.drop_db().await
+}
