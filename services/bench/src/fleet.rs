@@ -3,6 +3,7 @@
 //! the end-to-end tests). Figures are read from what the fleet recorded in Postgres, so the
 //! bench's polling adds nothing to them.
 
+use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -333,13 +334,15 @@ pub async fn fanout(bench: &mut Bench, scenario: &str, steps: usize) -> anyhow::
     let run = bench.execute(json!({"yaml": workflow.yaml()})).await?;
     bench.wait(&[run]).await?;
     let elapsed = bench.span(&[run]).await?;
-    let latencies = durations(
-        &bench.db,
-        "SELECT extract(epoch FROM s.ended_at - a.dispatched_at)::float8
-         FROM steps s JOIN attempts a USING (run_id, idx) WHERE s.run_id = $1",
-        run,
-    )
-    .await?;
+    let recorded = Recorded::read(&bench.db, run).await?;
+    let latencies = recorded
+        .attempts
+        .iter()
+        .filter_map(|a| {
+            let ended = recorded.ended.get(&a.idx).copied().flatten()?;
+            Some(between(a.dispatched, ended))
+        })
+        .collect();
     let mut report = Report::new(scenario, steps, "steps", elapsed)
         .latency(Latency::of(
             "a step: dispatched to ended, as recorded",
@@ -428,56 +431,111 @@ pub async fn chain(bench: &mut Bench, scenario: &str, hops: usize) -> anyhow::Re
         )
         .await?
         .get(0);
-    let steps = bench
-        .db
-        .query(
-            "SELECT extract(epoch FROM ended_at)::float8 FROM steps WHERE run_id = $1 ORDER BY idx",
-            &[&run],
-        )
-        .await?;
-    let ends: Vec<f64> = std::iter::once(created)
-        .chain(steps.iter().map(|row| row.get(0)))
-        .collect();
+    let recorded = Recorded::read(&bench.db, run).await?;
+    let ends: Vec<f64> = std::iter::once(Some(created))
+        .chain(recorded.ended.values().copied())
+        .collect::<Option<_>>()
+        .context("a step of the chain has no end recorded")?;
     let hops_taken: Vec<Duration> = ends
         .windows(2)
-        .map(|pair| Duration::from_secs_f64((pair[1] - pair[0]).max(0.0)))
+        .map(|pair| between(pair[0], pair[1]))
         .collect();
     Ok(Report::new(scenario, hops, "hops", elapsed)
         .latency(Latency::of(
             "one hop: a step's end to the next step's end (the first from the submission)",
             hops_taken,
         ))
-        .details(json!({"hop_parts": hop_parts(&bench.db, run).await?}))
+        .details(json!({"hop_parts": hop_parts(&recorded)}))
         .rss(bench.rss()))
 }
 
-/// Where a chain's hops go, from the stored attempts (the worker's clock is the coordinator's
-/// here): `result` is a step's end at its worker to the batch that records it (which dispatches
-/// the next step), `task` is that dispatch to the next step's start at its worker (commit,
-/// outbox publish, delivery), `run` is the step's own run time at its worker.
-async fn hop_parts(db: &tokio_postgres::Client, run: Uuid) -> anyhow::Result<Value> {
-    let part = |query: &'static str| durations(db, query, run);
-    let result = part(
-        "SELECT extract(epoch FROM n.dispatched_at - p.finished_at)::float8
-         FROM attempts p JOIN attempts n ON n.run_id = p.run_id AND n.idx = p.idx + 1
-         WHERE p.run_id = $1 AND p.attempt = 1 AND n.attempt = 1",
-    )
-    .await?;
-    let task = part(
-        "SELECT extract(epoch FROM started_at - dispatched_at)::float8
-         FROM attempts WHERE run_id = $1 AND attempt = 1",
-    )
-    .await?;
-    let run_time = part(
-        "SELECT extract(epoch FROM finished_at - started_at)::float8
-         FROM attempts WHERE run_id = $1 AND attempt = 1",
-    )
-    .await?;
-    Ok(json!({
+/// Where a chain's hops go, from its stored first attempts (the worker's clock is the
+/// coordinator's here): `result` is a step's end at its worker to the batch that records it
+/// (which dispatches the next step), `task` is that dispatch to the next step's start at its
+/// worker (commit, outbox publish, delivery), `run` is the step's own run time at its worker.
+fn hop_parts(recorded: &Recorded) -> Value {
+    let first: Vec<&AttemptTimes> = recorded
+        .attempts
+        .iter()
+        .filter(|a| a.attempt == 1)
+        .collect();
+    let result = first
+        .windows(2)
+        .filter(|pair| pair[1].idx == pair[0].idx + 1)
+        .filter_map(|pair| Some(between(pair[0].finished?, pair[1].dispatched)))
+        .collect();
+    let task = first
+        .iter()
+        .filter_map(|a| Some(between(a.dispatched, a.started?)))
+        .collect();
+    let run_time = first
+        .iter()
+        .filter_map(|a| Some(between(a.started?, a.finished?)))
+        .collect();
+    json!({
         "result": Latency::of("a step's end at its worker to the batch that records it", result),
         "task": Latency::of("a dispatch to the step's start at its worker", task),
         "run": Latency::of("a step's run time at its worker", run_time),
-    }))
+    })
+}
+
+/// The times one run's attempts and steps recorded (seconds since the epoch), each table read
+/// with one range scan of its primary key and joined here: a join in SQL is planned on
+/// statistics taken before the run existed, and on a young database Postgres chose a nested
+/// loop that read the run's 10,000 attempts once per step (28 s, counted as the run's work).
+struct Recorded {
+    /// In the order of step index, then attempt.
+    attempts: Vec<AttemptTimes>,
+    /// When each step ended, by step index.
+    ended: BTreeMap<usize, Option<f64>>,
+}
+
+struct AttemptTimes {
+    idx: usize,
+    attempt: i32,
+    dispatched: f64,
+    started: Option<f64>,
+    finished: Option<f64>,
+}
+
+impl Recorded {
+    async fn read(db: &tokio_postgres::Client, run: Uuid) -> anyhow::Result<Self> {
+        let attempts = db
+            .query(
+                "SELECT idx, attempt, extract(epoch FROM dispatched_at)::float8,
+                        extract(epoch FROM started_at)::float8,
+                        extract(epoch FROM finished_at)::float8
+                 FROM attempts WHERE run_id = $1 ORDER BY idx, attempt",
+                &[&run],
+            )
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(AttemptTimes {
+                    idx: usize::try_from(r.get::<_, i32>(0))?,
+                    attempt: r.get(1),
+                    dispatched: r.get(2),
+                    started: r.get(3),
+                    finished: r.get(4),
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let ended = db
+            .query(
+                "SELECT idx, extract(epoch FROM ended_at)::float8 FROM steps WHERE run_id = $1",
+                &[&run],
+            )
+            .await?
+            .iter()
+            .map(|r| Ok((usize::try_from(r.get::<_, i32>(0))?, r.get(1))))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self { attempts, ended })
+    }
+}
+
+/// The time from `start` to `end` (seconds since the epoch); zero if the clocks disagree.
+fn between(start: f64, end: f64) -> Duration {
+    Duration::from_secs_f64((end - start).max(0.0))
 }
 
 /// `many-runs`: `runs` runs of a registered 3-step chain, submitted at once.
@@ -596,7 +654,7 @@ pub async fn memory(bench: &mut Bench, runs: usize) -> anyhow::Result<Report> {
 /// median throughput after the seeding; the ratio is of the medians, and every measurement is
 /// in `details`, so that a difference can be told from the host's noise.
 pub async fn history(bench: &mut Bench, sizes: &Sizes) -> anyhow::Result<Vec<Report>> {
-    let tables = PostgresWork::tables(&bench.db).await?;
+    let tables = Tables::list(&bench.db).await?;
     let autovacuum = statistics::statistics(&bench.db).await?.autovacuum;
     let before = history_rounds(bench, sizes, &tables).await?;
     let seeding = Instant::now();
@@ -629,7 +687,7 @@ pub async fn history(bench: &mut Bench, sizes: &Sizes) -> anyhow::Result<Vec<Rep
 async fn history_rounds(
     bench: &mut Bench,
     sizes: &Sizes,
-    tables: &[u32],
+    tables: &Tables,
 ) -> anyhow::Result<[Vec<Report>; 2]> {
     let (mut fanouts, mut chains) = (Vec::new(), Vec::new());
     for _ in 0..sizes.history_repeats.max(1) {
@@ -645,7 +703,7 @@ async fn history_rounds(
 /// server's autovacuum is off, the engine's tables it would have analyzed by now are vacuumed
 /// and analyzed first: else the statements are planned on statistics of tables a fraction of
 /// their size, and the measurement is of that (see `flotilla doctor`'s statistics check).
-async fn counted<F>(bench: &mut Bench, tables: &[u32], measure: F) -> anyhow::Result<Report>
+async fn counted<F>(bench: &mut Bench, tables: &Tables, measure: F) -> anyhow::Result<Report>
 where
     F: AsyncFnOnce(&mut Bench) -> anyhow::Result<Report>,
 {
@@ -666,55 +724,99 @@ where
     let start = PostgresWork::read(&bench.db, tables).await?;
     let mut report = measure(bench).await?;
     let end = PostgresWork::settled(&bench.db, tables, &start).await?;
-    report.details["postgres"] = end.since(&start, report.n);
+    report.details["postgres"] = end.since(&start, report.n, tables);
     Ok(report)
 }
 
+/// The database's tables and their indexes, the system catalogs' too (planning reads them),
+/// listed once: listing them scans the catalog, which would count as rows read.
+struct Tables {
+    oids: Vec<u32>,
+    names: Vec<String>,
+    /// Every index, beside the table it belongs to.
+    indexes: Vec<u32>,
+    owners: Vec<u32>,
+}
+
+impl Tables {
+    async fn list(db: &tokio_postgres::Client) -> anyhow::Result<Self> {
+        let tables = db
+            .query(
+                "SELECT relid, CASE WHEN schemaname = 'public' THEN relname::text
+                                    ELSE schemaname || '.' || relname END
+                 FROM pg_stat_all_tables ORDER BY 2",
+                &[],
+            )
+            .await?;
+        let indexes = db
+            .query("SELECT indexrelid, relid FROM pg_stat_all_indexes", &[])
+            .await?;
+        Ok(Self {
+            oids: tables.iter().map(|r| r.get(0)).collect(),
+            names: tables.iter().map(|r| r.get(1)).collect(),
+            indexes: indexes.iter().map(|r| r.get(0)).collect(),
+            owners: indexes.iter().map(|r| r.get(1)).collect(),
+        })
+    }
+}
+
 /// What Postgres did in the fleet's database so far (`pg_stat_database` and the tables'
-/// autovacuum counts): work counted rather than timed, so that `history` can tell a cost per
-/// step that grows with the history (more blocks or rows read per step) from the host's noise.
-/// The fleet's idle work (timers, heartbeats) adds a few dozen blocks a second.
+/// counters): work counted rather than timed, so that `history` can tell a cost per step that
+/// grows with the history (more blocks or rows read per step) from the host's noise, and name
+/// the table that grows it. The fleet's idle work (timers, heartbeats) adds a few dozen blocks
+/// a second.
 struct PostgresWork {
     /// Table and index blocks read, from Postgres's cache or from the disk.
     blocks: i64,
     /// Rows returned by scans (every row a sequential scan passes) and fetched by index scans.
     rows: i64,
+    /// Per table (in the order of [`Tables`]): rows its sequential scans passed, index entries
+    /// its index scans read, and blocks of the table and its indexes read.
+    sequential: Vec<i64>,
+    indexed: Vec<i64>,
+    table_blocks: Vec<i64>,
     /// Autovacuum and autoanalyze passes over the tables.
     autovacuums: i64,
+    /// Sessions opened on the database: a new backend reads the catalogs to fill its caches.
+    sessions: i64,
     /// Whether the backends had reported the work measured (see [`PostgresWork::settled`]).
     settled: bool,
 }
 
 impl PostgresWork {
-    /// The database's tables, whose autovacuums are counted: listed once, since listing them
-    /// scans the catalog, which would count as rows read.
-    async fn tables(db: &tokio_postgres::Client) -> anyhow::Result<Vec<u32>> {
-        let row = db
-            .query_one(
-                "SELECT coalesce(array_agg(relid), '{}') FROM pg_stat_user_tables",
-                &[],
-            )
-            .await?;
-        Ok(row.get(0))
-    }
-
     /// The counters as every backend has reported them so far.
-    async fn read(db: &tokio_postgres::Client, tables: &[u32]) -> anyhow::Result<Self> {
+    async fn read(db: &tokio_postgres::Client, tables: &Tables) -> anyhow::Result<Self> {
         // Outside a transaction block, so each reading is a fresh snapshot of the statistics.
         let row = db
             .query_one(
-                "SELECT blks_hit + blks_read, tup_returned + tup_fetched,
+                "SELECT blks_hit + blks_read, tup_returned + tup_fetched, sessions,
                         (SELECT coalesce(sum(pg_stat_get_autovacuum_count(t)
                                              + pg_stat_get_autoanalyze_count(t)), 0)::int8
-                         FROM unnest($1::oid[]) t)
+                         FROM unnest($1::oid[]) t),
+                        (SELECT coalesce(array_agg(pg_stat_get_tuples_returned(t) ORDER BY n), '{}')
+                         FROM unnest($1::oid[]) WITH ORDINALITY AS x(t, n)),
+                        (SELECT coalesce(array_agg(
+                                    (SELECT coalesce(sum(pg_stat_get_tuples_returned(i)), 0)::int8
+                                     FROM unnest($2::oid[], $3::oid[]) AS y(i, owner)
+                                     WHERE owner = t) ORDER BY n), '{}')
+                         FROM unnest($1::oid[]) WITH ORDINALITY AS x(t, n)),
+                        (SELECT coalesce(array_agg(pg_stat_get_blocks_fetched(t)
+                                    + (SELECT coalesce(sum(pg_stat_get_blocks_fetched(i)), 0)::int8
+                                       FROM unnest($2::oid[], $3::oid[]) AS y(i, owner)
+                                       WHERE owner = t) ORDER BY n), '{}')
+                         FROM unnest($1::oid[]) WITH ORDINALITY AS x(t, n))
                  FROM pg_stat_database WHERE datname = current_database()",
-                &[&tables],
+                &[&tables.oids, &tables.indexes, &tables.owners],
             )
             .await?;
         Ok(Self {
             blocks: row.get(0),
             rows: row.get(1),
-            autovacuums: row.get(2),
+            sessions: row.get(2),
+            autovacuums: row.get(3),
+            sequential: row.get(4),
+            indexed: row.get(5),
+            table_blocks: row.get(6),
             settled: true,
         })
     }
@@ -725,7 +827,7 @@ impl PostgresWork {
     /// that).
     async fn settled(
         db: &tokio_postgres::Client,
-        tables: &[u32],
+        tables: &Tables,
         start: &Self,
     ) -> anyhow::Result<Self> {
         let mut last = Self::read(db, tables).await?;
@@ -743,13 +845,28 @@ impl PostgresWork {
         })
     }
 
-    /// The work from `start` to `self`, per step of the `steps` measured in between.
-    fn since(&self, start: &Self, steps: usize) -> Value {
+    /// The work from `start` to `self`, per step of the `steps` measured in between; by table
+    /// for the tables with at least one row or block read per step.
+    fn since(&self, start: &Self, steps: usize, tables: &Tables) -> Value {
         let per_step = |end: i64, start: i64| (end - start) as f64 / steps.max(1) as f64;
+        let mut by_table = serde_json::Map::new();
+        for (i, name) in tables.names.iter().enumerate() {
+            let sequential = per_step(self.sequential[i], start.sequential[i]);
+            let indexed = per_step(self.indexed[i], start.indexed[i]);
+            let blocks = per_step(self.table_blocks[i], start.table_blocks[i]);
+            if sequential + indexed >= 1.0 || blocks >= 1.0 {
+                by_table.insert(
+                    name.clone(),
+                    json!({"sequential_rows": sequential, "index_entries": indexed, "blocks": blocks}),
+                );
+            }
+        }
         json!({
             "blocks_per_step": per_step(self.blocks, start.blocks),
             "rows_per_step": per_step(self.rows, start.rows),
+            "per_step_by_table": by_table,
             "autovacuums": self.autovacuums - start.autovacuums,
+            "sessions_opened": self.sessions - start.sessions,
             "settled": self.settled,
         })
     }
