@@ -183,8 +183,10 @@ function route() {
     const current = `#/${parts[0] || 'runs'}` === link.getAttribute('href');
     if (current) link.setAttribute('aria-current', 'page'); else link.removeAttribute('aria-current');
   }
-  const root = $('view');
-  root.replaceChildren();
+  // Each view gets an element of its own: a read the last view started before the location
+  // changed then renders into an element no longer on the page, never over the new view.
+  const root = h('div');
+  $('view').replaceChildren(root);
   if (parts[0] === 'runs' && parts[1]) view.current = runView(root, decodeURIComponent(parts[1]));
   else if (parts[0] === 'agents') view.current = agentsView(root);
   else if (parts[0] === 'metrics') view.current = metricsView(root, params);
