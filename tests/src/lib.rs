@@ -561,9 +561,11 @@ impl Fleet {
         let names = self.queue_names();
         let queue = names.agent(agent);
         let agent = agent.to_owned();
+        // The coordinator declares with the same default limit; another would be refused.
+        let limit = connection.config().delivery_limit;
         let declare = move |channel: flotilla_broker::Channel| {
             let (names, agent) = (names.clone(), agent.clone());
-            async move { flotilla_broker::declare_agent_queue(&channel, &names, &agent, 5).await }
+            async move { flotilla_broker::declare_agent_queue(&channel, &names, &agent, limit).await }
         };
         Ok(flotilla_broker::ReconnectingConsumer::start(
             connection,
