@@ -789,23 +789,27 @@ impl PostgresWork {
         // Outside a transaction block, so each reading is a fresh snapshot of the statistics.
         let row = db
             .query_one(
-                "SELECT blks_hit + blks_read, tup_returned + tup_fetched, sessions,
-                        (SELECT coalesce(sum(pg_stat_get_autovacuum_count(t)
-                                             + pg_stat_get_autoanalyze_count(t)), 0)::int8
-                         FROM unnest($1::oid[]) t),
-                        (SELECT coalesce(array_agg(pg_stat_get_tuples_returned(t) ORDER BY n), '{}')
-                         FROM unnest($1::oid[]) WITH ORDINALITY AS x(t, n)),
-                        (SELECT coalesce(array_agg(
-                                    (SELECT coalesce(sum(pg_stat_get_tuples_returned(i)), 0)::int8
-                                     FROM unnest($2::oid[], $3::oid[]) AS y(i, owner)
-                                     WHERE owner = t) ORDER BY n), '{}')
-                         FROM unnest($1::oid[]) WITH ORDINALITY AS x(t, n)),
-                        (SELECT coalesce(array_agg(pg_stat_get_blocks_fetched(t)
-                                    + (SELECT coalesce(sum(pg_stat_get_blocks_fetched(i)), 0)::int8
-                                       FROM unnest($2::oid[], $3::oid[]) AS y(i, owner)
-                                       WHERE owner = t) ORDER BY n), '{}')
-                         FROM unnest($1::oid[]) WITH ORDINALITY AS x(t, n))
-                 FROM pg_stat_database WHERE datname = current_database()",
+                "SELECT d.blks_hit + d.blks_read, d.tup_returned + d.tup_fetched, d.sessions,
+                        t.autovacuums, t.sequential, t.indexed, t.blocks
+                 FROM pg_stat_database d,
+                      LATERAL (
+                          SELECT coalesce(sum(pg_stat_get_autovacuum_count(x.t)
+                                              + pg_stat_get_autoanalyze_count(x.t)), 0)::int8
+                                     AS autovacuums,
+                                 coalesce(array_agg(pg_stat_get_tuples_returned(x.t)
+                                                    ORDER BY x.n), '{}') AS sequential,
+                                 coalesce(array_agg(i.entries ORDER BY x.n), '{}') AS indexed,
+                                 coalesce(array_agg(pg_stat_get_blocks_fetched(x.t) + i.blocks
+                                                    ORDER BY x.n), '{}') AS blocks
+                          FROM unnest($1::oid[]) WITH ORDINALITY AS x(t, n),
+                               LATERAL (
+                                   SELECT coalesce(sum(pg_stat_get_tuples_returned(y.i)), 0)::int8
+                                              AS entries,
+                                          coalesce(sum(pg_stat_get_blocks_fetched(y.i)), 0)::int8
+                                              AS blocks
+                                   FROM unnest($2::oid[], $3::oid[]) AS y(i, owner)
+                                   WHERE y.owner = x.t) i) t
+                 WHERE d.datname = current_database()",
                 &[&tables.oids, &tables.indexes, &tables.owners],
             )
             .await?;
