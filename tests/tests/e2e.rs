@@ -701,3 +701,61 @@ async fn a_schedule_starts_one_run_per_tick_with_two_coordinators() -> anyhow::R
     std::fs::remove_dir_all(dir)?;
     fleet.stop().await
 }
+
+#[tokio::test]
+async fn a_revision_registered_through_one_coordinator_is_what_the_next_submission_through_another_runs()
+-> anyhow::Result<()> {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator().await?;
+    let other = fleet
+        .add_coordinator(flotilla_tests::process::Launch::once())
+        .await?;
+    fleet.start_echo("echo-a", &["relay"], 4)?;
+    let post = |i: usize, path: &'static str, body: Value| {
+        let request = fleet
+            .http()
+            .post(format!("{}{path}", fleet.coordinator_url(i)))
+            .json(&body);
+        async move {
+            let response = request.send().await?;
+            let status = response.status().as_u16();
+            anyhow::Ok((status, response.json::<Value>().await?))
+        }
+    };
+    let register = |step: &'static str| {
+        post(
+            0,
+            "/api/definitions",
+            json!({"yaml": format!("name: relay\nsteps:\n  - {{id: {step}, agent: relay, action: pass}}\n")}),
+        )
+    };
+    let execute_on_other = || async {
+        let (status, body) = post(
+            other,
+            "/api/workflows/execute",
+            json!({"workflow": "relay"}),
+        )
+        .await?;
+        assert_eq!(status, 202, "{body}");
+        let id: Uuid = body["workflowId"].as_str().unwrap_or_default().parse()?;
+        let run = fleet.wait_for_end(id, WAIT).await?;
+        anyhow::Ok(
+            run.steps
+                .iter()
+                .map(|s| s.step_id.clone())
+                .collect::<Vec<_>>(),
+        )
+    };
+
+    assert_eq!(register("first").await?.0, 201);
+    // The other coordinator reads revision 1, and keeps it for its next submissions.
+    assert_eq!(execute_on_other().await?, ["first"]);
+    assert_eq!(execute_on_other().await?, ["first"]);
+    assert_eq!(register("second").await?.0, 201);
+    assert_eq!(
+        execute_on_other().await?,
+        ["second"],
+        "the submission after the registration ended runs the new revision"
+    );
+    fleet.stop().await
+}

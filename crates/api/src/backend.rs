@@ -37,6 +37,18 @@ pub struct Submission {
     pub idempotency_key: Option<String>,
     /// The namespace the run belongs to, one the credential may act in.
     pub namespace: String,
+    /// [`LatestDefinition::hash`] when the request named a registered definition without a
+    /// version: if another revision is the latest by the time the run is recorded, the backend
+    /// answers [`BackendError::StaleDefinition`] and starts nothing.
+    pub latest: Option<String>,
+}
+
+/// The latest revision of a registered definition.
+#[derive(Debug, Clone)]
+pub struct LatestDefinition {
+    pub definition: Definition,
+    /// The revision's content hash: what a [`Submission`] of it names.
+    pub hash: String,
 }
 
 /// A validated schedule request.
@@ -119,12 +131,14 @@ pub trait Backend: Send + Sync + 'static {
         namespaces: &Namespaces,
     ) -> impl Future<Output = Result<Vec<DefinitionSummary>, BackendError>> + Send;
 
-    /// The latest registered definition of that name.
+    /// The latest registered definition of that name. It may come from a cache that lags
+    /// behind registrations elsewhere: a submission of it names its hash, and is refused with
+    /// [`BackendError::StaleDefinition`] if it is not the latest any more.
     fn definition(
         &self,
         namespace: &str,
         name: &str,
-    ) -> impl Future<Output = Result<Option<Definition>, BackendError>> + Send;
+    ) -> impl Future<Output = Result<Option<LatestDefinition>, BackendError>> + Send;
 
     /// Every revision of definition `name`, oldest first; empty when the name is not registered.
     fn definition_versions(
@@ -303,6 +317,11 @@ pub enum BackendError {
     /// The request would take a namespace past one of its quotas: 429 with `Retry-After`.
     #[error("{}", .0.message)]
     QuotaExceeded(QuotaExceeded),
+    /// A submission of the latest revision of a definition ([`Submission::latest`]) of which
+    /// another revision is the latest now; the route reads it again and submits again, and
+    /// answers 409 if that keeps happening.
+    #[error("{0}")]
+    StaleDefinition(String),
     /// A service the backend depends on (Postgres, RabbitMQ) cannot be reached; retrying later
     /// may succeed: 503.
     #[error("{0}")]

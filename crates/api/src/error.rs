@@ -199,7 +199,9 @@ impl From<BackendError> for ApiError {
             BackendError::Invalid(m) => Self::new(Kind::InvalidRequest, m),
             BackendError::Definition(e) => e.into(),
             BackendError::NotFound(m) => Self::new(Kind::NotFound, m),
-            BackendError::Conflict(m) => Self::new(Kind::Conflict, m),
+            BackendError::Conflict(m) | BackendError::StaleDefinition(m) => {
+                Self::new(Kind::Conflict, m)
+            }
             BackendError::QuotaExceeded(q) => Self::quota_exceeded(
                 q.message,
                 json!({ "quota": q.quota, "namespace": q.namespace, "limit": q.limit }),

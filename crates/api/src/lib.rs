@@ -76,7 +76,9 @@ mod routes;
 pub mod tls;
 
 pub use auth::{Access, Guard, Namespaces, secure};
-pub use backend::{AttemptFigures, Backend, BackendError, NewSchedule, QuotaExceeded, Submission};
+pub use backend::{
+    AttemptFigures, Backend, BackendError, LatestDefinition, NewSchedule, QuotaExceeded, Submission,
+};
 pub use health::Probe;
 pub use quota::RateLimiter;
 pub use routes::{

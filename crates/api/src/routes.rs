@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::auth::AuditTarget;
-use crate::backend::{Backend, NewSchedule, Submission};
+use crate::backend::{Backend, BackendError, NewSchedule, Submission};
 use crate::error::{ApiError, Kind};
 use crate::extract::{Actor, IdempotencyKey, Json, OptionalJson, Path, Query, Tenant};
 use crate::health::{self, Probe};
@@ -245,6 +245,7 @@ fn api_routes<B: Backend>(backend: Arc<B>, limits: Limits) -> Router {
         (status = 202, description = "The run was started", body = ExecuteResponse),
         (status = 200, description = "An earlier request with this `Idempotency-Key` started the run; nothing new was started", body = ExecuteResponse),
         (status = 404, description = "No registered definition has this name or version", body = ErrorBody),
+        (status = 409, description = "The named definition was registered anew each time the run was about to start; nothing was started", body = ErrorBody),
         (status = 429, description = "The namespace is over a quota (`Retry-After` says when to try again)", body = ErrorBody)
     )
 )]
@@ -290,44 +291,59 @@ async fn execute<B: Backend>(
             ("yaml", yaml.map(|t| Source::Inline(Inline::Yaml(t)))),
         ],
     )?;
-    let definition = match (source, version) {
+    let (mut definition, mut latest) = match (source, version) {
         (Source::Registered(name), Some(version)) => {
             let detail = backend
                 .definition_detail(&namespace, &name, Some(&version))
                 .await?
                 .ok_or_else(|| definition_not_found(&name, Some(&version)))?;
-            Definition::from_value(detail.definition).map_err(|e| {
-                ApiError::from(crate::BackendError::Internal(format!(
+            let definition = Definition::from_value(detail.definition).map_err(|e| {
+                ApiError::from(BackendError::Internal(format!(
                     "stored definition `{name}` is unreadable: {e}"
                 )))
-            })?
+            })?;
+            (definition, None)
         }
-        (Source::Registered(name), None) => backend
-            .definition(&namespace, &name)
-            .await?
-            .ok_or_else(|| definition_not_found(&name, None))?,
-        (Source::Inline(inline), _) => inline.parse(limits)?,
+        (Source::Registered(name), None) => latest_definition(&*backend, &namespace, &name).await?,
+        (Source::Inline(inline), _) => (inline.parse(limits)?, None),
     };
-    let plan = Plan::compile(&definition)?;
-    let subset = Subset { only, skip };
-    subset
-        .check(&plan)
-        .map_err(|e| ApiError::invalid_request(e.to_string()))?;
-    let effective = plan.run_params(params);
+    // The latest revision may be registered anew between its reading (perhaps from a cache)
+    // and the run's recording, which then refuses it: it is read again, and submitted again.
+    let mut reread = 0;
     let Submitted {
         workflow_id,
         replayed,
-    } = backend
-        .submit(Submission {
-            definition,
-            plan,
-            params: effective,
-            subset,
-            priority,
-            idempotency_key,
-            namespace,
-        })
-        .await?;
+    } = loop {
+        let plan = Plan::compile(&definition)?;
+        let subset = Subset {
+            only: only.clone(),
+            skip: skip.clone(),
+        };
+        subset
+            .check(&plan)
+            .map_err(|e| ApiError::invalid_request(e.to_string()))?;
+        let effective = plan.run_params(params.clone());
+        let name = definition.name.clone();
+        let answer = backend
+            .submit(Submission {
+                definition,
+                plan,
+                params: effective,
+                subset,
+                priority,
+                idempotency_key: idempotency_key.clone(),
+                namespace: namespace.clone(),
+                latest,
+            })
+            .await;
+        match answer {
+            Err(BackendError::StaleDefinition(_)) if reread < STALE_REREADS => {
+                reread += 1;
+                (definition, latest) = latest_definition(&*backend, &namespace, &name).await?;
+            }
+            answer => break answer?,
+        }
+    };
     let body = axum::Json(ExecuteResponse { workflow_id });
     // A replay started nothing, so it is not "accepted for processing" (202): it reports the
     // state of an earlier request, and the header lets a client tell the two apart.
@@ -1049,6 +1065,23 @@ pub(crate) async fn wrong_method(method: Method, uri: Uri) -> ApiError {
         Kind::MethodNotAllowed,
         format!("{} does not accept {method}", uri.path()),
     )
+}
+
+/// How many times a submission of a registered definition's latest revision reads it again
+/// when another revision was registered meanwhile, before answering 409.
+const STALE_REREADS: u32 = 3;
+
+/// The latest revision of registered definition `name`, with its hash, or 404.
+async fn latest_definition<B: Backend>(
+    backend: &B,
+    namespace: &str,
+    name: &str,
+) -> Result<(Definition, Option<String>), ApiError> {
+    let latest = backend
+        .definition(namespace, name)
+        .await?
+        .ok_or_else(|| definition_not_found(name, None))?;
+    Ok((latest.definition, Some(latest.hash)))
 }
 
 /// Where a run request's definition comes from.

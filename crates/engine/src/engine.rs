@@ -50,6 +50,12 @@ pub enum Error {
     /// A submission to a namespace that has as many runs in flight as its quota allows.
     #[error("namespace `{namespace}` has {limit} runs in flight, as many as its quota allows")]
     RunQuota { namespace: String, limit: u64 },
+    /// A submission of the latest revision of a definition of which a newer one (or none) is
+    /// registered now: read it again and submit again.
+    #[error(
+        "definition `{name}` of namespace `{namespace}` was registered anew while the run was submitted"
+    )]
+    StaleDefinition { namespace: String, name: String },
 }
 
 impl Error {
@@ -57,7 +63,10 @@ impl Error {
         match self {
             Error::Store(e) => e.is_unavailable(),
             Error::ShuttingDown | Error::NotRecorded(_) => true,
-            Error::NotFound(_) | Error::Refused(_) | Error::RunQuota { .. } => false,
+            Error::NotFound(_)
+            | Error::Refused(_)
+            | Error::RunQuota { .. }
+            | Error::StaleDefinition { .. } => false,
         }
     }
 }
@@ -134,6 +143,12 @@ pub struct NewRun {
     pub idempotency_key: Option<String>,
     /// The namespace the run belongs to.
     pub namespace: String,
+    /// The content hash of the registered revision `definition` is, when the submission named
+    /// the definition without a version (so asked for the latest). The run is refused
+    /// ([`Error::StaleDefinition`]) if another revision has been registered since: a run never
+    /// starts a revision older than one whose registration ended before it was submitted,
+    /// whoever read the definition from where.
+    pub latest: Option<String>,
 }
 
 /// What a submission did.
@@ -607,6 +622,16 @@ impl Engine {
         let retention = chrono::Duration::from_std(self.config.idempotency_retention)
             .unwrap_or(chrono::Duration::MAX);
         let mut keyed = idempotency::claim(&tx, &keys, now - retention).await?;
+        let asked_latest: Vec<(&str, &str)> = inputs
+            .iter()
+            .filter_map(|i| match i {
+                Input::Submit { run, .. } if run.latest.is_some() => {
+                    Some((run.namespace.as_str(), run.definition.name.as_str()))
+                }
+                _ => None,
+            })
+            .collect();
+        let latest = definitions::latest_hashes(&tx, &asked_latest).await?;
         let mut in_flight = self.lock_run_quotas(&tx, inputs, &keyed).await?;
 
         let names = self.config.names.clone();
@@ -638,6 +663,14 @@ impl Engine {
                     if let Some(&id) = run.idempotency_key.as_ref().and_then(|k| keyed.get(k)) {
                         submitted.insert(n, Ok(Submitted { id, replayed: true }));
                         continue;
+                    }
+                    if let Some(hash) = &run.latest {
+                        let key = (run.namespace.clone(), run.definition.name.clone());
+                        if latest.get(&key) != Some(hash) {
+                            let (namespace, name) = key;
+                            submitted.insert(n, Err(Error::StaleDefinition { namespace, name }));
+                            continue;
+                        }
                     }
                     if let Some((count, limit)) = in_flight.get_mut(&run.namespace) {
                         if *count >= *limit {

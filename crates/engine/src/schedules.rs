@@ -113,6 +113,8 @@ async fn tick(
                 due.next_at.to_rfc3339()
             )),
             namespace: due.namespace.clone(),
+            // The tick read the latest revision itself, a moment before.
+            latest: None,
         })
         .await
         .map_err(|e| e.to_string())?;

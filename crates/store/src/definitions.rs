@@ -1,5 +1,7 @@
 //! Named definitions and their revisions, and definition contents by hash.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use flotilla_core::Definition;
@@ -114,6 +116,34 @@ pub async fn latest(
         .await?;
     let row = client.query_opt(&stmt, &[&name, &namespace]).await?;
     Ok(row.map(|r| (registered(&r), r.get(7))))
+}
+
+/// The content hash of the latest revision of each named definition, by `(namespace, name)`;
+/// names not registered are absent. One statement however many are asked: the engine checks
+/// the submissions of a batch with it.
+pub async fn latest_hashes(
+    client: &impl GenericClient,
+    names: &[(&str, &str)],
+) -> Result<HashMap<(String, String), String>, Error> {
+    if names.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let (namespaces, names): (Vec<&str>, Vec<&str>) = names.iter().copied().unzip();
+    let stmt = client
+        .prepare_cached(
+            "SELECT n.namespace, n.name, latest.hash
+             FROM unnest($1::text[], $2::text[]) AS n(namespace, name)
+             CROSS JOIN LATERAL (SELECT d.hash FROM definitions d
+                                 WHERE d.namespace = n.namespace AND d.name = n.name
+                                 ORDER BY d.revision DESC LIMIT 1) AS latest",
+        )
+        .await?;
+    Ok(client
+        .query(&stmt, &[&namespaces, &names])
+        .await?
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect())
 }
 
 /// The latest revision of every named definition of `namespaces` (of all when `None`), by

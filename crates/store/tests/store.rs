@@ -299,11 +299,28 @@ async fn registering_a_name_again_adds_a_revision() -> anyhow::Result<()> {
         .unwrap();
     assert_eq!(latest, r2);
     assert_eq!(Definition::from_value(body)?, second);
-    assert_eq!(definitions::list(&client, None).await?, [r2]);
+    assert_eq!(
+        definitions::list(&client, None).await?,
+        std::slice::from_ref(&r2)
+    );
     assert!(
         definitions::latest(&client, "default", "absent")
             .await?
             .is_none()
+    );
+    let hashes = definitions::latest_hashes(
+        &client,
+        &[
+            ("default", "pair"),
+            ("default", "absent"),
+            ("other", "pair"),
+        ],
+    )
+    .await?;
+    assert_eq!(
+        hashes,
+        [(("default".to_string(), "pair".to_string()), r2.hash)].into(),
+        "the latest revision's hash; nothing for names not registered in that namespace"
     );
     drop(client);
     t.drop_db().await

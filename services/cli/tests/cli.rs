@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{TimeZone, Utc};
-use flotilla_api::{Backend, BackendError, Limits, Namespaces, Submission};
+use flotilla_api::{Backend, BackendError, LatestDefinition, Limits, Namespaces, Submission};
 use flotilla_api_model::{
     BreakerList, BreakerSummary, DeadLetterList, DeadLetterQuery, DeadLetterSummary,
     DefinitionSummary, ExecuteResponse, Metrics, OperateResponse, Operation, RedriveOutcome,
@@ -190,7 +190,7 @@ impl Backend for Coordinator {
         &self,
         _namespace: &str,
         _name: &str,
-    ) -> Result<Option<Definition>, BackendError> {
+    ) -> Result<Option<LatestDefinition>, BackendError> {
         Ok(None)
     }
 

@@ -1,11 +1,12 @@
 //! The API's backend: reads from Postgres, submissions through the engine.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use chrono::{DateTime, Utc};
 use flotilla_api::{
-    AttemptFigures, Backend, BackendError, Namespaces, NewSchedule, QuotaExceeded, Submission,
+    AttemptFigures, Backend, BackendError, LatestDefinition, Namespaces, NewSchedule,
+    QuotaExceeded, Submission,
 };
 use flotilla_api_model::{
     AGENT_HEALTHY, AGENT_NO_WORKERS, AGENT_UNHEALTHY, AgentStatus, AgentSummary, AttemptReport,
@@ -56,6 +57,42 @@ pub struct CoordinatorBackend {
     pub agent_limits: AgentLimits,
     /// The most instances a `for_each` step may expand to, which a run's steps are counted with.
     pub max_instances: usize,
+    /// Registered definitions submitted lately, so that most submissions by name read nothing.
+    pub definitions: DefinitionCache,
+}
+
+/// The most definitions remembered; past it, the cache starts over.
+const DEFINITIONS_REMEMBERED: usize = 1024;
+
+/// The latest revision of the definitions submitted lately, by namespace and name. An entry may
+/// be stale (a revision registered through another coordinator): the engine refuses a
+/// submission whose hash is not the latest in the run's own transaction, and the entry is
+/// forgotten then, so a stale one costs a refused try, never a run of an old revision.
+#[derive(Default)]
+pub struct DefinitionCache {
+    latest: Mutex<HashMap<(String, String), LatestDefinition>>,
+}
+
+impl DefinitionCache {
+    fn get(&self, namespace: &str, name: &str) -> Option<LatestDefinition> {
+        let latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+        latest
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    fn put(&self, namespace: &str, found: LatestDefinition) {
+        let mut latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+        if latest.len() >= DEFINITIONS_REMEMBERED {
+            latest.clear();
+        }
+        latest.insert((namespace.to_owned(), found.definition.name.clone()), found);
+    }
+
+    fn forget(&self, namespace: &str, name: &str) {
+        let mut latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+        latest.remove(&(namespace.to_owned(), name.to_owned()));
+    }
 }
 
 pub(crate) fn store_error(e: flotilla_store::Error) -> BackendError {
@@ -70,6 +107,9 @@ fn engine_error(e: flotilla_engine::Error) -> BackendError {
     match e {
         flotilla_engine::Error::NotFound(m) => return BackendError::NotFound(m),
         flotilla_engine::Error::Refused(m) => return BackendError::Conflict(m),
+        flotilla_engine::Error::StaleDefinition { .. } => {
+            return BackendError::StaleDefinition(e.to_string());
+        }
         flotilla_engine::Error::RunQuota { namespace, limit } => {
             return BackendError::QuotaExceeded(QuotaExceeded {
                 message: format!(
@@ -347,7 +387,12 @@ impl Backend for CoordinatorBackend {
         }
         self.check_sub_workflows(&namespace, &submission.plan, None)
             .await?;
-        self.engine
+        let name = submission
+            .latest
+            .is_some()
+            .then(|| submission.definition.name.clone());
+        let submitted = self
+            .engine
             .submit(NewRun {
                 definition: submission.definition,
                 plan: Arc::new(submission.plan),
@@ -361,8 +406,15 @@ impl Backend for CoordinatorBackend {
                     .idempotency_key
                     .map(|key| namespaced_key(&namespace, &key)),
                 namespace,
+                latest: submission.latest,
             })
-            .await
+            .await;
+        if let (Err(flotilla_engine::Error::StaleDefinition { namespace, .. }), Some(name)) =
+            (&submitted, &name)
+        {
+            self.definitions.forget(namespace, name);
+        }
+        submitted
             .map(|s| Submitted {
                 workflow_id: s.id,
                 replayed: s.replayed,
@@ -479,6 +531,8 @@ impl Backend for CoordinatorBackend {
         let registered = definitions::register(&mut client, namespace, &definition)
             .await
             .map_err(store_error)?;
+        // Submitted through this coordinator next, the new revision is read without a refusal.
+        self.definitions.forget(namespace, &definition.name);
         // The latest revision decides: a `schedule:` (re)schedules the name, none unschedules it.
         match &definition.schedule {
             Some(spec) => {
@@ -514,17 +568,26 @@ impl Backend for CoordinatorBackend {
         &self,
         namespace: &str,
         name: &str,
-    ) -> Result<Option<Definition>, BackendError> {
+    ) -> Result<Option<LatestDefinition>, BackendError> {
+        if let Some(found) = self.definitions.get(namespace, name) {
+            return Ok(Some(found));
+        }
         let client = self.store.client().await.map_err(store_error)?;
-        let Some((_, body)) = definitions::latest(&client, namespace, name)
+        let Some((registered, body)) = definitions::latest(&client, namespace, name)
             .await
             .map_err(store_error)?
         else {
             return Ok(None);
         };
-        Definition::from_value(body).map(Some).map_err(|e| {
+        let definition = Definition::from_value(body).map_err(|e| {
             BackendError::Internal(format!("stored definition `{name}` is unreadable: {e}"))
-        })
+        })?;
+        let found = LatestDefinition {
+            definition,
+            hash: registered.hash,
+        };
+        self.definitions.put(namespace, found.clone());
+        Ok(Some(found))
     }
 
     async fn definition_versions(

@@ -225,6 +225,7 @@ pub async fn run(
         quotas: config.quotas().map_err(anyhow::Error::msg)?,
         agent_limits: agent_limits.clone(),
         max_instances: config.max_instances,
+        definitions: backend::DefinitionCache::default(),
     });
     let limits = flotilla_api::Limits {
         max_body_bytes: config.max_body_bytes,

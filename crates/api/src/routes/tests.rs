@@ -14,7 +14,7 @@ use serde_json::{Map, json};
 use tower::ServiceExt;
 
 use super::*;
-use crate::{AttemptFigures, BackendError, Namespaces};
+use crate::{AttemptFigures, BackendError, LatestDefinition, Namespaces};
 
 const SEED: &str = "\
 name: build
@@ -92,6 +92,9 @@ struct FakeState {
     log_queries: Vec<LogQuery>,
     /// Answered by the next call instead of doing anything.
     next_failure: Option<BackendError>,
+    /// Registered, one each, as the next submissions are recorded: the race of another
+    /// client's registration with a submission.
+    racing_registrations: Vec<Definition>,
 }
 
 impl FakeBackend {
@@ -128,9 +131,47 @@ impl FakeBackend {
     }
 }
 
+impl FakeState {
+    fn register(&mut self, definition: Definition) -> DefinitionSummary {
+        let revision = self
+            .definitions
+            .iter()
+            .filter(|(d, _)| d.name == definition.name)
+            .count() as i64
+            + 1;
+        let summary = DefinitionSummary {
+            name: definition.name.clone(),
+            version: definition.version.clone(),
+            revision,
+            description: definition.description.clone(),
+            steps: definition.steps.len(),
+            hash: format!("hash-{revision}"),
+            created_at: Utc.timestamp_opt(1_750_000_000, 0).unwrap(),
+        };
+        self.definitions.push((definition, summary.clone()));
+        summary
+    }
+
+    fn latest(&self, name: &str) -> Option<&(Definition, DefinitionSummary)> {
+        self.definitions.iter().rev().find(|(d, _)| d.name == name)
+    }
+}
+
 impl Backend for FakeBackend {
     async fn submit(&self, submission: Submission) -> Result<Submitted, BackendError> {
         let mut state = self.check()?;
+        if !state.racing_registrations.is_empty() {
+            let racing = state.racing_registrations.remove(0);
+            state.register(racing);
+        }
+        if let Some(hash) = &submission.latest {
+            let name = &submission.definition.name;
+            if state.latest(name).map(|(_, s)| &s.hash) != Some(hash) {
+                return Err(BackendError::StaleDefinition(format!(
+                    "`{name}` was registered anew"
+                )));
+            }
+        }
         if let Some(&workflow_id) = submission
             .idempotency_key
             .as_ref()
@@ -180,24 +221,7 @@ impl Backend for FakeBackend {
         _namespace: &str,
         definition: Definition,
     ) -> Result<DefinitionSummary, BackendError> {
-        let mut state = self.check()?;
-        let revision = state
-            .definitions
-            .iter()
-            .filter(|(d, _)| d.name == definition.name)
-            .count() as i64
-            + 1;
-        let summary = DefinitionSummary {
-            name: definition.name.clone(),
-            version: definition.version.clone(),
-            revision,
-            description: definition.description.clone(),
-            steps: definition.steps.len(),
-            hash: format!("hash-{revision}"),
-            created_at: Utc.timestamp_opt(1_750_000_000, 0).unwrap(),
-        };
-        state.definitions.push((definition, summary.clone()));
-        Ok(summary)
+        Ok(self.check()?.register(definition))
     }
 
     async fn definitions(
@@ -212,14 +236,12 @@ impl Backend for FakeBackend {
         &self,
         _namespace: &str,
         name: &str,
-    ) -> Result<Option<Definition>, BackendError> {
+    ) -> Result<Option<LatestDefinition>, BackendError> {
         let state = self.check()?;
-        Ok(state
-            .definitions
-            .iter()
-            .rev()
-            .find(|(d, _)| d.name == name)
-            .map(|(d, _)| d.clone()))
+        Ok(state.latest(name).map(|(d, s)| LatestDefinition {
+            definition: d.clone(),
+            hash: s.hash.clone(),
+        }))
     }
 
     async fn definition_versions(
@@ -780,10 +802,51 @@ async fn execute_by_name_runs_the_registered_definition() {
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let state = api.backend.state();
     assert_eq!(state.submissions[0].definition.name, "build");
+    assert_eq!(state.submissions[0].latest.as_deref(), Some("hash-1"));
     assert_eq!(
         Value::Object(state.submissions[0].params.clone()),
         json!({"env": "staging", "retries": 1})
     );
+}
+
+#[tokio::test]
+async fn a_revision_registered_while_submitting_is_the_one_that_runs() {
+    let api = Api::new(FakeBackend::default());
+    let (status, _) = api.post("/api/definitions", json!({"yaml": SEED})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let mut newer = Definition::from_yaml(SEED).unwrap();
+    newer.description = Some("registered while the first was submitted".into());
+    api.backend.state().racing_registrations = vec![newer.clone()];
+
+    let (status, body) = api
+        .post("/api/workflows/execute", json!({"workflow": "build"}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let state = api.backend.state();
+    assert_eq!(state.submissions.len(), 1, "one run started");
+    assert_eq!(state.submissions[0].definition, newer);
+    assert_eq!(state.submissions[0].latest.as_deref(), Some("hash-2"));
+}
+
+#[tokio::test]
+async fn a_definition_registered_anew_at_every_try_is_409_and_starts_nothing() {
+    let api = Api::new(FakeBackend::default());
+    let (status, _) = api.post("/api/definitions", json!({"yaml": SEED})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let seed = Definition::from_yaml(SEED).unwrap();
+    api.backend.state().racing_registrations = vec![seed; 1 + STALE_REREADS as usize];
+
+    let (status, body) = api
+        .post("/api/workflows/execute", json!({"workflow": "build"}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let err = error(body).error;
+    assert!(
+        err.message.contains("`build` was registered anew"),
+        "{}",
+        err.message
+    );
+    assert!(api.backend.state().submissions.is_empty());
 }
 
 #[tokio::test]
