@@ -759,3 +759,37 @@ async fn a_revision_registered_through_one_coordinator_is_what_the_next_submissi
     );
     fleet.stop().await
 }
+
+#[tokio::test]
+async fn results_are_acked_once_each_and_none_is_left_when_the_fleet_stops() -> anyhow::Result<()> {
+    let logs = std::env::temp_dir().join(format!("flotilla-acks-{}", Uuid::new_v4()));
+    let mut fleet = Fleet::new().log_to(&logs)?;
+    fleet.start_coordinator().await?;
+    fleet.start_echo("worker-1", &["wide"], 16)?;
+    fleet.start_echo("worker-2", &["wide"], 16)?;
+    let mut yaml = String::from("name: wide\nsteps:\n");
+    for i in 0..300 {
+        yaml += &format!("  - {{id: s{i}, agent: wide, action: pass}}\n");
+    }
+    yaml += "  - {id: join, agent: wide, action: pass, depends_on: [s0, s299]}\n";
+    let id = fleet.execute_yaml(&yaml, json!({})).await?;
+    assert_eq!(fleet.wait_for_end(id, WAIT).await?.status, "success");
+    fleet.shutdown().await;
+
+    // The engine acks the results of many batches with one frame per channel: an ack the broker
+    // did not expect would have closed the channel, and its results would have come again.
+    for needle in ["consumer lost", "could not ack", "stale result ignored"] {
+        assert_eq!(
+            fleet.count_in_logs("coordinator", needle),
+            0,
+            "`{needle}` in the logs"
+        );
+    }
+    let results = fleet.queue_names().results();
+    let counts = flotilla_tests::audit::queue_counts(&fleet).await?;
+    let left = counts.iter().find(|(q, _)| *q == results).map(|(_, n)| *n);
+    assert_eq!(left, Some(0), "results left on {results}: {counts:?}");
+    fleet.cleanup().await?;
+    std::fs::remove_dir_all(logs)?;
+    Ok(())
+}

@@ -1,4 +1,7 @@
-use std::{collections::BTreeMap, future::Future, time::Duration};
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::{future::Future, time::Duration};
 
 use futures_util::StreamExt;
 use lapin::{
@@ -37,7 +40,12 @@ pub struct Consumer {
     /// A connection opened for this consumer alone (by [`crate::ReconnectingConsumer`]),
     /// closed with it.
     own_connection: Option<Connection>,
+    /// See [`Delivery::channel`].
+    serial: u64,
 }
+
+/// The serial of the next consumer started in this process.
+static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
 
 impl Consumer {
     /// Starts consuming `queue` as `consumer_tag` (empty: the broker picks one), with at most
@@ -78,6 +86,7 @@ impl Consumer {
             gone: gone.clone(),
             _gone_on_drop: gone.drop_guard(),
             own_connection: None,
+            serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -106,6 +115,7 @@ impl Consumer {
                 delivery,
                 self.operation_timeout,
                 self.gone.clone(),
+                self.serial,
             ))),
             Err(error) => {
                 // lapin may never answer an ack queued as the channel died.
@@ -168,6 +178,7 @@ pub struct Delivery {
     operation_timeout: Duration,
     /// Cancelled when the channel the delivery came on is gone.
     gone: CancellationToken,
+    channel: u64,
 }
 
 impl Delivery {
@@ -175,6 +186,7 @@ impl Delivery {
         delivery: lapin::message::Delivery,
         operation_timeout: Duration,
         gone: CancellationToken,
+        channel: u64,
     ) -> Self {
         let properties = &delivery.properties;
         let text =
@@ -213,7 +225,33 @@ impl Delivery {
             acker: delivery.acker,
             operation_timeout,
             gone,
+            channel,
         }
+    }
+
+    /// Names the consumer (and so the channel) the delivery came on, uniquely in the process:
+    /// an [`Delivery::ack_multiple`] settles the earlier deliveries with the same `channel`.
+    pub fn channel(&self) -> u64 {
+        self.channel
+    }
+
+    /// Of `deliveries`, all to be acked, those whose [`Delivery::ack_multiple`] acks them all:
+    /// the last of each channel. Every earlier delivery of those channels must be among them or
+    /// settled already, or it is acked too.
+    pub fn last_of_each_channel<D: Borrow<Delivery>>(
+        deliveries: impl IntoIterator<Item = D>,
+    ) -> Vec<D> {
+        let mut last: HashMap<u64, D> = HashMap::new();
+        for delivery in deliveries {
+            let d = delivery.borrow();
+            match last.get(&d.channel) {
+                Some(later) if later.borrow().delivery_tag > d.delivery_tag => {}
+                _ => {
+                    last.insert(d.channel, delivery);
+                }
+            }
+        }
+        last.into_values().collect()
     }
 
     /// Tells the broker the message is handled; it is removed from the queue.

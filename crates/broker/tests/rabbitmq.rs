@@ -112,6 +112,61 @@ async fn published_batch_is_confirmed_and_consumed_back_with_acks() -> Result<()
 }
 
 #[tokio::test]
+async fn the_last_delivery_of_each_channel_acks_them_all() -> Result<()> {
+    let fixture = Fixture::new(&["left", "right"]).await?;
+    let publisher = Publisher::new(&fixture.connection).await?;
+    let mut consumers = Vec::new();
+    let mut taken = Vec::new();
+    for (agent, n) in [("left", 12), ("right", 5)] {
+        let queue = fixture.names.agent(agent);
+        let messages: Vec<OutgoingMessage> = (0..n)
+            .map(|i| OutgoingMessage::new(&queue, "task", format!("{i}").into_bytes()))
+            .collect();
+        for result in publisher.publish_batch(&messages).await {
+            result?;
+        }
+        let mut consumer = Consumer::start(&fixture.connection, &queue, "", 20).await?;
+        for _ in 0..n {
+            taken.push(next_delivery(&mut consumer).await?);
+        }
+        consumers.push(consumer);
+    }
+    // Handed over out of order, as batches of both channels would be.
+    let order = [3, 14, 0, 16, 11, 7, 12, 1, 15, 9, 2, 13, 4, 10, 5, 8, 6];
+    let mut slots: Vec<Option<Delivery>> = taken.into_iter().map(Some).collect();
+    let shuffled: Vec<Delivery> = order.iter().filter_map(|&i| slots[i].take()).collect();
+    assert_eq!(shuffled.len(), 17);
+
+    let last = Delivery::last_of_each_channel(&shuffled);
+    let mut acking: Vec<(String, u64)> = last
+        .iter()
+        .map(|d| (d.routing_key.clone(), d.delivery_tag))
+        .collect();
+    acking.sort();
+    assert_eq!(
+        acking,
+        [
+            (fixture.names.agent("left"), 12),
+            (fixture.names.agent("right"), 5)
+        ]
+    );
+    for delivery in last {
+        delivery.ack_multiple().await?;
+    }
+    // Closing the channels would requeue anything left unacked.
+    for consumer in consumers {
+        consumer.close().await?;
+    }
+    let channel = fixture.connection.open_channel().await?;
+    for agent in ["left", "right"] {
+        let queue = fixture.names.agent(agent);
+        assert_eq!(channel.message_count(&queue).await?, 0, "{queue}");
+    }
+    publisher.close().await?;
+    fixture.cleanup().await
+}
+
+#[tokio::test]
 async fn frames_are_small_unless_the_url_asks_and_big_messages_still_pass() -> Result<()> {
     let fixture = Fixture::new(&["echo"]).await?;
     assert_eq!(

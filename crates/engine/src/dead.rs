@@ -12,7 +12,8 @@ use uuid::Uuid;
 
 use crate::engine::{EngineHandle, Input};
 
-/// Consumes `{prefix}.dead` until `shutdown`, reconnecting when the connection is lost.
+/// Consumes `{prefix}.dead` until `shutdown`, reconnecting when the connection is lost. Every
+/// delivery goes to the engine, in the order received (see [`crate::results::run`]).
 /// Returns the consumer, whose channel must stay open until the engine has settled what it was
 /// handed (see [`crate::results::run`]).
 pub async fn run(

@@ -390,6 +390,10 @@ pub struct Engine {
     /// announcement of the runs it changed — done beside the next batch; waited for at the
     /// engine's stop.
     after_commit: TaskTracker,
+    /// The messages of each committed batch, in the order of the batches, to [`acknowledge`].
+    committed: mpsc::UnboundedSender<Vec<Delivery>>,
+    /// Taken by [`Engine::run`], which starts [`acknowledge`] on it.
+    to_acknowledge: Option<mpsc::UnboundedReceiver<Vec<Delivery>>>,
 }
 
 /// Attempts whose dispatch time [`Engine::dispatched`] keeps at most.
@@ -405,6 +409,7 @@ impl Engine {
         wake_hint: mpsc::UnboundedSender<DateTime<Utc>>,
     ) -> (Self, EngineHandle) {
         let (tx, rx) = mpsc::channel(config.max_batch * 4);
+        let (committed, to_acknowledge) = mpsc::unbounded_channel();
         let engine = Self {
             store,
             config,
@@ -416,6 +421,8 @@ impl Engine {
             metrics: Arc::default(),
             dispatched: HashMap::new(),
             after_commit: TaskTracker::new(),
+            committed,
+            to_acknowledge: Some(to_acknowledge),
         };
         (engine, EngineHandle { inputs: tx })
     }
@@ -431,6 +438,9 @@ impl Engine {
     /// Runs until every [`EngineHandle`] is dropped, or `shutdown` is cancelled and the inputs
     /// already queued are handled.
     pub async fn run(mut self, shutdown: CancellationToken) {
+        if let Some(committed) = self.to_acknowledge.take() {
+            self.after_commit.spawn(acknowledge(committed));
+        }
         let mut batch = Vec::with_capacity(self.config.max_batch);
         loop {
             let first = tokio::select! {
@@ -456,8 +466,15 @@ impl Engine {
             }
             batch.clear();
         }
-        self.after_commit.close();
-        self.after_commit.wait().await;
+        let Self {
+            after_commit,
+            committed,
+            ..
+        } = self;
+        // Ends `acknowledge` once it has acked what the last batches recorded.
+        drop(committed);
+        after_commit.close();
+        after_commit.wait().await;
         tracing::info!("engine stopped");
     }
 
@@ -509,7 +526,7 @@ impl Engine {
                             let _ = reply.send(answer);
                         }
                         Input::Result { delivery, .. } | Input::DeadLetter { delivery, .. } => {
-                            recorded.push(delivery);
+                            recorded.push(*delivery);
                         }
                         Input::Due { done, .. } => {
                             let _ = done.send(());
@@ -517,20 +534,17 @@ impl Engine {
                     }
                 }
                 // Acked beside the next batch rather than before it: what they say is committed,
-                // and one whose ack is lost comes again and is fenced off as a duplicate. The
-                // watchers hear of the changes after the outbox and the submitters did, so
+                // and one whose ack is lost comes again and is fenced off as a duplicate.
+                if !recorded.is_empty() {
+                    let _ = self.committed.send(recorded);
+                }
+                // The watchers hear of the changes after the outbox and the submitters did, so
                 // neither waits for them.
                 let changed = std::mem::take(&mut done.changed);
-                if !recorded.is_empty() || !changed.is_empty() {
+                if !changed.is_empty() {
                     let store = self.store.clone();
-                    self.after_commit.spawn(async move {
-                        for delivery in recorded {
-                            if let Err(e) = delivery.ack().await {
-                                tracing::warn!(error = %e, "could not ack a recorded message");
-                            }
-                        }
-                        announce(&store, changed).await;
-                    });
+                    self.after_commit
+                        .spawn(async move { announce(&store, changed).await });
                 }
                 Ok(())
             }
@@ -2077,6 +2091,25 @@ fn batch_plans<'a>(
 }
 
 /// Tells the watchers that `runs` changed; a failure only makes them see it late.
+/// Acks the messages of committed batches, taken in the order the batches committed. Of those
+/// ready, the last of each consumer channel acks itself and every earlier delivery of its
+/// channel in one frame (`multiple`): one ack, and one settlement in the queue's log, where there
+/// were as many as messages. That is right because every earlier delivery of those channels is
+/// settled already or ready here: the results and dead-letter consumers hand the engine each of
+/// their deliveries in order (but an unreadable result, which the results consumer acks itself
+/// before it takes the next), and a batch that fails nacks its messages before the next batch
+/// is taken.
+async fn acknowledge(mut committed: mpsc::UnboundedReceiver<Vec<Delivery>>) {
+    let mut ready = Vec::new();
+    while committed.recv_many(&mut ready, 1024).await > 0 {
+        for delivery in Delivery::last_of_each_channel(ready.drain(..).flatten()) {
+            if let Err(e) = delivery.ack_multiple().await {
+                tracing::warn!(error = %e, "could not ack recorded messages");
+            }
+        }
+    }
+}
+
 async fn announce(store: &Store, runs: Vec<Uuid>) {
     if runs.is_empty() {
         return;

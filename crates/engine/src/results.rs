@@ -22,6 +22,9 @@ pub struct Limits {
 /// Every result is made recordable first (see [`admit`]): one that Postgres would refuse would
 /// otherwise fail the engine's batch, be delivered again and fail it again, forever.
 ///
+/// Each delivery goes to the engine in the order received, or is acked here before the next is
+/// taken: the engine acks many at once by acking the last (see `acknowledge` in the engine).
+///
 /// A lost connection or channel is replaced by a new connection (with the backoff of
 /// `connection.config()`) on which the queue is declared again. Results handed to the engine
 /// before the loss can no longer be acked: RabbitMQ delivers them again, and the engine fences
