@@ -2090,7 +2090,6 @@ fn batch_plans<'a>(
         .chain(submitted)
 }
 
-/// Tells the watchers that `runs` changed; a failure only makes them see it late.
 /// Acks the messages of committed batches, taken in the order the batches committed. Of those
 /// ready, the last of each consumer channel acks itself and every earlier delivery of its
 /// channel in one frame (`multiple`): one ack, and one settlement in the queue's log, where there
@@ -2110,6 +2109,7 @@ async fn acknowledge(mut committed: mpsc::UnboundedReceiver<Vec<Delivery>>) {
     }
 }
 
+/// Tells the watchers that `runs` changed; a failure only makes them see it late.
 async fn announce(store: &Store, runs: Vec<Uuid>) {
     if runs.is_empty() {
         return;
