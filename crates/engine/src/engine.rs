@@ -603,7 +603,18 @@ impl Engine {
             .collect();
         touched.sort_unstable();
         touched.dedup();
-        let breakers = if touched.iter().all(|id| self.runs.contains_key(id)) {
+        // Submissions of a definition's latest revision, checked against the latest registered:
+        // a read that locks nothing, sent beside the runs' lock.
+        let asked_latest: Vec<(&str, &str)> = inputs
+            .iter()
+            .filter_map(|i| match i {
+                Input::Submit { run, .. } if run.latest.is_some() => {
+                    Some((run.namespace.as_str(), run.definition.name.as_str()))
+                }
+                _ => None,
+            })
+            .collect();
+        let (breakers, latest) = if touched.iter().all(|id| self.runs.contains_key(id)) {
             // A cached run's plan never changes, so the agents whose breakers the batch locks
             // are known before its runs are locked: both locks go in one round trip, the runs'
             // first as always (both statements are prepared before either is sent, so nothing
@@ -611,17 +622,22 @@ impl Engine {
             db::prepare_lock_runs(&tx).await?;
             flotilla_store::breakers::prepare_lock(&tx).await?;
             let plans = batch_plans(&self.runs, &touched, inputs);
-            let (versions, breakers) = futures_util::try_join!(
+            let (versions, breakers, latest) = futures_util::try_join!(
                 db::lock_runs(&tx, &touched),
                 crate::breakers::lock(&tx, self.config.breaker.as_ref(), plans),
+                definitions::latest_hashes(&tx, &asked_latest),
             )?;
             self.refresh(&tx, &versions).await?;
-            breakers
+            (breakers, latest)
         } else {
-            let versions = db::lock_runs(&tx, &touched).await?;
+            let (versions, latest) = futures_util::try_join!(
+                db::lock_runs(&tx, &touched),
+                definitions::latest_hashes(&tx, &asked_latest),
+            )?;
             self.refresh(&tx, &versions).await?;
             let plans = batch_plans(&self.runs, &touched, inputs);
-            crate::breakers::lock(&tx, self.config.breaker.as_ref(), plans).await?
+            let breakers = crate::breakers::lock(&tx, self.config.breaker.as_ref(), plans).await?;
+            (breakers, latest)
         };
         let plans: Vec<&Plan> = batch_plans(&self.runs, &touched, inputs).collect();
         let limits = crate::limits::lock(&tx, &self.config.limits, plans.iter().copied()).await?;
@@ -636,16 +652,6 @@ impl Engine {
         let retention = chrono::Duration::from_std(self.config.idempotency_retention)
             .unwrap_or(chrono::Duration::MAX);
         let mut keyed = idempotency::claim(&tx, &keys, now - retention).await?;
-        let asked_latest: Vec<(&str, &str)> = inputs
-            .iter()
-            .filter_map(|i| match i {
-                Input::Submit { run, .. } if run.latest.is_some() => {
-                    Some((run.namespace.as_str(), run.definition.name.as_str()))
-                }
-                _ => None,
-            })
-            .collect();
-        let latest = definitions::latest_hashes(&tx, &asked_latest).await?;
         let mut in_flight = self.lock_run_quotas(&tx, inputs, &keyed).await?;
 
         let names = self.config.names.clone();
