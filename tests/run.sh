@@ -16,6 +16,7 @@ source .flotilla/env
 # Queues that failed tests and killed fleets of earlier runs left behind pile up on a long-lived
 # RabbitMQ node until it stops answering: delete them first.
 .flotilla/venv/bin/python tests/sweep_queues.py
+tests/sweep_databases.sh
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
