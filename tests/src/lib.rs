@@ -480,6 +480,23 @@ impl Fleet {
         self.execute_yaml_on(0, yaml, params).await
     }
 
+    /// `POST` of `body` to `path` of coordinator `i`'s API: the status and the JSON answer.
+    pub async fn post_on(
+        &self,
+        i: usize,
+        path: &str,
+        body: serde_json::Value,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.coordinator_url(i)))
+            .json(&body)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await?))
+    }
+
     /// Submits a definition given as YAML text to coordinator `i`.
     pub async fn execute_yaml_on(
         &self,

@@ -711,31 +711,21 @@ async fn a_revision_registered_through_one_coordinator_is_what_the_next_submissi
         .add_coordinator(flotilla_tests::process::Launch::once())
         .await?;
     fleet.start_echo("echo-a", &["relay"], 4)?;
-    let post = |i: usize, path: &'static str, body: Value| {
-        let request = fleet
-            .http()
-            .post(format!("{}{path}", fleet.coordinator_url(i)))
-            .json(&body);
-        async move {
-            let response = request.send().await?;
-            let status = response.status().as_u16();
-            anyhow::Ok((status, response.json::<Value>().await?))
-        }
-    };
     let register = |step: &'static str| {
-        post(
+        fleet.post_on(
             0,
             "/api/definitions",
             json!({"yaml": format!("name: relay\nsteps:\n  - {{id: {step}, agent: relay, action: pass}}\n")}),
         )
     };
     let execute_on_other = || async {
-        let (status, body) = post(
-            other,
-            "/api/workflows/execute",
-            json!({"workflow": "relay"}),
-        )
-        .await?;
+        let (status, body) = fleet
+            .post_on(
+                other,
+                "/api/workflows/execute",
+                json!({"workflow": "relay"}),
+            )
+            .await?;
         assert_eq!(status, 202, "{body}");
         let id: Uuid = body["workflowId"].as_str().unwrap_or_default().parse()?;
         let run = fleet.wait_for_end(id, WAIT).await?;

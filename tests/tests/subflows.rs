@@ -12,21 +12,11 @@ use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// `POST` of `body` to `path` of the fleet's API: the status and the JSON answer.
-async fn post(fleet: &Fleet, path: &str, body: Value) -> anyhow::Result<(u16, Value)> {
-    let response = fleet
-        .http()
-        .post(format!("{}{path}", fleet.url()))
-        .json(&body)
-        .send()
-        .await?;
-    let status = response.status().as_u16();
-    Ok((status, response.json().await?))
-}
-
 /// Registers a definition given as YAML; fails unless it is accepted.
 async fn register(fleet: &Fleet, yaml: &str) -> anyhow::Result<()> {
-    let (status, body) = post(fleet, "/api/definitions", json!({ "yaml": yaml })).await?;
+    let (status, body) = fleet
+        .post_on(0, "/api/definitions", json!({ "yaml": yaml }))
+        .await?;
     anyhow::ensure!(status == 201, "register answered {status}: {body}");
     Ok(())
 }
@@ -298,7 +288,7 @@ async fn an_unregistered_workflow_name_is_refused_and_nothing_is_stored() -> any
         ("/api/definitions", json!({ "yaml": yaml })),
         ("/api/workflows/execute", json!({ "yaml": yaml })),
     ] {
-        let (status, answer) = post(&fleet, path, body).await?;
+        let (status, answer) = fleet.post_on(0, path, body).await?;
         assert_eq!(status, 400, "{path}: {answer}");
         assert_eq!(
             answer["error"]["code"], "invalid_definition",
@@ -310,12 +300,13 @@ async fn an_unregistered_workflow_name_is_refused_and_nothing_is_stored() -> any
             "{path}: {answer}"
         );
     }
-    let (status, answer) = post(
-        &fleet,
-        "/api/definitions",
-        json!({"yaml": "name: versioned\nsteps:\n  - {id: call, workflow: versioned, version: 7}\n"}),
-    )
-    .await?;
+    let (status, answer) = fleet
+        .post_on(
+            0,
+            "/api/definitions",
+            json!({"yaml": "name: versioned\nsteps:\n  - {id: call, workflow: versioned, version: 7}\n"}),
+        )
+        .await?;
     assert_eq!(status, 400, "{answer}");
     assert!(
         answer
@@ -346,12 +337,9 @@ async fn a_recursive_workflow_stops_at_the_depth_limit() -> anyhow::Result<()> {
         "name: again\nsteps:\n  - {id: deeper, workflow: again}\n",
     )
     .await?;
-    let (status, answer) = post(
-        &fleet,
-        "/api/workflows/execute",
-        json!({"workflow": "again"}),
-    )
-    .await?;
+    let (status, answer) = fleet
+        .post_on(0, "/api/workflows/execute", json!({"workflow": "again"}))
+        .await?;
     assert_eq!(status, 202, "{answer}");
     let id: Uuid = answer["workflowId"].as_str().unwrap().parse()?;
     let run = fleet.wait_for_end(id, WAIT).await?;
