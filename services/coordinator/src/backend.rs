@@ -387,10 +387,6 @@ impl Backend for CoordinatorBackend {
         }
         self.check_sub_workflows(&namespace, &submission.plan, None)
             .await?;
-        let name = submission
-            .latest
-            .is_some()
-            .then(|| submission.definition.name.clone());
         let submitted = self
             .engine
             .submit(NewRun {
@@ -409,9 +405,7 @@ impl Backend for CoordinatorBackend {
                 latest: submission.latest,
             })
             .await;
-        if let (Err(flotilla_engine::Error::StaleDefinition { namespace, .. }), Some(name)) =
-            (&submitted, &name)
-        {
+        if let Err(flotilla_engine::Error::StaleDefinition { namespace, name }) = &submitted {
             self.definitions.forget(namespace, name);
         }
         submitted
