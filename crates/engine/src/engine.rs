@@ -390,10 +390,6 @@ pub struct Engine {
     /// announcement of the runs it changed — done beside the next batch; waited for at the
     /// engine's stop.
     after_commit: TaskTracker,
-    /// The messages of each committed batch, in the order of the batches, to [`acknowledge`].
-    committed: mpsc::UnboundedSender<Vec<Delivery>>,
-    /// Taken by [`Engine::run`], which starts [`acknowledge`] on it.
-    to_acknowledge: Option<mpsc::UnboundedReceiver<Vec<Delivery>>>,
 }
 
 /// Attempts whose dispatch time [`Engine::dispatched`] keeps at most.
@@ -409,7 +405,6 @@ impl Engine {
         wake_hint: mpsc::UnboundedSender<DateTime<Utc>>,
     ) -> (Self, EngineHandle) {
         let (tx, rx) = mpsc::channel(config.max_batch * 4);
-        let (committed, to_acknowledge) = mpsc::unbounded_channel();
         let engine = Self {
             store,
             config,
@@ -421,8 +416,6 @@ impl Engine {
             metrics: Arc::default(),
             dispatched: HashMap::new(),
             after_commit: TaskTracker::new(),
-            committed,
-            to_acknowledge: Some(to_acknowledge),
         };
         (engine, EngineHandle { inputs: tx })
     }
@@ -438,9 +431,9 @@ impl Engine {
     /// Runs until every [`EngineHandle`] is dropped, or `shutdown` is cancelled and the inputs
     /// already queued are handled.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        if let Some(committed) = self.to_acknowledge.take() {
-            self.after_commit.spawn(acknowledge(committed));
-        }
+        // The messages of each committed batch, in the order of the batches.
+        let (committed, to_acknowledge) = mpsc::unbounded_channel();
+        self.after_commit.spawn(acknowledge(to_acknowledge));
         let mut batch = Vec::with_capacity(self.config.max_batch);
         loop {
             let first = tokio::select! {
@@ -459,26 +452,25 @@ impl Engine {
                     Err(_) => break,
                 }
             }
-            if let Err(e) = self.handle(&mut batch).await {
+            if let Err(e) = self.handle(&mut batch, &committed).await {
                 tracing::error!(error = %e, "engine batch failed; its inputs will be retried");
                 // Postgres is likely away: give it a moment instead of spinning.
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             batch.clear();
         }
-        let Self {
-            after_commit,
-            committed,
-            ..
-        } = self;
         // Ends `acknowledge` once it has acked what the last batches recorded.
         drop(committed);
-        after_commit.close();
-        after_commit.wait().await;
+        self.after_commit.close();
+        self.after_commit.wait().await;
         tracing::info!("engine stopped");
     }
 
-    async fn handle(&mut self, inputs: &mut Vec<Input>) -> Result<(), Error> {
+    async fn handle(
+        &mut self,
+        inputs: &mut Vec<Input>,
+        committed: &mpsc::UnboundedSender<Vec<Delivery>>,
+    ) -> Result<(), Error> {
         let mut conflicts = 0;
         let outcome = loop {
             match self.transact(inputs).await {
@@ -536,7 +528,7 @@ impl Engine {
                 // Acked beside the next batch rather than before it: what they say is committed,
                 // and one whose ack is lost comes again and is fenced off as a duplicate.
                 if !recorded.is_empty() {
-                    let _ = self.committed.send(recorded);
+                    let _ = committed.send(recorded);
                 }
                 // The watchers hear of the changes after the outbox and the submitters did, so
                 // neither waits for them.
