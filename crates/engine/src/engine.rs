@@ -610,11 +610,12 @@ impl Engine {
             // A cached run's plan never changes, so the agents whose breakers the batch locks
             // are known before its runs are locked: both locks go in one round trip, the runs'
             // first as always (both statements are prepared before either is sent, so nothing
-            // reorders them).
+            // reorders them), behind the settings that plan every statement of the batch by key.
             db::prepare_lock_runs(&tx).await?;
             flotilla_store::breakers::prepare_lock(&tx).await?;
             let plans = batch_plans(&self.runs, &touched, inputs);
-            let (versions, breakers, latest) = futures_util::try_join!(
+            let ((), versions, breakers, latest) = futures_util::try_join!(
+                db::plan_by_keys(&tx),
                 db::lock_runs(&tx, &touched),
                 crate::breakers::lock(&tx, self.config.breaker.as_ref(), plans),
                 definitions::latest_hashes(&tx, &asked_latest),
@@ -622,7 +623,8 @@ impl Engine {
             self.refresh(&tx, &versions).await?;
             (breakers, latest)
         } else {
-            let (versions, latest) = futures_util::try_join!(
+            let ((), versions, latest) = futures_util::try_join!(
+                db::plan_by_keys(&tx),
                 db::lock_runs(&tx, &touched),
                 definitions::latest_hashes(&tx, &asked_latest),
             )?;

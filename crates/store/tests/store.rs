@@ -1,5 +1,6 @@
 //! The store against the real Postgres; each test works in a database of its own.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -169,6 +170,48 @@ async fn a_run_keeps_the_subset_it_was_submitted_with() -> anyhow::Result<()> {
     t.drop_db().await
 }
 
+/// Step `a` of a run of [`TWO_STEPS`] succeeds with `output`: the batch the engine would write.
+fn first_step_succeeds(state: &mut RunState, plan: &Plan, output: serde_json::Value) -> Batch {
+    let task_id = state.steps[0].task_id.unwrap();
+    let t = state.apply(
+        plan,
+        Event::AttemptFinished {
+            step: 0,
+            attempt: 1,
+            task_id,
+            outcome: flotilla_core::Outcome::Success(output),
+            worker: "w".into(),
+            started_at: at(1),
+            finished_at: at(2),
+        },
+        at(2),
+    );
+    let mut update = Batch::default();
+    for &i in &t.changed {
+        update.step_updates.push(StepRow {
+            run_id: state.id,
+            idx: i as i32,
+            state: state.steps[i].clone(),
+        });
+    }
+    update.run_updates.push(RunUpdate {
+        id: state.id,
+        status: state.status,
+        ended_at: state.ended_at,
+        deadline: state.deadline,
+        error: state.error.clone(),
+    });
+    update.attempts_ended.push(db::AttemptEnd {
+        task_id,
+        success: true,
+        started_at: at(1),
+        finished_at: at(2),
+        worker: "w".into(),
+        error: None,
+    });
+    update
+}
+
 #[tokio::test]
 async fn a_written_run_loads_back_the_same_and_versions_count_writes() -> anyhow::Result<()> {
     let t = TestDb::new().await?;
@@ -188,35 +231,7 @@ async fn a_written_run_loads_back_the_same_and_versions_count_writes() -> anyhow
     );
 
     // Step a succeeds: the step rows change and the run's version goes up by one.
-    let task = state.steps[0].task_id.unwrap();
-    let t2 = state.apply(
-        &plan,
-        Event::AttemptFinished {
-            step: 0,
-            attempt: 1,
-            task_id: task,
-            outcome: flotilla_core::Outcome::Success(json!({"k": 1})),
-            worker: "w".into(),
-            started_at: at(1),
-            finished_at: at(2),
-        },
-        at(2),
-    );
-    let mut update = Batch::default();
-    for &i in &t2.changed {
-        update.step_updates.push(StepRow {
-            run_id: id,
-            idx: i as i32,
-            state: state.steps[i].clone(),
-        });
-    }
-    update.run_updates.push(RunUpdate {
-        id,
-        status: state.status,
-        ended_at: state.ended_at,
-        deadline: state.deadline,
-        error: state.error.clone(),
-    });
+    let update = first_step_succeeds(&mut state, &plan, json!({"k": 1}));
     let tx = client.transaction().await?;
     let versions = db::lock_runs(&tx, &[id, Uuid::new_v4()]).await?;
     assert_eq!(versions.len(), 1, "an unknown run is simply absent");
@@ -230,6 +245,83 @@ async fn a_written_run_loads_back_the_same_and_versions_count_writes() -> anyhow
     assert_eq!(loaded[0].steps[0].output, Some(json!({"k": 1})));
     assert_eq!(loaded[0].steps[1].status, StepStatus::Running);
     assert_eq!(loaded[0].steps, state.steps);
+    drop(client);
+    t.drop_db().await
+}
+
+/// The tables read whole by the statements of an engine batch on one run (the run locked and
+/// loaded, `update` written), in a transaction begun as the engine begins its own; rolled back.
+async fn tables_scanned_by_a_batch(
+    client: &mut flotilla_store::Client,
+    state: &RunState,
+    update: &Batch,
+) -> anyhow::Result<Vec<(String, i64)>> {
+    // The session's counts not yet reported to the server's statistics, so taken before and after.
+    let seq_scans = "SELECT relname::text, seq_scan FROM pg_stat_xact_user_tables
+                     WHERE relname IN ('runs', 'steps', 'attempts')";
+    let tx = client.transaction().await?;
+    let before: HashMap<String, i64> = counts(&tx.query(seq_scans, &[]).await?);
+    db::plan_by_keys(&tx).await?;
+    db::lock_runs(&tx, &[state.id]).await?;
+    db::load_runs(&tx, &[state.id]).await?;
+    db::write(&tx, update).await?;
+    let mut scans: Vec<(String, i64)> = counts(&tx.query(seq_scans, &[]).await?)
+        .into_iter()
+        .map(|(table, n)| {
+            let since = n - before.get(&table).copied().unwrap_or(0);
+            (table, since)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    scans.sort();
+    tx.rollback().await?;
+    Ok(scans)
+}
+
+fn counts(rows: &[tokio_postgres::Row]) -> HashMap<String, i64> {
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+#[tokio::test]
+async fn the_engines_statements_reach_rows_by_key_after_the_tables_grew() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let mut client = t.store.client().await?;
+    // Nothing analyzes the tables while the test runs, as between two passes of autovacuum.
+    client
+        .batch_execute(
+            "ALTER TABLE runs SET (autovacuum_enabled = false);
+             ALTER TABLE steps SET (autovacuum_enabled = false);
+             ALTER TABLE attempts SET (autovacuum_enabled = false);",
+        )
+        .await?;
+    let (batch, mut state, plan) = new_run_batch();
+    let tx = client.transaction().await?;
+    db::write(&tx, &batch).await?;
+    tx.commit().await?;
+    let update = first_step_succeeds(&mut state, &plan, json!({}));
+    // On a young database: past the uses after which the connection keeps its plans.
+    for _ in 0..8 {
+        tables_scanned_by_a_batch(&mut client, &state, &update).await?;
+    }
+
+    // Thousands of runs later, the same batch on the same connection reads no table whole.
+    let mut many = Batch::default();
+    for _ in 0..3_000 {
+        let (b, _, _) = new_run_batch();
+        many.definitions.extend(b.definitions);
+        many.new_runs.extend(b.new_runs);
+        many.new_steps.extend(b.new_steps);
+        many.attempts_started.extend(b.attempts_started);
+        many.outbox.extend(b.outbox);
+    }
+    let tx = client.transaction().await?;
+    db::write(&tx, &many).await?;
+    tx.commit().await?;
+    assert_eq!(
+        tables_scanned_by_a_batch(&mut client, &state, &update).await?,
+        [],
+        "tables scanned whole by the batch's statements"
+    );
     drop(client);
     t.drop_db().await
 }
