@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::machine::{peak_rss_mb, rss_mb};
+use crate::machine::{CpuTimes, Spenders, peak_rss_mb, rss_mb};
 use crate::{Latency, Report, Rss, Sizes};
 
 /// The agent of the echo workers.
@@ -187,6 +187,23 @@ impl Bench {
         seconds(row.get(0))
     }
 
+    /// The machine's CPU time from `start` to now, split among the fleet's processes, the
+    /// servers and the rest, per unit of the `n` done (see [`CpuTimes::since`]).
+    fn cpu_since(&self, start: &CpuTimes, n: usize) -> Value {
+        let coordinators: Vec<u32> = (0..self.fleet.coordinator_count())
+            .filter_map(|i| pid(self.fleet.coordinator(i)))
+            .collect();
+        let workers: Vec<u32> = self.fleet.workers().iter().filter_map(pid).collect();
+        CpuTimes::read().since(
+            start,
+            &Spenders {
+                coordinators: &coordinators,
+                workers: &workers,
+            },
+            n,
+        )
+    }
+
     /// Peak resident memory of the coordinator and the workers so far.
     fn rss(&self) -> Rss {
         Rss {
@@ -331,8 +348,10 @@ pub async fn fanout(bench: &mut Bench, scenario: &str, steps: usize) -> anyhow::
         Some(&all),
         json!({}),
     );
+    let cpu = CpuTimes::read();
     let run = bench.execute(json!({"yaml": workflow.yaml()})).await?;
     bench.wait(&[run]).await?;
+    let cpu = bench.cpu_since(&cpu, steps);
     let elapsed = bench.span(&[run]).await?;
     let recorded = Recorded::read(&bench.db, run).await?;
     let latencies = recorded
@@ -348,7 +367,7 @@ pub async fn fanout(bench: &mut Bench, scenario: &str, steps: usize) -> anyhow::
             "a step: dispatched to ended, as recorded",
             latencies,
         ))
-        .details(json!({"join_steps": 1}))
+        .details(json!({"join_steps": 1, "cpu": cpu}))
         .rss(bench.rss());
     report.step_rate = Some(report.throughput);
     Ok(report)
@@ -419,8 +438,10 @@ pub async fn scaling(
 /// `chain`: one run of `hops` steps, each starting when the one before has ended.
 pub async fn chain(bench: &mut Bench, scenario: &str, hops: usize) -> anyhow::Result<Report> {
     let workflow = Workflow::chain("bench-chain", AGENT, hops, |_| 0);
+    let cpu = CpuTimes::read();
     let run = bench.execute(json!({"yaml": workflow.yaml()})).await?;
     bench.wait(&[run]).await?;
+    let cpu = bench.cpu_since(&cpu, hops);
     let elapsed = bench.span(&[run]).await?;
     // The run's creation, then each step's end in order: a hop is the time between two of them.
     let created: f64 = bench
@@ -445,7 +466,7 @@ pub async fn chain(bench: &mut Bench, scenario: &str, hops: usize) -> anyhow::Re
             "one hop: a step's end to the next step's end (the first from the submission)",
             hops_taken,
         ))
-        .details(json!({"hop_parts": hop_parts(&recorded)}))
+        .details(json!({"hop_parts": hop_parts(&recorded), "cpu": cpu}))
         .rss(bench.rss()))
 }
 
@@ -542,10 +563,12 @@ fn between(start: f64, end: f64) -> Duration {
 pub async fn many_runs(bench: &mut Bench, runs: usize) -> anyhow::Result<Report> {
     let workflow = Workflow::chain("bench-three", AGENT, 3, |_| 0);
     bench.register(&workflow).await?;
+    let cpu = CpuTimes::read();
     let submitted = Instant::now();
     let ids = bench.execute_many("bench-three", runs).await?;
     let submit_elapsed = submitted.elapsed();
     bench.wait(&ids).await?;
+    let cpu = bench.cpu_since(&cpu, runs);
     let elapsed = bench.span(&ids).await?;
     let latencies = durations(
         &bench.db,
@@ -559,6 +582,7 @@ pub async fn many_runs(bench: &mut Bench, runs: usize) -> anyhow::Result<Report>
             "steps_per_run": 3,
             "submitters": SUBMITTERS,
             "submitted_per_s": runs as f64 / submit_elapsed.as_secs_f64(),
+            "cpu": cpu,
         }))
         .rss(bench.rss());
     report.step_rate = Some(report.throughput * 3.0);
@@ -575,6 +599,7 @@ pub async fn submit_latency(bench: &mut Bench, sizes: &Sizes) -> anyhow::Result<
     let interval = Duration::from_secs_f64(1.0 / sizes.submit_rate.max(1) as f64);
     let body = json!({"workflow": "bench-one"});
     let url = bench.fleet.url();
+    let cpu = CpuTimes::read();
     let started = Instant::now();
     let mut pending = JoinSet::new();
     for i in 0..requests {
@@ -593,12 +618,13 @@ pub async fn submit_latency(bench: &mut Bench, sizes: &Sizes) -> anyhow::Result<
         latencies.push(answered??);
     }
     let elapsed = started.elapsed();
+    let cpu = bench.cpu_since(&cpu, requests);
     Ok(Report::new("submit-latency", requests, "requests", elapsed)
         .latency(Latency::of(
             "POST /api/workflows/execute: scheduled send to 202",
             latencies,
         ))
-        .details(json!({"rate_per_s": sizes.submit_rate}))
+        .details(json!({"rate_per_s": sizes.submit_rate, "cpu": cpu}))
         .rss(bench.rss()))
 }
 

@@ -109,6 +109,20 @@ async fn quick_scenarios_print_one_sane_json_line_each() -> anyhow::Result<()> {
             && written["per_attempt"].as_f64() > Some(0.0),
         "the rows the chain's fleet wrote: {written}"
     );
+    // Where the machine's CPU went while the chain ran: the fleet's processes and the servers.
+    let cpu = &chain.details["cpu"];
+    for who in ["coordinator", "workers", "postgres", "rabbitmq"] {
+        assert!(
+            cpu["ms_per_unit"][who].as_f64() > Some(0.0),
+            "{who}'s CPU time per hop: {cpu}"
+        );
+    }
+    assert!(
+        cpu["busy_share"]
+            .as_f64()
+            .is_some_and(|share| share > 0.0 && share <= 1.01),
+        "{cpu}"
+    );
     let ratio = chain
         .ratio_to_broker
         .as_ref()
