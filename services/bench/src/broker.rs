@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::machine::{CpuTimes, Spenders};
 use crate::{Latency, Report, Sizes};
 
 /// The most messages published, or deliveries drained, at once.
@@ -146,7 +147,18 @@ struct Client {
 
 impl Client {
     async fn run_both(&mut self, sizes: &Sizes) -> anyhow::Result<Report> {
+        let cpu = CpuTimes::read();
         let pipelined = self.run(sizes.steps, sizes.in_flight).await?;
+        // RabbitMQ's own cost of a step at its ceiling, for the fleet scenarios' to be read
+        // against (the bench is both the client and the worker here).
+        let cpu = CpuTimes::read().since(
+            &cpu,
+            &Spenders {
+                coordinators: &[],
+                workers: &[],
+            },
+            sizes.steps,
+        );
         let one_at_a_time = self.run(sizes.steps.clamp(1, 1000), 1).await?;
         let report = Report::new("broker-roundtrip", sizes.steps, "steps", pipelined.elapsed)
             .latency(Latency::of(
@@ -161,6 +173,7 @@ impl Client {
                 ),
                 "one_at_a_time_steps_per_s":
                     one_at_a_time.count as f64 / one_at_a_time.elapsed.as_secs_f64(),
+                "cpu": cpu,
             }));
         Ok(report)
     }

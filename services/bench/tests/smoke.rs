@@ -91,6 +91,11 @@ async fn quick_scenarios_print_one_sane_json_line_each() -> anyhow::Result<()> {
 
     let broker = &reports[0];
     assert_eq!((broker.unit.as_str(), broker.n), ("steps", 200));
+    let cpu = &broker.details["cpu"];
+    assert!(
+        cpu["ms_per_unit"]["rabbitmq"].as_f64() > Some(0.0),
+        "RabbitMQ's CPU time per round trip: {cpu}"
+    );
     assert!(broker.ratio_to_broker.is_none());
 
     let commits = &reports[1];
