@@ -32,6 +32,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (65, include_str!("../migrations/0065_runs_by_name.sql")),
     (70, include_str!("../migrations/0070_step_logs.sql")),
     (75, include_str!("../migrations/0075_scaling.sql")),
+    (
+        80,
+        include_str!("../migrations/0080_steps_by_step_id_order.sql"),
+    ),
 ];
 
 /// How the database's migrations compare with those this build knows.

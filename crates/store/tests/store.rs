@@ -249,37 +249,49 @@ async fn a_written_run_loads_back_the_same_and_versions_count_writes() -> anyhow
     t.drop_db().await
 }
 
-/// The tables read whole by the statements of an engine batch on one run (the run locked and
-/// loaded, `update` written), in a transaction begun as the engine begins its own; rolled back.
-async fn tables_scanned_by_a_batch(
+/// What the statements of an engine batch on one run read, in a transaction begun as the engine
+/// begins its own (rolled back after).
+#[derive(Debug, PartialEq)]
+struct BatchReads {
+    /// The tables read whole, with how many times.
+    scanned: Vec<(String, i64)>,
+    /// The rows of `steps` that writing `update` fetched by index.
+    steps_fetched: i64,
+}
+
+async fn batch_reads(
     client: &mut flotilla_store::Client,
     state: &RunState,
     update: &Batch,
-) -> anyhow::Result<Vec<(String, i64)>> {
+) -> anyhow::Result<BatchReads> {
     // The session's counts not yet reported to the server's statistics, so taken before and after.
-    let seq_scans = "SELECT relname::text, seq_scan FROM pg_stat_xact_user_tables
-                     WHERE relname IN ('runs', 'steps', 'attempts')";
+    let counted = "SELECT relname::text, seq_scan, coalesce(idx_tup_fetch, 0)
+                   FROM pg_stat_xact_user_tables WHERE relname IN ('runs', 'steps', 'attempts')";
+    let counts = |rows: Vec<tokio_postgres::Row>| -> HashMap<String, (i64, i64)> {
+        rows.iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect()
+    };
     let tx = client.transaction().await?;
-    let before: HashMap<String, i64> = counts(&tx.query(seq_scans, &[]).await?);
+    let before = counts(tx.query(counted, &[]).await?);
     db::plan_by_keys(&tx).await?;
     db::lock_runs(&tx, &[state.id]).await?;
     db::load_runs(&tx, &[state.id]).await?;
+    let loaded = counts(tx.query(counted, &[]).await?);
     db::write(&tx, update).await?;
-    let mut scans: Vec<(String, i64)> = counts(&tx.query(seq_scans, &[]).await?)
-        .into_iter()
-        .map(|(table, n)| {
-            let since = n - before.get(&table).copied().unwrap_or(0);
-            (table, since)
-        })
+    let after = counts(tx.query(counted, &[]).await?);
+    tx.rollback().await?;
+    let mut scanned: Vec<(String, i64)> = after
+        .iter()
+        .map(|(table, (scans, _))| (table.clone(), scans - before.get(table).map_or(0, |c| c.0)))
         .filter(|(_, n)| *n > 0)
         .collect();
-    scans.sort();
-    tx.rollback().await?;
-    Ok(scans)
-}
-
-fn counts(rows: &[tokio_postgres::Row]) -> HashMap<String, i64> {
-    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    scanned.sort();
+    let fetched = |c: &HashMap<String, (i64, i64)>| c.get("steps").map_or(0, |c| c.1);
+    Ok(BatchReads {
+        scanned,
+        steps_fetched: fetched(&after) - fetched(&loaded),
+    })
 }
 
 #[tokio::test]
@@ -294,18 +306,24 @@ async fn the_engines_statements_reach_rows_by_key_after_the_tables_grew() -> any
              ALTER TABLE attempts SET (autovacuum_enabled = false);",
         )
         .await?;
+    // On a young database, one small run: its batches run past the uses after which the
+    // connection keeps its plans.
     let (batch, mut state, plan) = new_run_batch();
     let tx = client.transaction().await?;
     db::write(&tx, &batch).await?;
     tx.commit().await?;
     let update = first_step_succeeds(&mut state, &plan, json!({}));
-    // On a young database: past the uses after which the connection keeps its plans.
     for _ in 0..8 {
-        tables_scanned_by_a_batch(&mut client, &state, &update).await?;
+        batch_reads(&mut client, &state, &update).await?;
     }
 
-    // Thousands of runs later, the same batch on the same connection reads no table whole.
-    let mut many = Batch::default();
+    // Thousands of runs later, a batch on a fan-out of 500 steps reads no table whole, and finds
+    // the steps it writes by their key, not by reading through the steps of their run.
+    let mut yaml = String::from("name: pair\nsteps:\n");
+    for i in 0..500 {
+        yaml.push_str(&format!("  - {{id: s{i}, agent: x, action: y}}\n"));
+    }
+    let (mut many, mut state, plan) = new_run_batch_of(&yaml);
     for _ in 0..3_000 {
         let (b, _, _) = new_run_batch();
         many.definitions.extend(b.definitions);
@@ -317,10 +335,37 @@ async fn the_engines_statements_reach_rows_by_key_after_the_tables_grew() -> any
     let tx = client.transaction().await?;
     db::write(&tx, &many).await?;
     tx.commit().await?;
+    let update = first_step_succeeds(&mut state, &plan, json!({}));
     assert_eq!(
-        tables_scanned_by_a_batch(&mut client, &state, &update).await?,
-        [],
-        "tables scanned whole by the batch's statements"
+        batch_reads(&mut client, &state, &update).await?,
+        BatchReads {
+            scanned: Vec::new(),
+            steps_fetched: update.step_updates.len() as i64,
+        }
+    );
+    drop(client);
+    t.drop_db().await
+}
+
+#[tokio::test]
+async fn only_the_primary_key_of_steps_begins_with_the_run() -> anyhow::Result<()> {
+    let t = TestDb::new().await?;
+    let client = t.store.client().await?;
+    let leading: Vec<String> = client
+        .query(
+            "SELECT i.indexrelid::regclass::text FROM pg_index i
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+             WHERE i.indrelid = 'steps'::regclass AND a.attname = 'run_id'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        leading,
+        ["steps_pkey"],
+        "an index led by run_id that cannot answer idx can be taken for a step's lookup by key"
     );
     drop(client);
     t.drop_db().await
