@@ -25,6 +25,10 @@ struct Args {
     /// Echo worker processes.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
     workers: Option<u64>,
+    /// Round trips broker-roundtrip keeps in flight for its throughput (default 500): fewer
+    /// measure the broker's cost per step at a lower rate, as a fleet loads it.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    in_flight: Option<u64>,
     /// Small sizes that only prove each scenario works (for CI).
     #[arg(long)]
     quick: bool,
@@ -43,6 +47,9 @@ async fn main() -> ExitCode {
     }
     if let Some(workers) = args.workers {
         sizes.workers = usize::try_from(workers).unwrap_or(1);
+    }
+    if let Some(in_flight) = args.in_flight {
+        sizes.in_flight = usize::try_from(in_flight).unwrap_or(1);
     }
     let wanted: Vec<&str> = SCENARIOS
         .iter()

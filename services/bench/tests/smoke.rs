@@ -140,6 +140,28 @@ async fn quick_scenarios_print_one_sane_json_line_each() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn the_broker_is_measured_with_the_window_asked_for() -> anyhow::Result<()> {
+    let (reports, stderr) = bench(&[
+        "--quick",
+        "--scenario",
+        "broker-roundtrip",
+        "--in-flight",
+        "5",
+    ])
+    .await?;
+    assert_eq!(reports.len(), 1, "stderr: {stderr}");
+    let broker = &reports[0];
+    assert_sane(broker);
+    assert_eq!(broker.details["in_flight"], 5);
+    assert!(
+        broker.details["cpu"]["ms_per_unit"]["rabbitmq"].as_f64() > Some(0.0),
+        "{}",
+        broker.details
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn an_unknown_scenario_is_refused_by_name() -> anyhow::Result<()> {
     let out = Command::new(env!("CARGO_BIN_EXE_flotilla-bench"))
         .args(["--scenario", "fan-out"])
