@@ -31,7 +31,7 @@ impl Machine {
             .and_then(|text| kb_field(&text, "MemTotal"))
             .unwrap_or(0);
         Self {
-            cores: std::thread::available_parallelism().map_or(0, usize::from),
+            cores: cores(),
             model,
             memory_mb: memory_kb / 1024,
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -40,6 +40,11 @@ impl Machine {
                 .to_string(),
         }
     }
+}
+
+/// The cores this process may run on (0 when that cannot be told).
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, usize::from)
 }
 
 /// The load average (`/proc/loadavg`): other work on the machine while a scenario ran.
@@ -108,7 +113,7 @@ impl CpuTimes {
     /// (the kernel's threads, other processes, and processes that ended within the window).
     pub fn since(&self, start: &CpuTimes, spenders: &Spenders<'_>, n: usize) -> Value {
         let window = self.at.duration_since(start.at).as_secs_f64();
-        let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+        let cores = cores().max(1) as f64;
         let bench = std::process::id();
         let mut seconds: BTreeMap<&str, f64> = BTreeMap::new();
         for (pid, (name, spent)) in &self.processes {
